@@ -1,0 +1,55 @@
+"""tfgalflow: conditional normalizing flows on astrophysical phase-space data.
+
+Learn a galaxy's stellar distribution function f(x, v) from a 6D sample with a masked autoregressive
+flow (TensorFlow Probability), then recover gravitational accelerations from the collisionless
+Boltzmann equation  v . df/dx + a . df/dv = 0  as a batched least-squares problem.
+
+TensorFlow Probability needs Keras 2 (``tf_keras``), so ``TF_USE_LEGACY_KERAS=1`` is set here,
+before anything in the package imports TensorFlow. Submodules are imported lazily, so that
+``import tfgalflow`` and the pure-NumPy physics (``tfgalflow.hernquist``) stay fast.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+
+__version__ = "0.1.0"
+
+# Public name -> submodule that defines it. Resolved on first attribute access (PEP 562).
+_PUBLIC = {
+    "Hernquist": "hernquist",
+    "Catalogue": "catalogue",
+    "sample_hernquist": "mocks",
+    "sample_emcee": "mocks",
+    "add_noise": "mocks",
+    "FlowConfig": "flows",
+    "Flow": "model",
+    "Ensemble": "model",
+    "TrainConfig": "training",
+    "train": "training",
+    "load": "export",
+    "export": "export",
+    "accelerations": "cbe",
+}
+
+_SUBMODULES = (
+    "units", "hernquist", "mocks", "catalogue", "flows", "model", "training",
+    "cbe", "export", "serving", "plots", "cli",
+)
+
+__all__ = sorted(_PUBLIC) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        module = importlib.import_module(f"{__name__}.{_PUBLIC[name]}")
+        return getattr(module, name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'tfgalflow' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC) | set(_SUBMODULES))
