@@ -1,0 +1,254 @@
+"""Bijector chains of masked autoregressive flows (MAF): affine or rational-quadratic-spline layers.
+
+A flow maps a standard-normal latent z to the (rescaled) data y with a chain of L autoregressive
+bijectors separated by permutations,
+
+    y = f_L ∘ P_{L-1} ∘ ... ∘ P_1 ∘ f_1 (z),       y_i = τ(z_i; θ_i(y_{<i}, c)),
+
+where θ_i comes from a MADE network (Germain et al. 2015) that sees only y_{<i} and the optional
+conditioning labels c.  τ is either affine, y_i = z_i exp(s_i) + m_i  (MAF; Papamakarios, Pavlakou &
+Murray 2017), or a monotone rational-quadratic spline on [-B, B] with identity tails (Durkan et al.
+2019, "Neural Spline Flows").  The density direction (y -> z, used by ``log_prob``) is one network pass
+per layer; sampling is D passes per layer (a ``tf.while_loop`` inside TFP).
+
+Only :class:`FlowConfig` and :func:`build_bijector` are public; the model (rescaling, base density,
+Keras training) lives in :mod:`tfgalflow.model`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from .errors import InputError
+
+tfb = tfp.bijectors
+
+KINDS = ("affine", "spline")
+PERMUTATIONS = ("reverse", "random")
+ACTIVATIONS = ("relu", "tanh", "elu", "gelu", "selu", "swish", "silu", "sigmoid", "softplus", "leaky_relu")
+
+#: Soft bound on the affine log-scale of every layer: s = b tanh(s_raw / b), so |s| < b and each
+#: layer rescales by at most e^b. Keeps initial losses finite for every seed (DESIGN.md, "Facts").
+LOG_SCALE_BOUND = 3.0
+#: Smallest spline bin width/height (in rescaled units) and knot slope: keeps the spline invertible
+#: and its Jacobian bounded away from zero.
+MIN_BIN_SIZE = 1e-3
+MIN_KNOT_SLOPE = 1e-3
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """Architecture of a (conditional) masked autoregressive flow; JSON-serialisable and validated.
+
+    Attributes:
+        dim: number of data columns D (>= 1), e.g. 6 for phase space (x, v).
+        label_dim: number of conditioning label columns C (0 = unconditional).
+        layers: number of autoregressive layers L (>= 1).
+        hidden: hidden-layer widths of each MADE network, e.g. (64, 64).
+        activation: hidden activation (one of ``ACTIVATIONS``).
+        kind: "affine" (MAF) or "spline" (rational-quadratic spline MAF).
+        bins: number of spline bins K (>= 2; only used for kind="spline"; 3K-1 parameters per dim).
+        log_columns: data columns that are strictly positive and modelled as log(x) (0-based, < dim).
+        seed: seed of the weight initialisation and of random permutations (>= 0).
+        permutation: "reverse" or "random" (seeded) permutation between layers.
+        spline_range: half-width B of the spline interval [-B, B] in rescaled units (identity outside).
+    """
+
+    dim: int
+    label_dim: int = 0
+    layers: int = 8
+    hidden: tuple = (64, 64)
+    activation: str = "relu"
+    kind: str = "affine"
+    bins: int = 8
+    log_columns: tuple = ()
+    seed: int = 0
+    permutation: str = "reverse"
+    spline_range: float = 5.0
+
+    def __post_init__(self) -> None:
+        def bad(field: str, value: Any, expected: str) -> InputError:
+            return InputError(f"FlowConfig.{field} = {value!r}: expected {expected}")
+
+        for field, low in (("dim", 1), ("label_dim", 0), ("layers", 1), ("bins", 2), ("seed", 0)):
+            value = getattr(self, field)
+            if not _is_int(value) or value < low:
+                raise bad(field, value, f"an integer >= {low}")
+            object.__setattr__(self, field, int(value))
+        if self.seed >= 2**31:
+            raise bad("seed", self.seed, "an integer in [0, 2**31 - 1]")
+        hidden = self.hidden
+        if _is_int(hidden):
+            hidden = (hidden,)
+        if (not isinstance(hidden, (tuple, list)) or len(hidden) == 0
+                or not all(_is_int(h) and h >= 1 for h in hidden)):
+            raise bad("hidden", self.hidden, "a non-empty sequence of positive integers, e.g. (64, 64)")
+        object.__setattr__(self, "hidden", tuple(int(h) for h in hidden))
+        if self.activation not in ACTIVATIONS:
+            raise bad("activation", self.activation, f"one of {ACTIVATIONS}")
+        if self.kind not in KINDS:
+            raise bad("kind", self.kind, f"one of {KINDS}")
+        if self.permutation not in PERMUTATIONS:
+            raise bad("permutation", self.permutation, f"one of {PERMUTATIONS}")
+        cols = self.log_columns
+        if not isinstance(cols, (tuple, list)) or not all(_is_int(j) for j in cols):
+            raise bad("log_columns", cols, "a sequence of column indices")
+        if any(j < 0 or j >= self.dim for j in cols) or len(set(cols)) != len(cols):
+            raise bad("log_columns", cols, f"distinct column indices in [0, {self.dim - 1}] (dim = {self.dim})")
+        object.__setattr__(self, "log_columns", tuple(sorted(int(j) for j in cols)))
+        if (isinstance(self.spline_range, bool) or not isinstance(self.spline_range, (int, float, np.floating))
+                or not math.isfinite(self.spline_range) or self.spline_range <= 0):
+            raise bad("spline_range", self.spline_range, "a finite number > 0")
+        object.__setattr__(self, "spline_range", float(self.spline_range))
+
+    @property
+    def params_per_dim(self) -> int:
+        """MADE outputs per data dimension: 2 (shift, log-scale) or 3K-1 (K widths, K heights, K-1 slopes)."""
+        return 2 if self.kind == "affine" else 3 * self.bins - 1
+
+    def to_dict(self) -> dict:
+        """JSON-able dict (tuples become lists); ``FlowConfig.from_dict(c.to_dict()) == c``."""
+        d = dataclasses.asdict(self)
+        d["hidden"] = list(self.hidden)
+        d["log_columns"] = list(self.log_columns)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "FlowConfig":
+        """Rebuild from :meth:`to_dict` output (lists accepted for tuples); unknown keys -> InputError."""
+        if not isinstance(d, Mapping):
+            raise InputError(f"FlowConfig.from_dict: expected a mapping, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise InputError(f"FlowConfig.from_dict: unknown field(s) {unknown}; allowed: {sorted(names)}")
+        if "dim" not in d:
+            raise InputError("FlowConfig.from_dict: missing required field 'dim'")
+        kw = dict(d)
+        for key in ("hidden", "log_columns"):
+            if isinstance(kw.get(key), list):
+                kw[key] = tuple(kw[key])
+        return cls(**kw)
+
+
+class _SeededGlorotUniform:
+    """Glorot-uniform initializer that draws a fresh stateless stream [seed, k] on its k-th call.
+
+    A seeded Keras initializer returns the *same* numbers on every call; MADE calls its initializer
+    once per Dense layer, so this counter keeps layers different while the whole flow stays a
+    deterministic function of ``FlowConfig.seed``. Layer i, call k uses the stream [seed, 1000 i + k]
+    (a MADE makes 2 (len(hidden) + 1) < 1000 calls).
+    """
+
+    def __init__(self, seed: int, layer: int):
+        self.seed = int(seed)
+        self.layer = int(layer)
+        self.calls = 0
+
+    def __call__(self, shape, dtype=None, **kwargs):
+        fan_in, fan_out = (shape[0], shape[1]) if len(shape) == 2 else (1, 1)
+        limit = math.sqrt(6.0 / (fan_in + fan_out))
+        self.calls += 1
+        return tf.random.stateless_uniform(shape, seed=[self.seed, 1000 * self.layer + self.calls], minval=-limit,
+                                           maxval=limit, dtype=dtype or tf.float32)
+
+    def get_config(self) -> dict:
+        return {"seed": self.seed, "layer": self.layer}
+
+
+class _AffineTransform(tf.Module):
+    """bijector_fn of an affine MAF layer: MADE(y_<i, c) -> (m_i, s_i); y_i = z_i exp(s_i) + m_i, |s_i| < b."""
+
+    def __init__(self, network: tfb.AutoregressiveNetwork, conditional: bool, name: str):
+        super().__init__(name=name)
+        self.network = network
+        self.conditional = conditional
+
+    def __call__(self, y, conditional_input=None):
+        params = self.network(y, conditional_input=conditional_input) if self.conditional else self.network(y)
+        shift, raw = tf.unstack(params, num=2, axis=-1)
+        log_scale = LOG_SCALE_BOUND * tf.tanh(raw / LOG_SCALE_BOUND)
+        return tfb.Shift(shift)(tfb.Scale(log_scale=log_scale))
+
+
+class _SplineTransform(tf.Module):
+    """bijector_fn of a spline MAF layer: MADE(y_<i, c) -> K widths, K heights, K-1 interior slopes.
+
+    Widths and heights are softmax-normalised to fill [-B, B] (each >= MIN_BIN_SIZE); slopes are
+    softplus(u + log(e-1)) + MIN_KNOT_SLOPE, so zero network output gives slope ~1. Outside [-B, B] the
+    spline is the identity (TFP pads the boundary slopes with 1); Durkan et al. (2019), eqs. 4-6.
+    """
+
+    def __init__(self, network: tfb.AutoregressiveNetwork, conditional: bool, bins: int, bound: float,
+                 name: str):
+        super().__init__(name=name)
+        self.network = network
+        self.conditional = conditional
+        self.bins = bins
+        self.bound = bound
+
+    def __call__(self, y, conditional_input=None):
+        params = self.network(y, conditional_input=conditional_input) if self.conditional else self.network(y)
+        k, b = self.bins, self.bound
+        widths, heights, slopes = tf.split(params, [k, k, k - 1], axis=-1)
+        span = 2.0 * b - k * MIN_BIN_SIZE
+        widths = tf.math.softmax(widths, axis=-1) * span + MIN_BIN_SIZE
+        heights = tf.math.softmax(heights, axis=-1) * span + MIN_BIN_SIZE
+        slopes = tf.math.softplus(slopes + math.log(math.e - 1.0)) + MIN_KNOT_SLOPE
+        return tfb.RationalQuadraticSpline(bin_widths=widths, bin_heights=heights, knot_slopes=slopes,
+                                           range_min=-b)
+
+
+def layer_names(config: FlowConfig) -> list[str]:
+    """Names of the autoregressive layers of ``build_bijector(config)``, the keys of ``bijector_kwargs``."""
+    return [f"maf_{i}" for i in range(config.layers)]
+
+
+def _permutation(config: FlowConfig, i: int) -> np.ndarray:
+    if config.permutation == "reverse":
+        return np.arange(config.dim)[::-1].copy()
+    return np.random.default_rng([config.seed, i]).permutation(config.dim)
+
+
+def build_bijector(config: FlowConfig) -> tfb.Chain:
+    """Chain of ``config.layers`` MAF bijectors (named ``maf_i``) with permutations (``permute_i``) between.
+
+    Forward maps latent z ~ N(0, I_D) to rescaled data y; inverse is the one-pass density direction.
+    Conditional flows take ``bijector_kwargs={name: {"conditional_input": c} for name in layer_names(config)}``
+    with c: [N, label_dim] (standardised labels). Weights are a deterministic function of ``config.seed``;
+    the MADE variables are created on the first call (``tfgalflow.model.Flow`` builds them at once).
+
+    D = 1 is supported: the single MADE output then depends only on the labels (conditional) or is a
+    learned constant (unconditional), i.e. an affine or spline transform of N(0, 1).
+
+    Reference: Papamakarios, Pavlakou & Murray (2017), "Masked Autoregressive Flow for Density Estimation";
+    Durkan et al. (2019), "Neural Spline Flows".
+    """
+    if not isinstance(config, FlowConfig):
+        raise InputError(f"build_bijector: expected a FlowConfig, got {type(config).__name__}")
+    conditional = config.label_dim > 0
+    bijectors = []   # forward order; reversed into tfb.Chain below
+    for i, name in enumerate(layer_names(config)):
+        cond_kw = dict(conditional=True, conditional_event_shape=[config.label_dim]) if conditional else {}
+        network = tfb.AutoregressiveNetwork(
+            params=config.params_per_dim, event_shape=[config.dim], hidden_units=list(config.hidden),
+            activation=config.activation, kernel_initializer=_SeededGlorotUniform(config.seed, i),
+            name=f"made_{i}", **cond_kw)
+        if config.kind == "affine":
+            fn = _AffineTransform(network, conditional, name=f"affine_{i}")
+        else:
+            fn = _SplineTransform(network, conditional, config.bins, config.spline_range, name=f"spline_{i}")
+        bijectors.append(tfb.MaskedAutoregressiveFlow(bijector_fn=fn, name=name))
+        if i + 1 < config.layers and config.dim > 1:
+            bijectors.append(tfb.Permute(permutation=_permutation(config, i), name=f"permute_{i}"))
+    return tfb.Chain(list(reversed(bijectors)), name="flow_chain")
