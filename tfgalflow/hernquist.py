@@ -132,8 +132,7 @@ class Hernquist:
 
     def enclosed_mass(self, r) -> np.ndarray:
         """M(<r) = M r^2 / (r + a)^2. Hernquist (1990) eq. 3."""
-        r = _radii(r)
-        return self.M * (r / (r + self.a)) ** 2
+        return self.M * _r_over_r_plus_a(_radii(r), self.a) ** 2
 
     def potential(self, r) -> np.ndarray:
         """Phi(r) = -G M / (r + a)  (< 0). Hernquist (1990) eq. 5."""
@@ -147,7 +146,7 @@ class Hernquist:
     def circular_speed(self, r) -> np.ndarray:
         """v_c(r) = sqrt(G M(<r) / r) = sqrt(G M r) / (r + a)."""
         r = _radii(r)
-        return np.sqrt(self.G * self.M * r) / (r + self.a)
+        return np.sqrt(self.G * self.M * _r_over_r_plus_a(r, self.a) / (r + self.a))
 
     def escape_speed(self, r) -> np.ndarray:
         """v_esc(r) = sqrt(2 Psi(r))."""
@@ -199,7 +198,7 @@ class Hernquist:
         v2 = np.sum(v * v, axis=1)
         scaled_v2 = 0.5 * v2 / self.energy_scale
         q2 = self.a / (r + self.a) - scaled_v2            # a E / (G M)
-        p2 = r / (r + self.a) + scaled_v2                 # 1 - a E / (G M), without cancellation
+        p2 = _r_over_r_plus_a(r, self.a) + scaled_v2      # 1 - a E / (G M), without cancellation
         bound = q2 > 0
         safe_q2 = np.where(bound, q2, 0.25)
         safe_p2 = np.where(bound, p2, 0.75)
@@ -249,10 +248,9 @@ class Hernquist:
         if kind == "aniso":
             return np.sqrt(self.G * self.M / (4.0 * (r + self.a)))
         T = self.a / (r + self.a)
-        one_minus_T = r / (r + self.a)
         series = np.where(T < _T_SERIES_MAX, T, 0.25)
         coefficients = 1.0 / np.arange(5, 5 + _N_JEANS)                    # T^(k-4)/k, k = 5, 6, ...
-        s2_series = one_minus_T * series * _horner(coefficients, series, np.ones_like(series))
+        s2_series = (1.0 - series) * series * _horner(coefficients, series, np.ones_like(series))
         direct_r = np.where((T >= _T_SERIES_MAX) & (r > 0), r, self.a)
         Td = self.a / (direct_r + self.a)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -391,6 +389,12 @@ class ExactDF:
         import tensorflow as tf
 
         return tf.exp(self.log_prob(w, labels))
+
+
+def _r_over_r_plus_a(r: np.ndarray, a: float) -> np.ndarray:
+    """r / (r + a) = 1 - a / (r + a), accurate at r -> 0 and finite (1) at r = inf."""
+    with np.errstate(divide="ignore"):
+        return 1.0 / (1.0 + a / r)
 
 
 # ---- validation -------------------------------------------------------------------------------
