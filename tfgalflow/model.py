@@ -1,0 +1,549 @@
+"""The density model: rescaler + MAF chain + standard-normal base, as a Keras model; and ensembles.
+
+For data x in physical units (e.g. kpc, km/s) and optional labels c, a :class:`Flow` evaluates
+
+    u_j = log x_j  (j in log_columns),   u_j = x_j  (otherwise)
+    y   = (u - μ) / σ                                   (rescaler, fitted by ``adapt``)
+    z   = T^{-1}(y; c̃),    c̃ = (c - μ_c) / σ_c          (MAF chain, :func:`tfgalflow.flows.build_bijector`)
+
+    log p_x(x | c) = log N(z; 0, I) + log|det ∂z/∂y| - Σ_j log σ_j - Σ_{j in log_columns} log x_j,
+
+the change-of-variables formula (Papamakarios et al. 2021, "Normalizing Flows for Probabilistic
+Modeling and Inference", eq. 2) with the rescaling Jacobian included, so densities are per unit
+physical volume (e.g. per kpc^3 (km/s)^3). Points outside the support (x_j <= 0 in a log column) have
+log p = -inf. Sampling runs the chain forward from z ~ N(0, I) and undoes the rescaling.
+
+Every graph method exists twice: a public method that validates concrete inputs eagerly (raising
+:class:`~tfgalflow.errors.InputError` with the shapes) and then calls a ``tf.function`` with a fixed
+``input_signature`` (free batch dimension, so it traces once); symbolic inputs (inside another
+``tf.function``, e.g. an export signature) get the static shape checks only. The traced graphs contain
+only core TensorFlow ops, so a SavedModel of them reloads without TFP.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+
+from .errors import InputError
+from .flows import FlowConfig, build_bijector, inverse_and_log_det, layer_names
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+# ---- input validation at the public boundary --------------------------------------------------
+
+def _as_float32(value: Any, name: str) -> tf.Tensor:
+    """Tensor view of ``value`` in float32; tensors are cast (not copied to NumPy), so tapes still see them."""
+    if isinstance(value, (tf.Tensor, tf.Variable)):
+        if not (value.dtype.is_floating or value.dtype.is_integer):
+            raise InputError(f"{name} has dtype {value.dtype.name}; expected a float array")
+        return value if value.dtype == tf.float32 else tf.cast(value, tf.float32)
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{name} cannot be read as a float array: {exc}") from None
+    with np.errstate(over="ignore"):
+        return tf.constant(array.astype(np.float32))
+
+
+def _check_finite(t: tf.Tensor, name: str) -> None:
+    """NaN/inf check on concrete (eager) tensors; symbolic tensors are left to the graph."""
+    if not tf.executing_eagerly():
+        return
+    finite = np.isfinite(t.numpy())
+    if not finite.all():
+        rows = np.unique(np.nonzero(~finite)[0])
+        raise InputError(f"{name} contains NaN or inf (or values beyond float32 range) in {rows.size} "
+                         f"row(s), first rows {rows[:5].tolist()}")
+
+
+def validate_inputs(x: Any, labels: Any, dim: int, label_dim: int, what: str = "flow"
+                    ) -> tuple[tf.Tensor, tf.Tensor | None]:
+    """Check and convert ``x: [N, dim]`` and ``labels: [N, label_dim] | None`` to float32 tensors.
+
+    Raises InputError for a wrong rank or width, labels missing for a conditional model or given to an
+    unconditional one, mismatched row counts, and (for concrete inputs) NaN or inf.
+    """
+    x = _as_float32(x, "x")
+    if x.shape.rank != 2 or (x.shape[1] is not None and x.shape[1] != dim):
+        raise InputError(f"x has shape {_shape(x)}; the {what} expects [N, {dim}]")
+    _check_finite(x, "x")
+    if label_dim == 0:
+        if labels is not None:
+            raise InputError(f"labels were given (shape {_shape(labels)}) but the {what} is unconditional "
+                             f"(label_dim = 0); pass labels=None")
+        return x, None
+    if labels is None:
+        raise InputError(f"the {what} is conditional: labels of shape [N, {label_dim}] are required "
+                         f"(x has shape {_shape(x)})")
+    c = _as_float32(labels, "labels")
+    if c.shape.rank != 2 or (c.shape[1] is not None and c.shape[1] != label_dim):
+        raise InputError(f"labels have shape {_shape(c)}; the {what} expects [N, {label_dim}]")
+    n_x, n_c = x.shape[0], c.shape[0]
+    if n_x is not None and n_c is not None and n_x != n_c:
+        raise InputError(f"x has {n_x} rows but labels have {n_c}; expected x [N, {dim}] and labels "
+                         f"[N, {label_dim}] with the same N")
+    _check_finite(c, "labels")
+    return x, c
+
+
+def _shape(value: Any) -> tuple:
+    if isinstance(value, (tf.Tensor, tf.Variable)):
+        return tuple(value.shape.as_list()) if value.shape.rank is not None else ("?",)
+    return tuple(np.shape(value))
+
+
+def _sample_request(n_or_labels: Any, label_dim: int, what: str) -> tuple[Any, tf.Tensor | None]:
+    """(n, labels) from ``sample``'s first argument: an int n >= 1, or labels [n, C] for conditional models."""
+    if label_dim == 0:
+        n = n_or_labels
+        if isinstance(n, (tf.Tensor, tf.Variable)):
+            if n.shape.rank not in (0, None) or not n.dtype.is_integer:
+                raise InputError(f"n must be a scalar integer, got a {n.dtype.name} tensor of shape {_shape(n)}")
+            if tf.executing_eagerly() and int(n) < 1:
+                raise InputError(f"n = {int(n)}: the number of samples must be >= 1")
+            return tf.cast(n, tf.int32), None
+        if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
+            raise InputError(f"n = {n!r}: expected an integer number of samples (the {what} is "
+                             f"unconditional, so no labels)")
+        if n < 1:
+            raise InputError(f"n = {n}: the number of samples must be >= 1")
+        return tf.constant(int(n), tf.int32), None
+    if isinstance(n_or_labels, (int, np.integer)) and not isinstance(n_or_labels, bool):
+        raise InputError(f"the {what} is conditional: pass labels of shape [n, {label_dim}], not n = {n_or_labels}")
+    c = _as_float32(n_or_labels, "labels")
+    if c.shape.rank != 2 or (c.shape[1] is not None and c.shape[1] != label_dim):
+        raise InputError(f"labels have shape {_shape(c)}; the {what} expects [n, {label_dim}]")
+    if c.shape[0] == 0:
+        raise InputError(f"labels have shape {_shape(c)}: the number of samples must be >= 1")
+    _check_finite(c, "labels")
+    return None, c
+
+
+def _seed_tensor(seed: Any) -> tf.Tensor:
+    """Stateless seed [2] int64 from None (fresh entropy), an int >= 0, or a [2] integer array/tensor."""
+    if seed is None:
+        return tf.constant(np.random.SeedSequence().generate_state(2).astype(np.int64))
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, (bool, np.bool_)):
+        if seed < 0:
+            raise InputError(f"seed = {seed}: expected an integer >= 0")
+        return tf.constant([int(seed), 0], tf.int64)
+    if isinstance(seed, (tf.Tensor, tf.Variable)):
+        if not seed.dtype.is_integer or seed.shape.as_list() != [2]:
+            raise InputError(f"seed tensor has dtype {seed.dtype.name} and shape {_shape(seed)}; "
+                             f"expected an integer tensor of shape [2]")
+        return tf.cast(seed, tf.int64)
+    array = np.asarray(seed)
+    if array.shape != (2,) or not np.issubdtype(array.dtype, np.integer):
+        raise InputError(f"seed {seed!r}: expected None, an int, or two integers (shape [2])")
+    return tf.constant(array.astype(np.int64))
+
+
+def _specs(dim: int, label_dim: int) -> tuple[tf.TensorSpec, tf.TensorSpec, tf.TensorSpec, tf.TensorSpec]:
+    return (tf.TensorSpec([None, dim], tf.float32, name="x"),
+            tf.TensorSpec([None, label_dim], tf.float32, name="labels"),
+            tf.TensorSpec([], tf.int32, name="n"),
+            tf.TensorSpec([2], tf.int64, name="seed"))
+
+
+class _GraphMethods:
+    """Mix-in: traced log_prob / grad_log_prob / sample_stateless around the subclass's tensor methods.
+
+    The subclass defines ``_log_prob_tensor(x, c)`` and ``_sample_tensor(n, c, seed)`` (pure TF, no
+    validation) and sets ``dim``/``label_dim``; this class wraps them in ``tf.function``s with a fixed
+    ``input_signature`` (signature without labels for unconditional models) and adds the validated
+    public methods.
+    """
+
+    _what = "model"
+
+    def _make_graph_functions(self, jit_compile: bool = False) -> None:
+        x_spec, c_spec, n_spec, seed_spec = _specs(self.dim, self.label_dim)
+        if self.label_dim:
+            self._log_prob_fn = tf.function(lambda x, labels: self._log_prob_tensor(x, labels),
+                                            input_signature=[x_spec, c_spec], jit_compile=jit_compile)
+            self._grad_fn = tf.function(lambda x, labels: self._grad_tensor(x, labels),
+                                        input_signature=[x_spec, c_spec], jit_compile=jit_compile)
+            self._sample_fn = tf.function(lambda labels, seed: self._sample_tensor(None, labels, seed),
+                                          input_signature=[c_spec, seed_spec])
+        else:
+            self._log_prob_fn = tf.function(lambda x: self._log_prob_tensor(x, None),
+                                            input_signature=[x_spec], jit_compile=jit_compile)
+            self._grad_fn = tf.function(lambda x: self._grad_tensor(x, None),
+                                        input_signature=[x_spec], jit_compile=jit_compile)
+            self._sample_fn = tf.function(lambda n, seed: self._sample_tensor(n, None, seed),
+                                          input_signature=[n_spec, seed_spec])
+
+    def _call(self, fn, x: tf.Tensor, c: tf.Tensor | None) -> tf.Tensor:
+        return fn(x, c) if self.label_dim else fn(x)
+
+    def _grad_tensor(self, x: tf.Tensor, c: tf.Tensor | None) -> tf.Tensor:
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            lp = self._log_prob_tensor(x, c)
+        # Rows are independent, so d(sum_n log p_n)/dx_n = d log p_n / dx_n.
+        return tape.gradient(lp, x)
+
+    def check_inputs(self, x: Any, labels: Any = None) -> tuple[tf.Tensor, tf.Tensor | None]:
+        """Validate and convert (x [N, D], labels [N, C] | None) as every public method does."""
+        return validate_inputs(x, labels, self.dim, self.label_dim, self._what)
+
+    def log_prob(self, x: Any, labels: Any = None) -> tf.Tensor:
+        """log p(x | labels): [N] float32, per unit physical volume; x: [N, D] physical units, labels [N, C]."""
+        x, c = self.check_inputs(x, labels)
+        return self._call(self._log_prob_fn, x, c)
+
+    def prob(self, x: Any, labels: Any = None) -> tf.Tensor:
+        """p(x | labels) = exp(log_prob): [N] float32."""
+        return tf.exp(self.log_prob(x, labels))
+
+    def grad_log_prob(self, x: Any, labels: Any = None) -> tf.Tensor:
+        """∂ log p(x | labels) / ∂x: [N, D] float32 in 1/(physical unit of each column) (GradientTape).
+
+        Zero for rows outside the support (log p = -inf)."""
+        x, c = self.check_inputs(x, labels)
+        return self._call(self._grad_fn, x, c)
+
+    def sample(self, n: int, labels: Any = None, seed: Any = None) -> tf.Tensor:
+        """n draws x ~ p(x | labels): [n, D] float32 in physical units.
+
+        Args:
+            n: number of samples (>= 1).
+            labels: [n, C] (one draw per row) or [C] (all n draws at that label); None if unconditional.
+            seed: None (fresh entropy), an int, or a stateless seed [2]; the same seed gives the same draws.
+        """
+        if self.label_dim == 0:
+            if labels is not None:
+                raise InputError(f"labels were given (shape {_shape(labels)}) but the {self._what} is "
+                                 f"unconditional (label_dim = 0)")
+            return self.sample_stateless(n, _seed_tensor(seed))
+        if labels is None:
+            raise InputError(f"the {self._what} is conditional: sample(n, labels) needs labels of shape "
+                             f"[n, {self.label_dim}] or [{self.label_dim}]")
+        c = _as_float32(labels, "labels")
+        if c.shape.rank == 1 and c.shape[0] == self.label_dim:
+            c = tf.tile(c[tf.newaxis, :], [int(n), 1])
+        if c.shape.rank == 2 and c.shape[0] != n:
+            raise InputError(f"sample: n = {n} but labels have shape {_shape(c)}; expected [{n}, "
+                             f"{self.label_dim}] or [{self.label_dim}]")
+        return self.sample_stateless(c, _seed_tensor(seed))
+
+    def sample_stateless(self, n_or_labels: Any, seed: Any) -> tf.Tensor:
+        """Deterministic draws for a tensor seed: [n, D] float32 in physical units.
+
+        ``n_or_labels`` is n (scalar int) for unconditional models and labels [n, C] for conditional
+        ones; ``seed`` is an int32/int64 tensor of shape [2] (``tf.random.stateless_*`` convention).
+        Usable inside ``tf.function`` / export signatures (symbolic inputs skip the eager checks).
+        """
+        n, c = _sample_request(n_or_labels, self.label_dim, self._what)
+        seed = _seed_tensor(seed)
+        return self._sample_fn(c, seed) if self.label_dim else self._sample_fn(n, seed)
+
+
+# ---- the flow -------------------------------------------------------------------------------
+
+class Flow(_GraphMethods, keras.Model):
+    """Conditional normalizing flow p(x | c) on physical-unit data (rescaler + MAF chain + N(0, I) base).
+
+    Example::
+
+        flow = Flow(FlowConfig(dim=6, layers=6, hidden=(64, 64)))
+        flow.adapt(w)                              # w: [N, 6] (kpc, km/s)
+        flow.compile(keras.optimizers.Adam(1e-3))
+        flow.fit(w, epochs=20, batch_size=512)     # conditional: flow.fit(w, labels, ...)
+        flow.log_prob(w[:10])                      # [10], log density per kpc^3 (km/s)^3
+        flow.sample(1000, seed=1)                  # [1000, 6]
+
+    The rescaler is a set of non-trainable variables (saved with the weights): ``x_shift``, ``x_scale``
+    [D], ``label_shift``, ``label_scale`` [C], ``adapted`` (1.0 once ``adapt`` ran). All variables exist
+    after construction (the network is called once on a dummy batch), so ``load_weights`` or
+    ``tf.train.Checkpoint(model=flow).restore(...)`` works on a fresh ``Flow(config)``.
+
+    Args:
+        config: a :class:`FlowConfig` or its ``to_dict()``.
+        jit_compile: XLA-compile the traced ``log_prob`` / ``grad_log_prob`` (offline evaluation only;
+            never for export). ``compile(..., jit_compile=True)`` separately controls training.
+    """
+
+    _what = "flow"
+
+    def __init__(self, config: FlowConfig | Mapping[str, Any], jit_compile: bool = False, **kwargs):
+        if isinstance(config, Mapping):
+            config = FlowConfig.from_dict(config)
+        if not isinstance(config, FlowConfig):
+            raise InputError(f"Flow(config): expected a FlowConfig or dict, got {type(config).__name__}")
+        kwargs.setdefault("name", "flow")
+        super().__init__(**kwargs)
+        self._flow_config = config
+        self.bijector = build_bijector(config)
+        self._layer_names = layer_names(config)
+        dim, label_dim = config.dim, config.label_dim
+        self._log_mask = tf.constant([j in config.log_columns for j in range(dim)], tf.bool)
+        self.x_shift = self.add_weight(name="x_shift", shape=[dim], initializer="zeros", trainable=False)
+        self.x_scale = self.add_weight(name="x_scale", shape=[dim], initializer="ones", trainable=False)
+        self.label_shift = self.add_weight(name="label_shift", shape=[label_dim], initializer="zeros",
+                                           trainable=False)
+        self.label_scale = self.add_weight(name="label_scale", shape=[label_dim], initializer="ones",
+                                           trainable=False)
+        self.adapted = self.add_weight(name="adapted", shape=[], initializer="zeros", trainable=False)
+        self._loss_tracker = keras.metrics.Mean(name="loss")
+        self.build_variables()
+        self._make_graph_functions(jit_compile)
+
+    # -- configuration ---------------------------------------------------------------------------
+    @property
+    def config(self) -> FlowConfig:
+        return self._flow_config
+
+    @property
+    def dim(self) -> int:
+        return self._flow_config.dim
+
+    @property
+    def label_dim(self) -> int:
+        return self._flow_config.label_dim
+
+    @property
+    def is_adapted(self) -> bool:
+        return bool(self.adapted.numpy() > 0.5)
+
+    def get_config(self) -> dict:
+        """``FlowConfig.to_dict()``: JSON-able; ``Flow.from_config(flow.get_config())`` rebuilds the architecture."""
+        return self._flow_config.to_dict()
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], custom_objects: Any = None) -> "Flow":
+        return cls(FlowConfig.from_dict(config))
+
+    def build_variables(self) -> None:
+        """Create every variable by evaluating log_prob on a dummy batch of one row (idempotent)."""
+        x = tf.ones([1, self.dim], tf.float32)
+        c = tf.zeros([1, self.label_dim], tf.float32) if self.label_dim else None
+        self._log_prob_tensor(x, c)
+        self.built = True
+
+    # -- rescaler --------------------------------------------------------------------------------
+    def adapt(self, x: Any, labels: Any = None) -> "Flow":
+        """Fit the rescaler to data in physical units: μ, σ per column of u (log x in log columns).
+
+        Args:
+            x: [N, D] array/tensor, or a ``tf.data.Dataset`` yielding x [B, D] or (x [B, D], labels [B, C])
+               (streamed; moments accumulated in float64).
+            labels: [N, C] for conditional flows (not with a Dataset). Label columns are standardised the
+               same way (a constant label column gets σ_c = 1).
+        Raises InputError for bad shapes, NaN/inf, x_j <= 0 in a log column, or a constant data column.
+        """
+        data_moments = _Moments(self.dim)
+        label_moments = _Moments(self.label_dim)
+        if isinstance(x, tf.data.Dataset):
+            if labels is not None:
+                raise InputError("adapt: pass labels inside the Dataset as (x, labels) elements, not separately")
+            for element in x:
+                bx, bc = (element if isinstance(element, (tuple, list)) else (element, None))[:2]
+                self._accumulate(data_moments, label_moments, bx, bc)
+        else:
+            self._accumulate(data_moments, label_moments, x, labels)
+        if data_moments.count < 2:
+            raise InputError(f"adapt: need at least 2 rows of x [N, {self.dim}], got {data_moments.count}")
+        mean, std = data_moments.mean_std()
+        flat = np.nonzero(~(std > 0))[0]
+        if flat.size:
+            raise InputError(f"adapt: data column(s) {flat.tolist()} of x [N, {self.dim}] are constant; "
+                             f"a flow cannot model a zero-width column")
+        self.x_shift.assign(mean.astype(np.float32))
+        self.x_scale.assign(std.astype(np.float32))
+        if self.label_dim:
+            c_mean, c_std = label_moments.mean_std()
+            self.label_shift.assign(c_mean.astype(np.float32))
+            self.label_scale.assign(np.where(c_std > 0, c_std, 1.0).astype(np.float32))
+        self.adapted.assign(1.0)
+        return self
+
+    def _accumulate(self, data_moments: "_Moments", label_moments: "_Moments", x: Any, labels: Any) -> None:
+        x, c = self.check_inputs(x, labels)
+        u = x.numpy().astype(np.float64)
+        for j in self.config.log_columns:
+            bad = u[:, j] <= 0
+            if bad.any():
+                raise InputError(f"adapt: column {j} is a log column but has {int(bad.sum())} value(s) <= 0 "
+                                 f"(first at row {int(np.argmax(bad))}); log columns must be > 0")
+            u[:, j] = np.log(u[:, j])
+        data_moments.update(u)
+        if c is not None:
+            label_moments.update(c.numpy().astype(np.float64))
+
+    def _rescale(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor | None]:
+        """y = (u - μ)/σ and log|det ∂y/∂x| = -Σ log σ - Σ_log-cols log x  ([N, D], [N], support [N] | None)."""
+        log_jacobian = -tf.reduce_sum(tf.math.log(self.x_scale))
+        in_support = None
+        u = x
+        if self.config.log_columns:
+            positive = x > 0.0
+            safe = tf.where(self._log_mask & positive, x, tf.ones_like(x))
+            log_safe = tf.math.log(safe)       # 0 outside the log columns
+            u = tf.where(self._log_mask, log_safe, x)
+            log_jacobian = log_jacobian - tf.reduce_sum(log_safe, axis=-1)
+            in_support = tf.reduce_all(positive | ~self._log_mask, axis=-1)
+        y = (u - self.x_shift) / self.x_scale
+        return y, log_jacobian, in_support
+
+    def _unscale(self, y: tf.Tensor) -> tf.Tensor:
+        u = y * self.x_scale + self.x_shift
+        if not self.config.log_columns:
+            return u
+        return tf.where(self._log_mask, tf.exp(tf.where(self._log_mask, u, tf.zeros_like(u))), u)
+
+    def _bijector_kwargs(self, c: tf.Tensor | None) -> dict:
+        if not self.label_dim:
+            return {}
+        c_std = (c - self.label_shift) / self.label_scale
+        return {name: {"conditional_input": c_std} for name in self._layer_names}
+
+    # -- pure tensor maths (traced by the graph functions, by train_step and by Ensemble) ----------
+    def _log_prob_tensor(self, x: tf.Tensor, c: tf.Tensor | None) -> tf.Tensor:
+        y, log_jacobian, in_support = self._rescale(x)
+        kwargs = self._bijector_kwargs(c)
+        z, log_det = inverse_and_log_det(self.bijector, y, kwargs)
+        log_base = -0.5 * tf.reduce_sum(tf.square(z), axis=-1) - 0.5 * self.dim * LOG_2PI
+        lp = log_base + log_det + log_jacobian
+        if in_support is not None:
+            lp = tf.where(in_support, lp, tf.fill(tf.shape(lp), -np.inf))
+        return lp
+
+    def _sample_tensor(self, n: tf.Tensor | None, c: tf.Tensor | None, seed: tf.Tensor) -> tf.Tensor:
+        if c is not None:
+            n = tf.shape(c)[0]
+        z = tf.random.stateless_normal(tf.stack([n, self.dim]), seed=seed, dtype=tf.float32)
+        y = self.bijector.forward(z, **self._bijector_kwargs(c))
+        return self._unscale(y)
+
+    # -- Keras --------------------------------------------------------------------------------------
+    def call(self, inputs, training=None):
+        """log p for ``inputs`` = x or (x, labels); Keras' forward pass."""
+        x, c = self._unpack(inputs)
+        return self._log_prob_tensor(x, c)
+
+    def _unpack(self, data) -> tuple[tf.Tensor, tf.Tensor | None]:
+        x, c, _ = keras.utils.unpack_x_y_sample_weight(data)
+        if isinstance(x, (tuple, list)) and c is None and len(x) == 2:
+            x, c = x
+        return validate_inputs(x, c, self.dim, self.label_dim, self._what)
+
+    @property
+    def metrics(self):
+        return [self._loss_tracker]
+
+    def train_step(self, data):
+        """One optimizer step on loss = -mean_n log p(x_n | c_n); data is x or (x, labels)."""
+        x, c = self._unpack(data)
+        with tf.GradientTape() as tape:
+            lp = self._log_prob_tensor(x, c)
+            loss = -tf.reduce_mean(lp)
+        variables = self.trainable_variables
+        grads = tape.gradient(loss, variables)
+        self.optimizer.apply_gradients(zip(grads, variables))
+        self._loss_tracker.update_state(-lp)
+        return {"loss": self._loss_tracker.result()}
+
+    def test_step(self, data):
+        x, c = self._unpack(data)
+        self._loss_tracker.update_state(-self._log_prob_tensor(x, c))
+        return {"loss": self._loss_tracker.result()}
+
+
+class _Moments:
+    """Streaming per-column mean and standard deviation (float64, shifted sums about the first batch)."""
+
+    def __init__(self, width: int):
+        self.count = 0
+        self.ref = np.zeros(width)
+        self.sum = np.zeros(width)
+        self.sum_sq = np.zeros(width)
+
+    def update(self, batch: np.ndarray) -> None:
+        if batch.shape[0] == 0:
+            return
+        if self.count == 0:
+            self.ref = batch.mean(axis=0)
+        d = batch - self.ref
+        self.count += batch.shape[0]
+        self.sum += d.sum(axis=0)
+        self.sum_sq += (d * d).sum(axis=0)
+
+    def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
+        m = self.sum / self.count
+        var = np.maximum(self.sum_sq / self.count - m * m, 0.0)
+        return self.ref + m, np.sqrt(var)
+
+
+# ---- ensembles ------------------------------------------------------------------------------
+
+class Ensemble(_GraphMethods, tf.Module):
+    """Equal-weight mixture of K flows: p(x | c) = (1/K) Σ_k p_k(x | c).
+
+    The mixture (mean of densities) is itself a normalised density, and it is what a deep ensemble
+    predicts (Lakshminarayanan et al. 2017); the mean of log-densities, exp((1/K) Σ log p_k), is a
+    geometric mean that integrates to <= 1 (Jensen/Hölder) and is not a density. Hence
+
+        log p = logsumexp_k(log p_k) - log K,
+
+    computed stably in log space; ``sample`` draws each point from a member chosen uniformly at random
+    (exact mixture sampling), and ``grad_log_prob`` differentiates the log of the mean density, i.e.
+    Σ_k w_k ∇log p_k with posterior weights w_k = p_k / Σ_j p_j.
+    """
+
+    _what = "ensemble"
+
+    def __init__(self, members: Sequence[Flow], jit_compile: bool = False):
+        members = list(members) if isinstance(members, Iterable) else []
+        super().__init__(name="ensemble")
+        if not members or not all(isinstance(m, Flow) for m in members):
+            raise InputError("Ensemble(members): expected a non-empty list of Flow models")
+        dims = {(m.dim, m.label_dim) for m in members}
+        if len(dims) != 1:
+            raise InputError(f"Ensemble members disagree on (dim, label_dim): {sorted(dims)}; all must match")
+        self.members = members
+        self._make_graph_functions(jit_compile)
+
+    @property
+    def config(self) -> FlowConfig:
+        """The first member's FlowConfig (members differ only by seed)."""
+        return self.members[0].config
+
+    @property
+    def dim(self) -> int:
+        return self.members[0].dim
+
+    @property
+    def label_dim(self) -> int:
+        return self.members[0].label_dim
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def _log_prob_tensor(self, x: tf.Tensor, c: tf.Tensor | None) -> tf.Tensor:
+        member_lp = tf.stack([m._log_prob_tensor(x, c) for m in self.members], axis=0)   # [K, N]
+        return tf.reduce_logsumexp(member_lp, axis=0) - math.log(len(self.members))
+
+    def _sample_tensor(self, n: tf.Tensor | None, c: tf.Tensor | None, seed: tf.Tensor) -> tf.Tensor:
+        k = len(self.members)
+        if c is not None:
+            n = tf.shape(c)[0]
+        choice_seed = tf.random.experimental.stateless_fold_in(seed, k)
+        member = tf.random.stateless_uniform(tf.reshape(n, [1]), seed=choice_seed, minval=0, maxval=k,
+                                             dtype=tf.int32)
+        rows = tf.dynamic_partition(tf.range(n), member, k)
+        draws = []
+        for j, m in enumerate(self.members):
+            member_seed = tf.random.experimental.stateless_fold_in(seed, j)
+            if c is None:
+                draws.append(m._sample_tensor(tf.size(rows[j]), None, member_seed))
+            else:
+                draws.append(m._sample_tensor(None, tf.gather(c, rows[j]), member_seed))
+        x = tf.dynamic_stitch(rows, draws)
+        x.set_shape([None, self.dim])
+        return x
