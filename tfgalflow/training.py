@@ -830,6 +830,7 @@ def train(data: "Catalogue | np.ndarray | str | os.PathLike", config: TrainConfi
     if config.label_dim == 0 and data.label_dim:
         data = _without_labels(data)
     _check_sizes(data, config)
+    _check_tensorboard(config)
     flow_config = config.flow_config(data.dim, config.label_dim)     # validates the architecture
     run_dir = Path(run_dir)
     run = _new_run(run_dir, config, flow_config, _describe(data, config))
@@ -879,6 +880,14 @@ def load_run(run_dir: str | os.PathLike) -> "Flow | Ensemble":
     run = read_run_config(run_dir)
     flows = [_load_member(run_dir, run, k) for k in range(len(run["members"]))]
     return flows[0] if len(flows) == 1 else Ensemble(flows)
+
+
+def _check_tensorboard(config: TrainConfig) -> None:
+    """TensorFlow >= 2.16 no longer depends on TensorBoard: say so before training, not after epoch 1."""
+    import importlib.util
+    if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise InputError("TrainConfig.tensorboard = True needs the 'tensorboard' package "
+                         "(pip install tensorboard); or train with tensorboard = False")
 
 
 def _check_sizes(data: Any, config: TrainConfig) -> None:
