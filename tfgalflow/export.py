@@ -1,0 +1,532 @@
+"""SavedModel export of a trained flow: named serving signatures, versioned layout, TF Serving config, loading.
+
+``export(model, path)`` writes a SavedModel of a :class:`tfgalflow.model.Flow` or ``Ensemble`` whose
+graph holds only core TensorFlow ops, so it runs under TF Serving, ``saved_model_cli`` and plain
+``tf.saved_model.load`` without TFP, tf-keras or tfgalflow. Signatures (N, B: free batch dimension;
+D: data width; C: label width, present only for conditional models)::
+
+    signature        inputs                                   outputs
+    serving_default  x [N, D] f32 (+ labels [N, C] f32)       log_prob [N] f32        (same as log_prob)
+    log_prob         x [N, D] f32 (+ labels [N, C] f32)       log_prob [N] f32
+    grad_log_prob    x [N, D] f32 (+ labels [N, C] f32)       grad_log_prob [N, D] f32
+    sample           seed [N] i64 (+ labels [N, C] f32)       sample [N, D] f32
+    accelerations    positions [B, 3] f32, seed [B] i64       acceleration [B, 3], residual [B], condition [B]
+
+with log p(x | c) in nats per unit physical volume of x (the rescaling Jacobian is included) and the
+gradient ∂ log p/∂x in 1/(unit of each column). ``accelerations`` is present for unconditional 6D
+phase-space models (x = (position, velocity)): the collisionless-Boltzmann least-squares fit of
+:func:`tfgalflow.cbe.acceleration_graph` at each position.
+
+Seed convention (every input carries the batch dimension, as TF Serving's request batching needs):
+``sample`` draws N points, N = len(seed) for unconditional models and N = len(labels) for conditional
+ones (one draw per label row); the whole draw is the stateless draw ``model.sample_stateless(N,
+seed=[seed[0], 0])``, so only ``seed[0]`` matters (send e.g. ``[s, s, ..., s]``); the same seed[0] and N
+give the same points. ``accelerations`` likewise seeds its velocity draws with ``[seed[0], 0]``. With
+TF Serving's server-side batching enabled, concurrent requests may be merged and the draws stay valid
+samples but are then seeded by the first request's seed; the tfgalflow endpoint never merges them.
+
+The FlowConfig, the run's config.json (when exported from a run), the rescaling constants and this
+convention are stored in the SavedModel as the string variable ``tfgalflow_metadata`` (JSON); the
+rescaling actually applied lives in the model's own (non-trainable) variables.
+
+Layout for TF Serving: ``ROOT/NAME/<version>/saved_model.pb`` (integer versions, highest served by
+default) and ``ROOT/models.config`` (``model_config_list`` text format) from :func:`write_models_config`.
+
+Reference: TensorFlow Serving REST API and SavedModel docs, https://www.tensorflow.org/tfx/serving/api_rest
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from . import __version__
+from .atomic import atomic_dir, write_text
+from .errors import FileError, InputError
+
+SAVEDMODEL_FORMAT = "tfgalflow-savedmodel"
+SAVEDMODEL_FORMAT_VERSION = 1
+METADATA_VARIABLE = "tfgalflow_metadata"
+MODELS_CONFIG = "models.config"
+#: Signatures every tfgalflow SavedModel has (``accelerations`` only for 6D unconditional models).
+REQUIRED_SIGNATURES = ("serving_default", "log_prob", "grad_log_prob", "sample")
+SEED_CONVENTION = ("sample: N = len(seed) (unconditional) or len(labels) (conditional); the draw is "
+                   "sample_stateless(N, seed=[seed[0], 0]), other seed entries are ignored. "
+                   "accelerations: velocity draws seeded with [seed[0], 0].")
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+# ---- one signature of a loaded SavedModel: typed, named NumPy in and out -----------------------
+
+def _shape_text(shape: tuple) -> str:
+    """[N, 3] for a TensorSpec shape (None, 3): the batch dimension is N, other free dimensions '?'."""
+    dims = ["N" if (d is None and i == 0) else ("?" if d is None else str(d)) for i, d in enumerate(shape)]
+    return "[" + ", ".join(dims) + "]"
+
+
+class Signature:
+    """One signature (a traced function) of a loaded SavedModel with NumPy inputs and outputs.
+
+    ``inputs`` / ``outputs`` map names to ``(shape, numpy dtype)`` with ``None`` for free dimensions.
+    :meth:`check` converts nested lists or arrays to arrays of the signature's dtypes and shapes (raising
+    InputError naming the input, the expected and the received shape); :meth:`run` makes ONE call of the
+    traced function for the whole batch.
+    """
+
+    def __init__(self, name: str, function: Any):
+        import tensorflow as tf
+        self.name = name
+        self._function = function
+        _, kwargs = function.structured_input_signature
+        self.inputs = {k: (tuple(s.shape.as_list()) if s.shape.rank is not None else None,
+                           np.dtype(s.dtype.as_numpy_dtype)) for k, s in sorted(kwargs.items())}
+        outputs = function.structured_outputs
+        if not isinstance(outputs, Mapping):
+            outputs = {"output_0": outputs}
+        self.outputs = {k: (tuple(s.shape.as_list()) if s.shape.rank is not None else None,
+                            np.dtype(s.dtype.as_numpy_dtype)) for k, s in sorted(outputs.items())}
+        self._tf = tf
+
+    def describe(self) -> str:
+        """'x [N, 3] float32, labels [N, 2] float32' - for error messages."""
+        return ", ".join(f"{k} {_shape_text(s) if s is not None else '[?]'} {d.name}"
+                         for k, (s, d) in self.inputs.items())
+
+    def check(self, values: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Arrays of the right dtype and shape for every input; InputError naming what is wrong.
+
+        Float inputs accept integers and floats; integer inputs only integers; NaN and inf are rejected.
+        """
+        missing = [k for k in self.inputs if k not in values]
+        unknown = [k for k in values if k not in self.inputs]
+        if unknown:
+            raise InputError(f"signature '{self.name}' has no input named {', '.join(map(repr, unknown))}; "
+                             f"its inputs are: {self.describe()}")
+        if missing:
+            raise InputError(f"signature '{self.name}' is missing input {', '.join(map(repr, missing))}; "
+                             f"its inputs are: {self.describe()}")
+        return {k: self._check_one(k, values[k]) for k in self.inputs}
+
+    def _check_one(self, name: str, value: Any) -> np.ndarray:
+        shape, dtype = self.inputs[name]
+        expected = f"{_shape_text(shape) if shape is not None else '[?]'} {dtype.name}"
+        try:
+            array = np.asarray(value)
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"input '{name}' is not a rectangular array ({exc}); expected {expected}") from None
+        kind = array.dtype.kind
+        allowed = "fiu" if dtype.kind == "f" else ("iu" if dtype.kind in "iu" else dtype.kind)
+        if kind not in allowed or array.dtype == object:
+            what = {"b": "booleans", "U": "strings", "S": "bytes", "O": "mixed or out-of-range values",
+                    "f": "non-integer numbers"}.get(kind, array.dtype.name)
+            raise InputError(f"input '{name}' holds {what}, which are not of the expected type {dtype.name}; "
+                             f"expected {expected}")
+        if shape is not None and (array.ndim != len(shape) or
+                                  any(d is not None and d != a for d, a in zip(shape, array.shape))):
+            raise InputError(f"input '{name}' has shape {list(array.shape)}; expected {expected}")
+        if kind == "f":
+            bad = ~np.isfinite(array)
+            if bad.any():
+                raise InputError(f"input '{name}' contains NaN or infinite values at "
+                                 f"{np.argwhere(bad)[:5].tolist()} (index of the first ones); only finite "
+                                 f"numbers are accepted")
+        if dtype.kind == "f":
+            with np.errstate(over="ignore"):
+                converted = array.astype(dtype, copy=False)
+            if not np.isfinite(converted).all():
+                raise InputError(f"input '{name}' has values beyond the {dtype.name} range (|x| > "
+                                 f"{np.finfo(dtype).max:.3g}); expected {expected}")
+            return converted
+        if kind in "iu" and dtype.kind in "iu":
+            info = np.iinfo(dtype)
+            if array.size and (array.min() < info.min or array.max() > info.max):
+                raise InputError(f"input '{name}' has integers outside the {dtype.name} range; expected {expected}")
+        return array.astype(dtype, copy=False)
+
+    def run(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One call of the traced function on checked arrays -> {output name: array}.
+
+        Graph-time failures caused by the data (e.g. x and labels with different numbers of rows) are
+        raised as InputError.
+        """
+        tf = self._tf
+        try:
+            out = self._function(**{k: tf.constant(v) for k, v in arrays.items()})
+        except tf.errors.InvalidArgumentError as exc:
+            raise InputError(f"signature '{self.name}' rejected the inputs: {exc.message.strip()}") from None
+        if not isinstance(out, Mapping):
+            out = {"output_0": out}
+        return {k: v.numpy() for k, v in out.items()}
+
+    def __call__(self, **values: Any) -> dict[str, np.ndarray]:
+        """check + run: ``sig(x=array)`` -> {output name: array}."""
+        return self.run(self.check(values))
+
+
+# ---- a loaded SavedModel ---------------------------------------------------------------------
+
+def _is_saved_model(path: Path) -> bool:
+    return (path / "saved_model.pb").is_file() or (path / "saved_model.pbtxt").is_file()
+
+
+def read_signature_defs(path: str | os.PathLike) -> dict:
+    """The SignatureDefs of the 'serve' MetaGraph as JSON (proto3 JSON mapping, as TF Serving prints them).
+
+    Raises FileError if ``path`` holds no readable saved_model.pb / saved_model.pbtxt.
+    """
+    from google.protobuf import json_format, text_format
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    path = Path(path)
+    proto = saved_model_pb2.SavedModel()
+    try:
+        if (path / "saved_model.pb").is_file():
+            proto.ParseFromString((path / "saved_model.pb").read_bytes())
+        else:
+            text_format.Parse((path / "saved_model.pbtxt").read_text(), proto)
+    except (OSError, UnicodeDecodeError, Exception) as exc:   # DecodeError / ParseError have no common base
+        raise FileError(f"{path}: not a readable SavedModel (saved_model.pb): {exc}") from None
+    graphs = [g for g in proto.meta_graphs if "serve" in g.meta_info_def.tags] or list(proto.meta_graphs)
+    if not graphs:
+        raise FileError(f"{path}: the SavedModel has no MetaGraph")
+    return {name: json_format.MessageToDict(sig, preserving_proto_field_name=True,
+                                            always_print_fields_with_no_presence=True)
+            for name, sig in sorted(graphs[0].signature_def.items())}
+
+
+class ExportedModel:
+    """A SavedModel loaded with plain TensorFlow; NumPy in and out, inputs validated (InputError).
+
+    Attributes:
+        path: the SavedModel directory.
+        signatures: {name: :class:`Signature`} (every signature of the SavedModel).
+        metadata: the tfgalflow metadata JSON ({} for SavedModels not written by :func:`export`).
+        dim, label_dim: data and label widths (from the ``log_prob`` signature when present).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        import tensorflow as tf
+        self.path = Path(path)
+        if not self.path.is_dir() or not _is_saved_model(self.path):
+            raise FileError(f"{self.path}: not a SavedModel directory (no saved_model.pb)")
+        self.signature_defs = read_signature_defs(self.path)
+        try:
+            self._loaded = tf.saved_model.load(str(self.path))
+        except Exception as exc:   # noqa: BLE001 - TF raises OSError, OpError, ValueError, DecodeError, ...
+            raise FileError(f"{self.path}: the SavedModel cannot be loaded: {type(exc).__name__}: {exc}") from None
+        self.signatures = {name: Signature(name, fn) for name, fn in sorted(self._loaded.signatures.items())}
+        self.metadata: dict = {}
+        variable = getattr(self._loaded, METADATA_VARIABLE, None)
+        if variable is not None:
+            try:
+                self.metadata = json.loads(variable.numpy().decode())
+            except (ValueError, AttributeError) as exc:
+                raise FileError(f"{self.path}: corrupt {METADATA_VARIABLE}: {exc}") from None
+        lp = self.signatures.get("log_prob")
+        self.dim = lp.inputs["x"][0][1] if lp is not None and "x" in lp.inputs else self.metadata.get("dim")
+        self.label_dim = (lp.inputs["labels"][0][1] if lp is not None and "labels" in lp.inputs
+                          else self.metadata.get("label_dim", 0))
+
+    def __repr__(self) -> str:
+        return f"ExportedModel({str(self.path)!r}, signatures={sorted(self.signatures)})"
+
+    def _signature(self, name: str) -> Signature:
+        if name not in self.signatures:
+            raise InputError(f"{self.path}: the SavedModel has no '{name}' signature "
+                             f"(it has: {', '.join(sorted(self.signatures))})")
+        return self.signatures[name]
+
+    def _density_inputs(self, x: Any, labels: Any) -> dict:
+        if self.label_dim:
+            if labels is None:
+                raise InputError(f"the model is conditional: labels of shape [N, {self.label_dim}] are required")
+            return {"x": x, "labels": labels}
+        if labels is not None:
+            raise InputError("labels were given but the model is unconditional (label_dim = 0); pass labels=None")
+        return {"x": x}
+
+    def log_prob(self, x: Any, labels: Any = None) -> np.ndarray:
+        """log p(x | labels): [N] float32; x [N, D] in the physical units the model was trained in."""
+        return self._signature("log_prob")(**self._density_inputs(x, labels))["log_prob"]
+
+    def prob(self, x: Any, labels: Any = None) -> np.ndarray:
+        """p(x | labels) = exp(log_prob): [N] float32."""
+        return np.exp(self.log_prob(x, labels))
+
+    def grad_log_prob(self, x: Any, labels: Any = None) -> np.ndarray:
+        """∂ log p(x | labels)/∂x: [N, D] float32."""
+        return self._signature("grad_log_prob")(**self._density_inputs(x, labels))["grad_log_prob"]
+
+    def sample(self, n: int, labels: Any = None, seed: int | None = None) -> np.ndarray:
+        """n draws [n, D] float32; the same (n, labels, seed) gives the same points as the in-memory model's
+        ``sample_stateless(n, [seed, 0])``. ``seed=None`` draws a fresh seed."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise InputError(f"n = {n!r}: expected an integer number of samples >= 1")
+        if seed is None:
+            seed = int(np.random.SeedSequence().generate_state(1, np.uint32)[0])
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise InputError(f"seed = {seed!r}: expected an integer >= 0")
+        inputs: dict[str, Any] = {"seed": np.full(int(n), seed, np.int64)}
+        if self.label_dim:
+            if labels is None:
+                raise InputError(f"the model is conditional: sample(n, labels) needs labels [n, {self.label_dim}]")
+            labels = np.asarray(labels, dtype=np.float64)
+            if labels.shape == (self.label_dim,):
+                labels = np.broadcast_to(labels, (int(n), self.label_dim))
+            if labels.shape != (int(n), self.label_dim):
+                raise InputError(f"labels have shape {list(labels.shape)}; expected [{n}, {self.label_dim}] "
+                                 f"or [{self.label_dim}]")
+            inputs["labels"] = labels
+        elif labels is not None:
+            raise InputError("labels were given but the model is unconditional (label_dim = 0)")
+        return self._signature("sample")(**inputs)["sample"]
+
+    def accelerations(self, positions: Any, seed: int = 0) -> dict[str, np.ndarray]:
+        """CBE accelerations at positions [B, 3]: {'acceleration' [B, 3], 'residual' [B], 'condition' [B]}."""
+        positions = np.asarray(positions)
+        if positions.ndim != 2:
+            raise InputError(f"positions have shape {list(positions.shape)}; expected [B, 3]")
+        return self._signature("accelerations")(positions=positions,
+                                                seed=np.full(positions.shape[0], seed, np.int64))
+
+
+def load_saved_model(path: str | os.PathLike, require: tuple = ()) -> ExportedModel:
+    """Load any SavedModel as an :class:`ExportedModel`; FileError if it lacks a ``require``-d signature."""
+    model = ExportedModel(path)
+    missing = [s for s in require if s not in model.signatures]
+    if missing:
+        raise FileError(f"{model.path}: not a tfgalflow SavedModel: missing signature(s) {', '.join(missing)} "
+                        f"(it has: {', '.join(sorted(model.signatures)) or 'none'})")
+    return model
+
+
+def versions(model_dir: str | os.PathLike) -> list[int]:
+    """Sorted integer version numbers under ``model_dir`` that hold a SavedModel (TF Serving's layout)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir()
+                  if p.name.isdigit() and p.is_dir() and _is_saved_model(p))
+
+
+def load(path: str | os.PathLike) -> Any:
+    """Load a trained model from a run directory, a SavedModel, or a versioned model directory.
+
+    * run directory (``config.json``): :func:`tfgalflow.training.load_run` -> Flow | Ensemble;
+    * SavedModel (``saved_model.pb``): :class:`ExportedModel` (log_prob, prob, grad_log_prob, sample,
+      accelerations when exported) with NumPy in/out and InputError on bad input;
+    * ``ROOT/NAME`` holding integer versions: the highest version, as above.
+
+    Raises FileError if ``path`` is none of these, lacks a tfgalflow signature, or is corrupt.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileError(f"{path}: no such file or directory")
+    if path.is_dir() and _is_saved_model(path):
+        return load_saved_model(path, require=REQUIRED_SIGNATURES)
+    if (path / "config.json").is_file():
+        from .training import load_run
+        return load_run(path)
+    found = versions(path)
+    if found:
+        return load_saved_model(path / str(found[-1]), require=REQUIRED_SIGNATURES)
+    raise FileError(f"{path}: neither a SavedModel (saved_model.pb), a run directory (config.json), nor a "
+                    f"model directory with integer version subdirectories")
+
+
+# ---- export ------------------------------------------------------------------------------------
+
+def _rescaling(model: Any) -> list[dict] | None:
+    members = getattr(model, "members", None) or [model]
+    out = []
+    for m in members:
+        names = ("x_shift", "x_scale", "label_shift", "label_scale")
+        if not all(hasattr(m, n) for n in names):
+            return None
+        out.append({n: np.asarray(getattr(m, n).numpy(), np.float64).tolist() for n in names})
+    return out
+
+
+def _metadata(model: Any, run_config: Mapping | None, accelerations: dict | None) -> dict:
+    config = getattr(model, "config", None)
+    members = getattr(model, "members", None)
+    return {
+        "format": SAVEDMODEL_FORMAT,
+        "format_version": SAVEDMODEL_FORMAT_VERSION,
+        "tfgalflow_version": __version__,
+        "model": "ensemble" if members else "flow",
+        "members": len(members) if members else 1,
+        "dim": int(model.dim),
+        "label_dim": int(model.label_dim),
+        "flow": config.to_dict() if hasattr(config, "to_dict") else None,
+        "rescaling": _rescaling(model),
+        "run": dict(run_config) if run_config is not None else None,
+        "seed_convention": SEED_CONVENTION,
+        "accelerations": accelerations,
+    }
+
+
+def _acceleration_graph(model: Any, accelerations: bool | None, n_velocities: int):
+    """cbe.acceleration_graph for 6D unconditional models (None when not wanted or not applicable)."""
+    applicable = int(model.dim) == 6 and int(model.label_dim) == 0
+    if accelerations is False or (accelerations is None and not applicable):
+        return None
+    if not applicable:
+        raise InputError(f"accelerations need an unconditional 6D phase-space model; this one has dim = "
+                         f"{model.dim}, label_dim = {model.label_dim}")
+    try:
+        from .cbe import acceleration_graph
+    except ImportError as exc:
+        if accelerations:
+            raise InputError(f"accelerations=True but tfgalflow.cbe.acceleration_graph is unavailable: {exc}") from None
+        return None
+    return acceleration_graph(model, n_velocities)
+
+
+def _build_module(model: Any, metadata_json: str, accel: Any):
+    """tf.Module holding the model's variables, the metadata string and the signature functions."""
+    import tensorflow as tf
+    dim, label_dim = int(model.dim), int(model.label_dim)
+    module = tf.Module()
+    module.model_variables = list(model.variables)          # tracked, so the captured variables are saved
+    setattr(module, METADATA_VARIABLE, tf.Variable(metadata_json, trainable=False, dtype=tf.string,
+                                                   name=METADATA_VARIABLE))
+    x_spec = tf.TensorSpec([None, dim], tf.float32, name="x")
+    c_spec = tf.TensorSpec([None, label_dim], tf.float32, name="labels")
+    seed_spec = tf.TensorSpec([None], tf.int64, name="seed")
+
+    def first_seed(seed):
+        # seed[0], or 0 for an empty seed vector (then N = 0 for unconditional models: an empty draw).
+        return tf.stack([tf.concat([seed, tf.zeros([1], tf.int64)], 0)[0], tf.constant(0, tf.int64)])
+
+    if label_dim:
+        log_prob = tf.function(lambda x, labels: {"log_prob": model.log_prob(x, labels)},
+                               input_signature=[x_spec, c_spec])
+        grad = tf.function(lambda x, labels: {"grad_log_prob": model.grad_log_prob(x, labels)},
+                           input_signature=[x_spec, c_spec])
+
+        def sample(seed, labels):
+            check = tf.debugging.assert_greater(tf.size(seed), 0, message="seed must have at least one element")
+            with tf.control_dependencies([check]):
+                return {"sample": model.sample_stateless(labels, first_seed(seed))}
+        sample = tf.function(sample, input_signature=[seed_spec, c_spec])
+    else:
+        log_prob = tf.function(lambda x: {"log_prob": model.log_prob(x)}, input_signature=[x_spec])
+        grad = tf.function(lambda x: {"grad_log_prob": model.grad_log_prob(x)}, input_signature=[x_spec])
+        sample = tf.function(lambda seed: {"sample": model.sample_stateless(tf.size(seed, tf.int32),
+                                                                            first_seed(seed))},
+                             input_signature=[seed_spec])
+    module.log_prob, module.grad_log_prob, module.sample = log_prob, grad, sample
+    signatures = {"serving_default": log_prob.get_concrete_function(),
+                  "log_prob": log_prob.get_concrete_function(),
+                  "grad_log_prob": grad.get_concrete_function(),
+                  "sample": sample.get_concrete_function()}
+    if accel is not None:
+        def accelerations(positions, seed):
+            result = accel(positions, first_seed(seed))
+            return {k: result[k] for k in ("acceleration", "residual", "condition")}
+        module.accelerations = tf.function(accelerations, input_signature=[
+            tf.TensorSpec([None, 3], tf.float32, name="positions"), seed_spec])
+        signatures["accelerations"] = module.accelerations.get_concrete_function()
+    return module, signatures
+
+
+def export(model: Any, path: str | os.PathLike, *, run_config: Mapping | None = None,
+           accelerations: bool | None = None, n_velocities: int = 256, overwrite: bool = False) -> Path:
+    """Write ``model`` (Flow or Ensemble) as a SavedModel at ``path`` (atomically: temp dir + rename).
+
+    Args:
+        model: a trained :class:`~tfgalflow.model.Flow` or :class:`~tfgalflow.model.Ensemble`.
+        path: the SavedModel directory to create (for TF Serving: ``ROOT/NAME/<version>``).
+        run_config: the run's config.json dict, stored in the metadata (``tfgalflow export RUN`` passes it).
+        accelerations: add the ``accelerations`` signature: None = when applicable (6D, unconditional,
+            cbe available), True = required (InputError otherwise), False = never.
+        n_velocities: velocities sampled per position by the ``accelerations`` signature.
+        overwrite: replace an existing directory (the old one is removed only after the new one is in place).
+
+    Returns the SavedModel directory. Signatures and conventions: see the module docstring.
+    """
+    import tensorflow as tf
+    for attr in ("dim", "label_dim", "log_prob", "grad_log_prob", "sample_stateless", "variables"):
+        if not hasattr(model, attr):
+            raise InputError(f"export(model): {type(model).__name__} has no '{attr}'; expected a tfgalflow "
+                             f"Flow or Ensemble")
+    if isinstance(n_velocities, bool) or not isinstance(n_velocities, (int, np.integer)) or n_velocities < 2:
+        raise InputError(f"n_velocities = {n_velocities!r}: expected an integer >= 2")
+    accel = _acceleration_graph(model, accelerations, int(n_velocities))
+    metadata = _metadata(model, run_config,
+                         {"n_velocities": int(n_velocities)} if accel is not None else None)
+    module, signatures = _build_module(model, json.dumps(metadata, sort_keys=True), accel)
+    path = Path(path)
+    try:
+        with atomic_dir(path, overwrite=overwrite) as tmp:
+            tf.saved_model.save(module, str(tmp), signatures=signatures)
+    except FileExistsError as exc:
+        raise FileError(str(exc)) from None
+    return path
+
+
+def export_versioned(model: Any, root: str | os.PathLike, name: str, **kwargs: Any) -> Path:
+    """Export to ``root/name/<v>`` with v = 1 + the highest existing version (1 for a new model).
+
+    Never overwrites: if another writer takes version v first, the next free number is used.
+    Keyword arguments go to :func:`export`. Returns the new version directory.
+    """
+    if not isinstance(name, str) or not _MODEL_NAME.fullmatch(name):
+        raise InputError(f"model name {name!r}: expected letters, digits, '_', '.', '-' (not starting with "
+                         f"'.', '_' or '-')")
+    model_dir = Path(root) / name
+    while True:
+        existing = [int(p.name) for p in model_dir.iterdir() if p.name.isdigit()] if model_dir.is_dir() else []
+        target = model_dir / str(max(existing, default=0) + 1)
+        try:
+            return export(model, target, overwrite=False, **kwargs)
+        except FileError:
+            if not target.exists():
+                raise
+
+
+def _text_string(value: str) -> str:
+    """A protobuf text-format string literal: printable ASCII as is, other UTF-8 bytes as octal escapes."""
+    return '"' + "".join(chr(b) if 32 <= b < 127 and b not in (34, 92) else f"\\{b:03o}"
+                         for b in value.encode("utf-8")) + '"'
+
+
+def write_models_config(root: str | os.PathLike, base_path: str | None = None,
+                        version_policy: str = "all") -> Path:
+    """Write ``root/models.config`` (TF Serving ``model_config_list`` text format) for every model in root.
+
+    A model is a subdirectory of ``root`` with at least one integer version holding a SavedModel.
+
+    Args:
+        root: the model base directory (``ROOT/NAME/<version>/saved_model.pb``).
+        base_path: directory that ``root`` will be at for the server, e.g. "/models" inside the
+            tensorflow/serving container; default: the absolute path of ``root``.
+        version_policy: "all" (serve every version, like ``tfgalflow serve``) or "latest" (only the
+            highest, TF Serving's default).
+
+    Returns the path of the written file. Use with
+    ``tensorflow_model_server --rest_api_port=8501 --model_config_file=ROOT/models.config``.
+    """
+    if version_policy not in ("all", "latest"):
+        raise InputError(f"version_policy = {version_policy!r}: expected 'all' or 'latest'")
+    root = Path(root)
+    if not root.is_dir():
+        raise FileError(f"{root}: no such model directory")
+    base = (base_path.rstrip("/") or "/") if base_path else str(root.resolve())
+    names = sorted(p.name for p in root.iterdir() if p.is_dir() and _MODEL_NAME.fullmatch(p.name) and versions(p))
+    policy = "all {}" if version_policy == "all" else "latest { num_versions: 1 }"
+    entries = "".join(
+        "  config {\n"
+        f"    name: {_text_string(name)}\n"
+        f"    base_path: {_text_string(base.rstrip('/') + '/' + name)}\n"
+        '    model_platform: "tensorflow"\n'
+        f"    model_version_policy {{ {policy} }}\n"
+        "  }\n" for name in names)
+    target = root / MODELS_CONFIG
+    write_text(target, "model_config_list {\n" + entries + "}\n")
+    return target

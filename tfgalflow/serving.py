@@ -1,0 +1,619 @@
+"""A TensorFlow-Serving-compatible REST endpoint (aiohttp) over a model directory, and a urllib client.
+
+The server answers the TF Serving REST API (https://www.tensorflow.org/tfx/serving/api_rest) for every
+SavedModel under a base directory laid out as TF Serving expects, ``BASE/NAME/<integer version>/
+saved_model.pb`` (all versions are loaded; the highest is the default)::
+
+    GET  /v1/models/NAME[/versions/N|/labels/L]             {"model_version_status": [...]}
+    GET  /v1/models/NAME[/versions/N|/labels/L]/metadata    {"model_spec": ..., "metadata": {"signature_def": ...}}
+    POST /v1/models/NAME[/versions/N|/labels/L]:predict     row {"instances": [...]} -> {"predictions": [...]}
+                                                            columnar {"inputs": ...}  -> {"outputs": ...}
+
+A request's whole batch goes through ONE call of the signature's traced function, in a worker thread
+(the event loop only does I/O). Bodies are parsed and answered as TF Serving does: one output is
+returned bare, several as objects keyed by output name; ``NaN``/``Infinity`` tokens are valid JSON
+here. Errors are ``{"error": "..."}`` with TF Serving's statuses:
+
+    400  malformed JSON or URL, unknown/missing input, wrong shape or dtype, unknown signature name
+         (TF Serving: FAILED_PRECONDITION -> 400), unknown version label; and - stricter than TF
+         Serving, which passes them to the model - NaN or infinite input values
+    404  unknown model or version ("Servable not found for request: Latest(NAME)")
+    413  body larger than ``max_body_bytes`` or more than ``max_rows`` rows (a tfgalflow limit)
+    500  unexpected server failure (the server keeps serving)
+
+:class:`Client` uses only the standard library (urllib) and NumPy, so it also talks to a real
+``tensorflow_model_server``.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+
+from .errors import FileError, InputError, TfgalflowError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8501
+DEFAULT_URL = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"
+#: Largest request body accepted (bytes); larger ones get 413.
+MAX_BODY_BYTES = 64 * 2**20
+#: Largest batch (rows of any input) accepted; larger ones get 413 (bounds the memory of one call).
+MAX_ROWS = 100_000
+
+# TF Serving's URL grammar (http_rest_api_handler.cc, kPathRegex).
+_PATH = re.compile(r"/v1/models(?:/(?P<name>[^/:]+))?"
+                   r"(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
+                   r"(?P<metadata>/metadata)?(?::(?P<verb>classify|regress|predict))?")
+
+
+class ServingError(TfgalflowError):
+    """An error answer of a TF-Serving-compatible endpoint (``status`` is None if it was unreachable)."""
+
+    def __init__(self, message: str, status: int | None = None, url: str | None = None):
+        self.message, self.status, self.url = message, status, url
+        where = f" from {url}" if url else ""
+        super().__init__(f"HTTP {status}{where}: {message}" if status is not None else message)
+
+
+class _HTTPError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+# ---- the model repository -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Version:
+    version: int
+    path: Path
+    stamp: float                  # mtime of saved_model.pb when loaded
+    model: Any = None             # ExportedModel, or None if loading failed
+    error: str = ""
+
+
+class ModelRepository:
+    """All SavedModels under ``base_dir`` (``BASE/NAME/<int>/saved_model.pb``), loaded and addressable.
+
+    :meth:`scan` loads versions that appeared (or changed) and forgets removed ones; a version that fails
+    to load is reported in the model status (state END, with the error) and never served. Reads are
+    lock-free: a scan builds a new table and swaps it in.
+
+    Args:
+        base_dir: the model base directory.
+        version_labels: {model name: {label: version}} for ``/labels/L`` URLs (TF Serving's version_labels).
+    """
+
+    def __init__(self, base_dir: str | os.PathLike, version_labels: Mapping[str, Mapping[str, int]] | None = None):
+        self.base_dir = Path(base_dir)
+        if not self.base_dir.is_dir():
+            raise FileError(f"{self.base_dir}: no such model base directory (expected BASE/NAME/<version>/"
+                            f"saved_model.pb)")
+        self.version_labels = {str(m): {str(k): int(v) for k, v in labels.items()}
+                               for m, labels in (version_labels or {}).items()}
+        self._models: dict[str, dict[int, _Version]] = {}
+        self._scan_lock = threading.Lock()
+
+    def scan(self) -> list[str]:
+        """Load new or changed versions, drop removed ones; returns one line per change."""
+        from .export import load_saved_model, versions
+        changes = []
+        with self._scan_lock:
+            table: dict[str, dict[int, _Version]] = {}
+            for model_dir in sorted(p for p in self.base_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                for v in versions(model_dir):
+                    path = model_dir / str(v)
+                    stamp = max((path / f).stat().st_mtime for f in ("saved_model.pb", "saved_model.pbtxt")
+                                if (path / f).exists())
+                    old = self._models.get(model_dir.name, {}).get(v)
+                    if old is None or old.stamp != stamp:
+                        try:
+                            entry = _Version(v, path, stamp, model=load_saved_model(path))
+                            changes.append(f"loaded {model_dir.name} version {v} ({path})")
+                        except FileError as exc:
+                            entry = _Version(v, path, stamp, error=str(exc))
+                            changes.append(f"failed to load {model_dir.name} version {v}: {exc}")
+                            log.error("failed to load %s version %d: %s", model_dir.name, v, exc)
+                    else:
+                        entry = old
+                    table.setdefault(model_dir.name, {})[v] = entry
+            for name, found in self._models.items():
+                for v in found:
+                    if v not in table.get(name, {}):
+                        changes.append(f"unloaded {name} version {v} (removed from disk)")
+            self._models = table
+        return changes
+
+    def models(self) -> dict[str, list[int]]:
+        """{name: [available versions]}."""
+        return {name: sorted(v for v, e in found.items() if e.model is not None)
+                for name, found in self._models.items()}
+
+    def _version_number(self, name: str, version: str | None, label: str | None) -> int | None:
+        if label is not None:
+            try:
+                return self.version_labels[name][label]
+            except KeyError:
+                raise _HTTPError(400, f"Unrecognized servable version label: {label}") from None
+        return int(version) if version is not None else None
+
+    def resolve(self, name: str, version: str | None = None, label: str | None = None) -> tuple[int, Any]:
+        """(version, ExportedModel) for a request; the highest available version when none is given."""
+        number = self._version_number(name, version, label)
+        found = self._models.get(name, {})
+        available = {v: e for v, e in found.items() if e.model is not None}
+        if number is None:
+            if not available:
+                raise _HTTPError(404, f"Servable not found for request: Latest({name})")
+            number = max(available)
+        if number not in available:
+            raise _HTTPError(404, f"Servable not found for request: Specific({name}, {number})")
+        return number, available[number].model
+
+    def status(self, name: str, version: str | None = None, label: str | None = None) -> dict:
+        """GetModelStatusResponse as JSON (TF Serving's model status API)."""
+        number = self._version_number(name, version, label)
+        found = self._models.get(name, {})
+        if not found:
+            raise _HTTPError(404, f"Could not find any versions of model {name}")
+        if number is not None and number not in found:
+            raise _HTTPError(404, f"Could not find version {number} of model {name}")
+        entries = [found[number]] if number is not None else [found[v] for v in sorted(found)]
+        return {"model_version_status": [
+            {"version": str(e.version), "state": "AVAILABLE" if e.model is not None else "END",
+             "status": {"error_code": "OK" if e.model is not None else "UNKNOWN", "error_message": e.error}}
+            for e in entries]}
+
+
+# ---- request and response bodies (TF Serving's JSON mapping) -----------------------------------------
+
+def _parse_body(body: bytes) -> dict:
+    if not body:
+        raise _HTTPError(400, "JSON Parse error: The document is empty")
+    try:
+        doc = json.loads(body)          # accepts NaN / Infinity / -Infinity tokens, as TF Serving does
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _HTTPError(400, f"JSON Parse error: {exc}") from None
+    if not isinstance(doc, dict):
+        raise _HTTPError(400, "JSON Value: the request body is not a JSON object")
+    return doc
+
+
+def _row_values(instances: Any, signature: Any) -> dict[str, Any]:
+    """Row format: each instance a value (single input) or {input name: value}; batched along axis 0."""
+    if not isinstance(instances, list):
+        raise _HTTPError(400, "Expecting 'instances' to be a list/array")
+    if not instances:
+        raise _HTTPError(400, "No values in 'instances' array")
+    names = list(signature.inputs)
+    if isinstance(instances[0], dict):
+        wanted = set(names)
+        for i, instance in enumerate(instances):
+            if not isinstance(instance, dict) or set(instance) != wanted:
+                got = sorted(instance) if isinstance(instance, dict) else type(instance).__name__
+                raise _HTTPError(400, f"Failed to process element: {i} of 'instances' list: got {got}; every "
+                                      f"instance must be an object with exactly the keys {sorted(wanted)} "
+                                      f"(signature '{signature.name}': {signature.describe()})")
+        return {k: [instance[k] for instance in instances] for k in names}
+    if len(names) != 1:
+        raise _HTTPError(400, f"instances is a plain list, but expecting list of objects as multiple input "
+                              f"tensors required (signature '{signature.name}': {signature.describe()})")
+    return {names[0]: instances}
+
+
+def _column_values(inputs: Any, signature: Any) -> dict[str, Any]:
+    """Columnar format: a value (single input) or {input name: value}."""
+    if isinstance(inputs, dict):
+        return inputs
+    if len(signature.inputs) != 1:
+        raise _HTTPError(400, f"inputs is a plain value/list, but expecting an object as multiple input tensors "
+                              f"required (signature '{signature.name}': {signature.describe()})")
+    return {next(iter(signature.inputs)): inputs}
+
+
+def _row_outputs(outputs: Mapping[str, np.ndarray]) -> list:
+    batch = {k: (v.shape[0] if v.ndim else None) for k, v in outputs.items()}
+    if None in batch.values() or len(set(batch.values())) > 1:
+        raise _HTTPError(400, f"outputs have no common batch size {batch}; use the columnar format ('inputs')")
+    if len(outputs) == 1:
+        return next(iter(outputs.values())).tolist()
+    names = list(outputs)
+    return [dict(zip(names, row)) for row in zip(*(outputs[k].tolist() for k in names))]
+
+
+def _column_outputs(outputs: Mapping[str, np.ndarray]) -> Any:
+    if len(outputs) == 1:
+        return next(iter(outputs.values())).tolist()
+    return {k: v.tolist() for k, v in outputs.items()}
+
+
+def _has_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, list):
+        return any(_has_bool(v) for v in value)
+    return False
+
+
+def _reject_booleans(values: Mapping[str, Any], signature: Any) -> None:
+    """JSON true/false among numbers (NumPy would read them as 1/0); TF Serving rejects them too."""
+    for name, value in values.items():
+        spec = signature.inputs.get(name)
+        if spec is not None and spec[1].kind != "b" and _has_bool(value):
+            raise _HTTPError(400, f"input '{name}' holds JSON booleans, which are not of the expected type "
+                                  f"{spec[1].name} (signature '{signature.name}': {signature.describe()})")
+
+
+def _rows_in(values: Mapping[str, Any]) -> int:
+    return max((len(v) for v in values.values() if isinstance(v, list)), default=0)
+
+
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+# ---- the aiohttp application ------------------------------------------------------------------------
+
+class _Endpoint:
+    def __init__(self, repository: ModelRepository, max_body_bytes: int, max_rows: int, workers: int):
+        self.repository = repository
+        self.max_body_bytes, self.max_rows = max_body_bytes, max_rows
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
+                                                              thread_name_prefix="tfgalflow-serving")
+
+    @staticmethod
+    def _respond(status: int, payload: bytes):
+        from aiohttp import web
+        return web.Response(body=payload, status=status, content_type="application/json")
+
+    def _error(self, status: int, message: str):
+        return self._respond(status, _json({"error": message}))
+
+    async def handle(self, request):
+        from aiohttp import web
+        path, method = request.path, request.method
+        match = _PATH.fullmatch(path)
+        if match is None:
+            if path.startswith("/v1/"):
+                return self._error(400, f"Malformed request: {method} {path}")
+            return self._error(404, f"Not found: {method} {path}")
+        name, version, label = match["name"], match["version"], match["label"]
+        metadata, verb = match["metadata"] is not None, match["verb"]
+        if name is None:
+            return self._error(400, "Missing model name in request." if method == "GET"
+                               else f"Malformed request: {method} {path}")
+        try:
+            if method == "GET" and verb is None and not metadata:
+                return self._respond(200, _json(self.repository.status(name, version, label)))
+            if method == "GET" and metadata and verb is None:
+                return self._respond(200, _json(self._metadata(name, version, label)))
+            if method == "POST" and verb is not None and not metadata:
+                if request.content_length is not None and request.content_length > self.max_body_bytes:
+                    return self._too_large(request.content_length)
+                try:
+                    body = await request.read()
+                except web.HTTPRequestEntityTooLarge:
+                    return self._too_large(None)
+                loop = asyncio.get_running_loop()
+                status, payload = await loop.run_in_executor(self.executor, self._post, name, version, label,
+                                                             verb, body)
+                return self._respond(status, payload)
+            return self._error(400, f"Malformed request: {method} {path}")
+        except _HTTPError as exc:
+            return self._error(exc.status, exc.message)
+
+    def _too_large(self, size: int | None):
+        what = f"{size} bytes" if size is not None else "the request body"
+        return self._error(413, f"{what} exceeds the limit of {self.max_body_bytes} bytes per request "
+                                f"(max_body_bytes); split the batch into smaller requests")
+
+    def _metadata(self, name: str, version: str | None, label: str | None) -> dict:
+        number, model = self.repository.resolve(name, version, label)
+        return {"model_spec": {"name": name, "signature_name": "", "version": str(number)},
+                "metadata": {"signature_def": {"signature_def": model.signature_defs}}}
+
+    def _post(self, name: str, version: str | None, label: str | None, verb: str, body: bytes) -> tuple[int, bytes]:
+        """Worker thread: parse, validate, ONE signature call, format. Never raises."""
+        try:
+            doc = _parse_body(body)
+            signature_name = doc.get("signature_name", "serving_default")
+            if not isinstance(signature_name, str):
+                raise _HTTPError(400, "'signature_name' key must be a string value.")
+            _, model = self.repository.resolve(name, version, label)
+            if verb != "predict":
+                raise _HTTPError(400, f"{verb} is not supported for these models (their signatures use the "
+                                      f"predict method); use :predict")
+            signature = model.signatures.get(signature_name or "serving_default")
+            if signature is None or signature.name.startswith("__"):
+                raise _HTTPError(400, f'Serving signature key "{signature_name}" not found.')
+            if "instances" in doc and "inputs" in doc:
+                raise _HTTPError(400, "Not formatted correctly: expecting only one of 'inputs' or 'instances'")
+            if "instances" in doc:
+                rows, values = True, _row_values(doc["instances"], signature)
+            elif "inputs" in doc:
+                rows, values = False, _column_values(doc["inputs"], signature)
+            else:
+                raise _HTTPError(400, "Missing 'inputs' or 'instances' key")
+            if _rows_in(values) > self.max_rows:
+                raise _HTTPError(413, f"{_rows_in(values)} rows exceed the limit of {self.max_rows} rows per "
+                                      f"request (max_rows); split the batch into smaller requests")
+            if b"true" in body or b"false" in body:
+                _reject_booleans(values, signature)
+            outputs = signature.run(signature.check(values))
+            answer = {"predictions": _row_outputs(outputs)} if rows else {"outputs": _column_outputs(outputs)}
+            return 200, _json(answer)
+        except _HTTPError as exc:
+            return exc.status, _json({"error": exc.message})
+        except InputError as exc:
+            return 400, _json({"error": str(exc)})
+        except Exception as exc:   # noqa: BLE001 - a bug must not take the server down
+            log.exception("predict on %s failed", name)
+            return 500, _json({"error": f"internal error: {type(exc).__name__}: {exc}"})
+
+    async def close(self, app=None) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def make_app(base_dir: str | os.PathLike, *, max_body_bytes: int = MAX_BODY_BYTES, max_rows: int = MAX_ROWS,
+             workers: int | None = None, poll_seconds: float | None = None,
+             version_labels: Mapping[str, Mapping[str, int]] | None = None):
+    """The aiohttp ``web.Application`` serving every model under ``base_dir`` (loaded before returning).
+
+    Args:
+        base_dir: ``BASE`` of ``BASE/NAME/<version>/saved_model.pb``.
+        max_body_bytes, max_rows: request limits (413 beyond them).
+        workers: threads running requests (parse, ONE signature call, format); default min(4, CPUs).
+        poll_seconds: rescan ``base_dir`` for new/removed versions this often (None = never).
+        version_labels: {model: {label: version}} for ``/labels/L`` URLs.
+    """
+    from aiohttp import web
+    for value, what in ((max_body_bytes, "max_body_bytes"), (max_rows, "max_rows")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"{what} = {value!r}: expected an integer >= 1")
+    repository = ModelRepository(base_dir, version_labels)
+    for line in repository.scan():
+        log.info("%s", line)
+    endpoint = _Endpoint(repository, max_body_bytes, max_rows, workers or min(4, os.cpu_count() or 1))
+    app = web.Application(client_max_size=max_body_bytes)
+    app[_repository_key()] = repository
+    app.router.add_route("*", "/{tail:.*}", endpoint.handle)
+
+    async def poll(app):
+        async def rescan():
+            loop = asyncio.get_running_loop()
+            while True:
+                await asyncio.sleep(poll_seconds)
+                for line in await loop.run_in_executor(endpoint.executor, repository.scan):
+                    log.info("%s", line)
+        task = asyncio.create_task(rescan()) if poll_seconds else None
+        yield
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    app.cleanup_ctx.append(poll)
+    app.on_cleanup.append(endpoint.close)
+    return app
+
+
+@functools.cache
+def _repository_key():
+    from aiohttp import web
+    return web.AppKey("repository", ModelRepository)
+
+
+def _describe(repository: ModelRepository) -> str:
+    models = repository.models()
+    return ", ".join(f"{n} (versions {', '.join(map(str, v))})" for n, v in models.items()) or "no models"
+
+
+def serve(base_dir: str | os.PathLike, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, **options: Any) -> None:
+    """Serve every model under ``base_dir`` at http://host:port until interrupted (Ctrl-C).
+
+    Listens on the loopback interface by default; pass host="0.0.0.0" to expose it. ``options`` go to
+    :func:`make_app` (max_body_bytes, max_rows, workers, poll_seconds, version_labels).
+    """
+    from aiohttp import web
+    app = make_app(base_dir, **options)
+    print(f"tfgalflow serve: {_describe(app[_repository_key()])} at http://{host}:{port}/v1/models/NAME "
+          f"(Ctrl-C to stop)", flush=True)
+    web.run_app(app, host=host, port=port, access_log=None, print=None)
+
+
+@dataclass(frozen=True)
+class Running:
+    """A server started by :func:`running`: its base URL and model repository."""
+    url: str
+    repository: ModelRepository
+
+
+@contextlib.contextmanager
+def running(base_dir: str | os.PathLike, host: str = DEFAULT_HOST, port: int = 0, **options: Any) -> Iterator[Running]:
+    """Run the endpoint in a background thread for the duration of a ``with`` block (port 0 = any free port).
+
+    Example::
+
+        with running("saved_models") as server:
+            Client(server.url, model="hernquist_iso").predict(x)
+    """
+    from aiohttp import web
+    app = make_app(base_dir, **options)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    loop = asyncio.new_event_loop()
+    started, failure = threading.Event(), []
+    stop = asyncio.Event()
+
+    async def main():
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        try:
+            await web.SockSite(runner, sock).start()
+        except Exception as exc:   # noqa: BLE001 - reported to the caller below
+            failure.append(exc)
+            started.set()
+            await runner.cleanup()
+            return
+        started.set()
+        await stop.wait()
+        await runner.cleanup()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), name="tfgalflow-server", daemon=True)
+    thread.start()
+    started.wait()
+    try:
+        if failure:
+            raise failure[0]
+        bound_host, bound_port = sock.getsockname()[:2]
+        url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
+        yield Running(f"http://{url_host}:{bound_port}", app[_repository_key()])
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout=30)
+        loop.close()
+        sock.close()
+
+
+# ---- the client ----------------------------------------------------------------------------------------
+
+_DTYPES = {"DT_FLOAT": np.float32, "DT_DOUBLE": np.float64, "DT_INT32": np.int32, "DT_INT64": np.int64,
+           "DT_BOOL": np.bool_, "DT_HALF": np.float16, "DT_INT16": np.int16, "DT_INT8": np.int8,
+           "DT_UINT8": np.uint8, "DT_UINT32": np.uint32, "DT_UINT64": np.uint64}
+
+
+class Client:
+    """Client of a TF-Serving-compatible REST endpoint (standard library only: urllib + json + NumPy).
+
+    Example::
+
+        client = Client("http://127.0.0.1:8501", model="hernquist_iso")
+        client.status()                                         # {"model_version_status": [...]}
+        client.predict(x)                                       # log_prob [N] (serving_default)
+        client.predict({"seed": np.full(1000, 7)}, signature_name="sample")   # [1000, 6]
+
+    Args:
+        url: base URL of the server.
+        model: model name.
+        version: a version number, or None for the server's default (highest).
+        label: a version label instead of a number.
+        timeout: seconds per request.
+
+    Errors raise :class:`ServingError` with the server's message and HTTP ``status``.
+    """
+
+    def __init__(self, url: str = DEFAULT_URL, model: str = "", version: int | None = None,
+                 label: str | None = None, timeout: float = 60.0):
+        if not model:
+            raise InputError("Client(url, model=NAME): the model name is required")
+        if version is not None and label is not None:
+            raise InputError("Client: give a version or a label, not both")
+        self.url, self.model, self.version, self.label, self.timeout = url.rstrip("/"), model, version, label, timeout
+        self._dtypes: dict[str, dict[str, Any]] | None = None
+
+    @property
+    def model_url(self) -> str:
+        path = f"{self.url}/v1/models/{urllib.parse.quote(self.model, safe='')}"
+        if self.version is not None:
+            path += f"/versions/{int(self.version)}"
+        elif self.label is not None:
+            path += f"/labels/{urllib.parse.quote(self.label, safe='')}"
+        return path
+
+    def _request(self, url: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
+        request = urllib.request.Request(url, data=data, method="GET" if data is None else "POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            text = exc.read().decode(errors="replace")
+            try:
+                message = json.loads(text).get("error", text)
+            except (ValueError, AttributeError):
+                message = text
+            raise ServingError(message, exc.code, url) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ServingError(f"cannot reach {url}: {reason}", None, url) from None
+
+    def status(self) -> dict:
+        """The model status (``model_version_status``)."""
+        return self._request(self.model_url)
+
+    def metadata(self) -> dict:
+        """The model metadata (``model_spec`` and ``metadata.signature_def``)."""
+        return self._request(self.model_url + "/metadata")
+
+    def _output_dtypes(self, signature_name: str) -> dict[str, Any]:
+        if self._dtypes is None:
+            try:
+                defs = self.metadata()["metadata"]["signature_def"]["signature_def"]
+                self._dtypes = {s: {k: _DTYPES.get(o.get("dtype")) for k, o in d.get("outputs", {}).items()}
+                                for s, d in defs.items()}
+            except (ServingError, KeyError, TypeError, AttributeError):
+                self._dtypes = {}
+        return self._dtypes.get(signature_name, {})
+
+    def predict(self, inputs: Mapping[str, Any] | Any, signature_name: str = "serving_default",
+                format: str = "rows") -> dict[str, np.ndarray] | np.ndarray:
+        """Call ``:predict``: ``inputs`` is {input name: array [N, ...]} or one array for a single input.
+
+        ``format`` "rows" sends ``{"instances": [...]}``, "columns" sends ``{"inputs": ...}``. Returns an
+        array when the signature has one output, else {output name: array}; dtypes follow the model's
+        metadata (float32 for DT_FLOAT) when the endpoint serves it.
+        """
+        if format not in ("rows", "columns"):
+            raise InputError(f"format = {format!r}: expected 'rows' or 'columns'")
+        named = isinstance(inputs, Mapping)
+        arrays = {k: np.asarray(v) for k, v in inputs.items()} if named else np.asarray(inputs)
+        if format == "columns":
+            body = {"inputs": {k: a.tolist() for k, a in arrays.items()} if named else arrays.tolist()}
+        elif named:
+            lengths = {k: (a.shape[0] if a.ndim else None) for k, a in arrays.items()}
+            if None in lengths.values() or len(set(lengths.values())) != 1:
+                raise InputError(f"row format needs every input to have the same number of rows, got {lengths}; "
+                                 f"use format='columns'")
+            names = list(arrays)
+            body = {"instances": [dict(zip(names, row)) for row in zip(*(arrays[k].tolist() for k in names))]}
+        else:
+            body = {"instances": arrays.tolist()}
+        body["signature_name"] = signature_name
+        answer = self._request(self.model_url + ":predict", body)
+        dtypes = self._output_dtypes(signature_name)
+        if "predictions" in answer:
+            values = answer["predictions"]
+            if values and isinstance(values[0], dict):
+                return {k: self._array([row[k] for row in values], dtypes.get(k)) for k in values[0]}
+        elif "outputs" in answer:
+            values = answer["outputs"]
+            if isinstance(values, dict):
+                return {k: self._array(v, dtypes.get(k)) for k, v in values.items()}
+        else:
+            raise ServingError(f"unexpected answer without 'predictions' or 'outputs': {str(answer)[:200]}",
+                               200, self.model_url)
+        single = next(iter(dtypes.values())) if len(dtypes) == 1 else None
+        return self._array(values, single)
+
+    @staticmethod
+    def _array(values: Any, dtype: Any) -> np.ndarray:
+        return np.asarray(values, dtype=dtype) if dtype is not None else np.asarray(values)
