@@ -124,6 +124,9 @@ def test_one_pass_density_direction_equals_tfp_chain(kind):
     # inverse_and_log_det (one MADE call per layer) vs TFP's own Chain.inverse / inverse_log_det_jacobian.
     cfg = FlowConfig(dim=3, label_dim=2, layers=3, hidden=(16,), kind=kind, bins=4, permutation="random")
     chain, y, c = _built(cfg, n=8)
+    # rows 0-2 scaled x4 so that some coordinates fall outside the spline interval [-5, 5]
+    y = tf.concat([4.0 * y[:3], y[3:]], axis=0)
+    assert np.any(np.abs(y.numpy()) > 5.0)
     z, ildj = inverse_and_log_det(chain, y, _kwargs(cfg, c))
     np.testing.assert_allclose(z.numpy(), chain.inverse(y, **_kwargs(cfg, c)).numpy(), rtol=1e-6, atol=1e-6)
     ref = chain.inverse_log_det_jacobian(y, event_ndims=1, **_kwargs(cfg, c)).numpy()

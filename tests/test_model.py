@@ -5,6 +5,9 @@ for the base flow, grid quadrature of the density (normalisation), central finit
 Monte-Carlo KL divergence to a known conditional Gaussian, and NumPy mixtures of member densities.
 """
 import os
+import subprocess
+import sys
+import textwrap
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 
@@ -387,6 +390,48 @@ def test_train_step_reduces_the_loss_and_reports_validation():
     assert hist["loss"][-1] < hist["loss"][0] and "val_loss" in hist
     # the reported loss is -mean log p over the data
     assert abs(flow.evaluate(x, batch_size=500, verbose=0) + flow.log_prob(x).numpy().mean()) < 1e-3
+
+
+_RELOAD_SCRIPT = textwrap.dedent("""
+    import os, sys
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    import numpy as np, tensorflow as tf
+    path = sys.argv[1]
+    m = tf.saved_model.load(path)
+    x, c = tf.constant(np.load(path + "/x.npy")), tf.constant(np.load(path + "/c.npy"))
+    out = dict(lp=m.log_prob(x, c), grad=m.grad(x, c), sample=m.sample(c, tf.constant([4, 5], tf.int64)))
+    for k, v in out.items():
+        np.testing.assert_array_equal(v.numpy(), np.load(path + f"/{k}.npy"))
+    assert "tensorflow_probability" not in sys.modules and "tf_keras" not in sys.modules
+    print("reloaded-ok")
+""")
+
+
+def test_traced_methods_export_and_reload_without_tfp(tmp_path):
+    # Only core TF ops in the traced graphs: a tf.Module wrapping the public methods (as export.py does)
+    # saves, and reloads in a fresh process that imports neither TFP nor tf_keras, reproducing
+    # log_prob, grad_log_prob and stateless samples bit for bit (same kernels, same seed).
+    rng = np.random.default_rng(0)
+    flow = Flow(FlowConfig(dim=3, label_dim=1, layers=2, hidden=(8,), log_columns=(0,)))
+    flow.adapt(np.abs(rng.normal(size=(100, 3))) + 0.5, rng.normal(size=(100, 1)))
+    module = tf.Module()
+    module.flow = flow
+    x_spec, c_spec = tf.TensorSpec([None, 3], tf.float32), tf.TensorSpec([None, 1], tf.float32)
+    module.log_prob = tf.function(flow.log_prob, input_signature=[x_spec, c_spec])
+    module.grad = tf.function(flow.grad_log_prob, input_signature=[x_spec, c_spec])
+    module.sample = tf.function(flow.sample_stateless, input_signature=[c_spec, tf.TensorSpec([2], tf.int64)])
+    path = str(tmp_path / "saved")
+    tf.saved_model.save(module, path)
+    x, c = np.abs(rng.normal(size=(5, 3))).astype(np.float32) + 0.5, rng.normal(size=(5, 1)).astype(np.float32)
+    np.save(path + "/x.npy", x)
+    np.save(path + "/c.npy", c)
+    np.save(path + "/lp.npy", flow.log_prob(x, c).numpy())
+    np.save(path + "/grad.npy", flow.grad_log_prob(x, c).numpy())
+    np.save(path + "/sample.npy", flow.sample_stateless(c, tf.constant([4, 5], tf.int64)).numpy())
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    proc = subprocess.run([sys.executable, "-c", _RELOAD_SCRIPT, path], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert "reloaded-ok" in proc.stdout, proc.stderr[-3000:]
 
 
 # ---- bad inputs ----------------------------------------------------------------------------------

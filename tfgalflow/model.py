@@ -322,9 +322,9 @@ class Flow(_GraphMethods, keras.Model):
     def build_variables(self) -> None:
         """Create every variable by evaluating log_prob on a dummy batch of one row (idempotent)."""
         x = tf.ones([1, self.dim], tf.float32)
-        c = tf.zeros([1, self.label_dim], tf.float32) if self.label_dim else None
-        self._log_prob_tensor(x, c)
-        self.built = True
+        # Through keras.Model.__call__, so Keras also records the input spec it needs when the model
+        # is saved as part of a tf.Module (export) -- without it tf.saved_model.save refuses the Flow.
+        self((x, tf.zeros([1, self.label_dim], tf.float32)) if self.label_dim else x)
 
     # -- rescaler --------------------------------------------------------------------------------
     def adapt(self, x: Any, labels: Any = None) -> "Flow":

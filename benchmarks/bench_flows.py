@@ -1,0 +1,121 @@
+"""Time Flow training steps, log_prob, grad_log_prob and sampling, with and without XLA (jit_compile).
+
+Each figure is printed beside its baseline measured in the same run (graph mode without XLA), so the
+ratio is meaningful on any machine. Usage:
+
+    .venv/bin/python benchmarks/bench_flows.py                       # 6D affine and spline, defaults
+    .venv/bin/python benchmarks/bench_flows.py --kind affine --layers 4 --hidden 32 32 --repeats 5
+
+Times are medians over ``--repeats`` runs after one warm-up call (which includes tracing / XLA
+compilation; reported separately as "first call").
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import tf_keras as keras  # noqa: E402
+
+from tfgalflow.flows import FlowConfig  # noqa: E402
+from tfgalflow.model import Flow  # noqa: E402
+
+
+def timed(fn, repeats: int) -> tuple[float, float]:
+    """(first-call seconds, median seconds of the next ``repeats`` calls); fn must return a tensor."""
+    t0 = time.perf_counter()
+    np.asarray(fn())
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.asarray(fn())
+        times.append(time.perf_counter() - t0)
+    return first, statistics.median(times)
+
+
+def data(n: int, dim: int, label_dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+    """Correlated Gaussian data [n, dim] with a label-dependent mean; labels [n, label_dim] | None."""
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(size=(dim, dim)) / np.sqrt(dim)
+    x = rng.normal(size=(n, dim)) @ mix
+    if not label_dim:
+        return x, None
+    c = rng.uniform(-1, 1, size=(n, label_dim))
+    return x + c.sum(1, keepdims=True), c
+
+
+def bench_kind(args, kind: str) -> None:
+    cfg = FlowConfig(dim=args.dim, label_dim=args.label_dim, layers=args.layers, hidden=tuple(args.hidden),
+                     kind=kind, bins=args.bins)
+    x, c = data(args.n, args.dim, args.label_dim)
+    xb = tf.constant(x[:args.batch], tf.float32)
+    cb = tf.constant(c[:args.batch], tf.float32) if c is not None else None
+    print(f"\n== {kind}: dim={cfg.dim} label_dim={cfg.label_dim} layers={cfg.layers} hidden={cfg.hidden} "
+          f"batch={args.batch} n_eval={args.n}")
+    rows = []
+
+    # training steps: Keras train_function (graph) with and without XLA
+    for jit in (False, True):
+        flow = Flow(cfg)
+        flow.adapt(x, c)
+        flow.compile(keras.optimizers.Adam(1e-3), jit_compile=jit)
+        ds = tf.data.Dataset.from_tensors((xb, cb) if cb is not None else xb).repeat()
+        it = iter(ds)
+        flow.make_train_function()
+
+        def steps(flow=flow, it=it):
+            for _ in range(args.steps):
+                out = flow.train_function(it)
+            return out["loss"]
+
+        first, median = timed(steps, args.repeats)
+        rows.append((f"train {args.steps} steps", jit, first, median))
+
+    # evaluation: log_prob / grad_log_prob on n points, sampling n points
+    xe = x[:args.n]
+    ce = c[:args.n] if c is not None else None
+    for jit in (False, True):
+        flow = Flow(cfg, jit_compile=jit)
+        flow.adapt(x, c)
+        rows.append(("log_prob", jit, *timed(lambda: flow.log_prob(xe, ce), args.repeats)))
+        rows.append(("grad_log_prob", jit, *timed(lambda: flow.grad_log_prob(xe, ce), args.repeats)))
+    flow = Flow(cfg)
+    flow.adapt(x, c)
+    n_s = args.n // 10
+    rows.append((f"sample {n_s}", False,
+                 *timed(lambda: flow.sample(n_s, ce[:n_s] if ce is not None else None, seed=1), args.repeats)))
+
+    base = {name: median for name, jit, _, median in rows if not jit}
+    print(f"{'operation':<22}{'XLA':>5}{'first call s':>14}{'median s':>11}{'vs no-XLA':>11}")
+    for name, jit, first, median in rows:
+        print(f"{name:<22}{'yes' if jit else 'no':>5}{first:>14.3f}{median:>11.4f}{base[name] / median:>10.2f}x")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kind", choices=["affine", "spline", "both"], default="both")
+    p.add_argument("--dim", type=int, default=6)
+    p.add_argument("--label-dim", type=int, default=0)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--hidden", type=int, nargs="+", default=[64, 64])
+    p.add_argument("--bins", type=int, default=8)
+    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--steps", type=int, default=20, help="train steps per timed repeat")
+    p.add_argument("--n", type=int, default=10000, help="points for log_prob / grad (n/10 for sampling)")
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+    print(f"TensorFlow {tf.__version__}, CPU threads: intra={tf.config.threading.get_intra_op_parallelism_threads()}"
+          f" (0 = all), cores={os.cpu_count()}")
+    for kind in (["affine", "spline"] if args.kind == "both" else [args.kind]):
+        bench_kind(args, kind)
+
+
+if __name__ == "__main__":
+    main()
