@@ -387,6 +387,22 @@ def _acceleration_graph(model: Any, accelerations: bool | None, n_velocities: in
     return acceleration_graph(model, n_velocities)
 
 
+def _without_xla(model: Any) -> Any:
+    """A copy of a Flow/Ensemble whose traced functions are not XLA-compiled (same weights).
+
+    A Flow built with ``jit_compile=True`` would leave ``_XlaMustCompile`` in the exported graph, which
+    TF Serving runs only with its experimental XLA support; the copy traces without it.
+    """
+    from .model import Ensemble, Flow
+    if isinstance(model, Ensemble):
+        return Ensemble([_without_xla(m) for m in model.members])
+    if isinstance(model, Flow):
+        clone = Flow(model.config)
+        clone.set_weights(model.get_weights())
+        return clone
+    return model
+
+
 def _build_module(model: Any, metadata_json: str, accel: Any):
     """tf.Module holding the model's variables, the metadata string and the signature functions."""
     import tensorflow as tf
@@ -403,11 +419,21 @@ def _build_module(model: Any, metadata_json: str, accel: Any):
         # seed[0], or 0 for an empty seed vector (then N = 0 for unconditional models: an empty draw).
         return tf.stack([tf.concat([seed, tf.zeros([1], tf.int64)], 0)[0], tf.constant(0, tf.int64)])
 
+    def same_rows(x, labels):
+        # Without this check the model would broadcast a single label row over all of x.
+        return tf.debugging.assert_equal(tf.shape(x)[0], tf.shape(labels)[0],
+                                         message="x [N, D] and labels [N, C] must have the same number of rows N")
+
     if label_dim:
-        log_prob = tf.function(lambda x, labels: {"log_prob": model.log_prob(x, labels)},
-                               input_signature=[x_spec, c_spec])
-        grad = tf.function(lambda x, labels: {"grad_log_prob": model.grad_log_prob(x, labels)},
-                           input_signature=[x_spec, c_spec])
+        def log_prob(x, labels):
+            with tf.control_dependencies([same_rows(x, labels)]):
+                return {"log_prob": model.log_prob(x, labels)}
+
+        def grad(x, labels):
+            with tf.control_dependencies([same_rows(x, labels)]):
+                return {"grad_log_prob": model.grad_log_prob(x, labels)}
+        log_prob = tf.function(log_prob, input_signature=[x_spec, c_spec])
+        grad = tf.function(grad, input_signature=[x_spec, c_spec])
 
         def sample(seed, labels):
             check = tf.debugging.assert_greater(tf.size(seed), 0, message="seed must have at least one element")
@@ -457,6 +483,7 @@ def export(model: Any, path: str | os.PathLike, *, run_config: Mapping | None = 
                              f"Flow or Ensemble")
     if isinstance(n_velocities, bool) or not isinstance(n_velocities, (int, np.integer)) or n_velocities < 2:
         raise InputError(f"n_velocities = {n_velocities!r}: expected an integer >= 2")
+    model = _without_xla(model)
     accel = _acceleration_graph(model, accelerations, int(n_velocities))
     metadata = _metadata(model, run_config,
                          {"n_velocities": int(n_velocities)} if accel is not None else None)
