@@ -435,3 +435,56 @@ def test_learning_rate_schedules_follow_their_formulas(schedule):
     # float32 evaluation of cos/pow: relative error ~1e-7; near t = T, 1 + cos(πt/T) cancels, leaving an
     # absolute error ~η0 · 2^-23 = 2.4e-10 (atol = η0 · 1e-6). A wrong factor 2 or sign fails by ~η0.
     np.testing.assert_allclose(got, closed_form, rtol=1e-5, atol=cfg.lr * 1e-6)
+
+
+# ---- command line ------------------------------------------------------------------------------------
+
+def test_cli_train_flags_mirror_train_config():
+    from tfgalflow.cli import build_parser
+    parser = build_parser()
+    train_parser = parser._subparsers._group_actions[0].choices["train"]
+    flags = {s for action in train_parser._actions for s in action.option_strings}
+    for name in TrainConfig.field_help():
+        assert "--" + name.replace("_", "-") in flags, name
+    args = parser.parse_args(["train", "cat.npz", "--out", "r", "--hidden", "8,8", "--no-parallel", "--lr", "3e-4"])
+    assert (args.config_hidden, args.config_parallel, args.config_lr, args.config_epochs) == ("8,8", False, "3e-4", None)
+
+
+def test_cli_sample_and_logprob(reference, gauss, tmp_path, capsys):
+    from tfgalflow.cli import main
+    flow, run_dir = reference
+    out = tmp_path / "s.npy"
+    assert main(["sample", str(run_dir), "--n", "400", "--seed", "5", "--out", str(out)]) == 0
+    s = np.load(out)
+    assert s.shape == (400, 2) and np.all(np.isfinite(s))
+    # The same seed through the Python API gives the same draws.
+    np.testing.assert_array_equal(s, flow.sample(400, seed=5).numpy().astype(np.float64))
+    # Samples of a flow fitted to N(MEAN, COV) have that mean to within a few standard errors (0.05 each).
+    assert np.all(np.abs(s.mean(axis=0) - MEAN) < 0.25)
+
+    np.save(tmp_path / "pts.npy", gauss[:50])
+    np.savetxt(tmp_path / "pts.txt", gauss[:50])
+    expected = flow.log_prob(gauss[:50]).numpy()
+    assert main(["logprob", str(run_dir), str(tmp_path / "pts.npy"), "--out", str(tmp_path / "lp.npy")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "lp.npy"), expected)
+    capsys.readouterr()
+    assert main(["logprob", str(run_dir), str(tmp_path / "pts.txt")]) == 0
+    printed = np.array([float(v) for v in capsys.readouterr().out.split()])
+    # savetxt writes %.18e, so the points read back identical; the printed values have 9 significant
+    # digits, which round-trip float32 (24-bit mantissa): relative differences <= 5e-10.
+    np.testing.assert_allclose(printed, expected, rtol=1e-8)
+
+
+def test_cli_errors_exit_2_with_a_message(reference, tmp_path, capsys):
+    from tfgalflow.cli import main
+    _, run_dir = reference
+    np.save(tmp_path / "wide.npy", np.zeros((10, 5)))
+    assert main(["logprob", str(run_dir), str(tmp_path / "wide.npy")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tfgalflow logprob: error:") and "[N, 2]" in err and "(10, 5)" in err
+    assert main(["sample", str(run_dir), "--n", "5", "--labels", "0.5", "--out", str(tmp_path / "s.npy")]) == 2
+    assert "unconditional" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run_dir), "--epochs", "3"]) == 2
+    assert "drop --epochs" in capsys.readouterr().err
+    assert main(["sample", str(tmp_path / "nowhere"), "--n", "5", "--out", str(tmp_path / "s.npy")]) == 2
+    assert "config.json" in capsys.readouterr().err

@@ -24,6 +24,246 @@ _SUBCOMMANDS = []   # the _add_<name> functions, in the order `tfgalflow --help`
 # calls the Python API and returns an exit code; the block ends with _SUBCOMMANDS.append(_add_<name>).
 
 
+# ---- train, sample, logprob (training) ----------------------------------------------------------
+
+_CONFIG_METAVAR = {"int": "N", "int?": "N|none", "float": "X", "str": "NAME", "ints": "N,N,..."}
+
+
+def _add_train(sub) -> None:
+    from .training import TrainConfig   # stdlib + NumPy only: keeps `tfgalflow --help` fast
+
+    p = sub.add_parser(
+        "train", help="fit a flow (or an ensemble) to a catalogue; write a run directory",
+        description="Fit a normalizing flow to a catalogue by maximum likelihood and write a run directory "
+                    "(config.json, history.csv, checkpoints, final weights). Settings: TrainConfig defaults, "
+                    "then --config FILE, then the flags below (flags win). --resume RUN continues an "
+                    "interrupted run exactly as configured.")
+    p.add_argument("catalogue", nargs="?", metavar="CATALOGUE",
+                   help="catalogue file: .npz (loaded into memory) or .h5/.hdf5 (streamed)")
+    p.add_argument("--out", metavar="RUN", help="new (or empty) run directory")
+    p.add_argument("--config", metavar="FILE", help="TrainConfig as JSON/YAML, or a run's config.json")
+    p.add_argument("--resume", metavar="RUN", help="continue the interrupted run RUN from its checkpoints")
+    p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1,
+                   help="0 quiet, 1 progress bar (default), 2 one line per epoch")
+    defaults = TrainConfig()
+    group = p.add_argument_group("training configuration (one flag per TrainConfig field)")
+    for name, (kind, text) in TrainConfig.field_help().items():
+        default = getattr(defaults, name)
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        shown = "none" if shown in (None, "") else shown
+        flag, dest, text = "--" + name.replace("_", "-"), f"config_{name}", f"{text} (default: {shown})"
+        if kind == "bool":
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            group.add_argument(flag, dest=dest, metavar=_CONFIG_METAVAR[kind], default=None, help=text)
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> int:
+    from .errors import InputError
+    from .training import TrainConfig, resume, train
+
+    overrides = {name: getattr(args, f"config_{name}") for name in TrainConfig.field_help()
+                 if getattr(args, f"config_{name}") is not None}
+    if args.resume:
+        extra = [flag for flag, value in (("CATALOGUE", args.catalogue), ("--out", args.out),
+                                          ("--config", args.config)) if value]
+        extra += ["--" + name.replace("_", "-") for name in overrides]
+        if extra:
+            raise InputError(f"--resume RUN continues the run exactly as it was configured; drop {', '.join(extra)}")
+        resume(args.resume, verbose=args.verbose)
+        run_dir = args.resume
+    else:
+        if not args.catalogue or not args.out:
+            raise InputError("train needs a CATALOGUE file and --out RUN (or --resume RUN)")
+        config = TrainConfig.from_file(args.config) if args.config else TrainConfig()
+        train(args.catalogue, config.with_overrides(**overrides), args.out, verbose=args.verbose)
+        run_dir = args.out
+    _print_run_summary(run_dir)
+    return 0
+
+
+def _print_run_summary(run_dir: str) -> None:
+    import json
+    from pathlib import Path
+    from .training import read_run_config
+
+    run = read_run_config(run_dir)
+    for member in run["members"]:
+        s = json.loads((Path(run_dir) / member["name"] / "final" / "summary.json").read_text())
+        print(f"{run_dir}/{member['name']}: seed {s['seed']}, {s['epochs_run']} epochs, best {s['monitor']} "
+              f"{s['best']:.6g} after epoch {s['best_epoch'] + 1}{' (stopped early)' if s['stopped_early'] else ''}")
+
+
+_SUBCOMMANDS.append(_add_train)
+
+
+def _add_sample(sub) -> None:
+    p = sub.add_parser(
+        "sample", help="draw points from a trained run",
+        description="Draw N points x ~ p(x | labels) from a finished run (the equal-weight mixture of its "
+                    "members for an ensemble), in the physical units of the training data.")
+    p.add_argument("run", metavar="RUN", help="run directory written by `tfgalflow train`")
+    p.add_argument("--n", type=int, required=True, help="number of points")
+    p.add_argument("--labels", metavar="V1,V2,...", help="label values (one per label column) for a conditional run")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: fresh entropy)")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help=".npy, .txt/.csv, or .npz/.h5/.hdf5 (a Catalogue when the run models 6D phase space)")
+    p.set_defaults(func=_run_sample)
+
+
+def _run_sample(args) -> int:
+    import numpy as np
+    from .training import load_run, read_run_config
+
+    run = read_run_config(args.run)
+    model = load_run(args.run)
+    labels = _label_values(args.labels, model.label_dim, run["data"].get("label_names") or [])
+    x = model.sample(args.n, labels=labels, seed=args.seed).numpy().astype(np.float64)
+    _save_samples(args.out, x, None if labels is None else np.tile(labels, (args.n, 1)), run, args)
+    print(f"wrote {args.n} samples [{args.n}, {model.dim}] to {args.out}")
+    return 0
+
+
+def _label_values(text: str | None, label_dim: int, names: list[str]):
+    import numpy as np
+    from .errors import InputError
+
+    if label_dim == 0:
+        if text:
+            raise InputError("the run is unconditional (label_dim = 0); drop --labels")
+        return None
+    described = f"{label_dim} value(s) ({', '.join(names)})" if names else f"{label_dim} value(s)"
+    if not text:
+        raise InputError(f"the run is conditional: give --labels with {described}")
+    try:
+        values = np.array([float(v) for v in text.split(",")], dtype=np.float64)
+    except ValueError:
+        raise InputError(f"--labels {text!r}: expected comma-separated numbers, {described}") from None
+    if values.size != label_dim:
+        raise InputError(f"--labels {text!r} has {values.size} value(s); the run expects {described}")
+    return values
+
+
+def _save_samples(path: str, x, labels, run: dict, args) -> None:
+    """Write samples by extension; 6D runs can write a Catalogue (.npz/.h5) with the run's units."""
+    from pathlib import Path
+    import numpy as np
+    from .atomic import atomic_file
+
+    suffix = Path(path).suffix.lower()
+    if suffix in (".npz", ".h5", ".hdf5") and x.shape[1] == 6:
+        from .catalogue import Catalogue
+        data = run["data"]
+        units = data.get("units") or {"length": "model", "velocity": "model"}
+        meta = {"source": "tfgalflow sample", "run": str(Path(args.run).resolve()), "seed": args.seed}
+        Catalogue(pos=x[:, :3], vel=x[:, 3:], labels=labels,
+                  label_names=tuple(data.get("label_names") or ()) if labels is not None else (),
+                  units=units, meta=meta).save(path)
+    elif suffix == ".npz":
+        with atomic_file(path, suffix=".npz") as tmp:
+            np.savez(tmp, samples=x)
+    else:
+        _save_array(path, x, "samples")
+
+
+def _save_array(path: str, values, what: str) -> None:
+    """Write an array as .npy or text (.txt/.dat space-separated, .csv comma-separated), atomically."""
+    from pathlib import Path
+    import numpy as np
+    from .atomic import atomic_file
+    from .errors import InputError
+
+    suffix = Path(path).suffix.lower()
+    if suffix == ".npy":
+        with atomic_file(path, suffix=".npy") as tmp:
+            np.save(tmp, values)
+    elif suffix in (".txt", ".dat", ".csv"):
+        with atomic_file(path) as tmp:
+            np.savetxt(tmp, values, fmt="%.9g", delimiter="," if suffix == ".csv" else " ")
+    else:
+        raise InputError(f"--out {path}: unsupported extension for {what}; use .npy, .txt, .dat or .csv")
+
+
+_SUBCOMMANDS.append(_add_sample)
+
+
+def _add_logprob(sub) -> None:
+    p = sub.add_parser(
+        "logprob", help="log-density of points under a trained run",
+        description="Evaluate log p(x | labels) (per unit physical volume of the training data) at the "
+                    "points of a file.")
+    p.add_argument("run", metavar="RUN", help="run directory written by `tfgalflow train`")
+    p.add_argument("points", metavar="POINTS",
+                   help="[N, D] points: .npy, .npz (one array, or a catalogue), .txt/.dat/.csv, or a catalogue "
+                        ".h5/.hdf5")
+    p.add_argument("--labels-file", metavar="F",
+                   help="[N, C] labels of a conditional run, same formats (default: the catalogue's labels)")
+    p.add_argument("--out", metavar="FILE", help=".npy, .txt or .csv (default: print one value per line)")
+    p.set_defaults(func=_run_logprob)
+
+
+def _run_logprob(args) -> int:
+    from .training import load_run
+
+    model = load_run(args.run)
+    x, labels = _load_points(args.points)
+    if args.labels_file:
+        labels, _ = _load_points(args.labels_file, column_ok=True)
+    elif model.label_dim == 0:
+        labels = None          # an unconditional run ignores the labels a catalogue may carry
+    lp = model.log_prob(x, labels).numpy()
+    if args.out:
+        _save_array(args.out, lp, "log-densities")
+        print(f"wrote {lp.size} log-densities to {args.out}")
+    else:
+        print("\n".join(f"{v:.9g}" for v in lp))
+    return 0
+
+
+def _load_points(path: str, column_ok: bool = False):
+    """(array [N, D], catalogue labels | None) from .npy, .npz, .txt/.dat/.csv or a catalogue .npz/.h5."""
+    from pathlib import Path
+    import numpy as np
+    from .errors import FileError, InputError
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileError(f"{path}: no such file")
+    suffix = p.suffix.lower()
+    try:
+        if suffix in (".h5", ".hdf5"):
+            from .catalogue import Catalogue
+            cat = Catalogue.load(p)
+            return cat.phase_space, cat.labels
+        if suffix == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                keys = list(z.files)
+                if "pos" in keys and "vel" in keys:
+                    from .catalogue import Catalogue
+                    cat = Catalogue.load(p)
+                    return cat.phase_space, cat.labels
+                if len(keys) != 1:
+                    raise InputError(f"{path}: holds arrays {keys}; expected one [N, D] array or a catalogue")
+                array = z[keys[0]]
+        elif suffix == ".npy":
+            array = np.load(p, allow_pickle=False)
+        elif suffix in (".txt", ".dat", ".csv"):
+            array = np.loadtxt(p, delimiter="," if suffix == ".csv" else None, ndmin=2)
+        else:
+            raise InputError(f"{path}: unsupported extension; use .npy, .npz, .txt, .dat, .csv, .h5 or .hdf5")
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, TfgalflowError):      # already names the file and the problem
+            raise
+        raise FileError(f"{path}: cannot read points: {exc}") from None
+    if column_ok and array.ndim == 1:
+        array = array[:, None]
+    return array, None
+
+
+_SUBCOMMANDS.append(_add_logprob)
+
+
 # ---- export, serve (serving) ----------------------------------------------------------------------
 
 def _add_export(sub) -> None:
