@@ -224,6 +224,42 @@ def test_one_signature_call_per_request(server):
     assert second["outputs"] == [first["predictions"][0] + 1] * 7
 
 
+def test_non_finite_outputs_are_written_as_tf_serving_tokens(server):
+    # |x|^2 = 1e40 overflows float32, so log p = -inf; TF Serving writes it as the token -Infinity.
+    status, raw = 0, b""
+    request = urllib.request.Request(server.url + "/v1/models/normal:predict", method="POST",
+                                     data=b'{"instances": [[1e20, 0, 0], [0, 0, 0]]}')
+    with urllib.request.urlopen(request, timeout=30) as response:
+        status, raw = response.status, response.read()
+    assert status == 200 and b"-Infinity" in raw
+    answer = json.loads(raw)["predictions"]
+    assert answer[0] == -math.inf
+    np.testing.assert_allclose(answer[1], normal_log_prob([[0, 0, 0]], 2.0)[0], rtol=RTOL)
+
+
+def test_answers_are_the_same_with_the_json_module_alone(server, monkeypatch):
+    # orjson (optional) only speeds up parsing and writing: the values must not change without it.
+    import tfgalflow.serving as serving
+    x = np.random.default_rng(5).normal(size=(20, 3)).astype(np.float32)
+    bodies = [{"instances": x.tolist()}, {"inputs": x.tolist()},
+              {"signature_name": "two_outputs", "instances": x.tolist()},
+              {"signature_name": "two_outputs", "inputs": {"x": x.tolist()}}]
+    url = server.url + "/v1/models/normal:predict"
+    fast = [call(url, json.dumps(b)) for b in bodies]
+    monkeypatch.setattr(serving, "_orjson", None)
+    plain = [call(url, json.dumps(b)) for b in bodies]
+    def float32(answer):          # the same nesting, numbers as the float32 values they denote
+        if isinstance(answer, dict):
+            return {k: float32(v) for k, v in answer.items()}
+        if isinstance(answer, list) and answer and isinstance(answer[0], dict):
+            return [float32(v) for v in answer]
+        return np.asarray(answer, np.float32).tolist()
+
+    for (s1, a1), (s2, a2) in zip(fast, plain):
+        assert s1 == s2 == 200
+        assert float32(a1) == float32(a2)
+
+
 # ---- errors: TF Serving's statuses, and the server keeps serving ---------------------------------------
 
 ERRORS = [
