@@ -434,6 +434,18 @@ def test_traced_methods_export_and_reload_without_tfp(tmp_path):
     assert "reloaded-ok" in proc.stdout, proc.stderr[-3000:]
 
 
+def test_fixed_batch_training_of_conditional_relu_flow_keeps_grappler_quiet(capfd):
+    # Regression: with a static batch size TF 2.21's Grappler remapper fails on the conditional MADE and
+    # logs "has an empty op name" errors (C++ stderr, hence capfd) unless the batch dimension is freed.
+    rng = np.random.default_rng(0)
+    x, c = rng.normal(size=(512, 2)).astype(np.float32), rng.normal(size=(512, 1)).astype(np.float32)
+    flow = Flow(FlowConfig(dim=2, label_dim=1, layers=2, hidden=(16, 16), activation="relu"))
+    flow.compile(keras.optimizers.Adam(1e-3))
+    ds = tf.data.Dataset.from_tensor_slices((x, c)).batch(128, drop_remainder=True)
+    flow.fit(ds, epochs=1, verbose=0)
+    assert "empty op name" not in capfd.readouterr().err
+
+
 # ---- bad inputs ----------------------------------------------------------------------------------
 
 def test_bad_inputs_raise_input_error_with_shapes():

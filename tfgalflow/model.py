@@ -29,7 +29,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from .errors import InputError
-from .flows import FlowConfig, build_bijector, inverse_and_log_det, layer_names
+from .flows import FlowConfig, build_bijector, forward, inverse_and_log_det, layer_names
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -89,6 +89,19 @@ def validate_inputs(x: Any, labels: Any, dim: int, label_dim: int, what: str = "
                          f"[N, {label_dim}] with the same N")
     _check_finite(c, "labels")
     return x, c
+
+
+def _free_batch(t: tf.Tensor) -> tf.Tensor:
+    """Forget a static batch size inside a graph (identity on values).
+
+    With a static batch (e.g. a dataset batched with ``drop_remainder=True``), TF 2.21's Grappler
+    remapper fails on the conditional MADE (MatMul+BiasAdd+Add+Relu) with "Node ... has an empty op
+    name", logs three errors and discards its fusions for the whole step function. A
+    ``PlaceholderWithDefault`` of shape [None, ...] gives the same graph as ``fit(arrays)`` does.
+    """
+    if tf.executing_eagerly() or t.shape.rank is None or t.shape[0] is None:
+        return t
+    return tf.compat.v1.placeholder_with_default(t, shape=[None] + t.shape.as_list()[1:])
 
 
 def _shape(value: Any) -> tuple:
@@ -418,7 +431,7 @@ class Flow(_GraphMethods, keras.Model):
         if c is not None:
             n = tf.shape(c)[0]
         z = tf.random.stateless_normal(tf.stack([n, self.dim]), seed=seed, dtype=tf.float32)
-        y = self.bijector.forward(z, **self._bijector_kwargs(c))
+        y = forward(self.bijector, z, self._bijector_kwargs(c))
         return self._unscale(y)
 
     # -- Keras --------------------------------------------------------------------------------------
@@ -431,7 +444,8 @@ class Flow(_GraphMethods, keras.Model):
         x, c, _ = keras.utils.unpack_x_y_sample_weight(data)
         if isinstance(x, (tuple, list)) and c is None and len(x) == 2:
             x, c = x
-        return validate_inputs(x, c, self.dim, self.label_dim, self._what)
+        x, c = validate_inputs(x, c, self.dim, self.label_dim, self._what)
+        return _free_batch(x), (_free_batch(c) if c is not None else None)
 
     @property
     def metrics(self):
