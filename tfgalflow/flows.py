@@ -363,20 +363,26 @@ def inverse_and_log_det(chain: tfb.Chain, y: tf.Tensor, bijector_kwargs: Mapping
 def forward(chain: tfb.Chain, z: tf.Tensor, bijector_kwargs: Mapping[str, Mapping] | None = None) -> tf.Tensor:
     """Sampling direction y = T(z) of a :func:`build_bijector` chain: [N, D] -> [N, D].
 
-    Equal to ``chain.forward(z, **kw)``. Each MAF layer is solved autoregressively, y <- τ(z; θ(y, c))
-    repeated D times (after pass i the first i outputs are exact), with the D passes unrolled in the graph
-    instead of TFP's ``tf.while_loop``: same network evaluations, no loop machinery, and none of the
-    Grappler remapper failures TF 2.21 logs for a Keras network inside a while-loop body when the batch
-    size is static. Tested against TFP's Chain.forward.
+    Equal to ``chain.forward(z, **kw)``: each MAF layer is solved autoregressively, y <- τ(z; θ(y, c))
+    repeated D times in a ``tf.while_loop`` (after pass i the first i outputs are exact), as TFP does,
+    but with this module's one-hot spline (no searchsorted/gather; the same code as the density
+    direction). A loop rather than D unrolled passes: for a 6D, 8-layer spline flow unrolling made the
+    first (tracing + Grappler) call 3.1 s instead of 0.85 s (TFP: 1.2 s), at equal steady-state speed
+    (~0.06 s per 1000 draws on 2 CPU cores). Tested against TFP's Chain.forward.
     """
     bijector_kwargs = bijector_kwargs or {}
+    dim = z.shape[-1]
     for bijector in reversed(chain.bijectors):    # tfb.Chain applies its list right to left
         if isinstance(bijector, tfb.Permute):
             z = bijector.forward(z)
             continue
         kwargs = bijector_kwargs.get(bijector.name, {})
-        y = tf.zeros_like(z)
-        for _ in range(z.shape[-1]):
-            y = bijector.transform.forward_given(z, y, **kwargs)
-        z = y
+
+        def one_pass(y, layer=bijector.transform, z=z, kwargs=kwargs):
+            return (layer.forward_given(z, y, **kwargs),)
+
+        if dim == 1:
+            (z,) = one_pass(tf.zeros_like(z))
+        else:
+            (z,) = tf.while_loop(lambda y: True, one_pass, (tf.zeros_like(z),), maximum_iterations=dim)
     return z

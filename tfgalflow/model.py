@@ -176,20 +176,23 @@ class _GraphMethods:
 
     def _make_graph_functions(self, jit_compile: bool = False) -> None:
         x_spec, c_spec, n_spec, seed_spec = _specs(self.dim, self.label_dim)
+        # autograph=False: the maths has no Python control flow on tensors (the sampling loop is an
+        # explicit tf.while_loop), so conversion would only slow tracing down.
+        density = dict(jit_compile=jit_compile, autograph=False)
         if self.label_dim:
             self._log_prob_fn = tf.function(lambda x, labels: self._log_prob_tensor(x, labels),
-                                            input_signature=[x_spec, c_spec], jit_compile=jit_compile)
+                                            input_signature=[x_spec, c_spec], **density)
             self._grad_fn = tf.function(lambda x, labels: self._grad_tensor(x, labels),
-                                        input_signature=[x_spec, c_spec], jit_compile=jit_compile)
+                                        input_signature=[x_spec, c_spec], **density)
             self._sample_fn = tf.function(lambda labels, seed: self._sample_tensor(None, labels, seed),
-                                          input_signature=[c_spec, seed_spec])
+                                          input_signature=[c_spec, seed_spec], autograph=False)
         else:
             self._log_prob_fn = tf.function(lambda x: self._log_prob_tensor(x, None),
-                                            input_signature=[x_spec], jit_compile=jit_compile)
+                                            input_signature=[x_spec], **density)
             self._grad_fn = tf.function(lambda x: self._grad_tensor(x, None),
-                                        input_signature=[x_spec], jit_compile=jit_compile)
+                                        input_signature=[x_spec], **density)
             self._sample_fn = tf.function(lambda n, seed: self._sample_tensor(n, None, seed),
-                                          input_signature=[n_spec, seed_spec])
+                                          input_signature=[n_spec, seed_spec], autograph=False)
 
     def _call(self, fn, x: tf.Tensor, c: tf.Tensor | None) -> tf.Tensor:
         return fn(x, c) if self.label_dim else fn(x)
