@@ -2,7 +2,8 @@
 
 The endpoint runs as a separate process (``tfgalflow serve`` on 127.0.0.1, so server and clients do not
 share a GIL); a bounded number of concurrent keep-alive clients (aiohttp) post the same payload for a
-bounded time, for each payload size. Every answer is checked against the in-process SavedModel
+bounded time, for each payload size; small payloads also against a second server with micro-batching
+off (mode REST-nobat). Every answer is checked against the in-process SavedModel
 (rtol = atol = 1e-5, float32 precision): failed answers (non-200, errors) and wrong answers are counted.
 The baseline calls the same loaded signature directly, sequentially, for the same time.
 
@@ -52,8 +53,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(base: Path, port: int, workers: int | None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "tfgalflow.cli", "serve", str(base), "--port", str(port), "--poll-seconds", "0"]
+def start_server(base: Path, port: int, workers: int | None, batch_rows: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "tfgalflow.cli", "serve", str(base), "--port", str(port), "--poll-seconds", "0",
+           "--batch-rows", str(batch_rows)]
     if workers:
         cmd += ["--workers", str(workers)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -130,6 +132,9 @@ def main() -> None:
     parser.add_argument("--signature", default="log_prob", help="signature to call (default: log_prob)")
     parser.add_argument("--format", choices=("rows", "columns"), default="rows", help="request format")
     parser.add_argument("--workers", type=int, help="server worker threads (default: the server's)")
+    parser.add_argument("--batch-rows", type=int, default=256,
+                        help="server micro-batching limit (default: 256); sizes up to it are also run against "
+                             "a second server with batching off")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_serving."))
@@ -147,12 +152,14 @@ def main() -> None:
             raise SystemExit(f"signature {args.signature} has inputs {list(signature.inputs)}; this benchmark "
                              f"sends x only (log_prob, grad_log_prob, serving_default)")
         dim = signature.inputs["x"][0][1]
-        port = free_port()
-        server = start_server(base, port, args.workers)
-        url = f"http://127.0.0.1:{port}/v1/models/bench:predict"
+        servers = {"REST": start_server(base, port := free_port(), args.workers, args.batch_rows)}
+        urls = {"REST": f"http://127.0.0.1:{port}/v1/models/bench:predict"}
+        if args.batch_rows and min(args.sizes) <= args.batch_rows:
+            servers["REST-nobat"] = start_server(base, port := free_port(), args.workers, 0)
+            urls["REST-nobat"] = f"http://127.0.0.1:{port}/v1/models/bench:predict"
         print(f"model {base / 'bench' / '1'}  signature {args.signature}  format {args.format}  "
               f"{args.clients} clients x {args.seconds:g} s per size  (CPUs: {os.cpu_count()})")
-        print(f"{'points/req':>10} {'mode':>9} {'requests':>9} {'failed':>6} {'wrong':>5} {'req/s':>9} "
+        print(f"{'points/req':>10} {'mode':>10} {'requests':>9} {'failed':>6} {'wrong':>5} {'req/s':>9} "
               f"{'points/s':>11} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}")
         rng = np.random.default_rng(1)
         try:
@@ -163,15 +170,19 @@ def main() -> None:
                 body = json.dumps({"signature_name": args.signature,
                                    ("instances" if args.format == "rows" else "inputs"): x.tolist()}).encode()
                 calls, elapsed, lat = direct_calls(signature, {"x": x}, min(args.seconds, 5.0))
-                print(f"{n:>10} {'direct':>9} {calls:>9} {0:>6} {0:>5} {calls / elapsed:>9.1f} "
+                print(f"{n:>10} {'direct':>10} {calls:>9} {0:>6} {0:>5} {calls / elapsed:>9.1f} "
                       f"{calls * n / elapsed:>11.4g} {percentiles(lat)}")
-                r = asyncio.run(load_test(url, body, expected, key, args.clients, args.seconds))
-                ok = r["requests"] - r["failed"]
-                print(f"{n:>10} {'REST':>9} {r['requests']:>9} {r['failed']:>6} {r['wrong']:>5} "
-                      f"{ok / r['elapsed']:>9.1f} {ok * n / r['elapsed']:>11.4g} {percentiles(r['latencies'])}")
+                for mode, url in urls.items():
+                    if mode == "REST-nobat" and n > args.batch_rows:
+                        continue                       # not batched anyway
+                    r = asyncio.run(load_test(url, body, expected, key, args.clients, args.seconds))
+                    ok = r["requests"] - r["failed"]
+                    print(f"{n:>10} {mode:>10} {r['requests']:>9} {r['failed']:>6} {r['wrong']:>5} "
+                          f"{ok / r['elapsed']:>9.1f} {ok * n / r['elapsed']:>11.4g} {percentiles(r['latencies'])}")
         finally:
-            server.terminate()
-            server.wait(timeout=30)
+            for server in servers.values():
+                server.terminate()
+                server.wait(timeout=30)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

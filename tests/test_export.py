@@ -111,6 +111,7 @@ def test_fresh_process_with_only_tensorflow_gives_the_same_answers(exported, tmp
         assert meta["flow"] == exported["models"][name].config.to_dict()
     meta = json.loads(str(out["iso_metadata"]))
     assert meta["run"] == read_run_config(exported["run_dir"])
+    assert meta["row_wise_signatures"] == ["serving_default", "log_prob", "grad_log_prob"]
     np.testing.assert_allclose(meta["rescaling"][0]["x_scale"], exported["models"]["iso"].x_scale.numpy(), rtol=1e-7)
     assert len(json.loads(str(out["ensemble_metadata"]))["rescaling"]) == 2
 

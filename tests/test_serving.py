@@ -16,6 +16,7 @@ the few rounding steps, while a wrong sign, factor or version (sigma 1 vs 2) is 
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -32,6 +33,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tfgalflow.errors import InputError
 from tfgalflow.serving import Client, ServingError, running
 
 RTOL = 2e-6
@@ -43,6 +45,9 @@ class NormalModule(tf.Module):
         super().__init__()
         self.sigma = tf.Variable(sigma, dtype=tf.float32)
         self.calls = tf.Variable(0, dtype=tf.int64)
+        # Declares which signatures are row-wise, so the server may micro-batch them (as export() does).
+        self.tfgalflow_metadata = tf.Variable(json.dumps({"row_wise_signatures": ["serving_default", "two_outputs"]}),
+                                              dtype=tf.string, trainable=False)
 
     def _log_prob(self, x):
         return (-0.5 * tf.reduce_sum(x * x, axis=1) / self.sigma**2 - 3.0 * tf.math.log(self.sigma)
@@ -366,6 +371,52 @@ def test_concurrent_requests_all_answer_correctly(server):
     assert len(results) == len(batches)
     for i, x in enumerate(batches):
         np.testing.assert_allclose(results[i], normal_log_prob(x, 2.0), rtol=RTOL)
+
+
+class SlowDouble:
+    """A stand-in row-wise signature y = 2x whose first call blocks until released; rejects x < 0."""
+    name = "double"
+
+    def __init__(self):
+        self.started, self.release, self.rows = threading.Event(), threading.Event(), []
+
+    def run(self, arrays):
+        self.rows.append(len(arrays["x"]))
+        if len(self.rows) == 1:
+            self.started.set()
+            self.release.wait(30)
+        if (arrays["x"] < 0).any():
+            raise InputError("negative x")
+        return {"y": 2 * arrays["x"]}
+
+
+def test_micro_batcher_merges_requests_that_queue_during_a_call():
+    from concurrent.futures import ThreadPoolExecutor
+    from tfgalflow.serving import _MicroBatcher
+    signature = SlowDouble()
+    inputs = [np.array([1.0]), np.array([10.0]), np.array([20.0, 21.0]), np.array([-5.0]), np.array([30.0, 31.0, 32.0])]
+
+    async def scenario():
+        with ThreadPoolExecutor(2) as executor:
+            batcher = _MicroBatcher(signature, executor, max_rows=5)
+            first = asyncio.ensure_future(batcher.run({"x": inputs[0]}))
+            while not signature.started.is_set():              # the first call is running ...
+                await asyncio.sleep(0.005)
+            rest = [asyncio.ensure_future(batcher.run({"x": x})) for x in inputs[1:]]
+            while len(batcher.pending) < 4:                    # ... while the others queue up
+                await asyncio.sleep(0.005)
+            signature.release.set()
+            return [await first] + list(await asyncio.gather(*rest, return_exceptions=True))
+
+    results = asyncio.run(scenario())
+    # Call 1: the first request alone. Call 2: the next three (1 + 2 + 1 = 4 rows <= 5) merged; it fails
+    # on x = -5, so they are re-run one by one (1, 2, 1 rows). Call 3: the 3-row request (4 + 3 > 5).
+    assert signature.rows == [1, 4, 1, 2, 1, 3]
+    for x, result in zip(inputs, results):
+        if (x < 0).any():
+            assert isinstance(result, InputError)
+        else:
+            np.testing.assert_array_equal(result["y"], 2 * x)
 
 
 # ---- new versions while serving, and the CLI -----------------------------------------------------------

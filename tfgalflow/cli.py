@@ -325,6 +325,9 @@ def _add_serve(sub) -> None:
                    help="rescan BASE for new or removed versions every S seconds (0 = never; default: 2)")
     p.add_argument("--label", action="append", default=[], metavar="NAME:LABEL=VERSION",
                    help="version label for /v1/models/NAME/labels/LABEL URLs (repeatable)")
+    p.add_argument("--batch-rows", type=int, default=256, metavar="N",
+                   help="merge concurrent requests of at most N rows to log_prob/grad_log_prob/serving_default "
+                        "into one call (0 = off; default: 256)")
     p.set_defaults(func=_run_serve)
 
 
@@ -342,7 +345,7 @@ def _run_serve(args) -> int:
         raise InputError(f"--max-body-mb {args.max_body_mb}: expected a positive size in MiB")
     serve(args.base, host=args.host, port=args.port, max_body_bytes=int(args.max_body_mb * 2**20),
           max_rows=args.max_rows, workers=args.workers, poll_seconds=args.poll_seconds or None,
-          version_labels=labels)
+          version_labels=labels, batch_rows=args.batch_rows)
     return 0
 
 

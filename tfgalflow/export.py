@@ -366,6 +366,8 @@ def _metadata(model: Any, run_config: Mapping | None, accelerations: dict | None
         "rescaling": _rescaling(model),
         "run": dict(run_config) if run_config is not None else None,
         "seed_convention": SEED_CONVENTION,
+        # Signatures whose output rows depend only on the same input rows (a server may merge requests).
+        "row_wise_signatures": ["serving_default", "log_prob", "grad_log_prob"],
         "accelerations": accelerations,
     }
 

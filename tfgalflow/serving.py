@@ -40,6 +40,7 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -62,6 +63,8 @@ DEFAULT_URL = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"
 MAX_BODY_BYTES = 64 * 2**20
 #: Largest batch (rows of any input) accepted; larger ones get 413 (bounds the memory of one call).
 MAX_ROWS = 100_000
+#: Requests of at most this many rows to a row-wise signature are micro-batched (0 = off).
+BATCH_ROWS = 256
 
 # TF Serving's URL grammar (http_rest_api_handler.cc, kPathRegex).
 _PATH = re.compile(r"/v1/models(?:/(?P<name>[^/:]+))?"
@@ -302,10 +305,94 @@ def _json(obj: Any) -> bytes:
 
 # ---- the aiohttp application ------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class _Batched:
+    """A validated request waiting for the micro-batcher: arrays with one common number of rows."""
+    signature: Any
+    arrays: dict
+    rows: bool
+
+
+class _MicroBatcher:
+    """Merges concurrent small requests to one row-wise signature into one call (rows concatenated).
+
+    No timer and no added latency when idle: the first request runs at once; requests that arrive
+    while a call runs queue up and go together (up to ``max_rows`` rows) in the next call; each gets
+    its own rows of the outputs back. Only signatures whose rows are independent may be batched (a
+    SavedModel lists them in its metadata as ``row_wise_signatures``; tfgalflow exports list log_prob,
+    grad_log_prob and serving_default, never the seeded ``sample``/``accelerations``). If a merged call
+    fails on the data, each request is run alone so only the faulty one gets the error.
+    """
+
+    def __init__(self, signature: Any, executor: concurrent.futures.Executor, max_rows: int):
+        self.signature, self.executor, self.max_rows = signature, executor, max_rows
+        self.pending: list[tuple[dict, asyncio.Future]] = []
+        self.draining = False
+        self._task: asyncio.Task | None = None
+        self.calls = 0
+
+    async def run(self, arrays: dict) -> dict[str, np.ndarray]:
+        future = asyncio.get_running_loop().create_future()
+        self.pending.append((arrays, future))
+        if not self.draining:
+            self.draining = True
+            self._task = asyncio.get_running_loop().create_task(self._drain())   # keep a reference
+        return await future
+
+    @staticmethod
+    def _rows(arrays: dict) -> int:
+        return next(iter(arrays.values())).shape[0]
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self.pending:
+                batch = [self.pending.pop(0)]
+                rows = self._rows(batch[0][0])
+                while self.pending and rows + self._rows(self.pending[0][0]) <= self.max_rows:
+                    batch.append(self.pending.pop(0))
+                    rows += self._rows(batch[-1][0])
+                try:
+                    results = await loop.run_in_executor(self.executor, self._call, [a for a, _ in batch])
+                except Exception as exc:   # noqa: BLE001 - handed to every waiting request
+                    results = [exc] * len(batch)
+                for (_, future), result in zip(batch, results):
+                    if future.done():
+                        continue
+                    if isinstance(result, BaseException):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+        finally:
+            self.draining = False
+
+    def _call(self, requests: list[dict]) -> list:
+        """Worker thread: ONE signature call on the concatenated rows, split back per request."""
+        self.calls += 1
+        if len(requests) == 1:
+            return [self.signature.run(requests[0])]
+        merged = {k: np.concatenate([r[k] for r in requests]) for k in requests[0]}
+        try:
+            outputs = self.signature.run(merged)
+        except InputError:
+            results = []
+            for r in requests:
+                try:
+                    results.append(self.signature.run(r))
+                except InputError as exc:
+                    results.append(exc)
+            return results
+        cuts = np.cumsum([self._rows(r) for r in requests])[:-1]
+        parts = {k: np.split(v, cuts) for k, v in outputs.items()}
+        return [{k: parts[k][i] for k in outputs} for i in range(len(requests))]
+
+
 class _Endpoint:
-    def __init__(self, repository: ModelRepository, max_body_bytes: int, max_rows: int, workers: int):
+    def __init__(self, repository: ModelRepository, max_body_bytes: int, max_rows: int, workers: int,
+                 batch_rows: int = 0):
         self.repository = repository
-        self.max_body_bytes, self.max_rows = max_body_bytes, max_rows
+        self.max_body_bytes, self.max_rows, self.batch_rows = max_body_bytes, max_rows, batch_rows
+        self.batchers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
                                                               thread_name_prefix="tfgalflow-serving")
 
@@ -343,9 +430,10 @@ class _Endpoint:
                 except web.HTTPRequestEntityTooLarge:
                     return self._too_large(None)
                 loop = asyncio.get_running_loop()
-                status, payload = await loop.run_in_executor(self.executor, self._post, name, version, label,
-                                                             verb, body)
-                return self._respond(status, payload)
+                result = await loop.run_in_executor(self.executor, self._post, name, version, label, verb, body)
+                if isinstance(result, _Batched):
+                    result = await self._run_batched(result)
+                return self._respond(*result)
             return self._error(400, f"Malformed request: {method} {path}")
         except _HTTPError as exc:
             return self._error(exc.status, exc.message)
@@ -360,8 +448,11 @@ class _Endpoint:
         return {"model_spec": {"name": name, "signature_name": "", "version": str(number)},
                 "metadata": {"signature_def": {"signature_def": model.signature_defs}}}
 
-    def _post(self, name: str, version: str | None, label: str | None, verb: str, body: bytes) -> tuple[int, bytes]:
-        """Worker thread: parse, validate, ONE signature call, format. Never raises."""
+    def _post(self, name: str, version: str | None, label: str | None, verb: str,
+              body: bytes) -> tuple[int, bytes] | "_Batched":
+        """Worker thread: parse, validate, ONE signature call, format -> (status, body). Never raises.
+
+        Small requests to row-wise signatures come back as :class:`_Batched` for the micro-batcher."""
         try:
             doc = _parse_body(body)
             signature_name = doc.get("signature_name", "serving_default")
@@ -387,14 +478,33 @@ class _Endpoint:
                                       f"request (max_rows); split the batch into smaller requests")
             if b"true" in body or b"false" in body:
                 _reject_booleans(values, signature)
-            outputs = signature.run(signature.check(values))
-            return 200, _encode_answer(outputs, rows)
+            arrays = signature.check(values)
+            lengths = {a.shape[0] if a.ndim else -1 for a in arrays.values()}
+            if (self.batch_rows and signature.name in model.metadata.get("row_wise_signatures", ())
+                    and len(lengths) == 1 and 0 < next(iter(lengths)) <= self.batch_rows):
+                return _Batched(signature, arrays, rows)
+            return 200, _encode_answer(signature.run(arrays), rows)
         except _HTTPError as exc:
             return exc.status, _json({"error": exc.message})
         except InputError as exc:
             return 400, _json({"error": str(exc)})
         except Exception as exc:   # noqa: BLE001 - a bug must not take the server down
             log.exception("predict on %s failed", name)
+            return 500, _json({"error": f"internal error: {type(exc).__name__}: {exc}"})
+
+    async def _run_batched(self, request: "_Batched") -> tuple[int, bytes]:
+        batcher = self.batchers.get(request.signature)
+        if batcher is None:
+            batcher = self.batchers[request.signature] = _MicroBatcher(request.signature, self.executor,
+                                                                        self.batch_rows)
+        try:
+            return 200, _encode_answer(await batcher.run(request.arrays), request.rows)
+        except _HTTPError as exc:
+            return exc.status, _json({"error": exc.message})
+        except InputError as exc:
+            return 400, _json({"error": str(exc)})
+        except Exception as exc:   # noqa: BLE001 - a bug must not take the server down
+            log.exception("batched predict on %s failed", request.signature.name)
             return 500, _json({"error": f"internal error: {type(exc).__name__}: {exc}"})
 
     async def close(self, app=None) -> None:
@@ -419,7 +529,7 @@ def _settle_heap(changes: list[str]) -> None:
 
 def make_app(base_dir: str | os.PathLike, *, max_body_bytes: int = MAX_BODY_BYTES, max_rows: int = MAX_ROWS,
              workers: int | None = None, poll_seconds: float | None = None,
-             version_labels: Mapping[str, Mapping[str, int]] | None = None):
+             version_labels: Mapping[str, Mapping[str, int]] | None = None, batch_rows: int = BATCH_ROWS):
     """The aiohttp ``web.Application`` serving every model under ``base_dir`` (loaded before returning).
 
     Args:
@@ -428,14 +538,18 @@ def make_app(base_dir: str | os.PathLike, *, max_body_bytes: int = MAX_BODY_BYTE
         workers: threads running requests (parse, ONE signature call, format); default min(4, CPUs).
         poll_seconds: rescan ``base_dir`` for new/removed versions this often (None = never).
         version_labels: {model: {label: version}} for ``/labels/L`` URLs.
+        batch_rows: requests of at most this many rows to a row-wise signature are micro-batched with
+            concurrent ones (calls of up to this many rows); 0 turns batching off.
     """
     from aiohttp import web
-    for value, what in ((max_body_bytes, "max_body_bytes"), (max_rows, "max_rows")):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InputError(f"{what} = {value!r}: expected an integer >= 1")
+    for value, what, low in ((max_body_bytes, "max_body_bytes", 1), (max_rows, "max_rows", 1),
+                             (batch_rows, "batch_rows", 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise InputError(f"{what} = {value!r}: expected an integer >= {low}")
     repository = ModelRepository(base_dir, version_labels)
     _settle_heap(repository.scan())
-    endpoint = _Endpoint(repository, max_body_bytes, max_rows, workers or min(4, os.cpu_count() or 1))
+    endpoint = _Endpoint(repository, max_body_bytes, max_rows, workers or min(4, os.cpu_count() or 1),
+                         batch_rows)
     app = web.Application(client_max_size=max_body_bytes)
     app[_repository_key()] = repository
     app.router.add_route("*", "/{tail:.*}", endpoint.handle)
