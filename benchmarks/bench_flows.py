@@ -6,8 +6,9 @@ ratio is meaningful on any machine. Usage:
     .venv/bin/python benchmarks/bench_flows.py                       # 6D affine and spline, defaults
     .venv/bin/python benchmarks/bench_flows.py --kind affine --layers 4 --hidden 32 32 --repeats 5
 
-Times are medians over ``--repeats`` runs after one warm-up call (which includes tracing / XLA
-compilation; reported separately as "first call").
+Times are medians over ``--repeats`` calls after a first call (tracing, Grappler, XLA compilation;
+reported separately as "first call"); the no-XLA and XLA versions are timed in alternation, so load
+from other processes affects both alike. The speed-up is relative to the no-XLA median.
 """
 from __future__ import annotations
 
@@ -27,17 +28,23 @@ from tfgalflow.flows import FlowConfig  # noqa: E402
 from tfgalflow.model import Flow  # noqa: E402
 
 
-def timed(fn, repeats: int) -> tuple[float, float]:
-    """(first-call seconds, median seconds of the next ``repeats`` calls); fn must return a tensor."""
+def first_call(fn) -> float:
+    """Seconds of the first call (tracing, Grappler, XLA compilation, then one run)."""
     t0 = time.perf_counter()
     np.asarray(fn())
-    first = time.perf_counter() - t0
-    times = []
+    return time.perf_counter() - t0
+
+
+def interleaved(fns: dict, repeats: int) -> dict:
+    """Median seconds per call of each warmed-up fn, timed in alternation so that load from other
+    processes on the machine affects all of them alike."""
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        np.asarray(fn())
-        times.append(time.perf_counter() - t0)
-    return first, statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            np.asarray(fn())
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def data(n: int, dim: int, label_dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
@@ -59,15 +66,22 @@ def bench_kind(args, kind: str) -> None:
     cb = tf.constant(c[:args.batch], tf.float32) if c is not None else None
     print(f"\n== {kind}: dim={cfg.dim} label_dim={cfg.label_dim} layers={cfg.layers} hidden={cfg.hidden} "
           f"batch={args.batch} n_eval={args.n}")
-    rows = []
+    rows = []   # (operation, xla, first-call s, median s)
 
-    # training steps: Keras train_function (graph) with and without XLA
+    def compare(name: str, plain, xla) -> None:
+        firsts = {False: first_call(plain), True: first_call(xla) if xla is not None else None}
+        fns = {False: plain} if xla is None else {False: plain, True: xla}
+        medians = interleaved(fns, args.repeats)
+        for jit in fns:
+            rows.append((name, jit, firsts[jit], medians[jit]))
+
+    # training steps: Keras train_function (graph) without and with XLA (compile(jit_compile=...))
+    trainers = {}
     for jit in (False, True):
         flow = Flow(cfg)
         flow.adapt(x, c)
         flow.compile(keras.optimizers.Adam(1e-3), jit_compile=jit)
-        ds = tf.data.Dataset.from_tensors((xb, cb) if cb is not None else xb).repeat()
-        it = iter(ds)
+        it = iter(tf.data.Dataset.from_tensors((xb, cb) if cb is not None else xb).repeat())
         flow.make_train_function()
 
         def steps(flow=flow, it=it):
@@ -75,27 +89,24 @@ def bench_kind(args, kind: str) -> None:
                 out = flow.train_function(it)
             return out["loss"]
 
-        first, median = timed(steps, args.repeats)
-        rows.append((f"train {args.steps} steps", jit, first, median))
+        trainers[jit] = steps
+    compare(f"train {args.steps} steps", trainers[False], trainers[True])
 
-    # evaluation: log_prob / grad_log_prob on n points, sampling n points
+    # evaluation: log_prob / grad_log_prob on n points (Flow(jit_compile=...)), sampling n/10 points
     xe = x[:args.n]
     ce = c[:args.n] if c is not None else None
-    for jit in (False, True):
-        flow = Flow(cfg, jit_compile=jit)
+    plain, xla = Flow(cfg), Flow(cfg, jit_compile=True)
+    for flow in (plain, xla):
         flow.adapt(x, c)
-        rows.append(("log_prob", jit, *timed(lambda: flow.log_prob(xe, ce), args.repeats)))
-        rows.append(("grad_log_prob", jit, *timed(lambda: flow.grad_log_prob(xe, ce), args.repeats)))
-    flow = Flow(cfg)
-    flow.adapt(x, c)
+    compare("log_prob", lambda: plain.log_prob(xe, ce), lambda: xla.log_prob(xe, ce))
+    compare("grad_log_prob", lambda: plain.grad_log_prob(xe, ce), lambda: xla.grad_log_prob(xe, ce))
     n_s = args.n // 10
-    rows.append((f"sample {n_s}", False,
-                 *timed(lambda: flow.sample(n_s, ce[:n_s] if ce is not None else None, seed=1), args.repeats)))
+    compare(f"sample {n_s}", lambda: plain.sample(n_s, ce[:n_s] if ce is not None else None, seed=1), None)
 
     base = {name: median for name, jit, _, median in rows if not jit}
-    print(f"{'operation':<22}{'XLA':>5}{'first call s':>14}{'median s':>11}{'vs no-XLA':>11}")
+    print(f"{'operation':<22}{'XLA':>5}{'first call s':>14}{'median s':>11}{'speed-up':>10}")
     for name, jit, first, median in rows:
-        print(f"{name:<22}{'yes' if jit else 'no':>5}{first:>14.3f}{median:>11.4f}{base[name] / median:>10.2f}x")
+        print(f"{name:<22}{'yes' if jit else 'no':>5}{first:>14.3f}{median:>11.4f}{base[name] / median:>9.2f}x")
 
 
 def main() -> None:
@@ -111,8 +122,8 @@ def main() -> None:
     p.add_argument("--n", type=int, default=10000, help="points for log_prob / grad (n/10 for sampling)")
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
-    print(f"TensorFlow {tf.__version__}, CPU threads: intra={tf.config.threading.get_intra_op_parallelism_threads()}"
-          f" (0 = all), cores={os.cpu_count()}")
+    threads = tf.config.threading.get_intra_op_parallelism_threads()
+    print(f"TensorFlow {tf.__version__}, intra-op threads {threads} (0 = all), cores {os.cpu_count()}")
     for kind in (["affine", "spline"] if args.kind == "both" else [args.kind]):
         bench_kind(args, kind)
 

@@ -127,7 +127,8 @@ def _sample_request(n_or_labels: Any, label_dim: int, what: str) -> tuple[Any, t
             raise InputError(f"n = {n}: the number of samples must be >= 1")
         return tf.constant(int(n), tf.int32), None
     if isinstance(n_or_labels, (int, np.integer)) and not isinstance(n_or_labels, bool):
-        raise InputError(f"the {what} is conditional: pass labels of shape [n, {label_dim}], not n = {n_or_labels}")
+        raise InputError(f"the {what} is conditional: pass labels of shape [n, {label_dim}], "
+                         f"not n = {n_or_labels}")
     c = _as_float32(n_or_labels, "labels")
     if c.shape.rank != 2 or (c.shape[1] is not None and c.shape[1] != label_dim):
         raise InputError(f"labels have shape {_shape(c)}; the {what} expects [n, {label_dim}]")
@@ -328,7 +329,7 @@ class Flow(_GraphMethods, keras.Model):
         return bool(self.adapted.numpy() > 0.5)
 
     def get_config(self) -> dict:
-        """``FlowConfig.to_dict()``: JSON-able; ``Flow.from_config(flow.get_config())`` rebuilds the architecture."""
+        """``FlowConfig.to_dict()`` (JSON-able); ``Flow.from_config(flow.get_config())`` rebuilds the flow."""
         return self._flow_config.to_dict()
 
     @classmethod
@@ -393,7 +394,7 @@ class Flow(_GraphMethods, keras.Model):
             label_moments.update(c.numpy().astype(np.float64))
 
     def _rescale(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor | None]:
-        """y = (u - μ)/σ and log|det ∂y/∂x| = -Σ log σ - Σ_log-cols log x  ([N, D], [N], support [N] | None)."""
+        """y = (u - μ)/σ, log|det ∂y/∂x| = -Σ log σ - Σ_log-cols log x, support: ([N, D], [N], [N] | None)."""
         log_jacobian = -tf.reduce_sum(tf.math.log(self.x_scale))
         in_support = None
         u = x
