@@ -29,6 +29,7 @@ from tfgalflow.serving import Client, running
 from tfgalflow.training import TrainConfig, read_run_config, train
 
 TOL = dict(rtol=1e-5, atol=1e-5)
+N_VELOCITIES = 64
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
 # A plain TensorFlow user's environment: without TF_USE_LEGACY_KERAS, `import tensorflow` itself
@@ -50,12 +51,30 @@ def exported(tmp_path_factory):
     cond.adapt(w[:, :3] + labels[:, :1], labels)
     ensemble = Ensemble([Flow(FlowConfig(dim=6, layers=2, hidden=(16,), seed=s)).adapt(w) for s in (3, 4)])
     root = tmp / "saved_models"
-    paths = {"iso": export_versioned(iso, root, "iso", run_config=read_run_config(run_dir)),
+    paths = {"iso": export_versioned(iso, root, "iso", run_config=read_run_config(run_dir),
+                                     n_velocities=N_VELOCITIES),
              "cond": export_versioned(cond, root, "cond"),
-             "ensemble": export_versioned(ensemble, root, "ensemble")}
+             "ensemble": export_versioned(ensemble, root, "ensemble", accelerations=False)}
     x = {"iso": w[:50], "cond": w[:50, :3] + labels[:50, :1], "ensemble": w[:50]}
     return dict(tmp=tmp, root=root, run_dir=run_dir, paths=paths, models={"iso": iso, "cond": cond,
-                "ensemble": ensemble}, x=x, labels=labels[:50])
+                "ensemble": ensemble}, x=x, labels=labels[:50], positions=w[:8, :3].astype(np.float32))
+
+
+def acceleration_reference(exported, seed: int = 7) -> dict:
+    """The in-memory CBE answer (tfgalflow.cbe.accelerations) at the test positions."""
+    from tfgalflow.cbe import accelerations
+    r = accelerations(exported["models"]["iso"], exported["positions"], n_velocities=N_VELOCITIES, seed=seed)
+    return {"acceleration": r.acceleration, "residual": r.residual, "condition": r.condition, "ess": r.ess,
+            "log_density": r.log_density}
+
+
+def assert_accelerations_match(got: dict, ref: dict) -> None:
+    # The 3x3 least-squares solve amplifies float32 rounding by up to its condition number; at these
+    # positions cond < 10 (measured 2.1-3.5), so rtol 1e-4 (plus atol 1e-4 of the largest component) is float32 precision.
+    scale = np.abs(ref["acceleration"]).max()
+    np.testing.assert_allclose(got["acceleration"], ref["acceleration"], rtol=1e-4, atol=1e-4 * scale)
+    for key in ("residual", "condition", "ess", "log_density"):
+        np.testing.assert_allclose(got[key], ref[key], rtol=1e-4, atol=1e-5, err_msg=key)
 
 
 def reference(exported, name: str, seed: int = 11, n: int = 50) -> dict:
@@ -89,6 +108,10 @@ for name in ("iso", "cond", "ensemble"):
         seed["labels"] = feed["labels"]
     results[name + "_sample"] = m.signatures["sample"](**seed)["sample"].numpy()
     results[name + "_metadata"] = np.array(m.tfgalflow_metadata.numpy().decode())
+    if name == "iso":
+        acc = m.signatures["accelerations"](positions=tf.constant(inputs["positions"]),
+                                            seed=tf.constant(np.full(8, 7, np.int64)))
+        results.update({"acc_" + k: v.numpy() for k, v in acc.items()})
 imported = sorted({k.split(".")[0] for k in sys.modules} & {"tensorflow_probability", "tfgalflow", "tf_keras"})
 np.savez(sys.argv[3], imported=np.array(imported, dtype=str), **results)
 """
@@ -96,7 +119,8 @@ np.savez(sys.argv[3], imported=np.array(imported, dtype=str), **results)
 
 def test_fresh_process_with_only_tensorflow_gives_the_same_answers(exported, tmp_path):
     inputs = {f"{k}_x": v.astype(np.float32) for k, v in exported["x"].items()}
-    np.savez(tmp_path / "in.npz", labels=exported["labels"].astype(np.float32), **inputs)
+    np.savez(tmp_path / "in.npz", labels=exported["labels"].astype(np.float32), positions=exported["positions"],
+             **inputs)
     (tmp_path / "child.py").write_text(CHILD)
     subprocess.run([sys.executable, str(tmp_path / "child.py"), str(tmp_path / "in.npz"), str(exported["root"]),
                     str(tmp_path / "out.npz")], check=True, env=PLAIN_ENV, cwd=tmp_path, capture_output=True)
@@ -114,6 +138,8 @@ def test_fresh_process_with_only_tensorflow_gives_the_same_answers(exported, tmp
     assert meta["row_wise_signatures"] == ["serving_default", "log_prob", "grad_log_prob"]
     np.testing.assert_allclose(meta["rescaling"][0]["x_scale"], exported["models"]["iso"].x_scale.numpy(), rtol=1e-7)
     assert len(json.loads(str(out["ensemble_metadata"]))["rescaling"]) == 2
+    assert meta["accelerations"] == {"n_velocities": N_VELOCITIES}
+    assert_accelerations_match({k[4:]: out[k] for k in out.files if k.startswith("acc_")}, acceleration_reference(exported))
 
 
 def test_saved_model_cli_lists_the_signatures(exported):
@@ -150,6 +176,10 @@ def test_rest_endpoint_gives_the_same_values(exported):
             np.testing.assert_allclose(client.predict(inputs), ref["log_prob"], **TOL)
             np.testing.assert_allclose(client.predict(inputs, "grad_log_prob", format="columns"), ref["grad_log_prob"], **TOL)
             np.testing.assert_allclose(client.predict(seeds, "sample"), ref["sample"], **TOL)
+        accelerations = Client(server.url, model="iso").predict(
+            {"positions": exported["positions"], "seed": np.full(8, 7)}, "accelerations", format="columns")
+        assert_accelerations_match(accelerations, acceleration_reference(exported))
+        assert accelerations["support"].dtype == bool and accelerations["support"].all()
         status = Client(server.url, model="iso").status()["model_version_status"]
         assert [s["version"] for s in status] == ["1"]
 
@@ -323,6 +353,22 @@ def test_models_config_is_valid_model_server_config_text(exported, tmp_path):
     assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == []      # written atomically
 
 
+def test_accelerations_signature_only_for_6d_unconditional_models(exported):
+    iso, cond, ensemble = (read_signature_defs(exported["paths"][k]) for k in ("iso", "cond", "ensemble"))
+    acc = iso["accelerations"]
+    assert [d["size"] for d in acc["inputs"]["positions"]["tensor_shape"]["dim"]] == ["-1", "3"]
+    assert acc["inputs"]["seed"]["dtype"] == "DT_INT64"
+    assert {"acceleration", "residual", "condition"} <= set(acc["outputs"])
+    assert "accelerations" not in cond and "accelerations" not in ensemble      # 3D; accelerations=False
+    with pytest.raises(InputError, match="unconditional 6D"):
+        export(exported["models"]["cond"], exported["tmp"] / "never", accelerations=True)
+    assert not (exported["tmp"] / "never").exists()
+    model = load(exported["paths"]["iso"])
+    assert_accelerations_match(model.accelerations(exported["positions"], seed=7), acceleration_reference(exported))
+    other_seed = model.accelerations(exported["positions"], seed=8)["acceleration"]
+    assert not np.allclose(other_seed, acceleration_reference(exported)["acceleration"], rtol=1e-4)
+
+
 def test_signature_defs_json_matches_saved_model(exported):
     defs = read_signature_defs(exported["paths"]["iso"])
     assert defs["sample"]["inputs"]["seed"]["dtype"] == "DT_INT64"
@@ -335,10 +381,13 @@ def test_signature_defs_json_matches_saved_model(exported):
 def test_cli_export_prints_the_version_and_regenerates_models_config(exported, tmp_path):
     cmd = [sys.executable, "-m", "tfgalflow.cli", "export", str(exported["run_dir"]), "--name", "hernquist_iso",
            "--out", str(tmp_path / "saved_models"), "--base-path", "/models"]
-    for version in (1, 2):
-        done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, cwd=tmp_path)
+    for version, flags in ((1, ["--n-velocities", "32"]), (2, ["--no-accelerations"])):
+        done = subprocess.run(cmd + flags, env=ENV, capture_output=True, text=True, cwd=tmp_path)
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip() == str(tmp_path / "saved_models" / "hernquist_iso" / str(version))
+    v1, v2 = (read_signature_defs(tmp_path / "saved_models" / "hernquist_iso" / v) for v in ("1", "2"))
+    assert "accelerations" in v1 and "accelerations" not in v2
+    assert load(tmp_path / "saved_models" / "hernquist_iso" / "1").metadata["accelerations"] == {"n_velocities": 32}
     text = (tmp_path / "saved_models" / "models.config").read_text()
     assert 'name: "hernquist_iso"' in text and 'base_path: "/models/hernquist_iso"' in text
     x = exported["x"]["iso"]

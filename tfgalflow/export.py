@@ -10,12 +10,15 @@ D: data width; C: label width, present only for conditional models)::
     log_prob         x [N, D] f32 (+ labels [N, C] f32)       log_prob [N] f32
     grad_log_prob    x [N, D] f32 (+ labels [N, C] f32)       grad_log_prob [N, D] f32
     sample           seed [N] i64 (+ labels [N, C] f32)       sample [N, D] f32
-    accelerations    positions [B, 3] f32, seed [B] i64       acceleration [B, 3], residual [B], condition [B]
+    accelerations    positions [B, 3] f32, seed [B] i64       acceleration [B, 3], residual [B], condition [B],
+                                                              ess [B], log_density [B] f32, support [B] bool
 
 with log p(x | c) in nats per unit physical volume of x (the rescaling Jacobian is included) and the
 gradient ∂ log p/∂x in 1/(unit of each column). ``accelerations`` is present for unconditional 6D
 phase-space models (x = (position, velocity)): the collisionless-Boltzmann least-squares fit of
-:func:`tfgalflow.cbe.acceleration_graph` at each position.
+:func:`tfgalflow.cbe.acceleration_graph` at each position (acceleration in velocity²/length of the
+data; residual, condition number, effective sample size and log ∫ f d³v of the velocity draw, and
+whether the DF has support there - the inputs of :func:`tfgalflow.cbe.flag_reasons`).
 
 Seed convention (every input carries the batch dimension, as TF Serving's request batching needs):
 ``sample`` draws N points, N = len(seed) for unconditional models and N = len(labels) for conditional
@@ -54,6 +57,8 @@ METADATA_VARIABLE = "tfgalflow_metadata"
 MODELS_CONFIG = "models.config"
 #: Signatures every tfgalflow SavedModel has (``accelerations`` only for 6D unconditional models).
 REQUIRED_SIGNATURES = ("serving_default", "log_prob", "grad_log_prob", "sample")
+#: Outputs of the ``accelerations`` signature (those that cbe.acceleration_graph provides).
+ACCELERATION_OUTPUTS = ("acceleration", "residual", "condition", "ess", "log_density", "support")
 SEED_CONVENTION = ("sample: N = len(seed) (unconditional) or len(labels) (conditional); the draw is "
                    "sample_stateless(N, seed=[seed[0], 0]), other seed entries are ignored. "
                    "accelerations: velocity draws seeded with [seed[0], 0].")
@@ -286,7 +291,12 @@ class ExportedModel:
         return self._signature("sample")(**inputs)["sample"]
 
     def accelerations(self, positions: Any, seed: int = 0) -> dict[str, np.ndarray]:
-        """CBE accelerations at positions [B, 3]: {'acceleration' [B, 3], 'residual' [B], 'condition' [B]}."""
+        """CBE accelerations at positions [B, 3]: {'acceleration' [B, 3], 'residual' [B], 'condition' [B],
+        'ess' [B], 'log_density' [B], 'support' [B]}; the same as the in-memory
+        ``cbe.accelerations(model, positions, n_velocities, seed)`` with the exported n_velocities."""
+        self._signature("accelerations")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise InputError(f"seed = {seed!r}: expected an integer >= 0")
         positions = np.asarray(positions)
         if positions.ndim != 2:
             raise InputError(f"positions have shape {list(positions.shape)}; expected [B, 3]")
@@ -456,7 +466,7 @@ def _build_module(model: Any, metadata_json: str, accel: Any):
     if accel is not None:
         def accelerations(positions, seed):
             result = accel(positions, first_seed(seed))
-            return {k: result[k] for k in ("acceleration", "residual", "condition")}
+            return {k: result[k] for k in ACCELERATION_OUTPUTS if k in result}
         module.accelerations = tf.function(accelerations, input_signature=[
             tf.TensorSpec([None, 3], tf.float32, name="positions"), seed_spec])
         signatures["accelerations"] = module.accelerations.get_concrete_function()
