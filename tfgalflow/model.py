@@ -441,35 +441,57 @@ class Flow(_GraphMethods, keras.Model):
     # -- Keras --------------------------------------------------------------------------------------
     def call(self, inputs, training=None):
         """log p for ``inputs`` = x or (x, labels); Keras' forward pass."""
-        x, c = self._unpack(inputs)
+        x, c, _ = self._unpack(inputs)
         return self._log_prob_tensor(x, c)
 
-    def _unpack(self, data) -> tuple[tf.Tensor, tf.Tensor | None]:
-        x, c, _ = keras.utils.unpack_x_y_sample_weight(data)
+    def _unpack(self, data) -> tuple[tf.Tensor, tf.Tensor | None, tf.Tensor | None]:
+        """(x, labels | None, sample_weight [N] | None) from Keras data: x, (x, labels) or (x, labels, w)."""
+        x, c, w = keras.utils.unpack_x_y_sample_weight(data)
         if isinstance(x, (tuple, list)) and c is None and len(x) == 2:
             x, c = x
+        if self.label_dim == 0 and c is not None and c.shape.rank == 2 and c.shape[1] == 0:
+            c = None      # zero-width labels: how unconditional flows get sample weights (see train_step)
         x, c = validate_inputs(x, c, self.dim, self.label_dim, self._what)
-        return _free_batch(x), (_free_batch(c) if c is not None else None)
+        if w is not None:
+            w = tf.reshape(tf.cast(w, tf.float32), [-1])
+        return _free_batch(x), (_free_batch(c) if c is not None else None), w
 
     @property
     def metrics(self):
         return [self._loss_tracker]
 
+    def compile(self, optimizer="rmsprop", **kwargs):
+        """keras.Model.compile; no loss is needed (it is -log p). ``weighted_metrics`` defaults to [] so
+        that sample weights, which the loss already uses, do not trigger Keras' missing-metrics warning."""
+        kwargs.setdefault("weighted_metrics", [])
+        super().compile(optimizer=optimizer, **kwargs)
+
+    def _loss(self, lp: tf.Tensor, w: tf.Tensor | None) -> tf.Tensor:
+        if w is None:
+            return -tf.reduce_mean(lp)
+        return -tf.math.divide_no_nan(tf.reduce_sum(w * lp), tf.reduce_sum(w))
+
     def train_step(self, data):
-        """One optimizer step on loss = -mean_n log p(x_n | c_n); data is x or (x, labels)."""
-        x, c = self._unpack(data)
+        """One optimizer step on loss = -Σ_n w_n log p(x_n | c_n) / Σ_n w_n (w_n = 1 without weights).
+
+        ``data`` is x, (x, labels) or (x, labels, sample_weight) as Keras passes it, so
+        ``fit(x, labels, sample_weight=w)`` fits a weighted sample (e.g. inverse selection probabilities).
+        Keras drops sample weights when y is None, so unconditional flows take zero-width labels:
+        ``fit(x, np.zeros((len(x), 0)), sample_weight=w)``.
+        """
+        x, c, w = self._unpack(data)
         with tf.GradientTape() as tape:
             lp = self._log_prob_tensor(x, c)
-            loss = -tf.reduce_mean(lp)
+            loss = self._loss(lp, w)
         variables = self.trainable_variables
         grads = tape.gradient(loss, variables)
         self.optimizer.apply_gradients(zip(grads, variables))
-        self._loss_tracker.update_state(-lp)
+        self._loss_tracker.update_state(-lp, sample_weight=w)
         return {"loss": self._loss_tracker.result()}
 
     def test_step(self, data):
-        x, c = self._unpack(data)
-        self._loss_tracker.update_state(-self._log_prob_tensor(x, c))
+        x, c, w = self._unpack(data)
+        self._loss_tracker.update_state(-self._log_prob_tensor(x, c), sample_weight=w)
         return {"loss": self._loss_tracker.result()}
 
 
