@@ -23,9 +23,16 @@ from typing import Any, Mapping
 
 import numpy as np
 import tensorflow as tf
-import tensorflow_probability as tfp
 
 from .errors import InputError
+
+try:
+    import tensorflow_probability as tfp
+except ModuleNotFoundError as exc:          # tf.keras already resolved to Keras 3
+    raise ImportError(
+        "TensorFlow Probability needs Keras 2 (tf_keras): import tfgalflow, or set the environment "
+        "variable TF_USE_LEGACY_KERAS=1, before importing tf_keras or tensorflow.keras "
+        f"(TFP import failed with: {exc})") from exc
 
 tfb = tfp.bijectors
 
