@@ -383,3 +383,94 @@ def test_positions_without_support_or_solution_are_flagged():
     far = cbe.accelerations(H.exact_density("iso"), [[1.0, 0, 0], [500.0, 0, 0]], n_velocities=32,
                             min_log_density=float(np.log(H.density(100.0))))
     assert list(far.reasons) == ["", "low_density"]
+
+
+def test_solve_cbe_at_arbitrary_velocities():
+    # The exact DF obeys the CBE at every bound velocity, not only at typical ones: uniform draws in the
+    # ball |v| < 0.7 v_esc recover a as well (float32 rounding only, measured ~1e-7).
+    rng = np.random.default_rng(12)
+    n, k = 16, 64
+    r = np.geomspace(0.1, 10.0, n)
+    x = r[:, None] * random_directions(n, rng)
+    v = (0.7 * H.escape_speed(r)[:, None, None] * rng.uniform(size=(n, k, 1)) ** (1 / 3)
+         * random_directions(n * k, rng).reshape(n, k, 3))
+    a, residual, condition = (t.numpy() for t in cbe.solve_cbe(H.exact_density("aniso"), x, v, chunk_size=5))
+    assert relative_error(a, H.acceleration(x)).max() < 1e-4
+    assert residual.max() < 1e-4 and np.all(condition >= 1)
+    with pytest.raises(InputError, match=r"\[B, K, 3\]"):
+        cbe.solve_cbe(H.exact_density("iso"), x, v[:3])
+
+
+# ---- CLI ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from tfgalflow.training import TrainConfig, train
+
+    run = tmp_path_factory.mktemp("cbe") / "run"
+    config = TrainConfig(layers=1, hidden=(8,), epochs=2, batch_size=256, checkpoint_every=0, patience=0)
+    train(sample_hernquist_iso(2000, seed=1), config, run, verbose=0)
+    return run
+
+
+def test_cli_accel_matches_python_api(tiny_run, tmp_path, capsys):
+    from tfgalflow.cli import main
+    from tfgalflow.training import load_run
+
+    out = tmp_path / "acc.npz"
+    assert main(["accel", str(tiny_run), "--radii", "0.5,1,2", "--directions", "2", "--seed", "3",
+                 "--n-velocities", "32", "--out", str(out)]) == 0
+    assert "wrote 6 accelerations" in capsys.readouterr().out
+    with np.load(out) as z:
+        positions, acceleration, reasons = z["positions"], z["acceleration"], z["reasons"]
+        # positions are what the model saw: float32-rounded (relative 6e-8)
+        np.testing.assert_allclose(np.linalg.norm(positions, axis=1), np.repeat([0.5, 1.0, 2.0], 2), rtol=2e-7)
+        np.testing.assert_allclose(z["a_radial"], np.sum(acceleration * positions, 1) / z["radius"], rtol=1e-12)
+    ref = cbe.accelerations(load_run(tiny_run), positions, n_velocities=32, seed=3)
+    np.testing.assert_array_equal(acceleration, ref.acceleration)
+    np.testing.assert_array_equal(reasons, ref.reasons)
+    # --positions from a text file, written as CSV: the same numbers (CSV keeps 9 significant digits).
+    np.savetxt(tmp_path / "pos.txt", positions)
+    csv_out = tmp_path / "acc.csv"
+    assert main(["accel", str(tiny_run), "--positions", str(tmp_path / "pos.txt"), "--seed", "3",
+                 "--n-velocities", "32", "--out", str(csv_out)]) == 0
+    table = np.genfromtxt(csv_out, delimiter=",", names=True, dtype=None, encoding=None)
+    np.testing.assert_allclose(np.stack([table["ax"], table["ay"], table["az"]], 1), acceleration, rtol=1e-7)
+
+
+def test_cli_accel_on_a_savedmodel_matches_the_run(tiny_run, tmp_path):
+    from tfgalflow.cli import main
+    from tfgalflow.export import export
+    from tfgalflow.training import load_run
+
+    export(load_run(tiny_run), tmp_path / "saved", n_velocities=16)
+    args = ["--radii", "0.5,2", "--directions", "2", "--seed", "1"]
+    assert main(["accel", str(tmp_path / "saved"), *args, "--out", str(tmp_path / "saved.npz")]) == 0
+    assert main(["accel", str(tiny_run), *args, "--n-velocities", "16", "--out", str(tmp_path / "run.npz")]) == 0
+    with np.load(tmp_path / "saved.npz") as a, np.load(tmp_path / "run.npz") as b:
+        # Same graph, seeds and float32 outputs; the run path returns float64 copies of them.
+        np.testing.assert_allclose(a["acceleration"], b["acceleration"], rtol=1e-6)
+        np.testing.assert_array_equal(a["reasons"], b["reasons"])
+    assert main(["accel", str(tmp_path / "saved"), *args, "--n-velocities", "32",
+                 "--out", str(tmp_path / "x.npz")]) == 2        # K is fixed at export time
+
+
+def test_cli_accel_bad_arguments_exit_2(tiny_run, tmp_path, capsys):
+    from tfgalflow.cli import main
+
+    np.save(tmp_path / "bad.npy", np.zeros((4, 2)))
+    cases = [(["--radii", "0.5,x"], "--radii"),
+             (["--radii", "1", "--directions", "0"], "--directions"),
+             (["--positions", str(tmp_path / "bad.npy")], "positions has shape [4, 2]"),
+             (["--positions", str(tmp_path / "missing.npy")], "no such file"),
+             (["--radii", "1", "--n-velocities", "4"], "n_velocities"),
+             (["--radii", "1", "--out", str(tmp_path / "a.json")], ".npz or .csv")]
+    for extra, message in cases:
+        argv = ["accel", str(tiny_run), *extra]
+        if "--out" not in extra:
+            argv += ["--out", str(tmp_path / "a.npz")]
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "a.npz").exists() and not (tmp_path / "a.json").exists()
+    with pytest.raises(SystemExit):          # --positions and --radii are mutually exclusive (argparse: exit 2)
+        main(["accel", str(tiny_run), "--radii", "1", "--positions", "p.npy", "--out", "a.npz"])

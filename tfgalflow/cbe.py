@@ -107,6 +107,11 @@ def _as_vectors(value: Any, name: str) -> np.ndarray:
     return array.astype(np.float32)
 
 
+def check_positions(positions: Any) -> np.ndarray:
+    """Positions as a finite float32 [B, 3] array (B >= 1), or InputError naming the problem and the shape."""
+    return _as_vectors(positions, "positions")
+
+
 def _seed_tensor(seed: Any) -> tf.Tensor:
     """Stateless seed [2] int64 from an int >= 0 (-> [seed, 0]) or two integers."""
     if isinstance(seed, (int, np.integer)) and not isinstance(seed, (bool, np.bool_)):
@@ -167,7 +172,8 @@ def df_gradients(df: Any, x: Any, v: Any) -> tuple[tf.Tensor, tf.Tensor]:
     fn = _GRADIENT_FNS.get(df)
     if fn is None:
         spec = tf.TensorSpec([None, 3], tf.float32)
-        fn = tf.function(lambda x, v: _gradients_tensor(df, x, v)[:2], input_signature=[spec, spec])
+        fn = tf.function(lambda x, v: _gradients_tensor(df, x, v)[:2], input_signature=[spec, spec],
+                         autograph=False)
         _GRADIENT_FNS[df] = fn
     return fn(tf.constant(x), tf.constant(v))
 
@@ -361,6 +367,50 @@ class CBELayer(keras.layers.Layer):
         return tf.cast(a, out), tf.cast(residual, out), tf.cast(condition, out)
 
 
+def _solve_tensor(df: Any, layer: CBELayer, x: tf.Tensor, v: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """CBELayer on the DF's gradients at (x_c, v_ck): x [C, 3], v [C, K, 3] -> ([C, 3], [C], [C])."""
+    shape = tf.shape(v)
+    g_x, g_v, log_f = _gradients_tensor(df, tf.reshape(tf.broadcast_to(x[:, None, :], shape), [-1, 3]),
+                                        tf.reshape(v, [-1, 3]))
+    mask = tf.reshape(tf.math.is_finite(log_f), shape[:2])
+    return layer((tf.reshape(g_x, shape), tf.reshape(g_v, shape), v, mask))
+
+
+_SOLVE_FNS: "weakref.WeakKeyDictionary[Any, Callable]" = weakref.WeakKeyDictionary()
+
+
+def solve_cbe(df: Any, positions: Any, velocities: Any, chunk_size: int | None = None
+              ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """The CBE least squares at given velocities: gradients of log f at (x_b, v_bk), then :class:`CBELayer`.
+
+    For velocities from elsewhere (e.g. the observed stars near x, as in Green & Ting 2020, or a shared
+    :func:`sample_velocities` draw). Rows where log f is not finite are left out of the fit.
+
+    Args:
+        df: phase-space DF; positions: [B, 3]; velocities: [B, K, 3] (K >= 3).
+        chunk_size: positions per traced call (default 2^16 / K), bounding memory.
+    Returns:
+        (acceleration [B, 3], residual [B], condition [B]) float32 tensors, as :class:`CBELayer`.
+    """
+    check_df(df)
+    x = _as_vectors(positions, "positions")
+    v = np.asarray(velocities.numpy() if isinstance(velocities, (tf.Tensor, tf.Variable)) else velocities,
+                   dtype=np.float32)
+    if v.ndim != 3 or v.shape[0] != x.shape[0] or v.shape[2] != 3 or v.shape[1] < 3:
+        raise InputError(f"velocities have shape {list(v.shape)}; expected [B, K, 3] with B = {x.shape[0]} "
+                         f"(the rows of positions) and K >= 3")
+    chunk = _check_count(chunk_size if chunk_size is not None else max(1, GRADIENT_ROWS_PER_CHUNK // v.shape[1]),
+                         "chunk_size", 1)
+    fn = _SOLVE_FNS.get(df)
+    if fn is None:
+        layer = CBELayer()
+        fn = tf.function(lambda x, v: _solve_tensor(df, layer, x, v), autograph=False,
+                         input_signature=[tf.TensorSpec([None, 3], tf.float32), tf.TensorSpec([None, None, 3], tf.float32)])
+        _SOLVE_FNS[df] = fn
+    parts = [fn(tf.constant(x[i:i + chunk]), tf.constant(v[i:i + chunk])) for i in range(0, len(x), chunk)]
+    return tuple(tf.concat([p[j] for p in parts], axis=0) for j in range(3))
+
+
 # ---- the whole chain, pure TF ------------------------------------------------------------------------
 
 class _Solver:
@@ -377,20 +427,18 @@ class _Solver:
             chunk_size = max(1, min(GRADIENT_ROWS_PER_CHUNK // k, CANDIDATE_ROWS_PER_CHUNK // self.m))
         self.chunk = _check_count(chunk_size, "chunk_size", 1)
         specs = [tf.TensorSpec([None, 3], tf.float32, name="positions"), tf.TensorSpec([2], tf.int64, name="seed")]
-        self.velocities = tf.function(lambda p, s: self._chunked(p, s, self._sample_chunk), input_signature=specs)
-        self.solve = tf.function(lambda p, s: self._chunked(p, s, self._solve_chunk), input_signature=specs)
+        # No Python control flow on tensors anywhere in the chain: autograph off (faster tracing, no warnings).
+        self.velocities = tf.function(lambda p, s: self._chunked(p, s, self._sample_chunk), input_signature=specs,
+                                      autograph=False)
+        self.solve = tf.function(lambda p, s: self._chunked(p, s, self._solve_chunk), input_signature=specs,
+                                 autograph=False)
 
     def _sample_chunk(self, x: tf.Tensor, seed: tf.Tensor) -> dict[str, tf.Tensor]:
         return _sample_velocities_tensor(self.df, x, self.k, self.m, seed, self.v0(), self.cfg)
 
     def _solve_chunk(self, x: tf.Tensor, seed: tf.Tensor) -> dict[str, tf.Tensor]:
         draw = self._sample_chunk(x, seed)
-        v = draw.pop("velocities")                                                               # [C, K, 3]
-        shape = tf.shape(v)
-        g_x, g_v, log_f = _gradients_tensor(self.df, tf.reshape(tf.broadcast_to(x[:, None, :], shape), [-1, 3]),
-                                            tf.reshape(v, [-1, 3]))
-        mask = tf.reshape(tf.math.is_finite(log_f), shape[:2])
-        a, residual, condition = self.layer((tf.reshape(g_x, shape), tf.reshape(g_v, shape), v, mask))
+        a, residual, condition = _solve_tensor(self.df, self.layer, x, draw.pop("velocities"))
         return {"acceleration": a, "residual": residual, "condition": condition, **draw}
 
     def _signature(self, fn: Callable) -> dict[str, tf.TensorSpec]:

@@ -352,6 +352,150 @@ def _run_serve(args) -> int:
 _SUBCOMMANDS.append(_add_serve)
 
 
+# ---- accel (cbe) ----------------------------------------------------------------------------------
+
+def _add_accel(sub) -> None:
+    p = sub.add_parser(
+        "accel", help="accelerations from the collisionless Boltzmann equation of a trained 6D run",
+        description="Solve v . dlogf/dx + a . dlogf/dv = 0 by least squares over K velocities drawn from the "
+                    "learned DF at each position (tfgalflow.cbe.accelerations; an ensemble gives the "
+                    "member-to-member spread too). Positions are in the run's length unit; accelerations come "
+                    "out in velocity^2 / length of the training data. Positions failing a check (no support, "
+                    "low ESS, ill-conditioned, high residual) are flagged with the reason, never dropped.")
+    p.add_argument("run", metavar="RUN",
+                   help="run directory (tfgalflow train), or a SavedModel with an accelerations signature")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--positions", metavar="FILE", help="[B, 3] positions: .npy, .npz (one array), "
+                                                            ".txt/.dat (spaces) or .csv")
+    where.add_argument("--radii", metavar="R1,R2,...", help="radii; each at --directions isotropic random directions")
+    p.add_argument("--directions", type=int, default=1, metavar="N",
+                   help="random directions per radius with --radii (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the directions and the velocity draws (default: 0)")
+    p.add_argument("--n-velocities", type=int, default=None, metavar="K",
+                   help="velocities per position, >= 8 (default: 256; a SavedModel uses its exported K)")
+    p.add_argument("--max-residual", type=float, default=None, metavar="X",
+                   help="flag relative residuals above X (default: tfgalflow.cbe.MAX_RESIDUAL)")
+    p.add_argument("--max-condition", type=float, default=None, metavar="X",
+                   help="flag normal-matrix condition numbers above X (default: tfgalflow.cbe.MAX_CONDITION)")
+    p.add_argument("--min-ess", type=float, default=None, metavar="X",
+                   help="flag velocity draws with effective sample size below X (default: tfgalflow.cbe.MIN_ESS)")
+    p.add_argument("--min-log-density", type=float, default=None, metavar="X",
+                   help="flag positions where log of the integral of f over velocities is below X (default: off)")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help=".npz (arrays positions, acceleration, residual, condition, flagged, reasons, ...) or .csv")
+    p.set_defaults(func=_run_accel)
+
+
+def _accel_positions(args):
+    import numpy as np
+    from .errors import InputError
+
+    if args.positions:
+        positions, _ = _load_points(args.positions)
+        return np.asarray(positions, dtype=np.float64)
+    try:
+        radii = np.array([float(r) for r in args.radii.split(",")])
+    except ValueError:
+        raise InputError(f"--radii {args.radii!r}: expected comma-separated numbers, e.g. 0.5,1,2") from None
+    if radii.size == 0 or not np.all(np.isfinite(radii)) or np.any(radii < 0):
+        raise InputError(f"--radii {args.radii!r}: expected finite radii >= 0")
+    if args.directions < 1:
+        raise InputError(f"--directions {args.directions}: expected an integer >= 1")
+    d = np.random.default_rng(args.seed).normal(size=(radii.size * args.directions, 3))
+    return np.repeat(radii, args.directions)[:, None] * d / np.linalg.norm(d, axis=1, keepdims=True)
+
+
+def _run_accel(args) -> int:
+    import numpy as np
+    from . import cbe
+    from .errors import InputError
+    from .export import ExportedModel, load
+
+    positions = cbe.check_positions(_accel_positions(args)).astype(np.float64)
+    thresholds = dict(max_residual=cbe.MAX_RESIDUAL if args.max_residual is None else args.max_residual,
+                      max_condition=cbe.MAX_CONDITION if args.max_condition is None else args.max_condition,
+                      min_ess=cbe.MIN_ESS if args.min_ess is None else args.min_ess,
+                      min_log_density=args.min_log_density)
+    if args.seed < 0:
+        raise InputError(f"--seed {args.seed}: expected an integer >= 0")
+    model = load(args.run)
+    if isinstance(model, ExportedModel):
+        exported_k = (model.metadata.get("accelerations") or {}).get("n_velocities")
+        if args.n_velocities is not None and exported_k is not None and args.n_velocities != exported_k:
+            raise InputError(f"{args.run}: the SavedModel was exported with {exported_k} velocities per position; "
+                             f"drop --n-velocities or use the run directory")
+        out = model.accelerations(positions.astype(np.float32), seed=args.seed)
+        acceleration = np.asarray(out["acceleration"], np.float64)
+        support = np.asarray(out.get("support", np.isfinite(acceleration).all(1)), bool)
+        acceleration[~support] = np.nan
+        columns = {"acceleration": acceleration, "residual": out["residual"], "condition": out["condition"],
+                   "ess": out.get("ess"), "log_density": out.get("log_density"), "spread": None}
+        reasons = cbe.flag_reasons(acceleration, out["residual"], out["condition"], support, out.get("ess"),
+                                   out.get("log_density"), **thresholds)
+        units = ((model.metadata.get("run") or {}).get("data") or {}).get("units")
+    else:
+        from .training import read_run_config
+        res = cbe.accelerations(model, positions, n_velocities=256 if args.n_velocities is None else args.n_velocities,
+                                seed=args.seed, **thresholds)
+        columns = {"acceleration": res.acceleration, "residual": res.residual, "condition": res.condition,
+                   "ess": res.ess, "log_density": res.log_density, "spread": res.spread}
+        reasons = res.reasons
+        units = read_run_config(args.run)["data"].get("units")
+    _save_accelerations(args.out, positions, columns, reasons, units)
+    flagged = reasons != ""
+    summary = ", ".join(f"{name} {int(sum(name in r.split(',') for r in reasons))}"
+                        for name in ("no_support", "low_density", "low_ess", "ill_conditioned", "high_residual",
+                                     "non_finite") if any(name in r.split(",") for r in reasons))
+    print(f"wrote {len(positions)} accelerations to {args.out}; {int(flagged.sum())} flagged"
+          + (f" ({summary})" if summary else ""))
+    return 0
+
+
+def _save_accelerations(path: str, positions, columns: dict, reasons, units) -> None:
+    """Write positions, accelerations and diagnostics as .npz arrays or one .csv row per position."""
+    import csv
+    from pathlib import Path
+    import numpy as np
+    from .atomic import atomic_file
+    from .errors import InputError
+
+    suffix = Path(path).suffix.lower()
+    a = columns["acceleration"]
+    r = np.linalg.norm(positions, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        a_radial = np.where(r > 0, np.sum(a * positions, axis=1) / np.where(r > 0, r, 1.0), np.nan)
+    arrays = {"positions": positions, "radius": r, "acceleration": a, "a_radial": a_radial,
+              **{k: np.asarray(v, np.float64) for k, v in columns.items() if k != "acceleration" and v is not None},
+              "flagged": reasons != "", "reasons": np.asarray(reasons, dtype=str)}
+    if units:
+        arrays["units"] = np.array(f"positions: {units.get('length')}; accelerations: ({units.get('velocity')})^2 "
+                                   f"/ {units.get('length')}")
+    if suffix == ".npz":
+        with atomic_file(path, suffix=".npz") as tmp:
+            np.savez(tmp, **arrays)
+    elif suffix == ".csv":
+        header = ["x", "y", "z", "r", "ax", "ay", "az", "a_radial"]
+        blocks = [positions, r[:, None], a, a_radial[:, None]]
+        for name in ("residual", "condition", "ess", "log_density"):
+            if name in arrays:
+                header.append(name)
+                blocks.append(arrays[name][:, None])
+        if "spread" in arrays:
+            header += ["spread_x", "spread_y", "spread_z"]
+            blocks.append(arrays["spread"])
+        table = np.concatenate(blocks, axis=1)
+        with atomic_file(path) as tmp, open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(header + ["flagged", "reasons"])
+            for row, reason in zip(table, arrays["reasons"]):
+                writer.writerow([f"{value:.9g}" for value in row] + [int(reason != ""), reason])
+    else:
+        raise InputError(f"--out {path}: unsupported extension for accelerations; use .npz or .csv")
+
+
+_SUBCOMMANDS.append(_add_accel)
+
+
 # ---- entry point ------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
