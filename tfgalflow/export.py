@@ -28,9 +28,11 @@ give the same points. ``accelerations`` likewise seeds its velocity draws with `
 TF Serving's server-side batching enabled, concurrent requests may be merged and the draws stay valid
 samples but are then seeded by the first request's seed; the tfgalflow endpoint never merges them.
 
-The FlowConfig, the run's config.json (when exported from a run), the rescaling constants and this
-convention are stored in the SavedModel as the string variable ``tfgalflow_metadata`` (JSON); the
-rescaling actually applied lives in the model's own (non-trainable) variables.
+The FlowConfig, the run's config.json (when exported from a run), the rescaling constants, this
+convention and the list of row-wise signatures (whose output rows depend only on the same input rows,
+so a server may merge requests: log_prob, grad_log_prob, serving_default) are stored in the
+SavedModel as the string variable ``tfgalflow_metadata`` (JSON); the rescaling actually applied
+lives in the model's own (non-trainable) variables.
 
 Layout for TF Serving: ``ROOT/NAME/<version>/saved_model.pb`` (integer versions, highest served by
 default) and ``ROOT/models.config`` (``model_config_list`` text format) from :func:`write_models_config`.

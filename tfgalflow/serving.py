@@ -10,9 +10,13 @@ saved_model.pb`` (all versions are loaded; the highest is the default)::
                                                             columnar {"inputs": ...}  -> {"outputs": ...}
 
 A request's whole batch goes through ONE call of the signature's traced function, in a worker thread
-(the event loop only does I/O). Bodies are parsed and answered as TF Serving does: one output is
-returned bare, several as objects keyed by output name; ``NaN``/``Infinity`` tokens are valid JSON
-here. Errors are ``{"error": "..."}`` with TF Serving's statuses:
+(the event loop only does I/O). Concurrent small requests (<= ``batch_rows`` rows) to a row-wise
+signature (listed in the SavedModel's metadata: log_prob, grad_log_prob, serving_default - never the
+seeded sample/accelerations) are merged into one call and split again (:class:`_MicroBatcher`).
+Bodies are parsed and answered as TF Serving does: one output is returned bare, several as objects
+keyed by output name; ``NaN``/``Infinity`` tokens are valid JSON here and non-finite outputs are
+written as those tokens. orjson, when installed, parses and writes faster (same values). Errors are
+``{"error": "..."}`` with TF Serving's statuses:
 
     400  malformed JSON or URL, unknown/missing input, wrong shape or dtype, unknown signature name
          (TF Serving: FAILED_PRECONDITION -> 400), unknown version label; and - stricter than TF
