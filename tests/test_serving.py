@@ -435,6 +435,20 @@ def test_rescan_serves_new_versions_and_forgets_removed_ones(tmp_path):
         np.testing.assert_allclose(client.predict(x), normal_log_prob(x, 1.0), rtol=RTOL)
 
 
+def test_polling_picks_up_an_exported_version(tmp_path):
+    save_normal(tmp_path / "normal" / "1", sigma=1.0)
+    x = [[0.0, 1.0, 0.0]]
+    with running(tmp_path, poll_seconds=0.1) as srv:
+        client = Client(srv.url, model="normal")
+        save_normal(tmp_path / ".tmp-2", sigma=2.0)                        # written aside, then renamed in,
+        (tmp_path / ".tmp-2").rename(tmp_path / "normal" / "2")            # as export() does
+        deadline = time.monotonic() + 60
+        while [s["version"] for s in client.status()["model_version_status"]] != ["1", "2"]:
+            assert time.monotonic() < deadline, "version 2 was never loaded"
+            time.sleep(0.1)
+        np.testing.assert_allclose(client.predict(x), normal_log_prob(x, 2.0), rtol=RTOL)
+
+
 def test_cli_serve_answers_on_loopback(base):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -131,10 +131,17 @@ class ModelRepository:
         with self._scan_lock:
             table: dict[str, dict[int, _Version]] = {}
             for model_dir in sorted(p for p in self.base_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-                for v in versions(model_dir):
+                try:
+                    found = versions(model_dir)
+                except OSError:               # removed while scanning
+                    continue
+                for v in found:
                     path = model_dir / str(v)
-                    stamp = max((path / f).stat().st_mtime for f in ("saved_model.pb", "saved_model.pbtxt")
-                                if (path / f).exists())
+                    try:
+                        stamp = max((path / f).stat().st_mtime for f in ("saved_model.pb", "saved_model.pbtxt")
+                                    if (path / f).exists())
+                    except (OSError, ValueError):   # removed while scanning
+                        continue
                     old = self._models.get(model_dir.name, {}).get(v)
                     if old is None or old.stamp != stamp:
                         try:
@@ -563,7 +570,10 @@ def make_app(base_dir: str | os.PathLike, *, max_body_bytes: int = MAX_BODY_BYTE
             loop = asyncio.get_running_loop()
             while True:
                 await asyncio.sleep(poll_seconds)
-                _settle_heap(await loop.run_in_executor(endpoint.executor, repository.scan))
+                try:
+                    _settle_heap(await loop.run_in_executor(endpoint.executor, repository.scan))
+                except Exception:   # noqa: BLE001 - keep polling (and serving) whatever the disk does
+                    log.exception("rescanning %s failed", repository.base_dir)
         task = asyncio.create_task(rescan()) if poll_seconds else None
         yield
         if task is not None:
