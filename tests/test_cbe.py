@@ -335,6 +335,20 @@ def test_exported_accelerations_signature_matches_python(tmp_path):
                                   .astype(np.float32))
 
 
+def test_cached_graphs_do_not_keep_the_model_alive():
+    import gc
+    import weakref
+
+    flow = _small_flows(1)[0]
+    cbe.accelerations(flow, [[1.0, 0.0, 0.0]], n_velocities=8)
+    cbe.df_gradients(flow, [[1.0, 0.0, 0.0]], [[0.0, 0.5, 0.0]])
+    cbe.solve_cbe(flow, [[1.0, 0.0, 0.0]], np.ones((1, 4, 3)))
+    ref = weakref.ref(flow)
+    del flow
+    gc.collect()
+    assert ref() is None
+
+
 def test_chunking_does_not_change_accuracy():
     rng = np.random.default_rng(10)
     x = np.geomspace(0.2, 5, 10)[:, None] * random_directions(10, rng)

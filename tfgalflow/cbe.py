@@ -172,7 +172,8 @@ def df_gradients(df: Any, x: Any, v: Any) -> tuple[tf.Tensor, tf.Tensor]:
     fn = _GRADIENT_FNS.get(df)
     if fn is None:
         spec = tf.TensorSpec([None, 3], tf.float32)
-        fn = tf.function(lambda x, v: _gradients_tensor(df, x, v)[:2], input_signature=[spec, spec],
+        ref = weakref.ref(df)        # the cache must not keep the DF alive
+        fn = tf.function(lambda x, v: _gradients_tensor(ref(), x, v)[:2], input_signature=[spec, spec],
                          autograph=False)
         _GRADIENT_FNS[df] = fn
     return fn(tf.constant(x), tf.constant(v))
@@ -403,8 +404,8 @@ def solve_cbe(df: Any, positions: Any, velocities: Any, chunk_size: int | None =
                          "chunk_size", 1)
     fn = _SOLVE_FNS.get(df)
     if fn is None:
-        layer = CBELayer()
-        fn = tf.function(lambda x, v: _solve_tensor(df, layer, x, v), autograph=False,
+        layer, ref = CBELayer(), weakref.ref(df)
+        fn = tf.function(lambda x, v: _solve_tensor(ref(), layer, x, v), autograph=False,
                          input_signature=[tf.TensorSpec([None, 3], tf.float32), tf.TensorSpec([None, None, 3], tf.float32)])
         _SOLVE_FNS[df] = fn
     parts = [fn(tf.constant(x[i:i + chunk]), tf.constant(v[i:i + chunk])) for i in range(0, len(x), chunk)]
@@ -419,7 +420,8 @@ class _Solver:
     def __init__(self, df: Any, k: int, cfg: SamplerConfig, velocity_scale: float | None, solve_dtype: str,
                  chunk_size: int | None):
         check_df(df)
-        self.df, self.k, self.cfg = df, k, cfg
+        self._df = weakref.ref(df)    # cached per DF in a WeakKeyDictionary: must not keep the DF alive
+        self.k, self.cfg = k, cfg
         self.m = cfg.n_candidates(k)
         self.v0 = _velocity_scale(df, velocity_scale)
         self.layer = CBELayer(solve_dtype)
@@ -432,6 +434,14 @@ class _Solver:
                                       autograph=False)
         self.solve = tf.function(lambda p, s: self._chunked(p, s, self._solve_chunk), input_signature=specs,
                                  autograph=False)
+
+    @property
+    def df(self) -> Any:
+        df = self._df()
+        if df is None:
+            raise InputError("the DF this acceleration graph was built for no longer exists; keep a reference "
+                             "to the model while the graph is in use")
+        return df
 
     def _sample_chunk(self, x: tf.Tensor, seed: tf.Tensor) -> dict[str, tf.Tensor]:
         return _sample_velocities_tensor(self.df, x, self.k, self.m, seed, self.v0(), self.cfg)
