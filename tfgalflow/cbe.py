@@ -322,8 +322,10 @@ class CBELayer(keras.layers.Layer):
     (1 = use the row). Rows with any non-finite entry are always dropped.
 
     ``solve_dtype`` ("float64" default): the products and the 3x3 solve are done in this dtype. Measured
-    on the exact Hernquist DF (tests/test_cbe.py): float32 normal equations leave ~1e-6 relative error,
-    float64 ~1e-7 (the gradients' own float32 rounding); the cost is negligible next to the DF.
+    on the exact Hernquist DFs at 400 positions 0.1a-10a with K = 256 and the same float32 gradients:
+    iso max relative error 2.6e-6 (float32 solve) vs 2.9e-7 (float64); β = 1/2 1.2e-2 vs 7.4e-7 (its 1/L
+    gradients make some normal matrices ill-conditioned, and float32 squares the condition number). The
+    float64 cost is negligible next to the DF evaluations.
 
     Reference: An, Naik, Evans & Burrage 2021, MNRAS 506, 5721, Sec. 5.
     """
