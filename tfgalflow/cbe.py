@@ -627,6 +627,11 @@ def accelerations(df: Any, positions: Any, n_velocities: int = 256, seed: Any = 
         on 3e4 stars 0.25-0.78 with median 0.35 at 0.5a-3a);
       * non_finite: the acceleration has NaN/inf (singular system); such rows are NaN, never garbage.
 
+    The flags catch numerical failure, not a wrong model: a DF that is smooth and nearly a steady state
+    of the *wrong* potential (e.g. an under-trained flow close to a Gaussian, a steady state of a harmonic
+    potential) gives a small residual and a wrong a. The ensemble ``spread`` is the model-uncertainty
+    measure; compare the learned and the exact DF on mocks (tfgalflow.study).
+
     Args:
         df: phase-space DF (Flow, Ensemble, exact DF): ``.dim == 6``, ``.log_prob(w [N, 6])``.
         positions: [B, 3] in the DF's length unit.
