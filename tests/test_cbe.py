@@ -253,7 +253,7 @@ def sample_hernquist_iso(n: int, seed: int, r_max: float = 20.0) -> np.ndarray:
     return np.concatenate([r[:, None] * random_directions(n, rng), speed[:, None] * random_directions(n, rng)], 1)
 
 
-def within_tolerance(a_radial: np.ndarray, truth: np.ndarray, tol: float = 0.3) -> bool:
+def within_tolerance(a_radial: np.ndarray, truth: np.ndarray, tol: float = 0.35) -> bool:
     """Median over directions of the recovered radial acceleration within ``tol`` of the truth, every radius."""
     return bool(np.all(np.abs(np.median(a_radial, axis=1) / truth - 1) < tol))
 
@@ -274,14 +274,16 @@ def test_small_trained_flow_recovers_acceleration():
     res = cbe.accelerations(flow, x, n_velocities=256, seed=0)
     a_radial = (-np.sum(res.acceleration * x, 1) / np.linalg.norm(x, axis=1)).reshape(len(radii), -1)
     truth = H.enclosed_mass(radii) / radii**2                       # |a_r| = G M(<r) / r^2
-    # Measured medians/truth 0.87-1.05 (a small flow smooths the DF and under-estimates |a| slightly;
-    # per-direction scatter 6-10 %). 30 % is stable across seeds yet fails on a factor of 2 or a sign:
+    # Measured medians/truth 0.87-1.05 at this seed and 0.69-1.07 over seeds 0-4 (a small flow smooths
+    # the central cusp and under-estimates |a| at small r; per-direction scatter 6-13 %). 35 % passes every
+    # seed tried, yet fails on a factor of 2 (ratio 0.5 or 2) or a sign:
     assert within_tolerance(a_radial, truth), np.median(a_radial, axis=1) / truth
     assert not within_tolerance(a_radial, -truth)
     assert not within_tolerance(a_radial, 2 * truth) and not within_tolerance(a_radial, truth / 2)
-    # The directions: tangential components small compared with the radial one.
+    # The directions: tangential components small compared with the radial one (median vector error
+    # measured 0.16-0.27 over seeds 0-4).
     assert np.median(relative_error(res.acceleration, H.acceleration(x))) < 0.35
-    # Learned DFs are not exact steady states: residuals measured 0.25-0.78, under the 0.8 flag threshold.
+    # Learned DFs are not exact steady states: median residual measured 0.34-0.49 over seeds 0-4.
     assert 0.05 < np.median(res.residual) < cbe.MAX_RESIDUAL
 
 

@@ -623,8 +623,9 @@ def accelerations(df: Any, positions: Any, n_velocities: int = 256, seed: Any = 
         1.5 for the exact isotropic DF and small flows, 26 for the exact β = 1/2 DF, max 2e5 over 10^4
         positions);
       * high_residual: relative residual > ``max_residual`` (0.8: the fit explains < 36 % of Σ b², i.e.
-        the DF is far from a steady state there; measured: exact Hernquist DFs ~1e-7, small flows trained
-        on 3e4 stars 0.25-0.78 with median 0.35 at 0.5a-3a);
+        the DF is far from a steady state there; measured: exact Hernquist DFs ~1e-7; small flows (3
+        layers of 32x32) trained on 3e4 stars, 0.5a-3a: median 0.34-0.49 over five seeds, single
+        positions up to 0.97, which are flagged);
       * non_finite: the acceleration has NaN/inf (singular system); such rows are NaN, never garbage.
 
     The flags catch numerical failure, not a wrong model: a DF that is smooth and nearly a steady state
