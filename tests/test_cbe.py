@@ -81,7 +81,7 @@ def test_df_gradients_match_finite_differences_of_numpy_log_df(kind):
         up[:, j] += step
         down[:, j] -= step
         fd[:, j] = (H.log_df(up[:, :3], up[:, 3:], kind) - H.log_df(down[:, :3], down[:, 3:], kind)) / (2 * step)
-    # float32 autodiff: ~1e-6 relative per row (measured max 3e-6); 1e-4 still fails on any wrong term.
+    # float32 autodiff: measured max 5.7e-7 (iso) and 5.4e-7 (aniso) per row; 1e-4 fails on any wrong term.
     for got, want in ((g_x, fd[:, :3]), (g_v, fd[:, 3:])):
         err = np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)
         assert err.max() < 1e-4, err.max()
