@@ -28,6 +28,13 @@ G_KPC_KMS2_MSUN = G_SI * MSUN_KG / (KPC_M * KM_M**2)
 LENGTH_UNITS = {"kpc": 1.0, "pc": 1.0e-3, "Mpc": 1.0e3, "m": 1.0 / KPC_M, "km": KM_M / KPC_M}
 #: Velocity units understood in catalogue metadata, as multiples of 1 km/s.
 VELOCITY_UNITS = {"km/s": 1.0, "m/s": 1.0 / KM_M, "kpc/Gyr": KPC_M / GYR_S / KM_M}
+#: Name of model units (G = M = a = 1) for both length and velocity in catalogue metadata. They have no
+#: fixed factor: converting them needs a :class:`ModelUnits` (length unit ``length_kpc`` kpc, velocity
+#: unit ``velocity_kms`` km/s).
+MODEL_UNIT = "model"
+#: 1 cm in kpc and 1 cm/s in km/s (Gadget snapshots state their units in cgs).
+CM_KPC = 1.0e-2 / KPC_M
+CM_S_KMS = 1.0e-2 / KM_M
 
 
 def length_factor(unit: str) -> float:
