@@ -344,6 +344,68 @@ def test_mirrored_strategy_two_cpus(tmp_path):
     np.testing.assert_allclose(reloaded.log_prob(x).numpy(), out["lp"], rtol=1e-6, atol=1e-6)
 
 
+# ---- HDF5 streaming ---------------------------------------------------------------------------------
+
+UNITS = {"length": "kpc", "velocity": "km/s"}
+
+
+def gauss6(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n points of a correlated 6D Gaussian (means 0..5) and one uniform label column."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(6, 6)) * 0.3 + np.eye(6)
+    return rng.normal(size=(n, 6)) @ a.T + np.arange(6.0), rng.uniform(size=(n, 1))
+
+
+@pytest.fixture(scope="module")
+def h5_file(tmp_path_factory):
+    from tfgalflow.catalogue import Catalogue
+    w, labels = gauss6(3000, seed=2)
+    path = tmp_path_factory.mktemp("h5") / "mock.h5"
+    Catalogue(w[:, :3], w[:, 3:], labels=labels, label_names=("q",), units=UNITS).save(path)
+    return path, w
+
+
+H5 = TrainConfig(layers=2, hidden=(16, 16), epochs=4, batch_size=256, lr=1e-2, seed=1, checkpoint_every=1,
+                 patience=0, adapt_samples=1000, label_dim=0)
+
+
+def test_hdf5_streaming_split_rescaler_and_resume(h5_file, tmp_path):
+    path, w = h5_file
+    flow = train(path, H5, tmp_path / "run", verbose=0)
+    h = read_history(tmp_path / "run")
+    assert np.all(np.isfinite(h["loss"])) and np.all(np.diff(h["loss"]) < 0)
+    data = read_run_config(tmp_path / "run")["data"]
+    assert (data["source"], data["n"], data["dim"], data["label_dim"]) == ("hdf5", 3000, 6, 0)
+    n_train = 3000 - round(3000 * H5.validation_split)                       # rows [2700, 3000) validate
+    # Rescaler: mean of every 3rd training row (ceil(2700 / 1000) = 3) -- float32 rounding ~1e-7 of |x| ~ 5.
+    np.testing.assert_allclose(flow.x_shift.numpy(), w[0:n_train:3].mean(axis=0), rtol=0, atol=1e-5)
+    # The validation loss is the NLL of exactly the held-out index range: recomputed in float64 from the
+    # final (best-epoch) weights it equals the minimum in the history up to summation order (~1e-7).
+    nll = -np.mean(flow.log_prob(w[n_train:]).numpy().astype(np.float64))
+    assert nll == pytest.approx(h["val_loss"].min(), rel=1e-5)
+    # Resume re-reads the file and regenerates epoch e's shuffle from (seed, e): identical history
+    # (same tolerance argument as for in-memory data).
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(path, H5, tmp_path / "crashed", verbose=0, callbacks=[CrashAfter(1)])
+    resume(tmp_path / "crashed", verbose=0)
+    assert raw_history_epochs(tmp_path / "crashed") == list(range(H5.epochs))
+    for key in ("loss", "val_loss"):
+        np.testing.assert_allclose(read_history(tmp_path / "crashed")[key], h[key], rtol=1e-6, atol=0)
+
+
+def test_hdf5_bad_row_found_while_streaming_is_an_input_error(h5_file, tmp_path):
+    import h5py
+    path, _ = h5_file
+    bad = tmp_path / "bad.h5"
+    shutil.copy(path, bad)
+    with h5py.File(bad, "r+") as f:
+        f["vel"][1, 2] = np.nan        # row 1 is not in the every-3rd-row rescaler sample: found mid-stream
+    with pytest.raises(InputError, match=r"bad\.h5.*non-finite.*row 1"):
+        train(bad, H5, tmp_path / "run", verbose=0)
+    with pytest.raises(FileError, match="no such data file"):
+        train(tmp_path / "absent.h5", H5, tmp_path / "run2", verbose=0)
+
+
 # ---- bad input and configuration ------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", ["empty", "nan", "inf", "label_rows", "labels_missing", "label_width",
@@ -488,3 +550,44 @@ def test_cli_errors_exit_2_with_a_message(reference, tmp_path, capsys):
     assert "drop --epochs" in capsys.readouterr().err
     assert main(["sample", str(tmp_path / "nowhere"), "--n", "5", "--out", str(tmp_path / "s.npy")]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_cli_train_restart_sample_logprob_with_a_conditional_catalogue(tmp_path, capsys):
+    from tfgalflow.catalogue import Catalogue
+    from tfgalflow.cli import main
+    w, labels = gauss6(2000, seed=4)
+    cat_path = tmp_path / "cat.npz"
+    Catalogue(w[:, :3], w[:, 3:], labels=labels, label_names=("q",), units=UNITS).save(cat_path)
+    (tmp_path / "cfg.yaml").write_text("layers: 2\nhidden: [16, 16]\nepochs: 1\nbatch_size: 256\nlr: 1e-2\n")
+    run1, run2 = tmp_path / "run1", tmp_path / "run2"
+    # Flags override the config file: epochs 3 (flag) beats epochs 1 (file); layers 2 comes from the file.
+    assert main(["train", str(cat_path), "--out", str(run1), "--config", str(tmp_path / "cfg.yaml"),
+                 "--epochs", "3", "--seed", "5", "--verbose", "0"]) == 0
+    assert "member_000: seed 5, 3 epochs" in capsys.readouterr().out
+    run = read_run_config(run1)
+    assert (run["train"]["epochs"], run["train"]["layers"], run["train"]["label_dim"]) == (3, 2, 1)
+    assert run["data"]["source"] == "file" and run["data"]["label_names"] == ["q"]
+    # Restarting from the run's config.json reproduces the run (same seed, same data): identical history.
+    assert main(["train", str(cat_path), "--config", str(run1 / "config.json"), "--out", str(run2),
+                 "--verbose", "0"]) == 0
+    for key in ("loss", "val_loss"):
+        np.testing.assert_array_equal(read_history(run2)[key], read_history(run1)[key])
+    # --resume of a finished run trains nothing and keeps the history.
+    assert main(["train", "--resume", str(run1), "--verbose", "0"]) == 0
+    assert raw_history_epochs(run1) == [0, 1, 2]
+
+    out = tmp_path / "samples.npz"
+    assert main(["sample", str(run1), "--n", "300", "--labels", "0.5", "--seed", "2", "--out", str(out)]) == 0
+    s = Catalogue.load(out)
+    assert len(s) == 300 and s.units == UNITS and s.label_names == ("q",)
+    assert np.all(s.labels == 0.5)
+    model = load_run(run1)
+    np.testing.assert_allclose(s.phase_space, model.sample(300, labels=np.array([0.5]), seed=2).numpy(),
+                               rtol=1e-6)
+
+    assert main(["logprob", str(run1), str(cat_path), "--out", str(tmp_path / "lp.npy")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "lp.npy"), model.log_prob(w, labels).numpy())
+    capsys.readouterr()
+    assert main(["sample", str(run1), "--n", "5", "--out", str(tmp_path / "x.npy")]) == 2
+    err = capsys.readouterr().err
+    assert "conditional" in err and "1 value(s) (q)" in err

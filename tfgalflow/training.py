@@ -44,7 +44,7 @@ import re
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
@@ -380,6 +380,109 @@ class _ArrayPipelines(_Pipelines):
         return tf.data.Dataset.from_tensor_slices(rows).batch(self.batch_size)
 
 
+#: Rows shuffled together when streaming HDF5 (HDF5Catalogue.batches' shuffle_buffer): 2^18 rows of
+#: (x, labels) float32 are a few MB, and chunk order is permuted as well.
+STREAM_SHUFFLE_ROWS = 2**18
+
+
+@dataclass(frozen=True)
+class _HDF5Data:
+    """Training data streamed from an HDF5 catalogue (never loaded whole).
+
+    Rows [0, n_train) train, rows [n_train, n) validate (n - n_train = round(n · validation_split)), so
+    a file sorted by some property gives an unrepresentative validation set: shuffle such files first.
+    """
+
+    path: Path
+    n: int
+    file_label_dim: int
+    description: dict
+    use_labels: bool = True
+    streamed: ClassVar[bool] = True
+    dim: ClassVar[int] = 6
+
+    @property
+    def label_dim(self) -> int:
+        return self.file_label_dim if self.use_labels else 0
+
+    def pipelines(self, config: TrainConfig, seed: int) -> "_Pipelines":
+        return _HDF5Pipelines(self, config, seed)
+
+
+def _hdf5_data(catalogue: Any) -> _HDF5Data:
+    path = Path(catalogue.path).resolve()
+    description = {"source": "hdf5", "path": str(path), "label_names": list(catalogue.label_names),
+                   "units": dict(catalogue.units), "bytes": path.stat().st_size}
+    return _HDF5Data(path, len(catalogue), catalogue.label_dim, description)
+
+
+class _HDF5Pipelines(_Pipelines):
+    """Per-member pipelines over an HDF5 file, through :class:`tfgalflow.catalogue.HDF5Catalogue`."""
+
+    def __init__(self, data: _HDF5Data, config: TrainConfig, seed: int):
+        from .catalogue import open_hdf5
+        self.data, self.seed, self.batch_size = data, seed, config.batch_size
+        self.n_val = 0 if config.validation_split <= 0 else max(1, int(round(data.n * config.validation_split)))
+        self.n_train = data.n - self.n_val
+        self.adapt_samples = config.adapt_samples
+        self.catalogue = open_hdf5(data.path, units=data.description["units"])
+        self.stream_error: Exception | None = None     # an InputError/FileError raised inside tf.data
+
+    def adapt_input(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """Every s-th training row, s = ceil(n_train / adapt_samples): at most adapt_samples rows, spread
+        evenly over the training range (one strided HDF5 read)."""
+        step = math.ceil(self.n_train / self.adapt_samples)
+        cat = self.catalogue.read(0, self.n_train, step)
+        return cat.phase_space, (cat.labels if self.data.use_labels else None)
+
+    def _signature(self) -> Any:
+        import tensorflow as tf
+        x = tf.TensorSpec([None, 6], tf.float32)
+        return (x, tf.TensorSpec([None, self.data.file_label_dim], tf.float32)) if self.data.use_labels else x
+
+    def _guarded(self, generator):
+        """Keep the first package error raised while streaming, so ``fit`` can re-raise it unwrapped."""
+        from .errors import TfgalflowError
+        try:
+            yield from generator
+        except TfgalflowError as exc:
+            self.stream_error = self.stream_error or exc
+            raise
+
+    def train_dataset(self, initial_epoch: int, epochs: int) -> "tf.data.Dataset":
+        """Epochs initial_epoch..epochs-1 of the training rows; epoch e is shuffled with the seed (seed, e)
+        (``HDF5Catalogue.batches(..., epoch=e)``), so a resumed run regenerates exactly the same batches."""
+        import tensorflow as tf
+        rows = dataclasses.replace(self.catalogue, n=self.n_train)     # the first n_train rows of the file
+
+        def generator():
+            for epoch in range(initial_epoch, epochs):
+                yield from self._guarded(rows.batches(self.batch_size, shuffle_buffer=STREAM_SHUFFLE_ROWS,
+                                                      seed=self.seed, with_labels=self.data.use_labels,
+                                                      epoch=epoch))
+
+        return tf.data.Dataset.from_generator(generator, output_signature=self._signature()).prefetch(2)
+
+    def val_dataset(self) -> "tf.data.Dataset | None":
+        """Rows [n_train, n) in file order, read in blocks of whole batches."""
+        import tensorflow as tf
+        if self.n_val == 0:
+            return None
+        block = self.batch_size * max(1, 65536 // self.batch_size)
+
+        def blocks():
+            for a in range(self.n_train, self.data.n, block):
+                cat = self.catalogue.read(a, min(a + block, self.data.n))
+                x = cat.phase_space.astype(np.float32)
+                lab = cat.labels.astype(np.float32) if self.data.use_labels else None
+                for i in range(0, len(x), self.batch_size):
+                    j = i + self.batch_size
+                    yield x[i:j] if lab is None else (x[i:j], lab[i:j])
+
+        return tf.data.Dataset.from_generator(lambda: self._guarded(blocks()),
+                                              output_signature=self._signature()).prefetch(2)
+
+
 def _as_training_data(data: Any, labels: Any, label_names: Sequence[str] | None) -> Any:
     """Validate ``data`` (Catalogue | array [N, D] | path) and wrap it; InputError/FileError on bad input."""
     if isinstance(data, (str, os.PathLike)):
@@ -389,9 +492,16 @@ def _as_training_data(data: Any, labels: Any, label_names: Sequence[str] | None)
         if labels is not None:
             raise InputError(f"labels were given together with the file {path}; a catalogue file carries its "
                              f"own labels")
-        from .catalogue import Catalogue
+        from .catalogue import Catalogue, open_hdf5
+        if path.suffix.lower() in HDF5_SUFFIXES:
+            return _hdf5_data(open_hdf5(path))
         return _from_catalogue(Catalogue.load(path), {"source": "file", "path": str(path.resolve())})
-    if type(data).__name__ == "Catalogue" and hasattr(data, "phase_space"):
+    from .catalogue import Catalogue, HDF5Catalogue
+    if isinstance(data, HDF5Catalogue):
+        if labels is not None:
+            raise InputError(f"labels were given together with the HDF5 catalogue {data.path}; it carries its own")
+        return _hdf5_data(data)
+    if isinstance(data, Catalogue):
         if labels is not None:
             raise InputError("labels were given together with a Catalogue; put them in the Catalogue "
                              "(Catalogue.labels) instead")
@@ -738,10 +848,16 @@ def _fit_member(run_dir: Path, run: dict, k: int, data: Any, *, strategy: Any = 
                          keras.callbacks.CSVLogger(str(history_path), append=True)]
         if config.tensorboard:
             run_callbacks.append(keras.callbacks.TensorBoard(str(member_dir / "tensorboard"), write_graph=False))
-        flow.fit(pipelines.train_dataset(initial_epoch, config.epochs), epochs=config.epochs,
-                 initial_epoch=initial_epoch, steps_per_epoch=pipelines.steps_per_epoch,
-                 validation_data=pipelines.val_dataset(), callbacks=run_callbacks + list(callbacks),
-                 verbose=verbose)
+        try:
+            flow.fit(pipelines.train_dataset(initial_epoch, config.epochs), epochs=config.epochs,
+                     initial_epoch=initial_epoch, steps_per_epoch=pipelines.steps_per_epoch,
+                     validation_data=pipelines.val_dataset(), callbacks=run_callbacks + list(callbacks),
+                     verbose=verbose)
+        except tf.errors.OpError:
+            # tf.data wraps exceptions of Python generators; give back the file's own error (bad row, ...)
+            if getattr(pipelines, "stream_error", None) is not None:
+                raise pipelines.stream_error from None
+            raise
         best_epoch, best_value = early.best_epoch, early.best
     else:   # the checkpoint is the end of training: its best weights are the final model
         if best_weights is not None:
