@@ -362,26 +362,28 @@ def h5_file(tmp_path_factory):
     w, labels = gauss6(3000, seed=2)
     path = tmp_path_factory.mktemp("h5") / "mock.h5"
     Catalogue(w[:, :3], w[:, 3:], labels=labels, label_names=("q",), units=UNITS).save(path)
-    return path, w
+    return path, w, labels
 
 
 H5 = TrainConfig(layers=2, hidden=(16, 16), epochs=4, batch_size=256, lr=1e-2, seed=1, checkpoint_every=1,
-                 patience=0, adapt_samples=1000, label_dim=0)
+                 patience=0, adapt_samples=1000)
 
 
 def test_hdf5_streaming_split_rescaler_and_resume(h5_file, tmp_path):
-    path, w = h5_file
-    flow = train(path, H5, tmp_path / "run", verbose=0)
+    path, w, labels = h5_file
+    flow = train(path, H5, tmp_path / "run", verbose=0)                      # conditional on the file's label
+    assert flow.label_dim == 1
     h = read_history(tmp_path / "run")
     assert np.all(np.isfinite(h["loss"])) and np.all(np.diff(h["loss"]) < 0)
     data = read_run_config(tmp_path / "run")["data"]
-    assert (data["source"], data["n"], data["dim"], data["label_dim"]) == ("hdf5", 3000, 6, 0)
+    assert (data["source"], data["n"], data["dim"], data["label_dim"]) == ("hdf5", 3000, 6, 1)
     n_train = 3000 - round(3000 * H5.validation_split)                       # rows [2700, 3000) validate
     # Rescaler: mean of every 3rd training row (ceil(2700 / 1000) = 3) -- float32 rounding ~1e-7 of |x| ~ 5.
     np.testing.assert_allclose(flow.x_shift.numpy(), w[0:n_train:3].mean(axis=0), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(flow.label_shift.numpy(), labels[0:n_train:3].mean(axis=0), rtol=0, atol=1e-6)
     # The validation loss is the NLL of exactly the held-out index range: recomputed in float64 from the
     # final (best-epoch) weights it equals the minimum in the history up to summation order (~1e-7).
-    nll = -np.mean(flow.log_prob(w[n_train:]).numpy().astype(np.float64))
+    nll = -np.mean(flow.log_prob(w[n_train:], labels[n_train:]).numpy().astype(np.float64))
     assert nll == pytest.approx(h["val_loss"].min(), rel=1e-5)
     # Resume re-reads the file and regenerates epoch e's shuffle from (seed, e): identical history
     # (same tolerance argument as for in-memory data).
@@ -393,15 +395,29 @@ def test_hdf5_streaming_split_rescaler_and_resume(h5_file, tmp_path):
         np.testing.assert_allclose(read_history(tmp_path / "crashed")[key], h[key], rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("file_labels", [False, True])
+def test_hdf5_unconditional_from_files_with_and_without_labels(file_labels, h5_file, tmp_path):
+    from tfgalflow.catalogue import Catalogue
+    path, w, labels = h5_file
+    if not file_labels:
+        path = tmp_path / "plain.h5"
+        Catalogue(w[:, :3], w[:, 3:], units=UNITS).save(path)
+    flow = train(path, H5.with_overrides(epochs=1, label_dim=0), tmp_path / "run", verbose=0)
+    assert flow.label_dim == 0
+    n_train = 2700
+    nll = -np.mean(flow.log_prob(w[n_train:]).numpy().astype(np.float64))
+    assert nll == pytest.approx(read_history(tmp_path / "run")["val_loss"][0], rel=1e-5)   # as above
+
+
 def test_hdf5_bad_row_found_while_streaming_is_an_input_error(h5_file, tmp_path):
     import h5py
-    path, _ = h5_file
+    path, _, _ = h5_file
     bad = tmp_path / "bad.h5"
     shutil.copy(path, bad)
     with h5py.File(bad, "r+") as f:
         f["vel"][1, 2] = np.nan        # row 1 is not in the every-3rd-row rescaler sample: found mid-stream
     with pytest.raises(InputError, match=r"bad\.h5.*non-finite.*row 1"):
-        train(bad, H5, tmp_path / "run", verbose=0)
+        train(bad, H5.with_overrides(label_dim=0), tmp_path / "run", verbose=0)
     with pytest.raises(FileError, match="no such data file"):
         train(tmp_path / "absent.h5", H5, tmp_path / "run2", verbose=0)
 

@@ -397,9 +397,13 @@ class _HDF5Data:
     n: int
     file_label_dim: int
     description: dict
-    use_labels: bool = True
+    want_labels: bool = True       # False: train unconditionally on a labelled file (label_dim = 0)
     streamed: ClassVar[bool] = True
     dim: ClassVar[int] = 6
+
+    @property
+    def use_labels(self) -> bool:
+        return self.want_labels and self.file_label_dim > 0
 
     @property
     def label_dim(self) -> int:
@@ -584,7 +588,7 @@ def _describe(data: Any, config: TrainConfig) -> dict:
 def _without_labels(data: Any) -> Any:
     """The same data with its labels dropped (TrainConfig.label_dim = 0 on a labelled catalogue)."""
     if data.streamed:
-        return dataclasses.replace(data, use_labels=False)
+        return dataclasses.replace(data, want_labels=False)
     return _ArrayData(data.x, None, dict(data.description, label_names=[]))
 
 
