@@ -496,6 +496,145 @@ def _save_accelerations(path: str, positions, columns: dict, reasons, units) -> 
 _SUBCOMMANDS.append(_add_accel)
 
 
+# ---- mock, info (data) ----------------------------------------------------------------------------
+
+#: --units of `tfgalflow mock`: (length, velocity) unit names of tfgalflow.units.
+_MOCK_UNITS = {"model": ("model", "model"), "kpc": ("kpc", "km/s"), "si": ("m", "m/s")}
+#: `tfgalflow info` computes percentiles from at most this many rows (every k-th row of a larger HDF5 file).
+_INFO_ROWS = 1_000_000
+_PERCENTILES = (1, 16, 50, 84, 99)
+
+
+def _add_mock(sub) -> None:
+    from .mocks import NOISE_CONVENTIONS
+
+    p = sub.add_parser(
+        "mock", help="sample a mock catalogue from an exact distribution function",
+        description="Draw N stars from the isotropic (iso) or beta = 1/2 (aniso) Hernquist DF, exactly "
+                    "(tfgalflow.mocks.sample_hernquist) or with emcee, optionally add fractional Gaussian noise "
+                    "(seeded with --seed + 1), and write a catalogue (.npz/.h5/.hdf5). Radii are in units of the "
+                    "scale length a; the physical scale comes from --mass-msun and --scale-kpc.")
+    p.add_argument("model", choices=("hernquist",), help="galaxy model")
+    p.add_argument("--df", choices=("iso", "aniso"), default="iso",
+                   help="iso: Hernquist (1990) f(E); aniso: constant beta = 1/2 f(E, L) (default: iso)")
+    p.add_argument("--n", type=int, required=True, help="number of stars")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: fresh entropy, recorded in meta)")
+    p.add_argument("--r-max", type=float, default=None, metavar="R",
+                   help="keep only r < R (units of a; default: untruncated for exact, required in practice for emcee)")
+    p.add_argument("--noise", type=float, default=0.0, metavar="LEVEL",
+                   help="fractional Gaussian noise, e.g. 0.01 for 1%% (default: 0, none)")
+    p.add_argument("--noise-convention", choices=NOISE_CONVENTIONS, default="coordinate",
+                   help="coordinate: x_i *= 1 + LEVEL eps (the reference study's); vector: x += LEVEL |x| eps "
+                        "(default: coordinate)")
+    p.add_argument("--sampler", choices=("exact", "emcee"), default="exact", help="sampler (default: exact)")
+    p.add_argument("--walkers", type=int, default=64, help="emcee walkers, even, >= 12 (default: 64)")
+    p.add_argument("--burn", type=int, default=1000, help="emcee burn-in steps (default: 1000)")
+    p.add_argument("--thin", type=int, default=20, help="emcee steps between kept states (default: 20)")
+    p.add_argument("--units", choices=tuple(_MOCK_UNITS), default="model",
+                   help="model (G = M = a = 1), kpc (kpc, km/s) or si (m, m/s) (default: model)")
+    p.add_argument("--mass-msun", type=float, default=1.0e10, metavar="M",
+                   help="total mass M in Msun that model units stand for (default: 1e10)")
+    p.add_argument("--scale-kpc", type=float, default=1.0, metavar="A",
+                   help="scale length a in kpc that model units stand for (default: 1)")
+    p.add_argument("--out", required=True, metavar="FILE", help="catalogue file: .npz, .h5 or .hdf5")
+    p.set_defaults(func=_run_mock)
+
+
+def _run_mock(args) -> int:
+    import math
+    from pathlib import Path
+    from .catalogue import HDF5_SUFFIXES, NPZ_SUFFIXES
+    from .errors import InputError
+    from .hernquist import Hernquist
+    from .mocks import add_noise, sample_emcee, sample_hernquist
+    from .units import ModelUnits
+
+    suffix = Path(args.out).suffix.lower()
+    if suffix not in NPZ_SUFFIXES + HDF5_SUFFIXES:      # checked before sampling: fail fast, write nothing
+        raise InputError(f"--out {args.out}: unsupported catalogue extension {suffix!r}; use .npz, .h5 or .hdf5")
+    if not (math.isfinite(args.noise) and args.noise >= 0):
+        raise InputError(f"--noise {args.noise}: level must be a finite fractional noise level >= 0 (0.01 = 1 %)")
+    try:
+        model_units = ModelUnits(args.mass_msun, args.scale_kpc)
+    except ValueError as exc:
+        raise InputError(f"--mass-msun/--scale-kpc: {exc}") from None
+    if args.sampler == "exact":
+        cat = sample_hernquist(args.n, kind=args.df, seed=args.seed, r_max=args.r_max, model_units=model_units)
+    else:
+        model, kind = Hernquist(), args.df
+        cat = sample_emcee(lambda x, v: model.log_df(x, v, kind), args.n, nwalkers=args.walkers, burn=args.burn,
+                           thin=args.thin, seed=args.seed, r_max=args.r_max,
+                           meta={"df": "hernquist", "kind": kind, "model": {"M": 1.0, "a": 1.0, "G": 1.0},
+                                 "model_units": model_units})
+        print(f"emcee: mean acceptance fraction {cat.meta['acceptance_fraction']:.3f}, autocorrelation time "
+              f"{cat.meta['autocorr_steps']} steps (thin {args.thin})")
+    if args.noise > 0:
+        cat = add_noise(cat, args.noise, seed=None if args.seed is None else args.seed + 1,
+                        convention=args.noise_convention)
+    if args.units != "model":
+        cat = cat.to_units(*_MOCK_UNITS[args.units])
+    cat.save(args.out)
+    print(f"wrote {len(cat)} stars ({args.model} {args.df}, {args.sampler} sampler"
+          + (f", {args.noise:g} noise" if args.noise > 0 else "")
+          + f") to {args.out}; units length={cat.units['length']}, velocity={cat.units['velocity']}")
+    return 0
+
+
+_SUBCOMMANDS.append(_add_mock)
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser(
+        "info", help="summarise a catalogue file (N, units, labels, radius/speed percentiles, meta)",
+        description="Print the number of stars, units, label names, percentiles of r = |x| and |v|, and the "
+                    "provenance (meta) of a catalogue. Large HDF5 files are not read whole: percentiles then "
+                    f"come from every k-th row (at most {_INFO_ROWS} rows).")
+    p.add_argument("file", metavar="FILE", help="catalogue: .npz, .h5/.hdf5 (tfgalflow or Gadget PartType4 layout)")
+    p.add_argument("--units", metavar="LENGTH,VELOCITY",
+                   help="units of a file that records none, e.g. m,m/s for the reference datasets")
+    p.set_defaults(func=_run_info)
+
+
+def _run_info(args) -> int:
+    import json
+    import math
+    from pathlib import Path
+    import numpy as np
+    from .catalogue import HDF5_SUFFIXES, Catalogue, open_hdf5
+    from .errors import InputError
+
+    units = None
+    if args.units:
+        parts = args.units.split(",")
+        if len(parts) != 2:
+            raise InputError(f"--units {args.units!r}: expected LENGTH,VELOCITY, e.g. kpc,km/s or m,m/s")
+        units = {"length": parts[0].strip(), "velocity": parts[1].strip()}
+    if Path(args.file).suffix.lower() in HDF5_SUFFIXES:
+        lazy = open_hdf5(args.file, units=units)
+        n, step = len(lazy), max(1, math.ceil(len(lazy) / _INFO_ROWS))
+        cat = lazy.read(step=step)
+    else:
+        cat = Catalogue.load(args.file, units=units)
+        n, step = len(cat), 1
+    length, velocity = cat.units["length"], cat.units["velocity"]
+    source = "" if step == 1 else f" (from every {step}th row, {len(cat)} rows)"
+
+    def percentiles(values) -> str:
+        return ", ".join(f"p{q}={v:.4g}" for q, v in zip(_PERCENTILES, np.percentile(values, _PERCENTILES)))
+
+    print(f"file: {args.file}")
+    print(f"N: {n}")
+    print(f"units: length={length}, velocity={velocity}")
+    print(f"labels: {', '.join(cat.label_names) if cat.label_names else 'none'}")
+    print(f"radius |x| [{length}]{source}: {percentiles(cat.r)}")
+    print(f"speed |v| [{velocity}]{source}: {percentiles(cat.speed)}")
+    print("meta: " + json.dumps(cat.meta, indent=2, sort_keys=True))
+    return 0
+
+
+_SUBCOMMANDS.append(_add_info)
+
+
 # ---- entry point ------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
