@@ -37,10 +37,12 @@ def timed(fn, repeats: int = 1):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000, help="stars per sampler (default: 10^6)")
-    parser.add_argument("--r-max", type=float, default=200.0, help="truncation radius in a (default: 200, as the reference)")
+    parser.add_argument("--r-max", type=float, default=200.0,
+                        help="truncation radius in units of a (default: 200, as the reference)")
     parser.add_argument("--emcee-walkers", type=int, default=100, help="emcee walkers (default: 100, as the reference)")
     parser.add_argument("--emcee-burn", type=int, default=1000, help="emcee burn-in steps (default: 1000)")
-    parser.add_argument("--emcee-thin", type=int, default=10, help="emcee thinning (default: 10; the reference used 100)")
+    parser.add_argument("--emcee-thin", type=int, default=10,
+                        help="emcee thinning (default: 10; the reference used 100)")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of the exact sampler, best kept (default: 3)")
     args = parser.parse_args()
     model = Hernquist()

@@ -128,7 +128,8 @@ def test_reproducible_seeds_and_units():
     fresh = sample_hernquist(100, seed=None)
     assert np.array_equal(sample_hernquist(100, seed=fresh.meta["seed"]).phase_space, fresh.phase_space)
     assert a.units == {"length": "model", "velocity": "model"}
-    assert a.meta["kind"] == "aniso" and a.meta["sampler"] == "exact" and a.meta["model"] == {"M": 1.0, "a": 1.0, "G": 1.0}
+    assert a.meta["kind"] == "aniso" and a.meta["sampler"] == "exact"
+    assert a.meta["model"] == {"M": 1.0, "a": 1.0, "G": 1.0}
     # Model units -> kpc, km/s: v0 = sqrt(G M / a) = sqrt(4.30091e-6 * 1e10 / 5) km/s = 92.746 km/s
     # (G to 6 digits, hence rtol 2e-5); lengths scale by a = 5 kpc, and kpc -> m by 3.0857e19.
     model = sample_hernquist(10, seed=1, model_units=ModelUnits(1e10, 5.0))
