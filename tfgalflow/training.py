@@ -16,6 +16,10 @@ the weight initialisation (``FlowConfig.seed``), the train/validation split and 
 (a stateless permutation keyed by (seed, epoch)), so an interrupted run resumed from a checkpoint
 repeats exactly the epochs the uninterrupted run would have done.
 
+Data: a Catalogue or an array [N, D] in memory (validation = a seeded random subset), or an HDF5
+catalogue streamed in batches through :class:`tfgalflow.catalogue.HDF5Catalogue` (validation = the
+last rows of the file, rescaler fitted on an evenly strided subsample of at most ``adapt_samples`` rows).
+
 Run directory (``RUN_FORMAT_VERSION``)::
 
     RUN/config.json                     resolved TrainConfig, FlowConfig, data description, member seeds, versions
@@ -917,8 +921,8 @@ def _finished(run_dir: Path, run: dict, k: int) -> bool:
 
 # ---- public API --------------------------------------------------------------------------------
 
-def train(data: "Catalogue | np.ndarray | str | os.PathLike", config: TrainConfig | None = None,
-          run_dir: str | os.PathLike = "run", labels: Any = None, label_names: Sequence[str] | None = None,
+def train(data: "Catalogue | np.ndarray | str | os.PathLike", config: TrainConfig,
+          run_dir: str | os.PathLike, labels: Any = None, label_names: Sequence[str] | None = None,
           strategy: "tf.distribute.Strategy | None" = None, *, verbose: int = 1,
           callbacks: Sequence[Any] = ()) -> "Flow | Ensemble":
     """Fit a flow (or ``config.members`` flows differing only by seed) by maximum likelihood; write a run dir.
@@ -928,7 +932,7 @@ def train(data: "Catalogue | np.ndarray | str | os.PathLike", config: TrainConfi
             units), or a path: a catalogue .npz (loaded) or an .h5/.hdf5 file (streamed in batches; the
             rescaler is fitted on a subsample of ``config.adapt_samples`` rows and the last
             ``validation_split`` fraction of rows is the validation set).
-        config: the TrainConfig (default ``TrainConfig()``); ``label_dim=None`` takes the data's labels.
+        config: the TrainConfig; ``label_dim=None`` takes the data's labels, 0 ignores them.
         run_dir: new (or empty) directory for config.json, histories, checkpoints and final weights.
         labels: [N, C] conditioning labels for an array ``data`` (a Catalogue carries its own).
         label_names: names of the C label columns (recorded in config.json).
@@ -942,7 +946,6 @@ def train(data: "Catalogue | np.ndarray | str | os.PathLike", config: TrainConfi
         InputError for empty data, NaN/inf, wrong label width or labels missing for a conditional config;
         FileError if ``run_dir`` is not empty or a data file is missing/unreadable.
     """
-    config = TrainConfig() if config is None else config
     if not isinstance(config, TrainConfig):
         raise InputError(f"config must be a TrainConfig, got {type(config).__name__}")
     data = _as_training_data(data, labels, label_names)
