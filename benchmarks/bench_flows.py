@@ -39,6 +39,7 @@ Needs the ``bench`` extra: ``pip install torch==2.13.0`` (CPU wheel) then ``pip 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import time
@@ -123,15 +124,18 @@ def others_cpu_seconds() -> float:
 
 def interleaved(fns: dict[str, Callable[[int], Any]], repeats: int, budget: float, quiet: float
                 ) -> tuple[dict, dict, dict]:
-    """Time each fn(round) round-robin, keeping the calls during which the machine was quiet.
+    """Time each fn(round) round-robin, marking the calls during which the machine was quiet.
 
     Call 0 of each fn is the warm-up (tracing, compilation), reported separately. Then rounds call
     every fn once, in an order rotated by one per round. A call is *quiet* if other processes used at
     most ``quiet`` cores while it ran: under load torch's OpenMP threads slow down many-fold (spinning
     at barriers for a stolen core) while TF's thread pool barely does, which would fake large speed-ups.
     Rounds go on until every fn has ``repeats`` quiet calls -- at least ``repeats`` rounds, at most
-    4 x repeats, and no new round after ``budget`` seconds. Returns first-call seconds, per-call seconds
-    (the quiet calls if every fn has >= min(3, repeats), else all calls) and statistics.
+    4 x repeats, and no new round after ``budget`` seconds.
+
+    Returns first-call seconds {name: s}, per-round seconds {name: [s | nan if not quiet]} (all calls,
+    quiet or not, if some fn has fewer than min(3, repeats) quiet ones: then stats["reliable"] is False)
+    and statistics.
     """
     names = list(fns)
     first = {}
@@ -139,12 +143,12 @@ def interleaved(fns: dict[str, Callable[[int], Any]], repeats: int, budget: floa
         t0 = time.perf_counter()
         fns[name](0)
         first[name] = time.perf_counter() - t0
-    every: dict[str, list[float]] = {name: [] for name in names}
-    calm: dict[str, list[float]] = {name: [] for name in names}
+    took: dict[str, list[float]] = {name: [] for name in names}
+    calm: dict[str, list[bool]] = {name: [] for name in names}
     others = []
     deadline = time.perf_counter() + budget
     n_rounds = 0
-    while min(len(t) for t in calm.values()) < repeats and (n_rounds < repeats or (
+    while min(sum(c) for c in calm.values()) < repeats and (n_rounds < repeats or (
             time.perf_counter() < deadline and n_rounds < 4 * repeats)):
         n_rounds += 1
         k = n_rounds % len(names)
@@ -152,16 +156,35 @@ def interleaved(fns: dict[str, Callable[[int], Any]], repeats: int, budget: floa
             c0 = others_cpu_seconds()
             t0 = time.perf_counter()
             fns[name](n_rounds)
-            took = time.perf_counter() - t0
-            others.append((others_cpu_seconds() - c0) / took)
-            every[name].append(took)
-            if others[-1] <= quiet:
-                calm[name].append(took)
-    fewest = min(len(t) for t in calm.values())
+            seconds = time.perf_counter() - t0
+            others.append((others_cpu_seconds() - c0) / seconds)
+            took[name].append(seconds)
+            calm[name].append(others[-1] <= quiet)
+    fewest = min(sum(c) for c in calm.values())
     reliable = fewest >= min(3, repeats)
+    rounds = {name: [t if (c or not reliable) else math.nan for t, c in zip(took[name], calm[name])]
+              for name in names}
     stats = {"rounds": n_rounds, "fewest_quiet": fewest, "reliable": reliable,
              "quiet_share": float(np.mean(np.asarray(others) <= quiet)), "others": statistics.median(others)}
-    return first, (calm if reliable else every), stats
+    return first, rounds, stats
+
+
+class Timing:
+    """Throughput of one fn from its per-round seconds (nan = left out): median, best and spread."""
+
+    def __init__(self, seconds: list[float], points: int, first: float):
+        self.seconds = np.asarray(seconds)
+        kept = self.seconds[np.isfinite(self.seconds)]
+        self.rate = points / float(np.median(kept))
+        self.best = points / float(kept.min())
+        self.spread = float((kept.max() - kept.min()) / np.median(kept))
+        self.first = first
+
+    def paired_ratio(self, other: "Timing") -> float:
+        """Median over the rounds where both were kept of (other's seconds / this one's): the speed-up
+        over ``other`` with slow drifts of the machine (shared by both calls of a round) cancelled."""
+        both = np.isfinite(self.seconds) & np.isfinite(other.seconds)
+        return float(np.median(other.seconds[both] / self.seconds[both])) if both.any() else math.nan
 
 
 def load() -> str:
@@ -416,9 +439,7 @@ def main(argv: list[str] | None = None) -> None:
     for metric, (fns, points) in metrics.items():
         t0 = time.perf_counter()
         first, times, rounds[metric] = interleaved(fns, repeats, BUDGET_SHARE[metric] * budget, args.quiet)
-        results[metric] = {name: (points / statistics.median(t), first[name],
-                                  (max(t) - min(t)) / statistics.median(t), points / min(t))
-                           for name, t in times.items()}
+        results[metric] = {name: Timing(t, points, first[name]) for name, t in times.items()}
         st = rounds[metric]
         print(f"  timed {metric:<8} in {time.perf_counter() - t0:6.1f} s: {st['rounds']} rounds, "
               f"{st['quiet_share']:.0%} of calls quiet (others <= {args.quiet:g} cores; median others "
@@ -433,48 +454,50 @@ def main(argv: list[str] | None = None) -> None:
     for metric in ("train", "log_prob", "sample", "grad"):
         row = results[metric]
         print(f"{LABELS[metric]:<12}{UNITS[metric]:<11}"
-              + "".join(f"{fmt_rate(row[n][0]) + f' ±{row[n][2]:.0%}':>20}" for n in names))
-    print(f"{'first call':<12}{'s (train)':<11}" + "".join(f"{results['train'][n][1]:>20.2f}" for n in names))
+              + "".join(f"{fmt_rate(row[n].rate) + f' ±{row[n].spread:.0%}':>20}" for n in names))
+    print(f"{'first call':<12}{'s (train)':<11}" + "".join(f"{results['train'][n].first:>20.2f}" for n in names))
     for metric in ("log_prob", "sample", "grad"):
-        print(f"{'':<12}{'s (' + metric + ')':<11}" + "".join(f"{results[metric][n][1]:>20.2f}" for n in names))
+        print(f"{'':<12}{'s (' + metric + ')':<11}" + "".join(f"{results[metric][n].first:>20.2f}" for n in names))
 
-    print("\nRatio to nflows in the same rounds, against the issue's targets (median: decides met/not met;"
-          " best: ratio of the fastest calls)")
+    print("\nSpeed-up over nflows, against the issue's targets. median = ratio of the medians (decides met / not"
+          " met); paired = median over rounds of the ratio within a round; best = ratio of the fastest calls")
     ratio_names = [n for n in names if n != "nflows"]
-    print(f"{'operation':<12}{'target':<8}" + "".join(f"{n:>22}" for n in ratio_names))
+    print(f"{'operation':<12}{'target':<8}{'':<8}" + "".join(f"{n:>22}" for n in ratio_names))
     for metric in ("train", "log_prob", "sample", "grad"):
-        nflows_rate, nflows_best = results[metric]["nflows"][0], results[metric]["nflows"][3]
-        medians, bests = [], []
+        row, base = results[metric], results[metric]["nflows"]
+        cells = {"median": [], "paired": [], "best": []}
         for n in ratio_names:
-            ratio = results[metric][n][0] / nflows_rate
+            ratio = row[n].rate / base.rate
             verdict = ""
             if n.startswith("tfgalflow"):
                 verdict = (" met" if ratio >= TARGETS[metric] else " not met") if rounds[metric]["reliable"] \
                     else " inconclusive"
-            medians.append(f"{ratio:.2f}x{verdict}")
-            bests.append(f"{results[metric][n][3] / nflows_best:.2f}x")
-        print(f"{LABELS[metric]:<12}{'>= ' + format(TARGETS[metric], 'g') + 'x':<8}"
-              + "".join(f"{c:>22}" for c in medians))
-        print(f"{'  best':<20}" + "".join(f"{c:>22}" for c in bests))
+            cells["median"].append(f"{ratio:.2f}x{verdict}")
+            cells["paired"].append(f"{row[n].paired_ratio(base):.2f}x")
+            cells["best"].append(f"{row[n].best / base.best:.2f}x")
+        target = f">= {TARGETS[metric]:g}x"
+        for i, (kind, texts) in enumerate(cells.items()):
+            print(f"{LABELS[metric] if i == 0 else '':<12}{target if i == 0 else '':<8}{kind:<8}"
+                  + "".join(f"{c:>22}" for c in texts))
 
     print("\nVariants (package-side changes; same rounds as the table)")
     for metric, group in variants.items():
         reference = "tfgalflow XLA"
         for name in group:
-            rate, first, spread, _ = results[metric][name]
-            print(f"  {LABELS[metric]:<8}{name:<32}{fmt_rate(rate):>10} {UNITS[metric]} ±{spread:.0%}  "
-                  f"{rate / results[metric][reference][0]:.2f}x {reference}, {rate / results[metric]['nflows'][0]:.2f}x "
-                  f"nflows (first call {first:.2f} s)")
+            t = results[metric][name]
+            print(f"  {LABELS[metric]:<8}{name:<32}{fmt_rate(t.rate):>10} {UNITS[metric]} ±{t.spread:.0%}: "
+                  f"{t.paired_ratio(results[metric][reference]):.2f}x {reference} (paired), "
+                  f"{t.rate / results[metric]['nflows'].rate:.2f}x nflows; first call {t.first:.2f} s")
 
     lp = results["log_prob"]
     flops = floors["floor TF XLA"].flops_per_point
     print(f"\nDense floor for log_prob ({flops} flop/point: the MADE matmuls alone, no masks/affine/permutations):")
     for name in ("floor TF XLA", "floor torch", "tfgalflow", "tfgalflow XLA", "nflows"):
-        rate = lp[name][0]
+        rate = lp[name].rate
         print(f"  {name:<15}{fmt_rate(rate):>10} points/s = {rate * flops / 1e9:6.1f} GFLOP/s"
-              + (f"  ({rate / lp['nflows'][0]:.2f}x nflows)" if name.startswith("floor") else ""))
-    best = max(lp["floor TF XLA"][0], lp["floor torch"][0])
-    print(f"  -> in float32 on this CPU no implementation exceeds ~{best / lp['nflows'][0]:.1f}x nflows on log_prob"
+              + (f"  ({rate / lp['nflows'].rate:.2f}x nflows)" if name.startswith("floor") else ""))
+    best = max(lp["floor TF XLA"].rate, lp["floor torch"].rate)
+    print(f"  -> in float32 on this CPU no implementation exceeds ~{best / lp['nflows'].rate:.1f}x nflows on log_prob"
           f" (target {TARGETS['log_prob']:g}x)")
 
     # sanity: every implementation trained the same number of steps on the same batches
