@@ -24,15 +24,19 @@ other processes used at most ``--quiet`` cores while it ran (their threads' run 
 /proc/*/task/*/schedstat), because under load torch's OpenMP threads slow down many-fold while TF's pool
 barely does; rounds go on until each implementation has ``--repeats`` quiet calls (if the ``--budget``
 runs out first, the verdict is "inconclusive"). Figures are medians over the quiet calls (spread =
-(max - min) / median); ratios are against nflows timed in the same rounds.
+(max - min) / median). Speed-ups over nflows: the ratio of medians decides met / not met; beside it the
+paired ratio (median over rounds of the within-round ratio, which cancels slow drifts that no process
+list shows, e.g. host-level noise) and the ratio of the fastest calls.
 Thread counts are fixed (``--threads``, default 2 = the machine's cores) for TF intra/inter-op and torch
 intra/inter-op, and printed. Two package-side variants are timed in the same rounds (XLA training with
 ``steps_per_execution``; XLA-compiled sampling).
 A "dense floor" -- only the 24 matmuls + bias + ReLU of the 8 MADEs, XLA-compiled in TF and plain in
-torch -- bounds the log_prob speed any implementation can reach on this CPU in float32.
+torch -- bounds the log_prob speed a dense-matmul implementation can reach on this CPU in float32.
+Every implementation trains the same number of steps on the same batches; the held-out -log p printed
+at the end checks that (tfgalflow and eager TFP start from identical weights and must agree).
 
-    .venv/bin/python benchmarks/bench_flows.py            # ~5-8 min on 2 cores
-    .venv/bin/python benchmarks/bench_flows.py --quick    # ~1 min smoke run (fewer, smaller calls)
+    .venv/bin/python benchmarks/bench_flows.py            # ~2 min on a quiet 2-core machine, <= ~9 busy
+    .venv/bin/python benchmarks/bench_flows.py --quick    # ~40 s smoke run (fewer, smaller calls)
 
 Needs the ``bench`` extra: ``pip install torch==2.13.0`` (CPU wheel) then ``pip install nflows``.
 """
@@ -55,49 +59,16 @@ TARGETS = {"train": 2.0, "log_prob": 8.0, "sample": 5.0, "grad": 3.0}
 UNITS = {"train": "samples/s", "log_prob": "points/s", "sample": "points/s", "grad": "points/s"}
 LABELS = {"train": "train", "log_prob": "log_prob", "sample": "sample", "grad": "grad log p"}
 IMPLS = ("tfgalflow", "tfgalflow XLA", "TFP eager", "nflows")
-#: Share of the timing budget (--budget seconds) each metric may use for extra rounds on a busy machine.
-BUDGET_SHARE = {"train": 0.55, "log_prob": 0.15, "grad": 0.15, "sample": 0.15}
 R_MAX = 20.0        # radial truncation of the mock in units of a (as scripts/train_shipped_model.py)
 
 
 # ---- data -------------------------------------------------------------------------------------
 
-def hernquist_mock(n: int, seed: int) -> tuple[np.ndarray, str]:
-    """Exact isotropic Hernquist draws [n, 6] (G = M = a = 1, r < R_MAX) and where they came from.
+def hernquist_mock(n: int, seed: int) -> np.ndarray:
+    """Exact isotropic Hernquist draws [n, 6] (x, v; G = M = a = 1, r < R_MAX): ``mocks.sample_hernquist``."""
+    from tfgalflow.mocks import sample_hernquist
 
-    Uses ``tfgalflow.mocks.sample_hernquist`` when the package has it. Otherwise (temporary, until
-    mocks.py lands) the same exact sampler inline: r by inverting M(<r)/M = r^2/(r+1)^2 on r < R_MAX;
-    q = |v|/v_esc by rejection from the proposal p(q) ∝ q^2 with acceptance f(Ψ(1-q^2))/f(Ψ) (f(E)
-    increases with E, Hernquist 1990 eq. 17); isotropic directions for x and v.
-    """
-    from tfgalflow.hernquist import Hernquist
-
-    model = Hernquist()
-    try:
-        from tfgalflow.mocks import sample_hernquist
-    except ImportError:
-        pass
-    else:
-        cat = sample_hernquist(n, kind="iso", seed=seed, model=model, r_max=R_MAX)
-        return np.asarray(cat.phase_space, np.float64), "tfgalflow.mocks.sample_hernquist"
-    rng = np.random.default_rng(seed)
-    s = np.sqrt(rng.uniform(0.0, (R_MAX / (R_MAX + 1.0)) ** 2, n))
-    r = s / (1.0 - s)
-    psi = model.relative_potential(r)
-    q = np.empty(n)
-    todo = np.arange(n)
-    while todo.size:
-        trial = rng.uniform(size=todo.size) ** (1.0 / 3.0)
-        accept = rng.uniform(size=todo.size) * model.f_iso(psi[todo]) < model.f_iso(psi[todo] * (1 - trial**2))
-        q[todo[accept]] = trial[accept]
-        todo = todo[~accept]
-
-    def directions() -> np.ndarray:
-        u = rng.normal(size=(n, 3))
-        return u / np.linalg.norm(u, axis=1, keepdims=True)
-
-    w = np.concatenate([r[:, None] * directions(), (q * np.sqrt(2.0 * psi))[:, None] * directions()], axis=1)
-    return w, "inline exact sampler (tfgalflow.mocks not available yet)"
+    return np.asarray(sample_hernquist(n, kind="iso", seed=seed, r_max=R_MAX).phase_space, np.float64)
 
 
 # ---- timing -----------------------------------------------------------------------------------
@@ -276,8 +247,10 @@ class EagerTFPBench:
 class DenseFloor:
     """Only the dense layers of the 8 MADEs (D->64->64->2D, ReLU) on [N, D]: a lower bound on log_prob time.
 
-    Masked or not, a dense layer costs the same matmul, so no implementation of this architecture can
-    evaluate log_prob faster in float32 on this CPU; its throughput over nflows' bounds the reachable ratio.
+    Masked or not, a dense layer costs the same matmul, so an implementation that evaluates the MADEs as
+    dense float32 matmuls (TFP, nflows, tfgalflow) cannot beat this on this CPU; its throughput over
+    nflows' bounds the reachable log_prob ratio. (Only skipping the masked zeros -- about half the
+    weights -- with block-sparse products by MADE degree could go below it.)
     """
 
     def __init__(self, dim: int, layers: int, hidden: tuple, framework: str, seed: int = 0):
@@ -333,6 +306,11 @@ def configure_threads(threads: int):
     return tf, torch
 
 
+def label(key: tuple[str, int]) -> str:
+    metric, points = key
+    return f"{LABELS[metric]} ({points // 2048} x 2048)" if metric == "train" else f"{LABELS[metric]} {points}"
+
+
 def fmt_rate(v: float) -> str:
     return f"{v / 1e6:.3f} M" if v >= 1e5 else f"{v / 1e3:.1f} k"
 
@@ -374,16 +352,16 @@ def main(argv: list[str] | None = None) -> None:
     # data: train rows for the batches, held-out rows for evaluation
     n_batches = (4 * repeats + 1) * steps          # warm-up + the most rounds interleaved() may run
     n_train = 32 * args.batch
-    w, source = hernquist_mock(n_train + n_eval, seed=1)
+    w = hernquist_mock(n_train + n_eval, seed=1)
     x_train, x_eval = w[:n_train].astype(np.float32), w[n_train:].astype(np.float32)
     order = np.concatenate([np.random.default_rng(2).permutation(n_train)
                             for _ in range(-(-n_batches * args.batch // n_train))])
     batches = x_train[order[:n_batches * args.batch]].reshape(n_batches, args.batch, cfg.dim)
     print(f"data: {n_train} + {n_eval} held-out 6D points of the isotropic Hernquist model (r < {R_MAX:g} a) "
-          f"from {source}")
+          f"from tfgalflow.mocks.sample_hernquist")
     print(f"model: {cfg.layers} affine MAF layers, MADE hidden {cfg.hidden}, reverse permutations, batch "
-          f"{args.batch}; timed calls: {steps} train steps, log_prob/grad on {n_eval} points, {n_sample} "
-          f"samples; 1 warm-up + {repeats} quiet rounds per metric")
+          f"{args.batch}; timed calls: {steps} train steps, log_prob/grad on {args.batch} and {n_eval} points, "
+          f"{args.batch} and {n_sample} samples; 1 warm-up + {repeats} quiet calls each")
 
     impls: dict[str, Any] = {
         "tfgalflow": TfgalflowBench(cfg, x_train, lr, jit=False),
@@ -414,94 +392,103 @@ def main(argv: list[str] | None = None) -> None:
             return lambda r: impl.train(datasets[r])
         return lambda r: impl.train(batches[r * steps:(r + 1) * steps])
 
-    def sample_fn(name):
-        impl = impls[name]
-        if name == "nflows":
-            return lambda r: impl.sample(n_sample)
-        return lambda r: impl.sample(n_sample, seed=100 + r)
+    # groups timed together: (metric, points per call) -> {name: fn(round)}; evaluation at one batch
+    # (per-call overheads count) and in bulk (throughput)
+    sizes = {"log_prob": (args.batch, n_eval), "grad": (args.batch, n_eval), "sample": (args.batch, n_sample)}
+    evaluators = {
+        "log_prob": lambda impl, n: (lambda r: impl.log_prob(x_eval[:n])),
+        "grad": lambda impl, n: (lambda r: impl.grad(x_eval[:n])),
+        "sample": lambda impl, n: ((lambda r: impl.sample(n)) if impl is impls["nflows"]
+                                   else (lambda r: impl.sample(n, seed=100 + r))),
+    }
+    groups: dict[tuple[str, int], dict[str, Callable]] = {
+        ("train", steps * args.batch): {name: train_fn(name) for name in impls}}
+    for metric in ("log_prob", "sample", "grad"):
+        for n in sizes[metric]:
+            groups[(metric, n)] = {name: evaluators[metric](impl, n) for name, impl in impls.items()}
 
-    # variants: package-side changes, timed in the same rounds (reported below the main table)
+    # variants (package-side changes) and the dense floor, timed in the same rounds as their group
     spe = TfgalflowBench(cfg, x_train, lr, jit=True, steps_per_execution=steps)
     xla_sample = impls["tfgalflow XLA"].xla_sampler()
-    variants = {"train": {"XLA + steps_per_execution": lambda r: spe.train(datasets[r])},
-                "sample": {"XLA-compiled sample_stateless": lambda r: xla_sample(n_sample, 100 + r)}}
+    variants = {("train", steps * args.batch): {"XLA + steps_per_execution": lambda r: spe.train(datasets[r])},
+                ("sample", n_sample): {"XLA-compiled sample_stateless": lambda r: xla_sample(n_sample, 100 + r)}}
     floors = {"floor TF XLA": DenseFloor(cfg.dim, cfg.layers, cfg.hidden, "tf"),
               "floor torch": DenseFloor(cfg.dim, cfg.layers, cfg.hidden, "torch")}
-    metrics = {
-        "train": ({**{name: train_fn(name) for name in impls}, **variants["train"]}, steps * args.batch),
-        "log_prob": ({**{name: (lambda r, i=impl: i.log_prob(x_eval)) for name, impl in impls.items()},
-                      **{name: (lambda r, f=f: f.run(x_eval)) for name, f in floors.items()}}, n_eval),
-        "grad": ({name: (lambda r, i=impl: i.grad(x_eval)) for name, impl in impls.items()}, n_eval),
-        "sample": ({**{name: sample_fn(name) for name in impls}, **variants["sample"]}, n_sample),
-    }
-    results: dict[str, dict] = {}
-    rounds: dict[str, dict] = {}
-    for metric, (fns, points) in metrics.items():
+    for key, fns in variants.items():
+        groups[key].update(fns)
+    for n in sizes["log_prob"]:
+        groups[("log_prob", n)].update({name: (lambda r, f=f, n=n: f.run(x_eval[:n])) for name, f in floors.items()})
+
+    results: dict[tuple[str, int], dict[str, Timing]] = {}
+    rounds: dict[tuple[str, int], dict] = {}
+    n_eval_groups = len(groups) - 1
+    for key, fns in groups.items():
+        metric, points = key
+        share = 0.4 if metric == "train" else 0.6 / n_eval_groups
         t0 = time.perf_counter()
-        first, times, rounds[metric] = interleaved(fns, repeats, BUDGET_SHARE[metric] * budget, args.quiet)
-        results[metric] = {name: Timing(t, points, first[name]) for name, t in times.items()}
-        st = rounds[metric]
-        print(f"  timed {metric:<8} in {time.perf_counter() - t0:6.1f} s: {st['rounds']} rounds, "
+        first, times, rounds[key] = interleaved(fns, repeats, share * budget, args.quiet)
+        results[key] = {name: Timing(t, points, first[name]) for name, t in times.items()}
+        st = rounds[key]
+        print(f"  timed {label(key):<18} in {time.perf_counter() - t0:5.1f} s: {st['rounds']} rounds, "
               f"{st['quiet_share']:.0%} of calls quiet (others <= {args.quiet:g} cores; median others "
               f"{st['others']:.2f}), >= {st['fewest_quiet']} quiet calls each"
               + ("" if st["reliable"] else " -- too few: all calls used, verdict inconclusive") + f"; {load()}")
 
     # ---- report -------------------------------------------------------------------------------
     names = [n for n in IMPLS if n in impls]
-    print(f"\nThroughput (median over the quiet calls; ± = (max - min)/median; first call = warm-up incl. "
-          f"tracing/XLA)")
-    print(f"{'operation':<12}{'unit':<11}" + "".join(f"{n:>20}" for n in names))
-    for metric in ("train", "log_prob", "sample", "grad"):
-        row = results[metric]
-        print(f"{LABELS[metric]:<12}{UNITS[metric]:<11}"
+    print("\nThroughput (median over the quiet calls; ± = (max - min)/median)")
+    print(f"{'operation':<20}{'unit':<11}" + "".join(f"{n:>20}" for n in names))
+    for key, row in results.items():
+        print(f"{label(key):<20}{UNITS[key[0]]:<11}"
               + "".join(f"{fmt_rate(row[n].rate) + f' ±{row[n].spread:.0%}':>20}" for n in names))
-    print(f"{'first call':<12}{'s (train)':<11}" + "".join(f"{results['train'][n].first:>20.2f}" for n in names))
-    for metric in ("log_prob", "sample", "grad"):
-        print(f"{'':<12}{'s (' + metric + ')':<11}" + "".join(f"{results[metric][n].first:>20.2f}" for n in names))
+    print("First call (s: warm-up incl. tracing / XLA compilation)")
+    for key, row in results.items():
+        print(f"{label(key):<31}" + "".join(f"{row[n].first:>20.2f}" for n in names))
 
     print("\nSpeed-up over nflows, against the issue's targets. median = ratio of the medians (decides met / not"
-          " met); paired = median over rounds of the ratio within a round; best = ratio of the fastest calls")
+          " met); paired = median over rounds of the within-round ratio; best = ratio of the fastest calls")
     ratio_names = [n for n in names if n != "nflows"]
-    print(f"{'operation':<12}{'target':<8}{'':<8}" + "".join(f"{n:>22}" for n in ratio_names))
-    for metric in ("train", "log_prob", "sample", "grad"):
-        row, base = results[metric], results[metric]["nflows"]
-        cells = {"median": [], "paired": [], "best": []}
+    print(f"{'operation':<20}{'target':<8}{'':<8}" + "".join(f"{n:>22}" for n in ratio_names))
+    for key, row in results.items():
+        metric, base = key[0], row["nflows"]
+        cells: dict[str, list[str]] = {"median": [], "paired": [], "best": []}
         for n in ratio_names:
             ratio = row[n].rate / base.rate
             verdict = ""
             if n.startswith("tfgalflow"):
-                verdict = (" met" if ratio >= TARGETS[metric] else " not met") if rounds[metric]["reliable"] \
-                    else " inconclusive"
+                verdict = ((" met" if ratio >= TARGETS[metric] else " not met") if rounds[key]["reliable"]
+                           else " inconclusive")
             cells["median"].append(f"{ratio:.2f}x{verdict}")
             cells["paired"].append(f"{row[n].paired_ratio(base):.2f}x")
             cells["best"].append(f"{row[n].best / base.best:.2f}x")
         target = f">= {TARGETS[metric]:g}x"
         for i, (kind, texts) in enumerate(cells.items()):
-            print(f"{LABELS[metric] if i == 0 else '':<12}{target if i == 0 else '':<8}{kind:<8}"
+            print(f"{label(key) if i == 0 else '':<20}{target if i == 0 else '':<8}{kind:<8}"
                   + "".join(f"{c:>22}" for c in texts))
 
-    print("\nVariants (package-side changes; same rounds as the table)")
-    for metric, group in variants.items():
-        reference = "tfgalflow XLA"
+    print("\nVariants (package-side changes; timed in the same rounds as their operation)")
+    for key, group in variants.items():
+        reference = results[key]["tfgalflow XLA"]
         for name in group:
-            t = results[metric][name]
-            print(f"  {LABELS[metric]:<8}{name:<32}{fmt_rate(t.rate):>10} {UNITS[metric]} ±{t.spread:.0%}: "
-                  f"{t.paired_ratio(results[metric][reference]):.2f}x {reference} (paired), "
-                  f"{t.rate / results[metric]['nflows'].rate:.2f}x nflows; first call {t.first:.2f} s")
+            t = results[key][name]
+            print(f"  {label(key):<18}{name:<31}{fmt_rate(t.rate):>9} {UNITS[key[0]]} ±{t.spread:.0%}: "
+                  f"{t.paired_ratio(reference):.2f}x tfgalflow XLA (paired), "
+                  f"{t.rate / results[key]['nflows'].rate:.2f}x nflows; first call {t.first:.2f} s")
 
-    lp = results["log_prob"]
     flops = floors["floor TF XLA"].flops_per_point
-    print(f"\nDense floor for log_prob ({flops} flop/point: the MADE matmuls alone, no masks/affine/permutations):")
-    for name in ("floor TF XLA", "floor torch", "tfgalflow", "tfgalflow XLA", "nflows"):
-        rate = lp[name].rate
-        print(f"  {name:<15}{fmt_rate(rate):>10} points/s = {rate * flops / 1e9:6.1f} GFLOP/s"
-              + (f"  ({rate / lp['nflows'].rate:.2f}x nflows)" if name.startswith("floor") else ""))
-    best = max(lp["floor TF XLA"].rate, lp["floor torch"].rate)
-    print(f"  -> in float32 on this CPU no implementation exceeds ~{best / lp['nflows'].rate:.1f}x nflows on log_prob"
-          f" (target {TARGETS['log_prob']:g}x)")
+    print(f"\nDense floor for log_prob ({flops} flop/point: the MADE matmuls alone, no masks/affine/permutations)")
+    for n in sizes["log_prob"]:
+        lp = results[("log_prob", n)]
+        floor = max(lp["floor TF XLA"].rate, lp["floor torch"].rate)
+        print(f"  {n} points: " + ", ".join(f"{name} {fmt_rate(lp[name].rate)}/s = {lp[name].rate * flops / 1e9:.0f} "
+                                           f"GFLOP/s" for name in ("floor TF XLA", "floor torch", "tfgalflow XLA",
+                                                                   "nflows")))
+        print(f"    -> the faster floor is {floor / lp['nflows'].rate:.1f}x nflows (target {TARGETS['log_prob']:g}x); "
+              f"tfgalflow XLA runs at {lp['tfgalflow XLA'].rate / floor:.0%} of it")
 
     # sanity: every implementation trained the same number of steps on the same batches
-    print(f"\nHeld-out mean -log p (physical units) after {(rounds['train']['rounds'] + 1) * steps} steps on the same batches "
+    train_rounds = rounds[("train", steps * args.batch)]["rounds"]
+    print(f"\nHeld-out mean -log p (physical units) after {(train_rounds + 1) * steps} steps on the same batches "
           f"(tfgalflow and TFP eager start from identical weights):")
     print("  " + ", ".join(f"{n} {-np.mean(impls[n].log_prob(x_eval)):.4f}" for n in names))
     print(f"\n{load()} at end; total {time.perf_counter() - t_start:.0f} s")
