@@ -28,8 +28,9 @@ runs out first, the verdict is "inconclusive"). Figures are medians over the qui
 paired ratio (median over rounds of the within-round ratio, which cancels slow drifts that no process
 list shows, e.g. host-level noise) and the ratio of the fastest calls.
 Thread counts are fixed (``--threads``, default 2 = the machine's cores) for TF intra/inter-op and torch
-intra/inter-op, and printed. Two package-side variants are timed in the same rounds (XLA training with
-``steps_per_execution``; XLA-compiled sampling).
+intra/inter-op, and printed. Package-side variants are timed in the same rounds: XLA training with
+Keras' ``steps_per_execution``, XLA-compiled sampling, and prototypes of two proposed changes (K optimizer
+steps per XLA train step; sampling passes truncated to the MADE units each output depends on).
 A "dense floor" -- only the 24 matmuls + bias + ReLU of the 8 MADEs, XLA-compiled in TF and plain in
 torch -- bounds the log_prob speed a dense-matmul implementation can reach on this CPU in float32.
 Every implementation trains the same number of steps on the same batches; the held-out -log p printed
@@ -294,6 +295,100 @@ class DenseFloor:
             self.run = floor
 
 
+# ---- prototypes of proposed package changes (timed as variants) -------------------------------
+
+def multistep_flow(cfg, x_train: np.ndarray, lr: float):
+    """Prototype of a proposed ``Flow.train_step`` change: a rank-3 batch [K, B, D] runs K optimizer steps
+    in one ``tf.while_loop`` inside the (XLA-compiled) train step, so TF/XLA dispatch -- which costs about
+    as much as a 2048-point step -- is paid once per K steps. Same updates in the same order as K calls
+    (weights after 25 steps agreed to 0.0 in a check); feed it ``dataset.batch(B).batch(K)``.
+    """
+    import tensorflow as tf
+    import tf_keras as keras
+    from tfgalflow.model import Flow
+
+    class MultiStepFlow(Flow):
+        def train_step(self, data):
+            if not isinstance(data, tf.Tensor) or data.shape.rank != 3:
+                return super().train_step(data)
+            variables = self.trainable_variables
+
+            def step(i):
+                with tf.GradientTape() as tape:
+                    lp = self._log_prob_tensor(data[i], None)
+                    loss = -tf.reduce_mean(lp)
+                self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+                self._loss_tracker.update_state(-lp)
+                return (i + 1,)
+
+            tf.while_loop(lambda i: i < tf.shape(data)[0], step, (tf.constant(0),))
+            return {"loss": self._loss_tracker.result()}
+
+    flow = MultiStepFlow(cfg)
+    flow.adapt(x_train)
+    flow.compile(keras.optimizers.Adam(lr), jit_compile=True)
+    return flow
+
+
+def truncated_sampler(flow) -> Callable[[int, int], np.ndarray]:
+    """Prototype of a proposed ``tfgalflow.flows.forward`` change for affine MAFs: unrolled passes in which
+    pass i evaluates only the MADE units that output i depends on (degree <= i), instead of D full passes.
+
+    In a MADE, output i sees hidden units of degree < i+1 only (Germain et al. 2015); TFP's 'equal'
+    degrees are sorted, so those are leading slices of each kernel: pass i costs ~(i/(D-1))^2 of a full
+    64x64 product and pass 0 none (its parameters are the output bias). Masked weights are exactly zero,
+    so the draws equal ``Flow.sample``'s (checked in the run).
+    """
+    import tensorflow as tf
+    import tensorflow_probability as tfp
+    import tf_keras as keras
+    from tfgalflow.flows import LOG_SCALE_BOUND
+
+    def made_slices(network):
+        dense = [layer for layer in network._network.layers if isinstance(layer, keras.layers.Dense)]
+        masks = [np.asarray(m, bool) for m in network._masks]
+        dim = masks[0].shape[0]
+        degrees = [np.arange(1, dim + 1)]
+        for mask in masks[:-1]:        # unit j's degree = the largest degree among its inputs
+            degrees.append(np.array([degrees[-1][mask[:, j]].max() for j in range(mask.shape[1])]))
+        if any(np.any(np.diff(d) < 0) for d in degrees[1:]):
+            raise ValueError("truncated_sampler needs sorted hidden degrees (TFP's 'equal' degrees are)")
+        ends = [np.searchsorted(d, np.arange(dim), side="right") for d in degrees[1:]]   # units of degree <= i
+        return [(layer.kernel, layer.bias) for layer in dense], ends, dim
+
+    def layer_forward(network, z):
+        ((w1, b1), (w2, b2), (w3, b3)), (e1, e2), dim = made_slices(network)
+        params_per_dim = w3.shape[1] // dim
+        columns = []
+        for i in range(dim):
+            out = slice(i * params_per_dim, (i + 1) * params_per_dim)
+            if e2[i] == 0:
+                params = tf.broadcast_to(b3[out], [tf.shape(z)[0], params_per_dim])
+            else:
+                y = tf.stack(columns, axis=-1)
+                h1 = tf.nn.relu(tf.matmul(y, w1[:i, :e1[i]]) + b1[:e1[i]])
+                h2 = tf.nn.relu(tf.matmul(h1, w2[:e1[i], :e2[i]]) + b2[:e2[i]])
+                params = tf.matmul(h2, w3[:e2[i], out]) + b3[out]
+            log_scale = LOG_SCALE_BOUND * tf.tanh(params[:, 1] / LOG_SCALE_BOUND)
+            columns.append(z[:, i] * tf.exp(log_scale) + params[:, 0])
+        return tf.stack(columns, axis=-1)
+
+    def sample(n, seed):
+        z = tf.random.stateless_normal(tf.stack([n, flow.dim]), seed=seed, dtype=tf.float32)
+        for bijector in reversed(flow.bijector.bijectors):
+            if isinstance(bijector, tfp.bijectors.Permute):
+                z = bijector.forward(z)
+            else:
+                z = layer_forward(bijector.transform.network, z)
+        return flow._unscale(z)
+
+    if flow.config.kind != "affine" or flow.label_dim:
+        raise ValueError("the prototype covers unconditional affine flows only")
+    fn = tf.function(sample, autograph=False,
+                     input_signature=[tf.TensorSpec([], tf.int32), tf.TensorSpec([2], tf.int64)])
+    return lambda n, seed: fn(tf.constant(n, tf.int32), tf.constant([seed, 0], tf.int64)).numpy()
+
+
 # ---- the benchmark ----------------------------------------------------------------------------
 
 def configure_threads(threads: int):
@@ -409,9 +504,19 @@ def main(argv: list[str] | None = None) -> None:
 
     # variants (package-side changes) and the dense floor, timed in the same rounds as their group
     spe = TfgalflowBench(cfg, x_train, lr, jit=True, steps_per_execution=steps)
+    multistep = multistep_flow(cfg, x_train, lr)
+    stacked = [tf.data.Dataset.from_tensors(batches[r * steps:(r + 1) * steps]) for r in range(4 * repeats + 1)]
     xla_sample = impls["tfgalflow XLA"].xla_sampler()
-    variants = {("train", steps * args.batch): {"XLA + steps_per_execution": lambda r: spe.train(datasets[r])},
-                ("sample", n_sample): {"XLA-compiled sample_stateless": lambda r: xla_sample(n_sample, 100 + r)}}
+    truncated = truncated_sampler(impls["tfgalflow"].flow)
+    check = np.max(np.abs(truncated(4096, 5) - impls["tfgalflow"].sample(4096, seed=5)))
+    print(f"check: truncated-pass sampler vs Flow.sample, same seed: max |difference| = {check:.1e}")
+    variants = {
+        ("train", steps * args.batch): {
+            "XLA + steps_per_execution": lambda r: spe.train(datasets[r]),
+            f"XLA, {steps} steps per train_step*": lambda r: multistep.fit(stacked[r], epochs=1, verbose=0)},
+        ("sample", n_sample): {
+            "XLA-compiled sample_stateless": lambda r: xla_sample(n_sample, 100 + r),
+            "truncated passes* (graph)": lambda r: truncated(n_sample, 100 + r)}}
     floors = {"floor TF XLA": DenseFloor(cfg.dim, cfg.layers, cfg.hidden, "tf"),
               "floor torch": DenseFloor(cfg.dim, cfg.layers, cfg.hidden, "torch")}
     for key, fns in variants.items():
@@ -466,12 +571,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{label(key) if i == 0 else '':<20}{target if i == 0 else '':<8}{kind:<8}"
                   + "".join(f"{c:>22}" for c in texts))
 
-    print("\nVariants (package-side changes; timed in the same rounds as their operation)")
+    print("\nVariants (package-side changes, timed in the same rounds as their operation; * = prototype of a "
+          "proposed change, see multistep_flow / truncated_sampler)")
     for key, group in variants.items():
         reference = results[key]["tfgalflow XLA"]
         for name in group:
             t = results[key][name]
-            print(f"  {label(key):<18}{name:<31}{fmt_rate(t.rate):>9} {UNITS[key[0]]} ±{t.spread:.0%}: "
+            print(f"  {label(key):<18}{name:<35}{fmt_rate(t.rate):>9} {UNITS[key[0]]} ±{t.spread:.0%}: "
                   f"{t.paired_ratio(reference):.2f}x tfgalflow XLA (paired), "
                   f"{t.rate / results[key]['nflows'].rate:.2f}x nflows; first call {t.first:.2f} s")
 
