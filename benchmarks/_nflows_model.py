@@ -13,8 +13,10 @@ ReLU each, so ``num_blocks = len(hidden) - 1`` gives exactly the dense shapes of
 hidden layers, linear output), 5 388 weights + biases per layer in both libraries.
 
 Remaining differences (none changes the cost by more than an elementwise op on [N, D]): nflows parametrises
-the scale as softplus(u) + 1e-3, tfgalflow as exp(3 tanh(u / 3)); nflows initialises with PyTorch's
-default (Kaiming-uniform), tfgalflow with seeded Glorot-uniform. Data are standardised with the same
+the affine scale as softplus(u) + 1e-3, tfgalflow as exp(3 tanh(u / 3)); nflows initialises with PyTorch's
+default (Kaiming-uniform), tfgalflow with seeded Glorot-uniform. For ``kind="spline"`` both use K bins on
+[-B, B] with identity tails and 3K - 1 MADE outputs per dimension (nflows' bin search is searchsorted +
+gather, tfgalflow's a one-hot sum). Data are standardised with the same
 per-column mean and standard deviation as ``Flow.adapt`` (done inside the closures below, so every
 implementation computes log p in physical units).
 
@@ -23,8 +25,7 @@ gradient), ``inverse`` maps noise to data (D passes per layer: sampling) -- the 
 MAF, so each operation does the same number of network evaluations in both libraries.
 
 Compatibility with torch 2.13.0 (nflows 0.14, Dec 2020): no workaround was needed for this code path
-(construction, log_prob, backward, Adam, sample, autograd.grad run without warnings); nflows' spline
-and ``torchutils`` helpers are not used here.
+(construction, log_prob, backward, Adam, sample, autograd.grad run without warnings, affine and spline).
 """
 from __future__ import annotations
 
@@ -34,25 +35,33 @@ import numpy as np
 import torch
 from nflows.distributions.normal import StandardNormal
 from nflows.flows.base import Flow
-from nflows.transforms.autoregressive import MaskedAffineAutoregressiveTransform
+from nflows.transforms.autoregressive import (MaskedAffineAutoregressiveTransform,
+                                              MaskedPiecewiseRationalQuadraticAutoregressiveTransform)
 from nflows.transforms.base import CompositeTransform
 from nflows.transforms.permutations import ReversePermutation
 
 
-def build_maf(dim: int, layers: int, hidden: Sequence[int], seed: int = 0) -> Flow:
-    """nflows MAF with ``layers`` affine MADE layers of hidden widths ``hidden`` (all equal), reverse
-    permutations between layers, N(0, I) base. Raises ValueError for unequal widths (nflows' MADE has
-    one width for all hidden layers)."""
+def build_maf(dim: int, layers: int, hidden: Sequence[int], kind: str = "affine", bins: int = 8,
+              bound: float = 5.0, seed: int = 0) -> Flow:
+    """nflows MAF with ``layers`` MADE layers of hidden widths ``hidden`` (all equal), reverse permutations
+    between layers, N(0, I) base. kind "affine": MaskedAffineAutoregressiveTransform; "spline":
+    MaskedPiecewiseRationalQuadraticAutoregressiveTransform with ``bins`` bins on [-bound, bound] and linear
+    (identity) tails, 3 bins - 1 parameters per dimension as tfgalflow's spline. Raises ValueError for
+    unequal widths (nflows' MADE has one width for all hidden layers)."""
     hidden = tuple(int(h) for h in hidden)
     if not hidden or len(set(hidden)) != 1:
         raise ValueError(f"hidden = {hidden}: nflows' MADE needs >= 1 hidden layers of one width")
     torch.manual_seed(seed)
+    made = dict(features=dim, hidden_features=hidden[0], num_blocks=len(hidden) - 1, use_residual_blocks=False)
     transforms = []
     for i in range(layers):
         if i:
             transforms.append(ReversePermutation(features=dim))
-        transforms.append(MaskedAffineAutoregressiveTransform(
-            features=dim, hidden_features=hidden[0], num_blocks=len(hidden) - 1, use_residual_blocks=False))
+        if kind == "affine":
+            transforms.append(MaskedAffineAutoregressiveTransform(**made))
+        else:
+            transforms.append(MaskedPiecewiseRationalQuadraticAutoregressiveTransform(
+                num_bins=bins, tails="linear", tail_bound=bound, **made))
     return Flow(CompositeTransform(transforms), StandardNormal([dim]))
 
 
@@ -68,8 +77,8 @@ class NflowsBench:
     """
 
     def __init__(self, dim: int, layers: int, hidden: Sequence[int], shift: np.ndarray, scale: np.ndarray,
-                 lr: float, seed: int = 0):
-        self.flow = build_maf(dim, layers, hidden, seed)
+                 lr: float, kind: str = "affine", bins: int = 8, bound: float = 5.0, seed: int = 0):
+        self.flow = build_maf(dim, layers, hidden, kind, bins, bound, seed)
         self.optimizer = torch.optim.Adam(self.flow.parameters(), lr=lr)
         self.shift = torch.as_tensor(np.asarray(shift, np.float32))
         self.scale = torch.as_tensor(np.asarray(scale, np.float32))

@@ -37,7 +37,8 @@ Every implementation trains the same number of steps on the same batches; the he
 at the end checks that (tfgalflow and eager TFP start from identical weights and must agree).
 
     .venv/bin/python benchmarks/bench_flows.py            # ~2 min on a quiet 2-core machine, <= ~9 busy
-    .venv/bin/python benchmarks/bench_flows.py --quick    # ~40 s smoke run (fewer, smaller calls)
+    .venv/bin/python benchmarks/bench_flows.py --quick    # ~45 s smoke run (fewer, smaller calls)
+    .venv/bin/python benchmarks/bench_flows.py --kind spline   # the same for 8-bin spline MAFs (no targets)
 
 Needs the ``bench`` extra: ``pip install torch==2.13.0`` (CPU wheel) then ``pip install nflows``.
 """
@@ -246,7 +247,7 @@ class EagerTFPBench:
 
 
 class DenseFloor:
-    """Only the dense layers of the 8 MADEs (D->64->64->2D, ReLU) on [N, D]: a lower bound on log_prob time.
+    """Only the dense layers of the MADEs (D -> hidden -> params x D, ReLU) on [N, D]: a bound on log_prob time.
 
     Masked or not, a dense layer costs the same matmul, so an implementation that evaluates the MADEs as
     dense float32 matmuls (TFP, nflows, tfgalflow) cannot beat this on this CPU; its throughput over
@@ -254,9 +255,9 @@ class DenseFloor:
     weights -- with block-sparse products by MADE degree could go below it.)
     """
 
-    def __init__(self, dim: int, layers: int, hidden: tuple, framework: str, seed: int = 0):
+    def __init__(self, dim: int, layers: int, hidden: tuple, params: int, framework: str, seed: int = 0):
         rng = np.random.default_rng(seed)
-        widths = [dim, *hidden, 2 * dim]
+        widths = [dim, *hidden, params * dim]
         self.dim = dim
         self.flops_per_point = 2 * layers * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
         params = [[(rng.normal(size=(a, b)) / np.sqrt(a)).astype(np.float32), np.zeros(b, np.float32)]
@@ -422,6 +423,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budget", type=float, help="seconds of timed rounds, all metrics (default 420; --quick 20)")
     p.add_argument("--quiet", type=float, default=0.1,
                    help="a call counts if other processes used at most this many cores meanwhile (0.1)")
+    p.add_argument("--kind", choices=["affine", "spline"], default="affine",
+                   help="affine MAF (the issue's comparison, default) or rational-quadratic spline MAF (8 bins)")
     p.add_argument("--no-eager", action="store_true", help="skip the (slow) plain eager TFP column")
     args = p.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 7)
@@ -438,7 +441,7 @@ def main(argv: list[str] | None = None) -> None:
     from tfgalflow.flows import FlowConfig
     import nflows
 
-    cfg = FlowConfig(dim=6, layers=8, hidden=(64, 64), kind="affine", seed=seed)
+    cfg = FlowConfig(dim=6, layers=8, hidden=(64, 64), kind=args.kind, seed=seed)
     print(f"TensorFlow {tf.__version__} (intra-op {tf.config.threading.get_intra_op_parallelism_threads()}, "
           f"inter-op {tf.config.threading.get_inter_op_parallelism_threads()} threads); torch {torch.__version__} "
           f"(intra-op {torch.get_num_threads()}, inter-op {torch.get_num_interop_threads()} threads); "
@@ -454,7 +457,7 @@ def main(argv: list[str] | None = None) -> None:
     batches = x_train[order[:n_batches * args.batch]].reshape(n_batches, args.batch, cfg.dim)
     print(f"data: {n_train} + {n_eval} held-out 6D points of the isotropic Hernquist model (r < {R_MAX:g} a) "
           f"from tfgalflow.mocks.sample_hernquist")
-    print(f"model: {cfg.layers} affine MAF layers, MADE hidden {cfg.hidden}, reverse permutations, batch "
+    print(f"model: {cfg.layers} {cfg.kind} MAF layers, MADE hidden {cfg.hidden}, reverse permutations, batch "
           f"{args.batch}; timed calls: {steps} train steps, log_prob/grad on {args.batch} and {n_eval} points, "
           f"{args.batch} and {n_sample} samples; 1 warm-up + {repeats} quiet calls each")
 
@@ -466,7 +469,8 @@ def main(argv: list[str] | None = None) -> None:
     shift, scale = flow.x_shift.numpy(), flow.x_scale.numpy()
     if not args.no_eager:
         impls["TFP eager"] = EagerTFPBench(cfg, shift, scale, lr)
-    impls["nflows"] = NflowsBench(cfg.dim, cfg.layers, cfg.hidden, shift, scale, lr, seed)
+    impls["nflows"] = NflowsBench(cfg.dim, cfg.layers, cfg.hidden, shift, scale, lr, cfg.kind, cfg.bins,
+                                  cfg.spline_range, seed)
     shapes = dense_shapes(impls["nflows"].flow)[:3]
     made = flow.bijector.bijectors[0].transform.network
     tfp_shapes = [tuple(v.shape) for v in made.trainable_variables if len(v.shape) == 2]
@@ -507,18 +511,18 @@ def main(argv: list[str] | None = None) -> None:
     multistep = multistep_flow(cfg, x_train, lr)
     stacked = [tf.data.Dataset.from_tensors(batches[r * steps:(r + 1) * steps]) for r in range(4 * repeats + 1)]
     xla_sample = impls["tfgalflow XLA"].xla_sampler()
-    truncated = truncated_sampler(impls["tfgalflow"].flow)
-    check = np.max(np.abs(truncated(4096, 5) - impls["tfgalflow"].sample(4096, seed=5)))
-    print(f"check: truncated-pass sampler vs Flow.sample, same seed: max |difference| = {check:.1e}")
     variants = {
         ("train", steps * args.batch): {
             "XLA + steps_per_execution": lambda r: spe.train(datasets[r]),
             f"XLA, {steps} steps per train_step*": lambda r: multistep.fit(stacked[r], epochs=1, verbose=0)},
-        ("sample", n_sample): {
-            "XLA-compiled sample_stateless": lambda r: xla_sample(n_sample, 100 + r),
-            "truncated passes* (graph)": lambda r: truncated(n_sample, 100 + r)}}
-    floors = {"floor TF XLA": DenseFloor(cfg.dim, cfg.layers, cfg.hidden, "tf"),
-              "floor torch": DenseFloor(cfg.dim, cfg.layers, cfg.hidden, "torch")}
+        ("sample", n_sample): {"XLA-compiled sample_stateless": lambda r: xla_sample(n_sample, 100 + r)}}
+    if cfg.kind == "affine":
+        truncated = truncated_sampler(impls["tfgalflow"].flow)
+        check = np.max(np.abs(truncated(4096, 5) - impls["tfgalflow"].sample(4096, seed=5)))
+        print(f"check: truncated-pass sampler vs Flow.sample, same seed: max |difference| = {check:.1e}")
+        variants[("sample", n_sample)]["truncated passes* (graph)"] = lambda r: truncated(n_sample, 100 + r)
+    floors = {"floor TF XLA": DenseFloor(cfg.dim, cfg.layers, cfg.hidden, cfg.params_per_dim, "tf"),
+              "floor torch": DenseFloor(cfg.dim, cfg.layers, cfg.hidden, cfg.params_per_dim, "torch")}
     for key, fns in variants.items():
         groups[key].update(fns)
     for n in sizes["log_prob"]:
@@ -550,8 +554,9 @@ def main(argv: list[str] | None = None) -> None:
     for key, row in results.items():
         print(f"{label(key):<31}" + "".join(f"{row[n].first:>20.2f}" for n in names))
 
-    print("\nSpeed-up over nflows, against the issue's targets. median = ratio of the medians (decides met / not"
-          " met); paired = median over rounds of the within-round ratio; best = ratio of the fastest calls")
+    print(f"\nSpeed-up over nflows{', against the issue targets' if cfg.kind == 'affine' else ''}. median = ratio of "
+          "the medians (decides met / not met); paired = median over rounds of the within-round ratio; best = ratio "
+          "of the fastest calls")
     ratio_names = [n for n in names if n != "nflows"]
     print(f"{'operation':<20}{'target':<8}{'':<8}" + "".join(f"{n:>22}" for n in ratio_names))
     for key, row in results.items():
@@ -560,13 +565,13 @@ def main(argv: list[str] | None = None) -> None:
         for n in ratio_names:
             ratio = row[n].rate / base.rate
             verdict = ""
-            if n.startswith("tfgalflow"):
+            if n.startswith("tfgalflow") and cfg.kind == "affine":     # the targets are the affine MAF's
                 verdict = ((" met" if ratio >= TARGETS[metric] else " not met") if rounds[key]["reliable"]
                            else " inconclusive")
             cells["median"].append(f"{ratio:.2f}x{verdict}")
             cells["paired"].append(f"{row[n].paired_ratio(base):.2f}x")
             cells["best"].append(f"{row[n].best / base.best:.2f}x")
-        target = f">= {TARGETS[metric]:g}x"
+        target = f">= {TARGETS[metric]:g}x" if cfg.kind == "affine" else ""
         for i, (kind, texts) in enumerate(cells.items()):
             print(f"{label(key) if i == 0 else '':<20}{target if i == 0 else '':<8}{kind:<8}"
                   + "".join(f"{c:>22}" for c in texts))
@@ -589,7 +594,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {n} points: " + ", ".join(f"{name} {fmt_rate(lp[name].rate)}/s = {lp[name].rate * flops / 1e9:.0f} "
                                            f"GFLOP/s" for name in ("floor TF XLA", "floor torch", "tfgalflow XLA",
                                                                    "nflows")))
-        print(f"    -> the faster floor is {floor / lp['nflows'].rate:.1f}x nflows (target {TARGETS['log_prob']:g}x); "
+        target = f" (target {TARGETS['log_prob']:g}x)" if cfg.kind == "affine" else ""
+        print(f"    -> the faster floor is {floor / lp['nflows'].rate:.1f}x nflows{target}; "
               f"tfgalflow XLA runs at {lp['tfgalflow XLA'].rate / floor:.0%} of it")
 
     # sanity: every implementation trained the same number of steps on the same batches
