@@ -29,6 +29,8 @@ _PUBLIC = {
     "Ensemble": "model",
     "TrainConfig": "training",
     "train": "training",
+    "resume": "training",
+    "load_run": "training",
     "load": "export",
     "export": "export",
     "accelerations": "cbe",
@@ -36,7 +38,7 @@ _PUBLIC = {
 
 _SUBMODULES = (
     "units", "hernquist", "mocks", "catalogue", "flows", "model", "training",
-    "cbe", "export", "serving", "plots", "cli",
+    "cbe", "export", "serving", "plots", "study", "cli",
 )
 
 __all__ = sorted(_PUBLIC) + ["__version__"]

@@ -1,0 +1,43 @@
+"""Figure data round trip and the study's geometry helpers, against hand-computed values."""
+import numpy as np
+import pytest
+
+from tfgalflow import plots
+from tfgalflow.errors import FileError, InputError
+from tfgalflow.hernquist import Hernquist
+from tfgalflow.mocks import sample_hernquist
+from tfgalflow.study import (StudyConfig, evaluation_positions, fractional_error, mock_figure_data,
+                             radial_acceleration)
+
+
+def test_radial_acceleration_and_fractional_error_of_exact_hernquist():
+    h = Hernquist()
+    pos = evaluation_positions(StudyConfig.demo())
+    r = np.linalg.norm(pos, axis=1)
+    # |a_r| = G M / (r + a)^2 exactly for Hernquist (inward, so positive)
+    np.testing.assert_allclose(radial_acceleration(pos, h.acceleration(pos)), 1.0 / (1.0 + r) ** 2, rtol=1e-12)
+    np.testing.assert_allclose(fractional_error(1.1 * h.acceleration(pos), h.acceleration(pos)), 0.1, rtol=1e-12)
+    np.testing.assert_allclose(np.geomspace(0.2, 5.0, 8), r, rtol=1e-12)
+
+
+def test_mock_figure_data_matches_jeans_and_renders(tmp_path):
+    cat = sample_hernquist(50_000, kind="aniso", seed=3, r_max=50.0)
+    data = mock_figure_data(cat, Hernquist(), "aniso", n_bins=6)
+    # dispersions within 5 standard errors of the Jeans profiles (sigma/sqrt(2n) errors, n ~ 8000 per bin)
+    assert np.all(np.abs(data["sigma_r"] - data["sigma_r_model"]) < 5 * data["sigma_r_err"])
+    assert np.all(np.abs(data["sigma_t"] - data["sigma_t_model"]) < 5 * data["sigma_t_err"])
+    path = plots.save_figure_data(tmp_path / "mock.npz", "mock", **data)
+    back = plots.load_figure_data(path)
+    np.testing.assert_array_equal(back["sigma_r"], data["sigma_r"])
+    png = plots.render(path)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_figure_data_errors(tmp_path):
+    with pytest.raises(InputError, match="missing"):
+        plots.save_figure_data(tmp_path / "a.npz", "accelerations", r=np.ones(3))
+    with pytest.raises(InputError, match="unknown figure"):
+        plots.save_figure_data(tmp_path / "a.npz", "nope")
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(FileError, match="bad.npz"):
+        plots.load_figure_data(tmp_path / "bad.npz")
