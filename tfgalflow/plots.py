@@ -77,8 +77,11 @@ def _figure(ncols: int, width: float = 4.6, height: float = 3.8):
 
 def _save(fig, path: str | os.PathLike) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.ticker import NullFormatter
 
     path = Path(path)
+    for ax in fig.axes:                    # log axes spanning < 2 decades label minor ticks, which overlap
+        ax.xaxis.set_minor_formatter(NullFormatter())
     FigureCanvasAgg(fig)
     with atomic_file(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=120, format="png")
