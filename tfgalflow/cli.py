@@ -639,7 +639,8 @@ def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="run the main job on a small built-in Hernquist mock",
                        description="Sample an isotropic Hernquist mock, train a small flow, recover accelerations "
                                    "from the CBE at a set of radii, print recovered against true, write figures.")
-    p.add_argument("--out", default="demo_output", help="folder for the run, figure data and PNGs")
+    p.add_argument("--out", default="demo_output",
+                   help="folder for the run, figure data and PNGs (a previous demo's runs/ in it are replaced)")
     p.add_argument("--n", type=int, default=None, help="number of stars (default: the built-in demo size)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the built-in demo value)")
     p.add_argument("--seed", type=int, default=0)
@@ -648,6 +649,8 @@ def _add_demo(sub) -> None:
 
 def _run_demo(args) -> int:
     import dataclasses
+    import shutil
+    from pathlib import Path
 
     from .study import StudyConfig, format_table, run_study
 
@@ -658,7 +661,10 @@ def _run_demo(args) -> int:
     if args.epochs is not None:
         changes["train"] = {**config.train, "epochs": args.epochs}
     config = dataclasses.replace(config, **changes)
-    summary = run_study(config, args.out, verbose=2)
+    out = Path(args.out)
+    if (out / "study_config.json").exists() and (out / "runs").exists():
+        shutil.rmtree(out / "runs")     # a previous demo's output: the demo always trains afresh
+    summary = run_study(config, out, verbose=2)
     print(format_table(summary))
     print(f"figures and figure data written to {args.out}/ (accelerations.png, df_slices.png, mock_iso.png)")
     return 0
