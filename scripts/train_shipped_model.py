@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 from tfgalflow.atomic import write_json, write_text  # noqa: E402
 from tfgalflow.export import export, load_saved_model, write_models_config  # noqa: E402
 from tfgalflow.hernquist import Hernquist  # noqa: E402
+from tfgalflow.study import fractional_error  # noqa: E402
 from tfgalflow.training import TrainConfig, read_history, read_run_config, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +88,7 @@ def acceleration_check(model, w: np.ndarray) -> dict | None:
     result = model.accelerations(positions, seed=1)
     exact = Hernquist().acceleration(positions)
     good = np.isfinite(result["acceleration"]).all(axis=1)
-    error = np.linalg.norm(result["acceleration"] - exact, axis=1) / np.linalg.norm(exact, axis=1)
+    error = fractional_error(result["acceleration"], exact)
     return {"n_positions": int(len(positions)), "n_finite": int(good.sum()),
             "n_velocities": model.metadata.get("accelerations", {}).get("n_velocities"),
             "median_relative_error": float(np.median(error[good])) if good.any() else None,
