@@ -213,10 +213,12 @@ class ExportedModel:
         signatures: {name: :class:`Signature`} (every signature of the SavedModel).
         metadata: the tfgalflow metadata JSON ({} for SavedModels not written by :func:`export`).
         dim, label_dim: data and label widths (from the ``log_prob`` signature when present).
+        x_scale: [D] rescaler scales of the (first) member from the metadata, or None.
     """
 
     def __init__(self, path: str | os.PathLike):
         import tensorflow as tf
+        self._tf = tf
         self.path = Path(path)
         if not self.path.is_dir() or not _is_saved_model(self.path):
             raise FileError(f"{self.path}: not a SavedModel directory (no saved_model.pb)")
@@ -233,6 +235,10 @@ class ExportedModel:
                 self.metadata = json.loads(variable.numpy().decode())
             except (ValueError, AttributeError) as exc:
                 raise FileError(f"{self.path}: corrupt {METADATA_VARIABLE}: {exc}") from None
+        rescaling = self.metadata.get("rescaling") or [{}]
+        # The (first member's) rescaler scale per data column: cbe reads its velocity part to centre
+        # the velocity sampler exactly as it does for the in-memory Flow. None for foreign SavedModels.
+        self.x_scale = (np.asarray(rescaling[0]["x_scale"], np.float32) if "x_scale" in rescaling[0] else None)
         lp = self.signatures.get("log_prob")
         self.dim = lp.inputs["x"][0][1] if lp is not None and "x" in lp.inputs else self.metadata.get("dim")
         self.label_dim = (lp.inputs["labels"][0][1] if lp is not None and "labels" in lp.inputs
@@ -257,8 +263,18 @@ class ExportedModel:
         return {"x": x}
 
     def log_prob(self, x: Any, labels: Any = None) -> np.ndarray:
-        """log p(x | labels): [N] float32; x [N, D] in the physical units the model was trained in."""
-        return self._signature("log_prob")(**self._density_inputs(x, labels))["log_prob"]
+        """log p(x | labels): [N] float32; x [N, D] in the physical units the model was trained in.
+
+        Arrays in, validated NumPy out. Inside a ``tf.function`` (symbolic tensors) the SavedModel's
+        ``log_prob`` function is called directly and its tensor returned, so the loaded model is
+        traceable and differentiable like an in-memory Flow: ``cbe.accelerations(load(path), ...)``
+        and ``cbe.df_gradients`` work on it.
+        """
+        inputs = self._density_inputs(x, labels)
+        if not self._tf.executing_eagerly():
+            self._signature("log_prob")
+            return self._loaded.signatures["log_prob"](**inputs)["log_prob"]
+        return self._signature("log_prob")(**inputs)["log_prob"]
 
     def prob(self, x: Any, labels: Any = None) -> np.ndarray:
         """p(x | labels) = exp(log_prob): [N] float32."""
