@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -28,7 +29,7 @@ from tfgalflow.hernquist import Hernquist
 from tfgalflow.mocks import sample_hernquist
 from tfgalflow.model import Ensemble
 from tfgalflow.study import StudyConfig, evaluation_positions, fractional_error
-from tfgalflow.training import load_run
+from tfgalflow.training import _finished, _load_member, read_run_config
 
 
 def member_counts(n: int) -> list[int]:
@@ -51,8 +52,12 @@ def main() -> None:
     p.add_argument("--out", help="write the table as JSON here")
     args = p.parse_args()
 
-    model = load_run(args.run)
-    members = list(model.members) if isinstance(model, Ensemble) else [model]
+    run = read_run_config(args.run)
+    # members whose training finished (a study still training its ensemble can be evaluated as it grows)
+    members = [_load_member(Path(args.run), run, k) for k in range(len(run["members"]))
+               if _finished(Path(args.run), run, k)]
+    if not members:
+        raise SystemExit(f"{args.run}: no member has finished training yet")
     hernquist = Hernquist()
     config = StudyConfig(mocks=("iso",), n_radii=args.n_radii, n_velocities=args.n_velocities, seed=args.seed)
     positions = evaluation_positions(config)
@@ -63,7 +68,7 @@ def main() -> None:
     log_f_exact = hernquist.log_df(check[:, :3], check[:, 3:], args.kind)
 
     rows = []
-    print(f"{args.run}: {len(members)} member(s); {in_range.sum()} positions in {config.summary_range} a, "
+    print(f"{args.run}: {len(members)} of {len(run['members'])} member(s) finished; {in_range.sum()} positions in {config.summary_range} a, "
           f"{args.n_velocities} velocities each; density error on {args.n_check} fresh exact draws")
     print(f"{'K':>3} {'median |Δa|/|a|':>16} {'90%':>8} {'<Δ log f>':>10} {'std Δ log f':>12}")
     for k in member_counts(len(members)):
