@@ -313,15 +313,40 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     cpu = tf.config.list_physical_devices("CPU")[0]           # two logical CPUs, before TF initialises
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import numpy as np
+    import tf_keras as keras
+    from tfgalflow.flows import FlowConfig
+    from tfgalflow.model import Flow
     from tfgalflow.training import TrainConfig, read_history, train
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     x = np.random.default_rng(0).multivariate_normal([1.0, 2.0], [[1.0, 0.8], [0.8, 1.0]], 2000)
-    cfg = TrainConfig(layers=2, hidden=(16, 16), epochs=4, batch_size=256, lr=1e-2, seed=1)
+    cfg = TrainConfig(layers=2, hidden=(16, 16), epochs=4, batch_size=256, lr=1e-2, seed=1, steps_per_call=4)
     flow = train(x, cfg, sys.argv[1], strategy=strategy, verbose=0)
     h = read_history(sys.argv[1])
+
+    def sgd_update(strat, data):
+        # one plain SGD step (lr 0.1) on 512 points; returns the weight change
+        with strat.scope():
+            f = Flow(FlowConfig(dim=2, layers=2, hidden=(16, 16), seed=5))
+            f.adapt(x)
+            f.compile(keras.optimizers.SGD(0.1))
+        before = f.get_weights()
+        f.fit(data, epochs=1, verbose=0)
+        return [a - b for a, b in zip(f.get_weights(), before)], f
+
+    batch = tf.data.Dataset.from_tensors(x[:512].astype(np.float32))
+    mirrored, f = sgd_update(strategy, batch)
+    single, _ = sgd_update(tf.distribute.get_strategy(), batch)
+    diff = max(float(np.max(np.abs(m - s))) for m, s in zip(mirrored, single) if s.size)
+    scale = max(float(np.max(np.abs(s))) for s in single if s.size)
+    try:                                                 # a stack [K, B, D] under two replicas
+        f.fit(tf.data.Dataset.from_tensors(x[:512].reshape(2, 256, 2).astype(np.float32)), epochs=1, verbose=0)
+        stack_error = ""
+    except Exception as exc:       # InputError, wrapped by autograph while Keras traces train_step
+        stack_error = f"{type(exc).__name__}: {exc}"
     print(json.dumps({"replicas": strategy.num_replicas_in_sync, "loss": h["loss"].tolist(),
                       "val_loss": h["val_loss"].tolist(),
-                      "lp": flow.log_prob(x[:5]).numpy().tolist()}))
+                      "lp": flow.log_prob(x[:5]).numpy().tolist(), "sgd_diff": diff, "sgd_scale": scale,
+                      "stack_error": stack_error}))
 """)
 
 
@@ -343,6 +368,13 @@ def test_mirrored_strategy_two_cpus(tmp_path):
     reloaded = load_run(tmp_path / "run")                            # reloads without the strategy
     x = np.random.default_rng(0).multivariate_normal(MEAN, COV, 2000)[:5]
     np.testing.assert_allclose(reloaded.log_prob(x).numpy(), out["lp"], rtol=1e-6, atol=1e-6)
+    # steps_per_call = 4 cannot stack under two replicas: the run fell back to one step per call, said so
+    assert "steps_per_call = 4 needs a single replica" in proc.stderr
+    assert "single replica" in out["stack_error"] and "split the stack along K" in out["stack_error"]
+    # SGD on one batch of 512: each replica's mean loss over its 256 points is scaled by 1/2, so the summed
+    # gradients equal the one-device gradient of the mean over 512 (summation order only: ~1e-6 relative
+    # of the update); without the scaling the update would be twice as large (difference = 100% of it).
+    assert out["sgd_scale"] > 1e-3 and out["sgd_diff"] < 1e-4 * out["sgd_scale"]
 
 
 # ---- HDF5 streaming ---------------------------------------------------------------------------------

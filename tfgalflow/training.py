@@ -19,6 +19,9 @@ repeats exactly the epochs the uninterrupted run would have done.
 Data: a Catalogue or an array [N, D] in memory (validation = a seeded random subset), or an HDF5
 catalogue streamed in batches through :class:`tfgalflow.catalogue.HDF5Catalogue` (validation = the
 last rows of the file, rescaler fitted on an evenly strided subsample of at most ``adapt_samples`` rows).
+With ``steps_per_call`` K > 1 each epoch's batches reach ``Flow.train_step`` as stacks [K, B, D] (K
+optimizer steps in one compiled call, the same updates as K calls; stacks never cross an epoch), so
+Keras counts calls per epoch while t above and the checkpoints count optimizer steps and epochs.
 
 Run directory (``RUN_FORMAT_VERSION``)::
 
@@ -42,6 +45,7 @@ import datetime
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -116,6 +120,9 @@ class TrainConfig:
     parallel: bool = _option(False, "train ensemble members in parallel processes", "bool")
     tensorboard: bool = _option(False, "write TensorBoard logs to RUN/member_XXX/tensorboard", "bool")
     jit_compile: bool = _option(False, "XLA-compile the training step", "bool")
+    steps_per_call: int = _option(1, "optimizer steps K per compiled train call: each epoch's batches are "
+                                     "stacked K at a time [K, B, D] and run in one loop (same updates as K "
+                                     "calls, less per-call overhead)", "int")
     adapt_samples: int = _option(100_000, "rows used to fit the rescaler when streaming an HDF5 file", "int")
 
     def __post_init__(self) -> None:
@@ -127,7 +134,8 @@ class TrainConfig:
                 raise InputError(f"TrainConfig.{name} = {getattr(self, name)!r}: expected {expected}")
 
         for name, low in (("layers", 1), ("bins", 2), ("epochs", 1), ("batch_size", 1), ("patience", 0),
-                          ("checkpoint_every", 0), ("seed", 0), ("members", 1), ("adapt_samples", 2)):
+                          ("checkpoint_every", 0), ("seed", 0), ("members", 1), ("adapt_samples", 2),
+                          ("steps_per_call", 1)):
             check(getattr(self, name) >= low, name, f"an integer >= {low}")
         check(len(self.hidden) > 0 and all(h >= 1 for h in self.hidden), "hidden",
               "a non-empty list of positive widths, e.g. 64,64")
@@ -328,40 +336,94 @@ class _ArrayData:
             h.update(np.ascontiguousarray(self.labels).tobytes())
         return h.hexdigest()
 
-    def pipelines(self, config: TrainConfig, seed: int) -> "_Pipelines":
+    def pipelines(self, config: TrainConfig, seed: int, steps_per_call: int = 1) -> "_Pipelines":
         train_idx, val_idx = split_indices(self.n, config.validation_split, seed)
         pick = (lambda a, idx: None if a is None else a[idx])
         return _ArrayPipelines(self.x[train_idx], pick(self.labels, train_idx),
-                               self.x[val_idx], pick(self.labels, val_idx), config.batch_size, seed)
+                               self.x[val_idx], pick(self.labels, val_idx), config.batch_size, seed,
+                               steps_per_call)
 
 
 class _Pipelines:
-    """What ``fit`` needs for one member: adapt input, per-epoch training batches, validation batches."""
+    """What ``fit`` needs for one member: adapt input, per-epoch training batches, validation batches.
+
+    With ``steps_per_call`` K = 1 the training dataset yields batches x [B, D] (labels [B, C]); with K > 1
+    it yields stacks x [k, B, D] (labels [k, B, C]) of k <= K consecutive full batches of one epoch
+    (k < K only for an epoch's last stack), and an epoch's partial last batch of r < B rows as a stack
+    [1, r, D] of its own. Stacks never cross an epoch, so checkpoints stay at epoch ends; at most three
+    stack shapes occur (three XLA compilations of the train step).
+    """
 
     n_train: int
     n_val: int
     batch_size: int
+    steps_per_call: int = 1
 
     @property
     def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch, ceil(n_train / B): the unit of the learning-rate schedule."""
         return math.ceil(self.n_train / self.batch_size)
+
+    @property
+    def calls_per_epoch(self) -> int:
+        """Elements of the training dataset per epoch (Keras' ``steps_per_epoch``): ceil(full / K) + [r > 0]
+        for full = n_train // B full batches and r = n_train mod B; equals steps_per_epoch when K = 1."""
+        full, rest = divmod(self.n_train, self.batch_size)
+        return math.ceil(full / self.steps_per_call) + (rest > 0)
+
+
+def _stacked_indices(order: "tf.Tensor", n: int, batch: int, k: int) -> "tf.data.Dataset":
+    """Row indices of one epoch as stacks [k', B] of k' <= k full batches, then the partial batch as [1, r]."""
+    import tensorflow as tf
+    full, rest = divmod(n, batch)
+    stacks = tf.data.Dataset.from_tensor_slices(tf.reshape(order[:full * batch], [full, batch])).batch(k)
+    if rest:
+        stacks = stacks.concatenate(tf.data.Dataset.from_tensors(tf.reshape(order[full * batch:], [1, rest])))
+    return stacks
+
+
+def _stacked_batches(batches: Any, batch_size: int, k: int) -> Any:
+    """Group a generator of one epoch's batches (arrays [B, ...] or tuples of them) into stacks [k', B, ...]
+    of k' <= k consecutive full batches; a short batch (size != B) becomes a stack of one on its own."""
+    pending: list = []
+
+    def stack(group):
+        if isinstance(group[0], tuple):
+            return tuple(np.stack(parts) for parts in zip(*group))
+        return np.stack(group)
+
+    for b in batches:
+        if len(b[0] if isinstance(b, tuple) else b) != batch_size:
+            if pending:
+                yield stack(pending)
+                pending = []
+            yield stack([b])
+            continue
+        pending.append(b)
+        if len(pending) == k:
+            yield stack(pending)
+            pending = []
+    if pending:
+        yield stack(pending)
 
 
 class _ArrayPipelines(_Pipelines):
-    def __init__(self, x_train, l_train, x_val, l_val, batch_size: int, seed: int):
+    def __init__(self, x_train, l_train, x_val, l_val, batch_size: int, seed: int, steps_per_call: int = 1):
         self.x_train, self.l_train, self.x_val, self.l_val = x_train, l_train, x_val, l_val
         self.n_train, self.n_val, self.batch_size, self.seed = len(x_train), len(x_val), batch_size, seed
+        self.steps_per_call = steps_per_call
 
     def adapt_input(self) -> tuple[np.ndarray, np.ndarray | None]:
         return self.x_train, self.l_train
 
     def train_dataset(self, initial_epoch: int, epochs: int) -> "tf.data.Dataset":
-        """Batches of epochs initial_epoch..epochs-1; epoch e visits the rows in the order argsort(u),
-        u ~ U(0,1)^n drawn statelessly from the seed (seed, e), so any epoch can be regenerated alone."""
+        """Batches (or stacks of batches, see _Pipelines) of epochs initial_epoch..epochs-1; epoch e visits
+        the rows in the order argsort(u), u ~ U(0,1)^n drawn statelessly from the seed (seed, e), so any
+        epoch can be regenerated alone."""
         import tensorflow as tf
         x = tf.constant(self.x_train)
         labels = None if self.l_train is None else tf.constant(self.l_train)
-        n, seed, batch = self.n_train, self.seed, self.batch_size
+        n, seed, batch, k = self.n_train, self.seed, self.batch_size, self.steps_per_call
 
         def gather(idx):
             return tf.gather(x, idx) if labels is None else (tf.gather(x, idx), tf.gather(labels, idx))
@@ -369,7 +431,9 @@ class _ArrayPipelines(_Pipelines):
         def epoch_batches(epoch):
             key = tf.stack([tf.constant(seed, tf.int64), epoch])
             order = tf.argsort(tf.random.stateless_uniform([n], seed=key))
-            return tf.data.Dataset.from_tensor_slices(order).batch(batch).map(gather)
+            if k == 1:
+                return tf.data.Dataset.from_tensor_slices(order).batch(batch).map(gather)
+            return _stacked_indices(order, n, batch, k).map(gather)
 
         # flat_map leaves the cardinality unknown, so Keras keeps one iterator across epochs instead of
         # restarting it (which would repeat epoch `initial_epoch`'s order every epoch).
@@ -413,8 +477,8 @@ class _HDF5Data:
     def label_dim(self) -> int:
         return self.file_label_dim if self.use_labels else 0
 
-    def pipelines(self, config: TrainConfig, seed: int) -> "_Pipelines":
-        return _HDF5Pipelines(self, config, seed)
+    def pipelines(self, config: TrainConfig, seed: int, steps_per_call: int = 1) -> "_Pipelines":
+        return _HDF5Pipelines(self, config, seed, steps_per_call)
 
 
 def _hdf5_data(catalogue: Any) -> _HDF5Data:
@@ -427,9 +491,10 @@ def _hdf5_data(catalogue: Any) -> _HDF5Data:
 class _HDF5Pipelines(_Pipelines):
     """Per-member pipelines over an HDF5 file, through :class:`tfgalflow.catalogue.HDF5Catalogue`."""
 
-    def __init__(self, data: _HDF5Data, config: TrainConfig, seed: int):
+    def __init__(self, data: _HDF5Data, config: TrainConfig, seed: int, steps_per_call: int = 1):
         from .catalogue import open_hdf5
         self.data, self.seed, self.batch_size = data, seed, config.batch_size
+        self.steps_per_call = steps_per_call
         self.n_val = 0 if config.validation_split <= 0 else max(1, int(round(data.n * config.validation_split)))
         self.n_train = data.n - self.n_val
         self.adapt_samples = config.adapt_samples
@@ -443,10 +508,12 @@ class _HDF5Pipelines(_Pipelines):
         cat = self.catalogue.read(0, self.n_train, step)
         return cat.phase_space, (cat.labels if self.data.use_labels else None)
 
-    def _signature(self) -> Any:
+    def _signature(self, stacked: bool = False) -> Any:
+        """Element spec of batches [B, 6] (labels [B, C]), or of stacks [K, B, 6] (labels [K, B, C])."""
         import tensorflow as tf
-        x = tf.TensorSpec([None, 6], tf.float32)
-        return (x, tf.TensorSpec([None, self.data.file_label_dim], tf.float32)) if self.data.use_labels else x
+        lead = [None, None] if stacked else [None]
+        x = tf.TensorSpec(lead + [6], tf.float32)
+        return (x, tf.TensorSpec(lead + [self.data.file_label_dim], tf.float32)) if self.data.use_labels else x
 
     def _guarded(self, generator):
         """Keep the first package error raised while streaming, so ``fit`` can re-raise it unwrapped."""
@@ -459,17 +526,19 @@ class _HDF5Pipelines(_Pipelines):
 
     def train_dataset(self, initial_epoch: int, epochs: int) -> "tf.data.Dataset":
         """Epochs initial_epoch..epochs-1 of the training rows; epoch e is shuffled with the seed (seed, e)
-        (``HDF5Catalogue.batches(..., epoch=e)``), so a resumed run regenerates exactly the same batches."""
+        (``HDF5Catalogue.batches(..., epoch=e)``), so a resumed run regenerates exactly the same batches
+        (stacked per epoch when steps_per_call > 1, see _Pipelines)."""
         import tensorflow as tf
         rows = dataclasses.replace(self.catalogue, n=self.n_train)     # the first n_train rows of the file
+        k = self.steps_per_call
 
         def generator():
             for epoch in range(initial_epoch, epochs):
-                yield from self._guarded(rows.batches(self.batch_size, shuffle_buffer=STREAM_SHUFFLE_ROWS,
-                                                      seed=self.seed, with_labels=self.data.use_labels,
-                                                      epoch=epoch))
+                batches = rows.batches(self.batch_size, shuffle_buffer=STREAM_SHUFFLE_ROWS, seed=self.seed,
+                                       with_labels=self.data.use_labels, epoch=epoch)
+                yield from self._guarded(batches if k == 1 else _stacked_batches(batches, self.batch_size, k))
 
-        return tf.data.Dataset.from_generator(generator, output_signature=self._signature()).prefetch(2)
+        return tf.data.Dataset.from_generator(generator, output_signature=self._signature(k > 1)).prefetch(2)
 
     def val_dataset(self) -> "tf.data.Dataset | None":
         """Rows [n_train, n) in file order, read in blocks of whole batches."""
@@ -817,8 +886,8 @@ def _fit_member(run_dir: Path, run: dict, k: int, data: Any, *, strategy: Any = 
     EarlyStopping, RunCheckpoint, MemberState = _callback_types()
 
     _seed_everything(seed)
-    pipelines = data.pipelines(config, seed)
     strategy = strategy or tf.distribute.get_strategy()
+    pipelines = data.pipelines(config, seed, _steps_per_call(config, strategy))
     with strategy.scope():
         flow = Flow(flow_config)
         optimizer = keras.optimizers.Adam(_learning_rate(config, pipelines.steps_per_epoch))
@@ -858,7 +927,7 @@ def _fit_member(run_dir: Path, run: dict, k: int, data: Any, *, strategy: Any = 
             run_callbacks.append(keras.callbacks.TensorBoard(str(member_dir / "tensorboard"), write_graph=False))
         try:
             flow.fit(pipelines.train_dataset(initial_epoch, config.epochs), epochs=config.epochs,
-                     initial_epoch=initial_epoch, steps_per_epoch=pipelines.steps_per_epoch,
+                     initial_epoch=initial_epoch, steps_per_epoch=pipelines.calls_per_epoch,
                      validation_data=pipelines.val_dataset(), callbacks=run_callbacks + list(callbacks),
                      verbose=verbose)
         except tf.errors.OpError:
@@ -878,6 +947,22 @@ def _fit_member(run_dir: Path, run: dict, k: int, data: Any, *, strategy: Any = 
                "stopped_early": bool(len(history["epoch"]) < config.epochs)}
     _write_final(member_dir / "final", flow, summary)
     return flow
+
+
+def _steps_per_call(config: TrainConfig, strategy: Any) -> int:
+    """``config.steps_per_call``, or 1 (with a logged warning) under a strategy with several replicas.
+
+    Keras splits every element of a distributed dataset along its first axis, which for a stack
+    [K, B, D] is K, not the batch; ``Flow.train_step`` refuses stacks there. K only changes how many
+    steps one call runs, never the updates, so falling back to K = 1 gives the same training run.
+    """
+    replicas = strategy.num_replicas_in_sync
+    if config.steps_per_call > 1 and replicas > 1:
+        logging.getLogger(__name__).warning(
+            "TrainConfig.steps_per_call = %d needs a single replica; the distribution strategy has %d, so "
+            "each call runs one optimizer step (steps_per_call = 1)", config.steps_per_call, replicas)
+        return 1
+    return config.steps_per_call
 
 
 def _write_final(final_dir: Path, flow: "Flow", summary: dict) -> None:
@@ -937,7 +1022,8 @@ def train(data: "Catalogue | np.ndarray | str | os.PathLike", config: TrainConfi
         labels: [N, C] conditioning labels for an array ``data`` (a Catalogue carries its own).
         label_names: names of the C label columns (recorded in config.json).
         strategy: a ``tf.distribute.Strategy``; model and optimizer are built in its scope and Keras
-            splits every batch across its replicas.
+            splits every batch across its replicas. With several replicas ``steps_per_call`` falls back
+            to 1 (logged warning; Keras would split a stack [K, B, D] along K), which changes no update.
         verbose: Keras progress output (0 silent, 1 progress bar, 2 one line per epoch).
         callbacks: extra Keras callbacks, run after the run's own (not with ``parallel``).
     Returns:
