@@ -23,6 +23,10 @@ The pieces, each usable alone:
 * :func:`acceleration_graph`  the same chain as one pure-TF ``tf.function`` (positions [None, 3], seed
   [2]) that :mod:`tfgalflow.export` wraps as the SavedModel ``accelerations`` signature.
 
+``jit_compile=True`` (:func:`accelerations`, :func:`solve_cbe`) XLA-compiles the DF evaluations with the
+DF's maths inlined (:func:`_inline_log_prob`), in chunks padded to a fixed size so each compiles once;
+the random numbers and the 3x3 solves stay in the plain graph, which the exported graph always is.
+
 A "phase-space DF" here is anything with ``.dim == 6`` and a TF-traceable ``.log_prob(w [N, 6] float32)
 -> [N]`` (w = concat(x, v)); conditional models (``label_dim > 0``) are not supported. Units: positions
 and velocities in the DF's own units (e.g. kpc, km/s); accelerations come out in velocity² / length
@@ -132,12 +136,37 @@ def _check_count(value: Any, name: str, low: int) -> int:
 
 # ---- derivatives -----------------------------------------------------------------------------------
 
-def _gradients_tensor(df: Any, x: tf.Tensor, v: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """(∂log f/∂x [N, 3], ∂log f/∂v [N, 3], log f [N]) by one GradientTape pass over w = (x, v)."""
+def _inline_log_prob(df: Any) -> Callable[[tf.Tensor], tf.Tensor] | None:
+    """log f(w [N, 6] float32) -> [N] as plain TF ops traced into the caller's graph, or None.
+
+    XLA needs the DF's maths inline: a DF whose ``log_prob`` calls its own ``tf.function`` (Flow, Ensemble,
+    ExactDF all do), differentiated inside a ``jit_compile`` function, makes XLA recompile on every call
+    (measured: 1-3 s per call, the inputs being treated as compile-time constants). Flow and Ensemble
+    expose that maths as ``_log_prob_tensor`` (what their traced ``log_prob`` wraps); the exact Hernquist
+    DF as ``model.tf_log_df``. Other DFs (toy classes, a reloaded SavedModel) get None: they stay on the
+    plain graph, since their ops may not compile.
+    """
+    from .hernquist import ExactDF
+
+    if isinstance(df, ExactDF):
+        model, kind = df.model, df.kind
+        return lambda w: model.tf_log_df(w[:, :3], w[:, 3:], kind)
+    tensor_fn = getattr(df, "_log_prob_tensor", None)
+    if callable(tensor_fn) and int(getattr(df, "label_dim", 0) or 0) == 0:
+        return lambda w: tensor_fn(w, None)
+    return None
+
+
+def _gradients_tensor(df: Any, x: tf.Tensor, v: tf.Tensor, log_prob: Callable | None = None
+                      ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(∂log f/∂x [N, 3], ∂log f/∂v [N, 3], log f [N]) by one GradientTape pass over w = (x, v).
+
+    ``log_prob``: the function of w to differentiate (default ``df.log_prob``; :func:`_inline_log_prob`
+    under XLA)."""
     w = tf.concat([x, v], axis=1)
     with tf.GradientTape() as tape:
         tape.watch(w)
-        log_f = df.log_prob(w)
+        log_f = (log_prob or df.log_prob)(w)
     # Rows are independent: d(Σ_n log f_n)/dw_n = d log f_n/dw_n.
     grad = tape.gradient(log_f, w, unconnected_gradients=tf.UnconnectedGradients.ZERO)   # constant f: 0
     return grad[:, :3], grad[:, 3:], log_f
@@ -222,22 +251,29 @@ class SamplerConfig:
         return tuple(getattr(self, f.name) for f in fields(self))
 
 
-def _log_f_at(df: Any, x: tf.Tensor, v: tf.Tensor) -> tf.Tensor:
+def _log_f_at(df: Any, x: tf.Tensor, v: tf.Tensor, log_prob: Callable | None = None) -> tf.Tensor:
     """log f(x_c, v_cm): x [C, 3], v [C, M, 3] -> [C, M]; NaN and +inf (measure-zero singularities) -> -inf."""
     shape = tf.shape(v)
     w = tf.concat([tf.broadcast_to(x[:, None, :], shape), v], axis=2)
-    log_f = tf.reshape(df.log_prob(tf.reshape(w, [-1, 6])), shape[:2])
+    log_f = tf.reshape((log_prob or df.log_prob)(tf.reshape(w, [-1, 6])), shape[:2])
     return tf.where(tf.math.is_finite(log_f), log_f, tf.constant(-np.inf, log_f.dtype))
 
 
-def _standard_t(shape: tf.Tensor, dof: int, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """Standard 3-D Student-t draws y [C, M, 3] and log q(y) [C, M] (core ops: chi² as Σ of ν squared normals).
-
-        y = z / sqrt(χ²_ν / ν),  log q(y) = lnΓ((ν+3)/2) - lnΓ(ν/2) - (3/2) ln(νπ) - ((ν+3)/2) ln(1 + |y|²/ν)
-    """
+def _t_noise(shape: tf.Tensor, dof: int, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """The normal draws behind standard 3-D Student-t draws: z [C, M, 3] and ν normals [C, M, ν] for χ²_ν."""
     z = tf.random.stateless_normal(tf.concat([shape, [3]], 0), seed=seed)
     chi = tf.random.stateless_normal(tf.concat([shape, [dof]], 0),
                                      seed=tf.random.experimental.stateless_fold_in(seed, 1))
+    return z, chi
+
+
+def _standard_t(z: tf.Tensor, chi: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Standard 3-D Student-t draws y [C, M, 3] and log q(y) [C, M] from :func:`_t_noise` (ν = chi's last axis).
+
+        y = z / sqrt(χ²_ν / ν),  χ²_ν = Σ chi²,
+        log q(y) = lnΓ((ν+3)/2) - lnΓ(ν/2) - (3/2) ln(νπ) - ((ν+3)/2) ln(1 + |y|²/ν)
+    """
+    dof = int(chi.shape[-1])
     chi2 = tf.reduce_sum(tf.square(chi), axis=-1)
     y = z * tf.math.rsqrt(chi2 / dof)[..., None]
     nu = float(dof)
@@ -252,25 +288,43 @@ def _normalised_weights(log_w: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     return tf.where(found[:, None], tf.nn.softmax(safe, axis=1), tf.zeros_like(log_w)), found
 
 
-def _sample_velocities_tensor(df: Any, x: tf.Tensor, k: int, m: int, seed: tf.Tensor, v0: tf.Tensor,
-                              cfg: SamplerConfig) -> dict[str, tf.Tensor]:
-    """SIR draw of K velocities at each of C positions x [C, 3] (pure TF); see :func:`sample_velocities`."""
+def _sampler_noise(c: tf.Tensor, m: int, seed: tf.Tensor, cfg: SamplerConfig) -> dict[str, tf.Tensor]:
+    """Every random number of the SIR draw at C positions except the final resampling (stateless, from ``seed``).
+
+    dirs [C, pilot_directions, 3] (stage 0), z1/chi1 [C, M/2, 3/ν] (stage 1), z2/chi2 [C, M, 3/ν] (stage 2).
+    Kept apart from :func:`_sir_weights` so that the deterministic maths can be XLA-compiled while the
+    random streams stay those of the plain graph (XLA draws other numbers from the same stateless seed).
+    """
+    stage_seed = [tf.random.experimental.stateless_fold_in(seed, i) for i in range(3)]
+    dirs = tf.random.stateless_normal(tf.stack([c, cfg.pilot_directions, 3]), seed=stage_seed[0])
+    z1, chi1 = _t_noise(tf.stack([c, m // 2]), cfg.dof, stage_seed[1])
+    z2, chi2 = _t_noise(tf.stack([c, m]), cfg.dof, stage_seed[2])
+    return {"dirs": dirs, "z1": z1, "chi1": chi1, "z2": z2, "chi2": chi2}
+
+
+def _sir_weights(df: Any, x: tf.Tensor, v0: tf.Tensor, noise: dict[str, tf.Tensor], m: int, cfg: SamplerConfig,
+                 log_prob: Callable | None = None) -> dict[str, tf.Tensor]:
+    """Stages 0-2 of :func:`sample_velocities` at C positions x [C, 3], given :func:`_sampler_noise` (no RNG).
+
+    Returns the stage-2 candidates [C, M, 3], their truncated log importance weights ``logits`` [C, M],
+    ``ess`` [C], ``support`` [C] and ``log_density`` [C].
+    """
     c = tf.shape(x)[0]
-    stage_seed = [tf.random.experimental.stateless_fold_in(seed, i) for i in range(4)]
     # Stage 0: log-spaced speeds along random directions; weight f s^3 (volume s^2 ds = s^3 dln s).
     n_s = int(round(2 * cfg.pilot_decades * cfg.pilot_per_decade)) + 1
     speeds = v0 * tf.pow(10.0, tf.linspace(-cfg.pilot_decades, cfg.pilot_decades, n_s))            # [S]
-    dirs = tf.random.stateless_normal(tf.stack([c, cfg.pilot_directions, 3]), seed=stage_seed[0])
+    dirs = noise["dirs"]
     dirs = dirs / tf.norm(dirs, axis=-1, keepdims=True)
     grid = tf.reshape(dirs[:, :, None, :] * speeds[None, None, :, None], [c, cfg.pilot_directions * n_s, 3])
-    log_w0 = _log_f_at(df, x, grid) + tf.tile(3.0 * tf.math.log(speeds), [cfg.pilot_directions])[None, :]
+    log_w0 = (_log_f_at(df, x, grid, log_prob)
+              + tf.tile(3.0 * tf.math.log(speeds), [cfg.pilot_directions])[None, :])
     p0, found0 = _normalised_weights(log_w0)
     rms = tf.sqrt(tf.reduce_sum(p0 * tf.reduce_sum(tf.square(grid), -1), axis=1) / 3.0)
     sigma1 = tf.where(found0 & (rms > 0), cfg.pilot_inflation * rms, v0)                              # [C]
     # Stage 1: isotropic Student-t about 0 with scale sigma1 -> weighted mean and covariance of v.
-    y1, log_q1 = _standard_t(tf.stack([c, m // 2]), cfg.dof, stage_seed[1])
+    y1, log_q1 = _standard_t(noise["z1"], noise["chi1"])
     v1 = sigma1[:, None, None] * y1
-    log_w1 = _log_f_at(df, x, v1) - (log_q1 - 3.0 * tf.math.log(sigma1)[:, None])
+    log_w1 = _log_f_at(df, x, v1, log_prob) - (log_q1 - 3.0 * tf.math.log(sigma1)[:, None])
     p1, found1 = _normalised_weights(log_w1)
     mean = tf.reduce_sum(p1[..., None] * v1, axis=1)                                                 # [C, 3]
     d = v1 - mean[:, None, :]
@@ -280,12 +334,12 @@ def _sample_velocities_tensor(df: Any, x: tf.Tensor, k: int, m: int, seed: tf.Te
     cov = cov + ridge[:, None, None] * eye
     mean = tf.where(found1[:, None], mean, tf.zeros_like(mean))
     cov = tf.where(found1[:, None, None], cov, tf.square(sigma1)[:, None, None] * eye)
-    # Stage 2: multivariate Student-t(mean, inflation^2 cov); importance weights f/q; resample K.
+    # Stage 2: multivariate Student-t(mean, inflation^2 cov); importance weights f/q.
     chol = cfg.inflation * tf.linalg.cholesky(cov)
-    y2, log_q2 = _standard_t(tf.stack([c, m]), cfg.dof, stage_seed[2])
+    y2, log_q2 = _standard_t(noise["z2"], noise["chi2"])
     v2 = mean[:, None, :] + tf.einsum("cij,cmj->cmi", chol, y2)
     log_det = tf.reduce_sum(tf.math.log(tf.linalg.diag_part(chol)), axis=1)
-    log_w2 = _log_f_at(df, x, v2) - (log_q2 - log_det[:, None])
+    log_w2 = _log_f_at(df, x, v2, log_prob) - (log_q2 - log_det[:, None])
     found2 = tf.reduce_any(tf.math.is_finite(log_w2), axis=1)
     log_w2 = tf.where(found2[:, None], log_w2, tf.zeros_like(log_w2))
     log_mean = tf.reduce_logsumexp(log_w2, axis=1) - math.log(m)                  # log of the mean raw weight
@@ -293,11 +347,22 @@ def _sample_velocities_tensor(df: Any, x: tf.Tensor, k: int, m: int, seed: tf.Te
     log_w2t = tf.minimum(log_w2, (log_mean + 0.5 * math.log(m))[:, None])
     log_sum = tf.reduce_logsumexp(log_w2t, axis=1)
     ess = tf.where(found2, tf.exp(2.0 * log_sum - tf.reduce_logsumexp(2.0 * log_w2t, axis=1)), tf.zeros_like(log_sum))
-    logits = log_w2t
-    index = tf.random.stateless_categorical(logits, k, seed=stage_seed[3], dtype=tf.int32)        # [C, K]
-    v = tf.gather(v2, index, batch_dims=1)
-    return {"velocities": v, "ess": ess, "support": found0 | found1 | found2,
+    return {"candidates": v2, "logits": log_w2t, "ess": ess, "support": found0 | found1 | found2,
             "log_density": tf.where(found2, log_mean, tf.fill([c], -np.inf))}
+
+
+def _sample_velocities_tensor(df: Any, x: tf.Tensor, k: int, m: int, seed: tf.Tensor, v0: tf.Tensor,
+                              cfg: SamplerConfig, weights: Callable | None = None) -> dict[str, tf.Tensor]:
+    """SIR draw of K velocities at each of C positions x [C, 3] (pure TF); see :func:`sample_velocities`.
+
+    ``weights(x, v0, noise)``: :func:`_sir_weights` of the DF (default), or an XLA-compiled version of it."""
+    noise = _sampler_noise(tf.shape(x)[0], m, seed, cfg)
+    sir = (weights or (lambda x, v0, noise: _sir_weights(df, x, v0, noise, m, cfg)))(x, v0, noise)
+    # Resample K candidates with probabilities w / Σ w (stage 2's truncated weights).
+    index = tf.random.stateless_categorical(sir["logits"], k, seed=tf.random.experimental.stateless_fold_in(seed, 3),
+                                            dtype=tf.int32)                                          # [C, K]
+    return {"velocities": tf.gather(sir["candidates"], index, batch_dims=1), "ess": sir["ess"],
+            "support": sir["support"], "log_density": sir["log_density"]}
 
 
 # ---- the least-squares layer ------------------------------------------------------------------------
@@ -343,19 +408,34 @@ class CBELayer(keras.layers.Layer):
     def call(self, inputs):
         if not isinstance(inputs, (tuple, list)) or len(inputs) not in (3, 4):
             raise InputError("CBELayer expects (dlogf_dx [B, K, 3], dlogf_dv [B, K, 3], v [B, K, 3][, mask [B, K]])")
+        for name, t in zip(("dlogf_dx", "dlogf_dv", "v"), inputs[:3]):
+            shape = tf.TensorShape(getattr(t, "shape", np.shape(t)))
+            if shape.rank != 3 or (shape[-1] is not None and shape[-1] != 3):
+                raise InputError(f"CBELayer input {name} has shape {shape}; expected [B, K, 3]")
+        return self._solve(*self._normal_equations(*inputs))
+
+    def _normal_equations(self, g_x, g_v, v, mask=None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+        """The rows that enter the fit and their normal equations, in the solve dtype (row-wise maths only).
+
+        Returns (g [B, K, 3] = m_k g_v,k, b [B, K] = m_k v_k · g_x,k, N [B, 3, 3], r [B, 3]); m_k = 0 for
+        masked-out rows and rows with a non-finite entry.
+        """
         dt = self.solve_dtype
-        g_x, g_v, v = (tf.cast(t, dt) for t in inputs[:3])
-        for name, t in (("dlogf_dx", g_x), ("dlogf_dv", g_v), ("v", v)):
-            if t.shape.rank != 3 or (t.shape[-1] is not None and t.shape[-1] != 3):
-                raise InputError(f"CBELayer input {name} has shape {t.shape}; expected [B, K, 3]")
+        g_x, g_v, v = (tf.cast(t, dt) for t in (g_x, g_v, v))
         valid = tf.reduce_all(tf.math.is_finite(g_x) & tf.math.is_finite(g_v) & tf.math.is_finite(v), axis=-1)
-        if len(inputs) == 4:
-            valid = valid & (tf.cast(inputs[3], dt) > 0)
+        if mask is not None:
+            valid = valid & (tf.cast(mask, dt) > 0)
         keep = valid[..., None]
         b = tf.reduce_sum(tf.where(keep, v * g_x, tf.zeros_like(v)), axis=-1)                      # [B, K]
         g = tf.where(keep, g_v, tf.zeros_like(g_v))                                               # [B, K, 3]
         normal = tf.einsum("bki,bkj->bij", g, g)
         rhs = -tf.einsum("bki,bk->bi", g, b)
+        return g, b, normal, rhs
+
+    def _solve(self, g: tf.Tensor, b: tf.Tensor, normal: tf.Tensor, rhs: tf.Tensor
+               ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """(a [B, 3], residual [B], condition [B]) from :meth:`_normal_equations` (one 3x3 system at a time)."""
+        dt = self.solve_dtype
         lam, vec = tf.linalg.eigh(normal)                                                         # ascending
         regular = lam[:, 0] > 0
         safe_lam = tf.where(regular[:, None], lam, tf.ones_like(lam))
@@ -370,20 +450,71 @@ class CBELayer(keras.layers.Layer):
         return tf.cast(a, out), tf.cast(residual, out), tf.cast(condition, out)
 
 
-def _solve_tensor(df: Any, layer: CBELayer, x: tf.Tensor, v: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """CBELayer on the DF's gradients at (x_c, v_ck): x [C, 3], v [C, K, 3] -> ([C, 3], [C], [C])."""
+def _cbe_gradients(df: Any, x: tf.Tensor, v: tf.Tensor, log_prob: Callable | None = None
+                   ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """CBELayer inputs at (x_c, v_ck): x [C, 3], v [C, K, 3] -> ∇_x log f, ∇_v log f [C, K, 3], mask [C, K].
+
+    mask: log f is finite (the row enters the fit)."""
     shape = tf.shape(v)
     g_x, g_v, log_f = _gradients_tensor(df, tf.reshape(tf.broadcast_to(x[:, None, :], shape), [-1, 3]),
-                                        tf.reshape(v, [-1, 3]))
-    mask = tf.reshape(tf.math.is_finite(log_f), shape[:2])
-    return layer((tf.reshape(g_x, shape), tf.reshape(g_v, shape), v, mask))
+                                        tf.reshape(v, [-1, 3]), log_prob)
+    return tf.reshape(g_x, shape), tf.reshape(g_v, shape), tf.reshape(tf.math.is_finite(log_f), shape[:2])
 
 
-_SOLVE_FNS: "weakref.WeakKeyDictionary[Any, Callable]" = weakref.WeakKeyDictionary()
+def _solve_tensor(df: Any, layer: CBELayer, x: tf.Tensor, v: tf.Tensor, normal_equations: Callable | None = None
+                  ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """CBELayer on the DF's gradients at (x_c, v_ck): x [C, 3], v [C, K, 3] -> ([C, 3], [C], [C]).
+
+    ``normal_equations(x, v)``: an XLA-compiled :func:`_xla_normal_equations`, or None for the whole
+    layer in the plain graph. The 3x3 solves are never XLA-compiled: XLA's batched eigh iterates until
+    every matrix of the batch has converged, so one position's answer would depend on the others in its
+    chunk (measured: 2e-5 relative for the β = 1/2 DF), while LAPACK solves each system on its own."""
+    if normal_equations is None:
+        g_x, g_v, mask = _cbe_gradients(df, x, v)
+        return layer((g_x, g_v, v, mask))
+    return layer._solve(*normal_equations(x, v))
 
 
-def solve_cbe(df: Any, positions: Any, velocities: Any, chunk_size: int | None = None
-              ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+def _xla_normal_equations(df: Any, layer: CBELayer) -> Callable:
+    """(x, v) -> CBELayer._normal_equations of the DF's gradients, the DF's maths inlined (for XLA)."""
+    def normal_equations(x, v):
+        g_x, g_v, mask = _cbe_gradients(df, x, v, _inline_log_prob(df))
+        return layer._normal_equations(g_x, g_v, v, mask)
+    return normal_equations
+
+
+_SOLVE_FNS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def _solve_fn(df: Any, chunk: int, k: int, jit_compile: bool) -> Callable:
+    """Cached traced gradients + CBELayer of ``df``: (x [C, 3], v [C, K, 3]) -> ([C, 3], [C], [C]).
+
+    Plain graph: any C, K (traced once). XLA: the gradients XLA-compiled with the DF's maths inlined
+    (:func:`_inline_log_prob`) at fixed shapes [chunk, k] (compiled once per DF, chunk and K; callers
+    pad the last chunk), the layer in the plain graph."""
+    per_df = _SOLVE_FNS.setdefault(df, {})
+    key = (chunk, k) if jit_compile else None
+    if key not in per_df:
+        layer, ref = CBELayer(), weakref.ref(df)
+        if jit_compile:      # the DF is looked up at trace time: a closure over it would keep it alive
+            specs = [tf.TensorSpec([chunk, 3], tf.float32), tf.TensorSpec([chunk, k, 3], tf.float32)]
+            normal_equations = tf.function(lambda x, v: _xla_normal_equations(ref(), layer)(x, v),
+                                           input_signature=specs, autograph=False, jit_compile=True)
+        else:
+            normal_equations = None
+            specs = [tf.TensorSpec([None, 3], tf.float32), tf.TensorSpec([None, None, 3], tf.float32)]
+        per_df[key] = tf.function(lambda x, v: _solve_tensor(ref(), layer, x, v, normal_equations),
+                                  autograph=False, input_signature=specs)
+    return per_df[key]
+
+
+def _pad_rows(t: np.ndarray, n: int) -> np.ndarray:
+    """``t`` with its last row repeated up to n rows (a valid, typical input: no NaN from padding)."""
+    return t if len(t) == n else np.concatenate([t, np.repeat(t[-1:], n - len(t), axis=0)], axis=0)
+
+
+def solve_cbe(df: Any, positions: Any, velocities: Any, chunk_size: int | None = None, *,
+              jit_compile: bool = False) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """The CBE least squares at given velocities: gradients of log f at (x_b, v_bk), then :class:`CBELayer`.
 
     For velocities from elsewhere (e.g. the observed stars near x, as in Green & Ting 2020, or a shared
@@ -392,6 +523,9 @@ def solve_cbe(df: Any, positions: Any, velocities: Any, chunk_size: int | None =
     Args:
         df: phase-space DF; positions: [B, 3]; velocities: [B, K, 3] (K >= 3).
         chunk_size: positions per traced call (default 2^16 / K), bounding memory.
+        jit_compile: XLA-compile the gradients and the row-wise part of the layer (see
+            :func:`accelerations`); chunks are padded to ``chunk_size`` positions, so it compiles once per
+            DF, K and chunk size. Same answers as the plain graph to float32 round-off.
     Returns:
         (acceleration [B, 3], residual [B], condition [B]) float32 tensors, as :class:`CBELayer`.
     """
@@ -402,16 +536,19 @@ def solve_cbe(df: Any, positions: Any, velocities: Any, chunk_size: int | None =
     if v.ndim != 3 or v.shape[0] != x.shape[0] or v.shape[2] != 3 or v.shape[1] < 3:
         raise InputError(f"velocities have shape {list(v.shape)}; expected [B, K, 3] with B = {x.shape[0]} "
                          f"(the rows of positions) and K >= 3")
-    chunk = _check_count(chunk_size if chunk_size is not None else max(1, GRADIENT_ROWS_PER_CHUNK // v.shape[1]),
+    k = v.shape[1]
+    chunk = _check_count(chunk_size if chunk_size is not None else max(1, GRADIENT_ROWS_PER_CHUNK // k),
                          "chunk_size", 1)
-    fn = _SOLVE_FNS.get(df)
-    if fn is None:
-        layer, ref = CBELayer(), weakref.ref(df)
-        fn = tf.function(lambda x, v: _solve_tensor(ref(), layer, x, v), autograph=False,
-                         input_signature=[tf.TensorSpec([None, 3], tf.float32), tf.TensorSpec([None, None, 3], tf.float32)])
-        _SOLVE_FNS[df] = fn
-    parts = [fn(tf.constant(x[i:i + chunk]), tf.constant(v[i:i + chunk])) for i in range(0, len(x), chunk)]
-    return tuple(tf.concat([p[j] for p in parts], axis=0) for j in range(3))
+    jit = bool(jit_compile) and _inline_log_prob(df) is not None
+    fn = _solve_fn(df, chunk, k, jit)
+    if len(x) == chunk or (len(x) < chunk and not jit):         # one call, nothing to pad or join
+        return tuple(fn(tf.constant(x), tf.constant(v)))
+    parts = []
+    for i in range(0, len(x), chunk):
+        xs, vs = x[i:i + chunk], v[i:i + chunk]
+        out = fn(tf.constant(_pad_rows(xs, chunk) if jit else xs), tf.constant(_pad_rows(vs, chunk) if jit else vs))
+        parts.append([t.numpy()[:len(xs)] for t in out])
+    return tuple(tf.constant(np.concatenate([p[j] for p in parts])) for j in range(3))
 
 
 # ---- the whole chain, pure TF ------------------------------------------------------------------------
@@ -420,7 +557,7 @@ class _Solver:
     """Sampler + gradients + CBELayer for one DF and one setting, traced once (per chunk of C positions)."""
 
     def __init__(self, df: Any, k: int, cfg: SamplerConfig, velocity_scale: float | None, solve_dtype: str,
-                 chunk_size: int | None):
+                 chunk_size: int | None, jit_compile: bool = False):
         check_df(df)
         self._df = weakref.ref(df)    # cached per DF in a WeakKeyDictionary: must not keep the DF alive
         self.k, self.cfg = k, cfg
@@ -430,12 +567,36 @@ class _Solver:
         if chunk_size is None:
             chunk_size = max(1, min(GRADIENT_ROWS_PER_CHUNK // k, CANDIDATE_ROWS_PER_CHUNK // self.m))
         self.chunk = _check_count(chunk_size, "chunk_size", 1)
+        self._xla_normal_equations = self._xla_weights = None
+        if jit_compile and _inline_log_prob(df) is not None:
+            self._compile_with_xla()
         specs = [tf.TensorSpec([None, 3], tf.float32, name="positions"), tf.TensorSpec([2], tf.int64, name="seed")]
         # No Python control flow on tensors anywhere in the chain: autograph off (faster tracing, no warnings).
         self.velocities = tf.function(lambda p, s: self._chunked(p, s, self._sample_chunk), input_signature=specs,
                                       autograph=False)
         self.solve = tf.function(lambda p, s: self._chunked(p, s, self._solve_chunk), input_signature=specs,
                                  autograph=False)
+
+    def _compile_with_xla(self) -> None:
+        """XLA for the DF evaluations and the row-wise maths: :func:`_sir_weights`, :func:`_xla_normal_equations`.
+
+        The random numbers and the least squares stay in the plain graph (see :func:`_sampler_noise` and
+        :func:`_solve_tensor`). Fixed shapes of ``chunk`` positions, so each compiles once; chunks of
+        C < chunk positions are padded (:meth:`_padded`).
+        """
+        c, k, m, cfg = self.chunk, self.k, self.m, self.cfg
+        noise = {"dirs": [c, cfg.pilot_directions, 3], "z1": [c, m // 2, 3], "chi1": [c, m // 2, cfg.dof],
+                 "z2": [c, m, 3], "chi2": [c, m, cfg.dof]}
+        specs = [tf.TensorSpec([c, 3], tf.float32), tf.TensorSpec([], tf.float32),
+                 {key: tf.TensorSpec(shape, tf.float32) for key, shape in noise.items()}]
+        # The DF's maths is looked up at trace time: a closure over it would keep the DF alive.
+        self._xla_weights = tf.function(
+            lambda x, v0, noise: _sir_weights(self.df, x, v0, noise, m, cfg, _inline_log_prob(self.df)),
+            input_signature=specs, autograph=False, jit_compile=True)
+        self._xla_normal_equations = tf.function(
+            lambda x, v: _xla_normal_equations(self.df, self.layer)(x, v),
+            input_signature=[tf.TensorSpec([c, 3], tf.float32), tf.TensorSpec([c, k, 3], tf.float32)],
+            autograph=False, jit_compile=True)
 
     @property
     def df(self) -> Any:
@@ -445,12 +606,26 @@ class _Solver:
                              "to the model while the graph is in use")
         return df
 
+    def _padded(self, fn: Callable, *args) -> Any:
+        """fn on its arguments padded from C to ``chunk`` rows (copies of the last row), outputs cut to C rows."""
+        c = tf.shape(args[0])[0]
+        pad = lambda t: tf.concat([t, tf.repeat(t[-1:], self.chunk - c, axis=0)], axis=0)
+        return tf.nest.map_structure(lambda t: t[:c], fn(*tf.nest.map_structure(pad, args)))
+
     def _sample_chunk(self, x: tf.Tensor, seed: tf.Tensor) -> dict[str, tf.Tensor]:
-        return _sample_velocities_tensor(self.df, x, self.k, self.m, seed, self.v0(), self.cfg)
+        weights = None
+        if self._xla_weights is not None:
+            def weights(x, v0, noise):
+                return self._padded(lambda x, noise: self._xla_weights(x, v0, noise), x, noise)
+        return _sample_velocities_tensor(self.df, x, self.k, self.m, seed, self.v0(), self.cfg, weights)
 
     def _solve_chunk(self, x: tf.Tensor, seed: tf.Tensor) -> dict[str, tf.Tensor]:
         draw = self._sample_chunk(x, seed)
-        a, residual, condition = _solve_tensor(self.df, self.layer, x, draw.pop("velocities"))
+        v = draw.pop("velocities")
+        normal_equations = None
+        if self._xla_normal_equations is not None:
+            normal_equations = lambda x, v: self._padded(self._xla_normal_equations, x, v)
+        a, residual, condition = _solve_tensor(self.df, self.layer, x, v, normal_equations)
         return {"acceleration": a, "residual": residual, "condition": condition, **draw}
 
     def _signature(self, fn: Callable) -> dict[str, tf.TensorSpec]:
@@ -480,16 +655,16 @@ _SOLVERS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
 def _solver(df: Any, k: int, sampler: SamplerConfig | None, velocity_scale: float | None,
-            solve_dtype: str = "float64", chunk_size: int | None = None) -> _Solver:
+            solve_dtype: str = "float64", chunk_size: int | None = None, jit_compile: bool = False) -> _Solver:
     """The cached :class:`_Solver` of ``df`` for these settings (each setting is traced once)."""
     check_df(df)
     sampler = SamplerConfig() if sampler is None else sampler
     if not isinstance(sampler, SamplerConfig):
         raise InputError(f"sampler must be a SamplerConfig, got {type(sampler).__name__}")
-    key = (k, sampler.key(), velocity_scale, solve_dtype, chunk_size)
+    key = (k, sampler.key(), velocity_scale, solve_dtype, chunk_size, bool(jit_compile))
     per_df = _SOLVERS.setdefault(df, {})
     if key not in per_df:
-        per_df[key] = _Solver(df, k, sampler, velocity_scale, solve_dtype, chunk_size)
+        per_df[key] = _Solver(df, k, sampler, velocity_scale, solve_dtype, chunk_size, bool(jit_compile))
     return per_df[key]
 
 
@@ -542,7 +717,8 @@ def acceleration_graph(df: Any, n_velocities: int = 256, *, sampler: SamplerConf
     gradients, batched eigh; chunks of positions run in a ``tf.map_fn``), so :mod:`tfgalflow.export` can
     wrap it in a SavedModel signature. Outputs: ``acceleration`` [B, 3], ``residual`` [B], ``condition``
     [B] (see :class:`CBELayer`), plus ``ess`` [B], ``support`` [B] bool and ``log_density`` [B] (the SIR
-    estimate of log ∫ f d³v at x). Same numbers as :func:`accelerations` for the same seed and settings.
+    estimate of log ∫ f d³v at x). Same numbers as :func:`accelerations` for the same seed and settings
+    (with ``jit_compile=False``; this graph is never XLA-compiled).
     """
     n_velocities = _check_count(n_velocities, "n_velocities", MIN_VELOCITIES)
     return _solver(df, n_velocities, sampler, velocity_scale, chunk_size=chunk_size).solve
@@ -600,7 +776,7 @@ def accelerations(df: Any, positions: Any, n_velocities: int = 256, seed: Any = 
                   max_residual: float = MAX_RESIDUAL, max_condition: float = MAX_CONDITION,
                   min_ess: float = MIN_ESS, min_log_density: float | None = None,
                   sampler: SamplerConfig | None = None, velocity_scale: float | None = None,
-                  chunk_size: int | None = None) -> AccelerationResult:
+                  chunk_size: int | None = None, jit_compile: bool = False) -> AccelerationResult:
     """Gravitational acceleration at each position from the CBE of the DF ``df``.
 
     At each x_b: K = ``n_velocities`` velocities from p(v | x_b) (:func:`sample_velocities`), gradients
@@ -638,6 +814,15 @@ def accelerations(df: Any, positions: Any, n_velocities: int = 256, seed: Any = 
         positions: [B, 3] in the DF's length unit.
         n_velocities: K >= 8 velocities per position.
         seed: int or two ints; the same seed gives the same result.
+        jit_compile: XLA-compile the DF evaluations of the velocity draw and the gradients, with the
+            row-wise products of the least squares (Flow, Ensemble and the exact Hernquist DF; other DFs
+            stay on the plain graph). The random numbers and the 3x3 solves stay in the plain graph, so
+            results equal the plain graph's to float32 round-off, except that XLA's rounding of log f can
+            move a resampled velocity to a neighbouring candidate (measured: 8 of 2000 positions of a
+            small flow at K = 256 changed by > 1e-4 relative, by sampling noise). Faster per position,
+            but compiling costs seconds once per DF and setting (and per ensemble member):
+            ``benchmarks/bench_cbe.py`` measures both. Never used by :func:`acceleration_graph`
+            (exported graphs stay plain, see DESIGN.md).
     Returns:
         :class:`AccelerationResult` (NumPy arrays).
     Raises:
@@ -656,7 +841,8 @@ def accelerations(df: Any, positions: Any, n_velocities: int = 256, seed: Any = 
     seed = _seed_tensor(seed)
     x = tf.constant(positions)
     run = lambda model: {key: t.numpy() for key, t in _solver(model, n_velocities, sampler, velocity_scale,
-                                                              chunk_size=chunk_size).solve(x, seed).items()}
+                                                              chunk_size=chunk_size, jit_compile=jit_compile
+                                                              ).solve(x, seed).items()}
     out = run(df)
     spread = None
     members = getattr(df, "members", None)
