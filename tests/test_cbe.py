@@ -517,9 +517,16 @@ def test_cli_accel_matches_python_api(tiny_run, tmp_path, capsys):
         # positions are what the model saw: float32-rounded (relative 6e-8)
         np.testing.assert_allclose(np.linalg.norm(positions, axis=1), np.repeat([0.5, 1.0, 2.0], 2), rtol=2e-7)
         np.testing.assert_allclose(z["a_radial"], np.sum(acceleration * positions, 1) / z["radius"], rtol=1e-12)
-    ref = cbe.accelerations(load_run(tiny_run), positions, n_velocities=32, seed=3)
+    model = load_run(tiny_run)
+    ref = cbe.accelerations(model, positions, n_velocities=32, seed=3)
     np.testing.assert_array_equal(acceleration, ref.acceleration)
     np.testing.assert_array_equal(reasons, ref.reasons)
+    # --xla is accelerations(..., jit_compile=True)
+    assert main(["accel", str(tiny_run), "--radii", "0.5,1,2", "--directions", "2", "--seed", "3",
+                 "--n-velocities", "32", "--xla", "--out", str(out)]) == 0
+    with np.load(out) as z:
+        np.testing.assert_array_equal(z["acceleration"], cbe.accelerations(
+            model, positions, n_velocities=32, seed=3, jit_compile=True).acceleration)
     # --positions from a text file, written as CSV: the same numbers (CSV keeps 9 significant digits).
     np.savetxt(tmp_path / "pos.txt", positions)
     csv_out = tmp_path / "acc.csv"
@@ -544,6 +551,8 @@ def test_cli_accel_on_a_savedmodel_matches_the_run(tiny_run, tmp_path):
         np.testing.assert_array_equal(a["reasons"], b["reasons"])
     assert main(["accel", str(tmp_path / "saved"), *args, "--n-velocities", "32",
                  "--out", str(tmp_path / "x.npz")]) == 2        # K is fixed at export time
+    assert main(["accel", str(tmp_path / "saved"), *args, "--xla",
+                 "--out", str(tmp_path / "x.npz")]) == 2        # so is its (plain) graph
 
 
 def test_cli_accel_bad_arguments_exit_2(tiny_run, tmp_path, capsys):

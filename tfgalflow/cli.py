@@ -381,6 +381,10 @@ def _add_accel(sub) -> None:
                    help="flag velocity draws with effective sample size below X (default: tfgalflow.cbe.MIN_ESS)")
     p.add_argument("--min-log-density", type=float, default=None, metavar="X",
                    help="flag positions where log of the integral of f over velocities is below X (default: off)")
+    p.add_argument("--xla", action="store_true",
+                   help="XLA-compile the DF evaluations (run directories only): faster per position, but "
+                        "compiling takes seconds, so it pays off for many positions (tfgalflow.cbe.accelerations, "
+                        "jit_compile=True)")
     p.add_argument("--out", required=True, metavar="FILE",
                    help=".npz (arrays positions, acceleration, residual, condition, flagged, reasons, ...) or .csv")
     p.set_defaults(func=_run_accel)
@@ -420,6 +424,9 @@ def _run_accel(args) -> int:
         raise InputError(f"--seed {args.seed}: expected an integer >= 0")
     model = load(args.run)
     if isinstance(model, ExportedModel):
+        if args.xla:
+            raise InputError(f"{args.run}: --xla applies to run directories; a SavedModel's accelerations "
+                             f"signature is a fixed, plain graph")
         exported_k = (model.metadata.get("accelerations") or {}).get("n_velocities")
         if args.n_velocities is not None and exported_k is not None and args.n_velocities != exported_k:
             raise InputError(f"{args.run}: the SavedModel was exported with {exported_k} velocities per position; "
@@ -436,7 +443,7 @@ def _run_accel(args) -> int:
     else:
         from .training import read_run_config
         res = cbe.accelerations(model, positions, n_velocities=256 if args.n_velocities is None else args.n_velocities,
-                                seed=args.seed, **thresholds)
+                                seed=args.seed, jit_compile=args.xla, **thresholds)
         columns = {"acceleration": res.acceleration, "residual": res.residual, "condition": res.condition,
                    "ess": res.ess, "log_density": res.log_density, "spread": res.spread}
         reasons = res.reasons
