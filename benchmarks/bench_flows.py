@@ -5,10 +5,13 @@ permutations between them, MADE networks of 2 x 64 hidden units (ReLU), standard
 (lr 1e-3) on batches of 2048 -- fitted to the same exact isotropic Hernquist mock (6D positions and
 velocities, G = M = a = 1, r < 20 a), and timed on the same points:
 
-    tfgalflow       tfgalflow.model.Flow as the package runs it: Flow.adapt, Flow.compile + one Keras
-                    ``fit`` epoch per timed call (training.train's path, jit_compile=False is its
-                    default), the traced ``log_prob`` / ``grad_log_prob`` / ``sample`` public methods;
-    tfgalflow XLA   the same with ``Flow(..., jit_compile=True)`` and ``compile(..., jit_compile=True)``
+    tfgalflow       tfgalflow.model.Flow as the package runs it by default: Flow.adapt, Flow.compile + one
+                    Keras ``fit`` epoch per timed call, with TrainConfig's default jit_compile and
+                    steps_per_call (training.train's path), the traced ``log_prob`` / ``grad_log_prob`` /
+                    ``sample`` public methods;
+    tfgalflow XLA   ``TrainConfig(jit_compile=True, steps_per_call=K)``: ``compile(..., jit_compile=True)``
+                    fed stacks of K batches [K, 2048, 6] (K optimizer steps per compiled call, as
+                    training.train feeds them), and ``Flow(..., jit_compile=True)`` for log_prob / grad
                     (the package never XLA-compiles sampling, so that row re-measures the same code);
     TFP eager       the same TFP bijector chain (``tfgalflow.flows.build_bijector``, identical initial
                     weights) in a ``tfd.TransformedDistribution``, no tf.function: GradientTape + Adam;
@@ -29,8 +32,8 @@ paired ratio (median over rounds of the within-round ratio, which cancels slow d
 list shows, e.g. host-level noise) and the ratio of the fastest calls.
 Thread counts are fixed (``--threads``, default 2 = the machine's cores) for TF intra/inter-op and torch
 intra/inter-op, and printed. Package-side variants are timed in the same rounds: XLA training with
-Keras' ``steps_per_execution``, XLA-compiled sampling, and prototypes of two proposed changes (K optimizer
-steps per XLA train step; sampling passes truncated to the MADE units each output depends on).
+Keras' own ``steps_per_execution`` (one batch per step function, the loop outside XLA) instead of stacks,
+and XLA-compiled sampling.
 A "dense floor" -- only the 24 matmuls + bias + ReLU of the 8 MADEs, XLA-compiled in TF and plain in
 torch -- bounds the log_prob speed a dense-matmul implementation can reach on this CPU in float32.
 Every implementation trains the same number of steps on the same batches; the held-out -log p printed
@@ -296,100 +299,6 @@ class DenseFloor:
             self.run = floor
 
 
-# ---- prototypes of proposed package changes (timed as variants) -------------------------------
-
-def multistep_flow(cfg, x_train: np.ndarray, lr: float):
-    """Prototype of a proposed ``Flow.train_step`` change: a rank-3 batch [K, B, D] runs K optimizer steps
-    in one ``tf.while_loop`` inside the (XLA-compiled) train step, so TF/XLA dispatch -- which costs about
-    as much as a 2048-point step -- is paid once per K steps. Same updates in the same order as K calls
-    (weights after 25 steps agreed to 0.0 in a check); feed it ``dataset.batch(B).batch(K)``.
-    """
-    import tensorflow as tf
-    import tf_keras as keras
-    from tfgalflow.model import Flow
-
-    class MultiStepFlow(Flow):
-        def train_step(self, data):
-            if not isinstance(data, tf.Tensor) or data.shape.rank != 3:
-                return super().train_step(data)
-            variables = self.trainable_variables
-
-            def step(i):
-                with tf.GradientTape() as tape:
-                    lp = self._log_prob_tensor(data[i], None)
-                    loss = -tf.reduce_mean(lp)
-                self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-                self._loss_tracker.update_state(-lp)
-                return (i + 1,)
-
-            tf.while_loop(lambda i: i < tf.shape(data)[0], step, (tf.constant(0),))
-            return {"loss": self._loss_tracker.result()}
-
-    flow = MultiStepFlow(cfg)
-    flow.adapt(x_train)
-    flow.compile(keras.optimizers.Adam(lr), jit_compile=True)
-    return flow
-
-
-def truncated_sampler(flow) -> Callable[[int, int], np.ndarray]:
-    """Prototype of a proposed ``tfgalflow.flows.forward`` change for affine MAFs: unrolled passes in which
-    pass i evaluates only the MADE units that output i depends on (degree <= i), instead of D full passes.
-
-    In a MADE, output i sees hidden units of degree < i+1 only (Germain et al. 2015); TFP's 'equal'
-    degrees are sorted, so those are leading slices of each kernel: pass i costs ~(i/(D-1))^2 of a full
-    64x64 product and pass 0 none (its parameters are the output bias). Masked weights are exactly zero,
-    so the draws equal ``Flow.sample``'s (checked in the run).
-    """
-    import tensorflow as tf
-    import tensorflow_probability as tfp
-    import tf_keras as keras
-    from tfgalflow.flows import LOG_SCALE_BOUND
-
-    def made_slices(network):
-        dense = [layer for layer in network._network.layers if isinstance(layer, keras.layers.Dense)]
-        masks = [np.asarray(m, bool) for m in network._masks]
-        dim = masks[0].shape[0]
-        degrees = [np.arange(1, dim + 1)]
-        for mask in masks[:-1]:        # unit j's degree = the largest degree among its inputs
-            degrees.append(np.array([degrees[-1][mask[:, j]].max() for j in range(mask.shape[1])]))
-        if any(np.any(np.diff(d) < 0) for d in degrees[1:]):
-            raise ValueError("truncated_sampler needs sorted hidden degrees (TFP's 'equal' degrees are)")
-        ends = [np.searchsorted(d, np.arange(dim), side="right") for d in degrees[1:]]   # units of degree <= i
-        return [(layer.kernel, layer.bias) for layer in dense], ends, dim
-
-    def layer_forward(network, z):
-        ((w1, b1), (w2, b2), (w3, b3)), (e1, e2), dim = made_slices(network)
-        params_per_dim = w3.shape[1] // dim
-        columns = []
-        for i in range(dim):
-            out = slice(i * params_per_dim, (i + 1) * params_per_dim)
-            if e2[i] == 0:
-                params = tf.broadcast_to(b3[out], [tf.shape(z)[0], params_per_dim])
-            else:
-                y = tf.stack(columns, axis=-1)
-                h1 = tf.nn.relu(tf.matmul(y, w1[:i, :e1[i]]) + b1[:e1[i]])
-                h2 = tf.nn.relu(tf.matmul(h1, w2[:e1[i], :e2[i]]) + b2[:e2[i]])
-                params = tf.matmul(h2, w3[:e2[i], out]) + b3[out]
-            log_scale = LOG_SCALE_BOUND * tf.tanh(params[:, 1] / LOG_SCALE_BOUND)
-            columns.append(z[:, i] * tf.exp(log_scale) + params[:, 0])
-        return tf.stack(columns, axis=-1)
-
-    def sample(n, seed):
-        z = tf.random.stateless_normal(tf.stack([n, flow.dim]), seed=seed, dtype=tf.float32)
-        for bijector in reversed(flow.bijector.bijectors):
-            if isinstance(bijector, tfp.bijectors.Permute):
-                z = bijector.forward(z)
-            else:
-                z = layer_forward(bijector.transform.network, z)
-        return flow._unscale(z)
-
-    if flow.config.kind != "affine" or flow.label_dim:
-        raise ValueError("the prototype covers unconditional affine flows only")
-    fn = tf.function(sample, autograph=False,
-                     input_signature=[tf.TensorSpec([], tf.int32), tf.TensorSpec([2], tf.int64)])
-    return lambda n, seed: fn(tf.constant(n, tf.int32), tf.constant([seed, 0], tf.int64)).numpy()
-
-
 # ---- the benchmark ----------------------------------------------------------------------------
 
 def configure_threads(threads: int):
@@ -415,7 +324,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="~1 minute smoke run: fewer and smaller calls")
     p.add_argument("--repeats", type=int, help="timed rounds per metric (default 7; --quick 3)")
-    p.add_argument("--steps", type=int, help="optimizer steps per timed training call (default 25; --quick 4)")
+    p.add_argument("--steps", type=int, help="optimizer steps per timed training call (default 32; --quick 8)")
+    p.add_argument("--steps-per-call", type=int, default=16,
+                   help="K of the 'tfgalflow XLA' row: optimizer steps per compiled call (default 16)")
     p.add_argument("--n-eval", type=int, help="points per log_prob / grad call (default 20480; --quick 8192)")
     p.add_argument("--n-sample", type=int, help="points per sample call (default 16384; --quick 4096)")
     p.add_argument("--batch", type=int, default=2048, help="training batch size (issue: 2048)")
@@ -428,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-eager", action="store_true", help="skip the (slow) plain eager TFP column")
     args = p.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 7)
-    steps = args.steps or (4 if args.quick else 25)
+    steps = args.steps or (8 if args.quick else 32)
     n_eval = args.n_eval or (8192 if args.quick else 20480)
     n_sample = args.n_sample or (4096 if args.quick else 16384)
     budget = args.budget if args.budget is not None else (20.0 if args.quick else 420.0)
@@ -461,10 +372,15 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.batch}; timed calls: {steps} train steps, log_prob/grad on {args.batch} and {n_eval} points, "
           f"{args.batch} and {n_sample} samples; 1 warm-up + {repeats} quiet calls each")
 
+    from tfgalflow.training import TrainConfig
+    defaults = TrainConfig()
     impls: dict[str, Any] = {
-        "tfgalflow": TfgalflowBench(cfg, x_train, lr, jit=False),
+        "tfgalflow": TfgalflowBench(cfg, x_train, lr, jit=defaults.jit_compile),
         "tfgalflow XLA": TfgalflowBench(cfg, x_train, lr, jit=True),
     }
+    stack = {"tfgalflow": defaults.steps_per_call, "tfgalflow XLA": args.steps_per_call}
+    print(f"training: 'tfgalflow' = TrainConfig defaults (jit_compile={defaults.jit_compile}, steps_per_call="
+          f"{defaults.steps_per_call}); 'tfgalflow XLA' = jit_compile=True, steps_per_call={args.steps_per_call}")
     flow = impls["tfgalflow"].flow
     shift, scale = flow.x_shift.numpy(), flow.x_scale.numpy()
     if not args.no_eager:
@@ -485,10 +401,15 @@ def main(argv: list[str] | None = None) -> None:
     datasets = [tf.data.Dataset.from_tensor_slices(batches[r * steps:(r + 1) * steps])
                 for r in range(4 * repeats + 1)]
 
+    def stacked(k: int) -> list:
+        """The same batches as stacks [k, B, D] (what training.train feeds with steps_per_call = k)."""
+        return datasets if k == 1 else [d.batch(k) for d in datasets]
+
     def train_fn(name):
         impl = impls[name]
         if name.startswith("tfgalflow"):
-            return lambda r: impl.train(datasets[r])
+            feeds = stacked(stack[name])
+            return lambda r: impl.train(feeds[r])
         return lambda r: impl.train(batches[r * steps:(r + 1) * steps])
 
     # groups timed together: (metric, points per call) -> {name: fn(round)}; evaluation at one batch
@@ -508,19 +429,10 @@ def main(argv: list[str] | None = None) -> None:
 
     # variants (package-side changes) and the dense floor, timed in the same rounds as their group
     spe = TfgalflowBench(cfg, x_train, lr, jit=True, steps_per_execution=steps)
-    multistep = multistep_flow(cfg, x_train, lr)
-    stacked = [tf.data.Dataset.from_tensors(batches[r * steps:(r + 1) * steps]) for r in range(4 * repeats + 1)]
     xla_sample = impls["tfgalflow XLA"].xla_sampler()
     variants = {
-        ("train", steps * args.batch): {
-            "XLA + steps_per_execution": lambda r: spe.train(datasets[r]),
-            f"XLA, {steps} steps per train_step*": lambda r: multistep.fit(stacked[r], epochs=1, verbose=0)},
+        ("train", steps * args.batch): {"XLA + Keras steps_per_execution": lambda r: spe.train(datasets[r])},
         ("sample", n_sample): {"XLA-compiled sample_stateless": lambda r: xla_sample(n_sample, 100 + r)}}
-    if cfg.kind == "affine":
-        truncated = truncated_sampler(impls["tfgalflow"].flow)
-        check = np.max(np.abs(truncated(4096, 5) - impls["tfgalflow"].sample(4096, seed=5)))
-        print(f"check: truncated-pass sampler vs Flow.sample, same seed: max |difference| = {check:.1e}")
-        variants[("sample", n_sample)]["truncated passes* (graph)"] = lambda r: truncated(n_sample, 100 + r)
     floors = {"floor TF XLA": DenseFloor(cfg.dim, cfg.layers, cfg.hidden, cfg.params_per_dim, "tf"),
               "floor torch": DenseFloor(cfg.dim, cfg.layers, cfg.hidden, cfg.params_per_dim, "torch")}
     for key, fns in variants.items():
@@ -576,8 +488,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{label(key) if i == 0 else '':<20}{target if i == 0 else '':<8}{kind:<8}"
                   + "".join(f"{c:>22}" for c in texts))
 
-    print("\nVariants (package-side changes, timed in the same rounds as their operation; * = prototype of a "
-          "proposed change, see multistep_flow / truncated_sampler)")
+    print("\nVariants (timed in the same rounds as their operation)")
     for key, group in variants.items():
         reference = results[key]["tfgalflow XLA"]
         for name in group:
