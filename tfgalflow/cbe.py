@@ -489,9 +489,9 @@ _SOLVE_FNS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 def _solve_fn(df: Any, chunk: int, k: int, jit_compile: bool) -> Callable:
     """Cached traced gradients + CBELayer of ``df``: (x [C, 3], v [C, K, 3]) -> ([C, 3], [C], [C]).
 
-    Plain graph: any C, K (traced once). XLA: the gradients XLA-compiled with the DF's maths inlined
-    (:func:`_inline_log_prob`) at fixed shapes [chunk, k] (compiled once per DF, chunk and K; callers
-    pad the last chunk), the layer in the plain graph."""
+    Plain graph: any C, K (traced once). XLA: the gradients and the layer's row-wise maths
+    (:func:`_xla_normal_equations`) XLA-compiled at fixed shapes [chunk, k] (once per DF, chunk and K;
+    callers pad the last chunk), the 3x3 solves in the plain graph."""
     per_df = _SOLVE_FNS.setdefault(df, {})
     key = (chunk, k) if jit_compile else None
     if key not in per_df:
@@ -818,11 +818,14 @@ def accelerations(df: Any, positions: Any, n_velocities: int = 256, seed: Any = 
             row-wise products of the least squares (Flow, Ensemble and the exact Hernquist DF; other DFs
             stay on the plain graph). The random numbers and the 3x3 solves stay in the plain graph, so
             results equal the plain graph's to float32 round-off, except that XLA's rounding of log f can
-            move a resampled velocity to a neighbouring candidate (measured: 8 of 2000 positions of a
-            small flow at K = 256 changed by > 1e-4 relative, by sampling noise). Faster per position,
-            but compiling costs seconds once per DF and setting (and per ensemble member):
-            ``benchmarks/bench_cbe.py`` measures both. Never used by :func:`acceleration_graph`
-            (exported graphs stay plain, see DESIGN.md).
+            move a resampled velocity to a neighbouring candidate (measured: 4-11 of 2000-4000 positions
+            of a small flow at K = 256 changed by > 1e-4 relative, by sampling noise). Measured on 2
+            shared cores with a 2 x (32, 32) MAF at K = 256: 1.4-1.5x less CPU time per position (solve
+            stage and end to end), but compiling takes ~2 s (:func:`solve_cbe`) and ~5-10 s (here) once
+            per DF and setting (and per ensemble member), so a single call pays off only for some 10^4-10^5
+            positions; the exact Hernquist DF's gradients compile to slower code (0.7x: XLA recomputes
+            its transcendental functions in fused loops). ``benchmarks/bench_cbe.py`` re-measures.
+            Never used by :func:`acceleration_graph` (exported graphs stay plain, see DESIGN.md).
     Returns:
         :class:`AccelerationResult` (NumPy arrays).
     Raises:
