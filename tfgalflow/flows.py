@@ -9,7 +9,8 @@ where θ_i comes from a MADE network (Germain et al. 2015) that sees only y_{<i}
 conditioning labels c.  τ is either affine, y_i = z_i exp(s_i) + m_i  (MAF; Papamakarios, Pavlakou &
 Murray 2017), or a monotone rational-quadratic spline on [-B, B] with identity tails (Durkan et al.
 2019, "Neural Spline Flows").  The density direction (y -> z, used by ``log_prob``) is one network pass
-per layer; sampling is D passes per layer (a ``tf.while_loop`` inside TFP).
+per layer; sampling is D passes per layer, pass i evaluating only the network units that output i
+depends on (:func:`forward`; TFP runs D full passes in a ``tf.while_loop``).
 
 Only :class:`FlowConfig` and :func:`build_bijector` are public; the model (rescaling, base density,
 Keras training) lives in :mod:`tfgalflow.model`.
@@ -530,7 +531,7 @@ def _stack_layers(chain: tfb.Chain, z: tf.Tensor, bijector_kwargs: Mapping[str, 
     truncatable with the same plan and block layout; all transforms are the same kind and constants;
     z is [N, D]; every layer gets the same ``conditional_input`` tensor [N, C] (or none).
     """
-    if z.shape.rank != 2:
+    if z.shape.rank != 2 or z.shape[-1] is None:
         return None
     layers, permutation = [], None
     for bijector in reversed(chain.bijectors):    # tfb.Chain applies its list right to left
