@@ -119,10 +119,14 @@ class TrainConfig:
     members: int = _option(1, "ensemble size K", "int")
     parallel: bool = _option(False, "train ensemble members in parallel processes", "bool")
     tensorboard: bool = _option(False, "write TensorBoard logs to RUN/member_XXX/tensorboard", "bool")
-    jit_compile: bool = _option(False, "XLA-compile the training step", "bool")
-    steps_per_call: int = _option(1, "optimizer steps K per compiled train call: each epoch's batches are "
-                                     "stacked K at a time [K, B, D] and run in one loop (same updates as K "
-                                     "calls, less per-call overhead)", "int")
+    # Defaults are the fast path. Measured on 2 shared CPU cores (8-layer 2x64 MAF, batch 2048, 6D Hernquist
+    # mock, training's own pipeline, medians of 20 epochs): samples/s 1.27x with XLA and 2.05x with XLA and
+    # K = 16 (K = 8..32 alike) relative to no XLA, one step per call; XLA compiles 2-3 train shapes once.
+    jit_compile: bool = _option(True, "XLA-compile the training step (one-time compilation of a few "
+                                      "seconds per member; faster steps)", "bool")
+    steps_per_call: int = _option(16, "optimizer steps K per compiled train call: each epoch's batches are "
+                                      "stacked K at a time [K, B, D] and run in one loop (same updates as K "
+                                      "calls, less per-call overhead)", "int")
     adapt_samples: int = _option(100_000, "rows used to fit the rescaler when streaming an HDF5 file", "int")
 
     def __post_init__(self) -> None:
@@ -891,7 +895,7 @@ def _fit_member(run_dir: Path, run: dict, k: int, data: Any, *, strategy: Any = 
     with strategy.scope():
         flow = Flow(flow_config)
         optimizer = keras.optimizers.Adam(_learning_rate(config, pipelines.steps_per_epoch))
-        flow.compile(optimizer=optimizer, jit_compile=config.jit_compile)
+        flow.compile(optimizer=optimizer, jit_compile=_jit_compile(config, strategy))
         optimizer.build(flow.trainable_variables)     # slots exist before a restore, so it is checked whole
     state = MemberState()
     checkpoint = tf.train.Checkpoint(model=flow, optimizer=optimizer, state=state)
@@ -965,6 +969,23 @@ def _steps_per_call(config: TrainConfig, strategy: Any) -> int:
     return config.steps_per_call
 
 
+def _jit_compile(config: TrainConfig, strategy: Any) -> bool:
+    """``config.jit_compile``, or False (with a logged warning) for several replicas on CPU devices.
+
+    XLA compiles the replicated train step for one CPU device and then cannot read the other replicas'
+    variables ("Trying to access resource ... located in device CPU:1 from device CPU:0", TF 2.21; see
+    https://www.tensorflow.org/xla/known_issues), so logical-CPU MirroredStrategy runs train in graph mode.
+    """
+    if not (config.jit_compile and strategy.num_replicas_in_sync > 1):
+        return config.jit_compile
+    if any("CPU" in d.upper() for d in strategy.extended.worker_devices):
+        logging.getLogger(__name__).warning(
+            "TrainConfig.jit_compile = True: XLA cannot compile a train step replicated over %d CPU devices; "
+            "training without XLA", strategy.num_replicas_in_sync)
+        return False
+    return config.jit_compile
+
+
 def _write_final(final_dir: Path, flow: "Flow", summary: dict) -> None:
     """Write the final weights and summary.json into ``final_dir`` atomically (a good one is never lost).
 
@@ -1023,7 +1044,8 @@ def train(data: "Catalogue | np.ndarray | str | os.PathLike", config: TrainConfi
         label_names: names of the C label columns (recorded in config.json).
         strategy: a ``tf.distribute.Strategy``; model and optimizer are built in its scope and Keras
             splits every batch across its replicas. With several replicas ``steps_per_call`` falls back
-            to 1 (logged warning; Keras would split a stack [K, B, D] along K), which changes no update.
+            to 1 (logged warning; Keras would split a stack [K, B, D] along K), which changes no update;
+            with several CPU replicas ``jit_compile`` falls back to False (logged; an XLA limitation).
         verbose: Keras progress output (0 silent, 1 progress bar, 2 one line per epoch).
         callbacks: extra Keras callbacks, run after the run's own (not with ``parallel``).
     Returns:
