@@ -26,9 +26,11 @@ keras = pytest.importorskip("tf_keras")
 
 MEAN = np.array([1.0, 2.0])
 COV = np.array([[1.0, 0.8], [0.8, 1.0]])
-# Tiny but real: 2 layers, 16x16 MADEs, 8 steps per epoch; checkpoints every 2 epochs.
+# Tiny but real: 2 layers, 16x16 MADEs, 8 steps per epoch; checkpoints every 2 epochs. These tests are
+# about runs, not XLA, so they skip its compilation (jit_compile=False; test_multistep trains with XLA);
+# the default steps_per_call = 16 runs each epoch's 7 full batches in one call, then the partial one.
 SMALL = TrainConfig(layers=2, hidden=(16, 16), epochs=6, batch_size=256, lr=1e-2, checkpoint_every=2,
-                    seed=3, patience=0)
+                    seed=3, patience=0, jit_compile=False)
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +169,7 @@ def test_resume_requires_matching_data(gauss, reference, tmp_path):
 # and patience = 3 stops the run early. A checkpoint every epoch lets the resume test below restart in
 # the middle of a patience window.
 OVERFIT = TrainConfig(layers=3, hidden=(64, 64), epochs=60, batch_size=30, lr=1e-2, lr_schedule="constant",
-                      validation_split=0.5, patience=3, checkpoint_every=1, seed=7)
+                      validation_split=0.5, patience=3, checkpoint_every=1, seed=7, jit_compile=False)
 
 
 @pytest.fixture(scope="module")
@@ -370,6 +372,7 @@ def test_mirrored_strategy_two_cpus(tmp_path):
     np.testing.assert_allclose(reloaded.log_prob(x).numpy(), out["lp"], rtol=1e-6, atol=1e-6)
     # steps_per_call = 4 cannot stack under two replicas: the run fell back to one step per call, said so
     assert "steps_per_call = 4 needs a single replica" in proc.stderr
+    assert "training without XLA" in proc.stderr       # jit_compile (default True) falls back on CPU replicas
     assert "single replica" in out["stack_error"] and "split the stack along K" in out["stack_error"]
     # SGD on one batch of 512: each replica's mean loss over its 256 points is scaled by 1/2, so the summed
     # gradients equal the one-device gradient of the mean over 512 (summation order only: ~1e-6 relative
@@ -399,7 +402,7 @@ def h5_file(tmp_path_factory):
 
 
 H5 = TrainConfig(layers=2, hidden=(16, 16), epochs=4, batch_size=256, lr=1e-2, seed=1, checkpoint_every=1,
-                 patience=0, adapt_samples=1000)
+                 patience=0, adapt_samples=1000, jit_compile=False)
 
 
 def test_hdf5_streaming_split_rescaler_and_resume(h5_file, tmp_path):
@@ -607,7 +610,8 @@ def test_cli_train_restart_sample_logprob_with_a_conditional_catalogue(tmp_path,
     w, labels = gauss6(2000, seed=4)
     cat_path = tmp_path / "cat.npz"
     Catalogue(w[:, :3], w[:, 3:], labels=labels, label_names=("q",), units=UNITS).save(cat_path)
-    (tmp_path / "cfg.yaml").write_text("layers: 2\nhidden: [16, 16]\nepochs: 1\nbatch_size: 256\nlr: 1e-2\n")
+    (tmp_path / "cfg.yaml").write_text("layers: 2\nhidden: [16, 16]\nepochs: 1\nbatch_size: 256\nlr: 1e-2\n"
+                                       "jit_compile: false\n")
     run1, run2 = tmp_path / "run1", tmp_path / "run2"
     # Flags override the config file: epochs 3 (flag) beats epochs 1 (file); layers 2 comes from the file.
     assert main(["train", str(cat_path), "--out", str(run1), "--config", str(tmp_path / "cfg.yaml"),
