@@ -49,7 +49,8 @@ N_HELD_OUT = 20_000
 R_MAX = 20.0                    # radial truncation of the mock, in units of a
 N_ACCEL_POSITIONS = 64
 CONFIG = TrainConfig(layers=6, hidden=(64, 64), kind="affine", epochs=150, batch_size=512, lr=2e-3,
-                     lr_schedule="cosine", validation_split=0.1, patience=25, checkpoint_every=25, seed=0)
+                     lr_schedule="cosine", validation_split=0.1, patience=25, checkpoint_every=25, seed=0,
+                     jit_compile=False)
 
 
 def mock(n: int, seed: int) -> np.ndarray:
