@@ -203,6 +203,9 @@ def report(title: str, fns: dict[str, Callable[[], Any]], args, target: str = ""
     print(f"  speed-up batched XLA vs loop: {total['loop'] / total['batched XLA']:.1f}x{target}; vs loop XLA: "
           f"{total['loop XLA'] / total['batched XLA']:.1f}x; batched vs loop: {total['loop'] / total['batched']:.1f}x; "
           f"batched XLA vs batched: {total['batched'] / total['batched XLA']:.2f}x")
+    batched = min(("batched", "batched XLA"), key=total.get)
+    loop = min(("loop", "loop XLA"), key=total.get)
+    print(f"  fastest batched path ({batched}) vs fastest loop ({loop}): {total[loop] / total[batched]:.1f}x")
 
 
 def relative_difference(a: np.ndarray, b: np.ndarray) -> float:
