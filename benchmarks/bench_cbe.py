@@ -138,26 +138,9 @@ def loop_end_to_end_xla(df, x: np.ndarray, k: int, seed: int) -> np.ndarray:
 # ---- timing -----------------------------------------------------------------------------------------
 
 def others_cpu_seconds() -> float:
-    """CPU seconds run so far by the threads of every other process that is not niced (nice < 10).
-
-    /proc/*/task/*/schedstat (ns). Niced background jobs (a study at nice 19) get ~1.5 % of a core that
-    we want, so they do not slow the timed call and are not counted.
-    """
-    own = str(os.getpid())
-    total = 0
-    for proc in os.scandir("/proc"):
-        if not proc.name.isdigit() or proc.name == own:
-            continue
-        try:
-            with open(f"/proc/{proc.name}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[16]) >= 10:       # field 19: nice
-                    continue
-            for task in os.scandir(f"/proc/{proc.name}/task"):
-                with open(f"/proc/{proc.name}/task/{task.name}/schedstat") as f:
-                    total += int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue
-    return total * 1e-9
+    """CPU seconds of other processes so far (niced jobs not counted): ``_timing.others_cpu_seconds``."""
+    from _timing import others_cpu_seconds as seconds
+    return seconds(skip_niced=True)
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, quiet: float) -> tuple[dict, dict, bool]:

@@ -79,23 +79,9 @@ def hernquist_mock(n: int, seed: int) -> np.ndarray:
 # ---- timing -----------------------------------------------------------------------------------
 
 def others_cpu_seconds() -> float:
-    """CPU seconds run so far by every thread of every *other* process (/proc/*/task/*/schedstat, ns).
-
-    Nanosecond resolution, unlike /proc/stat's 10 ms ticks, so single calls of ~20 ms can be judged.
-    Threads that start and end between two reads are missed (an underestimate).
-    """
-    own = str(os.getpid())
-    total = 0
-    for proc in os.scandir("/proc"):
-        if not proc.name.isdigit() or proc.name == own:
-            continue
-        try:
-            for task in os.scandir(f"/proc/{proc.name}/task"):
-                with open(f"/proc/{proc.name}/task/{task.name}/schedstat") as f:
-                    total += int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue
-    return total * 1e-9
+    """CPU seconds of other processes so far (niced jobs counted too): ``_timing.others_cpu_seconds``."""
+    from _timing import others_cpu_seconds as seconds
+    return seconds(skip_niced=False)
 
 
 def interleaved(fns: dict[str, Callable[[int], Any]], repeats: int, budget: float, quiet: float

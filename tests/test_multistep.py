@@ -19,6 +19,7 @@ import tensorflow as tf  # noqa: E402  (after tfgalflow: TF_USE_LEGACY_KERAS)
 
 from tfgalflow.flows import FlowConfig  # noqa: E402
 from tfgalflow.model import Flow  # noqa: E402
+from test_training import CrashAfter  # noqa: E402  (the same simulated crash)
 
 N, B, K = 1000, 128, 3          # 7 full batches + one of 104 rows: stacks of 3, 3, 1, then [1, 104]
 
@@ -125,18 +126,6 @@ RUN = TrainConfig(layers=2, hidden=(16, 16), epochs=4, batch_size=256, lr=1e-2, 
 @pytest.fixture(scope="module")
 def gauss() -> np.ndarray:
     return np.random.default_rng(0).multivariate_normal([1.0, 2.0], [[1.0, 0.8], [0.8, 1.0]], 2000)
-
-
-class CrashAfter(keras.callbacks.Callback):
-    """Simulates a crash at the end of the given 0-based epoch (as in test_training)."""
-
-    def __init__(self, epoch: int):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise RuntimeError(f"simulated crash after epoch {epoch}")
 
 
 def test_steps_per_call_leaves_history_unchanged_and_resumes_exactly(gauss, tmp_path):
