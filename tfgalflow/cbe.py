@@ -71,6 +71,14 @@ def check_df(df: Any) -> None:
                          f"DF f(x, v)")
 
 
+def evaluations_per_row(df: Any) -> int:
+    """Model evaluations behind one row of ``df.log_prob`` (K for a K-member Ensemble, M x that for a
+    :class:`~tfgalflow.symmetry.SphericalAverage` over M rotations; 1 otherwise). Chunks of rows are
+    divided by it, so that memory per chunk is the same for any DF."""
+    e = getattr(df, "evaluations_per_row", 1)
+    return max(1, int(e)) if isinstance(e, (int, np.integer)) and not isinstance(e, bool) else 1
+
+
 def _velocity_scale(df: Any, override: float | None) -> Callable[[], tf.Tensor]:
     """A function returning the DF's typical speed v0 (scalar float32 tensor), read at trace time.
 
@@ -537,7 +545,8 @@ def solve_cbe(df: Any, positions: Any, velocities: Any, chunk_size: int | None =
         raise InputError(f"velocities have shape {list(v.shape)}; expected [B, K, 3] with B = {x.shape[0]} "
                          f"(the rows of positions) and K >= 3")
     k = v.shape[1]
-    chunk = _check_count(chunk_size if chunk_size is not None else max(1, GRADIENT_ROWS_PER_CHUNK // k),
+    rows = GRADIENT_ROWS_PER_CHUNK // evaluations_per_row(df)
+    chunk = _check_count(chunk_size if chunk_size is not None else max(1, rows // k),
                          "chunk_size", 1)
     jit = bool(jit_compile) and _inline_log_prob(df) is not None
     fn = _solve_fn(df, chunk, k, jit)
@@ -565,7 +574,8 @@ class _Solver:
         self.v0 = _velocity_scale(df, velocity_scale)
         self.layer = CBELayer(solve_dtype)
         if chunk_size is None:
-            chunk_size = max(1, min(GRADIENT_ROWS_PER_CHUNK // k, CANDIDATE_ROWS_PER_CHUNK // self.m))
+            e = evaluations_per_row(df)
+            chunk_size = max(1, min(GRADIENT_ROWS_PER_CHUNK // (k * e), CANDIDATE_ROWS_PER_CHUNK // (self.m * e)))
         self.chunk = _check_count(chunk_size, "chunk_size", 1)
         self._xla_normal_equations = self._xla_weights = None
         if jit_compile and _inline_log_prob(df) is not None:

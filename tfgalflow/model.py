@@ -677,6 +677,11 @@ class Ensemble(_GraphMethods, tf.Module):
     def __len__(self) -> int:
         return len(self.members)
 
+    @property
+    def evaluations_per_row(self) -> int:
+        """Member evaluations per row of ``log_prob`` (K): :mod:`tfgalflow.cbe` divides its chunks by it."""
+        return len(self.members)
+
     def _log_prob_tensor(self, x: tf.Tensor, c: tf.Tensor | None) -> tf.Tensor:
         member_lp = tf.stack([m._log_prob_tensor(x, c) for m in self.members], axis=0)   # [K, N]
         return tf.reduce_logsumexp(member_lp, axis=0) - math.log(len(self.members))
