@@ -5,7 +5,9 @@
     python -c "from tfgalflow.plots import render; render('studies/quick/accelerations.npz')"   # re-render
 
 Writes per mock a run directory (runs/<mock>/), figure data (*.npz) and figures (*.png), and summary.json
-with the median fractional acceleration error over 0.2a <= r <= 5a for the learned and the exact DF.
+with the median fractional acceleration error over 0.2a <= r <= 5a for the learned DF, for the learned DF
+averaged over rotations (--rotations, tfgalflow.symmetry) and for the exact DF. An --out that already holds
+runs/ continues them (finished members are loaded, so re-running only re-evaluates).
 """
 import argparse
 import dataclasses
@@ -23,6 +25,8 @@ def main() -> None:
     p.add_argument("--members", type=int, help="ensemble members per mock")
     p.add_argument("--epochs", type=int)
     p.add_argument("--seed", type=int)
+    p.add_argument("--rotations", type=int,
+                   help="also solve with the learned DF averaged over this many rotations (0: off; default 64)")
     args = p.parse_args()
     config = StudyConfig.from_dict(json.load(open(args.config))) if args.config else StudyConfig()
     train = dict(config.train)
@@ -37,6 +41,8 @@ def main() -> None:
         changes["n_stars"] = args.n
     if args.seed is not None:
         changes["seed"] = args.seed
+    if args.rotations is not None:
+        changes["rotations"] = args.rotations
     summary = run_study(dataclasses.replace(config, **changes), args.out)
     print(format_table(summary))
 

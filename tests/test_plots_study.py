@@ -60,3 +60,33 @@ def test_demo_cli_runs_the_chain_twice_into_one_folder(tmp_path):
     assert all(np.isfinite(r["a_learned"]) for r in rows)
     for png in ("accelerations.png", "df_slices.png", "mock_iso.png"):
         assert (tmp_path / "demo" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_study_resumes_its_runs_and_reports_the_spherical_average(tmp_path):
+    """A study re-run into its own folder loads the finished run instead of failing or retraining, and
+    with rotations > 0 it also reports the CBE error of the rotation-averaged learned DF."""
+    from tfgalflow.cbe import accelerations
+    from tfgalflow.study import run_study
+    from tfgalflow.symmetry import SphericalAverage
+    from tfgalflow.training import load_run
+
+    config = StudyConfig(mocks=("iso",), n_stars=3000, n_radii=4, n_velocities=32, rotations=4, r_min=0.5,
+                         r_max=2.0, summary_range=(0.5, 2.0),
+                         train={"layers": 1, "hidden": [8], "epochs": 2, "batch_size": 512, "members": 1})
+    first = run_study(config, tmp_path, log=lambda s: None, verbose=0)
+    mtime = (tmp_path / "runs" / "iso" / "config.json").stat().st_mtime_ns
+    second = run_study(config, tmp_path, log=lambda s: None, verbose=0)
+    assert (tmp_path / "runs" / "iso" / "config.json").stat().st_mtime_ns == mtime     # not retrained
+    assert first == second
+    iso = second["mocks"]["iso"]
+    positions = evaluation_positions(config)
+    truth = Hernquist().acceleration(positions)
+    sym = accelerations(SphericalAverage(load_run(tmp_path / "runs" / "iso"), 4, seed=0), positions,
+                        n_velocities=32, seed=0)
+    r = np.linalg.norm(positions, axis=1)
+    in_range = (r >= 0.5) & (r <= 2.0)      # the end radii may round to just outside: as the study does
+    assert iso["median_fractional_error_symmetrised"] == pytest.approx(
+        float(np.median(fractional_error(sym.acceleration, truth)[in_range])), rel=1e-12)
+    assert iso["median_fractional_error_symmetrised"] != iso["median_fractional_error"]
+    with np.load(tmp_path / "accelerations.npz") as data:
+        assert data["a_symmetrised"].shape == (1, 4)

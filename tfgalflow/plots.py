@@ -11,7 +11,8 @@ Figure-data layouts (arrays in the ``.npz``; scalars as 0-d arrays; strings as 0
                   sigma_t [S], sigma_t_err [S], sigma_r_model [S], sigma_t_model [S]   (model units)
 ``accelerations`` labels [M], r [B], a_true [B], a_learned [M, B], a_spread [M, B], a_exact_df [B]
                   (radial acceleration magnitudes |a_r| at radius r, model units; a_spread is the ensemble
-                  member-to-member standard deviation, 0 for a single flow)
+                  member-to-member standard deviation, 0 for a single flow); optional a_symmetrised [M, B]
+                  (the learned DF averaged over rotations, ``symmetry.SphericalAverage``)
 ``df_slices``     labels [M], r [P], logf_exact [M, P], logf_learned [M, P]
                   (log f along a slice of phase space: position on a ray, velocity fixed; see the study)
 """
@@ -121,6 +122,10 @@ def plot_accelerations(data: Mapping[str, np.ndarray], path: str | os.PathLike) 
         a, spread = data["a_learned"][i][order], data["a_spread"][i][order]
         ax_a.errorbar(r[order], a, yerr=spread, fmt="o", ms=3, color=f"C{i}", label=str(label))
         ax_e.plot(r[order], np.abs(a - a_true[order]) / a_true[order], "o-", ms=3, color=f"C{i}", label=str(label))
+        if "a_symmetrised" in data:
+            a_sym = data["a_symmetrised"][i][order]
+            ax_e.plot(r[order], np.abs(a_sym - a_true[order]) / a_true[order], "s--", ms=3, color=f"C{i}",
+                      mfc="none", label=f"{label}, spherical average")
     ax_a.set(xscale="log", yscale="log", xlabel="r / a", ylabel=r"$|a_r|$ / (GM/a$^2$)", title="accelerations")
     ax_e.set(xscale="log", yscale="log", xlabel="r / a", ylabel=r"$|a - a_{\rm true}| / |a_{\rm true}|$",
              title="fractional error")

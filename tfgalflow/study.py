@@ -8,8 +8,15 @@ anisotropic with beta = 1/2, isotropic with 1 % and 10 % noise) it
 3. solves the CBE least squares  v . dlog f/dx + a . dlog f/dv = 0  at positions on rays at radii log-spaced
    in [r_min, r_max] (``cbe.accelerations``) with the learned DF, and with the exact DF as a control that
    isolates the error of the method from the error of learning;
-4. saves figure data (``plots.save_figure_data``), draws the figures, and writes ``summary.json`` with the
+4. with ``rotations`` = M > 0, solves the CBE again with the learned DF averaged over M joint rotations of
+   (x, v) (``symmetry.SphericalAverage``: the mocks are spherical, so this removes the non-spherical part
+   of the learning error; both results are reported);
+5. saves figure data (``plots.save_figure_data``), draws the figures, and writes ``summary.json`` with the
    median fractional error |a - a_true| / |a_true| over ``summary_range``.
+
+A study directory whose ``runs/<mock>/`` already holds a run (an interrupted or finished study) continues it
+with ``training.resume`` instead of training afresh: finished members are loaded, unfinished ones continue
+from their last checkpoint (the mock is re-drawn from its seed, and resume checks it is the same data).
 
 ``StudyConfig.demo()`` is the small default behind ``tfgalflow demo`` / ``make demo`` (a few minutes on 2 CPU
 cores); ``StudyConfig()`` is the full study of ``scripts/hernquist_study.py``. Everything is in model units
@@ -49,6 +56,7 @@ class StudyConfig:
     r_min: float = 0.1
     r_max: float = 10.0
     n_velocities: int = 256
+    rotations: int = 64                # M of the spherical average (0: learned DF only)
     summary_range: tuple[float, float] = (0.2, 5.0)
     seed: int = 0
 
@@ -58,6 +66,8 @@ class StudyConfig:
             raise InputError(f"unknown mock(s) {unknown}; expected some of {sorted(MOCKS)}")
         if self.n_stars <= 0 or self.n_radii <= 0 or self.n_velocities <= 0:
             raise InputError("n_stars, n_radii and n_velocities must be positive")
+        if self.rotations < 0:
+            raise InputError(f"rotations = {self.rotations}: expected 0 (none) or a positive number")
         if not 0 < self.r_min < self.r_max:
             raise InputError(f"need 0 < r_min < r_max, got {self.r_min}, {self.r_max}")
 
@@ -67,7 +77,7 @@ class StudyConfig:
         return cls(mocks=("iso",), n_stars=100_000,
                    train={"layers": 6, "hidden": [64, 64], "epochs": 40, "batch_size": 1024, "lr": 2e-3,
                           "lr_schedule": "cosine", "patience": 8, "members": 1, "validation_split": 0.1},
-                   n_radii=8, r_min=0.2, r_max=5.0, n_velocities=256)
+                   n_radii=8, r_min=0.2, r_max=5.0, n_velocities=256, rotations=16)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -147,7 +157,8 @@ def run_study(config: StudyConfig, out_dir: str | os.PathLike, log: Callable[[st
     from . import plots
     from .cbe import accelerations
     from .mocks import add_noise, cut, sample_hernquist
-    from .training import TrainConfig, train
+    from .symmetry import SphericalAverage
+    from .training import TrainConfig, resume, train
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -160,7 +171,7 @@ def run_study(config: StudyConfig, out_dir: str | os.PathLike, log: Callable[[st
     train_config = TrainConfig.from_dict({**config.train, "seed": config.seed})
 
     summary: dict = {"summary_range": list(config.summary_range), "mocks": {}}
-    learned, spread, exact_control, slices_exact, slices_learned = [], [], None, [], []
+    learned, spread, symmetrised, exact_control, slices_exact, slices_learned = [], [], [], None, [], []
     slice_r = np.geomspace(0.05, 20.0, 60)
     for i, name in enumerate(config.mocks):
         kind, noise = MOCKS[name]
@@ -171,7 +182,12 @@ def run_study(config: StudyConfig, out_dir: str | os.PathLike, log: Callable[[st
             cat = cut(cat, r_max=config.star_r_max)
         plots.save_figure_data(out / f"mock_{name}.npz", "mock", **mock_figure_data(cat, model, kind))
         log(f"[{name}] {len(cat)} stars sampled ({kind}, noise {noise:.0%}); training ...")
-        flow = train(cat, train_config, out / "runs" / name, verbose=verbose)
+        run_dir = out / "runs" / name
+        if (run_dir / "config.json").exists():
+            log(f"[{name}] {run_dir} exists: resuming it (finished members are loaded)")
+            flow = resume(run_dir, data=cat, verbose=verbose)
+        else:
+            flow = train(cat, train_config, run_dir, verbose=verbose)
         log(f"[{name}] trained in {time.perf_counter() - t0:.0f} s; solving the CBE at {len(positions)} positions")
         res = accelerations(flow, positions, n_velocities=config.n_velocities, seed=config.seed)
         exact = accelerations(model.exact_density(kind), positions, n_velocities=config.n_velocities,
@@ -182,6 +198,11 @@ def run_study(config: StudyConfig, out_dir: str | os.PathLike, log: Callable[[st
         err_exact = fractional_error(exact.acceleration, a_true_vec)
         learned.append(radial_acceleration(positions, res.acceleration))
         spread.append(np.zeros(len(positions)) if res.spread is None else np.linalg.norm(res.spread, axis=1))
+        if config.rotations:
+            sym = accelerations(SphericalAverage(flow, config.rotations, seed=config.seed), positions,
+                                n_velocities=config.n_velocities, seed=config.seed)
+            symmetrised.append(radial_acceleration(positions, sym.acceleration))
+            err_sym = fractional_error(sym.acceleration, a_true_vec)
         e, l_ = df_slice(flow, model, kind, slice_r)
         slices_exact.append(e)
         slices_learned.append(l_)
@@ -194,14 +215,26 @@ def run_study(config: StudyConfig, out_dir: str | os.PathLike, log: Callable[[st
             "per_radius": [{"r": float(r), "a_true": float(t), "a_learned": float(a), "fractional_error": float(f)}
                            for r, t, a, f in zip(radii, radial_acceleration(positions, a_true_vec), learned[-1], err)],
         }
+        if config.rotations:
+            summary["mocks"][name].update({
+                "rotations": config.rotations,
+                "median_fractional_error_symmetrised": float(np.median(err_sym[in_range])),
+                "max_fractional_error_symmetrised": float(np.max(err_sym[in_range])),
+                "flagged_symmetrised": int(np.sum(sym.flagged))})
+            for row, a, f in zip(summary["mocks"][name]["per_radius"], symmetrised[-1], err_sym):
+                row.update({"a_symmetrised": float(a), "fractional_error_symmetrised": float(f)})
+        m = summary["mocks"][name]
         log(f"[{name}] median |a - a_true|/|a_true| over {config.summary_range[0]}a..{config.summary_range[1]}a: "
-            f"{summary['mocks'][name]['median_fractional_error']:.3%} (exact-DF control "
-            f"{summary['mocks'][name]['median_fractional_error_exact_df']:.1e})")
+            f"{m['median_fractional_error']:.3%}"
+            + (f", averaged over {config.rotations} rotations {m['median_fractional_error_symmetrised']:.3%}"
+               if config.rotations else "")
+            + f" (exact-DF control {m['median_fractional_error_exact_df']:.1e})")
 
     names = np.array(config.mocks)
     plots.save_figure_data(out / "accelerations.npz", "accelerations", labels=names, r=radii,
                            a_true=radial_acceleration(positions, a_true_vec), a_learned=np.array(learned),
-                           a_spread=np.array(spread), a_exact_df=radial_acceleration(positions, exact_control))
+                           a_spread=np.array(spread), a_exact_df=radial_acceleration(positions, exact_control),
+                           **({"a_symmetrised": np.array(symmetrised)} if config.rotations else {}))
     plots.save_figure_data(out / "df_slices.npz", "df_slices", labels=names, r=slice_r,
                            logf_exact=np.array(slices_exact), logf_learned=np.array(slices_learned))
     for data in sorted(out.glob("*.npz")):
@@ -214,12 +247,17 @@ def format_table(summary: dict) -> str:
     """A plain-text table of recovered against true radial acceleration per mock and radius."""
     lines = []
     for name, m in summary["mocks"].items():
+        sym = "median_fractional_error_symmetrised" in m
         lines.append(f"mock {name} ({m['n_stars']} stars): median fractional error "
-                     f"{m['median_fractional_error']:.2%} over r in {summary['summary_range']}")
-        lines.append(f"  {'r/a':>7} {'|a_r| true':>11} {'|a_r| flow':>11} {'|Δa|/|a|':>9}")
+                     f"{m['median_fractional_error']:.2%} over r in {summary['summary_range']}"
+                     + (f"; {m['median_fractional_error_symmetrised']:.2%} with the DF averaged over "
+                        f"{m['rotations']} rotations" if sym else ""))
+        lines.append(f"  {'r/a':>7} {'|a_r| true':>11} {'|a_r| flow':>11} {'|Δa|/|a|':>9}"
+                     + (f" {'|a_r| sym':>11} {'|Δa|/|a|':>9}" if sym else ""))
         for row in m["per_radius"]:
             lines.append(f"  {row['r']:7.3f} {row['a_true']:11.5f} {row['a_learned']:11.5f} "
-                         f"{row['fractional_error']:9.2%}")
+                         f"{row['fractional_error']:9.2%}"
+                         + (f" {row['a_symmetrised']:11.5f} {row['fractional_error_symmetrised']:9.2%}" if sym else ""))
     return "\n".join(lines)
 
 
