@@ -553,6 +553,25 @@ def test_cli_accel_on_a_savedmodel_matches_the_run(tiny_run, tmp_path):
                  "--out", str(tmp_path / "x.npz")]) == 2        # K is fixed at export time
     assert main(["accel", str(tmp_path / "saved"), *args, "--xla",
                  "--out", str(tmp_path / "x.npz")]) == 2        # so is its (plain) graph
+    assert main(["accel", str(tmp_path / "saved"), *args, "--rotations", "4",
+                 "--out", str(tmp_path / "x.npz")]) == 2        # and the DF it differentiates
+
+
+def test_cli_accel_rotations_is_the_spherical_average(tiny_run, tmp_path):
+    from tfgalflow.cli import main
+    from tfgalflow.symmetry import SphericalAverage
+    from tfgalflow.training import load_run
+
+    out = tmp_path / "acc.npz"
+    assert main(["accel", str(tiny_run), "--radii", "0.5,2", "--seed", "2", "--n-velocities", "16",
+                 "--rotations", "4", "--out", str(out)]) == 0
+    with np.load(out) as z:
+        ref = cbe.accelerations(SphericalAverage(load_run(tiny_run), 4, seed=2), z["positions"], n_velocities=16,
+                                seed=2)
+        np.testing.assert_array_equal(z["acceleration"], ref.acceleration)
+        plain = cbe.accelerations(load_run(tiny_run), z["positions"], n_velocities=16, seed=2)
+        assert np.abs(z["acceleration"] - plain.acceleration).max() > 1e-6      # the option did something
+    assert main(["accel", str(tiny_run), "--radii", "1", "--rotations", "-1", "--out", str(out)]) == 2
 
 
 def test_cli_accel_bad_arguments_exit_2(tiny_run, tmp_path, capsys):

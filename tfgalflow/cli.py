@@ -385,6 +385,10 @@ def _add_accel(sub) -> None:
                    help="XLA-compile the DF evaluations (run directories only): faster per position, but "
                         "compiling takes seconds, so it pays off for many positions (tfgalflow.cbe.accelerations, "
                         "jit_compile=True)")
+    p.add_argument("--rotations", type=int, default=0, metavar="M",
+                   help="for a spherical system: average the learned DF over M random joint rotations of (x, v) "
+                        "before solving (tfgalflow.symmetry.SphericalAverage; M x the cost; run directories "
+                        "only; default: 0, off)")
     p.add_argument("--out", required=True, metavar="FILE",
                    help=".npz (arrays positions, acceleration, residual, condition, flagged, reasons, ...) or .csv")
     p.set_defaults(func=_run_accel)
@@ -422,8 +426,13 @@ def _run_accel(args) -> int:
                       min_log_density=args.min_log_density)
     if args.seed < 0:
         raise InputError(f"--seed {args.seed}: expected an integer >= 0")
+    if args.rotations < 0:
+        raise InputError(f"--rotations {args.rotations}: expected 0 (off) or a number of rotations >= 1")
     model = load(args.run)
     if isinstance(model, ExportedModel):
+        if args.rotations:
+            raise InputError(f"{args.run}: --rotations applies to run directories; a SavedModel's accelerations "
+                             f"signature is a fixed graph of the model as exported")
         if args.xla:
             raise InputError(f"{args.run}: --xla applies to run directories; a SavedModel's accelerations "
                              f"signature is a fixed, plain graph")
@@ -442,6 +451,9 @@ def _run_accel(args) -> int:
         units = ((model.metadata.get("run") or {}).get("data") or {}).get("units")
     else:
         from .training import read_run_config
+        if args.rotations:
+            from .symmetry import SphericalAverage
+            model = SphericalAverage(model, args.rotations, seed=args.seed)
         res = cbe.accelerations(model, positions, n_velocities=256 if args.n_velocities is None else args.n_velocities,
                                 seed=args.seed, jit_compile=args.xla, **thresholds)
         columns = {"acceleration": res.acceleration, "residual": res.residual, "condition": res.condition,
