@@ -11,9 +11,12 @@ positions, velocities seed and CBE settings as the study, and prints per K:
 
 An ensemble averages densities (mean of p, ``tfgalflow.model.Ensemble``), so member-to-member fluctuations
 of ∇ log f shrink roughly as 1/sqrt(K) while errors shared by all members (architecture, data) do not.
+With ``--rotations M`` each ensemble is also averaged over M joint rotations of (x, v)
+(``tfgalflow.symmetry.SphericalAverage``; the mock is spherical) and its CBE error printed beside.
 
     python scripts/ensemble_convergence.py studies/hernquist/runs/iso --kind iso
     python scripts/ensemble_convergence.py RUN --kind aniso --n-radii 40 --n-velocities 1024 --out conv.json
+    python scripts/ensemble_convergence.py RUN --kind iso --rotations 64
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from tfgalflow.hernquist import Hernquist
 from tfgalflow.mocks import sample_hernquist
 from tfgalflow.model import Ensemble
 from tfgalflow.study import StudyConfig, evaluation_positions, fractional_error
+from tfgalflow.symmetry import SphericalAverage
 from tfgalflow.training import _finished, _load_member, read_run_config
 
 
@@ -49,6 +53,8 @@ def main() -> None:
     p.add_argument("--n-check", type=int, default=50_000, help="fresh exact draws for the density error")
     p.add_argument("--r-max", type=float, default=100.0, help="radial cut of the training mock (a)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rotations", type=int, default=0,
+                   help="also evaluate each ensemble averaged over this many rotations (default: 0, off)")
     p.add_argument("--out", help="write the table as JSON here")
     args = p.parse_args()
 
@@ -70,18 +76,26 @@ def main() -> None:
     rows = []
     print(f"{args.run}: {len(members)} of {len(run['members'])} member(s) finished; {in_range.sum()} positions in {config.summary_range} a, "
           f"{args.n_velocities} velocities each; density error on {args.n_check} fresh exact draws")
-    print(f"{'K':>3} {'median |Δa|/|a|':>16} {'90%':>8} {'<Δ log f>':>10} {'std Δ log f':>12}")
+    sym = f" {'M = ' + str(args.rotations) + ' median':>16} {'90%':>8}" if args.rotations else ""
+    print(f"{'K':>3} {'median |Δa|/|a|':>16} {'90%':>8} {'<Δ log f>':>10} {'std Δ log f':>12}{sym}")
+    error = lambda df: fractional_error(accelerations(df, positions, n_velocities=args.n_velocities,
+                                                      seed=args.seed).acceleration, a_true)[in_range]
     for k in member_counts(len(members)):
         df = members[0] if k == 1 else Ensemble(members[:k])
-        err = fractional_error(accelerations(df, positions, n_velocities=args.n_velocities,
-                                             seed=args.seed).acceleration, a_true)[in_range]
+        err = error(df)
         delta = log_f_exact - np.asarray(df.log_prob(check.astype(np.float32)), np.float64)
         rows.append({"members": k, "median_fractional_error": float(np.median(err)),
                      "p90_fractional_error": float(np.quantile(err, 0.9)),
                      "mean_delta_log_f": float(delta.mean()), "std_delta_log_f": float(delta.std())})
         r = rows[-1]
-        print(f"{k:>3} {r['median_fractional_error']:>16.2%} {r['p90_fractional_error']:>8.2%} "
-              f"{r['mean_delta_log_f']:>10.4f} {r['std_delta_log_f']:>12.3f}", flush=True)
+        line = (f"{k:>3} {r['median_fractional_error']:>16.2%} {r['p90_fractional_error']:>8.2%} "
+                f"{r['mean_delta_log_f']:>10.4f} {r['std_delta_log_f']:>12.3f}")
+        if args.rotations:
+            err = error(SphericalAverage(df, args.rotations, seed=args.seed))
+            r.update({"rotations": args.rotations, "median_fractional_error_symmetrised": float(np.median(err)),
+                      "p90_fractional_error_symmetrised": float(np.quantile(err, 0.9))})
+            line += f" {r['median_fractional_error_symmetrised']:>16.2%} {r['p90_fractional_error_symmetrised']:>8.2%}"
+        print(line, flush=True)
     if args.out:
         write_json(args.out, {"run": str(args.run), "kind": args.kind, "rows": rows})
 

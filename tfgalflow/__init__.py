@@ -34,11 +34,12 @@ _PUBLIC = {
     "load": "export",
     "export": "export",
     "accelerations": "cbe",
+    "SphericalAverage": "symmetry",
 }
 
 _SUBMODULES = (
     "units", "hernquist", "mocks", "catalogue", "flows", "model", "training",
-    "cbe", "export", "serving", "plots", "study", "cli",
+    "cbe", "symmetry", "export", "serving", "plots", "study", "cli",
 )
 
 __all__ = sorted(_PUBLIC) + ["__version__"]
