@@ -410,3 +410,29 @@ def test_cli_export_prints_the_version_and_regenerates_models_config(exported, t
                                reference(exported, "iso")["log_prob"], **TOL)
     bad = subprocess.run(cmd[:4] + [str(tmp_path / "nowhere")] + cmd[5:], env=ENV, capture_output=True, text=True)
     assert bad.returncode == 2 and "not a tfgalflow run directory" in bad.stderr
+
+
+def test_export_of_a_spherical_average_answers_for_the_averaged_df(exported, tmp_path):
+    """`tfgalflow export RUN --rotations M`: every signature is the rotation-averaged DF's (same rotations
+    as SphericalAverage(model, M) in memory), and the metadata says so."""
+    from tfgalflow.cbe import accelerations
+    from tfgalflow.cli import main
+    from tfgalflow.symmetry import SphericalAverage
+
+    assert main(["export", str(exported["run_dir"]), "--name", "iso_spherical", "--out", str(tmp_path),
+                 "--rotations", "4", "--n-velocities", str(N_VELOCITIES)]) == 0
+    model = load(tmp_path / "iso_spherical" / "1")
+    avg = SphericalAverage(exported["models"]["iso"], 4)
+    x = exported["x"]["iso"]
+    assert model.metadata["spherical_average"] == {"n_rotations": 4, "seed": 0}
+    assert model.metadata["flow"] == exported["models"]["iso"].config.to_dict()
+    np.testing.assert_allclose(model.log_prob(x), avg.log_prob(x).numpy(), **TOL)
+    np.testing.assert_allclose(model.grad_log_prob(x), avg.grad_log_prob(x).numpy(), **TOL)
+    assert np.abs(model.log_prob(x) - exported["models"]["iso"].log_prob(x).numpy()).max() > 1e-3   # averaged
+    np.testing.assert_allclose(model.sample(20, seed=3), avg.sample_stateless(20, np.array([3, 0])).numpy(), **TOL)
+    r = accelerations(avg, exported["positions"], n_velocities=N_VELOCITIES, seed=7)
+    assert_accelerations_match(model.accelerations(exported["positions"], seed=7),
+                               {"acceleration": r.acceleration, "residual": r.residual, "condition": r.condition,
+                                "ess": r.ess, "log_density": r.log_density})
+    assert load(exported["paths"]["iso"]).metadata["spherical_average"] is None
+    assert main(["export", str(exported["run_dir"]), "--name", "x", "--out", str(tmp_path), "--rotations", "-2"]) == 2

@@ -287,6 +287,9 @@ def _add_export(sub) -> None:
                    help="add the accelerations signature (default: when the model is 6D and unconditional)")
     p.add_argument("--n-velocities", type=int, default=256, metavar="K",
                    help="velocities sampled per position by the accelerations signature (default: 256)")
+    p.add_argument("--rotations", type=int, default=0, metavar="M",
+                   help="for a spherical system: export the DF averaged over M random rotations, so every "
+                        "signature answers for it (tfgalflow.symmetry.SphericalAverage; default: 0, off)")
     p.set_defaults(func=_run_export)
 
 
@@ -294,7 +297,13 @@ def _run_export(args) -> int:
     from .export import export_versioned, write_models_config
     from .training import load_run, read_run_config
     run_config = read_run_config(args.run)
+    if args.rotations < 0:
+        from .errors import InputError
+        raise InputError(f"--rotations {args.rotations}: expected 0 (off) or a number of rotations >= 1")
     model = load_run(args.run)
+    if args.rotations:
+        from .symmetry import SphericalAverage
+        model = SphericalAverage(model, args.rotations)
     path = export_versioned(model, args.out, args.name, run_config=run_config,
                             accelerations=args.accelerations, n_velocities=args.n_velocities)
     write_models_config(args.out, base_path=args.base_path, version_policy=args.version_policy)

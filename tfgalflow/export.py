@@ -28,6 +28,9 @@ give the same points. ``accelerations`` likewise seeds its velocity draws with `
 TF Serving's server-side batching enabled, concurrent requests may be merged and the draws stay valid
 samples but are then seeded by the first request's seed; the tfgalflow endpoint never merges them.
 
+A :class:`tfgalflow.symmetry.SphericalAverage` of a Flow or Ensemble exports the same way: its signatures
+answer for the DF averaged over the stored rotations (metadata ``spherical_average``: M and seed).
+
 The FlowConfig, the run's config.json (when exported from a run), the rescaling constants, this
 convention and the list of row-wise signatures (whose output rows depend only on the same input rows,
 so a server may merge requests: log_prob, grad_log_prob, serving_default) are stored in the
@@ -368,7 +371,14 @@ def load(path: str | os.PathLike) -> Any:
 
 # ---- export ------------------------------------------------------------------------------------
 
+def _unwrapped(model: Any) -> Any:
+    """The Flow/Ensemble under a SphericalAverage (its config, members and rescaling describe the export)."""
+    from .symmetry import SphericalAverage
+    return model.base if isinstance(model, SphericalAverage) else model
+
+
 def _rescaling(model: Any) -> list[dict] | None:
+    model = _unwrapped(model)
     members = getattr(model, "members", None) or [model]
     out = []
     for m in members:
@@ -380,8 +390,9 @@ def _rescaling(model: Any) -> list[dict] | None:
 
 
 def _metadata(model: Any, run_config: Mapping | None, accelerations: dict | None) -> dict:
-    config = getattr(model, "config", None)
-    members = getattr(model, "members", None)
+    base = _unwrapped(model)
+    config = getattr(base, "config", None)
+    members = getattr(base, "members", None)
     return {
         "format": SAVEDMODEL_FORMAT,
         "format_version": SAVEDMODEL_FORMAT_VERSION,
@@ -397,6 +408,8 @@ def _metadata(model: Any, run_config: Mapping | None, accelerations: dict | None
         # Signatures whose output rows depend only on the same input rows (a server may merge requests).
         "row_wise_signatures": ["serving_default", "log_prob", "grad_log_prob"],
         "accelerations": accelerations,
+        # Every signature answers for the DF averaged over these rotations (tfgalflow.symmetry), or null.
+        "spherical_average": ({"n_rotations": model.n_rotations, "seed": model.seed} if base is not model else None),
     }
 
 
@@ -424,6 +437,9 @@ def _without_xla(model: Any) -> Any:
     TF Serving runs only with its experimental XLA support; the copy traces without it.
     """
     from .model import Ensemble, Flow
+    from .symmetry import SphericalAverage
+    if isinstance(model, SphericalAverage):
+        return SphericalAverage(_without_xla(model.base), model.n_rotations, model.seed)   # same rotations
     if isinstance(model, Ensemble):
         return Ensemble([_without_xla(m) for m in model.members])
     if isinstance(model, Flow):
@@ -496,7 +512,9 @@ def export(model: Any, path: str | os.PathLike, *, run_config: Mapping | None = 
     """Write ``model`` (Flow or Ensemble) as a SavedModel at ``path`` (atomically: temp dir + rename).
 
     Args:
-        model: a trained :class:`~tfgalflow.model.Flow` or :class:`~tfgalflow.model.Ensemble`.
+        model: a trained :class:`~tfgalflow.model.Flow` or :class:`~tfgalflow.model.Ensemble`, or either
+            wrapped in a :class:`~tfgalflow.symmetry.SphericalAverage` (then every signature answers for
+            the rotation-averaged DF, and the metadata's ``spherical_average`` says so).
         path: the SavedModel directory to create (for TF Serving: ``ROOT/NAME/<version>``).
         run_config: the run's config.json dict, stored in the metadata (``tfgalflow export RUN`` passes it).
         accelerations: add the ``accelerations`` signature: None = when applicable (6D, unconditional,
