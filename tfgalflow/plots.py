@@ -124,6 +124,7 @@ def plot_accelerations(data: Mapping[str, np.ndarray], path: str | os.PathLike) 
         ax_e.plot(r[order], np.abs(a - a_true[order]) / a_true[order], "o-", ms=3, color=f"C{i}", label=str(label))
         if "a_symmetrised" in data:
             a_sym = data["a_symmetrised"][i][order]
+            ax_a.plot(r[order], a_sym, "s", ms=4, mfc="none", color=f"C{i}", label=f"{label}, spherical average")
             ax_e.plot(r[order], np.abs(a_sym - a_true[order]) / a_true[order], "s--", ms=3, color=f"C{i}",
                       mfc="none", label=f"{label}, spherical average")
     ax_a.set(xscale="log", yscale="log", xlabel="r / a", ylabel=r"$|a_r|$ / (GM/a$^2$)", title="accelerations")
