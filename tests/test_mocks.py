@@ -254,9 +254,19 @@ def test_cli_mock_writes_the_api_catalogue(tmp_path, capsys):
     cat = Catalogue.load(out)
     # Documented seeding: the sampler uses --seed, the noise --seed + 1.
     expected = add_noise(sample_hernquist(3000, kind="aniso", seed=4, r_max=50.0), 0.01, seed=5)
-    assert np.array_equal(cat.phase_space, expected.phase_space)
+    assert np.array_equal(cat.phase_space, cut(expected, r_max=50.0).phase_space)
     assert cat.meta["noise"][0]["level"] == 0.01 and cat.meta["kind"] == "aniso"
-    assert "wrote 3000 stars" in capsys.readouterr().out
+    assert f"wrote {len(cat)} stars" in capsys.readouterr().out
+
+    # Noise moves stars across --r-max; the written catalogue still keeps the promise r < R.
+    # 10 % noise at R = 2a: of 3000 stars ~1000 lie within 0.3a of R, so some always cross (fixed seed).
+    assert cli.main(["mock", "hernquist", "--n", "3000", "--seed", "1", "--r-max", "2", "--noise", "0.1",
+                     "--out", str(tmp_path / "cut.npz")]) == 0
+    noisy_cut = Catalogue.load(tmp_path / "cut.npz")
+    uncut = add_noise(sample_hernquist(3000, seed=1, r_max=2.0), 0.1, seed=2)
+    assert noisy_cut.r.max() < 2.0 and (uncut.r >= 2.0).sum() > 0
+    assert len(noisy_cut) == int((uncut.r < 2.0).sum())
+    capsys.readouterr()
 
     assert cli.main(["info", str(out)]) == 0
     text = capsys.readouterr().out

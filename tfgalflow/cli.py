@@ -540,7 +540,7 @@ def _add_mock(sub) -> None:
         "mock", help="sample a mock catalogue from an exact distribution function",
         description="Draw N stars from the isotropic (iso) or beta = 1/2 (aniso) Hernquist DF, exactly "
                     "(tfgalflow.mocks.sample_hernquist) or with emcee, optionally add fractional Gaussian noise "
-                    "(seeded with --seed + 1), and write a catalogue (.npz/.h5/.hdf5). Radii are in units of the "
+                    "(seeded with --seed + 1; stars it moves beyond --r-max are dropped), and write a catalogue (.npz/.h5/.hdf5). Radii are in units of the "
                     "scale length a; the physical scale comes from --mass-msun and --scale-kpc.")
     p.add_argument("model", choices=("hernquist",), help="galaxy model")
     p.add_argument("--df", choices=("iso", "aniso"), default="iso",
@@ -574,7 +574,7 @@ def _run_mock(args) -> int:
     from .catalogue import HDF5_SUFFIXES, NPZ_SUFFIXES
     from .errors import InputError
     from .hernquist import Hernquist
-    from .mocks import add_noise, sample_emcee, sample_hernquist
+    from .mocks import add_noise, cut, sample_emcee, sample_hernquist
     from .units import ModelUnits
 
     suffix = Path(args.out).suffix.lower()
@@ -599,6 +599,8 @@ def _run_mock(args) -> int:
     if args.noise > 0:
         cat = add_noise(cat, args.noise, seed=None if args.seed is None else args.seed + 1,
                         convention=args.noise_convention)
+        if args.r_max is not None:      # noise moves stars across r_max: keep the promise r < R (as the study does)
+            cat = cut(cat, r_max=args.r_max)
     if args.units != "model":
         cat = cat.to_units(*_MOCK_UNITS[args.units])
     cat.save(args.out)
