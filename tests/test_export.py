@@ -435,4 +435,14 @@ def test_export_of_a_spherical_average_answers_for_the_averaged_df(exported, tmp
                                {"acceleration": r.acceleration, "residual": r.residual, "condition": r.condition,
                                 "ess": r.ess, "log_density": r.log_density})
     assert load(exported["paths"]["iso"]).metadata["spherical_average"] is None
+    # A loaded SavedModel under a SphericalAverage stays on the plain graph even when XLA is asked for (its
+    # function inlined under XLA would recompile on every call): same answers as the in-memory average.
+    r_loaded = accelerations(SphericalAverage(load(exported["paths"]["iso"]), 4), exported["positions"],
+                             n_velocities=N_VELOCITIES, seed=7, jit_compile=True)
+    assert not SphericalAverage(load(exported["paths"]["iso"]), 4).inlinable and avg.inlinable
+    assert_accelerations_match({"acceleration": r_loaded.acceleration, "residual": r_loaded.residual,
+                                "condition": r_loaded.condition, "ess": r_loaded.ess,
+                                "log_density": r_loaded.log_density},
+                               {"acceleration": r.acceleration, "residual": r.residual, "condition": r.condition,
+                                "ess": r.ess, "log_density": r.log_density})
     assert main(["export", str(exported["run_dir"]), "--name", "x", "--out", str(tmp_path), "--rotations", "-2"]) == 2

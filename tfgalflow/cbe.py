@@ -160,6 +160,8 @@ def _inline_log_prob(df: Any) -> Callable[[tf.Tensor], tf.Tensor] | None:
         model, kind = df.model, df.kind
         return lambda w: model.tf_log_df(w[:, :3], w[:, 3:], kind)
     tensor_fn = getattr(df, "_log_prob_tensor", None)
+    if not getattr(df, "inlinable", True):       # a wrapper (SphericalAverage) of a DF that is itself
+        return None                              # not inlinable, e.g. a loaded SavedModel
     if callable(tensor_fn) and int(getattr(df, "label_dim", 0) or 0) == 0:
         return lambda w: tensor_fn(w, None)
     return None
