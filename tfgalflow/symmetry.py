@@ -30,10 +30,12 @@ import numpy as np
 import tensorflow as tf
 from scipy.spatial.transform import Rotation
 
+from .cbe import _inline_log_prob
 from .errors import InputError
 from .model import _GraphMethods
 
-#: Default number of rotations: past ~32 the remaining (spherical) part of the learning error dominates.
+#: Default number of rotations: most of the gain (8-member iso study: 3.6 % -> 1.1 %; M = 64 gives 0.83 %
+#: at twice the cost, see the module docstring).
 DEFAULT_ROTATIONS = 32
 
 
@@ -45,8 +47,6 @@ def random_rotations(n: int, seed: int = 0) -> np.ndarray:
 def _base_log_prob(df: Any):
     """log f(w [N, 6]) -> [N] as TF ops traced into the caller's graph (see cbe._inline_log_prob), or the
     DF's own traced ``log_prob`` (a loaded SavedModel)."""
-    from .cbe import _inline_log_prob
-
     return _inline_log_prob(df) or (lambda w: df.log_prob(w))
 
 
@@ -89,7 +89,6 @@ class SphericalAverage(_GraphMethods, tf.Module):
         self.base, self.n_rotations, self.seed = df, int(n_rotations), int(seed)
         self.rotations = tf.constant(random_rotations(self.n_rotations, self.seed), tf.float32)   # [M, 3, 3]
         self._base_log_prob = _base_log_prob(df)
-        from .cbe import _inline_log_prob
         #: whether log f̄ is plain TF ops that XLA may compile (not so around a loaded SavedModel's function)
         self.inlinable = _inline_log_prob(df) is not None
         self._members = None
