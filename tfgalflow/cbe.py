@@ -79,6 +79,14 @@ def evaluations_per_row(df: Any) -> int:
     return max(1, int(e)) if isinstance(e, (int, np.integer)) and not isinstance(e, bool) else 1
 
 
+def _positions_per_chunk(df: Any, k: int, m: int | None = None) -> int:
+    """Default chunk C (>= 1) for K gradient rows (and M candidate rows, if sampling) per position:
+    C K <= GRADIENT_ROWS_PER_CHUNK and C M <= CANDIDATE_ROWS_PER_CHUNK model evaluations."""
+    e = evaluations_per_row(df)
+    c = GRADIENT_ROWS_PER_CHUNK // (k * e)
+    return max(1, c if m is None else min(c, CANDIDATE_ROWS_PER_CHUNK // (m * e)))
+
+
 def _velocity_scale(df: Any, override: float | None) -> Callable[[], tf.Tensor]:
     """A function returning the DF's typical speed v0 (scalar float32 tensor), read at trace time.
 
@@ -159,9 +167,9 @@ def _inline_log_prob(df: Any) -> Callable[[tf.Tensor], tf.Tensor] | None:
     if isinstance(df, ExactDF):
         model, kind = df.model, df.kind
         return lambda w: model.tf_log_df(w[:, :3], w[:, 3:], kind)
-    tensor_fn = getattr(df, "_log_prob_tensor", None)
     if not getattr(df, "inlinable", True):       # a wrapper (SphericalAverage) of a DF that is itself
         return None                              # not inlinable, e.g. a loaded SavedModel
+    tensor_fn = getattr(df, "_log_prob_tensor", None)
     if callable(tensor_fn) and int(getattr(df, "label_dim", 0) or 0) == 0:
         return lambda w: tensor_fn(w, None)
     return None
@@ -547,9 +555,7 @@ def solve_cbe(df: Any, positions: Any, velocities: Any, chunk_size: int | None =
         raise InputError(f"velocities have shape {list(v.shape)}; expected [B, K, 3] with B = {x.shape[0]} "
                          f"(the rows of positions) and K >= 3")
     k = v.shape[1]
-    rows = GRADIENT_ROWS_PER_CHUNK // evaluations_per_row(df)
-    chunk = _check_count(chunk_size if chunk_size is not None else max(1, rows // k),
-                         "chunk_size", 1)
+    chunk = _check_count(chunk_size if chunk_size is not None else _positions_per_chunk(df, k), "chunk_size", 1)
     jit = bool(jit_compile) and _inline_log_prob(df) is not None
     fn = _solve_fn(df, chunk, k, jit)
     if len(x) == chunk or (len(x) < chunk and not jit):         # one call, nothing to pad or join
@@ -575,10 +581,8 @@ class _Solver:
         self.m = cfg.n_candidates(k)
         self.v0 = _velocity_scale(df, velocity_scale)
         self.layer = CBELayer(solve_dtype)
-        if chunk_size is None:
-            e = evaluations_per_row(df)
-            chunk_size = max(1, min(GRADIENT_ROWS_PER_CHUNK // (k * e), CANDIDATE_ROWS_PER_CHUNK // (self.m * e)))
-        self.chunk = _check_count(chunk_size, "chunk_size", 1)
+        self.chunk = _check_count(chunk_size if chunk_size is not None else _positions_per_chunk(df, k, self.m),
+                                  "chunk_size", 1)
         self._xla_normal_equations = self._xla_weights = None
         if jit_compile and _inline_log_prob(df) is not None:
             self._compile_with_xla()

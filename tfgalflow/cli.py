@@ -293,17 +293,22 @@ def _add_export(sub) -> None:
     p.set_defaults(func=_run_export)
 
 
+def _spherical_average(model, rotations: int, seed: int = 0):
+    """``--rotations M``: the model averaged over M rotations (tfgalflow.symmetry), itself for M = 0."""
+    from .errors import InputError
+    if rotations < 0:
+        raise InputError(f"--rotations {rotations}: expected 0 (off) or a number of rotations >= 1")
+    if not rotations:
+        return model
+    from .symmetry import SphericalAverage
+    return SphericalAverage(model, rotations, seed=seed)
+
+
 def _run_export(args) -> int:
     from .export import export_versioned, write_models_config
     from .training import load_run, read_run_config
     run_config = read_run_config(args.run)
-    if args.rotations < 0:
-        from .errors import InputError
-        raise InputError(f"--rotations {args.rotations}: expected 0 (off) or a number of rotations >= 1")
-    model = load_run(args.run)
-    if args.rotations:
-        from .symmetry import SphericalAverage
-        model = SphericalAverage(model, args.rotations)
+    model = _spherical_average(load_run(args.run), args.rotations)
     path = export_versioned(model, args.out, args.name, run_config=run_config,
                             accelerations=args.accelerations, n_velocities=args.n_velocities)
     write_models_config(args.out, base_path=args.base_path, version_policy=args.version_policy)
@@ -435,8 +440,6 @@ def _run_accel(args) -> int:
                       min_log_density=args.min_log_density)
     if args.seed < 0:
         raise InputError(f"--seed {args.seed}: expected an integer >= 0")
-    if args.rotations < 0:
-        raise InputError(f"--rotations {args.rotations}: expected 0 (off) or a number of rotations >= 1")
     model = load(args.run)
     if isinstance(model, ExportedModel):
         if args.rotations:
@@ -460,9 +463,7 @@ def _run_accel(args) -> int:
         units = ((model.metadata.get("run") or {}).get("data") or {}).get("units")
     else:
         from .training import read_run_config
-        if args.rotations:
-            from .symmetry import SphericalAverage
-            model = SphericalAverage(model, args.rotations, seed=args.seed)
+        model = _spherical_average(model, args.rotations, seed=args.seed)
         res = cbe.accelerations(model, positions, n_velocities=256 if args.n_velocities is None else args.n_velocities,
                                 seed=args.seed, jit_compile=args.xla, **thresholds)
         columns = {"acceleration": res.acceleration, "residual": res.residual, "condition": res.condition,

@@ -198,15 +198,10 @@ def run_study(config: StudyConfig, out_dir: str | os.PathLike, log: Callable[[st
         err_exact = fractional_error(exact.acceleration, a_true_vec)
         learned.append(radial_acceleration(positions, res.acceleration))
         spread.append(np.zeros(len(positions)) if res.spread is None else np.linalg.norm(res.spread, axis=1))
-        if config.rotations:
-            sym = accelerations(SphericalAverage(flow, config.rotations, seed=config.seed), positions,
-                                n_velocities=config.n_velocities, seed=config.seed)
-            symmetrised.append(radial_acceleration(positions, sym.acceleration))
-            err_sym = fractional_error(sym.acceleration, a_true_vec)
         e, l_ = df_slice(flow, model, kind, slice_r)
         slices_exact.append(e)
         slices_learned.append(l_)
-        summary["mocks"][name] = {
+        m = summary["mocks"][name] = {
             "kind": kind, "noise": noise, "n_stars": len(cat),
             "median_fractional_error": float(np.median(err[in_range])),
             "max_fractional_error": float(np.max(err[in_range])),
@@ -216,14 +211,17 @@ def run_study(config: StudyConfig, out_dir: str | os.PathLike, log: Callable[[st
                            for r, t, a, f in zip(radii, radial_acceleration(positions, a_true_vec), learned[-1], err)],
         }
         if config.rotations:
-            summary["mocks"][name].update({
+            sym = accelerations(SphericalAverage(flow, config.rotations, seed=config.seed), positions,
+                                n_velocities=config.n_velocities, seed=config.seed)
+            symmetrised.append(radial_acceleration(positions, sym.acceleration))
+            err_sym = fractional_error(sym.acceleration, a_true_vec)
+            m.update({
                 "rotations": config.rotations,
                 "median_fractional_error_symmetrised": float(np.median(err_sym[in_range])),
                 "max_fractional_error_symmetrised": float(np.max(err_sym[in_range])),
                 "flagged_symmetrised": int(np.sum(sym.flagged))})
-            for row, a, f in zip(summary["mocks"][name]["per_radius"], symmetrised[-1], err_sym):
+            for row, a, f in zip(m["per_radius"], symmetrised[-1], err_sym):
                 row.update({"a_symmetrised": float(a), "fractional_error_symmetrised": float(f)})
-        m = summary["mocks"][name]
         log(f"[{name}] median |a - a_true|/|a_true| over {config.summary_range[0]}a..{config.summary_range[1]}a: "
             f"{m['median_fractional_error']:.3%}"
             + (f", averaged over {config.rotations} rotations {m['median_fractional_error_symmetrised']:.3%}"

@@ -114,9 +114,9 @@ class SphericalAverage(_GraphMethods, tf.Module):
 
     @property
     def x_scale(self) -> Any:
-        """The base flow's rescaling scales [6] (what cbe reads for the typical speed), or None."""
-        source = self.base.members[0] if getattr(self.base, "members", None) else self.base
-        return getattr(source, "x_scale", None)
+        """The base flow's rescaling scales [6], what cbe reads for the typical speed (None for an ensemble:
+        cbe reads its members')."""
+        return getattr(self.base, "x_scale", None)
 
     def _rotated(self, w: tf.Tensor) -> tf.Tensor:
         """[M, N, 6]: (R_m x_n, R_m v_n) for every rotation m and row n."""
