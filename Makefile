@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo_output
 
-.PHONY: test test-slow demo bench clean
+.PHONY: test test-slow lint demo bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,12 @@ $(STAMP): setup.cfg pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# pytest exits 5 when it collected no tests: that is a broken suite, not a pass.
-test: $(STAMP)
+# Lint first (ruff, configured in pyproject.toml); then pytest. pytest exits 5 when it collected no
+# tests: that is a broken suite, not a pass.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+test: lint
 	@$(PY) -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests -- failing"; exit 1; fi; \
 	exit $$rc

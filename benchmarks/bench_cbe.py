@@ -106,10 +106,12 @@ def xla_gradients(df, k: int) -> Callable:
     """(x [K, 3], v [K, 3]) -> (∇_x log f, ∇_v log f) [K, 3]: the gradients of the batched XLA path, compiled
     for one position's K rows (measured the cheapest per-position call: ~2x less per call than solve_cbe
     with chunk_size=1 and jit_compile=True, whose 3x3 solve runs in the plain graph)."""
-    log_prob = cbe._inline_log_prob(df)
     spec = tf.TensorSpec([k, 3], tf.float32)
-    return tf.function(lambda x, v: cbe._gradients_tensor(df, x, v, log_prob)[:2], input_signature=[spec, spec],
-                       autograph=False, jit_compile=True)
+
+    def gradients(x, v):
+        g = df.gradient_tensor(tf.concat([x, v], axis=1))      # the DF's maths inline (Density contract)
+        return g[:, :3], g[:, 3:]
+    return tf.function(gradients, input_signature=[spec, spec], autograph=False, jit_compile=True)
 
 
 def loop_solve_xla(gradients: Callable, x: np.ndarray, v: np.ndarray) -> np.ndarray:

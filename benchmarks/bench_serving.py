@@ -33,7 +33,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from tfgalflow.export import export, load_saved_model  # noqa: E402
+from tfgalflow.export import export_model, load_saved_model  # noqa: E402
 from tfgalflow.serving import Client, ServingError  # noqa: E402
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -44,7 +44,7 @@ def build_model(directory: Path) -> Path:
     from tfgalflow.model import Flow
     flow = Flow(FlowConfig(dim=6, layers=6, hidden=(64, 64)))
     flow.adapt(np.random.default_rng(0).normal(size=(10_000, 6)) * [5, 5, 5, 100, 100, 100])
-    return export(flow, directory / "bench" / "1")
+    return export_model(flow, directory / "bench" / "1")
 
 
 def free_port() -> int:

@@ -36,7 +36,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 from tfgalflow.atomic import write_json, write_text  # noqa: E402
-from tfgalflow.export import export, load_saved_model, write_models_config  # noqa: E402
+from tfgalflow.export import export_model, load_saved_model, write_models_config  # noqa: E402
 from tfgalflow.hernquist import Hernquist  # noqa: E402
 from tfgalflow.study import fractional_error  # noqa: E402
 from tfgalflow.training import TrainConfig, read_history, read_run_config, train  # noqa: E402
@@ -142,7 +142,7 @@ def main() -> None:
     w = mock(N_TRAIN + N_HELD_OUT, MOCK_SEED)
     train_w, held_out = w[:N_TRAIN], w[N_TRAIN:]
     model = train(train_w, CONFIG, run_dir, verbose=2)
-    export(model, target, run_config=read_run_config(run_dir), overwrite=args.overwrite)
+    export_model(model, target, run_config=read_run_config(run_dir), overwrite=args.overwrite)
     exported = load_saved_model(target)
     history = read_history(run_dir)
     best = int(np.nanargmin(history["val_loss"]))

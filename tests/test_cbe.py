@@ -12,6 +12,7 @@ import tensorflow as tf
 from scipy import integrate, stats
 
 from tfgalflow import cbe
+from tfgalflow.density import Density
 from tfgalflow.errors import InputError
 from tfgalflow.flows import FlowConfig
 from tfgalflow.hernquist import Hernquist
@@ -32,31 +33,33 @@ def relative_error(a: np.ndarray, truth: np.ndarray) -> np.ndarray:
 
 # ---- toy DFs with closed-form answers ------------------------------------------------------------
 
-class Harmonic:
+class Harmonic(Density):
     """log f = -2|x|^2 - |v|^2/2 = -(|v|^2/2 + Φ), Φ = 2|x|^2: steady state in a = -∇Φ = -4x."""
     dim, label_dim = 6, 0
 
-    def log_prob(self, w):
-        w = tf.convert_to_tensor(w)
+    def log_prob_tensor(self, w, labels=None):
         return -2.0 * tf.reduce_sum(tf.square(w[:, :3]), 1) - 0.5 * tf.reduce_sum(tf.square(w[:, 3:]), 1)
 
 
-class Ball:
+class OpaqueHarmonic(Harmonic):
+    """Harmonic whose maths XLA may not inline (as a loaded SavedModel's functions): plain graph only."""
+    inlinable = False
+
+
+class Ball(Density):
     """f = 1 for |x| < 1 and |v| < 1, else 0: no support outside, and no gradients (singular CBE) inside."""
     dim, label_dim = 6, 0
 
-    def log_prob(self, w):
-        w = tf.convert_to_tensor(w)
+    def log_prob_tensor(self, w, labels=None):
         inside = (tf.norm(w[:, :3], axis=1) < 1) & (tf.norm(w[:, 3:], axis=1) < 1)
         return tf.where(inside, tf.zeros_like(w[:, 0]), tf.fill(tf.shape(w[:, 0]), -np.inf))
 
 
-class Sheared:
+class Sheared(Density):
     """log f = -|x|^2/2 - |v|^2/2 - x.v/2: not a steady state of any potential (the CBE has no solution)."""
     dim, label_dim = 6, 0
 
-    def log_prob(self, w):
-        w = tf.convert_to_tensor(w)
+    def log_prob_tensor(self, w, labels=None):
         x, v = w[:, :3], w[:, 3:]
         return -0.5 * tf.reduce_sum(x * x, 1) - 0.5 * tf.reduce_sum(v * v, 1) - 0.5 * tf.reduce_sum(x * v, 1)
 
@@ -327,13 +330,13 @@ def test_acceleration_graph_is_core_tf_and_matches_accelerations():
 
 
 def test_exported_accelerations_signature_matches_python(tmp_path):
-    from tfgalflow.export import export, load
+    from tfgalflow.export import export_model, load
 
     flow = _small_flows(1)[0]
     x = np.random.default_rng(3).normal(size=(6, 3))
-    export(flow, tmp_path / "m", n_velocities=32)
+    export_model(flow, tmp_path / "m", n_velocities=32)
     out = load(tmp_path / "m").accelerations(x.astype(np.float32), seed=4)
-    np.testing.assert_array_equal(out["acceleration"], cbe.accelerations(flow, x, 32, seed=4).acceleration
+    np.testing.assert_array_equal(out.acceleration, cbe.accelerations(flow, x, 32, seed=4).acceleration
                                   .astype(np.float32))
 
 
@@ -363,16 +366,16 @@ def test_chunking_does_not_change_accuracy():
 # ---- the XLA-compiled path (jit_compile=True) -----------------------------------------------------------
 
 def test_inline_log_prob_is_the_dfs_log_prob():
-    # XLA traces the DF's maths inline instead of calling its log_prob (cbe._inline_log_prob): it must be
+    # XLA traces the DF's maths inline instead of calling its log_prob (Density.log_prob_tensor): it must be
     # the same function. Both run as traced graphs; 1e-6 relative allows only different op fusion.
     w = np.random.default_rng(13).normal(size=(64, 6)) * [1.0, 1.0, 1.0, 0.3, 0.3, 0.3]
     flows = _small_flows(2)
     for df in (H.exact_density("iso"), H.exact_density("aniso"), flows[0], Ensemble(flows)):
-        inline = tf.function(cbe._inline_log_prob(df), autograph=False)
+        inline = tf.function(lambda w: df.log_prob_tensor(w), autograph=False)
         got, want = inline(tf.constant(w, tf.float32)).numpy(), df.log_prob(w).numpy()
         assert np.isfinite(want).sum() > 40                   # mostly bound points: a real comparison
         np.testing.assert_allclose(got, want, rtol=1e-6)
-    assert cbe._inline_log_prob(Harmonic()) is None            # unknown DFs stay on the plain graph
+    assert Harmonic().inlinable and not OpaqueHarmonic().inlinable   # opaque DFs stay on the plain graph
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -425,11 +428,11 @@ def test_xla_accelerations_match_plain_graph():
 
 def test_jit_compile_leaves_other_dfs_on_the_plain_graph():
     x = np.array([[0.5, 0.0, 0.0], [3.0, -1.0, 2.0], [0.0, 0.2, 0.1]])
-    plain = cbe.accelerations(Harmonic(), x, n_velocities=64, seed=0)
-    same = cbe.accelerations(Harmonic(), x, n_velocities=64, seed=0, jit_compile=True)
+    plain = cbe.accelerations(OpaqueHarmonic(), x, n_velocities=64, seed=0)
+    same = cbe.accelerations(OpaqueHarmonic(), x, n_velocities=64, seed=0, jit_compile=True)
     np.testing.assert_array_equal(same.acceleration, plain.acceleration)
     v = np.random.default_rng(2).normal(size=(3, 16, 3))
-    for got, want in zip(cbe.solve_cbe(Harmonic(), x, v, jit_compile=True), cbe.solve_cbe(Harmonic(), x, v)):
+    for got, want in zip(cbe.solve_cbe(OpaqueHarmonic(), x, v, jit_compile=True), cbe.solve_cbe(OpaqueHarmonic(), x, v)):
         np.testing.assert_array_equal(got.numpy(), want.numpy())
 
 
@@ -538,10 +541,10 @@ def test_cli_accel_matches_python_api(tiny_run, tmp_path, capsys):
 
 def test_cli_accel_on_a_savedmodel_matches_the_run(tiny_run, tmp_path):
     from tfgalflow.cli import main
-    from tfgalflow.export import export
+    from tfgalflow.export import export_model
     from tfgalflow.training import load_run
 
-    export(load_run(tiny_run), tmp_path / "saved", n_velocities=16)
+    export_model(load_run(tiny_run), tmp_path / "saved", n_velocities=16)
     args = ["--radii", "0.5,2", "--directions", "2", "--seed", "1"]
     assert main(["accel", str(tmp_path / "saved"), *args, "--out", str(tmp_path / "saved.npz")]) == 0
     assert main(["accel", str(tiny_run), *args, "--n-velocities", "16", "--out", str(tmp_path / "run.npz")]) == 0

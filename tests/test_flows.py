@@ -295,7 +295,7 @@ def test_weights_are_a_deterministic_function_of_the_seed():
 
 @pytest.mark.parametrize("kind", ["affine", "spline"])
 def test_initial_log_det_is_finite_for_every_seed(kind):
-    # DESIGN.md: unbounded log-scales give infinite initial losses for some seeds. With the tanh soft
+    # Unbounded log-scales give infinite initial losses for some seeds (TFP MAF defaults). With the tanh soft
     # clip |s| < 3 per layer the affine log-det of 8 layers in 3D is bounded by 8*3*3 = 72; check 8 seeds
     # on data with a few 10-sigma outliers.
     rng = np.random.default_rng(0)

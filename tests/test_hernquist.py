@@ -14,7 +14,8 @@ import pytest
 from scipy import integrate
 
 from tfgalflow.errors import InputError
-from tfgalflow.hernquist import ExactDF, Hernquist
+from tfgalflow.exact import ExactDF
+from tfgalflow.hernquist import Hernquist
 
 UNIT = Hernquist()
 SCALED = Hernquist(M=2.5, a=0.7, G=1.3)

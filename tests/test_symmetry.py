@@ -17,24 +17,24 @@ from tfgalflow.flows import FlowConfig
 from tfgalflow.hernquist import Hernquist
 from tfgalflow.mocks import sample_hernquist
 from tfgalflow.model import Ensemble, Flow
+from tfgalflow.density import Density
 from tfgalflow.symmetry import SphericalAverage, random_rotations
 
 H = Hernquist()
 
 
-class OffsetGaussian:
+class OffsetGaussian(Density):
     """x ~ N(mu, 1), v ~ N(0, 1): not spherical (its mean sits at mu)."""
     dim, label_dim = 6, 0
 
     def __init__(self, mu):
         self.mu = np.asarray(mu, np.float32)
 
-    def log_prob(self, w):
-        w = tf.convert_to_tensor(w)
+    def log_prob_tensor(self, w, labels=None):
         return -0.5 * tf.reduce_sum(tf.square(w[:, :3] - self.mu), 1) - 0.5 * tf.reduce_sum(tf.square(w[:, 3:]), 1) \
             - 6 * 0.5 * np.log(2 * np.pi)
 
-    def _sample_tensor(self, n, c, seed):
+    def sample_tensor(self, n, c, seed):
         return tf.random.stateless_normal([n, 6], seed) + tf.concat([self.mu, tf.zeros(3)], 0)
 
     def rotation_average(self, w: np.ndarray) -> np.ndarray:
@@ -90,7 +90,7 @@ def test_samples_are_isotropic_and_the_base_samples_are_not():
     cos = lambda x, axis: x[:, axis] / np.linalg.norm(x, axis=1)
     for axis in range(3):   # an isotropic 3-D distribution has cos θ ~ U(-1, 1) about any axis (fixed seed)
         assert stats.kstest(cos(w[:, :3], axis), stats.uniform(-1, 2).cdf).pvalue > 0.01
-    raw = base._sample_tensor(3000, None, tf.constant([7, 0], tf.int64)).numpy()
+    raw = base.sample_tensor(3000, None, tf.constant([7, 0], tf.int64)).numpy()
     assert stats.kstest(cos(raw[:, :3], 0), stats.uniform(-1, 2).cdf).pvalue < 1e-6
     # |x| keeps the base distribution (rotations preserve norms): same non-central chi, KS two-sample.
     assert stats.ks_2samp(np.linalg.norm(w[:, :3], axis=1), np.linalg.norm(raw[:, :3], axis=1)).pvalue > 0.01
@@ -116,7 +116,7 @@ def test_ensemble_members_chunks_and_gradients():
     flows = [Flow(FlowConfig(dim=6, layers=2, hidden=(16, 16), seed=s)).adapt(data) for s in range(3)]
     ensemble = Ensemble(flows)
     avg = SphericalAverage(ensemble, n_rotations=4, seed=2)
-    assert avg.evaluations_per_row == 12 and cbe.evaluations_per_row(avg) == 12
+    assert avg.evaluations_per_row == 12
     assert [m.n_rotations for m in avg.members] == [4, 4, 4] and avg.members is avg.members
     w = np.random.default_rng(1).normal(size=(9, 6)).astype(np.float32)
     # f̄ of the ensemble = mean over rotations and members: the mean of the symmetrised members' densities.
@@ -138,11 +138,25 @@ def test_ensemble_members_chunks_and_gradients():
     assert res.spread is not None and res.spread.shape == (4, 3)
 
 
+def test_conditional_df_rotates_x_and_v_never_the_labels():
+    # f̄(x, v | c) = (1/M) Σ_m f(R_m x, R_m v | c): the same label for every rotation of a row.
+    flow = Flow(FlowConfig(dim=6, label_dim=2, layers=1, hidden=(8,), seed=2))
+    rng = np.random.default_rng(3)
+    flow.adapt(rng.normal(size=(500, 6)), rng.normal(size=(500, 2)))
+    avg = SphericalAverage(flow, n_rotations=3, seed=4)
+    w, c = rng.normal(size=(5, 6)).astype(np.float32), rng.normal(size=(5, 2)).astype(np.float32)
+    r = random_rotations(3, 4)
+    each = [flow.log_prob(np.hstack([w[:, :3] @ m.T, w[:, 3:] @ m.T]).astype(np.float32), c).numpy()
+            for m in r]
+    want = np.log(np.mean(np.exp(np.array(each, np.float64)), axis=0))
+    np.testing.assert_allclose(avg.log_prob(w, c).numpy(), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(InputError, match="conditional"):
+        avg.log_prob(w)
+
+
 def test_bad_inputs():
     with pytest.raises(InputError, match="6-D"):
         SphericalAverage(Flow(FlowConfig(dim=2, layers=1, hidden=(4,))))
-    with pytest.raises(InputError, match="unconditional"):
-        SphericalAverage(Flow(FlowConfig(dim=6, label_dim=2, layers=1, hidden=(4,))))
     with pytest.raises(InputError, match="n_rotations"):
         SphericalAverage(H.exact_density("iso"), n_rotations=0)
     with pytest.raises(InputError, match="cannot sample"):

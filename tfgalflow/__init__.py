@@ -32,13 +32,16 @@ _PUBLIC = {
     "resume": "training",
     "load_run": "training",
     "load": "export",
-    "export": "export",
+    "export_model": "export",
+    "Density": "density",
+    "ExactDF": "exact",
     "accelerations": "cbe",
     "SphericalAverage": "symmetry",
 }
 
 _SUBMODULES = (
-    "units", "hernquist", "mocks", "catalogue", "flows", "model", "training",
+    "units", "validation", "density", "exact", "hernquist", "mocks", "catalogue", "flows", "model",
+    "training",
     "cbe", "symmetry", "export", "serving", "plots", "study", "cli",
 )
 

@@ -34,16 +34,22 @@ and velocities in the DF's own units (e.g. kpc, km/s); accelerations come out in
 """
 from __future__ import annotations
 
+import csv
 import math
+import os
 import weakref
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
+from .atomic import atomic_file
+from .density import Density, stateless_seed
 from .errors import InputError
+from .validation import finite_matrix, integer, positive_number
 
 #: Fewest velocities per position accepted: 3 unknowns plus enough equations for a meaningful residual.
 MIN_VELOCITIES = 8
@@ -59,72 +65,46 @@ CANDIDATE_ROWS_PER_CHUNK = 2**18
 # ---- the DF interface ----------------------------------------------------------------------------
 
 def check_df(df: Any) -> None:
-    """InputError unless ``df`` is an unconditional 6-D phase-space density with a ``log_prob``."""
-    dim = getattr(df, "dim", None)
-    if not callable(getattr(df, "log_prob", None)) or dim is None:
-        raise InputError(f"df must be a phase-space DF with .dim == 6 and .log_prob(w [N, 6]); got "
-                         f"{type(df).__name__}")
-    if int(dim) != 6:
-        raise InputError(f"df has dim = {dim}; the CBE needs a 6-D phase-space DF f(x, v) with w = (x, v) [N, 6]")
-    if int(getattr(df, "label_dim", 0) or 0) != 0:
-        raise InputError(f"df is conditional (label_dim = {df.label_dim}); accelerations need an unconditional "
-                         f"DF f(x, v)")
-
-
-def evaluations_per_row(df: Any) -> int:
-    """Model evaluations behind one row of ``df.log_prob`` (K for a K-member Ensemble, M x that for a
-    :class:`~tfgalflow.symmetry.SphericalAverage` over M rotations; 1 otherwise). Chunks of rows are
-    divided by it, so that memory per chunk is the same for any DF."""
-    e = getattr(df, "evaluations_per_row", 1)
-    return max(1, int(e)) if isinstance(e, (int, np.integer)) and not isinstance(e, bool) else 1
+    """InputError unless ``df`` is an unconditional 6-D phase-space :class:`~tfgalflow.density.Density`."""
+    if not isinstance(df, Density):
+        raise InputError(f"df must be a phase-space density (a tfgalflow Density with dim = 6: a Flow, "
+                         f"Ensemble, SphericalAverage, exact DF or loaded SavedModel); got {type(df).__name__}")
+    if df.dim != 6:
+        raise InputError(f"df has dim = {df.dim}; the CBE needs a 6-D phase-space DF f(x, v) with "
+                         f"w = (x, v) [N, 6]")
+    if df.label_dim != 0:
+        raise InputError(f"df is conditional (label_dim = {df.label_dim}); accelerations need an "
+                         f"unconditional DF f(x, v)")
 
 
 def _positions_per_chunk(df: Any, k: int, m: int | None = None) -> int:
     """Default chunk C (>= 1) for K gradient rows (and M candidate rows, if sampling) per position:
     C K <= GRADIENT_ROWS_PER_CHUNK and C M <= CANDIDATE_ROWS_PER_CHUNK model evaluations."""
-    e = evaluations_per_row(df)
+    e = df.evaluations_per_row
     c = GRADIENT_ROWS_PER_CHUNK // (k * e)
     return max(1, c if m is None else min(c, CANDIDATE_ROWS_PER_CHUNK // (m * e)))
 
 
-def _velocity_scale(df: Any, override: float | None) -> Callable[[], tf.Tensor]:
+def _velocity_scale(df: Density, override: float | None) -> Callable[[], tf.Tensor]:
     """A function returning the DF's typical speed v0 (scalar float32 tensor), read at trace time.
 
     Only centres the pilot grid of :func:`sample_velocities` (which spans v0 x 10^±3), so it may be off
-    by a large factor. Flow: rms of the rescaler's velocity scales (a variable: stays current after
-    ``adapt``); Ensemble: its first member's; exact Hernquist DF: sqrt(G M / a); otherwise 1.
+    by a large factor: the rms of the velocity part of ``df.scale_hint()`` (a flow's rescaler scales,
+    the exact DF's velocity unit), or 1 when the DF gives no hint.
     """
     if override is not None:
-        if not (isinstance(override, (int, float, np.floating)) and math.isfinite(override) and override > 0):
-            raise InputError(f"velocity_scale = {override!r}: expected a finite positive speed")
-        return lambda: tf.constant(float(override), tf.float32)
-    source = df.members[0] if getattr(df, "members", None) else df
-    scale = getattr(source, "x_scale", None)
-    if scale is not None:
-        return lambda: tf.sqrt(tf.reduce_mean(tf.square(tf.cast(scale[3:6], tf.float32))))
-    model = getattr(df, "model", None)
-    if model is not None and hasattr(model, "velocity_scale"):
-        return lambda: tf.constant(float(model.velocity_scale), tf.float32)
-    return lambda: tf.constant(1.0, tf.float32)
+        override = positive_number(override, "velocity_scale")
+        return lambda: tf.constant(override, tf.float32)
+
+    scale = df.scale_hint()         # looked up now: the closure must not keep the DF alive (caches)
+    if scale is None:
+        return lambda: tf.constant(1.0, tf.float32)
+    return lambda: tf.sqrt(tf.reduce_mean(tf.square(tf.cast(scale[3:6], tf.float32))))
 
 
 def _as_vectors(value: Any, name: str) -> np.ndarray:
     """[B, 3] finite float32 array from ``value`` or InputError naming ``name`` and the expected shape."""
-    if isinstance(value, (tf.Tensor, tf.Variable)):
-        value = value.numpy()
-    try:
-        array = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"{name} cannot be read as a float array [B, 3]: {exc}") from None
-    if array.ndim != 2 or array.shape[1] != 3:
-        raise InputError(f"{name} has shape {list(array.shape)}; expected [B, 3]")
-    if array.shape[0] == 0:
-        raise InputError(f"{name} has shape {list(array.shape)}: expected at least one row of [B, 3]")
-    bad = ~np.all(np.isfinite(array), axis=1)
-    if bad.any():
-        raise InputError(f"{name} contains NaN or inf in {int(bad.sum())} row(s), first rows "
-                         f"{np.nonzero(bad)[0][:5].tolist()}; expected finite [B, 3]")
-    return array.astype(np.float32)
+    return finite_matrix(value, name, width=3, expected="[B, 3]", dtype=np.float32)
 
 
 def check_positions(positions: Any) -> np.ndarray:
@@ -132,47 +112,18 @@ def check_positions(positions: Any) -> np.ndarray:
     return _as_vectors(positions, "positions")
 
 
-def _seed_tensor(seed: Any) -> tf.Tensor:
-    """Stateless seed [2] int64 from an int >= 0 (-> [seed, 0]) or two integers."""
-    if isinstance(seed, (int, np.integer)) and not isinstance(seed, (bool, np.bool_)):
-        if seed < 0:
-            raise InputError(f"seed = {seed}: expected an integer >= 0")
-        return tf.constant([int(seed), 0], tf.int64)
-    array = np.asarray(seed.numpy() if isinstance(seed, (tf.Tensor, tf.Variable)) else seed)
-    if array.shape != (2,) or not np.issubdtype(array.dtype, np.integer):
-        raise InputError(f"seed {seed!r}: expected an integer >= 0 or two integers (shape [2])")
-    return tf.constant(array.astype(np.int64))
-
-
-def _check_count(value: Any, name: str, low: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low:
-        raise InputError(f"{name} = {value!r}: expected an integer >= {low}")
-    return int(value)
-
-
 # ---- derivatives -----------------------------------------------------------------------------------
 
-def _inline_log_prob(df: Any) -> Callable[[tf.Tensor], tf.Tensor] | None:
+def _inline_log_prob(df: Density) -> Callable[[tf.Tensor], tf.Tensor] | None:
     """log f(w [N, 6] float32) -> [N] as plain TF ops traced into the caller's graph, or None.
 
-    XLA needs the DF's maths inline: a DF whose ``log_prob`` calls its own ``tf.function`` (Flow, Ensemble,
-    ExactDF all do), differentiated inside a ``jit_compile`` function, makes XLA recompile on every call
-    (measured: 1-3 s per call, the inputs being treated as compile-time constants). Flow and Ensemble
-    expose that maths as ``_log_prob_tensor`` (what their traced ``log_prob`` wraps); the exact Hernquist
-    DF as ``model.tf_log_df``. Other DFs (toy classes, a reloaded SavedModel) get None: they stay on the
-    plain graph, since their ops may not compile.
+    XLA needs the DF's maths inline: a DF whose ``log_prob`` calls its own ``tf.function``,
+    differentiated inside a ``jit_compile`` function, makes XLA recompile on every call (the inputs are
+    treated as compile-time constants). The contract's ``log_prob_tensor`` is that maths; densities that
+    are not plain TF ops (``inlinable`` False: a loaded SavedModel, or an average of one) get None and
+    stay on the plain graph.
     """
-    from .hernquist import ExactDF
-
-    if isinstance(df, ExactDF):
-        model, kind = df.model, df.kind
-        return lambda w: model.tf_log_df(w[:, :3], w[:, 3:], kind)
-    if not getattr(df, "inlinable", True):       # a wrapper (SphericalAverage) of a DF that is itself
-        return None                              # not inlinable, e.g. a loaded SavedModel
-    tensor_fn = getattr(df, "_log_prob_tensor", None)
-    if callable(tensor_fn) and int(getattr(df, "label_dim", 0) or 0) == 0:
-        return lambda w: tensor_fn(w, None)
-    return None
+    return (lambda w: df.log_prob_tensor(w, None)) if df.inlinable else None
 
 
 def _gradients_tensor(df: Any, x: tf.Tensor, v: tf.Tensor, log_prob: Callable | None = None
@@ -253,10 +204,10 @@ class SamplerConfig:
 
     def __post_init__(self) -> None:
         if self.candidates is not None:
-            _check_count(self.candidates, "SamplerConfig.candidates", 2)
-        _check_count(self.pilot_directions, "SamplerConfig.pilot_directions", 1)
-        _check_count(self.pilot_per_decade, "SamplerConfig.pilot_per_decade", 1)
-        _check_count(self.dof, "SamplerConfig.dof", 3)
+            integer(self.candidates, "SamplerConfig.candidates", 2)
+        integer(self.pilot_directions, "SamplerConfig.pilot_directions", 1)
+        integer(self.pilot_per_decade, "SamplerConfig.pilot_per_decade", 1)
+        integer(self.dof, "SamplerConfig.dof", 3)
         for name in ("pilot_decades", "pilot_inflation", "inflation"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -404,11 +355,10 @@ class CBELayer(keras.layers.Layer):
     Inputs: ``(dlogf_dx [B, K, 3], dlogf_dv [B, K, 3], v [B, K, 3])`` or with a fourth ``mask [B, K]``
     (1 = use the row). Rows with any non-finite entry are always dropped.
 
-    ``solve_dtype`` ("float64" default): the products and the 3x3 solve are done in this dtype. Measured
-    on the exact Hernquist DFs at 400 positions 0.1a-10a with K = 256 and the same float32 gradients:
-    iso max relative error 2.6e-6 (float32 solve) vs 2.9e-7 (float64); β = 1/2 1.2e-2 vs 7.4e-7 (its 1/L
-    gradients make some normal matrices ill-conditioned, and float32 squares the condition number). The
-    float64 cost is negligible next to the DF evaluations.
+    ``solve_dtype`` ("float64" default): the products and the 3x3 solve are done in this dtype: forming
+    N squares the condition number, so a float32 solve loses accuracy wherever the gradients make N
+    ill-conditioned (the β = 1/2 DF's 1/L gradients do); the float64 cost is negligible next to the DF
+    evaluations (figures: benchmarks/README.md).
 
     Reference: An, Naik, Evans & Burrage 2021, MNRAS 506, 5721, Sec. 5.
     """
@@ -486,7 +436,7 @@ def _solve_tensor(df: Any, layer: CBELayer, x: tf.Tensor, v: tf.Tensor, normal_e
     ``normal_equations(x, v)``: an XLA-compiled :func:`_xla_normal_equations`, or None for the whole
     layer in the plain graph. The 3x3 solves are never XLA-compiled: XLA's batched eigh iterates until
     every matrix of the batch has converged, so one position's answer would depend on the others in its
-    chunk (measured: 2e-5 relative for the β = 1/2 DF), while LAPACK solves each system on its own."""
+    chunk, while LAPACK solves each system on its own."""
     if normal_equations is None:
         g_x, g_v, mask = _cbe_gradients(df, x, v)
         return layer((g_x, g_v, v, mask))
@@ -555,7 +505,7 @@ def solve_cbe(df: Any, positions: Any, velocities: Any, chunk_size: int | None =
         raise InputError(f"velocities have shape {list(v.shape)}; expected [B, K, 3] with B = {x.shape[0]} "
                          f"(the rows of positions) and K >= 3")
     k = v.shape[1]
-    chunk = _check_count(chunk_size if chunk_size is not None else _positions_per_chunk(df, k), "chunk_size", 1)
+    chunk = integer(chunk_size if chunk_size is not None else _positions_per_chunk(df, k), "chunk_size", 1)
     jit = bool(jit_compile) and _inline_log_prob(df) is not None
     fn = _solve_fn(df, chunk, k, jit)
     if len(x) == chunk or (len(x) < chunk and not jit):         # one call, nothing to pad or join
@@ -581,7 +531,7 @@ class _Solver:
         self.m = cfg.n_candidates(k)
         self.v0 = _velocity_scale(df, velocity_scale)
         self.layer = CBELayer(solve_dtype)
-        self.chunk = _check_count(chunk_size if chunk_size is not None else _positions_per_chunk(df, k, self.m),
+        self.chunk = integer(chunk_size if chunk_size is not None else _positions_per_chunk(df, k, self.m),
                                   "chunk_size", 1)
         self._xla_normal_equations = self._xla_weights = None
         if jit_compile and _inline_log_prob(df) is not None:
@@ -718,9 +668,9 @@ def sample_velocities(df: Any, positions: Any, k: int, seed: Any = 0, *, sampler
     Returns:
         velocities [B, K, 3] float32 tensor (and ESS [B] float32 if ``return_ess``).
     """
-    k = _check_count(k, "k", 1)
+    k = integer(k, "k", 1)
     solver = _solver(df, k, sampler, velocity_scale)
-    out = solver.velocities(tf.constant(_as_vectors(positions, "positions")), _seed_tensor(seed))
+    out = solver.velocities(tf.constant(_as_vectors(positions, "positions")), stateless_seed(seed))
     return (out["velocities"], out["ess"]) if return_ess else out["velocities"]
 
 
@@ -736,7 +686,7 @@ def acceleration_graph(df: Any, n_velocities: int = 256, *, sampler: SamplerConf
     estimate of log ∫ f d³v at x). Same numbers as :func:`accelerations` for the same seed and settings
     (with ``jit_compile=False``; this graph is never XLA-compiled).
     """
-    n_velocities = _check_count(n_velocities, "n_velocities", MIN_VELOCITIES)
+    n_velocities = integer(n_velocities, "n_velocities", MIN_VELOCITIES)
     return _solver(df, n_velocities, sampler, velocity_scale, chunk_size=chunk_size).solve
 
 
@@ -766,6 +716,91 @@ class AccelerationResult:
     reasons: np.ndarray
     ess: np.ndarray
     log_density: np.ndarray
+
+    @classmethod
+    def from_outputs(cls, out: dict, spread: np.ndarray | None = None, *, max_residual: float = MAX_RESIDUAL,
+                     max_condition: float = MAX_CONDITION, min_ess: float = MIN_ESS,
+                     min_log_density: float | None = None) -> "AccelerationResult":
+        """The result, flags included, from the raw solver outputs (:func:`acceleration_graph`'s or an
+        exported ``accelerations`` signature's: acceleration, residual, condition, ess, log_density,
+        support). Accelerations where the DF has no support are NaN, never a number."""
+        out = {k: np.asarray(v) for k, v in out.items()}
+        acceleration = out["acceleration"].astype(np.float64)
+        support = out["support"].astype(bool)
+        acceleration[~support] = np.nan
+        reasons = flag_reasons(acceleration, out["residual"], out["condition"], support, out["ess"],
+                               out["log_density"], max_residual=max_residual, max_condition=max_condition,
+                               min_ess=min_ess, min_log_density=min_log_density)
+        return cls(acceleration=acceleration, residual=out["residual"].astype(np.float64),
+                   condition=out["condition"].astype(np.float64), spread=spread, flagged=reasons != "",
+                   reasons=reasons, ess=out["ess"].astype(np.float64),
+                   log_density=out["log_density"].astype(np.float64))
+
+    def radial(self, positions: Any) -> np.ndarray:
+        """a_r = a · r̂ [B] at positions [B, 3] (negative for attraction; NaN at r = 0): the package's one
+        sign convention for the radial acceleration."""
+        return radial_component(positions, self.acceleration)
+
+    def save(self, path: str | os.PathLike, positions: Any, units: dict | None = None) -> None:
+        """Write positions, accelerations and diagnostics atomically: ``.npz`` (arrays positions, radius,
+        acceleration, a_radial, residual, condition, ess, log_density, spread, flagged, reasons, units)
+        or ``.csv`` (one row per position). InputError for any other suffix (checked before writing).
+
+        Args:
+            path: output file, ``.npz`` or ``.csv``.
+            positions: [B, 3] positions the result was computed at (the DF's length unit).
+            units: the data's units ({"length": ..., "velocity": ...}) to record, or None.
+        """
+        check_output_suffix(path)
+        positions = np.asarray(positions, np.float64)
+        arrays = {"positions": positions, "radius": np.linalg.norm(positions, axis=1),
+                  "acceleration": self.acceleration, "a_radial": self.radial(positions),
+                  "residual": self.residual, "condition": self.condition, "ess": self.ess,
+                  "log_density": self.log_density,
+                  **({"spread": self.spread} if self.spread is not None else {}),
+                  "flagged": self.flagged, "reasons": np.asarray(self.reasons, dtype=str)}
+        if units:
+            arrays["units"] = np.array(f"positions: {units.get('length')}; accelerations: "
+                                       f"({units.get('velocity')})^2 / {units.get('length')}")
+        if Path(path).suffix.lower() == ".npz":
+            with atomic_file(path, suffix=".npz") as tmp:
+                np.savez(tmp, **arrays)
+            return
+        header = ["x", "y", "z", "r", "ax", "ay", "az", "a_radial", "residual", "condition", "ess",
+                  "log_density"]
+        blocks = [positions, arrays["radius"][:, None], self.acceleration, arrays["a_radial"][:, None]]
+        blocks += [arrays[name][:, None] for name in header[8:]]
+        if self.spread is not None:
+            header += ["spread_x", "spread_y", "spread_z"]
+            blocks.append(self.spread)
+        table = np.concatenate(blocks, axis=1)
+        with atomic_file(path) as tmp, open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(header + ["flagged", "reasons"])
+            for row, reason in zip(table, arrays["reasons"]):
+                writer.writerow([f"{value:.9g}" for value in row] + [int(reason != ""), reason])
+
+
+#: File types :meth:`AccelerationResult.save` writes.
+RESULT_SUFFIXES = (".npz", ".csv")
+
+
+def check_output_suffix(path: str | os.PathLike) -> None:
+    """InputError unless ``path`` ends in one of :data:`RESULT_SUFFIXES` (check before computing)."""
+    if Path(path).suffix.lower() not in RESULT_SUFFIXES:
+        raise InputError(f"{path}: unknown output type {Path(path).suffix!r}; use .npz or .csv")
+
+
+def radial_component(positions: Any, vectors: Any) -> np.ndarray:
+    """v_r = v · r̂ [B] for vectors [B, 3] at positions [B, 3]; NaN at r = 0.
+
+    The package's one sign convention: for an acceleration, a_r < 0 is attraction towards the origin.
+    """
+    positions = np.asarray(positions, np.float64)
+    vectors = np.asarray(vectors, np.float64)
+    r = np.linalg.norm(positions, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(r > 0, np.sum(vectors * positions, axis=1) / np.where(r > 0, r, 1.0), np.nan)
 
 
 def flag_reasons(acceleration: np.ndarray, residual: np.ndarray, condition: np.ndarray,
@@ -834,14 +869,11 @@ def accelerations(df: Any, positions: Any, n_velocities: int = 256, seed: Any = 
             row-wise products of the least squares (Flow, Ensemble and the exact Hernquist DF; other DFs
             stay on the plain graph). The random numbers and the 3x3 solves stay in the plain graph, so
             results equal the plain graph's to float32 round-off, except that XLA's rounding of log f can
-            move a resampled velocity to a neighbouring candidate (measured: 4-11 of 2000-4000 positions
-            of a small flow at K = 256 changed by > 1e-4 relative, by sampling noise). Measured on 2
-            shared cores with a 2 x (32, 32) MAF at K = 256: 1.4-1.5x less CPU time per position (solve
-            stage and end to end), but compiling takes ~2 s (:func:`solve_cbe`) and ~5-10 s (here) once
-            per DF and setting (and per ensemble member), so a single call pays off only for some 10^4-10^5
-            positions; the exact Hernquist DF's gradients compile to slower code (0.7x: XLA recomputes
-            its transcendental functions in fused loops). ``benchmarks/bench_cbe.py`` re-measures.
-            Never used by :func:`acceleration_graph` (exported graphs stay plain, see DESIGN.md).
+            move a resampled velocity to a neighbouring candidate (a change of sampling noise). Less
+            time per position, but seconds of compilation once per DF and setting (and per ensemble
+            member), so it pays off for large or repeated calls; ``benchmarks/bench_cbe.py`` measures
+            both (figures: benchmarks/README.md). Never used by :func:`acceleration_graph`: exported
+            graphs stay plain (TF Serving runs XLA only experimentally).
     Returns:
         :class:`AccelerationResult` (NumPy arrays).
     Raises:
@@ -856,25 +888,18 @@ def accelerations(df: Any, positions: Any, n_velocities: int = 256, seed: Any = 
     """
     check_df(df)
     positions = _as_vectors(positions, "positions")
-    n_velocities = _check_count(n_velocities, "n_velocities", MIN_VELOCITIES)
-    seed = _seed_tensor(seed)
+    n_velocities = integer(n_velocities, "n_velocities", MIN_VELOCITIES)
+    seed = stateless_seed(seed)
     x = tf.constant(positions)
     run = lambda model: {key: t.numpy() for key, t in _solver(model, n_velocities, sampler, velocity_scale,
                                                               chunk_size=chunk_size, jit_compile=jit_compile
                                                               ).solve(x, seed).items()}
     out = run(df)
     spread = None
-    members = getattr(df, "members", None)
+    members = df.members
     if members:
         per_member = np.stack([run(m)["acceleration"] for m in members])
         spread = per_member.std(axis=0, ddof=1) if len(members) > 1 else np.zeros_like(per_member[0])
-    acceleration = out["acceleration"].astype(np.float64)
-    support = out["support"]
-    acceleration[~support] = np.nan
-    reasons = flag_reasons(acceleration, out["residual"], out["condition"], support, out["ess"], out["log_density"],
-                           max_residual=max_residual, max_condition=max_condition, min_ess=min_ess,
-                           min_log_density=min_log_density)
-    return AccelerationResult(acceleration=acceleration, residual=out["residual"].astype(np.float64),
-                              condition=out["condition"].astype(np.float64), spread=spread,
-                              flagged=reasons != "", reasons=reasons, ess=out["ess"].astype(np.float64),
-                              log_density=out["log_density"].astype(np.float64))
+    return AccelerationResult.from_outputs(out, spread=spread, max_residual=max_residual,
+                                           max_condition=max_condition, min_ess=min_ess,
+                                           min_log_density=min_log_density)

@@ -10,11 +10,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")   # keep TensorFlow's C++ start-up chatter off the CLI
 
 from . import __version__  # noqa: E402
 from .errors import TfgalflowError  # noqa: E402
+
+if TYPE_CHECKING:
+    from .density import Density
 
 
 _SUBCOMMANDS = []   # the _add_<name> functions, in the order `tfgalflow --help` lists them
@@ -100,11 +104,12 @@ _SUBCOMMANDS.append(_add_train)
 
 def _add_sample(sub) -> None:
     p = sub.add_parser(
-        "sample", help="draw points from a trained run",
+        "sample", help="draw points from a trained run or SavedModel",
         description="Draw N points x ~ p(x | labels) from a finished run (the equal-weight mixture of its "
-                    "members for an ensemble), in the physical units of the training data.")
-    p.add_argument("run", metavar="RUN", help="run directory written by `tfgalflow train`")
-    p.add_argument("--n", type=int, required=True, help="number of points")
+                    "members for an ensemble) or an exported SavedModel, in the physical units of the "
+                    "training data.")
+    p.add_argument("run", metavar="MODEL", help="run directory (tfgalflow train) or SavedModel directory")
+    p.add_argument("--n", type=int, required=True, help="number of points (>= 1)")
     p.add_argument("--labels", metavar="V1,V2,...", help="label values (one per label column) for a conditional run")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: fresh entropy)")
     p.add_argument("--out", required=True, metavar="FILE",
@@ -112,15 +117,32 @@ def _add_sample(sub) -> None:
     p.set_defaults(func=_run_sample)
 
 
-def _run_sample(args) -> int:
-    import numpy as np
-    from .training import load_run, read_run_config
+def _model_description(path: str) -> tuple["Density", dict]:
+    """(model, the data description of its run: units, label_names) for a run or SavedModel directory."""
+    from .export import ExportedModel, load
+    from .training import read_run_config
 
-    run = read_run_config(args.run)
-    model = load_run(args.run)
-    labels = _label_values(args.labels, model.label_dim, run["data"].get("label_names") or [])
-    x = model.sample(args.n, labels=labels, seed=args.seed).numpy().astype(np.float64)
-    _save_samples(args.out, x, None if labels is None else np.tile(labels, (args.n, 1)), run, args)
+    model = load(path)
+    run = (model.metadata.get("run") or {}) if isinstance(model, ExportedModel) else read_run_config(path)
+    return model, run.get("data") or {}
+
+
+def _run_sample(args) -> int:
+    from pathlib import Path
+    import numpy as np
+    from .points import SAMPLE_SUFFIXES, check_output, write_samples
+    from .validation import integer, seed
+
+    integer(args.n, "--n")
+    if args.seed is not None:
+        seed(args.seed, "--seed")
+    check_output(args.out, SAMPLE_SUFFIXES, "samples")
+    model, data = _model_description(args.run)
+    labels = _label_values(args.labels, model.label_dim, data.get("label_names") or [])
+    x = np.asarray(model.sample(args.n, labels=labels, seed=args.seed), np.float64)
+    write_samples(args.out, x, None if labels is None else np.tile(labels, (args.n, 1)), units=data.get("units"),
+                  label_names=tuple(data.get("label_names") or ()),
+                  meta={"source": "tfgalflow sample", "run": str(Path(args.run).resolve()), "seed": args.seed})
     print(f"wrote {args.n} samples [{args.n}, {model.dim}] to {args.out}")
     return 0
 
@@ -145,58 +167,20 @@ def _label_values(text: str | None, label_dim: int, names: list[str]):
     return values
 
 
-def _save_samples(path: str, x, labels, run: dict, args) -> None:
-    """Write samples by extension; 6D runs can write a Catalogue (.npz/.h5) with the run's units."""
-    from pathlib import Path
-    import numpy as np
-    from .atomic import atomic_file
-
-    suffix = Path(path).suffix.lower()
-    if suffix in (".npz", ".h5", ".hdf5") and x.shape[1] == 6:
-        from .catalogue import Catalogue
-        data = run["data"]
-        units = data.get("units") or {"length": "model", "velocity": "model"}
-        meta = {"source": "tfgalflow sample", "run": str(Path(args.run).resolve()), "seed": args.seed}
-        Catalogue(pos=x[:, :3], vel=x[:, 3:], labels=labels,
-                  label_names=tuple(data.get("label_names") or ()) if labels is not None else (),
-                  units=units, meta=meta).save(path)
-    elif suffix == ".npz":
-        with atomic_file(path, suffix=".npz") as tmp:
-            np.savez(tmp, samples=x)
-    else:
-        _save_array(path, x, "samples")
-
-
-def _save_array(path: str, values, what: str) -> None:
-    """Write an array as .npy or text (.txt/.dat space-separated, .csv comma-separated), atomically."""
-    from pathlib import Path
-    import numpy as np
-    from .atomic import atomic_file
-    from .errors import InputError
-
-    suffix = Path(path).suffix.lower()
-    if suffix == ".npy":
-        with atomic_file(path, suffix=".npy") as tmp:
-            np.save(tmp, values)
-    elif suffix in (".txt", ".dat", ".csv"):
-        with atomic_file(path) as tmp:
-            np.savetxt(tmp, values, fmt="%.9g", delimiter="," if suffix == ".csv" else " ")
-    else:
-        raise InputError(f"--out {path}: unsupported extension for {what}; use .npy, .txt, .dat or .csv")
-
-
 _SUBCOMMANDS.append(_add_sample)
 
 
 def _add_logprob(sub) -> None:
     p = sub.add_parser(
-        "logprob", help="log-density of points under a trained run",
+        "logprob", help="log-density of points under a trained run or SavedModel",
         description="Evaluate log p(x | labels) (per unit physical volume of the training data) at the "
                     "points of a file.")
-    p.add_argument("run", metavar="RUN", help="run directory written by `tfgalflow train`")
+    p.add_argument("run", metavar="MODEL", help="run directory (tfgalflow train) or SavedModel directory")
     p.add_argument("points", metavar="POINTS",
                    help="[N, D] points: .npy, .npz (one array, or a catalogue), .txt/.dat/.csv, or a catalogue "
                         ".h5/.hdf5")
+    p.add_argument("--units", metavar="LENGTH,VELOCITY",
+                   help="units of a catalogue file that does not record them (e.g. m,m/s for a plain pos/vel .npz)")
     p.add_argument("--labels-file", metavar="F",
                    help="[N, C] labels of a conditional run, same formats (default: the catalogue's labels)")
     p.add_argument("--out", metavar="FILE", help=".npy, .txt or .csv (default: print one value per line)")
@@ -204,61 +188,24 @@ def _add_logprob(sub) -> None:
 
 
 def _run_logprob(args) -> int:
-    from .training import load_run
+    import numpy as np
+    from .points import ARRAY_SUFFIXES, check_output, parse_units, read_points, write_array
 
-    model = load_run(args.run)
-    x, labels = _load_points(args.points)
-    if args.labels_file:
-        labels, _ = _load_points(args.labels_file, column_ok=True)
-    elif model.label_dim == 0:
-        labels = None          # an unconditional run ignores the labels a catalogue may carry
-    lp = model.log_prob(x, labels).numpy()
     if args.out:
-        _save_array(args.out, lp, "log-densities")
+        check_output(args.out, ARRAY_SUFFIXES, "log-densities")
+    x, labels = read_points(args.points, units=parse_units(args.units))
+    if args.labels_file:
+        labels, _ = read_points(args.labels_file, column_ok=True)
+    model, _ = _model_description(args.run)
+    if model.label_dim == 0:
+        labels = None          # an unconditional model ignores the labels a catalogue may carry
+    lp = np.asarray(model.log_prob(x, labels))
+    if args.out:
+        write_array(args.out, lp, "log-densities")
         print(f"wrote {lp.size} log-densities to {args.out}")
     else:
         print("\n".join(f"{v:.9g}" for v in lp))
     return 0
-
-
-def _load_points(path: str, column_ok: bool = False):
-    """(array [N, D], catalogue labels | None) from .npy, .npz, .txt/.dat/.csv or a catalogue .npz/.h5."""
-    from pathlib import Path
-    import numpy as np
-    from .errors import FileError, InputError
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileError(f"{path}: no such file")
-    suffix = p.suffix.lower()
-    try:
-        if suffix in (".h5", ".hdf5"):
-            from .catalogue import Catalogue
-            cat = Catalogue.load(p)
-            return cat.phase_space, cat.labels
-        if suffix == ".npz":
-            with np.load(p, allow_pickle=False) as z:
-                keys = list(z.files)
-                if "pos" in keys and "vel" in keys:
-                    from .catalogue import Catalogue
-                    cat = Catalogue.load(p)
-                    return cat.phase_space, cat.labels
-                if len(keys) != 1:
-                    raise InputError(f"{path}: holds arrays {keys}; expected one [N, D] array or a catalogue")
-                array = z[keys[0]]
-        elif suffix == ".npy":
-            array = np.load(p, allow_pickle=False)
-        elif suffix in (".txt", ".dat", ".csv"):
-            array = np.loadtxt(p, delimiter="," if suffix == ".csv" else None, ndmin=2)
-        else:
-            raise InputError(f"{path}: unsupported extension; use .npy, .npz, .txt, .dat, .csv, .h5 or .hdf5")
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, TfgalflowError):      # already names the file and the problem
-            raise
-        raise FileError(f"{path}: cannot read points: {exc}") from None
-    if column_ok and array.ndim == 1:
-        array = array[:, None]
-    return array, None
 
 
 _SUBCOMMANDS.append(_add_logprob)
@@ -411,9 +358,11 @@ def _add_accel(sub) -> None:
 def _accel_positions(args):
     import numpy as np
     from .errors import InputError
+    from .validation import integer, unit_vectors
 
     if args.positions:
-        positions, _ = _load_points(args.positions)
+        from .points import read_points
+        positions, _ = read_points(args.positions)
         return np.asarray(positions, dtype=np.float64)
     try:
         radii = np.array([float(r) for r in args.radii.split(",")])
@@ -421,10 +370,9 @@ def _accel_positions(args):
         raise InputError(f"--radii {args.radii!r}: expected comma-separated numbers, e.g. 0.5,1,2") from None
     if radii.size == 0 or not np.all(np.isfinite(radii)) or np.any(radii < 0):
         raise InputError(f"--radii {args.radii!r}: expected finite radii >= 0")
-    if args.directions < 1:
-        raise InputError(f"--directions {args.directions}: expected an integer >= 1")
-    d = np.random.default_rng(args.seed).normal(size=(radii.size * args.directions, 3))
-    return np.repeat(radii, args.directions)[:, None] * d / np.linalg.norm(d, axis=1, keepdims=True)
+    integer(args.directions, "--directions")
+    directions = unit_vectors(radii.size * args.directions, np.random.default_rng(args.seed))
+    return np.repeat(radii, args.directions)[:, None] * directions
 
 
 def _run_accel(args) -> int:
@@ -433,6 +381,7 @@ def _run_accel(args) -> int:
     from .errors import InputError
     from .export import ExportedModel, load
 
+    cbe.check_output_suffix(args.out)
     positions = cbe.check_positions(_accel_positions(args)).astype(np.float64)
     thresholds = dict(max_residual=cbe.MAX_RESIDUAL if args.max_residual is None else args.max_residual,
                       max_condition=cbe.MAX_CONDITION if args.max_condition is None else args.max_condition,
@@ -452,74 +401,22 @@ def _run_accel(args) -> int:
         if args.n_velocities is not None and exported_k is not None and args.n_velocities != exported_k:
             raise InputError(f"{args.run}: the SavedModel was exported with {exported_k} velocities per position; "
                              f"drop --n-velocities or use the run directory")
-        out = model.accelerations(positions.astype(np.float32), seed=args.seed)
-        acceleration = np.asarray(out["acceleration"], np.float64)
-        support = np.asarray(out.get("support", np.isfinite(acceleration).all(1)), bool)
-        acceleration[~support] = np.nan
-        columns = {"acceleration": acceleration, "residual": out["residual"], "condition": out["condition"],
-                   "ess": out.get("ess"), "log_density": out.get("log_density"), "spread": None}
-        reasons = cbe.flag_reasons(acceleration, out["residual"], out["condition"], support, out.get("ess"),
-                                   out.get("log_density"), **thresholds)
+        res = model.accelerations(positions, seed=args.seed, **thresholds)
         units = ((model.metadata.get("run") or {}).get("data") or {}).get("units")
     else:
         from .training import read_run_config
         model = _spherical_average(model, args.rotations, seed=args.seed)
         res = cbe.accelerations(model, positions, n_velocities=256 if args.n_velocities is None else args.n_velocities,
                                 seed=args.seed, jit_compile=args.xla, **thresholds)
-        columns = {"acceleration": res.acceleration, "residual": res.residual, "condition": res.condition,
-                   "ess": res.ess, "log_density": res.log_density, "spread": res.spread}
-        reasons = res.reasons
         units = read_run_config(args.run)["data"].get("units")
-    _save_accelerations(args.out, positions, columns, reasons, units)
-    flagged = reasons != ""
+    res.save(args.out, positions, units)
+    reasons = res.reasons
     summary = ", ".join(f"{name} {int(sum(name in r.split(',') for r in reasons))}"
                         for name in ("no_support", "low_density", "low_ess", "ill_conditioned", "high_residual",
                                      "non_finite") if any(name in r.split(",") for r in reasons))
-    print(f"wrote {len(positions)} accelerations to {args.out}; {int(flagged.sum())} flagged"
+    print(f"wrote {len(positions)} accelerations to {args.out}; {int(res.flagged.sum())} flagged"
           + (f" ({summary})" if summary else ""))
     return 0
-
-
-def _save_accelerations(path: str, positions, columns: dict, reasons, units) -> None:
-    """Write positions, accelerations and diagnostics as .npz arrays or one .csv row per position."""
-    import csv
-    from pathlib import Path
-    import numpy as np
-    from .atomic import atomic_file
-    from .errors import InputError
-
-    suffix = Path(path).suffix.lower()
-    a = columns["acceleration"]
-    r = np.linalg.norm(positions, axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        a_radial = np.where(r > 0, np.sum(a * positions, axis=1) / np.where(r > 0, r, 1.0), np.nan)
-    arrays = {"positions": positions, "radius": r, "acceleration": a, "a_radial": a_radial,
-              **{k: np.asarray(v, np.float64) for k, v in columns.items() if k != "acceleration" and v is not None},
-              "flagged": reasons != "", "reasons": np.asarray(reasons, dtype=str)}
-    if units:
-        arrays["units"] = np.array(f"positions: {units.get('length')}; accelerations: ({units.get('velocity')})^2 "
-                                   f"/ {units.get('length')}")
-    if suffix == ".npz":
-        with atomic_file(path, suffix=".npz") as tmp:
-            np.savez(tmp, **arrays)
-    elif suffix == ".csv":
-        header = ["x", "y", "z", "r", "ax", "ay", "az", "a_radial"]
-        blocks = [positions, r[:, None], a, a_radial[:, None]]
-        for name in ("residual", "condition", "ess", "log_density"):
-            if name in arrays:
-                header.append(name)
-                blocks.append(arrays[name][:, None])
-        if "spread" in arrays:
-            header += ["spread_x", "spread_y", "spread_z"]
-            blocks.append(arrays["spread"])
-        table = np.concatenate(blocks, axis=1)
-        with atomic_file(path) as tmp, open(tmp, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(header + ["flagged", "reasons"])
-            for row, reason in zip(table, arrays["reasons"]):
-                writer.writerow([f"{value:.9g}" for value in row] + [int(reason != ""), reason])
-    else:
-        raise InputError(f"--out {path}: unsupported extension for accelerations; use .npz or .csv")
 
 
 _SUBCOMMANDS.append(_add_accel)

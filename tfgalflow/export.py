@@ -1,6 +1,6 @@
 """SavedModel export of a trained flow: named serving signatures, versioned layout, TF Serving config, loading.
 
-``export(model, path)`` writes a SavedModel of a :class:`tfgalflow.model.Flow` or ``Ensemble`` whose
+``export_model(model, path)`` writes a SavedModel of a :class:`tfgalflow.model.Flow` or ``Ensemble`` whose
 graph holds only core TensorFlow ops, so it runs under TF Serving, ``saved_model_cli`` and plain
 ``tf.saved_model.load`` without TFP, tf-keras or tfgalflow. Signatures (N, B: free batch dimension;
 D: data width; C: label width, present only for conditional models)::
@@ -54,7 +54,9 @@ import numpy as np
 
 from . import __version__
 from .atomic import atomic_dir, write_text
+from .density import Density
 from .errors import FileError, InputError
+from .validation import integer
 
 SAVEDMODEL_FORMAT = "tfgalflow-savedmodel"
 SAVEDMODEL_FORMAT_VERSION = 1
@@ -208,20 +210,26 @@ def read_signature_defs(path: str | os.PathLike) -> dict:
             for name, sig in sorted(graphs[0].signature_def.items())}
 
 
-class ExportedModel:
-    """A SavedModel loaded with plain TensorFlow; NumPy in and out, inputs validated (InputError).
+class ExportedModel(Density):
+    """A SavedModel loaded with plain TensorFlow, as a :class:`~tfgalflow.density.Density`.
+
+    ``log_prob``, ``prob``, ``grad_log_prob``, ``sample`` validate their inputs (InputError) and return
+    float32 tensors, like every density; inside a ``tf.function`` the SavedModel's functions are called
+    directly, so ``cbe.accelerations(load(path), ...)`` and ``SphericalAverage(load(path))`` work on it.
+    Its graphs are the exported ones (never XLA-compiled): ``inlinable`` is False.
 
     Attributes:
         path: the SavedModel directory.
-        signatures: {name: :class:`Signature`} (every signature of the SavedModel).
-        metadata: the tfgalflow metadata JSON ({} for SavedModels not written by :func:`export`).
+        signatures: {name: :class:`Signature`} (every signature of the SavedModel, NumPy in and out).
+        metadata: the tfgalflow metadata JSON ({} for SavedModels not written by :func:`export_model`).
         dim, label_dim: data and label widths (from the ``log_prob`` signature when present).
         x_scale: [D] rescaler scales of the (first) member from the metadata, or None.
     """
 
+    what = "SavedModel"
+
     def __init__(self, path: str | os.PathLike):
         import tensorflow as tf
-        self._tf = tf
         self.path = Path(path)
         if not self.path.is_dir() or not _is_saved_model(self.path):
             raise FileError(f"{self.path}: not a SavedModel directory (no saved_model.pb)")
@@ -256,73 +264,50 @@ class ExportedModel:
                              f"(it has: {', '.join(sorted(self.signatures))})")
         return self.signatures[name]
 
-    def _density_inputs(self, x: Any, labels: Any) -> dict:
-        if self.label_dim:
-            if labels is None:
-                raise InputError(f"the model is conditional: labels of shape [N, {self.label_dim}] are required")
-            return {"x": x, "labels": labels}
-        if labels is not None:
-            raise InputError("labels were given but the model is unconditional (label_dim = 0); pass labels=None")
-        return {"x": x}
+    def _run(self, name: str, output: str, **inputs: Any) -> Any:
+        self._signature(name)
+        return self._loaded.signatures[name](**{k: v for k, v in inputs.items() if v is not None})[output]
 
-    def log_prob(self, x: Any, labels: Any = None) -> np.ndarray:
-        """log p(x | labels): [N] float32; x [N, D] in the physical units the model was trained in.
+    # -- the density contract -------------------------------------------------------------------
+    @property
+    def inlinable(self) -> bool:
+        return False
 
-        Arrays in, validated NumPy out. Inside a ``tf.function`` (symbolic tensors) the SavedModel's
-        ``log_prob`` function is called directly and its tensor returned, so the loaded model is
-        traceable and differentiable like an in-memory Flow: ``cbe.accelerations(load(path), ...)``
-        and ``cbe.df_gradients`` work on it.
-        """
-        inputs = self._density_inputs(x, labels)
-        if not self._tf.executing_eagerly():
-            self._signature("log_prob")
-            return self._loaded.signatures["log_prob"](**inputs)["log_prob"]
-        return self._signature("log_prob")(**inputs)["log_prob"]
+    @property
+    def can_sample(self) -> bool:
+        return "sample" in self.signatures
 
-    def prob(self, x: Any, labels: Any = None) -> np.ndarray:
-        """p(x | labels) = exp(log_prob): [N] float32."""
-        return np.exp(self.log_prob(x, labels))
+    def scale_hint(self) -> Any:
+        import tensorflow as tf
+        return None if self.x_scale is None else tf.constant(self.x_scale)
 
-    def grad_log_prob(self, x: Any, labels: Any = None) -> np.ndarray:
-        """∂ log p(x | labels)/∂x: [N, D] float32."""
-        return self._signature("grad_log_prob")(**self._density_inputs(x, labels))["grad_log_prob"]
+    def log_prob_tensor(self, x: Any, labels: Any = None) -> Any:
+        """The SavedModel's ``log_prob`` signature: [N]."""
+        return self._run("log_prob", "log_prob", x=x, labels=labels)
 
-    def sample(self, n: int, labels: Any = None, seed: int | None = None) -> np.ndarray:
-        """n draws [n, D] float32; the same (n, labels, seed) gives the same points as the in-memory model's
-        ``sample_stateless(n, [seed, 0])``. ``seed=None`` draws a fresh seed."""
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise InputError(f"n = {n!r}: expected an integer number of samples >= 1")
-        if seed is None:
-            seed = int(np.random.SeedSequence().generate_state(1, np.uint32)[0])
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise InputError(f"seed = {seed!r}: expected an integer >= 0")
-        inputs: dict[str, Any] = {"seed": np.full(int(n), seed, np.int64)}
-        if self.label_dim:
-            if labels is None:
-                raise InputError(f"the model is conditional: sample(n, labels) needs labels [n, {self.label_dim}]")
-            labels = np.asarray(labels, dtype=np.float64)
-            if labels.shape == (self.label_dim,):
-                labels = np.broadcast_to(labels, (int(n), self.label_dim))
-            if labels.shape != (int(n), self.label_dim):
-                raise InputError(f"labels have shape {list(labels.shape)}; expected [{n}, {self.label_dim}] "
-                                 f"or [{self.label_dim}]")
-            inputs["labels"] = labels
-        elif labels is not None:
-            raise InputError("labels were given but the model is unconditional (label_dim = 0)")
-        return self._signature("sample")(**inputs)["sample"]
+    def gradient_tensor(self, x: Any, labels: Any = None) -> Any:
+        """The SavedModel's ``grad_log_prob`` signature: [N, D]."""
+        return self._run("grad_log_prob", "grad_log_prob", x=x, labels=labels)
 
-    def accelerations(self, positions: Any, seed: int = 0) -> dict[str, np.ndarray]:
-        """CBE accelerations at positions [B, 3]: {'acceleration' [B, 3], 'residual' [B], 'condition' [B],
-        'ess' [B], 'log_density' [B], 'support' [B]}; the same as the in-memory
-        ``cbe.accelerations(model, positions, n_velocities, seed)`` with the exported n_velocities."""
-        self._signature("accelerations")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise InputError(f"seed = {seed!r}: expected an integer >= 0")
-        positions = np.asarray(positions)
-        if positions.ndim != 2:
-            raise InputError(f"positions have shape {list(positions.shape)}; expected [B, 3]")
-        return self._signature("accelerations")(positions=positions,
+    def sample_tensor(self, n: Any, labels: Any, seed: Any) -> Any:
+        """The SavedModel's ``sample`` signature, seeded by seed[0] (its convention): [n, D]."""
+        import tensorflow as tf
+        rows = tf.shape(labels)[0] if labels is not None else n
+        return self._run("sample", "sample", seed=tf.fill(tf.reshape(rows, [1]), seed[0]), labels=labels)
+
+    def accelerations(self, positions: Any, seed: int = 0, **thresholds: Any) -> Any:
+        """CBE accelerations at positions [B, 3] through the exported ``accelerations`` signature: an
+        :class:`~tfgalflow.cbe.AccelerationResult` with the same flags as the in-memory
+        ``cbe.accelerations(model, positions, n_velocities, seed)`` at the exported n_velocities.
+
+        ``thresholds``: ``max_residual``, ``max_condition``, ``min_ess``, ``min_log_density`` as in
+        :func:`tfgalflow.cbe.accelerations`."""
+        from .cbe import AccelerationResult, check_positions
+        seed = integer(seed, "seed", low=0)
+        positions = check_positions(positions)
+        out = self._signature("accelerations")(positions=positions,
                                                 seed=np.full(positions.shape[0], seed, np.int64))
+        return AccelerationResult.from_outputs(out, **thresholds)
 
 
 def load_saved_model(path: str | os.PathLike, require: tuple = ()) -> ExportedModel:
@@ -507,7 +492,7 @@ def _build_module(model: Any, metadata_json: str, accel: Any):
     return module, signatures
 
 
-def export(model: Any, path: str | os.PathLike, *, run_config: Mapping | None = None,
+def export_model(model: Any, path: str | os.PathLike, *, run_config: Mapping | None = None,
            accelerations: bool | None = None, n_velocities: int = 256, overwrite: bool = False) -> Path:
     """Write ``model`` (Flow or Ensemble) as a SavedModel at ``path`` (atomically: temp dir + rename).
 
@@ -527,7 +512,7 @@ def export(model: Any, path: str | os.PathLike, *, run_config: Mapping | None = 
     import tensorflow as tf
     for attr in ("dim", "label_dim", "log_prob", "grad_log_prob", "sample_stateless", "variables"):
         if not hasattr(model, attr):
-            raise InputError(f"export(model): {type(model).__name__} has no '{attr}'; expected a tfgalflow "
+            raise InputError(f"export_model(model): {type(model).__name__} has no '{attr}'; expected a tfgalflow "
                              f"Flow or Ensemble")
     if isinstance(n_velocities, bool) or not isinstance(n_velocities, (int, np.integer)) or n_velocities < 2:
         raise InputError(f"n_velocities = {n_velocities!r}: expected an integer >= 2")
@@ -549,7 +534,7 @@ def export_versioned(model: Any, root: str | os.PathLike, name: str, **kwargs: A
     """Export to ``root/name/<v>`` with v = 1 + the highest existing version (1 for a new model).
 
     Never overwrites: if another writer takes version v first, the next free number is used.
-    Keyword arguments go to :func:`export`. Returns the new version directory.
+    Keyword arguments go to :func:`export_model`. Returns the new version directory.
     """
     if not isinstance(name, str) or not _MODEL_NAME.fullmatch(name):
         raise InputError(f"model name {name!r}: expected letters, digits, '_', '.', '-' (not starting with "
@@ -559,7 +544,7 @@ def export_versioned(model: Any, root: str | os.PathLike, name: str, **kwargs: A
         existing = [int(p.name) for p in model_dir.iterdir() if p.name.isdigit()] if model_dir.is_dir() else []
         target = model_dir / str(max(existing, default=0) + 1)
         try:
-            return export(model, target, overwrite=False, **kwargs)
+            return export_model(model, target, overwrite=False, **kwargs)
         except FileError:
             if not target.exists():
                 raise

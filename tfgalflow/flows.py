@@ -39,12 +39,13 @@ import tf_keras as keras  # noqa: E402  (after TFP, which needs Keras 2)
 
 tfb = tfp.bijectors
 
-KINDS = ("affine", "spline")
+FLOW_KINDS = ("affine", "spline")
 PERMUTATIONS = ("reverse", "random")
 ACTIVATIONS = ("relu", "tanh", "elu", "gelu", "selu", "swish", "silu", "sigmoid", "softplus", "leaky_relu")
 
 #: Soft bound on the affine log-scale of every layer: s = b tanh(s_raw / b), so |s| < b and each
-#: layer rescales by at most e^b. Keeps initial losses finite for every seed (DESIGN.md, "Facts").
+#: layer rescales by at most e^b. Keeps initial losses finite for every seed (unbounded log-scales
+#: give infinite initial losses for some seeds).
 LOG_SCALE_BOUND = 3.0
 #: Smallest spline bin width/height (in rescaled units) and knot slope: keeps the spline invertible
 #: and its Jacobian bounded away from zero.
@@ -106,8 +107,8 @@ class FlowConfig:
         object.__setattr__(self, "hidden", tuple(int(h) for h in hidden))
         if self.activation not in ACTIVATIONS:
             raise bad("activation", self.activation, f"one of {ACTIVATIONS}")
-        if self.kind not in KINDS:
-            raise bad("kind", self.kind, f"one of {KINDS}")
+        if self.kind not in FLOW_KINDS:
+            raise bad("kind", self.kind, f"one of {FLOW_KINDS}")
         if self.permutation not in PERMUTATIONS:
             raise bad("permutation", self.permutation, f"one of {PERMUTATIONS}")
         cols = self.log_columns
@@ -685,22 +686,9 @@ def forward(chain: tfb.Chain, z: tf.Tensor, bijector_kwargs: Mapping[str, Mappin
     are not uniform (mixed kinds, a MADE that does not truncate, per-layer labels) use the full-pass
     loop per layer; ``truncate=False`` forces it (the reference the tests compare with).
 
-    Measured (6D, 8 layers, MADE 2 x 64, 16384 draws, 2 CPU cores shared with ~1.3-1.6 cores of other
-    work, so absolute rates are low; two interleaved runs of 36 rounds, ratios paired per round;
-    first call = trace + optimise + one call, median of 3 fresh processes; graph nodes incl. functions):
-
-                                         affine flow                  spline flow (8 bins)
-        design                           rate (M/s)  vs loop  first   rate (k/s)  vs loop  first   graph nodes
-        full-pass loop (before; TFP's)   0.11-0.20   1        0.95 s   9-10       1        3.5 s    424 / 1416
-        truncated, layer loop (this)     0.15-0.30   1.53x    0.67 s   50-53      4.8-5.0x 2.2 s    492 / 1236
-        truncated, layers unrolled too   0.16-0.25   1.4-1.5x 3.2 s    48-52      4.5-5.1x 10 s    2828 / 8780
-        XLA, full-pass loop              0.09-0.13   0.8-0.9x 2.5 s    9-10       0.9-1.2x 5.5 s
-        XLA, truncated, layer loop       0.10-0.18   0.8-1.0x 6.4 s    65-66      7.4-8.4x 12 s
-
-    The affine gain is the MADE truncation; the larger spline gain presumably comes mostly from the
-    per-column transform (the loop evaluated all D columns' splines in each of the D passes).
-    XLA does not pay for sampling here: slower for affine flows, and for splines ~1.5x faster in steady
-    state but ~10 s to compile (worth it only beyond ~2 million draws per compiled shape).
+    Truncation is faster than the full-pass loop for affine flows and much faster for splines (whose
+    per-column transform dominated the loop), with a smaller graph and a faster first call; unrolling
+    the layers or XLA-compiling the sampler does not pay (figures: benchmarks/README.md).
     """
     bijector_kwargs = bijector_kwargs or {}
     for bijector in chain.bijectors:     # create the MADE variables (as TFP's MAF does before its loop)

@@ -46,8 +46,10 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
+from .validation import one_of
 
-KINDS = ("iso", "aniso")
+#: The DFs of the model: isotropic f(E) and constant-β = ½ f(E, L).
+DF_KINDS = ("iso", "aniso")
 
 # ---- series coefficients ----------------------------------------------------------------------
 # B(q) = 128 sum_k c_k q^(2k+5) / (2k+5),  c_k = (-1)^k binom(3/2, k)  (binomial series of (1-t^2)^(3/2)).
@@ -336,59 +338,17 @@ class Hernquist:
         return tf.constant(self._log_iso_prefactor, dtype) + log_b - 2.5 * tf.math.log(p2)
 
     # ---- adapter ------------------------------------------------------------------------------
-    def exact_density(self, kind: str = "iso") -> "ExactDF":
-        """The exact DF as a phase-space density with the same interface as a learned flow."""
+    def exact_density(self, kind: str = "iso") -> Any:
+        """The exact DF as a phase-space :class:`~tfgalflow.density.Density`
+        (:class:`~tfgalflow.exact.ExactDF`), interchangeable with a learned flow."""
+        from .exact import ExactDF
+
         return ExactDF(self, kind)
 
-
-class ExactDF:
-    """Exact Hernquist DF seen as a 6-D density, interchangeable with a learned ``Flow``/``Ensemble``.
-
-    Attributes: ``dim = 6`` (w = concat(x, v)), ``label_dim = 0`` (unconditional), ``model``, ``kind``.
-    ``log_prob(w)`` takes w [N, 6] (cast to float32) and returns log f(x, v) [N] float32, -inf where
-    unbound; it is a ``tf.function`` with a fixed input signature, differentiable under GradientTape.
-    Note f integrates to M (not 1): it is the mass density in phase space, so for M = 1 it *is* a
-    probability density.
-    """
-
-    dim = 6
-    label_dim = 0
-
-    def __init__(self, model: Hernquist, kind: str = "iso"):
+    @staticmethod
+    def check_kind(kind: str) -> None:
+        """InputError unless ``kind`` is one of :data:`DF_KINDS`."""
         _check_kind(kind)
-        self.model = model
-        self.kind = kind
-        self._traced = None
-
-    def __repr__(self) -> str:
-        return f"ExactDF({self.model!r}, kind={self.kind!r})"
-
-    def _log_prob_fn(self):
-        if self._traced is None:
-            import tensorflow as tf
-
-            def log_prob(w):
-                return self.model.tf_log_df(w[:, :3], w[:, 3:], self.kind)
-
-            self._traced = tf.function(log_prob, input_signature=[tf.TensorSpec([None, 6], tf.float32, name="w")])
-        return self._traced
-
-    def log_prob(self, w, labels=None):
-        """log f(w): w [N, 6] = (x, v) float32 -> [N] float32. ``labels`` must be None (unconditional)."""
-        import tensorflow as tf
-
-        if labels is not None:
-            raise InputError("ExactDF is unconditional (label_dim = 0): labels must be None")
-        w = tf.convert_to_tensor(w)
-        if w.shape.rank != 2 or (w.shape[1] is not None and w.shape[1] != 6):
-            raise InputError(f"w must have shape [N, 6] (x, v), got {w.shape}")
-        return self._log_prob_fn()(tf.cast(w, tf.float32))
-
-    def prob(self, w, labels=None):
-        """f(w) = exp(log_prob(w)): [N] float32."""
-        import tensorflow as tf
-
-        return tf.exp(self.log_prob(w, labels))
 
 
 def _r_over_r_plus_a(r: np.ndarray, a: float) -> np.ndarray:
@@ -400,8 +360,7 @@ def _r_over_r_plus_a(r: np.ndarray, a: float) -> np.ndarray:
 # ---- validation -------------------------------------------------------------------------------
 
 def _check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise InputError(f"unknown DF kind {kind!r}; allowed values are {', '.join(repr(k) for k in KINDS)}")
+    one_of(kind, "DF kind", DF_KINDS)
 
 
 def _radii(r) -> np.ndarray:

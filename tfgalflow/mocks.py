@@ -41,7 +41,7 @@ import numpy as np
 
 from .catalogue import Catalogue, check_units
 from .errors import InputError
-from .hernquist import KINDS, Hernquist
+from .hernquist import Hernquist
 from .units import MODEL_UNIT, ModelUnits
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def sample_hernquist(n: int, kind: str = "iso", seed: int | None = None, model: 
         >>> cat.to_units("kpc", "km/s")
     """
     n = _count(n)
-    _check_kind(kind)
+    Hernquist.check_kind(kind)
     if not isinstance(model, Hernquist):
         raise InputError(f"model must be a tfgalflow.hernquist.Hernquist, got {type(model).__name__}")
     r_max = _check_r_max(r_max)
@@ -356,11 +356,6 @@ def _count(n: Any, name: str = "n") -> int:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise InputError(f"{name} must be a positive integer, got {n!r}")
     return int(n)
-
-
-def _check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise InputError(f"unknown DF kind {kind!r}; allowed values are {', '.join(repr(k) for k in KINDS)}")
 
 
 def _check_r_max(r_max: Any) -> float | None:

@@ -13,11 +13,9 @@ Modeling and Inference", eq. 2) with the rescaling Jacobian included, so densiti
 physical volume (e.g. per kpc^3 (km/s)^3). Points outside the support (x_j <= 0 in a log column) have
 log p = -inf. Sampling runs the chain forward from z ~ N(0, I) and undoes the rescaling.
 
-Every graph method exists twice: a public method that validates concrete inputs eagerly (raising
-:class:`~tfgalflow.errors.InputError` with the shapes) and then calls a ``tf.function`` with a fixed
-``input_signature`` (free batch dimension, so it traces once); symbolic inputs (inside another
-``tf.function``, e.g. an export signature) get the static shape checks only. The traced graphs contain
-only core TensorFlow ops, so a SavedModel of them reloads without TFP.
+Both implement the density contract (:class:`tfgalflow.density.Density`): the maths is in
+``log_prob_tensor`` / ``sample_tensor``, and the contract adds the validated, traced public methods.
+The traced graphs contain only core TensorFlow ops, so a SavedModel of them reloads without TFP.
 """
 from __future__ import annotations
 
@@ -28,67 +26,11 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
+from .density import Density, as_float32, shape_of, validate_inputs
 from .errors import InputError
 from .flows import FlowConfig, build_bijector, forward, inverse_and_log_det, layer_names
 
 LOG_2PI = math.log(2.0 * math.pi)
-
-
-# ---- input validation at the public boundary --------------------------------------------------
-
-def _as_float32(value: Any, name: str) -> tf.Tensor:
-    """Tensor view of ``value`` in float32; tensors are cast (not copied to NumPy), so tapes still see them."""
-    if isinstance(value, (tf.Tensor, tf.Variable)):
-        if not (value.dtype.is_floating or value.dtype.is_integer):
-            raise InputError(f"{name} has dtype {value.dtype.name}; expected a float array")
-        return value if value.dtype == tf.float32 else tf.cast(value, tf.float32)
-    try:
-        array = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"{name} cannot be read as a float array: {exc}") from None
-    with np.errstate(over="ignore"):
-        return tf.constant(array.astype(np.float32))
-
-
-def _check_finite(t: tf.Tensor, name: str) -> None:
-    """NaN/inf check on concrete (eager) tensors; symbolic tensors are left to the graph."""
-    if not tf.executing_eagerly():
-        return
-    finite = np.isfinite(t.numpy())
-    if not finite.all():
-        rows = np.unique(np.nonzero(~finite)[0])
-        raise InputError(f"{name} contains NaN or inf (or values beyond float32 range) in {rows.size} "
-                         f"row(s), first rows {rows[:5].tolist()}")
-
-
-def validate_inputs(x: Any, labels: Any, dim: int, label_dim: int, what: str = "flow"
-                    ) -> tuple[tf.Tensor, tf.Tensor | None]:
-    """Check and convert ``x: [N, dim]`` and ``labels: [N, label_dim] | None`` to float32 tensors.
-
-    Raises InputError for a wrong rank or width, labels missing for a conditional model or given to an
-    unconditional one, mismatched row counts, and (for concrete inputs) NaN or inf.
-    """
-    x = _as_float32(x, "x")
-    if x.shape.rank != 2 or (x.shape[1] is not None and x.shape[1] != dim):
-        raise InputError(f"x has shape {_shape(x)}; the {what} expects [N, {dim}]")
-    _check_finite(x, "x")
-    if label_dim == 0:
-        if labels is not None:
-            raise InputError(f"labels were given (shape {_shape(labels)}) but the {what} is unconditional "
-                             f"(label_dim = 0); pass labels=None")
-        return x, None
-    if labels is None:
-        raise InputError(f"the {what} is conditional: labels of shape [N, {label_dim}] are required "
-                         f"(x has shape {_shape(x)})")
-    c = _as_float32(labels, "labels")
-    if c.shape.rank != 2 or (c.shape[1] is not None and c.shape[1] != label_dim):
-        raise InputError(f"labels have shape {_shape(c)}; the {what} expects [N, {label_dim}]")
-    n_x, n_c = x.shape[0], c.shape[0]
-    if n_x is not None and n_c is not None and n_x != n_c:
-        raise InputError(f"x has {n_x} rows but labels have {n_c}; expected x [N, {dim}] and labels "
-                         f"[N, {label_dim}] with the same N")
-    _check_finite(c, "labels")
-    return x, c
 
 
 def _free_batch(t: tf.Tensor) -> tf.Tensor:
@@ -104,166 +46,10 @@ def _free_batch(t: tf.Tensor) -> tf.Tensor:
     return tf.compat.v1.placeholder_with_default(t, shape=[None] + t.shape.as_list()[1:])
 
 
-def _shape(value: Any) -> tuple:
-    if isinstance(value, (tf.Tensor, tf.Variable)):
-        return tuple(value.shape.as_list()) if value.shape.rank is not None else ("?",)
-    return tuple(np.shape(value))
-
-
-def _sample_request(n_or_labels: Any, label_dim: int, what: str) -> tuple[Any, tf.Tensor | None]:
-    """(n, labels) from ``sample``'s first argument: an int n >= 1, or labels [n, C] for conditional models."""
-    if label_dim == 0:
-        n = n_or_labels
-        if isinstance(n, (tf.Tensor, tf.Variable)):
-            if n.shape.rank not in (0, None) or not n.dtype.is_integer:
-                raise InputError(f"n must be a scalar integer, got a {n.dtype.name} tensor of shape {_shape(n)}")
-            if tf.executing_eagerly() and int(n) < 1:
-                raise InputError(f"n = {int(n)}: the number of samples must be >= 1")
-            return tf.cast(n, tf.int32), None
-        if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
-            raise InputError(f"n = {n!r}: expected an integer number of samples (the {what} is "
-                             f"unconditional, so no labels)")
-        if n < 1:
-            raise InputError(f"n = {n}: the number of samples must be >= 1")
-        return tf.constant(int(n), tf.int32), None
-    if isinstance(n_or_labels, (int, np.integer)) and not isinstance(n_or_labels, bool):
-        raise InputError(f"the {what} is conditional: pass labels of shape [n, {label_dim}], "
-                         f"not n = {n_or_labels}")
-    c = _as_float32(n_or_labels, "labels")
-    if c.shape.rank != 2 or (c.shape[1] is not None and c.shape[1] != label_dim):
-        raise InputError(f"labels have shape {_shape(c)}; the {what} expects [n, {label_dim}]")
-    if c.shape[0] == 0:
-        raise InputError(f"labels have shape {_shape(c)}: the number of samples must be >= 1")
-    _check_finite(c, "labels")
-    return None, c
-
-
-def _seed_tensor(seed: Any) -> tf.Tensor:
-    """Stateless seed [2] int64 from None (fresh entropy), an int >= 0, or a [2] integer array/tensor."""
-    if seed is None:
-        return tf.constant(np.random.SeedSequence().generate_state(2).astype(np.int64))
-    if isinstance(seed, (int, np.integer)) and not isinstance(seed, (bool, np.bool_)):
-        if seed < 0:
-            raise InputError(f"seed = {seed}: expected an integer >= 0")
-        return tf.constant([int(seed), 0], tf.int64)
-    if isinstance(seed, (tf.Tensor, tf.Variable)):
-        if not seed.dtype.is_integer or seed.shape.as_list() != [2]:
-            raise InputError(f"seed tensor has dtype {seed.dtype.name} and shape {_shape(seed)}; "
-                             f"expected an integer tensor of shape [2]")
-        return tf.cast(seed, tf.int64)
-    array = np.asarray(seed)
-    if array.shape != (2,) or not np.issubdtype(array.dtype, np.integer):
-        raise InputError(f"seed {seed!r}: expected None, an int, or two integers (shape [2])")
-    return tf.constant(array.astype(np.int64))
-
-
-def _specs(dim: int, label_dim: int) -> tuple[tf.TensorSpec, tf.TensorSpec, tf.TensorSpec, tf.TensorSpec]:
-    return (tf.TensorSpec([None, dim], tf.float32, name="x"),
-            tf.TensorSpec([None, label_dim], tf.float32, name="labels"),
-            tf.TensorSpec([], tf.int32, name="n"),
-            tf.TensorSpec([2], tf.int64, name="seed"))
-
-
-class _GraphMethods:
-    """Mix-in: traced log_prob / grad_log_prob / sample_stateless around the subclass's tensor methods.
-
-    The subclass defines ``_log_prob_tensor(x, c)`` and ``_sample_tensor(n, c, seed)`` (pure TF, no
-    validation) and sets ``dim``/``label_dim``; this class wraps them in ``tf.function``s with a fixed
-    ``input_signature`` (signature without labels for unconditional models) and adds the validated
-    public methods.
-    """
-
-    _what = "model"
-
-    def _make_graph_functions(self, jit_compile: bool = False) -> None:
-        x_spec, c_spec, n_spec, seed_spec = _specs(self.dim, self.label_dim)
-        # autograph=False: the maths has no Python control flow on tensors (the sampling loop is an
-        # explicit tf.while_loop), so conversion would only slow tracing down.
-        density = dict(jit_compile=jit_compile, autograph=False)
-        if self.label_dim:
-            self._log_prob_fn = tf.function(lambda x, labels: self._log_prob_tensor(x, labels),
-                                            input_signature=[x_spec, c_spec], **density)
-            self._grad_fn = tf.function(lambda x, labels: self._grad_tensor(x, labels),
-                                        input_signature=[x_spec, c_spec], **density)
-            self._sample_fn = tf.function(lambda labels, seed: self._sample_tensor(None, labels, seed),
-                                          input_signature=[c_spec, seed_spec], autograph=False)
-        else:
-            self._log_prob_fn = tf.function(lambda x: self._log_prob_tensor(x, None),
-                                            input_signature=[x_spec], **density)
-            self._grad_fn = tf.function(lambda x: self._grad_tensor(x, None),
-                                        input_signature=[x_spec], **density)
-            self._sample_fn = tf.function(lambda n, seed: self._sample_tensor(n, None, seed),
-                                          input_signature=[n_spec, seed_spec], autograph=False)
-
-    def _call(self, fn, x: tf.Tensor, c: tf.Tensor | None) -> tf.Tensor:
-        return fn(x, c) if self.label_dim else fn(x)
-
-    def _grad_tensor(self, x: tf.Tensor, c: tf.Tensor | None) -> tf.Tensor:
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            lp = self._log_prob_tensor(x, c)
-        # Rows are independent, so d(sum_n log p_n)/dx_n = d log p_n / dx_n.
-        return tape.gradient(lp, x)
-
-    def check_inputs(self, x: Any, labels: Any = None) -> tuple[tf.Tensor, tf.Tensor | None]:
-        """Validate and convert (x [N, D], labels [N, C] | None) as every public method does."""
-        return validate_inputs(x, labels, self.dim, self.label_dim, self._what)
-
-    def log_prob(self, x: Any, labels: Any = None) -> tf.Tensor:
-        """log p(x | labels): [N] float32, per unit physical volume; x: [N, D] physical units, labels [N, C]."""
-        x, c = self.check_inputs(x, labels)
-        return self._call(self._log_prob_fn, x, c)
-
-    def prob(self, x: Any, labels: Any = None) -> tf.Tensor:
-        """p(x | labels) = exp(log_prob): [N] float32."""
-        return tf.exp(self.log_prob(x, labels))
-
-    def grad_log_prob(self, x: Any, labels: Any = None) -> tf.Tensor:
-        """∂ log p(x | labels) / ∂x: [N, D] float32 in 1/(physical unit of each column) (GradientTape).
-
-        Zero for rows outside the support (log p = -inf)."""
-        x, c = self.check_inputs(x, labels)
-        return self._call(self._grad_fn, x, c)
-
-    def sample(self, n: int, labels: Any = None, seed: Any = None) -> tf.Tensor:
-        """n draws x ~ p(x | labels): [n, D] float32 in physical units.
-
-        Args:
-            n: number of samples (>= 1).
-            labels: [n, C] (one draw per row) or [C] (all n draws at that label); None if unconditional.
-            seed: None (fresh entropy), an int, or a stateless seed [2]; the same seed gives the same draws.
-        """
-        if self.label_dim == 0:
-            if labels is not None:
-                raise InputError(f"labels were given (shape {_shape(labels)}) but the {self._what} is "
-                                 f"unconditional (label_dim = 0)")
-            return self.sample_stateless(n, _seed_tensor(seed))
-        if labels is None:
-            raise InputError(f"the {self._what} is conditional: sample(n, labels) needs labels of shape "
-                             f"[n, {self.label_dim}] or [{self.label_dim}]")
-        c = _as_float32(labels, "labels")
-        if c.shape.rank == 1 and c.shape[0] == self.label_dim:
-            c = tf.tile(c[tf.newaxis, :], [int(n), 1])
-        if c.shape.rank == 2 and c.shape[0] != n:
-            raise InputError(f"sample: n = {n} but labels have shape {_shape(c)}; expected [{n}, "
-                             f"{self.label_dim}] or [{self.label_dim}]")
-        return self.sample_stateless(c, _seed_tensor(seed))
-
-    def sample_stateless(self, n_or_labels: Any, seed: Any) -> tf.Tensor:
-        """Deterministic draws for a tensor seed: [n, D] float32 in physical units.
-
-        ``n_or_labels`` is n (scalar int) for unconditional models and labels [n, C] for conditional
-        ones; ``seed`` is an int32/int64 tensor of shape [2] (``tf.random.stateless_*`` convention).
-        Usable inside ``tf.function`` / export signatures (symbolic inputs skip the eager checks).
-        """
-        n, c = _sample_request(n_or_labels, self.label_dim, self._what)
-        seed = _seed_tensor(seed)
-        return self._sample_fn(c, seed) if self.label_dim else self._sample_fn(n, seed)
-
 
 # ---- the flow -------------------------------------------------------------------------------
 
-class Flow(_GraphMethods, keras.Model):
+class Flow(Density, keras.Model):
     """Conditional normalizing flow p(x | c) on physical-unit data (rescaler + MAF chain + N(0, I) base).
 
     Example::
@@ -283,14 +69,11 @@ class Flow(_GraphMethods, keras.Model):
     Args:
         config: a :class:`FlowConfig` or its ``to_dict()``.
         jit_compile: XLA-compile the traced ``log_prob`` / ``grad_log_prob`` for offline evaluation
-            (never for export; sampling is never compiled). Measured on 2 CPU cores, 6D, 8 layers of
-            64x64, 10^4 points: log_prob 1.6x (affine) / 1.9x (spline) faster, grad_log_prob 1.6x /
-            2.8x, for a one-time extra 0.4-2.3 s of compilation; training steps
-            (``compile(..., jit_compile=True)``) 1.25x / 2.8x faster for an extra 2.7-5.7 s, so worth it
-            beyond ~2000 (affine) / ~250 (spline) steps. ``benchmarks/bench_flows.py`` re-measures.
+            (never for export; sampling is never compiled): faster per call for a one-time compilation
+            (``benchmarks/bench_flows.py`` measures; figures in benchmarks/README.md).
     """
 
-    _what = "flow"
+    what = "flow"
 
     def __init__(self, config: FlowConfig | Mapping[str, Any], jit_compile: bool = False, **kwargs):
         if isinstance(config, Mapping):
@@ -313,7 +96,7 @@ class Flow(_GraphMethods, keras.Model):
         self.adapted = self.add_weight(name="adapted", shape=[], initializer="zeros", trainable=False)
         self._loss_tracker = keras.metrics.Mean(name="loss")
         self.build_variables()
-        self._make_graph_functions(jit_compile)
+        self.jit_log_prob = bool(jit_compile)
 
     # -- configuration ---------------------------------------------------------------------------
     @property
@@ -425,7 +208,7 @@ class Flow(_GraphMethods, keras.Model):
         return {name: {"conditional_input": c_std} for name in self._layer_names}
 
     # -- pure tensor maths (traced by the graph functions, by train_step and by Ensemble) ----------
-    def _log_prob_tensor(self, x: tf.Tensor, c: tf.Tensor | None) -> tf.Tensor:
+    def log_prob_tensor(self, x: tf.Tensor, c: tf.Tensor | None) -> tf.Tensor:
         y, log_jacobian, in_support = self._rescale(x)
         kwargs = self._bijector_kwargs(c)
         z, log_det = inverse_and_log_det(self.bijector, y, kwargs)
@@ -435,7 +218,11 @@ class Flow(_GraphMethods, keras.Model):
             lp = tf.where(in_support, lp, tf.fill(tf.shape(lp), -np.inf))
         return lp
 
-    def _sample_tensor(self, n: tf.Tensor | None, c: tf.Tensor | None, seed: tf.Tensor) -> tf.Tensor:
+    def scale_hint(self) -> tf.Variable:
+        """The rescaler's scales σ [D] (the variable itself: read when traced, so current after adapt)."""
+        return self.x_scale
+
+    def sample_tensor(self, n: tf.Tensor | None, c: tf.Tensor | None, seed: tf.Tensor) -> tf.Tensor:
         if c is not None:
             n = tf.shape(c)[0]
         z = tf.random.stateless_normal(tf.stack([n, self.dim]), seed=seed, dtype=tf.float32)
@@ -446,14 +233,14 @@ class Flow(_GraphMethods, keras.Model):
     def call(self, inputs, training=None):
         """log p for ``inputs`` = x or (x, labels); Keras' forward pass."""
         x, c, _ = self._unpack(inputs)
-        return self._log_prob_tensor(x, c)
+        return self.log_prob_tensor(x, c)
 
     def _unpack(self, data) -> tuple[tf.Tensor, tf.Tensor | None, tf.Tensor | None]:
         """(x, labels | None, sample_weight [N] | None) from Keras data: x, (x, labels) or (x, labels, w)."""
         x, c, w = _split_keras_data(data)
         if self.label_dim == 0 and c is not None and c.shape.rank == 2 and c.shape[1] == 0:
             c = None      # zero-width labels: how unconditional flows get sample weights (see train_step)
-        x, c = validate_inputs(x, c, self.dim, self.label_dim, self._what)
+        x, c = validate_inputs(x, c, self.dim, self.label_dim, self.what)
         if w is not None:
             w = tf.reshape(tf.cast(w, tf.float32), [-1])
         return _free_batch(x), (_free_batch(c) if c is not None else None), w
@@ -465,22 +252,22 @@ class Flow(_GraphMethods, keras.Model):
         are dropped); K and B are made dynamic (see :func:`_free_stack`). InputError for wrong shapes.
         """
         x, c, w = _split_keras_data(data)
-        x = _as_float32(x, "x")
+        x = as_float32(x, "x")
         if x.shape[2] is not None and x.shape[2] != self.dim:
-            raise InputError(f"stacked x has shape {_shape(x)}; the {self._what} expects [K, B, {self.dim}]")
+            raise InputError(f"stacked x has shape {shape_of(x)}; the {self.what} expects [K, B, {self.dim}]")
         if c is not None and self.label_dim == 0 and c.shape.rank == 3 and c.shape[2] == 0:
             c = None
         if c is None and self.label_dim:
-            raise InputError(f"the {self._what} is conditional: stacked labels [K, B, {self.label_dim}] are "
-                             f"required (x has shape {_shape(x)})")
+            raise InputError(f"the {self.what} is conditional: stacked labels [K, B, {self.label_dim}] are "
+                             f"required (x has shape {shape_of(x)})")
         if c is not None:
             if not self.label_dim:
-                raise InputError(f"labels were given (shape {_shape(c)}) but the {self._what} is unconditional "
+                raise InputError(f"labels were given (shape {shape_of(c)}) but the {self.what} is unconditional "
                                  f"(label_dim = 0)")
-            c = _as_float32(c, "labels")
+            c = as_float32(c, "labels")
             if c.shape.rank != 3 or (c.shape[2] is not None and c.shape[2] != self.label_dim) or not (
                     c.shape[:2].is_compatible_with(x.shape[:2])):
-                raise InputError(f"stacked labels have shape {_shape(c)}; with x {_shape(x)} the {self._what} "
+                raise InputError(f"stacked labels have shape {shape_of(c)}; with x {shape_of(x)} the {self.what} "
                                  f"expects [K, B, {self.label_dim}]")
             c = _free_stack(c)
         if w is not None:
@@ -515,7 +302,7 @@ class Flow(_GraphMethods, keras.Model):
     def _optimizer_step(self, x: tf.Tensor, c: tf.Tensor | None, w: tf.Tensor | None) -> None:
         """One Adam (or other optimizer) update on the batch x [B, D], c [B, C] | None, w [B] | None."""
         with tf.GradientTape() as tape:
-            lp = self._log_prob_tensor(x, c)
+            lp = self.log_prob_tensor(x, c)
             loss = self._loss(lp, w)
         variables = self.trainable_variables
         grads = tape.gradient(loss, variables)
@@ -548,7 +335,7 @@ class Flow(_GraphMethods, keras.Model):
         """
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         if replicas > 1 and _rank(_split_keras_data(data)[0]) != 2:
-            raise InputError(f"x has shape {_shape(_split_keras_data(data)[0])} on one of {replicas} replicas: "
+            raise InputError(f"x has shape {shape_of(_split_keras_data(data)[0])} on one of {replicas} replicas: "
                              f"stacked batches [K, B, D] need a single replica (the distribution strategy "
                              f"would split the stack along K); feed batches [B, {self.dim}]")
         if not _is_stack(data):
@@ -575,7 +362,7 @@ class Flow(_GraphMethods, keras.Model):
             w = None if w is None else tf.reshape(w, [-1])
         else:
             x, c, w = self._unpack(data)
-        self._loss_tracker.update_state(-self._log_prob_tensor(x, c), sample_weight=w)
+        self._loss_tracker.update_state(-self.log_prob_tensor(x, c), sample_weight=w)
         return {"loss": self._loss_tracker.result()}
 
 
@@ -634,7 +421,7 @@ class _Moments:
 
 # ---- ensembles ------------------------------------------------------------------------------
 
-class Ensemble(_GraphMethods, tf.Module):
+class Ensemble(Density, tf.Module):
     """Equal-weight mixture of K flows: p(x | c) = (1/K) Σ_k p_k(x | c).
 
     The mixture (mean of densities) is itself a normalised density, and it is what a deep ensemble
@@ -648,7 +435,7 @@ class Ensemble(_GraphMethods, tf.Module):
     Σ_k w_k ∇log p_k with posterior weights w_k = p_k / Σ_j p_j.
     """
 
-    _what = "ensemble"
+    what = "ensemble"
 
     def __init__(self, members: Sequence[Flow], jit_compile: bool = False):
         members = list(members) if isinstance(members, Iterable) else []
@@ -659,7 +446,7 @@ class Ensemble(_GraphMethods, tf.Module):
         if len(dims) != 1:
             raise InputError(f"Ensemble members disagree on (dim, label_dim): {sorted(dims)}; all must match")
         self.members = members
-        self._make_graph_functions(jit_compile)
+        self.jit_log_prob = bool(jit_compile)
 
     @property
     def config(self) -> FlowConfig:
@@ -682,11 +469,15 @@ class Ensemble(_GraphMethods, tf.Module):
         """Member evaluations per row of ``log_prob`` (K): :mod:`tfgalflow.cbe` divides its chunks by it."""
         return len(self.members)
 
-    def _log_prob_tensor(self, x: tf.Tensor, c: tf.Tensor | None) -> tf.Tensor:
-        member_lp = tf.stack([m._log_prob_tensor(x, c) for m in self.members], axis=0)   # [K, N]
+    def scale_hint(self) -> tf.Tensor:
+        """The first member's rescaler scales [D] (members share their data)."""
+        return self.members[0].scale_hint()
+
+    def log_prob_tensor(self, x: tf.Tensor, c: tf.Tensor | None) -> tf.Tensor:
+        member_lp = tf.stack([m.log_prob_tensor(x, c) for m in self.members], axis=0)   # [K, N]
         return tf.reduce_logsumexp(member_lp, axis=0) - math.log(len(self.members))
 
-    def _sample_tensor(self, n: tf.Tensor | None, c: tf.Tensor | None, seed: tf.Tensor) -> tf.Tensor:
+    def sample_tensor(self, n: tf.Tensor | None, c: tf.Tensor | None, seed: tf.Tensor) -> tf.Tensor:
         k = len(self.members)
         if c is not None:
             n = tf.shape(c)[0]
@@ -698,9 +489,9 @@ class Ensemble(_GraphMethods, tf.Module):
         for j, m in enumerate(self.members):
             member_seed = tf.random.experimental.stateless_fold_in(seed, j)
             if c is None:
-                draws.append(m._sample_tensor(tf.size(rows[j]), None, member_seed))
+                draws.append(m.sample_tensor(tf.size(rows[j]), None, member_seed))
             else:
-                draws.append(m._sample_tensor(None, tf.gather(c, rows[j]), member_seed))
+                draws.append(m.sample_tensor(None, tf.gather(c, rows[j]), member_seed))
         x = tf.dynamic_stitch(rows, draws)
         x.set_shape([None, self.dim])
         return x

@@ -1,0 +1,334 @@
+"""The density contract: what every model with a density p(x | c) offers, whatever it is made of.
+
+Every density of the package implements :class:`Density`: a learned :class:`~tfgalflow.model.Flow`, an
+:class:`~tfgalflow.model.Ensemble` of them, a :class:`~tfgalflow.symmetry.SphericalAverage`, the exact
+DFs (:class:`~tfgalflow.exact.ExactDF`), and a SavedModel loaded back
+(:class:`~tfgalflow.export.ExportedModel`). The CBE solver, the spherical average, the export and the
+scripts use only the names below, so any new density that implements the two hooks works with all of
+them.
+
+A subclass implements
+
+* ``dim`` and ``label_dim`` (``label_dim = 0``: unconditional);
+* :meth:`Density.log_prob_tensor` ``(x [N, D], labels [N, C] | None) -> [N]``: log p as plain TF ops,
+  no validation, traceable inside any ``tf.function`` (and under XLA when :attr:`Density.inlinable`);
+* optionally :meth:`Density.sample_tensor` ``(n, labels, seed [2]) -> [n, D]`` (stateless draws), and
+  :meth:`Density.scale_hint`, :attr:`Density.evaluations_per_row`, :attr:`Density.members`;
+
+and inherits the validated public methods ``log_prob``, ``prob``, ``grad_log_prob``, ``sample``,
+``sample_stateless``, each a ``tf.function`` with a fixed ``input_signature`` (free batch dimension:
+traced once). Units are the model's own (e.g. x = (kpc, km/s)); log p is per unit volume of x.
+
+Labels are part of the contract everywhere: an unconditional density takes ``labels=None``, and giving
+it labels is an :class:`~tfgalflow.errors.InputError`, as are missing labels for a conditional one.
+Inputs are validated eagerly (rank, width, NaN/inf, row counts); symbolic inputs (inside another
+``tf.function``) get the static shape checks only.
+
+Reference: the contract follows zuko's ``LazyDistribution`` and gala's ``PotentialBase`` (public methods
+over private hooks); the change of variables is Papamakarios et al. 2021, JMLR 22, 57, eq. 2.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from .errors import InputError
+
+
+# ---- validation at the public boundary ---------------------------------------------------------
+
+def as_float32(value: Any, name: str) -> tf.Tensor:
+    """Tensor view of ``value`` in float32; tensors are cast (not copied to NumPy), so tapes still see them."""
+    if isinstance(value, (tf.Tensor, tf.Variable)):
+        if not (value.dtype.is_floating or value.dtype.is_integer):
+            raise InputError(f"{name} has dtype {value.dtype.name}; expected a float array")
+        return value if value.dtype == tf.float32 else tf.cast(value, tf.float32)
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{name} cannot be read as a float array: {exc}") from None
+    with np.errstate(over="ignore"):
+        return tf.constant(array.astype(np.float32))
+
+
+def shape_of(value: Any) -> tuple:
+    """The shape of an array or tensor as a tuple, for messages ('?' for an unknown rank)."""
+    if isinstance(value, (tf.Tensor, tf.Variable)):
+        return tuple(value.shape.as_list()) if value.shape.rank is not None else ("?",)
+    return tuple(np.shape(value))
+
+
+def check_finite(t: tf.Tensor, name: str) -> None:
+    """NaN/inf check on concrete (eager) tensors; symbolic tensors are left to the graph."""
+    if not tf.executing_eagerly():
+        return
+    finite = np.isfinite(t.numpy())
+    if not finite.all():
+        rows = np.unique(np.nonzero(~finite)[0])
+        raise InputError(f"{name} contains NaN or inf (or values beyond float32 range) in {rows.size} "
+                         f"row(s), first rows {rows[:5].tolist()}")
+
+
+def validate_inputs(x: Any, labels: Any, dim: int, label_dim: int, what: str = "flow"
+                    ) -> tuple[tf.Tensor, tf.Tensor | None]:
+    """Check and convert ``x: [N, dim]`` and ``labels: [N, label_dim] | None`` to float32 tensors.
+
+    Raises InputError for a wrong rank or width, labels missing for a conditional model or given to an
+    unconditional one, mismatched row counts, and (for concrete inputs) NaN or inf.
+    """
+    x = as_float32(x, "x")
+    if x.shape.rank != 2 or (x.shape[1] is not None and x.shape[1] != dim):
+        raise InputError(f"x has shape {shape_of(x)}; the {what} expects [N, {dim}]")
+    check_finite(x, "x")
+    if label_dim == 0:
+        if labels is not None:
+            raise InputError(f"labels were given (shape {shape_of(labels)}) but the {what} is "
+                             f"unconditional (label_dim = 0); pass labels=None")
+        return x, None
+    if labels is None:
+        raise InputError(f"the {what} is conditional: labels of shape [N, {label_dim}] are required "
+                         f"(x has shape {shape_of(x)})")
+    c = as_float32(labels, "labels")
+    if c.shape.rank != 2 or (c.shape[1] is not None and c.shape[1] != label_dim):
+        raise InputError(f"labels have shape {shape_of(c)}; the {what} expects [N, {label_dim}]")
+    n_x, n_c = x.shape[0], c.shape[0]
+    if n_x is not None and n_c is not None and n_x != n_c:
+        raise InputError(f"x has {n_x} rows but labels have {n_c}; expected x [N, {dim}] and labels "
+                         f"[N, {label_dim}] with the same N")
+    check_finite(c, "labels")
+    return x, c
+
+
+def stateless_seed(seed: Any) -> tf.Tensor:
+    """Stateless seed [2] int64 from None (fresh entropy), an int >= 0 (-> [seed, 0]), or two integers.
+
+    The ``tf.random.stateless_*`` convention: the same seed gives the same draws.
+    """
+    if seed is None:
+        return tf.constant(np.random.SeedSequence().generate_state(2).astype(np.int64))
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, (bool, np.bool_)):
+        if seed < 0:
+            raise InputError(f"seed = {seed}: expected an integer >= 0")
+        return tf.constant([int(seed), 0], tf.int64)
+    if isinstance(seed, (tf.Tensor, tf.Variable)):
+        if not seed.dtype.is_integer or seed.shape.as_list() != [2]:
+            raise InputError(f"seed tensor has dtype {seed.dtype.name} and shape {shape_of(seed)}; "
+                             f"expected an integer tensor of shape [2]")
+        return tf.cast(seed, tf.int64)
+    array = np.asarray(seed)
+    if array.shape != (2,) or not np.issubdtype(array.dtype, np.integer):
+        raise InputError(f"seed {seed!r}: expected None, an int >= 0, or two integers (shape [2])")
+    return tf.constant(array.astype(np.int64))
+
+
+def _sample_request(n_or_labels: Any, label_dim: int, what: str) -> tuple[Any, tf.Tensor | None]:
+    """(n, labels) from ``sample_stateless``'s first argument: an int n >= 1, or labels [n, C]."""
+    if label_dim == 0:
+        n = n_or_labels
+        if isinstance(n, (tf.Tensor, tf.Variable)):
+            if n.shape.rank not in (0, None) or not n.dtype.is_integer:
+                raise InputError(f"n must be a scalar integer, got a {n.dtype.name} tensor of shape "
+                                 f"{shape_of(n)}")
+            if tf.executing_eagerly() and int(n) < 1:
+                raise InputError(f"n = {int(n)}: the number of samples must be >= 1")
+            return tf.cast(n, tf.int32), None
+        if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
+            raise InputError(f"n = {n!r}: expected an integer number of samples (the {what} is "
+                             f"unconditional, so no labels)")
+        if n < 1:
+            raise InputError(f"n = {n}: the number of samples must be >= 1")
+        return tf.constant(int(n), tf.int32), None
+    if isinstance(n_or_labels, (int, np.integer)) and not isinstance(n_or_labels, bool):
+        raise InputError(f"the {what} is conditional: pass labels of shape [n, {label_dim}], "
+                         f"not n = {n_or_labels}")
+    c = as_float32(n_or_labels, "labels")
+    if c.shape.rank != 2 or (c.shape[1] is not None and c.shape[1] != label_dim):
+        raise InputError(f"labels have shape {shape_of(c)}; the {what} expects [n, {label_dim}]")
+    if c.shape[0] == 0:
+        raise InputError(f"labels have shape {shape_of(c)}: the number of samples must be >= 1")
+    check_finite(c, "labels")
+    return None, c
+
+
+# ---- the contract ------------------------------------------------------------------------------
+
+class Density(abc.ABC):
+    """A probability density p(x | c) over x [N, D] given labels c [N, C] (C = ``label_dim`` >= 0).
+
+    Subclasses implement :meth:`log_prob_tensor` (and :meth:`sample_tensor` if they can sample) and the
+    ``dim``/``label_dim`` attributes; the validated, traced public methods come from this class. Set
+    ``jit_log_prob = True`` on an instance (before its first call) to XLA-compile its log_prob and
+    gradient for offline evaluation (never used by export).
+
+    Example::
+
+        class Gauss(Density):                      # N(0, I) in 2-D
+            dim, label_dim = 2, 0
+            def log_prob_tensor(self, x, labels=None):
+                return -0.5 * tf.reduce_sum(x * x, -1) - tf.math.log(2 * np.pi)
+
+        Gauss().log_prob([[0.0, 0.0]])             # [-1.8379]
+    """
+
+    #: what error messages call this density ("flow", "ensemble", ...)
+    what: str = "density"
+    #: XLA-compile the traced log_prob / grad_log_prob (set before the first call, or call
+    #: :meth:`retrace` after changing it)
+    jit_log_prob: bool = False
+
+    # -- what a subclass provides ----------------------------------------------------------------
+    dim: int
+    label_dim: int
+
+    @abc.abstractmethod
+    def log_prob_tensor(self, x: tf.Tensor, labels: tf.Tensor | None = None) -> tf.Tensor:
+        """log p(x | labels) [N] float32 as TF ops, for x [N, D] and labels [N, C] | None (no checks)."""
+
+    def sample_tensor(self, n: tf.Tensor | None, labels: tf.Tensor | None, seed: tf.Tensor) -> tf.Tensor:
+        """Stateless draws [n, D] float32 as TF ops: n (scalar int) draws, or one per row of labels [n, C].
+
+        The default raises InputError: a density that cannot sample says so."""
+        raise InputError(f"the {self.what} ({type(self).__name__}) cannot sample")
+
+    @property
+    def can_sample(self) -> bool:
+        """Whether :meth:`sample_tensor` is implemented."""
+        return type(self).sample_tensor is not Density.sample_tensor
+
+    @property
+    def inlinable(self) -> bool:
+        """Whether :meth:`log_prob_tensor` is plain TF ops that XLA may compile inline (False for a
+        loaded SavedModel's functions, or a wrapper around one)."""
+        return True
+
+    @property
+    def evaluations_per_row(self) -> int:
+        """Model evaluations behind one row of ``log_prob`` (K for a K-member ensemble, M x that for an
+        average over M rotations): batched callers such as the CBE shrink their chunks by it."""
+        return 1
+
+    #: The members whose mean density this is (an ensemble), else None.
+    members: list["Density"] | None = None
+
+    def scale_hint(self) -> tf.Tensor | tf.Variable | None:
+        """Typical magnitude of each column of x, [D] float32 (read when traced), or None if unknown.
+
+        Flows return their rescaler's scales; the exact DFs their natural units. The CBE centres its
+        velocity sampler on it, so it may be off by a large factor."""
+        return None
+
+    # -- the public, validated methods ------------------------------------------------------------
+    def check_inputs(self, x: Any, labels: Any = None) -> tuple[tf.Tensor, tf.Tensor | None]:
+        """Validate and convert (x [N, D], labels [N, C] | None) as every public method does."""
+        return validate_inputs(x, labels, self.dim, self.label_dim, self.what)
+
+    def log_prob(self, x: Any, labels: Any = None) -> tf.Tensor:
+        """log p(x | labels): [N] float32 per unit volume of x; x [N, D] in the model's units."""
+        x, c = self.check_inputs(x, labels)
+        fns = self._traced()
+        return fns["log_prob"](x, c) if self.label_dim else fns["log_prob"](x)
+
+    def prob(self, x: Any, labels: Any = None) -> tf.Tensor:
+        """p(x | labels) = exp(log_prob): [N] float32."""
+        return tf.exp(self.log_prob(x, labels))
+
+    def grad_log_prob(self, x: Any, labels: Any = None) -> tf.Tensor:
+        """∂ log p(x | labels) / ∂x: [N, D] float32 in 1/(unit of each column) (GradientTape).
+
+        Zero for rows outside the support (log p = -inf)."""
+        x, c = self.check_inputs(x, labels)
+        fns = self._traced()
+        return fns["grad"](x, c) if self.label_dim else fns["grad"](x)
+
+    def sample(self, n: int, labels: Any = None, seed: Any = None) -> tf.Tensor:
+        """n draws x ~ p(x | labels): [n, D] float32 in the model's units.
+
+        Args:
+            n: number of samples (>= 1).
+            labels: [n, C] (one draw per row) or [C] (all n draws at that label); None if unconditional.
+            seed: None (fresh entropy), an int, or a stateless seed [2]; the same seed gives the same
+                draws.
+        """
+        if self.label_dim == 0:
+            if labels is not None:
+                raise InputError(f"labels were given (shape {shape_of(labels)}) but the {self.what} is "
+                                 f"unconditional (label_dim = 0)")
+            return self.sample_stateless(n, stateless_seed(seed))
+        if labels is None:
+            raise InputError(f"the {self.what} is conditional: sample(n, labels) needs labels of shape "
+                             f"[n, {self.label_dim}] or [{self.label_dim}]")
+        c = as_float32(labels, "labels")
+        if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise InputError(f"n = {n!r}: expected an integer number of samples >= 1")
+        if c.shape.rank == 1 and c.shape[0] == self.label_dim:
+            c = tf.tile(c[tf.newaxis, :], [int(n), 1])
+        if c.shape.rank == 2 and c.shape[0] != n:
+            raise InputError(f"sample: n = {n} but labels have shape {shape_of(c)}; expected [{n}, "
+                             f"{self.label_dim}] or [{self.label_dim}]")
+        return self.sample_stateless(c, stateless_seed(seed))
+
+    def sample_stateless(self, n_or_labels: Any, seed: Any) -> tf.Tensor:
+        """Deterministic draws for a tensor seed: [n, D] float32 in the model's units.
+
+        ``n_or_labels`` is n (scalar int) for unconditional models and labels [n, C] for conditional
+        ones; ``seed`` is an integer tensor of shape [2] (``tf.random.stateless_*`` convention).
+        Usable inside ``tf.function`` / export signatures (symbolic inputs skip the eager checks).
+        """
+        if not self.can_sample:
+            self.sample_tensor(None, None, None)          # raises the density's own message
+        n, c = _sample_request(n_or_labels, self.label_dim, self.what)
+        seed = stateless_seed(seed)
+        fns = self._traced()
+        return fns["sample"](c, seed) if self.label_dim else fns["sample"](n, seed)
+
+    # -- tracing ----------------------------------------------------------------------------------
+    def gradient_tensor(self, x: tf.Tensor, labels: tf.Tensor | None = None) -> tf.Tensor:
+        """∂ log p/∂x [N, D] as TF ops (one GradientTape pass; rows are independent)."""
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            lp = self.log_prob_tensor(x, labels)
+        # d(Σ_n log p_n)/dx_n = d log p_n/dx_n; a density constant in x has gradient 0.
+        return tape.gradient(lp, x, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+    def retrace(self) -> None:
+        """Forget the traced functions (after changing ``jit_log_prob``); they are rebuilt on next use."""
+        self.__dict__.pop("_density_functions", None)
+
+    def _traced(self) -> dict:
+        """The three ``tf.function``s behind the public methods, built on first use."""
+        fns = self.__dict__.get("_density_functions")
+        if fns is None:
+            fns = self._trace()
+            # Stored outside Keras/tf.Module attribute tracking (functions are not state to save).
+            self.__dict__["_density_functions"] = fns
+        return fns
+
+    def _trace(self) -> dict:
+        x_spec = tf.TensorSpec([None, self.dim], tf.float32, name="x")
+        c_spec = tf.TensorSpec([None, self.label_dim], tf.float32, name="labels")
+        n_spec = tf.TensorSpec([], tf.int32, name="n")
+        seed_spec = tf.TensorSpec([2], tf.int64, name="seed")
+        # autograph=False: the maths has no Python control flow on tensors (loops are explicit
+        # tf.while_loops), so conversion would only slow tracing down.
+        dense = dict(jit_compile=bool(self.jit_log_prob) and self.inlinable, autograph=False)
+        if self.label_dim:
+            return {
+                "log_prob": tf.function(lambda x, labels: self.log_prob_tensor(x, labels),
+                                        input_signature=[x_spec, c_spec], **dense),
+                "grad": tf.function(lambda x, labels: self.gradient_tensor(x, labels),
+                                    input_signature=[x_spec, c_spec], **dense),
+                "sample": tf.function(lambda labels, seed: self.sample_tensor(None, labels, seed),
+                                      input_signature=[c_spec, seed_spec], autograph=False)}
+        return {
+            "log_prob": tf.function(lambda x: self.log_prob_tensor(x, None),
+                                    input_signature=[x_spec], **dense),
+            "grad": tf.function(lambda x: self.gradient_tensor(x, None),
+                                input_signature=[x_spec], **dense),
+            "sample": tf.function(lambda n, seed: self.sample_tensor(n, None, seed),
+                                  input_signature=[n_spec, seed_spec], autograph=False)}
+
+
+__all__ = ["Density", "validate_inputs", "as_float32", "check_finite", "shape_of", "stateless_seed"]
