@@ -1,24 +1,26 @@
-"""tfgalflow.twosample: statistics against independent formulas, calibration under H0, power under H1.
+"""tfgalflow.twosample: statistics against independent formulas, calibration under H0, power.
 
-Independent truths: scipy.stats.chi2_contingency on a 2 x K table built with numpy.histogramdd (and a
-merging worked out by hand), scipy.stats.energy_distance (1-D), a brute-force MMD double sum, the
-chi^2(dof) mean and the uniformity of p-values over repeated draws under H0, and the binomial law of
-rejections. Pairs that differ, at the sizes of issue #13 (2000 vs 2000 points of a 2-D unit Gaussian):
-a mean shift of 0.15 sigma along x, a 10 % width change, a correlation change 0 -> 0.15.
+Independent truths: scipy.stats.chi2_contingency on a 2 x K table built with numpy.histogramdd
+(and a merging worked out by hand), scipy.stats.energy_distance (1-D), a brute-force MMD double
+sum, the chi^2(dof) mean and the uniformity of p-values over repeated draws under H0, and the
+binomial law of rejections. Pairs that differ, at the sizes of issue #13 (2000 vs 2000 points of a
+2-D unit Gaussian): a mean shift of 0.15 sigma along x, a 10 % width change of both axes, a
+correlation change 0 -> 0.15 (marginals unchanged).
 
-Measured power at alpha = 0.01 over independent pairs (seeds 1000-1199 for chi^2/KS/classifier,
-1000-1039 for energy/MMD with 200 permutations); the tests below assert only what is robust:
+Measured rejection rates at alpha = 0.01 over independent pairs (seeds 1000-1199 for chi^2, KS and
+the classifier; 1000-1039 for energy and MMD with 200 permutations):
 
-    test                      shift 0.15   width +10 %   corr 0 -> 0.15
-    chi2_test 8 x 8           0.29         0.32          0.26
-    chi2_test 4 x 4           0.59         0.37          0.53
-    ks_marginals              0.89         0.12          0.01  (blind by construction)
-    classifier_test (both)    0.62         0.79          0.50
-    energy_distance_test      see REPORT   see REPORT    see REPORT
-    mmd_test                  see REPORT   see REPORT    see REPORT
+    test                          H0      shift 0.15   width +10 %   corr 0 -> 0.15
+    chi2_test 8 x 8 (default)     0.015   0.29         0.32          0.26
+    chi2_test 4 x 4               0.010   0.59         0.37          0.53
+    ks_marginals                  0.010   0.89         0.12          0.01 (blind)
+    classifier_test (default)     0.010   0.74         0.86          0.60
+    energy_distance_test          0.000   0.98         0.48          0.03
+    mmd_test                      0.000   0.90         0.88          0.08
 
-Power tests therefore assert a rejection RATE over a few independent pairs (far above the 1 % that H0
-would give), for the differences each test is meant for, not a single lucky seed.
+No test rejects every such pair: these differences sit at the edge of what 2000 points resolve.
+The power tests therefore count rejections over independent pairs, for the differences each test
+is meant for, with thresholds set below the measured rates (never a single lucky seed).
 """
 from __future__ import annotations
 
@@ -32,8 +34,16 @@ import pytest
 from scipy import stats
 
 from tfgalflow.errors import InputError
-from tfgalflow.twosample import (TESTS, TestResult, chi2_test, classifier_test,
-                                 energy_distance_test, ks_marginals, mmd_test, two_sample_report)
+from tfgalflow.twosample import (
+    TESTS,
+    TestResult,
+    chi2_test,
+    classifier_test,
+    energy_distance_test,
+    ks_marginals,
+    mmd_test,
+    two_sample_report,
+)
 
 N = 2000                                      # sample sizes of issue #13
 CORRELATED = np.linalg.cholesky([[1.0, 0.15], [0.15, 1.0]])
@@ -59,14 +69,14 @@ def binomial_band(trials: int, rate: float) -> tuple[int, int]:
     return int(law.ppf(0.0005)), int(law.isf(0.0005))
 
 
-# ---- statistics against independent formulas -------------------------------------------------------
+# ---- statistics against independent formulas ----------------------------------------------------
 
 def test_chi2_equals_contingency_table_of_raw_counts():
     """Unequal sizes: NR 14.3.3 equals Pearson's chi^2 of the 2 x K table (scipy, no Yates)."""
     a, b = gaussian_pair(1, "shift", n_a=1500, n_b=2500)
-    edges = [np.linspace(-2.0, 2.0, 5)] * 2              # 4 x 4 cells + overflow, all >= 25 expected
+    edges = [np.linspace(-2.0, 2.0, 5)] * 2    # 4 x 4 cells + overflow, all >= 25 expected
     result = chi2_test(a, b, bins=edges)
-    inside = lambda x: np.all(np.abs(x) <= 2.0, axis=1)  # noqa: E731
+    inside = lambda x: np.all(np.abs(x) <= 2.0, axis=1)
     table = np.array([np.append(np.histogramdd(x[inside(x)], bins=edges)[0].ravel(),
                                 np.sum(~inside(x))) for x in (a, b)])
     statistic, p, dof, _ = stats.chi2_contingency(table, correction=False)
@@ -97,6 +107,17 @@ def test_chi2_merging_rule_by_hand(min_expected, merged):
     np.testing.assert_allclose([result.statistic, result.p_value], [statistic, p], rtol=1e-12)
 
 
+@pytest.mark.parametrize("width, n, per_axis", [(2, N, 8), (2, 200, 4), (6, N, 2), (1, 12, 2)])
+def test_chi2_default_cells(width, n, per_axis):
+    """bins=None: k = min(8, max(2, floor((n / (2 x 5))^(1/D)))) per axis (8 x 8 at the issue's
+    sizes), equal-probability marginal cells, so the dof is k^D - 1 when no cell is sparse."""
+    rng = np.random.default_rng(12)
+    result = chi2_test(rng.normal(size=(n, width)), rng.normal(size=(n, width)))
+    assert result.extra["cells_per_axis"] == [per_axis] * width
+    if width == 2 and n == N:
+        assert result.dof == 63
+
+
 def test_energy_distance_equals_scipy_in_1d():
     """In 1-D, E (data units) = scipy.stats.energy_distance^2; ours is in pooled-std units."""
     rng = np.random.default_rng(2)
@@ -115,7 +136,7 @@ def test_mmd_equals_double_sum():
     x = np.concatenate([a, b])
     x = (x - x.mean(axis=0)) / x.std(axis=0)
     xa, xb = x[:40], x[40:]
-    k = lambda u, v: np.exp(-np.sum((u[:, None] - v[None]) ** 2, axis=-1) / (2 * 0.7**2))  # noqa
+    k = lambda u, v: np.exp(-np.sum((u[:, None] - v[None]) ** 2, axis=-1) / (2 * 0.7**2))
     expected = k(xa, xa).mean() + k(xb, xb).mean() - 2 * k(xa, xb).mean()
     np.testing.assert_allclose(result.statistic, expected, rtol=1e-9)
     assert result.extra["bandwidth"] == 0.7
@@ -133,7 +154,7 @@ def test_classifier_auc_is_mann_whitney():
     np.testing.assert_allclose(result.extra["auc_null_std"], np.sqrt((2 * m + 1) / (12 * m * m)))
 
 
-# ---- calibration under H0 --------------------------------------------------------------------------
+# ---- calibration under H0 -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("sizes", [(N, N), (1500, 2500)])
 def test_chi2_and_ks_are_calibrated(sizes):
@@ -198,7 +219,7 @@ def test_equal_pair_is_not_rejected():
         assert abs(report[name].statistic - null["null_mean"]) < 4 * null["null_std"]
 
 
-# ---- power under H1 ---------------------------------------------------------------------------------
+# ---- power under H1 -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("test, difference, pairs, at_least", [
     # (test, difference, independent pairs, rejections at 0.01 required). Thresholds: the measured
@@ -211,8 +232,8 @@ def test_equal_pair_is_not_rejected():
     ("chi2_4x4", "shift", 80, 31),          # 0.59
     ("chi2_4x4", "correlation", 80, 26),    # 0.53
     ("classifier", "width", 40, 26),        # 0.86
-    ("classifier", "shift", 40, 19),        # 0.73
-    ("classifier", "correlation", 40, 14),  # 0.62
+    ("classifier", "shift", 40, 19),        # 0.74
+    ("classifier", "correlation", 40, 13),  # 0.60
 ])
 def test_cheap_tests_reject_differences(test, difference, pairs, at_least):
     """Rejection counts at alpha = 0.01 over independent 2000 vs 2000 pairs that differ. The
@@ -248,9 +269,9 @@ def test_permutation_tests_reject_differences(test, difference):
 
 
 def test_fedhex_density_normalised_chi2_cannot_fail():
-    """FEDHEX's check (fedhex/posttrain/_analysis.py test_chi): 8 bins on a fixed range, both
-    histograms density-normalised, then scipy's chisquare. The bin heights are ~0.1-0.5 whatever
-    the sample size, so chi^2 ~ 1e-3 and p = 1 on a pair that differs; ours, on raw counts, rejects."""
+    """FEDHEX's check (fedhex/posttrain/_analysis.py, test_chi): 8 bins on a fixed range, both
+    histograms density-normalised, then scipy's chisquare. The heights are < 0.5 whatever the
+    sample size, so chi^2 ~ 0.03 and p ~ 1 on a pair that differs; ours, on raw counts, rejects."""
     a, b = gaussian_pair(8, "shift", n_a=20_000, n_b=20_000)
     heights = [np.histogram(x[:, 0], bins=8, range=(-3, 3), density=True)[0] for x in (a, b)]
     fedhex_p = stats.chisquare(heights[0], heights[1] * heights[0].sum() / heights[1].sum(),
@@ -260,7 +281,7 @@ def test_fedhex_density_normalised_chi2_cannot_fail():
     assert ours.p_value < 1e-6
 
 
-# ---- types, validation, JSON ------------------------------------------------------------------------
+# ---- types, validation, JSON --------------------------------------------------------------------
 
 def test_result_is_frozen_and_json():
     result = chi2_test(*gaussian_pair(9, n_a=200, n_b=300), bins=3)

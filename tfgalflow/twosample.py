@@ -1,30 +1,31 @@
-"""Two-sample tests that can fail: is sample ``a`` drawn from the same distribution as sample ``b``?
+"""Two-sample tests that can fail: are samples ``a`` and ``b`` drawn from one distribution?
 
-Every task compares a model's draws with held-out data (or two models with each other) through this
-module. Each test returns a :class:`TestResult` whose p-value is calibrated under H0 (same distribution)
-and small when the samples differ in a way the test can see:
+Every task compares a model's draws with held-out data (or two models with each other) through
+this module. Each test returns a :class:`TestResult` whose p-value is calibrated under H0 (same
+distribution) and small when the samples differ in a way the test can see:
 
-==================  =========================================================================  ==========
-test                statistic                                                                  p-value
-==================  =========================================================================  ==========
-``chi2_test``       Pearson chi^2 of the 2 x K table of RAW counts in N-D cells (sparse cells   chi^2(K-1)
-                    merged), NR 14.3.3 for unequal sample sizes
-``ks_marginals``    KS distance of every marginal (on the samples, not on histograms)          Bonferroni
-``classifier_test`` held-out AUC of a quadratic logistic regression and a kNN classifier       Mann-Whitney
-``energy_distance`` energy distance E = 2 E|X-Y| - E|X-X'| - E|Y-Y'| (standardised axes)       permutation
-``mmd_test``        MMD^2 with a Gaussian kernel, bandwidth by the median heuristic             permutation
-==================  =========================================================================  ==========
+=====================  ==========================================================  ============
+test                   statistic                                                   p-value
+=====================  ==========================================================  ============
+``chi2_test``          Pearson chi^2 of the 2 x K table of RAW counts in N-D       chi^2(K - 1)
+                       cells, sparse cells merged (NR 14.3.3, unequal sizes)
+``ks_marginals``       KS distance of each marginal, on the samples themselves     Bonferroni
+``classifier_test``    held-out AUC of a quadratic logistic regression and a kNN   Mann-Whitney
+``energy_distance``    E = 2 E|X-Y| - E|X-X'| - E|Y-Y'| on standardised axes        permutation
+``mmd_test``           MMD^2, Gaussian kernel, median-heuristic bandwidth          permutation
+=====================  ==========================================================  ============
 
-What each test is for (the power figures are measured in tests/test_twosample.py and the report of
-issue #13): a mean shift is seen by every test; a width (scale) change by chi^2, KS, the quadratic
-classifier and MMD, and only weakly by the energy distance (its kernel -|x - y| is linear at large
-separations); a change of correlation with unchanged marginals is invisible to ``ks_marginals`` by
-construction and is the job of chi^2 on joint cells, the quadratic classifier (whose features include
-x_i x_j) and MMD.
+What each test is for (power measured in tests/test_twosample.py): a mean shift is seen by every
+test, best by KS, energy distance and MMD; a width (scale) change best by the quadratic classifier
+and MMD, weakly by the energy distance (its kernel -|x - y| is nearly linear at large separations)
+and KS; a change of correlation with unchanged marginals is invisible to ``ks_marginals`` by
+construction, weakly seen by energy and MMD with the median bandwidth, and is the job of the
+quadratic classifier (its features include x_i x_j) and of chi^2 on joint cells. Run them together
+with :func:`two_sample_report`.
 
-This is the fix of the reference pipeline FEDHEX's checks: its chi^2 compared density-normalised
-histograms (values ~1 per bin, whatever the sample size, so chi^2 ~ 0 and p ~ 1 always) and its KS test
-ran on histogram bin heights; neither could ever reject.
+This replaces the reference pipeline FEDHEX's checks: its chi^2 compared density-normalised
+histograms (heights ~0.1-1 per bin whatever the sample size, so chi^2 ~ 0 and p ~ 1 always) and
+its KS test ran on histogram bin heights; neither could ever reject.
 
 NumPy and SciPy only: ``import tfgalflow.twosample`` does not import TensorFlow.
 
@@ -36,8 +37,9 @@ Phipson & Smyth 2010, SAGMB 9, 39 (permutation p-values never zero).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import spatial, special, stats
@@ -51,8 +53,8 @@ TESTS = ("chi2", "ks", "classifier", "energy", "mmd")
 #: Classifiers of ``classifier_test``.
 CLASSIFIERS = ("quadratic", "knn", "both")
 #: Largest number of points per sample the permutation tests use (a random subsample beyond it):
-#: the pooled N x N distances are computed in row chunks, so memory stays ~32 MB, but time is
-#: O(N^2 (1 + n_permutations / D)).
+#: the pooled N x N kernel is built in row chunks (~32 MB each), and the time grows as
+#: N^2 (D + n_permutations).
 MAX_PERMUTATION_SIZE = 2000
 _CHUNK_ELEMENTS = 2**22          # pairwise entries per chunk of kernel rows (32 MB in float64)
 _MEDIAN_HEURISTIC_POINTS = 1000  # points whose pairwise distances give the median heuristic
@@ -79,21 +81,21 @@ class TestResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain Python types only (NumPy scalars and arrays converted), ready for ``json.dump``."""
+        """Plain Python types only (NumPy scalars and arrays converted), for ``json.dump``."""
         return {"name": self.name, "statistic": float(self.statistic),
                 "p_value": float(self.p_value), "dof": None if self.dof is None else int(self.dof),
                 "extra": _plain(self.extra)}
 
 
-# ---- chi^2 on raw counts ---------------------------------------------------------------------------
+# ---- chi^2 on raw counts ------------------------------------------------------------------------
 
-def chi2_test(a: Any, b: Any, bins: int | Sequence[Any] = 8, range: Sequence[Any] | None = None,
-              min_expected: float = 5.0) -> TestResult:
+def chi2_test(a: Any, b: Any, bins: int | Sequence[Any] | None = None,
+              range: Sequence[Any] | None = None, min_expected: float = 5.0) -> TestResult:
     """Two-sample chi^2 test on the raw counts of ``a`` and ``b`` in N-D cells.
 
-    With A_i, B_i the counts of the two samples in cell i (sizes n_a = sum A_i, n_b = sum B_i, which
-    may differ), the statistic is Pearson's chi^2 of the 2 x K contingency table, written as in
-    Numerical Recipes eq. 14.3.3:
+    With A_i, B_i the counts of the two samples in cell i (sizes n_a = sum A_i, n_b = sum B_i,
+    which may differ), the statistic is Pearson's chi^2 of the 2 x K contingency table, written as
+    in Numerical Recipes eq. 14.3.3:
 
         chi^2 = sum_i (sqrt(n_b / n_a) A_i - sqrt(n_a / n_b) B_i)^2 / (A_i + B_i),
 
@@ -101,25 +103,28 @@ def chi2_test(a: Any, b: Any, bins: int | Sequence[Any] = 8, range: Sequence[Any
     (the (2 - 1)(K - 1) of the contingency table; equal to scipy.stats.chi2_contingency without
     Yates' correction).
 
-    Cells. ``bins`` per axis as in ``numpy.histogramdd``: an int (the same on every axis, e.g. 8 ->
-    8 x 8 cells in 2-D), or one entry per axis, each an int or an increasing array of edges. An int
-    axis without ``range`` gets edges at the quantiles of the POOLED sample (equal-probability
-    marginal bins; they depend on the pooled data only, which H0 leaves exchangeable, so the test
-    stays calibrated). With ``range`` ([D, 2], or one (low, high) pair for every axis) an int axis
-    gets equal-width edges on it. Points outside the edges (possible with ``range`` or explicit
-    edges) are counted in one extra overflow cell, never dropped.
+    Cells. ``bins`` per axis as in ``numpy.histogramdd``: an int (the same on every axis, e.g. 8
+    -> 8 x 8 cells in 2-D), or one entry per axis, each an int or an increasing array of edges.
+    None (default) takes k = min(8, max(2, floor((min(n_a, n_b) / (2 min_expected))^(1/D)))) per
+    axis: 8 x 8 for two 2-D samples of >= 640 points, fewer per axis in higher dimension, so that
+    the k^D cells keep about twice ``min_expected`` points of the smaller sample each. An int axis
+    without ``range`` gets edges at the quantiles of the POOLED sample (equal-probability marginal
+    bins; they depend on the pooled data only, which H0 leaves exchangeable, so the test stays
+    calibrated). With ``range`` ([D, 2], or one (low, high) pair for all axes) an int axis gets
+    equal-width edges on it. Points outside the edges (possible with ``range`` or explicit edges)
+    are counted in one extra overflow cell, never dropped.
 
-    Merging rule (uses the pooled counts c_i = A_i + B_i only, never the labels, so it cannot bias
-    the test): empty cells are dropped; a cell is sparse when its smaller expected count
-    min(n_a, n_b) c_i / N is below ``min_expected``. The sparse cells are sorted by c_i (ties by cell
-    index) and pooled greedily, in that order, into groups that just reach ``min_expected``; a last
-    group that stays below it joins the previous group (or, if there is none, the least populated
-    adequate cell). Cells need not be adjacent to be merged: any partition of space fixed before the
-    labels are seen gives a valid chi^2 test, and grouping by count pools the tails.
+    Merging rule (it uses the pooled counts c_i = A_i + B_i only, never the labels, so it cannot
+    bias the test): empty cells are dropped; a cell is sparse when its smaller expected count
+    min(n_a, n_b) c_i / N is below ``min_expected``. The sparse cells are sorted by c_i (ties by
+    cell index) and pooled greedily, in that order, into groups that just reach ``min_expected``;
+    a last group that stays below it joins the previous group (or, if there is none, the least
+    populated adequate cell). Merged cells need not be adjacent: any partition of space fixed
+    before the labels are seen gives a valid chi^2 test, and grouping by count pools the tails.
 
     Args:
         a: [n_a, D] first sample. b: [n_b, D] second sample (same D).
-        bins: cells per axis (see above).
+        bins: cells per axis (see above; None: the rule above).
         range: [D, 2] lower and upper edges per axis for int ``bins`` (None: pooled quantiles).
         min_expected: smallest expected count per cell (5, the usual rule, e.g. NR 14.3).
     Returns:
@@ -132,9 +137,13 @@ def chi2_test(a: Any, b: Any, bins: int | Sequence[Any] = 8, range: Sequence[Any
     """
     a, b = _pair(a, b)
     min_expected = positive_number(min_expected, "min_expected")
-    pooled = np.concatenate([a, b])
-    cell = _cell_index(pooled, _axis_edges(pooled, bins, range))
     n_a, n_b = len(a), len(b)
+    if bins is None:
+        per_axis = (min(n_a, n_b) / (2.0 * min_expected)) ** (1.0 / a.shape[1])
+        bins = min(8, max(2, math.floor(per_axis)))
+    pooled = np.concatenate([a, b])
+    edges = _axis_edges(pooled, bins, range)
+    cell = _cell_index(pooled, edges)
     counts_a = np.bincount(cell[:n_a], minlength=cell.max() + 1)
     counts_b = np.bincount(cell[n_a:], minlength=cell.max() + 1)
     occupied = (counts_a + counts_b) > 0
@@ -148,7 +157,8 @@ def chi2_test(a: Any, b: Any, bins: int | Sequence[Any] = 8, range: Sequence[Any
     statistic = float(np.sum((math.sqrt(n_b / n_a) * A - math.sqrt(n_a / n_b) * B) ** 2 / (A + B)))
     dof = k_eff - 1
     return TestResult("chi2", statistic, float(stats.chi2.sf(statistic, dof)), dof, {
-        "n_a": n_a, "n_b": n_b, "cells_occupied": int(occupied.sum()), "cells_used": k_eff,
+        "n_a": n_a, "n_b": n_b, "cells_per_axis": [len(e) - 1 for e in edges],
+        "cells_occupied": int(occupied.sum()), "cells_used": k_eff,
         "cells_sparse_merged": int(len(group) - np.sum(np.bincount(group) == 1)),
         "min_expected": min_expected})
 
@@ -188,7 +198,7 @@ def _axis_edges(pooled: np.ndarray, bins: Any, range_: Any) -> list[np.ndarray]:
 
 
 def _cell_index(x: np.ndarray, edges: list[np.ndarray]) -> np.ndarray:
-    """Flat cell index [N] of each row; rows outside the edges share the overflow cell prod(k_d)."""
+    """Flat cell index [N] of each row; rows outside the edges share overflow cell prod(k_d)."""
     shape = tuple(len(e) - 1 for e in edges)
     per_axis, outside = [], np.zeros(len(x), dtype=bool)
     for d, e in enumerate(edges):
@@ -229,18 +239,18 @@ def _merge_sparse(pooled_counts: np.ndarray, smaller_fraction: float,
     return np.unique(group, return_inverse=True)[1]
 
 
-# ---- KS per marginal ---------------------------------------------------------------------------------
+# ---- KS per marginal ----------------------------------------------------------------------------
 
 def ks_marginals(a: Any, b: Any) -> TestResult:
     """Kolmogorov-Smirnov two-sample test on every marginal, Bonferroni-combined.
 
     For each axis d, D_d = sup_x |F_a,d(x) - F_b,d(x)| on the samples themselves
-    (``scipy.stats.ks_2samp``, exact p-value below 10^4 points per sample, asymptotic above). The
-    combined p-value is Bonferroni's, p = min(1, D * min_d p_d): valid whatever the dependence between
-    axes, conservative for correlated axes (and exactly uniform near 0 for independent ones, where
-    P(p <= alpha) = 1 - (1 - alpha/D)^D ~ alpha). It sees marginals only: a change of correlation
-    with unchanged marginals is invisible to it by construction (use ``chi2_test``, the classifier
-    or MMD for that).
+    (``scipy.stats.ks_2samp``: exact p-value up to 10^4 points per sample, asymptotic above). The
+    combined p-value is Bonferroni's, p = min(1, D min_d p_d): valid whatever the dependence
+    between axes, conservative for correlated axes, nearly exact at small p for independent ones
+    (P(p <= alpha) = 1 - (1 - alpha/D)^D ~ alpha). It sees marginals only: a change of
+    correlation with unchanged marginals is invisible to it by construction (``chi2_test`` and
+    the classifier see it).
 
     Args:
         a: [n_a, D]. b: [n_b, D].
@@ -257,7 +267,7 @@ def ks_marginals(a: Any, b: Any) -> TestResult:
         "n_a": len(a), "n_b": len(b)})
 
 
-# ---- classifier two-sample test ----------------------------------------------------------------------
+# ---- classifier two-sample test -----------------------------------------------------------------
 
 def classifier_test(a: Any, b: Any, seed: int | None = None, classifier: str = "both",
                     test_fraction: float = 0.7, k: int | None = None,
@@ -270,19 +280,22 @@ def classifier_test(a: Any, b: Any, seed: int | None = None, classifier: str = "
         AUC = U / (m_a m_b),  U = #{(i, j): s(b_j) > s(a_i)} + #ties / 2  (Mann-Whitney),
 
     with m_a, m_b held-out points. Under H0 the held-out labels are exchangeable given the fitted
-    classifier, so U has the Mann-Whitney null distribution: mean m_a m_b / 2 and, without ties,
-    var(AUC) = (m_a + m_b + 1) / (12 m_a m_b); the one-sided p-value (AUC > 1/2) is the tie-corrected
-    normal approximation of ``scipy.stats.mannwhitneyu``. A classifier worse than chance is no
-    evidence of a difference, hence one-sided.
+    classifier (trained on other points), so U has the Mann-Whitney null distribution: mean
+    m_a m_b / 2 and, without ties, var(AUC) = (m_a + m_b + 1) / (12 m_a m_b); the one-sided p-value
+    (AUC > 1/2) is the tie-corrected normal approximation of ``scipy.stats.mannwhitneyu``. A
+    classifier worse than chance is no evidence of a difference, hence one-sided. Do not swap the
+    halves and add the two AUCs: for near-linear scorers they are almost fully correlated under H0.
 
     Classifiers (NumPy/SciPy, no TensorFlow):
-      * ``"quadratic"``: logistic regression on [1, x, x_i x_j (i <= j)] of the standardised data, with
-        class-balanced weights and a small ridge ``l2``. The log-ratio of two Gaussians is quadratic,
-        so it is the optimal classifier for shifts, width and correlation changes; Newton's method.
+      * ``"quadratic"``: logistic regression on [1, x, x_i x_j (i <= j)] of the standardised data,
+        class-balanced, with a small ridge ``l2``. The log-ratio of two Gaussians is quadratic, so
+        it is the optimal classifier for shifts, width and correlation changes of Gaussian-like
+        samples. Few parameters, hence the default ``test_fraction`` 0.7 (more held-out points,
+        smaller null spread of the AUC).
       * ``"knn"``: fraction of the k nearest training neighbours from b (class-balanced), default
-        k = round(sqrt(training points)): sees non-quadratic differences (multimodality, tails, edges).
-      * ``"both"`` (default): both, p = min(1, 2 min(p_quadratic, p_knn)) (Bonferroni); the statistic
-        is the AUC of the classifier with the smaller p.
+        k = round(sqrt(training points)): sees non-quadratic differences (multimodality, edges).
+      * ``"both"`` (default): both, p = min(1, 2 min(p_quadratic, p_knn)) (Bonferroni); the
+        statistic is the AUC of the classifier with the smaller p.
 
     Args:
         a: [n_a, D]. b: [n_b, D]. Each needs >= 4 points.
@@ -309,9 +322,8 @@ def classifier_test(a: Any, b: Any, seed: int | None = None, classifier: str = "
     y_train = np.concatenate([np.zeros(len(train_a)), np.ones(len(train_b))])
     centre, scale = x_train.mean(axis=0), x_train.std(axis=0)
     scale[scale == 0] = 1.0
-    standard = (lambda x: (x - centre) / scale)
-    x_train = standard(x_train)
-    x_test_a, x_test_b = standard(test_a), standard(test_b)
+    x_train = (x_train - centre) / scale
+    x_test_a, x_test_b = (test_a - centre) / scale, (test_b - centre) / scale
 
     scorers: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
     if classifier in ("quadratic", "both"):
@@ -353,9 +365,10 @@ def _quadratic_logistic(x: np.ndarray, y: np.ndarray,
                         l2: float) -> Callable[[np.ndarray], np.ndarray]:
     """Scorer x -> w . phi(x) of a class-balanced ridge logistic regression on quadratic features.
 
-    Minimises L(w) = sum_n c_n softplus(-s_n w . phi_n) + l2 |w_1:|^2 (s_n = +-1, c_n = 1 / (2 n_class),
-    intercept w_0 not penalised), which is convex, by Newton's method with backtracking:
-    grad = -Phi^T (c s sigmoid(-s Phi w)) + 2 l2 w,  Hessian = Phi^T diag(c p (1 - p)) Phi + 2 l2 I.
+    Minimises the convex L(w) = sum_n c_n softplus(-s_n w . phi_n) + l2 |w_1:|^2 (s_n = +-1,
+    c_n = 1 / (2 n_class), intercept w_0 not penalised) by Newton's method with backtracking:
+    grad = -Phi^T (c s q) + 2 l2 w and Hessian = Phi^T diag(c q (1 - q)) Phi + 2 l2 I, with
+    q = sigmoid(-s Phi w). (Not scipy's L-BFGS-B: its BLAS calls stall on a busy multi-core host.)
     """
     phi = _quadratic_features(x)
     sign = 2.0 * y - 1.0
@@ -365,7 +378,8 @@ def _quadratic_logistic(x: np.ndarray, y: np.ndarray,
     penalty[0] = 0.0
 
     def loss(w: np.ndarray) -> float:
-        return float(np.sum(weight * np.logaddexp(0.0, -sign * (phi @ w))) + np.sum(penalty * w**2))
+        margin = sign * (phi @ w)
+        return float(np.sum(weight * np.logaddexp(0.0, -margin)) + np.sum(penalty * w**2))
 
     w = np.zeros(phi.shape[1])
     current = loss(w)
@@ -401,7 +415,7 @@ def _knn_scorer(x: np.ndarray, y: np.ndarray, k: int) -> Callable[[np.ndarray], 
     return score
 
 
-# ---- permutation tests: energy distance and MMD --------------------------------------------------
+# ---- permutation tests: energy distance and MMD -------------------------------------------------
 
 def energy_distance_test(a: Any, b: Any, n_permutations: int = 500, seed: int | None = None,
                          max_size: int = MAX_PERMUTATION_SIZE) -> TestResult:
@@ -410,8 +424,9 @@ def energy_distance_test(a: Any, b: Any, n_permutations: int = 500, seed: int | 
         E = 2 mean_{i,j} |a_i - b_j| - mean_{i,i'} |a_i - a_i'| - mean_{j,j'} |b_j - b_j'|   (>= 0)
 
     (V-statistic form) on axes standardised by the pooled standard deviation, so E is in units of
-    that; E = 0 iff the distributions are equal. Strong against location shifts, weak against pure
-    scale changes. For 1-D data, E (in data units) is the square of ``scipy.stats.energy_distance``.
+    that; E = 0 iff the distributions are equal. Strong against location shifts, weaker against
+    pure scale and correlation changes. For 1-D data, E in data units is the square of
+    ``scipy.stats.energy_distance``.
 
     Args:
         a: [n_a, D]. b: [n_b, D].
@@ -432,11 +447,11 @@ def mmd_test(a: Any, b: Any, n_permutations: int = 500, seed: int | None = None,
         MMD^2 = mean_{i,i'} k(a_i, a_i') + mean_{j,j'} k(b_j, b_j') - 2 mean_{i,j} k(a_i, b_j),
         k(x, y) = exp(-|x - y|^2 / (2 sigma^2))
 
-    (biased V-statistic; the permutation p-value is the same for the unbiased one, since the diagonal
+    (biased V-statistic; the permutation p-value is that of the unbiased one, since the diagonal
     adds the constant k(0)(1/n_a + 1/n_b)) on axes standardised by the pooled standard deviation.
     sigma defaults to the median heuristic: the median pairwise distance of (at most 1000 of) the
-    pooled, standardised points (Gretton et al. 2012, sec. 8). Sensitive to location, scale and
-    correlation changes at the bandwidth's scale.
+    pooled, standardised points (Gretton et al. 2012, sec. 8). Strong against location and scale
+    changes; with the median bandwidth, weak against correlation changes.
 
     Args:
         a: [n_a, D]. b: [n_b, D].
@@ -492,7 +507,8 @@ def _permutation_test(name: str, a: Any, b: Any, n_permutations: int, seed: int 
     chunk = max(1, _CHUNK_ELEMENTS // len(x))
     for start in np.arange(0, len(x), chunk):
         rows = slice(start, start + chunk)
-        d2 = np.maximum(squared_norm[rows, None] + squared_norm[None, :] - 2.0 * x[rows] @ x.T, 0.0)
+        d2 = squared_norm[rows, None] + squared_norm[None, :] - 2.0 * x[rows] @ x.T
+        d2 = np.maximum(d2, 0.0)                                    # rounding near the diagonal
         kernel = -np.sqrt(d2) if name == "energy" else np.exp(-d2 / (2.0 * bandwidth**2))
         totals += np.sum(weights[rows] * (kernel @ weights), axis=0)
     observed, null = float(totals[0]), totals[1:]
@@ -506,14 +522,14 @@ def _permutation_test(name: str, a: Any, b: Any, n_permutations: int, seed: int 
     return TestResult(name, observed, float(p), None, extra)
 
 
-# ---- all of them ----------------------------------------------------------------------------------
+# ---- all of them --------------------------------------------------------------------------------
 
 def two_sample_report(a: Any, b: Any, seed: int | None = None, tests: Sequence[str] = TESTS,
                       n_permutations: int = 500) -> dict[str, TestResult]:
     """Run several two-sample tests on (a, b) with their default settings.
 
-    Each test draws from its own child of ``numpy.random.SeedSequence(seed)``, fixed by its position
-    in ``TESTS``, so a test's result does not depend on which other tests run.
+    Each test draws from its own child of ``numpy.random.SeedSequence(seed)``, fixed by its
+    position in ``TESTS``, so a test's result does not depend on which other tests run.
 
     Args:
         a: [n_a, D]. b: [n_b, D].
@@ -545,10 +561,10 @@ def two_sample_report(a: Any, b: Any, seed: int | None = None, tests: Sequence[s
     return {name: run[name]() for name in tests}
 
 
-# ---- boundary checks and JSON --------------------------------------------------------------------
+# ---- boundary checks and JSON -------------------------------------------------------------------
 
 def _pair(a: Any, b: Any, minimum: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """(a, b) as finite float64 [n_a, D], [n_b, D] with the same D and at least ``minimum`` rows."""
+    """(a, b) as finite float64 [n_a, D], [n_b, D]: the same D, at least ``minimum`` rows."""
     a = finite_matrix(a, "a")
     width = a.shape[1]
     b = finite_matrix(b, "b", width=width, expected=f"[M, {width}] (the width of a)")
