@@ -244,14 +244,14 @@ def test_non_finite_outputs_are_written_as_tf_serving_tokens(server):
 
 def test_answers_are_the_same_with_the_json_module_alone(server, monkeypatch):
     # orjson (optional) only speeds up parsing and writing: the values must not change without it.
-    import tfgalflow.serving as serving
+    import tfgalflow.serving.server as server_module
     x = np.random.default_rng(5).normal(size=(20, 3)).astype(np.float32)
     bodies = [{"instances": x.tolist()}, {"inputs": x.tolist()},
               {"signature_name": "two_outputs", "instances": x.tolist()},
               {"signature_name": "two_outputs", "inputs": {"x": x.tolist()}}]
     url = server.url + "/v1/models/normal:predict"
     fast = [call(url, json.dumps(b)) for b in bodies]
-    monkeypatch.setattr(serving, "_orjson", None)
+    monkeypatch.setattr(server_module, "_orjson", None)
     plain = [call(url, json.dumps(b)) for b in bodies]
     def float32(answer):          # the same nesting, numbers as the float32 values they denote
         if isinstance(answer, dict):
@@ -392,13 +392,13 @@ class SlowDouble:
 
 def test_micro_batcher_merges_requests_that_queue_during_a_call():
     from concurrent.futures import ThreadPoolExecutor
-    from tfgalflow.serving import _MicroBatcher
+    from tfgalflow.serving import MicroBatcher
     signature = SlowDouble()
     inputs = [np.array([1.0]), np.array([10.0]), np.array([20.0, 21.0]), np.array([-5.0]), np.array([30.0, 31.0, 32.0])]
 
     async def scenario():
         with ThreadPoolExecutor(2) as executor:
-            batcher = _MicroBatcher(signature, executor, max_rows=5)
+            batcher = MicroBatcher(signature, executor, max_rows=5)
             first = asyncio.ensure_future(batcher.run({"x": inputs[0]}))
             while not signature.started.is_set():              # the first call is running ...
                 await asyncio.sleep(0.005)
