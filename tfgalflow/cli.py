@@ -277,9 +277,10 @@ def _add_export(sub) -> None:
     p.add_argument("--name", required=True, help="model name (the URL's /v1/models/NAME)")
     p.add_argument("--out", default="saved_models", metavar="DIR",
                    help="model base directory (default: saved_models)")
-    p.add_argument("--base-path", metavar="DIR",
-                   help="where DIR is for the server, written into models.config (e.g. /models inside the "
-                        "tensorflow/serving container); default: the absolute path of --out")
+    p.add_argument("--base-path", metavar="DIR", default="/models",
+                   help="where --out is for the server, written into models.config (default: /models, "
+                        "as mounted in the tensorflow/serving container; give the absolute path of "
+                        "--out for a tensorflow_model_server on this host)")
     p.add_argument("--version-policy", choices=("all", "latest"), default="all",
                    help="models.config version policy: serve all versions (default, as `tfgalflow serve`) "
                         "or only the latest (TF Serving's default)")
