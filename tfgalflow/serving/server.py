@@ -47,6 +47,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
+from .. import validation
 from ..errors import FileError, InputError
 
 try:                                    # optional: 4x faster request parsing, 10x faster answers
@@ -64,6 +65,10 @@ MAX_BODY_BYTES = 64 * 2**20
 MAX_ROWS = 100_000
 #: Requests of at most this many rows to a row-wise signature are micro-batched (0 = off).
 BATCH_ROWS = 256
+#: Most positions per ``accelerations`` request (each costs n_velocities draws); more get 413.
+MAX_POSITIONS = 1000
+#: Seconds a request may queue and run before it is answered 504.
+REQUEST_TIMEOUT = 60.0
 
 # TF Serving's URL grammar (http_rest_api_handler.cc, kPathRegex).
 _PATH = re.compile(r"/v1/models(?:/(?P<name>[^/:]+))?"
@@ -303,11 +308,13 @@ def _json(obj: Any) -> bytes:
 # ---- the aiohttp application ------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class _Batched:
-    """A validated request waiting for the micro-batcher: arrays with one common number of rows."""
+class _Prepared:
+    """A validated request: the signature, its input arrays, the answer's layout (rows or columns),
+    and whether the model declares the signature row-wise (then it may be micro-batched)."""
     signature: Any
     arrays: dict
     rows: bool
+    row_wise: bool
 
 
 class MicroBatcher:
@@ -385,13 +392,28 @@ class MicroBatcher:
 
 
 class _Endpoint:
-    def __init__(self, repository: ModelRepository, max_body_bytes: int, max_rows: int, workers: int,
-                 batch_rows: int = 0):
+    """The request handler: routing, limits, and the two thread pools that run signature calls.
+
+    Parsing and validation run in the ``light`` pool. A signature the SavedModel declares row-wise
+    (``row_wise_signatures``: log_prob, grad_log_prob, serving_default) is called in the ``light``
+    pool too, micro-batched when small; every other signature (the seeded ``sample`` and
+    ``accelerations``, and all signatures of models without that declaration) is called in the
+    ``heavy`` pool. A row-wise request therefore never queues behind expensive calls (head-of-line
+    blocking): at most ``heavy_workers`` expensive calls run at once, and the light pool keeps its
+    own threads for cheap ones.
+    """
+
+    def __init__(self, repository: ModelRepository, *, max_body_bytes: int, max_rows: int,
+                 workers: int, heavy_workers: int, batch_rows: int, max_positions: int,
+                 request_timeout: float):
         self.repository = repository
         self.max_body_bytes, self.max_rows, self.batch_rows = max_body_bytes, max_rows, batch_rows
+        self.max_positions, self.request_timeout = max_positions, request_timeout
         self.batchers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
-                                                              thread_name_prefix="tfgalflow-serving")
+        self.light = concurrent.futures.ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="tfgalflow-serving")
+        self.heavy = concurrent.futures.ThreadPoolExecutor(
+            max_workers=heavy_workers, thread_name_prefix="tfgalflow-serving-heavy")
 
     @staticmethod
     def _respond(status: int, payload: bytes):
@@ -420,16 +442,20 @@ class _Endpoint:
             if method == "GET" and metadata and verb is None:
                 return self._respond(200, _json(self._metadata(name, version, label)))
             if method == "POST" and verb is not None and not metadata:
-                if request.content_length is not None and request.content_length > self.max_body_bytes:
-                    return self._too_large(request.content_length)
+                length = request.content_length
+                if length is not None and length > self.max_body_bytes:
+                    return self._too_large(length)
                 try:
                     body = await request.read()
                 except web.HTTPRequestEntityTooLarge:
                     return self._too_large(None)
-                loop = asyncio.get_running_loop()
-                result = await loop.run_in_executor(self.executor, self._post, name, version, label, verb, body)
-                if isinstance(result, _Batched):
-                    result = await self._run_batched(result)
+                try:
+                    result = await asyncio.wait_for(
+                        self._predict(name, version, label, verb, body), self.request_timeout)
+                except asyncio.TimeoutError:
+                    return self._error(504, f"the request took longer than {self.request_timeout:g} "
+                                            f"s (request_timeout) to queue and run; retry later or "
+                                            f"send fewer rows per request")
                 return self._respond(*result)
             return self._error(400, f"Malformed request: {method} {path}")
         except _HTTPError as exc:
@@ -437,19 +463,32 @@ class _Endpoint:
 
     def _too_large(self, size: int | None):
         what = f"{size} bytes" if size is not None else "the request body"
-        return self._error(413, f"{what} exceeds the limit of {self.max_body_bytes} bytes per request "
-                                f"(max_body_bytes); split the batch into smaller requests")
+        return self._error(413, f"{what} exceeds the limit of {self.max_body_bytes} bytes per "
+                                f"request (max_body_bytes); split the batch into smaller requests")
 
     def _metadata(self, name: str, version: str | None, label: str | None) -> dict:
         number, model = self.repository.resolve(name, version, label)
         return {"model_spec": {"name": name, "signature_name": "", "version": str(number)},
                 "metadata": {"signature_def": {"signature_def": model.signature_defs}}}
 
-    def _post(self, name: str, version: str | None, label: str | None, verb: str,
-              body: bytes) -> tuple[int, bytes] | "_Batched":
-        """Worker thread: parse, validate, ONE signature call, format -> (status, body). Never raises.
+    async def _predict(self, name: str, version: str | None, label: str | None, verb: str,
+                       body: bytes) -> tuple[int, bytes]:
+        """Parse and validate (light pool), then call: micro-batched, light pool or heavy pool."""
+        loop = asyncio.get_running_loop()
+        request = await loop.run_in_executor(self.light, self._prepare, name, version, label, verb,
+                                             body)
+        if not isinstance(request, _Prepared):
+            return request
+        rows = {a.shape[0] if a.ndim else -1 for a in request.arrays.values()}
+        if (request.row_wise and self.batch_rows and len(rows) == 1
+                and 0 < next(iter(rows)) <= self.batch_rows):
+            return await self._run_batched(request)
+        pool = self.light if request.row_wise else self.heavy
+        return await loop.run_in_executor(pool, self._call, request)
 
-        Small requests to row-wise signatures come back as :class:`_Batched` for the micro-batcher."""
+    def _prepare(self, name: str, version: str | None, label: str | None, verb: str,
+                 body: bytes) -> tuple[int, bytes] | _Prepared:
+        """Worker thread: parse and validate -> a :class:`_Prepared` call, or (status, body)."""
         try:
             doc = _parse_body(body)
             signature_name = doc.get("signature_name", "serving_default")
@@ -457,13 +496,14 @@ class _Endpoint:
                 raise _HTTPError(400, "'signature_name' key must be a string value.")
             _, model = self.repository.resolve(name, version, label)
             if verb != "predict":
-                raise _HTTPError(400, f"{verb} is not supported for these models (their signatures use the "
-                                      f"predict method); use :predict")
+                raise _HTTPError(400, f"{verb} is not supported for these models (their signatures "
+                                      f"use the predict method); use :predict")
             signature = model.signatures.get(signature_name or "serving_default")
             if signature is None or signature.name.startswith("__"):
                 raise _HTTPError(400, f'Serving signature key "{signature_name}" not found.')
             if "instances" in doc and "inputs" in doc:
-                raise _HTTPError(400, "Not formatted correctly: expecting only one of 'inputs' or 'instances'")
+                raise _HTTPError(400, "Not formatted correctly: expecting only one of 'inputs' or "
+                                      "'instances'")
             if "instances" in doc:
                 rows, values = True, _row_values(doc["instances"], signature)
             elif "inputs" in doc:
@@ -471,16 +511,20 @@ class _Endpoint:
             else:
                 raise _HTTPError(400, "Missing 'inputs' or 'instances' key")
             if _rows_in(values) > self.max_rows:
-                raise _HTTPError(413, f"{_rows_in(values)} rows exceed the limit of {self.max_rows} rows per "
-                                      f"request (max_rows); split the batch into smaller requests")
+                raise _HTTPError(413, f"{_rows_in(values)} rows exceed the limit of {self.max_rows} "
+                                      f"rows per request (max_rows); split the batch into smaller "
+                                      f"requests")
             if b"true" in body or b"false" in body:
                 _reject_booleans(values, signature)
             arrays = signature.check(values)
-            lengths = {a.shape[0] if a.ndim else -1 for a in arrays.values()}
-            if (self.batch_rows and signature.name in model.metadata.get("row_wise_signatures", ())
-                    and len(lengths) == 1 and 0 < next(iter(lengths)) <= self.batch_rows):
-                return _Batched(signature, arrays, rows)
-            return 200, _encode_answer(signature.run(arrays), rows)
+            positions = arrays.get("positions")
+            if (signature.name == "accelerations" and positions is not None
+                    and positions.shape[0] > self.max_positions):
+                raise _HTTPError(413, f"{positions.shape[0]} positions exceed the limit of "
+                                      f"{self.max_positions} positions per accelerations request "
+                                      f"(max_positions); split them into smaller requests")
+            row_wise = signature.name in model.metadata.get("row_wise_signatures", ())
+            return _Prepared(signature, arrays, rows, row_wise)
         except _HTTPError as exc:
             return exc.status, _json({"error": exc.message})
         except InputError as exc:
@@ -489,11 +533,24 @@ class _Endpoint:
             log.exception("predict on %s failed", name)
             return 500, _json({"error": f"internal error: {type(exc).__name__}: {exc}"})
 
-    async def _run_batched(self, request: "_Batched") -> tuple[int, bytes]:
+    @staticmethod
+    def _call(request: _Prepared) -> tuple[int, bytes]:
+        """Worker thread: ONE signature call on the whole batch, formatted. Never raises."""
+        try:
+            return 200, _encode_answer(request.signature.run(request.arrays), request.rows)
+        except _HTTPError as exc:
+            return exc.status, _json({"error": exc.message})
+        except InputError as exc:
+            return 400, _json({"error": str(exc)})
+        except Exception as exc:   # noqa: BLE001 - a bug must not take the server down
+            log.exception("predict on %s failed", request.signature.name)
+            return 500, _json({"error": f"internal error: {type(exc).__name__}: {exc}"})
+
+    async def _run_batched(self, request: _Prepared) -> tuple[int, bytes]:
         batcher = self.batchers.get(request.signature)
         if batcher is None:
-            batcher = self.batchers[request.signature] = MicroBatcher(request.signature, self.executor,
-                                                                        self.batch_rows)
+            batcher = self.batchers[request.signature] = MicroBatcher(
+                request.signature, self.light, self.batch_rows)
         try:
             return 200, _encode_answer(await batcher.run(request.arrays), request.rows)
         except _HTTPError as exc:
@@ -505,7 +562,8 @@ class _Endpoint:
             return 500, _json({"error": f"internal error: {type(exc).__name__}: {exc}"})
 
     async def close(self, app=None) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.light.shutdown(wait=False, cancel_futures=True)
+        self.heavy.shutdown(wait=False, cancel_futures=True)
 
 
 def _settle_heap(changes: list[str]) -> None:
@@ -524,29 +582,45 @@ def _settle_heap(changes: list[str]) -> None:
         gc.freeze()
 
 
-def make_app(base_dir: str | os.PathLike, *, max_body_bytes: int = MAX_BODY_BYTES, max_rows: int = MAX_ROWS,
-             workers: int | None = None, poll_seconds: float | None = None,
-             version_labels: Mapping[str, Mapping[str, int]] | None = None, batch_rows: int = BATCH_ROWS):
-    """The aiohttp ``web.Application`` serving every model under ``base_dir`` (loaded before returning).
+def make_app(base_dir: str | os.PathLike, *, max_body_bytes: int = MAX_BODY_BYTES,
+             max_rows: int = MAX_ROWS, workers: int | None = None,
+             heavy_workers: int | None = None, poll_seconds: float | None = None,
+             version_labels: Mapping[str, Mapping[str, int]] | None = None,
+             batch_rows: int = BATCH_ROWS, max_positions: int = MAX_POSITIONS,
+             request_timeout: float = REQUEST_TIMEOUT):
+    """The aiohttp ``web.Application`` serving every model under ``base_dir`` (loaded on return).
 
     Args:
         base_dir: ``BASE`` of ``BASE/NAME/<version>/saved_model.pb``.
         max_body_bytes, max_rows: request limits (413 beyond them).
-        workers: threads running requests (parse, ONE signature call, format); default min(4, CPUs).
+        workers: threads parsing requests and calling row-wise signatures (log_prob,
+            grad_log_prob, serving_default); default min(4, CPUs).
+        heavy_workers: threads calling every other signature (sample, accelerations, signatures
+            of foreign models), so that those never hold up row-wise requests; default
+            max(1, workers // 2).
         poll_seconds: rescan ``base_dir`` for new/removed versions this often (None = never).
         version_labels: {model: {label: version}} for ``/labels/L`` URLs.
-        batch_rows: requests of at most this many rows to a row-wise signature are micro-batched with
-            concurrent ones (calls of up to this many rows); 0 turns batching off.
+        batch_rows: requests of at most this many rows to a row-wise signature are micro-batched
+            with concurrent ones (calls of up to this many rows); 0 turns batching off.
+        max_positions: most positions per ``accelerations`` request (413 beyond).
+        request_timeout: seconds a request may queue and run before it is answered 504 (a call
+            already running finishes in its thread; its answer is dropped).
     """
     from aiohttp import web
-    for value, what, low in ((max_body_bytes, "max_body_bytes", 1), (max_rows, "max_rows", 1),
-                             (batch_rows, "batch_rows", 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise InputError(f"{what} = {value!r}: expected an integer >= {low}")
+    max_body_bytes = validation.integer(max_body_bytes, "max_body_bytes")
+    max_rows = validation.integer(max_rows, "max_rows")
+    batch_rows = validation.integer(batch_rows, "batch_rows", low=0)
+    max_positions = validation.integer(max_positions, "max_positions")
+    request_timeout = validation.positive_number(request_timeout, "request_timeout")
+    workers = min(4, os.cpu_count() or 1) if workers is None else validation.integer(workers,
+                                                                                     "workers")
+    heavy_workers = (max(1, workers // 2) if heavy_workers is None
+                     else validation.integer(heavy_workers, "heavy_workers"))
     repository = ModelRepository(base_dir, version_labels)
     _settle_heap(repository.scan())
-    endpoint = _Endpoint(repository, max_body_bytes, max_rows, workers or min(4, os.cpu_count() or 1),
-                         batch_rows)
+    endpoint = _Endpoint(repository, max_body_bytes=max_body_bytes, max_rows=max_rows,
+                         workers=workers, heavy_workers=heavy_workers, batch_rows=batch_rows,
+                         max_positions=max_positions, request_timeout=request_timeout)
     app = web.Application(client_max_size=max_body_bytes)
     app[_repository_key()] = repository
     app.router.add_route("*", "/{tail:.*}", endpoint.handle)
@@ -557,7 +631,7 @@ def make_app(base_dir: str | os.PathLike, *, max_body_bytes: int = MAX_BODY_BYTE
             while True:
                 await asyncio.sleep(poll_seconds)
                 try:
-                    _settle_heap(await loop.run_in_executor(endpoint.executor, repository.scan))
+                    _settle_heap(await loop.run_in_executor(endpoint.light, repository.scan))
                 except Exception:   # noqa: BLE001 - keep polling (and serving) whatever the disk does
                     log.exception("rescanning %s failed", repository.base_dir)
         task = asyncio.create_task(rescan()) if poll_seconds else None
@@ -583,17 +657,49 @@ def _describe(repository: ModelRepository) -> str:
     return ", ".join(f"{n} (versions {', '.join(map(str, v))})" for n, v in models.items()) or "no models"
 
 
-def serve(base_dir: str | os.PathLike, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, **options: Any) -> None:
+def listening_socket(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> socket.socket:
+    """A TCP socket bound to (host, port), checked before any model is loaded (port 0: any free).
+
+    Raises InputError in one line when the port is not in [0, 65535], the host is unknown, or the
+    address cannot be bound (typically: another server already listens there).
+    """
+    port = validation.integer(port, "port", low=0, high=65535)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or str(exc)
+        raise InputError(f"cannot listen on host {host!r}, port {port}: {reason}; choose a free "
+                         f"port (or stop the server already using it)") from None
+    return sock
+
+
+def serve(base_dir: str | os.PathLike, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+          **options: Any) -> None:
     """Serve every model under ``base_dir`` at http://host:port until interrupted (Ctrl-C).
 
-    Listens on the loopback interface by default; pass host="0.0.0.0" to expose it. ``options`` go to
-    :func:`make_app` (max_body_bytes, max_rows, workers, poll_seconds, version_labels).
+    Listens on the loopback interface by default; pass host="0.0.0.0" to expose it. The address is
+    bound first, so a busy or invalid port fails at once (InputError), before models are loaded.
+    ``options`` go to :func:`make_app` (max_body_bytes, max_rows, workers, heavy_workers,
+    poll_seconds, version_labels, batch_rows, max_positions, request_timeout).
     """
     from aiohttp import web
-    app = make_app(base_dir, **options)
-    print(f"tfgalflow serve: {_describe(app[_repository_key()])} at http://{host}:{port}/v1/models/NAME "
-          f"(Ctrl-C to stop)", flush=True)
-    web.run_app(app, host=host, port=port, access_log=None, print=None)
+    sock = listening_socket(host, port)
+    try:
+        app = make_app(base_dir, **options)
+        print(f"tfgalflow serve: {_describe(app[_repository_key()])} at "
+              f"{_url(sock)}/v1/models/NAME (Ctrl-C to stop)", flush=True)
+        web.run_app(app, sock=sock, access_log=None, print=None)
+    finally:
+        sock.close()
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 @dataclass(frozen=True)
@@ -604,8 +710,9 @@ class Running:
 
 
 @contextlib.contextmanager
-def running(base_dir: str | os.PathLike, host: str = DEFAULT_HOST, port: int = 0, **options: Any) -> Iterator[Running]:
-    """Run the endpoint in a background thread for the duration of a ``with`` block (port 0 = any free port).
+def running(base_dir: str | os.PathLike, host: str = DEFAULT_HOST, port: int = 0,
+            **options: Any) -> Iterator[Running]:
+    """Run the endpoint in a background thread for a ``with`` block (port 0 = any free port).
 
     Example::
 
@@ -613,10 +720,12 @@ def running(base_dir: str | os.PathLike, host: str = DEFAULT_HOST, port: int = 0
             Client(server.url, model="hernquist_iso").predict(x)
     """
     from aiohttp import web
-    app = make_app(base_dir, **options)
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    sock = listening_socket(host, port)
+    try:
+        app = make_app(base_dir, **options)
+    except BaseException:
+        sock.close()
+        raise
     loop = asyncio.new_event_loop()
     started, failure = threading.Event(), []
     stop = asyncio.Event()
@@ -635,18 +744,16 @@ def running(base_dir: str | os.PathLike, host: str = DEFAULT_HOST, port: int = 0
         await stop.wait()
         await runner.cleanup()
 
-    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), name="tfgalflow-server", daemon=True)
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),),
+                              name="tfgalflow-server", daemon=True)
     thread.start()
     started.wait()
     try:
         if failure:
             raise failure[0]
-        bound_host, bound_port = sock.getsockname()[:2]
-        url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
-        yield Running(f"http://{url_host}:{bound_port}", app[_repository_key()])
+        yield Running(_url(sock), app[_repository_key()])
     finally:
         loop.call_soon_threadsafe(stop.set)
         thread.join(timeout=30)
         loop.close()
         sock.close()
-
