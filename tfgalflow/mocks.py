@@ -81,7 +81,8 @@ def sample_hernquist(n: int, kind: str = "iso", seed: int | None = None, model: 
     n = validation.integer(n, "n")
     validation.one_of(kind, "DF kind", KINDS)
     if not isinstance(model, Hernquist):
-        raise InputError(f"model must be a tfgalflow.hernquist.Hernquist, got {type(model).__name__}")
+        raise InputError("model must be a tfgalflow.hernquist.Hernquist, got "
+                         f"{type(model).__name__}")
     r_max = _radius(r_max)
     seed = validation.seed(seed)
     rng = np.random.default_rng(seed)
@@ -144,7 +145,8 @@ def iso_speeds(model: Hernquist, r: np.ndarray, rng: np.random.Generator) -> np.
     while todo.size:
         rounds += 1
         if rounds > _MAX_ROUNDS:
-            raise RuntimeError(f"iso speed rejection did not finish in {_MAX_ROUNDS} rounds ({todo.size} left)")
+            raise RuntimeError(f"iso speed rejection did not finish in {_MAX_ROUNDS} rounds "
+                               f"({todo.size} left)")
         u23 = rng.random(todo.size) ** (2.0 / 3.0)
         t = t_max[todo] * u23                               # t ∝ t^(1/2) on [0, t_max]
         one_minus_t = (1.0 - u23) + c[todo] * u23           # 1 - (1 - c) u23, without cancellation
@@ -204,7 +206,8 @@ def sample_emcee(log_df: Callable[[np.ndarray, np.ndarray], np.ndarray], n: int,
     n = validation.integer(n, "n")
     nwalkers = validation.integer(nwalkers, "nwalkers")
     if nwalkers < 12 or nwalkers % 2:
-        raise InputError(f"nwalkers must be even and >= 12 (twice the 6 dimensions), got {nwalkers}")
+        raise InputError("nwalkers must be even and >= 12 (twice the 6 dimensions), got "
+                         f"{nwalkers}")
     burn = validation.integer(burn, "burn (steps)", low=0)
     thin = validation.integer(thin, "thin")
     r_max = _radius(r_max)
@@ -215,7 +218,8 @@ def sample_emcee(log_df: Callable[[np.ndarray, np.ndarray], np.ndarray], n: int,
     def log_prob(w: np.ndarray) -> np.ndarray:
         lp = np.asarray(log_df(w[:, :3], w[:, 3:]), dtype=np.float64)
         if lp.shape != (w.shape[0],):
-            raise InputError(f"log_df returned shape {list(lp.shape)} for {w.shape[0]} points; expected [{w.shape[0]}]")
+            raise InputError(f"log_df returned shape {list(lp.shape)} for {w.shape[0]} points; "
+                             f"expected [{w.shape[0]}]")
         lp = np.where(np.isfinite(lp), lp, -np.inf)
         if r_max is not None:
             lp = np.where(np.linalg.norm(w[:, :3], axis=1) < r_max, lp, -np.inf)
@@ -247,12 +251,14 @@ def sample_emcee(log_df: Callable[[np.ndarray, np.ndarray], np.ndarray], n: int,
         "acceptance_fraction_range": [float(acceptance.min()), float(acceptance.max())],
         "autocorr_steps": tau if math.isfinite(tau) else None, **dict(meta or {}),
     }
-    log.info("emcee: %d walkers x %d steps, mean acceptance fraction %.3f, autocorrelation time %s steps",
+    log.info("emcee: %d walkers x %d steps, mean acceptance fraction %.3f, autocorrelation time "
+             "%s steps",
              nwalkers, record["steps"], record["acceptance_fraction"], record["autocorr_steps"])
     lo, hi = ACCEPTANCE_RANGE
     if not lo <= record["acceptance_fraction"] <= hi:
-        warnings.warn(f"emcee mean acceptance fraction {record['acceptance_fraction']:.3f} is outside [{lo}, {hi}]: "
-                      f"the chain may not have mixed; check init/init_scale, burn and r_max", stacklevel=2)
+        warnings.warn(f"emcee mean acceptance fraction {record['acceptance_fraction']:.3f} is "
+                      f"outside [{lo}, {hi}]: the chain may not have mixed; check "
+                      "init/init_scale, burn and r_max", stacklevel=2)
     return Catalogue(samples[:, :3], samples[:, 3:], units=units, meta=record)
 
 
@@ -260,11 +266,13 @@ def _initial_walkers(log_prob, nwalkers: int, init, init_scale, r_max, rng) -> n
     if init is not None:
         start = np.array(init, dtype=np.float64)
         if start.shape != (nwalkers, 6):
-            raise InputError(f"init has shape {list(start.shape)}; expected [nwalkers, 6] = [{nwalkers}, 6]")
+            raise InputError(f"init has shape {list(start.shape)}; expected [nwalkers, 6] = "
+                             f"[{nwalkers}, 6]")
         bad = ~np.isfinite(log_prob(start))
         if bad.any():
-            raise InputError(f"init: log_df is not finite at walker(s) {np.nonzero(bad)[0][:5].tolist()}; "
-                             f"start every walker where the DF is positive (and inside r_max)")
+            raise InputError("init: log_df is not finite at walker(s) "
+                             f"{np.nonzero(bad)[0][:5].tolist()}; start every walker where the DF "
+                             "is positive (and inside r_max)")
         return start
     sx, sv = (float(s) for s in init_scale)
     if r_max is not None:
@@ -277,8 +285,9 @@ def _initial_walkers(log_prob, nwalkers: int, init, init_scale, r_max, rng) -> n
         todo = todo[~np.isfinite(log_prob(start[todo]))]
         if not todo.size:
             return start
-    raise InputError(f"could not find {nwalkers} starting points with finite log_df from x ~ N(0, {sx}^2), "
-                     f"v ~ N(0, {sv}^2); pass init [nwalkers, 6] or a different init_scale")
+    raise InputError(f"could not find {nwalkers} starting points with finite log_df from x ~ N(0, "
+                     f"{sx}^2), v ~ N(0, {sv}^2); pass init [nwalkers, 6] or a different "
+                     "init_scale")
 
 
 # ---- cuts and noise ---------------------------------------------------------------------------------

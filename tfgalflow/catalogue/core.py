@@ -68,8 +68,8 @@ class Catalogue:
         pos = _read_only(validation.finite_matrix(self.pos, "pos", width=3))
         vel = _read_only(validation.finite_matrix(self.vel, "vel", width=3))
         if pos.shape[0] != vel.shape[0]:
-            raise InputError(f"pos has {pos.shape[0]} rows but vel has {vel.shape[0]}; expected pos [N, 3] and "
-                             f"vel [N, 3] with the same N")
+            raise InputError(f"pos has {pos.shape[0]} rows but vel has {vel.shape[0]}; expected "
+                             "pos [N, 3] and vel [N, 3] with the same N")
         labels, names = self.labels, tuple(str(n) for n in (self.label_names or ()))
         if labels is not None:
             labels = np.asarray(labels)
@@ -78,16 +78,17 @@ class Catalogue:
             labels = _read_only(validation.finite_matrix(labels, "labels",
                                                          expected=f"[{pos.shape[0]}, C]"))
             if labels.shape[0] != pos.shape[0]:
-                raise InputError(f"labels have {labels.shape[0]} rows but pos has {pos.shape[0]}; expected labels "
-                                 f"[{pos.shape[0]}, C]")
+                raise InputError(f"labels have {labels.shape[0]} rows but pos has {pos.shape[0]}; "
+                                 f"expected labels [{pos.shape[0]}, C]")
             width = labels.shape[1]
             if not names:
                 names = tuple(f"label_{i}" for i in range(width))
             if len(names) != width:
-                raise InputError(f"label_names has {len(names)} entries {list(names)} but labels have {width} "
-                                 f"column(s); expected {width} names")
+                raise InputError(f"label_names has {len(names)} entries {list(names)} but labels "
+                                 f"have {width} column(s); expected {width} names")
         elif names:
-            raise InputError(f"label_names {list(names)} were given without labels; pass labels [N, {len(names)}]")
+            raise InputError(f"label_names {list(names)} were given without labels; pass labels "
+                             f"[N, {len(names)}]")
         object.__setattr__(self, "pos", pos)
         object.__setattr__(self, "vel", vel)
         object.__setattr__(self, "labels", labels)
@@ -133,9 +134,11 @@ class Catalogue:
         """The stars ``rows`` (boolean mask [N] or integer indices) as a new catalogue; meta updated."""
         rows = np.asarray(rows)
         if rows.dtype == bool and rows.shape != (len(self),):
-            raise InputError(f"a boolean row mask must have shape [{len(self)}], got {list(rows.shape)}")
+            raise InputError(f"a boolean row mask must have shape [{len(self)}], got "
+                             f"{list(rows.shape)}")
         if rows.size == 0 or (rows.dtype == bool and not rows.any()):
-            raise InputError(f"the selection keeps none of the {len(self)} stars; a catalogue needs N >= 1")
+            raise InputError(f"the selection keeps none of the {len(self)} stars; a catalogue "
+                             "needs N >= 1")
         return dataclasses.replace(self, pos=self.pos[rows], vel=self.vel[rows],
                                    labels=None if self.labels is None else self.labels[rows],
                                    meta={**self.meta, **meta_updates})
@@ -156,7 +159,8 @@ class Catalogue:
         needs_model = MODEL_UNIT in (self.units["length"], self.units["velocity"], length, velocity)
         if needs_model and mu is None:
             raise InputError(f"converting {self.units} to {target} involves model units; pass "
-                             f"model_units=ModelUnits(mass_msun, length_kpc) or record it in meta['model_units']")
+                             "model_units=ModelUnits(mass_msun, length_kpc) or record it in "
+                             "meta['model_units']")
         fx = _length_to_kpc(self.units["length"], mu) / _length_to_kpc(length, mu)
         fv = _velocity_to_kms(self.units["velocity"], mu) / _velocity_to_kms(velocity, mu)
         meta = dict(self.meta)
@@ -178,7 +182,8 @@ class Catalogue:
             with atomic_file(path, suffix=suffix) as tmp:
                 write_hdf5(tmp, self)
         else:
-            raise InputError(f"{path}: unsupported catalogue extension {suffix!r}; use .npz, .h5 or .hdf5")
+            raise InputError(f"{path}: unsupported catalogue extension {suffix!r}; use .npz, .h5 "
+                             "or .hdf5")
         return path
 
     @classmethod
@@ -198,7 +203,8 @@ class Catalogue:
         if suffix in HDF5_SUFFIXES:
             from .hdf5 import open_hdf5
             return open_hdf5(path, units=units).read()
-        raise InputError(f"{path}: unsupported catalogue extension {suffix!r}; use .npz, .h5 or .hdf5")
+        raise InputError(f"{path}: unsupported catalogue extension {suffix!r}; use .npz, .h5 or "
+                         ".hdf5")
 
     @staticmethod
     def open_hdf5(path: str | os.PathLike, units: Mapping[str, str] | None = None) -> "HDF5Catalogue":
@@ -241,7 +247,8 @@ def check_units(units: Mapping[str, str] | None) -> dict[str, str]:
     allowed = (f"length in {sorted(LENGTH_UNITS) + [MODEL_UNIT]}, velocity in "
                f"{sorted(VELOCITY_UNITS) + [MODEL_UNIT]}")
     if units is None:
-        raise InputError(f"units are missing; pass units={{'length': ..., 'velocity': ...}} with {allowed}")
+        raise InputError("units are missing; pass units={'length': ..., 'velocity': ...} with "
+                         f"{allowed}")
     if not isinstance(units, Mapping):
         raise InputError(f"units must be a dict {{'length': ..., 'velocity': ...}}, got {units!r}")
     missing = [k for k in ("length", "velocity") if k not in units]
@@ -249,10 +256,12 @@ def check_units(units: Mapping[str, str] | None) -> dict[str, str]:
         raise InputError(f"units {dict(units)} lack {missing}; expected {allowed}")
     extra = sorted(set(units) - {"length", "velocity"})
     if extra:
-        raise InputError(f"units {dict(units)} have unexpected keys {extra}; expected only 'length' and 'velocity'")
+        raise InputError(f"units {dict(units)} have unexpected keys {extra}; expected only "
+                         "'length' and 'velocity'")
     length, velocity = units["length"], units["velocity"]
     if length not in LENGTH_UNITS and length != MODEL_UNIT:
-        raise InputError(f"unknown length unit {length!r}; expected one of {sorted(LENGTH_UNITS) + [MODEL_UNIT]}")
+        raise InputError(f"unknown length unit {length!r}; expected one of "
+                         f"{sorted(LENGTH_UNITS) + [MODEL_UNIT]}")
     if velocity not in VELOCITY_UNITS and velocity != MODEL_UNIT:
         raise InputError(f"unknown velocity unit {velocity!r}; expected one of "
                          f"{sorted(VELOCITY_UNITS) + [MODEL_UNIT]}")
@@ -273,7 +282,8 @@ def _as_model_units(mu: Any) -> ModelUnits:
     try:
         return ModelUnits(**dict(mu))
     except (TypeError, ValueError) as exc:
-        raise InputError(f"model_units {mu!r} is not a ModelUnits(mass_msun, length_kpc): {exc}") from None
+        raise InputError(f"model_units {mu!r} is not a ModelUnits(mass_msun, length_kpc): "
+                         f"{exc}") from None
 
 
 
@@ -314,15 +324,15 @@ def resolve_units(path: Path, file_units: Any, given: Mapping[str, str] | None,
         except InputError as exc:
             raise FileError(f"{path}: bad units in the file: {exc}") from None
         if given is not None and check_units(given) != file_units:
-            raise InputError(f"{path}: the file says units {file_units} but units={dict(given)} were given; load "
-                             f"without units= and convert with .to_units(...)")
+            raise InputError(f"{path}: the file says units {file_units} but units={dict(given)} "
+                             "were given; load without units= and convert with .to_units(...)")
         return file_units
     if given is not None:
         return check_units(given)
     if fallback is not None:
         return dict(fallback)
-    raise FileError(f"{path}: the file records no units; pass them, e.g. Catalogue.load(path, units={{'length': "
-                    f"'m', 'velocity': 'm/s'}}) for the SI reference datasets")
+    raise FileError(f"{path}: the file records no units; pass them, e.g. Catalogue.load(path, "
+                    "units={'length': 'm', 'velocity': 'm/s'}) for the SI reference datasets")
 
 
 def existing_file(path: str | os.PathLike) -> Path:

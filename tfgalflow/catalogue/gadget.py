@@ -26,7 +26,8 @@ def gadget_layout(path: Path, f, units: Mapping[str, str] | None) -> HDF5Catalog
     pos_name, vel_name = f"{GADGET_GROUP}/{GADGET_POS}", f"{GADGET_GROUP}/{GADGET_VEL}"
     pos, vel = dataset_2d(path, f, pos_name, 3), dataset_2d(path, f, vel_name, 3)
     if pos.shape[0] != vel.shape[0]:
-        raise FileError(f"{path}: {pos_name!r} has {pos.shape[0]} rows but {vel_name!r} has {vel.shape[0]}")
+        raise FileError(f"{path}: {pos_name!r} has {pos.shape[0]} rows but {vel_name!r} has "
+                        f"{vel.shape[0]}")
     meta: dict[str, Any] = {"layout": f"gadget:{GADGET_GROUP}", "source_file": str(path)}
     if "Header" in f:
         meta["gadget_header"] = {k: attribute(f["Header"], k) for k in f["Header"].attrs}
@@ -42,16 +43,19 @@ def gadget_layout(path: Path, f, units: Mapping[str, str] | None) -> HDF5Catalog
                                    "to": resolved, "comoving_factors_applied": False}
         hubble = meta.get("gadget_header", {}).get("HubbleParam")
         if hubble is not None and float(hubble) not in (0.0, 1.0):
-            warnings.warn(f"{path}: HubbleParam = {hubble}: Gadget code units may be comoving kpc/h; tfgalflow "
-                          f"applies only UnitLength_in_cm/UnitVelocity_in_cm_per_s. Pass units= if they differ.",
+            warnings.warn(f"{path}: HubbleParam = {hubble}: Gadget code units may be comoving "
+                          "kpc/h; tfgalflow applies only "
+                          "UnitLength_in_cm/UnitVelocity_in_cm_per_s. Pass units= if they "
+                          "differ.",
                           stacklevel=3)
     else:
         try:
             resolved = resolve_units(path, named, units)
         except FileError:
-            raise FileError(f"{path}: Gadget snapshot without units: no 'units' attribute on {pos_name!r}/"
-                            f"{vel_name!r} and no UnitLength_in_cm/UnitVelocity_in_cm_per_s in Header, Parameters "
-                            f"or Units; pass units={{'length': 'kpc', 'velocity': 'km/s'}}") from None
+            raise FileError(f"{path}: Gadget snapshot without units: no 'units' attribute on "
+                            f"{pos_name!r}/{vel_name!r} and no "
+                            "UnitLength_in_cm/UnitVelocity_in_cm_per_s in Header, Parameters or "
+                            "Units; pass units={'length': 'kpc', 'velocity': 'km/s'}") from None
     return HDF5Catalogue(path=path, n=int(pos.shape[0]), units=resolved, label_names=(), meta=jsonable(meta, "meta"),
                          layout="gadget", pos_name=pos_name, vel_name=vel_name, labels_name=None,
                          chunk_rows=block_rows(pos), length_scale=length_scale, velocity_scale=velocity_scale)

@@ -77,7 +77,8 @@ class HDF5Catalogue:
                 vel = np.asarray(f[self.vel_name][rows], np.float64) * self.velocity_scale
                 labels = f[self.labels_name][rows] if self.labels_name else None
         except (OSError, KeyError, ValueError) as exc:
-            raise FileError(f"{self.path}: cannot read rows {rows.start}:{rows.stop}:{rows.step}: {exc}") from None
+            raise FileError(f"{self.path}: cannot read rows {rows.start}:{rows.stop}:{rows.step}: "
+                            f"{exc}") from None
         try:
             return Catalogue(pos, vel, labels=labels, label_names=self.label_names if labels is not None else (),
                              units=dict(self.units), meta=dict(self.meta))
@@ -183,9 +184,9 @@ def open_hdf5(path: str | os.PathLike, units: Mapping[str, str] | None = None) -
             return _tfgalflow_layout(path, f, units)
         if GADGET_GROUP in f:
             return gadget_layout(path, f, units)
-        raise FileError(f"{path}: no catalogue found: expected datasets 'pos' and 'vel' [N, 3] at the root, or "
-                        f"'{GADGET_GROUP}/{GADGET_POS}' and '{GADGET_GROUP}/{GADGET_VEL}'; the file holds "
-                        f"{sorted(f.keys())}")
+        raise FileError(f"{path}: no catalogue found: expected datasets 'pos' and 'vel' [N, 3] at "
+                        f"the root, or '{GADGET_GROUP}/{GADGET_POS}' and "
+                        f"'{GADGET_GROUP}/{GADGET_VEL}'; the file holds {sorted(f.keys())}")
 
 
 def hdf5_dataset(path: str | os.PathLike, batch_size: int, shuffle_buffer: int = 0, seed: int = 0,
@@ -253,11 +254,12 @@ def dataset_2d(path: Path, f, name: str, width: int | None) -> Any:
     import h5py
 
     if name not in f or not isinstance(f[name], h5py.Dataset):
-        raise FileError(f"{path}: missing dataset {name!r} (expected [N, {width or 'C'}]); the file holds "
-                        f"{_listing(f)}")
+        raise FileError(f"{path}: missing dataset {name!r} (expected [N, {width or 'C'}]); the "
+                        f"file holds {_listing(f)}")
     ds = f[name]
     if len(ds.shape) != 2 or (width is not None and ds.shape[1] != width):
-        raise FileError(f"{path}: dataset {name!r} has shape {list(ds.shape)}; expected [N, {width or 'C'}]")
+        raise FileError(f"{path}: dataset {name!r} has shape {list(ds.shape)}; expected [N, "
+                        f"{width or 'C'}]")
     return ds
 
 
@@ -279,8 +281,8 @@ def _tfgalflow_layout(path: Path, f, units: Mapping[str, str] | None) -> HDF5Cat
         raise FileError(f"{path}: 'pos' has {pos.shape[0]} rows but 'vel' has {vel.shape[0]}")
     version = attribute(f, "format_version")
     if version is not None and int(version) > FORMAT_VERSION:
-        raise FileError(f"{path}: catalogue format version {version} is newer than this tfgalflow reads "
-                        f"({FORMAT_VERSION})")
+        raise FileError(f"{path}: catalogue format version {version} is newer than this tfgalflow "
+                        f"reads ({FORMAT_VERSION})")
     raw_units = attribute(f, "units")
     if raw_units is not None:
         file_units = _json_attr(raw_units, path, "units")
@@ -292,7 +294,8 @@ def _tfgalflow_layout(path: Path, f, units: Mapping[str, str] | None) -> HDF5Cat
     if "labels" in f:
         lab = dataset_2d(path, f, "labels", None)
         if lab.shape[0] != pos.shape[0]:
-            raise FileError(f"{path}: 'labels' has {lab.shape[0]} rows but 'pos' has {pos.shape[0]}")
+            raise FileError(f"{path}: 'labels' has {lab.shape[0]} rows but 'pos' has "
+                            f"{pos.shape[0]}")
         labels_name = "labels"
         raw_names = attribute(f, "label_names")
         names = (tuple(_json_attr(raw_names, path, "label_names")) if raw_names is not None

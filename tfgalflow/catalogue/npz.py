@@ -35,11 +35,11 @@ def read_npz(path: Path, units: Mapping[str, str] | None) -> Catalogue:
             keys = set(z.files)
             missing = [k for k in ("pos", "vel") if k not in keys]
             if missing:
-                raise FileError(f"{path}: missing array(s) {missing}; a catalogue .npz holds 'pos' [N, 3] and "
-                                f"'vel' [N, 3] (it has {sorted(keys)})")
+                raise FileError(f"{path}: missing array(s) {missing}; a catalogue .npz holds "
+                                f"'pos' [N, 3] and 'vel' [N, 3] (it has {sorted(keys)})")
             if "format_version" in keys and int(z["format_version"]) > FORMAT_VERSION:
-                raise FileError(f"{path}: catalogue format version {int(z['format_version'])} is newer than this "
-                                f"tfgalflow reads ({FORMAT_VERSION})")
+                raise FileError(f"{path}: catalogue format version {int(z['format_version'])} is "
+                                f"newer than this tfgalflow reads ({FORMAT_VERSION})")
             pos, vel = z["pos"], z["vel"]
             labels = z["labels"] if "labels" in keys else None
             names = tuple(str(s) for s in z["label_names"]) if "label_names" in keys else ()
@@ -48,7 +48,8 @@ def read_npz(path: Path, units: Mapping[str, str] | None) -> Catalogue:
     except FileError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as exc:
-        raise FileError(f"{path}: not a readable .npz catalogue ({type(exc).__name__}: {exc})") from None
+        raise FileError(f"{path}: not a readable .npz catalogue ({type(exc).__name__}: "
+                        f"{exc})") from None
     return _labelled(Catalogue, path, pos, vel, labels, names, resolve_units(path, file_units, units), meta)
 
 

@@ -108,8 +108,8 @@ class ModelRepository:
     def __init__(self, base_dir: str | os.PathLike, version_labels: Mapping[str, Mapping[str, int]] | None = None):
         self.base_dir = Path(base_dir)
         if not self.base_dir.is_dir():
-            raise FileError(f"{self.base_dir}: no such model base directory (expected BASE/NAME/<version>/"
-                            f"saved_model.pb)")
+            raise FileError(f"{self.base_dir}: no such model base directory (expected "
+                            "BASE/NAME/<version>/saved_model.pb)")
         self.version_labels = {str(m): {str(k): int(v) for k, v in labels.items()}
                                for m, labels in (version_labels or {}).items()}
         self._models: dict[str, dict[int, _Version]] = {}
@@ -226,13 +226,15 @@ def _row_values(instances: Any, signature: Any) -> dict[str, Any]:
         for i, instance in enumerate(instances):
             if not isinstance(instance, dict) or set(instance) != wanted:
                 got = sorted(instance) if isinstance(instance, dict) else type(instance).__name__
-                raise _HTTPError(400, f"Failed to process element: {i} of 'instances' list: got {got}; every "
-                                      f"instance must be an object with exactly the keys {sorted(wanted)} "
-                                      f"(signature '{signature.name}': {signature.describe()})")
+                raise _HTTPError(400, f"Failed to process element: {i} of 'instances' list: got "
+                                      f"{got}; every instance must be an object with exactly the "
+                                      f"keys {sorted(wanted)} (signature '{signature.name}': "
+                                      f"{signature.describe()})")
         return {k: [instance[k] for instance in instances] for k in names}
     if len(names) != 1:
-        raise _HTTPError(400, f"instances is a plain list, but expecting list of objects as multiple input "
-                              f"tensors required (signature '{signature.name}': {signature.describe()})")
+        raise _HTTPError(400, "instances is a plain list, but expecting list of objects as "
+                              f"multiple input tensors required (signature '{signature.name}': "
+                              f"{signature.describe()})")
     return {names[0]: instances}
 
 
@@ -241,8 +243,9 @@ def _column_values(inputs: Any, signature: Any) -> dict[str, Any]:
     if isinstance(inputs, dict):
         return inputs
     if len(signature.inputs) != 1:
-        raise _HTTPError(400, f"inputs is a plain value/list, but expecting an object as multiple input tensors "
-                              f"required (signature '{signature.name}': {signature.describe()})")
+        raise _HTTPError(400, "inputs is a plain value/list, but expecting an object as multiple "
+                              f"input tensors required (signature '{signature.name}': "
+                              f"{signature.describe()})")
     return {next(iter(signature.inputs)): inputs}
 
 
@@ -250,7 +253,8 @@ def _row_outputs(outputs: Mapping[str, np.ndarray], as_lists: bool = True) -> li
     """'predictions': one output bare (a list per instance), several as one object per instance."""
     batch = {k: (v.shape[0] if v.ndim else None) for k, v in outputs.items()}
     if None in batch.values() or len(set(batch.values())) > 1:
-        raise _HTTPError(400, f"outputs have no common batch size {batch}; use the columnar format ('inputs')")
+        raise _HTTPError(400, f"outputs have no common batch size {batch}; use the columnar "
+                              "format ('inputs')")
     columns = {k: (v.tolist() if as_lists else v) for k, v in outputs.items()}
     if len(columns) == 1:
         return next(iter(columns.values()))
@@ -293,8 +297,9 @@ def _reject_booleans(values: Mapping[str, Any], signature: Any) -> None:
     for name, value in values.items():
         spec = signature.inputs.get(name)
         if spec is not None and spec[1].kind != "b" and _has_bool(value):
-            raise _HTTPError(400, f"input '{name}' holds JSON booleans, which are not of the expected type "
-                                  f"{spec[1].name} (signature '{signature.name}': {signature.describe()})")
+            raise _HTTPError(400, f"input '{name}' holds JSON booleans, which are not of the "
+                                  f"expected type {spec[1].name} (signature '{signature.name}': "
+                                  f"{signature.describe()})")
 
 
 def _rows_in(values: Mapping[str, Any]) -> int:
@@ -453,9 +458,10 @@ class _Endpoint:
                     result = await asyncio.wait_for(
                         self._predict(name, version, label, verb, body), self.request_timeout)
                 except asyncio.TimeoutError:
-                    return self._error(504, f"the request took longer than {self.request_timeout:g} "
-                                            f"s (request_timeout) to queue and run; retry later or "
-                                            f"send fewer rows per request")
+                    return self._error(504, "the request took longer than "
+                                            f"{self.request_timeout:g} s (request_timeout) to "
+                                            "queue and run; retry later or send fewer rows per "
+                                            "request")
                 return self._respond(*result)
             return self._error(400, f"Malformed request: {method} {path}")
         except _HTTPError as exc:
@@ -496,8 +502,8 @@ class _Endpoint:
                 raise _HTTPError(400, "'signature_name' key must be a string value.")
             _, model = self.repository.resolve(name, version, label)
             if verb != "predict":
-                raise _HTTPError(400, f"{verb} is not supported for these models (their signatures "
-                                      f"use the predict method); use :predict")
+                raise _HTTPError(400, f"{verb} is not supported for these models (their "
+                                      "signatures use the predict method); use :predict")
             signature = model.signatures.get(signature_name or "serving_default")
             if signature is None or signature.name.startswith("__"):
                 raise _HTTPError(400, f'Serving signature key "{signature_name}" not found.')
@@ -511,9 +517,9 @@ class _Endpoint:
             else:
                 raise _HTTPError(400, "Missing 'inputs' or 'instances' key")
             if _rows_in(values) > self.max_rows:
-                raise _HTTPError(413, f"{_rows_in(values)} rows exceed the limit of {self.max_rows} "
-                                      f"rows per request (max_rows); split the batch into smaller "
-                                      f"requests")
+                raise _HTTPError(413, f"{_rows_in(values)} rows exceed the limit of "
+                                      f"{self.max_rows} rows per request (max_rows); split the "
+                                      "batch into smaller requests")
             if b"true" in body or b"false" in body:
                 _reject_booleans(values, signature)
             arrays = signature.check(values)
@@ -654,7 +660,8 @@ def _repository_key():
 
 def _describe(repository: ModelRepository) -> str:
     models = repository.models()
-    return ", ".join(f"{n} (versions {', '.join(map(str, v))})" for n, v in models.items()) or "no models"
+    return ", ".join(f"{n} (versions "
+                     f"{', '.join(map(str, v))})" for n, v in models.items()) or "no models"
 
 
 def listening_socket(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> socket.socket:
