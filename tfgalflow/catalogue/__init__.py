@@ -1,13 +1,13 @@
-"""Star catalogues: positions, velocities, optional labels, explicit units; files and tf.data pipelines.
+"""Star catalogues: positions, velocities, optional labels, explicit units; files, tf.data pipelines.
 
 :mod:`.core` holds the :class:`Catalogue` type (validation, units, views, in-memory ``tf.data``);
 the readers and writers are one module per format, chosen by extension (files are written
 atomically through :mod:`tfgalflow.atomic`):
 
 ``.npz``        :mod:`.npz` - arrays ``pos``, ``vel`` [, ``labels``, ``label_names``] as in the
-                reference datasets of An, Naik, Evans & Burrage (2021) (only ``pos``/``vel``, in m
-                and m/s), plus JSON ``units`` and ``meta``. A file without ``units`` loads only when
-                the caller states them: ``Catalogue.load("hq_iso_orig.npz", units={"length": "m",
+                reference datasets of An, Naik, Evans & Burrage (2021) (only ``pos``/``vel``, in
+                m and m/s), plus JSON ``units`` and ``meta``. A file without ``units`` loads only
+                when the caller states them: ``Catalogue.load("hq_iso_orig.npz", units={"length": "m",
                 "velocity": "m/s"})``.
 ``.h5/.hdf5``   :mod:`.hdf5` - chunked datasets ``pos``, ``vel`` [, ``labels``] with units, label
                 names and meta as JSON attributes; read lazily (:func:`open_hdf5`) or streamed
@@ -20,7 +20,7 @@ Example::
     >>> cat = Catalogue(pos, vel, units={"length": "kpc", "velocity": "km/s"})
     >>> cat.save("mock.h5"); Catalogue.load("mock.h5").phase_space.shape
     (N, 6)
-    >>> ds = hdf5_dataset("mock.h5", batch_size=1024, shuffle_buffer=100_000, seed=0)   # x [B, 6] f32
+    >>> ds = hdf5_dataset("mock.h5", batch_size=1024, shuffle_buffer=100_000, seed=0)  # [B, 6] f32
 """
 from __future__ import annotations
 
