@@ -495,7 +495,7 @@ def test_cli_serve_on_a_busy_or_invalid_port_fails_in_one_line_before_loading(ba
             assert "port" in err and reason in err, err
 
 
-# ---- expensive signatures: separate pool, limits, timeout (issue #11.8) ---------------------------
+# ---- expensive signatures: separate pool, limits, timeout (issue #11.8) -------------------------
 
 N_VELOCITIES = 512          # velocity draws per position: a 600-position call takes seconds
 

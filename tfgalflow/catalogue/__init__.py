@@ -1,4 +1,4 @@
-"""Star catalogues: positions, velocities, optional labels, explicit units; files, tf.data pipelines.
+"""Star catalogues: positions, velocities, labels, explicit units; files and tf.data pipelines.
 
 :mod:`.core` holds the :class:`Catalogue` type (validation, units, views, in-memory ``tf.data``);
 the readers and writers are one module per format, chosen by extension (files are written
@@ -7,8 +7,8 @@ atomically through :mod:`tfgalflow.atomic`):
 ``.npz``        :mod:`.npz` - arrays ``pos``, ``vel`` [, ``labels``, ``label_names``] as in the
                 reference datasets of An, Naik, Evans & Burrage (2021) (only ``pos``/``vel``, in
                 m and m/s), plus JSON ``units`` and ``meta``. A file without ``units`` loads only
-                when the caller states them: ``Catalogue.load("hq_iso_orig.npz", units={"length": "m",
-                "velocity": "m/s"})``.
+                when the caller states them: ``Catalogue.load("hq_iso_orig.npz",
+                units={"length": "m", "velocity": "m/s"})``.
 ``.h5/.hdf5``   :mod:`.hdf5` - chunked datasets ``pos``, ``vel`` [, ``labels``] with units, label
                 names and meta as JSON attributes; read lazily (:func:`open_hdf5`) or streamed
                 (:func:`hdf5_dataset`), never whole. :mod:`.gadget` reads Gadget-style snapshots

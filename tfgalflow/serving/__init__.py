@@ -1,4 +1,4 @@
-"""Serving: a TensorFlow-Serving-compatible REST endpoint (:mod:`.server`), its client (:mod:`.client`).
+"""Serving: a TF-Serving-compatible REST endpoint (:mod:`.server`) and its client (:mod:`.client`).
 
 ``from tfgalflow.serving import Client, running, serve`` - the names below are the package's API;
 the client imports neither aiohttp nor TensorFlow.
