@@ -23,7 +23,9 @@ written as those tokens. orjson, when installed, parses and writes faster (same 
          Serving, which passes them to the model - NaN or infinite input values
     404  unknown model or version ("Servable not found for request: Latest(NAME)")
     413  body larger than ``max_body_bytes`` or more than ``max_rows`` rows (a tfgalflow limit)
+         or an ``accelerations`` request with more than ``max_positions`` positions
     500  unexpected server failure (the server keeps serving)
+    504  the request queued and ran longer than ``request_timeout`` (TF Serving: DEADLINE_EXCEEDED)
 
 The client is :class:`tfgalflow.serving.client.Client` (standard library and NumPy only).
 """
