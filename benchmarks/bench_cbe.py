@@ -32,7 +32,6 @@ paths are checked to give the same accelerations.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
 from typing import Any, Callable

@@ -258,6 +258,7 @@ class DenseFloor:
 
             @tf.function(jit_compile=True, input_signature=[tf.TensorSpec([None, dim], tf.float32)])
             def floor(x):
+                h = x
                 for i, (w, b) in enumerate(weights):
                     h = tf.matmul(x if i % n_dense == 0 else h, w) + b
                     if i % n_dense == n_dense - 1:
@@ -274,6 +275,7 @@ class DenseFloor:
             def floor(x):
                 with torch.no_grad():
                     x = torch.from_numpy(x)
+                    h = x
                     for i, (w, b) in enumerate(weights):
                         h = torch.nn.functional.linear(x if i % n_dense == 0 else h, w, b)
                         if i % n_dense == n_dense - 1:

@@ -21,7 +21,6 @@ With ``--rotations M`` each ensemble is also averaged over M joint rotations of 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np

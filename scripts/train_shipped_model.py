@@ -23,7 +23,6 @@ Runtime: a few minutes on 2 CPU cores. The run directory goes to runs/hernquist_
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys

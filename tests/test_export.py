@@ -360,7 +360,12 @@ def test_models_config_is_valid_model_server_config_text(exported, tmp_path):
     text_format.Parse(write_models_config(root).read_text(), message)
     configs = message.model_config_list.config
     assert [c.name for c in configs] == ["cond", "ensemble", "iso"]
-    assert [c.base_path for c in configs] == [str((root / n).resolve()) for n in ("cond", "ensemble", "iso")]
+    # Default: the container's /models, never a path of the host that wrote the file (issue #11.10).
+    assert [c.base_path for c in configs] == ["/models/cond", "/models/ensemble", "/models/iso"]
+    text_format.Parse(write_models_config(root, base_path=str(root.resolve())).read_text(),
+                      host := _model_server_config_class()())
+    assert [c.base_path for c in host.model_config_list.config] == [
+        str((root / n).resolve()) for n in ("cond", "ensemble", "iso")]
     assert {c.model_platform for c in configs} == {"tensorflow"}
     assert all(c.model_version_policy.WhichOneof("policy_choice") == "all" for c in configs)
     text_format.Parse(write_models_config(root, base_path="/models/", version_policy="latest").read_text(),
@@ -395,9 +400,18 @@ def test_signature_defs_json_matches_saved_model(exported):
 
 # ---- CLI ---------------------------------------------------------------------------------------------
 
+def test_shipped_models_config_is_what_export_writes(tmp_path):
+    # The tracked saved_models/models.config must be what `tfgalflow export` regenerates, so an
+    # export never leaves the README's docker command pointing at paths of the exporting host.
+    shipped = Path(__file__).resolve().parents[1] / "saved_models"
+    copy = shutil.copytree(shipped, tmp_path / "saved_models")
+    (copy / "models.config").unlink()
+    assert write_models_config(copy).read_text() == (shipped / "models.config").read_text()
+
+
 def test_cli_export_prints_the_version_and_regenerates_models_config(exported, tmp_path):
     cmd = [sys.executable, "-m", "tfgalflow.cli", "export", str(exported["run_dir"]), "--name", "hernquist_iso",
-           "--out", str(tmp_path / "saved_models"), "--base-path", "/models"]
+           "--out", str(tmp_path / "saved_models")]                # --base-path: /models by default
     for version, flags in ((1, ["--n-velocities", "32"]), (2, ["--no-accelerations"])):
         done = subprocess.run(cmd + flags, env=ENV, capture_output=True, text=True, cwd=tmp_path)
         assert done.returncode == 0, done.stderr

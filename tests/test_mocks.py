@@ -17,7 +17,7 @@ from tfgalflow import cli
 from tfgalflow.catalogue import Catalogue
 from tfgalflow.errors import InputError
 from tfgalflow.hernquist import Hernquist
-from tfgalflow.mocks import _iso_speeds, add_noise, cut, sample_emcee, sample_hernquist
+from tfgalflow.mocks import iso_speeds, add_noise, cut, sample_emcee, sample_hernquist
 from tfgalflow.units import ModelUnits
 
 H = Hernquist()
@@ -112,7 +112,7 @@ def test_iso_speeds_at_fixed_radius_match_quadrature(r):
     norm, _ = integrate.quad(lambda v: v**2 * H.f_iso(psi - 0.5 * v**2), 0.0, v_esc, limit=200)
     cdf = cdf / cdf[-1]
     assert abs(np.trapezoid(pdf, grid) / norm - 1) < 1e-3
-    speeds = _iso_speeds(H, np.full(20_000, r), np.random.default_rng(7))
+    speeds = iso_speeds(H, np.full(20_000, r), np.random.default_rng(7))
     assert speeds.max() < v_esc
     p = stats.kstest(speeds, lambda v: np.interp(v, grid, cdf)).pvalue
     assert p > 0.01, p
@@ -179,7 +179,7 @@ def test_emcee_bad_input():
     df = lambda x, v: H.log_df(x, v, "iso")   # noqa: E731
     with pytest.raises(InputError, match="nwalkers must be even and >= 12"):
         sample_emcee(df, 10, nwalkers=11)
-    with pytest.raises(InputError, match="n must be a positive integer"):
+    with pytest.raises(InputError, match="n = 0: expected an integer >= 1"):
         sample_emcee(df, 0)
     with pytest.raises(InputError, match=r"log_df returned shape \[\]"):
         sample_emcee(lambda x, v: 0.0, 10, nwalkers=12, burn=1, thin=1)
@@ -229,14 +229,14 @@ def test_cut_by_radius_and_binding():
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: sample_hernquist(0), "n must be a positive integer, got 0"),
-    (lambda: sample_hernquist(-3), "n must be a positive integer"),
-    (lambda: sample_hernquist(2.5), "n must be a positive integer"),
+    (lambda: sample_hernquist(0), "n = 0: expected an integer >= 1"),
+    (lambda: sample_hernquist(-3), "n = -3: expected an integer >= 1"),
+    (lambda: sample_hernquist(2.5), "n = 2.5: expected an integer >= 1"),
     (lambda: sample_hernquist(10, kind="radial"), "unknown DF kind 'radial'"),
-    (lambda: sample_hernquist(10, r_max=-1.0), "r_max must be a finite positive radius"),
-    (lambda: sample_hernquist(10, seed=-1), "seed must be an integer"),
+    (lambda: sample_hernquist(10, r_max=-1.0), r"r_max \(radius\) = -1.0: expected a finite number > 0"),
+    (lambda: sample_hernquist(10, seed=-1), "seed = -1: expected an integer >= 0"),
     (lambda: sample_hernquist(10, model="hernquist"), "model must be a tfgalflow.hernquist.Hernquist"),
-    (lambda: add_noise(sample_hernquist(5, seed=0), -0.1), "level must be a finite fractional noise level"),
+    (lambda: add_noise(sample_hernquist(5, seed=0), -0.1), r"level \(fractional, 0.01 = 1 %\) = -0.1: expected a finite number >= 0"),
     (lambda: add_noise(sample_hernquist(5, seed=0), 0.1, convention="polar"), "unknown noise convention 'polar'"),
 ])
 def test_bad_input_raises_input_error(call, message):
@@ -299,7 +299,7 @@ def test_cli_info_on_a_reference_npz_needs_units(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["mock", "hernquist", "--n", "0", "--out", "x.h5"], "n must be a positive integer, got 0"),
+    (["mock", "hernquist", "--n", "0", "--out", "x.h5"], "n = 0: expected an integer >= 1"),
     (["mock", "hernquist", "--n", "10", "--noise", "-1", "--out", "x.h5"], "level must be a finite"),
     (["mock", "hernquist", "--n", "10", "--out", "x.csv"], "unsupported catalogue extension '.csv'"),
     (["info", "does_not_exist.h5"], "does_not_exist.h5: no such catalogue file"),

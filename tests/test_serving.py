@@ -244,14 +244,14 @@ def test_non_finite_outputs_are_written_as_tf_serving_tokens(server):
 
 def test_answers_are_the_same_with_the_json_module_alone(server, monkeypatch):
     # orjson (optional) only speeds up parsing and writing: the values must not change without it.
-    import tfgalflow.serving as serving
+    import tfgalflow.serving.server as server_module
     x = np.random.default_rng(5).normal(size=(20, 3)).astype(np.float32)
     bodies = [{"instances": x.tolist()}, {"inputs": x.tolist()},
               {"signature_name": "two_outputs", "instances": x.tolist()},
               {"signature_name": "two_outputs", "inputs": {"x": x.tolist()}}]
     url = server.url + "/v1/models/normal:predict"
     fast = [call(url, json.dumps(b)) for b in bodies]
-    monkeypatch.setattr(serving, "_orjson", None)
+    monkeypatch.setattr(server_module, "_orjson", None)
     plain = [call(url, json.dumps(b)) for b in bodies]
     def float32(answer):          # the same nesting, numbers as the float32 values they denote
         if isinstance(answer, dict):
@@ -392,13 +392,13 @@ class SlowDouble:
 
 def test_micro_batcher_merges_requests_that_queue_during_a_call():
     from concurrent.futures import ThreadPoolExecutor
-    from tfgalflow.serving import _MicroBatcher
+    from tfgalflow.serving import MicroBatcher
     signature = SlowDouble()
     inputs = [np.array([1.0]), np.array([10.0]), np.array([20.0, 21.0]), np.array([-5.0]), np.array([30.0, 31.0, 32.0])]
 
     async def scenario():
         with ThreadPoolExecutor(2) as executor:
-            batcher = _MicroBatcher(signature, executor, max_rows=5)
+            batcher = MicroBatcher(signature, executor, max_rows=5)
             first = asyncio.ensure_future(batcher.run({"x": inputs[0]}))
             while not signature.started.is_set():              # the first call is running ...
                 await asyncio.sleep(0.005)
@@ -471,3 +471,101 @@ def test_cli_serve_answers_on_loopback(base):
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
     assert "half_plus_three (versions 123)" in out and f"http://127.0.0.1:{port}" in out
+
+
+def test_cli_serve_on_a_busy_or_invalid_port_fails_in_one_line_before_loading(base, capsys,
+                                                                              monkeypatch):
+    # Issue #11.4: the port is checked (bound) first, so the error comes at once, as one line
+    # with exit status 2 - not a traceback after the models have loaded.
+    from tfgalflow import cli
+    from tfgalflow.serving import ModelRepository
+
+    def no_loading(self):
+        raise AssertionError("models were loaded before the port was checked")
+
+    monkeypatch.setattr(ModelRepository, "scan", no_loading)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for arg, reason in ((str(port), "in use"), ("-1", "[0, 65535]"), ("65536", "[0, 65535]")):
+            assert cli.main(["serve", str(base), "--port", arg]) == 2, arg
+            err = capsys.readouterr().err
+            assert err.startswith("tfgalflow serve: error:") and err.count("\n") == 1, err
+            assert "port" in err and reason in err, err
+
+
+# ---- expensive signatures: separate pool, limits, timeout (issue #11.8) -------------------------
+
+N_VELOCITIES = 512          # velocity draws per position: a 600-position call takes seconds
+
+
+@pytest.fixture(scope="module")
+def halo(tmp_path_factory) -> Path:
+    """BASE/halo/1: a real tfgalflow export of a 6D flow, with the accelerations signature."""
+    from tfgalflow.export import export
+    from tfgalflow.flows import FlowConfig
+    from tfgalflow.model import Flow
+    w = np.random.default_rng(0).normal(size=(2000, 6)) * [1.0, 1.0, 1.0, 0.5, 0.5, 0.5]
+    base = tmp_path_factory.mktemp("halo")
+    flow = Flow(FlowConfig(dim=6, layers=2, hidden=(16, 16), seed=0)).adapt(w)
+    export(flow, base / "halo" / "1", n_velocities=N_VELOCITIES)
+    return base
+
+
+def _positions(n: int) -> np.ndarray:
+    return np.random.default_rng(n).normal(size=(n, 3)).astype(np.float32)
+
+
+def test_cheap_requests_do_not_queue_behind_accelerations(halo):
+    from tfgalflow.export import load_saved_model
+    x = np.array([[0.3, -0.2, 0.1, 0.2, 0.0, -0.1]], np.float32)
+    done: dict[str, float] = {}
+    answers: dict[str, object] = {}
+
+    def accelerations(key):
+        client = Client(url, model="halo", timeout=120)
+        answers[key] = client.predict({"positions": _positions(600), "seed": np.full(600, 1)},
+                                      "accelerations", format="columns")
+        done[key] = time.monotonic()
+
+    # Two workers, as on a 2-CPU host: two expensive requests used to occupy both, and a 1-row
+    # log_prob then waited for one of them to finish.
+    with running(halo, workers=2) as server:
+        url = server.url
+        client = Client(url, model="halo")
+        client.predict(x, "log_prob")                                   # warm-up (tracing)
+        threads = [threading.Thread(target=accelerations, args=(k,)) for k in ("a", "b")]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)                                 # both expensive requests are being served
+        log_prob = client.predict(x, "log_prob")
+        done["log_prob"] = time.monotonic()
+        for t in threads:
+            t.join(120)
+    assert set(done) == {"a", "b", "log_prob"}, "a request did not finish"
+    # The cheap request answers while the expensive ones still run (order, not a wall-clock time).
+    assert done["log_prob"] < min(done["a"], done["b"]), done
+    # ... and answers correctly: the in-process SavedModel, float32 precision (rtol 1e-5).
+    np.testing.assert_allclose(log_prob, load_saved_model(halo / "halo" / "1").log_prob(x),
+                               rtol=1e-5, atol=1e-5)
+    for key in ("a", "b"):
+        assert answers[key]["acceleration"].shape == (600, 3)
+
+
+def test_accelerations_position_cap_and_request_timeout(halo):
+    with running(halo, max_positions=200, request_timeout=0.2) as server:
+        body = json.dumps({"signature_name": "accelerations",
+                           "inputs": {"positions": _positions(201).tolist(), "seed": [1] * 201}})
+        status, answer = call(server.url + "/v1/models/halo:predict", body)
+        assert status == 413
+        assert "201 positions exceed the limit of 200 positions per accelerations request" in \
+            answer["error"]
+        # 200 positions x 512 velocities (plus tracing on the first call) take far longer than
+        # 0.2 s: the client gets 504 instead of waiting, and the server keeps answering.
+        body = json.dumps({"signature_name": "accelerations",
+                           "inputs": {"positions": _positions(200).tolist(), "seed": [1] * 200}})
+        status, answer = call(server.url + "/v1/models/halo:predict", body)
+        assert status == 504 and "request_timeout" in answer["error"], answer
+        assert Client(server.url, model="halo").status()["model_version_status"][0]["state"] == \
+            "AVAILABLE"

@@ -224,9 +224,10 @@ def _add_export(sub) -> None:
     p.add_argument("--name", required=True, help="model name (the URL's /v1/models/NAME)")
     p.add_argument("--out", default="saved_models", metavar="DIR",
                    help="model base directory (default: saved_models)")
-    p.add_argument("--base-path", metavar="DIR",
-                   help="where DIR is for the server, written into models.config (e.g. /models inside the "
-                        "tensorflow/serving container); default: the absolute path of --out")
+    p.add_argument("--base-path", metavar="DIR", default="/models",
+                   help="where --out is for the server, written into models.config (default: /models, "
+                        "as mounted in the tensorflow/serving container; give the absolute path of "
+                        "--out for a tensorflow_model_server on this host)")
     p.add_argument("--version-policy", choices=("all", "latest"), default="all",
                    help="models.config version policy: serve all versions (default, as `tfgalflow serve`) "
                         "or only the latest (TF Serving's default)")
@@ -281,7 +282,15 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-rows", type=int, default=100_000, metavar="N",
                    help="largest batch per request; larger ones get 413 (default: 100000)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="threads running requests (default: min(4, CPUs))")
+                   help="threads parsing requests and running log_prob/grad_log_prob/serving_default "
+                        "(default: min(4, CPUs))")
+    p.add_argument("--heavy-workers", type=int, default=None, metavar="N",
+                   help="threads running the other signatures (sample, accelerations), apart so that "
+                        "they never hold up cheap requests (default: max(1, workers // 2))")
+    p.add_argument("--max-positions", type=int, default=1000, metavar="N",
+                   help="most positions per accelerations request; more get 413 (default: 1000)")
+    p.add_argument("--request-timeout", type=float, default=60.0, metavar="S",
+                   help="seconds a request may queue and run before it is answered 504 (default: 60)")
     p.add_argument("--poll-seconds", type=float, default=2.0, metavar="S",
                    help="rescan BASE for new or removed versions every S seconds (0 = never; default: 2)")
     p.add_argument("--label", action="append", default=[], metavar="NAME:LABEL=VERSION",
@@ -306,7 +315,8 @@ def _run_serve(args) -> int:
         raise InputError(f"--max-body-mb {args.max_body_mb}: expected a positive size in MiB")
     serve(args.base, host=args.host, port=args.port, max_body_bytes=int(args.max_body_mb * 2**20),
           max_rows=args.max_rows, workers=args.workers, poll_seconds=args.poll_seconds or None,
-          version_labels=labels, batch_rows=args.batch_rows)
+          version_labels=labels, batch_rows=args.batch_rows, heavy_workers=args.heavy_workers,
+          max_positions=args.max_positions, request_timeout=args.request_timeout)
     return 0
 
 

@@ -556,7 +556,12 @@ def _text_string(value: str) -> str:
                          for b in value.encode("utf-8")) + '"'
 
 
-def write_models_config(root: str | os.PathLike, base_path: str | None = None,
+#: Where the model base directory is for the server by default: the tensorflow/serving container's
+#: ``/models`` (``docker run -v "$(pwd)/saved_models:/models" tensorflow/serving``).
+CONTAINER_BASE_PATH = "/models"
+
+
+def write_models_config(root: str | os.PathLike, base_path: str = CONTAINER_BASE_PATH,
                         version_policy: str = "all") -> Path:
     """Write ``root/models.config`` (TF Serving ``model_config_list`` text format) for every model in root.
 
@@ -564,8 +569,9 @@ def write_models_config(root: str | os.PathLike, base_path: str | None = None,
 
     Args:
         root: the model base directory (``ROOT/NAME/<version>/saved_model.pb``).
-        base_path: directory that ``root`` will be at for the server, e.g. "/models" inside the
-            tensorflow/serving container; default: the absolute path of ``root``.
+        base_path: directory that ``root`` will be at for the server: by default "/models", where
+            the tensorflow/serving container mounts it, so the file is the same on every host;
+            ``str(Path(root).resolve())`` for a ``tensorflow_model_server`` running on this host.
         version_policy: "all" (serve every version, like ``tfgalflow serve``) or "latest" (only the
             highest, TF Serving's default).
 
@@ -577,7 +583,10 @@ def write_models_config(root: str | os.PathLike, base_path: str | None = None,
     root = Path(root)
     if not root.is_dir():
         raise FileError(f"{root}: no such model directory")
-    base = (base_path.rstrip("/") or "/") if base_path else str(root.resolve())
+    if not isinstance(base_path, str) or not base_path:
+        raise InputError(f"base_path = {base_path!r}: expected the directory ROOT is at for the server, "
+                         f"e.g. '{CONTAINER_BASE_PATH}'")
+    base = base_path.rstrip("/") or "/"
     names = sorted(p.name for p in root.iterdir() if p.is_dir() and _MODEL_NAME.fullmatch(p.name) and versions(p))
     policy = "all {}" if version_policy == "all" else "latest { num_versions: 1 }"
     entries = "".join(

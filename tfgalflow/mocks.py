@@ -39,6 +39,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from . import validation
 from .catalogue import Catalogue, check_units
 from .errors import InputError
 from .hernquist import Hernquist
@@ -77,18 +78,19 @@ def sample_hernquist(n: int, kind: str = "iso", seed: int | None = None, model: 
         >>> cat = sample_hernquist(10**6, kind="aniso", seed=1, r_max=100.0)
         >>> cat.to_units("kpc", "km/s")
     """
-    n = _count(n)
+    n = validation.integer(n, "n")
     Hernquist.check_kind(kind)
     if not isinstance(model, Hernquist):
-        raise InputError(f"model must be a tfgalflow.hernquist.Hernquist, got {type(model).__name__}")
-    r_max = _check_r_max(r_max)
-    seed = _seed(seed)
+        raise InputError("model must be a tfgalflow.hernquist.Hernquist, got "
+                         f"{type(model).__name__}")
+    r_max = _radius(r_max)
+    seed = validation.seed(seed)
     rng = np.random.default_rng(seed)
 
     r = _radii(n, model.a, r_max, rng)
     r_hat, e_theta, e_phi = _spherical_basis(n, rng)
     if kind == "iso":
-        vel = _iso_speeds(model, r, rng)[:, None] * _isotropic_directions(n, rng)
+        vel = iso_speeds(model, r, rng)[:, None] * validation.unit_vectors(n, rng)
     else:
         v_r, v_t = _aniso_velocities(model, r, rng)
         psi = rng.uniform(0.0, 2.0 * np.pi, n)
@@ -113,12 +115,6 @@ def _radii(n: int, a: float, r_max: float | None, rng: np.random.Generator) -> n
     return r if r_max is None else np.minimum(r, r_max)
 
 
-def _isotropic_directions(n: int, rng: np.random.Generator) -> np.ndarray:
-    """Unit vectors [n, 3] uniform on the sphere (normalised 3D Gaussians)."""
-    d = rng.standard_normal((n, 3))
-    return d / np.linalg.norm(d, axis=1, keepdims=True)
-
-
 def _spherical_basis(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Isotropic unit vectors r_hat [n, 3] with their e_theta, e_phi (cos theta ~ U(-1, 1), phi ~ U(0, 2 pi))."""
     cos_t = rng.uniform(-1.0, 1.0, n)
@@ -131,7 +127,7 @@ def _spherical_basis(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.n
     return r_hat, e_theta, e_phi
 
 
-def _iso_speeds(model: Hernquist, r: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def iso_speeds(model: Hernquist, r: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """|v| ~ v^2 f(Psi(r) - v^2/2) on [0, v_esc] by rejection from g(v) ∝ v^2 (c + s)^(-5/2) (module docstring).
 
     log B(q) + const = log f + (5/2) log(c + s) is evaluated with ``model.log_df`` (which forms
@@ -149,7 +145,8 @@ def _iso_speeds(model: Hernquist, r: np.ndarray, rng: np.random.Generator) -> np
     while todo.size:
         rounds += 1
         if rounds > _MAX_ROUNDS:
-            raise RuntimeError(f"iso speed rejection did not finish in {_MAX_ROUNDS} rounds ({todo.size} left)")
+            raise RuntimeError(f"iso speed rejection did not finish in {_MAX_ROUNDS} rounds "
+                               f"({todo.size} left)")
         u23 = rng.random(todo.size) ** (2.0 / 3.0)
         t = t_max[todo] * u23                               # t ∝ t^(1/2) on [0, t_max]
         one_minus_t = (1.0 - u23) + c[todo] * u23           # 1 - (1 - c) u23, without cancellation
@@ -206,22 +203,23 @@ def sample_emcee(log_df: Callable[[np.ndarray, np.ndarray], np.ndarray], n: int,
     """
     import emcee
 
-    n = _count(n)
-    nwalkers = _count(nwalkers, "nwalkers")
+    n = validation.integer(n, "n")
+    nwalkers = validation.integer(nwalkers, "nwalkers")
     if nwalkers < 12 or nwalkers % 2:
-        raise InputError(f"nwalkers must be even and >= 12 (twice the 6 dimensions), got {nwalkers}")
-    if not isinstance(burn, (int, np.integer)) or burn < 0:
-        raise InputError(f"burn must be an integer >= 0 steps, got {burn!r}")
-    thin = _count(thin, "thin")
-    r_max = _check_r_max(r_max)
+        raise InputError("nwalkers must be even and >= 12 (twice the 6 dimensions), got "
+                         f"{nwalkers}")
+    burn = validation.integer(burn, "burn (steps)", low=0)
+    thin = validation.integer(thin, "thin")
+    r_max = _radius(r_max)
     units = check_units(units if units is not None else MODEL_UNITS)
-    seed = _seed(seed)
+    seed = validation.seed(seed)
     rng = np.random.default_rng(seed)
 
     def log_prob(w: np.ndarray) -> np.ndarray:
         lp = np.asarray(log_df(w[:, :3], w[:, 3:]), dtype=np.float64)
         if lp.shape != (w.shape[0],):
-            raise InputError(f"log_df returned shape {list(lp.shape)} for {w.shape[0]} points; expected [{w.shape[0]}]")
+            raise InputError(f"log_df returned shape {list(lp.shape)} for {w.shape[0]} points; "
+                             f"expected [{w.shape[0]}]")
         lp = np.where(np.isfinite(lp), lp, -np.inf)
         if r_max is not None:
             lp = np.where(np.linalg.norm(w[:, :3], axis=1) < r_max, lp, -np.inf)
@@ -253,12 +251,14 @@ def sample_emcee(log_df: Callable[[np.ndarray, np.ndarray], np.ndarray], n: int,
         "acceptance_fraction_range": [float(acceptance.min()), float(acceptance.max())],
         "autocorr_steps": tau if math.isfinite(tau) else None, **dict(meta or {}),
     }
-    log.info("emcee: %d walkers x %d steps, mean acceptance fraction %.3f, autocorrelation time %s steps",
+    log.info("emcee: %d walkers x %d steps, mean acceptance fraction %.3f, autocorrelation time "
+             "%s steps",
              nwalkers, record["steps"], record["acceptance_fraction"], record["autocorr_steps"])
     lo, hi = ACCEPTANCE_RANGE
     if not lo <= record["acceptance_fraction"] <= hi:
-        warnings.warn(f"emcee mean acceptance fraction {record['acceptance_fraction']:.3f} is outside [{lo}, {hi}]: "
-                      f"the chain may not have mixed; check init/init_scale, burn and r_max", stacklevel=2)
+        warnings.warn(f"emcee mean acceptance fraction {record['acceptance_fraction']:.3f} is "
+                      f"outside [{lo}, {hi}]: the chain may not have mixed; check "
+                      "init/init_scale, burn and r_max", stacklevel=2)
     return Catalogue(samples[:, :3], samples[:, 3:], units=units, meta=record)
 
 
@@ -266,11 +266,13 @@ def _initial_walkers(log_prob, nwalkers: int, init, init_scale, r_max, rng) -> n
     if init is not None:
         start = np.array(init, dtype=np.float64)
         if start.shape != (nwalkers, 6):
-            raise InputError(f"init has shape {list(start.shape)}; expected [nwalkers, 6] = [{nwalkers}, 6]")
+            raise InputError(f"init has shape {list(start.shape)}; expected [nwalkers, 6] = "
+                             f"[{nwalkers}, 6]")
         bad = ~np.isfinite(log_prob(start))
         if bad.any():
-            raise InputError(f"init: log_df is not finite at walker(s) {np.nonzero(bad)[0][:5].tolist()}; "
-                             f"start every walker where the DF is positive (and inside r_max)")
+            raise InputError("init: log_df is not finite at walker(s) "
+                             f"{np.nonzero(bad)[0][:5].tolist()}; start every walker where the DF "
+                             "is positive (and inside r_max)")
         return start
     sx, sv = (float(s) for s in init_scale)
     if r_max is not None:
@@ -283,8 +285,9 @@ def _initial_walkers(log_prob, nwalkers: int, init, init_scale, r_max, rng) -> n
         todo = todo[~np.isfinite(log_prob(start[todo]))]
         if not todo.size:
             return start
-    raise InputError(f"could not find {nwalkers} starting points with finite log_df from x ~ N(0, {sx}^2), "
-                     f"v ~ N(0, {sv}^2); pass init [nwalkers, 6] or a different init_scale")
+    raise InputError(f"could not find {nwalkers} starting points with finite log_df from x ~ N(0, "
+                     f"{sx}^2), v ~ N(0, {sv}^2); pass init [nwalkers, 6] or a different "
+                     "init_scale")
 
 
 # ---- cuts and noise ---------------------------------------------------------------------------------
@@ -300,7 +303,7 @@ def cut(cat: Catalogue, r_max: float | None = None, bound_to: Hernquist | None =
     keep = np.ones(len(cat), dtype=bool)
     record: dict[str, Any] = {}
     if r_max is not None:
-        r_max = _check_r_max(r_max)
+        r_max = _radius(r_max)
         keep &= cat.r < r_max
         record["r_max"] = r_max
     if bound_to is not None:
@@ -331,11 +334,11 @@ def add_noise(cat: Catalogue, level: float, seed: int | None = None, level_vel: 
 
     The convention, levels and seed are appended to meta["noise"].
     """
-    level = _check_level(level, "level")
-    level_vel = level if level_vel is None else _check_level(level_vel, "level_vel")
-    if convention not in NOISE_CONVENTIONS:
-        raise InputError(f"unknown noise convention {convention!r}; allowed values are {list(NOISE_CONVENTIONS)}")
-    seed = _seed(seed)
+    level = validation.positive_number(level, "level (fractional, 0.01 = 1 %)", allow_zero=True)
+    level_vel = level if level_vel is None else validation.positive_number(
+        level_vel, "level_vel (fractional, 0.01 = 1 %)", allow_zero=True)
+    validation.one_of(convention, "noise convention", NOISE_CONVENTIONS)
+    seed = validation.seed(seed)
     rng = np.random.default_rng(seed)
     eps_x = rng.standard_normal(cat.pos.shape)
     eps_v = rng.standard_normal(cat.vel.shape)
@@ -352,41 +355,10 @@ def add_noise(cat: Catalogue, level: float, seed: int | None = None, level_vel: 
 
 # ---- validation -------------------------------------------------------------------------------------
 
-def _count(n: Any, name: str = "n") -> int:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise InputError(f"{name} must be a positive integer, got {n!r}")
-    return int(n)
+def _radius(r_max: Any) -> float | None:
+    """A truncation radius: None (no truncation) or a finite number > 0."""
+    return None if r_max is None else validation.positive_number(r_max, "r_max (radius)")
 
 
-def _check_r_max(r_max: Any) -> float | None:
-    if r_max is None:
-        return None
-    try:
-        value = float(r_max)
-    except (TypeError, ValueError):
-        value = float("nan")
-    if not (math.isfinite(value) and value > 0):
-        raise InputError(f"r_max must be a finite positive radius or None, got {r_max!r}")
-    return value
-
-
-def _check_level(level: Any, name: str) -> float:
-    try:
-        value = float(level)
-    except (TypeError, ValueError):
-        value = float("nan")
-    if not (math.isfinite(value) and value >= 0):
-        raise InputError(f"{name} must be a finite fractional noise level >= 0 (0.01 = 1 %), got {level!r}")
-    return value
-
-
-def _seed(seed: Any) -> int:
-    """The seed to use and record: ``seed`` itself, or fresh OS entropy when None."""
-    if seed is None:
-        return int(np.random.SeedSequence().entropy)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise InputError(f"seed must be an integer >= 0 or None, got {seed!r}")
-    return int(seed)
-
-
-__all__ = ["sample_hernquist", "sample_emcee", "cut", "add_noise", "ACCEPTANCE_RANGE", "NOISE_CONVENTIONS"]
+__all__ = ["sample_hernquist", "sample_emcee", "cut", "add_noise", "iso_speeds", "ACCEPTANCE_RANGE",
+           "NOISE_CONVENTIONS"]

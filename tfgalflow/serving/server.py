@@ -1,4 +1,4 @@
-"""A TensorFlow-Serving-compatible REST endpoint (aiohttp) over a model directory, and a urllib client.
+"""A TensorFlow-Serving-compatible REST endpoint (aiohttp) over a model directory.
 
 The server answers the TF Serving REST API (https://www.tensorflow.org/tfx/serving/api_rest) for every
 SavedModel under a base directory laid out as TF Serving expects, ``BASE/NAME/<integer version>/
@@ -12,7 +12,7 @@ saved_model.pb`` (all versions are loaded; the highest is the default)::
 A request's whole batch goes through ONE call of the signature's traced function, in a worker thread
 (the event loop only does I/O). Concurrent small requests (<= ``batch_rows`` rows) to a row-wise
 signature (listed in the SavedModel's metadata: log_prob, grad_log_prob, serving_default - never the
-seeded sample/accelerations) are merged into one call and split again (:class:`_MicroBatcher`).
+seeded sample/accelerations) are merged into one call and split again (:class:`MicroBatcher`).
 Bodies are parsed and answered as TF Serving does: one output is returned bare, several as objects
 keyed by output name; ``NaN``/``Infinity`` tokens are valid JSON here and non-finite outputs are
 written as those tokens. orjson, when installed, parses and writes faster (same values). Errors are
@@ -23,10 +23,11 @@ written as those tokens. orjson, when installed, parses and writes faster (same 
          Serving, which passes them to the model - NaN or infinite input values
     404  unknown model or version ("Servable not found for request: Latest(NAME)")
     413  body larger than ``max_body_bytes`` or more than ``max_rows`` rows (a tfgalflow limit)
+         or an ``accelerations`` request with more than ``max_positions`` positions
     500  unexpected server failure (the server keeps serving)
+    504  the request queued and ran longer than ``request_timeout`` (TF Serving: DEADLINE_EXCEEDED)
 
-:class:`Client` uses only the standard library (urllib) and NumPy, so it also talks to a real
-``tensorflow_model_server``.
+The client is :class:`tfgalflow.serving.client.Client` (standard library and NumPy only).
 """
 from __future__ import annotations
 
@@ -41,17 +42,15 @@ import os
 import re
 import socket
 import threading
-import urllib.error
-import urllib.parse
-import urllib.request
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from .errors import FileError, InputError, TfgalflowError
+from .. import validation
+from ..errors import FileError, InputError
 
 try:                                    # optional: 4x faster request parsing, 10x faster answers
     import orjson as _orjson
@@ -62,27 +61,21 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8501
-DEFAULT_URL = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"
 #: Largest request body accepted (bytes); larger ones get 413.
 MAX_BODY_BYTES = 64 * 2**20
 #: Largest batch (rows of any input) accepted; larger ones get 413 (bounds the memory of one call).
 MAX_ROWS = 100_000
 #: Requests of at most this many rows to a row-wise signature are micro-batched (0 = off).
 BATCH_ROWS = 256
+#: Most positions per ``accelerations`` request (each costs n_velocities draws); more get 413.
+MAX_POSITIONS = 1000
+#: Seconds a request may queue and run before it is answered 504.
+REQUEST_TIMEOUT = 60.0
 
 # TF Serving's URL grammar (http_rest_api_handler.cc, kPathRegex).
 _PATH = re.compile(r"/v1/models(?:/(?P<name>[^/:]+))?"
                    r"(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
                    r"(?P<metadata>/metadata)?(?::(?P<verb>classify|regress|predict))?")
-
-
-class ServingError(TfgalflowError):
-    """An error answer of a TF-Serving-compatible endpoint (``status`` is None if it was unreachable)."""
-
-    def __init__(self, message: str, status: int | None = None, url: str | None = None):
-        self.message, self.status, self.url = message, status, url
-        where = f" from {url}" if url else ""
-        super().__init__(f"HTTP {status}{where}: {message}" if status is not None else message)
 
 
 class _HTTPError(Exception):
@@ -117,8 +110,8 @@ class ModelRepository:
     def __init__(self, base_dir: str | os.PathLike, version_labels: Mapping[str, Mapping[str, int]] | None = None):
         self.base_dir = Path(base_dir)
         if not self.base_dir.is_dir():
-            raise FileError(f"{self.base_dir}: no such model base directory (expected BASE/NAME/<version>/"
-                            f"saved_model.pb)")
+            raise FileError(f"{self.base_dir}: no such model base directory (expected "
+                            "BASE/NAME/<version>/saved_model.pb)")
         self.version_labels = {str(m): {str(k): int(v) for k, v in labels.items()}
                                for m, labels in (version_labels or {}).items()}
         self._models: dict[str, dict[int, _Version]] = {}
@@ -126,7 +119,7 @@ class ModelRepository:
 
     def scan(self) -> list[str]:
         """Load new or changed versions, drop removed ones; returns one line per change."""
-        from .export import load_saved_model, versions
+        from ..export import load_saved_model, versions
         changes = []
         with self._scan_lock:
             table: dict[str, dict[int, _Version]] = {}
@@ -235,13 +228,15 @@ def _row_values(instances: Any, signature: Any) -> dict[str, Any]:
         for i, instance in enumerate(instances):
             if not isinstance(instance, dict) or set(instance) != wanted:
                 got = sorted(instance) if isinstance(instance, dict) else type(instance).__name__
-                raise _HTTPError(400, f"Failed to process element: {i} of 'instances' list: got {got}; every "
-                                      f"instance must be an object with exactly the keys {sorted(wanted)} "
-                                      f"(signature '{signature.name}': {signature.describe()})")
+                raise _HTTPError(400, f"Failed to process element: {i} of 'instances' list: got "
+                                      f"{got}; every instance must be an object with exactly the "
+                                      f"keys {sorted(wanted)} (signature '{signature.name}': "
+                                      f"{signature.describe()})")
         return {k: [instance[k] for instance in instances] for k in names}
     if len(names) != 1:
-        raise _HTTPError(400, f"instances is a plain list, but expecting list of objects as multiple input "
-                              f"tensors required (signature '{signature.name}': {signature.describe()})")
+        raise _HTTPError(400, "instances is a plain list, but expecting list of objects as "
+                              f"multiple input tensors required (signature '{signature.name}': "
+                              f"{signature.describe()})")
     return {names[0]: instances}
 
 
@@ -250,8 +245,9 @@ def _column_values(inputs: Any, signature: Any) -> dict[str, Any]:
     if isinstance(inputs, dict):
         return inputs
     if len(signature.inputs) != 1:
-        raise _HTTPError(400, f"inputs is a plain value/list, but expecting an object as multiple input tensors "
-                              f"required (signature '{signature.name}': {signature.describe()})")
+        raise _HTTPError(400, "inputs is a plain value/list, but expecting an object as multiple "
+                              f"input tensors required (signature '{signature.name}': "
+                              f"{signature.describe()})")
     return {next(iter(signature.inputs)): inputs}
 
 
@@ -259,7 +255,8 @@ def _row_outputs(outputs: Mapping[str, np.ndarray], as_lists: bool = True) -> li
     """'predictions': one output bare (a list per instance), several as one object per instance."""
     batch = {k: (v.shape[0] if v.ndim else None) for k, v in outputs.items()}
     if None in batch.values() or len(set(batch.values())) > 1:
-        raise _HTTPError(400, f"outputs have no common batch size {batch}; use the columnar format ('inputs')")
+        raise _HTTPError(400, f"outputs have no common batch size {batch}; use the columnar "
+                              "format ('inputs')")
     columns = {k: (v.tolist() if as_lists else v) for k, v in outputs.items()}
     if len(columns) == 1:
         return next(iter(columns.values()))
@@ -302,8 +299,9 @@ def _reject_booleans(values: Mapping[str, Any], signature: Any) -> None:
     for name, value in values.items():
         spec = signature.inputs.get(name)
         if spec is not None and spec[1].kind != "b" and _has_bool(value):
-            raise _HTTPError(400, f"input '{name}' holds JSON booleans, which are not of the expected type "
-                                  f"{spec[1].name} (signature '{signature.name}': {signature.describe()})")
+            raise _HTTPError(400, f"input '{name}' holds JSON booleans, which are not of the "
+                                  f"expected type {spec[1].name} (signature '{signature.name}': "
+                                  f"{signature.describe()})")
 
 
 def _rows_in(values: Mapping[str, Any]) -> int:
@@ -317,14 +315,16 @@ def _json(obj: Any) -> bytes:
 # ---- the aiohttp application ------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class _Batched:
-    """A validated request waiting for the micro-batcher: arrays with one common number of rows."""
+class _Prepared:
+    """A validated request: the signature, its input arrays, the answer's layout (rows or columns),
+    and whether the model declares the signature row-wise (then it may be micro-batched)."""
     signature: Any
     arrays: dict
     rows: bool
+    row_wise: bool
 
 
-class _MicroBatcher:
+class MicroBatcher:
     """Merges concurrent small requests to one row-wise signature into one call (rows concatenated).
 
     No timer and no added latency when idle: the first request runs at once; requests that arrive
@@ -399,13 +399,28 @@ class _MicroBatcher:
 
 
 class _Endpoint:
-    def __init__(self, repository: ModelRepository, max_body_bytes: int, max_rows: int, workers: int,
-                 batch_rows: int = 0):
+    """The request handler: routing, limits, and the two thread pools that run signature calls.
+
+    Parsing and validation run in the ``light`` pool. A signature the SavedModel declares row-wise
+    (``row_wise_signatures``: log_prob, grad_log_prob, serving_default) is called in the ``light``
+    pool too, micro-batched when small; every other signature (the seeded ``sample`` and
+    ``accelerations``, and all signatures of models without that declaration) is called in the
+    ``heavy`` pool. A row-wise request therefore never queues behind expensive calls (head-of-line
+    blocking): at most ``heavy_workers`` expensive calls run at once, and the light pool keeps its
+    own threads for cheap ones.
+    """
+
+    def __init__(self, repository: ModelRepository, *, max_body_bytes: int, max_rows: int,
+                 workers: int, heavy_workers: int, batch_rows: int, max_positions: int,
+                 request_timeout: float):
         self.repository = repository
         self.max_body_bytes, self.max_rows, self.batch_rows = max_body_bytes, max_rows, batch_rows
+        self.max_positions, self.request_timeout = max_positions, request_timeout
         self.batchers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
-                                                              thread_name_prefix="tfgalflow-serving")
+        self.light = concurrent.futures.ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="tfgalflow-serving")
+        self.heavy = concurrent.futures.ThreadPoolExecutor(
+            max_workers=heavy_workers, thread_name_prefix="tfgalflow-serving-heavy")
 
     @staticmethod
     def _respond(status: int, payload: bytes):
@@ -434,16 +449,21 @@ class _Endpoint:
             if method == "GET" and metadata and verb is None:
                 return self._respond(200, _json(self._metadata(name, version, label)))
             if method == "POST" and verb is not None and not metadata:
-                if request.content_length is not None and request.content_length > self.max_body_bytes:
-                    return self._too_large(request.content_length)
+                length = request.content_length
+                if length is not None and length > self.max_body_bytes:
+                    return self._too_large(length)
                 try:
                     body = await request.read()
                 except web.HTTPRequestEntityTooLarge:
                     return self._too_large(None)
-                loop = asyncio.get_running_loop()
-                result = await loop.run_in_executor(self.executor, self._post, name, version, label, verb, body)
-                if isinstance(result, _Batched):
-                    result = await self._run_batched(result)
+                try:
+                    result = await asyncio.wait_for(
+                        self._predict(name, version, label, verb, body), self.request_timeout)
+                except asyncio.TimeoutError:
+                    return self._error(504, "the request took longer than "
+                                            f"{self.request_timeout:g} s (request_timeout) to "
+                                            "queue and run; retry later or send fewer rows per "
+                                            "request")
                 return self._respond(*result)
             return self._error(400, f"Malformed request: {method} {path}")
         except _HTTPError as exc:
@@ -451,19 +471,32 @@ class _Endpoint:
 
     def _too_large(self, size: int | None):
         what = f"{size} bytes" if size is not None else "the request body"
-        return self._error(413, f"{what} exceeds the limit of {self.max_body_bytes} bytes per request "
-                                f"(max_body_bytes); split the batch into smaller requests")
+        return self._error(413, f"{what} exceeds the limit of {self.max_body_bytes} bytes per "
+                                f"request (max_body_bytes); split the batch into smaller requests")
 
     def _metadata(self, name: str, version: str | None, label: str | None) -> dict:
         number, model = self.repository.resolve(name, version, label)
         return {"model_spec": {"name": name, "signature_name": "", "version": str(number)},
                 "metadata": {"signature_def": {"signature_def": model.signature_defs}}}
 
-    def _post(self, name: str, version: str | None, label: str | None, verb: str,
-              body: bytes) -> tuple[int, bytes] | "_Batched":
-        """Worker thread: parse, validate, ONE signature call, format -> (status, body). Never raises.
+    async def _predict(self, name: str, version: str | None, label: str | None, verb: str,
+                       body: bytes) -> tuple[int, bytes]:
+        """Parse and validate (light pool), then call: micro-batched, light pool or heavy pool."""
+        loop = asyncio.get_running_loop()
+        request = await loop.run_in_executor(self.light, self._prepare, name, version, label, verb,
+                                             body)
+        if not isinstance(request, _Prepared):
+            return request
+        rows = {a.shape[0] if a.ndim else -1 for a in request.arrays.values()}
+        if (request.row_wise and self.batch_rows and len(rows) == 1
+                and 0 < next(iter(rows)) <= self.batch_rows):
+            return await self._run_batched(request)
+        pool = self.light if request.row_wise else self.heavy
+        return await loop.run_in_executor(pool, self._call, request)
 
-        Small requests to row-wise signatures come back as :class:`_Batched` for the micro-batcher."""
+    def _prepare(self, name: str, version: str | None, label: str | None, verb: str,
+                 body: bytes) -> tuple[int, bytes] | _Prepared:
+        """Worker thread: parse and validate -> a :class:`_Prepared` call, or (status, body)."""
         try:
             doc = _parse_body(body)
             signature_name = doc.get("signature_name", "serving_default")
@@ -471,13 +504,14 @@ class _Endpoint:
                 raise _HTTPError(400, "'signature_name' key must be a string value.")
             _, model = self.repository.resolve(name, version, label)
             if verb != "predict":
-                raise _HTTPError(400, f"{verb} is not supported for these models (their signatures use the "
-                                      f"predict method); use :predict")
+                raise _HTTPError(400, f"{verb} is not supported for these models (their "
+                                      "signatures use the predict method); use :predict")
             signature = model.signatures.get(signature_name or "serving_default")
             if signature is None or signature.name.startswith("__"):
                 raise _HTTPError(400, f'Serving signature key "{signature_name}" not found.')
             if "instances" in doc and "inputs" in doc:
-                raise _HTTPError(400, "Not formatted correctly: expecting only one of 'inputs' or 'instances'")
+                raise _HTTPError(400, "Not formatted correctly: expecting only one of 'inputs' or "
+                                      "'instances'")
             if "instances" in doc:
                 rows, values = True, _row_values(doc["instances"], signature)
             elif "inputs" in doc:
@@ -485,16 +519,20 @@ class _Endpoint:
             else:
                 raise _HTTPError(400, "Missing 'inputs' or 'instances' key")
             if _rows_in(values) > self.max_rows:
-                raise _HTTPError(413, f"{_rows_in(values)} rows exceed the limit of {self.max_rows} rows per "
-                                      f"request (max_rows); split the batch into smaller requests")
+                raise _HTTPError(413, f"{_rows_in(values)} rows exceed the limit of "
+                                      f"{self.max_rows} rows per request (max_rows); split the "
+                                      "batch into smaller requests")
             if b"true" in body or b"false" in body:
                 _reject_booleans(values, signature)
             arrays = signature.check(values)
-            lengths = {a.shape[0] if a.ndim else -1 for a in arrays.values()}
-            if (self.batch_rows and signature.name in model.metadata.get("row_wise_signatures", ())
-                    and len(lengths) == 1 and 0 < next(iter(lengths)) <= self.batch_rows):
-                return _Batched(signature, arrays, rows)
-            return 200, _encode_answer(signature.run(arrays), rows)
+            positions = arrays.get("positions")
+            if (signature.name == "accelerations" and positions is not None
+                    and positions.shape[0] > self.max_positions):
+                raise _HTTPError(413, f"{positions.shape[0]} positions exceed the limit of "
+                                      f"{self.max_positions} positions per accelerations request "
+                                      f"(max_positions); split them into smaller requests")
+            row_wise = signature.name in model.metadata.get("row_wise_signatures", ())
+            return _Prepared(signature, arrays, rows, row_wise)
         except _HTTPError as exc:
             return exc.status, _json({"error": exc.message})
         except InputError as exc:
@@ -503,11 +541,24 @@ class _Endpoint:
             log.exception("predict on %s failed", name)
             return 500, _json({"error": f"internal error: {type(exc).__name__}: {exc}"})
 
-    async def _run_batched(self, request: "_Batched") -> tuple[int, bytes]:
+    @staticmethod
+    def _call(request: _Prepared) -> tuple[int, bytes]:
+        """Worker thread: ONE signature call on the whole batch, formatted. Never raises."""
+        try:
+            return 200, _encode_answer(request.signature.run(request.arrays), request.rows)
+        except _HTTPError as exc:
+            return exc.status, _json({"error": exc.message})
+        except InputError as exc:
+            return 400, _json({"error": str(exc)})
+        except Exception as exc:   # noqa: BLE001 - a bug must not take the server down
+            log.exception("predict on %s failed", request.signature.name)
+            return 500, _json({"error": f"internal error: {type(exc).__name__}: {exc}"})
+
+    async def _run_batched(self, request: _Prepared) -> tuple[int, bytes]:
         batcher = self.batchers.get(request.signature)
         if batcher is None:
-            batcher = self.batchers[request.signature] = _MicroBatcher(request.signature, self.executor,
-                                                                        self.batch_rows)
+            batcher = self.batchers[request.signature] = MicroBatcher(
+                request.signature, self.light, self.batch_rows)
         try:
             return 200, _encode_answer(await batcher.run(request.arrays), request.rows)
         except _HTTPError as exc:
@@ -519,7 +570,8 @@ class _Endpoint:
             return 500, _json({"error": f"internal error: {type(exc).__name__}: {exc}"})
 
     async def close(self, app=None) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.light.shutdown(wait=False, cancel_futures=True)
+        self.heavy.shutdown(wait=False, cancel_futures=True)
 
 
 def _settle_heap(changes: list[str]) -> None:
@@ -538,29 +590,45 @@ def _settle_heap(changes: list[str]) -> None:
         gc.freeze()
 
 
-def make_app(base_dir: str | os.PathLike, *, max_body_bytes: int = MAX_BODY_BYTES, max_rows: int = MAX_ROWS,
-             workers: int | None = None, poll_seconds: float | None = None,
-             version_labels: Mapping[str, Mapping[str, int]] | None = None, batch_rows: int = BATCH_ROWS):
-    """The aiohttp ``web.Application`` serving every model under ``base_dir`` (loaded before returning).
+def make_app(base_dir: str | os.PathLike, *, max_body_bytes: int = MAX_BODY_BYTES,
+             max_rows: int = MAX_ROWS, workers: int | None = None,
+             heavy_workers: int | None = None, poll_seconds: float | None = None,
+             version_labels: Mapping[str, Mapping[str, int]] | None = None,
+             batch_rows: int = BATCH_ROWS, max_positions: int = MAX_POSITIONS,
+             request_timeout: float = REQUEST_TIMEOUT):
+    """The aiohttp ``web.Application`` serving every model under ``base_dir`` (loaded on return).
 
     Args:
         base_dir: ``BASE`` of ``BASE/NAME/<version>/saved_model.pb``.
         max_body_bytes, max_rows: request limits (413 beyond them).
-        workers: threads running requests (parse, ONE signature call, format); default min(4, CPUs).
+        workers: threads parsing requests and calling row-wise signatures (log_prob,
+            grad_log_prob, serving_default); default min(4, CPUs).
+        heavy_workers: threads calling every other signature (sample, accelerations, signatures
+            of foreign models), so that those never hold up row-wise requests; default
+            max(1, workers // 2).
         poll_seconds: rescan ``base_dir`` for new/removed versions this often (None = never).
         version_labels: {model: {label: version}} for ``/labels/L`` URLs.
-        batch_rows: requests of at most this many rows to a row-wise signature are micro-batched with
-            concurrent ones (calls of up to this many rows); 0 turns batching off.
+        batch_rows: requests of at most this many rows to a row-wise signature are micro-batched
+            with concurrent ones (calls of up to this many rows); 0 turns batching off.
+        max_positions: most positions per ``accelerations`` request (413 beyond).
+        request_timeout: seconds a request may queue and run before it is answered 504 (a call
+            already running finishes in its thread; its answer is dropped).
     """
     from aiohttp import web
-    for value, what, low in ((max_body_bytes, "max_body_bytes", 1), (max_rows, "max_rows", 1),
-                             (batch_rows, "batch_rows", 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise InputError(f"{what} = {value!r}: expected an integer >= {low}")
+    max_body_bytes = validation.integer(max_body_bytes, "max_body_bytes")
+    max_rows = validation.integer(max_rows, "max_rows")
+    batch_rows = validation.integer(batch_rows, "batch_rows", low=0)
+    max_positions = validation.integer(max_positions, "max_positions")
+    request_timeout = validation.positive_number(request_timeout, "request_timeout")
+    workers = min(4, os.cpu_count() or 1) if workers is None else validation.integer(workers,
+                                                                                     "workers")
+    heavy_workers = (max(1, workers // 2) if heavy_workers is None
+                     else validation.integer(heavy_workers, "heavy_workers"))
     repository = ModelRepository(base_dir, version_labels)
     _settle_heap(repository.scan())
-    endpoint = _Endpoint(repository, max_body_bytes, max_rows, workers or min(4, os.cpu_count() or 1),
-                         batch_rows)
+    endpoint = _Endpoint(repository, max_body_bytes=max_body_bytes, max_rows=max_rows,
+                         workers=workers, heavy_workers=heavy_workers, batch_rows=batch_rows,
+                         max_positions=max_positions, request_timeout=request_timeout)
     app = web.Application(client_max_size=max_body_bytes)
     app[_repository_key()] = repository
     app.router.add_route("*", "/{tail:.*}", endpoint.handle)
@@ -571,7 +639,7 @@ def make_app(base_dir: str | os.PathLike, *, max_body_bytes: int = MAX_BODY_BYTE
             while True:
                 await asyncio.sleep(poll_seconds)
                 try:
-                    _settle_heap(await loop.run_in_executor(endpoint.executor, repository.scan))
+                    _settle_heap(await loop.run_in_executor(endpoint.light, repository.scan))
                 except Exception:   # noqa: BLE001 - keep polling (and serving) whatever the disk does
                     log.exception("rescanning %s failed", repository.base_dir)
         task = asyncio.create_task(rescan()) if poll_seconds else None
@@ -594,20 +662,53 @@ def _repository_key():
 
 def _describe(repository: ModelRepository) -> str:
     models = repository.models()
-    return ", ".join(f"{n} (versions {', '.join(map(str, v))})" for n, v in models.items()) or "no models"
+    return ", ".join(f"{n} (versions "
+                     f"{', '.join(map(str, v))})" for n, v in models.items()) or "no models"
 
 
-def serve(base_dir: str | os.PathLike, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, **options: Any) -> None:
+def listening_socket(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> socket.socket:
+    """A TCP socket bound to (host, port), checked before any model is loaded (port 0: any free).
+
+    Raises InputError in one line when the port is not in [0, 65535], the host is unknown, or the
+    address cannot be bound (typically: another server already listens there).
+    """
+    port = validation.integer(port, "port", low=0, high=65535)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or str(exc)
+        raise InputError(f"cannot listen on host {host!r}, port {port}: {reason}; choose a free "
+                         f"port (or stop the server already using it)") from None
+    return sock
+
+
+def serve(base_dir: str | os.PathLike, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+          **options: Any) -> None:
     """Serve every model under ``base_dir`` at http://host:port until interrupted (Ctrl-C).
 
-    Listens on the loopback interface by default; pass host="0.0.0.0" to expose it. ``options`` go to
-    :func:`make_app` (max_body_bytes, max_rows, workers, poll_seconds, version_labels).
+    Listens on the loopback interface by default; pass host="0.0.0.0" to expose it. The address is
+    bound first, so a busy or invalid port fails at once (InputError), before models are loaded.
+    ``options`` go to :func:`make_app` (max_body_bytes, max_rows, workers, heavy_workers,
+    poll_seconds, version_labels, batch_rows, max_positions, request_timeout).
     """
     from aiohttp import web
-    app = make_app(base_dir, **options)
-    print(f"tfgalflow serve: {_describe(app[_repository_key()])} at http://{host}:{port}/v1/models/NAME "
-          f"(Ctrl-C to stop)", flush=True)
-    web.run_app(app, host=host, port=port, access_log=None, print=None)
+    sock = listening_socket(host, port)
+    try:
+        app = make_app(base_dir, **options)
+        print(f"tfgalflow serve: {_describe(app[_repository_key()])} at "
+              f"{_url(sock)}/v1/models/NAME (Ctrl-C to stop)", flush=True)
+        web.run_app(app, sock=sock, access_log=None, print=None)
+    finally:
+        sock.close()
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 @dataclass(frozen=True)
@@ -618,8 +719,9 @@ class Running:
 
 
 @contextlib.contextmanager
-def running(base_dir: str | os.PathLike, host: str = DEFAULT_HOST, port: int = 0, **options: Any) -> Iterator[Running]:
-    """Run the endpoint in a background thread for the duration of a ``with`` block (port 0 = any free port).
+def running(base_dir: str | os.PathLike, host: str = DEFAULT_HOST, port: int = 0,
+            **options: Any) -> Iterator[Running]:
+    """Run the endpoint in a background thread for a ``with`` block (port 0 = any free port).
 
     Example::
 
@@ -627,10 +729,12 @@ def running(base_dir: str | os.PathLike, host: str = DEFAULT_HOST, port: int = 0
             Client(server.url, model="hernquist_iso").predict(x)
     """
     from aiohttp import web
-    app = make_app(base_dir, **options)
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    sock = listening_socket(host, port)
+    try:
+        app = make_app(base_dir, **options)
+    except BaseException:
+        sock.close()
+        raise
     loop = asyncio.new_event_loop()
     started, failure = threading.Event(), []
     stop = asyncio.Event()
@@ -649,143 +753,16 @@ def running(base_dir: str | os.PathLike, host: str = DEFAULT_HOST, port: int = 0
         await stop.wait()
         await runner.cleanup()
 
-    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), name="tfgalflow-server", daemon=True)
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),),
+                              name="tfgalflow-server", daemon=True)
     thread.start()
     started.wait()
     try:
         if failure:
             raise failure[0]
-        bound_host, bound_port = sock.getsockname()[:2]
-        url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
-        yield Running(f"http://{url_host}:{bound_port}", app[_repository_key()])
+        yield Running(_url(sock), app[_repository_key()])
     finally:
         loop.call_soon_threadsafe(stop.set)
         thread.join(timeout=30)
         loop.close()
         sock.close()
-
-
-# ---- the client ----------------------------------------------------------------------------------------
-
-_DTYPES = {"DT_FLOAT": np.float32, "DT_DOUBLE": np.float64, "DT_INT32": np.int32, "DT_INT64": np.int64,
-           "DT_BOOL": np.bool_, "DT_HALF": np.float16, "DT_INT16": np.int16, "DT_INT8": np.int8,
-           "DT_UINT8": np.uint8, "DT_UINT32": np.uint32, "DT_UINT64": np.uint64}
-
-
-class Client:
-    """Client of a TF-Serving-compatible REST endpoint (standard library only: urllib + json + NumPy).
-
-    Example::
-
-        client = Client("http://127.0.0.1:8501", model="hernquist_iso")
-        client.status()                                         # {"model_version_status": [...]}
-        client.predict(x)                                       # log_prob [N] (serving_default)
-        client.predict({"seed": np.full(1000, 7)}, signature_name="sample")   # [1000, 6]
-
-    Args:
-        url: base URL of the server.
-        model: model name.
-        version: a version number, or None for the server's default (highest).
-        label: a version label instead of a number.
-        timeout: seconds per request.
-
-    Errors raise :class:`ServingError` with the server's message and HTTP ``status``.
-    """
-
-    def __init__(self, url: str = DEFAULT_URL, model: str = "", version: int | None = None,
-                 label: str | None = None, timeout: float = 60.0):
-        if not model:
-            raise InputError("Client(url, model=NAME): the model name is required")
-        if version is not None and label is not None:
-            raise InputError("Client: give a version or a label, not both")
-        self.url, self.model, self.version, self.label, self.timeout = url.rstrip("/"), model, version, label, timeout
-        self._dtypes: dict[str, dict[str, Any]] | None = None
-
-    @property
-    def model_url(self) -> str:
-        path = f"{self.url}/v1/models/{urllib.parse.quote(self.model, safe='')}"
-        if self.version is not None:
-            path += f"/versions/{int(self.version)}"
-        elif self.label is not None:
-            path += f"/labels/{urllib.parse.quote(self.label, safe='')}"
-        return path
-
-    def _request(self, url: str, body: Any = None) -> Any:
-        data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
-        request = urllib.request.Request(url, data=data, method="GET" if data is None else "POST",
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            text = exc.read().decode(errors="replace")
-            try:
-                message = json.loads(text).get("error", text)
-            except (ValueError, AttributeError):
-                message = text
-            raise ServingError(message, exc.code, url) from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise ServingError(f"cannot reach {url}: {reason}", None, url) from None
-
-    def status(self) -> dict:
-        """The model status (``model_version_status``)."""
-        return self._request(self.model_url)
-
-    def metadata(self) -> dict:
-        """The model metadata (``model_spec`` and ``metadata.signature_def``)."""
-        return self._request(self.model_url + "/metadata")
-
-    def _output_dtypes(self, signature_name: str) -> dict[str, Any]:
-        if self._dtypes is None:
-            try:
-                defs = self.metadata()["metadata"]["signature_def"]["signature_def"]
-                self._dtypes = {s: {k: _DTYPES.get(o.get("dtype")) for k, o in d.get("outputs", {}).items()}
-                                for s, d in defs.items()}
-            except (ServingError, KeyError, TypeError, AttributeError):
-                self._dtypes = {}
-        return self._dtypes.get(signature_name, {})
-
-    def predict(self, inputs: Mapping[str, Any] | Any, signature_name: str = "serving_default",
-                format: str = "rows") -> dict[str, np.ndarray] | np.ndarray:
-        """Call ``:predict``: ``inputs`` is {input name: array [N, ...]} or one array for a single input.
-
-        ``format`` "rows" sends ``{"instances": [...]}``, "columns" sends ``{"inputs": ...}``. Returns an
-        array when the signature has one output, else {output name: array}; dtypes follow the model's
-        metadata (float32 for DT_FLOAT) when the endpoint serves it.
-        """
-        if format not in ("rows", "columns"):
-            raise InputError(f"format = {format!r}: expected 'rows' or 'columns'")
-        named = isinstance(inputs, Mapping)
-        arrays = {k: np.asarray(v) for k, v in inputs.items()} if named else np.asarray(inputs)
-        if format == "columns":
-            body = {"inputs": {k: a.tolist() for k, a in arrays.items()} if named else arrays.tolist()}
-        elif named:
-            lengths = {k: (a.shape[0] if a.ndim else None) for k, a in arrays.items()}
-            if None in lengths.values() or len(set(lengths.values())) != 1:
-                raise InputError(f"row format needs every input to have the same number of rows, got {lengths}; "
-                                 f"use format='columns'")
-            names = list(arrays)
-            body = {"instances": [dict(zip(names, row)) for row in zip(*(arrays[k].tolist() for k in names))]}
-        else:
-            body = {"instances": arrays.tolist()}
-        body["signature_name"] = signature_name
-        answer = self._request(self.model_url + ":predict", body)
-        dtypes = self._output_dtypes(signature_name)
-        if "predictions" in answer:
-            values = answer["predictions"]
-            if values and isinstance(values[0], dict):
-                return {k: self._array([row[k] for row in values], dtypes.get(k)) for k in values[0]}
-        elif "outputs" in answer:
-            values = answer["outputs"]
-            if isinstance(values, dict):
-                return {k: self._array(v, dtypes.get(k)) for k, v in values.items()}
-        else:
-            raise ServingError(f"unexpected answer without 'predictions' or 'outputs': {str(answer)[:200]}",
-                               200, self.model_url)
-        single = next(iter(dtypes.values())) if len(dtypes) == 1 else None
-        return self._array(values, single)
-
-    @staticmethod
-    def _array(values: Any, dtype: Any) -> np.ndarray:
-        return np.asarray(values, dtype=dtype) if dtype is not None else np.asarray(values)
