@@ -334,7 +334,7 @@ def run_study(config: StudyConfig, out_dir: str | os.PathLike, log: Callable[[st
 def format_table(summary: dict) -> str:
     """A plain-text table per mock and radius: radial components a_r (true, recovered) and the
     vector fractional error |a - a_true| / |a_true| (the figure of merit), as in summary.json."""
-    lines = [f"{RADIAL_COMPONENT} in GM/a^2;  err = {FRACTIONAL_ERROR}"]
+    lines = [f"{RADIAL_COMPONENT}, in GM/a^2;  err = {FRACTIONAL_ERROR}"]
     for name, m in summary["mocks"].items():
         sym = "median_fractional_error_symmetrised" in m
         lines.append(f"mock {name} ({m['n_stars']} stars): median err "
