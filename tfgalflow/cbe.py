@@ -791,16 +791,22 @@ def check_output_suffix(path: str | os.PathLike) -> None:
         raise InputError(f"{path}: unknown output type {Path(path).suffix!r}; use .npz or .csv")
 
 
-def radial_component(positions: Any, vectors: Any) -> np.ndarray:
-    """v_r = v · r̂ [B] for vectors [B, 3] at positions [B, 3]; NaN at r = 0.
+def radial_component(positions: Any, acceleration: Any) -> np.ndarray:
+    """Radial component  a_r = a · x/|x|  [B] of accelerations [B, 3] at positions [B, 3].
 
-    The package's one sign convention: for an acceleration, a_r < 0 is attraction towards the origin.
+    The one sign convention of the package (CLI ``a_radial``, study tables, figures): negative for an
+    attractive force, e.g. a_r = -G M / (r + a)^2 for a Hernquist sphere (Hernquist 1990). NaN where
+    x = 0 (no radial direction) and where the acceleration is NaN (a flagged position).
     """
-    positions = np.asarray(positions, np.float64)
-    vectors = np.asarray(vectors, np.float64)
+    positions = finite_matrix(positions, "positions", width=3, expected="[B, 3]")
+    acceleration = np.asarray(acceleration, dtype=np.float64)
+    if acceleration.shape != positions.shape:
+        raise InputError(f"acceleration has shape {list(acceleration.shape)}; expected "
+                         f"{list(positions.shape)} like positions")
     r = np.linalg.norm(positions, axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(r > 0, np.sum(vectors * positions, axis=1) / np.where(r > 0, r, 1.0), np.nan)
+        a_dot_x = np.sum(acceleration * positions, axis=1)
+        return np.where(r > 0, a_dot_x / np.where(r > 0, r, 1.0), np.nan)
 
 
 def flag_reasons(acceleration: np.ndarray, residual: np.ndarray, condition: np.ndarray,

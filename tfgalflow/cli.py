@@ -361,7 +361,9 @@ def _add_accel(sub) -> None:
                         "before solving (tfgalflow.symmetry.SphericalAverage; M x the cost; run directories "
                         "only; default: 0, off)")
     p.add_argument("--out", required=True, metavar="FILE",
-                   help=".npz (arrays positions, acceleration, residual, condition, flagged, reasons, ...) or .csv")
+                   help=".npz (arrays positions, acceleration, a_radial, residual, condition, flagged, "
+                        "reasons, ...) or .csv; a_radial = a . x/|x|, negative for attraction "
+                        "(tfgalflow.study.radial_component)")
     p.set_defaults(func=_run_accel)
 
 
@@ -586,19 +588,12 @@ def _add_demo(sub) -> None:
 
 
 def _run_demo(args) -> int:
-    import dataclasses
     import shutil
     from pathlib import Path
 
     from .study import StudyConfig, format_table, run_study
 
-    config = StudyConfig.demo()
-    changes = {"seed": args.seed}
-    if args.n is not None:
-        changes["n_stars"] = args.n
-    if args.epochs is not None:
-        changes["train"] = {**config.train, "epochs": args.epochs}
-    config = dataclasses.replace(config, **changes)
+    config = StudyConfig.demo().with_overrides(n_stars=args.n, epochs=args.epochs, seed=args.seed)
     out = Path(args.out)
     if (out / "study_config.json").exists() and (out / "runs").exists():
         shutil.rmtree(out / "runs")     # a previous demo's output: the demo always trains afresh
