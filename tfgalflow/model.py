@@ -208,9 +208,10 @@ class Flow(Density, keras.Model):
         return {name: {"conditional_input": c_std} for name in self._layer_names}
 
     # -- pure tensor maths (traced by the graph functions, by train_step and by Ensemble) ----------
-    def log_prob_tensor(self, x: tf.Tensor, c: tf.Tensor | None) -> tf.Tensor:
+    def log_prob_tensor(self, x: tf.Tensor, labels: tf.Tensor | None = None) -> tf.Tensor:
+        """log p(x | labels) [N]: the change of variables of the module docstring, as TF ops."""
         y, log_jacobian, in_support = self._rescale(x)
-        kwargs = self._bijector_kwargs(c)
+        kwargs = self._bijector_kwargs(labels)
         z, log_det = inverse_and_log_det(self.bijector, y, kwargs)
         log_base = -0.5 * tf.reduce_sum(tf.square(z), axis=-1) - 0.5 * self.dim * LOG_2PI
         lp = log_base + log_det + log_jacobian
@@ -473,8 +474,9 @@ class Ensemble(Density, tf.Module):
         """The first member's rescaler scales [D] (members share their data)."""
         return self.members[0].scale_hint()
 
-    def log_prob_tensor(self, x: tf.Tensor, c: tf.Tensor | None) -> tf.Tensor:
-        member_lp = tf.stack([m.log_prob_tensor(x, c) for m in self.members], axis=0)   # [K, N]
+    def log_prob_tensor(self, x: tf.Tensor, labels: tf.Tensor | None = None) -> tf.Tensor:
+        """log p = logsumexp_k log p_k - log K [N] (the mixture density), as TF ops."""
+        member_lp = tf.stack([m.log_prob_tensor(x, labels) for m in self.members], axis=0)   # [K, N]
         return tf.reduce_logsumexp(member_lp, axis=0) - math.log(len(self.members))
 
     def sample_tensor(self, n: tf.Tensor | None, c: tf.Tensor | None, seed: tf.Tensor) -> tf.Tensor:

@@ -331,8 +331,9 @@ def resolve_units(path: Path, file_units: Any, given: Mapping[str, str] | None,
         return check_units(given)
     if fallback is not None:
         return dict(fallback)
-    raise FileError(f"{path}: the file records no units; pass them, e.g. Catalogue.load(path, "
-                    "units={'length': 'm', 'velocity': 'm/s'}) for the SI reference datasets")
+    raise FileError(f"{path}: the file records no units; state them (command line: --units m,m/s; "
+                    "Python: Catalogue.load(path, units={'length': 'm', 'velocity': 'm/s'}), as for the "
+                    "SI reference datasets)")
 
 
 def existing_file(path: str | os.PathLike) -> Path:

@@ -50,7 +50,13 @@ def read_npz(path: Path, units: Mapping[str, str] | None) -> Catalogue:
     except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as exc:
         raise FileError(f"{path}: not a readable .npz catalogue ({type(exc).__name__}: "
                         f"{exc})") from None
-    return _labelled(Catalogue, path, pos, vel, labels, names, resolve_units(path, file_units, units), meta)
+    try:
+        resolved = resolve_units(path, file_units, units)
+    except FileError:
+        # A file's real problem (NaN rows, wrong columns) is reported before its missing units.
+        _labelled(Catalogue, path, pos, vel, labels, names, {"length": "model", "velocity": "model"}, meta)
+        raise
+    return _labelled(Catalogue, path, pos, vel, labels, names, resolved, meta)
 
 
 def _json_field(value: np.ndarray, path: Path, name: str) -> Any:
