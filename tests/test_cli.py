@@ -85,3 +85,13 @@ def test_a_text_file_named_npz_is_called_what_it_is(tmp_path, capsys):
     assert main(["logprob", str(SHIPPED), str(tmp_path / "fake.npz")]) == 2
     message = _error(capsys)
     assert "pickled" not in message and "not" in message and "npz" in message
+
+
+def test_mock_says_how_many_noisy_stars_it_dropped(tmp_path, capsys):
+    out = tmp_path / "m.npz"
+    assert main(["mock", "hernquist", "--n", "2000", "--seed", "1", "--r-max", "5", "--noise", "0.3",
+                 "--out", str(out)]) == 0
+    kept = len(Catalogue.load(out))
+    line = next(t for t in capsys.readouterr().out.splitlines() if t.startswith("noise moved"))
+    # 30 % multiplicative noise on r < 5 stars pushes some beyond 5: the message counts exactly those.
+    assert line.startswith(f"noise moved {2000 - kept} of 2000 stars") and 0 < 2000 - kept < 2000

@@ -510,7 +510,9 @@ def _run_mock(args) -> int:
         cat = add_noise(cat, args.noise, seed=None if args.seed is None else args.seed + 1,
                         convention=args.noise_convention)
         if args.r_max is not None:      # noise moves stars across r_max: keep the promise r < R (as the study does)
+            noisy = len(cat)
             cat = cut(cat, r_max=args.r_max)
+            print(f"noise moved {noisy - len(cat)} of {noisy} stars beyond --r-max {args.r_max:g}: dropped them")
     if args.units != "model":
         cat = cat.to_units(*_MOCK_UNITS[args.units])
     cat.save(args.out)
