@@ -79,7 +79,8 @@ def check_df(df: Any) -> None:
 
 def _positions_per_chunk(df: Any, k: int, m: int | None = None) -> int:
     """Default chunk C (>= 1) for K gradient rows (and M candidate rows, if sampling) per position:
-    C K <= GRADIENT_ROWS_PER_CHUNK and C M <= CANDIDATE_ROWS_PER_CHUNK model evaluations."""
+    C K <= GRADIENT_ROWS_PER_CHUNK and C M <= CANDIDATE_ROWS_PER_CHUNK model evaluations.
+    """
     e = df.evaluations_per_row
     c = GRADIENT_ROWS_PER_CHUNK // (k * e)
     return max(1, c if m is None else min(c, CANDIDATE_ROWS_PER_CHUNK // (m * e)))
@@ -115,7 +116,7 @@ def check_positions(positions: Any) -> np.ndarray:
 # ---- derivatives -----------------------------------------------------------------------------------
 
 def _inline_log_prob(df: Density) -> Callable[[tf.Tensor], tf.Tensor] | None:
-    """log f(w [N, 6] float32) -> [N] as plain TF ops traced into the caller's graph, or None.
+    """Log f(w [N, 6] float32) -> [N] as plain TF ops traced into the caller's graph, or None.
 
     XLA needs the DF's maths inline: a DF whose ``log_prob`` calls its own ``tf.function``,
     differentiated inside a ``jit_compile`` function, makes XLA recompile on every call (the inputs are
@@ -131,7 +132,8 @@ def _gradients_tensor(df: Any, x: tf.Tensor, v: tf.Tensor, log_prob: Callable | 
     """(∂log f/∂x [N, 3], ∂log f/∂v [N, 3], log f [N]) by one GradientTape pass over w = (x, v).
 
     ``log_prob``: the function of w to differentiate (default ``df.log_prob``; :func:`_inline_log_prob`
-    under XLA)."""
+    under XLA).
+    """
     w = tf.concat([x, v], axis=1)
     with tf.GradientTape() as tape:
         tape.watch(w)
@@ -155,6 +157,7 @@ def df_gradients(df: Any, x: Any, v: Any) -> tuple[tf.Tensor, tf.Tensor]:
     Args:
         df: phase-space DF (``.dim == 6``, ``.log_prob(w [N, 6])``).
         x: positions [B, 3] (length unit of the DF); v: velocities [B, 3] (velocity unit).
+
     Returns:
         (dlogf_dx [B, 3] in 1/length, dlogf_dv [B, 3] in 1/velocity), float32 tensors. Rows where log f
         is not finite (outside the support) carry whatever the DF's gradient is there (0 for the exact
@@ -221,7 +224,7 @@ class SamplerConfig:
 
 
 def _log_f_at(df: Any, x: tf.Tensor, v: tf.Tensor, log_prob: Callable | None = None) -> tf.Tensor:
-    """log f(x_c, v_cm): x [C, 3], v [C, M, 3] -> [C, M]; NaN and +inf (measure-zero singularities) -> -inf."""
+    """Log f(x_c, v_cm): x [C, 3], v [C, M, 3] -> [C, M]; NaN and +inf (measure-zero singularities) -> -inf."""
     shape = tf.shape(v)
     w = tf.concat([tf.broadcast_to(x[:, None, :], shape), v], axis=2)
     log_f = tf.reshape((log_prob or df.log_prob)(tf.reshape(w, [-1, 6])), shape[:2])
@@ -239,8 +242,8 @@ def _t_noise(shape: tf.Tensor, dof: int, seed: tf.Tensor) -> tuple[tf.Tensor, tf
 def _standard_t(z: tf.Tensor, chi: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """Standard 3-D Student-t draws y [C, M, 3] and log q(y) [C, M] from :func:`_t_noise` (ν = chi's last axis).
 
-        y = z / sqrt(χ²_ν / ν),  χ²_ν = Σ chi²,
-        log q(y) = lnΓ((ν+3)/2) - lnΓ(ν/2) - (3/2) ln(νπ) - ((ν+3)/2) ln(1 + |y|²/ν)
+    y = z / sqrt(χ²_ν / ν),  χ²_ν = Σ chi²,
+    log q(y) = lnΓ((ν+3)/2) - lnΓ(ν/2) - (3/2) ln(νπ) - ((ν+3)/2) ln(1 + |y|²/ν)
     """
     dof = int(chi.shape[-1])
     chi2 = tf.reduce_sum(tf.square(chi), axis=-1)
@@ -324,7 +327,8 @@ def _sample_velocities_tensor(df: Any, x: tf.Tensor, k: int, m: int, seed: tf.Te
                               cfg: SamplerConfig, weights: Callable | None = None) -> dict[str, tf.Tensor]:
     """SIR draw of K velocities at each of C positions x [C, 3] (pure TF); see :func:`sample_velocities`.
 
-    ``weights(x, v0, noise)``: :func:`_sir_weights` of the DF (default), or an XLA-compiled version of it."""
+    ``weights(x, v0, noise)``: :func:`_sir_weights` of the DF (default), or an XLA-compiled version of it.
+    """
     noise = _sampler_noise(tf.shape(x)[0], m, seed, cfg)
     sir = (weights or (lambda x, v0, noise: _sir_weights(df, x, v0, noise, m, cfg)))(x, v0, noise)
     # Resample K candidates with probabilities w / Σ w (stage 2's truncated weights).
@@ -422,7 +426,8 @@ def _cbe_gradients(df: Any, x: tf.Tensor, v: tf.Tensor, log_prob: Callable | Non
                    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """CBELayer inputs at (x_c, v_ck): x [C, 3], v [C, K, 3] -> ∇_x log f, ∇_v log f [C, K, 3], mask [C, K].
 
-    mask: log f is finite (the row enters the fit)."""
+    mask: log f is finite (the row enters the fit).
+    """
     shape = tf.shape(v)
     g_x, g_v, log_f = _gradients_tensor(df, tf.reshape(tf.broadcast_to(x[:, None, :], shape), [-1, 3]),
                                         tf.reshape(v, [-1, 3]), log_prob)
@@ -436,7 +441,8 @@ def _solve_tensor(df: Any, layer: CBELayer, x: tf.Tensor, v: tf.Tensor, normal_e
     ``normal_equations(x, v)``: an XLA-compiled :func:`_xla_normal_equations`, or None for the whole
     layer in the plain graph. The 3x3 solves are never XLA-compiled: XLA's batched eigh iterates until
     every matrix of the batch has converged, so one position's answer would depend on the others in its
-    chunk, while LAPACK solves each system on its own."""
+    chunk, while LAPACK solves each system on its own.
+    """
     if normal_equations is None:
         g_x, g_v, mask = _cbe_gradients(df, x, v)
         return layer((g_x, g_v, v, mask))
@@ -459,7 +465,8 @@ def _solve_fn(df: Any, chunk: int, k: int, jit_compile: bool) -> Callable:
 
     Plain graph: any C, K (traced once). XLA: the gradients and the layer's row-wise maths
     (:func:`_xla_normal_equations`) XLA-compiled at fixed shapes [chunk, k] (once per DF, chunk and K;
-    callers pad the last chunk), the 3x3 solves in the plain graph."""
+    callers pad the last chunk), the 3x3 solves in the plain graph.
+    """
     per_df = _SOLVE_FNS.setdefault(df, {})
     key = (chunk, k) if jit_compile else None
     if key not in per_df:
@@ -494,6 +501,7 @@ def solve_cbe(df: Any, positions: Any, velocities: Any, chunk_size: int | None =
         jit_compile: XLA-compile the gradients and the row-wise part of the layer (see
             :func:`accelerations`); chunks are padded to ``chunk_size`` positions, so it compiles once per
             DF, K and chunk size. Same answers as the plain graph to float32 round-off.
+
     Returns:
         (acceleration [B, 3], residual [B], condition [B]) float32 tensors, as :class:`CBELayer`.
     """
@@ -573,7 +581,7 @@ class _Solver:
         return df
 
     def _padded(self, fn: Callable, *args) -> Any:
-        """fn on its arguments padded from C to ``chunk`` rows (copies of the last row), outputs cut to C rows."""
+        """Fn on its arguments padded from C to ``chunk`` rows (copies of the last row), outputs cut to C rows."""
         c = tf.shape(args[0])[0]
         pad = lambda t: tf.concat([t, tf.repeat(t[-1:], self.chunk - c, axis=0)], axis=0)
         return tf.nest.map_structure(lambda t: t[:c], fn(*tf.nest.map_structure(pad, args)))
@@ -604,7 +612,7 @@ class _Solver:
                 "condition": tf.TensorSpec([None], tf.float32), **common}
 
     def _chunked(self, positions: tf.Tensor, seed: tf.Tensor, fn: Callable) -> dict[str, tf.Tensor]:
-        """fn over chunks of C = min(chunk, B) positions (zero-padded; chunk i seeded fold_in(seed, i))."""
+        """Fn over chunks of C = min(chunk, B) positions (zero-padded; chunk i seeded fold_in(seed, i))."""
         b = tf.shape(positions)[0]
         c = tf.maximum(tf.minimum(self.chunk, b), 1)
         n = tf.maximum((b + c - 1) // c, 1)            # B = 0: one padded chunk (map_fn cannot stack none)
@@ -665,6 +673,7 @@ def sample_velocities(df: Any, positions: Any, k: int, seed: Any = 0, *, sampler
         df: phase-space DF; positions: [B, 3]; k: velocities per position (>= 1);
         seed: int (-> [seed, 0]) or two ints; sampler: :class:`SamplerConfig` (M = ``candidates``,
         default max(4K, 1024)); velocity_scale: v0 override.
+
     Returns:
         velocities [B, K, 3] float32 tensor (and ESS [B] float32 if ``return_ess``).
     """
@@ -723,7 +732,8 @@ class AccelerationResult:
                      min_log_density: float | None = None) -> "AccelerationResult":
         """The result, flags included, from the raw solver outputs (:func:`acceleration_graph`'s or an
         exported ``accelerations`` signature's: acceleration, residual, condition, ess, log_density,
-        support). Accelerations where the DF has no support are NaN, never a number."""
+        support). Accelerations where the DF has no support are NaN, never a number.
+        """
         out = {k: np.asarray(v) for k, v in out.items()}
         acceleration = out["acceleration"].astype(np.float64)
         support = out["support"].astype(bool)
@@ -738,7 +748,8 @@ class AccelerationResult:
 
     def radial(self, positions: Any) -> np.ndarray:
         """a_r = a · r̂ [B] at positions [B, 3] (negative for attraction; NaN at r = 0): the package's one
-        sign convention for the radial acceleration."""
+        sign convention for the radial acceleration.
+        """
         return radial_component(positions, self.acceleration)
 
     def save(self, path: str | os.PathLike, positions: Any, units: dict | None = None) -> None:
@@ -880,8 +891,10 @@ def accelerations(df: Any, positions: Any, n_velocities: int = 256, seed: Any = 
             member), so it pays off for large or repeated calls; ``benchmarks/bench_cbe.py`` measures
             both (figures: benchmarks/README.md). Never used by :func:`acceleration_graph`: exported
             graphs stay plain (TF Serving runs XLA only experimentally).
+
     Returns:
         :class:`AccelerationResult` (NumPy arrays).
+
     Raises:
         InputError for positions not [B, 3] or with NaN/inf, a DF that is not 6-D/unconditional,
         n_velocities < 8 or bad settings.

@@ -185,12 +185,13 @@ class Density(abc.ABC):
 
     @abc.abstractmethod
     def log_prob_tensor(self, x: tf.Tensor, labels: tf.Tensor | None = None) -> tf.Tensor:
-        """log p(x | labels) [N] float32 as TF ops, for x [N, D] and labels [N, C] | None (no checks)."""
+        """Log p(x | labels) [N] float32 as TF ops, for x [N, D] and labels [N, C] | None (no checks)."""
 
     def sample_tensor(self, n: tf.Tensor | None, labels: tf.Tensor | None, seed: tf.Tensor) -> tf.Tensor:
         """Stateless draws [n, D] float32 as TF ops: n (scalar int) draws, or one per row of labels [n, C].
 
-        The default raises InputError: a density that cannot sample says so."""
+        The default raises InputError: a density that cannot sample says so.
+        """
         raise InputError(f"the {self.what} ({type(self).__name__}) cannot sample")
 
     @property
@@ -201,13 +202,15 @@ class Density(abc.ABC):
     @property
     def inlinable(self) -> bool:
         """Whether :meth:`log_prob_tensor` is plain TF ops that XLA may compile inline (False for a
-        loaded SavedModel's functions, or a wrapper around one)."""
+        loaded SavedModel's functions, or a wrapper around one).
+        """
         return True
 
     @property
     def evaluations_per_row(self) -> int:
         """Model evaluations behind one row of ``log_prob`` (K for a K-member ensemble, M x that for an
-        average over M rotations): batched callers such as the CBE shrink their chunks by it."""
+        average over M rotations): batched callers such as the CBE shrink their chunks by it.
+        """
         return 1
 
     #: The members whose mean density this is (an ensemble), else None.
@@ -217,7 +220,8 @@ class Density(abc.ABC):
         """Typical magnitude of each column of x, [D] float32 (read when traced), or None if unknown.
 
         Flows return their rescaler's scales; the exact DFs their natural units. The CBE centres its
-        velocity sampler on it, so it may be off by a large factor."""
+        velocity sampler on it, so it may be off by a large factor.
+        """
         return None
 
     # -- the public, validated methods ------------------------------------------------------------
@@ -226,7 +230,7 @@ class Density(abc.ABC):
         return validate_inputs(x, labels, self.dim, self.label_dim, self.what)
 
     def log_prob(self, x: Any, labels: Any = None) -> tf.Tensor:
-        """log p(x | labels): [N] float32 per unit volume of x; x [N, D] in the model's units."""
+        """Log p(x | labels): [N] float32 per unit volume of x; x [N, D] in the model's units."""
         x, c = self.check_inputs(x, labels)
         fns = self._traced()
         return fns["log_prob"](x, c) if self.label_dim else fns["log_prob"](x)
@@ -238,13 +242,14 @@ class Density(abc.ABC):
     def grad_log_prob(self, x: Any, labels: Any = None) -> tf.Tensor:
         """∂ log p(x | labels) / ∂x: [N, D] float32 in 1/(unit of each column) (GradientTape).
 
-        Zero for rows outside the support (log p = -inf)."""
+        Zero for rows outside the support (log p = -inf).
+        """
         x, c = self.check_inputs(x, labels)
         fns = self._traced()
         return fns["grad"](x, c) if self.label_dim else fns["grad"](x)
 
     def sample(self, n: int, labels: Any = None, seed: Any = None) -> tf.Tensor:
-        """n draws x ~ p(x | labels): [n, D] float32 in the model's units.
+        """N draws x ~ p(x | labels): [n, D] float32 in the model's units.
 
         Args:
             n: number of samples (>= 1).

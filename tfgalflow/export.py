@@ -175,7 +175,7 @@ class Signature:
         return {k: v.numpy() for k, v in out.items()}
 
     def __call__(self, **values: Any) -> dict[str, np.ndarray]:
-        """check + run: ``sig(x=array)`` -> {output name: array}."""
+        """Check + run: ``sig(x=array)`` -> {output name: array}."""
         return self.run(self.check(values))
 
 
@@ -301,7 +301,8 @@ class ExportedModel(Density):
         ``cbe.accelerations(model, positions, n_velocities, seed)`` at the exported n_velocities.
 
         ``thresholds``: ``max_residual``, ``max_condition``, ``min_ess``, ``min_log_density`` as in
-        :func:`tfgalflow.cbe.accelerations`."""
+        :func:`tfgalflow.cbe.accelerations`.
+        """
         from .cbe import AccelerationResult, check_positions
         seed = integer(seed, "seed", low=0)
         positions = check_positions(positions)

@@ -210,7 +210,7 @@ class _AffineTransform(tf.Module):
         return self.forward_with(z, params)
 
     def forward_with(self, z, params):
-        """y = z exp(s) + m from raw MADE outputs params [.., D', 2] for z [.., D'] (any subset of columns)."""
+        """Y = z exp(s) + m from raw MADE outputs params [.., D', 2] for z [.., D'] (any subset of columns)."""
         shift, log_scale = self._constrain(params)
         return z * tf.exp(log_scale) + shift
 
@@ -312,7 +312,8 @@ class _SplineTransform(tf.Module):
 
     def forward_given(self, z, y, conditional_input=None):
         """Spline forward y_i = g(z_i; θ(y)) (app. A.1): y_k + h (s ξ² + d_k ξ(1-ξ)) / (s + δ ξ(1-ξ)),
-        ξ = (z - x_k)/w; identity outside [-B, B]. Correct for every i whose y_<i is already right."""
+        ξ = (z - x_k)/w; identity outside [-B, B]. Correct for every i whose y_<i is already right.
+        """
         params = self.network(y, conditional_input=conditional_input) if self.conditional else self.network(y)
         return self.forward_with(z, params)
 
@@ -375,7 +376,7 @@ def build_bijector(config: FlowConfig) -> tfb.Chain:
 
 def inverse_and_log_det(chain: tfb.Chain, y: tf.Tensor, bijector_kwargs: Mapping[str, Mapping] | None = None
                         ) -> tuple[tf.Tensor, tf.Tensor]:
-    """z = T^{-1}(y) and log|det ∂z/∂y| of a :func:`build_bijector` chain in one pass: [N, D], [N].
+    """Z = T^{-1}(y) and log|det ∂z/∂y| of a :func:`build_bijector` chain in one pass: [N, D], [N].
 
     Equal to ``(chain.inverse(y, **kw), chain.inverse_log_det_jacobian(y, event_ndims=1, **kw))`` but
     calls each MADE network once per layer instead of three times (TFP's Chain re-runs the inverses to
@@ -463,7 +464,7 @@ def _made_blocks(model) -> list[_MadeBlock] | None:
 
 
 def _leading(needed: np.ndarray) -> int | None:
-    """n if ``needed`` (bool) is True exactly on its first n entries, else None."""
+    """N if ``needed`` (bool) is True exactly on its first n entries, else None."""
     n = int(needed.sum())
     return n if needed[:n].all() else None
 
@@ -648,7 +649,8 @@ def _forward_stacked(layers: _StackedLayers, z: tf.Tensor) -> tf.Tensor:
 
 def _forward_loop(transform, z: tf.Tensor, kwargs: Mapping[str, Any]) -> tf.Tensor:
     """One MAF layer's sampling direction by D full passes y <- τ(z; θ(y, c)) in a ``tf.while_loop``
-    (after pass i the first i+1 outputs are exact), as TFP's MaskedAutoregressiveFlow does: [N, D]."""
+    (after pass i the first i+1 outputs are exact), as TFP's MaskedAutoregressiveFlow does: [N, D].
+    """
     def one_pass(y):
         return (transform.forward_given(z, y, **kwargs),)
 

@@ -181,7 +181,7 @@ class Flow(Density, keras.Model):
             label_moments.update(c.numpy().astype(np.float64))
 
     def _rescale(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor | None]:
-        """y = (u - μ)/σ, log|det ∂y/∂x| = -Σ log σ - Σ_log-cols log x, support: ([N, D], [N], [N] | None)."""
+        """Y = (u - μ)/σ, log|det ∂y/∂x| = -Σ log σ - Σ_log-cols log x, support: ([N, D], [N], [N] | None)."""
         log_jacobian = -tf.reduce_sum(tf.math.log(self.x_scale))
         in_support = None
         u = x
@@ -209,7 +209,7 @@ class Flow(Density, keras.Model):
 
     # -- pure tensor maths (traced by the graph functions, by train_step and by Ensemble) ----------
     def log_prob_tensor(self, x: tf.Tensor, labels: tf.Tensor | None = None) -> tf.Tensor:
-        """log p(x | labels) [N]: the change of variables of the module docstring, as TF ops."""
+        """Log p(x | labels) [N]: the change of variables of the module docstring, as TF ops."""
         y, log_jacobian, in_support = self._rescale(x)
         kwargs = self._bijector_kwargs(labels)
         z, log_det = inverse_and_log_det(self.bijector, y, kwargs)
@@ -232,7 +232,7 @@ class Flow(Density, keras.Model):
 
     # -- Keras --------------------------------------------------------------------------------------
     def call(self, inputs, training=None):
-        """log p for ``inputs`` = x or (x, labels); Keras' forward pass."""
+        """Log p for ``inputs`` = x or (x, labels); Keras' forward pass."""
         x, c, _ = self._unpack(inputs)
         return self.log_prob_tensor(x, c)
 
@@ -281,7 +281,8 @@ class Flow(Density, keras.Model):
 
     def compile(self, optimizer="rmsprop", **kwargs):
         """keras.Model.compile; no loss is needed (it is -log p). ``weighted_metrics`` defaults to [] so
-        that sample weights, which the loss already uses, do not trigger Keras' missing-metrics warning."""
+        that sample weights, which the loss already uses, do not trigger Keras' missing-metrics warning.
+        """
         kwargs.setdefault("weighted_metrics", [])
         super().compile(optimizer=optimizer, **kwargs)
 
@@ -475,7 +476,7 @@ class Ensemble(Density, tf.Module):
         return self.members[0].scale_hint()
 
     def log_prob_tensor(self, x: tf.Tensor, labels: tf.Tensor | None = None) -> tf.Tensor:
-        """log p = logsumexp_k log p_k - log K [N] (the mixture density), as TF ops."""
+        """Log p = logsumexp_k log p_k - log K [N] (the mixture density), as TF ops."""
         member_lp = tf.stack([m.log_prob_tensor(x, labels) for m in self.members], axis=0)   # [K, N]
         return tf.reduce_logsumexp(member_lp, axis=0) - math.log(len(self.members))
 

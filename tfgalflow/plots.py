@@ -143,7 +143,8 @@ def _save(fig, path: str | os.PathLike) -> Path:
 
 def mock_figure(data: Mapping[str, np.ndarray]):
     """Sampled radii against the model's dM/dr; binned velocity dispersions against the Jeans
-    profiles."""
+    profiles.
+    """
     fig, (ax_r, ax_s) = _figure(2)
     edges = data["r_edges"]
     ax_r.stairs(data["r_counts"], edges, label="mock", color="k")
@@ -213,7 +214,8 @@ def _vector(v) -> str:
 
 def df_slices_figure(data: Mapping[str, np.ndarray]):
     """Learned against exact log f along one slice of phase space (x = r x_hat at a fixed v), one
-    panel per mock; the title names the slice."""
+    panel per mock; the title names the slice.
+    """
     labels = np.atleast_1d(data["labels"])
     fig, axes = _figure(len(labels))
     for ax, label, exact, learned in zip(axes, labels, data["logf_exact"], data["logf_learned"]):

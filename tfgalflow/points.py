@@ -32,7 +32,8 @@ POINT_SUFFIXES = SAMPLE_SUFFIXES
 
 def check_output(path: str | os.PathLike, suffixes: tuple[str, ...], what: str) -> Path:
     """``path`` as a Path if its suffix is one of ``suffixes`` and its directory exists; else InputError
-    (unknown suffix) or FileError (missing directory: nothing is created silently)."""
+    (unknown suffix) or FileError (missing directory: nothing is created silently).
+    """
     path = Path(path)
     if path.suffix.lower() not in suffixes:
         raise InputError(f"{path}: unsupported extension {path.suffix!r} for {what}; use "
@@ -52,6 +53,7 @@ def read_points(path: str | os.PathLike, units: Mapping[str, str] | None = None,
         units: the units of a catalogue file that does not carry them (``{"length": "kpc", "velocity":
             "km/s"}``, as :meth:`Catalogue.load`); ignored for plain arrays.
         column_ok: a 1-D array is read as one column [N, 1] (for labels).
+
     Raises:
         FileError: missing or unreadable file (the message says what the file holds instead).
         InputError: unsupported extension, or an .npz with several arrays that is not a catalogue.
@@ -117,7 +119,8 @@ def write_samples(path: str | os.PathLike, x: np.ndarray, labels: np.ndarray | N
                   units: Mapping[str, str] | None = None, label_names: tuple[str, ...] = (),
                   meta: Mapping[str, Any] | None = None) -> None:
     """Write draws x [N, D]: a :class:`~tfgalflow.catalogue.Catalogue` for 6-D points in ``.npz``/``.h5``
-    (with ``units``, the ``labels`` [N, C] and their names, ``meta``), else an array ``samples``."""
+    (with ``units``, the ``labels`` [N, C] and their names, ``meta``), else an array ``samples``.
+    """
     path = check_output(path, SAMPLE_SUFFIXES, "samples")
     suffix = path.suffix.lower()
     if suffix in (".npz", ".h5", ".hdf5") and x.shape[1] == 6:

@@ -139,7 +139,8 @@ class StudyConfig:
 
 def evaluation_positions(config: StudyConfig) -> np.ndarray:
     """Positions [n_radii, 3]: radii log-spaced in [r_min, r_max], each along a random (seeded)
-    direction."""
+    direction.
+    """
     rng = np.random.default_rng(config.seed + 12345)
     radii = np.geomspace(config.r_min, config.r_max, config.n_radii)
     directions = rng.normal(size=(config.n_radii, 3))
@@ -187,8 +188,9 @@ DF_SLICE_VELOCITY = (0.0, 0.2 / np.sqrt(2.0), 0.2 / np.sqrt(2.0))       # |v| = 
 
 
 def df_slice(df, model: Hernquist, kind: str, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """log f (exact, learned) [P] along the ray x = r DF_SLICE_DIRECTION [P, 3] at the fixed
-    velocity v = DF_SLICE_VELOCITY; r [P] in units of a."""
+    """Log f (exact, learned) [P] along the ray x = r DF_SLICE_DIRECTION [P, 3] at the fixed
+    velocity v = DF_SLICE_VELOCITY; r [P] in units of a.
+    """
     x = np.outer(r, DF_SLICE_DIRECTION)
     v = np.tile(DF_SLICE_VELOCITY, (len(r), 1))
     exact = model.log_df(x, v, kind)
@@ -315,7 +317,8 @@ def run_study(config: StudyConfig, out_dir: str | os.PathLike, log: Callable[[st
 
 def format_table(summary: dict) -> str:
     """A plain-text table per mock and radius: radial components a_r (true, recovered) and the
-    vector fractional error |a - a_true| / |a_true| (the figure of merit), as in summary.json."""
+    vector fractional error |a - a_true| / |a_true| (the figure of merit), as in summary.json.
+    """
     lines = [f"{RADIAL_COMPONENT}, in GM/a^2;  err = {FRACTIONAL_ERROR}"]
     for name, m in summary["mocks"].items():
         sym = "median_fractional_error_symmetrised" in m

@@ -371,7 +371,8 @@ class _Pipelines:
     @property
     def calls_per_epoch(self) -> int:
         """Elements of the training dataset per epoch (Keras' ``steps_per_epoch``): ceil(full / K) + [r > 0]
-        for full = n_train // B full batches and r = n_train mod B; equals steps_per_epoch when K = 1."""
+        for full = n_train // B full batches and r = n_train mod B; equals steps_per_epoch when K = 1.
+        """
         full, rest = divmod(self.n_train, self.batch_size)
         return math.ceil(full / self.steps_per_call) + (rest > 0)
 
@@ -388,7 +389,8 @@ def _stacked_indices(order: "tf.Tensor", n: int, batch: int, k: int) -> "tf.data
 
 def _stacked_batches(batches: Any, batch_size: int, k: int) -> Any:
     """Group a generator of one epoch's batches (arrays [B, ...] or tuples of them) into stacks [k', B, ...]
-    of k' <= k consecutive full batches; a short batch (size != B) becomes a stack of one on its own."""
+    of k' <= k consecutive full batches; a short batch (size != B) becomes a stack of one on its own.
+    """
     pending: list = []
 
     def stack(group):
@@ -423,7 +425,8 @@ class _ArrayPipelines(_Pipelines):
     def train_dataset(self, initial_epoch: int, epochs: int) -> "tf.data.Dataset":
         """Batches (or stacks of batches, see _Pipelines) of epochs initial_epoch..epochs-1; epoch e visits
         the rows in the order argsort(u), u ~ U(0,1)^n drawn statelessly from the seed (seed, e), so any
-        epoch can be regenerated alone."""
+        epoch can be regenerated alone.
+        """
         import tensorflow as tf
         x = tf.constant(self.x_train)
         labels = None if self.l_train is None else tf.constant(self.l_train)
@@ -507,7 +510,8 @@ class _HDF5Pipelines(_Pipelines):
 
     def adapt_input(self) -> tuple[np.ndarray, np.ndarray | None]:
         """Every s-th training row, s = ceil(n_train / adapt_samples): at most adapt_samples rows, spread
-        evenly over the training range (one strided HDF5 read)."""
+        evenly over the training range (one strided HDF5 read).
+        """
         step = math.ceil(self.n_train / self.adapt_samples)
         cat = self.catalogue.read(0, self.n_train, step)
         return cat.phase_space, (cat.labels if self.data.use_labels else None)
@@ -531,7 +535,8 @@ class _HDF5Pipelines(_Pipelines):
     def train_dataset(self, initial_epoch: int, epochs: int) -> "tf.data.Dataset":
         """Epochs initial_epoch..epochs-1 of the training rows; epoch e is shuffled with the seed (seed, e)
         (``HDF5Catalogue.batches(..., epoch=e)``), so a resumed run regenerates exactly the same batches
-        (stacked per epoch when steps_per_call > 1, see _Pipelines)."""
+        (stacked per epoch when steps_per_call > 1, see _Pipelines).
+        """
         import tensorflow as tf
         rows = dataclasses.replace(self.catalogue, n=self.n_train)     # the first n_train rows of the file
         k = self.steps_per_call
@@ -830,7 +835,8 @@ def _callback_types() -> tuple[type, type, type]:
 
     class RunCheckpoint(keras.callbacks.Callback):
         """After each epoch E (1-based count): record the early-stopping state, save ckpt-E every k epochs
-        and best/ckpt-E when the monitored loss improved. Non-finite losses stop the run with an error."""
+        and best/ckpt-E when the monitored loss improved. Non-finite losses stop the run with an error.
+        """
 
         def __init__(self, state: MemberState, early: ResumableEarlyStopping, periodic, best, every: int):
             super().__init__()
@@ -1048,8 +1054,10 @@ def train(data: "Catalogue | np.ndarray | str | os.PathLike", config: TrainConfi
             with several CPU replicas ``jit_compile`` falls back to False (logged; an XLA limitation).
         verbose: Keras progress output (0 silent, 1 progress bar, 2 one line per epoch).
         callbacks: extra Keras callbacks, run after the run's own (not with ``parallel``).
+
     Returns:
         the trained Flow (members == 1) or an Ensemble of the members, with best-validation weights.
+
     Raises:
         InputError for empty data, NaN/inf, wrong label width or labels missing for a conditional config;
         FileError if ``run_dir`` is not empty or a data file is missing/unreadable.

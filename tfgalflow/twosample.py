@@ -127,8 +127,10 @@ def chi2_test(a: Any, b: Any, bins: int | Sequence[Any] | None = None,
         bins: cells per axis (see above; None: the rule above).
         range: [D, 2] lower and upper edges per axis for int ``bins`` (None: pooled quantiles).
         min_expected: smallest expected count per cell (5, the usual rule, e.g. NR 14.3).
+
     Returns:
         TestResult("chi2", chi^2, p, dof=K_eff - 1, extra={cells, merged cells, ...}).
+
     Raises:
         InputError: bad shapes, NaN/inf, bad ``bins``/``range``, or too few points for two cells.
 
@@ -254,6 +256,7 @@ def ks_marginals(a: Any, b: Any) -> TestResult:
 
     Args:
         a: [n_a, D]. b: [n_b, D].
+
     Returns:
         TestResult("ks", max_d D_d, p, extra={"statistics": [D_d], "p_values": [p_d]}).
     """
@@ -304,6 +307,7 @@ def classifier_test(a: Any, b: Any, seed: int | None = None, classifier: str = "
         test_fraction: fraction of each sample held out, in (0, 1).
         k: neighbours of the kNN classifier (None: sqrt rule).
         l2: ridge penalty of the logistic regression (on the mean loss; intercept not penalised).
+
     Returns:
         TestResult("classifier", AUC, p, extra={"auc": {...}, "p_values": {...},
         "auc_null_std", "n_test_a", "n_test_b", ...}).
@@ -433,6 +437,7 @@ def energy_distance_test(a: Any, b: Any, n_permutations: int = 500, seed: int | 
         n_permutations: label permutations for the p-value (>= 1; 99 allow p down to 0.01).
         seed: seed of the subsample and the permutations (None: fresh entropy, recorded).
         max_size: samples larger than this are randomly subsampled to it (without replacement).
+
     Returns:
         TestResult("energy", E, p, extra={"null_mean", "null_std", "n_used_a", ...}), with
         p = (1 + #{E_perm >= E}) / (1 + n_permutations) (Phipson & Smyth 2010).
@@ -458,6 +463,7 @@ def mmd_test(a: Any, b: Any, n_permutations: int = 500, seed: int | None = None,
         n_permutations: label permutations (>= 1). seed: subsample, heuristic and permutations.
         bandwidth: sigma in standardised units (None: median heuristic).
         max_size: samples larger than this are randomly subsampled to it.
+
     Returns:
         TestResult("mmd", MMD^2, p, extra={"bandwidth", "null_mean", "null_std", ...}).
     """
@@ -536,6 +542,7 @@ def two_sample_report(a: Any, b: Any, seed: int | None = None, tests: Sequence[s
         seed: master seed (None: fresh entropy; each result records its own seed).
         tests: names from ``TESTS`` ("chi2", "ks", "classifier", "energy", "mmd").
         n_permutations: for "energy" and "mmd".
+
     Returns:
         {name: TestResult} in the order of ``tests``; ``{k: r.to_dict() for k, r in ...}`` is JSON.
 

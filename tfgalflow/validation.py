@@ -24,6 +24,7 @@ def finite_matrix(value: Any, name: str, width: int | None = None, expected: str
         width: required number of columns (None: any width >= 1).
         expected: the expected shape as the message should show it (default ``"[N, width]"``).
         dtype: dtype of the returned array (float64 by default; float32 for model inputs).
+
     Raises:
         InputError: unreadable as floats, not 2-D, wrong width, no rows, or NaN/inf in some row (the
         message gives the number of bad rows and the first few).
@@ -96,6 +97,6 @@ def one_of(value: Any, name: str, allowed: tuple[str, ...]) -> str:
 
 
 def unit_vectors(n: int, rng: np.random.Generator) -> np.ndarray:
-    """n directions uniform on the unit sphere, [n, 3] float64 (normalised Gaussian draws, Muller 1959)."""
+    """N directions uniform on the unit sphere, [n, 3] float64 (normalised Gaussian draws, Muller 1959)."""
     d = rng.normal(size=(n, 3))
     return d / np.linalg.norm(d, axis=1, keepdims=True)

@@ -317,7 +317,8 @@ def _json(obj: Any) -> bytes:
 @dataclass(frozen=True)
 class _Prepared:
     """A validated request: the signature, its input arrays, the answer's layout (rows or columns),
-    and whether the model declares the signature row-wise (then it may be micro-batched)."""
+    and whether the model declares the signature row-wise (then it may be micro-batched).
+    """
     signature: Any
     arrays: dict
     rows: bool
