@@ -116,7 +116,7 @@ def check_positions(positions: Any) -> np.ndarray:
 # ---- derivatives -----------------------------------------------------------------------------------
 
 def _inline_log_prob(df: Density) -> Callable[[tf.Tensor], tf.Tensor] | None:
-    """Log f(w [N, 6] float32) -> [N] as plain TF ops traced into the caller's graph, or None.
+    """log f(w [N, 6] float32) -> [N] as plain TF ops traced into the caller's graph, or None.
 
     XLA needs the DF's maths inline: a DF whose ``log_prob`` calls its own ``tf.function``,
     differentiated inside a ``jit_compile`` function, makes XLA recompile on every call (the inputs are
@@ -224,7 +224,7 @@ class SamplerConfig:
 
 
 def _log_f_at(df: Any, x: tf.Tensor, v: tf.Tensor, log_prob: Callable | None = None) -> tf.Tensor:
-    """Log f(x_c, v_cm): x [C, 3], v [C, M, 3] -> [C, M]; NaN and +inf (measure-zero singularities) -> -inf."""
+    """log f(x_c, v_cm): x [C, 3], v [C, M, 3] -> [C, M]; NaN and +inf (measure-zero singularities) -> -inf."""
     shape = tf.shape(v)
     w = tf.concat([tf.broadcast_to(x[:, None, :], shape), v], axis=2)
     log_f = tf.reshape((log_prob or df.log_prob)(tf.reshape(w, [-1, 6])), shape[:2])
@@ -581,7 +581,7 @@ class _Solver:
         return df
 
     def _padded(self, fn: Callable, *args) -> Any:
-        """Fn on its arguments padded from C to ``chunk`` rows (copies of the last row), outputs cut to C rows."""
+        """fn on its arguments padded from C to ``chunk`` rows (copies of the last row), outputs cut to C rows."""
         c = tf.shape(args[0])[0]
         pad = lambda t: tf.concat([t, tf.repeat(t[-1:], self.chunk - c, axis=0)], axis=0)
         return tf.nest.map_structure(lambda t: t[:c], fn(*tf.nest.map_structure(pad, args)))
@@ -612,7 +612,7 @@ class _Solver:
                 "condition": tf.TensorSpec([None], tf.float32), **common}
 
     def _chunked(self, positions: tf.Tensor, seed: tf.Tensor, fn: Callable) -> dict[str, tf.Tensor]:
-        """Fn over chunks of C = min(chunk, B) positions (zero-padded; chunk i seeded fold_in(seed, i))."""
+        """fn over chunks of C = min(chunk, B) positions (zero-padded; chunk i seeded fold_in(seed, i))."""
         b = tf.shape(positions)[0]
         c = tf.maximum(tf.minimum(self.chunk, b), 1)
         n = tf.maximum((b + c - 1) // c, 1)            # B = 0: one padded chunk (map_fn cannot stack none)

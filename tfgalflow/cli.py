@@ -450,7 +450,8 @@ def _add_mock(sub) -> None:
         "mock", help="sample a mock catalogue from an exact distribution function",
         description="Draw N stars from the isotropic (iso) or beta = 1/2 (aniso) Hernquist DF, exactly "
                     "(tfgalflow.mocks.sample_hernquist) or with emcee, optionally add fractional Gaussian noise "
-                    "(seeded with --seed + 1; stars it moves beyond --r-max are dropped), and write a catalogue (.npz/.h5/.hdf5). Radii are in units of the "
+                    "(seeded with --seed + 1; stars it moves beyond --r-max are dropped), and write a "
+                    "catalogue (.npz/.h5/.hdf5). Radii are in units of the "
                     "scale length a; the physical scale comes from --mass-msun and --scale-kpc.")
     p.add_argument("model", choices=("hernquist",), help="galaxy model")
     p.add_argument("--df", choices=("iso", "aniso"), default="iso",
@@ -611,6 +612,7 @@ _SUBCOMMANDS.append(_add_demo)
 # ---- entry point ------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``tfgalflow`` argument parser: one subcommand per entry of the subcommand table."""
     parser = argparse.ArgumentParser(
         prog="tfgalflow",
         description="Conditional normalizing flows for galactic phase-space data.",
@@ -623,6 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line on ``argv`` (default sys.argv); returns the exit status (2 for errors)."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

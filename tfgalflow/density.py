@@ -185,7 +185,7 @@ class Density(abc.ABC):
 
     @abc.abstractmethod
     def log_prob_tensor(self, x: tf.Tensor, labels: tf.Tensor | None = None) -> tf.Tensor:
-        """Log p(x | labels) [N] float32 as TF ops, for x [N, D] and labels [N, C] | None (no checks)."""
+        """log p(x | labels) [N] float32 as TF ops, for x [N, D] and labels [N, C] | None (no checks)."""
 
     def sample_tensor(self, n: tf.Tensor | None, labels: tf.Tensor | None, seed: tf.Tensor) -> tf.Tensor:
         """Stateless draws [n, D] float32 as TF ops: n (scalar int) draws, or one per row of labels [n, C].
@@ -230,7 +230,7 @@ class Density(abc.ABC):
         return validate_inputs(x, labels, self.dim, self.label_dim, self.what)
 
     def log_prob(self, x: Any, labels: Any = None) -> tf.Tensor:
-        """Log p(x | labels): [N] float32 per unit volume of x; x [N, D] in the model's units."""
+        """log p(x | labels): [N] float32 per unit volume of x; x [N, D] in the model's units."""
         x, c = self.check_inputs(x, labels)
         fns = self._traced()
         return fns["log_prob"](x, c) if self.label_dim else fns["log_prob"](x)
@@ -249,7 +249,7 @@ class Density(abc.ABC):
         return fns["grad"](x, c) if self.label_dim else fns["grad"](x)
 
     def sample(self, n: int, labels: Any = None, seed: Any = None) -> tf.Tensor:
-        """N draws x ~ p(x | labels): [n, D] float32 in the model's units.
+        """n draws x ~ p(x | labels): [n, D] float32 in the model's units.
 
         Args:
             n: number of samples (>= 1).

@@ -44,7 +44,7 @@ class ExactDF(Density):
         return f"ExactDF({self.model!r}, kind={self.kind!r})"
 
     def log_prob_tensor(self, w: tf.Tensor, labels: tf.Tensor | None = None) -> tf.Tensor:
-        """Log f(x, v) for w = (x, v) [N, 6]: [N] float32."""
+        """log f(x, v) for w = (x, v) [N, 6]: [N] float32."""
         return self.model.tf_log_df(w[:, :3], w[:, 3:], self.kind)
 
     def scale_hint(self) -> tf.Tensor:

@@ -175,7 +175,7 @@ class Signature:
         return {k: v.numpy() for k, v in out.items()}
 
     def __call__(self, **values: Any) -> dict[str, np.ndarray]:
-        """Check + run: ``sig(x=array)`` -> {output name: array}."""
+        """check + run: ``sig(x=array)`` -> {output name: array}."""
         return self.run(self.check(values))
 
 
@@ -271,13 +271,16 @@ class ExportedModel(Density):
     # -- the density contract -------------------------------------------------------------------
     @property
     def inlinable(self) -> bool:
+        """False: the SavedModel's functions are opaque to XLA (its graphs stay plain)."""
         return False
 
     @property
     def can_sample(self) -> bool:
+        """Whether the SavedModel has a ``sample`` signature."""
         return "sample" in self.signatures
 
     def scale_hint(self) -> Any:
+        """The exported rescaler's scales [D] from the metadata (None for foreign SavedModels)."""
         import tensorflow as tf
         return None if self.x_scale is None else tf.constant(self.x_scale)
 

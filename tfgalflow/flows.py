@@ -210,7 +210,7 @@ class _AffineTransform(tf.Module):
         return self.forward_with(z, params)
 
     def forward_with(self, z, params):
-        """Y = z exp(s) + m from raw MADE outputs params [.., D', 2] for z [.., D'] (any subset of columns)."""
+        """y = z exp(s) + m from raw MADE outputs params [.., D', 2] for z [.., D'] (any subset of columns)."""
         shift, log_scale = self._constrain(params)
         return z * tf.exp(log_scale) + shift
 
@@ -376,7 +376,7 @@ def build_bijector(config: FlowConfig) -> tfb.Chain:
 
 def inverse_and_log_det(chain: tfb.Chain, y: tf.Tensor, bijector_kwargs: Mapping[str, Mapping] | None = None
                         ) -> tuple[tf.Tensor, tf.Tensor]:
-    """Z = T^{-1}(y) and log|det ∂z/∂y| of a :func:`build_bijector` chain in one pass: [N, D], [N].
+    """z = T^{-1}(y) and log|det ∂z/∂y| of a :func:`build_bijector` chain in one pass: [N, D], [N].
 
     Equal to ``(chain.inverse(y, **kw), chain.inverse_log_det_jacobian(y, event_ndims=1, **kw))`` but
     calls each MADE network once per layer instead of three times (TFP's Chain re-runs the inverses to
@@ -464,7 +464,7 @@ def _made_blocks(model) -> list[_MadeBlock] | None:
 
 
 def _leading(needed: np.ndarray) -> int | None:
-    """N if ``needed`` (bool) is True exactly on its first n entries, else None."""
+    """n if ``needed`` (bool) is True exactly on its first n entries, else None."""
     n = int(needed.sum())
     return n if needed[:n].all() else None
 
@@ -638,13 +638,13 @@ def _forward_stacked(layers: _StackedLayers, z: tf.Tensor) -> tf.Tensor:
     """All layers: a ``tf.while_loop`` over the layer index l, reading layer l's weights from the stacks."""
     n_layers = layers.weights[0][0].shape[0]
 
-    def layer(l, y):
+    def layer(index, y):
         if layers.permutations is not None:
-            y = tf.gather(y, layers.permutations[l], axis=-1)
-        weights = [tuple(None if w is None else w[l] for w in block) for block in layers.weights]
-        return l + 1, _truncated_passes(layers, weights, y)
+            y = tf.gather(y, layers.permutations[index], axis=-1)
+        weights = [tuple(None if w is None else w[index] for w in block) for block in layers.weights]
+        return index + 1, _truncated_passes(layers, weights, y)
 
-    return tf.while_loop(lambda l, y: True, layer, (tf.constant(0), z), maximum_iterations=n_layers)[1]
+    return tf.while_loop(lambda index, y: True, layer, (tf.constant(0), z), maximum_iterations=n_layers)[1]
 
 
 def _forward_loop(transform, z: tf.Tensor, kwargs: Mapping[str, Any]) -> tf.Tensor:

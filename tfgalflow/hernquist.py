@@ -179,7 +179,7 @@ class Hernquist:
             return np.where(E > 0, np.exp(log_f), 0.0)
 
     def f_aniso(self, E, L) -> np.ndarray:
-        """Beta = 1/2 Hernquist DF f(E, L) = 3 (a E / G M)^2 / (4 pi^3 G a L); 0 for E <= 0.
+        """beta = 1/2 Hernquist DF f(E, L) = 3 (a E / G M)^2 / (4 pi^3 G a L); 0 for E <= 0.
 
         Model units: 3 E^2 / (4 pi^3 L) (Baes & Dejonghe 2002; Evans & An 2006).
         """
@@ -189,7 +189,7 @@ class Hernquist:
         return np.where(E > 0, f, 0.0)
 
     def log_df(self, x, v, kind: str = "iso") -> np.ndarray:
-        """Log f(x, v) for ``kind`` in {"iso", "aniso"};  x, v: [N, 3] -> [N]; -inf where E <= 0.
+        """log f(x, v) for ``kind`` in {"iso", "aniso"};  x, v: [N, 3] -> [N]; -inf where E <= 0.
 
         f is a phase-space mass density (integral over d^3x d^3v = M). For "aniso", L = |x cross v|
         and log f = +inf on radial orbits (L = 0), an integrable singularity.
@@ -218,7 +218,7 @@ class Hernquist:
         return np.exp(self.log_df(x, v, kind))
 
     def _log_f_iso(self, q2, p2):
-        """Log f_iso from q^2 = a E / (G M) in (0, 1] and p^2 = 1 - q^2 (passed separately for accuracy)."""
+        """log f_iso from q^2 = a E / (G M) in (0, 1] and p^2 = 1 - q^2 (passed separately for accuracy)."""
         q2_series = np.where(q2 < _Q2_SERIES_MAX, q2, 0.25)
         q2_direct = np.where(q2 < _Q2_SERIES_MAX, 0.75, q2)
         p2_direct = np.where(q2 < _Q2_SERIES_MAX, 0.25, p2)
@@ -353,7 +353,7 @@ class Hernquist:
 
 
 def _r_over_r_plus_a(r: np.ndarray, a: float) -> np.ndarray:
-    """R / (r + a) = 1 - a / (r + a), accurate at r -> 0 and finite (1) at r = inf."""
+    """r / (r + a) = 1 - a / (r + a), accurate at r -> 0 and finite (1) at r = inf."""
     with np.errstate(divide="ignore"):
         return 1.0 / (1.0 + a / r)
 

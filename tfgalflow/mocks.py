@@ -106,7 +106,7 @@ def sample_hernquist(n: int, kind: str = "iso", seed: int | None = None, model: 
 
 
 def _radii(n: int, a: float, r_max: float | None, rng: np.random.Generator) -> np.ndarray:
-    """R with M(<r)/M = r^2/(r+a)^2 = u, u ~ U(0, u_max): r = a sqrt(u) (1 + sqrt(u)) / (1 - u)."""
+    """r with M(<r)/M = r^2/(r+a)^2 = u, u ~ U(0, u_max): r = a sqrt(u) (1 + sqrt(u)) / (1 - u)."""
     u_max = 1.0 if r_max is None else (r_max / (r_max + a)) ** 2
     u = u_max * rng.random(n)                               # [0, u_max): finite r; r < r_max
     u = np.where(u > 0.0, u, np.finfo(float).tiny)          # r = 0 (probability 2^-53) has no velocity DF

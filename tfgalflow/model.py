@@ -101,18 +101,22 @@ class Flow(Density, keras.Model):
     # -- configuration ---------------------------------------------------------------------------
     @property
     def config(self) -> FlowConfig:
+        """The flow's :class:`~tfgalflow.flows.FlowConfig` (architecture, widths, seed)."""
         return self._flow_config
 
     @property
     def dim(self) -> int:
+        """D, the width of x."""
         return self._flow_config.dim
 
     @property
     def label_dim(self) -> int:
+        """C, the width of the labels (0: unconditional)."""
         return self._flow_config.label_dim
 
     @property
     def is_adapted(self) -> bool:
+        """Whether ``adapt`` has fitted the rescaler."""
         return bool(self.adapted.numpy() > 0.5)
 
     def get_config(self) -> dict:
@@ -121,6 +125,7 @@ class Flow(Density, keras.Model):
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], custom_objects: Any = None) -> "Flow":
+        """A new (untrained) flow from ``get_config()``'s dict (Keras' protocol)."""
         return cls(FlowConfig.from_dict(config))
 
     def build_variables(self) -> None:
@@ -181,7 +186,7 @@ class Flow(Density, keras.Model):
             label_moments.update(c.numpy().astype(np.float64))
 
     def _rescale(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor | None]:
-        """Y = (u - μ)/σ, log|det ∂y/∂x| = -Σ log σ - Σ_log-cols log x, support: ([N, D], [N], [N] | None)."""
+        """y = (u - μ)/σ, log|det ∂y/∂x| = -Σ log σ - Σ_log-cols log x, support: ([N, D], [N], [N] | None)."""
         log_jacobian = -tf.reduce_sum(tf.math.log(self.x_scale))
         in_support = None
         u = x
@@ -209,7 +214,7 @@ class Flow(Density, keras.Model):
 
     # -- pure tensor maths (traced by the graph functions, by train_step and by Ensemble) ----------
     def log_prob_tensor(self, x: tf.Tensor, labels: tf.Tensor | None = None) -> tf.Tensor:
-        """Log p(x | labels) [N]: the change of variables of the module docstring, as TF ops."""
+        """log p(x | labels) [N]: the change of variables of the module docstring, as TF ops."""
         y, log_jacobian, in_support = self._rescale(x)
         kwargs = self._bijector_kwargs(labels)
         z, log_det = inverse_and_log_det(self.bijector, y, kwargs)
@@ -224,6 +229,7 @@ class Flow(Density, keras.Model):
         return self.x_scale
 
     def sample_tensor(self, n: tf.Tensor | None, c: tf.Tensor | None, seed: tf.Tensor) -> tf.Tensor:
+        """x = unscale(T(z; c)), z ~ N(0, I) [n, D] from a stateless seed [2] (truncated passes)."""
         if c is not None:
             n = tf.shape(c)[0]
         z = tf.random.stateless_normal(tf.stack([n, self.dim]), seed=seed, dtype=tf.float32)
@@ -232,7 +238,7 @@ class Flow(Density, keras.Model):
 
     # -- Keras --------------------------------------------------------------------------------------
     def call(self, inputs, training=None):
-        """Log p for ``inputs`` = x or (x, labels); Keras' forward pass."""
+        """log p for ``inputs`` = x or (x, labels); Keras' forward pass."""
         x, c, _ = self._unpack(inputs)
         return self.log_prob_tensor(x, c)
 
@@ -277,6 +283,7 @@ class Flow(Density, keras.Model):
 
     @property
     def metrics(self):
+        """The metrics Keras resets each epoch: the mean loss (nats per point)."""
         return [self._loss_tracker]
 
     def compile(self, optimizer="rmsprop", **kwargs):
@@ -457,10 +464,12 @@ class Ensemble(Density, tf.Module):
 
     @property
     def dim(self) -> int:
+        """D, the members' width of x."""
         return self.members[0].dim
 
     @property
     def label_dim(self) -> int:
+        """C, the members' label width."""
         return self.members[0].label_dim
 
     def __len__(self) -> int:
@@ -476,11 +485,12 @@ class Ensemble(Density, tf.Module):
         return self.members[0].scale_hint()
 
     def log_prob_tensor(self, x: tf.Tensor, labels: tf.Tensor | None = None) -> tf.Tensor:
-        """Log p = logsumexp_k log p_k - log K [N] (the mixture density), as TF ops."""
+        """log p = logsumexp_k log p_k - log K [N] (the mixture density), as TF ops."""
         member_lp = tf.stack([m.log_prob_tensor(x, labels) for m in self.members], axis=0)   # [K, N]
         return tf.reduce_logsumexp(member_lp, axis=0) - math.log(len(self.members))
 
     def sample_tensor(self, n: tf.Tensor | None, c: tf.Tensor | None, seed: tf.Tensor) -> tf.Tensor:
+        """Exact mixture draws [n, D]: each row from a member chosen uniformly at random."""
         k = len(self.members)
         if c is not None:
             n = tf.shape(c)[0]

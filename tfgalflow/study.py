@@ -188,7 +188,7 @@ DF_SLICE_VELOCITY = (0.0, 0.2 / np.sqrt(2.0), 0.2 / np.sqrt(2.0))       # |v| = 
 
 
 def df_slice(df, model: Hernquist, kind: str, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Log f (exact, learned) [P] along the ray x = r DF_SLICE_DIRECTION [P, 3] at the fixed
+    """log f (exact, learned) [P] along the ray x = r DF_SLICE_DIRECTION [P, 3] at the fixed
     velocity v = DF_SLICE_VELOCITY; r [P] in units of a.
     """
     x = np.outer(r, DF_SLICE_DIRECTION)

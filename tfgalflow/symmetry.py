@@ -38,7 +38,7 @@ DEFAULT_ROTATIONS = 32
 
 
 def random_rotations(n: int, seed: int = 0) -> np.ndarray:
-    """N Haar-uniform rotation matrices R [n, 3, 3] float64 (R Rᵀ = 1, det R = +1), reproducible by seed."""
+    """n Haar-uniform rotation matrices R [n, 3, 3] float64 (R Rᵀ = 1, det R = +1), reproducible by seed."""
     return Rotation.random(n, random_state=np.random.default_rng(seed)).as_matrix()
 
 
@@ -106,6 +106,7 @@ class SphericalAverage(Density, tf.Module):
 
     @property
     def can_sample(self) -> bool:
+        """Whether the base DF samples (then so does its average)."""
         return self.base.can_sample
 
     def scale_hint(self) -> tf.Tensor | None:
@@ -119,14 +120,14 @@ class SphericalAverage(Density, tf.Module):
         return tf.concat([x, v], axis=-1)
 
     def log_prob_tensor(self, w: tf.Tensor, labels: tf.Tensor | None = None) -> tf.Tensor:
-        """Log f̄(w | c) = logsumexp_m log f(R_m x, R_m v | c) - log M: [N]."""
+        """log f̄(w | c) = logsumexp_m log f(R_m x, R_m v | c) - log M: [N]."""
         m = self.n_rotations
         c = None if labels is None else tf.tile(labels, [m, 1])                      # [M N, C]
         log_f = self.base.log_prob_tensor(tf.reshape(self._rotated(w), [-1, 6]), c)
         return tf.reduce_logsumexp(tf.reshape(log_f, [m, -1]), axis=0) - math.log(m)  # [N]
 
     def sample_tensor(self, n: tf.Tensor | None, c: tf.Tensor | None, seed: tf.Tensor) -> tf.Tensor:
-        """W ~ f, then (R_mᵀ x, R_mᵀ v) with m uniform: exact draws from f̄ [n, 6]."""
+        """w ~ f, then (R_mᵀ x, R_mᵀ v) with m uniform: exact draws from f̄ [n, 6]."""
         if not self.base.can_sample:
             raise InputError(f"the base DF ({type(self.base).__name__}) cannot sample, so neither can its "
                              f"spherical average")

@@ -97,6 +97,6 @@ def one_of(value: Any, name: str, allowed: tuple[str, ...]) -> str:
 
 
 def unit_vectors(n: int, rng: np.random.Generator) -> np.ndarray:
-    """N directions uniform on the unit sphere, [n, 3] float64 (normalised Gaussian draws, Muller 1959)."""
+    """n directions uniform on the unit sphere, [n, 3] float64 (normalised Gaussian draws, Muller 1959)."""
     d = rng.normal(size=(n, 3))
     return d / np.linalg.norm(d, axis=1, keepdims=True)

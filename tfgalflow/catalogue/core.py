@@ -106,7 +106,7 @@ class Catalogue:
 
     @property
     def phase_space(self) -> np.ndarray:
-        """W = (x, v): [N, 6] float64 in (length, velocity) units."""
+        """w = (x, v): [N, 6] float64 in (length, velocity) units."""
         return np.concatenate([self.pos, self.vel], axis=1)
 
     @property
