@@ -42,6 +42,7 @@ import numpy as np
 from . import validation
 from .catalogue import Catalogue, check_units
 from .errors import InputError
+from .dehnen import LABEL_NAMES, Dehnen, check_label
 from .hernquist import Hernquist
 from .units import MODEL_UNIT, ModelUnits
 
@@ -353,6 +354,214 @@ def add_noise(cat: Catalogue, level: float, seed: int | None = None, level_vel: 
                      meta={**cat.meta, "noise": [*cat.meta.get("noise", []), record]})
 
 
+
+# ---- Dehnen gamma-models with Osipkov-Merritt anisotropy ------------------------------------
+# Velocity envelope (see sample_dehnen): per star, CELLS cells uniform in ln r_Q over SPAN above
+# ln r, then one tail cell. Envelope values come from log f tabulated every TABLE_STEP in ln r_Q.
+_DEHNEN_CELLS = 64
+_DEHNEN_SPAN = 12.8
+_DEHNEN_TABLE_STEP = 0.02
+_DEHNEN_CHUNK = 2**16
+
+
+def sample_dehnen(n: int, gamma: float = 1.0, ra_inverse: float = 0.0, seed: int | None = None,
+                  r_max: float | None = None, model_units: ModelUnits | None = None
+                  ) -> Catalogue:
+    """Draw ``n`` independent stars exactly from a Dehnen gamma-model with Osipkov-Merritt
+    anisotropy, in model units G = M = a = 1 (:class:`tfgalflow.dehnen.Dehnen`);
+    ``ra_inverse`` = a / r_a (0: isotropic).
+
+    * Radius: M(<r)/M = y^(3 - gamma) = u, u ~ U(0, u_max)  =>  y = u^(1/(3-gamma)),
+      r = y / (1 - y) (u_max = M(<r_max)/M). Radii below the smallest positive float64 are clamped
+      to it (only possible for gamma > 2.9, with probability ~ e^(-709 (3 - gamma))).
+    * Velocity: in the stretched variables (v_r, u_t = v_t sqrt(1 + r^2/r_a^2)) the DF at fixed r
+      is isotropic, f(Psi - p^2/2) with p = |(v_r, u_t)|, and
+      d^3v = d^3(v_r, u_t) / (1 + r^2/r_a^2). So s = p^2/2 has density ∝ sqrt(s) f(Psi(r) - s) on
+      [0, Psi(r)], the direction of (v_r, u_t) is isotropic, and v_t = u_t / sqrt(1 + r^2/r_a^2)
+      with a uniform tangential direction.
+    * s by exact rejection: Q = Psi - s is cut into cells uniform in ln r_Q (r_Q: Psi(r_Q) = Q)
+      from ln r to ln r + 12.8 (64 cells) plus one tail cell Q in (0, Psi(r e^12.8)]. On each cell
+      f <= F_k, from a table of log f every 0.02 in ln r_Q: the larger endpoint value plus a margin
+      (h^2/8) max(-(log f)'') that covers interpolation and an interior maximum; the proposal
+      ∝ F_k sqrt(s) is sampled exactly per cell and accepted with probability f(Q) / F_k <= 1
+      (checked: a violated bound raises RuntimeError instead of returning biased stars).
+
+    Returns a :class:`Catalogue` (units "model"/"model"), meta with gamma, ra_inverse, seed, r_max.
+    References: Dehnen 1993, MNRAS 265, 250; Osipkov 1979; Merritt 1985, AJ 90, 1027.
+    """
+    n = validation.integer(n, "n")
+    model = Dehnen(gamma, ra_inverse)
+    r_max = _radius(r_max)
+    seed = validation.seed(seed)
+    pos, vel = _dehnen_phase_space(model, n, r_max, np.random.default_rng(seed))
+    meta: dict[str, Any] = {
+        "source": "tfgalflow.mocks.sample_dehnen", "sampler": "exact", "df": "dehnen-om",
+        "gamma": model.gamma, "ra_inverse": model.ra_inverse, "n": n, "seed": seed, "r_max": r_max,
+        "model": {"gamma": model.gamma, "ra_inverse": model.ra_inverse,
+                  "M": 1.0, "a": 1.0, "G": 1.0},
+        "model_units": model_units if model_units is not None else ModelUnits(),
+    }
+    return Catalogue(pos, vel, units=MODEL_UNITS, meta=meta)
+
+
+def sample_dehnen_grid(gammas, ra_inverses, n_per_node: int, seed: int | None = None,
+                       r_max: float | None = None, model_units: ModelUnits | None = None
+                       ) -> Catalogue:
+    """Training data for a conditional flow: ``n_per_node`` stars at every node of the label grid
+    gammas x ra_inverses, in one Catalogue with labels [N, 2] = (gamma, a/r_a) (``LABEL_NAMES``).
+
+    Every label is checked first (InputError naming the limit a/r_a <= max_ra_inverse(gamma)).
+    Node i (row-major over gammas, then ra_inverses) uses the i-th child of
+    ``numpy.random.SeedSequence(seed)``, and the rows are shuffled with the seed's own stream, so
+    any batch mixes the nodes. Write it with ``cat.save("grid.h5")`` (or ``.npz``); meta["grid"]
+    records the nodes.
+    """
+    gammas = _label_values(gammas, "gammas")
+    ra_inverses = _label_values(ra_inverses, "ra_inverses")
+    nodes = [(g, k) for g in gammas for k in ra_inverses]
+    for g, k in nodes:
+        check_label(g, k)
+    n_per_node = validation.integer(n_per_node, "n_per_node")
+    r_max = _radius(r_max)
+    seed = validation.seed(seed)
+    sequence = np.random.SeedSequence(seed)
+    children = sequence.spawn(len(nodes))
+    pos, vel, labels = [], [], []
+    for (g, k), child in zip(nodes, children):
+        p, v = _dehnen_phase_space(Dehnen(g, k), n_per_node, r_max, np.random.default_rng(child))
+        pos.append(p)
+        vel.append(v)
+        labels.append(np.tile([g, k], (n_per_node, 1)))
+    order = np.random.default_rng(sequence).permutation(n_per_node * len(nodes))
+    meta: dict[str, Any] = {
+        "source": "tfgalflow.mocks.sample_dehnen_grid", "sampler": "exact", "df": "dehnen-om",
+        "grid": {"gamma": gammas, "ra_inverse": ra_inverses}, "n_per_node": n_per_node,
+        "seed": seed, "r_max": r_max,
+        "model_units": model_units if model_units is not None else ModelUnits(),
+    }
+    return Catalogue(np.concatenate(pos)[order], np.concatenate(vel)[order],
+                     labels=np.concatenate(labels)[order], label_names=LABEL_NAMES,
+                     units=MODEL_UNITS, meta=meta)
+
+
+def _label_values(values: Any, name: str) -> list[float]:
+    array = None if isinstance(values, str) else np.atleast_1d(np.asarray(values, dtype=float))
+    if array is None or array.ndim != 1 or array.size == 0 or not np.all(np.isfinite(array)):
+        raise InputError(f"{name} = {values!r}: expected a non-empty 1-D list of finite numbers")
+    return [float(a) for a in array]
+
+
+def _dehnen_phase_space(model: Dehnen, n: int, r_max: float | None, rng: np.random.Generator
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """(pos [n, 3], vel [n, 3]) in model units, drawn as described in :func:`sample_dehnen`."""
+    r = _dehnen_radii(model.gamma, n, r_max, rng)
+    r_hat, e_theta, e_phi = _spherical_basis(n, rng)
+    s = _dehnen_kinetic(model, r, rng)
+    p = np.sqrt(2.0 * s)
+    mu = rng.uniform(-1.0, 1.0, n)                  # cos of the angle of (v_r, u_t) to r_hat
+    v_r = p * mu
+    v_t = p * np.sqrt((1.0 - mu) * (1.0 + mu)) / np.sqrt(1.0 + (model.ra_inverse * r) ** 2)
+    psi = rng.uniform(0.0, 2.0 * np.pi, n)
+    tangent = np.cos(psi)[:, None] * e_theta + np.sin(psi)[:, None] * e_phi
+    vel = v_r[:, None] * r_hat + v_t[:, None] * tangent
+    return r[:, None] * r_hat, vel
+
+
+def _dehnen_radii(gamma: float, n: int, r_max: float | None, rng: np.random.Generator
+                  ) -> np.ndarray:
+    """r with (r/(1+r))^(3-gamma) = u ~ U(0, u_max): ln y = ln u / (3 - gamma), r = y / (1 - y)."""
+    log_u_max = 0.0 if r_max is None else (3.0 - gamma) * -math.log1p(1.0 / r_max)
+    u = rng.random(n)
+    u = np.where(u > 0.0, u, np.finfo(float).tiny)
+    log_y = (np.log(u) + log_u_max) / (3.0 - gamma)
+    r = np.maximum(np.exp(log_y) / -np.expm1(log_y), np.finfo(float).tiny)
+    return r if r_max is None else np.minimum(r, r_max)
+
+
+def _dehnen_kinetic(model: Dehnen, r: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """s = Psi(r) - Q with density ∝ sqrt(s) f(Psi(r) - s) on [0, Psi(r)], by the cell envelope
+    of :func:`sample_dehnen`. Model units."""
+    g = 2.0 - model.gamma
+    ell_r = np.log(r)
+    step = _DEHNEN_TABLE_STEP
+    grid = np.arange(ell_r.min() - 1.0, max(ell_r.max() + _DEHNEN_SPAN + 1.0, 25.0) + step, step)
+    table = _dehnen_log_f_at(model, np.exp(grid), np.zeros(grid.size))
+    finite = np.isfinite(table)
+    curvature = np.diff(table, 2) / step**2
+    concave = np.max(-curvature[np.isfinite(curvature)], initial=0.0)
+    cell = _DEHNEN_SPAN / _DEHNEN_CELLS
+    margin = 1.5 * max(concave, 0.0) * (cell**2 + step**2) / 8.0 + 1e-12
+    table = np.where(finite, table, -np.inf)
+    suffix_max = np.maximum.accumulate(table[::-1])[::-1]
+    offsets = np.linspace(0.0, _DEHNEN_SPAN, _DEHNEN_CELLS + 1)
+    s = np.empty(r.size)
+    for start in range(0, r.size, _DEHNEN_CHUNK):
+        part = slice(start, start + _DEHNEN_CHUNK)
+        s[part] = _dehnen_kinetic_chunk(model, r[part], ell_r[part], g, grid, table, suffix_max,
+                                        margin, offsets, rng)
+    return s
+
+
+def _dehnen_log_f_at(model: Dehnen, r: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """log f at radius r and Psi(r) - Q = s (model units), through the phase-space point
+    x = (r, 0, 0), v = (sqrt(2 s), 0, 0) (L = 0, so Psi - Q = v^2/2 exactly)."""
+    x = np.zeros((r.size, 3))
+    x[:, 0] = r
+    v = np.zeros((r.size, 3))
+    v[:, 0] = np.sqrt(2.0 * s)
+    return model.log_df(x, v)
+
+
+def _dehnen_kinetic_chunk(model, r, ell_r, g, grid, table, suffix_max, margin, offsets, rng):
+    n = r.size
+    lam = np.log1p(1.0 / r)
+    psi = lam * _exprel(-g * lam)
+    y_g = np.exp(-g * lam)
+    # s_k = Psi(r) - Psi(r e^t_k) = y^g D exprel(g D) with
+    # D = lambda(r) - lambda(r e^t) = log1p(expm1(t) / (r e^t + 1)) (no cancellation).
+    et = np.exp(offsets)
+    d = np.log1p(np.expm1(offsets)[None, :] / (r[:, None] * et[None, :] + 1.0))
+    edges = np.minimum(y_g[:, None] * d * _exprel(g * d), psi[:, None])   # [n, K + 1], from 0
+    edges = np.concatenate([edges, psi[:, None]], axis=1)                   # + tail to s = Psi
+    lf = np.interp(ell_r[:, None] + offsets[None, :], grid, table)
+    tail_index = np.searchsorted(grid, ell_r + offsets[-1], side="right") - 1
+    log_bound = np.concatenate([np.maximum(lf[:, :-1], lf[:, 1:]),
+                                suffix_max[tail_index][:, None]], axis=1) + margin   # [n, K + 1]
+    e32 = edges**1.5
+    with np.errstate(divide="ignore"):
+        log_w = log_bound + np.log(np.maximum(e32[:, 1:] - e32[:, :-1], 0.0))
+    log_w = np.where(np.isfinite(log_w), log_w, -np.inf)
+    weights = np.exp(log_w - log_w.max(axis=1, keepdims=True))
+    cumulative = np.cumsum(weights, axis=1)
+    out = np.empty(n)
+    todo = np.arange(n)
+    for _ in range(_MAX_ROUNDS):
+        if not todo.size:
+            return out
+        target = rng.random(todo.size) * cumulative[todo, -1]
+        k = np.minimum((cumulative[todo] < target[:, None]).sum(axis=1), weights.shape[1] - 1)
+        lo, hi = e32[todo, k], e32[todo, k + 1]
+        s = (lo + rng.random(todo.size) * (hi - lo)) ** (2.0 / 3.0)
+        s = np.clip(s, edges[todo, k], edges[todo, k + 1])
+        log_ratio = _dehnen_log_f_at(model, r[todo], s) - log_bound[todo, k]
+        if np.any(log_ratio > 1e-9):
+            raise RuntimeError(f"Dehnen velocity envelope violated (log f - log bound = "
+                               f"{log_ratio.max():.3g}) for gamma = {model.gamma}, "
+                               f"ra_inverse = {model.ra_inverse}")
+        accept = np.log(rng.random(todo.size)) < log_ratio
+        out[todo[accept]] = s[accept]
+        todo = todo[~accept]
+    raise RuntimeError(f"Dehnen speed rejection did not finish in {_MAX_ROUNDS} rounds "
+                       f"({todo.size} left)")
+
+
+def _exprel(z: np.ndarray) -> np.ndarray:
+    """(e^z - 1) / z, 1 at z = 0."""
+    from scipy.special import exprel
+
+    return exprel(z)
+
+
 # ---- validation -------------------------------------------------------------------------------------
 
 def _radius(r_max: Any) -> float | None:
@@ -360,5 +569,5 @@ def _radius(r_max: Any) -> float | None:
     return None if r_max is None else validation.positive_number(r_max, "r_max (radius)")
 
 
-__all__ = ["sample_hernquist", "sample_emcee", "cut", "add_noise", "iso_speeds", "ACCEPTANCE_RANGE",
-           "NOISE_CONVENTIONS"]
+__all__ = ["sample_hernquist", "sample_dehnen", "sample_dehnen_grid", "sample_emcee", "cut", "add_noise",
+           "iso_speeds", "ACCEPTANCE_RANGE", "NOISE_CONVENTIONS"]
