@@ -22,7 +22,8 @@ from scipy import integrate, stats
 import tfgalflow
 from tfgalflow.density import Density
 from tfgalflow.errors import InputError
-from tfgalflow.exact import ExactDF
+from tfgalflow.dehnen import Dehnen
+from tfgalflow.exact import DehnenFamilyDF, ExactDF
 from tfgalflow.export import ExportedModel, export_model, load
 from tfgalflow.flows import FlowConfig
 from tfgalflow.hernquist import Hernquist
@@ -55,19 +56,20 @@ class Case:
     normalisation: Callable[[Density], tuple[float, float]] | None = None   # (estimate, std error)
 
 
-def _hernquist_mass_within(df: Density, r_max: float = 50.0) -> tuple[float, float]:
-    """∫_{r<r_max} ∫ f d³v d³x by quadrature of the isotropic f(|x|, |v|) on a (log r, v/v_esc) grid."""
-    h = df.model
+def _isotropic_mass_within(df: Density, model, labels=None, r_max: float = 50.0) -> tuple[float, float]:
+    """∫_{r<r_max} ∫ f d³v d³x / M(<r_max) by quadrature of an isotropic f(|x|, |v|) on a
+    (log r, v/v_esc) grid; M(<r_max) from the model's closed-form enclosed mass."""
     r = np.geomspace(1e-3, r_max, 240)
     u = np.linspace(0.0, 1.0, 201)[1:-1]                                   # v / v_esc(r), open interval
-    v = h.escape_speed(r)[:, None] * u[None, :]
+    v = model.escape_speed(r)[:, None] * u[None, :]
     w = np.zeros((r.size * u.size, 6), np.float32)
     w[:, 0] = np.repeat(r, u.size)
     w[:, 3] = v.ravel()
-    f = np.exp(df.log_prob(w).numpy().astype(np.float64)).reshape(r.size, u.size)
+    c = None if labels is None else np.tile(np.asarray(labels, np.float32), (len(w), 1))
+    f = np.exp(df.log_prob(w, c).numpy().astype(np.float64)).reshape(r.size, u.size)
     rho = integrate.simpson(4 * np.pi * v**2 * f, x=v, axis=1)              # ∫ f d³v at each r
     mass = integrate.simpson(4 * np.pi * r**3 * rho, x=np.log(r))          # ∫ 4π r² ρ dr, dr = r dln r
-    return mass / (r_max**2 / (r_max + h.a) ** 2), 0.0                     # / M(<r_max): should be 1
+    return mass / float(model.enclosed_mass(r_max)), 0.0                   # should be 1
 
 
 CASES = [
@@ -77,7 +79,11 @@ CASES = [
     # About the origin, as a spherical system is (the average of an off-centre density is a shell).
     Case("spherical average", lambda: SphericalAverage(_flow(6, seed=7, isotropic=True), n_rotations=4,
                                                        seed=1)),
-    Case("exact DF", lambda: Hernquist().exact_density("iso"), normalisation=_hernquist_mass_within),
+    Case("exact DF", lambda: Hernquist().exact_density("iso"),
+         normalisation=lambda df: _isotropic_mass_within(df, df.model)),
+    # A conditional exact density: normalised at an isotropic label of the family (γ = 0.5).
+    Case("Dehnen family DF", DehnenFamilyDF, labels=np.array([0.5, 0.0], np.float32),
+         normalisation=lambda df: _isotropic_mass_within(df, Dehnen(0.5, 0.0), [0.5, 0.0])),
     Case("exported model", None, labels=np.array([-0.3], np.float32)),
 ]
 CASE_IDS = [c.name for c in CASES]
@@ -111,8 +117,8 @@ def _points(case: Case, df: Density, n: int, seed: int) -> np.ndarray:
 
 
 def _package_density_classes() -> set[type]:
-    for name in ("model", "symmetry", "exact", "export"):
-        getattr(tfgalflow, name)                       # import every module that defines densities
+    for name in ("model", "symmetry", "exact", "export"):   # every module that defines densities
+        getattr(tfgalflow, name)
     found, todo = set(), [Density]
     while todo:
         for sub in todo.pop().__subclasses__():
@@ -221,7 +227,7 @@ class TestDensityContract:
 
     def test_export_round_trip(self, case, tmp_path):
         case, df = case
-        if isinstance(df, (ExactDF, ExportedModel)):
+        if isinstance(df, (ExactDF, DehnenFamilyDF, ExportedModel)):
             pytest.skip("exact DFs are formulas, and an ExportedModel is already the round trip")
         loaded = load(export_model(df, tmp_path / "m", accelerations=False))
         assert isinstance(loaded, Density) and (loaded.dim, loaded.label_dim) == (df.dim, df.label_dim)
