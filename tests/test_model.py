@@ -391,9 +391,7 @@ def test_graph_functions_do_not_retrace():
         flow.log_prob(x)
         flow.grad_log_prob(x)
         flow.sample(n, seed=n)
-    assert flow._log_prob_fn.experimental_get_tracing_count() == 1
-    assert flow._grad_fn.experimental_get_tracing_count() == 1
-    assert flow._sample_fn.experimental_get_tracing_count() == 1
+    assert flow.tracing_counts() == {"log_prob": 1, "grad": 1, "sample": 1}
 
 
 def test_train_step_reduces_the_loss_and_reports_validation():

@@ -67,7 +67,7 @@ CANDIDATE_ROWS_PER_CHUNK = 2**18
 def check_df(df: Any) -> None:
     """InputError unless ``df`` is an unconditional 6-D phase-space :class:`~tfgalflow.density.Density`."""
     if not isinstance(df, Density):
-        raise InputError(f"df must be a phase-space density (a tfgalflow Density with dim = 6: a Flow, "
+        raise InputError(f"df must be a phase-space DF (a tfgalflow Density with dim = 6: a Flow, "
                          f"Ensemble, SphericalAverage, exact DF or loaded SavedModel); got {type(df).__name__}")
     if df.dim != 6:
         raise InputError(f"df has dim = {df.dim}; the CBE needs a 6-D phase-space DF f(x, v) with "

@@ -298,6 +298,11 @@ class Density(abc.ABC):
         # d(Σ_n log p_n)/dx_n = d log p_n/dx_n; a density constant in x has gradient 0.
         return tape.gradient(lp, x, unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
+    def tracing_counts(self) -> dict[str, int]:
+        """How often each traced method was traced ({"log_prob", "grad", "sample"}: 1 each after any
+        number of calls with any row count: the free batch dimension never retraces)."""
+        return {name: fn.experimental_get_tracing_count() for name, fn in self._traced().items()}
+
     def retrace(self) -> None:
         """Forget the traced functions (after changing ``jit_log_prob``); they are rebuilt on next use."""
         self.__dict__.pop("_density_functions", None)

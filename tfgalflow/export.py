@@ -345,7 +345,8 @@ def load(path: str | os.PathLike) -> Any:
     """
     path = Path(path)
     if not path.exists():
-        raise FileError(f"{path}: no such file or directory")
+        raise FileError(f"{path}: no such file or directory (expected a run directory with config.json, a "
+                        f"SavedModel or a model directory of versions)")
     if path.is_dir() and _is_saved_model(path):
         return load_saved_model(path, require=REQUIRED_SIGNATURES)
     if (path / "config.json").is_file():
