@@ -95,3 +95,26 @@ def test_mock_says_how_many_noisy_stars_it_dropped(tmp_path, capsys):
     line = next(t for t in capsys.readouterr().out.splitlines() if t.startswith("noise moved"))
     # 30 % multiplicative noise on r < 5 stars pushes some beyond 5: the message counts exactly those.
     assert line.startswith(f"noise moved {2000 - kept} of 2000 stars") and 0 < 2000 - kept < 2000
+
+
+def test_mock_dehnen_grid_writes_labels_as_columns(tmp_path, capsys):
+    out = tmp_path / "grid.h5"
+    assert main(["mock", "dehnen", "--gamma", "0.5,1.5", "--ra-inverse", "0,1", "--n", "300", "--seed", "2",
+                 "--out", str(out)]) == 0
+    cat = Catalogue.load(out)
+    assert cat.label_names == ("gamma", "ra_inverse")
+    nodes, counts = np.unique(cat.labels, axis=0, return_counts=True)
+    np.testing.assert_array_equal(nodes, [[0.5, 0.0], [0.5, 1.0], [1.5, 0.0], [1.5, 1.0]])
+    assert (counts == 300).all()
+    # Each node's radii follow its own mass profile M(<r)/M = (r/(r+1))^(3-gamma): the medians differ.
+    r = np.linalg.norm(cat.pos, axis=1)
+    for gamma in (0.5, 1.5):
+        median = np.median(r[cat.labels[:, 0] == gamma])
+        y = 0.5 ** (1 / (3 - gamma))                         # M(<r_half) = M/2
+        assert abs(median / (y / (1 - y)) - 1) < 0.2         # 600 stars: the median is good to ~10 %
+
+
+def test_mock_dehnen_refuses_labels_with_a_negative_df(tmp_path, capsys):
+    assert main(["mock", "dehnen", "--gamma", "1", "--ra-inverse", "9", "--n", "10", "--out",
+                 str(tmp_path / "m.h5")]) == 2
+    assert "4.94" in _error(capsys) and not (tmp_path / "m.h5").exists()

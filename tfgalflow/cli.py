@@ -448,15 +448,22 @@ def _add_mock(sub) -> None:
 
     p = sub.add_parser(
         "mock", help="sample a mock catalogue from an exact distribution function",
-        description="Draw N stars from the isotropic (iso) or beta = 1/2 (aniso) Hernquist DF, exactly "
+        description="hernquist: draw N stars from the isotropic (iso) or beta = 1/2 (aniso) Hernquist DF, "
+                    "exactly; dehnen: from a Dehnen gamma-model with Osipkov-Merritt anisotropy, one model "
+                    "(--gamma G --ra-inverse Q) or a label grid (comma lists: N stars per node, labels "
+                    "(gamma, ra_inverse) as columns, training data for a conditional flow); exactly "
                     "(tfgalflow.mocks.sample_hernquist) or with emcee, optionally add fractional Gaussian noise "
                     "(seeded with --seed + 1; stars it moves beyond --r-max are dropped), and write a "
                     "catalogue (.npz/.h5/.hdf5). Radii are in units of the "
                     "scale length a; the physical scale comes from --mass-msun and --scale-kpc.")
-    p.add_argument("model", choices=("hernquist",), help="galaxy model")
+    p.add_argument("model", choices=("hernquist", "dehnen"), help="galaxy model")
+    p.add_argument("--gamma", default="1", metavar="G[,G,...]",
+                   help="dehnen: inner density slope(s) gamma in [0, 3) (default: 1, Hernquist)")
+    p.add_argument("--ra-inverse", default="0", metavar="Q[,Q,...]",
+                   help="dehnen: a / r_a, Osipkov-Merritt anisotropy (0: isotropic; default: 0)")
     p.add_argument("--df", choices=("iso", "aniso"), default="iso",
                    help="iso: Hernquist (1990) f(E); aniso: constant beta = 1/2 f(E, L) (default: iso)")
-    p.add_argument("--n", type=int, required=True, help="number of stars")
+    p.add_argument("--n", type=int, required=True, help="number of stars (per grid node for a dehnen grid)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: fresh entropy, recorded in meta)")
     p.add_argument("--r-max", type=float, default=None, metavar="R",
                    help="keep only r < R (units of a; default: untruncated for exact, required in practice for emcee)")
@@ -479,6 +486,15 @@ def _add_mock(sub) -> None:
     p.set_defaults(func=_run_mock)
 
 
+def _number_list(text: str, flag: str) -> list[float]:
+    """[x1, x2, ...] from "x1,x2,..." or InputError naming the flag."""
+    from .errors import InputError
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise InputError(f"{flag} {text!r}: expected a number or comma-separated numbers") from None
+
+
 def _run_mock(args) -> int:
     import math
     from pathlib import Path
@@ -497,7 +513,19 @@ def _run_mock(args) -> int:
         model_units = ModelUnits(args.mass_msun, args.scale_kpc)
     except ValueError as exc:
         raise InputError(f"--mass-msun/--scale-kpc: {exc}") from None
-    if args.sampler == "exact":
+    if args.model == "dehnen":
+        from .mocks import sample_dehnen, sample_dehnen_grid
+        gammas, ra_inverses = _number_list(args.gamma, "--gamma"), _number_list(args.ra_inverse, "--ra-inverse")
+        if args.sampler != "exact":
+            raise InputError("--sampler emcee applies to hernquist; dehnen mocks are sampled exactly")
+        if len(gammas) == len(ra_inverses) == 1:
+            cat = sample_dehnen(args.n, gammas[0], ra_inverses[0], seed=args.seed, r_max=args.r_max,
+                                model_units=model_units)
+        else:
+            cat = sample_dehnen_grid(gammas, ra_inverses, args.n, seed=args.seed, r_max=args.r_max,
+                                     model_units=model_units)
+        described = f"gamma {args.gamma}, a/r_a {args.ra_inverse}"
+    elif args.sampler == "exact":
         cat = sample_hernquist(args.n, kind=args.df, seed=args.seed, r_max=args.r_max, model_units=model_units)
     else:
         model, kind = Hernquist(), args.df
@@ -517,7 +545,9 @@ def _run_mock(args) -> int:
     if args.units != "model":
         cat = cat.to_units(*_MOCK_UNITS[args.units])
     cat.save(args.out)
-    print(f"wrote {len(cat)} stars ({args.model} {args.df}, {args.sampler} sampler"
+    if args.model == "hernquist":
+        described = args.df
+    print(f"wrote {len(cat)} stars ({args.model} {described}, {args.sampler} sampler"
           + (f", {args.noise:g} noise" if args.noise > 0 else "")
           + f") to {args.out}; units length={cat.units['length']}, velocity={cat.units['velocity']}")
     return 0
