@@ -536,7 +536,7 @@ def test_train_config_defaults_match_flow_config():
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine", "exponential"])
 def test_learning_rate_schedules_follow_their_formulas(schedule):
-    from tfgalflow.training import _learning_rate
+    from tfgalflow.training import learning_rate
     cfg = TrainConfig(epochs=10, lr=2e-3, lr_schedule=schedule)
     steps = 7
     total = cfg.epochs * steps
@@ -544,7 +544,7 @@ def test_learning_rate_schedules_follow_their_formulas(schedule):
     closed_form = {"constant": cfg.lr + 0 * t,
                    "cosine": cfg.lr * 0.5 * (1 + np.cos(np.pi * t / total)),
                    "exponential": cfg.lr * 0.01 ** (t / total)}[schedule]
-    lr = _learning_rate(cfg, steps)
+    lr = learning_rate(cfg, steps)
     got = np.array([float(lr(s)) if callable(lr) else lr for s in t])
     # float32 evaluation of cos/pow: relative error ~1e-7; near t = T, 1 + cos(πt/T) cancels, leaving an
     # absolute error ~η0 · 2^-23 = 2.4e-10 (atol = η0 · 1e-6). A wrong factor 2 or sign fails by ~η0.
