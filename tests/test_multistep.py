@@ -174,6 +174,10 @@ def test_array_pipeline_stacks_the_same_batches(n, batch, k):
     elements = [s.numpy() for s in many.train_dataset(*epochs)]
     assert len(batches) == 2 * one.steps_per_epoch and len(elements) == 2 * many.calls_per_epoch
     assert many.steps_per_epoch == one.steps_per_epoch
+    # steps_after_calls (what the progress bar shows) is the number of batches the calls delivered
+    per_call = [len(s) if k > 1 else 1 for s in elements[:many.calls_per_epoch]]
+    assert [many.steps_after_calls(c + 1) for c in range(many.calls_per_epoch)] == \
+        np.cumsum(per_call).tolist()
     if k == 1:
         for got, want in zip(elements, batches):
             np.testing.assert_array_equal(got, want)

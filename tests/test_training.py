@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -212,6 +213,21 @@ def test_resume_inside_patience_window_stops_at_the_same_epoch(overfit, tmp_path
     for key in ("loss", "val_loss"):     # same argument as in the crash test above
         np.testing.assert_allclose(got[key], ref[key], rtol=1e-6, atol=0)
     np.testing.assert_allclose(resumed.log_prob(x).numpy(), flow.log_prob(x).numpy(), rtol=1e-6, atol=1e-6)
+
+
+# ---- progress output ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("verbose", [1, 2])
+def test_progress_bar_counts_optimizer_steps(verbose, gauss, tmp_path, capsys):
+    # SMALL: 1800 training rows in batches of 256 = 7 full batches + one of 8 rows = 8 optimizer steps
+    # per epoch, run in 2 calls (steps_per_call = 16 stacks the 7 full batches, then the partial one).
+    # The bar counts the 8 steps: 7/8 after the first call (verbose 1), 8/8 at the end of each epoch.
+    train(gauss, SMALL.with_overrides(epochs=2, checkpoint_every=0), tmp_path / "run", verbose=verbose)
+    out = capsys.readouterr().out
+    counts = re.findall(r"(?:^|\r)(\d+)/(\d+) ", out, re.M)
+    finals = [c for c in counts if c[0] == c[1]]
+    assert finals == [("8", "8")] * 2
+    assert {c[1] for c in counts} == {"8"} and {c[0] for c in counts} <= {"7", "8"}
 
 
 # ---- reload -------------------------------------------------------------------------------------

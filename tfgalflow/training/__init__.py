@@ -22,8 +22,8 @@ catalogue streamed in batches through :class:`tfgalflow.catalogue.HDF5Catalogue`
 last rows of the file, rescaler fitted on an evenly strided subsample of at most
 ``adapt_samples`` rows). With ``steps_per_call`` K > 1 each epoch's batches reach
 ``Flow.train_step`` as stacks [K, B, D] (K optimizer steps in one compiled call, the same updates
-as K calls; stacks never cross an epoch), so Keras counts calls per epoch while t above and the
-checkpoints count optimizer steps and epochs.
+as K calls; stacks never cross an epoch). Keras then runs fewer calls than steps per epoch; the
+progress bar, t above and the checkpoints count optimizer steps (batches) and epochs.
 
 The package's parts:
 

@@ -3,6 +3,7 @@
 * :class:`MemberState`: epochs done and the early-stopping state, saved in every checkpoint.
 * :class:`ResumableEarlyStopping`: Keras EarlyStopping whose state survives a resume.
 * :class:`RunCheckpoint`: writes the periodic and best checkpoints after each epoch.
+* :class:`StepProgbar`: Keras' progress bar, counting optimizer steps (batches) per epoch.
 
 This module imports TensorFlow and tf-keras; :mod:`tfgalflow.training.fit` imports it only when a
 member is trained.
@@ -10,7 +11,7 @@ member is trained.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import tensorflow as tf
@@ -91,3 +92,30 @@ class RunCheckpoint(keras.callbacks.Callback):
             self.best_manager.save(checkpoint_number=done)
         if self.every and done % self.every == 0:
             self.periodic.save(checkpoint_number=done)
+
+
+class StepProgbar(keras.callbacks.ProgbarLogger):
+    """Keras' progress bar (``verbose`` 1 or 2) counting optimizer steps instead of train calls.
+
+    With ``steps_per_call`` K > 1 one call of the compiled train function runs up to K optimizer
+    steps, and Keras counts calls (its ``steps_per_epoch`` is the number of calls). This bar's
+    target is the epoch's optimizer steps (batches), and after call i it shows
+    ``steps_after_calls(i + 1)`` of them; times per step are per optimizer step.
+
+    Args:
+        steps_per_epoch: optimizer steps per epoch, ceil(n_train / B).
+        steps_after_calls: optimizer steps done after the first c calls of an epoch
+            (:attr:`tfgalflow.training.data.Pipelines.steps_after_calls`).
+    """
+
+    def __init__(self, steps_per_epoch: int, steps_after_calls: Callable[[int], int]):
+        super().__init__(count_mode="steps")
+        self.steps_per_epoch, self.steps_after_calls = steps_per_epoch, steps_after_calls
+
+    def set_params(self, params):
+        super().set_params(params)
+        self.target = self.steps_per_epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        # Keras shows batch + 1 done: pass the index of the last optimizer step of call `batch`
+        super().on_train_batch_end(self.steps_after_calls(batch + 1) - 1, logs)

@@ -87,6 +87,14 @@ class Pipelines:
         full, rest = divmod(self.n_train, self.batch_size)
         return math.ceil(full / self.steps_per_call) + (rest > 0)
 
+    def steps_after_calls(self, calls: int) -> int:
+        """Optimizer steps done after the first ``calls`` elements of an epoch:
+        min(calls · K, full) over the full stacks, plus the partial batch [1, r] once its call ran
+        (calls > ceil(full / K)); steps_after_calls(calls_per_epoch) = steps_per_epoch."""
+        full, rest = divmod(self.n_train, self.batch_size)
+        partial = rest > 0 and calls > math.ceil(full / self.steps_per_call)
+        return min(calls * self.steps_per_call, full) + int(partial)
+
 
 def _stacked_indices(order: "tf.Tensor", n: int, batch: int, k: int) -> "tf.data.Dataset":
     """Row indices of one epoch as stacks [k', B] of k' <= k full batches, then the partial batch
