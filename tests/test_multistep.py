@@ -151,7 +151,7 @@ def test_steps_per_call_leaves_history_unchanged_and_resumes_exactly(gauss, tmp_
         train(gauss, stacked_cfg, tmp_path / "crashed", verbose=0, callbacks=[CrashAfter(1)])
     resume(tmp_path / "crashed", data=gauss, verbose=0)
     again = read_history(tmp_path / "crashed")
-    assert list(again["epoch"]) == list(range(RUN.epochs))
+    assert list(again["epoch"]) == list(range(1, RUN.epochs + 1))
     for key in ("loss", "val_loss"):      # the tolerance of test_training's resume test
         np.testing.assert_allclose(again[key], three[key], rtol=1e-6, atol=0)
 

@@ -104,14 +104,15 @@ def test_checkpoints_exist_exactly_at_requested_epochs(reference):
     _, run_dir = reference
     ckpt = run_dir / "member_000" / "checkpoints"
     h = read_history(run_dir)
-    assert list(h["epoch"]) == list(range(SMALL.epochs))
+    assert list(h["epoch"]) == list(range(1, SMALL.epochs + 1))      # counted from 1, like ckpt-E
     k = SMALL.checkpoint_every
     assert checkpoint_numbers(ckpt) == set(range(k, SMALL.epochs + 1, k))          # {2, 4, 6}
     assert {p.name for p in ckpt.iterdir()} == (
         {f"ckpt-{e}.index" for e in (2, 4, 6)} | {f"ckpt-{e}.data-00000-of-00001" for e in (2, 4, 6)}
         | {"checkpoint", "best"})
-    # best/ keeps one checkpoint: after the epoch with the lowest validation loss (numbered epochs done).
-    assert checkpoint_numbers(ckpt / "best") == {int(np.argmin(h["val_loss"])) + 1}
+    # best/ keeps one checkpoint: after the epoch with the lowest validation loss, named by that
+    # epoch's number in history.csv (E epochs done).
+    assert checkpoint_numbers(ckpt / "best") == {int(h["epoch"][np.argmin(h["val_loss"])])}
     summary = json.loads((run_dir / "member_000" / "final" / "summary.json").read_text())
     assert summary["best_epoch"] == int(np.argmin(h["val_loss"]))
     assert summary["best"] == pytest.approx(h["val_loss"].min(), rel=1e-12)
@@ -131,7 +132,7 @@ def test_crash_then_resume_reproduces_uninterrupted_history(gauss, reference, tm
     run_dir = tmp_path / "crashed"
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(gauss, SMALL, run_dir, verbose=0, callbacks=[CrashAfter(crash)])
-    assert raw_history_epochs(run_dir) == list(range(crash + 1))
+    assert raw_history_epochs(run_dir) == list(range(1, crash + 2))      # Keras' epoch index + 1
     assert not (run_dir / "member_000" / "final").exists()           # nothing final from a crashed run
     with pytest.raises(FileError, match="did not finish"):
         load_run(run_dir)
@@ -142,7 +143,7 @@ def test_crash_then_resume_reproduces_uninterrupted_history(gauss, reference, tm
 
     flow = resume(run_dir, data=gauss, verbose=0)
     got = read_history(run_dir)
-    assert raw_history_epochs(run_dir) == list(range(SMALL.epochs))      # every epoch exactly once, in order
+    assert raw_history_epochs(run_dir) == list(range(1, SMALL.epochs + 1))   # each epoch once, in order
     # The checkpoint restores weights, Adam moments and step count bit for bit and epoch e's order depends
     # only on (seed, e), so the resumed epochs run the same float32 operations on the same inputs; the
     # 1e-6 relative tolerance (~8 ulp) only allows for summation order in multithreaded CPU kernels and is
@@ -151,6 +152,26 @@ def test_crash_then_resume_reproduces_uninterrupted_history(gauss, reference, tm
         np.testing.assert_allclose(got[key], ref[key], rtol=1e-6, atol=0)
     x = gauss[:200]
     np.testing.assert_allclose(flow.log_prob(x).numpy(), ref_flow.log_prob(x).numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_resume_renumbers_a_history_written_from_epoch_0(gauss, reference, tmp_path):
+    # Runs written before history.csv counted from 1 have rows 0..E-1: read_history gives them as
+    # 1..E, and a resume rewrites the file 1-based before appending, so no epoch number repeats.
+    _, ref_dir = reference
+    ref = read_history(ref_dir)
+    run_dir = tmp_path / "old"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(gauss, SMALL, run_dir, verbose=0, callbacks=[CrashAfter(2)])
+    history = run_dir / "member_000" / "history.csv"
+    lines = history.read_text().splitlines()
+    old = [lines[0]] + [f"{int(line.split(',')[0]) - 1},{line.split(',', 1)[1]}" for line in lines[1:]]
+    history.write_text("\n".join(old) + "\n")                   # as the old CSVLogger wrote it
+    assert raw_history_epochs(run_dir) == [0, 1, 2]
+    assert list(read_history(run_dir)["epoch"]) == [1, 2, 3]
+    resume(run_dir, data=gauss, verbose=0)
+    assert raw_history_epochs(run_dir) == list(range(1, SMALL.epochs + 1))
+    for key in ("loss", "val_loss"):    # same tolerance argument as in the crash test above
+        np.testing.assert_allclose(read_history(run_dir)[key], ref[key], rtol=1e-6, atol=0)
 
 
 def test_resume_requires_matching_data(gauss, reference, tmp_path):
@@ -208,7 +229,7 @@ def test_resume_inside_patience_window_stops_at_the_same_epoch(overfit, tmp_path
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(x, OVERFIT, run_dir, verbose=0, callbacks=[CrashAfter(crash)])
     resumed = resume(run_dir, data=x, verbose=0)
-    assert raw_history_epochs(run_dir) == list(range(len(ref["epoch"])))
+    assert raw_history_epochs(run_dir) == list(range(1, len(ref["epoch"]) + 1))
     got = read_history(run_dir)
     for key in ("loss", "val_loss"):     # same argument as in the crash test above
         np.testing.assert_allclose(got[key], ref[key], rtol=1e-6, atol=0)
@@ -442,7 +463,7 @@ def test_hdf5_streaming_split_rescaler_and_resume(h5_file, tmp_path):
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(path, H5, tmp_path / "crashed", verbose=0, callbacks=[CrashAfter(1)])
     resume(tmp_path / "crashed", verbose=0)
-    assert raw_history_epochs(tmp_path / "crashed") == list(range(H5.epochs))
+    assert raw_history_epochs(tmp_path / "crashed") == list(range(1, H5.epochs + 1))
     for key in ("loss", "val_loss"):
         np.testing.assert_allclose(read_history(tmp_path / "crashed")[key], h[key], rtol=1e-6, atol=0)
 
@@ -643,7 +664,7 @@ def test_cli_train_restart_sample_logprob_with_a_conditional_catalogue(tmp_path,
         np.testing.assert_array_equal(read_history(run2)[key], read_history(run1)[key])
     # --resume of a finished run trains nothing and keeps the history.
     assert main(["train", "--resume", str(run1), "--verbose", "0"]) == 0
-    assert raw_history_epochs(run1) == [0, 1, 2]
+    assert raw_history_epochs(run1) == [1, 2, 3]
 
     out = tmp_path / "samples.npz"
     assert main(["sample", str(run1), "--n", "300", "--labels", "0.5", "--seed", "2", "--out", str(out)]) == 0

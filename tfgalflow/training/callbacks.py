@@ -4,6 +4,7 @@
 * :class:`ResumableEarlyStopping`: Keras EarlyStopping whose state survives a resume.
 * :class:`RunCheckpoint`: writes the periodic and best checkpoints after each epoch.
 * :class:`StepProgbar`: Keras' progress bar, counting optimizer steps (batches) per epoch.
+* :class:`HistoryLogger`: Keras' CSVLogger writing history.csv with epochs counted from 1.
 
 This module imports TensorFlow and tf-keras; :mod:`tfgalflow.training.fit` imports it only when a
 member is trained.
@@ -79,10 +80,10 @@ class RunCheckpoint(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         bad = {k: v for k, v in (logs or {}).items() if not np.isfinite(v)}
-        if bad:
-            raise InputError(f"training diverged in epoch {epoch} (0-based): {bad}; lower the "
-                             f"learning rate (--lr) or check the data for extreme values")
         done = epoch + 1
+        if bad:
+            raise InputError(f"training diverged in epoch {done}: {bad}; lower the learning rate "
+                             f"(--lr) or check the data for extreme values")
         self.state.epoch.assign(done)
         self.state.best.assign(self.early.best)
         self.state.best_epoch.assign(self.early.best_epoch)
@@ -119,3 +120,15 @@ class StepProgbar(keras.callbacks.ProgbarLogger):
     def on_train_batch_end(self, batch, logs=None):
         # Keras shows batch + 1 done: pass the index of the last optimizer step of call `batch`
         super().on_train_batch_end(self.steps_after_calls(batch + 1) - 1, logs)
+
+
+class HistoryLogger(keras.callbacks.CSVLogger):
+    """Keras' CSVLogger (appending to ``history.csv``) with epochs numbered from 1, as in the logs
+    and the checkpoint names: the row of epoch E holds the losses of the E-th pass, and ``ckpt-E``
+    the state after it. Keras passes 0-based epoch indices to callbacks."""
+
+    def __init__(self, path: str):
+        super().__init__(path, append=True)
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch + 1, logs)

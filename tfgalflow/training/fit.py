@@ -85,7 +85,9 @@ def _fit_member(run_dir: Path, run: dict, k: int, data: Any, *, strategy: Any = 
     import tf_keras as keras
     from ..flows import FlowConfig
     from ..model import Flow
-    from .callbacks import MemberState, ResumableEarlyStopping, RunCheckpoint, StepProgbar
+    from .callbacks import (
+        HistoryLogger, MemberState, ResumableEarlyStopping, RunCheckpoint, StepProgbar,
+    )
 
     config = TrainConfig.from_dict(run["train"])
     member = run["members"][k]
@@ -132,7 +134,7 @@ def _fit_member(run_dir: Path, run: dict, k: int, data: Any, *, strategy: Any = 
     if initial_epoch < config.epochs and not bool(state.stopped.numpy()):
         run_callbacks = [early,
                          RunCheckpoint(state, early, periodic, best, config.checkpoint_every),
-                         keras.callbacks.CSVLogger(str(history_path), append=True),
+                         HistoryLogger(str(history_path)),
                          StepProgbar(pipelines.steps_per_epoch, pipelines.steps_after_calls)]
         if config.tensorboard:
             run_callbacks.append(keras.callbacks.TensorBoard(str(member_dir / "tensorboard"),

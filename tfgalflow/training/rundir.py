@@ -4,12 +4,15 @@ Layout (``RUN_FORMAT_VERSION``)::
 
     RUN/config.json                    resolved TrainConfig, FlowConfig, data description, member
                                        seeds, versions
-    RUN/member_000/history.csv         one row per finished epoch: epoch (0-based), loss, val_loss
+    RUN/member_000/history.csv         one row per finished epoch: epoch (1-based), loss, val_loss
     RUN/member_000/checkpoints/ckpt-E.*       full state after E epochs (E = k, 2k, ...)
     RUN/member_000/checkpoints/best/ckpt-E.*  the same after the epoch E with the lowest loss
     RUN/member_000/final/              weights.* + summary.json, written atomically at the end
     RUN/member_000/tensorboard/        optional TensorBoard logs
 
+Epochs are counted from 1 everywhere (history.csv, checkpoint names, logs): epoch E is the E-th
+pass over the data and ``ckpt-E`` the state after it. Runs written before history.csv counted from
+1 numbered its rows from 0; :func:`read_history` and :func:`truncate_history` renumber such files.
 NumPy and the standard library only (no TensorFlow import).
 """
 from __future__ import annotations
@@ -121,7 +124,7 @@ def new_run(run_dir: Path, config: "TrainConfig", flow_config: Any,
 
 
 def read_history(run_dir: str | os.PathLike, member: int = 0) -> dict[str, np.ndarray]:
-    """The per-epoch history of one member: {"epoch": int [E] (0, 1, ...), "loss": [E],
+    """The per-epoch history of one member: {"epoch": int [E] (1, 2, ...), "loss": [E],
     "val_loss": [E], ...}."""
     path = Path(run_dir) / member_name(member) / HISTORY_FILE
     rows = _read_history_rows(path)
@@ -132,8 +135,9 @@ def read_history(run_dir: str | os.PathLike, member: int = 0) -> dict[str, np.nd
 
 
 def _read_history_rows(path: Path) -> list[dict[str, str]]:
-    """Rows of a history.csv, skipping torn lines (a crash mid-write) and keeping the first of
-    duplicates."""
+    """Rows of a history.csv with 1-based epochs, skipping torn lines (a crash mid-write) and
+    keeping the first of duplicates. A file whose epochs start at 0 (written before history.csv
+    counted from 1) is renumbered on reading."""
     if not path.is_file():
         return []
     with open(path, newline="") as fh:
@@ -148,15 +152,17 @@ def _read_history_rows(path: Path) -> list[dict[str, str]]:
             if epoch not in seen:
                 seen.add(epoch)
                 rows.append(row)
+    if 0 in seen:
+        rows = [dict(r, epoch=str(int(r["epoch"]) + 1)) for r in rows]
     return rows
 
 
 def truncate_history(path: Path, epochs_done: int) -> None:
-    """Keep only the rows of epochs 0..epochs_done-1, so a resumed run appends without duplicates
-    (rewrites a file with torn lines or duplicates; removes one left empty)."""
+    """Keep only the rows of epochs 1..epochs_done, so a resumed run appends without duplicates
+    (rewrites a file with torn lines, duplicates or 0-based epochs; removes one left empty)."""
     rows = _read_history_rows(path)
-    kept = [r for r in rows if int(r["epoch"]) < epochs_done]
-    if not path.exists() or (len(kept) == len(rows) and _well_formed(path, len(rows))):
+    kept = [r for r in rows if int(r["epoch"]) <= epochs_done]
+    if not path.exists() or (len(kept) == len(rows) and _well_formed(path, rows)):
         return
     if not kept:
         path.unlink()
@@ -168,7 +174,10 @@ def truncate_history(path: Path, epochs_done: int) -> None:
     write_text(path, out.getvalue())
 
 
-def _well_formed(path: Path, n_rows: int) -> bool:
-    """True if the file has exactly a header and n_rows lines, the last one complete."""
+def _well_formed(path: Path, rows: list[dict[str, str]]) -> bool:
+    """True if the file has exactly a header and one line per row, the last one complete, and
+    its epoch column is the 1-based one of ``rows``."""
     text = path.read_text()
-    return text.endswith("\n") and text.count("\n") == n_rows + 1
+    lines = text.splitlines()[1:]
+    return (text.endswith("\n") and len(lines) == len(rows)
+            and all(line.split(",", 1)[0] == r["epoch"] for line, r in zip(lines, rows)))
