@@ -251,6 +251,24 @@ def test_progress_bar_counts_optimizer_steps(verbose, gauss, tmp_path, capsys):
     assert {c[1] for c in counts} == {"8"} and {c[0] for c in counts} <= {"7", "8"}
 
 
+def test_resume_keeps_the_run_verbosity_unless_overridden(gauss, tmp_path, capsys):
+    # config.json records verbose = 0: a resume without `verbose` prints nothing; verbose = 2 prints
+    # one line per epoch of what is left (epoch 3 of 3 after crashes after epochs 1 and 2).
+    run_dir = tmp_path / "run"
+    cfg = SMALL.with_overrides(epochs=3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(gauss, cfg, run_dir, verbose=0, callbacks=[CrashAfter(0)])
+    assert read_run_config(run_dir)["verbose"] == 0
+    capsys.readouterr()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        resume(run_dir, data=gauss, callbacks=[CrashAfter(1)])
+    assert capsys.readouterr().out == ""
+    resume(run_dir, data=gauss, verbose=2)
+    out = capsys.readouterr().out
+    assert "Epoch 3/3" in out and "Epoch 2/3" not in out and re.search(r"^8/8 - ", out, re.M)
+    assert raw_history_epochs(run_dir) == [1, 2, 3]
+
+
 # ---- reload -------------------------------------------------------------------------------------
 
 def test_load_run_round_trip_and_file_errors(gauss, reference, tmp_path):
@@ -639,6 +657,21 @@ def test_cli_errors_exit_2_with_a_message(reference, tmp_path, capsys):
     assert "drop --epochs" in capsys.readouterr().err
     assert main(["sample", str(tmp_path / "nowhere"), "--n", "5", "--out", str(tmp_path / "s.npy")]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_cli_resume_keeps_the_run_verbosity(tmp_path, capsys):
+    from tfgalflow.catalogue import Catalogue
+    from tfgalflow.cli import main
+    w, _ = gauss6(1000, seed=4)
+    cat_path = tmp_path / "cat.npz"
+    Catalogue(w[:, :3], w[:, 3:], units=UNITS).save(cat_path)
+    run_dir = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cat_path, SMALL.with_overrides(epochs=2), run_dir, verbose=0, callbacks=[CrashAfter(0)])
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run_dir)]) == 0      # no --verbose: the run's 0
+    lines = capsys.readouterr().out.splitlines()       # only the summary, no progress bar
+    assert len(lines) == 1 and "member_000: seed 3, 2 epochs" in lines[0]
 
 
 def test_cli_train_restart_sample_logprob_with_a_conditional_catalogue(tmp_path, capsys):

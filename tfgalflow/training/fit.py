@@ -21,7 +21,8 @@ from ..errors import FileError, InputError
 from .config import EXPONENTIAL_FINAL_FRACTION, TrainConfig
 from .data import as_training_data, check_sizes, describe, select_labels, without_labels
 from .rundir import (
-    BEST_DIR, CHECKPOINTS_DIR, CONFIG_FILE, FINAL_DIR, HISTORY_FILE, SUMMARY_FILE, WEIGHTS_PREFIX,
+    BEST_DIR, CHECKPOINTS_DIR, CONFIG_FILE, DEFAULT_VERBOSE, FINAL_DIR, HISTORY_FILE, SUMMARY_FILE,
+    WEIGHTS_PREFIX,
     checkpoint_epoch, final_weights_prefix, member_finished, new_run, read_history,
     read_run_config, truncate_history,
 )
@@ -270,7 +271,8 @@ def train(data: "Catalogue | np.ndarray | str | os.PathLike", config: TrainConfi
             ``steps_per_call`` falls back to 1 (logged warning; Keras would split a stack
             [K, B, D] along K), which changes no update; with several CPU replicas
             ``jit_compile`` falls back to False (logged; an XLA limitation).
-        verbose: Keras progress output (0 silent, 1 progress bar, 2 one line per epoch).
+        verbose: Keras progress output (0 silent, 1 progress bar, 2 one line per epoch); recorded
+            in config.json, so :func:`resume` keeps it.
         callbacks: extra Keras callbacks, run after the run's own (not with ``parallel``).
     Returns:
         the trained Flow (members == 1) or an Ensemble of the members, with best-validation
@@ -289,23 +291,26 @@ def train(data: "Catalogue | np.ndarray | str | os.PathLike", config: TrainConfi
     _check_tensorboard(config)
     flow_config = config.flow_config(data.dim, config.label_dim)    # validates the architecture
     run_dir = Path(run_dir)
-    run = new_run(run_dir, config, flow_config, describe(data, config))
+    run = new_run(run_dir, config, flow_config, describe(data, config), verbose=verbose)
     return _fit_members(run_dir, run, data, strategy=strategy, verbose=verbose,
                         callbacks=callbacks)
 
 
 def resume(run_dir: str | os.PathLike, data: Any = None, labels: Any = None,
-           strategy: "tf.distribute.Strategy | None" = None, *, verbose: int = 1,
+           strategy: "tf.distribute.Strategy | None" = None, *, verbose: int | None = None,
            callbacks: Sequence[Any] = ()) -> "Flow | Ensemble":
     """Continue an interrupted run: finished members are loaded, the others continue from their
     latest checkpoint (or start over if they have none). The history continues as if never
     interrupted.
 
     ``data`` is needed only for runs trained on in-memory arrays or Catalogues (checked against
-    the recorded sha256); runs trained from a file re-read that file.
+    the recorded sha256); runs trained from a file re-read that file. ``verbose`` None keeps the
+    verbosity the run was started with (recorded in config.json); 0, 1 or 2 override it.
     """
     run_dir = Path(run_dir)
     run = read_run_config(run_dir)
+    if verbose is None:
+        verbose = run.get("verbose", DEFAULT_VERBOSE)
     recorded = run["data"]
     if data is None:
         if not recorded.get("path"):

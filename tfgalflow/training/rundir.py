@@ -3,7 +3,7 @@
 Layout (``RUN_FORMAT_VERSION``)::
 
     RUN/config.json                    resolved TrainConfig, FlowConfig, data description, member
-                                       seeds, versions
+                                       seeds, verbosity, versions
     RUN/member_000/history.csv         one row per finished epoch: epoch (1-based), loss, val_loss
     RUN/member_000/checkpoints/ckpt-E.*       full state after E epochs (E = k, 2k, ...)
     RUN/member_000/checkpoints/best/ckpt-E.*  the same after the epoch E with the lowest loss
@@ -45,6 +45,8 @@ CHECKPOINTS_DIR = "checkpoints"
 BEST_DIR = "best"
 FINAL_DIR = "final"
 SUMMARY_FILE = "summary.json"
+#: Keras verbosity of a run whose config.json does not record one (0 silent, 1 bar, 2 lines).
+DEFAULT_VERBOSE = 1
 
 
 def member_name(k: int) -> str:
@@ -95,13 +97,13 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
     return d
 
 
-def new_run(run_dir: Path, config: "TrainConfig", flow_config: Any,
-            data_description: dict) -> dict:
+def new_run(run_dir: Path, config: "TrainConfig", flow_config: Any, data_description: dict,
+            verbose: Any = DEFAULT_VERBOSE) -> dict:
     """Create the run directory and its config.json; FileError if it already holds something.
 
     Returns the parsed config.json: ``format``, ``format_version``, ``tfgalflow_version``,
     ``created``, ``train`` (TrainConfig), ``flow`` (FlowConfig), ``members`` (name, seed),
-    ``data`` (description).
+    ``data`` (description) and ``verbose`` (the Keras verbosity a resume keeps).
     """
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise FileError(f"{run_dir}: run directory exists and is not empty; continue it with "
@@ -118,6 +120,7 @@ def new_run(run_dir: Path, config: "TrainConfig", flow_config: Any,
         "members": [{"name": member_name(k), "seed": config.seed + k}
                     for k in range(config.members)],
         "data": data_description,
+        "verbose": verbose,
     }
     write_json(run_dir / CONFIG_FILE, run)
     return run
