@@ -174,6 +174,27 @@ def test_resume_renumbers_a_history_written_from_epoch_0(gauss, reference, tmp_p
         np.testing.assert_allclose(read_history(run_dir)[key], ref[key], rtol=1e-6, atol=0)
 
 
+def test_keep_checkpoints_keeps_the_last_k_and_resumes_exactly(gauss, reference, tmp_path):
+    # A checkpoint every epoch, the last 2 kept: after a crash at the end of epoch 4 only ckpt-3 and
+    # ckpt-4 remain; the resumed process (a new CheckpointManager over the same directory) continues
+    # from ckpt-4 and keeps deleting the oldest, so ckpt-5 and ckpt-6 remain at the end. Which
+    # checkpoints are kept changes no update: the history equals the uninterrupted reference.
+    _, ref_dir = reference
+    ref = read_history(ref_dir)
+    cfg = SMALL.with_overrides(checkpoint_every=1, keep_checkpoints=2)
+    run_dir = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(gauss, cfg, run_dir, verbose=0, callbacks=[CrashAfter(3)])
+    ckpt = run_dir / "member_000" / "checkpoints"
+    assert checkpoint_numbers(ckpt) == {3, 4}
+    resume(run_dir, data=gauss, verbose=0)
+    assert checkpoint_numbers(ckpt) == {5, 6}
+    h = read_history(run_dir)
+    assert checkpoint_numbers(ckpt / "best") == {int(h["epoch"][np.argmin(h["val_loss"])])}
+    for key in ("loss", "val_loss"):    # same tolerance argument as in the crash test above
+        np.testing.assert_allclose(h[key], ref[key], rtol=1e-6, atol=0)
+
+
 def test_resume_requires_matching_data(gauss, reference, tmp_path):
     _, ref_dir = reference
     run_dir = tmp_path / "copy"
@@ -189,9 +210,10 @@ def test_resume_requires_matching_data(gauss, reference, tmp_path):
 # 120 points, half held out, a wide flow and a large constant step: the 60 training points are overfitted
 # after a few epochs, so the validation loss turns up (measured: minimum at epoch 6, stop after epoch 9)
 # and patience = 3 stops the run early. A checkpoint every epoch lets the resume test below restart in
-# the middle of a patience window.
+# the middle of a patience window; all of them are kept (keep_checkpoints = 0).
 OVERFIT = TrainConfig(layers=3, hidden=(64, 64), epochs=60, batch_size=30, lr=1e-2, lr_schedule="constant",
-                      validation_split=0.5, patience=3, checkpoint_every=1, seed=7, jit_compile=False)
+                      validation_split=0.5, patience=3, checkpoint_every=1, keep_checkpoints=0, seed=7,
+                      jit_compile=False)
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +238,9 @@ def test_early_stopping_restores_best_weights(overfit):
     assert abs(restored - h["val_loss"][-1]) > 100 * 1e-5 * abs(restored)
     reloaded = load_run(run_dir)
     np.testing.assert_array_equal(reloaded.log_prob(x[val]).numpy(), flow.log_prob(x[val]).numpy())
+    ckpt = run_dir / "member_000" / "checkpoints"            # keep_checkpoints = 0 keeps every one
+    assert checkpoint_numbers(ckpt) == set(range(1, len(h["epoch"]) + 1))
+    assert checkpoint_numbers(ckpt / "best") == {best + 1}
 
 
 def test_resume_inside_patience_window_stops_at_the_same_epoch(overfit, tmp_path):
@@ -226,10 +251,16 @@ def test_resume_inside_patience_window_stops_at_the_same_epoch(overfit, tmp_path
     ref = read_history(ref_dir)
     crash = int(np.argmin(ref["val_loss"])) + 1
     run_dir = tmp_path / "run"
+    # keeping only the last periodic checkpoint changes nothing but the files left behind
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(x, OVERFIT, run_dir, verbose=0, callbacks=[CrashAfter(crash)])
+        train(x, OVERFIT.with_overrides(keep_checkpoints=1), run_dir, verbose=0,
+              callbacks=[CrashAfter(crash)])
     resumed = resume(run_dir, data=x, verbose=0)
     assert raw_history_epochs(run_dir) == list(range(1, len(ref["epoch"]) + 1))
+    # the last periodic checkpoint, and the best one (epoch crash, 3 epochs before the last) as well
+    ckpt = run_dir / "member_000" / "checkpoints"
+    assert checkpoint_numbers(ckpt) == {len(ref["epoch"])}
+    assert checkpoint_numbers(ckpt / "best") == {crash} and crash < len(ref["epoch"])
     got = read_history(run_dir)
     for key in ("loss", "val_loss"):     # same argument as in the crash test above
         np.testing.assert_allclose(got[key], ref[key], rtol=1e-6, atol=0)
@@ -573,6 +604,8 @@ def test_train_config_files_overrides_and_errors(tmp_path, reference):
         TrainConfig(lr_schedule="linear")
     with pytest.raises(InputError, match=r"TrainConfig\.validation_split"):
         TrainConfig(validation_split=1.0)
+    with pytest.raises(InputError, match=r"TrainConfig\.keep_checkpoints = -1: expected an integer >= 0"):
+        TrainConfig(keep_checkpoints=-1)
     with pytest.raises(InputError, match=r"TrainConfig\.epochs"):
         TrainConfig(epochs="many")
     with pytest.raises(FileError, match="no such config file"):
@@ -580,6 +613,15 @@ def test_train_config_files_overrides_and_errors(tmp_path, reference):
     (tmp_path / "torn.json").write_text('{"layers": ')
     with pytest.raises(FileError, match=r"torn\.json"):
         TrainConfig.from_file(tmp_path / "torn.json")
+
+
+def test_train_config_and_the_training_package_import_without_tensorflow():
+    # TrainConfig (and the CLI parser built from its fields) must load fast: neither the config
+    # module nor the package's __init__ may import TensorFlow (only training.callbacks does).
+    for module in ("tfgalflow.training.config", "tfgalflow.training"):
+        code = f"import sys, {module}; assert 'tensorflow' not in sys.modules, '{module}'"
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_train_config_defaults_match_flow_config():
@@ -617,6 +659,8 @@ def test_cli_train_flags_mirror_train_config():
         assert "--" + name.replace("_", "-") in flags, name
     args = parser.parse_args(["train", "cat.npz", "--out", "r", "--hidden", "8,8", "--no-parallel", "--lr", "3e-4"])
     assert (args.config_hidden, args.config_parallel, args.config_lr, args.config_epochs) == ("8,8", False, "3e-4", None)
+    args = parser.parse_args(["train", "cat.npz", "--out", "r", "--keep-checkpoints", "0"])
+    assert TrainConfig().with_overrides(keep_checkpoints=args.config_keep_checkpoints).keep_checkpoints == 0
 
 
 def test_cli_sample_and_logprob(reference, gauss, tmp_path, capsys):

@@ -40,9 +40,10 @@ The package's parts:
 Run directory (``RUN_FORMAT_VERSION``)::
 
     RUN/config.json                     resolved TrainConfig, FlowConfig, data description,
-                                        member seeds, versions
+                                        member seeds, verbosity, versions
     RUN/member_000/history.csv          one row per finished epoch: epoch (1-based), loss, val_loss
-    RUN/member_000/checkpoints/ckpt-E.*       full state after E epochs (E = k, 2k, ...): model,
+    RUN/member_000/checkpoints/ckpt-E.*       full state after E epochs (E = k, 2k, ..., the
+                                              last ``keep_checkpoints`` of them): model,
                                               optimizer, epoch counter, early-stopping state
     RUN/member_000/checkpoints/best/ckpt-E.*  the same after the epoch E with the lowest monitored
                                               loss

@@ -69,6 +69,8 @@ class TrainConfig:
                                 "best epoch", "int")
     checkpoint_every: int = _option(10, "save a resumable checkpoint every k epochs (0 = only the "
                                         "best)", "int")
+    keep_checkpoints: int = _option(3, "keep the last k periodic checkpoints (0 = keep all); the "
+                                       "checkpoint of the best epoch is always kept", "int")
     seed: int = _option(0, "seed of member 0 (member k uses seed + k)", "int")
     members: int = _option(1, "ensemble size K", "int")
     parallel: bool = _option(False, "train ensemble members in parallel processes", "bool")
@@ -98,8 +100,9 @@ class TrainConfig:
                                  f"expected {expected}")
 
         for name, low in (("layers", 1), ("bins", 2), ("epochs", 1), ("batch_size", 1),
-                          ("patience", 0), ("checkpoint_every", 0), ("seed", 0), ("members", 1),
-                          ("adapt_samples", 2), ("steps_per_call", 1)):
+                          ("patience", 0), ("checkpoint_every", 0), ("keep_checkpoints", 0),
+                          ("seed", 0), ("members", 1), ("adapt_samples", 2),
+                          ("steps_per_call", 1)):
             validation.integer(getattr(self, name), f"TrainConfig.{name}", low=low)
         check(len(self.hidden) > 0 and all(h >= 1 for h in self.hidden), "hidden",
               "a non-empty list of positive widths, e.g. 64,64")

@@ -76,6 +76,15 @@ def _restore(checkpoint: Any, path: str, written: bool = False) -> None:
                         f"{str(exc).splitlines()[0][:300]}") from None
 
 
+def _run_train_config(run: dict) -> TrainConfig:
+    """The TrainConfig recorded in a run's parsed config.json.
+
+    Runs written before ``keep_checkpoints`` existed kept every periodic checkpoint; their
+    config.json lacks the field, which is read as 0 (keep all), so a resume keeps doing that.
+    """
+    return TrainConfig.from_dict({"keep_checkpoints": 0, **run["train"]})
+
+
 # ---- one member ---------------------------------------------------------------------------------
 
 def _fit_member(run_dir: Path, run: dict, k: int, data: Any, *, strategy: Any = None,
@@ -90,7 +99,7 @@ def _fit_member(run_dir: Path, run: dict, k: int, data: Any, *, strategy: Any = 
         HistoryLogger, MemberState, ResumableEarlyStopping, RunCheckpoint, StepProgbar,
     )
 
-    config = TrainConfig.from_dict(run["train"])
+    config = _run_train_config(run)
     member = run["members"][k]
     seed, member_dir = int(member["seed"]), run_dir / member["name"]
     flow_config = dataclasses.replace(FlowConfig.from_dict(run["flow"]), seed=seed)
@@ -106,7 +115,8 @@ def _fit_member(run_dir: Path, run: dict, k: int, data: Any, *, strategy: Any = 
     state = MemberState()
     checkpoint = tf.train.Checkpoint(model=flow, optimizer=optimizer, state=state)
     ckpt_dir = member_dir / CHECKPOINTS_DIR
-    periodic = tf.train.CheckpointManager(checkpoint, str(ckpt_dir), max_to_keep=None,
+    periodic = tf.train.CheckpointManager(checkpoint, str(ckpt_dir),
+                                          max_to_keep=config.keep_checkpoints or None,
                                           checkpoint_name="ckpt")
     best = tf.train.CheckpointManager(checkpoint, str(ckpt_dir / BEST_DIR), max_to_keep=1,
                                       checkpoint_name="ckpt")
@@ -318,7 +328,7 @@ def resume(run_dir: str | os.PathLike, data: Any = None, labels: Any = None,
                              f"resume({str(run_dir)!r}, data=..., labels=...)")
         data = recorded["path"]
     data = as_training_data(data, labels, None)
-    config = TrainConfig.from_dict(run["train"])
+    config = _run_train_config(run)
     if config.label_dim and not data.label_dim:
         raise InputError(f"{run_dir} is a conditional run (label_dim = {config.label_dim}): pass "
                          f"the labels [N, {config.label_dim}] it was trained with")
@@ -362,7 +372,7 @@ def _check_tensorboard(config: TrainConfig) -> None:
 def _fit_members(run_dir: Path, run: dict, data: Any, *, strategy: Any, verbose: int,
                  callbacks: Sequence[Any]) -> "Flow | Ensemble":
     from ..model import Ensemble
-    config = TrainConfig.from_dict(run["train"])
+    config = _run_train_config(run)
     todo = [k for k in range(config.members) if not member_finished(run_dir, run, k)]
     if config.parallel and len(todo) > 1:
         if strategy is not None or callbacks:

@@ -5,7 +5,8 @@ Layout (``RUN_FORMAT_VERSION``)::
     RUN/config.json                    resolved TrainConfig, FlowConfig, data description, member
                                        seeds, verbosity, versions
     RUN/member_000/history.csv         one row per finished epoch: epoch (1-based), loss, val_loss
-    RUN/member_000/checkpoints/ckpt-E.*       full state after E epochs (E = k, 2k, ...)
+    RUN/member_000/checkpoints/ckpt-E.*       full state after E epochs (E = k, 2k, ...; the
+                                              last ``keep_checkpoints`` of them)
     RUN/member_000/checkpoints/best/ckpt-E.*  the same after the epoch E with the lowest loss
     RUN/member_000/final/              weights.* + summary.json, written atomically at the end
     RUN/member_000/tensorboard/        optional TensorBoard logs
