@@ -32,7 +32,7 @@ from tfgalflow.mocks import sample_hernquist
 from tfgalflow.model import Ensemble
 from tfgalflow.study import StudyConfig, evaluation_positions, fractional_error
 from tfgalflow.symmetry import SphericalAverage
-from tfgalflow.training import _finished, _load_member, read_run_config
+from tfgalflow.training import load_member, member_finished, read_run_config
 
 
 def member_counts(n: int) -> list[int]:
@@ -59,8 +59,8 @@ def main() -> None:
 
     run = read_run_config(args.run)
     # members whose training finished (a study still training its ensemble can be evaluated as it grows)
-    members = [_load_member(Path(args.run), run, k) for k in range(len(run["members"]))
-               if _finished(Path(args.run), run, k)]
+    members = [load_member(Path(args.run), run, k) for k in range(len(run["members"]))
+               if member_finished(Path(args.run), run, k)]
     if not members:
         raise SystemExit(f"{args.run}: no member has finished training yet")
     hernquist = Hernquist()

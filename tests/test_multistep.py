@@ -151,7 +151,7 @@ def test_steps_per_call_leaves_history_unchanged_and_resumes_exactly(gauss, tmp_
         train(gauss, stacked_cfg, tmp_path / "crashed", verbose=0, callbacks=[CrashAfter(1)])
     resume(tmp_path / "crashed", data=gauss, verbose=0)
     again = read_history(tmp_path / "crashed")
-    assert list(again["epoch"]) == list(range(RUN.epochs))
+    assert list(again["epoch"]) == list(range(1, RUN.epochs + 1))
     for key in ("loss", "val_loss"):      # the tolerance of test_training's resume test
         np.testing.assert_allclose(again[key], three[key], rtol=1e-6, atol=0)
 
@@ -165,15 +165,19 @@ def _train(data, config, run_dir, **kw):
 
 @pytest.mark.parametrize("n, batch, k", [(1800, 256, 3), (1792, 256, 7), (100, 256, 4), (1800, 256, 1)])
 def test_array_pipeline_stacks_the_same_batches(n, batch, k):
-    from tfgalflow.training import _ArrayPipelines
+    from tfgalflow.training.data import ArrayPipelines
     x = np.arange(2 * n, dtype=np.float32).reshape(n, 2)
-    one = _ArrayPipelines(x, None, x[:0], None, batch, seed=5, steps_per_call=1)
-    many = _ArrayPipelines(x, None, x[:0], None, batch, seed=5, steps_per_call=k)
+    one = ArrayPipelines(x, None, x[:0], None, batch, seed=5, steps_per_call=1)
+    many = ArrayPipelines(x, None, x[:0], None, batch, seed=5, steps_per_call=k)
     epochs = (2, 4)
     batches = [b.numpy() for b in one.train_dataset(*epochs)]
     elements = [s.numpy() for s in many.train_dataset(*epochs)]
     assert len(batches) == 2 * one.steps_per_epoch and len(elements) == 2 * many.calls_per_epoch
     assert many.steps_per_epoch == one.steps_per_epoch
+    # steps_after_calls (what the progress bar shows) is the number of batches the calls delivered
+    per_call = [len(s) if k > 1 else 1 for s in elements[:many.calls_per_epoch]]
+    assert [many.steps_after_calls(c + 1) for c in range(many.calls_per_epoch)] == \
+        np.cumsum(per_call).tolist()
     if k == 1:
         for got, want in zip(elements, batches):
             np.testing.assert_array_equal(got, want)
@@ -193,17 +197,17 @@ def test_array_pipeline_stacks_the_same_batches(n, batch, k):
 
 
 def test_streamed_batches_are_stacked_within_an_epoch():
-    from tfgalflow.training import _stacked_batches
+    from tfgalflow.training.data import stacked_batches
     rng = np.random.default_rng(0)
     sizes = [4, 4, 4, 4, 4, 3]                     # one epoch as HDF5Catalogue.batches yields it
     epoch = [(rng.normal(size=(s, 6)).astype(np.float32), rng.normal(size=(s, 1)).astype(np.float32))
              for s in sizes]
-    out = list(_stacked_batches(iter(epoch), 4, 2))
+    out = list(stacked_batches(iter(epoch), 4, 2))
     assert [o[0].shape for o in out] == [(2, 4, 6), (2, 4, 6), (1, 4, 6), (1, 3, 6)]
     assert [o[1].shape for o in out] == [(2, 4, 1), (2, 4, 1), (1, 4, 1), (1, 3, 1)]
     np.testing.assert_array_equal(np.concatenate([o[0].reshape(-1, 6) for o in out]),
                                   np.concatenate([b[0] for b in epoch]))
-    plain = list(_stacked_batches(iter([b[0] for b in epoch[:3]]), 4, 5))       # x only, fewer than K
+    plain = list(stacked_batches(iter([b[0] for b in epoch[:3]]), 4, 5))       # x only, fewer than K
     assert len(plain) == 1 and plain[0].shape == (3, 4, 6)
 
 

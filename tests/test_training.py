@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -103,14 +104,15 @@ def test_checkpoints_exist_exactly_at_requested_epochs(reference):
     _, run_dir = reference
     ckpt = run_dir / "member_000" / "checkpoints"
     h = read_history(run_dir)
-    assert list(h["epoch"]) == list(range(SMALL.epochs))
+    assert list(h["epoch"]) == list(range(1, SMALL.epochs + 1))      # counted from 1, like ckpt-E
     k = SMALL.checkpoint_every
     assert checkpoint_numbers(ckpt) == set(range(k, SMALL.epochs + 1, k))          # {2, 4, 6}
     assert {p.name for p in ckpt.iterdir()} == (
         {f"ckpt-{e}.index" for e in (2, 4, 6)} | {f"ckpt-{e}.data-00000-of-00001" for e in (2, 4, 6)}
         | {"checkpoint", "best"})
-    # best/ keeps one checkpoint: after the epoch with the lowest validation loss (numbered epochs done).
-    assert checkpoint_numbers(ckpt / "best") == {int(np.argmin(h["val_loss"])) + 1}
+    # best/ keeps one checkpoint: after the epoch with the lowest validation loss, named by that
+    # epoch's number in history.csv (E epochs done).
+    assert checkpoint_numbers(ckpt / "best") == {int(h["epoch"][np.argmin(h["val_loss"])])}
     summary = json.loads((run_dir / "member_000" / "final" / "summary.json").read_text())
     assert summary["best_epoch"] == int(np.argmin(h["val_loss"]))
     assert summary["best"] == pytest.approx(h["val_loss"].min(), rel=1e-12)
@@ -130,7 +132,7 @@ def test_crash_then_resume_reproduces_uninterrupted_history(gauss, reference, tm
     run_dir = tmp_path / "crashed"
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(gauss, SMALL, run_dir, verbose=0, callbacks=[CrashAfter(crash)])
-    assert raw_history_epochs(run_dir) == list(range(crash + 1))
+    assert raw_history_epochs(run_dir) == list(range(1, crash + 2))      # Keras' epoch index + 1
     assert not (run_dir / "member_000" / "final").exists()           # nothing final from a crashed run
     with pytest.raises(FileError, match="did not finish"):
         load_run(run_dir)
@@ -141,7 +143,7 @@ def test_crash_then_resume_reproduces_uninterrupted_history(gauss, reference, tm
 
     flow = resume(run_dir, data=gauss, verbose=0)
     got = read_history(run_dir)
-    assert raw_history_epochs(run_dir) == list(range(SMALL.epochs))      # every epoch exactly once, in order
+    assert raw_history_epochs(run_dir) == list(range(1, SMALL.epochs + 1))   # each epoch once, in order
     # The checkpoint restores weights, Adam moments and step count bit for bit and epoch e's order depends
     # only on (seed, e), so the resumed epochs run the same float32 operations on the same inputs; the
     # 1e-6 relative tolerance (~8 ulp) only allows for summation order in multithreaded CPU kernels and is
@@ -150,6 +152,47 @@ def test_crash_then_resume_reproduces_uninterrupted_history(gauss, reference, tm
         np.testing.assert_allclose(got[key], ref[key], rtol=1e-6, atol=0)
     x = gauss[:200]
     np.testing.assert_allclose(flow.log_prob(x).numpy(), ref_flow.log_prob(x).numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_resume_renumbers_a_history_written_from_epoch_0(gauss, reference, tmp_path):
+    # Runs written before history.csv counted from 1 have rows 0..E-1: read_history gives them as
+    # 1..E, and a resume rewrites the file 1-based before appending, so no epoch number repeats.
+    _, ref_dir = reference
+    ref = read_history(ref_dir)
+    run_dir = tmp_path / "old"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(gauss, SMALL, run_dir, verbose=0, callbacks=[CrashAfter(2)])
+    history = run_dir / "member_000" / "history.csv"
+    lines = history.read_text().splitlines()
+    old = [lines[0]] + [f"{int(line.split(',')[0]) - 1},{line.split(',', 1)[1]}" for line in lines[1:]]
+    history.write_text("\n".join(old) + "\n")                   # as the old CSVLogger wrote it
+    assert raw_history_epochs(run_dir) == [0, 1, 2]
+    assert list(read_history(run_dir)["epoch"]) == [1, 2, 3]
+    resume(run_dir, data=gauss, verbose=0)
+    assert raw_history_epochs(run_dir) == list(range(1, SMALL.epochs + 1))
+    for key in ("loss", "val_loss"):    # same tolerance argument as in the crash test above
+        np.testing.assert_allclose(read_history(run_dir)[key], ref[key], rtol=1e-6, atol=0)
+
+
+def test_keep_checkpoints_keeps_the_last_k_and_resumes_exactly(gauss, reference, tmp_path):
+    # A checkpoint every epoch, the last 2 kept: after a crash at the end of epoch 4 only ckpt-3 and
+    # ckpt-4 remain; the resumed process (a new CheckpointManager over the same directory) continues
+    # from ckpt-4 and keeps deleting the oldest, so ckpt-5 and ckpt-6 remain at the end. Which
+    # checkpoints are kept changes no update: the history equals the uninterrupted reference.
+    _, ref_dir = reference
+    ref = read_history(ref_dir)
+    cfg = SMALL.with_overrides(checkpoint_every=1, keep_checkpoints=2)
+    run_dir = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(gauss, cfg, run_dir, verbose=0, callbacks=[CrashAfter(3)])
+    ckpt = run_dir / "member_000" / "checkpoints"
+    assert checkpoint_numbers(ckpt) == {3, 4}
+    resume(run_dir, data=gauss, verbose=0)
+    assert checkpoint_numbers(ckpt) == {5, 6}
+    h = read_history(run_dir)
+    assert checkpoint_numbers(ckpt / "best") == {int(h["epoch"][np.argmin(h["val_loss"])])}
+    for key in ("loss", "val_loss"):    # same tolerance argument as in the crash test above
+        np.testing.assert_allclose(h[key], ref[key], rtol=1e-6, atol=0)
 
 
 def test_resume_requires_matching_data(gauss, reference, tmp_path):
@@ -167,9 +210,10 @@ def test_resume_requires_matching_data(gauss, reference, tmp_path):
 # 120 points, half held out, a wide flow and a large constant step: the 60 training points are overfitted
 # after a few epochs, so the validation loss turns up (measured: minimum at epoch 6, stop after epoch 9)
 # and patience = 3 stops the run early. A checkpoint every epoch lets the resume test below restart in
-# the middle of a patience window.
+# the middle of a patience window; all of them are kept (keep_checkpoints = 0).
 OVERFIT = TrainConfig(layers=3, hidden=(64, 64), epochs=60, batch_size=30, lr=1e-2, lr_schedule="constant",
-                      validation_split=0.5, patience=3, checkpoint_every=1, seed=7, jit_compile=False)
+                      validation_split=0.5, patience=3, checkpoint_every=1, keep_checkpoints=0, seed=7,
+                      jit_compile=False)
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +238,9 @@ def test_early_stopping_restores_best_weights(overfit):
     assert abs(restored - h["val_loss"][-1]) > 100 * 1e-5 * abs(restored)
     reloaded = load_run(run_dir)
     np.testing.assert_array_equal(reloaded.log_prob(x[val]).numpy(), flow.log_prob(x[val]).numpy())
+    ckpt = run_dir / "member_000" / "checkpoints"            # keep_checkpoints = 0 keeps every one
+    assert checkpoint_numbers(ckpt) == set(range(1, len(h["epoch"]) + 1))
+    assert checkpoint_numbers(ckpt / "best") == {best + 1}
 
 
 def test_resume_inside_patience_window_stops_at_the_same_epoch(overfit, tmp_path):
@@ -204,14 +251,53 @@ def test_resume_inside_patience_window_stops_at_the_same_epoch(overfit, tmp_path
     ref = read_history(ref_dir)
     crash = int(np.argmin(ref["val_loss"])) + 1
     run_dir = tmp_path / "run"
+    # keeping only the last periodic checkpoint changes nothing but the files left behind
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(x, OVERFIT, run_dir, verbose=0, callbacks=[CrashAfter(crash)])
+        train(x, OVERFIT.with_overrides(keep_checkpoints=1), run_dir, verbose=0,
+              callbacks=[CrashAfter(crash)])
     resumed = resume(run_dir, data=x, verbose=0)
-    assert raw_history_epochs(run_dir) == list(range(len(ref["epoch"])))
+    assert raw_history_epochs(run_dir) == list(range(1, len(ref["epoch"]) + 1))
+    # the last periodic checkpoint, and the best one (epoch crash, 3 epochs before the last) as well
+    ckpt = run_dir / "member_000" / "checkpoints"
+    assert checkpoint_numbers(ckpt) == {len(ref["epoch"])}
+    assert checkpoint_numbers(ckpt / "best") == {crash} and crash < len(ref["epoch"])
     got = read_history(run_dir)
     for key in ("loss", "val_loss"):     # same argument as in the crash test above
         np.testing.assert_allclose(got[key], ref[key], rtol=1e-6, atol=0)
     np.testing.assert_allclose(resumed.log_prob(x).numpy(), flow.log_prob(x).numpy(), rtol=1e-6, atol=1e-6)
+
+
+# ---- progress output ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("verbose", [1, 2])
+def test_progress_bar_counts_optimizer_steps(verbose, gauss, tmp_path, capsys):
+    # SMALL: 1800 training rows in batches of 256 = 7 full batches + one of 8 rows = 8 optimizer steps
+    # per epoch, run in 2 calls (steps_per_call = 16 stacks the 7 full batches, then the partial one).
+    # The bar counts the 8 steps: 7/8 after the first call (verbose 1), 8/8 at the end of each epoch.
+    train(gauss, SMALL.with_overrides(epochs=2, checkpoint_every=0), tmp_path / "run", verbose=verbose)
+    out = capsys.readouterr().out
+    counts = re.findall(r"(?:^|\r)(\d+)/(\d+) ", out, re.M)
+    finals = [c for c in counts if c[0] == c[1]]
+    assert finals == [("8", "8")] * 2
+    assert {c[1] for c in counts} == {"8"} and {c[0] for c in counts} <= {"7", "8"}
+
+
+def test_resume_keeps_the_run_verbosity_unless_overridden(gauss, tmp_path, capsys):
+    # config.json records verbose = 0: a resume without `verbose` prints nothing; verbose = 2 prints
+    # one line per epoch of what is left (epoch 3 of 3 after crashes after epochs 1 and 2).
+    run_dir = tmp_path / "run"
+    cfg = SMALL.with_overrides(epochs=3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(gauss, cfg, run_dir, verbose=0, callbacks=[CrashAfter(0)])
+    assert read_run_config(run_dir)["verbose"] == 0
+    capsys.readouterr()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        resume(run_dir, data=gauss, callbacks=[CrashAfter(1)])
+    assert capsys.readouterr().out == ""
+    resume(run_dir, data=gauss, verbose=2)
+    out = capsys.readouterr().out
+    assert "Epoch 3/3" in out and "Epoch 2/3" not in out and re.search(r"^8/8 - ", out, re.M)
+    assert raw_history_epochs(run_dir) == [1, 2, 3]
 
 
 # ---- reload -------------------------------------------------------------------------------------
@@ -426,7 +512,7 @@ def test_hdf5_streaming_split_rescaler_and_resume(h5_file, tmp_path):
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(path, H5, tmp_path / "crashed", verbose=0, callbacks=[CrashAfter(1)])
     resume(tmp_path / "crashed", verbose=0)
-    assert raw_history_epochs(tmp_path / "crashed") == list(range(H5.epochs))
+    assert raw_history_epochs(tmp_path / "crashed") == list(range(1, H5.epochs + 1))
     for key in ("loss", "val_loss"):
         np.testing.assert_allclose(read_history(tmp_path / "crashed")[key], h[key], rtol=1e-6, atol=0)
 
@@ -518,6 +604,8 @@ def test_train_config_files_overrides_and_errors(tmp_path, reference):
         TrainConfig(lr_schedule="linear")
     with pytest.raises(InputError, match=r"TrainConfig\.validation_split"):
         TrainConfig(validation_split=1.0)
+    with pytest.raises(InputError, match=r"TrainConfig\.keep_checkpoints = -1: expected an integer >= 0"):
+        TrainConfig(keep_checkpoints=-1)
     with pytest.raises(InputError, match=r"TrainConfig\.epochs"):
         TrainConfig(epochs="many")
     with pytest.raises(FileError, match="no such config file"):
@@ -525,6 +613,15 @@ def test_train_config_files_overrides_and_errors(tmp_path, reference):
     (tmp_path / "torn.json").write_text('{"layers": ')
     with pytest.raises(FileError, match=r"torn\.json"):
         TrainConfig.from_file(tmp_path / "torn.json")
+
+
+def test_train_config_and_the_training_package_import_without_tensorflow():
+    # TrainConfig (and the CLI parser built from its fields) must load fast: neither the config
+    # module nor the package's __init__ may import TensorFlow (only training.callbacks does).
+    for module in ("tfgalflow.training.config", "tfgalflow.training"):
+        code = f"import sys, {module}; assert 'tensorflow' not in sys.modules, '{module}'"
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_train_config_defaults_match_flow_config():
@@ -536,7 +633,7 @@ def test_train_config_defaults_match_flow_config():
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine", "exponential"])
 def test_learning_rate_schedules_follow_their_formulas(schedule):
-    from tfgalflow.training import _learning_rate
+    from tfgalflow.training import learning_rate
     cfg = TrainConfig(epochs=10, lr=2e-3, lr_schedule=schedule)
     steps = 7
     total = cfg.epochs * steps
@@ -544,7 +641,7 @@ def test_learning_rate_schedules_follow_their_formulas(schedule):
     closed_form = {"constant": cfg.lr + 0 * t,
                    "cosine": cfg.lr * 0.5 * (1 + np.cos(np.pi * t / total)),
                    "exponential": cfg.lr * 0.01 ** (t / total)}[schedule]
-    lr = _learning_rate(cfg, steps)
+    lr = learning_rate(cfg, steps)
     got = np.array([float(lr(s)) if callable(lr) else lr for s in t])
     # float32 evaluation of cos/pow: relative error ~1e-7; near t = T, 1 + cos(πt/T) cancels, leaving an
     # absolute error ~η0 · 2^-23 = 2.4e-10 (atol = η0 · 1e-6). A wrong factor 2 or sign fails by ~η0.
@@ -562,6 +659,8 @@ def test_cli_train_flags_mirror_train_config():
         assert "--" + name.replace("_", "-") in flags, name
     args = parser.parse_args(["train", "cat.npz", "--out", "r", "--hidden", "8,8", "--no-parallel", "--lr", "3e-4"])
     assert (args.config_hidden, args.config_parallel, args.config_lr, args.config_epochs) == ("8,8", False, "3e-4", None)
+    args = parser.parse_args(["train", "cat.npz", "--out", "r", "--keep-checkpoints", "0"])
+    assert TrainConfig().with_overrides(keep_checkpoints=args.config_keep_checkpoints).keep_checkpoints == 0
 
 
 def test_cli_sample_and_logprob(reference, gauss, tmp_path, capsys):
@@ -604,6 +703,21 @@ def test_cli_errors_exit_2_with_a_message(reference, tmp_path, capsys):
     assert "config.json" in capsys.readouterr().err
 
 
+def test_cli_resume_keeps_the_run_verbosity(tmp_path, capsys):
+    from tfgalflow.catalogue import Catalogue
+    from tfgalflow.cli import main
+    w, _ = gauss6(1000, seed=4)
+    cat_path = tmp_path / "cat.npz"
+    Catalogue(w[:, :3], w[:, 3:], units=UNITS).save(cat_path)
+    run_dir = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cat_path, SMALL.with_overrides(epochs=2), run_dir, verbose=0, callbacks=[CrashAfter(0)])
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run_dir)]) == 0      # no --verbose: the run's 0
+    lines = capsys.readouterr().out.splitlines()       # only the summary, no progress bar
+    assert len(lines) == 1 and "member_000: seed 3, 2 epochs" in lines[0]
+
+
 def test_cli_train_restart_sample_logprob_with_a_conditional_catalogue(tmp_path, capsys):
     from tfgalflow.catalogue import Catalogue
     from tfgalflow.cli import main
@@ -627,7 +741,7 @@ def test_cli_train_restart_sample_logprob_with_a_conditional_catalogue(tmp_path,
         np.testing.assert_array_equal(read_history(run2)[key], read_history(run1)[key])
     # --resume of a finished run trains nothing and keeps the history.
     assert main(["train", "--resume", str(run1), "--verbose", "0"]) == 0
-    assert raw_history_epochs(run1) == [0, 1, 2]
+    assert raw_history_epochs(run1) == [1, 2, 3]
 
     out = tmp_path / "samples.npz"
     assert main(["sample", str(run1), "--n", "300", "--labels", "0.5", "--seed", "2", "--out", str(out)]) == 0

@@ -47,8 +47,9 @@ def _add_train(sub) -> None:
     p.add_argument("--out", metavar="RUN", help="new (or empty) run directory")
     p.add_argument("--config", metavar="FILE", help="TrainConfig as JSON/YAML, or a run's config.json")
     p.add_argument("--resume", metavar="RUN", help="continue the interrupted run RUN from its checkpoints")
-    p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1,
-                   help="0 quiet, 1 progress bar (default), 2 one line per epoch")
+    p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=None,
+                   help="0 quiet, 1 progress bar (default), 2 one line per epoch; "
+                        "--resume keeps the run's own unless given")
     defaults = TrainConfig()
     group = p.add_argument_group("training configuration (one flag per TrainConfig field)")
     for name, (kind, text) in TrainConfig.field_help().items():
@@ -81,7 +82,8 @@ def _run_train(args) -> int:
         if not args.catalogue or not args.out:
             raise InputError("train needs a CATALOGUE file and --out RUN (or --resume RUN)")
         config = TrainConfig.from_file(args.config) if args.config else TrainConfig()
-        train(args.catalogue, config.with_overrides(**overrides), args.out, verbose=args.verbose)
+        verbose = 1 if args.verbose is None else args.verbose
+        train(args.catalogue, config.with_overrides(**overrides), args.out, verbose=verbose)
         run_dir = args.out
     _print_run_summary(run_dir)
     return 0

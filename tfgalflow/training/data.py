@@ -1,0 +1,510 @@
+"""Training data and the per-member tf.data pipelines: in memory or streamed from HDF5.
+
+Two kinds of data, one interface (``n``, ``dim``, ``label_dim``, ``streamed``, ``description``,
+``pipelines(config, seed, steps_per_call)``):
+
+* :class:`ArrayData`: x [N, D] (and labels [N, C]) float32 in memory; validation = a seeded random
+  subset (:func:`split_indices`); epoch e visits the rows in a stateless permutation keyed by
+  (seed, e).
+* :class:`HDF5Data`: an HDF5 catalogue streamed in batches through
+  :class:`tfgalflow.catalogue.HDF5Catalogue`; validation = the last rows of the file; the rescaler
+  is fitted on an evenly strided subsample of at most ``adapt_samples`` rows.
+
+With ``steps_per_call`` K > 1 each epoch's batches are grouped into stacks [K, B, D] (K optimizer
+steps in one compiled call; stacks never cross an epoch, see :class:`Pipelines`). TensorFlow is
+imported only inside the functions that build datasets.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Sequence
+
+import numpy as np
+
+from .. import validation
+from ..errors import FileError, InputError
+from .config import TrainConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    import tensorflow as tf
+
+HDF5_SUFFIXES = (".h5", ".hdf5")
+#: Rows shuffled together when streaming HDF5 (HDF5Catalogue.batches' shuffle_buffer): 2^18 rows of
+#: (x, labels) float32 are a few MB, and chunk order is permuted as well.
+STREAM_SHUFFLE_ROWS = 2**18
+
+
+def split_indices(n: int, validation_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded random train/validation split of rows 0..n-1: (train [n - m], validation [m]), each
+    sorted.
+
+    m = round(n · validation_split), at least 1 when validation_split > 0. The permutation is
+    ``np.random.default_rng(seed).permutation(n)``; its first m entries are the validation rows.
+    """
+    if validation_split <= 0:
+        return np.arange(n), np.arange(0)
+    m = max(1, int(round(n * validation_split)))
+    if m >= n:
+        raise InputError(f"validation_split = {validation_split} leaves no training rows out of "
+                         f"N = {n}; need N >= 2 and a split < 1")
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[m:]), np.sort(perm[:m])
+
+
+# ---- pipelines ----------------------------------------------------------------------------------
+
+class Pipelines:
+    """What ``fit`` needs for one member: adapt input, per-epoch training batches, validation
+    batches.
+
+    With ``steps_per_call`` K = 1 the training dataset yields batches x [B, D] (labels [B, C]);
+    with K > 1 it yields stacks x [k, B, D] (labels [k, B, C]) of k <= K consecutive full batches
+    of one epoch (k < K only for an epoch's last stack), and an epoch's partial last batch of
+    r < B rows as a stack [1, r, D] of its own. Stacks never cross an epoch, so checkpoints stay
+    at epoch ends; at most three stack shapes occur (three XLA compilations of the train step).
+    """
+
+    n_train: int
+    n_val: int
+    batch_size: int
+    steps_per_call: int = 1
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch, ceil(n_train / B): the unit of the learning-rate schedule."""
+        return math.ceil(self.n_train / self.batch_size)
+
+    @property
+    def calls_per_epoch(self) -> int:
+        """Elements of the training dataset per epoch (Keras' ``steps_per_epoch``):
+        ceil(full / K) + [r > 0] for full = n_train // B full batches and r = n_train mod B;
+        equals steps_per_epoch when K = 1.
+        """
+        full, rest = divmod(self.n_train, self.batch_size)
+        return math.ceil(full / self.steps_per_call) + (rest > 0)
+
+    def steps_after_calls(self, calls: int) -> int:
+        """Optimizer steps done after the first ``calls`` elements of an epoch:
+        min(calls · K, full) over the full stacks, plus the partial batch [1, r] once its call ran
+        (calls > ceil(full / K)); steps_after_calls(calls_per_epoch) = steps_per_epoch.
+        """
+        full, rest = divmod(self.n_train, self.batch_size)
+        partial = rest > 0 and calls > math.ceil(full / self.steps_per_call)
+        return min(calls * self.steps_per_call, full) + int(partial)
+
+
+def _stacked_indices(order: "tf.Tensor", n: int, batch: int, k: int) -> "tf.data.Dataset":
+    """Row indices of one epoch as stacks [k', B] of k' <= k full batches, then the partial batch
+    as [1, r].
+    """
+    import tensorflow as tf
+    full, rest = divmod(n, batch)
+    whole = tf.reshape(order[:full * batch], [full, batch])
+    stacks = tf.data.Dataset.from_tensor_slices(whole).batch(k)
+    if rest:
+        last = tf.reshape(order[full * batch:], [1, rest])
+        stacks = stacks.concatenate(tf.data.Dataset.from_tensors(last))
+    return stacks
+
+
+def stacked_batches(batches: Iterator[Any], batch_size: int, k: int) -> Iterator[Any]:
+    """Group one epoch's batches into stacks of k' <= k consecutive full batches.
+
+    Args:
+        batches: arrays [B, ...] or tuples of them (x, labels), as ``HDF5Catalogue.batches``
+            yields them.
+        batch_size: B; a batch of another size (an epoch's partial last one) becomes a stack of
+            one on its own, after the full stack before it.
+        k: most batches per stack (``steps_per_call``).
+
+    Yields:
+        arrays [k', B, ...] (or tuples of them), the batches in their original order.
+    """
+    pending: list = []
+
+    def stack(group):
+        if isinstance(group[0], tuple):
+            return tuple(np.stack(parts) for parts in zip(*group))
+        return np.stack(group)
+
+    for b in batches:
+        if len(b[0] if isinstance(b, tuple) else b) != batch_size:
+            if pending:
+                yield stack(pending)
+                pending = []
+            yield stack([b])
+            continue
+        pending.append(b)
+        if len(pending) == k:
+            yield stack(pending)
+            pending = []
+    if pending:
+        yield stack(pending)
+
+
+class ArrayPipelines(Pipelines):
+    """Pipelines over in-memory arrays: x_train [n_train, D] (labels [n_train, C] | None) and the
+    validation rows, shuffled per epoch from ``seed`` (see :meth:`train_dataset`).
+    """
+
+    def __init__(self, x_train: np.ndarray, l_train: np.ndarray | None, x_val: np.ndarray,
+                 l_val: np.ndarray | None, batch_size: int, seed: int, steps_per_call: int = 1):
+        self.x_train, self.l_train, self.x_val, self.l_val = x_train, l_train, x_val, l_val
+        self.n_train, self.n_val = len(x_train), len(x_val)
+        self.batch_size, self.seed = batch_size, seed
+        self.steps_per_call = steps_per_call
+
+    def adapt_input(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The rows the rescaler is fitted on: every training row (x, labels | None)."""
+        return self.x_train, self.l_train
+
+    def train_dataset(self, initial_epoch: int, epochs: int) -> "tf.data.Dataset":
+        """Batches (or stacks of batches, see Pipelines) of epochs initial_epoch..epochs-1; epoch e
+        visits the rows in the order argsort(u), u ~ U(0,1)^n drawn statelessly from the seed
+        (seed, e), so any epoch can be regenerated alone.
+        """
+        import tensorflow as tf
+        x = tf.constant(self.x_train)
+        labels = None if self.l_train is None else tf.constant(self.l_train)
+        n, seed, batch, k = self.n_train, self.seed, self.batch_size, self.steps_per_call
+
+        def gather(idx):
+            if labels is None:
+                return tf.gather(x, idx)
+            return tf.gather(x, idx), tf.gather(labels, idx)
+
+        def epoch_batches(epoch):
+            key = tf.stack([tf.constant(seed, tf.int64), epoch])
+            order = tf.argsort(tf.random.stateless_uniform([n], seed=key))
+            if k == 1:
+                return tf.data.Dataset.from_tensor_slices(order).batch(batch).map(gather)
+            return _stacked_indices(order, n, batch, k).map(gather)
+
+        # flat_map leaves the cardinality unknown, so Keras keeps one iterator across epochs
+        # instead of restarting it (which would repeat epoch `initial_epoch`'s order every epoch).
+        return (tf.data.Dataset.range(initial_epoch, epochs).flat_map(epoch_batches)
+                .prefetch(tf.data.AUTOTUNE))
+
+    def val_dataset(self) -> "tf.data.Dataset | None":
+        """The validation rows in batches (None without a validation split)."""
+        import tensorflow as tf
+        if self.n_val == 0:
+            return None
+        rows = self.x_val if self.l_val is None else (self.x_val, self.l_val)
+        return tf.data.Dataset.from_tensor_slices(rows).batch(self.batch_size)
+
+
+class HDF5Pipelines(Pipelines):
+    """Per-member pipelines over an HDF5 file, through
+    :class:`tfgalflow.catalogue.HDF5Catalogue`.
+    """
+
+    def __init__(self, data: "HDF5Data", config: TrainConfig, seed: int, steps_per_call: int = 1):
+        from ..catalogue import open_hdf5
+        self.data, self.seed, self.batch_size = data, seed, config.batch_size
+        self.steps_per_call = steps_per_call
+        self.n_val = (0 if config.validation_split <= 0
+                      else max(1, int(round(data.n * config.validation_split))))
+        self.n_train = data.n - self.n_val
+        self.adapt_samples = config.adapt_samples
+        self.catalogue = open_hdf5(data.path, units=data.description["units"])
+        self.stream_error: Exception | None = None   # an InputError/FileError raised in tf.data
+
+    def adapt_input(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """Every s-th training row, s = ceil(n_train / adapt_samples): at most adapt_samples rows,
+        spread evenly over the training range (one strided HDF5 read).
+        """
+        step = math.ceil(self.n_train / self.adapt_samples)
+        cat = self.catalogue.read(0, self.n_train, step)
+        return cat.phase_space, (cat.labels if self.data.use_labels else None)
+
+    def _signature(self, stacked: bool = False) -> Any:
+        """Element spec of batches [B, 6] (labels [B, C]), or of stacks [K, B, 6] (labels
+        [K, B, C]).
+        """
+        import tensorflow as tf
+        lead = [None, None] if stacked else [None]
+        x = tf.TensorSpec(lead + [6], tf.float32)
+        if not self.data.use_labels:
+            return x
+        return x, tf.TensorSpec(lead + [self.data.file_label_dim], tf.float32)
+
+    def _guarded(self, generator):
+        """Keep the first package error raised while streaming, so ``fit`` can re-raise it
+        unwrapped.
+        """
+        from ..errors import TfgalflowError
+        try:
+            yield from generator
+        except TfgalflowError as exc:
+            self.stream_error = self.stream_error or exc
+            raise
+
+    def train_dataset(self, initial_epoch: int, epochs: int) -> "tf.data.Dataset":
+        """Epochs initial_epoch..epochs-1 of the training rows; epoch e is shuffled with the seed
+        (seed, e) (``HDF5Catalogue.batches(..., epoch=e)``), so a resumed run regenerates exactly
+        the same batches (stacked per epoch when steps_per_call > 1, see Pipelines).
+        """
+        import tensorflow as tf
+        rows = dataclasses.replace(self.catalogue, n=self.n_train)   # the first n_train rows
+        k = self.steps_per_call
+
+        def generator():
+            for epoch in range(initial_epoch, epochs):
+                batches = rows.batches(self.batch_size, shuffle_buffer=STREAM_SHUFFLE_ROWS,
+                                       seed=self.seed, with_labels=self.data.use_labels,
+                                       epoch=epoch)
+                if k > 1:
+                    batches = stacked_batches(batches, self.batch_size, k)
+                yield from self._guarded(batches)
+
+        spec = self._signature(k > 1)
+        return tf.data.Dataset.from_generator(generator, output_signature=spec).prefetch(2)
+
+    def val_dataset(self) -> "tf.data.Dataset | None":
+        """Rows [n_train, n) in file order, read in blocks of whole batches."""
+        import tensorflow as tf
+        if self.n_val == 0:
+            return None
+        block = self.batch_size * max(1, 65536 // self.batch_size)
+
+        def blocks():
+            for a in range(self.n_train, self.data.n, block):
+                cat = self.catalogue.read(a, min(a + block, self.data.n))
+                x = cat.phase_space.astype(np.float32)
+                lab = cat.labels.astype(np.float32) if self.data.use_labels else None
+                for i in range(0, len(x), self.batch_size):
+                    j = i + self.batch_size
+                    yield x[i:j] if lab is None else (x[i:j], lab[i:j])
+
+        return tf.data.Dataset.from_generator(lambda: self._guarded(blocks()),
+                                              output_signature=self._signature()).prefetch(2)
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+class ArrayData:
+    """Training data held in memory: x [N, D] float32, labels [N, C] float32 | None, split per
+    member seed.
+    """
+
+    streamed = False
+
+    def __init__(self, x: np.ndarray, labels: np.ndarray | None, description: dict):
+        self.x, self.labels, self.description = x, labels, description
+
+    @property
+    def n(self) -> int:
+        """N, the number of rows."""
+        return self.x.shape[0]
+
+    @property
+    def dim(self) -> int:
+        """D, the width of x."""
+        return self.x.shape[1]
+
+    @property
+    def label_dim(self) -> int:
+        """C, the width of the labels (0 without labels)."""
+        return 0 if self.labels is None else self.labels.shape[1]
+
+    def fingerprint(self) -> str:
+        """sha256 of the float32 bytes of x (and labels): identifies the data a run was trained
+        on.
+        """
+        h = hashlib.sha256(np.ascontiguousarray(self.x).tobytes())
+        if self.labels is not None:
+            h.update(np.ascontiguousarray(self.labels).tobytes())
+        return h.hexdigest()
+
+    def pipelines(self, config: TrainConfig, seed: int, steps_per_call: int = 1) -> ArrayPipelines:
+        """The member's pipelines: :func:`split_indices` with its seed, batches of
+        ``config.batch_size``.
+        """
+        train_idx, val_idx = split_indices(self.n, config.validation_split, seed)
+
+        def pick(a, idx):
+            return None if a is None else a[idx]
+
+        return ArrayPipelines(self.x[train_idx], pick(self.labels, train_idx), self.x[val_idx],
+                              pick(self.labels, val_idx), config.batch_size, seed, steps_per_call)
+
+
+@dataclass(frozen=True)
+class HDF5Data:
+    """Training data streamed from an HDF5 catalogue (never loaded whole).
+
+    Rows [0, n_train) train, rows [n_train, n) validate (n - n_train =
+    round(n · validation_split)), so a file sorted by some property gives an unrepresentative
+    validation set: shuffle such files first.
+    """
+
+    path: Path
+    n: int
+    file_label_dim: int
+    description: dict
+    want_labels: bool = True   # False: train unconditionally on a labelled file (label_dim = 0)
+    streamed: ClassVar[bool] = True
+    dim: ClassVar[int] = 6
+
+    @property
+    def use_labels(self) -> bool:
+        """Whether the file's labels are used (wanted by the config and present)."""
+        return self.want_labels and self.file_label_dim > 0
+
+    @property
+    def label_dim(self) -> int:
+        """C, the width of the labels used (0 when unused)."""
+        return self.file_label_dim if self.use_labels else 0
+
+    def pipelines(self, config: TrainConfig, seed: int, steps_per_call: int = 1) -> HDF5Pipelines:
+        """The streamed training and validation pipelines of one member (seed)."""
+        return HDF5Pipelines(self, config, seed, steps_per_call)
+
+
+def _hdf5_data(catalogue: Any) -> HDF5Data:
+    path = Path(catalogue.path).resolve()
+    description = {"source": "hdf5", "path": str(path), "label_names": list(catalogue.label_names),
+                   "units": dict(catalogue.units), "bytes": path.stat().st_size}
+    return HDF5Data(path, len(catalogue), catalogue.label_dim, description)
+
+
+def as_training_data(data: Any, labels: Any = None,
+                     label_names: Sequence[str] | None = None) -> ArrayData | HDF5Data:
+    """Validate ``data`` and wrap it as :class:`ArrayData` or :class:`HDF5Data`.
+
+    Args:
+        data: a Catalogue, an HDF5Catalogue, an array x [N, D], or a path: a catalogue .npz
+            (loaded) or an .h5/.hdf5 file (streamed).
+        labels: [N, C] (or [N]) labels for an array ``data``; None otherwise.
+        label_names: names of the C label columns of an array ``data`` (default label_0, ...).
+
+    Raises:
+        InputError for non-finite values, wrong shapes or labels given twice; FileError for a
+        missing or unreadable file.
+    """
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        if not path.exists():
+            raise FileError(f"{path}: no such data file (expected a catalogue .npz or .h5/.hdf5)")
+        if labels is not None:
+            raise InputError(f"labels were given together with the file {path}; a catalogue file "
+                             f"carries its own labels")
+        from ..catalogue import Catalogue, open_hdf5
+        if path.suffix.lower() in HDF5_SUFFIXES:
+            return _hdf5_data(open_hdf5(path))
+        return _from_catalogue(Catalogue.load(path),
+                               {"source": "file", "path": str(path.resolve())})
+    from ..catalogue import Catalogue, HDF5Catalogue
+    if isinstance(data, HDF5Catalogue):
+        if labels is not None:
+            raise InputError(f"labels were given together with the HDF5 catalogue {data.path}; it "
+                             f"carries its own")
+        return _hdf5_data(data)
+    if isinstance(data, Catalogue):
+        if labels is not None:
+            raise InputError("labels were given together with a Catalogue; put them in the "
+                             "Catalogue (Catalogue.labels) instead")
+        return _from_catalogue(data, {"source": "catalogue", "path": None})
+    x = _float32_matrix(data, "data", "[N, D]")
+    lab = None
+    if labels is not None:
+        lab = _float32_matrix(labels, "labels", f"[{x.shape[0]}, C]", one_d_ok=True)
+        if lab.shape[0] != x.shape[0]:
+            raise InputError(f"labels have {lab.shape[0]} rows but data has {x.shape[0]}; "
+                             f"expected labels [{x.shape[0]}, C]")
+    names = _label_names(label_names, 0 if lab is None else lab.shape[1])
+    return ArrayData(x, lab, {"source": "array", "path": None, "label_names": names})
+
+
+def _float32_matrix(value: Any, name: str, expected: str, one_d_ok: bool = False) -> np.ndarray:
+    """``validation.finite_matrix`` in float32; a 1-D ``value`` [N] is read as [N, 1] if
+    ``one_d_ok``.
+    """
+    if one_d_ok:
+        try:
+            if np.ndim(value) == 1:
+                value = np.reshape(value, (-1, 1))
+        except ValueError:       # ragged input: finite_matrix names it
+            pass
+    return validation.finite_matrix(value, name, expected=expected, dtype=np.float32)
+
+
+def _label_names(names: Sequence[str] | None, width: int) -> list[str]:
+    if names is None:
+        return [f"label_{i}" for i in range(width)]
+    names = [str(n) for n in names]
+    if len(names) != width:
+        raise InputError(f"label_names has {len(names)} entries {names} but the labels have "
+                         f"{width} column(s)")
+    return names
+
+
+def _from_catalogue(cat: Any, description: dict) -> ArrayData:
+    x = _float32_matrix(cat.phase_space, "catalogue phase space (pos, vel)", "[N, 6]")
+    lab = None
+    if cat.labels is not None:
+        lab = _float32_matrix(cat.labels, "catalogue labels", f"[{x.shape[0]}, C]", one_d_ok=True)
+    names = _label_names(cat.label_names, 0 if lab is None else lab.shape[1])
+    return ArrayData(x, lab, dict(description, label_names=names, units=dict(cat.units)))
+
+
+def select_labels(data: ArrayData | HDF5Data, config: TrainConfig) -> TrainConfig:
+    """Resolve ``config.label_dim`` against the data (None -> the data's label width C).
+
+    Raises InputError if labels were passed with ``label_dim = 0``, are missing for a conditional
+    config, or have another width than ``config.label_dim``.
+    """
+    width = data.label_dim
+    if config.label_dim is None:
+        return config.with_overrides(label_dim=width)
+    if config.label_dim == 0:
+        if width and data.description["source"] == "array":
+            raise InputError(f"labels of width {width} were given but TrainConfig.label_dim = 0 "
+                             f"(unconditional); drop the labels or set label_dim = {width}")
+        return config
+    if width == 0:
+        raise InputError(f"TrainConfig.label_dim = {config.label_dim} (a conditional flow) but "
+                         f"the data has no labels; pass labels [N, {config.label_dim}]")
+    if width != config.label_dim:
+        raise InputError(f"labels have {width} column(s) but TrainConfig.label_dim = "
+                         f"{config.label_dim}; expected labels [N, {config.label_dim}]")
+    return config
+
+
+def check_sizes(data: ArrayData | HDF5Data, config: TrainConfig) -> None:
+    """InputError unless N >= 2 and the validation split leaves >= 2 training rows."""
+    if data.n < 2:
+        raise InputError(f"data has {data.n} row(s); training needs x [N, {data.dim}] with N >= 2")
+    if config.validation_split > 0:
+        m = max(1, int(round(data.n * config.validation_split)))
+        if data.n - m < 2:
+            raise InputError(f"validation_split = {config.validation_split} of N = {data.n} rows "
+                             f"leaves {data.n - m} training row(s); need >= 2")
+
+
+def describe(data: ArrayData | HDF5Data, config: TrainConfig) -> dict:
+    """The ``data`` section of config.json: source, path, label names, units, n, dim, label_dim
+    and (in memory) the sha256 of the float32 values that :func:`tfgalflow.training.resume`
+    checks.
+    """
+    d = dict(data.description, n=data.n, dim=data.dim, label_dim=config.label_dim)
+    if not data.streamed:
+        d["sha256"] = data.fingerprint()
+    if config.label_dim == 0:
+        d["label_names"] = []
+    return d
+
+
+def without_labels(data: ArrayData | HDF5Data) -> ArrayData | HDF5Data:
+    """The same data with its labels dropped (TrainConfig.label_dim = 0 on a labelled
+    catalogue).
+    """
+    if data.streamed:
+        return dataclasses.replace(data, want_labels=False)
+    return ArrayData(data.x, None, dict(data.description, label_names=[]))

@@ -1,0 +1,192 @@
+"""The run directory: its layout, ``config.json``, the members' histories and checkpoint names.
+
+Layout (``RUN_FORMAT_VERSION``)::
+
+    RUN/config.json                    resolved TrainConfig, FlowConfig, data description, member
+                                       seeds, verbosity, versions
+    RUN/member_000/history.csv         one row per finished epoch: epoch (1-based), loss, val_loss
+    RUN/member_000/checkpoints/ckpt-E.*       full state after E epochs (E = k, 2k, ...; the
+                                              last ``keep_checkpoints`` of them)
+    RUN/member_000/checkpoints/best/ckpt-E.*  the same after the epoch E with the lowest loss
+    RUN/member_000/final/              weights.* + summary.json, written atomically at the end
+    RUN/member_000/tensorboard/        optional TensorBoard logs
+
+Epochs are counted from 1 everywhere (history.csv, checkpoint names, logs): epoch E is the E-th
+pass over the data and ``ckpt-E`` the state after it. Runs written before history.csv counted from
+1 numbered its rows from 0; :func:`read_history` and :func:`truncate_history` renumber such files.
+NumPy and the standard library only (no TensorFlow import).
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import json
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .. import __version__
+from ..atomic import write_json, write_text
+from ..errors import FileError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import TrainConfig
+
+RUN_FORMAT = "tfgalflow-run"
+#: Version of the run-directory layout; ``load_run``/``resume`` refuse any other.
+RUN_FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+HISTORY_FILE = "history.csv"
+WEIGHTS_PREFIX = "weights"
+CHECKPOINTS_DIR = "checkpoints"
+BEST_DIR = "best"
+FINAL_DIR = "final"
+SUMMARY_FILE = "summary.json"
+#: Keras verbosity of a run whose config.json does not record one (0 silent, 1 bar, 2 lines).
+DEFAULT_VERBOSE = 1
+
+
+def member_name(k: int) -> str:
+    """Directory name of ensemble member k inside a run: ``member_000``, ``member_001``, ..."""
+    return f"member_{k:03d}"
+
+
+def member_dir(run_dir: str | os.PathLike, run: dict, k: int) -> Path:
+    """``RUN/member_XXX`` of member k of the run whose parsed config.json is ``run``."""
+    return Path(run_dir) / run["members"][k]["name"]
+
+
+def final_weights_prefix(run_dir: str | os.PathLike, run: dict, k: int) -> Path:
+    """Checkpoint prefix of member k's final weights: ``RUN/member_XXX/final/weights``."""
+    return member_dir(run_dir, run, k) / FINAL_DIR / WEIGHTS_PREFIX
+
+
+def member_finished(run_dir: str | os.PathLike, run: dict, k: int) -> bool:
+    """True once member k's final weights exist (they are written atomically, last)."""
+    return Path(f"{final_weights_prefix(run_dir, run, k)}.index").is_file()
+
+
+def checkpoint_epoch(path: str | None) -> int:
+    """Epochs done E of a checkpoint prefix ``.../ckpt-E`` (-1 for None: no checkpoint)."""
+    return -1 if path is None else int(re.search(r"-(\d+)$", path).group(1))
+
+
+def read_run_config(run_dir: str | os.PathLike) -> dict:
+    """Parsed ``RUN/config.json``; FileError if missing, corrupt, or of another run-format
+    version.
+    """
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileError(f"{path}: no such file; {run_dir} is not a tfgalflow run directory")
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FileError(f"{path}: corrupt run config: {exc}") from None
+    if not isinstance(d, dict) or d.get("format") != RUN_FORMAT:
+        raise FileError(f"{path}: not a tfgalflow run config (expected \"format\": "
+                        f"\"{RUN_FORMAT}\")")
+    if d.get("format_version") != RUN_FORMAT_VERSION:
+        raise FileError(f"{path}: run-format version {d.get('format_version')!r} is not supported "
+                        f"by tfgalflow {__version__} (expected {RUN_FORMAT_VERSION}); retrain "
+                        f"with `tfgalflow train DATA --config {path} --out NEWRUN`")
+    for key in ("train", "flow", "members", "data"):
+        if key not in d:
+            raise FileError(f"{path}: run config lacks the '{key}' section")
+    return d
+
+
+def new_run(run_dir: Path, config: "TrainConfig", flow_config: Any, data_description: dict,
+            verbose: Any = DEFAULT_VERBOSE) -> dict:
+    """Create the run directory and its config.json; FileError if it already holds something.
+
+    Returns the parsed config.json: ``format``, ``format_version``, ``tfgalflow_version``,
+    ``created``, ``train`` (TrainConfig), ``flow`` (FlowConfig), ``members`` (name, seed),
+    ``data`` (description) and ``verbose`` (the Keras verbosity a resume keeps).
+    """
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise FileError(f"{run_dir}: run directory exists and is not empty; continue it with "
+                        f"resume() (`tfgalflow train --resume {run_dir}`) or choose another "
+                        f"directory")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = {
+        "format": RUN_FORMAT,
+        "format_version": RUN_FORMAT_VERSION,
+        "tfgalflow_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "train": config.to_dict(),
+        "flow": flow_config.to_dict(),
+        "members": [{"name": member_name(k), "seed": config.seed + k}
+                    for k in range(config.members)],
+        "data": data_description,
+        "verbose": verbose,
+    }
+    write_json(run_dir / CONFIG_FILE, run)
+    return run
+
+
+def read_history(run_dir: str | os.PathLike, member: int = 0) -> dict[str, np.ndarray]:
+    """The per-epoch history of one member: {"epoch": int [E] (1, 2, ...), "loss": [E],
+    "val_loss": [E], ...}.
+    """
+    path = Path(run_dir) / member_name(member) / HISTORY_FILE
+    rows = _read_history_rows(path)
+    if not rows:
+        return {"epoch": np.zeros(0, int)}
+    keys = list(rows[0])
+    return {k: np.array([int(r[k]) if k == "epoch" else float(r[k]) for r in rows]) for k in keys}
+
+
+def _read_history_rows(path: Path) -> list[dict[str, str]]:
+    """Rows of a history.csv with 1-based epochs, skipping torn lines (a crash mid-write) and
+    keeping the first of duplicates. A file whose epochs start at 0 (written before history.csv
+    counted from 1) is renumbered on reading.
+    """
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows, seen = [], set()
+        for row in reader:
+            try:
+                epoch = int(row["epoch"])
+                [float(v) for k, v in row.items() if k != "epoch"]
+            except (TypeError, ValueError, KeyError):
+                continue
+            if epoch not in seen:
+                seen.add(epoch)
+                rows.append(row)
+    if 0 in seen:
+        rows = [dict(r, epoch=str(int(r["epoch"]) + 1)) for r in rows]
+    return rows
+
+
+def truncate_history(path: Path, epochs_done: int) -> None:
+    """Keep only the rows of epochs 1..epochs_done, so a resumed run appends without duplicates
+    (rewrites a file with torn lines, duplicates or 0-based epochs; removes one left empty).
+    """
+    rows = _read_history_rows(path)
+    kept = [r for r in rows if int(r["epoch"]) <= epochs_done]
+    if not path.exists() or (len(kept) == len(rows) and _well_formed(path, rows)):
+        return
+    if not kept:
+        path.unlink()
+        return
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(kept[0]), dialect="excel")  # CSVLogger's dialect
+    writer.writeheader()
+    writer.writerows(kept)
+    write_text(path, out.getvalue())
+
+
+def _well_formed(path: Path, rows: list[dict[str, str]]) -> bool:
+    """True if the file has exactly a header and one line per row, the last one complete, and
+    its epoch column is the 1-based one of ``rows``.
+    """
+    text = path.read_text()
+    lines = text.splitlines()[1:]
+    return (text.endswith("\n") and len(lines) == len(rows)
+            and all(line.split(",", 1)[0] == r["epoch"] for line, r in zip(lines, rows)))
