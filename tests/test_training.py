@@ -658,7 +658,8 @@ def test_cli_train_flags_mirror_train_config():
     for name in TrainConfig.field_help():
         assert "--" + name.replace("_", "-") in flags, name
     args = parser.parse_args(["train", "cat.npz", "--out", "r", "--hidden", "8,8", "--no-parallel", "--lr", "3e-4"])
-    assert (args.config_hidden, args.config_parallel, args.config_lr, args.config_epochs) == ("8,8", False, "3e-4", None)
+    got = (args.config_hidden, args.config_parallel, args.config_lr, args.config_epochs)
+    assert got == ("8,8", False, "3e-4", None)
     args = parser.parse_args(["train", "cat.npz", "--out", "r", "--keep-checkpoints", "0"])
     assert TrainConfig().with_overrides(keep_checkpoints=args.config_keep_checkpoints).keep_checkpoints == 0
 

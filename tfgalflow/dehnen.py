@@ -135,7 +135,8 @@ def _l_of_q(q: np.ndarray, g: float) -> np.ndarray:
 def _psi_of_lambda(lam: np.ndarray, g: float) -> np.ndarray:
     """Psi (model units) from lambda = -ln y = ln(1 + a/r): (1 - e^{-g lambda}) / g.
 
-    Written lambda exprel(-g lambda), which has no cancellation and covers g = 0."""
+    Written lambda exprel(-g lambda), which has no cancellation and covers g = 0.
+    """
     return lam * np.exp(_log_exprel(-g * lam))
 
 
@@ -209,7 +210,8 @@ def check_gamma(gamma: Any) -> float:
 
 def check_label(gamma: Any, ra_inverse: Any) -> tuple[float, float]:
     """(gamma, a/r_a) as floats if they give a valid model (f >= 0), else InputError naming the
-    limit."""
+    limit.
+    """
     gamma = check_gamma(gamma)
     try:
         kappa = float(ra_inverse)
@@ -321,7 +323,8 @@ class Dehnen:
 
     def relative_potential(self, r) -> np.ndarray:
         """Psi(r) = (G M / a) (1 - (r/(r+a))^(2-gamma)) / (2 - gamma); (G M / a) ln(1 + a/r) at
-        gamma = 2. Dehnen (1993) eq. 3 (sign flipped). Finite at r = 0 only for gamma < 2."""
+        gamma = 2. Dehnen (1993) eq. 3 (sign flipped). Finite at r = 0 only for gamma < 2.
+        """
         r = _radii(r)
         with np.errstate(divide="ignore"):
             lam = np.log1p(self.a / r)
@@ -355,7 +358,8 @@ class Dehnen:
     def acceleration(self, x) -> np.ndarray:
         """g(x) = -G M(<r) x / r^3 = -G M (r/(r+a))^(3-gamma) x / r^3;  x: [N, 3] -> [N, 3].
 
-        Zero at x = 0."""
+        Zero at x = 0.
+        """
         x = _vectors(x, "x")
         r = np.linalg.norm(x, axis=1, keepdims=True)
         safe_r = np.where(r > 0, r, 1.0)
@@ -405,7 +409,7 @@ class Dehnen:
 
     # ---- Jeans profiles -----------------------------------------------------------------------
     def sigma_r(self, r) -> np.ndarray:
-        """Radial dispersion from the Osipkov-Merritt Jeans equation (Binney & Tremaine 2008):
+        """Radial dispersion from the Osipkov-Merritt Jeans equation (Binney & Tremaine 2008).
 
             (1 + r^2/r_a^2) rho sigma_r^2 = int_r^inf (1 + r'^2/r_a^2) rho(r') G M(<r') / r'^2 dr'.
 
@@ -484,9 +488,11 @@ def tf_log_df(x, v, labels):
     """log f(x, v | gamma, a/r_a) in model units (G = M = a = 1), TensorFlow, differentiable.
 
     Args:
-        x, v: [N, 3] positions and velocities in model units (v in sqrt(G M / a)); x's dtype.
+        x: [N, 3] positions in model units (a = 1); the result has x's dtype.
+        v: [N, 3] velocities in model units (sqrt(G M / a)).
         labels: [N, 2] per-row (gamma, a/r_a), or [2] one label for all rows. Not validated in the
             graph: check them once with :func:`check_labels` (f < 0 beyond :func:`max_ra_inverse`).
+
     Returns:
         [N] log f, -inf where Q <= 0 (unbound). Per-row labels cost nothing extra: the Eddington
         integral is evaluated by the same N_NODES-point quadrature for every row (module

@@ -300,7 +300,8 @@ class Density(abc.ABC):
 
     def tracing_counts(self) -> dict[str, int]:
         """How often each traced method was traced ({"log_prob", "grad", "sample"}: 1 each after any
-        number of calls with any row count: the free batch dimension never retraces)."""
+        number of calls with any row count: the free batch dimension never retraces).
+        """
         return {name: fn.experimental_get_tracing_count() for name, fn in self._traced().items()}
 
     def retrace(self) -> None:
