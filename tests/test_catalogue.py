@@ -174,15 +174,16 @@ def test_hdf5_dataset_yields_every_row_once_per_epoch(big_h5):
     expected = sorted_rows(np.concatenate([cat.phase_space, cat.labels], axis=1).astype(np.float32))
     epochs = []
     for _ in range(2):
-        batches = [(x.numpy(), l.numpy()) for x, l in ds]
-        assert all(x.shape[0] <= 1000 and x.shape[1] == 6 and l.shape == (x.shape[0], 2) for x, l in batches)
+        batches = [(x.numpy(), lab.numpy()) for x, lab in ds]
+        assert all(x.shape[0] <= 1000 and x.shape[1] == 6 and lab.shape == (x.shape[0], 2)
+                   for x, lab in batches)
         rows = np.concatenate([np.concatenate(b, axis=1) for b in batches])
         assert rows.shape == expected.shape
         assert np.array_equal(sorted_rows(rows), expected)
         epochs.append(rows)
     assert not np.array_equal(epochs[0], epochs[1])       # reshuffled each epoch
     # Same seed, fresh dataset: same first epoch (reproducible).
-    again = np.concatenate([np.concatenate([x.numpy(), l.numpy()], 1) for x, l in
+    again = np.concatenate([np.concatenate([x.numpy(), lab.numpy()], 1) for x, lab in
                             hdf5_dataset(path, batch_size=1000, shuffle_buffer=20_000, seed=3)])
     assert np.array_equal(again, epochs[0])
 

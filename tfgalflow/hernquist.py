@@ -237,7 +237,7 @@ class Hernquist:
 
     # ---- Jeans profiles -----------------------------------------------------------------------
     def sigma_r(self, r, kind: str = "iso") -> np.ndarray:
-        """Radial velocity dispersion sigma_r(r).
+        """Radial velocity dispersion sigma_r at radii ``r`` (any shape, same shape out).
 
         "iso" (Hernquist 1990 eq. 10), with T = a / (r + a):
             sigma_r^2 = (G M / a) (1 - T) T^-4 [-ln(1 - T) - T - T^2/2 - T^3/3 - T^4/4]

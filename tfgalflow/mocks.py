@@ -195,11 +195,19 @@ def sample_emcee(log_df: Callable[[np.ndarray, np.ndarray], np.ndarray], n: int,
 
     Args:
         log_df: log f(x, v) up to a constant, NumPy in, NumPy out.
-        n: stars wanted, >= 1.  nwalkers: >= 12 (2 x 6 dimensions), even.  burn, thin: steps (>= 0, >= 1).
+        n: stars wanted, >= 1.
+        nwalkers: number of walkers, even and >= 12 (2 x 6 dimensions).
+        burn: steps discarded at the start of every walker's chain, >= 0.
+        thin: steps between kept states, >= 1.
         seed: seeds the initial walkers and emcee's RandomState (None: fresh entropy, recorded).
-        init: [nwalkers, 6] starting points; default x ~ N(0, init_scale[0]^2), v ~ N(0, init_scale[1]^2),
-            redrawn until log_df is finite there.
-        units: units of log_df's x, v (default "model"/"model").  meta: extra provenance to record.
+        r_max: positions |x| >= r_max get log p = -inf (None: no truncation).
+        init: [nwalkers, 6] starting points; default x ~ N(0, init_scale[0]^2),
+            v ~ N(0, init_scale[1]^2), redrawn until log_df is finite there.
+        init_scale: (position, velocity) standard deviations of the default starting points
+            (the position one capped at r_max / 3).
+        units: units of log_df's x, v (default "model"/"model").
+        meta: extra provenance, added to the catalogue's meta.
+        progress: show emcee's progress bar.
     """
     import emcee
 

@@ -121,10 +121,12 @@ class StudyConfig:
                                    **{k: v for k, v in changes.items() if v is not None})
 
     def to_dict(self) -> dict:
+        """The config as a JSON-ready dict (the inverse of :meth:`from_dict`)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "StudyConfig":
+        """A config from :meth:`to_dict`'s output (study_config.json); unknown keys: InputError."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

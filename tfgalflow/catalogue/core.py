@@ -337,6 +337,7 @@ def resolve_units(path: Path, file_units: Any, given: Mapping[str, str] | None,
 
 
 def existing_file(path: str | os.PathLike) -> Path:
+    """``path`` as a Path, after checking it names an existing regular file (FileError if not)."""
     path = Path(path)
     if not path.exists():
         raise FileError(f"{path}: no such catalogue file")

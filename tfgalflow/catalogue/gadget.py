@@ -23,6 +23,12 @@ GADGET_POS, GADGET_VEL = "Coordinates", "Velocities"
 
 
 def gadget_layout(path: Path, f, units: Mapping[str, str] | None) -> HDF5Catalogue:
+    """Lazy view of the stars ``PartType4/{Coordinates, Velocities}`` [N, 3] of an open file ``f``.
+
+    Units, in order: ``units`` attributes on both datasets (checked against ``units``), then
+    ``units`` given by the caller, then the cgs unit attributes (rows scaled to kpc and km/s on
+    reading); FileError when none is available.
+    """
     pos_name, vel_name = f"{GADGET_GROUP}/{GADGET_POS}", f"{GADGET_GROUP}/{GADGET_VEL}"
     pos, vel = dataset_2d(path, f, pos_name, 3), dataset_2d(path, f, vel_name, 3)
     if pos.shape[0] != vel.shape[0]:

@@ -64,6 +64,7 @@ class HDF5Catalogue:
 
     @property
     def label_dim(self) -> int:
+        """C, the number of label columns (0 without labels)."""
         return len(self.label_names)
 
     def read(self, start: int = 0, stop: int | None = None, step: int = 1) -> Catalogue:
@@ -205,6 +206,7 @@ def hdf5_dataset(path: str | os.PathLike, batch_size: int, shuffle_buffer: int =
 # ---- writing and reading --------------------------------------------------------------------------
 
 def write_hdf5(tmp: Path, cat: Catalogue) -> None:
+    """Write ``cat`` to ``tmp`` in the tfgalflow HDF5 layout (chunked pos, vel [, labels])."""
     import h5py
 
     n = len(cat)
@@ -242,6 +244,7 @@ class _open_h5:
 
 
 def attribute(obj, name: str, default: Any = None) -> Any:
+    """HDF5 attribute ``name`` of ``obj`` as a plain Python value (bytes decoded, 0-d unwrapped)."""
     value = obj.attrs.get(name, default)
     if isinstance(value, bytes):
         return value.decode()
@@ -251,6 +254,7 @@ def attribute(obj, name: str, default: Any = None) -> Any:
 
 
 def dataset_2d(path: Path, f, name: str, width: int | None) -> Any:
+    """The h5py dataset ``name`` of ``f``, checked to be [N, width] ([N, C] when width is None)."""
     import h5py
 
     if name not in f or not isinstance(f[name], h5py.Dataset):

@@ -20,6 +20,7 @@ from .core import FORMAT, FORMAT_VERSION, Catalogue, resolve_units
 
 
 def write_npz(tmp: Path, cat: Catalogue) -> None:
+    """Write ``cat`` to ``tmp`` as an uncompressed .npz (arrays plus JSON units and meta)."""
     arrays = {"pos": cat.pos, "vel": cat.vel, "units": np.array(json.dumps(cat.units)),
               "meta": np.array(json.dumps(cat.meta)), "format": np.array(FORMAT),
               "format_version": np.array(FORMAT_VERSION)}
@@ -30,6 +31,7 @@ def write_npz(tmp: Path, cat: Catalogue) -> None:
 
 
 def read_npz(path: Path, units: Mapping[str, str] | None) -> Catalogue:
+    """The in-memory :class:`Catalogue` stored in a .npz file, its units checked against ``units``."""
     try:
         with np.load(path, allow_pickle=False) as z:
             keys = set(z.files)

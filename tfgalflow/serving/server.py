@@ -344,6 +344,7 @@ class MicroBatcher:
         self.calls = 0
 
     async def run(self, arrays: dict) -> dict[str, np.ndarray]:
+        """The signature's outputs for this request's rows, computed in a merged call."""
         future = asyncio.get_running_loop().create_future()
         self.pending.append((arrays, future))
         if not self.draining:
@@ -601,7 +602,8 @@ def make_app(base_dir: str | os.PathLike, *, max_body_bytes: int = MAX_BODY_BYTE
 
     Args:
         base_dir: ``BASE`` of ``BASE/NAME/<version>/saved_model.pb``.
-        max_body_bytes, max_rows: request limits (413 beyond them).
+        max_body_bytes: largest request body in bytes (413 beyond it).
+        max_rows: most rows of any input per request (413 beyond); bounds one call's memory.
         workers: threads parsing requests and calling row-wise signatures (log_prob,
             grad_log_prob, serving_default); default min(4, CPUs).
         heavy_workers: threads calling every other signature (sample, accelerations, signatures
