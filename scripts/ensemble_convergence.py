@@ -46,14 +46,27 @@ def member_counts(n: int) -> list[int]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", help="run directory (e.g. STUDY/runs/iso)")
-    p.add_argument("--kind", choices=["iso", "aniso"], default="iso", help="the exact DF the mock was drawn from")
+    p.add_argument(
+        "--kind",
+        choices=["iso", "aniso"],
+        default="iso",
+        help="the exact DF the mock was drawn from",
+    )
     p.add_argument("--n-radii", type=int, default=40)
     p.add_argument("--n-velocities", type=int, default=1024)
-    p.add_argument("--n-check", type=int, default=50_000, help="fresh exact draws for the density error")
-    p.add_argument("--r-max", type=float, default=100.0, help="radial cut of the training mock (a)")
+    p.add_argument(
+        "--n-check", type=int, default=50_000, help="fresh exact draws for the density error"
+    )
+    p.add_argument(
+        "--r-max", type=float, default=100.0, help="radial cut of the training mock (a)"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rotations", type=int, default=0,
-                   help="also evaluate each ensemble averaged over this many rotations (default: 0, off)")
+    p.add_argument(
+        "--rotations",
+        type=int,
+        default=0,
+        help="also evaluate each ensemble averaged over this many rotations (default: 0, off)",
+    )
     p.add_argument("--out", help="write the table as JSON here")
     args = p.parse_args()
 
@@ -64,35 +77,56 @@ def main() -> None:
     if not members:
         raise SystemExit(f"{args.run}: no member has finished training yet")
     hernquist = Hernquist()
-    config = StudyConfig(mocks=("iso",), n_radii=args.n_radii, n_velocities=args.n_velocities, seed=args.seed)
+    config = StudyConfig(
+        mocks=("iso",), n_radii=args.n_radii, n_velocities=args.n_velocities, seed=args.seed
+    )
     positions = evaluation_positions(config)
     radii = np.linalg.norm(positions, axis=1)
     in_range = (radii >= config.summary_range[0]) & (radii <= config.summary_range[1])
     a_true = hernquist.acceleration(positions)
-    check = sample_hernquist(args.n_check, kind=args.kind, seed=args.seed + 777, r_max=args.r_max).phase_space
+    check = sample_hernquist(
+        args.n_check, kind=args.kind, seed=args.seed + 777, r_max=args.r_max
+    ).phase_space
     log_f_exact = hernquist.log_df(check[:, :3], check[:, 3:], args.kind)
 
     rows = []
-    print(f"{args.run}: {len(members)} of {len(run['members'])} member(s) finished; {in_range.sum()} positions in {config.summary_range} a, "
-          f"{args.n_velocities} velocities each; density error on {args.n_check} fresh exact draws")
+    print(
+        f"{args.run}: {len(members)} of {len(run['members'])} member(s) finished; {in_range.sum()} positions in {config.summary_range} a, "
+        f"{args.n_velocities} velocities each; density error on {args.n_check} fresh exact draws"
+    )
     sym = f" {'M = ' + str(args.rotations) + ' median':>16} {'90%':>8}" if args.rotations else ""
-    print(f"{'K':>3} {'median |Δa|/|a|':>16} {'90%':>8} {'<Δ log f>':>10} {'std Δ log f':>12}{sym}")
-    error = lambda df: fractional_error(accelerations(df, positions, n_velocities=args.n_velocities,
-                                                      seed=args.seed).acceleration, a_true)[in_range]
+    print(
+        f"{'K':>3} {'median |Δa|/|a|':>16} {'90%':>8} {'<Δ log f>':>10} {'std Δ log f':>12}{sym}"
+    )
+    error = lambda df: fractional_error(
+        accelerations(df, positions, n_velocities=args.n_velocities, seed=args.seed).acceleration,
+        a_true,
+    )[in_range]
     for k in member_counts(len(members)):
         df = members[0] if k == 1 else Ensemble(members[:k])
         err = error(df)
         delta = log_f_exact - np.asarray(df.log_prob(check.astype(np.float32)), np.float64)
-        rows.append({"members": k, "median_fractional_error": float(np.median(err)),
-                     "p90_fractional_error": float(np.quantile(err, 0.9)),
-                     "mean_delta_log_f": float(delta.mean()), "std_delta_log_f": float(delta.std())})
+        rows.append(
+            {
+                "members": k,
+                "median_fractional_error": float(np.median(err)),
+                "p90_fractional_error": float(np.quantile(err, 0.9)),
+                "mean_delta_log_f": float(delta.mean()),
+                "std_delta_log_f": float(delta.std()),
+            }
+        )
         r = rows[-1]
         line = (f"{k:>3} {r['median_fractional_error']:>16.2%} {r['p90_fractional_error']:>8.2%} "
                 f"{r['mean_delta_log_f']:>10.4f} {r['std_delta_log_f']:>12.3f}")
         if args.rotations:
             err = error(SphericalAverage(df, args.rotations, seed=args.seed))
-            r.update({"rotations": args.rotations, "median_fractional_error_symmetrised": float(np.median(err)),
-                      "p90_fractional_error_symmetrised": float(np.quantile(err, 0.9))})
+            r.update(
+                {
+                    "rotations": args.rotations,
+                    "median_fractional_error_symmetrised": float(np.median(err)),
+                    "p90_fractional_error_symmetrised": float(np.quantile(err, 0.9)),
+                }
+            )
             line += f" {r['median_fractional_error_symmetrised']:>16.2%} {r['p90_fractional_error_symmetrised']:>8.2%}"
         print(line, flush=True)
     if args.out:

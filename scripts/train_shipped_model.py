@@ -47,9 +47,20 @@ N_TRAIN = 150_000
 N_HELD_OUT = 20_000
 R_MAX = 20.0                    # radial truncation of the mock, in units of a
 N_ACCEL_POSITIONS = 64
-CONFIG = TrainConfig(layers=6, hidden=(64, 64), kind="affine", epochs=150, batch_size=512, lr=2e-3,
-                     lr_schedule="cosine", validation_split=0.1, patience=25, checkpoint_every=25, seed=0,
-                     jit_compile=False)
+CONFIG = TrainConfig(
+    layers=6,
+    hidden=(64, 64),
+    kind="affine",
+    epochs=150,
+    batch_size=512,
+    lr=2e-3,
+    lr_schedule="cosine",
+    validation_split=0.1,
+    patience=25,
+    checkpoint_every=25,
+    seed=0,
+    jit_compile=False,
+)
 
 
 def mock(n: int, seed: int) -> np.ndarray:
@@ -121,15 +132,21 @@ def markdown(report: dict) -> str:
     ]
     if report["accelerations"]:
         a = report["accelerations"]
-        lines.append(f"| CBE |a| relative error, median / 90% ({a['n_finite']} positions, 0.2 < r < 5, "
-                     f"{a['n_velocities']} velocities) | {a['median_relative_error']:.3f} / {a['p90_relative_error']:.3f} |")
+        lines.append(
+            f"| CBE |a| relative error, median / 90% ({a['n_finite']} positions, 0.2 < r < 5, "
+            f"{a['n_velocities']} velocities) | {a['median_relative_error']:.3f} / {a['p90_relative_error']:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing saved_models/hernquist_iso/1")
-    parser.add_argument("--out", type=Path, default=ROOT / "saved_models", help="model base directory")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing saved_models/hernquist_iso/1"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "saved_models", help="model base directory"
+    )
     args = parser.parse_args()
     target = args.out / NAME / "1"
     if target.exists() and not args.overwrite:
@@ -146,12 +163,23 @@ def main() -> None:
     history = read_history(run_dir)
     best = int(np.nanargmin(history["val_loss"]))
     report = {
-        "model": NAME, "version": 1,
-        "mock": {"kind": "iso", "n_train": N_TRAIN, "n_held_out": N_HELD_OUT, "seed": MOCK_SEED, "r_max": R_MAX,
-                 "units": "model (G = M = a = 1)"},
+        "model": NAME,
+        "version": 1,
+        "mock": {
+            "kind": "iso",
+            "n_train": N_TRAIN,
+            "n_held_out": N_HELD_OUT,
+            "seed": MOCK_SEED,
+            "r_max": R_MAX,
+            "units": "model (G = M = a = 1)",
+        },
         "train_config": CONFIG.to_dict(),
-        "training": {"epochs_run": int(len(history["loss"])), "best_epoch": best + 1,
-                     "final_loss": float(history["loss"][-1]), "best_val_loss": float(history["val_loss"][best])},
+        "training": {
+            "epochs_run": int(len(history["loss"])),
+            "best_epoch": best + 1,
+            "final_loss": float(history["loss"][-1]),
+            "best_val_loss": float(history["val_loss"][best]),
+        },
         "held_out": accuracy(exported, held_out),
         "training_stars": accuracy(exported, train_w[:N_HELD_OUT]),
         "accelerations": acceleration_check(exported, held_out),
@@ -162,7 +190,9 @@ def main() -> None:
     write_text(args.out / NAME / "training_report.md", markdown(report))
     write_models_config(args.out, base_path="/models")
     print(markdown(report))
-    print(f"wrote {target}, {args.out / NAME / 'training_report.md'}, {args.out / 'models.config'}")
+    print(
+        f"wrote {target}, {args.out / NAME / 'training_report.md'}, {args.out / 'models.config'}"
+    )
 
 
 if __name__ == "__main__":

@@ -63,7 +63,8 @@ def _bracket_series_coefficients(n: int) -> np.ndarray:
     c = np.empty(n)
     c[0] = 1.0
     for k in range(n - 1):
-        c[k + 1] = c[k] * (k - 1.5) / (k + 1)      # (-1)^(k+1) binom(3/2, k+1) from (-1)^k binom(3/2, k)
+        # (-1)^(k+1) binom(3/2, k+1) from (-1)^k binom(3/2, k)
+        c[k + 1] = c[k] * (k - 1.5) / (k + 1)
     return c / (2.0 * np.arange(n) + 5.0)
 
 
@@ -112,7 +113,9 @@ class Hernquist:
             except (TypeError, ValueError):
                 ok = False
             if not ok:
-                raise InputError(f"Hernquist parameter {name} must be a finite positive number, got {value!r}")
+                raise InputError(
+                    f"Hernquist parameter {name} must be a finite positive number, got {value!r}"
+                )
 
     # ---- derived scales -----------------------------------------------------------------------
     @property
@@ -183,7 +186,9 @@ class Hernquist:
 
         Model units: 3 E^2 / (4 pi^3 L) (Baes & Dejonghe 2002; Evans & An 2006).
         """
-        E, L = np.broadcast_arrays(np.asarray(E, dtype=np.float64), np.asarray(L, dtype=np.float64))
+        E, L = np.broadcast_arrays(
+            np.asarray(E, dtype=np.float64), np.asarray(L, dtype=np.float64)
+        )
         with np.errstate(divide="ignore"):
             f = 3.0 * (E / self.energy_scale) ** 2 / (4.0 * np.pi**3 * self.G * self.a * L)
         return np.where(E > 0, f, 0.0)
@@ -225,15 +230,19 @@ class Hernquist:
         log_b_series = (math.log(128.0) + 2.5 * np.log(q2_series)
                         + np.log(_horner(_BRACKET_SERIES, q2_series, np.ones_like(q2_series))))
         q, p = np.sqrt(q2_direct), np.sqrt(p2_direct)
-        log_b_direct = np.log(3.0 * np.arctan2(q, p)
-                              + q * p * (1.0 - 2.0 * q2_direct) * (8.0 * q2_direct**2 - 8.0 * q2_direct - 3.0))
+        log_b_direct = np.log(
+            3.0 * np.arctan2(q, p)
+            + q * p * (1.0 - 2.0 * q2_direct) * (8.0 * q2_direct**2 - 8.0 * q2_direct - 3.0)
+        )
         log_b = np.where(q2 < _Q2_SERIES_MAX, log_b_series, log_b_direct)
         return self._log_iso_prefactor + log_b - 2.5 * np.log(p2)
 
     @property
     def _log_iso_prefactor(self) -> float:
         """log[M / (8 sqrt2 pi^3 a^3 v_g^3)]."""
-        return math.log(self.M / (8.0 * math.sqrt(2.0) * math.pi**3 * self.a**3 * self.velocity_scale**3))
+        return math.log(
+            self.M / (8.0 * math.sqrt(2.0) * math.pi**3 * self.a**3 * self.velocity_scale**3)
+        )
 
     # ---- Jeans profiles -----------------------------------------------------------------------
     def sigma_r(self, r, kind: str = "iso") -> np.ndarray:
@@ -251,7 +260,8 @@ class Hernquist:
             return np.sqrt(self.G * self.M / (4.0 * (r + self.a)))
         T = self.a / (r + self.a)
         series = np.where(T < _T_SERIES_MAX, T, 0.25)
-        coefficients = 1.0 / np.arange(5, 5 + _N_JEANS)                    # T^(k-4)/k, k = 5, 6, ...
+        # T^(k-4)/k, k = 5, 6, ...
+        coefficients = 1.0 / np.arange(5, 5 + _N_JEANS)
         s2_series = (1.0 - series) * series * _horner(coefficients, series, np.ones_like(series))
         direct_r = np.where((T >= _T_SERIES_MAX) & (r > 0), r, self.a)
         Td = self.a / (direct_r + self.a)
@@ -332,8 +342,10 @@ class Hernquist:
         log_b_series = (tf.constant(math.log(128.0), dtype) + 2.5 * tf.math.log(q2_series)
                         + tf.math.log(_horner(coefficients, q2_series, tf.ones_like(q2_series))))
         q, p = tf.sqrt(q2_direct), tf.sqrt(p2_direct)
-        log_b_direct = tf.math.log(3.0 * tf.math.atan2(q, p)
-                                   + q * p * (1.0 - 2.0 * q2_direct) * (8.0 * q2_direct**2 - 8.0 * q2_direct - 3.0))
+        log_b_direct = tf.math.log(
+            3.0 * tf.math.atan2(q, p)
+            + q * p * (1.0 - 2.0 * q2_direct) * (8.0 * q2_direct**2 - 8.0 * q2_direct - 3.0)
+        )
         log_b = tf.where(use_series, log_b_series, log_b_direct)
         return tf.constant(self._log_iso_prefactor, dtype) + log_b - 2.5 * tf.math.log(p2)
 
@@ -383,7 +395,9 @@ def _vectors(x, name: str) -> np.ndarray:
 def _phase_space(x, v) -> tuple[np.ndarray, np.ndarray]:
     x, v = _vectors(x, "x"), _vectors(v, "v")
     if x.shape[0] != v.shape[0]:
-        raise InputError(f"x and v must both have shape [N, 3] with the same N, got {list(x.shape)} and {list(v.shape)}")
+        raise InputError(
+            f"x and v must both have shape [N, 3] with the same N, got {list(x.shape)} and {list(v.shape)}"
+        )
     return x, v
 
 
@@ -404,7 +418,9 @@ def _tf_phase_space(x: Any, v: Any):
     x = _tf_vectors(x, "x")
     v = tf.cast(_tf_vectors(v, "v"), x.dtype)
     if x.shape[0] is not None and v.shape[0] is not None and x.shape[0] != v.shape[0]:
-        raise InputError(f"x and v must both have shape [N, 3] with the same N, got {x.shape} and {v.shape}")
+        raise InputError(
+            f"x and v must both have shape [N, 3] with the same N, got {x.shape} and {v.shape}"
+        )
     return x, v
 
 

@@ -52,13 +52,20 @@ MODEL_UNITS = {"length": MODEL_UNIT, "velocity": MODEL_UNIT}
 ACCEPTANCE_RANGE = (0.2, 0.7)
 #: add_noise conventions (see its docstring).
 NOISE_CONVENTIONS = ("coordinate", "vector")
-_MAX_ROUNDS = 10_000    # rejection rounds; with acceptance >= 0.18 the last of 10^9 stars needs ~120
+# Most rejection rounds; with acceptance >= 0.18 the last of 10^9 stars needs ~120
+_MAX_ROUNDS = 10_000
 
 
 # ---- exact sampler --------------------------------------------------------------------------------
 
-def sample_hernquist(n: int, kind: str = "iso", seed: int | None = None, model: Hernquist = Hernquist(),
-                     r_max: float | None = None, model_units: ModelUnits | None = None) -> Catalogue:
+def sample_hernquist(
+    n: int,
+    kind: str = "iso",
+    seed: int | None = None,
+    model: Hernquist = Hernquist(),
+    r_max: float | None = None,
+    model_units: ModelUnits | None = None,
+) -> Catalogue:
     """Draw ``n`` independent stars exactly from a Hernquist DF.
 
     Args:
@@ -97,8 +104,14 @@ def sample_hernquist(n: int, kind: str = "iso", seed: int | None = None, model: 
         vel = (v_r[:, None] * r_hat
                + v_t[:, None] * (np.cos(psi)[:, None] * e_theta + np.sin(psi)[:, None] * e_phi))
     meta: dict[str, Any] = {
-        "source": "tfgalflow.mocks.sample_hernquist", "sampler": "exact", "df": "hernquist", "kind": kind,
-        "n": n, "seed": seed, "r_max": r_max, "model": {"M": model.M, "a": model.a, "G": model.G},
+        "source": "tfgalflow.mocks.sample_hernquist",
+        "sampler": "exact",
+        "df": "hernquist",
+        "kind": kind,
+        "n": n,
+        "seed": seed,
+        "r_max": r_max,
+        "model": {"M": model.M, "a": model.a, "G": model.G},
     }
     if model.G == 1.0:
         meta["model_units"] = model_units if model_units is not None else ModelUnits()
@@ -109,13 +122,16 @@ def _radii(n: int, a: float, r_max: float | None, rng: np.random.Generator) -> n
     """R with M(<r)/M = r^2/(r+a)^2 = u, u ~ U(0, u_max): r = a sqrt(u) (1 + sqrt(u)) / (1 - u)."""
     u_max = 1.0 if r_max is None else (r_max / (r_max + a)) ** 2
     u = u_max * rng.random(n)                               # [0, u_max): finite r; r < r_max
-    u = np.where(u > 0.0, u, np.finfo(float).tiny)          # r = 0 (probability 2^-53) has no velocity DF
+    # r = 0 (probability 2^-53) has no velocity DF
+    u = np.where(u > 0.0, u, np.finfo(float).tiny)
     s = np.sqrt(u)
     r = a * s * (1.0 + s) / (1.0 - u)
     return r if r_max is None else np.minimum(r, r_max)
 
 
-def _spherical_basis(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _spherical_basis(
+    n: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Isotropic unit vectors r_hat [n, 3] with their e_theta, e_phi (cos theta ~ U(-1, 1), phi ~ U(0, 2 pi))."""
     cos_t = rng.uniform(-1.0, 1.0, n)
     sin_t = np.sqrt(1.0 - cos_t**2)
@@ -160,9 +176,12 @@ def iso_speeds(model: Hernquist, r: np.ndarray, rng: np.random.Generator) -> np.
     return speeds
 
 
-def _aniso_velocities(model: Hernquist, r: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _aniso_velocities(
+    model: Hernquist, r: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """(v_r, v_t >= 0) with density ∝ (Psi - (v_r^2 + v_t^2)/2)^2 on the half disk (beta = 1/2 DF at fixed r)."""
-    y = -np.expm1(np.log1p(-rng.random(r.size)) / 3.0)      # 1 - (1 - U)^(1/3): density 3 (1 - y)^2 on [0, 1)
+    # 1 - (1 - U)^(1/3): density 3 (1 - y)^2 on [0, 1)
+    y = -np.expm1(np.log1p(-rng.random(r.size)) / 3.0)
     rho = np.sqrt(2.0 * model.relative_potential(r) * y)
     alpha = rng.uniform(0.0, np.pi, r.size)
     return rho * np.cos(alpha), rho * np.sin(alpha)
@@ -170,11 +189,20 @@ def _aniso_velocities(model: Hernquist, r: np.ndarray, rng: np.random.Generator)
 
 # ---- emcee -----------------------------------------------------------------------------------------
 
-def sample_emcee(log_df: Callable[[np.ndarray, np.ndarray], np.ndarray], n: int, nwalkers: int = 64,
-                 burn: int = 1000, thin: int = 20, seed: int | None = None, r_max: float | None = None,
-                 init: np.ndarray | None = None, init_scale: tuple[float, float] = (1.0, 0.3),
-                 units: Mapping[str, str] | None = None, meta: Mapping[str, Any] | None = None,
-                 progress: bool = False) -> Catalogue:
+def sample_emcee(
+    log_df: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    n: int,
+    nwalkers: int = 64,
+    burn: int = 1000,
+    thin: int = 20,
+    seed: int | None = None,
+    r_max: float | None = None,
+    init: np.ndarray | None = None,
+    init_scale: tuple[float, float] = (1.0, 0.3),
+    units: Mapping[str, str] | None = None,
+    meta: Mapping[str, Any] | None = None,
+    progress: bool = False,
+) -> Catalogue:
     """Sample ``n`` stars from any DF with emcee's ensemble sampler in 6D (x, v).
 
     Target: p(x, v) ∝ exp(log_df(x, v)) for |x| < r_max (-inf beyond; NaN and +inf are treated as -inf,
@@ -236,12 +264,20 @@ def sample_emcee(log_df: Callable[[np.ndarray, np.ndarray], np.ndarray], n: int,
     start = _initial_walkers(log_prob, nwalkers, init, init_scale, r_max, rng)
     keep = math.ceil(n / nwalkers)
     sampler = emcee.EnsembleSampler(nwalkers, 6, log_prob, vectorize=True)
-    rstate = np.random.RandomState(int(np.random.SeedSequence(seed).generate_state(1)[0])).get_state()
+    rstate = np.random.RandomState(
+        int(np.random.SeedSequence(seed).generate_state(1)[0])
+    ).get_state()
     chain = np.empty((keep, nwalkers, 6))
     moved = np.zeros(nwalkers)
     previous = start.copy()
-    for i, state in enumerate(sampler.sample(emcee.State(start, random_state=rstate), iterations=burn + keep * thin,
-                                             store=False, progress=progress)):
+    for i, state in enumerate(
+        sampler.sample(
+            emcee.State(start, random_state=rstate),
+            iterations=burn + keep * thin,
+            store=False,
+            progress=progress,
+        )
+    ):
         if i >= burn:
             moved += np.any(state.coords != previous, axis=1)
             j = i - burn + 1
@@ -249,15 +285,25 @@ def sample_emcee(log_df: Callable[[np.ndarray, np.ndarray], np.ndarray], n: int,
                 chain[j // thin - 1] = state.coords
         previous = state.coords.copy()          # emcee updates state.coords in place
     acceptance = moved / (keep * thin)
-    with np.errstate(invalid="ignore", divide="ignore"):     # a walker that never moved has zero variance
+    with np.errstate(
+        invalid="ignore", divide="ignore"
+    ):  # a walker that never moved has zero variance
         tau = float(np.max(emcee.autocorr.integrated_time(chain, tol=0, quiet=True))) * thin
     samples = chain.reshape(-1, 6)[-n:]
     record = {
-        "source": "tfgalflow.mocks.sample_emcee", "sampler": "emcee", "n": n, "seed": seed, "r_max": r_max,
-        "nwalkers": nwalkers, "burn": burn, "thin": thin, "steps": burn + keep * thin,
+        "source": "tfgalflow.mocks.sample_emcee",
+        "sampler": "emcee",
+        "n": n,
+        "seed": seed,
+        "r_max": r_max,
+        "nwalkers": nwalkers,
+        "burn": burn,
+        "thin": thin,
+        "steps": burn + keep * thin,
         "acceptance_fraction": float(acceptance.mean()),
         "acceptance_fraction_range": [float(acceptance.min()), float(acceptance.max())],
-        "autocorr_steps": tau if math.isfinite(tau) else None, **dict(meta or {}),
+        "autocorr_steps": tau if math.isfinite(tau) else None,
+        **dict(meta or {}),
     }
     log.info("emcee: %d walkers x %d steps, mean acceptance fraction %.3f, autocorrelation time "
              "%s steps",
@@ -300,7 +346,9 @@ def _initial_walkers(log_prob, nwalkers: int, init, init_scale, r_max, rng) -> n
 
 # ---- cuts and noise ---------------------------------------------------------------------------------
 
-def cut(cat: Catalogue, r_max: float | None = None, bound_to: Hernquist | None = None) -> Catalogue:
+def cut(
+    cat: Catalogue, r_max: float | None = None, bound_to: Hernquist | None = None
+) -> Catalogue:
     """Keep the stars with |x| < r_max and/or relative energy E = Psi(r) - v^2/2 > 0 in ``bound_to``.
 
     ``bound_to`` must be expressed in the catalogue's units (e.g. ``Hernquist()`` for a "model" catalogue,
@@ -325,8 +373,13 @@ def cut(cat: Catalogue, r_max: float | None = None, bound_to: Hernquist | None =
     return cat.select(keep, cuts=[*cat.meta.get("cuts", []), record])
 
 
-def add_noise(cat: Catalogue, level: float, seed: int | None = None, level_vel: float | None = None,
-              convention: str = "coordinate") -> Catalogue:
+def add_noise(
+    cat: Catalogue,
+    level: float,
+    seed: int | None = None,
+    level_vel: float | None = None,
+    convention: str = "coordinate",
+) -> Catalogue:
     """Gaussian measurement noise at a fractional ``level`` (0.01 = 1 %) on positions and velocities.
 
     Conventions (``level_vel`` defaults to ``level``), with independent eps ~ N(0, 1) per star and component:
@@ -368,5 +421,12 @@ def _radius(r_max: Any) -> float | None:
     return None if r_max is None else validation.positive_number(r_max, "r_max (radius)")
 
 
-__all__ = ["sample_hernquist", "sample_emcee", "cut", "add_noise", "iso_speeds", "ACCEPTANCE_RANGE",
-           "NOISE_CONVENTIONS"]
+__all__ = [
+    "sample_hernquist",
+    "sample_emcee",
+    "cut",
+    "add_noise",
+    "iso_speeds",
+    "ACCEPTANCE_RANGE",
+    "NOISE_CONVENTIONS",
+]

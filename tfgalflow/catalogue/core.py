@@ -156,7 +156,12 @@ class Catalogue:
         velocity = self.units["velocity"] if velocity is None else velocity
         target = check_units({"length": length, "velocity": velocity})
         mu = _as_model_units(model_units) if model_units is not None else self.model_units
-        needs_model = MODEL_UNIT in (self.units["length"], self.units["velocity"], length, velocity)
+        needs_model = MODEL_UNIT in (
+            self.units["length"],
+            self.units["velocity"],
+            length,
+            velocity,
+        )
         if needs_model and mu is None:
             raise InputError(f"converting {self.units} to {target} involves model units; pass "
                              "model_units=ModelUnits(mass_msun, length_kpc) or record it in "
@@ -166,7 +171,9 @@ class Catalogue:
         meta = dict(self.meta)
         if mu is not None:
             meta["model_units"] = dataclasses.asdict(mu)
-        return dataclasses.replace(self, pos=self.pos * fx, vel=self.vel * fv, units=target, meta=meta)
+        return dataclasses.replace(
+            self, pos=self.pos * fx, vel=self.vel * fv, units=target, meta=meta
+        )
 
     # ---- files ------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
@@ -207,7 +214,9 @@ class Catalogue:
                          ".hdf5")
 
     @staticmethod
-    def open_hdf5(path: str | os.PathLike, units: Mapping[str, str] | None = None) -> "HDF5Catalogue":
+    def open_hdf5(
+        path: str | os.PathLike, units: Mapping[str, str] | None = None
+    ) -> "HDF5Catalogue":
         """Lazy view of an HDF5 catalogue (see :func:`tfgalflow.catalogue.hdf5.open_hdf5`)."""
         from .hdf5 import open_hdf5
         return open_hdf5(path, units=units)
@@ -331,9 +340,11 @@ def resolve_units(path: Path, file_units: Any, given: Mapping[str, str] | None,
         return check_units(given)
     if fallback is not None:
         return dict(fallback)
-    raise FileError(f"{path}: the file records no units; state them (command line: --units m,m/s; "
-                    "Python: Catalogue.load(path, units={'length': 'm', 'velocity': 'm/s'}), as for the "
-                    "SI reference datasets)")
+    raise FileError(
+        f"{path}: the file records no units; state them (command line: --units m,m/s; "
+        "Python: Catalogue.load(path, units={'length': 'm', 'velocity': 'm/s'}), as for the "
+        "SI reference datasets)"
+    )
 
 
 def existing_file(path: str | os.PathLike) -> Path:

@@ -62,9 +62,20 @@ def gadget_layout(path: Path, f, units: Mapping[str, str] | None) -> HDF5Catalog
                             f"{pos_name!r}/{vel_name!r} and no "
                             "UnitLength_in_cm/UnitVelocity_in_cm_per_s in Header, Parameters or "
                             "Units; pass units={'length': 'kpc', 'velocity': 'km/s'}") from None
-    return HDF5Catalogue(path=path, n=int(pos.shape[0]), units=resolved, label_names=(), meta=jsonable(meta, "meta"),
-                         layout="gadget", pos_name=pos_name, vel_name=vel_name, labels_name=None,
-                         chunk_rows=block_rows(pos), length_scale=length_scale, velocity_scale=velocity_scale)
+    return HDF5Catalogue(
+        path=path,
+        n=int(pos.shape[0]),
+        units=resolved,
+        label_names=(),
+        meta=jsonable(meta, "meta"),
+        layout="gadget",
+        pos_name=pos_name,
+        vel_name=vel_name,
+        labels_name=None,
+        chunk_rows=block_rows(pos),
+        length_scale=length_scale,
+        velocity_scale=velocity_scale,
+    )
 
 
 def _gadget_cgs_units(f) -> tuple[float, float] | None:

@@ -81,13 +81,26 @@ class HDF5Catalogue:
             raise FileError(f"{self.path}: cannot read rows {rows.start}:{rows.stop}:{rows.step}: "
                             f"{exc}") from None
         try:
-            return Catalogue(pos, vel, labels=labels, label_names=self.label_names if labels is not None else (),
-                             units=dict(self.units), meta=dict(self.meta))
+            return Catalogue(
+                pos,
+                vel,
+                labels=labels,
+                label_names=self.label_names if labels is not None else (),
+                units=dict(self.units),
+                meta=dict(self.meta),
+            )
         except InputError as exc:
             raise InputError(f"{self.path}: {exc}") from None
 
-    def batches(self, batch_size: int, shuffle_buffer: int = 0, seed: int = 0, with_labels: bool | None = None,
-                drop_remainder: bool = False, epoch: int = 0) -> Iterator[np.ndarray | tuple[np.ndarray, np.ndarray]]:
+    def batches(
+        self,
+        batch_size: int,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+        with_labels: bool | None = None,
+        drop_remainder: bool = False,
+        epoch: int = 0,
+    ) -> Iterator[np.ndarray | tuple[np.ndarray, np.ndarray]]:
         """One epoch of float32 batches x [B, 6] (or (x, labels [B, C])), reading groups of chunks.
 
         ``shuffle_buffer = 0``: file order. ``shuffle_buffer > 0``: the chunk order is permuted and the
@@ -112,9 +125,18 @@ class HDF5Catalogue:
             lab_ds = f[self.labels_name] if with_labels else None
             for g in range(0, len(starts), group):
                 spans = [(int(s), min(int(s) + block, self.n)) for s in starts[g:g + group]]
-                x = np.concatenate([np.concatenate([np.asarray(pos_ds[a:b], np.float64) * self.length_scale,
-                                                    np.asarray(vel_ds[a:b], np.float64) * self.velocity_scale],
-                                                   axis=1) for a, b in spans])
+                x = np.concatenate(
+                    [
+                        np.concatenate(
+                            [
+                                np.asarray(pos_ds[a:b], np.float64) * self.length_scale,
+                                np.asarray(vel_ds[a:b], np.float64) * self.velocity_scale,
+                            ],
+                            axis=1,
+                        )
+                        for a, b in spans
+                    ]
+                )
                 _check_block(x, self.path, "pos/vel", spans)
                 lab = (np.concatenate([lab_ds[a:b] for a, b in spans]).reshape(len(x), -1)
                        if with_labels else None)
@@ -129,15 +151,25 @@ class HDF5Catalogue:
                     lab = np.concatenate([pending_l, lab.astype(np.float32)])
                 full = len(x) // batch_size * batch_size
                 for i in range(0, full, batch_size):
-                    yield (x[i:i + batch_size], lab[i:i + batch_size]) if with_labels else x[i:i + batch_size]
+                    yield (
+                        (x[i : i + batch_size], lab[i : i + batch_size])
+                        if with_labels
+                        else x[i : i + batch_size]
+                    )
                 pending_x = x[full:]
                 if lab is not None:
                     pending_l = lab[full:]
         if len(pending_x) and not drop_remainder:
             yield (pending_x, pending_l) if with_labels else pending_x
 
-    def dataset(self, batch_size: int, shuffle_buffer: int = 0, seed: int = 0, with_labels: bool | None = None,
-                drop_remainder: bool = False) -> "tf.data.Dataset":
+    def dataset(
+        self,
+        batch_size: int,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+        with_labels: bool | None = None,
+        drop_remainder: bool = False,
+    ) -> "tf.data.Dataset":
         """``tf.data.Dataset`` streaming :meth:`batches` from disk; epoch k (the k-th iteration) uses seed (seed, k)."""
         import tensorflow as tf
 
@@ -148,7 +180,9 @@ class HDF5Catalogue:
         epochs = itertools.count()
 
         def generator():
-            yield from self.batches(batch_size, shuffle_buffer, seed, with_labels, drop_remainder, next(epochs))
+            yield from self.batches(
+                batch_size, shuffle_buffer, seed, with_labels, drop_remainder, next(epochs)
+            )
 
         x_spec = tf.TensorSpec([batch_size if drop_remainder else None, 6], tf.float32)
         if with_labels:
@@ -198,8 +232,13 @@ def hdf5_dataset(path: str | os.PathLike, batch_size: int, shuffle_buffer: int =
     Same as ``open_hdf5(path, units).dataset(batch_size, shuffle_buffer, seed, with_labels, drop_remainder)``;
     each epoch yields every row exactly once, in a permuted order when ``shuffle_buffer > 0``.
     """
-    return open_hdf5(path, units=units).dataset(batch_size, shuffle_buffer=shuffle_buffer, seed=seed,
-                                                with_labels=with_labels, drop_remainder=drop_remainder)
+    return open_hdf5(path, units=units).dataset(
+        batch_size,
+        shuffle_buffer=shuffle_buffer,
+        seed=seed,
+        with_labels=with_labels,
+        drop_remainder=drop_remainder,
+    )
 
 
 
@@ -308,9 +347,18 @@ def _tfgalflow_layout(path: Path, f, units: Mapping[str, str] | None) -> HDF5Cat
             raise FileError(f"{path}: {len(names)} label names for {lab.shape[1]} label columns")
     raw_meta = attribute(f, "meta")
     meta = dict(_json_attr(raw_meta, path, "meta")) if raw_meta is not None else {}
-    return HDF5Catalogue(path=path, n=int(pos.shape[0]), units=resolve_units(path, file_units, units),
-                         label_names=names, meta=meta, layout="tfgalflow", pos_name="pos", vel_name="vel",
-                         labels_name=labels_name, chunk_rows=block_rows(pos))
+    return HDF5Catalogue(
+        path=path,
+        n=int(pos.shape[0]),
+        units=resolve_units(path, file_units, units),
+        label_names=names,
+        meta=meta,
+        layout="tfgalflow",
+        pos_name="pos",
+        vel_name="vel",
+        labels_name=labels_name,
+        chunk_rows=block_rows(pos),
+    )
 
 
 def _json_attr(value: Any, path: Path, name: str) -> Any:

@@ -56,7 +56,16 @@ def read_npz(path: Path, units: Mapping[str, str] | None) -> Catalogue:
         resolved = resolve_units(path, file_units, units)
     except FileError:
         # A file's real problem (NaN rows, wrong columns) is reported before its missing units.
-        _labelled(Catalogue, path, pos, vel, labels, names, {"length": "model", "velocity": "model"}, meta)
+        _labelled(
+            Catalogue,
+            path,
+            pos,
+            vel,
+            labels,
+            names,
+            {"length": "model", "velocity": "model"},
+            meta,
+        )
         raise
     return _labelled(Catalogue, path, pos, vel, labels, names, resolved, meta)
 
@@ -70,6 +79,13 @@ def _json_field(value: np.ndarray, path: Path, name: str) -> Any:
 
 def _labelled(cls, path, pos, vel, labels, names, units, meta) -> Catalogue:
     try:
-        return cls(pos, vel, labels=labels, label_names=names if labels is not None else (), units=units, meta=meta)
+        return cls(
+            pos,
+            vel,
+            labels=labels,
+            label_names=names if labels is not None else (),
+            units=units,
+            meta=meta,
+        )
     except InputError as exc:
         raise InputError(f"{path}: {exc}") from None

@@ -107,7 +107,11 @@ class ModelRepository:
         version_labels: {model name: {label: version}} for ``/labels/L`` URLs (TF Serving's version_labels).
     """
 
-    def __init__(self, base_dir: str | os.PathLike, version_labels: Mapping[str, Mapping[str, int]] | None = None):
+    def __init__(
+        self,
+        base_dir: str | os.PathLike,
+        version_labels: Mapping[str, Mapping[str, int]] | None = None,
+    ):
         self.base_dir = Path(base_dir)
         if not self.base_dir.is_dir():
             raise FileError(f"{self.base_dir}: no such model base directory (expected "
@@ -123,7 +127,9 @@ class ModelRepository:
         changes = []
         with self._scan_lock:
             table: dict[str, dict[int, _Version]] = {}
-            for model_dir in sorted(p for p in self.base_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            for model_dir in sorted(
+                p for p in self.base_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+            ):
                 try:
                     found = versions(model_dir)
                 except OSError:               # removed while scanning
@@ -131,8 +137,11 @@ class ModelRepository:
                 for v in found:
                     path = model_dir / str(v)
                     try:
-                        stamp = max((path / f).stat().st_mtime for f in ("saved_model.pb", "saved_model.pbtxt")
-                                    if (path / f).exists())
+                        stamp = max(
+                            (path / f).stat().st_mtime
+                            for f in ("saved_model.pb", "saved_model.pbtxt")
+                            if (path / f).exists()
+                        )
                     except (OSError, ValueError):   # removed while scanning
                         continue
                     old = self._models.get(model_dir.name, {}).get(v)
@@ -167,7 +176,9 @@ class ModelRepository:
                 raise _HTTPError(400, f"Unrecognized servable version label: {label}") from None
         return int(version) if version is not None else None
 
-    def resolve(self, name: str, version: str | None = None, label: str | None = None) -> tuple[int, Any]:
+    def resolve(
+        self, name: str, version: str | None = None, label: str | None = None
+    ) -> tuple[int, Any]:
         """(version, ExportedModel) for a request; the highest available version when none is given."""
         number = self._version_number(name, version, label)
         found = self._models.get(name, {})
@@ -189,10 +200,19 @@ class ModelRepository:
         if number is not None and number not in found:
             raise _HTTPError(404, f"Could not find version {number} of model {name}")
         entries = [found[number]] if number is not None else [found[v] for v in sorted(found)]
-        return {"model_version_status": [
-            {"version": str(e.version), "state": "AVAILABLE" if e.model is not None else "END",
-             "status": {"error_code": "OK" if e.model is not None else "UNKNOWN", "error_message": e.error}}
-            for e in entries]}
+        return {
+            "model_version_status": [
+                {
+                    "version": str(e.version),
+                    "state": "AVAILABLE" if e.model is not None else "END",
+                    "status": {
+                        "error_code": "OK" if e.model is not None else "UNKNOWN",
+                        "error_message": e.error,
+                    },
+                }
+                for e in entries
+            ]
+        }
 
 
 # ---- request and response bodies (TF Serving's JSON mapping) -----------------------------------------
@@ -205,10 +225,12 @@ def _parse_body(body: bytes) -> dict:
         try:
             doc = _orjson.loads(body)
         except _orjson.JSONDecodeError:
-            pass                        # NaN/Infinity tokens, huge integers or malformed: json decides below
+            # NaN/Infinity tokens, huge integers or malformed: json decides below
+            pass
     try:
         if doc is None:
-            doc = json.loads(body)      # accepts NaN / Infinity / -Infinity tokens, as TF Serving does
+            # accepts NaN / Infinity / -Infinity tokens, as TF Serving does
+            doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise _HTTPError(400, f"JSON Parse error: {exc}") from None
     if not isinstance(doc, dict):
@@ -278,9 +300,13 @@ def _encode_answer(outputs: Mapping[str, np.ndarray], rows: bool) -> bytes:
     in an output, which must appear as the NaN / Infinity tokens TF Serving writes) the json module is used.
     """
     key, layout = ("predictions", _row_outputs) if rows else ("outputs", _column_outputs)
-    if _orjson is not None and all(np.isfinite(v).all() for v in outputs.values() if v.dtype.kind == "f"):
+    if _orjson is not None and all(
+        np.isfinite(v).all() for v in outputs.values() if v.dtype.kind == "f"
+    ):
         try:
-            return _orjson.dumps({key: layout(outputs, as_lists=False)}, option=_orjson.OPT_SERIALIZE_NUMPY)
+            return _orjson.dumps(
+                {key: layout(outputs, as_lists=False)}, option=_orjson.OPT_SERIALIZE_NUMPY
+            )
         except _orjson.JSONEncodeError:
             pass
     return _json({key: layout(outputs)})
@@ -366,7 +392,9 @@ class MicroBatcher:
                     batch.append(self.pending.pop(0))
                     rows += self._rows(batch[-1][0])
                 try:
-                    results = await loop.run_in_executor(self.executor, self._call, [a for a, _ in batch])
+                    results = await loop.run_in_executor(
+                        self.executor, self._call, [a for a, _ in batch]
+                    )
                 except Exception as exc:   # noqa: BLE001 - handed to every waiting request
                     results = [exc] * len(batch)
                 for (_, future), result in zip(batch, results):
