@@ -81,7 +81,8 @@ def start_server(base: Path, port: int, workers: int | None, batch_rows: int) ->
         except ServingError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(
-                    f"server did not start: {proc.stderr.read() if proc.poll() is not None else 'timeout'}"
+                    "server did not start: "
+                    f"{proc.stderr.read() if proc.poll() is not None else 'timeout'}"
                 )
             time.sleep(0.3)
 
@@ -198,8 +199,8 @@ def main() -> None:
         print(f"model {base / 'bench' / '1'}  signature {args.signature}  format {args.format}  "
               f"{args.clients} clients x {args.seconds:g} s per size  (CPUs: {os.cpu_count()})")
         print(
-            f"{'points/req':>10} {'mode':>10} {'requests':>9} {'failed':>6} {'wrong':>5} {'req/s':>9} "
-            f"{'points/s':>11} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}"
+            f"{'points/req':>10} {'mode':>10} {'requests':>9} {'failed':>6} {'wrong':>5} "
+            f"{'req/s':>9} {'points/s':>11} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}"
         )
         rng = np.random.default_rng(1)
         try:
@@ -227,7 +228,8 @@ def main() -> None:
                     ok = r["requests"] - r["failed"]
                     print(
                         f"{n:>10} {mode:>10} {r['requests']:>9} {r['failed']:>6} {r['wrong']:>5} "
-                        f"{ok / r['elapsed']:>9.1f} {ok * n / r['elapsed']:>11.4g} {percentiles(r['latencies'])}"
+                        f"{ok / r['elapsed']:>9.1f} {ok * n / r['elapsed']:>11.4g} "
+                        f"{percentiles(r['latencies'])}"
                     )
         finally:
             for server in servers.values():

@@ -71,7 +71,8 @@ def main() -> None:
     args = p.parse_args()
 
     run = read_run_config(args.run)
-    # members whose training finished (a study still training its ensemble can be evaluated as it grows)
+    # members whose training finished (a study still training its ensemble can be evaluated
+    # as it grows)
     members = [_load_member(Path(args.run), run, k) for k in range(len(run["members"]))
                if _finished(Path(args.run), run, k)]
     if not members:
@@ -91,7 +92,8 @@ def main() -> None:
 
     rows = []
     print(
-        f"{args.run}: {len(members)} of {len(run['members'])} member(s) finished; {in_range.sum()} positions in {config.summary_range} a, "
+        f"{args.run}: {len(members)} of {len(run['members'])} member(s) finished; "
+        f"{in_range.sum()} positions in {config.summary_range} a, "
         f"{args.n_velocities} velocities each; density error on {args.n_check} fresh exact draws"
     )
     sym = f" {'M = ' + str(args.rotations) + ' median':>16} {'90%':>8}" if args.rotations else ""
@@ -127,7 +129,10 @@ def main() -> None:
                     "p90_fractional_error_symmetrised": float(np.quantile(err, 0.9)),
                 }
             )
-            line += f" {r['median_fractional_error_symmetrised']:>16.2%} {r['p90_fractional_error_symmetrised']:>8.2%}"
+            line += (
+                f" {r['median_fractional_error_symmetrised']:>16.2%}"
+                f" {r['p90_fractional_error_symmetrised']:>8.2%}"
+            )
         print(line, flush=True)
     if args.out:
         write_json(args.out, {"run": str(args.run), "kind": args.kind, "rows": rows})

@@ -91,7 +91,7 @@ def accuracy(model, w: np.ndarray) -> dict:
 
 
 def acceleration_check(model, w: np.ndarray) -> dict | None:
-    """Median relative error |a_CBE − a_exact| / |a_exact| at held-out positions with 0.2 < r < 5."""
+    """Median relative error |a_CBE − a_exact| / |a_exact| at held-out positions, 0.2 < r < 5."""
     if "accelerations" not in model.signatures:
         return None
     r = np.linalg.norm(w[:, :3], axis=1)
@@ -112,8 +112,9 @@ def markdown(report: dict) -> str:
         f"# {NAME} version 1 - training report",
         "",
         f"Isotropic Hernquist DF (G = M = a = 1), exact mock truncated at r < {R_MAX:g} a; "
-        f"{N_TRAIN} training stars (10% of them for validation), {N_HELD_OUT} held-out stars, mock seed "
-        f"{MOCK_SEED}. Flow: {CONFIG.layers}-layer affine MAF, MADE hidden {list(CONFIG.hidden)}, seed {CONFIG.seed}.",
+        f"{N_TRAIN} training stars (10% of them for validation), {N_HELD_OUT} held-out stars, "
+        f"mock seed {MOCK_SEED}. Flow: {CONFIG.layers}-layer affine MAF, MADE hidden "
+        f"{list(CONFIG.hidden)}, seed {CONFIG.seed}.",
         f"Produced by `scripts/train_shipped_model.py` in {report['seconds']:.0f} s; SavedModel "
         f"{report['saved_model_bytes'] / 2**20:.2f} MiB.",
         "",
@@ -126,7 +127,8 @@ def markdown(report: dict) -> str:
         f"{acc['std_delta'] / np.sqrt(acc['n_stars']):.4f} |",
         f"| held-out mean Δ = log f_learned − log f_exact | {acc['mean_delta']:+.4f} |",
         f"| held-out spread of Δ (std) | {acc['std_delta']:.4f} |",
-        f"| Δ percentiles 5 / 50 / 95 | {' / '.join(f'{q:+.3f}' for q in acc['delta_percentiles_5_50_95'])} |",
+        "| Δ percentiles 5 / 50 / 95 | "
+        f"{' / '.join(f'{q:+.3f}' for q in acc['delta_percentiles_5_50_95'])} |",
         f"| KL(exact ‖ learned) estimate (nats) | {acc['kl_exact_to_learned_nats']:.4f} ± "
         f"{acc['kl_standard_error_nats']:.4f} |",
     ]
@@ -134,7 +136,8 @@ def markdown(report: dict) -> str:
         a = report["accelerations"]
         lines.append(
             f"| CBE |a| relative error, median / 90% ({a['n_finite']} positions, 0.2 < r < 5, "
-            f"{a['n_velocities']} velocities) | {a['median_relative_error']:.3f} / {a['p90_relative_error']:.3f} |"
+            f"{a['n_velocities']} velocities) | {a['median_relative_error']:.3f} / "
+            f"{a['p90_relative_error']:.3f} |"
         )
     return "\n".join(lines) + "\n"
 

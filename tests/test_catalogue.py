@@ -40,7 +40,7 @@ def sorted_rows(a: np.ndarray) -> np.ndarray:
     return a[np.lexsort(a.T[::-1])]
 
 
-# ---- round trips -----------------------------------------------------------------------------------
+# ---- round trips --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("ext", [".npz", ".h5", ".hdf5"])
 def test_round_trip_is_exact(tmp_path, ext):
@@ -101,7 +101,7 @@ def test_plain_hdf5_needs_units(tmp_path):
     assert Catalogue.load(path, units=KPC_KMS).units == KPC_KMS
 
 
-# ---- Gadget-style snapshots ---------------------------------------------------------------------------
+# ---- Gadget-style snapshots ---------------------------------------------------------------------
 
 def write_gadget(path, pos, vel, header=None, dataset_units=None):
     with h5py.File(path, "w") as f:
@@ -122,7 +122,8 @@ def test_gadget_layout_with_cgs_unit_attributes(tmp_path):
     rng = np.random.default_rng(2)
     pos, vel = rng.normal(size=(40, 3)) * 10, rng.normal(size=(40, 3)) * 100
     path = tmp_path / "snap_000.hdf5"
-    # Gadget's usual 1 kpc = 3.085678e21 cm and 1 km/s = 1e5 cm/s; our kpc is 3.0856775814913673e21 cm.
+    # Gadget's usual 1 kpc = 3.085678e21 cm and 1 km/s = 1e5 cm/s;
+    # our kpc is 3.0856775814913673e21 cm.
     write_gadget(
         path,
         pos,
@@ -160,7 +161,7 @@ def test_gadget_layout_units_from_attributes_or_caller(tmp_path):
     assert Catalogue.load(tmp_path / "b.hdf5", units=KPC_KMS).units == KPC_KMS
 
 
-# ---- streaming ------------------------------------------------------------------------------------------
+# ---- streaming ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def big_h5(tmp_path_factory):
@@ -233,7 +234,7 @@ def test_in_memory_dataset_yields_every_row_once():
         cat.to_dataset(8, with_labels=True)
 
 
-# ---- units ---------------------------------------------------------------------------------------------
+# ---- units --------------------------------------------------------------------------------------
 
 def test_to_units_physical_round_trip():
     cat = make(100)
@@ -255,20 +256,23 @@ def test_to_units_from_model_units():
         model.to_units("kpc", "km/s")
     mu = ModelUnits(mass_msun=1e10, length_kpc=2.0)
     phys = model.to_units("kpc", "km/s", model_units=mu)
-    # v0 = sqrt(G M / a) with G = 4.30091e-6 kpc (km/s)^2 / Msun: sqrt(4.30091e4 / 2) = 146.64 km/s.
+    # v0 = sqrt(G M / a) with G = 4.30091e-6 kpc (km/s)^2 / Msun:
+    # sqrt(4.30091e4 / 2) = 146.64 km/s.
     np.testing.assert_allclose(phys.vel, 146.643, rtol=2e-5)
     np.testing.assert_allclose(phys.pos, 2.0)
     assert phys.model_units == mu  # recorded, so converting back works
     np.testing.assert_allclose(phys.to_units("model", "model").vel, 1.0, rtol=1e-14)
 
 
-# ---- bad input -----------------------------------------------------------------------------------------
+# ---- bad input ----------------------------------------------------------------------------------
 
 def _arrays(n=10):
     return np.zeros((n, 3)), np.ones((n, 3))
 
 
-@pytest.mark.parametrize("bad, field, row", [("nan", "pos", 7), ("inf", "vel", 3), ("-inf", "pos", 0)])
+@pytest.mark.parametrize(
+    "bad, field, row", [("nan", "pos", 7), ("inf", "vel", 3), ("-inf", "pos", 0)]
+)
 def test_non_finite_values_name_field_and_row(bad, field, row):
     pos, vel = _arrays()
     {"pos": pos, "vel": vel}[field][row, 1] = float(bad)

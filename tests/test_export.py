@@ -38,14 +38,15 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 N_VELOCITIES = 64
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-# A plain TensorFlow user's environment: without TF_USE_LEGACY_KERAS, `import tensorflow` itself
-# does not import tf_keras (with it set, TF's own import pulls tf_keras in, whatever the SavedModel).
+# A plain TensorFlow user's environment: without TF_USE_LEGACY_KERAS, `import tensorflow`
+# itself does not import tf_keras (with it set, TF's own import pulls tf_keras in, whatever
+# the SavedModel).
 PLAIN_ENV = {k: v for k, v in ENV.items() if k != "TF_USE_LEGACY_KERAS"}
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """root/{iso,cond,ensemble}/1: a trained 6D run, a conditional 3D flow, a 2-member 6D ensemble."""
+    """root/{iso,cond,ensemble}/1: trained 6D run, conditional 3D flow, 2-member 6D ensemble."""
     tmp = tmp_path_factory.mktemp("export")
     rng = np.random.default_rng(0)
     w = rng.normal(size=(400, 6)) * [1.0, 2.0, 3.0, 40.0, 50.0, 60.0] + [
@@ -111,8 +112,9 @@ def assert_accelerations_match(got, ref: dict) -> None:
             k: getattr(got, k)
             for k in ("acceleration", "residual", "condition", "ess", "log_density")
         }
-    # The 3x3 least-squares solve amplifies float32 rounding by up to its condition number; at these
-    # positions cond < 10 (measured 2.1-3.5), so rtol 1e-4 (plus atol 1e-4 of the largest component) is float32 precision.
+    # The 3x3 least-squares solve amplifies float32 rounding by up to its condition number; at
+    # these positions cond < 10 (measured 2.1-3.5), so rtol 1e-4 (plus atol 1e-4 of the largest
+    # component) is float32 precision.
     scale = np.abs(ref["acceleration"]).max()
     np.testing.assert_allclose(
         got["acceleration"], ref["acceleration"], rtol=1e-4, atol=1e-4 * scale
@@ -133,7 +135,7 @@ def reference(exported, name: str, seed: int = 11, n: int = 50) -> dict:
     }
 
 
-# ---- answers without tfgalflow ----------------------------------------------------------------------
+# ---- answers without tfgalflow ------------------------------------------------------------------
 
 CHILD = r"""
 import sys
@@ -298,7 +300,7 @@ def test_exported_graph_has_no_xla_even_from_a_jit_compiled_flow(exported, tmp_p
     np.testing.assert_allclose(load(path).log_prob(x), flow.log_prob(x).numpy(), **TOL)
 
 
-# ---- load ------------------------------------------------------------------------------------------------
+# ---- load ---------------------------------------------------------------------------------------
 
 def test_load_saved_model_numpy_in_and_out(exported):
     model = load(exported["paths"]["cond"])
@@ -365,14 +367,20 @@ def test_load_run_directory_and_model_directory(exported, tmp_path):
     )
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda m: m.log_prob(np.zeros((2, 5))), "input 'x' has shape [2, 5]; expected [N, 6] float32"),
-    (lambda m: m.log_prob(np.array([[0, 0, 0, 0, 0, np.nan]])), "NaN or infinite"),
-    (lambda m: m.log_prob(np.zeros((1, 6)), labels=np.zeros((1, 2))), "unconditional"),
-    (lambda m: m.grad_log_prob([[1, 2, 3]]), "expected [N, 6]"),
-    (lambda m: m.sample(0), "n = 0"),
-    (lambda m: m.sample(3, seed=-1), "seed = -1"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda m: m.log_prob(np.zeros((2, 5))),
+            "input 'x' has shape [2, 5]; expected [N, 6] float32",
+        ),
+        (lambda m: m.log_prob(np.array([[0, 0, 0, 0, 0, np.nan]])), "NaN or infinite"),
+        (lambda m: m.log_prob(np.zeros((1, 6)), labels=np.zeros((1, 2))), "unconditional"),
+        (lambda m: m.grad_log_prob([[1, 2, 3]]), "expected [N, 6]"),
+        (lambda m: m.sample(0), "n = 0"),
+        (lambda m: m.sample(3, seed=-1), "seed = -1"),
+    ],
+)
 def test_load_validates_inputs(exported, call, message):
     with pytest.raises(InputError) as info:
         call(load(exported["paths"]["iso"]))
@@ -418,7 +426,7 @@ def test_load_rejects_what_is_not_a_tfgalflow_saved_model(tmp_path):
         ExportedModel(tmp_path / "novars")
 
 
-# ---- versioned layout and models.config -------------------------------------------------------------
+# ---- versioned layout and models.config ---------------------------------------------------------
 
 def test_export_versioned_never_overwrites(exported, tmp_path):
     flow = exported["models"]["cond"]
@@ -511,7 +519,8 @@ def test_models_config_is_valid_model_server_config_text(exported, tmp_path):
     text_format.Parse(write_models_config(root).read_text(), message)
     configs = message.model_config_list.config
     assert [c.name for c in configs] == ["cond", "ensemble", "iso"]
-    # Default: the container's /models, never a path of the host that wrote the file (issue #11.10).
+    # Default: the container's /models, never a path of the host that wrote the file
+    # (issue #11.10).
     assert [c.base_path for c in configs] == ["/models/cond", "/models/ensemble", "/models/iso"]
     text_format.Parse(write_models_config(root, base_path=str(root.resolve())).read_text(),
                       host := _model_server_config_class()())
@@ -563,7 +572,7 @@ def test_signature_defs_json_matches_saved_model(exported):
     ] == ["-1", "6"]
 
 
-# ---- CLI ---------------------------------------------------------------------------------------------
+# ---- CLI ----------------------------------------------------------------------------------------
 
 def test_shipped_models_config_is_what_export_writes(tmp_path):
     # The tracked saved_models/models.config must be what `tfgalflow export` regenerates, so an
@@ -659,8 +668,9 @@ def test_export_of_a_spherical_average_answers_for_the_averaged_df(exported, tmp
         },
     )
     assert load(exported["paths"]["iso"]).metadata["spherical_average"] is None
-    # A loaded SavedModel under a SphericalAverage stays on the plain graph even when XLA is asked for (its
-    # function inlined under XLA would recompile on every call): same answers as the in-memory average.
+    # A loaded SavedModel under a SphericalAverage stays on the plain graph even when XLA is
+    # asked for (its function inlined under XLA would recompile on every call): same answers
+    # as the in-memory average.
     r_loaded = accelerations(
         SphericalAverage(load(exported["paths"]["iso"]), 4),
         exported["positions"],

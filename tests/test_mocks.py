@@ -39,7 +39,7 @@ def radial_tangential(cat: Catalogue) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return r, v_r, 0.5 * (np.sum(cat.vel**2, axis=1) - v_r**2)
 
 
-# ---- radii ------------------------------------------------------------------------------------------
+# ---- radii --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_radii_follow_the_mass_profile(kind):
@@ -61,7 +61,7 @@ def test_truncated_radii_follow_the_truncated_mass_profile():
     assert stats.kstest(r, lambda x: x**2 / (x + 2.0) ** 2).pvalue < 1e-6
 
 
-# ---- velocities -------------------------------------------------------------------------------------
+# ---- velocities ---------------------------------------------------------------------------------
 
 def binned_z_scores(cat: Catalogue, kind: str, edges=np.geomspace(0.05, 20.0, 9)):
     """(z_r, z_t) per radial bin: (mean v_r^2 - <sigma_r^2>) / SE and likewise for one tangential component.
@@ -91,7 +91,8 @@ def test_velocity_dispersions_follow_jeans_profiles(mocks, kind):
     # 8 bins x 2 components with 1.5e3-2.5e4 stars each; |z| < 4 per bin (measured max |z| 2.3).
     assert np.all(np.abs(z_r) < 4), z_r
     assert np.all(np.abs(z_t) < 4), z_t
-    # The other kind's profiles are rejected: tangential dispersions differ by sqrt(2) for beta = 1/2.
+    # The other kind's profiles are rejected: tangential dispersions differ by sqrt(2)
+    # for beta = 1/2.
     other = "aniso" if kind == "iso" else "iso"
     _, z_t_wrong = binned_z_scores(mocks[kind], other)
     assert np.max(np.abs(z_t_wrong)) > 20, z_t_wrong
@@ -113,7 +114,10 @@ def test_measured_anisotropy(mocks, kind, beta):
 
 @pytest.mark.parametrize("r", [0.01, 1.0, 30.0])
 def test_iso_speeds_at_fixed_radius_match_quadrature(r):
-    """KS of |v| at fixed r against the CDF of v^2 f(Psi - v^2/2) on [0, v_esc] from scipy quadrature."""
+    """KS test of |v| at fixed r against the CDF of v^2 f(Psi - v^2/2) on [0, v_esc].
+
+    The CDF comes from scipy quadrature.
+    """
     psi, v_esc = float(H.relative_potential(r)), float(H.escape_speed(r))
     grid = np.linspace(0.0, v_esc, 400)
     pdf = grid**2 * H.f_iso(psi - 0.5 * grid**2)
@@ -154,7 +158,7 @@ def test_reproducible_seeds_and_units():
     np.testing.assert_allclose(si.pos, model.pos * 5.0 * 3.0856775814913673e19, rtol=1e-15)
 
 
-# ---- emcee ------------------------------------------------------------------------------------------
+# ---- emcee --------------------------------------------------------------------------------------
 
 def test_emcee_matches_exact_sampler():
     """Two-sample KS on r and |v|: emcee (64 walkers, thin 100 as in the reference study) vs exact draws.
@@ -179,7 +183,7 @@ def test_emcee_matches_exact_sampler():
 
 
 def test_emcee_warns_on_poor_acceptance():
-    """A thin 5-sphere shell in 6D: stretch moves between shell points almost never land on the shell."""
+    """A thin 5-sphere shell in 6D: stretch moves between shell points rarely land on the shell."""
     def shell(x, v):
         return -0.5 * ((np.linalg.norm(np.concatenate([x, v], 1), axis=1) - 10.0) / 0.01) ** 2
 
@@ -211,7 +215,7 @@ def test_emcee_bad_input():
         sample_emcee(df, 10, nwalkers=12, init=np.zeros((3, 6)))
 
 
-# ---- cuts and noise ---------------------------------------------------------------------------------
+# ---- cuts and noise -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("level", [0.01, 0.1])
 def test_noise_coordinate_convention_has_requested_scatter(level):
@@ -262,23 +266,38 @@ def test_cut_by_radius_and_binding():
         cut(noisy)
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: sample_hernquist(0), "n = 0: expected an integer >= 1"),
-    (lambda: sample_hernquist(-3), "n = -3: expected an integer >= 1"),
-    (lambda: sample_hernquist(2.5), "n = 2.5: expected an integer >= 1"),
-    (lambda: sample_hernquist(10, kind="radial"), "unknown DF kind 'radial'"),
-    (lambda: sample_hernquist(10, r_max=-1.0), r"r_max \(radius\) = -1.0: expected a finite number > 0"),
-    (lambda: sample_hernquist(10, seed=-1), "seed = -1: expected an integer >= 0"),
-    (lambda: sample_hernquist(10, model="hernquist"), "model must be a tfgalflow.hernquist.Hernquist"),
-    (lambda: add_noise(sample_hernquist(5, seed=0), -0.1), r"level \(fractional, 0.01 = 1 %\) = -0.1: expected a finite number >= 0"),
-    (lambda: add_noise(sample_hernquist(5, seed=0), 0.1, convention="polar"), "unknown noise convention 'polar'"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: sample_hernquist(0), "n = 0: expected an integer >= 1"),
+        (lambda: sample_hernquist(-3), "n = -3: expected an integer >= 1"),
+        (lambda: sample_hernquist(2.5), "n = 2.5: expected an integer >= 1"),
+        (lambda: sample_hernquist(10, kind="radial"), "unknown DF kind 'radial'"),
+        (
+            lambda: sample_hernquist(10, r_max=-1.0),
+            r"r_max \(radius\) = -1.0: expected a finite number > 0",
+        ),
+        (lambda: sample_hernquist(10, seed=-1), "seed = -1: expected an integer >= 0"),
+        (
+            lambda: sample_hernquist(10, model="hernquist"),
+            "model must be a tfgalflow.hernquist.Hernquist",
+        ),
+        (
+            lambda: add_noise(sample_hernquist(5, seed=0), -0.1),
+            r"level \(fractional, 0.01 = 1 %\) = -0.1: expected a finite number >= 0",
+        ),
+        (
+            lambda: add_noise(sample_hernquist(5, seed=0), 0.1, convention="polar"),
+            "unknown noise convention 'polar'",
+        ),
+    ],
+)
 def test_bad_input_raises_input_error(call, message):
     with pytest.raises(InputError, match=message):
         call()
 
 
-# ---- CLI --------------------------------------------------------------------------------------------
+# ---- CLI ----------------------------------------------------------------------------------------
 
 def test_cli_mock_writes_the_api_catalogue(tmp_path, capsys):
     out = tmp_path / "mock.h5"
@@ -309,7 +328,8 @@ def test_cli_mock_writes_the_api_catalogue(tmp_path, capsys):
     assert f"wrote {len(cat)} stars" in capsys.readouterr().out
 
     # Noise moves stars across --r-max; the written catalogue still keeps the promise r < R.
-    # 10 % noise at R = 2a: of 3000 stars ~1000 lie within 0.3a of R, so some always cross (fixed seed).
+    # 10 % noise at R = 2a: of 3000 stars ~1000 lie within 0.3a of R, so some always cross
+    # (fixed seed).
     assert (
         cli.main(
             [
@@ -397,12 +417,21 @@ def test_cli_info_on_a_reference_npz_needs_units(tmp_path, capsys):
     assert "length=m, velocity=m/s" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["mock", "hernquist", "--n", "0", "--out", "x.h5"], "n = 0: expected an integer >= 1"),
-    (["mock", "hernquist", "--n", "10", "--noise", "-1", "--out", "x.h5"], "level must be a finite"),
-    (["mock", "hernquist", "--n", "10", "--out", "x.csv"], "unsupported catalogue extension '.csv'"),
-    (["info", "does_not_exist.h5"], "does_not_exist.h5: no such catalogue file"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["mock", "hernquist", "--n", "0", "--out", "x.h5"], "n = 0: expected an integer >= 1"),
+        (
+            ["mock", "hernquist", "--n", "10", "--noise", "-1", "--out", "x.h5"],
+            "level must be a finite",
+        ),
+        (
+            ["mock", "hernquist", "--n", "10", "--out", "x.csv"],
+            "unsupported catalogue extension '.csv'",
+        ),
+        (["info", "does_not_exist.h5"], "does_not_exist.h5: no such catalogue file"),
+    ],
+)
 def test_cli_bad_input_exits_2(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
     assert cli.main(argv) == 2

@@ -45,7 +45,8 @@ class NormalModule(tf.Module):
         super().__init__()
         self.sigma = tf.Variable(sigma, dtype=tf.float32)
         self.calls = tf.Variable(0, dtype=tf.int64)
-        # Declares which signatures are row-wise, so the server may micro-batch them (as export() does).
+        # Declares which signatures are row-wise, so the server may micro-batch them
+        # (as export() does).
         self.tfgalflow_metadata = tf.Variable(
             json.dumps({"row_wise_signatures": ["serving_default", "two_outputs"]}),
             dtype=tf.string,
@@ -128,7 +129,7 @@ def call(url: str, body: bytes | str | None = None, method: str | None = None) -
         return exc.code, json.loads(exc.read())
 
 
-# ---- status and metadata --------------------------------------------------------------------------
+# ---- status and metadata ------------------------------------------------------------------------
 
 def test_status_lists_every_version_like_tf_serving(server):
     ok = {"error_code": "OK", "error_message": ""}
@@ -173,17 +174,19 @@ def test_metadata_lists_signatures_as_tf_serving(server):
     )
 
 
-# ---- predict: the documentation's bodies and both formats ----------------------------------------------
+# ---- predict: the documentation's bodies and both formats ---------------------------------------
 
 def test_rest_documentation_examples_verbatim(server):
-    # tensorflow.org/tfx/serving/api_rest, "Example": the half_plus_three predict call and its answer.
+    # tensorflow.org/tfx/serving/api_rest, "Example": the half_plus_three predict call and
+    # its answer.
     assert call(
         server.url + "/v1/models/half_plus_three:predict", '{"instances": [1.0,2.0,5.0]}'
     ) == (200, {"predictions": [3.5, 4.0, 5.5]})
     # ... and the documented error for a model name that is not served.
     assert call(server.url + "/v1/models/half:predict", '{"instances": [1.0,5.0]}') == (
         404, {"error": "Servable not found for request: Latest(half)"})
-    # TF Serving's handler tests: explicit signature_name, and the columnar form answering "outputs".
+    # TF Serving's handler tests: explicit signature_name, and the columnar form
+    # answering "outputs".
     assert call(server.url + "/v1/models/half_plus_three/versions/123:predict",
                 '{"signature_name": "serving_default", "instances": [3.0, 4.0]}') == (
         200, {"predictions": [4.5, 5.0]})
@@ -302,7 +305,7 @@ def test_answers_are_the_same_with_the_json_module_alone(server, monkeypatch):
         assert float32(a1) == float32(a2)
 
 
-# ---- errors: TF Serving's statuses, and the server keeps serving ---------------------------------------
+# ---- errors: TF Serving's statuses, and the server keeps serving --------------------------------
 
 ERRORS = [
     # (route, body, status, part of the message)
@@ -391,7 +394,9 @@ ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("route, body, status, message", ERRORS, ids=[f"{e[2]}-{e[3][:30]}" for e in ERRORS])
+@pytest.mark.parametrize(
+    "route, body, status, message", ERRORS, ids=[f"{e[2]}-{e[3][:30]}" for e in ERRORS]
+)
 def test_bad_requests_get_tf_serving_errors_and_the_server_keeps_serving(
     server, route, body, status, message
 ):
@@ -416,7 +421,7 @@ def test_routing_errors(server):
     assert call(server.url + "/index.html")[0] == 404
 
 
-# ---- the client --------------------------------------------------------------------------------------
+# ---- the client ---------------------------------------------------------------------------------
 
 def test_client_round_trips_both_formats(server):
     x = np.array([[0.1, -0.2, 0.3], [1.5, 2.5, -3.5]], np.float32)
@@ -481,7 +486,7 @@ def test_concurrent_requests_all_answer_correctly(server):
 
 
 class SlowDouble:
-    """A stand-in row-wise signature y = 2x whose first call blocks until released; rejects x < 0."""
+    """A stand-in row-wise signature y = 2x; its first call blocks until released; x < 0 fails."""
     name = "double"
 
     def __init__(self):
@@ -522,8 +527,9 @@ def test_micro_batcher_merges_requests_that_queue_during_a_call():
             return [await first] + list(await asyncio.gather(*rest, return_exceptions=True))
 
     results = asyncio.run(scenario())
-    # Call 1: the first request alone. Call 2: the next three (1 + 2 + 1 = 4 rows <= 5) merged; it fails
-    # on x = -5, so they are re-run one by one (1, 2, 1 rows). Call 3: the 3-row request (4 + 3 > 5).
+    # Call 1: the first request alone. Call 2: the next three (1 + 2 + 1 = 4 rows <= 5)
+    # merged; it fails on x = -5, so they are re-run one by one (1, 2, 1 rows).
+    # Call 3: the 3-row request (4 + 3 > 5).
     assert signature.rows == [1, 4, 1, 2, 1, 3]
     for x, result in zip(inputs, results):
         if (x < 0).any():
@@ -532,7 +538,7 @@ def test_micro_batcher_merges_requests_that_queue_during_a_call():
             np.testing.assert_array_equal(result["y"], 2 * x)
 
 
-# ---- new versions while serving, and the CLI -----------------------------------------------------------
+# ---- new versions while serving, and the CLI ----------------------------------------------------
 
 def test_rescan_serves_new_versions_and_forgets_removed_ones(tmp_path):
     save_normal(tmp_path / "normal" / "1", sigma=1.0)

@@ -52,7 +52,8 @@ from .validation import one_of
 DF_KINDS = ("iso", "aniso")
 
 # ---- series coefficients ----------------------------------------------------------------------
-# B(q) = 128 sum_k c_k q^(2k+5) / (2k+5),  c_k = (-1)^k binom(3/2, k)  (binomial series of (1-t^2)^(3/2)).
+# B(q) = 128 sum_k c_k q^(2k+5) / (2k+5),  c_k = (-1)^k binom(3/2, k)
+# (the binomial series of (1-t^2)^(3/2)).
 # For q^2 < 1/2 the terms fall at least as 2^-k k^-5/2; 60 terms leave a truncation error < 1e-20.
 _N_SERIES = 60
 _Q2_SERIES_MAX = 0.5
@@ -70,7 +71,8 @@ def _bracket_series_coefficients(n: int) -> np.ndarray:
 
 _BRACKET_SERIES = _bracket_series_coefficients(_N_SERIES)
 
-# Jeans integral for the isotropic model (model units): rho sigma_r^2 = J(T) / (2 pi), T = a / (r + a),
+# Jeans integral for the isotropic model (model units):
+# rho sigma_r^2 = J(T) / (2 pi), T = a / (r + a),
 # J(T) = int_0^T t^4 / (1 - t) dt = -ln(1 - T) - T - T^2/2 - T^3/3 - T^4/4 = sum_{k>=5} T^k / k.
 # The series is used for T < 1/2 (r > a), where the closed form cancels; 64 terms: error < 2^-64.
 _N_JEANS = 64
@@ -78,7 +80,7 @@ _T_SERIES_MAX = 0.5
 
 
 def _horner(coefficients, z, one):
-    """sum_k coefficients[k] z^k by Horner's rule; ``one`` fixes the array type/dtype of the result."""
+    """sum_k coefficients[k] z^k by Horner's rule; ``one`` sets the result's type and dtype."""
     result = one * coefficients[-1]
     for c in coefficients[-2::-1]:
         result = result * z + c
@@ -158,7 +160,10 @@ class Hernquist:
         return np.sqrt(2.0 * self.relative_potential(r))
 
     def acceleration(self, x) -> np.ndarray:
-        """g(x) = -grad Phi = -G M x / (r (r + a)^2);  x: [N, 3] -> [N, 3]. Zero at x = 0 (by symmetry)."""
+        """g(x) = -grad Phi = -G M x / (r (r + a)^2);  x: [N, 3] -> [N, 3].
+
+        Zero at x = 0 (by symmetry).
+        """
         x = _vectors(x, "x")
         r = np.linalg.norm(x, axis=1, keepdims=True)
         safe_r = np.where(r > 0, r, 1.0)
@@ -223,7 +228,10 @@ class Hernquist:
         return np.exp(self.log_df(x, v, kind))
 
     def _log_f_iso(self, q2, p2):
-        """Log f_iso from q^2 = a E / (G M) in (0, 1] and p^2 = 1 - q^2 (passed separately for accuracy)."""
+        """Log f_iso from q^2 = a E / (G M) in (0, 1] and p^2 = 1 - q^2.
+
+        p^2 is passed separately, for accuracy.
+        """
         q2_series = np.where(q2 < _Q2_SERIES_MAX, q2, 0.25)
         q2_direct = np.where(q2 < _Q2_SERIES_MAX, 0.75, q2)
         p2_direct = np.where(q2 < _Q2_SERIES_MAX, 0.25, p2)
@@ -330,7 +338,7 @@ class Hernquist:
         return tf.where(r > 0, g, tf.zeros_like(g))
 
     def _tf_log_f_iso(self, q2, p2):
-        """TensorFlow twin of :meth:`_log_f_iso` (same branches, safe inputs in the unused branch)."""
+        """TensorFlow twin of :meth:`_log_f_iso`: same branches, safe inputs in the unused one."""
         import tensorflow as tf
 
         dtype = q2.dtype
@@ -396,7 +404,8 @@ def _phase_space(x, v) -> tuple[np.ndarray, np.ndarray]:
     x, v = _vectors(x, "x"), _vectors(v, "v")
     if x.shape[0] != v.shape[0]:
         raise InputError(
-            f"x and v must both have shape [N, 3] with the same N, got {list(x.shape)} and {list(v.shape)}"
+            "x and v must both have shape [N, 3] with the same N, got "
+            f"{list(x.shape)} and {list(v.shape)}"
         )
     return x, v
 

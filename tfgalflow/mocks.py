@@ -48,7 +48,8 @@ from .units import MODEL_UNIT, ModelUnits
 log = logging.getLogger(__name__)
 
 MODEL_UNITS = {"length": MODEL_UNIT, "velocity": MODEL_UNIT}
-#: Accepted range of emcee's mean acceptance fraction (Foreman-Mackey et al. 2013, sec. 4); outside it warns.
+#: Accepted range of emcee's mean acceptance fraction (Foreman-Mackey et al. 2013, sec. 4);
+#: outside it warns.
 ACCEPTANCE_RANGE = (0.2, 0.7)
 #: add_noise conventions (see its docstring).
 NOISE_CONVENTIONS = ("coordinate", "vector")
@@ -56,7 +57,7 @@ NOISE_CONVENTIONS = ("coordinate", "vector")
 _MAX_ROUNDS = 10_000
 
 
-# ---- exact sampler --------------------------------------------------------------------------------
+# ---- exact sampler ------------------------------------------------------------------------------
 
 def sample_hernquist(
     n: int,
@@ -132,7 +133,10 @@ def _radii(n: int, a: float, r_max: float | None, rng: np.random.Generator) -> n
 def _spherical_basis(
     n: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Isotropic unit vectors r_hat [n, 3] with their e_theta, e_phi (cos theta ~ U(-1, 1), phi ~ U(0, 2 pi))."""
+    """Isotropic unit vectors r_hat [n, 3] with their e_theta, e_phi [n, 3].
+
+    cos theta ~ U(-1, 1), phi ~ U(0, 2 pi).
+    """
     cos_t = rng.uniform(-1.0, 1.0, n)
     sin_t = np.sqrt(1.0 - cos_t**2)
     phi = rng.uniform(0.0, 2.0 * np.pi, n)
@@ -179,7 +183,10 @@ def iso_speeds(model: Hernquist, r: np.ndarray, rng: np.random.Generator) -> np.
 def _aniso_velocities(
     model: Hernquist, r: np.ndarray, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(v_r, v_t >= 0) with density ∝ (Psi - (v_r^2 + v_t^2)/2)^2 on the half disk (beta = 1/2 DF at fixed r)."""
+    """(v_r, v_t >= 0) with density ∝ (Psi - (v_r^2 + v_t^2)/2)^2 on the half disk.
+
+    That is the velocity distribution of the beta = 1/2 DF at fixed r.
+    """
     # 1 - (1 - U)^(1/3): density 3 (1 - y)^2 on [0, 1)
     y = -np.expm1(np.log1p(-rng.random(r.size)) / 3.0)
     rho = np.sqrt(2.0 * model.relative_potential(r) * y)
@@ -187,7 +194,7 @@ def _aniso_velocities(
     return rho * np.cos(alpha), rho * np.sin(alpha)
 
 
-# ---- emcee -----------------------------------------------------------------------------------------
+# ---- emcee --------------------------------------------------------------------------------------
 
 def sample_emcee(
     log_df: Callable[[np.ndarray, np.ndarray], np.ndarray],
@@ -344,7 +351,7 @@ def _initial_walkers(log_prob, nwalkers: int, init, init_scale, r_max, rng) -> n
                      "init_scale")
 
 
-# ---- cuts and noise ---------------------------------------------------------------------------------
+# ---- cuts and noise -----------------------------------------------------------------------------
 
 def cut(
     cat: Catalogue, r_max: float | None = None, bound_to: Hernquist | None = None
@@ -414,7 +421,7 @@ def add_noise(
                      meta={**cat.meta, "noise": [*cat.meta.get("noise", []), record]})
 
 
-# ---- validation -------------------------------------------------------------------------------------
+# ---- validation ---------------------------------------------------------------------------------
 
 def _radius(r_max: Any) -> float | None:
     """A truncation radius: None (no truncation) or a finite number > 0."""

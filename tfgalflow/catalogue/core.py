@@ -38,7 +38,7 @@ NPZ_SUFFIXES = (".npz",)
 HDF5_SUFFIXES = (".h5", ".hdf5")
 
 
-# ---- the catalogue -------------------------------------------------------------------------------
+# ---- the catalogue ------------------------------------------------------------------------------
 
 @dataclass(frozen=True, eq=False)
 class Catalogue:
@@ -131,7 +131,10 @@ class Catalogue:
         return None if mu is None else _as_model_units(mu)
 
     def select(self, rows, **meta_updates: Any) -> "Catalogue":
-        """The stars ``rows`` (boolean mask [N] or integer indices) as a new catalogue; meta updated."""
+        """The stars ``rows`` (boolean mask [N] or integer indices) as a new catalogue.
+
+        Its meta is this catalogue's, updated with ``meta_updates``.
+        """
         rows = np.asarray(rows)
         if rows.dtype == bool and rows.shape != (len(self),):
             raise InputError(f"a boolean row mask must have shape [{len(self)}], got "
@@ -177,7 +180,7 @@ class Catalogue:
 
     # ---- files ------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
-        """Write to ``path`` (.npz, or .h5/.hdf5) atomically: a crash leaves any previous file intact."""
+        """Write to ``path`` (.npz, .h5 or .hdf5) atomically: a crash keeps any old file."""
         path = Path(path)
         suffix = path.suffix.lower()
         if suffix in NPZ_SUFFIXES:
@@ -249,10 +252,10 @@ class Catalogue:
 
 
 
-# ---- units ---------------------------------------------------------------------------------------
+# ---- units --------------------------------------------------------------------------------------
 
 def check_units(units: Mapping[str, str] | None) -> dict[str, str]:
-    """Validated ``{"length": L, "velocity": V}``; InputError when missing, incomplete or unknown."""
+    """Validated ``{"length": L, "velocity": V}``; InputError if missing, incomplete or unknown."""
     allowed = (f"length in {sorted(LENGTH_UNITS) + [MODEL_UNIT]}, velocity in "
                f"{sorted(VELOCITY_UNITS) + [MODEL_UNIT]}")
     if units is None:
@@ -296,7 +299,7 @@ def _as_model_units(mu: Any) -> ModelUnits:
 
 
 
-# ---- meta, units of files, paths -----------------------------------------------------------------
+# ---- meta, units of files, paths ----------------------------------------------------------------
 
 def jsonable(meta: Any, name: str) -> dict:
     """A plain-JSON copy of ``meta`` (NumPy scalars/arrays, dataclasses and paths converted)."""
@@ -326,7 +329,10 @@ def _json_default(obj: Any) -> Any:
 
 def resolve_units(path: Path, file_units: Any, given: Mapping[str, str] | None,
                    fallback: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The file's units, checked against the caller's; the caller's (or ``fallback``) when the file has none."""
+    """The file's units, checked against the caller's ``given`` ones.
+
+    When the file records none: ``given``, else ``fallback``, else FileError.
+    """
     if file_units is not None:
         try:
             file_units = check_units(file_units)

@@ -79,7 +79,10 @@ def gadget_layout(path: Path, f, units: Mapping[str, str] | None) -> HDF5Catalog
 
 
 def _gadget_cgs_units(f) -> tuple[float, float] | None:
-    """(UnitLength_in_cm, UnitVelocity_in_cm_per_s) from the Header, Parameters or Units group, if present."""
+    """(UnitLength_in_cm, UnitVelocity_in_cm_per_s) from the Header, Parameters or Units group.
+
+    None when no group holds both.
+    """
     for group in ("Header", "Parameters", "Units"):
         if group in f:
             length = attribute(f[group], "UnitLength_in_cm")

@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
 CHUNK_ROWS = 32768
 
 
-# ---- lazy access ----------------------------------------------------------------------------------
+# ---- lazy access --------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class HDF5Catalogue:
@@ -170,7 +170,10 @@ class HDF5Catalogue:
         with_labels: bool | None = None,
         drop_remainder: bool = False,
     ) -> "tf.data.Dataset":
-        """``tf.data.Dataset`` streaming :meth:`batches` from disk; epoch k (the k-th iteration) uses seed (seed, k)."""
+        """``tf.data.Dataset`` streaming :meth:`batches` from disk.
+
+        Epoch k (the k-th iteration over the dataset) shuffles with the seed (seed, k).
+        """
         import tensorflow as tf
 
         batch_size = validation.integer(batch_size, "batch_size")
@@ -242,7 +245,7 @@ def hdf5_dataset(path: str | os.PathLike, batch_size: int, shuffle_buffer: int =
 
 
 
-# ---- writing and reading --------------------------------------------------------------------------
+# ---- writing and reading ------------------------------------------------------------------------
 
 def write_hdf5(tmp: Path, cat: Catalogue) -> None:
     """Write ``cat`` to ``tmp`` in the tfgalflow HDF5 layout (chunked pos, vel [, labels])."""
@@ -283,7 +286,7 @@ class _open_h5:
 
 
 def attribute(obj, name: str, default: Any = None) -> Any:
-    """HDF5 attribute ``name`` of ``obj`` as a plain Python value (bytes decoded, 0-d unwrapped)."""
+    """HDF5 attribute ``name`` of ``obj`` as a plain value (bytes decoded, 0-d unwrapped)."""
     value = obj.attrs.get(name, default)
     if isinstance(value, bytes):
         return value.decode()

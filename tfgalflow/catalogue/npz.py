@@ -31,7 +31,7 @@ def write_npz(tmp: Path, cat: Catalogue) -> None:
 
 
 def read_npz(path: Path, units: Mapping[str, str] | None) -> Catalogue:
-    """The in-memory :class:`Catalogue` stored in a .npz file, its units checked against ``units``."""
+    """The :class:`Catalogue` stored in a .npz file, its units checked against ``units``."""
     try:
         with np.load(path, allow_pickle=False) as z:
             keys = set(z.files)

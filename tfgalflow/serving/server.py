@@ -179,7 +179,7 @@ class ModelRepository:
     def resolve(
         self, name: str, version: str | None = None, label: str | None = None
     ) -> tuple[int, Any]:
-        """(version, ExportedModel) for a request; the highest available version when none is given."""
+        """(version, ExportedModel) for a request; the highest available one by default."""
         number = self._version_number(name, version, label)
         found = self._models.get(name, {})
         available = {v: e for v, e in found.items() if e.model is not None}
@@ -215,7 +215,7 @@ class ModelRepository:
         }
 
 
-# ---- request and response bodies (TF Serving's JSON mapping) -----------------------------------------
+# ---- request and response bodies (TF Serving's JSON mapping) ------------------------------------
 
 def _parse_body(body: bytes) -> dict:
     if not body:
@@ -239,7 +239,7 @@ def _parse_body(body: bytes) -> dict:
 
 
 def _row_values(instances: Any, signature: Any) -> dict[str, Any]:
-    """Row format: each instance a value (single input) or {input name: value}; batched along axis 0."""
+    """Row format: each instance a value (one input) or {input name: value}; stacked on axis 0."""
     if not isinstance(instances, list):
         raise _HTTPError(400, "Expecting 'instances' to be a list/array")
     if not instances:
@@ -321,7 +321,7 @@ def _has_bool(value: Any) -> bool:
 
 
 def _reject_booleans(values: Mapping[str, Any], signature: Any) -> None:
-    """JSON true/false among numbers (NumPy would read them as 1/0); TF Serving rejects them too."""
+    """JSON true/false among numbers (NumPy reads them as 1/0); TF Serving rejects them too."""
     for name, value in values.items():
         spec = signature.inputs.get(name)
         if spec is not None and spec[1].kind != "b" and _has_bool(value):
@@ -338,7 +338,7 @@ def _json(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
-# ---- the aiohttp application ------------------------------------------------------------------------
+# ---- the aiohttp application --------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class _Prepared:
