@@ -1,18 +1,19 @@
-"""Throughput and latency of the REST endpoint, beside direct in-process signature calls (the baseline).
+r"""Throughput and latency of the REST endpoint, beside direct in-process calls (the baseline).
 
-The endpoint runs as a separate process (``tfgalflow serve`` on 127.0.0.1, so server and clients do not
-share a GIL); a bounded number of concurrent keep-alive clients (aiohttp) post the same payload for a
-bounded time, for each payload size; small payloads also against a second server with micro-batching
-off (mode REST-nobat). Every answer is checked against the in-process SavedModel
-(rtol = atol = 1e-5, float32 precision): failed answers (non-200, errors) and wrong answers are counted.
-The baseline calls the same loaded signature directly, sequentially, for the same time.
+The endpoint runs as a separate process (``tfgalflow serve`` on 127.0.0.1, so server and clients do
+not share a GIL); a bounded number of concurrent keep-alive clients (aiohttp) post the same payload
+for a bounded time, for each payload size; small payloads also against a second server with
+micro-batching off (mode REST-nobat). Every answer is checked against the in-process SavedModel
+(rtol = atol = 1e-5, float32 precision): failed answers (non-200, errors) and wrong answers are
+counted. The baseline calls the same loaded signature directly, sequentially, for the same time.
 
-    .venv/bin/python benchmarks/bench_serving.py                                 # 8 clients x 10 s, sizes 1, 100, 10^4
+    .venv/bin/python benchmarks/bench_serving.py  # 8 clients x 10 s, sizes 1, 100, 10^4
     .venv/bin/python benchmarks/bench_serving.py --clients 4 --seconds 3 --sizes 1 1000
-    .venv/bin/python benchmarks/bench_serving.py --model saved_models/hernquist_iso/1 --format columns
+    .venv/bin/python benchmarks/bench_serving.py --model saved_models/hernquist_iso/1 \
+        --format columns
 
-Without ``--model`` a 6D affine flow (6 layers, 64x64 MADE networks, rescaler fitted to Gaussian data;
-untrained weights do not change the cost) is exported to a temporary directory first.
+Without ``--model`` a 6D affine flow (6 layers, 64x64 MADE networks, rescaler fitted to Gaussian
+data; untrained weights do not change the cost) is exported to a temporary directory first.
 """
 from __future__ import annotations
 

@@ -1,21 +1,23 @@
-"""How the CBE acceleration error of a learned Hernquist DF falls with the ensemble size.
+r"""How the CBE acceleration error of a learned Hernquist DF falls with the ensemble size.
 
-For a finished study (``scripts/hernquist_study.py``) or any run directory trained on a Hernquist mock, this
-evaluates the ensembles made of the first K members (K = 1, 2, 4, ... up to the run's size) with the same
-positions, velocities seed and CBE settings as the study, and prints per K:
+For a finished study (``scripts/hernquist_study.py``) or any run directory trained on a Hernquist
+mock, this evaluates the ensembles made of the first K members (K = 1, 2, 4, ... up to the run's
+size) with the same positions, velocities seed and CBE settings as the study, and prints per K:
 
 * the median and 90th-percentile fractional error |a - a_true| / |a_true| over 0.2a <= r <= 5a;
-* the held-out density error of the learned DF, Δ = log f_exact - log f_learned on fresh exact draws:
-  KL(exact || learned) = <Δ> (up to the constant log M(<r_max) of the truncated mock) and its spread std(Δ),
-  which sets the scale of the gradient errors that limit the CBE fit.
+* the held-out density error of the learned DF, Δ = log f_exact - log f_learned on fresh exact
+  draws: KL(exact || learned) = <Δ> (up to the constant log M(<r_max) of the truncated mock) and
+  its spread std(Δ), which sets the scale of the gradient errors that limit the CBE fit.
 
-An ensemble averages densities (mean of p, ``tfgalflow.model.Ensemble``), so member-to-member fluctuations
-of ∇ log f shrink roughly as 1/sqrt(K) while errors shared by all members (architecture, data) do not.
-With ``--rotations M`` each ensemble is also averaged over M joint rotations of (x, v)
-(``tfgalflow.symmetry.SphericalAverage``; the mock is spherical) and its CBE error printed beside.
+An ensemble averages densities (mean of p, ``tfgalflow.model.Ensemble``), so member-to-member
+fluctuations of ∇ log f shrink roughly as 1/sqrt(K) while errors shared by all members
+(architecture, data) do not. With ``--rotations M`` each ensemble is also averaged over M joint
+rotations of (x, v) (``tfgalflow.symmetry.SphericalAverage``; the mock is spherical) and its CBE
+error printed beside.
 
     python scripts/ensemble_convergence.py studies/hernquist/runs/iso --kind iso
-    python scripts/ensemble_convergence.py RUN --kind aniso --n-radii 40 --n-velocities 1024 --out conv.json
+    python scripts/ensemble_convergence.py RUN --kind aniso --n-radii 40 --n-velocities 1024 \
+        --out conv.json
     python scripts/ensemble_convergence.py RUN --kind iso --rotations 64
 """
 from __future__ import annotations

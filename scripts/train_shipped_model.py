@@ -1,22 +1,23 @@
 """Train, export and document the shipped model: saved_models/hernquist_iso/1.
 
-A 6D affine MAF learns the isotropic Hernquist (1990) distribution function f(x, v) from an exact mock
-in model units (G = M = a = 1), radially truncated at R_MAX (so the sampled density is
-f(x, v) / M(<R_MAX) inside R_MAX). Everything that defines the run is recorded: the mock (N, seed,
-R_MAX), the TrainConfig (in the run's config.json, also stored inside the SavedModel) and this script.
+A 6D affine MAF learns the isotropic Hernquist (1990) distribution function f(x, v) from an exact
+mock in model units (G = M = a = 1), radially truncated at R_MAX (so the sampled density is
+f(x, v) / M(<R_MAX) inside R_MAX). Everything that defines the run is recorded: the mock
+(N, seed, R_MAX), the TrainConfig (in the run's config.json, also stored inside the SavedModel) and
+this script.
 
 Accuracy is measured on held-out stars from the same exact sampler (never seen in training):
 
     Δ(w) = log p_learned(w) − log p_exact(w),   p_exact = f_iso(w) / M(<R_MAX)
 
 mean and spread of Δ, and the Monte-Carlo estimate KL(p_exact || p_learned) = −mean(Δ) ≥ 0 with its
-standard error. The report (saved_models/hernquist_iso/training_report.{json,md}, beside the version
-directory, where TF Serving ignores it) also gives the final losses against the ideal loss (the
-differential entropy of p_exact, estimated on the same stars) and CBE accelerations from the exported
-model against the exact Hernquist acceleration -G M x / (r (r + a)^2).
+standard error. The report (saved_models/hernquist_iso/training_report.{json,md}, beside the
+version directory, where TF Serving ignores it) also gives the final losses against the ideal loss
+(the differential entropy of p_exact, estimated on the same stars) and CBE accelerations from the
+exported model against the exact Hernquist acceleration -G M x / (r (r + a)^2).
 
-    .venv/bin/python scripts/train_shipped_model.py                 # refuses to replace an existing version 1
-    .venv/bin/python scripts/train_shipped_model.py --overwrite     # retrain and replace it
+    .venv/bin/python scripts/train_shipped_model.py  # refuses to replace an existing version 1
+    .venv/bin/python scripts/train_shipped_model.py --overwrite  # retrain and replace it
 
 Runtime: a few minutes on 2 CPU cores. The run directory goes to runs/hernquist_iso (git-ignored).
 """

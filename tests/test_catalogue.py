@@ -1,8 +1,9 @@
-"""tfgalflow.catalogue: validation, exact file round trips, Gadget layout, lazy HDF5 streaming, atomic saves.
+"""tfgalflow.catalogue: validation, exact round trips, Gadget files, HDF5 streaming, atomic saves.
 
-References: the arrays written (round trips must be bit-exact, np.array_equal), the sorted rows of the
-file (every streamed epoch must be a permutation of them), CODATA/IAU constants written out literally
-here (unit conversions), and a good file saved before a simulated crash (it must survive unchanged).
+References: the arrays written (round trips must be bit-exact, np.array_equal), the sorted rows of
+the file (every streamed epoch must be a permutation of them), CODATA/IAU constants written out
+literally here (unit conversions), and a good file saved before a simulated crash (it must survive
+unchanged).
 """
 from __future__ import annotations
 
