@@ -1,10 +1,10 @@
 """SavedModel export: signatures, answers outside tfgalflow, versioning, models.config and loading.
 
 The reference for every exported answer is the in-memory model it came from (same weights, same
-rescaling, same stateless seed). "Float32 precision" below means rtol = atol = 1e-5: the exported graph
-runs the same float32 ops, possibly in a different order (other thread count, TF1-session loading in
-``saved_model_cli``), so results agree to a few ulps of values of order 1-100, while a missing rescaling,
-a wrong seed or a wrong version is off by O(1).
+rescaling, same stateless seed). "Float32 precision" below means rtol = atol = 1e-5: the exported
+graph runs the same float32 ops, possibly in a different order (other thread count, TF1-session
+loading in ``saved_model_cli``), so results agree to a few ulps of values of order 1-100, while a
+missing rescaling, a wrong seed or a wrong version is off by O(1).
 """
 from __future__ import annotations
 
@@ -151,7 +151,8 @@ for name in ("iso", "cond", "ensemble"):
         feed["labels"] = tf.constant(inputs["labels"])
     results[name + "_log_prob"] = m.signatures["log_prob"](**feed)["log_prob"].numpy()
     results[name + "_default"] = m.signatures["serving_default"](**feed)["log_prob"].numpy()
-    results[name + "_grad_log_prob"] = m.signatures["grad_log_prob"](**feed)["grad_log_prob"].numpy()
+    grad = m.signatures["grad_log_prob"](**feed)["grad_log_prob"]
+    results[name + "_grad_log_prob"] = grad.numpy()
     seed = {"seed": tf.constant(np.full(50, 11, np.int64))}
     if name == "cond":
         seed["labels"] = feed["labels"]
@@ -161,7 +162,9 @@ for name in ("iso", "cond", "ensemble"):
         acc = m.signatures["accelerations"](positions=tf.constant(inputs["positions"]),
                                             seed=tf.constant(np.full(8, 7, np.int64)))
         results.update({"acc_" + k: v.numpy() for k, v in acc.items()})
-imported = sorted({k.split(".")[0] for k in sys.modules} & {"tensorflow_probability", "tfgalflow", "tf_keras"})
+imported = sorted(
+    {k.split(".")[0] for k in sys.modules} & {"tensorflow_probability", "tfgalflow", "tf_keras"}
+)
 np.savez(sys.argv[3], imported=np.array(imported, dtype=str), **results)
 """
 
@@ -330,8 +333,9 @@ def test_load_saved_model_numpy_in_and_out(exported):
 
 
 def test_loaded_saved_model_is_a_df_for_the_cbe(exported):
-    """cbe.accelerations / df_gradients accept a loaded SavedModel (traced through its log_prob function)
-    and give the in-memory model's answers; the same seed draws the same velocities in both."""
+    """cbe.accelerations / df_gradients accept a loaded SavedModel (traced through its log_prob
+    function) and give the in-memory model's answers; the same seed draws the same velocities in
+    both."""
     from tfgalflow.cbe import accelerations, df_gradients
     model = load(exported["paths"]["iso"])
     r = accelerations(model, exported["positions"], n_velocities=N_VELOCITIES, seed=7)
@@ -457,7 +461,8 @@ def test_failed_export_leaves_nothing_behind(exported, tmp_path, monkeypatch):
 
 def _model_server_config_class():
     """ModelServerConfig built from the field names and numbers of TF Serving's protos
-    (tensorflow_serving/config/model_server_config.proto, .../file_system_storage_path_source.proto)."""
+    (tensorflow_serving/config/model_server_config.proto,
+    .../file_system_storage_path_source.proto)."""
     F = descriptor_pb2.FieldDescriptorProto
     proto = descriptor_pb2.FileDescriptorProto(
         name="tfs_model_server_config.proto", package="tensorflow.serving", syntax="proto3"
@@ -621,8 +626,8 @@ def test_cli_export_prints_the_version_and_regenerates_models_config(exported, t
 
 
 def test_export_of_a_spherical_average_answers_for_the_averaged_df(exported, tmp_path):
-    """`tfgalflow export RUN --rotations M`: every signature is the rotation-averaged DF's (same rotations
-    as SphericalAverage(model, M) in memory), and the metadata says so."""
+    """`tfgalflow export RUN --rotations M`: every signature is the rotation-averaged DF's (same
+    rotations as SphericalAverage(model, M) in memory), and the metadata says so."""
     from tfgalflow.cbe import accelerations
     from tfgalflow.cli import main
     from tfgalflow.symmetry import SphericalAverage

@@ -1,11 +1,11 @@
-"""tfgalflow.mocks and the `mock`/`info` CLI: samplers against independent truths, with fixed seeds.
+"""tfgalflow.mocks and the `mock`/`info` CLI: samplers against independent truths, fixed seeds.
 
-References: the analytic mass profile M(<r)/M = r^2/(r+a)^2 (KS test), the Jeans profiles sigma_r, sigma_t
-of tfgalflow.hernquist (closed forms of the Jeans integral, independent of the DF code the sampler uses),
-speed distributions at fixed r by scipy quadrature of v^2 f(Psi - v^2/2), emcee against the exact
-sampler (two-sample KS), and the requested noise level (sample standard deviation with its standard error).
-Each statistical check also shows that it rejects a wrong model (a = 1.2, the other DF kind), so the
-tolerances cannot hide a wrong factor.
+References: the analytic mass profile M(<r)/M = r^2/(r+a)^2 (KS test), the Jeans profiles sigma_r,
+sigma_t of tfgalflow.hernquist (closed forms of the Jeans integral, independent of the DF code the
+sampler uses), speed distributions at fixed r by scipy quadrature of v^2 f(Psi - v^2/2), emcee
+against the exact sampler (two-sample KS), and the requested noise level (sample standard deviation
+with its standard error). Each statistical check also shows that it rejects a wrong model (a = 1.2,
+the other DF kind), so the tolerances cannot hide a wrong factor.
 """
 from __future__ import annotations
 
@@ -64,10 +64,11 @@ def test_truncated_radii_follow_the_truncated_mass_profile():
 # ---- velocities ---------------------------------------------------------------------------------
 
 def binned_z_scores(cat: Catalogue, kind: str, edges=np.geomspace(0.05, 20.0, 9)):
-    """(z_r, z_t) per radial bin: (mean v_r^2 - <sigma_r^2>) / SE and likewise for one tangential component.
+    """(z_r, z_t) per radial bin: (mean v_r^2 - <sigma_r^2>) / SE, and the same for one
+    tangential component.
 
-    <sigma^2> is the Jeans profile averaged over the bin's own stars (exact expectation given their radii);
-    SE = std / sqrt(n_bin) of the per-star squares (independent stars).
+    <sigma^2> is the Jeans profile averaged over the bin's own stars (exact expectation given their
+    radii); SE = std / sqrt(n_bin) of the per-star squares (independent stars).
     """
     r, v_r, v_t2 = radial_tangential(cat)
     z_r, z_t = [], []
@@ -161,10 +162,11 @@ def test_reproducible_seeds_and_units():
 # ---- emcee --------------------------------------------------------------------------------------
 
 def test_emcee_matches_exact_sampler():
-    """Two-sample KS on r and |v|: emcee (64 walkers, thin 100 as in the reference study) vs exact draws.
+    """Two-sample KS on r and |v|: emcee (64 walkers, thin 100 as in the reference study) vs
+    exact draws.
 
-    Both are truncated at r_max = 20 a: without it walkers drift to huge radii (M(>r) ∝ 1/r) where the
-    stretch move mixes slowly.
+    Both are truncated at r_max = 20 a: without it walkers drift to huge radii (M(>r) ∝ 1/r) where
+    the stretch move mixes slowly.
     """
     df = lambda x, v: H.log_df(x, v, "iso")   # noqa: E731
     mc = sample_emcee(df, 2048, nwalkers=64, burn=500, thin=100, seed=3, r_max=20.0)

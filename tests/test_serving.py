@@ -1,18 +1,19 @@
-"""The TF-Serving-compatible REST endpoint and its client, against SavedModels with analytic answers.
+"""The TF-Serving-compatible REST endpoint and its client, on SavedModels with analytic answers.
 
-The served models are plain ``tf.Module``s written here, so every answer is checked against a formula:
+The served models are plain ``tf.Module``s written here, so every answer is checked against a
+formula:
 
 * ``normal`` (versions 1 and 2, sigma = version): isotropic normal in 3D,
   log p(x) = -|x|^2 / (2 sigma^2) - 3 log sigma - (3/2) log 2 pi,  grad log p = -x / sigma^2;
   signatures ``serving_default`` (log_prob), ``two_outputs`` (log_prob + grad_log_prob),
-  ``scaled`` (inputs x [N,3] float32 and k [N] int64 -> y = k x), ``count_calls`` (returns how often
-  the signature ran - one call per request, whatever the batch size).
+  ``scaled`` (inputs x [N,3] float32 and k [N] int64 -> y = k x), ``count_calls`` (returns how
+  often the signature ran - one call per request, whatever the batch size).
 * ``half_plus_three`` (version 123): y = x / 2 + 3, TF Serving's own documentation model, so the
   request bodies of the REST documentation are sent verbatim and must give its documented answers.
 * ``broken`` (version 1): a corrupt saved_model.pb; reported in its status, never served.
 
-Float tolerances: outputs are float32 computed from float32 inputs; relative 2e-6 (about 16 ulp) covers
-the few rounding steps, while a wrong sign, factor or version (sigma 1 vs 2) is off by O(1).
+Float tolerances: outputs are float32 computed from float32 inputs; relative 2e-6 (about 16 ulp)
+covers the few rounding steps, while a wrong sign, factor or version (sigma 1 vs 2) is off by O(1).
 """
 from __future__ import annotations
 
