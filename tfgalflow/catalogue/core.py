@@ -47,7 +47,8 @@ class Catalogue:
     Attributes:
         pos: [N, 3] positions in ``units["length"]`` (float64, read-only copy).
         vel: [N, 3] velocities in ``units["velocity"]`` (float64, read-only copy).
-        labels: [N, C] conditioning labels (float64) or None. A 1-D [N] array is taken as one column.
+        labels: [N, C] conditioning labels (float64) or None. A 1-D [N] array is taken as
+            one column.
         label_names: C names (default ``label_0 ...``); empty when there are no labels.
         units: ``{"length": L, "velocity": V}`` with L in ``units.LENGTH_UNITS`` or "model", V in
             ``units.VELOCITY_UNITS`` or "model". Required: numbers without units are refused.
@@ -149,11 +150,12 @@ class Catalogue:
     # ---- units ------------------------------------------------------------------------------
     def to_units(self, length: str | None = None, velocity: str | None = None,
                  model_units: ModelUnits | Mapping[str, float] | None = None) -> "Catalogue":
-        """The same stars in other units: x' = x * (kpc per old unit) / (kpc per new unit), likewise v.
+        """The stars in other units: x' = x * (kpc per old unit) / (kpc per new unit), likewise v.
 
-        ``length``/``velocity`` default to the current ones. Converting from or to "model" (G = M = a = 1)
-        needs a :class:`ModelUnits`: ``model_units``, or the one in ``meta["model_units"]`` (then recorded
-        in the result's meta). Example: ``cat.to_units("kpc", "km/s")``; SI: ``cat.to_units("m", "m/s")``.
+        ``length``/``velocity`` default to the current ones. Converting from or to "model"
+        (G = M = a = 1) needs a :class:`ModelUnits`: ``model_units``, or the one in
+        ``meta["model_units"]`` (then recorded in the result's meta). Example:
+        ``cat.to_units("kpc", "km/s")``; SI: ``cat.to_units("m", "m/s")``.
         """
         length = self.units["length"] if length is None else length
         velocity = self.units["velocity"] if velocity is None else velocity
@@ -227,10 +229,10 @@ class Catalogue:
     # ---- tf.data ----------------------------------------------------------------------------
     def to_dataset(self, batch_size: int, shuffle: bool = True, seed: int = 0,
                    with_labels: bool | None = None) -> "tf.data.Dataset":
-        """In-memory pipeline of batches x [B, 6] float32 = (pos, vel), or (x, labels [B, C]) pairs.
+        """In-memory pipeline of batches x [B, 6] float32 = (pos, vel), or of (x, labels [B, C]).
 
-        ``with_labels`` defaults to whether the catalogue has labels. With ``shuffle`` the order is a
-        fresh permutation every epoch, reproducible from ``seed``.
+        ``with_labels`` defaults to whether the catalogue has labels. With ``shuffle`` the order is
+        a fresh permutation every epoch, reproducible from ``seed``.
         """
         import tensorflow as tf
 

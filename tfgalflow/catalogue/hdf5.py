@@ -1,16 +1,17 @@
 """HDF5 catalogues: the tfgalflow layout, written in chunks and read lazily or streamed to tf.data.
 
-Layout: chunked datasets ``pos``, ``vel`` [, ``labels``] with the units, label names and meta as JSON
-attributes of the root group (and a ``units`` attribute on ``pos``/``vel``). Gadget-style snapshots
-are opened here too and read by :mod:`.gadget`.
+Layout: chunked datasets ``pos``, ``vel`` [, ``labels``] with the units, label names and meta as
+JSON attributes of the root group (and a ``units`` attribute on ``pos``/``vel``). Gadget-style
+snapshots are opened here too and read by :mod:`.gadget`.
 
 Large files are never read whole by :func:`open_hdf5` / :func:`hdf5_dataset`: ``len`` and the
-metadata come from the file header, and the ``tf.data`` pipeline reads one group of chunks at a time.
+metadata come from the file header, and the ``tf.data`` pipeline reads one group of chunks at a
+time.
 
 Example::
 
     >>> cat.save("mock.h5")
-    >>> ds = hdf5_dataset("mock.h5", batch_size=1024, shuffle_buffer=100_000, seed=0)   # x [B, 6] f32
+    >>> ds = hdf5_dataset("mock.h5", batch_size=1024, shuffle_buffer=100_000, seed=0)  # [B, 6] f32
 """
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ class HDF5Catalogue:
     """Lazy view of a catalogue in an HDF5 file: header facts now, rows only when asked for.
 
     Attributes: ``path``, ``n`` (= ``len``), ``units``, ``label_names``, ``meta``, ``layout``
-    ("tfgalflow" or "gadget"). Stored values are multiplied by ``length_scale``/``velocity_scale`` on
-    reading (1 except for Gadget files whose cgs unit attributes are converted to kpc, km/s).
+    ("tfgalflow" or "gadget"). Stored values are multiplied by ``length_scale``/``velocity_scale``
+    on reading (1 except for Gadget files whose cgs unit attributes are converted to kpc, km/s).
     """
 
     path: Path
@@ -103,10 +104,11 @@ class HDF5Catalogue:
     ) -> Iterator[np.ndarray | tuple[np.ndarray, np.ndarray]]:
         """One epoch of float32 batches x [B, 6] (or (x, labels [B, C])), reading groups of chunks.
 
-        ``shuffle_buffer = 0``: file order. ``shuffle_buffer > 0``: the chunk order is permuted and the
-        rows of each group of ceil(shuffle_buffer / chunk) chunks are permuted together, with
-        ``numpy.random.default_rng([seed, epoch])``. Every row appears exactly once per epoch (the last
-        batch may be short unless ``drop_remainder``). Memory: about max(shuffle_buffer, chunk) rows.
+        ``shuffle_buffer = 0``: file order. ``shuffle_buffer > 0``: the chunk order is permuted and
+        the rows of each group of ceil(shuffle_buffer / chunk) chunks are permuted together, with
+        ``numpy.random.default_rng([seed, epoch])``. Every row appears exactly once per epoch (the
+        last batch may be short unless ``drop_remainder``). Memory: about
+        max(shuffle_buffer, chunk) rows.
         """
         import h5py
 
@@ -206,11 +208,12 @@ class HDF5Catalogue:
 def open_hdf5(path: str | os.PathLike, units: Mapping[str, str] | None = None) -> HDF5Catalogue:
     """Open an HDF5 catalogue lazily: reads the header (N, units, labels, meta), no rows.
 
-    Layouts: tfgalflow (``pos``, ``vel`` [, ``labels``] at the root) or Gadget (``PartType4/Coordinates``,
-    ``PartType4/Velocities``). Units: the file's ``units`` attributes, Gadget's cgs unit attributes in
-    ``Header``/``Parameters``/``Units`` (positions then scaled to kpc, velocities to km/s; comoving a and
-    h factors are *not* applied), or ``units`` given here (which override Gadget's cgs attributes and must
-    agree with tfgalflow units). FileError when the file is missing/corrupt or a dataset/units are missing.
+    Layouts: tfgalflow (``pos``, ``vel`` [, ``labels``] at the root) or Gadget
+    (``PartType4/Coordinates``, ``PartType4/Velocities``). Units: the file's ``units`` attributes,
+    Gadget's cgs unit attributes in ``Header``/``Parameters``/``Units`` (positions then scaled to
+    kpc, velocities to km/s; comoving a and h factors are *not* applied), or ``units`` given here
+    (which override Gadget's cgs attributes and must agree with tfgalflow units). FileError when
+    the file is missing/corrupt or a dataset/units are missing.
     """
     import h5py
 
@@ -230,10 +233,11 @@ def open_hdf5(path: str | os.PathLike, units: Mapping[str, str] | None = None) -
 def hdf5_dataset(path: str | os.PathLike, batch_size: int, shuffle_buffer: int = 0, seed: int = 0,
                  with_labels: bool | None = None, drop_remainder: bool = False,
                  units: Mapping[str, str] | None = None) -> "tf.data.Dataset":
-    """Stream an HDF5 catalogue as batches x [B, 6] float32 (or (x, labels)), never loading it whole.
+    """Stream an HDF5 catalogue as batches x [B, 6] float32 (or (x, labels)), never all at once.
 
-    Same as ``open_hdf5(path, units).dataset(batch_size, shuffle_buffer, seed, with_labels, drop_remainder)``;
-    each epoch yields every row exactly once, in a permuted order when ``shuffle_buffer > 0``.
+    Same as ``open_hdf5(path, units).dataset(batch_size, shuffle_buffer, seed, with_labels,
+    drop_remainder)``; each epoch yields every row exactly once, in a permuted order when
+    ``shuffle_buffer > 0``.
     """
     return open_hdf5(path, units=units).dataset(
         batch_size,

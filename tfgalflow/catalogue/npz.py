@@ -2,9 +2,9 @@
 
 Arrays ``pos``, ``vel`` [, ``labels``, ``label_names``] as in the reference datasets of An, Naik,
 Evans & Burrage (2021) (which hold only ``pos``/``vel``, in m and m/s), plus 0-d string arrays
-``units`` and ``meta`` (JSON) and ``format``/``format_version``. A file without ``units`` loads only
-when the caller states them: ``Catalogue.load("hq_iso_orig.npz", units={"length": "m", "velocity":
-"m/s"})``.
+``units`` and ``meta`` (JSON) and ``format``/``format_version``. A file without ``units`` loads
+only when the caller states them: ``Catalogue.load("hq_iso_orig.npz", units={"length": "m",
+"velocity": "m/s"})``.
 """
 from __future__ import annotations
 
