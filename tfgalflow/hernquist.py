@@ -1,4 +1,5 @@
-"""The Hernquist (1990) sphere: density, potential, forces, exact distribution functions, Jeans profiles.
+"""The Hernquist (1990) sphere: density, potential, forces, exact distribution functions, Jeans
+profiles.
 
 Model of total mass ``M`` and scale length ``a`` under gravitational constant ``G`` (model units
 G = M = a = 1 by default; see :mod:`tfgalflow.units` for physical scales)::
@@ -16,23 +17,24 @@ Two self-consistent equilibria ("kinds"):
                        * [3 arcsin q + q (1 - q^2)^(1/2) (1 - 2 q^2) (8 q^4 - 8 q^2 - 3)]
 
 ``"aniso"`` constant anisotropy beta = 1/2 (Baes & Dejonghe 2002, A&A 393, 485; Evans & An 2006,
-            Phys. Rev. D 73, 023524). In model units f(E, L) = 3 E^2 / (4 pi^3 L). Measuring E in units
-            of G M / a, L in units of a v_g = sqrt(G M a) and f in units of M / (a^3 v_g^3) gives::
+            Phys. Rev. D 73, 023524). In model units f(E, L) = 3 E^2 / (4 pi^3 L). Measuring E in
+            units of G M / a, L in units of a v_g = sqrt(G M a) and f in units of M / (a^3 v_g^3)
+            gives::
 
                 f(E, L) = 3 M (a E / G M)^2 / (4 pi^3 a^3 v_g^3 (L / (a v_g)))
                         = 3 (a E / G M)^2 / (4 pi^3 G a L)
 
             (check: integrating over velocities gives rho(r) for any G, M, a; tested).
 
-Both DFs vanish for E <= 0 (``log_df`` = -inf there) and are normalised to M: the integral of f over
-phase space is the total mass (f is a *mass* density in phase space).
+Both DFs vanish for E <= 0 (``log_df`` = -inf there) and are normalised to M: the integral of f
+over phase space is the total mass (f is a *mass* density in phase space).
 
 Numerics. The bracket B(q) of eq. 17 is B(q) = 128 int_0^q t^4 (1 - t^2)^(3/2) dt (differentiate to
 check), so B ~ 128 q^5 / 5 for small q while its two closed-form terms are O(q): evaluating eq. 17
-directly loses ~q^-4 in relative precision. For q^2 < 1/2 we sum the binomial series of the integral
-instead. Near the centre (q -> 1) we never form 1 - q^2 by subtraction from E: for a phase-space
-point it is 1 - q^2 = r / (r + a) + a |v|^2 / (2 G M) exactly, and arcsin q = atan2(q, sqrt(1 - q^2)).
-The same formulas are used in float64 (NumPy) and in float32/float64 (TensorFlow).
+directly loses ~q^-4 in relative precision. For q^2 < 1/2 we sum the binomial series of the
+integral instead. Near the centre (q -> 1) we never form 1 - q^2 by subtraction from E: for a
+phase-space point it is 1 - q^2 = r / (r + a) + a |v|^2 / (2 G M) exactly, and arcsin q = atan2(q,
+sqrt(1 - q^2)). The same formulas are used in float64 (NumPy) and in float32/float64 (TensorFlow).
 
 NumPy methods take r of any shape and x, v of shape [N, 3]; TensorFlow methods (``tf_*``) import
 TensorFlow lazily, follow the input dtype and are differentiable with ``tf.GradientTape``.
@@ -89,7 +91,8 @@ def _horner(coefficients, z, one):
 
 @dataclass(frozen=True)
 class Hernquist:
-    """Hernquist sphere of mass ``M``, scale length ``a`` and gravitational constant ``G`` (all > 0).
+    """Hernquist sphere of mass ``M``, scale length ``a`` and gravitational constant ``G`` (all >
+    0).
 
     Units are whatever M, a, G are in (default: model units G = M = a = 1). Velocities are then in
     units of sqrt(G M / a) * (your velocity unit) etc.; see :class:`tfgalflow.units.ModelUnits`.
@@ -176,7 +179,8 @@ class Hernquist:
         return self.relative_potential(np.linalg.norm(x, axis=1)) - 0.5 * np.sum(v * v, axis=1)
 
     def f_iso(self, E) -> np.ndarray:
-        """Isotropic Hernquist DF f(E) (Hernquist 1990 eq. 17) for relative energies E of any shape.
+        """Isotropic Hernquist DF f(E) (Hernquist 1990 eq. 17) for relative energies E of any
+        shape.
 
         Zero for E <= 0; diverges as (1 - a E / G M)^(-5/2) at E -> G M / a (the centre).
         """
@@ -259,8 +263,9 @@ class Hernquist:
         "iso" (Hernquist 1990 eq. 10), with T = a / (r + a):
             sigma_r^2 = (G M / a) (1 - T) T^-4 [-ln(1 - T) - T - T^2/2 - T^3/3 - T^4/4]
                       = (G M / a) (1 - T) sum_{k>=5} T^(k-4) / k      (series used for r > a)
-        "aniso" (beta = 1/2): the Jeans equation (1/r) d(r rho sigma_r^2)/dr = -rho dPhi/dr integrates to
-            r rho sigma_r^2 = G M^2 a / (8 pi (r + a)^4), i.e.  sigma_r^2 = G M / (4 (r + a)).
+        "aniso" (beta = 1/2): the Jeans equation (1/r) d(r rho sigma_r^2)/dr = -rho dPhi/dr
+            integrates to r rho sigma_r^2 = G M^2 a / (8 pi (r + a)^4), i.e.  sigma_r^2 = G M / (4
+            (r + a)).
         """
         _check_kind(kind)
         r = _radii(r)
@@ -290,7 +295,8 @@ class Hernquist:
 
     # ---- TensorFlow ---------------------------------------------------------------------------
     def tf_log_df(self, x, v, kind: str = "iso"):
-        """TensorFlow log f(x, v): x, v [N, 3] -> [N], dtype of x (v is cast to it); -inf where E <= 0.
+        """TensorFlow log f(x, v): x, v [N, 3] -> [N], dtype of x (v is cast to it); -inf where E
+        <= 0.
 
         Differentiable: gradients are finite at bound points with r > 0 (and L > 0 for "aniso") and
         exactly zero at unbound points, so one unbound star cannot put NaN into a batch gradient.

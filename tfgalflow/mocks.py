@@ -1,34 +1,37 @@
-"""Mock star catalogues: exact Hernquist samplers, emcee sampling of any DF, cuts and observational noise.
+"""Mock star catalogues: exact Hernquist samplers, emcee for any DF, cuts and observational noise.
 
 ``sample_hernquist`` draws independent stars from the isotropic or beta = 1/2 Hernquist DF
 (:mod:`tfgalflow.hernquist`) exactly, fully vectorised (10^6 stars in about a second):
 
-* radius by inverting the mass profile, M(<r)/M = r^2 / (r + a)^2 = u  =>  r = a sqrt(u) / (1 - sqrt(u)),
+* radius by inverting the mass profile,
+  M(<r)/M = r^2 / (r + a)^2 = u  =>  r = a sqrt(u) / (1 - sqrt(u)),
   with u ~ U(0, u_max), u_max = M(<r_max)/M for a catalogue truncated at r_max;
 * position direction isotropic;
 * velocity from the DF at fixed r, p(v | r) ∝ f(x, v):
 
-  ``iso``   p(v | r) ∝ v^2 f(Psi - v^2/2) on [0, v_esc], by rejection in vectorised rounds. Hernquist's
-            eq. 17 is f = C B(q) (1 - q^2)^(-5/2) with q^2 = a E / (G M) and B increasing in q. The proposal
+  ``iso``   p(v | r) ∝ v^2 f(Psi - v^2/2) on [0, v_esc], by rejection in vectorised rounds.
+            Hernquist's eq. 17 is f = C B(q) (1 - q^2)^(-5/2) with q^2 = a E / (G M) and B
+            increasing in q. The proposal
             g(v) ∝ v^2 (1 - q^2)^(-5/2) = v^2 (c + s)^(-5/2), c = r / (r + a), s = v^2 / (2 v_g^2),
-            is inverted exactly (t = s / (c + s) has density ∝ t^(1/2) on [0, a / (r + a)]), and a
-            proposal is accepted with probability B(q(v)) / B(q(0)) <= 1. The acceptance rate is >= 0.18
-            at every radius (-> 1 at the centre, where the naive v^2 proposal with f(Psi - v^2/2)/f(Psi)
-            fails: f(Psi) diverges as r -> 0).
-  ``aniso`` beta = 1/2, f = 3 E^2 / (4 pi^3 L) with L = r v_t: p(v_r, v_t | r) ∝ v_t f ∝ E^2 =
-            (Psi - (v_r^2 + v_t^2)/2)^2 on the half disk v_t >= 0. In polar coordinates (rho, alpha) of
-            that half disk, alpha ~ U(0, pi) and y = rho^2 / (2 Psi) has density 3 (1 - y)^2, so
-            y = 1 - (1 - U)^(1/3): exact inversion, no rejection. The tangential direction is uniform.
+            is inverted exactly (t = s / (c + s) has density ∝ t^(1/2) on [0, a / (r + a)]), and
+            a proposal is accepted with probability B(q(v)) / B(q(0)) <= 1. The acceptance rate is
+            >= 0.18 at every radius (-> 1 at the centre, where the naive v^2 proposal with
+            f(Psi - v^2/2)/f(Psi) fails: f(Psi) diverges as r -> 0).
+  ``aniso`` beta = 1/2, f = 3 E^2 / (4 pi^3 L) with L = r v_t:
+            p(v_r, v_t | r) ∝ v_t f ∝ E^2 = (Psi - (v_r^2 + v_t^2)/2)^2 on the half disk
+            v_t >= 0. In polar coordinates (rho, alpha) of that half disk, alpha ~ U(0, pi) and
+            y = rho^2 / (2 Psi) has density 3 (1 - y)^2, so y = 1 - (1 - U)^(1/3): exact
+            inversion, no rejection. The tangential direction is uniform.
 
 ``sample_emcee`` runs emcee's affine-invariant ensemble sampler in 6D on any log f(x, v), as the
-reference study did (An, Naik, Evans & Burrage 2021; Naik's HernquistFlows ``data/sample_hq_iso.py``:
-100 walkers, 1000 burn-in steps, thinning by 100, truncation at 200 a).
+reference study did (An, Naik, Evans & Burrage 2021; Naik's HernquistFlows
+``data/sample_hq_iso.py``: 100 walkers, 1000 burn-in steps, thinning by 100, truncation at 200 a).
 
 ``add_noise`` follows the reference study's convention by default (each Cartesian coordinate times
 (1 + level N(0, 1)), HernquistFlows ``data/add_noise.py``); see its docstring.
 
-References: Hernquist 1990, ApJ 356, 359; Baes & Dejonghe 2002, A&A 393, 485; Foreman-Mackey et al. 2013,
-PASP 125, 306 (emcee); An, Naik, Evans & Burrage 2021, MNRAS 506, 5721.
+References: Hernquist 1990, ApJ 356, 359; Baes & Dejonghe 2002, A&A 393, 485; Foreman-Mackey et al.
+2013, PASP 125, 306 (emcee); An, Naik, Evans & Burrage 2021, MNRAS 506, 5721.
 """
 from __future__ import annotations
 
@@ -71,13 +74,17 @@ def sample_hernquist(
 
     Args:
         n: number of stars, >= 1.
-        kind: "iso" (Hernquist 1990 f(E)) or "aniso" (beta = 1/2, f(E, L) = 3 E^2 / (4 pi^3 L) in G=M=a=1).
-        seed: seed of ``numpy.random.default_rng``; None draws fresh entropy (recorded in meta["seed"]).
+        kind: "iso" (Hernquist 1990 f(E)) or "aniso" (beta = 1/2, f(E, L) = 3 E^2 / (4 pi^3 L) in
+            G=M=a=1).
+        seed: seed of ``numpy.random.default_rng``; None draws fresh entropy (recorded in
+            meta["seed"]).
         model: the Hernquist(M, a, G) sphere; positions and velocities come out in its units.
-        r_max: if given, only stars with r < r_max (the DF restricted to r < r_max; velocities unchanged).
-        model_units: physical scale of model units (G = M = a = 1 system), stored in meta["model_units"]
-            so that ``cat.to_units("kpc", "km/s")`` works; default ``ModelUnits()`` (1e10 Msun, 1 kpc).
-            Only recorded when model.G == 1 (otherwise "model" velocities are not sqrt(G M_u / L_u)).
+        r_max: if given, only stars with r < r_max (the DF restricted to r < r_max; velocities
+            unchanged).
+        model_units: physical scale of model units (G = M = a = 1 system), stored in
+            meta["model_units"] so that ``cat.to_units("kpc", "km/s")`` works; default
+            ``ModelUnits()`` (1e10 Msun, 1 kpc). Only recorded when model.G == 1 (otherwise "model"
+            velocities are not sqrt(G M_u / L_u)).
 
     Returns a :class:`Catalogue` in units "model"/"model": pos [n, 3], vel [n, 3].
 
@@ -148,7 +155,9 @@ def _spherical_basis(
 
 
 def iso_speeds(model: Hernquist, r: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """|v| ~ v^2 f(Psi(r) - v^2/2) on [0, v_esc] by rejection from g(v) ∝ v^2 (c + s)^(-5/2) (module docstring).
+    """|v| ~ v^2 f(Psi(r) - v^2/2) on [0, v_esc], by rejection from g(v) ∝ v^2 (c + s)^(-5/2).
+
+    See the module docstring for the proposal and the acceptance probability.
 
     log B(q) + const = log f + (5/2) log(c + s) is evaluated with ``model.log_df`` (which forms
     1 - q^2 = c + s without cancellation), at x = (r, 0, 0), v = (|v|, 0, 0).
@@ -212,21 +221,21 @@ def sample_emcee(
 ) -> Catalogue:
     """Sample ``n`` stars from any DF with emcee's ensemble sampler in 6D (x, v).
 
-    Target: p(x, v) ∝ exp(log_df(x, v)) for |x| < r_max (-inf beyond; NaN and +inf are treated as -inf,
-    e.g. the beta = 1/2 DF's integrable L = 0 singularity). ``log_df(x [B, 3], v [B, 3]) -> [B]`` is
-    called on whole half-ensembles (emcee ``vectorize=True``).
+    Target: p(x, v) ∝ exp(log_df(x, v)) for |x| < r_max (-inf beyond; NaN and +inf are treated as
+    -inf, e.g. the beta = 1/2 DF's integrable L = 0 singularity). ``log_df(x [B, 3], v [B, 3])
+    -> [B]`` is called on whole half-ensembles (emcee ``vectorize=True``).
 
-    Chain: ``burn`` steps discarded, then ceil(n / nwalkers) kept states per walker, one every ``thin``
-    steps; the last n are returned. The acceptance fraction (every post-burn-in step, from whether each
-    walker moved) goes to meta["acceptance_fraction"] (mean) and meta["acceptance_fraction_range"];
-    it is logged, and a warning is issued when the mean is outside [0.2, 0.7]. meta["autocorr_steps"]
-    is emcee's integrated autocorrelation time (max over the 6 coordinates, None if undefined) in steps:
-    samples closer than that in a walker's chain are correlated, so ``thin`` should exceed it for
-    independent stars.
+    Chain: ``burn`` steps discarded, then ceil(n / nwalkers) kept states per walker, one every
+    ``thin`` steps; the last n are returned. The acceptance fraction (every post-burn-in step, from
+    whether each walker moved) goes to meta["acceptance_fraction"] (mean) and
+    meta["acceptance_fraction_range"]; it is logged, and a warning is issued when the mean is
+    outside [0.2, 0.7]. meta["autocorr_steps"] is emcee's integrated autocorrelation time (max over
+    the 6 coordinates, None if undefined) in steps: samples closer than that in a walker's chain
+    are correlated, so ``thin`` should exceed it for independent stars.
 
     Why r_max: a DF like Hernquist's has M(>r) ∝ 1/r, so walkers wander to huge radii where the
-    stretch move mixes slowly; truncating keeps the target compact and the autocorrelation time finite
-    (the reference study truncated at 200 a).
+    stretch move mixes slowly; truncating keeps the target compact and the autocorrelation time
+    finite (the reference study truncated at 200 a).
 
     Args:
         log_df: log f(x, v) up to a constant, NumPy in, NumPy out.
@@ -356,10 +365,11 @@ def _initial_walkers(log_prob, nwalkers: int, init, init_scale, r_max, rng) -> n
 def cut(
     cat: Catalogue, r_max: float | None = None, bound_to: Hernquist | None = None
 ) -> Catalogue:
-    """Keep the stars with |x| < r_max and/or relative energy E = Psi(r) - v^2/2 > 0 in ``bound_to``.
+    """Keep the stars with |x| < r_max and/or bound (E = Psi(r) - v^2/2 > 0) in ``bound_to``.
 
-    ``bound_to`` must be expressed in the catalogue's units (e.g. ``Hernquist()`` for a "model" catalogue,
-    ``Hernquist(M=1e10, a=5, G=units.G_KPC_KMS2_MSUN)`` for kpc, km/s). The cut is appended to meta["cuts"].
+    ``bound_to`` must be expressed in the catalogue's units (e.g. ``Hernquist()`` for a "model"
+    catalogue, ``Hernquist(M=1e10, a=5, G=units.G_KPC_KMS2_MSUN)`` for kpc, km/s). The cut is
+    appended to meta["cuts"].
     """
     if r_max is None and bound_to is None:
         raise InputError("cut needs r_max and/or bound_to")
@@ -387,18 +397,20 @@ def add_noise(
     level_vel: float | None = None,
     convention: str = "coordinate",
 ) -> Catalogue:
-    """Gaussian measurement noise at a fractional ``level`` (0.01 = 1 %) on positions and velocities.
+    """Gaussian measurement noise of fractional ``level`` (0.01 = 1 %) on positions and velocities.
 
-    Conventions (``level_vel`` defaults to ``level``), with independent eps ~ N(0, 1) per star and component:
+    Conventions (``level_vel`` defaults to ``level``), with independent eps ~ N(0, 1) per star and
+    component:
 
     ``"coordinate"`` (default)  x_i -> x_i (1 + level eps_i),  v_i -> v_i (1 + level_vel eps_i):
-        each Cartesian coordinate has a fractional error ``level``, so std[(x_i' - x_i) / x_i] = level.
-        This is exactly what the reference study did (HernquistFlows ``data/add_noise.py``:
-        ``pos * rng.normal(1, scale)``), so 1 % / 10 % mocks are comparable with An et al. (2021).
-        Note it is not rotation invariant: a coordinate near 0 stays nearly exact.
+        each Cartesian coordinate has a fractional error ``level``, so
+        std[(x_i' - x_i) / x_i] = level. This is exactly what the reference study did
+        (HernquistFlows ``data/add_noise.py``: ``pos * rng.normal(1, scale)``), so 1 % / 10 %
+        mocks are comparable with An et al. (2021). Note it is not rotation invariant: a
+        coordinate near 0 stays nearly exact.
     ``"vector"``  x -> x + level |x| eps,  v -> v + level_vel |v| eps (eps ~ N(0, I_3)):
-        isotropic, std[(x_i' - x_i) / |x|] = level per component (|Δx| / |x| has rms sqrt(3) level);
-        keeps the spherical symmetry of the noise-free model.
+        isotropic, std[(x_i' - x_i) / |x|] = level per component
+        (|Δx| / |x| has rms sqrt(3) level); keeps the spherical symmetry of the noise-free model.
 
     The convention, levels and seed are appended to meta["noise"].
     """

@@ -1,22 +1,22 @@
 """A TensorFlow-Serving-compatible REST endpoint (aiohttp) over a model directory.
 
-The server answers the TF Serving REST API (https://www.tensorflow.org/tfx/serving/api_rest) for every
-SavedModel under a base directory laid out as TF Serving expects, ``BASE/NAME/<integer version>/
-saved_model.pb`` (all versions are loaded; the highest is the default)::
+The server answers the TF Serving REST API (https://www.tensorflow.org/tfx/serving/api_rest) for
+every SavedModel under a base directory laid out as TF Serving expects, ``BASE/NAME/<integer
+version>/ saved_model.pb`` (all versions are loaded; the highest is the default)::
 
     GET  /v1/models/NAME[/versions/N|/labels/L]             {"model_version_status": [...]}
     GET  /v1/models/NAME[/versions/N|/labels/L]/metadata    {"model_spec": ..., "metadata": {"signature_def": ...}}
     POST /v1/models/NAME[/versions/N|/labels/L]:predict     row {"instances": [...]} -> {"predictions": [...]}
                                                             columnar {"inputs": ...}  -> {"outputs": ...}
 
-A request's whole batch goes through ONE call of the signature's traced function, in a worker thread
-(the event loop only does I/O). Concurrent small requests (<= ``batch_rows`` rows) to a row-wise
-signature (listed in the SavedModel's metadata: log_prob, grad_log_prob, serving_default - never the
-seeded sample/accelerations) are merged into one call and split again (:class:`MicroBatcher`).
-Bodies are parsed and answered as TF Serving does: one output is returned bare, several as objects
-keyed by output name; ``NaN``/``Infinity`` tokens are valid JSON here and non-finite outputs are
-written as those tokens. orjson, when installed, parses and writes faster (same values). Errors are
-``{"error": "..."}`` with TF Serving's statuses:
+A request's whole batch goes through ONE call of the signature's traced function, in a worker
+thread (the event loop only does I/O). Concurrent small requests (<= ``batch_rows`` rows) to a
+row-wise signature (listed in the SavedModel's metadata: log_prob, grad_log_prob, serving_default -
+never the seeded sample/accelerations) are merged into one call and split again
+(:class:`MicroBatcher`). Bodies are parsed and answered as TF Serving does: one output is returned
+bare, several as objects keyed by output name; ``NaN``/``Infinity`` tokens are valid JSON here and
+non-finite outputs are written as those tokens. orjson, when installed, parses and writes faster
+(same values). Errors are ``{"error": "..."}`` with TF Serving's statuses:
 
     400  malformed JSON or URL, unknown/missing input, wrong shape or dtype, unknown signature name
          (TF Serving: FAILED_PRECONDITION -> 400), unknown version label; and - stricter than TF
@@ -96,15 +96,17 @@ class _Version:
 
 
 class ModelRepository:
-    """All SavedModels under ``base_dir`` (``BASE/NAME/<int>/saved_model.pb``), loaded and addressable.
+    """All SavedModels under ``base_dir`` (``BASE/NAME/<int>/saved_model.pb``), loaded and
+    addressable.
 
-    :meth:`scan` loads versions that appeared (or changed) and forgets removed ones; a version that fails
-    to load is reported in the model status (state END, with the error) and never served. Reads are
-    lock-free: a scan builds a new table and swaps it in.
+    :meth:`scan` loads versions that appeared (or changed) and forgets removed ones; a version that
+    fails to load is reported in the model status (state END, with the error) and never served.
+    Reads are lock-free: a scan builds a new table and swaps it in.
 
     Args:
         base_dir: the model base directory.
-        version_labels: {model name: {label: version}} for ``/labels/L`` URLs (TF Serving's version_labels).
+        version_labels: {model name: {label: version}} for ``/labels/L`` URLs (TF Serving's
+            version_labels).
     """
 
     def __init__(
@@ -295,9 +297,10 @@ def _column_outputs(outputs: Mapping[str, np.ndarray], as_lists: bool = True) ->
 def _encode_answer(outputs: Mapping[str, np.ndarray], rows: bool) -> bytes:
     """The predict answer as JSON bytes.
 
-    With orjson installed and all outputs finite, arrays are written directly, floats in their shortest
-    form that reads back to the same float32 (as TF Serving writes them); otherwise (no orjson, or NaN/inf
-    in an output, which must appear as the NaN / Infinity tokens TF Serving writes) the json module is used.
+    With orjson installed and all outputs finite, arrays are written directly, floats in their
+    shortest form that reads back to the same float32 (as TF Serving writes them); otherwise (no
+    orjson, or NaN/inf in an output, which must appear as the NaN / Infinity tokens TF Serving
+    writes) the json module is used.
     """
     key, layout = ("predictions", _row_outputs) if rows else ("outputs", _column_outputs)
     if _orjson is not None and all(
@@ -352,14 +355,16 @@ class _Prepared:
 
 
 class MicroBatcher:
-    """Merges concurrent small requests to one row-wise signature into one call (rows concatenated).
+    """Merges concurrent small requests to one row-wise signature into one call (rows
+    concatenated).
 
     No timer and no added latency when idle: the first request runs at once; requests that arrive
-    while a call runs queue up and go together (up to ``max_rows`` rows) in the next call; each gets
-    its own rows of the outputs back. Only signatures whose rows are independent may be batched (a
-    SavedModel lists them in its metadata as ``row_wise_signatures``; tfgalflow exports list log_prob,
-    grad_log_prob and serving_default, never the seeded ``sample``/``accelerations``). If a merged call
-    fails on the data, each request is run alone so only the faulty one gets the error.
+    while a call runs queue up and go together (up to ``max_rows`` rows) in the next call; each
+    gets its own rows of the outputs back. Only signatures whose rows are independent may be
+    batched (a SavedModel lists them in its metadata as ``row_wise_signatures``; tfgalflow exports
+    list log_prob, grad_log_prob and serving_default, never the seeded
+    ``sample``/``accelerations``). If a merged call fails on the data, each request is run alone so
+    only the faulty one gets the error.
     """
 
     def __init__(self, signature: Any, executor: concurrent.futures.Executor, max_rows: int):
@@ -605,12 +610,13 @@ class _Endpoint:
 
 
 def _settle_heap(changes: list[str]) -> None:
-    """Log the repository changes; after (un)loading models, move every live object out of the cyclic GC.
+    """Log the repository changes; after (un)loading models, move every live object out of the
+    cyclic GC.
 
     With TensorFlow and the models loaded the heap holds ~10^6 long-lived objects, and each full
     collection triggered while a request body is parsed (10^4 lists for 10^4 rows) walks them all:
-    freezing them (gc.freeze) makes parsing a 10^4-point body ~3x faster. Objects of unloaded versions
-    are released by a collection just before re-freezing.
+    freezing them (gc.freeze) makes parsing a 10^4-point body ~3x faster. Objects of unloaded
+    versions are released by a collection just before re-freezing.
     """
     for line in changes:
         log.info("%s", line)
