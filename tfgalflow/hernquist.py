@@ -1,5 +1,4 @@
-"""The Hernquist (1990) sphere: density, potential, forces, exact distribution functions, Jeans
-profiles.
+"""The Hernquist (1990) sphere: density, potential, forces, exact DFs and Jeans profiles.
 
 Model of total mass ``M`` and scale length ``a`` under gravitational constant ``G`` (model units
 G = M = a = 1 by default; see :mod:`tfgalflow.units` for physical scales)::
@@ -33,8 +32,9 @@ Numerics. The bracket B(q) of eq. 17 is B(q) = 128 int_0^q t^4 (1 - t^2)^(3/2) d
 check), so B ~ 128 q^5 / 5 for small q while its two closed-form terms are O(q): evaluating eq. 17
 directly loses ~q^-4 in relative precision. For q^2 < 1/2 we sum the binomial series of the
 integral instead. Near the centre (q -> 1) we never form 1 - q^2 by subtraction from E: for a
-phase-space point it is 1 - q^2 = r / (r + a) + a |v|^2 / (2 G M) exactly, and arcsin q = atan2(q,
-sqrt(1 - q^2)). The same formulas are used in float64 (NumPy) and in float32/float64 (TensorFlow).
+phase-space point it is 1 - q^2 = r / (r + a) + a |v|^2 / (2 G M) exactly, and
+arcsin q = atan2(q, sqrt(1 - q^2)). The same formulas are used in float64 (NumPy) and in
+float32/float64 (TensorFlow).
 
 NumPy methods take r of any shape and x, v of shape [N, 3]; TensorFlow methods (``tf_*``) import
 TensorFlow lazily, follow the input dtype and are differentiable with ``tf.GradientTape``.
@@ -91,8 +91,7 @@ def _horner(coefficients, z, one):
 
 @dataclass(frozen=True)
 class Hernquist:
-    """Hernquist sphere of mass ``M``, scale length ``a`` and gravitational constant ``G`` (all >
-    0).
+    """Hernquist sphere of mass ``M``, scale length ``a``, gravitational constant ``G`` (all > 0).
 
     Units are whatever M, a, G are in (default: model units G = M = a = 1). Velocities are then in
     units of sqrt(G M / a) * (your velocity unit) etc.; see :class:`tfgalflow.units.ModelUnits`.
@@ -179,8 +178,7 @@ class Hernquist:
         return self.relative_potential(np.linalg.norm(x, axis=1)) - 0.5 * np.sum(v * v, axis=1)
 
     def f_iso(self, E) -> np.ndarray:
-        """Isotropic Hernquist DF f(E) (Hernquist 1990 eq. 17) for relative energies E of any
-        shape.
+        """Isotropic Hernquist DF f(E) (Hernquist 1990 eq. 17) at relative energies E (any shape).
 
         Zero for E <= 0; diverges as (1 - a E / G M)^(-5/2) at E -> G M / a (the centre).
         """
@@ -264,8 +262,8 @@ class Hernquist:
             sigma_r^2 = (G M / a) (1 - T) T^-4 [-ln(1 - T) - T - T^2/2 - T^3/3 - T^4/4]
                       = (G M / a) (1 - T) sum_{k>=5} T^(k-4) / k      (series used for r > a)
         "aniso" (beta = 1/2): the Jeans equation (1/r) d(r rho sigma_r^2)/dr = -rho dPhi/dr
-            integrates to r rho sigma_r^2 = G M^2 a / (8 pi (r + a)^4), i.e.  sigma_r^2 = G M / (4
-            (r + a)).
+        integrates to
+            r rho sigma_r^2 = G M^2 a / (8 pi (r + a)^4), i.e.  sigma_r^2 = G M / (4 (r + a)).
         """
         _check_kind(kind)
         r = _radii(r)
@@ -295,8 +293,7 @@ class Hernquist:
 
     # ---- TensorFlow ---------------------------------------------------------------------------
     def tf_log_df(self, x, v, kind: str = "iso"):
-        """TensorFlow log f(x, v): x, v [N, 3] -> [N], dtype of x (v is cast to it); -inf where E
-        <= 0.
+        """TensorFlow log f(x, v): x, v [N, 3] -> [N], dtype of x (v cast to it); -inf at E <= 0.
 
         Differentiable: gradients are finite at bound points with r > 0 (and L > 0 for "aniso") and
         exactly zero at unbound points, so one unbound star cannot put NaN into a batch gradient.

@@ -1,8 +1,9 @@
 """A TensorFlow-Serving-compatible REST endpoint (aiohttp) over a model directory.
 
 The server answers the TF Serving REST API (https://www.tensorflow.org/tfx/serving/api_rest) for
-every SavedModel under a base directory laid out as TF Serving expects, ``BASE/NAME/<integer
-version>/ saved_model.pb`` (all versions are loaded; the highest is the default)::
+every SavedModel under a base directory laid out as TF Serving expects,
+``BASE/NAME/<integer version>/saved_model.pb`` (all versions are loaded; the highest is the
+default)::
 
     GET  /v1/models/NAME[/versions/N|/labels/L]             {"model_version_status": [...]}
     GET  /v1/models/NAME[/versions/N|/labels/L]/metadata    {"model_spec": ..., "metadata": {"signature_def": ...}}
@@ -96,8 +97,7 @@ class _Version:
 
 
 class ModelRepository:
-    """All SavedModels under ``base_dir`` (``BASE/NAME/<int>/saved_model.pb``), loaded and
-    addressable.
+    """All SavedModels under ``base_dir`` (``BASE/NAME/<int>/saved_model.pb``), loaded by version.
 
     :meth:`scan` loads versions that appeared (or changed) and forgets removed ones; a version that
     fails to load is reported in the model status (state END, with the error) and never served.
@@ -355,8 +355,7 @@ class _Prepared:
 
 
 class MicroBatcher:
-    """Merges concurrent small requests to one row-wise signature into one call (rows
-    concatenated).
+    """Merges concurrent small requests to one row-wise signature into one call (rows joined).
 
     No timer and no added latency when idle: the first request runs at once; requests that arrive
     while a call runs queue up and go together (up to ``max_rows`` rows) in the next call; each
@@ -610,8 +609,7 @@ class _Endpoint:
 
 
 def _settle_heap(changes: list[str]) -> None:
-    """Log the repository changes; after (un)loading models, move every live object out of the
-    cyclic GC.
+    """Log the repository changes; after (un)loading models, gc.freeze() every live object.
 
     With TensorFlow and the models loaded the heap holds ~10^6 long-lived objects, and each full
     collection triggered while a request body is parsed (10^4 lists for 10^4 rows) walks them all:
