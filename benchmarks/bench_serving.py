@@ -1,18 +1,19 @@
-"""Throughput and latency of the REST endpoint, beside direct in-process signature calls (the baseline).
+r"""Throughput and latency of the REST endpoint, beside direct in-process calls (the baseline).
 
-The endpoint runs as a separate process (``tfgalflow serve`` on 127.0.0.1, so server and clients do not
-share a GIL); a bounded number of concurrent keep-alive clients (aiohttp) post the same payload for a
-bounded time, for each payload size; small payloads also against a second server with micro-batching
-off (mode REST-nobat). Every answer is checked against the in-process SavedModel
-(rtol = atol = 1e-5, float32 precision): failed answers (non-200, errors) and wrong answers are counted.
-The baseline calls the same loaded signature directly, sequentially, for the same time.
+The endpoint runs as a separate process (``tfgalflow serve`` on 127.0.0.1, so server and clients do
+not share a GIL); a bounded number of concurrent keep-alive clients (aiohttp) post the same payload
+for a bounded time, for each payload size; small payloads also against a second server with
+micro-batching off (mode REST-nobat). Every answer is checked against the in-process SavedModel
+(rtol = atol = 1e-5, float32 precision): failed answers (non-200, errors) and wrong answers are
+counted. The baseline calls the same loaded signature directly, sequentially, for the same time.
 
-    .venv/bin/python benchmarks/bench_serving.py                                 # 8 clients x 10 s, sizes 1, 100, 10^4
+    .venv/bin/python benchmarks/bench_serving.py  # 8 clients x 10 s, sizes 1, 100, 10^4
     .venv/bin/python benchmarks/bench_serving.py --clients 4 --seconds 3 --sizes 1 1000
-    .venv/bin/python benchmarks/bench_serving.py --model saved_models/hernquist_iso/1 --format columns
+    .venv/bin/python benchmarks/bench_serving.py --model saved_models/hernquist_iso/1 \
+        --format columns
 
-Without ``--model`` a 6D affine flow (6 layers, 64x64 MADE networks, rescaler fitted to Gaussian data;
-untrained weights do not change the cost) is exported to a temporary directory first.
+Without ``--model`` a 6D affine flow (6 layers, 64x64 MADE networks, rescaler fitted to Gaussian
+data; untrained weights do not change the cost) is exported to a temporary directory first.
 """
 from __future__ import annotations
 
@@ -54,19 +55,36 @@ def free_port() -> int:
 
 
 def start_server(base: Path, port: int, workers: int | None, batch_rows: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "tfgalflow.cli", "serve", str(base), "--port", str(port), "--poll-seconds", "0",
-           "--batch-rows", str(batch_rows)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tfgalflow.cli",
+        "serve",
+        str(base),
+        "--port",
+        str(port),
+        "--poll-seconds",
+        "0",
+        "--batch-rows",
+        str(batch_rows),
+    ]
     if workers:
         cmd += ["--workers", str(workers)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    client, deadline = Client(f"http://127.0.0.1:{port}", model="bench", timeout=5), time.monotonic() + 120
+    client, deadline = (
+        Client(f"http://127.0.0.1:{port}", model="bench", timeout=5),
+        time.monotonic() + 120,
+    )
     while True:
         try:
             client.status()
             return proc
         except ServingError:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"server did not start: {proc.stderr.read() if proc.poll() is not None else 'timeout'}")
+                raise SystemExit(
+                    "server did not start: "
+                    f"{proc.stderr.read() if proc.poll() is not None else 'timeout'}"
+                )
             time.sleep(0.3)
 
 
@@ -77,7 +95,9 @@ def percentiles(latencies: list[float]) -> str:
     return f"{p50:8.2f} {p95:8.2f} {p99:8.2f}"
 
 
-async def load_test(url: str, body: bytes, expected: np.ndarray, key: str, clients: int, seconds: float) -> dict:
+async def load_test(
+    url: str, body: bytes, expected: np.ndarray, key: str, clients: int, seconds: float
+) -> dict:
     import aiohttp
     latencies, failed, wrong = [], 0, 0
     deadline = time.perf_counter() + seconds
@@ -87,7 +107,9 @@ async def load_test(url: str, body: bytes, expected: np.ndarray, key: str, clien
         while time.perf_counter() < deadline:
             t0 = time.perf_counter()
             try:
-                async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as response:
+                async with session.post(
+                    url, data=body, headers={"Content-Type": "application/json"}
+                ) as response:
                     text = await response.read()
                     status = response.status
             except aiohttp.ClientError:
@@ -125,16 +147,32 @@ def direct_calls(signature, arrays: dict, seconds: float) -> tuple[int, float, l
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, help="a SavedModel directory (default: export a 6D flow)")
+    parser.add_argument(
+        "--model", type=Path, help="a SavedModel directory (default: export a 6D flow)"
+    )
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients (default: 8)")
-    parser.add_argument("--seconds", type=float, default=10.0, help="seconds per payload size (default: 10)")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 100, 10_000], help="points per request")
-    parser.add_argument("--signature", default="log_prob", help="signature to call (default: log_prob)")
-    parser.add_argument("--format", choices=("rows", "columns"), default="rows", help="request format")
-    parser.add_argument("--workers", type=int, help="server worker threads (default: the server's)")
-    parser.add_argument("--batch-rows", type=int, default=256,
-                        help="server micro-batching limit (default: 256); sizes up to it are also run against "
-                             "a second server with batching off")
+    parser.add_argument(
+        "--seconds", type=float, default=10.0, help="seconds per payload size (default: 10)"
+    )
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=[1, 100, 10_000], help="points per request"
+    )
+    parser.add_argument(
+        "--signature", default="log_prob", help="signature to call (default: log_prob)"
+    )
+    parser.add_argument(
+        "--format", choices=("rows", "columns"), default="rows", help="request format"
+    )
+    parser.add_argument(
+        "--workers", type=int, help="server worker threads (default: the server's)"
+    )
+    parser.add_argument(
+        "--batch-rows",
+        type=int,
+        default=256,
+        help="server micro-batching limit (default: 256); sizes up to it are also run against "
+        "a second server with batching off",
+    )
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_serving."))
@@ -149,8 +187,10 @@ def main() -> None:
         model = load_saved_model(base / "bench" / "1")
         signature = model.signatures[args.signature]
         if list(signature.inputs) != ["x"]:
-            raise SystemExit(f"signature {args.signature} has inputs {list(signature.inputs)}; this benchmark "
-                             f"sends x only (log_prob, grad_log_prob, serving_default)")
+            raise SystemExit(
+                f"signature {args.signature} has inputs {list(signature.inputs)}; this benchmark "
+                f"sends x only (log_prob, grad_log_prob, serving_default)"
+            )
         dim = signature.inputs["x"][0][1]
         servers = {"REST": start_server(base, port := free_port(), args.workers, args.batch_rows)}
         urls = {"REST": f"http://127.0.0.1:{port}/v1/models/bench:predict"}
@@ -159,26 +199,39 @@ def main() -> None:
             urls["REST-nobat"] = f"http://127.0.0.1:{port}/v1/models/bench:predict"
         print(f"model {base / 'bench' / '1'}  signature {args.signature}  format {args.format}  "
               f"{args.clients} clients x {args.seconds:g} s per size  (CPUs: {os.cpu_count()})")
-        print(f"{'points/req':>10} {'mode':>10} {'requests':>9} {'failed':>6} {'wrong':>5} {'req/s':>9} "
-              f"{'points/s':>11} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}")
+        print(
+            f"{'points/req':>10} {'mode':>10} {'requests':>9} {'failed':>6} {'wrong':>5} "
+            f"{'req/s':>9} {'points/s':>11} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}"
+        )
         rng = np.random.default_rng(1)
         try:
             for n in args.sizes:
-                x = (rng.normal(size=(n, dim)) * ([5.0] * 3 + [100.0] * 3 if dim == 6 else 1.0)).astype(np.float32)
+                x = (
+                    rng.normal(size=(n, dim)) * ([5.0] * 3 + [100.0] * 3 if dim == 6 else 1.0)
+                ).astype(np.float32)
                 expected = signature.run({"x": x})[list(signature.outputs)[0]]
                 key = "predictions" if args.format == "rows" else "outputs"
-                body = json.dumps({"signature_name": args.signature,
-                                   ("instances" if args.format == "rows" else "inputs"): x.tolist()}).encode()
+                body = json.dumps(
+                    {
+                        "signature_name": args.signature,
+                        ("instances" if args.format == "rows" else "inputs"): x.tolist(),
+                    }
+                ).encode()
                 calls, elapsed, lat = direct_calls(signature, {"x": x}, min(args.seconds, 5.0))
                 print(f"{n:>10} {'direct':>10} {calls:>9} {0:>6} {0:>5} {calls / elapsed:>9.1f} "
                       f"{calls * n / elapsed:>11.4g} {percentiles(lat)}")
                 for mode, url in urls.items():
                     if mode == "REST-nobat" and n > args.batch_rows:
-                        continue                       # not batched anyway
-                    r = asyncio.run(load_test(url, body, expected, key, args.clients, args.seconds))
+                        continue  # not batched anyway
+                    r = asyncio.run(
+                        load_test(url, body, expected, key, args.clients, args.seconds)
+                    )
                     ok = r["requests"] - r["failed"]
-                    print(f"{n:>10} {mode:>10} {r['requests']:>9} {r['failed']:>6} {r['wrong']:>5} "
-                          f"{ok / r['elapsed']:>9.1f} {ok * n / r['elapsed']:>11.4g} {percentiles(r['latencies'])}")
+                    print(
+                        f"{n:>10} {mode:>10} {r['requests']:>9} {r['failed']:>6} {r['wrong']:>5} "
+                        f"{ok / r['elapsed']:>9.1f} {ok * n / r['elapsed']:>11.4g} "
+                        f"{percentiles(r['latencies'])}"
+                    )
         finally:
             for server in servers.values():
                 server.terminate()

@@ -1,8 +1,9 @@
-"""tfgalflow.catalogue: validation, exact file round trips, Gadget layout, lazy HDF5 streaming, atomic saves.
+"""tfgalflow.catalogue: validation, exact round trips, Gadget files, HDF5 streaming, atomic saves.
 
-References: the arrays written (round trips must be bit-exact, np.array_equal), the sorted rows of the
-file (every streamed epoch must be a permutation of them), CODATA/IAU constants written out literally
-here (unit conversions), and a good file saved before a simulated crash (it must survive unchanged).
+References: the arrays written (round trips must be bit-exact, np.array_equal), the sorted rows of
+the file (every streamed epoch must be a permutation of them), CODATA/IAU constants written out
+literally here (unit conversions), and a good file saved before a simulated crash (it must survive
+unchanged).
 """
 from __future__ import annotations
 
@@ -25,17 +26,22 @@ KPC_KMS = {"length": "kpc", "velocity": "km/s"}
 
 def make(n: int = 1000, seed: int = 0, labels: bool = True, **kw) -> Catalogue:
     rng = np.random.default_rng(seed)
-    return Catalogue(rng.normal(size=(n, 3)), rng.normal(size=(n, 3)),
-                     labels=rng.normal(size=(n, 2)) if labels else None,
-                     label_names=("feh", "age") if labels else (), units=kw.pop("units", KPC_KMS),
-                     meta=kw.pop("meta", {"sampler": "test", "seed": seed, "weights": np.arange(3.0)}), **kw)
+    return Catalogue(
+        rng.normal(size=(n, 3)),
+        rng.normal(size=(n, 3)),
+        labels=rng.normal(size=(n, 2)) if labels else None,
+        label_names=("feh", "age") if labels else (),
+        units=kw.pop("units", KPC_KMS),
+        meta=kw.pop("meta", {"sampler": "test", "seed": seed, "weights": np.arange(3.0)}),
+        **kw,
+    )
 
 
 def sorted_rows(a: np.ndarray) -> np.ndarray:
     return a[np.lexsort(a.T[::-1])]
 
 
-# ---- round trips -----------------------------------------------------------------------------------
+# ---- round trips --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("ext", [".npz", ".h5", ".hdf5"])
 def test_round_trip_is_exact(tmp_path, ext):
@@ -96,7 +102,7 @@ def test_plain_hdf5_needs_units(tmp_path):
     assert Catalogue.load(path, units=KPC_KMS).units == KPC_KMS
 
 
-# ---- Gadget-style snapshots ---------------------------------------------------------------------------
+# ---- Gadget-style snapshots ---------------------------------------------------------------------
 
 def write_gadget(path, pos, vel, header=None, dataset_units=None):
     with h5py.File(path, "w") as f:
@@ -104,7 +110,9 @@ def write_gadget(path, pos, vel, header=None, dataset_units=None):
         for k, v in (header or {}).items():
             h.attrs[k] = v
         g = f.create_group("PartType4")
-        c = g.create_dataset("Coordinates", data=pos.astype(np.float32), chunks=(min(7, len(pos)), 3))
+        c = g.create_dataset(
+            "Coordinates", data=pos.astype(np.float32), chunks=(min(7, len(pos)), 3)
+        )
         v_ = g.create_dataset("Velocities", data=vel.astype(np.float32))
         g.create_dataset("Masses", data=np.ones(len(pos), np.float32))
         if dataset_units:
@@ -115,13 +123,26 @@ def test_gadget_layout_with_cgs_unit_attributes(tmp_path):
     rng = np.random.default_rng(2)
     pos, vel = rng.normal(size=(40, 3)) * 10, rng.normal(size=(40, 3)) * 100
     path = tmp_path / "snap_000.hdf5"
-    # Gadget's usual 1 kpc = 3.085678e21 cm and 1 km/s = 1e5 cm/s; our kpc is 3.0856775814913673e21 cm.
-    write_gadget(path, pos, vel, header={"UnitLength_in_cm": 3.085678e21, "UnitVelocity_in_cm_per_s": 1e5,
-                                         "NumPart_ThisFile": np.array([0, 0, 0, 0, 40, 0]), "Time": 0.0})
+    # Gadget's usual 1 kpc = 3.085678e21 cm and 1 km/s = 1e5 cm/s;
+    # our kpc is 3.0856775814913673e21 cm.
+    write_gadget(
+        path,
+        pos,
+        vel,
+        header={
+            "UnitLength_in_cm": 3.085678e21,
+            "UnitVelocity_in_cm_per_s": 1e5,
+            "NumPart_ThisFile": np.array([0, 0, 0, 0, 40, 0]),
+            "Time": 0.0,
+        },
+    )
     cat = Catalogue.load(path)
     assert cat.units == KPC_KMS and len(cat) == 40 and cat.labels is None
-    length_factor = 3.085678e21 / 3.0856775814913673e21        # = 1 + 1.4e-7: the file's kpc is slightly longer
-    np.testing.assert_allclose(cat.pos, pos.astype(np.float32).astype(np.float64) * length_factor, rtol=1e-15)
+    # length_factor = 1 + 1.4e-7: the file's kpc is slightly longer
+    length_factor = 3.085678e21 / 3.0856775814913673e21
+    np.testing.assert_allclose(
+        cat.pos, pos.astype(np.float32).astype(np.float64) * length_factor, rtol=1e-15
+    )
     np.testing.assert_allclose(cat.vel, vel.astype(np.float32).astype(np.float64), rtol=1e-15)
     assert cat.meta["unit_conversion"]["UnitLength_in_cm"] == 3.085678e21
     assert cat.meta["gadget_header"]["NumPart_ThisFile"][4] == 40
@@ -141,7 +162,7 @@ def test_gadget_layout_units_from_attributes_or_caller(tmp_path):
     assert Catalogue.load(tmp_path / "b.hdf5", units=KPC_KMS).units == KPC_KMS
 
 
-# ---- streaming ------------------------------------------------------------------------------------------
+# ---- streaming ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def big_h5(tmp_path_factory):
@@ -171,18 +192,21 @@ def test_lazy_batches_never_read_the_whole_file(big_h5, monkeypatch):
 def test_hdf5_dataset_yields_every_row_once_per_epoch(big_h5):
     cat, path = big_h5
     ds = hdf5_dataset(path, batch_size=1000, shuffle_buffer=20_000, seed=3)
-    expected = sorted_rows(np.concatenate([cat.phase_space, cat.labels], axis=1).astype(np.float32))
+    expected = sorted_rows(
+        np.concatenate([cat.phase_space, cat.labels], axis=1).astype(np.float32)
+    )
     epochs = []
     for _ in range(2):
-        batches = [(x.numpy(), l.numpy()) for x, l in ds]
-        assert all(x.shape[0] <= 1000 and x.shape[1] == 6 and l.shape == (x.shape[0], 2) for x, l in batches)
+        batches = [(x.numpy(), lab.numpy()) for x, lab in ds]
+        assert all(x.shape[0] <= 1000 and x.shape[1] == 6 and lab.shape == (x.shape[0], 2)
+                   for x, lab in batches)
         rows = np.concatenate([np.concatenate(b, axis=1) for b in batches])
         assert rows.shape == expected.shape
         assert np.array_equal(sorted_rows(rows), expected)
         epochs.append(rows)
     assert not np.array_equal(epochs[0], epochs[1])       # reshuffled each epoch
     # Same seed, fresh dataset: same first epoch (reproducible).
-    again = np.concatenate([np.concatenate([x.numpy(), l.numpy()], 1) for x, l in
+    again = np.concatenate([np.concatenate([x.numpy(), lab.numpy()], 1) for x, lab in
                             hdf5_dataset(path, batch_size=1000, shuffle_buffer=20_000, seed=3)])
     assert np.array_equal(again, epochs[0])
 
@@ -201,7 +225,9 @@ def test_in_memory_dataset_yields_every_row_once():
     first = np.concatenate([x.numpy() for x in ds])
     second = np.concatenate([x.numpy() for x in ds])
     expected = sorted_rows(cat.phase_space.astype(np.float32))
-    assert np.array_equal(sorted_rows(first), expected) and np.array_equal(sorted_rows(second), expected)
+    assert np.array_equal(sorted_rows(first), expected) and np.array_equal(
+        sorted_rows(second), expected
+    )
     assert not np.array_equal(first, second)
     x, labels = next(iter(make(100).to_dataset(batch_size=64, shuffle=False)))
     assert x.shape == (64, 6) and labels.shape == (64, 2)
@@ -209,12 +235,14 @@ def test_in_memory_dataset_yields_every_row_once():
         cat.to_dataset(8, with_labels=True)
 
 
-# ---- units ---------------------------------------------------------------------------------------------
+# ---- units --------------------------------------------------------------------------------------
 
 def test_to_units_physical_round_trip():
     cat = make(100)
     si = cat.to_units("m", "m/s")
-    np.testing.assert_allclose(si.pos, cat.pos * 3.0856775814913673e19, rtol=1e-15)   # IAU 2012 au-based kpc
+    np.testing.assert_allclose(
+        si.pos, cat.pos * 3.0856775814913673e19, rtol=1e-15
+    )  # IAU 2012 au-based kpc
     np.testing.assert_allclose(si.vel, cat.vel * 1e3, rtol=1e-15)
     back = si.to_units("kpc", "km/s")
     np.testing.assert_allclose(back.phase_space, cat.phase_space, rtol=1e-14)
@@ -222,29 +250,36 @@ def test_to_units_physical_round_trip():
 
 
 def test_to_units_from_model_units():
-    model = Catalogue(np.ones((3, 3)), np.ones((3, 3)), units={"length": "model", "velocity": "model"})
+    model = Catalogue(
+        np.ones((3, 3)), np.ones((3, 3)), units={"length": "model", "velocity": "model"}
+    )
     with pytest.raises(InputError, match="model_units"):
         model.to_units("kpc", "km/s")
     mu = ModelUnits(mass_msun=1e10, length_kpc=2.0)
     phys = model.to_units("kpc", "km/s", model_units=mu)
-    # v0 = sqrt(G M / a) with G = 4.30091e-6 kpc (km/s)^2 / Msun: sqrt(4.30091e4 / 2) = 146.64 km/s.
+    # v0 = sqrt(G M / a) with G = 4.30091e-6 kpc (km/s)^2 / Msun:
+    # sqrt(4.30091e4 / 2) = 146.64 km/s.
     np.testing.assert_allclose(phys.vel, 146.643, rtol=2e-5)
     np.testing.assert_allclose(phys.pos, 2.0)
-    assert phys.model_units == mu                                   # recorded, so converting back works
+    assert phys.model_units == mu  # recorded, so converting back works
     np.testing.assert_allclose(phys.to_units("model", "model").vel, 1.0, rtol=1e-14)
 
 
-# ---- bad input -----------------------------------------------------------------------------------------
+# ---- bad input ----------------------------------------------------------------------------------
 
 def _arrays(n=10):
     return np.zeros((n, 3)), np.ones((n, 3))
 
 
-@pytest.mark.parametrize("bad, field, row", [("nan", "pos", 7), ("inf", "vel", 3), ("-inf", "pos", 0)])
+@pytest.mark.parametrize(
+    "bad, field, row", [("nan", "pos", 7), ("inf", "vel", 3), ("-inf", "pos", 0)]
+)
 def test_non_finite_values_name_field_and_row(bad, field, row):
     pos, vel = _arrays()
     {"pos": pos, "vel": vel}[field][row, 1] = float(bad)
-    with pytest.raises(InputError, match=fr"{field} contains NaN or inf in 1 row\(s\), first rows \[{row}\]"):
+    with pytest.raises(
+        InputError, match=rf"{field} contains NaN or inf in 1 row\(s\), first rows \[{row}\]"
+    ):
         Catalogue(pos, vel, units=KPC_KMS)
 
 
@@ -252,7 +287,9 @@ def test_nan_labels_are_refused():
     pos, vel = _arrays()
     labels = np.zeros((10, 1))
     labels[4] = np.nan
-    with pytest.raises(InputError, match=r"labels contains NaN or inf in 1 row\(s\), first rows \[4\]"):
+    with pytest.raises(
+        InputError, match=r"labels contains NaN or inf in 1 row\(s\), first rows \[4\]"
+    ):
         Catalogue(pos, vel, labels=labels, units=KPC_KMS)
 
 
@@ -337,7 +374,7 @@ def test_interrupted_save_keeps_previous_file(tmp_path, monkeypatch, ext, module
     real = getattr(module, writer)
 
     def crash_after_writing(tmp, cat):
-        real(tmp, cat)                      # the new file is fully written to the temporary name ...
+        real(tmp, cat)  # the new file is fully written to the temporary name ...
         raise KeyboardInterrupt("killed")   # ... and the process dies before the rename
 
     monkeypatch.setattr(module, writer, crash_after_writing)

@@ -1,18 +1,19 @@
-"""The TF-Serving-compatible REST endpoint and its client, against SavedModels with analytic answers.
+"""The TF-Serving-compatible REST endpoint and its client, on SavedModels with analytic answers.
 
-The served models are plain ``tf.Module``s written here, so every answer is checked against a formula:
+The served models are plain ``tf.Module``s written here, so every answer is checked against a
+formula:
 
 * ``normal`` (versions 1 and 2, sigma = version): isotropic normal in 3D,
   log p(x) = -|x|^2 / (2 sigma^2) - 3 log sigma - (3/2) log 2 pi,  grad log p = -x / sigma^2;
   signatures ``serving_default`` (log_prob), ``two_outputs`` (log_prob + grad_log_prob),
-  ``scaled`` (inputs x [N,3] float32 and k [N] int64 -> y = k x), ``count_calls`` (returns how often
-  the signature ran - one call per request, whatever the batch size).
+  ``scaled`` (inputs x [N,3] float32 and k [N] int64 -> y = k x), ``count_calls`` (returns how
+  often the signature ran - one call per request, whatever the batch size).
 * ``half_plus_three`` (version 123): y = x / 2 + 3, TF Serving's own documentation model, so the
   request bodies of the REST documentation are sent verbatim and must give its documented answers.
 * ``broken`` (version 1): a corrupt saved_model.pb; reported in its status, never served.
 
-Float tolerances: outputs are float32 computed from float32 inputs; relative 2e-6 (about 16 ulp) covers
-the few rounding steps, while a wrong sign, factor or version (sigma 1 vs 2) is off by O(1).
+Float tolerances: outputs are float32 computed from float32 inputs; relative 2e-6 (about 16 ulp)
+covers the few rounding steps, while a wrong sign, factor or version (sigma 1 vs 2) is off by O(1).
 """
 from __future__ import annotations
 
@@ -45,9 +46,13 @@ class NormalModule(tf.Module):
         super().__init__()
         self.sigma = tf.Variable(sigma, dtype=tf.float32)
         self.calls = tf.Variable(0, dtype=tf.int64)
-        # Declares which signatures are row-wise, so the server may micro-batch them (as export() does).
-        self.tfgalflow_metadata = tf.Variable(json.dumps({"row_wise_signatures": ["serving_default", "two_outputs"]}),
-                                              dtype=tf.string, trainable=False)
+        # Declares which signatures are row-wise, so the server may micro-batch them
+        # (as export() does).
+        self.tfgalflow_metadata = tf.Variable(
+            json.dumps({"row_wise_signatures": ["serving_default", "two_outputs"]}),
+            dtype=tf.string,
+            trainable=False,
+        )
 
     def _log_prob(self, x):
         return (-0.5 * tf.reduce_sum(x * x, axis=1) / self.sigma**2 - 3.0 * tf.math.log(self.sigma)
@@ -86,7 +91,9 @@ def save_normal(path: Path, sigma: float) -> None:
 
 def normal_log_prob(x, sigma: float) -> np.ndarray:
     x = np.asarray(x, np.float64)
-    return -0.5 * (x * x).sum(axis=1) / sigma**2 - 3 * math.log(sigma) - 1.5 * math.log(2 * math.pi)
+    return (
+        -0.5 * (x * x).sum(axis=1) / sigma**2 - 3 * math.log(sigma) - 1.5 * math.log(2 * math.pi)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +102,9 @@ def base(tmp_path_factory) -> Path:
     for v in (1, 2):
         save_normal(base / "normal" / str(v), sigma=float(v))
     m = HalfPlusThree()
-    tf.saved_model.save(m, str(base / "half_plus_three" / "123"), signatures={"serving_default": m.predict})
+    tf.saved_model.save(
+        m, str(base / "half_plus_three" / "123"), signatures={"serving_default": m.predict}
+    )
     (base / "broken" / "1").mkdir(parents=True)
     (base / "broken" / "1" / "saved_model.pb").write_bytes(b"this is not a protocol buffer")
     return base
@@ -110,7 +119,9 @@ def server(base):
 
 def call(url: str, body: bytes | str | None = None, method: str | None = None) -> tuple[int, dict]:
     data = body.encode() if isinstance(body, str) else body
-    request = urllib.request.Request(url, data=data, method=method or ("GET" if data is None else "POST"))
+    request = urllib.request.Request(
+        url, data=data, method=method or ("GET" if data is None else "POST")
+    )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             assert response.headers["Content-Type"].startswith("application/json")
@@ -119,7 +130,7 @@ def call(url: str, body: bytes | str | None = None, method: str | None = None) -
         return exc.code, json.loads(exc.read())
 
 
-# ---- status and metadata --------------------------------------------------------------------------
+# ---- status and metadata ------------------------------------------------------------------------
 
 def test_status_lists_every_version_like_tf_serving(server):
     ok = {"error_code": "OK", "error_message": ""}
@@ -128,7 +139,12 @@ def test_status_lists_every_version_like_tf_serving(server):
         {"version": "2", "state": "AVAILABLE", "status": ok}]})
     assert call(server.url + "/v1/models/normal/versions/2")[1]["model_version_status"] == [
         {"version": "2", "state": "AVAILABLE", "status": ok}]
-    assert call(server.url + "/v1/models/normal/labels/stable")[1]["model_version_status"][0]["version"] == "1"
+    assert (
+        call(server.url + "/v1/models/normal/labels/stable")[1]["model_version_status"][0][
+            "version"
+        ]
+        == "1"
+    )
     # The documented answer of TF Serving's example (curl http://localhost:8501/v1/models/half_plus_three).
     assert call(server.url + "/v1/models/half_plus_three") == (200, {"model_version_status": [
         {"version": "123", "state": "AVAILABLE", "status": ok}]})
@@ -153,24 +169,32 @@ def test_metadata_lists_signatures_as_tf_serving(server):
     assert defs["serving_default"]["method_name"] == "tensorflow/serving/predict"
     assert set(defs["two_outputs"]["outputs"]) == {"log_prob", "grad_log_prob"}
     assert defs["scaled"]["inputs"]["k"]["dtype"] == "DT_INT64"
-    assert call(server.url + "/v1/models/normal/versions/1/metadata")[1]["model_spec"]["version"] == "1"
+    assert (
+        call(server.url + "/v1/models/normal/versions/1/metadata")[1]["model_spec"]["version"]
+        == "1"
+    )
 
 
-# ---- predict: the documentation's bodies and both formats ----------------------------------------------
+# ---- predict: the documentation's bodies and both formats ---------------------------------------
 
 def test_rest_documentation_examples_verbatim(server):
-    # tensorflow.org/tfx/serving/api_rest, "Example": the half_plus_three predict call and its answer.
-    assert call(server.url + "/v1/models/half_plus_three:predict", '{"instances": [1.0,2.0,5.0]}') == (
-        200, {"predictions": [3.5, 4.0, 5.5]})
+    # tensorflow.org/tfx/serving/api_rest, "Example": the half_plus_three predict call and
+    # its answer.
+    assert call(
+        server.url + "/v1/models/half_plus_three:predict", '{"instances": [1.0,2.0,5.0]}'
+    ) == (200, {"predictions": [3.5, 4.0, 5.5]})
     # ... and the documented error for a model name that is not served.
     assert call(server.url + "/v1/models/half:predict", '{"instances": [1.0,5.0]}') == (
         404, {"error": "Servable not found for request: Latest(half)"})
-    # TF Serving's handler tests: explicit signature_name, and the columnar form answering "outputs".
+    # TF Serving's handler tests: explicit signature_name, and the columnar form
+    # answering "outputs".
     assert call(server.url + "/v1/models/half_plus_three/versions/123:predict",
                 '{"signature_name": "serving_default", "instances": [3.0, 4.0]}') == (
         200, {"predictions": [4.5, 5.0]})
-    assert call(server.url + "/v1/models/half_plus_three/versions/123:predict",
-                '{"signature_name": "serving_default", "inputs": [3.0, 4.0]}') == (200, {"outputs": [4.5, 5.0]})
+    assert call(
+        server.url + "/v1/models/half_plus_three/versions/123:predict",
+        '{"signature_name": "serving_default", "inputs": [3.0, 4.0]}',
+    ) == (200, {"outputs": [4.5, 5.0]})
 
 
 def test_row_and_columnar_formats_give_the_formula(server):
@@ -192,7 +216,9 @@ def test_row_and_columnar_formats_give_the_formula(server):
 def test_several_outputs_are_objects_keyed_by_name(server):
     x = np.array([[1.0, 2.0, -1.0], [0.25, 0.0, 4.0]])
     url = server.url + "/v1/models/normal:predict"
-    status, rows = call(url, json.dumps({"signature_name": "two_outputs", "instances": x.tolist()}))
+    status, rows = call(
+        url, json.dumps({"signature_name": "two_outputs", "instances": x.tolist()})
+    )
     assert status == 200 and len(rows["predictions"]) == 2
     for row, xi, lp in zip(rows["predictions"], x, normal_log_prob(x, 2.0)):
         assert set(row) == {"log_prob", "grad_log_prob"}
@@ -205,8 +231,14 @@ def test_several_outputs_are_objects_keyed_by_name(server):
 
 def test_several_inputs_and_integer_dtype(server):
     url = server.url + "/v1/models/normal:predict"
-    body = {"signature_name": "scaled", "instances": [{"x": [1.0, 2.0, 3.0], "k": 2}, {"x": [0.5, 0.5, 0.5], "k": -3}]}
-    assert call(url, json.dumps(body)) == (200, {"predictions": [[2.0, 4.0, 6.0], [-1.5, -1.5, -1.5]]})
+    body = {
+        "signature_name": "scaled",
+        "instances": [{"x": [1.0, 2.0, 3.0], "k": 2}, {"x": [0.5, 0.5, 0.5], "k": -3}],
+    }
+    assert call(url, json.dumps(body)) == (
+        200,
+        {"predictions": [[2.0, 4.0, 6.0], [-1.5, -1.5, -1.5]]},
+    )
     body = {"signature_name": "scaled", "inputs": {"x": [[1.0, 2.0, 3.0]], "k": [5]}}
     assert call(url, json.dumps(body)) == (200, {"outputs": [[5.0, 10.0, 15.0]]})
 
@@ -215,16 +247,25 @@ def test_versions_and_labels_route_to_their_model(server):
     x = [[1.0, 1.0, 1.0]]
     for route, sigma in (("/versions/1", 1.0), ("/versions/2", 2.0), ("/labels/stable", 1.0),
                          ("/labels/canary", 2.0), ("", 2.0)):
-        status, answer = call(f"{server.url}/v1/models/normal{route}:predict", json.dumps({"instances": x}))
+        status, answer = call(
+            f"{server.url}/v1/models/normal{route}:predict", json.dumps({"instances": x})
+        )
         assert status == 200, route
-        np.testing.assert_allclose(answer["predictions"], normal_log_prob(x, sigma), rtol=RTOL, err_msg=route)
+        np.testing.assert_allclose(
+            answer["predictions"], normal_log_prob(x, sigma), rtol=RTOL, err_msg=route
+        )
 
 
 def test_one_signature_call_per_request(server):
     # count_calls returns the call counter: a 500-row request must raise it by exactly one.
     url = server.url + "/v1/models/normal/versions/1:predict"
-    _, first = call(url, json.dumps({"signature_name": "count_calls", "instances": np.zeros((500, 3)).tolist()}))
-    _, second = call(url, json.dumps({"signature_name": "count_calls", "inputs": np.zeros((7, 3)).tolist()}))
+    _, first = call(
+        url,
+        json.dumps({"signature_name": "count_calls", "instances": np.zeros((500, 3)).tolist()}),
+    )
+    _, second = call(
+        url, json.dumps({"signature_name": "count_calls", "inputs": np.zeros((7, 3)).tolist()})
+    )
     assert len(set(first["predictions"])) == 1 and len(first["predictions"]) == 500
     assert second["outputs"] == [first["predictions"][0] + 1] * 7
 
@@ -265,47 +306,107 @@ def test_answers_are_the_same_with_the_json_module_alone(server, monkeypatch):
         assert float32(a1) == float32(a2)
 
 
-# ---- errors: TF Serving's statuses, and the server keeps serving ---------------------------------------
+# ---- errors: TF Serving's statuses, and the server keeps serving --------------------------------
 
 ERRORS = [
     # (route, body, status, part of the message)
     (":predict", "", 400, "The document is empty"),
     (":predict", "instances = [1, 2]", 400, "JSON Parse error"),
     (":predict", "[1, 2, 3]", 400, "not a JSON object"),
-    (":predict", '{"signature_name": 100, "instances": [[1, 2, 3]]}', 400, "'signature_name' key must be a string"),
-    (":predict", '{"signature_name": "nope", "instances": [[1, 2, 3]]}', 400, 'Serving signature key "nope" not found.'),
+    (
+        ":predict",
+        '{"signature_name": 100, "instances": [[1, 2, 3]]}',
+        400,
+        "'signature_name' key must be a string",
+    ),
+    (
+        ":predict",
+        '{"signature_name": "nope", "instances": [[1, 2, 3]]}',
+        400,
+        'Serving signature key "nope" not found.',
+    ),
     (":predict", '{"values": [[1, 2, 3]]}', 400, "Missing 'inputs' or 'instances' key"),
-    (":predict", '{"instances": [[1, 2, 3]], "inputs": [[1, 2, 3]]}', 400, "only one of 'inputs' or 'instances'"),
+    (
+        ":predict",
+        '{"instances": [[1, 2, 3]], "inputs": [[1, 2, 3]]}',
+        400,
+        "only one of 'inputs' or 'instances'",
+    ),
     (":predict", '{"instances": []}', 400, "No values in 'instances' array"),
     (":predict", '{"instances": [{"y": [1, 2, 3]}]}', 400, "exactly the keys ['x']"),
     (":predict", '{"inputs": {"x": [[1, 2, 3]], "y": [1]}}', 400, "no input named 'y'"),
-    (":predict", '{"signature_name": "scaled", "inputs": {"x": [[1, 2, 3]]}}', 400, "missing input 'k'"),
-    (":predict", '{"signature_name": "scaled", "instances": [[1, 2, 3]]}', 400, "expecting list of objects"),
-    (":predict", '{"instances": [[1, 2]]}', 400, "input 'x' has shape [1, 2]; expected [N, 3] float32"),
+    (
+        ":predict",
+        '{"signature_name": "scaled", "inputs": {"x": [[1, 2, 3]]}}',
+        400,
+        "missing input 'k'",
+    ),
+    (
+        ":predict",
+        '{"signature_name": "scaled", "instances": [[1, 2, 3]]}',
+        400,
+        "expecting list of objects",
+    ),
+    (
+        ":predict",
+        '{"instances": [[1, 2]]}',
+        400,
+        "input 'x' has shape [1, 2]; expected [N, 3] float32",
+    ),
     (":predict", '{"inputs": [1, 2, 3]}', 400, "input 'x' has shape [3]; expected [N, 3]"),
     (":predict", '{"instances": [[1, 2, 3], [4, 5]]}', 400, "not a rectangular array"),
-    (":predict", '{"instances": [[1, 2, "a"]]}', 400, "strings, which are not of the expected type float32"),
+    (
+        ":predict",
+        '{"instances": [[1, 2, "a"]]}',
+        400,
+        "strings, which are not of the expected type float32",
+    ),
     (":predict", '{"instances": [[1, 2, true]]}', 400, "booleans"),
-    (":predict", '{"signature_name": "scaled", "inputs": {"x": [[1, 2, 3]], "k": [1.5]}}', 400,
-     "not of the expected type int64"),
+    (
+        ":predict",
+        '{"signature_name": "scaled", "inputs": {"x": [[1, 2, 3]], "k": [1.5]}}',
+        400,
+        "not of the expected type int64",
+    ),
     (":predict", '{"instances": [[1, 2, NaN]]}', 400, "NaN or infinite"),
     (":predict", '{"inputs": {"x": [[1, -Infinity, 3]]}}', 400, "NaN or infinite"),
     (":predict", '{"instances": [[1, 2, 1e39]]}', 400, "beyond the float32 range"),
     (":predict", json.dumps({"instances": [[0, 0, 0]] * 1001}), 413, "limit of 1000 rows"),
-    (":predict", json.dumps({"instances": [[0.123456789] * 3] * 5000}), 413, "limit of 100000 bytes"),
+    (
+        ":predict",
+        json.dumps({"instances": [[0.123456789] * 3] * 5000}),
+        413,
+        "limit of 100000 bytes",
+    ),
     (":classify", '{"examples": [{"x": 1.0}]}', 400, "use :predict"),
-    ("/versions/9:predict", '{"instances": [[1, 2, 3]]}', 404, "Servable not found for request: Specific(normal, 9)"),
-    ("/labels/nope:predict", '{"instances": [[1, 2, 3]]}', 400, "Unrecognized servable version label: nope"),
+    (
+        "/versions/9:predict",
+        '{"instances": [[1, 2, 3]]}',
+        404,
+        "Servable not found for request: Specific(normal, 9)",
+    ),
+    (
+        "/labels/nope:predict",
+        '{"instances": [[1, 2, 3]]}',
+        400,
+        "Unrecognized servable version label: nope",
+    ),
     ("/versions/x:predict", '{"instances": [[1, 2, 3]]}', 400, "Malformed request"),
 ]
 
 
-@pytest.mark.parametrize("route, body, status, message", ERRORS, ids=[f"{e[2]}-{e[3][:30]}" for e in ERRORS])
-def test_bad_requests_get_tf_serving_errors_and_the_server_keeps_serving(server, route, body, status, message):
+@pytest.mark.parametrize(
+    "route, body, status, message", ERRORS, ids=[f"{e[2]}-{e[3][:30]}" for e in ERRORS]
+)
+def test_bad_requests_get_tf_serving_errors_and_the_server_keeps_serving(
+    server, route, body, status, message
+):
     got_status, answer = call(f"{server.url}/v1/models/normal{route}", body)
     assert got_status == status
     assert set(answer) == {"error"} and message in answer["error"], answer
-    ok_status, ok = call(server.url + "/v1/models/normal:predict", '{"instances": [[1.0, 1.0, 1.0]]}')
+    ok_status, ok = call(
+        server.url + "/v1/models/normal:predict", '{"instances": [[1.0, 1.0, 1.0]]}'
+    )
     assert ok_status == 200
     np.testing.assert_allclose(ok["predictions"], normal_log_prob([[1, 1, 1]], 2.0), rtol=RTOL)
 
@@ -314,19 +415,22 @@ def test_routing_errors(server):
     assert call(server.url + "/v1/models/broken:predict", '{"instances": [[1, 2, 3]]}') == (
         404, {"error": "Servable not found for request: Latest(broken)"})
     assert call(server.url + "/v1/models/normal:predict")[0] == 400               # GET on :predict
-    assert call(server.url + "/v1/models/normal/metadata", "{}")[0] == 400        # POST on metadata
+    # POST on metadata
+    assert call(server.url + "/v1/models/normal/metadata", "{}")[0] == 400
     assert call(server.url + "/v1/foo")[0] == 400
     assert call(server.url + "/v1/models")[1] == {"error": "Missing model name in request."}
     assert call(server.url + "/index.html")[0] == 404
 
 
-# ---- the client --------------------------------------------------------------------------------------
+# ---- the client ---------------------------------------------------------------------------------
 
 def test_client_round_trips_both_formats(server):
     x = np.array([[0.1, -0.2, 0.3], [1.5, 2.5, -3.5]], np.float32)
     client = Client(server.url, model="normal")
     assert client.status()["model_version_status"][-1]["version"] == "2"
-    assert set(client.metadata()["metadata"]["signature_def"]["signature_def"]) >= {"serving_default"}
+    assert set(client.metadata()["metadata"]["signature_def"]["signature_def"]) >= {
+        "serving_default"
+    }
     for fmt in ("rows", "columns"):
         lp = client.predict(x, format=fmt)
         assert lp.dtype == np.float32 and lp.shape == (2,)
@@ -337,13 +441,18 @@ def test_client_round_trips_both_formats(server):
         np.testing.assert_allclose(y, x * np.array([[3.0], [-1.0]]), rtol=RTOL)
     v1 = Client(server.url, model="normal", version=1).predict(x)
     np.testing.assert_allclose(v1, normal_log_prob(x, 1.0), rtol=RTOL)
-    np.testing.assert_allclose(Client(server.url, model="normal", label="stable").predict(x), v1, rtol=0)
+    np.testing.assert_allclose(
+        Client(server.url, model="normal", label="stable").predict(x), v1, rtol=0
+    )
 
 
 def test_client_errors_carry_status_and_message(server):
     with pytest.raises(ServingError) as info:
         Client(server.url, model="nope").predict(np.zeros((1, 3)))
-    assert info.value.status == 404 and info.value.message == "Servable not found for request: Latest(nope)"
+    assert (
+        info.value.status == 404
+        and info.value.message == "Servable not found for request: Latest(nope)"
+    )
     with pytest.raises(ServingError) as info:
         Client(server.url, model="normal").predict(np.array([[np.nan, 0.0, 0.0]]))
     assert info.value.status == 400 and "NaN" in info.value.message
@@ -357,11 +466,15 @@ def test_client_errors_carry_status_and_message(server):
 
 def test_concurrent_requests_all_answer_correctly(server):
     rng = np.random.default_rng(3)
-    batches = [rng.normal(size=(int(n), 3)).astype(np.float32) for n in rng.integers(1, 300, size=24)]
+    batches = [
+        rng.normal(size=(int(n), 3)).astype(np.float32) for n in rng.integers(1, 300, size=24)
+    ]
     results: dict[int, np.ndarray] = {}
 
     def work(i):
-        results[i] = Client(server.url, model="normal").predict(batches[i], format=("rows", "columns")[i % 2])
+        results[i] = Client(server.url, model="normal").predict(
+            batches[i], format=("rows", "columns")[i % 2]
+        )
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(len(batches))]
     for t in threads:
@@ -374,7 +487,7 @@ def test_concurrent_requests_all_answer_correctly(server):
 
 
 class SlowDouble:
-    """A stand-in row-wise signature y = 2x whose first call blocks until released; rejects x < 0."""
+    """A stand-in row-wise signature y = 2x; its first call blocks until released; x < 0 fails."""
     name = "double"
 
     def __init__(self):
@@ -394,7 +507,13 @@ def test_micro_batcher_merges_requests_that_queue_during_a_call():
     from concurrent.futures import ThreadPoolExecutor
     from tfgalflow.serving import MicroBatcher
     signature = SlowDouble()
-    inputs = [np.array([1.0]), np.array([10.0]), np.array([20.0, 21.0]), np.array([-5.0]), np.array([30.0, 31.0, 32.0])]
+    inputs = [
+        np.array([1.0]),
+        np.array([10.0]),
+        np.array([20.0, 21.0]),
+        np.array([-5.0]),
+        np.array([30.0, 31.0, 32.0]),
+    ]
 
     async def scenario():
         with ThreadPoolExecutor(2) as executor:
@@ -409,8 +528,9 @@ def test_micro_batcher_merges_requests_that_queue_during_a_call():
             return [await first] + list(await asyncio.gather(*rest, return_exceptions=True))
 
     results = asyncio.run(scenario())
-    # Call 1: the first request alone. Call 2: the next three (1 + 2 + 1 = 4 rows <= 5) merged; it fails
-    # on x = -5, so they are re-run one by one (1, 2, 1 rows). Call 3: the 3-row request (4 + 3 > 5).
+    # Call 1: the first request alone. Call 2: the next three (1 + 2 + 1 = 4 rows <= 5)
+    # merged; it fails on x = -5, so they are re-run one by one (1, 2, 1 rows).
+    # Call 3: the 3-row request (4 + 3 > 5).
     assert signature.rows == [1, 4, 1, 2, 1, 3]
     for x, result in zip(inputs, results):
         if (x < 0).any():
@@ -419,7 +539,7 @@ def test_micro_batcher_merges_requests_that_queue_during_a_call():
             np.testing.assert_array_equal(result["y"], 2 * x)
 
 
-# ---- new versions while serving, and the CLI -----------------------------------------------------------
+# ---- new versions while serving, and the CLI ----------------------------------------------------
 
 def test_rescan_serves_new_versions_and_forgets_removed_ones(tmp_path):
     save_normal(tmp_path / "normal" / "1", sigma=1.0)
@@ -440,8 +560,9 @@ def test_polling_picks_up_an_exported_version(tmp_path):
     x = [[0.0, 1.0, 0.0]]
     with running(tmp_path, poll_seconds=0.1) as srv:
         client = Client(srv.url, model="normal")
-        save_normal(tmp_path / ".tmp-2", sigma=2.0)                        # written aside, then renamed in,
-        (tmp_path / ".tmp-2").rename(tmp_path / "normal" / "2")            # as export() does
+        # written aside, then renamed in, as export() does
+        save_normal(tmp_path / ".tmp-2", sigma=2.0)
+        (tmp_path / ".tmp-2").rename(tmp_path / "normal" / "2")
         deadline = time.monotonic() + 60
         while [s["version"] for s in client.status()["model_version_status"]] != ["1", "2"]:
             assert time.monotonic() < deadline, "version 2 was never loaded"
@@ -453,7 +574,17 @@ def test_cli_serve_answers_on_loopback(base):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "tfgalflow.cli", "serve", str(base), "--port", str(port), "--poll-seconds", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tfgalflow.cli",
+        "serve",
+        str(base),
+        "--port",
+        str(port),
+        "--poll-seconds",
+        "0",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     try:
@@ -464,7 +595,9 @@ def test_cli_serve_answers_on_loopback(base):
                 answer = client.predict([1.0, 2.0, 5.0])
                 break
             except ServingError:
-                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
+                assert proc.poll() is None and time.monotonic() < deadline, (
+                    proc.stdout.read() if proc.poll() else ""
+                )
                 time.sleep(0.3)
         np.testing.assert_array_equal(answer, np.array([3.5, 4.0, 5.5], np.float32))
     finally:

@@ -1,4 +1,4 @@
-"""The Hernquist (1990) sphere: density, potential, forces, exact distribution functions, Jeans profiles.
+"""The Hernquist (1990) sphere: density, potential, forces, exact DFs and Jeans profiles.
 
 Model of total mass ``M`` and scale length ``a`` under gravitational constant ``G`` (model units
 G = M = a = 1 by default; see :mod:`tfgalflow.units` for physical scales)::
@@ -16,23 +16,25 @@ Two self-consistent equilibria ("kinds"):
                        * [3 arcsin q + q (1 - q^2)^(1/2) (1 - 2 q^2) (8 q^4 - 8 q^2 - 3)]
 
 ``"aniso"`` constant anisotropy beta = 1/2 (Baes & Dejonghe 2002, A&A 393, 485; Evans & An 2006,
-            Phys. Rev. D 73, 023524). In model units f(E, L) = 3 E^2 / (4 pi^3 L). Measuring E in units
-            of G M / a, L in units of a v_g = sqrt(G M a) and f in units of M / (a^3 v_g^3) gives::
+            Phys. Rev. D 73, 023524). In model units f(E, L) = 3 E^2 / (4 pi^3 L). Measuring E in
+            units of G M / a, L in units of a v_g = sqrt(G M a) and f in units of M / (a^3 v_g^3)
+            gives::
 
                 f(E, L) = 3 M (a E / G M)^2 / (4 pi^3 a^3 v_g^3 (L / (a v_g)))
                         = 3 (a E / G M)^2 / (4 pi^3 G a L)
 
             (check: integrating over velocities gives rho(r) for any G, M, a; tested).
 
-Both DFs vanish for E <= 0 (``log_df`` = -inf there) and are normalised to M: the integral of f over
-phase space is the total mass (f is a *mass* density in phase space).
+Both DFs vanish for E <= 0 (``log_df`` = -inf there) and are normalised to M: the integral of f
+over phase space is the total mass (f is a *mass* density in phase space).
 
 Numerics. The bracket B(q) of eq. 17 is B(q) = 128 int_0^q t^4 (1 - t^2)^(3/2) dt (differentiate to
 check), so B ~ 128 q^5 / 5 for small q while its two closed-form terms are O(q): evaluating eq. 17
-directly loses ~q^-4 in relative precision. For q^2 < 1/2 we sum the binomial series of the integral
-instead. Near the centre (q -> 1) we never form 1 - q^2 by subtraction from E: for a phase-space
-point it is 1 - q^2 = r / (r + a) + a |v|^2 / (2 G M) exactly, and arcsin q = atan2(q, sqrt(1 - q^2)).
-The same formulas are used in float64 (NumPy) and in float32/float64 (TensorFlow).
+directly loses ~q^-4 in relative precision. For q^2 < 1/2 we sum the binomial series of the
+integral instead. Near the centre (q -> 1) we never form 1 - q^2 by subtraction from E: for a
+phase-space point it is 1 - q^2 = r / (r + a) + a |v|^2 / (2 G M) exactly, and
+arcsin q = atan2(q, sqrt(1 - q^2)). The same formulas are used in float64 (NumPy) and in
+float32/float64 (TensorFlow).
 
 NumPy methods take r of any shape and x, v of shape [N, 3]; TensorFlow methods (``tf_*``) import
 TensorFlow lazily, follow the input dtype and are differentiable with ``tf.GradientTape``.
@@ -52,7 +54,8 @@ from .validation import one_of
 DF_KINDS = ("iso", "aniso")
 
 # ---- series coefficients ----------------------------------------------------------------------
-# B(q) = 128 sum_k c_k q^(2k+5) / (2k+5),  c_k = (-1)^k binom(3/2, k)  (binomial series of (1-t^2)^(3/2)).
+# B(q) = 128 sum_k c_k q^(2k+5) / (2k+5),  c_k = (-1)^k binom(3/2, k)
+# (the binomial series of (1-t^2)^(3/2)).
 # For q^2 < 1/2 the terms fall at least as 2^-k k^-5/2; 60 terms leave a truncation error < 1e-20.
 _N_SERIES = 60
 _Q2_SERIES_MAX = 0.5
@@ -63,13 +66,15 @@ def _bracket_series_coefficients(n: int) -> np.ndarray:
     c = np.empty(n)
     c[0] = 1.0
     for k in range(n - 1):
-        c[k + 1] = c[k] * (k - 1.5) / (k + 1)      # (-1)^(k+1) binom(3/2, k+1) from (-1)^k binom(3/2, k)
+        # (-1)^(k+1) binom(3/2, k+1) from (-1)^k binom(3/2, k)
+        c[k + 1] = c[k] * (k - 1.5) / (k + 1)
     return c / (2.0 * np.arange(n) + 5.0)
 
 
 _BRACKET_SERIES = _bracket_series_coefficients(_N_SERIES)
 
-# Jeans integral for the isotropic model (model units): rho sigma_r^2 = J(T) / (2 pi), T = a / (r + a),
+# Jeans integral for the isotropic model (model units):
+# rho sigma_r^2 = J(T) / (2 pi), T = a / (r + a),
 # J(T) = int_0^T t^4 / (1 - t) dt = -ln(1 - T) - T - T^2/2 - T^3/3 - T^4/4 = sum_{k>=5} T^k / k.
 # The series is used for T < 1/2 (r > a), where the closed form cancels; 64 terms: error < 2^-64.
 _N_JEANS = 64
@@ -77,7 +82,7 @@ _T_SERIES_MAX = 0.5
 
 
 def _horner(coefficients, z, one):
-    """sum_k coefficients[k] z^k by Horner's rule; ``one`` fixes the array type/dtype of the result."""
+    """sum_k coefficients[k] z^k by Horner's rule; ``one`` sets the result's type and dtype."""
     result = one * coefficients[-1]
     for c in coefficients[-2::-1]:
         result = result * z + c
@@ -86,7 +91,7 @@ def _horner(coefficients, z, one):
 
 @dataclass(frozen=True)
 class Hernquist:
-    """Hernquist sphere of mass ``M``, scale length ``a`` and gravitational constant ``G`` (all > 0).
+    """Hernquist sphere of mass ``M``, scale length ``a``, gravitational constant ``G`` (all > 0).
 
     Units are whatever M, a, G are in (default: model units G = M = a = 1). Velocities are then in
     units of sqrt(G M / a) * (your velocity unit) etc.; see :class:`tfgalflow.units.ModelUnits`.
@@ -112,7 +117,9 @@ class Hernquist:
             except (TypeError, ValueError):
                 ok = False
             if not ok:
-                raise InputError(f"Hernquist parameter {name} must be a finite positive number, got {value!r}")
+                raise InputError(
+                    f"Hernquist parameter {name} must be a finite positive number, got {value!r}"
+                )
 
     # ---- derived scales -----------------------------------------------------------------------
     @property
@@ -155,7 +162,10 @@ class Hernquist:
         return np.sqrt(2.0 * self.relative_potential(r))
 
     def acceleration(self, x) -> np.ndarray:
-        """g(x) = -grad Phi = -G M x / (r (r + a)^2);  x: [N, 3] -> [N, 3]. Zero at x = 0 (by symmetry)."""
+        """g(x) = -grad Phi = -G M x / (r (r + a)^2);  x: [N, 3] -> [N, 3].
+
+        Zero at x = 0 (by symmetry).
+        """
         x = _vectors(x, "x")
         r = np.linalg.norm(x, axis=1, keepdims=True)
         safe_r = np.where(r > 0, r, 1.0)
@@ -168,7 +178,7 @@ class Hernquist:
         return self.relative_potential(np.linalg.norm(x, axis=1)) - 0.5 * np.sum(v * v, axis=1)
 
     def f_iso(self, E) -> np.ndarray:
-        """Isotropic Hernquist DF f(E) (Hernquist 1990 eq. 17) for relative energies E of any shape.
+        """Isotropic Hernquist DF f(E) (Hernquist 1990 eq. 17) at relative energies E (any shape).
 
         Zero for E <= 0; diverges as (1 - a E / G M)^(-5/2) at E -> G M / a (the centre).
         """
@@ -183,7 +193,9 @@ class Hernquist:
 
         Model units: 3 E^2 / (4 pi^3 L) (Baes & Dejonghe 2002; Evans & An 2006).
         """
-        E, L = np.broadcast_arrays(np.asarray(E, dtype=np.float64), np.asarray(L, dtype=np.float64))
+        E, L = np.broadcast_arrays(
+            np.asarray(E, dtype=np.float64), np.asarray(L, dtype=np.float64)
+        )
         with np.errstate(divide="ignore"):
             f = 3.0 * (E / self.energy_scale) ** 2 / (4.0 * np.pi**3 * self.G * self.a * L)
         return np.where(E > 0, f, 0.0)
@@ -218,31 +230,39 @@ class Hernquist:
         return np.exp(self.log_df(x, v, kind))
 
     def _log_f_iso(self, q2, p2):
-        """log f_iso from q^2 = a E / (G M) in (0, 1] and p^2 = 1 - q^2 (passed separately for accuracy)."""
+        """log f_iso from q^2 = a E / (G M) in (0, 1] and p^2 = 1 - q^2.
+
+        p^2 is passed separately, for accuracy.
+        """
         q2_series = np.where(q2 < _Q2_SERIES_MAX, q2, 0.25)
         q2_direct = np.where(q2 < _Q2_SERIES_MAX, 0.75, q2)
         p2_direct = np.where(q2 < _Q2_SERIES_MAX, 0.25, p2)
         log_b_series = (math.log(128.0) + 2.5 * np.log(q2_series)
                         + np.log(_horner(_BRACKET_SERIES, q2_series, np.ones_like(q2_series))))
         q, p = np.sqrt(q2_direct), np.sqrt(p2_direct)
-        log_b_direct = np.log(3.0 * np.arctan2(q, p)
-                              + q * p * (1.0 - 2.0 * q2_direct) * (8.0 * q2_direct**2 - 8.0 * q2_direct - 3.0))
+        log_b_direct = np.log(
+            3.0 * np.arctan2(q, p)
+            + q * p * (1.0 - 2.0 * q2_direct) * (8.0 * q2_direct**2 - 8.0 * q2_direct - 3.0)
+        )
         log_b = np.where(q2 < _Q2_SERIES_MAX, log_b_series, log_b_direct)
         return self._log_iso_prefactor + log_b - 2.5 * np.log(p2)
 
     @property
     def _log_iso_prefactor(self) -> float:
         """log[M / (8 sqrt2 pi^3 a^3 v_g^3)]."""
-        return math.log(self.M / (8.0 * math.sqrt(2.0) * math.pi**3 * self.a**3 * self.velocity_scale**3))
+        return math.log(
+            self.M / (8.0 * math.sqrt(2.0) * math.pi**3 * self.a**3 * self.velocity_scale**3)
+        )
 
     # ---- Jeans profiles -----------------------------------------------------------------------
     def sigma_r(self, r, kind: str = "iso") -> np.ndarray:
-        """Radial velocity dispersion sigma_r(r).
+        """Radial velocity dispersion sigma_r at radii ``r`` (any shape, same shape out).
 
         "iso" (Hernquist 1990 eq. 10), with T = a / (r + a):
             sigma_r^2 = (G M / a) (1 - T) T^-4 [-ln(1 - T) - T - T^2/2 - T^3/3 - T^4/4]
                       = (G M / a) (1 - T) sum_{k>=5} T^(k-4) / k      (series used for r > a)
-        "aniso" (beta = 1/2): the Jeans equation (1/r) d(r rho sigma_r^2)/dr = -rho dPhi/dr integrates to
+        "aniso" (beta = 1/2): the Jeans equation (1/r) d(r rho sigma_r^2)/dr = -rho dPhi/dr
+        integrates to
             r rho sigma_r^2 = G M^2 a / (8 pi (r + a)^4), i.e.  sigma_r^2 = G M / (4 (r + a)).
         """
         _check_kind(kind)
@@ -251,7 +271,8 @@ class Hernquist:
             return np.sqrt(self.G * self.M / (4.0 * (r + self.a)))
         T = self.a / (r + self.a)
         series = np.where(T < _T_SERIES_MAX, T, 0.25)
-        coefficients = 1.0 / np.arange(5, 5 + _N_JEANS)                    # T^(k-4)/k, k = 5, 6, ...
+        # T^(k-4)/k, k = 5, 6, ...
+        coefficients = 1.0 / np.arange(5, 5 + _N_JEANS)
         s2_series = (1.0 - series) * series * _horner(coefficients, series, np.ones_like(series))
         direct_r = np.where((T >= _T_SERIES_MAX) & (r > 0), r, self.a)
         Td = self.a / (direct_r + self.a)
@@ -272,7 +293,7 @@ class Hernquist:
 
     # ---- TensorFlow ---------------------------------------------------------------------------
     def tf_log_df(self, x, v, kind: str = "iso"):
-        """TensorFlow log f(x, v): x, v [N, 3] -> [N], dtype of x (v is cast to it); -inf where E <= 0.
+        """TensorFlow log f(x, v): x, v [N, 3] -> [N], dtype of x (v cast to it); -inf at E <= 0.
 
         Differentiable: gradients are finite at bound points with r > 0 (and L > 0 for "aniso") and
         exactly zero at unbound points, so one unbound star cannot put NaN into a batch gradient.
@@ -320,7 +341,7 @@ class Hernquist:
         return tf.where(r > 0, g, tf.zeros_like(g))
 
     def _tf_log_f_iso(self, q2, p2):
-        """TensorFlow twin of :meth:`_log_f_iso` (same branches, safe inputs in the unused branch)."""
+        """TensorFlow twin of :meth:`_log_f_iso`: same branches, safe inputs in the unused one."""
         import tensorflow as tf
 
         dtype = q2.dtype
@@ -332,8 +353,10 @@ class Hernquist:
         log_b_series = (tf.constant(math.log(128.0), dtype) + 2.5 * tf.math.log(q2_series)
                         + tf.math.log(_horner(coefficients, q2_series, tf.ones_like(q2_series))))
         q, p = tf.sqrt(q2_direct), tf.sqrt(p2_direct)
-        log_b_direct = tf.math.log(3.0 * tf.math.atan2(q, p)
-                                   + q * p * (1.0 - 2.0 * q2_direct) * (8.0 * q2_direct**2 - 8.0 * q2_direct - 3.0))
+        log_b_direct = tf.math.log(
+            3.0 * tf.math.atan2(q, p)
+            + q * p * (1.0 - 2.0 * q2_direct) * (8.0 * q2_direct**2 - 8.0 * q2_direct - 3.0)
+        )
         log_b = tf.where(use_series, log_b_series, log_b_direct)
         return tf.constant(self._log_iso_prefactor, dtype) + log_b - 2.5 * tf.math.log(p2)
 
@@ -383,7 +406,10 @@ def _vectors(x, name: str) -> np.ndarray:
 def _phase_space(x, v) -> tuple[np.ndarray, np.ndarray]:
     x, v = _vectors(x, "x"), _vectors(v, "v")
     if x.shape[0] != v.shape[0]:
-        raise InputError(f"x and v must both have shape [N, 3] with the same N, got {list(x.shape)} and {list(v.shape)}")
+        raise InputError(
+            "x and v must both have shape [N, 3] with the same N, got "
+            f"{list(x.shape)} and {list(v.shape)}"
+        )
     return x, v
 
 
@@ -404,7 +430,9 @@ def _tf_phase_space(x: Any, v: Any):
     x = _tf_vectors(x, "x")
     v = tf.cast(_tf_vectors(v, "v"), x.dtype)
     if x.shape[0] is not None and v.shape[0] is not None and x.shape[0] != v.shape[0]:
-        raise InputError(f"x and v must both have shape [N, 3] with the same N, got {x.shape} and {v.shape}")
+        raise InputError(
+            f"x and v must both have shape [N, 3] with the same N, got {x.shape} and {v.shape}"
+        )
     return x, v
 
 

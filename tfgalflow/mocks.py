@@ -1,34 +1,37 @@
-"""Mock star catalogues: exact Hernquist samplers, emcee sampling of any DF, cuts and observational noise.
+"""Mock star catalogues: exact Hernquist samplers, emcee for any DF, cuts and observational noise.
 
 ``sample_hernquist`` draws independent stars from the isotropic or beta = 1/2 Hernquist DF
 (:mod:`tfgalflow.hernquist`) exactly, fully vectorised (10^6 stars in about a second):
 
-* radius by inverting the mass profile, M(<r)/M = r^2 / (r + a)^2 = u  =>  r = a sqrt(u) / (1 - sqrt(u)),
+* radius by inverting the mass profile,
+  M(<r)/M = r^2 / (r + a)^2 = u  =>  r = a sqrt(u) / (1 - sqrt(u)),
   with u ~ U(0, u_max), u_max = M(<r_max)/M for a catalogue truncated at r_max;
 * position direction isotropic;
 * velocity from the DF at fixed r, p(v | r) ∝ f(x, v):
 
-  ``iso``   p(v | r) ∝ v^2 f(Psi - v^2/2) on [0, v_esc], by rejection in vectorised rounds. Hernquist's
-            eq. 17 is f = C B(q) (1 - q^2)^(-5/2) with q^2 = a E / (G M) and B increasing in q. The proposal
+  ``iso``   p(v | r) ∝ v^2 f(Psi - v^2/2) on [0, v_esc], by rejection in vectorised rounds.
+            Hernquist's eq. 17 is f = C B(q) (1 - q^2)^(-5/2) with q^2 = a E / (G M) and B
+            increasing in q. The proposal
             g(v) ∝ v^2 (1 - q^2)^(-5/2) = v^2 (c + s)^(-5/2), c = r / (r + a), s = v^2 / (2 v_g^2),
-            is inverted exactly (t = s / (c + s) has density ∝ t^(1/2) on [0, a / (r + a)]), and a
-            proposal is accepted with probability B(q(v)) / B(q(0)) <= 1. The acceptance rate is >= 0.18
-            at every radius (-> 1 at the centre, where the naive v^2 proposal with f(Psi - v^2/2)/f(Psi)
-            fails: f(Psi) diverges as r -> 0).
-  ``aniso`` beta = 1/2, f = 3 E^2 / (4 pi^3 L) with L = r v_t: p(v_r, v_t | r) ∝ v_t f ∝ E^2 =
-            (Psi - (v_r^2 + v_t^2)/2)^2 on the half disk v_t >= 0. In polar coordinates (rho, alpha) of
-            that half disk, alpha ~ U(0, pi) and y = rho^2 / (2 Psi) has density 3 (1 - y)^2, so
-            y = 1 - (1 - U)^(1/3): exact inversion, no rejection. The tangential direction is uniform.
+            is inverted exactly (t = s / (c + s) has density ∝ t^(1/2) on [0, a / (r + a)]), and
+            a proposal is accepted with probability B(q(v)) / B(q(0)) <= 1. The acceptance rate is
+            >= 0.18 at every radius (-> 1 at the centre, where the naive v^2 proposal with
+            f(Psi - v^2/2)/f(Psi) fails: f(Psi) diverges as r -> 0).
+  ``aniso`` beta = 1/2, f = 3 E^2 / (4 pi^3 L) with L = r v_t:
+            p(v_r, v_t | r) ∝ v_t f ∝ E^2 = (Psi - (v_r^2 + v_t^2)/2)^2 on the half disk
+            v_t >= 0. In polar coordinates (rho, alpha) of that half disk, alpha ~ U(0, pi) and
+            y = rho^2 / (2 Psi) has density 3 (1 - y)^2, so y = 1 - (1 - U)^(1/3): exact
+            inversion, no rejection. The tangential direction is uniform.
 
 ``sample_emcee`` runs emcee's affine-invariant ensemble sampler in 6D on any log f(x, v), as the
-reference study did (An, Naik, Evans & Burrage 2021; Naik's HernquistFlows ``data/sample_hq_iso.py``:
-100 walkers, 1000 burn-in steps, thinning by 100, truncation at 200 a).
+reference study did (An, Naik, Evans & Burrage 2021; Naik's HernquistFlows
+``data/sample_hq_iso.py``: 100 walkers, 1000 burn-in steps, thinning by 100, truncation at 200 a).
 
 ``add_noise`` follows the reference study's convention by default (each Cartesian coordinate times
 (1 + level N(0, 1)), HernquistFlows ``data/add_noise.py``); see its docstring.
 
-References: Hernquist 1990, ApJ 356, 359; Baes & Dejonghe 2002, A&A 393, 485; Foreman-Mackey et al. 2013,
-PASP 125, 306 (emcee); An, Naik, Evans & Burrage 2021, MNRAS 506, 5721.
+References: Hernquist 1990, ApJ 356, 359; Baes & Dejonghe 2002, A&A 393, 485; Foreman-Mackey et al.
+2013, PASP 125, 306 (emcee); An, Naik, Evans & Burrage 2021, MNRAS 506, 5721.
 """
 from __future__ import annotations
 
@@ -49,28 +52,40 @@ from .units import MODEL_UNIT, ModelUnits
 log = logging.getLogger(__name__)
 
 MODEL_UNITS = {"length": MODEL_UNIT, "velocity": MODEL_UNIT}
-#: Accepted range of emcee's mean acceptance fraction (Foreman-Mackey et al. 2013, sec. 4); outside it warns.
+#: Accepted range of emcee's mean acceptance fraction (Foreman-Mackey et al. 2013, sec. 4);
+#: outside it warns.
 ACCEPTANCE_RANGE = (0.2, 0.7)
 #: add_noise conventions (see its docstring).
 NOISE_CONVENTIONS = ("coordinate", "vector")
-_MAX_ROUNDS = 10_000    # rejection rounds; with acceptance >= 0.18 the last of 10^9 stars needs ~120
+# Most rejection rounds; with acceptance >= 0.18 the last of 10^9 stars needs ~120
+_MAX_ROUNDS = 10_000
 
 
-# ---- exact sampler --------------------------------------------------------------------------------
+# ---- exact sampler ------------------------------------------------------------------------------
 
-def sample_hernquist(n: int, kind: str = "iso", seed: int | None = None, model: Hernquist = Hernquist(),
-                     r_max: float | None = None, model_units: ModelUnits | None = None) -> Catalogue:
+def sample_hernquist(
+    n: int,
+    kind: str = "iso",
+    seed: int | None = None,
+    model: Hernquist = Hernquist(),
+    r_max: float | None = None,
+    model_units: ModelUnits | None = None,
+) -> Catalogue:
     """Draw ``n`` independent stars exactly from a Hernquist DF.
 
     Args:
         n: number of stars, >= 1.
-        kind: "iso" (Hernquist 1990 f(E)) or "aniso" (beta = 1/2, f(E, L) = 3 E^2 / (4 pi^3 L) in G=M=a=1).
-        seed: seed of ``numpy.random.default_rng``; None draws fresh entropy (recorded in meta["seed"]).
+        kind: "iso" (Hernquist 1990 f(E)) or "aniso" (beta = 1/2, f(E, L) = 3 E^2 / (4 pi^3 L) in
+            G=M=a=1).
+        seed: seed of ``numpy.random.default_rng``; None draws fresh entropy (recorded in
+            meta["seed"]).
         model: the Hernquist(M, a, G) sphere; positions and velocities come out in its units.
-        r_max: if given, only stars with r < r_max (the DF restricted to r < r_max; velocities unchanged).
-        model_units: physical scale of model units (G = M = a = 1 system), stored in meta["model_units"]
-            so that ``cat.to_units("kpc", "km/s")`` works; default ``ModelUnits()`` (1e10 Msun, 1 kpc).
-            Only recorded when model.G == 1 (otherwise "model" velocities are not sqrt(G M_u / L_u)).
+        r_max: if given, only stars with r < r_max (the DF restricted to r < r_max; velocities
+            unchanged).
+        model_units: physical scale of model units (G = M = a = 1 system), stored in
+            meta["model_units"] so that ``cat.to_units("kpc", "km/s")`` works; default
+            ``ModelUnits()`` (1e10 Msun, 1 kpc). Only recorded when model.G == 1 (otherwise "model"
+            velocities are not sqrt(G M_u / L_u)).
 
     Returns a :class:`Catalogue` in units "model"/"model": pos [n, 3], vel [n, 3].
 
@@ -98,8 +113,14 @@ def sample_hernquist(n: int, kind: str = "iso", seed: int | None = None, model: 
         vel = (v_r[:, None] * r_hat
                + v_t[:, None] * (np.cos(psi)[:, None] * e_theta + np.sin(psi)[:, None] * e_phi))
     meta: dict[str, Any] = {
-        "source": "tfgalflow.mocks.sample_hernquist", "sampler": "exact", "df": "hernquist", "kind": kind,
-        "n": n, "seed": seed, "r_max": r_max, "model": {"M": model.M, "a": model.a, "G": model.G},
+        "source": "tfgalflow.mocks.sample_hernquist",
+        "sampler": "exact",
+        "df": "hernquist",
+        "kind": kind,
+        "n": n,
+        "seed": seed,
+        "r_max": r_max,
+        "model": {"M": model.M, "a": model.a, "G": model.G},
     }
     if model.G == 1.0:
         meta["model_units"] = model_units if model_units is not None else ModelUnits()
@@ -110,14 +131,20 @@ def _radii(n: int, a: float, r_max: float | None, rng: np.random.Generator) -> n
     """r with M(<r)/M = r^2/(r+a)^2 = u, u ~ U(0, u_max): r = a sqrt(u) (1 + sqrt(u)) / (1 - u)."""
     u_max = 1.0 if r_max is None else (r_max / (r_max + a)) ** 2
     u = u_max * rng.random(n)                               # [0, u_max): finite r; r < r_max
-    u = np.where(u > 0.0, u, np.finfo(float).tiny)          # r = 0 (probability 2^-53) has no velocity DF
+    # r = 0 (probability 2^-53) has no velocity DF
+    u = np.where(u > 0.0, u, np.finfo(float).tiny)
     s = np.sqrt(u)
     r = a * s * (1.0 + s) / (1.0 - u)
     return r if r_max is None else np.minimum(r, r_max)
 
 
-def _spherical_basis(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Isotropic unit vectors r_hat [n, 3] with their e_theta, e_phi (cos theta ~ U(-1, 1), phi ~ U(0, 2 pi))."""
+def _spherical_basis(
+    n: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Isotropic unit vectors r_hat [n, 3] with their e_theta, e_phi [n, 3].
+
+    cos theta ~ U(-1, 1), phi ~ U(0, 2 pi).
+    """
     cos_t = rng.uniform(-1.0, 1.0, n)
     sin_t = np.sqrt(1.0 - cos_t**2)
     phi = rng.uniform(0.0, 2.0 * np.pi, n)
@@ -129,7 +156,9 @@ def _spherical_basis(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.n
 
 
 def iso_speeds(model: Hernquist, r: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """|v| ~ v^2 f(Psi(r) - v^2/2) on [0, v_esc] by rejection from g(v) ∝ v^2 (c + s)^(-5/2) (module docstring).
+    """|v| ~ v^2 f(Psi(r) - v^2/2) on [0, v_esc], by rejection from g(v) ∝ v^2 (c + s)^(-5/2).
+
+    See the module docstring for the proposal and the acceptance probability.
 
     log B(q) + const = log f + (5/2) log(c + s) is evaluated with ``model.log_df`` (which forms
     1 - q^2 = c + s without cancellation), at x = (r, 0, 0), v = (|v|, 0, 0).
@@ -161,46 +190,69 @@ def iso_speeds(model: Hernquist, r: np.ndarray, rng: np.random.Generator) -> np.
     return speeds
 
 
-def _aniso_velocities(model: Hernquist, r: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(v_r, v_t >= 0) with density ∝ (Psi - (v_r^2 + v_t^2)/2)^2 on the half disk (beta = 1/2 DF at fixed r)."""
-    y = -np.expm1(np.log1p(-rng.random(r.size)) / 3.0)      # 1 - (1 - U)^(1/3): density 3 (1 - y)^2 on [0, 1)
+def _aniso_velocities(
+    model: Hernquist, r: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """(v_r, v_t >= 0) with density ∝ (Psi - (v_r^2 + v_t^2)/2)^2 on the half disk.
+
+    That is the velocity distribution of the beta = 1/2 DF at fixed r.
+    """
+    # 1 - (1 - U)^(1/3): density 3 (1 - y)^2 on [0, 1)
+    y = -np.expm1(np.log1p(-rng.random(r.size)) / 3.0)
     rho = np.sqrt(2.0 * model.relative_potential(r) * y)
     alpha = rng.uniform(0.0, np.pi, r.size)
     return rho * np.cos(alpha), rho * np.sin(alpha)
 
 
-# ---- emcee -----------------------------------------------------------------------------------------
+# ---- emcee --------------------------------------------------------------------------------------
 
-def sample_emcee(log_df: Callable[[np.ndarray, np.ndarray], np.ndarray], n: int, nwalkers: int = 64,
-                 burn: int = 1000, thin: int = 20, seed: int | None = None, r_max: float | None = None,
-                 init: np.ndarray | None = None, init_scale: tuple[float, float] = (1.0, 0.3),
-                 units: Mapping[str, str] | None = None, meta: Mapping[str, Any] | None = None,
-                 progress: bool = False) -> Catalogue:
+def sample_emcee(
+    log_df: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    n: int,
+    nwalkers: int = 64,
+    burn: int = 1000,
+    thin: int = 20,
+    seed: int | None = None,
+    r_max: float | None = None,
+    init: np.ndarray | None = None,
+    init_scale: tuple[float, float] = (1.0, 0.3),
+    units: Mapping[str, str] | None = None,
+    meta: Mapping[str, Any] | None = None,
+    progress: bool = False,
+) -> Catalogue:
     """Sample ``n`` stars from any DF with emcee's ensemble sampler in 6D (x, v).
 
-    Target: p(x, v) ∝ exp(log_df(x, v)) for |x| < r_max (-inf beyond; NaN and +inf are treated as -inf,
-    e.g. the beta = 1/2 DF's integrable L = 0 singularity). ``log_df(x [B, 3], v [B, 3]) -> [B]`` is
-    called on whole half-ensembles (emcee ``vectorize=True``).
+    Target: p(x, v) ∝ exp(log_df(x, v)) for |x| < r_max (-inf beyond; NaN and +inf are treated as
+    -inf, e.g. the beta = 1/2 DF's integrable L = 0 singularity). ``log_df(x [B, 3], v [B, 3])
+    -> [B]`` is called on whole half-ensembles (emcee ``vectorize=True``).
 
-    Chain: ``burn`` steps discarded, then ceil(n / nwalkers) kept states per walker, one every ``thin``
-    steps; the last n are returned. The acceptance fraction (every post-burn-in step, from whether each
-    walker moved) goes to meta["acceptance_fraction"] (mean) and meta["acceptance_fraction_range"];
-    it is logged, and a warning is issued when the mean is outside [0.2, 0.7]. meta["autocorr_steps"]
-    is emcee's integrated autocorrelation time (max over the 6 coordinates, None if undefined) in steps:
-    samples closer than that in a walker's chain are correlated, so ``thin`` should exceed it for
-    independent stars.
+    Chain: ``burn`` steps discarded, then ceil(n / nwalkers) kept states per walker, one every
+    ``thin`` steps; the last n are returned. The acceptance fraction (every post-burn-in step, from
+    whether each walker moved) goes to meta["acceptance_fraction"] (mean) and
+    meta["acceptance_fraction_range"]; it is logged, and a warning is issued when the mean is
+    outside [0.2, 0.7]. meta["autocorr_steps"] is emcee's integrated autocorrelation time (max over
+    the 6 coordinates, None if undefined) in steps: samples closer than that in a walker's chain
+    are correlated, so ``thin`` should exceed it for independent stars.
 
     Why r_max: a DF like Hernquist's has M(>r) ∝ 1/r, so walkers wander to huge radii where the
-    stretch move mixes slowly; truncating keeps the target compact and the autocorrelation time finite
-    (the reference study truncated at 200 a).
+    stretch move mixes slowly; truncating keeps the target compact and the autocorrelation time
+    finite (the reference study truncated at 200 a).
 
     Args:
         log_df: log f(x, v) up to a constant, NumPy in, NumPy out.
-        n: stars wanted, >= 1.  nwalkers: >= 12 (2 x 6 dimensions), even.  burn, thin: steps (>= 0, >= 1).
+        n: stars wanted, >= 1.
+        nwalkers: number of walkers, even and >= 12 (2 x 6 dimensions).
+        burn: steps discarded at the start of every walker's chain, >= 0.
+        thin: steps between kept states, >= 1.
         seed: seeds the initial walkers and emcee's RandomState (None: fresh entropy, recorded).
-        init: [nwalkers, 6] starting points; default x ~ N(0, init_scale[0]^2), v ~ N(0, init_scale[1]^2),
-            redrawn until log_df is finite there.
-        units: units of log_df's x, v (default "model"/"model").  meta: extra provenance to record.
+        r_max: positions |x| >= r_max get log p = -inf (None: no truncation).
+        init: [nwalkers, 6] starting points; default x ~ N(0, init_scale[0]^2),
+            v ~ N(0, init_scale[1]^2), redrawn until log_df is finite there.
+        init_scale: (position, velocity) standard deviations of the default starting points
+            (the position one capped at r_max / 3).
+        units: units of log_df's x, v (default "model"/"model").
+        meta: extra provenance, added to the catalogue's meta.
+        progress: show emcee's progress bar.
     """
     import emcee
 
@@ -229,12 +281,20 @@ def sample_emcee(log_df: Callable[[np.ndarray, np.ndarray], np.ndarray], n: int,
     start = _initial_walkers(log_prob, nwalkers, init, init_scale, r_max, rng)
     keep = math.ceil(n / nwalkers)
     sampler = emcee.EnsembleSampler(nwalkers, 6, log_prob, vectorize=True)
-    rstate = np.random.RandomState(int(np.random.SeedSequence(seed).generate_state(1)[0])).get_state()
+    rstate = np.random.RandomState(
+        int(np.random.SeedSequence(seed).generate_state(1)[0])
+    ).get_state()
     chain = np.empty((keep, nwalkers, 6))
     moved = np.zeros(nwalkers)
     previous = start.copy()
-    for i, state in enumerate(sampler.sample(emcee.State(start, random_state=rstate), iterations=burn + keep * thin,
-                                             store=False, progress=progress)):
+    for i, state in enumerate(
+        sampler.sample(
+            emcee.State(start, random_state=rstate),
+            iterations=burn + keep * thin,
+            store=False,
+            progress=progress,
+        )
+    ):
         if i >= burn:
             moved += np.any(state.coords != previous, axis=1)
             j = i - burn + 1
@@ -242,15 +302,25 @@ def sample_emcee(log_df: Callable[[np.ndarray, np.ndarray], np.ndarray], n: int,
                 chain[j // thin - 1] = state.coords
         previous = state.coords.copy()          # emcee updates state.coords in place
     acceptance = moved / (keep * thin)
-    with np.errstate(invalid="ignore", divide="ignore"):     # a walker that never moved has zero variance
+    with np.errstate(
+        invalid="ignore", divide="ignore"
+    ):  # a walker that never moved has zero variance
         tau = float(np.max(emcee.autocorr.integrated_time(chain, tol=0, quiet=True))) * thin
     samples = chain.reshape(-1, 6)[-n:]
     record = {
-        "source": "tfgalflow.mocks.sample_emcee", "sampler": "emcee", "n": n, "seed": seed, "r_max": r_max,
-        "nwalkers": nwalkers, "burn": burn, "thin": thin, "steps": burn + keep * thin,
+        "source": "tfgalflow.mocks.sample_emcee",
+        "sampler": "emcee",
+        "n": n,
+        "seed": seed,
+        "r_max": r_max,
+        "nwalkers": nwalkers,
+        "burn": burn,
+        "thin": thin,
+        "steps": burn + keep * thin,
         "acceptance_fraction": float(acceptance.mean()),
         "acceptance_fraction_range": [float(acceptance.min()), float(acceptance.max())],
-        "autocorr_steps": tau if math.isfinite(tau) else None, **dict(meta or {}),
+        "autocorr_steps": tau if math.isfinite(tau) else None,
+        **dict(meta or {}),
     }
     log.info("emcee: %d walkers x %d steps, mean acceptance fraction %.3f, autocorrelation time "
              "%s steps",
@@ -291,13 +361,16 @@ def _initial_walkers(log_prob, nwalkers: int, init, init_scale, r_max, rng) -> n
                      "init_scale")
 
 
-# ---- cuts and noise ---------------------------------------------------------------------------------
+# ---- cuts and noise -----------------------------------------------------------------------------
 
-def cut(cat: Catalogue, r_max: float | None = None, bound_to: Hernquist | None = None) -> Catalogue:
-    """Keep the stars with |x| < r_max and/or relative energy E = Psi(r) - v^2/2 > 0 in ``bound_to``.
+def cut(
+    cat: Catalogue, r_max: float | None = None, bound_to: Hernquist | None = None
+) -> Catalogue:
+    """Keep the stars with |x| < r_max and/or bound (E = Psi(r) - v^2/2 > 0) in ``bound_to``.
 
-    ``bound_to`` must be expressed in the catalogue's units (e.g. ``Hernquist()`` for a "model" catalogue,
-    ``Hernquist(M=1e10, a=5, G=units.G_KPC_KMS2_MSUN)`` for kpc, km/s). The cut is appended to meta["cuts"].
+    ``bound_to`` must be expressed in the catalogue's units (e.g. ``Hernquist()`` for a "model"
+    catalogue, ``Hernquist(M=1e10, a=5, G=units.G_KPC_KMS2_MSUN)`` for kpc, km/s). The cut is
+    appended to meta["cuts"].
     """
     if r_max is None and bound_to is None:
         raise InputError("cut needs r_max and/or bound_to")
@@ -318,20 +391,27 @@ def cut(cat: Catalogue, r_max: float | None = None, bound_to: Hernquist | None =
     return cat.select(keep, cuts=[*cat.meta.get("cuts", []), record])
 
 
-def add_noise(cat: Catalogue, level: float, seed: int | None = None, level_vel: float | None = None,
-              convention: str = "coordinate") -> Catalogue:
-    """Gaussian measurement noise at a fractional ``level`` (0.01 = 1 %) on positions and velocities.
+def add_noise(
+    cat: Catalogue,
+    level: float,
+    seed: int | None = None,
+    level_vel: float | None = None,
+    convention: str = "coordinate",
+) -> Catalogue:
+    """Gaussian measurement noise of fractional ``level`` (0.01 = 1 %) on positions and velocities.
 
-    Conventions (``level_vel`` defaults to ``level``), with independent eps ~ N(0, 1) per star and component:
+    Conventions (``level_vel`` defaults to ``level``), with independent eps ~ N(0, 1) per star and
+    component:
 
     ``"coordinate"`` (default)  x_i -> x_i (1 + level eps_i),  v_i -> v_i (1 + level_vel eps_i):
-        each Cartesian coordinate has a fractional error ``level``, so std[(x_i' - x_i) / x_i] = level.
-        This is exactly what the reference study did (HernquistFlows ``data/add_noise.py``:
-        ``pos * rng.normal(1, scale)``), so 1 % / 10 % mocks are comparable with An et al. (2021).
-        Note it is not rotation invariant: a coordinate near 0 stays nearly exact.
+        each Cartesian coordinate has a fractional error ``level``, so
+        std[(x_i' - x_i) / x_i] = level. This is exactly what the reference study did
+        (HernquistFlows ``data/add_noise.py``: ``pos * rng.normal(1, scale)``), so 1 % / 10 %
+        mocks are comparable with An et al. (2021). Note it is not rotation invariant: a
+        coordinate near 0 stays nearly exact.
     ``"vector"``  x -> x + level |x| eps,  v -> v + level_vel |v| eps (eps ~ N(0, I_3)):
-        isotropic, std[(x_i' - x_i) / |x|] = level per component (|Δx| / |x| has rms sqrt(3) level);
-        keeps the spherical symmetry of the noise-free model.
+        isotropic, std[(x_i' - x_i) / |x|] = level per component
+        (|Δx| / |x| has rms sqrt(3) level); keeps the spherical symmetry of the noise-free model.
 
     The convention, levels and seed are appended to meta["noise"].
     """
@@ -480,7 +560,8 @@ def _dehnen_radii(gamma: float, n: int, r_max: float | None, rng: np.random.Gene
 
 def _dehnen_kinetic(model: Dehnen, r: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """s = Psi(r) - Q with density ∝ sqrt(s) f(Psi(r) - s) on [0, Psi(r)], by the cell envelope
-    of :func:`sample_dehnen`. Model units."""
+    of :func:`sample_dehnen`. Model units.
+    """
     g = 2.0 - model.gamma
     ell_r = np.log(r)
     step = _DEHNEN_TABLE_STEP
@@ -504,7 +585,8 @@ def _dehnen_kinetic(model: Dehnen, r: np.ndarray, rng: np.random.Generator) -> n
 
 def _dehnen_log_f_at(model: Dehnen, r: np.ndarray, s: np.ndarray) -> np.ndarray:
     """log f at radius r and Psi(r) - Q = s (model units), through the phase-space point
-    x = (r, 0, 0), v = (sqrt(2 s), 0, 0) (L = 0, so Psi - Q = v^2/2 exactly)."""
+    x = (r, 0, 0), v = (sqrt(2 s), 0, 0) (L = 0, so Psi - Q = v^2/2 exactly).
+    """
     x = np.zeros((r.size, 3))
     x[:, 0] = r
     v = np.zeros((r.size, 3))
@@ -562,12 +644,21 @@ def _exprel(z: np.ndarray) -> np.ndarray:
     return exprel(z)
 
 
-# ---- validation -------------------------------------------------------------------------------------
+# ---- validation ---------------------------------------------------------------------------------
 
 def _radius(r_max: Any) -> float | None:
     """A truncation radius: None (no truncation) or a finite number > 0."""
     return None if r_max is None else validation.positive_number(r_max, "r_max (radius)")
 
 
-__all__ = ["sample_hernquist", "sample_dehnen", "sample_dehnen_grid", "sample_emcee", "cut", "add_noise",
-           "iso_speeds", "ACCEPTANCE_RANGE", "NOISE_CONVENTIONS"]
+__all__ = [
+    "sample_hernquist",
+    "sample_dehnen",
+    "sample_dehnen_grid",
+    "sample_emcee",
+    "cut",
+    "add_noise",
+    "iso_speeds",
+    "ACCEPTANCE_RANGE",
+    "NOISE_CONVENTIONS",
+]

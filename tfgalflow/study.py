@@ -29,8 +29,8 @@ units G = M = a = 1.
 Conventions, stated here once and used by the study, its figures and ``tfgalflow accel``:
 
 * the radial component of an acceleration is  a_r = a . r_hat,  r_hat = x / |x|
-  (:func:`tfgalflow.cbe.radial_component`, the package's one definition), negative for an attractive
-  force (Hernquist: a_r = -G M / (r + a)^2);
+  (:func:`tfgalflow.cbe.radial_component`, the package's one definition), negative for an
+  attractive force (Hernquist: a_r = -G M / (r + a)^2);
 * the figure of merit is the vector fractional error  |a - a_true| / |a_true|
   (``fractional_error``): summary.json, the printed table and the error panel of
   ``accelerations.png`` all show this one number.
@@ -121,10 +121,12 @@ class StudyConfig:
                                    **{k: v for k, v in changes.items() if v is not None})
 
     def to_dict(self) -> dict:
+        """The config as a JSON-ready dict (the inverse of :meth:`from_dict`)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "StudyConfig":
+        """A config from :meth:`to_dict`'s output (study_config.json); unknown keys: InputError."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

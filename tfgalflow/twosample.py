@@ -123,7 +123,8 @@ def chi2_test(a: Any, b: Any, bins: int | Sequence[Any] | None = None,
     before the labels are seen gives a valid chi^2 test, and grouping by count pools the tails.
 
     Args:
-        a: [n_a, D] first sample. b: [n_b, D] second sample (same D).
+        a: [n_a, D] first sample.
+        b: [n_b, D] second sample (same D).
         bins: cells per axis (see above; None: the rule above).
         range: [D, 2] lower and upper edges per axis for int ``bins`` (None: pooled quantiles).
         min_expected: smallest expected count per cell (5, the usual rule, e.g. NR 14.3).
@@ -255,7 +256,8 @@ def ks_marginals(a: Any, b: Any) -> TestResult:
     the classifier see it).
 
     Args:
-        a: [n_a, D]. b: [n_b, D].
+        a: [n_a, D] first sample.
+        b: [n_b, D] second sample (same D).
 
     Returns:
         TestResult("ks", max_d D_d, p, extra={"statistics": [D_d], "p_values": [p_d]}).
@@ -301,7 +303,8 @@ def classifier_test(a: Any, b: Any, seed: int | None = None, classifier: str = "
         statistic is the AUC of the classifier with the smaller p.
 
     Args:
-        a: [n_a, D]. b: [n_b, D]. Each needs >= 4 points.
+        a: [n_a, D] first sample, >= 4 points.
+        b: [n_b, D] second sample (same D), >= 4 points.
         seed: seed of the split (None: fresh entropy, recorded in extra["seed"]).
         classifier: one of ``CLASSIFIERS``.
         test_fraction: fraction of each sample held out, in (0, 1).
@@ -433,7 +436,8 @@ def energy_distance_test(a: Any, b: Any, n_permutations: int = 500, seed: int | 
     ``scipy.stats.energy_distance``.
 
     Args:
-        a: [n_a, D]. b: [n_b, D].
+        a: [n_a, D] first sample.
+        b: [n_b, D] second sample (same D).
         n_permutations: label permutations for the p-value (>= 1; 99 allow p down to 0.01).
         seed: seed of the subsample and the permutations (None: fresh entropy, recorded).
         max_size: samples larger than this are randomly subsampled to it (without replacement).
@@ -459,8 +463,11 @@ def mmd_test(a: Any, b: Any, n_permutations: int = 500, seed: int | None = None,
     changes; with the median bandwidth, weak against correlation changes.
 
     Args:
-        a: [n_a, D]. b: [n_b, D].
-        n_permutations: label permutations (>= 1). seed: subsample, heuristic and permutations.
+        a: [n_a, D] first sample.
+        b: [n_b, D] second sample (same D).
+        n_permutations: label permutations (>= 1).
+        seed: seed of the subsample, the median heuristic and the permutations (None: fresh
+            entropy, recorded).
         bandwidth: sigma in standardised units (None: median heuristic).
         max_size: samples larger than this are randomly subsampled to it.
 
@@ -538,7 +545,8 @@ def two_sample_report(a: Any, b: Any, seed: int | None = None, tests: Sequence[s
     position in ``TESTS``, so a test's result does not depend on which other tests run.
 
     Args:
-        a: [n_a, D]. b: [n_b, D].
+        a: [n_a, D] first sample.
+        b: [n_b, D] second sample (same D).
         seed: master seed (None: fresh entropy; each result records its own seed).
         tests: names from ``TESTS`` ("chi2", "ks", "classifier", "energy", "mmd").
         n_permutations: for "energy" and "mmd".

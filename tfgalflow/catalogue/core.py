@@ -38,7 +38,7 @@ NPZ_SUFFIXES = (".npz",)
 HDF5_SUFFIXES = (".h5", ".hdf5")
 
 
-# ---- the catalogue -------------------------------------------------------------------------------
+# ---- the catalogue ------------------------------------------------------------------------------
 
 @dataclass(frozen=True, eq=False)
 class Catalogue:
@@ -47,7 +47,8 @@ class Catalogue:
     Attributes:
         pos: [N, 3] positions in ``units["length"]`` (float64, read-only copy).
         vel: [N, 3] velocities in ``units["velocity"]`` (float64, read-only copy).
-        labels: [N, C] conditioning labels (float64) or None. A 1-D [N] array is taken as one column.
+        labels: [N, C] conditioning labels (float64) or None. A 1-D [N] array is taken as
+            one column.
         label_names: C names (default ``label_0 ...``); empty when there are no labels.
         units: ``{"length": L, "velocity": V}`` with L in ``units.LENGTH_UNITS`` or "model", V in
             ``units.VELOCITY_UNITS`` or "model". Required: numbers without units are refused.
@@ -131,7 +132,10 @@ class Catalogue:
         return None if mu is None else _as_model_units(mu)
 
     def select(self, rows, **meta_updates: Any) -> "Catalogue":
-        """The stars ``rows`` (boolean mask [N] or integer indices) as a new catalogue; meta updated."""
+        """The stars ``rows`` (boolean mask [N] or integer indices) as a new catalogue.
+
+        Its meta is this catalogue's, updated with ``meta_updates``.
+        """
         rows = np.asarray(rows)
         if rows.dtype == bool and rows.shape != (len(self),):
             raise InputError(f"a boolean row mask must have shape [{len(self)}], got "
@@ -146,17 +150,23 @@ class Catalogue:
     # ---- units ------------------------------------------------------------------------------
     def to_units(self, length: str | None = None, velocity: str | None = None,
                  model_units: ModelUnits | Mapping[str, float] | None = None) -> "Catalogue":
-        """The same stars in other units: x' = x * (kpc per old unit) / (kpc per new unit), likewise v.
+        """The stars in other units: x' = x * (kpc per old unit) / (kpc per new unit), likewise v.
 
-        ``length``/``velocity`` default to the current ones. Converting from or to "model" (G = M = a = 1)
-        needs a :class:`ModelUnits`: ``model_units``, or the one in ``meta["model_units"]`` (then recorded
-        in the result's meta). Example: ``cat.to_units("kpc", "km/s")``; SI: ``cat.to_units("m", "m/s")``.
+        ``length``/``velocity`` default to the current ones. Converting from or to "model"
+        (G = M = a = 1) needs a :class:`ModelUnits`: ``model_units``, or the one in
+        ``meta["model_units"]`` (then recorded in the result's meta). Example:
+        ``cat.to_units("kpc", "km/s")``; SI: ``cat.to_units("m", "m/s")``.
         """
         length = self.units["length"] if length is None else length
         velocity = self.units["velocity"] if velocity is None else velocity
         target = check_units({"length": length, "velocity": velocity})
         mu = _as_model_units(model_units) if model_units is not None else self.model_units
-        needs_model = MODEL_UNIT in (self.units["length"], self.units["velocity"], length, velocity)
+        needs_model = MODEL_UNIT in (
+            self.units["length"],
+            self.units["velocity"],
+            length,
+            velocity,
+        )
         if needs_model and mu is None:
             raise InputError(f"converting {self.units} to {target} involves model units; pass "
                              "model_units=ModelUnits(mass_msun, length_kpc) or record it in "
@@ -166,11 +176,13 @@ class Catalogue:
         meta = dict(self.meta)
         if mu is not None:
             meta["model_units"] = dataclasses.asdict(mu)
-        return dataclasses.replace(self, pos=self.pos * fx, vel=self.vel * fv, units=target, meta=meta)
+        return dataclasses.replace(
+            self, pos=self.pos * fx, vel=self.vel * fv, units=target, meta=meta
+        )
 
     # ---- files ------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
-        """Write to ``path`` (.npz, or .h5/.hdf5) atomically: a crash leaves any previous file intact."""
+        """Write to ``path`` (.npz, .h5 or .hdf5) atomically: a crash keeps any old file."""
         path = Path(path)
         suffix = path.suffix.lower()
         if suffix in NPZ_SUFFIXES:
@@ -207,7 +219,9 @@ class Catalogue:
                          ".hdf5")
 
     @staticmethod
-    def open_hdf5(path: str | os.PathLike, units: Mapping[str, str] | None = None) -> "HDF5Catalogue":
+    def open_hdf5(
+        path: str | os.PathLike, units: Mapping[str, str] | None = None
+    ) -> "HDF5Catalogue":
         """Lazy view of an HDF5 catalogue (see :func:`tfgalflow.catalogue.hdf5.open_hdf5`)."""
         from .hdf5 import open_hdf5
         return open_hdf5(path, units=units)
@@ -215,10 +229,10 @@ class Catalogue:
     # ---- tf.data ----------------------------------------------------------------------------
     def to_dataset(self, batch_size: int, shuffle: bool = True, seed: int = 0,
                    with_labels: bool | None = None) -> "tf.data.Dataset":
-        """In-memory pipeline of batches x [B, 6] float32 = (pos, vel), or (x, labels [B, C]) pairs.
+        """In-memory pipeline of batches x [B, 6] float32 = (pos, vel), or of (x, labels [B, C]).
 
-        ``with_labels`` defaults to whether the catalogue has labels. With ``shuffle`` the order is a
-        fresh permutation every epoch, reproducible from ``seed``.
+        ``with_labels`` defaults to whether the catalogue has labels. With ``shuffle`` the order is
+        a fresh permutation every epoch, reproducible from ``seed``.
         """
         import tensorflow as tf
 
@@ -240,10 +254,10 @@ class Catalogue:
 
 
 
-# ---- units ---------------------------------------------------------------------------------------
+# ---- units --------------------------------------------------------------------------------------
 
 def check_units(units: Mapping[str, str] | None) -> dict[str, str]:
-    """Validated ``{"length": L, "velocity": V}``; InputError when missing, incomplete or unknown."""
+    """Validated ``{"length": L, "velocity": V}``; InputError if missing, incomplete or unknown."""
     allowed = (f"length in {sorted(LENGTH_UNITS) + [MODEL_UNIT]}, velocity in "
                f"{sorted(VELOCITY_UNITS) + [MODEL_UNIT]}")
     if units is None:
@@ -287,7 +301,7 @@ def _as_model_units(mu: Any) -> ModelUnits:
 
 
 
-# ---- meta, units of files, paths -----------------------------------------------------------------
+# ---- meta, units of files, paths ----------------------------------------------------------------
 
 def jsonable(meta: Any, name: str) -> dict:
     """A plain-JSON copy of ``meta`` (NumPy scalars/arrays, dataclasses and paths converted)."""
@@ -317,7 +331,10 @@ def _json_default(obj: Any) -> Any:
 
 def resolve_units(path: Path, file_units: Any, given: Mapping[str, str] | None,
                    fallback: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The file's units, checked against the caller's; the caller's (or ``fallback``) when the file has none."""
+    """The file's units, checked against the caller's ``given`` ones.
+
+    When the file records none: ``given``, else ``fallback``, else FileError.
+    """
     if file_units is not None:
         try:
             file_units = check_units(file_units)
@@ -331,12 +348,15 @@ def resolve_units(path: Path, file_units: Any, given: Mapping[str, str] | None,
         return check_units(given)
     if fallback is not None:
         return dict(fallback)
-    raise FileError(f"{path}: the file records no units; state them (command line: --units m,m/s; "
-                    "Python: Catalogue.load(path, units={'length': 'm', 'velocity': 'm/s'}), as for the "
-                    "SI reference datasets)")
+    raise FileError(
+        f"{path}: the file records no units; state them (command line: --units m,m/s; "
+        "Python: Catalogue.load(path, units={'length': 'm', 'velocity': 'm/s'}), as for the "
+        "SI reference datasets)"
+    )
 
 
 def existing_file(path: str | os.PathLike) -> Path:
+    """``path`` as a Path, after checking it names an existing regular file (FileError if not)."""
     path = Path(path)
     if not path.exists():
         raise FileError(f"{path}: no such catalogue file")

@@ -23,6 +23,12 @@ GADGET_POS, GADGET_VEL = "Coordinates", "Velocities"
 
 
 def gadget_layout(path: Path, f, units: Mapping[str, str] | None) -> HDF5Catalogue:
+    """Lazy view of the stars ``PartType4/{Coordinates, Velocities}`` [N, 3] of an open file ``f``.
+
+    Units, in order: ``units`` attributes on both datasets (checked against ``units``), then
+    ``units`` given by the caller, then the cgs unit attributes (rows scaled to kpc and km/s on
+    reading); FileError when none is available.
+    """
     pos_name, vel_name = f"{GADGET_GROUP}/{GADGET_POS}", f"{GADGET_GROUP}/{GADGET_VEL}"
     pos, vel = dataset_2d(path, f, pos_name, 3), dataset_2d(path, f, vel_name, 3)
     if pos.shape[0] != vel.shape[0]:
@@ -56,13 +62,27 @@ def gadget_layout(path: Path, f, units: Mapping[str, str] | None) -> HDF5Catalog
                             f"{pos_name!r}/{vel_name!r} and no "
                             "UnitLength_in_cm/UnitVelocity_in_cm_per_s in Header, Parameters or "
                             "Units; pass units={'length': 'kpc', 'velocity': 'km/s'}") from None
-    return HDF5Catalogue(path=path, n=int(pos.shape[0]), units=resolved, label_names=(), meta=jsonable(meta, "meta"),
-                         layout="gadget", pos_name=pos_name, vel_name=vel_name, labels_name=None,
-                         chunk_rows=block_rows(pos), length_scale=length_scale, velocity_scale=velocity_scale)
+    return HDF5Catalogue(
+        path=path,
+        n=int(pos.shape[0]),
+        units=resolved,
+        label_names=(),
+        meta=jsonable(meta, "meta"),
+        layout="gadget",
+        pos_name=pos_name,
+        vel_name=vel_name,
+        labels_name=None,
+        chunk_rows=block_rows(pos),
+        length_scale=length_scale,
+        velocity_scale=velocity_scale,
+    )
 
 
 def _gadget_cgs_units(f) -> tuple[float, float] | None:
-    """(UnitLength_in_cm, UnitVelocity_in_cm_per_s) from the Header, Parameters or Units group, if present."""
+    """(UnitLength_in_cm, UnitVelocity_in_cm_per_s) from the Header, Parameters or Units group.
+
+    None when no group holds both.
+    """
     for group in ("Header", "Parameters", "Units"):
         if group in f:
             length = attribute(f[group], "UnitLength_in_cm")

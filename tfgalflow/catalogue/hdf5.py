@@ -1,16 +1,17 @@
 """HDF5 catalogues: the tfgalflow layout, written in chunks and read lazily or streamed to tf.data.
 
-Layout: chunked datasets ``pos``, ``vel`` [, ``labels``] with the units, label names and meta as JSON
-attributes of the root group (and a ``units`` attribute on ``pos``/``vel``). Gadget-style snapshots
-are opened here too and read by :mod:`.gadget`.
+Layout: chunked datasets ``pos``, ``vel`` [, ``labels``] with the units, label names and meta as
+JSON attributes of the root group (and a ``units`` attribute on ``pos``/``vel``). Gadget-style
+snapshots are opened here too and read by :mod:`.gadget`.
 
 Large files are never read whole by :func:`open_hdf5` / :func:`hdf5_dataset`: ``len`` and the
-metadata come from the file header, and the ``tf.data`` pipeline reads one group of chunks at a time.
+metadata come from the file header, and the ``tf.data`` pipeline reads one group of chunks at a
+time.
 
 Example::
 
     >>> cat.save("mock.h5")
-    >>> ds = hdf5_dataset("mock.h5", batch_size=1024, shuffle_buffer=100_000, seed=0)   # x [B, 6] f32
+    >>> ds = hdf5_dataset("mock.h5", batch_size=1024, shuffle_buffer=100_000, seed=0)  # [B, 6] f32
 """
 from __future__ import annotations
 
@@ -35,15 +36,15 @@ if TYPE_CHECKING:  # pragma: no cover
 CHUNK_ROWS = 32768
 
 
-# ---- lazy access ----------------------------------------------------------------------------------
+# ---- lazy access --------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class HDF5Catalogue:
     """Lazy view of a catalogue in an HDF5 file: header facts now, rows only when asked for.
 
     Attributes: ``path``, ``n`` (= ``len``), ``units``, ``label_names``, ``meta``, ``layout``
-    ("tfgalflow" or "gadget"). Stored values are multiplied by ``length_scale``/``velocity_scale`` on
-    reading (1 except for Gadget files whose cgs unit attributes are converted to kpc, km/s).
+    ("tfgalflow" or "gadget"). Stored values are multiplied by ``length_scale``/``velocity_scale``
+    on reading (1 except for Gadget files whose cgs unit attributes are converted to kpc, km/s).
     """
 
     path: Path
@@ -64,6 +65,7 @@ class HDF5Catalogue:
 
     @property
     def label_dim(self) -> int:
+        """C, the number of label columns (0 without labels)."""
         return len(self.label_names)
 
     def read(self, start: int = 0, stop: int | None = None, step: int = 1) -> Catalogue:
@@ -80,19 +82,33 @@ class HDF5Catalogue:
             raise FileError(f"{self.path}: cannot read rows {rows.start}:{rows.stop}:{rows.step}: "
                             f"{exc}") from None
         try:
-            return Catalogue(pos, vel, labels=labels, label_names=self.label_names if labels is not None else (),
-                             units=dict(self.units), meta=dict(self.meta))
+            return Catalogue(
+                pos,
+                vel,
+                labels=labels,
+                label_names=self.label_names if labels is not None else (),
+                units=dict(self.units),
+                meta=dict(self.meta),
+            )
         except InputError as exc:
             raise InputError(f"{self.path}: {exc}") from None
 
-    def batches(self, batch_size: int, shuffle_buffer: int = 0, seed: int = 0, with_labels: bool | None = None,
-                drop_remainder: bool = False, epoch: int = 0) -> Iterator[np.ndarray | tuple[np.ndarray, np.ndarray]]:
+    def batches(
+        self,
+        batch_size: int,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+        with_labels: bool | None = None,
+        drop_remainder: bool = False,
+        epoch: int = 0,
+    ) -> Iterator[np.ndarray | tuple[np.ndarray, np.ndarray]]:
         """One epoch of float32 batches x [B, 6] (or (x, labels [B, C])), reading groups of chunks.
 
-        ``shuffle_buffer = 0``: file order. ``shuffle_buffer > 0``: the chunk order is permuted and the
-        rows of each group of ceil(shuffle_buffer / chunk) chunks are permuted together, with
-        ``numpy.random.default_rng([seed, epoch])``. Every row appears exactly once per epoch (the last
-        batch may be short unless ``drop_remainder``). Memory: about max(shuffle_buffer, chunk) rows.
+        ``shuffle_buffer = 0``: file order. ``shuffle_buffer > 0``: the chunk order is permuted and
+        the rows of each group of ceil(shuffle_buffer / chunk) chunks are permuted together, with
+        ``numpy.random.default_rng([seed, epoch])``. Every row appears exactly once per epoch (the
+        last batch may be short unless ``drop_remainder``). Memory: about
+        max(shuffle_buffer, chunk) rows.
         """
         import h5py
 
@@ -111,9 +127,18 @@ class HDF5Catalogue:
             lab_ds = f[self.labels_name] if with_labels else None
             for g in range(0, len(starts), group):
                 spans = [(int(s), min(int(s) + block, self.n)) for s in starts[g:g + group]]
-                x = np.concatenate([np.concatenate([np.asarray(pos_ds[a:b], np.float64) * self.length_scale,
-                                                    np.asarray(vel_ds[a:b], np.float64) * self.velocity_scale],
-                                                   axis=1) for a, b in spans])
+                x = np.concatenate(
+                    [
+                        np.concatenate(
+                            [
+                                np.asarray(pos_ds[a:b], np.float64) * self.length_scale,
+                                np.asarray(vel_ds[a:b], np.float64) * self.velocity_scale,
+                            ],
+                            axis=1,
+                        )
+                        for a, b in spans
+                    ]
+                )
                 _check_block(x, self.path, "pos/vel", spans)
                 lab = (np.concatenate([lab_ds[a:b] for a, b in spans]).reshape(len(x), -1)
                        if with_labels else None)
@@ -128,16 +153,29 @@ class HDF5Catalogue:
                     lab = np.concatenate([pending_l, lab.astype(np.float32)])
                 full = len(x) // batch_size * batch_size
                 for i in range(0, full, batch_size):
-                    yield (x[i:i + batch_size], lab[i:i + batch_size]) if with_labels else x[i:i + batch_size]
+                    yield (
+                        (x[i : i + batch_size], lab[i : i + batch_size])
+                        if with_labels
+                        else x[i : i + batch_size]
+                    )
                 pending_x = x[full:]
                 if lab is not None:
                     pending_l = lab[full:]
         if len(pending_x) and not drop_remainder:
             yield (pending_x, pending_l) if with_labels else pending_x
 
-    def dataset(self, batch_size: int, shuffle_buffer: int = 0, seed: int = 0, with_labels: bool | None = None,
-                drop_remainder: bool = False) -> "tf.data.Dataset":
-        """``tf.data.Dataset`` streaming :meth:`batches` from disk; epoch k (the k-th iteration) uses seed (seed, k)."""
+    def dataset(
+        self,
+        batch_size: int,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+        with_labels: bool | None = None,
+        drop_remainder: bool = False,
+    ) -> "tf.data.Dataset":
+        """``tf.data.Dataset`` streaming :meth:`batches` from disk.
+
+        Epoch k (the k-th iteration over the dataset) shuffles with the seed (seed, k).
+        """
         import tensorflow as tf
 
         batch_size = validation.integer(batch_size, "batch_size")
@@ -147,7 +185,9 @@ class HDF5Catalogue:
         epochs = itertools.count()
 
         def generator():
-            yield from self.batches(batch_size, shuffle_buffer, seed, with_labels, drop_remainder, next(epochs))
+            yield from self.batches(
+                batch_size, shuffle_buffer, seed, with_labels, drop_remainder, next(epochs)
+            )
 
         x_spec = tf.TensorSpec([batch_size if drop_remainder else None, 6], tf.float32)
         if with_labels:
@@ -168,11 +208,12 @@ class HDF5Catalogue:
 def open_hdf5(path: str | os.PathLike, units: Mapping[str, str] | None = None) -> HDF5Catalogue:
     """Open an HDF5 catalogue lazily: reads the header (N, units, labels, meta), no rows.
 
-    Layouts: tfgalflow (``pos``, ``vel`` [, ``labels``] at the root) or Gadget (``PartType4/Coordinates``,
-    ``PartType4/Velocities``). Units: the file's ``units`` attributes, Gadget's cgs unit attributes in
-    ``Header``/``Parameters``/``Units`` (positions then scaled to kpc, velocities to km/s; comoving a and
-    h factors are *not* applied), or ``units`` given here (which override Gadget's cgs attributes and must
-    agree with tfgalflow units). FileError when the file is missing/corrupt or a dataset/units are missing.
+    Layouts: tfgalflow (``pos``, ``vel`` [, ``labels``] at the root) or Gadget
+    (``PartType4/Coordinates``, ``PartType4/Velocities``). Units: the file's ``units`` attributes,
+    Gadget's cgs unit attributes in ``Header``/``Parameters``/``Units`` (positions then scaled to
+    kpc, velocities to km/s; comoving a and h factors are *not* applied), or ``units`` given here
+    (which override Gadget's cgs attributes and must agree with tfgalflow units). FileError when
+    the file is missing/corrupt or a dataset/units are missing.
     """
     import h5py
 
@@ -192,19 +233,26 @@ def open_hdf5(path: str | os.PathLike, units: Mapping[str, str] | None = None) -
 def hdf5_dataset(path: str | os.PathLike, batch_size: int, shuffle_buffer: int = 0, seed: int = 0,
                  with_labels: bool | None = None, drop_remainder: bool = False,
                  units: Mapping[str, str] | None = None) -> "tf.data.Dataset":
-    """Stream an HDF5 catalogue as batches x [B, 6] float32 (or (x, labels)), never loading it whole.
+    """Stream an HDF5 catalogue as batches x [B, 6] float32 (or (x, labels)), never all at once.
 
-    Same as ``open_hdf5(path, units).dataset(batch_size, shuffle_buffer, seed, with_labels, drop_remainder)``;
-    each epoch yields every row exactly once, in a permuted order when ``shuffle_buffer > 0``.
+    Same as ``open_hdf5(path, units).dataset(batch_size, shuffle_buffer, seed, with_labels,
+    drop_remainder)``; each epoch yields every row exactly once, in a permuted order when
+    ``shuffle_buffer > 0``.
     """
-    return open_hdf5(path, units=units).dataset(batch_size, shuffle_buffer=shuffle_buffer, seed=seed,
-                                                with_labels=with_labels, drop_remainder=drop_remainder)
+    return open_hdf5(path, units=units).dataset(
+        batch_size,
+        shuffle_buffer=shuffle_buffer,
+        seed=seed,
+        with_labels=with_labels,
+        drop_remainder=drop_remainder,
+    )
 
 
 
-# ---- writing and reading --------------------------------------------------------------------------
+# ---- writing and reading ------------------------------------------------------------------------
 
 def write_hdf5(tmp: Path, cat: Catalogue) -> None:
+    """Write ``cat`` to ``tmp`` in the tfgalflow HDF5 layout (chunked pos, vel [, labels])."""
     import h5py
 
     n = len(cat)
@@ -242,6 +290,7 @@ class _open_h5:
 
 
 def attribute(obj, name: str, default: Any = None) -> Any:
+    """HDF5 attribute ``name`` of ``obj`` as a plain value (bytes decoded, 0-d unwrapped)."""
     value = obj.attrs.get(name, default)
     if isinstance(value, bytes):
         return value.decode()
@@ -251,6 +300,7 @@ def attribute(obj, name: str, default: Any = None) -> Any:
 
 
 def dataset_2d(path: Path, f, name: str, width: int | None) -> Any:
+    """The h5py dataset ``name`` of ``f``, checked to be [N, width] ([N, C] when width is None)."""
     import h5py
 
     if name not in f or not isinstance(f[name], h5py.Dataset):
@@ -304,9 +354,18 @@ def _tfgalflow_layout(path: Path, f, units: Mapping[str, str] | None) -> HDF5Cat
             raise FileError(f"{path}: {len(names)} label names for {lab.shape[1]} label columns")
     raw_meta = attribute(f, "meta")
     meta = dict(_json_attr(raw_meta, path, "meta")) if raw_meta is not None else {}
-    return HDF5Catalogue(path=path, n=int(pos.shape[0]), units=resolve_units(path, file_units, units),
-                         label_names=names, meta=meta, layout="tfgalflow", pos_name="pos", vel_name="vel",
-                         labels_name=labels_name, chunk_rows=block_rows(pos))
+    return HDF5Catalogue(
+        path=path,
+        n=int(pos.shape[0]),
+        units=resolve_units(path, file_units, units),
+        label_names=names,
+        meta=meta,
+        layout="tfgalflow",
+        pos_name="pos",
+        vel_name="vel",
+        labels_name=labels_name,
+        chunk_rows=block_rows(pos),
+    )
 
 
 def _json_attr(value: Any, path: Path, name: str) -> Any:

@@ -2,9 +2,9 @@
 
 Arrays ``pos``, ``vel`` [, ``labels``, ``label_names``] as in the reference datasets of An, Naik,
 Evans & Burrage (2021) (which hold only ``pos``/``vel``, in m and m/s), plus 0-d string arrays
-``units`` and ``meta`` (JSON) and ``format``/``format_version``. A file without ``units`` loads only
-when the caller states them: ``Catalogue.load("hq_iso_orig.npz", units={"length": "m", "velocity":
-"m/s"})``.
+``units`` and ``meta`` (JSON) and ``format``/``format_version``. A file without ``units`` loads
+only when the caller states them: ``Catalogue.load("hq_iso_orig.npz", units={"length": "m",
+"velocity": "m/s"})``.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from .core import FORMAT, FORMAT_VERSION, Catalogue, resolve_units
 
 
 def write_npz(tmp: Path, cat: Catalogue) -> None:
+    """Write ``cat`` to ``tmp`` as an uncompressed .npz (arrays plus JSON units and meta)."""
     arrays = {"pos": cat.pos, "vel": cat.vel, "units": np.array(json.dumps(cat.units)),
               "meta": np.array(json.dumps(cat.meta)), "format": np.array(FORMAT),
               "format_version": np.array(FORMAT_VERSION)}
@@ -30,6 +31,7 @@ def write_npz(tmp: Path, cat: Catalogue) -> None:
 
 
 def read_npz(path: Path, units: Mapping[str, str] | None) -> Catalogue:
+    """The :class:`Catalogue` stored in a .npz file, its units checked against ``units``."""
     try:
         with np.load(path, allow_pickle=False) as z:
             keys = set(z.files)
@@ -54,7 +56,16 @@ def read_npz(path: Path, units: Mapping[str, str] | None) -> Catalogue:
         resolved = resolve_units(path, file_units, units)
     except FileError:
         # A file's real problem (NaN rows, wrong columns) is reported before its missing units.
-        _labelled(Catalogue, path, pos, vel, labels, names, {"length": "model", "velocity": "model"}, meta)
+        _labelled(
+            Catalogue,
+            path,
+            pos,
+            vel,
+            labels,
+            names,
+            {"length": "model", "velocity": "model"},
+            meta,
+        )
         raise
     return _labelled(Catalogue, path, pos, vel, labels, names, resolved, meta)
 
@@ -68,6 +79,13 @@ def _json_field(value: np.ndarray, path: Path, name: str) -> Any:
 
 def _labelled(cls, path, pos, vel, labels, names, units, meta) -> Catalogue:
     try:
-        return cls(pos, vel, labels=labels, label_names=names if labels is not None else (), units=units, meta=meta)
+        return cls(
+            pos,
+            vel,
+            labels=labels,
+            label_names=names if labels is not None else (),
+            units=units,
+            meta=meta,
+        )
     except InputError as exc:
         raise InputError(f"{path}: {exc}") from None

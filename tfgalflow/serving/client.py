@@ -67,6 +67,7 @@ class Client:
 
     @property
     def model_url(self) -> str:
+        """``URL/v1/models/NAME``, with ``/versions/N`` or ``/labels/L`` when one was chosen."""
         path = f"{self.url}/v1/models/{urllib.parse.quote(self.model, safe='')}"
         if self.version is not None:
             path += f"/versions/{int(self.version)}"

@@ -1,22 +1,23 @@
 """A TensorFlow-Serving-compatible REST endpoint (aiohttp) over a model directory.
 
-The server answers the TF Serving REST API (https://www.tensorflow.org/tfx/serving/api_rest) for every
-SavedModel under a base directory laid out as TF Serving expects, ``BASE/NAME/<integer version>/
-saved_model.pb`` (all versions are loaded; the highest is the default)::
+The server answers the TF Serving REST API (https://www.tensorflow.org/tfx/serving/api_rest) for
+every SavedModel under a base directory laid out as TF Serving expects,
+``BASE/NAME/<integer version>/saved_model.pb`` (all versions are loaded; the highest is the
+default)::
 
     GET  /v1/models/NAME[/versions/N|/labels/L]             {"model_version_status": [...]}
     GET  /v1/models/NAME[/versions/N|/labels/L]/metadata    {"model_spec": ..., "metadata": {"signature_def": ...}}
     POST /v1/models/NAME[/versions/N|/labels/L]:predict     row {"instances": [...]} -> {"predictions": [...]}
                                                             columnar {"inputs": ...}  -> {"outputs": ...}
 
-A request's whole batch goes through ONE call of the signature's traced function, in a worker thread
-(the event loop only does I/O). Concurrent small requests (<= ``batch_rows`` rows) to a row-wise
-signature (listed in the SavedModel's metadata: log_prob, grad_log_prob, serving_default - never the
-seeded sample/accelerations) are merged into one call and split again (:class:`MicroBatcher`).
-Bodies are parsed and answered as TF Serving does: one output is returned bare, several as objects
-keyed by output name; ``NaN``/``Infinity`` tokens are valid JSON here and non-finite outputs are
-written as those tokens. orjson, when installed, parses and writes faster (same values). Errors are
-``{"error": "..."}`` with TF Serving's statuses:
+A request's whole batch goes through ONE call of the signature's traced function, in a worker
+thread (the event loop only does I/O). Concurrent small requests (<= ``batch_rows`` rows) to a
+row-wise signature (listed in the SavedModel's metadata: log_prob, grad_log_prob, serving_default -
+never the seeded sample/accelerations) are merged into one call and split again
+(:class:`MicroBatcher`). Bodies are parsed and answered as TF Serving does: one output is returned
+bare, several as objects keyed by output name; ``NaN``/``Infinity`` tokens are valid JSON here and
+non-finite outputs are written as those tokens. orjson, when installed, parses and writes faster
+(same values). Errors are ``{"error": "..."}`` with TF Serving's statuses:
 
     400  malformed JSON or URL, unknown/missing input, wrong shape or dtype, unknown signature name
          (TF Serving: FAILED_PRECONDITION -> 400), unknown version label; and - stricter than TF
@@ -96,18 +97,23 @@ class _Version:
 
 
 class ModelRepository:
-    """All SavedModels under ``base_dir`` (``BASE/NAME/<int>/saved_model.pb``), loaded and addressable.
+    """All SavedModels under ``base_dir`` (``BASE/NAME/<int>/saved_model.pb``), loaded by version.
 
-    :meth:`scan` loads versions that appeared (or changed) and forgets removed ones; a version that fails
-    to load is reported in the model status (state END, with the error) and never served. Reads are
-    lock-free: a scan builds a new table and swaps it in.
+    :meth:`scan` loads versions that appeared (or changed) and forgets removed ones; a version that
+    fails to load is reported in the model status (state END, with the error) and never served.
+    Reads are lock-free: a scan builds a new table and swaps it in.
 
     Args:
         base_dir: the model base directory.
-        version_labels: {model name: {label: version}} for ``/labels/L`` URLs (TF Serving's version_labels).
+        version_labels: {model name: {label: version}} for ``/labels/L`` URLs (TF Serving's
+            version_labels).
     """
 
-    def __init__(self, base_dir: str | os.PathLike, version_labels: Mapping[str, Mapping[str, int]] | None = None):
+    def __init__(
+        self,
+        base_dir: str | os.PathLike,
+        version_labels: Mapping[str, Mapping[str, int]] | None = None,
+    ):
         self.base_dir = Path(base_dir)
         if not self.base_dir.is_dir():
             raise FileError(f"{self.base_dir}: no such model base directory (expected "
@@ -123,7 +129,9 @@ class ModelRepository:
         changes = []
         with self._scan_lock:
             table: dict[str, dict[int, _Version]] = {}
-            for model_dir in sorted(p for p in self.base_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            for model_dir in sorted(
+                p for p in self.base_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+            ):
                 try:
                     found = versions(model_dir)
                 except OSError:               # removed while scanning
@@ -131,8 +139,11 @@ class ModelRepository:
                 for v in found:
                     path = model_dir / str(v)
                     try:
-                        stamp = max((path / f).stat().st_mtime for f in ("saved_model.pb", "saved_model.pbtxt")
-                                    if (path / f).exists())
+                        stamp = max(
+                            (path / f).stat().st_mtime
+                            for f in ("saved_model.pb", "saved_model.pbtxt")
+                            if (path / f).exists()
+                        )
                     except (OSError, ValueError):   # removed while scanning
                         continue
                     old = self._models.get(model_dir.name, {}).get(v)
@@ -167,8 +178,10 @@ class ModelRepository:
                 raise _HTTPError(400, f"Unrecognized servable version label: {label}") from None
         return int(version) if version is not None else None
 
-    def resolve(self, name: str, version: str | None = None, label: str | None = None) -> tuple[int, Any]:
-        """(version, ExportedModel) for a request; the highest available version when none is given."""
+    def resolve(
+        self, name: str, version: str | None = None, label: str | None = None
+    ) -> tuple[int, Any]:
+        """(version, ExportedModel) for a request; the highest available one by default."""
         number = self._version_number(name, version, label)
         found = self._models.get(name, {})
         available = {v: e for v, e in found.items() if e.model is not None}
@@ -189,13 +202,22 @@ class ModelRepository:
         if number is not None and number not in found:
             raise _HTTPError(404, f"Could not find version {number} of model {name}")
         entries = [found[number]] if number is not None else [found[v] for v in sorted(found)]
-        return {"model_version_status": [
-            {"version": str(e.version), "state": "AVAILABLE" if e.model is not None else "END",
-             "status": {"error_code": "OK" if e.model is not None else "UNKNOWN", "error_message": e.error}}
-            for e in entries]}
+        return {
+            "model_version_status": [
+                {
+                    "version": str(e.version),
+                    "state": "AVAILABLE" if e.model is not None else "END",
+                    "status": {
+                        "error_code": "OK" if e.model is not None else "UNKNOWN",
+                        "error_message": e.error,
+                    },
+                }
+                for e in entries
+            ]
+        }
 
 
-# ---- request and response bodies (TF Serving's JSON mapping) -----------------------------------------
+# ---- request and response bodies (TF Serving's JSON mapping) ------------------------------------
 
 def _parse_body(body: bytes) -> dict:
     if not body:
@@ -205,10 +227,12 @@ def _parse_body(body: bytes) -> dict:
         try:
             doc = _orjson.loads(body)
         except _orjson.JSONDecodeError:
-            pass                        # NaN/Infinity tokens, huge integers or malformed: json decides below
+            # NaN/Infinity tokens, huge integers or malformed: json decides below
+            pass
     try:
         if doc is None:
-            doc = json.loads(body)      # accepts NaN / Infinity / -Infinity tokens, as TF Serving does
+            # accepts NaN / Infinity / -Infinity tokens, as TF Serving does
+            doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise _HTTPError(400, f"JSON Parse error: {exc}") from None
     if not isinstance(doc, dict):
@@ -217,7 +241,7 @@ def _parse_body(body: bytes) -> dict:
 
 
 def _row_values(instances: Any, signature: Any) -> dict[str, Any]:
-    """Row format: each instance a value (single input) or {input name: value}; batched along axis 0."""
+    """Row format: each instance a value (one input) or {input name: value}; stacked on axis 0."""
     if not isinstance(instances, list):
         raise _HTTPError(400, "Expecting 'instances' to be a list/array")
     if not instances:
@@ -273,14 +297,19 @@ def _column_outputs(outputs: Mapping[str, np.ndarray], as_lists: bool = True) ->
 def _encode_answer(outputs: Mapping[str, np.ndarray], rows: bool) -> bytes:
     """The predict answer as JSON bytes.
 
-    With orjson installed and all outputs finite, arrays are written directly, floats in their shortest
-    form that reads back to the same float32 (as TF Serving writes them); otherwise (no orjson, or NaN/inf
-    in an output, which must appear as the NaN / Infinity tokens TF Serving writes) the json module is used.
+    With orjson installed and all outputs finite, arrays are written directly, floats in their
+    shortest form that reads back to the same float32 (as TF Serving writes them); otherwise (no
+    orjson, or NaN/inf in an output, which must appear as the NaN / Infinity tokens TF Serving
+    writes) the json module is used.
     """
     key, layout = ("predictions", _row_outputs) if rows else ("outputs", _column_outputs)
-    if _orjson is not None and all(np.isfinite(v).all() for v in outputs.values() if v.dtype.kind == "f"):
+    if _orjson is not None and all(
+        np.isfinite(v).all() for v in outputs.values() if v.dtype.kind == "f"
+    ):
         try:
-            return _orjson.dumps({key: layout(outputs, as_lists=False)}, option=_orjson.OPT_SERIALIZE_NUMPY)
+            return _orjson.dumps(
+                {key: layout(outputs, as_lists=False)}, option=_orjson.OPT_SERIALIZE_NUMPY
+            )
         except _orjson.JSONEncodeError:
             pass
     return _json({key: layout(outputs)})
@@ -295,7 +324,7 @@ def _has_bool(value: Any) -> bool:
 
 
 def _reject_booleans(values: Mapping[str, Any], signature: Any) -> None:
-    """JSON true/false among numbers (NumPy would read them as 1/0); TF Serving rejects them too."""
+    """JSON true/false among numbers (NumPy reads them as 1/0); TF Serving rejects them too."""
     for name, value in values.items():
         spec = signature.inputs.get(name)
         if spec is not None and spec[1].kind != "b" and _has_bool(value):
@@ -312,7 +341,7 @@ def _json(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
-# ---- the aiohttp application ------------------------------------------------------------------------
+# ---- the aiohttp application --------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class _Prepared:
@@ -326,14 +355,15 @@ class _Prepared:
 
 
 class MicroBatcher:
-    """Merges concurrent small requests to one row-wise signature into one call (rows concatenated).
+    """Merges concurrent small requests to one row-wise signature into one call (rows joined).
 
     No timer and no added latency when idle: the first request runs at once; requests that arrive
-    while a call runs queue up and go together (up to ``max_rows`` rows) in the next call; each gets
-    its own rows of the outputs back. Only signatures whose rows are independent may be batched (a
-    SavedModel lists them in its metadata as ``row_wise_signatures``; tfgalflow exports list log_prob,
-    grad_log_prob and serving_default, never the seeded ``sample``/``accelerations``). If a merged call
-    fails on the data, each request is run alone so only the faulty one gets the error.
+    while a call runs queue up and go together (up to ``max_rows`` rows) in the next call; each
+    gets its own rows of the outputs back. Only signatures whose rows are independent may be
+    batched (a SavedModel lists them in its metadata as ``row_wise_signatures``; tfgalflow exports
+    list log_prob, grad_log_prob and serving_default, never the seeded
+    ``sample``/``accelerations``). If a merged call fails on the data, each request is run alone so
+    only the faulty one gets the error.
     """
 
     def __init__(self, signature: Any, executor: concurrent.futures.Executor, max_rows: int):
@@ -344,6 +374,7 @@ class MicroBatcher:
         self.calls = 0
 
     async def run(self, arrays: dict) -> dict[str, np.ndarray]:
+        """The signature's outputs for this request's rows, computed in a merged call."""
         future = asyncio.get_running_loop().create_future()
         self.pending.append((arrays, future))
         if not self.draining:
@@ -365,7 +396,9 @@ class MicroBatcher:
                     batch.append(self.pending.pop(0))
                     rows += self._rows(batch[-1][0])
                 try:
-                    results = await loop.run_in_executor(self.executor, self._call, [a for a, _ in batch])
+                    results = await loop.run_in_executor(
+                        self.executor, self._call, [a for a, _ in batch]
+                    )
                 except Exception as exc:   # noqa: BLE001 - handed to every waiting request
                     results = [exc] * len(batch)
                 for (_, future), result in zip(batch, results):
@@ -576,12 +609,12 @@ class _Endpoint:
 
 
 def _settle_heap(changes: list[str]) -> None:
-    """Log the repository changes; after (un)loading models, move every live object out of the cyclic GC.
+    """Log the repository changes; after (un)loading models, gc.freeze() every live object.
 
     With TensorFlow and the models loaded the heap holds ~10^6 long-lived objects, and each full
     collection triggered while a request body is parsed (10^4 lists for 10^4 rows) walks them all:
-    freezing them (gc.freeze) makes parsing a 10^4-point body ~3x faster. Objects of unloaded versions
-    are released by a collection just before re-freezing.
+    freezing them (gc.freeze) makes parsing a 10^4-point body ~3x faster. Objects of unloaded
+    versions are released by a collection just before re-freezing.
     """
     for line in changes:
         log.info("%s", line)
@@ -601,7 +634,8 @@ def make_app(base_dir: str | os.PathLike, *, max_body_bytes: int = MAX_BODY_BYTE
 
     Args:
         base_dir: ``BASE`` of ``BASE/NAME/<version>/saved_model.pb``.
-        max_body_bytes, max_rows: request limits (413 beyond them).
+        max_body_bytes: largest request body in bytes (413 beyond it).
+        max_rows: most rows of any input per request (413 beyond); bounds one call's memory.
         workers: threads parsing requests and calling row-wise signatures (log_prob,
             grad_log_prob, serving_default); default min(4, CPUs).
         heavy_workers: threads calling every other signature (sample, accelerations, signatures
