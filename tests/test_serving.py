@@ -636,13 +636,13 @@ N_VELOCITIES = 512          # velocity draws per position: a 600-position call t
 @pytest.fixture(scope="module")
 def halo(tmp_path_factory) -> Path:
     """BASE/halo/1: a real tfgalflow export of a 6D flow, with the accelerations signature."""
-    from tfgalflow.export import export
+    from tfgalflow.export import export_model
     from tfgalflow.flows import FlowConfig
     from tfgalflow.model import Flow
     w = np.random.default_rng(0).normal(size=(2000, 6)) * [1.0, 1.0, 1.0, 0.5, 0.5, 0.5]
     base = tmp_path_factory.mktemp("halo")
     flow = Flow(FlowConfig(dim=6, layers=2, hidden=(16, 16), seed=0)).adapt(w)
-    export(flow, base / "halo" / "1", n_velocities=N_VELOCITIES)
+    export_model(flow, base / "halo" / "1", n_velocities=N_VELOCITIES)
     return base
 
 
