@@ -208,7 +208,7 @@ class Flow(Density, keras.Model):
         return {name: {"conditional_input": c_std} for name in self._layer_names}
 
     # -- pure tensor maths (traced by the graph functions, by train_step and by Ensemble) ----------
-    def log_prob_tensor(self, x: tf.Tensor, c: tf.Tensor | None) -> tf.Tensor:
+    def log_prob_tensor(self, x: tf.Tensor, c: tf.Tensor | None = None) -> tf.Tensor:
         y, log_jacobian, in_support = self._rescale(x)
         kwargs = self._bijector_kwargs(c)
         z, log_det = inverse_and_log_det(self.bijector, y, kwargs)
@@ -473,7 +473,7 @@ class Ensemble(Density, tf.Module):
         """The first member's rescaler scales [D] (members share their data)."""
         return self.members[0].scale_hint()
 
-    def log_prob_tensor(self, x: tf.Tensor, c: tf.Tensor | None) -> tf.Tensor:
+    def log_prob_tensor(self, x: tf.Tensor, c: tf.Tensor | None = None) -> tf.Tensor:
         member_lp = tf.stack([m.log_prob_tensor(x, c) for m in self.members], axis=0)   # [K, N]
         return tf.reduce_logsumexp(member_lp, axis=0) - math.log(len(self.members))
 
