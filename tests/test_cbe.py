@@ -495,6 +495,175 @@ def test_solve_cbe_at_arbitrary_velocities():
         cbe.solve_cbe(H.exact_density("iso"), x, v[:3])
 
 
+# ---- conditional DFs f(x, v | c) ------------------------------------------------------------
+
+class HernquistFamily(Density):
+    """The exact Hernquist DFs of every scale radius a and mass M (G = 1), labels c = (a, M).
+
+    By homology f_{a,M}(x, v) = M / (a v_g)^3 f_{1,1}(x / a, v / v_g) with v_g = sqrt(M / a), so
+    each row is evaluated with its own (a, M) in TF;
+    :func:`test_hernquist_family_is_the_exact_df_of_each_row` checks it against
+    Hernquist(a, M).log_df row by row.
+    """
+    dim, label_dim = 6, 2
+
+    def __init__(self, kind: str = "iso"):
+        self.kind = kind
+
+    def log_prob_tensor(self, w, labels=None):
+        a, m = labels[:, :1], labels[:, 1:]
+        v_g = tf.sqrt(m / a)
+        log_f = H.tf_log_df(w[:, :3] / a, w[:, 3:] / v_g, self.kind)
+        return log_f + tf.math.log(m[:, 0]) - 3.0 * tf.math.log(a[:, 0] * v_g[:, 0])
+
+
+#: (a, M) of the rows: three scale radii and two masses, mixed so neighbours in a chunk differ.
+FAMILY_LABELS = np.array([[0.5, 1.0], [1.0, 3.0], [2.0, 1.0], [0.5, 3.0], [1.0, 1.0], [2.0, 3.0]])
+
+
+def family_positions(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """n positions 0.1..10, labels (cycling FAMILY_LABELS), each row's analytic acceleration."""
+    rng = np.random.default_rng(seed)
+    x = np.geomspace(0.1, 10.0, n)[:, None] * random_directions(n, rng)
+    labels = FAMILY_LABELS[np.arange(n) % len(FAMILY_LABELS)]
+    truth = np.stack([Hernquist(a=a, M=m).acceleration(x[i:i + 1])[0]
+                      for i, (a, m) in enumerate(labels)])
+    return x, labels, truth
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_hernquist_family_is_the_exact_df_of_each_row(kind):
+    x, labels, _ = family_positions(24, seed=20)
+    rng = np.random.default_rng(21)
+    v_esc = np.array([Hernquist(a=a, M=m).escape_speed(np.linalg.norm(x[i]))
+                      for i, (a, m) in enumerate(labels)])
+    v = rng.uniform(0.1, 0.9, len(x))[:, None] * v_esc[:, None] * random_directions(len(x), rng)
+    got = HernquistFamily(kind).log_prob(np.concatenate([x, v], 1), labels).numpy()
+    want = np.array([Hernquist(a=a, M=m).log_df(x[i:i + 1], v[i:i + 1], kind)[0]
+                     for i, (a, m) in enumerate(labels)])
+    # float32 evaluation of O(1-10) log values: measured max 1.2e-6 absolute; a wrong power of a or
+    # M shifts log f by >= 0.1.
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("jit", [False, True])
+def test_conditional_exact_df_recovers_each_rows_acceleration(kind, jit):
+    # Labels [B, C]: six (a, M) in one call, chunks of 5 (padded under XLA). The CBE holds exactly
+    # at each row's own label, so only float32 rounding remains: measured max 2.2e-7 (iso) and
+    # 3.7e-7 (aniso), plain and XLA, for [B, C] and [C]. 1e-4 is the required accuracy; another
+    # row's label is off by O(1).
+    x, labels, truth = family_positions(14, seed=22)
+    df = HernquistFamily(kind)
+    res = cbe.accelerations(df, x, n_velocities=64, seed=1, labels=labels, chunk_size=5,
+                            jit_compile=jit)
+    err = relative_error(res.acceleration, truth)
+    assert err.max() < 1e-4, err
+    assert res.residual.max() < 1e-4 and not res.flagged.any(), res.reasons
+    # Labels [C]: one halo (a = 2, M = 3) at every position.
+    one = cbe.accelerations(df, x, n_velocities=64, seed=1, labels=[2.0, 3.0], chunk_size=5,
+                            jit_compile=jit)
+    assert relative_error(one.acceleration, Hernquist(a=2.0, M=3.0).acceleration(x)).max() < 1e-4
+    tiled = cbe.accelerations(df, x, n_velocities=64, seed=1, labels=np.tile([2.0, 3.0], (14, 1)),
+                              chunk_size=5, jit_compile=jit)
+    np.testing.assert_array_equal(one.acceleration, tiled.acceleration)
+
+
+def test_conditional_pieces_take_labels_per_row():
+    x, labels, truth = family_positions(12, seed=23)
+    df = HernquistFamily("aniso")
+    # Velocities drawn at each row's label, then solved at given velocities (chunks of 5).
+    v, ess = cbe.sample_velocities(df, x, 64, seed=2, labels=labels, return_ess=True)
+    assert ess.numpy().min() > cbe.MIN_ESS
+    for jit in (False, True):
+        a, residual, _ = cbe.solve_cbe(df, x, v, chunk_size=5, labels=labels, jit_compile=jit)
+        assert relative_error(a.numpy(), truth).max() < 1e-4 and residual.numpy().max() < 1e-4
+    # Gradients w.r.t. (x, v) at fixed label are those of the exact DF of that (a, M).
+    w = np.concatenate([x, v[:, 0].numpy()], 1)
+    g_x, g_v = cbe.df_gradients(df, w[:, :3], w[:, 3:], labels)
+    for i, (a, m) in enumerate(labels):
+        exact = Hernquist(a=a, M=m).exact_density("aniso")
+        ref = cbe.df_gradients(exact, w[i:i + 1, :3], w[i:i + 1, 3:])
+        # same maths, rescaled inputs: float32 rounding only (measured 5e-7 of the largest entry)
+        np.testing.assert_allclose(np.concatenate([g_x[i], g_v[i]]), np.concatenate(ref, 1)[0],
+                                   rtol=1e-4, atol=1e-6)
+    # The graph the export wraps takes labels [None, C] after (positions, seed).
+    graph = cbe.acceleration_graph(df, 64)
+    assert [s.name for s in graph.input_signature] == ["positions", "seed", "labels"]
+    out = graph(tf.constant(x, tf.float32), tf.constant([2, 0], tf.int64),
+                tf.constant(labels, tf.float32))
+    res = cbe.accelerations(df, x, n_velocities=64, seed=2, labels=labels)
+    np.testing.assert_array_equal(out["acceleration"].numpy(), res.acceleration.astype(np.float32))
+
+
+def test_conditional_spherical_average_recovers_each_rows_acceleration():
+    from tfgalflow.symmetry import SphericalAverage
+
+    # f is spherical at every label, so the average over rotations is f itself: the exact answer
+    # (float32 rounding of rotated coordinates only: measured max 1.4e-7 plain and XLA).
+    x, labels, truth = family_positions(8, seed=24)
+    avg = SphericalAverage(HernquistFamily("iso"), n_rotations=4, seed=1)
+    for jit in (False, True):
+        res = cbe.accelerations(avg, x, n_velocities=32, seed=3, labels=labels, chunk_size=3,
+                                jit_compile=jit)
+        err = relative_error(res.acceleration, truth)
+        assert err.max() < 1e-4, err
+
+
+def _conditional_flows(n: int) -> list[Flow]:
+    rng = np.random.default_rng(0)
+    c = rng.uniform(0.5, 2.0, size=(2000, 1))
+    w = rng.normal(size=(2000, 6)) * np.concatenate([c, c, c, 1 / c, 1 / c, 1 / c], 1)
+    return [Flow(FlowConfig(dim=6, label_dim=1, layers=2, hidden=(16, 16), seed=s)).adapt(w, c)
+            for s in range(n)]
+
+
+def test_conditional_flow_labels_c_equal_tiled_labels_and_ensemble_spread():
+    flows = _conditional_flows(2)
+    x = np.random.default_rng(5).normal(size=(7, 3))
+    one = cbe.accelerations(flows[0], x, n_velocities=32, seed=4, labels=[1.5], chunk_size=3)
+    tiled = cbe.accelerations(flows[0], x, n_velocities=32, seed=4, labels=np.full((7, 1), 1.5),
+                              chunk_size=3)
+    np.testing.assert_array_equal(one.acceleration, tiled.acceleration)
+    np.testing.assert_array_equal(one.reasons, tiled.reasons)
+    # The label matters: another label is another DF, so other accelerations.
+    other = cbe.accelerations(flows[0], x, n_velocities=32, seed=4, labels=[0.6], chunk_size=3)
+    assert np.abs(other.acceleration - one.acceleration).max() > 1e-3
+    # Ensemble: member spread from the members' own conditional accelerations at the same labels.
+    labels = np.linspace(0.6, 1.8, 7)[:, None]
+    res = cbe.accelerations(Ensemble(flows), x, n_velocities=32, seed=4, labels=labels)
+    members = np.stack([cbe.accelerations(f, x, n_velocities=32, seed=4, labels=labels)
+                        .acceleration for f in flows])
+    np.testing.assert_allclose(res.spread, members.std(axis=0, ddof=1), rtol=1e-6)
+    # XLA: the resampling sees XLA's log f; here no velocity moves (measured max 5.6e-7 relative).
+    xla = cbe.accelerations(flows[0], x, n_velocities=32, seed=4, labels=labels, chunk_size=3,
+                            jit_compile=True)
+    plain = cbe.accelerations(flows[0], x, n_velocities=32, seed=4, labels=labels, chunk_size=3)
+    assert relative_error(xla.acceleration, plain.acceleration).max() < 1e-5
+
+
+def test_bad_labels_raise_input_error_naming_the_shapes():
+    df = HernquistFamily()
+    x = np.ones((4, 3))
+    cases = [(None, r"labels of shape \[2\] .* or \[B, 2\] with B = 4 are required"),
+             (np.ones((4, 3)), r"labels have shape \[4, 3\]; expected \[2\]"),
+             (np.ones(3), r"labels have shape \[3\]"),
+             (np.ones((5, 2)), r"labels have shape \[5, 2\]"),
+             (np.ones((1, 4, 2)), r"labels have shape \[1, 4, 2\]"),
+             ([[1.0, np.nan]] * 4, "labels contains NaN or inf in 4 row"),
+             ("a", "labels cannot be read")]
+    for labels, message in cases:
+        with pytest.raises(InputError, match=message):
+            cbe.accelerations(df, x, labels=labels)
+    with pytest.raises(InputError, match=r"unconditional \(label_dim = 0\)"):
+        cbe.accelerations(H.exact_density("iso"), x, labels=[1.0])
+    for call in (lambda: cbe.sample_velocities(df, x, 8, labels=np.ones((4, 1))),
+                 lambda: cbe.solve_cbe(df, x, np.ones((4, 8, 3)), labels=np.ones((3, 2))),
+                 lambda: cbe.df_gradients(df, x, x, labels=None)):
+        with pytest.raises(InputError, match="labels"):
+            call()
+
+
 # ---- CLI ------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -596,3 +765,64 @@ def test_cli_accel_bad_arguments_exit_2(tiny_run, tmp_path, capsys):
     assert not (tmp_path / "a.npz").exists() and not (tmp_path / "a.json").exists()
     with pytest.raises(SystemExit):          # --positions and --radii are mutually exclusive (argparse: exit 2)
         main(["accel", str(tiny_run), "--radii", "1", "--positions", "p.npy", "--out", "a.npz"])
+
+
+@pytest.fixture(scope="module")
+def conditional_run(tmp_path_factory):
+    """A conditional run (label "a": the scale of x, 1/a that of v) and its SavedModel."""
+    from tfgalflow.export import export_model
+    from tfgalflow.training import TrainConfig, read_run_config, train
+
+    rng = np.random.default_rng(3)
+    a = rng.uniform(0.5, 2.0, size=(2000, 1))
+    w = rng.normal(size=(2000, 6)) * np.concatenate([a, a, a, 1 / a, 1 / a, 1 / a], 1)
+    run = tmp_path_factory.mktemp("cbe_cond") / "run"
+    config = TrainConfig(layers=1, hidden=(8,), epochs=2, batch_size=256, checkpoint_every=0,
+                         patience=0)
+    model = train(w, config, run, labels=a, label_names=["a"], verbose=0)
+    export_model(model, run.parent / "saved", run_config=read_run_config(run), n_velocities=16)
+    return run
+
+
+def test_cli_accel_labels_for_a_conditional_run_and_savedmodel(conditional_run, tmp_path, capsys):
+    from tfgalflow.cli import main
+    from tfgalflow.export import load
+    from tfgalflow.training import load_run
+
+    args = ["--radii", "0.5,2", "--directions", "2", "--seed", "1", "--labels", "1.5"]
+    saved = conditional_run.parent / "saved"
+    assert main(["accel", str(conditional_run), *args, "--n-velocities", "16",
+                 "--out", str(tmp_path / "run.npz")]) == 0
+    assert main(["accel", str(saved), *args, "--out", str(tmp_path / "saved.csv")]) == 0
+    with np.load(tmp_path / "run.npz") as z:
+        positions = z["positions"]
+        np.testing.assert_array_equal(z["labels"], np.full((4, 1), 1.5))
+        assert list(z["label_names"]) == ["a"]
+        ref = cbe.accelerations(load_run(conditional_run), positions, n_velocities=16, seed=1,
+                                labels=[1.5])
+        np.testing.assert_array_equal(z["acceleration"], ref.acceleration)
+        run_acceleration = z["acceleration"]
+    table = np.genfromtxt(tmp_path / "saved.csv", delimiter=",", names=True, dtype=None,
+                          encoding=None)
+    np.testing.assert_array_equal(table["a"], 1.5)
+    saved_ref = load(saved).accelerations(positions, seed=1, labels=[1.5]).acceleration
+    # CSV keeps 9 significant digits; the SavedModel runs the run's graph (float32 outputs).
+    np.testing.assert_allclose(np.stack([table["ax"], table["ay"], table["az"]], 1), saved_ref,
+                               rtol=1e-7)
+    np.testing.assert_allclose(saved_ref, run_acceleration, rtol=1e-6)
+    capsys.readouterr()
+    for model in (conditional_run, saved):
+        for extra, message in (([], "give --labels"), (["--labels", "1,2"], "has 2 value(s)"),
+                               (["--labels", "x"], "comma-separated numbers")):
+            assert main(["accel", str(model), "--radii", "1", *extra,
+                         "--out", str(tmp_path / "bad.npz")]) == 2
+            assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad.npz").exists()
+
+
+def test_cli_accel_labels_refused_for_an_unconditional_run(tiny_run, tmp_path, capsys):
+    from tfgalflow.cli import main
+
+    assert main(["accel", str(tiny_run), "--radii", "1", "--labels", "1",
+                 "--out", str(tmp_path / "a.npz")]) == 2
+    assert "unconditional" in capsys.readouterr().err

@@ -715,3 +715,65 @@ def test_export_of_a_spherical_average_answers_for_the_averaged_df(exported, tmp
         )
         == 2
     )
+
+
+# ---- accelerations of a conditional 6D model ------------------------------------------------
+
+KEYS = ("acceleration", "residual", "condition", "ess", "log_density")
+
+
+@pytest.fixture(scope="module")
+def conditional_6d(tmp_path_factory):
+    """root/cond6/1: a small conditional 6D flow f(x, v | c) (C = 1), with accelerations."""
+    rng = np.random.default_rng(2)
+    c = rng.uniform(0.5, 2.0, size=(1000, 1))
+    w = rng.normal(size=(1000, 6)) * np.concatenate([c, c, c, 1 / c, 1 / c, 1 / c], 1)
+    flow = Flow(FlowConfig(dim=6, label_dim=1, layers=2, hidden=(16, 16), seed=5)).adapt(w, c)
+    root = tmp_path_factory.mktemp("cond6")
+    path = export_versioned(flow, root, "cond6", n_velocities=32)
+    positions = rng.normal(size=(6, 3)).astype(np.float32)
+    return dict(flow=flow, root=root, path=path, positions=positions,
+                labels=np.linspace(0.6, 1.8, 6)[:, None].astype(np.float32))
+
+
+def test_conditional_6d_model_exports_accelerations_with_labels(conditional_6d):
+    from tfgalflow.cbe import accelerations
+
+    acc = read_signature_defs(conditional_6d["path"])["accelerations"]
+    assert sorted(acc["inputs"]) == ["labels", "positions", "seed"]
+    assert [d["size"] for d in acc["inputs"]["labels"]["tensor_shape"]["dim"]] == ["-1", "1"]
+    model = load(conditional_6d["path"])
+    x, labels, flow = conditional_6d["positions"], conditional_6d["labels"], conditional_6d["flow"]
+    # The same graph as the in-memory chain, same seeds and labels: equal to the last bit (as the
+    # unconditional export test in test_cbe.py).
+    got = model.accelerations(x, seed=4, labels=labels)
+    want = accelerations(flow, x, 32, seed=4, labels=labels)
+    np.testing.assert_array_equal(got.acceleration, want.acceleration.astype(np.float32))
+    np.testing.assert_array_equal(got.reasons, want.reasons)
+    # Labels [C]: one label for every position, as in memory.
+    np.testing.assert_array_equal(model.accelerations(x, seed=4, labels=[1.2]).acceleration,
+                                  accelerations(flow, x, 32, seed=4, labels=[1.2]).acceleration
+                                  .astype(np.float32))
+    # A loaded conditional SavedModel is itself a conditional DF for the CBE (plain graph).
+    loaded = accelerations(model, x, 32, seed=4, labels=labels)
+    assert_accelerations_match(loaded, {k: getattr(want, k) for k in KEYS})
+    for bad, message in ((None, "conditional"), (np.ones((5, 1)), r"\[5, 1\]"),
+                         (np.ones((6, 2)), r"\[6, 2\]")):
+        with pytest.raises(InputError, match=message):
+            model.accelerations(x, seed=4, labels=bad)
+    # The signature itself refuses rows that do not match (REST clients bypass the Python checks).
+    with pytest.raises(InputError, match="same number of rows"):
+        model.signatures["accelerations"](positions=x, seed=np.zeros(6, np.int64),
+                                          labels=labels[:5])
+
+
+def test_rest_endpoint_serves_conditional_accelerations(conditional_6d):
+    from tfgalflow.cbe import accelerations
+
+    x, labels = conditional_6d["positions"], conditional_6d["labels"]
+    ref = accelerations(conditional_6d["flow"], x, 32, seed=7, labels=labels)
+    with running(conditional_6d["root"]) as server:
+        out = Client(server.url, model="cond6").predict({"positions": x, "labels": labels,
+                                                          "seed": np.full(6, 7)}, "accelerations",
+                                                         format="columns")
+    assert_accelerations_match(out, {k: getattr(ref, k) for k in KEYS})

@@ -20,17 +20,22 @@ The pieces, each usable alone:
 * :class:`CBELayer`  the B least-squares systems solved at once (eigen-decomposition of the 3x3 normal
   matrices in float64), with the relative residual and condition number of each fit;
 * :func:`accelerations`  the whole chain with validation, chunking, ensemble spread and flags;
-* :func:`acceleration_graph`  the same chain as one pure-TF ``tf.function`` (positions [None, 3], seed
-  [2]) that :mod:`tfgalflow.export` wraps as the SavedModel ``accelerations`` signature.
+* :func:`acceleration_graph`  the same chain as one pure-TF ``tf.function`` (positions [None, 3],
+  seed [2], and labels [None, C] for a conditional DF) that :mod:`tfgalflow.export` wraps as the
+  SavedModel ``accelerations`` signature.
 
 ``jit_compile=True`` (:func:`accelerations`, :func:`solve_cbe`) XLA-compiles the DF evaluations with the
 DF's maths inlined (:func:`_inline_log_prob`), in chunks padded to a fixed size so each compiles once;
 the random numbers and the 3x3 solves stay in the plain graph, which the exported graph always is.
 
-A "phase-space DF" here is anything with ``.dim == 6`` and a TF-traceable ``.log_prob(w [N, 6] float32)
--> [N]`` (w = concat(x, v)); conditional models (``label_dim > 0``) are not supported. Units: positions
-and velocities in the DF's own units (e.g. kpc, km/s); accelerations come out in velocity² / length
-(e.g. (km/s)²/kpc). ``log f`` may be unnormalised: only its gradients enter.
+A "phase-space DF" here is any :class:`~tfgalflow.density.Density` with ``dim == 6``
+(w = concat(x, v) [N, 6]). A conditional DF f(x, v | c) (``label_dim = C > 0``) takes labels with
+every call: [C] (one label for all positions) or [B, C] (one per position); every velocity drawn
+and every gradient row at position b is evaluated at c_b, and the gradients are taken with respect
+to (x, v) only, so the CBE at fixed c gives a(x | c), the acceleration of the system with label c.
+Units: positions and velocities in the DF's own units (e.g. kpc, km/s); accelerations come out in
+velocity² / length (e.g. (km/s)²/kpc). ``log f`` may be unnormalised: only its gradients enter (a
+label-dependent normalisation c -> Z(c) drops out).
 """
 from __future__ import annotations
 
@@ -65,16 +70,51 @@ CANDIDATE_ROWS_PER_CHUNK = 2**18
 # ---- the DF interface ----------------------------------------------------------------------------
 
 def check_df(df: Any) -> None:
-    """InputError unless ``df`` is an unconditional 6-D phase-space :class:`~tfgalflow.density.Density`."""
+    """InputError unless ``df`` is a 6-D phase-space :class:`~tfgalflow.density.Density`
+    f(x, v [| c]).
+    """
     if not isinstance(df, Density):
         raise InputError(f"df must be a phase-space DF (a tfgalflow Density with dim = 6: a Flow, "
                          f"Ensemble, SphericalAverage, exact DF or loaded SavedModel); got {type(df).__name__}")
     if df.dim != 6:
         raise InputError(f"df has dim = {df.dim}; the CBE needs a 6-D phase-space DF f(x, v) with "
                          f"w = (x, v) [N, 6]")
-    if df.label_dim != 0:
-        raise InputError(f"df is conditional (label_dim = {df.label_dim}); accelerations need an "
-                         f"unconditional DF f(x, v)")
+
+
+def check_labels(df: Density, labels: Any, n_positions: int) -> np.ndarray | None:
+    """The labels of a CBE call as a finite float32 [B, C] array, or None for an unconditional DF.
+
+    Args:
+        df: the phase-space DF (``label_dim = C``).
+        labels: None (unconditional DF), [C] (the same label at every position, tiled to [B, C]) or
+            [B, C] (one label per position).
+        n_positions: B, the number of positions.
+
+    Raises:
+        InputError naming the shapes: labels missing for a conditional DF or given to an
+        unconditional one, a wrong width or row count, NaN or inf.
+    """
+    c = int(df.label_dim)
+    if c == 0:
+        if labels is not None:
+            raise InputError(f"labels were given (shape {list(np.shape(labels))}) but the DF is "
+                             f"unconditional (label_dim = 0); pass labels=None")
+        return None
+    expected = f"[{c}] (one label for every position) or [B, {c}] with B = {n_positions}"
+    if labels is None:
+        raise InputError(f"the DF is conditional (label_dim = {c}): labels of shape {expected} "
+                         f"are required")
+    array = labels.numpy() if isinstance(labels, (tf.Tensor, tf.Variable)) else labels
+    try:
+        array = np.asarray(array, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"labels cannot be read as a float array ({exc}); "
+                         f"expected {expected}") from None
+    if array.ndim == 1 and array.shape[0] == c:
+        array = np.tile(array[None, :], (n_positions, 1))
+    if array.ndim != 2 or array.shape != (n_positions, c):
+        raise InputError(f"labels have shape {list(array.shape)}; expected {expected}")
+    return finite_matrix(array, "labels", width=c, expected=expected, dtype=np.float32)
 
 
 def _positions_per_chunk(df: Any, k: int, m: int | None = None) -> int:
@@ -115,8 +155,9 @@ def check_positions(positions: Any) -> np.ndarray:
 
 # ---- derivatives -----------------------------------------------------------------------------------
 
-def _inline_log_prob(df: Density) -> Callable[[tf.Tensor], tf.Tensor] | None:
-    """log f(w [N, 6] float32) -> [N] as plain TF ops traced into the caller's graph, or None.
+def _inline_log_prob(df: Density) -> Callable[[tf.Tensor, tf.Tensor | None], tf.Tensor] | None:
+    """log f(w [N, 6] float32, labels [N, C] | None) -> [N] as plain TF ops traced into the
+    caller's graph, or None.
 
     XLA needs the DF's maths inline: a DF whose ``log_prob`` calls its own ``tf.function``,
     differentiated inside a ``jit_compile`` function, makes XLA recompile on every call (the inputs are
@@ -124,20 +165,28 @@ def _inline_log_prob(df: Density) -> Callable[[tf.Tensor], tf.Tensor] | None:
     are not plain TF ops (``inlinable`` False: a loaded SavedModel, or an average of one) get None and
     stay on the plain graph.
     """
-    return (lambda w: df.log_prob_tensor(w, None)) if df.inlinable else None
+    return (lambda w, labels: df.log_prob_tensor(w, labels)) if df.inlinable else None
 
 
-def _gradients_tensor(df: Any, x: tf.Tensor, v: tf.Tensor, log_prob: Callable | None = None
-                      ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+def _rows_labels(labels: tf.Tensor | None, shape: tf.Tensor) -> tf.Tensor | None:
+    """Labels [C, L] of C positions repeated for the rows [C, M] of each: [C M, L] (None: None)."""
+    if labels is None:
+        return None
+    per_row = tf.broadcast_to(labels[:, None, :], tf.concat([shape[:2], tf.shape(labels)[1:]], 0))
+    return tf.reshape(per_row, [-1, tf.shape(labels)[1]])
+
+
+def _gradients_tensor(df: Any, x: tf.Tensor, v: tf.Tensor, log_prob: Callable | None = None,
+                      labels: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """(∂log f/∂x [N, 3], ∂log f/∂v [N, 3], log f [N]) by one GradientTape pass over w = (x, v).
 
-    ``log_prob``: the function of w to differentiate (default ``df.log_prob``; :func:`_inline_log_prob`
-    under XLA).
+    ``log_prob(w, labels)``: the function of w to differentiate (default ``df.log_prob``;
+    :func:`_inline_log_prob` under XLA). ``labels`` [N, C] | None are held fixed (not watched).
     """
     w = tf.concat([x, v], axis=1)
     with tf.GradientTape() as tape:
         tape.watch(w)
-        log_f = (log_prob or df.log_prob)(w)
+        log_f = (log_prob or df.log_prob)(w, labels)
     # Rows are independent: d(Σ_n log f_n)/dw_n = d log f_n/dw_n.
     grad = tape.gradient(log_f, w, unconnected_gradients=tf.UnconnectedGradients.ZERO)   # constant f: 0
     return grad[:, :3], grad[:, 3:], log_f
@@ -146,38 +195,47 @@ def _gradients_tensor(df: Any, x: tf.Tensor, v: tf.Tensor, log_prob: Callable | 
 _GRADIENT_FNS: "weakref.WeakKeyDictionary[Any, Callable]" = weakref.WeakKeyDictionary()
 
 
-def df_gradients(df: Any, x: Any, v: Any) -> tuple[tf.Tensor, tf.Tensor]:
+def df_gradients(df: Any, x: Any, v: Any, labels: Any = None) -> tuple[tf.Tensor, tf.Tensor]:
     """∇_x log f and ∇_v log f at phase-space points (x_n, v_n), by automatic differentiation.
 
-        dlogf_dx[n] = ∂ log f/∂x (x_n, v_n),    dlogf_dv[n] = ∂ log f/∂v (x_n, v_n)
+        dlogf_dx[n] = ∂ log f/∂x (x_n, v_n | c_n),    dlogf_dv[n] = ∂ log f/∂v (x_n, v_n | c_n)
 
     For an :class:`~tfgalflow.model.Ensemble` these are derivatives of the log of the ensemble-mean
     density (what ``Ensemble.log_prob`` is), i.e. Σ_k w_k ∇ log f_k with posterior weights w_k ∝ f_k.
+    The labels c are held fixed: no derivative with respect to them is taken.
 
     Args:
-        df: phase-space DF (``.dim == 6``, ``.log_prob(w [N, 6])``).
+        df: phase-space DF (``.dim == 6``, ``.log_prob(w [N, 6], labels)``).
         x: positions [B, 3] (length unit of the DF); v: velocities [B, 3] (velocity unit).
+        labels: None (unconditional DF), [C] (the same for every row) or [B, C] (conditional DF).
 
     Returns:
         (dlogf_dx [B, 3] in 1/length, dlogf_dv [B, 3] in 1/velocity), float32 tensors. Rows where log f
         is not finite (outside the support) carry whatever the DF's gradient is there (0 for the exact
         Hernquist DF; :class:`CBELayer` ignores them when given the mask).
 
-    Traced once per DF (``tf.function`` with input_signature [None, 3] x 2).
+    Traced once per DF (``tf.function`` with input_signature [None, 3] x 2 (+ [None, C])).
     """
     check_df(df)
     x = _as_vectors(x, "x")
     v = _as_vectors(v, "v")
     if x.shape[0] != v.shape[0]:
         raise InputError(f"x has {x.shape[0]} rows but v has {v.shape[0]}; expected x, v both [B, 3]")
+    c = check_labels(df, labels, x.shape[0])
     fn = _GRADIENT_FNS.get(df)
     if fn is None:
         spec = tf.TensorSpec([None, 3], tf.float32)
         ref = weakref.ref(df)        # the cache must not keep the DF alive
-        fn = tf.function(lambda x, v: _gradients_tensor(ref(), x, v)[:2], input_signature=[spec, spec],
-                         autograph=False)
+        if c is None:
+            fn = tf.function(lambda x, v: _gradients_tensor(ref(), x, v)[:2],
+                             input_signature=[spec, spec], autograph=False)
+        else:
+            c_spec = tf.TensorSpec([None, df.label_dim], tf.float32)
+            fn = tf.function(lambda x, v, c: _gradients_tensor(ref(), x, v, labels=c)[:2],
+                             input_signature=[spec, spec, c_spec], autograph=False)
         _GRADIENT_FNS[df] = fn
-    return fn(tf.constant(x), tf.constant(v))
+    args = (tf.constant(x), tf.constant(v)) + (() if c is None else (tf.constant(c),))
+    return fn(*args)
 
 
 # ---- velocity sampling at fixed x ------------------------------------------------------------------
@@ -223,11 +281,15 @@ class SamplerConfig:
         return tuple(getattr(self, f.name) for f in fields(self))
 
 
-def _log_f_at(df: Any, x: tf.Tensor, v: tf.Tensor, log_prob: Callable | None = None) -> tf.Tensor:
-    """log f(x_c, v_cm): x [C, 3], v [C, M, 3] -> [C, M]; NaN and +inf (measure-zero singularities) -> -inf."""
+def _log_f_at(df: Any, x: tf.Tensor, v: tf.Tensor, log_prob: Callable | None = None,
+              labels: tf.Tensor | None = None) -> tf.Tensor:
+    """log f(x_c, v_cm | c_c): x [C, 3], v [C, M, 3], labels [C, L] | None -> [C, M]; NaN and +inf
+    (measure-zero singularities) -> -inf.
+    """
     shape = tf.shape(v)
     w = tf.concat([tf.broadcast_to(x[:, None, :], shape), v], axis=2)
-    log_f = tf.reshape((log_prob or df.log_prob)(tf.reshape(w, [-1, 6])), shape[:2])
+    rows = _rows_labels(labels, shape)
+    log_f = tf.reshape((log_prob or df.log_prob)(tf.reshape(w, [-1, 6]), rows), shape[:2])
     return tf.where(tf.math.is_finite(log_f), log_f, tf.constant(-np.inf, log_f.dtype))
 
 
@@ -275,8 +337,10 @@ def _sampler_noise(c: tf.Tensor, m: int, seed: tf.Tensor, cfg: SamplerConfig) ->
 
 
 def _sir_weights(df: Any, x: tf.Tensor, v0: tf.Tensor, noise: dict[str, tf.Tensor], m: int, cfg: SamplerConfig,
-                 log_prob: Callable | None = None) -> dict[str, tf.Tensor]:
-    """Stages 0-2 of :func:`sample_velocities` at C positions x [C, 3], given :func:`_sampler_noise` (no RNG).
+                 log_prob: Callable | None = None, labels: tf.Tensor | None = None
+                 ) -> dict[str, tf.Tensor]:
+    """Stages 0-2 of :func:`sample_velocities` at C positions x [C, 3] (labels [C, L] | None),
+    given :func:`_sampler_noise` (no RNG).
 
     Returns the stage-2 candidates [C, M, 3], their truncated log importance weights ``logits`` [C, M],
     ``ess`` [C], ``support`` [C] and ``log_density`` [C].
@@ -288,7 +352,7 @@ def _sir_weights(df: Any, x: tf.Tensor, v0: tf.Tensor, noise: dict[str, tf.Tenso
     dirs = noise["dirs"]
     dirs = dirs / tf.norm(dirs, axis=-1, keepdims=True)
     grid = tf.reshape(dirs[:, :, None, :] * speeds[None, None, :, None], [c, cfg.pilot_directions * n_s, 3])
-    log_w0 = (_log_f_at(df, x, grid, log_prob)
+    log_w0 = (_log_f_at(df, x, grid, log_prob, labels)
               + tf.tile(3.0 * tf.math.log(speeds), [cfg.pilot_directions])[None, :])
     p0, found0 = _normalised_weights(log_w0)
     rms = tf.sqrt(tf.reduce_sum(p0 * tf.reduce_sum(tf.square(grid), -1), axis=1) / 3.0)
@@ -296,7 +360,7 @@ def _sir_weights(df: Any, x: tf.Tensor, v0: tf.Tensor, noise: dict[str, tf.Tenso
     # Stage 1: isotropic Student-t about 0 with scale sigma1 -> weighted mean and covariance of v.
     y1, log_q1 = _standard_t(noise["z1"], noise["chi1"])
     v1 = sigma1[:, None, None] * y1
-    log_w1 = _log_f_at(df, x, v1, log_prob) - (log_q1 - 3.0 * tf.math.log(sigma1)[:, None])
+    log_w1 = _log_f_at(df, x, v1, log_prob, labels) - (log_q1 - 3.0 * tf.math.log(sigma1)[:, None])
     p1, found1 = _normalised_weights(log_w1)
     mean = tf.reduce_sum(p1[..., None] * v1, axis=1)                                                 # [C, 3]
     d = v1 - mean[:, None, :]
@@ -311,7 +375,7 @@ def _sir_weights(df: Any, x: tf.Tensor, v0: tf.Tensor, noise: dict[str, tf.Tenso
     y2, log_q2 = _standard_t(noise["z2"], noise["chi2"])
     v2 = mean[:, None, :] + tf.einsum("cij,cmj->cmi", chol, y2)
     log_det = tf.reduce_sum(tf.math.log(tf.linalg.diag_part(chol)), axis=1)
-    log_w2 = _log_f_at(df, x, v2, log_prob) - (log_q2 - log_det[:, None])
+    log_w2 = _log_f_at(df, x, v2, log_prob, labels) - (log_q2 - log_det[:, None])
     found2 = tf.reduce_any(tf.math.is_finite(log_w2), axis=1)
     log_w2 = tf.where(found2[:, None], log_w2, tf.zeros_like(log_w2))
     log_mean = tf.reduce_logsumexp(log_w2, axis=1) - math.log(m)                  # log of the mean raw weight
@@ -324,13 +388,19 @@ def _sir_weights(df: Any, x: tf.Tensor, v0: tf.Tensor, noise: dict[str, tf.Tenso
 
 
 def _sample_velocities_tensor(df: Any, x: tf.Tensor, k: int, m: int, seed: tf.Tensor, v0: tf.Tensor,
-                              cfg: SamplerConfig, weights: Callable | None = None) -> dict[str, tf.Tensor]:
-    """SIR draw of K velocities at each of C positions x [C, 3] (pure TF); see :func:`sample_velocities`.
+                              cfg: SamplerConfig, weights: Callable | None = None,
+                              labels: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+    """SIR draw of K velocities at each of C positions x [C, 3] (labels [C, L] | None; pure TF);
+    see :func:`sample_velocities`.
 
-    ``weights(x, v0, noise)``: :func:`_sir_weights` of the DF (default), or an XLA-compiled version of it.
+    ``weights(x, v0, noise, labels)``: :func:`_sir_weights` of the DF (default), or an XLA-compiled
+    version of it. The random numbers do not depend on the labels.
     """
     noise = _sampler_noise(tf.shape(x)[0], m, seed, cfg)
-    sir = (weights or (lambda x, v0, noise: _sir_weights(df, x, v0, noise, m, cfg)))(x, v0, noise)
+    if weights is None:
+        def weights(x, v0, noise, labels):
+            return _sir_weights(df, x, v0, noise, m, cfg, labels=labels)
+    sir = weights(x, v0, noise, labels)
     # Resample K candidates with probabilities w / Σ w (stage 2's truncated weights).
     index = tf.random.stateless_categorical(sir["logits"], k, seed=tf.random.experimental.stateless_fold_in(seed, 3),
                                             dtype=tf.int32)                                          # [C, K]
@@ -422,37 +492,41 @@ class CBELayer(keras.layers.Layer):
         return tf.cast(a, out), tf.cast(residual, out), tf.cast(condition, out)
 
 
-def _cbe_gradients(df: Any, x: tf.Tensor, v: tf.Tensor, log_prob: Callable | None = None
-                   ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """CBELayer inputs at (x_c, v_ck): x [C, 3], v [C, K, 3] -> ∇_x log f, ∇_v log f [C, K, 3], mask [C, K].
+def _cbe_gradients(df: Any, x: tf.Tensor, v: tf.Tensor, log_prob: Callable | None = None,
+                   labels: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """CBELayer inputs at (x_c, v_ck | c_c): x [C, 3], v [C, K, 3], labels [C, L] | None ->
+    ∇_x log f, ∇_v log f [C, K, 3], mask [C, K].
 
     mask: log f is finite (the row enters the fit).
     """
     shape = tf.shape(v)
-    g_x, g_v, log_f = _gradients_tensor(df, tf.reshape(tf.broadcast_to(x[:, None, :], shape), [-1, 3]),
-                                        tf.reshape(v, [-1, 3]), log_prob)
+    x_rows = tf.reshape(tf.broadcast_to(x[:, None, :], shape), [-1, 3])
+    g_x, g_v, log_f = _gradients_tensor(df, x_rows, tf.reshape(v, [-1, 3]), log_prob,
+                                        _rows_labels(labels, shape))
     return tf.reshape(g_x, shape), tf.reshape(g_v, shape), tf.reshape(tf.math.is_finite(log_f), shape[:2])
 
 
-def _solve_tensor(df: Any, layer: CBELayer, x: tf.Tensor, v: tf.Tensor, normal_equations: Callable | None = None
+def _solve_tensor(df: Any, layer: CBELayer, x: tf.Tensor, v: tf.Tensor,
+                  normal_equations: Callable | None = None, labels: tf.Tensor | None = None
                   ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """CBELayer on the DF's gradients at (x_c, v_ck): x [C, 3], v [C, K, 3] -> ([C, 3], [C], [C]).
+    """CBELayer on the DF's gradients at (x_c, v_ck | c_c): x [C, 3], v [C, K, 3],
+    labels [C, L] | None -> ([C, 3], [C], [C]).
 
-    ``normal_equations(x, v)``: an XLA-compiled :func:`_xla_normal_equations`, or None for the whole
-    layer in the plain graph. The 3x3 solves are never XLA-compiled: XLA's batched eigh iterates until
-    every matrix of the batch has converged, so one position's answer would depend on the others in its
-    chunk, while LAPACK solves each system on its own.
+    ``normal_equations(x, v[, labels])``: an XLA-compiled :func:`_xla_normal_equations`, or None
+    for the whole layer in the plain graph. The 3x3 solves are never XLA-compiled: XLA's batched
+    eigh iterates until every matrix of the batch has converged, so one position's answer would
+    depend on the others in its chunk, while LAPACK solves each system on its own.
     """
     if normal_equations is None:
-        g_x, g_v, mask = _cbe_gradients(df, x, v)
+        g_x, g_v, mask = _cbe_gradients(df, x, v, labels=labels)
         return layer((g_x, g_v, v, mask))
-    return layer._solve(*normal_equations(x, v))
+    return layer._solve(*normal_equations(x, v, *(() if labels is None else (labels,))))
 
 
 def _xla_normal_equations(df: Any, layer: CBELayer) -> Callable:
-    """(x, v) -> CBELayer._normal_equations of the DF's gradients, the DF's maths inlined (for XLA)."""
-    def normal_equations(x, v):
-        g_x, g_v, mask = _cbe_gradients(df, x, v, _inline_log_prob(df))
+    """(x, v[, labels]) -> CBELayer._normal_equations of the DF's gradients, inlined (XLA)."""
+    def normal_equations(x, v, labels=None):
+        g_x, g_v, mask = _cbe_gradients(df, x, v, _inline_log_prob(df), labels)
         return layer._normal_equations(g_x, g_v, v, mask)
     return normal_equations
 
@@ -461,7 +535,8 @@ _SOLVE_FNS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
 def _solve_fn(df: Any, chunk: int, k: int, jit_compile: bool) -> Callable:
-    """Cached traced gradients + CBELayer of ``df``: (x [C, 3], v [C, K, 3]) -> ([C, 3], [C], [C]).
+    """Cached traced gradients + CBELayer of ``df``: (x [C, 3], v [C, K, 3][, labels [C, L]]) ->
+    ([C, 3], [C], [C]); labels only for a conditional DF.
 
     Plain graph: any C, K (traced once). XLA: the gradients and the layer's row-wise maths
     (:func:`_xla_normal_equations`) XLA-compiled at fixed shapes [chunk, k] (once per DF, chunk and K;
@@ -471,15 +546,19 @@ def _solve_fn(df: Any, chunk: int, k: int, jit_compile: bool) -> Callable:
     key = (chunk, k) if jit_compile else None
     if key not in per_df:
         layer, ref = CBELayer(), weakref.ref(df)
+        rows = chunk if jit_compile else None
+        specs = [tf.TensorSpec([rows, 3], tf.float32),
+                 tf.TensorSpec([rows, k if jit_compile else None, 3], tf.float32)]
+        if df.label_dim:
+            specs.append(tf.TensorSpec([rows, df.label_dim], tf.float32))
+        normal_equations = None
         if jit_compile:      # the DF is looked up at trace time: a closure over it would keep it alive
-            specs = [tf.TensorSpec([chunk, 3], tf.float32), tf.TensorSpec([chunk, k, 3], tf.float32)]
-            normal_equations = tf.function(lambda x, v: _xla_normal_equations(ref(), layer)(x, v),
-                                           input_signature=specs, autograph=False, jit_compile=True)
-        else:
-            normal_equations = None
-            specs = [tf.TensorSpec([None, 3], tf.float32), tf.TensorSpec([None, None, 3], tf.float32)]
-        per_df[key] = tf.function(lambda x, v: _solve_tensor(ref(), layer, x, v, normal_equations),
-                                  autograph=False, input_signature=specs)
+            normal_equations = tf.function(
+                lambda x, v, *c: _xla_normal_equations(ref(), layer)(x, v, *c),
+                input_signature=specs, autograph=False, jit_compile=True)
+        per_df[key] = tf.function(
+            lambda x, v, *c: _solve_tensor(ref(), layer, x, v, normal_equations, *c),
+            autograph=False, input_signature=specs)
     return per_df[key]
 
 
@@ -489,7 +568,8 @@ def _pad_rows(t: np.ndarray, n: int) -> np.ndarray:
 
 
 def solve_cbe(df: Any, positions: Any, velocities: Any, chunk_size: int | None = None, *,
-              jit_compile: bool = False) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+              labels: Any = None, jit_compile: bool = False
+              ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """The CBE least squares at given velocities: gradients of log f at (x_b, v_bk), then :class:`CBELayer`.
 
     For velocities from elsewhere (e.g. the observed stars near x, as in Green & Ting 2020, or a shared
@@ -498,6 +578,8 @@ def solve_cbe(df: Any, positions: Any, velocities: Any, chunk_size: int | None =
     Args:
         df: phase-space DF; positions: [B, 3]; velocities: [B, K, 3] (K >= 3).
         chunk_size: positions per traced call (default 2^16 / K), bounding memory.
+        labels: a conditional DF's labels, [C] (every position) or [B, C] (one per position, used
+            for all its K velocities); None for an unconditional DF.
         jit_compile: XLA-compile the gradients and the row-wise part of the layer (see
             :func:`accelerations`); chunks are padded to ``chunk_size`` positions, so it compiles once per
             DF, K and chunk size. Same answers as the plain graph to float32 round-off.
@@ -512,17 +594,20 @@ def solve_cbe(df: Any, positions: Any, velocities: Any, chunk_size: int | None =
     if v.ndim != 3 or v.shape[0] != x.shape[0] or v.shape[2] != 3 or v.shape[1] < 3:
         raise InputError(f"velocities have shape {list(v.shape)}; expected [B, K, 3] with B = {x.shape[0]} "
                          f"(the rows of positions) and K >= 3")
+    c = check_labels(df, labels, x.shape[0])
     k = v.shape[1]
     chunk = integer(chunk_size if chunk_size is not None else _positions_per_chunk(df, k), "chunk_size", 1)
     jit = bool(jit_compile) and _inline_log_prob(df) is not None
     fn = _solve_fn(df, chunk, k, jit)
+    arrays = [x, v] + ([] if c is None else [c])
     if len(x) == chunk or (len(x) < chunk and not jit):         # one call, nothing to pad or join
-        return tuple(fn(tf.constant(x), tf.constant(v)))
+        return tuple(fn(*map(tf.constant, arrays)))
     parts = []
     for i in range(0, len(x), chunk):
-        xs, vs = x[i:i + chunk], v[i:i + chunk]
-        out = fn(tf.constant(_pad_rows(xs, chunk) if jit else xs), tf.constant(_pad_rows(vs, chunk) if jit else vs))
-        parts.append([t.numpy()[:len(xs)] for t in out])
+        pieces = [t[i:i + chunk] for t in arrays]
+        n = len(pieces[0])
+        out = fn(*(tf.constant(_pad_rows(t, chunk) if jit else t) for t in pieces))
+        parts.append([t.numpy()[:n] for t in out])
     return tuple(tf.constant(np.concatenate([p[j] for p in parts])) for j in range(3))
 
 
@@ -536,6 +621,7 @@ class _Solver:
         check_df(df)
         self._df = weakref.ref(df)    # cached per DF in a WeakKeyDictionary: must not keep the DF alive
         self.k, self.cfg = k, cfg
+        self.label_dim = int(df.label_dim)
         self.m = cfg.n_candidates(k)
         self.v0 = _velocity_scale(df, velocity_scale)
         self.layer = CBELayer(solve_dtype)
@@ -545,11 +631,13 @@ class _Solver:
         if jit_compile and _inline_log_prob(df) is not None:
             self._compile_with_xla()
         specs = [tf.TensorSpec([None, 3], tf.float32, name="positions"), tf.TensorSpec([2], tf.int64, name="seed")]
+        if self.label_dim:
+            specs.append(tf.TensorSpec([None, self.label_dim], tf.float32, name="labels"))
         # No Python control flow on tensors anywhere in the chain: autograph off (faster tracing, no warnings).
-        self.velocities = tf.function(lambda p, s: self._chunked(p, s, self._sample_chunk), input_signature=specs,
-                                      autograph=False)
-        self.solve = tf.function(lambda p, s: self._chunked(p, s, self._solve_chunk), input_signature=specs,
-                                 autograph=False)
+        self.velocities = tf.function(lambda p, s, *c: self._chunked(p, s, self._sample_chunk, *c),
+                                      input_signature=specs, autograph=False)
+        self.solve = tf.function(lambda p, s, *c: self._chunked(p, s, self._solve_chunk, *c),
+                                 input_signature=specs, autograph=False)
 
     def _compile_with_xla(self) -> None:
         """XLA for the DF evaluations and the row-wise maths: :func:`_sir_weights`, :func:`_xla_normal_equations`.
@@ -563,13 +651,16 @@ class _Solver:
                  "z2": [c, m, 3], "chi2": [c, m, cfg.dof]}
         specs = [tf.TensorSpec([c, 3], tf.float32), tf.TensorSpec([], tf.float32),
                  {key: tf.TensorSpec(shape, tf.float32) for key, shape in noise.items()}]
+        label_specs = [tf.TensorSpec([c, self.label_dim], tf.float32)] if self.label_dim else []
         # The DF's maths is looked up at trace time: a closure over it would keep the DF alive.
         self._xla_weights = tf.function(
-            lambda x, v0, noise: _sir_weights(self.df, x, v0, noise, m, cfg, _inline_log_prob(self.df)),
-            input_signature=specs, autograph=False, jit_compile=True)
+            lambda x, v0, noise, *labels: _sir_weights(self.df, x, v0, noise, m, cfg,
+                                                       _inline_log_prob(self.df), *labels),
+            input_signature=specs + label_specs, autograph=False, jit_compile=True)
         self._xla_normal_equations = tf.function(
-            lambda x, v: _xla_normal_equations(self.df, self.layer)(x, v),
-            input_signature=[tf.TensorSpec([c, 3], tf.float32), tf.TensorSpec([c, k, 3], tf.float32)],
+            lambda x, v, *labels: _xla_normal_equations(self.df, self.layer)(x, v, *labels),
+            input_signature=[tf.TensorSpec([c, 3], tf.float32),
+                             tf.TensorSpec([c, k, 3], tf.float32), *label_specs],
             autograph=False, jit_compile=True)
 
     @property
@@ -586,20 +677,25 @@ class _Solver:
         pad = lambda t: tf.concat([t, tf.repeat(t[-1:], self.chunk - c, axis=0)], axis=0)
         return tf.nest.map_structure(lambda t: t[:c], fn(*tf.nest.map_structure(pad, args)))
 
-    def _sample_chunk(self, x: tf.Tensor, seed: tf.Tensor) -> dict[str, tf.Tensor]:
+    def _sample_chunk(self, x: tf.Tensor, seed: tf.Tensor, labels: tf.Tensor | None = None
+                      ) -> dict[str, tf.Tensor]:
         weights = None
         if self._xla_weights is not None:
-            def weights(x, v0, noise):
-                return self._padded(lambda x, noise: self._xla_weights(x, v0, noise), x, noise)
-        return _sample_velocities_tensor(self.df, x, self.k, self.m, seed, self.v0(), self.cfg, weights)
+            def weights(x, v0, noise, labels):
+                extra = () if labels is None else (labels,)
+                return self._padded(lambda x, noise, *c: self._xla_weights(x, v0, noise, *c),
+                                    x, noise, *extra)
+        return _sample_velocities_tensor(self.df, x, self.k, self.m, seed, self.v0(), self.cfg,
+                                         weights, labels)
 
-    def _solve_chunk(self, x: tf.Tensor, seed: tf.Tensor) -> dict[str, tf.Tensor]:
-        draw = self._sample_chunk(x, seed)
+    def _solve_chunk(self, x: tf.Tensor, seed: tf.Tensor, labels: tf.Tensor | None = None
+                     ) -> dict[str, tf.Tensor]:
+        draw = self._sample_chunk(x, seed, labels)
         v = draw.pop("velocities")
         normal_equations = None
         if self._xla_normal_equations is not None:
-            normal_equations = lambda x, v: self._padded(self._xla_normal_equations, x, v)
-        a, residual, condition = _solve_tensor(self.df, self.layer, x, v, normal_equations)
+            normal_equations = lambda x, v, *c: self._padded(self._xla_normal_equations, x, v, *c)
+        a, residual, condition = _solve_tensor(self.df, self.layer, x, v, normal_equations, labels)
         return {"acceleration": a, "residual": residual, "condition": condition, **draw}
 
     def _signature(self, fn: Callable) -> dict[str, tf.TensorSpec]:
@@ -611,8 +707,15 @@ class _Solver:
         return {"acceleration": tf.TensorSpec([None, 3], tf.float32), "residual": tf.TensorSpec([None], tf.float32),
                 "condition": tf.TensorSpec([None], tf.float32), **common}
 
-    def _chunked(self, positions: tf.Tensor, seed: tf.Tensor, fn: Callable) -> dict[str, tf.Tensor]:
-        """fn over chunks of C = min(chunk, B) positions (zero-padded; chunk i seeded fold_in(seed, i))."""
+    def _chunked(self, positions: tf.Tensor, seed: tf.Tensor, fn: Callable,
+                 labels: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+        """fn over chunks of C = min(chunk, B) positions (zero-padded; chunk i seeded
+        fold_in(seed, i)).
+
+        ``labels`` [B, L] (conditional DF) are cut into the same chunks, padded with copies of the
+        last row (zeros for B = 0): a valid label, so padded rows compute finite, discarded
+        answers.
+        """
         b = tf.shape(positions)[0]
         c = tf.maximum(tf.minimum(self.chunk, b), 1)
         n = tf.maximum((b + c - 1) // c, 1)            # B = 0: one padded chunk (map_fn cannot stack none)
@@ -620,8 +723,17 @@ class _Solver:
         chunks = tf.reshape(padded, [n, c, 3])
         seeds = tf.map_fn(lambda i: tf.random.experimental.stateless_fold_in(seed, i), tf.range(n, dtype=tf.int64),
                           fn_output_signature=tf.TensorSpec([2], tf.int64))
-        out = tf.map_fn(lambda args: fn(args[0], args[1]), (chunks, seeds),
-                        fn_output_signature=self._signature(fn), parallel_iterations=1)
+        if labels is None:
+            out = tf.map_fn(lambda args: fn(args[0], args[1]), (chunks, seeds),
+                            fn_output_signature=self._signature(fn), parallel_iterations=1)
+        else:
+            last = tf.concat([labels, tf.zeros([1, self.label_dim], labels.dtype)], 0)
+            last = last[tf.maximum(b - 1, 0)]
+            label_chunks = tf.concat([labels, tf.tile(last[None, :], [n * c - b, 1])], 0)
+            label_chunks = tf.reshape(label_chunks, [n, c, self.label_dim])
+            out = tf.map_fn(lambda args: fn(args[0], args[1], args[2]),
+                            (chunks, seeds, label_chunks),
+                            fn_output_signature=self._signature(fn), parallel_iterations=1)
         return {key: tf.reshape(t, tf.concat([[n * c], tf.shape(t)[2:]], 0))[:b] for key, t in out.items()}
 
 
@@ -642,9 +754,11 @@ def _solver(df: Any, k: int, sampler: SamplerConfig | None, velocity_scale: floa
     return per_df[key]
 
 
-def sample_velocities(df: Any, positions: Any, k: int, seed: Any = 0, *, sampler: SamplerConfig | None = None,
-                      velocity_scale: float | None = None, return_ess: bool = False):
-    """K velocities at each position from p(v | x) ∝ f(x, v) at fixed x, by sampling-importance-resampling.
+def sample_velocities(df: Any, positions: Any, k: int, seed: Any = 0, *, labels: Any = None,
+                      sampler: SamplerConfig | None = None, velocity_scale: float | None = None,
+                      return_ess: bool = False):
+    """K velocities at each position from p(v | x [, c]) ∝ f(x, v [| c]) at fixed x (and label c),
+    by sampling-importance-resampling.
 
     Method (all B positions at once, stateless seeds, core TF ops only):
 
@@ -673,27 +787,38 @@ def sample_velocities(df: Any, positions: Any, k: int, seed: Any = 0, *, sampler
         df: phase-space DF; positions: [B, 3]; k: velocities per position (>= 1);
         seed: int (-> [seed, 0]) or two ints; sampler: :class:`SamplerConfig` (M = ``candidates``,
         default max(4K, 1024)); velocity_scale: v0 override.
+        labels: a conditional DF's labels, [C] or [B, C] (every candidate velocity at position b is
+            weighted by f(x_b, v | c_b)); None for an unconditional DF. The random numbers do not
+            depend on the labels (the same seed gives the same proposals for any labels).
 
     Returns:
         velocities [B, K, 3] float32 tensor (and ESS [B] float32 if ``return_ess``).
     """
     k = integer(k, "k", 1)
+    positions = _as_vectors(positions, "positions")
+    c = check_labels(df, labels, positions.shape[0])
     solver = _solver(df, k, sampler, velocity_scale)
-    out = solver.velocities(tf.constant(_as_vectors(positions, "positions")), stateless_seed(seed))
+    out = solver.velocities(tf.constant(positions), stateless_seed(seed),
+                            *(() if c is None else (tf.constant(c),)))
     return (out["velocities"], out["ess"]) if return_ess else out["velocities"]
 
 
 def acceleration_graph(df: Any, n_velocities: int = 256, *, sampler: SamplerConfig | None = None,
                        velocity_scale: float | None = None, chunk_size: int | None = None) -> Callable:
-    """The CBE chain as one traceable function: (positions [None, 3] f32, seed [2] int64) -> dict.
+    """The CBE chain as one traceable function: (positions [None, 3] f32, seed [2] int64[, labels
+    [None, C] f32]) -> dict.
 
     Returns a ``tf.function`` with ``input_signature=[TensorSpec([None, 3], float32, "positions"),
-    TensorSpec([2], int64, "seed")]`` whose graph holds only core TF ops (stateless RNG, GradientTape
-    gradients, batched eigh; chunks of positions run in a ``tf.map_fn``), so :mod:`tfgalflow.export` can
-    wrap it in a SavedModel signature. Outputs: ``acceleration`` [B, 3], ``residual`` [B], ``condition``
-    [B] (see :class:`CBELayer`), plus ``ess`` [B], ``support`` [B] bool and ``log_density`` [B] (the SIR
-    estimate of log ∫ f d³v at x). Same numbers as :func:`accelerations` for the same seed and settings
-    (with ``jit_compile=False``; this graph is never XLA-compiled).
+    TensorSpec([2], int64, "seed")]``, plus ``TensorSpec([None, C], float32, "labels")`` (one label
+    row per position) for a conditional DF (``label_dim = C``), whose graph holds only core TF ops
+    (stateless RNG, GradientTape gradients, batched eigh; chunks of positions run in a
+    ``tf.map_fn``), so :mod:`tfgalflow.export` can wrap it in a SavedModel signature. Outputs:
+    ``acceleration`` [B, 3], ``residual`` [B], ``condition`` [B] (see :class:`CBELayer`), plus
+    ``ess`` [B], ``support`` [B] bool and ``log_density`` [B] (the SIR estimate of log ∫ f d³v at
+    x). Same numbers as :func:`accelerations` for the same seed and settings (with
+    ``jit_compile=False``; this graph is never XLA-compiled). The graph does not check that
+    positions and labels have the same number of rows (its callers do: :func:`accelerations`, the
+    export's signature).
     """
     n_velocities = integer(n_velocities, "n_velocities", MIN_VELOCITIES)
     return _solver(df, n_velocities, sampler, velocity_scale, chunk_size=chunk_size).solve
@@ -752,18 +877,32 @@ class AccelerationResult:
         """
         return radial_component(positions, self.acceleration)
 
-    def save(self, path: str | os.PathLike, positions: Any, units: dict | None = None) -> None:
+    def save(self, path: str | os.PathLike, positions: Any, units: dict | None = None,
+             labels: Any = None, label_names: list[str] | tuple[str, ...] | None = None) -> None:
         """Write positions, accelerations and diagnostics atomically: ``.npz`` (arrays positions, radius,
-        acceleration, a_radial, residual, condition, ess, log_density, spread, flagged, reasons, units)
-        or ``.csv`` (one row per position). InputError for any other suffix (checked before writing).
+        acceleration, a_radial, residual, condition, ess, log_density, spread, flagged, reasons,
+        units, labels, label_names) or ``.csv`` (one row per position). InputError for any other
+        suffix (checked before writing).
 
         Args:
             path: output file, ``.npz`` or ``.csv``.
             positions: [B, 3] positions the result was computed at (the DF's length unit).
             units: the data's units ({"length": ..., "velocity": ...}) to record, or None.
+            labels: a conditional DF's labels the result was computed at, [C] or [B, C], or None.
+            label_names: C column names for the labels (default label_1 ... label_C).
         """
         check_output_suffix(path)
         positions = np.asarray(positions, np.float64)
+        if labels is not None:
+            labels = np.asarray(labels, np.float64)
+            labels = np.tile(labels, (len(positions), 1)) if labels.ndim == 1 else labels
+            if labels.ndim != 2 or len(labels) != len(positions):
+                raise InputError(f"labels have shape {list(labels.shape)}; expected [C] or "
+                                 f"[{len(positions)}, C] (one row per position)")
+            names = list(label_names or [f"label_{j + 1}" for j in range(labels.shape[1])])
+            if len(names) != labels.shape[1]:
+                raise InputError(f"label_names {names} do not match the {labels.shape[1]} label "
+                                 f"column(s)")
         arrays = {"positions": positions, "radius": np.linalg.norm(positions, axis=1),
                   "acceleration": self.acceleration, "a_radial": self.radial(positions),
                   "residual": self.residual, "condition": self.condition, "ess": self.ess,
@@ -773,6 +912,9 @@ class AccelerationResult:
         if units:
             arrays["units"] = np.array(f"positions: {units.get('length')}; accelerations: "
                                        f"({units.get('velocity')})^2 / {units.get('length')}")
+        if labels is not None:
+            arrays["labels"] = labels
+            arrays["label_names"] = np.asarray(names, dtype=str)
         if Path(path).suffix.lower() == ".npz":
             with atomic_file(path, suffix=".npz") as tmp:
                 np.savez(tmp, **arrays)
@@ -784,6 +926,9 @@ class AccelerationResult:
         if self.spread is not None:
             header += ["spread_x", "spread_y", "spread_z"]
             blocks.append(self.spread)
+        if labels is not None:          # a label named like another column gets a "label_" prefix
+            header += [f"label_{n}" if n in header + ["flagged", "reasons"] else n for n in names]
+            blocks.append(labels)
         table = np.concatenate(blocks, axis=1)
         with atomic_file(path) as tmp, open(tmp, "w", newline="") as fh:
             writer = csv.writer(fh)
@@ -841,11 +986,12 @@ def flag_reasons(acceleration: np.ndarray, residual: np.ndarray, condition: np.n
 
 
 def accelerations(df: Any, positions: Any, n_velocities: int = 256, seed: Any = 0, *,
-                  max_residual: float = MAX_RESIDUAL, max_condition: float = MAX_CONDITION,
+                  labels: Any = None, max_residual: float = MAX_RESIDUAL,
+                  max_condition: float = MAX_CONDITION,
                   min_ess: float = MIN_ESS, min_log_density: float | None = None,
                   sampler: SamplerConfig | None = None, velocity_scale: float | None = None,
                   chunk_size: int | None = None, jit_compile: bool = False) -> AccelerationResult:
-    """Gravitational acceleration at each position from the CBE of the DF ``df``.
+    """Gravitational acceleration at each position from the CBE of the DF ``df`` (given labels c).
 
     At each x_b: K = ``n_velocities`` velocities from p(v | x_b) (:func:`sample_velocities`), gradients
     of log f (:func:`df_gradients`) and the least-squares solution of v · ∇_x log f + a · ∇_v log f = 0
@@ -854,6 +1000,11 @@ def accelerations(df: Any, positions: Any, n_velocities: int = 256, seed: Any = 
 
     For an :class:`~tfgalflow.model.Ensemble` the acceleration is that of the ensemble-mean density and
     ``spread`` is the member-to-member standard deviation of the members' own accelerations.
+
+    For a conditional DF f(x, v | c) each position b is solved at its own label c_b: the velocities
+    are drawn from p(v | x_b, c_b) and the gradients are ∂/∂(x, v) of log f(x, v | c_b) at fixed
+    c_b, so a(x_b | c_b) is the acceleration of the system with label c_b (e.g. a halo of scale
+    radius c_b).
 
     A position is **flagged** (never silently trusted) when
       * no_support: no finite log f among ~2000 trial velocities at x (x outside the DF's support);
@@ -878,10 +1029,13 @@ def accelerations(df: Any, positions: Any, n_velocities: int = 256, seed: Any = 
     measure; compare the learned and the exact DF on mocks (tfgalflow.study).
 
     Args:
-        df: phase-space DF (Flow, Ensemble, exact DF): ``.dim == 6``, ``.log_prob(w [N, 6])``.
+        df: phase-space DF (Flow, Ensemble, exact DF): ``.dim == 6``, ``.log_prob(w, labels)``.
         positions: [B, 3] in the DF's length unit.
         n_velocities: K >= 8 velocities per position.
         seed: int or two ints; the same seed gives the same result.
+        labels: for a conditional DF (``label_dim = C``): [C] (one label for every position) or
+            [B, C] (one per position), in the DF's label units; None for an unconditional DF. [C]
+            gives the same numbers as the same label tiled to [B, C].
         jit_compile: XLA-compile the DF evaluations of the velocity draw and the gradients, with the
             row-wise products of the least squares (Flow, Ensemble and the exact Hernquist DF; other DFs
             stay on the plain graph). The random numbers and the 3x3 solves stay in the plain graph, so
@@ -896,7 +1050,8 @@ def accelerations(df: Any, positions: Any, n_velocities: int = 256, seed: Any = 
         :class:`AccelerationResult` (NumPy arrays).
 
     Raises:
-        InputError for positions not [B, 3] or with NaN/inf, a DF that is not 6-D/unconditional,
+        InputError for positions not [B, 3] or with NaN/inf, a DF that is not 6-D, labels missing
+        for a conditional DF, given to an unconditional one, not [C] / [B, C] or with NaN/inf,
         n_velocities < 8 or bad settings.
 
     Example::
@@ -907,12 +1062,16 @@ def accelerations(df: Any, positions: Any, n_velocities: int = 256, seed: Any = 
     """
     check_df(df)
     positions = _as_vectors(positions, "positions")
+    c = check_labels(df, labels, positions.shape[0])
     n_velocities = integer(n_velocities, "n_velocities", MIN_VELOCITIES)
     seed = stateless_seed(seed)
-    x = tf.constant(positions)
-    run = lambda model: {key: t.numpy() for key, t in _solver(model, n_velocities, sampler, velocity_scale,
-                                                              chunk_size=chunk_size, jit_compile=jit_compile
-                                                              ).solve(x, seed).items()}
+    inputs = (tf.constant(positions), seed) + (() if c is None else (tf.constant(c),))
+
+    def run(model: Density) -> dict[str, np.ndarray]:
+        solver = _solver(model, n_velocities, sampler, velocity_scale, chunk_size=chunk_size,
+                         jit_compile=jit_compile)
+        return {key: t.numpy() for key, t in solver.solve(*inputs).items()}
+
     out = run(df)
     spread = None
     members = df.members

@@ -234,7 +234,7 @@ def _add_export(sub) -> None:
                    help="models.config version policy: serve all versions (default, as `tfgalflow serve`) "
                         "or only the latest (TF Serving's default)")
     p.add_argument("--accelerations", action=argparse.BooleanOptionalAction, default=None,
-                   help="add the accelerations signature (default: when the model is 6D and unconditional)")
+                   help="add the accelerations signature (default: when the model is 6D)")
     p.add_argument("--n-velocities", type=int, default=256, metavar="K",
                    help="velocities sampled per position by the accelerations signature (default: 256)")
     p.add_argument("--rotations", type=int, default=0, metavar="M",
@@ -344,6 +344,9 @@ def _add_accel(sub) -> None:
     p.add_argument("--directions", type=int, default=1, metavar="N",
                    help="random directions per radius with --radii (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the directions and the velocity draws (default: 0)")
+    p.add_argument("--labels", metavar="V1,V2,...",
+                   help="label values (one per label column) of a conditional run: every "
+                        "position is solved at this label, a(x | labels)")
     p.add_argument("--n-velocities", type=int, default=None, metavar="K",
                    help="velocities per position, >= 8 (default: 256; a SavedModel uses its exported K)")
     p.add_argument("--max-residual", type=float, default=None, metavar="X",
@@ -394,6 +397,7 @@ def _run_accel(args) -> int:
     from . import cbe
     from .errors import InputError
     from .export import ExportedModel, load
+    from .training import read_run_config
 
     cbe.check_output_suffix(args.out)
     positions = cbe.check_positions(_accel_positions(args)).astype(np.float64)
@@ -404,6 +408,10 @@ def _run_accel(args) -> int:
     if args.seed < 0:
         raise InputError(f"--seed {args.seed}: expected an integer >= 0")
     model = load(args.run)
+    data = (((model.metadata.get("run") or {}) if isinstance(model, ExportedModel)
+             else read_run_config(args.run)).get("data") or {})
+    label_names = list(data.get("label_names") or [])
+    labels = _label_values(args.labels, model.label_dim, label_names)
     if isinstance(model, ExportedModel):
         if args.rotations:
             raise InputError(f"{args.run}: --rotations applies to run directories; a SavedModel's accelerations "
@@ -415,15 +423,13 @@ def _run_accel(args) -> int:
         if args.n_velocities is not None and exported_k is not None and args.n_velocities != exported_k:
             raise InputError(f"{args.run}: the SavedModel was exported with {exported_k} velocities per position; "
                              f"drop --n-velocities or use the run directory")
-        res = model.accelerations(positions, seed=args.seed, **thresholds)
-        units = ((model.metadata.get("run") or {}).get("data") or {}).get("units")
+        res = model.accelerations(positions, seed=args.seed, labels=labels, **thresholds)
     else:
-        from .training import read_run_config
         model = _spherical_average(model, args.rotations, seed=args.seed)
         res = cbe.accelerations(model, positions, n_velocities=256 if args.n_velocities is None else args.n_velocities,
-                                seed=args.seed, jit_compile=args.xla, **thresholds)
-        units = read_run_config(args.run)["data"].get("units")
-    res.save(args.out, positions, units)
+                                seed=args.seed, labels=labels, jit_compile=args.xla, **thresholds)
+    names = label_names if len(label_names) == model.label_dim else None
+    res.save(args.out, positions, data.get("units"), labels=labels, label_names=names)
     reasons = res.reasons
     summary = ", ".join(f"{name} {int(sum(name in r.split(',') for r in reasons))}"
                         for name in ("no_support", "low_density", "low_ess", "ill_conditioned", "high_residual",

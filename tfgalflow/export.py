@@ -11,11 +11,13 @@ D: data width; C: label width, present only for conditional models)::
     grad_log_prob    x [N, D] f32 (+ labels [N, C] f32)       grad_log_prob [N, D] f32
     sample           seed [N] i64 (+ labels [N, C] f32)       sample [N, D] f32
     accelerations    positions [B, 3] f32, seed [B] i64       acceleration [B, 3], residual [B], condition [B],
-                                                              ess [B], log_density [B] f32, support [B] bool
+                     (+ labels [B, C] f32)                    ess [B], log_density [B] f32,
+                                                              support [B] bool
 
 with log p(x | c) in nats per unit physical volume of x (the rescaling Jacobian is included) and the
-gradient ∂ log p/∂x in 1/(unit of each column). ``accelerations`` is present for unconditional 6D
-phase-space models (x = (position, velocity)): the collisionless-Boltzmann least-squares fit of
+gradient ∂ log p/∂x in 1/(unit of each column). ``accelerations`` is present for 6D phase-space
+models (x = (position, velocity)), conditional ones included (then at the label of each position,
+a(x_b | c_b)): the collisionless-Boltzmann least-squares fit of
 :func:`tfgalflow.cbe.acceleration_graph` at each position (acceleration in velocity²/length of the
 data; residual, condition number, effective sample size and log ∫ f d³v of the velocity draw, and
 whether the DF has support there - the inputs of :func:`tfgalflow.cbe.flag_reasons`).
@@ -62,7 +64,7 @@ SAVEDMODEL_FORMAT = "tfgalflow-savedmodel"
 SAVEDMODEL_FORMAT_VERSION = 1
 METADATA_VARIABLE = "tfgalflow_metadata"
 MODELS_CONFIG = "models.config"
-#: Signatures every tfgalflow SavedModel has (``accelerations`` only for 6D unconditional models).
+#: Signatures every tfgalflow SavedModel has (``accelerations`` only for 6D models).
 REQUIRED_SIGNATURES = ("serving_default", "log_prob", "grad_log_prob", "sample")
 #: Outputs of the ``accelerations`` signature (those that cbe.acceleration_graph provides).
 ACCELERATION_OUTPUTS = ("acceleration", "residual", "condition", "ess", "log_density", "support")
@@ -298,19 +300,26 @@ class ExportedModel(Density):
         rows = tf.shape(labels)[0] if labels is not None else n
         return self._run("sample", "sample", seed=tf.fill(tf.reshape(rows, [1]), seed[0]), labels=labels)
 
-    def accelerations(self, positions: Any, seed: int = 0, **thresholds: Any) -> Any:
+    def accelerations(self, positions: Any, seed: int = 0, labels: Any = None,
+                      **thresholds: Any) -> Any:
         """CBE accelerations at positions [B, 3] through the exported ``accelerations`` signature: an
         :class:`~tfgalflow.cbe.AccelerationResult` with the same flags as the in-memory
-        ``cbe.accelerations(model, positions, n_velocities, seed)`` at the exported n_velocities.
+        ``cbe.accelerations(model, positions, n_velocities, seed, labels=labels)`` at the exported
+        n_velocities.
 
-        ``thresholds``: ``max_residual``, ``max_condition``, ``min_ess``, ``min_log_density`` as in
+        ``labels``: for a conditional model, [C] (every position) or [B, C] (one per position);
+        None otherwise (checked as :func:`tfgalflow.cbe.check_labels` does). ``thresholds``:
+        ``max_residual``, ``max_condition``, ``min_ess``, ``min_log_density`` as in
         :func:`tfgalflow.cbe.accelerations`.
         """
-        from .cbe import AccelerationResult, check_positions
+        from .cbe import AccelerationResult, check_labels, check_positions
         seed = integer(seed, "seed", low=0)
         positions = check_positions(positions)
+        labels = check_labels(self, labels, positions.shape[0])
+        inputs = {} if labels is None else {"labels": labels}
         out = self._signature("accelerations")(positions=positions,
-                                                seed=np.full(positions.shape[0], seed, np.int64))
+                                                seed=np.full(positions.shape[0], seed, np.int64),
+                                                **inputs)
         return AccelerationResult.from_outputs(out, **thresholds)
 
 
@@ -404,13 +413,14 @@ def _metadata(model: Any, run_config: Mapping | None, accelerations: dict | None
 
 
 def _acceleration_graph(model: Any, accelerations: bool | None, n_velocities: int):
-    """cbe.acceleration_graph for 6D unconditional models (None when not wanted or not applicable)."""
-    applicable = int(model.dim) == 6 and int(model.label_dim) == 0
+    """cbe.acceleration_graph for 6D models, conditional or not (None: not wanted / applicable)."""
+    applicable = int(model.dim) == 6
     if accelerations is False or (accelerations is None and not applicable):
         return None
     if not applicable:
-        raise InputError(f"accelerations need an unconditional 6D phase-space model; this one has dim = "
-                         f"{model.dim}, label_dim = {model.label_dim}")
+        raise InputError(f"accelerations need a 6D phase-space model (an unconditional 6D "
+                         f"f(x, v) or a conditional f(x, v | c)); this one has dim = {model.dim}, "
+                         f"label_dim = {model.label_dim}")
     try:
         from .cbe import acceleration_graph
     except ImportError as exc:
@@ -488,11 +498,23 @@ def _build_module(model: Any, metadata_json: str, accel: Any):
                   "grad_log_prob": grad.get_concrete_function(),
                   "sample": sample.get_concrete_function()}
     if accel is not None:
-        def accelerations(positions, seed):
-            result = accel(positions, first_seed(seed))
-            return {k: result[k] for k in ACCELERATION_OUTPUTS if k in result}
-        module.accelerations = tf.function(accelerations, input_signature=[
-            tf.TensorSpec([None, 3], tf.float32, name="positions"), seed_spec])
+        p_spec = tf.TensorSpec([None, 3], tf.float32, name="positions")
+        if label_dim:
+            def accelerations(positions, seed, labels):
+                check = tf.debugging.assert_equal(
+                    tf.shape(positions)[0], tf.shape(labels)[0],
+                    message="positions [B, 3] and labels [B, C] must have the same number of "
+                            "rows B")
+                with tf.control_dependencies([check]):
+                    result = accel(positions, first_seed(seed), labels)
+                return {k: result[k] for k in ACCELERATION_OUTPUTS if k in result}
+            specs = [p_spec, seed_spec, c_spec]
+        else:
+            def accelerations(positions, seed):
+                result = accel(positions, first_seed(seed))
+                return {k: result[k] for k in ACCELERATION_OUTPUTS if k in result}
+            specs = [p_spec, seed_spec]
+        module.accelerations = tf.function(accelerations, input_signature=specs)
         signatures["accelerations"] = module.accelerations.get_concrete_function()
     return module, signatures
 
@@ -507,8 +529,9 @@ def export_model(model: Any, path: str | os.PathLike, *, run_config: Mapping | N
             the rotation-averaged DF, and the metadata's ``spherical_average`` says so).
         path: the SavedModel directory to create (for TF Serving: ``ROOT/NAME/<version>``).
         run_config: the run's config.json dict, stored in the metadata (``tfgalflow export RUN`` passes it).
-        accelerations: add the ``accelerations`` signature: None = when applicable (6D, unconditional,
-            cbe available), True = required (InputError otherwise), False = never.
+        accelerations: add the ``accelerations`` signature: None = when applicable (6D, cbe
+            available; conditional models take labels [B, C] with it), True = required (InputError
+            otherwise), False = never.
         n_velocities: velocities sampled per position by the ``accelerations`` signature.
         overwrite: replace an existing directory (the old one is removed only after the new one is in place).
 
