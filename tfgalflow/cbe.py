@@ -206,7 +206,8 @@ def df_gradients(df: Any, x: Any, v: Any, labels: Any = None) -> tuple[tf.Tensor
 
     Args:
         df: phase-space DF (``.dim == 6``, ``.log_prob(w [N, 6], labels)``).
-        x: positions [B, 3] (length unit of the DF); v: velocities [B, 3] (velocity unit).
+        x: positions [B, 3] (length unit of the DF).
+        v: velocities [B, 3] (velocity unit).
         labels: None (unconditional DF), [C] (the same for every row) or [B, C] (conditional DF).
 
     Returns:
@@ -275,9 +276,11 @@ class SamplerConfig:
                 raise InputError(f"SamplerConfig.{name} = {value!r}: expected a finite positive number")
 
     def n_candidates(self, k: int) -> int:
+        """M, the stage-2 candidates per position for K draws."""
         return self.candidates if self.candidates is not None else max(4 * k, 1024)
 
     def key(self) -> tuple:
+        """The settings as a hashable tuple (the key of the traced-solver cache)."""
         return tuple(getattr(self, f.name) for f in fields(self))
 
 
@@ -445,9 +448,11 @@ class CBELayer(keras.layers.Layer):
         self.solve_dtype = tf.as_dtype(solve_dtype)
 
     def get_config(self) -> dict:
+        """Keras' layer config, with ``solve_dtype``."""
         return {**super().get_config(), "solve_dtype": self.solve_dtype.name}
 
     def call(self, inputs):
+        """(acceleration [B, 3], residual [B], condition [B]) from the gradients (see the class)."""
         if not isinstance(inputs, (tuple, list)) or len(inputs) not in (3, 4):
             raise InputError("CBELayer expects (dlogf_dx [B, K, 3], dlogf_dv [B, K, 3], v [B, K, 3][, mask [B, K]])")
         for name, t in zip(("dlogf_dx", "dlogf_dv", "v"), inputs[:3]):
@@ -576,7 +581,9 @@ def solve_cbe(df: Any, positions: Any, velocities: Any, chunk_size: int | None =
     :func:`sample_velocities` draw). Rows where log f is not finite are left out of the fit.
 
     Args:
-        df: phase-space DF; positions: [B, 3]; velocities: [B, K, 3] (K >= 3).
+        df: phase-space DF.
+        positions: [B, 3] in the DF's length unit.
+        velocities: [B, K, 3] (K >= 3) in its velocity unit.
         chunk_size: positions per traced call (default 2^16 / K), bounding memory.
         labels: a conditional DF's labels, [C] (every position) or [B, C] (one per position, used
             for all its K velocities); None for an unconditional DF.
@@ -784,9 +791,13 @@ def sample_velocities(df: Any, positions: Any, k: int, seed: Any = 0, *, labels:
     support) the K velocities are meaningless and ESS = 0.
 
     Args:
-        df: phase-space DF; positions: [B, 3]; k: velocities per position (>= 1);
-        seed: int (-> [seed, 0]) or two ints; sampler: :class:`SamplerConfig` (M = ``candidates``,
-        default max(4K, 1024)); velocity_scale: v0 override.
+        df: phase-space DF.
+        positions: [B, 3] in the DF's length unit.
+        k: velocities per position (>= 1).
+        seed: int (-> [seed, 0]) or two ints.
+        sampler: :class:`SamplerConfig` (M = ``candidates``, default max(4K, 1024)).
+        velocity_scale: v0 override (default: from the DF's ``scale_hint``).
+        return_ess: also return the effective sample size of each position's draw.
         labels: a conditional DF's labels, [C] or [B, C] (every candidate velocity at position b is
             weighted by f(x_b, v | c_b)); None for an unconditional DF. The random numbers do not
             depend on the labels (the same seed gives the same proposals for any labels).
@@ -1032,6 +1043,13 @@ def accelerations(df: Any, positions: Any, n_velocities: int = 256, seed: Any = 
         df: phase-space DF (Flow, Ensemble, exact DF): ``.dim == 6``, ``.log_prob(w, labels)``.
         positions: [B, 3] in the DF's length unit.
         n_velocities: K >= 8 velocities per position.
+        max_residual: flag relative residuals above this (high_residual).
+        max_condition: flag normal-matrix condition numbers above this (ill_conditioned).
+        min_ess: flag velocity draws with a smaller effective sample size (low_ess).
+        min_log_density: flag positions where log ∫ f d³v is below this (low_density; None: off).
+        sampler: :class:`SamplerConfig` of the velocity draw (default settings if None).
+        velocity_scale: the DF's typical speed v0 (default: from its ``scale_hint``).
+        chunk_size: positions per traced call (default from K and the DF's evaluations_per_row).
         seed: int or two ints; the same seed gives the same result.
         labels: for a conditional DF (``label_dim = C``): [C] (one label for every position) or
             [B, C] (one per position), in the DF's label units; None for an unconditional DF. [C]
