@@ -16,7 +16,6 @@ from typing import Callable
 
 import numpy as np
 import pytest
-import tensorflow as tf
 from scipy import integrate, stats
 
 import tfgalflow
@@ -66,7 +65,7 @@ def _isotropic_mass_within(df: Density, model, labels=None, r_max: float = 50.0)
     w[:, 0] = np.repeat(r, u.size)
     w[:, 3] = v.ravel()
     c = None if labels is None else np.tile(np.asarray(labels, np.float32), (len(w), 1))
-    f = np.exp(df.log_prob(w, c).numpy().astype(np.float64)).reshape(r.size, u.size)
+    f = np.exp(np.asarray(df.log_prob(w, c), np.float64)).reshape(r.size, u.size)
     rho = integrate.simpson(4 * np.pi * v**2 * f, x=v, axis=1)              # ∫ f d³v at each r
     mass = integrate.simpson(4 * np.pi * r**3 * rho, x=np.log(r))          # ∫ 4π r² ρ dr, dr = r dln r
     return mass / float(model.enclosed_mass(r_max)), 0.0                   # should be 1
@@ -109,7 +108,7 @@ def _labels(case: Case, n: int):
 def _points(case: Case, df: Density, n: int, seed: int) -> np.ndarray:
     """Points where the density is well inside its support: its own draws, or bound Hernquist orbits."""
     if df.can_sample:
-        return df.sample(n, _labels(case, n), seed=seed).numpy()
+        return np.asarray(df.sample(n, _labels(case, n), seed=seed))
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, 3))
     v = rng.normal(size=(n, 3)) * 0.2                                      # |v| << v_esc near r ~ 1
@@ -139,30 +138,31 @@ class TestDensityContract:
         case, df = case
         x = _points(case, df, 17, seed=1)
         c = _labels(case, 17)
-        lp, grad = df.log_prob(x, c), df.grad_log_prob(x, c)
-        assert lp.shape == (17,) and lp.dtype == tf.float32
-        assert grad.shape == (17, df.dim) and grad.dtype == tf.float32
-        np.testing.assert_allclose(df.prob(x, c).numpy(), np.exp(lp.numpy()), rtol=1e-6)
+        # Tensors from in-memory densities, NumPy from a loaded SavedModel: float32 either way.
+        lp, grad = np.asarray(df.log_prob(x, c)), np.asarray(df.grad_log_prob(x, c))
+        assert lp.shape == (17,) and lp.dtype == np.float32
+        assert grad.shape == (17, df.dim) and grad.dtype == np.float32
+        np.testing.assert_allclose(np.asarray(df.prob(x, c)), np.exp(lp), rtol=1e-6)
         assert isinstance(df.evaluations_per_row, int) and df.evaluations_per_row >= 1
         if df.can_sample:
-            s = df.sample(5, None if c is None else case.labels, seed=3)
-            assert s.shape == (5, df.dim) and s.dtype == tf.float32
+            s = np.asarray(df.sample(5, None if c is None else case.labels, seed=3))
+            assert s.shape == (5, df.dim) and s.dtype == np.float32
             # The same seed gives the same draws.
-            np.testing.assert_array_equal(s.numpy(), df.sample(5, None if c is None else case.labels,
-                                                               seed=3).numpy())
+            np.testing.assert_array_equal(s, np.asarray(df.sample(5, None if c is None else case.labels,
+                                                                  seed=3)))
 
     def test_finite_where_supported(self, case):
         case, df = case
         x = _points(case, df, 200, seed=2)
         c = _labels(case, 200)
-        assert np.isfinite(df.log_prob(x, c).numpy()).all()
-        assert np.isfinite(df.grad_log_prob(x, c).numpy()).all()
+        assert np.isfinite(df.log_prob(x, c)).all()
+        assert np.isfinite(df.grad_log_prob(x, c)).all()
 
     def test_grad_matches_finite_differences(self, case):
         case, df = case
         x = _points(case, df, 8, seed=4).astype(np.float64)
         c = _labels(case, 8)
-        grad = df.grad_log_prob(x, c).numpy()
+        grad = np.asarray(df.grad_log_prob(x, c))
         # Central differences of the float32 log p with a step of 1e-2 x the column scale: truncation
         # O(h²) ~ 1e-4 and round-off ~ 1e-7 |log p| / h ~ 1e-4, so 2e-2 relative to the gradient's
         # size is loose enough for float32 and tight enough to catch a wrong sign, factor or column.
@@ -171,8 +171,8 @@ class TestDensityContract:
         for j in range(df.dim):
             step = np.zeros(df.dim)
             step[j] = h[j]
-            up = df.log_prob((x + step).astype(np.float32), c).numpy().astype(np.float64)
-            down = df.log_prob((x - step).astype(np.float32), c).numpy().astype(np.float64)
+            up = np.asarray(df.log_prob((x + step).astype(np.float32), c), np.float64)
+            down = np.asarray(df.log_prob((x - step).astype(np.float32), c), np.float64)
             fd[:, j] = (up - down) / (2 * h[j])
         scale = np.abs(grad).max()
         np.testing.assert_allclose(grad, fd, rtol=2e-2, atol=2e-2 * scale)
@@ -191,12 +191,12 @@ class TestDensityContract:
         case, df = case
         if not df.can_sample:
             pytest.skip(f"{case.name} does not sample")
-        x = df.sample(20000, _labels(case, 20000), seed=6).numpy().astype(np.float64)
+        x = np.asarray(df.sample(20000, _labels(case, 20000), seed=6), np.float64)
         mean, cov = x.mean(axis=0), np.cov(x.T)
         # q = N(mean, 0.6² cov) has lighter tails than p, so q/p is bounded and E_{x~p}[q/p] = ∫ q = 1.
         # If the draws did not come from the density log_prob describes, the mean ratio differs from 1.
         q = stats.multivariate_normal(mean, 0.36 * cov)
-        log_ratio = q.logpdf(x) - df.log_prob(x.astype(np.float32), _labels(case, len(x))).numpy()
+        log_ratio = q.logpdf(x) - np.asarray(df.log_prob(x.astype(np.float32), _labels(case, len(x))))
         ratio = np.exp(log_ratio)
         error = ratio.std() / math.sqrt(len(ratio))
         assert abs(ratio.mean() - 1.0) < 5 * error + 1e-3, (ratio.mean(), error)
@@ -234,16 +234,16 @@ class TestDensityContract:
         x = _points(case, df, 50, seed=8)
         c = _labels(case, 50)
         # The exported graph is the same float32 maths: equal to round-off.
-        np.testing.assert_allclose(loaded.log_prob(x, c).numpy(), df.log_prob(x, c).numpy(), rtol=1e-5,
+        np.testing.assert_allclose(np.asarray(loaded.log_prob(x, c)), np.asarray(df.log_prob(x, c)), rtol=1e-5,
                                    atol=1e-5)
 
 
 def _importance_normalisation(case: Case, df: Density, n: int, seed: int) -> tuple[float, float]:
     """∫ p dx ≈ mean of p(x)/q(x) over x ~ q, q a Student-t (ν = 5) around the density's own draws:
     heavier tails than a flow's, so p/q is bounded and the estimate has a finite variance."""
-    draws = df.sample(5000, _labels(case, 5000), seed=seed).numpy().astype(np.float64)
+    draws = np.asarray(df.sample(5000, _labels(case, 5000), seed=seed), np.float64)
     q = stats.multivariate_t(draws.mean(axis=0), 1.5 * np.cov(draws.T), df=5, seed=seed)
     x = q.rvs(size=n)
-    log_w = df.log_prob(x.astype(np.float32), _labels(case, n)).numpy() - q.logpdf(x)
+    log_w = np.asarray(df.log_prob(x.astype(np.float32), _labels(case, n))) - q.logpdf(x)
     w = np.exp(log_w)
     return float(w.mean()), float(w.std() / math.sqrt(n))

@@ -300,6 +300,67 @@ class ExportedModel(Density):
         rows = tf.shape(labels)[0] if labels is not None else n
         return self._run("sample", "sample", seed=tf.fill(tf.reshape(rows, [1]), seed[0]), labels=labels)
 
+    # -- NumPy in and out for scripts: eager calls go through the signatures' own checks -----------
+    def _density_inputs(self, x: Any, labels: Any) -> dict:
+        if self.label_dim:
+            if labels is None:
+                raise InputError(f"the model is conditional: labels of shape [N, {self.label_dim}] "
+                                 f"are required")
+            return {"x": x, "labels": labels}
+        if labels is not None:
+            raise InputError("labels were given but the model is unconditional (label_dim = 0); "
+                             "pass labels=None")
+        return {"x": x}
+
+    def log_prob(self, x: Any, labels: Any = None) -> Any:
+        """log p(x | labels): [N] float32, NumPy in and out (a tensor inside a ``tf.function``).
+
+        x [N, D] in the physical units the model was trained in; validated by the SavedModel's
+        signature (InputError naming the input, its shape and the expected one).
+        """
+        if not self._eager:
+            return super().log_prob(x, labels)
+        return self._signature("log_prob")(**self._density_inputs(x, labels))["log_prob"]
+
+    def prob(self, x: Any, labels: Any = None) -> Any:
+        """p(x | labels) = exp(log_prob): [N] float32."""
+        return np.exp(self.log_prob(x, labels)) if self._eager else super().prob(x, labels)
+
+    def grad_log_prob(self, x: Any, labels: Any = None) -> Any:
+        """∂ log p(x | labels)/∂x: [N, D] float32 (the exported ``grad_log_prob`` signature)."""
+        if not self._eager:
+            return super().grad_log_prob(x, labels)
+        return self._signature("grad_log_prob")(**self._density_inputs(x, labels))["grad_log_prob"]
+
+    def sample(self, n: int, labels: Any = None, seed: int | None = None) -> Any:
+        """n draws [n, D] float32; the same (n, labels, seed) gives the same points as the in-memory
+        model's ``sample_stateless(n, [seed, 0])``; ``seed=None`` draws a fresh seed.
+        """
+        n = integer(n, "n")
+        if seed is None:
+            seed = int(np.random.SeedSequence().generate_state(1, np.uint32)[0])
+        seed = integer(seed, "seed", low=0)
+        inputs: dict[str, Any] = {"seed": np.full(n, seed, np.int64)}
+        if self.label_dim:
+            if labels is None:
+                raise InputError(f"the model is conditional: sample(n, labels) needs labels "
+                                 f"[n, {self.label_dim}]")
+            labels = np.asarray(labels, dtype=np.float64)
+            if labels.shape == (self.label_dim,):
+                labels = np.broadcast_to(labels, (n, self.label_dim))
+            if labels.shape != (n, self.label_dim):
+                raise InputError(f"labels have shape {list(labels.shape)}; expected [{n}, "
+                                 f"{self.label_dim}] or [{self.label_dim}]")
+            inputs["labels"] = labels
+        elif labels is not None:
+            raise InputError("labels were given but the model is unconditional (label_dim = 0)")
+        return self._signature("sample")(**inputs)["sample"]
+
+    @property
+    def _eager(self) -> bool:
+        import tensorflow as tf
+        return tf.executing_eagerly()
+
     def accelerations(self, positions: Any, seed: int = 0, labels: Any = None,
                       **thresholds: Any) -> Any:
         """CBE accelerations at positions [B, 3] through the exported ``accelerations`` signature: an
