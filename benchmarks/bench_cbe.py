@@ -108,7 +108,8 @@ def xla_gradients(df, k: int) -> Callable:
     spec = tf.TensorSpec([k, 3], tf.float32)
 
     def gradients(x, v):
-        g = df.gradient_tensor(tf.concat([x, v], axis=1))      # the DF's maths inline (Density contract)
+        # the DF's maths inline (Density contract)
+        g = df.gradient_tensor(tf.concat([x, v], axis=1))
         return g[:, :3], g[:, 3:]
     return tf.function(gradients, input_signature=[spec, spec], autograph=False, jit_compile=True)
 

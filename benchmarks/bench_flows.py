@@ -64,7 +64,8 @@ TARGETS = {"train": 2.0, "log_prob": 8.0, "sample": 5.0, "grad": 3.0}
 UNITS = {"train": "samples/s", "log_prob": "points/s", "sample": "points/s", "grad": "points/s"}
 LABELS = {"train": "train", "log_prob": "log_prob", "sample": "sample", "grad": "grad log p"}
 IMPLS = ("tfgalflow", "tfgalflow XLA", "TFP eager", "nflows")
-R_MAX = 20.0        # radial truncation of the mock in units of a (as scripts/train_shipped_model.py)
+# radial truncation of the mock in units of a (as scripts/train_shipped_model.py)
+R_MAX = 20.0
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -347,7 +348,8 @@ def main(argv: list[str] | None = None) -> None:
           f"nflows {getattr(nflows, '__version__', '0.14')}; cores {os.cpu_count()}")
 
     # data: train rows for the batches, held-out rows for evaluation
-    n_batches = (4 * repeats + 1) * steps          # warm-up + the most rounds interleaved() may run
+    # warm-up + the most rounds interleaved() may run
+    n_batches = (4 * repeats + 1) * steps
     n_train = 32 * args.batch
     w = hernquist_mock(n_train + n_eval, seed=1)
     x_train, x_eval = w[:n_train].astype(np.float32), w[n_train:].astype(np.float32)
@@ -465,7 +467,8 @@ def main(argv: list[str] | None = None) -> None:
         for n in ratio_names:
             ratio = row[n].rate / base.rate
             verdict = ""
-            if n.startswith("tfgalflow") and cfg.kind == "affine":     # the targets are the affine MAF's
+            # the targets are the affine MAF's
+            if n.startswith("tfgalflow") and cfg.kind == "affine":
                 verdict = ((" met" if ratio >= TARGETS[metric] else " not met") if rounds[key]["reliable"]
                            else " inconclusive")
             cells["median"].append(f"{ratio:.2f}x{verdict}")

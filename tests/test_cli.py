@@ -111,7 +111,8 @@ def test_mock_dehnen_grid_writes_labels_as_columns(tmp_path, capsys):
     for gamma in (0.5, 1.5):
         median = np.median(r[cat.labels[:, 0] == gamma])
         y = 0.5 ** (1 / (3 - gamma))                         # M(<r_half) = M/2
-        assert abs(median / (y / (1 - y)) - 1) < 0.2         # 600 stars: the median is good to ~10 %
+        # 600 stars: the median is good to ~10 %
+        assert abs(median / (y / (1 - y)) - 1) < 0.2
 
 
 def test_mock_dehnen_refuses_labels_with_a_negative_df(tmp_path, capsys):

@@ -52,7 +52,8 @@ def _flow(dim: int, label_dim: int = 0, seed: int = 0, isotropic: bool = False) 
 class Case:
     name: str
     build: Callable[[], Density]
-    labels: np.ndarray | None = None          # one label row, used for every point of a conditional case
+    # one label row, used for every point of a conditional case
+    labels: np.ndarray | None = None
     normalisation: Callable[[Density], tuple[float, float]] | None = None   # (estimate, std error)
 
 
@@ -60,7 +61,8 @@ def _isotropic_mass_within(df: Density, model, labels=None, r_max: float = 50.0)
     """∫_{r<r_max} ∫ f d³v d³x / M(<r_max) by quadrature of an isotropic f(|x|, |v|) on a
     (log r, v/v_esc) grid; M(<r_max) from the model's closed-form enclosed mass."""
     r = np.geomspace(1e-3, r_max, 240)
-    u = np.linspace(0.0, 1.0, 201)[1:-1]                                   # v / v_esc(r), open interval
+    # v / v_esc(r), open interval
+    u = np.linspace(0.0, 1.0, 201)[1:-1]
     v = model.escape_speed(r)[:, None] * u[None, :]
     w = np.zeros((r.size * u.size, 6), np.float32)
     w[:, 0] = np.repeat(r, u.size)
@@ -68,7 +70,8 @@ def _isotropic_mass_within(df: Density, model, labels=None, r_max: float = 50.0)
     c = None if labels is None else np.tile(np.asarray(labels, np.float32), (len(w), 1))
     f = np.exp(df.log_prob(w, c).numpy().astype(np.float64)).reshape(r.size, u.size)
     rho = integrate.simpson(4 * np.pi * v**2 * f, x=v, axis=1)              # ∫ f d³v at each r
-    mass = integrate.simpson(4 * np.pi * r**3 * rho, x=np.log(r))          # ∫ 4π r² ρ dr, dr = r dln r
+    # ∫ 4π r² ρ dr, dr = r dln r
+    mass = integrate.simpson(4 * np.pi * r**3 * rho, x=np.log(r))
     return mass / float(model.enclosed_mass(r_max)), 0.0                   # should be 1
 
 
@@ -112,7 +115,8 @@ def _points(case: Case, df: Density, n: int, seed: int) -> np.ndarray:
         return df.sample(n, _labels(case, n), seed=seed).numpy()
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, 3))
-    v = rng.normal(size=(n, 3)) * 0.2                                      # |v| << v_esc near r ~ 1
+    # |v| << v_esc near r ~ 1
+    v = rng.normal(size=(n, 3)) * 0.2
     return np.hstack([x, v]).astype(np.float32)
 
 

@@ -145,7 +145,8 @@ def test_sampling_direction_equals_tfp_chain(kind, label_dim):
                      permutation="random")
     chain, z, c = _built(cfg, n=8)
     z = tf.concat([4.0 * z[:3], z[3:]], axis=0)      # some coordinates outside the spline interval
-    assert _stack_layers(chain, z, _kwargs(cfg, c)) is not None      # the truncated path is the one tested
+    # the truncated path is the one tested
+    assert _stack_layers(chain, z, _kwargs(cfg, c)) is not None
     y = forward(chain, z, _kwargs(cfg, c))
     np.testing.assert_allclose(y.numpy(), chain.forward(z, **_kwargs(cfg, c)).numpy(), rtol=1e-5, atol=1e-5)
     z_back, _ = inverse_and_log_det(chain, y, _kwargs(cfg, c))
@@ -165,7 +166,8 @@ def _trained(cfg, steps=3, n=64, seed=0):
             z, log_det = inverse_and_log_det(chain, y, _kwargs(cfg, c))
             loss = tf.reduce_mean(0.5 * tf.reduce_sum(z * z, axis=-1) - log_det)
         optimizer.apply_gradients(zip(tape.gradient(loss, chain.trainable_variables), chain.trainable_variables))
-    z = tf.constant(rng.normal(size=(n, cfg.dim)) * 2.0, tf.float32)   # 2 sigma: some z beyond the spline box
+    # 2 sigma: some z beyond the spline box
+    z = tf.constant(rng.normal(size=(n, cfg.dim)) * 2.0, tf.float32)
     return chain, z, c
 
 
@@ -224,7 +226,8 @@ def _one_layer_chain(dim, label_dim=0, **network_kwargs):
 
 
 @pytest.mark.parametrize("network_kwargs, truncatable", [
-    (dict(input_order="right-to-left"), False),        # y_i reads later columns: not a leading slice
+    # y_i reads later columns: not a leading slice
+    (dict(input_order="right-to-left"), False),
     (dict(input_order=[2, 1, 3]), False),
     (dict(conditional_input_layers="first_layer"), True),   # labels enter the first block only
 ])
@@ -237,7 +240,8 @@ def test_other_made_layouts_truncate_or_fall_back_to_the_loop(network_kwargs, tr
     c = tf.constant(rng.normal(size=(16, label_dim)), tf.float32) if label_dim else None
     kwargs = {"maf_0": {"conditional_input": c}} if label_dim else {}
     expected = chain.forward(z, **kwargs).numpy()     # builds the network
-    for v in chain.trainable_variables:               # random non-zero biases; kernels keep their masks
+    # random non-zero biases; kernels keep their masks
+    for v in chain.trainable_variables:
         if len(v.shape) == 1:
             v.assign(rng.normal(size=v.shape) * 0.5)
     expected = chain.forward(z, **kwargs).numpy()

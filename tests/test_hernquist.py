@@ -106,7 +106,8 @@ def test_circular_speed_squared_is_r_times_acceleration(model):
     r = np.array([0.01, 0.3, 1.0, 7.0, 100.0])
     x = np.stack([r / math.sqrt(3)] * 3, axis=1)
     g = np.linalg.norm(model.acceleration(x), axis=1)
-    np.testing.assert_allclose(model.circular_speed(r) ** 2, r * g, rtol=1e-13)   # identity: round-off only
+    # identity: round-off only
+    np.testing.assert_allclose(model.circular_speed(r) ** 2, r * g, rtol=1e-13)
 
 
 # ---- distribution functions ------------------------------------------------------------------
@@ -179,7 +180,8 @@ def test_df_is_consistent_with_relative_energy():
     x, v = rng.normal(size=(200, 3)), rng.normal(size=(200, 3))
     E = SCALED.relative_energy(x, v)
     iso = SCALED.df(x, v, "iso")
-    np.testing.assert_allclose(iso, SCALED.f_iso(E), rtol=1e-12)   # two routes to q^2: round-off only
+    # two routes to q^2: round-off only
+    np.testing.assert_allclose(iso, SCALED.f_iso(E), rtol=1e-12)
     L = np.linalg.norm(np.cross(x, v), axis=1)
     np.testing.assert_allclose(SCALED.df(x, v, "aniso"), SCALED.f_aniso(E, L), rtol=1e-12)
     unbound = E <= 0
@@ -266,7 +268,8 @@ def test_tf_log_df_float32_accuracy(kind):
     x32, v32 = x.astype(np.float32), v.astype(np.float32)
     got = SCALED.tf_log_df(x32, v32, kind).numpy()
     assert got.dtype == np.float32
-    expected = SCALED.log_df(x32.astype(np.float64), v32.astype(np.float64), kind)   # same (rounded) inputs
+    # same (rounded) inputs
+    expected = SCALED.log_df(x32.astype(np.float64), v32.astype(np.float64), kind)
     q2 = SCALED.relative_energy(x32, v32) / SCALED.energy_scale
     r = np.linalg.norm(x32.astype(np.float64), axis=1)
     p2 = r / (r + SCALED.a) + 0.5 * np.sum(v32.astype(np.float64) ** 2, axis=1) / SCALED.energy_scale
@@ -296,7 +299,8 @@ def test_tf_gradients_match_finite_differences(kind):
     L = np.linalg.norm(np.cross(x, v), axis=1)
     keep = (q2 > 0.02) & (L > 0.05) & (np.linalg.norm(x, axis=1) > 0.05)
     x, v = x[keep], v[keep]
-    assert len(x) >= 20 and (q2[keep] < 0.5).any() and (q2[keep] > 0.5).any()   # both branches of eq. 17
+    # both branches of eq. 17
+    assert len(x) >= 20 and (q2[keep] < 0.5).any() and (q2[keep] > 0.5).any()
     xt, vt = tf.constant(x), tf.constant(v)
     with tf.GradientTape() as tape:
         tape.watch([xt, vt])

@@ -65,7 +65,8 @@ def test_average_of_an_offset_gaussian_matches_the_closed_form():
     # so the standard error of the mean density is <~ 0.9 / sqrt(4096) = 1.4 %; 5 % is > 3.5 sigma, and a
     # missing rotation or a wrong normalisation (log M) is off by 10-100 %.
     np.testing.assert_allclose(got, base.rotation_average(w), atol=0.05)
-    assert np.max(np.abs(base.log_prob(w).numpy() - base.rotation_average(w))) > 0.2   # not a no-op
+    # not a no-op
+    assert np.max(np.abs(base.log_prob(w).numpy() - base.rotation_average(w))) > 0.2
 
 
 @pytest.mark.parametrize("kind", ["iso", "aniso"])
@@ -88,7 +89,8 @@ def test_samples_are_isotropic_and_the_base_samples_are_not():
     w = avg.sample(3000, seed=7).numpy()
     assert w.shape == (3000, 6)
     cos = lambda x, axis: x[:, axis] / np.linalg.norm(x, axis=1)
-    for axis in range(3):   # an isotropic 3-D distribution has cos θ ~ U(-1, 1) about any axis (fixed seed)
+    # an isotropic 3-D distribution has cos θ ~ U(-1, 1) about any axis (fixed seed)
+    for axis in range(3):
         assert stats.kstest(cos(w[:, :3], axis), stats.uniform(-1, 2).cdf).pvalue > 0.01
     raw = base.sample_tensor(3000, None, tf.constant([7, 0], tf.int64)).numpy()
     assert stats.kstest(cos(raw[:, :3], 0), stats.uniform(-1, 2).cdf).pvalue < 1e-6

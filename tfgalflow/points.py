@@ -99,7 +99,8 @@ def _catalogue_points(path: Path, units: Mapping[str, str] | None) -> tuple[np.n
 
 def _short(exc: Exception) -> str:
     text = str(exc)
-    if "pickled" in text:                        # np.load's answer to a file that is not .npy at all
+    # np.load's answer to a file that is not .npy at all
+    if "pickled" in text:
         return "not a NumPy .npy file"
     return text.splitlines()[0] if text else type(exc).__name__
 

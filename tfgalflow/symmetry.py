@@ -75,7 +75,8 @@ class SphericalAverage(Density, tf.Module):
         self.base = df
         self.n_rotations = integer(n_rotations, "n_rotations")
         self.seed = integer(seed, "seed", low=0)
-        self.rotations = tf.constant(random_rotations(self.n_rotations, self.seed), tf.float32)   # [M, 3, 3]
+        # [M, 3, 3]
+        self.rotations = tf.constant(random_rotations(self.n_rotations, self.seed), tf.float32)
         self._members = None
 
     dim = 6
