@@ -35,8 +35,10 @@ import numpy as np
 import torch
 from nflows.distributions.normal import StandardNormal
 from nflows.flows.base import Flow
-from nflows.transforms.autoregressive import (MaskedAffineAutoregressiveTransform,
-                                              MaskedPiecewiseRationalQuadraticAutoregressiveTransform)
+from nflows.transforms.autoregressive import (
+    MaskedAffineAutoregressiveTransform,
+    MaskedPiecewiseRationalQuadraticAutoregressiveTransform,
+)
 from nflows.transforms.base import CompositeTransform
 from nflows.transforms.permutations import ReversePermutation
 
@@ -52,7 +54,12 @@ def build_maf(dim: int, layers: int, hidden: Sequence[int], kind: str = "affine"
     if not hidden or len(set(hidden)) != 1:
         raise ValueError(f"hidden = {hidden}: nflows' MADE needs >= 1 hidden layers of one width")
     torch.manual_seed(seed)
-    made = dict(features=dim, hidden_features=hidden[0], num_blocks=len(hidden) - 1, use_residual_blocks=False)
+    made = dict(
+        features=dim,
+        hidden_features=hidden[0],
+        num_blocks=len(hidden) - 1,
+        use_residual_blocks=False,
+    )
     transforms = []
     for i in range(layers):
         if i:
@@ -67,7 +74,9 @@ def build_maf(dim: int, layers: int, hidden: Sequence[int], kind: str = "affine"
 
 def dense_shapes(flow: Flow) -> list[tuple[int, int]]:
     """(in, out) of every masked linear layer, in order (to check the architecture against TFP's)."""
-    return [(m.in_features, m.out_features) for m in flow.modules() if isinstance(m, torch.nn.Linear)]
+    return [
+        (m.in_features, m.out_features) for m in flow.modules() if isinstance(m, torch.nn.Linear)
+    ]
 
 
 class NflowsBench:
@@ -76,8 +85,19 @@ class NflowsBench:
     ``shift``/``scale`` [D] are the rescaler's mean and standard deviation; log p_x = log p_y - Σ log σ.
     """
 
-    def __init__(self, dim: int, layers: int, hidden: Sequence[int], shift: np.ndarray, scale: np.ndarray,
-                 lr: float, kind: str = "affine", bins: int = 8, bound: float = 5.0, seed: int = 0):
+    def __init__(
+        self,
+        dim: int,
+        layers: int,
+        hidden: Sequence[int],
+        shift: np.ndarray,
+        scale: np.ndarray,
+        lr: float,
+        kind: str = "affine",
+        bins: int = 8,
+        bound: float = 5.0,
+        seed: int = 0,
+    ):
         self.flow = build_maf(dim, layers, hidden, kind, bins, bound, seed)
         self.optimizer = torch.optim.Adam(self.flow.parameters(), lr=lr)
         self.shift = torch.as_tensor(np.asarray(shift, np.float32))

@@ -61,7 +61,9 @@ def hernquist_mock(n: int, seed: int) -> np.ndarray:
     q, todo = np.empty(n), np.arange(n)
     while todo.size:
         trial = rng.uniform(size=todo.size) ** (1 / 3)
-        accept = rng.uniform(size=todo.size) * h.f_iso(psi[todo]) < h.f_iso(psi[todo] * (1 - trial**2))
+        accept = rng.uniform(size=todo.size) * h.f_iso(psi[todo]) < h.f_iso(
+            psi[todo] * (1 - trial**2)
+        )
         q[todo[accept]] = trial[accept]
         todo = todo[~accept]
     d = rng.normal(size=(2, n, 3))
@@ -79,13 +81,18 @@ def build_model(args):
     flow = Flow(FlowConfig(dim=6, layers=args.layers, hidden=tuple(args.hidden), seed=0)).adapt(w)
     flow.compile(keras.optimizers.Adam(2e-3))
     flow.fit(w.astype(np.float32), epochs=args.epochs, batch_size=512, verbose=0)
-    return flow, f"Flow(layers={args.layers}, hidden={tuple(args.hidden)}) trained {args.epochs} epochs on 2e4 stars"
+    return (
+        flow,
+        f"Flow(layers={args.layers}, hidden={tuple(args.hidden)}) trained {args.epochs} epochs on 2e4 stars",
+    )
 
 
 def positions(n: int, seed: int) -> np.ndarray:
     """[n, 3] float32 at radii log-spaced over 0.1a-10a, isotropic random directions."""
     d = np.random.default_rng(seed).normal(size=(n, 3))
-    return (np.geomspace(0.1, 10.0, n)[:, None] * d / np.linalg.norm(d, axis=1, keepdims=True)).astype(np.float32)
+    return (
+        np.geomspace(0.1, 10.0, n)[:, None] * d / np.linalg.norm(d, axis=1, keepdims=True)
+    ).astype(np.float32)
 
 
 # ---- the paths -------------------------------------------------------------------------------------
@@ -118,7 +125,9 @@ def loop_solve_xla(gradients: Callable, x: np.ndarray, v: np.ndarray) -> np.ndar
     """The loop with one XLA-compiled gradient call per position, then numpy.linalg.lstsq."""
     out = np.empty((len(x), 3))
     for i in range(len(x)):
-        g_x, g_v = gradients(tf.constant(np.repeat(x[i:i + 1], len(v[i]), axis=0)), tf.constant(v[i]))
+        g_x, g_v = gradients(
+            tf.constant(np.repeat(x[i : i + 1], len(v[i]), axis=0)), tf.constant(v[i])
+        )
         g_x, g_v = g_x.numpy().astype(np.float64), g_v.numpy().astype(np.float64)
         out[i] = np.linalg.lstsq(g_v, -np.sum(v[i] * g_x, axis=1), rcond=None)[0]
     return out
@@ -133,8 +142,14 @@ def loop_end_to_end(df, x: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 
 def loop_end_to_end_xla(df, x: np.ndarray, k: int, seed: int) -> np.ndarray:
-    return np.concatenate([cbe.accelerations(df, x[i:i + 1], k, seed=[seed, i], chunk_size=1,
-                                             jit_compile=True).acceleration for i in range(len(x))])
+    return np.concatenate(
+        [
+            cbe.accelerations(
+                df, x[i : i + 1], k, seed=[seed, i], chunk_size=1, jit_compile=True
+            ).acceleration
+            for i in range(len(x))
+        ]
+    )
 
 
 # ---- timing -----------------------------------------------------------------------------------------
@@ -145,7 +160,9 @@ def others_cpu_seconds() -> float:
     return seconds(skip_niced=True)
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, quiet: float) -> tuple[dict, dict, bool]:
+def interleaved(
+    fns: dict[str, Callable[[], Any]], repeats: int, quiet: float
+) -> tuple[dict, dict, bool]:
     """First-call seconds, per-path median seconds over quiet calls (all calls if too few were quiet), quiet?
 
     Rounds call every path once in an order rotated by one per round, until each path has ``repeats``
@@ -160,7 +177,9 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, quiet: float) -
     took = {name: [] for name in names}
     calm = {name: [] for name in names}
     n_rounds = 0
-    while n_rounds < repeats or (min(sum(c) for c in calm.values()) < repeats and n_rounds < 3 * repeats):
+    while n_rounds < repeats or (
+        min(sum(c) for c in calm.values()) < repeats and n_rounds < 3 * repeats
+    ):
         n_rounds += 1
         for name in names[n_rounds % len(names):] + names[:n_rounds % len(names)]:
             c0, t0 = others_cpu_seconds(), time.perf_counter()
@@ -169,8 +188,10 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, quiet: float) -
             took[name].append(seconds)
             calm[name].append((others_cpu_seconds() - c0) / seconds <= quiet)
     reliable = min(sum(c) for c in calm.values()) >= min(3, repeats)
-    median = {name: float(np.median([t for t, c in zip(took[name], calm[name]) if c or not reliable]))
-              for name in names}
+    median = {
+        name: float(np.median([t for t, c in zip(took[name], calm[name]) if c or not reliable]))
+        for name in names
+    }
     return first, median, reliable
 
 
@@ -178,19 +199,30 @@ def report(title: str, fns: dict[str, Callable[[], Any]], args, target: str = ""
     """Time the four paths of a stage (loops on the first --loop-subset positions) and print the table."""
     first, median, reliable = interleaved(fns, args.repeats, args.quiet)
     n_loop = min(args.loop_subset, args.positions)
-    total = {name: median[name] * (args.positions / n_loop if name.startswith("loop") else 1) for name in fns}
-    print(f"\n{title} for {args.positions} positions{'' if reliable else ' (busy machine: all calls counted)'}")
+    total = {
+        name: median[name] * (args.positions / n_loop if name.startswith("loop") else 1)
+        for name in fns
+    }
+    print(
+        f"\n{title} for {args.positions} positions{'' if reliable else ' (busy machine: all calls counted)'}"
+    )
     for name in fns:
         extrap = (f"  (timed on {n_loop} positions, x{args.positions / n_loop:g})"
                   if name.startswith("loop") and n_loop < args.positions else "")
-        print(f"  {name:12s} {total[name]:8.3f} s {total[name] / args.positions * 1e6:8.1f} us/position   "
-              f"first call {first[name]:6.2f} s{extrap}")
-    print(f"  speed-up batched XLA vs loop: {total['loop'] / total['batched XLA']:.1f}x{target}; vs loop XLA: "
-          f"{total['loop XLA'] / total['batched XLA']:.1f}x; batched vs loop: {total['loop'] / total['batched']:.1f}x; "
-          f"batched XLA vs batched: {total['batched'] / total['batched XLA']:.2f}x")
+        print(
+            f"  {name:12s} {total[name]:8.3f} s {total[name] / args.positions * 1e6:8.1f} us/position   "
+            f"first call {first[name]:6.2f} s{extrap}"
+        )
+    print(
+        f"  speed-up batched XLA vs loop: {total['loop'] / total['batched XLA']:.1f}x{target}; vs loop XLA: "
+        f"{total['loop XLA'] / total['batched XLA']:.1f}x; batched vs loop: {total['loop'] / total['batched']:.1f}x; "
+        f"batched XLA vs batched: {total['batched'] / total['batched XLA']:.2f}x"
+    )
     batched = min(("batched", "batched XLA"), key=total.get)
     loop = min(("loop", "loop XLA"), key=total.get)
-    print(f"  fastest batched path ({batched}) vs fastest loop ({loop}): {total[loop] / total[batched]:.1f}x")
+    print(
+        f"  fastest batched path ({batched}) vs fastest loop ({loop}): {total[loop] / total[batched]:.1f}x"
+    )
 
 
 def relative_difference(a: np.ndarray, b: np.ndarray) -> float:
@@ -200,18 +232,26 @@ def relative_difference(a: np.ndarray, b: np.ndarray) -> float:
 # ---- main -------------------------------------------------------------------------------------------
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--positions", type=int, default=10_000)
     p.add_argument("--velocities", type=int, default=256)
-    p.add_argument("--loop-subset", type=int, default=200, help="positions timed in the loops (extrapolated)")
+    p.add_argument(
+        "--loop-subset", type=int, default=200, help="positions timed in the loops (extrapolated)"
+    )
     p.add_argument("--model", choices=("flow", "exact"), default="flow")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, nargs="+", default=[32, 32])
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (default 5)")
-    p.add_argument("--quiet", type=float, default=0.2,
-                   help="count a call only if other (non-niced) processes used at most this many cores (0.2)")
+    p.add_argument(
+        "--quiet",
+        type=float,
+        default=0.2,
+        help="count a call only if other (non-niced) processes used at most this many cores (0.2)",
+    )
     args = p.parse_args()
 
     df, description = build_model(args)
@@ -228,11 +268,21 @@ def main() -> None:
              "batched XLA": lambda: cbe.solve_cbe(df, x, v_all, jit_compile=True)[0].numpy(),
              "loop": lambda: loop_solve(df, xs, vs),
              "loop XLA": lambda: loop_solve_xla(gradients, xs, vs)}
-    report("solve stage (same velocities): gradients + least squares", solve, args, f" (target {TARGET:g}x)")
+    report(
+        "solve stage (same velocities): gradients + least squares",
+        solve,
+        args,
+        f" (target {TARGET:g}x)",
+    )
     answers = {name: fn() for name, fn in solve.items()}
-    print("  max relative difference to the loop's answers: " + ", ".join(
-        f"{name} {relative_difference(answers[name][:n_loop], answers['loop']):.1e}" for name in solve
-        if name != "loop"))
+    print(
+        "  max relative difference to the loop's answers: "
+        + ", ".join(
+            f"{name} {relative_difference(answers[name][:n_loop], answers['loop']):.1e}"
+            for name in solve
+            if name != "loop"
+        )
+    )
 
     e2e = {"batched": lambda: cbe.accelerations(df, x, k, seed=args.seed),
            "batched XLA": lambda: cbe.accelerations(df, x, k, seed=args.seed, jit_compile=True),
@@ -242,14 +292,25 @@ def main() -> None:
     res = cbe.accelerations(df, x, k, seed=args.seed)
     res_xla = cbe.accelerations(df, x, k, seed=args.seed, jit_compile=True)
     moved = relative_difference(res_xla.acceleration, res.acceleration)
-    changed = np.linalg.norm(res_xla.acceleration - res.acceleration, axis=1) > 1e-4 * np.linalg.norm(
-        res.acceleration, axis=1)
-    print(f"  XLA vs plain graph: max relative difference {moved:.1e}; positions differing by > 1e-4 (a "
-          f"resampled velocity moved to a neighbouring candidate): {int(changed.sum())}")
-    err = np.linalg.norm(res.acceleration - h.acceleration(x), axis=1) / np.linalg.norm(h.acceleration(x), axis=1)
-    note = "" if args.model == "exact" else f" (a {args.epochs}-epoch timing model: not an accuracy figure)"
-    print(f"\naccuracy vs the analytic Hernquist acceleration{note}: median {np.median(err):.2e}, "
-          f"90th percentile {np.percentile(err, 90):.2e}; flagged {int(res.flagged.sum())} of {args.positions}")
+    changed = np.linalg.norm(
+        res_xla.acceleration - res.acceleration, axis=1
+    ) > 1e-4 * np.linalg.norm(res.acceleration, axis=1)
+    print(
+        f"  XLA vs plain graph: max relative difference {moved:.1e}; positions differing by > 1e-4 (a "
+        f"resampled velocity moved to a neighbouring candidate): {int(changed.sum())}"
+    )
+    err = np.linalg.norm(res.acceleration - h.acceleration(x), axis=1) / np.linalg.norm(
+        h.acceleration(x), axis=1
+    )
+    note = (
+        ""
+        if args.model == "exact"
+        else f" (a {args.epochs}-epoch timing model: not an accuracy figure)"
+    )
+    print(
+        f"\naccuracy vs the analytic Hernquist acceleration{note}: median {np.median(err):.2e}, "
+        f"90th percentile {np.percentile(err, 90):.2e}; flagged {int(res.flagged.sum())} of {args.positions}"
+    )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,9 @@ def test_sample_checks_n_before_loading(capsys, no_model_loading):
     assert "--n = -5" in _error(capsys)
 
 
-def test_sample_refuses_a_missing_directory_instead_of_creating_it(tmp_path, capsys, no_model_loading):
+def test_sample_refuses_a_missing_directory_instead_of_creating_it(
+    tmp_path, capsys, no_model_loading
+):
     out = tmp_path / "nonexist" / "s.npy"
     assert main(["sample", str(SHIPPED), "--n", "5", "--out", str(out)]) == 2
     assert "does not exist" in _error(capsys) and not out.parent.exists()
@@ -53,7 +55,9 @@ def test_sample_and_logprob_accept_a_savedmodel(tmp_path, capsys):
     assert x.shape == (64, 6)
     lp_file = tmp_path / "lp.npy"
     assert main(["logprob", str(SHIPPED), str(out), "--out", str(lp_file)]) == 0
-    np.testing.assert_allclose(np.load(lp_file), export_module.load(SHIPPED).log_prob(x).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.load(lp_file), export_module.load(SHIPPED).log_prob(x).numpy(), rtol=1e-6
+    )
 
 
 def test_logprob_reads_a_plain_pos_vel_npz_with_units(tmp_path, capsys):
@@ -89,8 +93,8 @@ def test_a_text_file_named_npz_is_called_what_it_is(tmp_path, capsys):
 
 def test_mock_says_how_many_noisy_stars_it_dropped(tmp_path, capsys):
     out = tmp_path / "m.npz"
-    assert main(["mock", "hernquist", "--n", "2000", "--seed", "1", "--r-max", "5", "--noise", "0.3",
-                 "--out", str(out)]) == 0
+    assert main(["mock", "hernquist", "--n", "2000", "--seed", "1", "--r-max", "5",
+                 "--noise", "0.3", "--out", str(out)]) == 0
     kept = len(Catalogue.load(out))
     line = next(t for t in capsys.readouterr().out.splitlines() if t.startswith("noise moved"))
     # 30 % multiplicative noise on r < 5 stars pushes some beyond 5: the message counts exactly those.
@@ -99,8 +103,8 @@ def test_mock_says_how_many_noisy_stars_it_dropped(tmp_path, capsys):
 
 def test_mock_dehnen_grid_writes_labels_as_columns(tmp_path, capsys):
     out = tmp_path / "grid.h5"
-    assert main(["mock", "dehnen", "--gamma", "0.5,1.5", "--ra-inverse", "0,1", "--n", "300", "--seed", "2",
-                 "--out", str(out)]) == 0
+    assert main(["mock", "dehnen", "--gamma", "0.5,1.5", "--ra-inverse", "0,1", "--n", "300",
+                 "--seed", "2", "--out", str(out)]) == 0
     cat = Catalogue.load(out)
     assert cat.label_names == ("gamma", "ra_inverse")
     nodes, counts = np.unique(cat.labels, axis=0, return_counts=True)

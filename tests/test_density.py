@@ -40,12 +40,22 @@ def _gaussian_data(n: int, dim: int, seed: int) -> np.ndarray:
 def _flow(dim: int, label_dim: int = 0, seed: int = 0, isotropic: bool = False) -> Flow:
     """A small flow adapted (not trained) to correlated Gaussian data (or N(0, I) data): any density is a
     fair test case."""
-    x = np.random.default_rng(seed).normal(size=(2000, dim)) if isotropic else _gaussian_data(2000, dim, seed)
-    labels = np.random.default_rng(seed + 1).uniform(-1, 1, size=(2000, label_dim)) if label_dim else None
+    x = (
+        np.random.default_rng(seed).normal(size=(2000, dim))
+        if isotropic
+        else _gaussian_data(2000, dim, seed)
+    )
+    labels = (
+        np.random.default_rng(seed + 1).uniform(-1, 1, size=(2000, label_dim))
+        if label_dim
+        else None
+    )
     # tanh: a smooth density, so finite differences are a fair check of its gradient (ReLU kinks are not).
-    return Flow(FlowConfig(dim=dim, label_dim=label_dim, layers=2, hidden=(16, 16), activation="tanh",
-                           seed=seed)).adapt(
-        x + (labels[:, :1] if label_dim else 0), labels)
+    return Flow(
+        FlowConfig(
+            dim=dim, label_dim=label_dim, layers=2, hidden=(16, 16), activation="tanh", seed=seed
+        )
+    ).adapt(x + (labels[:, :1] if label_dim else 0), labels)
 
 
 @dataclass
@@ -57,7 +67,9 @@ class Case:
     normalisation: Callable[[Density], tuple[float, float]] | None = None   # (estimate, std error)
 
 
-def _isotropic_mass_within(df: Density, model, labels=None, r_max: float = 50.0) -> tuple[float, float]:
+def _isotropic_mass_within(
+    df: Density, model, labels=None, r_max: float = 50.0
+) -> tuple[float, float]:
     """∫_{r<r_max} ∫ f d³v d³x / M(<r_max) by quadrature of an isotropic f(|x|, |v|) on a
     (log r, v/v_esc) grid; M(<r_max) from the model's closed-form enclosed mass."""
     r = np.geomspace(1e-3, r_max, 240)
@@ -77,16 +89,29 @@ def _isotropic_mass_within(df: Density, model, labels=None, r_max: float = 50.0)
 
 CASES = [
     Case("flow", lambda: _flow(2)),
-    Case("conditional flow", lambda: _flow(2, label_dim=1, seed=3), labels=np.array([0.4], np.float32)),
+    Case(
+        "conditional flow",
+        lambda: _flow(2, label_dim=1, seed=3),
+        labels=np.array([0.4], np.float32),
+    ),
     Case("ensemble", lambda: Ensemble([_flow(2, seed=s) for s in (5, 6)])),
     # About the origin, as a spherical system is (the average of an off-centre density is a shell).
-    Case("spherical average", lambda: SphericalAverage(_flow(6, seed=7, isotropic=True), n_rotations=4,
-                                                       seed=1)),
-    Case("exact DF", lambda: Hernquist().exact_density("iso"),
-         normalisation=lambda df: _isotropic_mass_within(df, df.model)),
+    Case(
+        "spherical average",
+        lambda: SphericalAverage(_flow(6, seed=7, isotropic=True), n_rotations=4, seed=1),
+    ),
+    Case(
+        "exact DF",
+        lambda: Hernquist().exact_density("iso"),
+        normalisation=lambda df: _isotropic_mass_within(df, df.model),
+    ),
     # A conditional exact density: normalised at an isotropic label of the family (γ = 0.5).
-    Case("Dehnen family DF", DehnenFamilyDF, labels=np.array([0.5, 0.0], np.float32),
-         normalisation=lambda df: _isotropic_mass_within(df, Dehnen(0.5, 0.0), [0.5, 0.0])),
+    Case(
+        "Dehnen family DF",
+        DehnenFamilyDF,
+        labels=np.array([0.5, 0.0], np.float32),
+        normalisation=lambda df: _isotropic_mass_within(df, Dehnen(0.5, 0.0), [0.5, 0.0]),
+    ),
     Case("exported model", None, labels=np.array([-0.3], np.float32)),
 ]
 CASE_IDS = [c.name for c in CASES]
@@ -106,7 +131,9 @@ def case(request, densities) -> tuple[Case, Density]:
 
 
 def _labels(case: Case, n: int):
-    return None if case.labels is None else np.broadcast_to(case.labels, (n, case.labels.size)).copy()
+    return (
+        None if case.labels is None else np.broadcast_to(case.labels, (n, case.labels.size)).copy()
+    )
 
 
 def _points(case: Case, df: Density, n: int, seed: int) -> np.ndarray:
@@ -152,8 +179,9 @@ class TestDensityContract:
             s = df.sample(5, None if c is None else case.labels, seed=3)
             assert s.shape == (5, df.dim) and s.dtype == tf.float32
             # The same seed gives the same draws.
-            np.testing.assert_array_equal(s.numpy(), df.sample(5, None if c is None else case.labels,
-                                                               seed=3).numpy())
+            np.testing.assert_array_equal(
+                s.numpy(), df.sample(5, None if c is None else case.labels, seed=3).numpy()
+            )
 
     def test_finite_where_supported(self, case):
         case, df = case
@@ -234,12 +262,14 @@ class TestDensityContract:
         if isinstance(df, (ExactDF, DehnenFamilyDF, ExportedModel)):
             pytest.skip("exact DFs are formulas, and an ExportedModel is already the round trip")
         loaded = load(export_model(df, tmp_path / "m", accelerations=False))
-        assert isinstance(loaded, Density) and (loaded.dim, loaded.label_dim) == (df.dim, df.label_dim)
+        assert isinstance(loaded, Density) and (
+            (loaded.dim, loaded.label_dim) == (df.dim, df.label_dim))
         x = _points(case, df, 50, seed=8)
         c = _labels(case, 50)
         # The exported graph is the same float32 maths: equal to round-off.
-        np.testing.assert_allclose(loaded.log_prob(x, c).numpy(), df.log_prob(x, c).numpy(), rtol=1e-5,
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            loaded.log_prob(x, c).numpy(), df.log_prob(x, c).numpy(), rtol=1e-5, atol=1e-5
+        )
 
 
 def _importance_normalisation(case: Case, df: Density, n: int, seed: int) -> tuple[float, float]:

@@ -53,10 +53,18 @@ def _density_from_df(model, kind, r, weight=lambda v_r, v_t: 1.0):
 def test_enclosed_mass_equals_integral_of_density(model):
     # quad of 4 pi r^2 rho to epsrel 1e-12 -> agreement to 1e-9 rejects any wrong factor or power.
     for R in (0.01, 0.7, 3.0, 50.0):
-        mass, _ = integrate.quad(lambda r: 4 * np.pi * r**2 * model.density(r), 0.0, R, epsabs=0, epsrel=1e-12,
-                                 limit=200)
+        mass, _ = integrate.quad(
+            lambda r: 4 * np.pi * r**2 * model.density(r),
+            0.0,
+            R,
+            epsabs=0,
+            epsrel=1e-12,
+            limit=200,
+        )
         assert mass == pytest.approx(float(model.enclosed_mass(R)), rel=1e-9)
-    total, _ = integrate.quad(lambda r: 4 * np.pi * r**2 * model.density(r), 0.0, np.inf, epsrel=1e-10, limit=200)
+    total, _ = integrate.quad(
+        lambda r: 4 * np.pi * r**2 * model.density(r), 0.0, np.inf, epsrel=1e-10, limit=200
+    )
     assert total == pytest.approx(model.M, rel=1e-8)
 
 
@@ -64,7 +72,9 @@ def test_enclosed_mass_equals_integral_of_density(model):
 def test_potential_equals_integral_of_force(model):
     # Phi(r) = -int_r^inf G M(<r') / r'^2 dr' (Phi -> 0 at infinity); quad to 1e-12 -> compare at 1e-9.
     for r in (0.05, 1.0, 20.0):
-        phi, _ = integrate.quad(lambda s: -model.G * model.enclosed_mass(s) / s**2, r, np.inf, epsrel=1e-12)
+        phi, _ = integrate.quad(
+            lambda s: -model.G * model.enclosed_mass(s) / s**2, r, np.inf, epsrel=1e-12
+        )
         assert float(model.potential(r)) == pytest.approx(phi, rel=1e-9)
         assert float(model.relative_potential(r)) == pytest.approx(-phi, rel=1e-9)
         assert float(model.escape_speed(r)) == pytest.approx(math.sqrt(-2 * phi), rel=1e-9)
@@ -94,10 +104,14 @@ def test_limits_at_centre_and_infinity(model):
     # sigma_r^2(aniso, 0) = G M / (4 a).
     r = np.array([0.0, np.inf])
     np.testing.assert_array_equal(model.enclosed_mass(r), [0.0, model.M])
-    np.testing.assert_allclose(model.relative_potential(r), [model.G * model.M / model.a, 0.0], rtol=1e-15)
+    np.testing.assert_allclose(
+        model.relative_potential(r), [model.G * model.M / model.a, 0.0], rtol=1e-15
+    )
     np.testing.assert_array_equal(model.circular_speed(r), [0.0, 0.0])
     np.testing.assert_array_equal(model.sigma_r(r, "iso"), [0.0, 0.0])
-    np.testing.assert_allclose(model.sigma_r(r, "aniso") ** 2, [model.G * model.M / (4 * model.a), 0.0], rtol=1e-15)
+    np.testing.assert_allclose(
+        model.sigma_r(r, "aniso") ** 2, [model.G * model.M / (4 * model.a), 0.0], rtol=1e-15
+    )
     np.testing.assert_array_equal(model.acceleration(np.zeros((1, 3))), np.zeros((1, 3)))
 
 
@@ -118,13 +132,21 @@ def test_f_iso_bracket_against_quadrature_and_eq17():
     # where the literal eq. 17 loses ~q^-4 digits) to 0.999 (the direct branch).
     prefactor = 1.0 / (8 * math.sqrt(2) * math.pi**3)
     for q in (1e-4, 0.01, 0.3, 0.7, 0.7072, 0.9, 0.999):
-        bracket, _ = integrate.quad(lambda t: 128 * t**4 * (1 - t * t) ** 1.5, 0.0, q, epsabs=0, epsrel=1e-13)
+        bracket, _ = integrate.quad(
+            lambda t: 128 * t**4 * (1 - t * t) ** 1.5, 0.0, q, epsabs=0, epsrel=1e-13
+        )
         expected = prefactor * (1 - q * q) ** -2.5 * bracket
         assert float(UNIT.f_iso(q * q)) == pytest.approx(expected, rel=1e-11)
     # literal eq. 17 where it is well conditioned (q >= 0.3: cancellation costs < 100 ulp)
     for q in (0.3, 0.6, 0.9, 0.99):
-        literal = prefactor * (1 - q * q) ** -2.5 * (
-            3 * math.asin(q) + q * math.sqrt(1 - q * q) * (1 - 2 * q * q) * (8 * q**4 - 8 * q * q - 3))
+        literal = (
+            prefactor
+            * (1 - q * q) ** -2.5
+            * (
+                3 * math.asin(q)
+                + q * math.sqrt(1 - q * q) * (1 - 2 * q * q) * (8 * q**4 - 8 * q * q - 3)
+            )
+        )
         assert float(UNIT.f_iso(q * q)) == pytest.approx(literal, rel=1e-12)
     assert float(UNIT.f_iso(0.0)) == 0.0 and float(UNIT.f_iso(-0.1)) == 0.0
 
@@ -140,8 +162,14 @@ def test_df_normalised_to_total_mass(model, kind):
     def rho_from_df(r):
         v_esc = float(model.escape_speed(r))
         angular = 4 * np.pi if kind == "iso" else 2 * np.pi**2
-        inner, _ = integrate.quad(lambda v: angular * v * v * _f(model, kind, r, 0.0, v), 0.0, v_esc,
-                                  epsabs=0, epsrel=1e-8, limit=200)
+        inner, _ = integrate.quad(
+            lambda v: angular * v * v * _f(model, kind, r, 0.0, v),
+            0.0,
+            v_esc,
+            epsabs=0,
+            epsrel=1e-8,
+            limit=200,
+        )
         return inner
 
     def integrand(u):
@@ -171,8 +199,9 @@ def test_aniso_df_scaling_formula():
     assert float(m.f_aniso(E * m.G * m.M / m.a, L * m.a * vg)) == pytest.approx(
         float(UNIT.f_aniso(E, L)) * m.M / (m.a**3 * vg**3), rel=1e-13)
     # likewise for the isotropic DF
-    assert float(m.f_iso(E * m.G * m.M / m.a)) == pytest.approx(float(UNIT.f_iso(E)) * m.M / (m.a**3 * vg**3),
-                                                               rel=1e-13)
+    assert float(m.f_iso(E * m.G * m.M / m.a)) == pytest.approx(
+        float(UNIT.f_iso(E)) * m.M / (m.a**3 * vg**3), rel=1e-13
+    )
 
 
 def test_df_is_consistent_with_relative_energy():
@@ -206,7 +235,9 @@ def test_sigma_r_solves_jeans_equation(model, kind):
         expected = integral / (r**b2 * float(model.density(r)))
         assert float(model.sigma_r(r, kind)) ** 2 == pytest.approx(expected, rel=1e-9)
     r = np.array([0.0, 0.2, 2.0])
-    np.testing.assert_allclose(model.sigma_t(r, kind) ** 2, (1 - b2 / 2) * model.sigma_r(r, kind) ** 2, rtol=1e-14)
+    np.testing.assert_allclose(
+        model.sigma_t(r, kind) ** 2, (1 - b2 / 2) * model.sigma_r(r, kind) ** 2, rtol=1e-14
+    )
 
 
 def test_sigma_r_iso_equals_hernquist_eq10():
@@ -259,7 +290,9 @@ def test_tf_log_df_matches_numpy_float64(kind):
     np.testing.assert_array_equal(np.isneginf(got), np.isneginf(expected))
     # same formulas, same dtype: only op-order round-off, a few ulp of |log f| ~ 10
     np.testing.assert_allclose(got[bound], expected[bound], rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(SCALED.tf_df(x, v, kind).numpy(), SCALED.df(x, v, kind), rtol=1e-11, atol=0)
+    np.testing.assert_allclose(
+        SCALED.tf_df(x, v, kind).numpy(), SCALED.df(x, v, kind), rtol=1e-11, atol=0
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -272,7 +305,10 @@ def test_tf_log_df_float32_accuracy(kind):
     expected = SCALED.log_df(x32.astype(np.float64), v32.astype(np.float64), kind)
     q2 = SCALED.relative_energy(x32, v32) / SCALED.energy_scale
     r = np.linalg.norm(x32.astype(np.float64), axis=1)
-    p2 = r / (r + SCALED.a) + 0.5 * np.sum(v32.astype(np.float64) ** 2, axis=1) / SCALED.energy_scale
+    p2 = (
+        r / (r + SCALED.a)
+        + 0.5 * np.sum(v32.astype(np.float64) ** 2, axis=1) / SCALED.energy_scale
+    )
     ok = np.isfinite(expected) & (q2 > 1e-3)
     # q^2 and p^2 = 1 - q^2 are each formed from O(1) terms with a few roundings (abs error <~ 4 eps32), and
     # log f depends on them through 5/2 log p^2 + log B(q) (d log B / d log q^2 <= 5/2) and 2 log q^2 (aniso),
@@ -372,7 +408,9 @@ def test_exact_density_adapter():
         eager = SCALED.tf_log_df(w[:, :3], w[:, 3:], kind).numpy()
         np.testing.assert_array_equal(np.isneginf(log_p.numpy()), np.isneginf(eager))
         # the traced graph may fuse/reorder float32 ops (Grappler): allow a few ulp of |log f| <~ 25
-        np.testing.assert_allclose(log_p.numpy(), eager, rtol=4 * np.finfo(np.float32).eps, atol=1e-5)
+        np.testing.assert_allclose(
+            log_p.numpy(), eager, rtol=4 * np.finfo(np.float32).eps, atol=1e-5
+        )
         assert np.all(np.isfinite(tape.gradient(masked, wt).numpy()))
         # one float32 ulp of |log f| <~ 25 is 2e-6 relative in f (tf.exp vs np.exp, graph rounding)
         np.testing.assert_allclose(df.prob(w).numpy(), np.exp(log_p.numpy()), rtol=1e-5)
@@ -391,9 +429,13 @@ def test_input_errors():
                  lambda: UNIT.tf_log_df(x, v, "plummer"), lambda: UNIT.exact_density("plummer")):
         with pytest.raises(InputError, match=r"'plummer'.*'iso', 'aniso'"):
             call()
-    for call in (lambda: UNIT.log_df(np.zeros((4, 2)), v), lambda: UNIT.relative_energy(x, np.zeros(3)),
-                 lambda: UNIT.acceleration(np.zeros((4, 3, 1))), lambda: UNIT.tf_log_df(x, np.zeros((4, 4))),
-                 lambda: UNIT.tf_acceleration(np.zeros((4, 2)))):
+    for call in (
+        lambda: UNIT.log_df(np.zeros((4, 2)), v),
+        lambda: UNIT.relative_energy(x, np.zeros(3)),
+        lambda: UNIT.acceleration(np.zeros((4, 3, 1))),
+        lambda: UNIT.tf_log_df(x, np.zeros((4, 4))),
+        lambda: UNIT.tf_acceleration(np.zeros((4, 2))),
+    ):
         with pytest.raises(InputError, match=r"\[N, 3\]"):
             call()
     with pytest.raises(InputError, match="same N"):

@@ -31,8 +31,11 @@ class OffsetGaussian(Density):
         self.mu = np.asarray(mu, np.float32)
 
     def log_prob_tensor(self, w, labels=None):
-        return -0.5 * tf.reduce_sum(tf.square(w[:, :3] - self.mu), 1) - 0.5 * tf.reduce_sum(tf.square(w[:, 3:]), 1) \
+        return (
+            -0.5 * tf.reduce_sum(tf.square(w[:, :3] - self.mu), 1)
+            - 0.5 * tf.reduce_sum(tf.square(w[:, 3:]), 1)
             - 6 * 0.5 * np.log(2 * np.pi)
+        )
 
     def sample_tensor(self, n, c, seed):
         return tf.random.stateless_normal([n, 6], seed) + tf.concat([self.mu, tf.zeros(3)], 0)
@@ -48,7 +51,9 @@ class OffsetGaussian(Density):
 
 def test_rotations_are_proper_orthogonal_and_isotropic():
     r = random_rotations(20000, seed=3)
-    np.testing.assert_allclose(np.einsum("nij,nkj->nik", r, r), np.broadcast_to(np.eye(3), r.shape), atol=1e-12)
+    np.testing.assert_allclose(
+        np.einsum("nij,nkj->nik", r, r), np.broadcast_to(np.eye(3), r.shape), atol=1e-12
+    )
     np.testing.assert_allclose(np.linalg.det(r), 1.0, atol=1e-12)
     # Haar: R e_z is uniform on the sphere, so its z component is U(-1, 1) (Archimedes). Fixed seed.
     assert stats.kstest(r[:, 2, 2], stats.uniform(-1, 2).cdf).pvalue > 0.01
@@ -95,7 +100,10 @@ def test_samples_are_isotropic_and_the_base_samples_are_not():
     raw = base.sample_tensor(3000, None, tf.constant([7, 0], tf.int64)).numpy()
     assert stats.kstest(cos(raw[:, :3], 0), stats.uniform(-1, 2).cdf).pvalue < 1e-6
     # |x| keeps the base distribution (rotations preserve norms): same non-central chi, KS two-sample.
-    assert stats.ks_2samp(np.linalg.norm(w[:, :3], axis=1), np.linalg.norm(raw[:, :3], axis=1)).pvalue > 0.01
+    assert (
+        stats.ks_2samp(np.linalg.norm(w[:, :3], axis=1), np.linalg.norm(raw[:, :3], axis=1)).pvalue
+        > 0.01
+    )
     np.testing.assert_array_equal(avg.sample(10, seed=3).numpy(), avg.sample(10, seed=3).numpy())
 
 
@@ -105,9 +113,16 @@ def test_cbe_on_the_average_of_the_exact_df_recovers_the_analytic_acceleration(k
     rng = np.random.default_rng(5)
     d = rng.normal(size=(12, 3))
     x = np.geomspace(0.1, 10.0, 12)[:, None] * d / np.linalg.norm(d, axis=1, keepdims=True)
-    res = cbe.accelerations(SphericalAverage(H.exact_density(kind), n_rotations=8), x, n_velocities=256, seed=1,
-                            jit_compile=jit_compile)
-    err = np.linalg.norm(res.acceleration - H.acceleration(x), axis=1) / np.linalg.norm(H.acceleration(x), axis=1)
+    res = cbe.accelerations(
+        SphericalAverage(H.exact_density(kind), n_rotations=8),
+        x,
+        n_velocities=256,
+        seed=1,
+        jit_compile=jit_compile,
+    )
+    err = np.linalg.norm(res.acceleration - H.acceleration(x), axis=1) / np.linalg.norm(
+        H.acceleration(x), axis=1
+    )
     # As for the exact DF itself (test_cbe): float32 rounding only, measured < 1e-5; 1e-4 is the requirement.
     assert err.max() < 1e-4, err.max()
     assert not res.flagged.any(), res.reasons[res.flagged]
@@ -115,7 +130,9 @@ def test_cbe_on_the_average_of_the_exact_df_recovers_the_analytic_acceleration(k
 
 def test_ensemble_members_chunks_and_gradients():
     data = np.random.default_rng(0).normal(size=(2000, 6))
-    flows = [Flow(FlowConfig(dim=6, layers=2, hidden=(16, 16), seed=s)).adapt(data) for s in range(3)]
+    flows = [
+        Flow(FlowConfig(dim=6, layers=2, hidden=(16, 16), seed=s)).adapt(data) for s in range(3)
+    ]
     ensemble = Ensemble(flows)
     avg = SphericalAverage(ensemble, n_rotations=4, seed=2)
     assert avg.evaluations_per_row == 12
@@ -148,8 +165,10 @@ def test_conditional_df_rotates_x_and_v_never_the_labels():
     avg = SphericalAverage(flow, n_rotations=3, seed=4)
     w, c = rng.normal(size=(5, 6)).astype(np.float32), rng.normal(size=(5, 2)).astype(np.float32)
     r = random_rotations(3, 4)
-    each = [flow.log_prob(np.hstack([w[:, :3] @ m.T, w[:, 3:] @ m.T]).astype(np.float32), c).numpy()
-            for m in r]
+    each = [
+        flow.log_prob(np.hstack([w[:, :3] @ m.T, w[:, 3:] @ m.T]).astype(np.float32), c).numpy()
+        for m in r
+    ]
     want = np.log(np.mean(np.exp(np.array(each, np.float64)), axis=0))
     np.testing.assert_allclose(avg.log_prob(w, c).numpy(), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(InputError, match="conditional"):
@@ -164,4 +183,6 @@ def test_bad_inputs():
     with pytest.raises(InputError, match="cannot sample"):
         SphericalAverage(H.exact_density("iso"), n_rotations=2).sample(3, seed=0)
     with pytest.raises(InputError, match="shape"):
-        SphericalAverage(H.exact_density("iso"), n_rotations=2).log_prob(np.zeros((3, 5), np.float32))
+        SphericalAverage(H.exact_density("iso"), n_rotations=2).log_prob(
+            np.zeros((3, 5), np.float32)
+        )

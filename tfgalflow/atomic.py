@@ -53,7 +53,9 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
         yield tmp
         if path.exists():
             if not overwrite:
-                raise FileExistsError(f"{path} appeared while it was being written; refusing to overwrite it")
+                raise FileExistsError(
+                    f"{path} appeared while it was being written; refusing to overwrite it"
+                )
             old = Path(tempfile.mkdtemp(prefix=f".tmp-old-{path.name}.", dir=path.parent))
             os.replace(path, old / path.name)
             os.replace(tmp, path)

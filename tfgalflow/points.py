@@ -63,7 +63,9 @@ def read_points(path: str | os.PathLike, units: Mapping[str, str] | None = None,
         raise FileError(f"{path}: no such file")
     suffix = p.suffix.lower()
     if suffix not in POINT_SUFFIXES:
-        raise InputError(f"{path}: unsupported extension {suffix!r}; use {', '.join(POINT_SUFFIXES)}")
+        raise InputError(
+            f"{path}: unsupported extension {suffix!r}; use {', '.join(POINT_SUFFIXES)}"
+        )
     try:
         if suffix in (".h5", ".hdf5"):
             return _catalogue_points(p, units)
@@ -73,8 +75,10 @@ def read_points(path: str | os.PathLike, units: Mapping[str, str] | None = None,
                 if "pos" in keys and "vel" in keys:
                     return _catalogue_points(p, units)
                 if len(keys) != 1:
-                    raise InputError(f"{path}: holds arrays {keys}; expected one [N, D] array or a "
-                                     f"catalogue (pos, vel)")
+                    raise InputError(
+                        f"{path}: holds arrays {keys}; expected one [N, D] array or a "
+                        f"catalogue (pos, vel)"
+                    )
                 array = z[keys[0]]
         elif suffix == ".npy":
             array = np.load(p, allow_pickle=False)
@@ -91,7 +95,9 @@ def read_points(path: str | os.PathLike, units: Mapping[str, str] | None = None,
     return array, None
 
 
-def _catalogue_points(path: Path, units: Mapping[str, str] | None) -> tuple[np.ndarray, np.ndarray | None]:
+def _catalogue_points(
+    path: Path, units: Mapping[str, str] | None
+) -> tuple[np.ndarray, np.ndarray | None]:
     from .catalogue import Catalogue
     cat = Catalogue.load(path, units=units)
     return cat.phase_space, cat.labels
@@ -113,7 +119,12 @@ def write_array(path: str | os.PathLike, values: Any, what: str) -> None:
             np.save(tmp, np.asarray(values))
         return
     with atomic_file(path) as tmp:
-        np.savetxt(tmp, np.asarray(values), fmt="%.9g", delimiter="," if path.suffix.lower() == ".csv" else " ")
+        np.savetxt(
+            tmp,
+            np.asarray(values),
+            fmt="%.9g",
+            delimiter="," if path.suffix.lower() == ".csv" else " ",
+        )
 
 
 def write_samples(path: str | os.PathLike, x: np.ndarray, labels: np.ndarray | None = None, *,
@@ -126,16 +137,23 @@ def write_samples(path: str | os.PathLike, x: np.ndarray, labels: np.ndarray | N
     suffix = path.suffix.lower()
     if suffix in (".npz", ".h5", ".hdf5") and x.shape[1] == 6:
         from .catalogue import Catalogue
-        Catalogue(pos=x[:, :3], vel=x[:, 3:], labels=labels,
-                  label_names=tuple(label_names) if labels is not None else (),
-                  units=dict(units or {"length": "model", "velocity": "model"}), meta=dict(meta or {})
-                  ).save(path)
+
+        Catalogue(
+            pos=x[:, :3],
+            vel=x[:, 3:],
+            labels=labels,
+            label_names=tuple(label_names) if labels is not None else (),
+            units=dict(units or {"length": "model", "velocity": "model"}),
+            meta=dict(meta or {}),
+        ).save(path)
     elif suffix == ".npz":
         with atomic_file(path, suffix=".npz") as tmp:
             np.savez(tmp, samples=x)
     elif suffix in (".h5", ".hdf5"):
-        raise InputError(f"{path}: HDF5 output holds 6-D catalogues; these samples are {x.shape[1]}-D "
-                         f"(use .npy, .npz, .txt or .csv)")
+        raise InputError(
+            f"{path}: HDF5 output holds 6-D catalogues; these samples are {x.shape[1]}-D "
+            f"(use .npy, .npz, .txt or .csv)"
+        )
     else:
         write_array(path, x, "samples")
 
@@ -151,5 +169,13 @@ def parse_units(text: str | None) -> dict[str, str] | None:
     return check_units({"length": parts[0], "velocity": parts[1]})
 
 
-__all__ = ["read_points", "write_array", "write_samples", "check_output", "parse_units", "ARRAY_SUFFIXES",
-           "SAMPLE_SUFFIXES", "POINT_SUFFIXES"]
+__all__ = [
+    "read_points",
+    "write_array",
+    "write_samples",
+    "check_output",
+    "parse_units",
+    "ARRAY_SUFFIXES",
+    "SAMPLE_SUFFIXES",
+    "POINT_SUFFIXES",
+]

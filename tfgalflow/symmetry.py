@@ -70,8 +70,10 @@ class SphericalAverage(Density, tf.Module):
     def __init__(self, df: Any, n_rotations: int = DEFAULT_ROTATIONS, seed: int = 0):
         super().__init__(name="spherical_average")
         if not isinstance(df, Density) or df.dim != 6:
-            raise InputError(f"SphericalAverage needs a 6-D phase-space density (a tfgalflow Density with "
-                             f"dim = 6); got {type(df).__name__} with dim = {getattr(df, 'dim', None)}")
+            raise InputError(
+                f"SphericalAverage needs a 6-D phase-space density (a tfgalflow Density with "
+                f"dim = 6); got {type(df).__name__} with dim = {getattr(df, 'dim', None)}"
+            )
         self.base = df
         self.n_rotations = integer(n_rotations, "n_rotations")
         self.seed = integer(seed, "seed", low=0)
@@ -102,7 +104,9 @@ class SphericalAverage(Density, tf.Module):
         if not self.base.members:
             return None
         if self._members is None:
-            self._members = [SphericalAverage(m, self.n_rotations, self.seed) for m in self.base.members]
+            self._members = [
+                SphericalAverage(m, self.n_rotations, self.seed) for m in self.base.members
+            ]
         return self._members
 
     @property
@@ -127,14 +131,23 @@ class SphericalAverage(Density, tf.Module):
         log_f = self.base.log_prob_tensor(tf.reshape(self._rotated(w), [-1, 6]), c)
         return tf.reduce_logsumexp(tf.reshape(log_f, [m, -1]), axis=0) - math.log(m)  # [N]
 
-    def sample_tensor(self, n: tf.Tensor | None, c: tf.Tensor | None, seed: tf.Tensor) -> tf.Tensor:
+    def sample_tensor(
+        self, n: tf.Tensor | None, c: tf.Tensor | None, seed: tf.Tensor
+    ) -> tf.Tensor:
         """w ~ f, then (R_mᵀ x, R_mᵀ v) with m uniform: exact draws from f̄ [n, 6]."""
         if not self.base.can_sample:
-            raise InputError(f"the base DF ({type(self.base).__name__}) cannot sample, so neither can its "
-                             f"spherical average")
+            raise InputError(
+                f"the base DF ({type(self.base).__name__}) cannot sample, so neither can its "
+                f"spherical average"
+            )
         w = self.base.sample_tensor(n, c, tf.random.experimental.stateless_fold_in(seed, 0))
-        choice = tf.random.stateless_uniform([tf.shape(w)[0]], tf.random.experimental.stateless_fold_in(seed, 1),
-                                             minval=0, maxval=self.n_rotations, dtype=tf.int32)
+        choice = tf.random.stateless_uniform(
+            [tf.shape(w)[0]],
+            tf.random.experimental.stateless_fold_in(seed, 1),
+            minval=0,
+            maxval=self.n_rotations,
+            dtype=tf.int32,
+        )
         r = tf.gather(self.rotations, choice)                                     # [n, 3, 3]
         x = tf.einsum("nji,nj->ni", r, w[:, :3])                                  # R_mᵀ x
         v = tf.einsum("nji,nj->ni", r, w[:, 3:])

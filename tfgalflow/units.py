@@ -42,7 +42,9 @@ def length_factor(unit: str) -> float:
     try:
         return LENGTH_UNITS[unit]
     except KeyError:
-        raise ValueError(f"unknown length unit {unit!r}; expected one of {sorted(LENGTH_UNITS)}") from None
+        raise ValueError(
+            f"unknown length unit {unit!r}; expected one of {sorted(LENGTH_UNITS)}"
+        ) from None
 
 
 def velocity_factor(unit: str) -> float:
@@ -50,7 +52,9 @@ def velocity_factor(unit: str) -> float:
     try:
         return VELOCITY_UNITS[unit]
     except KeyError:
-        raise ValueError(f"unknown velocity unit {unit!r}; expected one of {sorted(VELOCITY_UNITS)}") from None
+        raise ValueError(
+            f"unknown velocity unit {unit!r}; expected one of {sorted(VELOCITY_UNITS)}"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,9 @@ class ModelUnits:
 
     def __post_init__(self):
         if not (self.mass_msun > 0 and self.length_kpc > 0):
-            raise ValueError(f"ModelUnits needs positive mass and length, got {self.mass_msun}, {self.length_kpc}")
+            raise ValueError(
+                f"ModelUnits needs positive mass and length, got {self.mass_msun}, {self.length_kpc}"
+            )
 
     @property
     def velocity_kms(self) -> float:

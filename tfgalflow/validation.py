@@ -35,11 +35,15 @@ def finite_matrix(value: Any, name: str, width: int | None = None, expected: str
     try:
         array = np.array(value, dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        raise InputError(f"{name} cannot be read as a float array ({exc}); expected {expected}") from None
+        raise InputError(
+            f"{name} cannot be read as a float array ({exc}); expected {expected}"
+        ) from None
     if array.ndim != 2 or array.shape[1] == 0 or (width is not None and array.shape[1] != width):
         raise InputError(f"{name} has shape {list(array.shape)}; expected {expected}")
     if array.shape[0] == 0:
-        raise InputError(f"{name} is empty (shape {list(array.shape)}); expected {expected} with N >= 1")
+        raise InputError(
+            f"{name} is empty (shape {list(array.shape)}); expected {expected} with N >= 1"
+        )
     check_finite_rows(array, name)
     if np.dtype(dtype) != np.float64:
         with np.errstate(over="ignore"):
@@ -55,7 +59,9 @@ def check_finite_rows(array: np.ndarray, name: str, note: str = "") -> None:
         return
     bad = np.nonzero(~finite.reshape(finite.shape[0], -1).all(axis=1))[0] if finite.ndim > 1 \
         else np.nonzero(~finite)[0]
-    raise InputError(f"{name} contains NaN or inf{note} in {bad.size} row(s), first rows {bad[:5].tolist()}")
+    raise InputError(
+        f"{name} contains NaN or inf{note} in {bad.size} row(s), first rows {bad[:5].tolist()}"
+    )
 
 
 def integer(value: Any, name: str, low: int = 1, high: int | None = None) -> int:
@@ -63,8 +69,12 @@ def integer(value: Any, name: str, low: int = 1, high: int | None = None) -> int
 
     ``integer(n, "n")`` is the positive-count check (n >= 1); ``integer(s, "seed", low=0)`` a seed.
     """
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low \
-            or (high is not None and value > high):
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, (int, np.integer))
+        or value < low
+        or (high is not None and value > high)
+    ):
         bound = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise InputError(f"{name} = {value!r}: expected an integer {bound}")
     return int(value)
@@ -85,14 +95,18 @@ def positive_number(value: Any, name: str, allow_zero: bool = False) -> float:
         number = math.nan
     if isinstance(value, (bool, np.bool_)) or not math.isfinite(number) or number < 0 \
             or (number == 0 and not allow_zero):
-        raise InputError(f"{name} = {value!r}: expected a finite number {'>= 0' if allow_zero else '> 0'}")
+        raise InputError(
+            f"{name} = {value!r}: expected a finite number {'>= 0' if allow_zero else '> 0'}"
+        )
     return number
 
 
 def one_of(value: Any, name: str, allowed: tuple[str, ...]) -> str:
     """``value`` if it is one of ``allowed``, else InputError listing them."""
     if value not in allowed:
-        raise InputError(f"unknown {name} {value!r}; allowed values are {', '.join(repr(a) for a in allowed)}")
+        raise InputError(
+            f"unknown {name} {value!r}; allowed values are {', '.join(repr(a) for a in allowed)}"
+        )
     return value
 
 
