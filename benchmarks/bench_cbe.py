@@ -83,7 +83,8 @@ def build_model(args):
     flow.fit(w.astype(np.float32), epochs=args.epochs, batch_size=512, verbose=0)
     return (
         flow,
-        f"Flow(layers={args.layers}, hidden={tuple(args.hidden)}) trained {args.epochs} epochs on 2e4 stars",
+        f"Flow(layers={args.layers}, hidden={tuple(args.hidden)}) trained {args.epochs} epochs on "
+        "2e4 stars",
     )
 
 
@@ -204,24 +205,29 @@ def report(title: str, fns: dict[str, Callable[[], Any]], args, target: str = ""
         for name in fns
     }
     print(
-        f"\n{title} for {args.positions} positions{'' if reliable else ' (busy machine: all calls counted)'}"
+        f"\n{title} for {args.positions} "
+        f"positions{'' if reliable else ' (busy machine: all calls counted)'}"
     )
     for name in fns:
         extrap = (f"  (timed on {n_loop} positions, x{args.positions / n_loop:g})"
                   if name.startswith("loop") and n_loop < args.positions else "")
         print(
-            f"  {name:12s} {total[name]:8.3f} s {total[name] / args.positions * 1e6:8.1f} us/position   "
+            f"  {name:12s} {total[name]:8.3f} s {total[name] / args.positions * 1e6:8.1f} "
+            "us/position   "
             f"first call {first[name]:6.2f} s{extrap}"
         )
     print(
-        f"  speed-up batched XLA vs loop: {total['loop'] / total['batched XLA']:.1f}x{target}; vs loop XLA: "
-        f"{total['loop XLA'] / total['batched XLA']:.1f}x; batched vs loop: {total['loop'] / total['batched']:.1f}x; "
+        f"  speed-up batched XLA vs loop: {total['loop'] / total['batched XLA']:.1f}x{target}; vs "
+        "loop XLA: "
+        f"{total['loop XLA'] / total['batched XLA']:.1f}x; batched vs loop: "
+        f"{total['loop'] / total['batched']:.1f}x; "
         f"batched XLA vs batched: {total['batched'] / total['batched XLA']:.2f}x"
     )
     batched = min(("batched", "batched XLA"), key=total.get)
     loop = min(("loop", "loop XLA"), key=total.get)
     print(
-        f"  fastest batched path ({batched}) vs fastest loop ({loop}): {total[loop] / total[batched]:.1f}x"
+        f"  fastest batched path ({batched}) vs fastest loop ({loop}): "
+        f"{total[loop] / total[batched]:.1f}x"
     )
 
 
@@ -296,7 +302,8 @@ def main() -> None:
         res_xla.acceleration - res.acceleration, axis=1
     ) > 1e-4 * np.linalg.norm(res.acceleration, axis=1)
     print(
-        f"  XLA vs plain graph: max relative difference {moved:.1e}; positions differing by > 1e-4 (a "
+        f"  XLA vs plain graph: max relative difference {moved:.1e}; positions differing by > "
+        "1e-4 (a "
         f"resampled velocity moved to a neighbouring candidate): {int(changed.sum())}"
     )
     err = np.linalg.norm(res.acceleration - h.acceleration(x), axis=1) / np.linalg.norm(
@@ -309,7 +316,8 @@ def main() -> None:
     )
     print(
         f"\naccuracy vs the analytic Hernquist acceleration{note}: median {np.median(err):.2e}, "
-        f"90th percentile {np.percentile(err, 90):.2e}; flagged {int(res.flagged.sum())} of {args.positions}"
+        f"90th percentile {np.percentile(err, 90):.2e}; flagged {int(res.flagged.sum())} of "
+        f"{args.positions}"
     )
 
 

@@ -284,7 +284,9 @@ class DenseFloor:
             import tensorflow as tf
             weights = [[tf.constant(w), tf.constant(b)] for w, b in params]
 
-            @tf.function(jit_compile=True, input_signature=[tf.TensorSpec([None, dim], tf.float32)])
+            @tf.function(
+                jit_compile=True, input_signature=[tf.TensorSpec([None, dim], tf.float32)]
+            )
             def floor(x):
                 h = x
                 for i, (w, b) in enumerate(weights):
@@ -380,7 +382,8 @@ def main(argv: list[str] | None = None) -> None:
         "--kind",
         choices=["affine", "spline"],
         default="affine",
-        help="affine MAF (the issue's comparison, default) or rational-quadratic spline MAF (8 bins)",
+        help="affine MAF (the issue's comparison, default) or rational-quadratic spline MAF "
+        "(8 bins)",
     )
     p.add_argument(
         "--no-eager", action="store_true", help="skip the (slow) plain eager TFP column"
@@ -402,9 +405,12 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = FlowConfig(dim=6, layers=8, hidden=(64, 64), kind=args.kind, seed=seed)
     print(
-        f"TensorFlow {tf.__version__} (intra-op {tf.config.threading.get_intra_op_parallelism_threads()}, "
-        f"inter-op {tf.config.threading.get_inter_op_parallelism_threads()} threads); torch {torch.__version__} "
-        f"(intra-op {torch.get_num_threads()}, inter-op {torch.get_num_interop_threads()} threads); "
+        f"TensorFlow {tf.__version__} (intra-op "
+        f"{tf.config.threading.get_intra_op_parallelism_threads()}, "
+        f"inter-op {tf.config.threading.get_inter_op_parallelism_threads()} threads); torch "
+        f"{torch.__version__} "
+        f"(intra-op {torch.get_num_threads()}, inter-op {torch.get_num_interop_threads()} "
+        "threads); "
         f"nflows {getattr(nflows, '__version__', '0.14')}; cores {os.cpu_count()}"
     )
 
@@ -418,12 +424,15 @@ def main(argv: list[str] | None = None) -> None:
                             for _ in range(-(-n_batches * args.batch // n_train))])
     batches = x_train[order[:n_batches * args.batch]].reshape(n_batches, args.batch, cfg.dim)
     print(
-        f"data: {n_train} + {n_eval} held-out 6D points of the isotropic Hernquist model (r < {R_MAX:g} a) "
+        f"data: {n_train} + {n_eval} held-out 6D points of the isotropic Hernquist model (r < "
+        f"{R_MAX:g} a) "
         f"from tfgalflow.mocks.sample_hernquist"
     )
     print(
-        f"model: {cfg.layers} {cfg.kind} MAF layers, MADE hidden {cfg.hidden}, reverse permutations, batch "
-        f"{args.batch}; timed calls: {steps} train steps, log_prob/grad on {args.batch} and {n_eval} points, "
+        f"model: {cfg.layers} {cfg.kind} MAF layers, MADE hidden {cfg.hidden}, reverse "
+        "permutations, batch "
+        f"{args.batch}; timed calls: {steps} train steps, log_prob/grad on {args.batch} and "
+        f"{n_eval} points, "
         f"{args.batch} and {n_sample} samples; 1 warm-up + {repeats} quiet calls each"
     )
 
@@ -435,8 +444,10 @@ def main(argv: list[str] | None = None) -> None:
     }
     stack = {"tfgalflow": defaults.steps_per_call, "tfgalflow XLA": args.steps_per_call}
     print(
-        f"training: 'tfgalflow' = TrainConfig defaults (jit_compile={defaults.jit_compile}, steps_per_call="
-        f"{defaults.steps_per_call}); 'tfgalflow XLA' = jit_compile=True, steps_per_call={args.steps_per_call}"
+        f"training: 'tfgalflow' = TrainConfig defaults (jit_compile={defaults.jit_compile}, "
+        "steps_per_call="
+        f"{defaults.steps_per_call}); 'tfgalflow XLA' = jit_compile=True, "
+        f"steps_per_call={args.steps_per_call}"
     )
     flow = impls["tfgalflow"].flow
     shift, scale = flow.x_shift.numpy(), flow.x_scale.numpy()
@@ -466,7 +477,8 @@ def main(argv: list[str] | None = None) -> None:
             np.abs(impls["tfgalflow"].log_prob(probe) - impls["TFP eager"].log_prob(probe))
         )
         print(
-            f"check: max |log p_tfgalflow - log p_TFP eager| at initialisation = {diff:.2e} (same weights)"
+            f"check: max |log p_tfgalflow - log p_TFP eager| at initialisation = {diff:.2e} (same "
+            "weights)"
         )
 
     datasets = [tf.data.Dataset.from_tensor_slices(batches[r * steps:(r + 1) * steps])
@@ -537,8 +549,10 @@ def main(argv: list[str] | None = None) -> None:
         results[key] = {name: Timing(t, points, first[name]) for name, t in times.items()}
         st = rounds[key]
         print(
-            f"  timed {label(key):<18} in {time.perf_counter() - t0:5.1f} s: {st['rounds']} rounds, "
-            f"{st['quiet_share']:.0%} of calls quiet (others <= {args.quiet:g} cores; median others "
+            f"  timed {label(key):<18} in {time.perf_counter() - t0:5.1f} s: {st['rounds']} "
+            "rounds, "
+            f"{st['quiet_share']:.0%} of calls quiet (others <= {args.quiet:g} cores; median "
+            "others "
             f"{st['others']:.2f}), >= {st['fewest_quiet']} quiet calls each"
             + ("" if st["reliable"] else " -- too few: all calls used, verdict inconclusive")
             + f"; {load()}"
@@ -556,8 +570,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{label(key):<31}" + "".join(f"{row[n].first:>20.2f}" for n in names))
 
     print(
-        f"\nSpeed-up over nflows{', against the issue targets' if cfg.kind == 'affine' else ''}. median = ratio of "
-        "the medians (decides met / not met); paired = median over rounds of the within-round ratio; best = ratio "
+        f"\nSpeed-up over nflows{', against the issue targets' if cfg.kind == 'affine' else ''}. "
+        "median = ratio of "
+        "the medians (decides met / not met); paired = median over rounds of the within-round "
+        "ratio; best = ratio "
         "of the fastest calls"
     )
     ratio_names = [n for n in names if n != "nflows"]
@@ -589,14 +605,16 @@ def main(argv: list[str] | None = None) -> None:
         for name in group:
             t = results[key][name]
             print(
-                f"  {label(key):<18}{name:<35}{fmt_rate(t.rate):>9} {UNITS[key[0]]} ±{t.spread:.0%}: "
+                f"  {label(key):<18}{name:<35}{fmt_rate(t.rate):>9} {UNITS[key[0]]} "
+                f"±{t.spread:.0%}: "
                 f"{t.paired_ratio(reference):.2f}x tfgalflow XLA (paired), "
                 f"{t.rate / results[key]['nflows'].rate:.2f}x nflows; first call {t.first:.2f} s"
             )
 
     flops = floors["floor TF XLA"].flops_per_point
     print(
-        f"\nDense floor for log_prob ({flops} flop/point: the MADE matmuls alone, no masks/affine/permutations)"
+        f"\nDense floor for log_prob ({flops} flop/point: the MADE matmuls alone, no "
+        "masks/affine/permutations)"
     )
     for n in sizes["log_prob"]:
         lp = results[("log_prob", n)]
@@ -615,7 +633,8 @@ def main(argv: list[str] | None = None) -> None:
     # sanity: every implementation trained the same number of steps on the same batches
     train_rounds = rounds[("train", steps * args.batch)]["rounds"]
     print(
-        f"\nHeld-out mean -log p (physical units) after {(train_rounds + 1) * steps} steps on the same batches "
+        f"\nHeld-out mean -log p (physical units) after {(train_rounds + 1) * steps} steps on the "
+        "same batches "
         f"(tfgalflow and TFP eager start from identical weights):"
     )
     print("  " + ", ".join(f"{n} {-np.mean(impls[n].log_prob(x_eval)):.4f}" for n in names))

@@ -62,7 +62,8 @@ def main() -> None:
     model = Hernquist()
 
     print(
-        f"n = {args.n} stars, r < {args.r_max} a, model units (G = M = a = 1); {os.cpu_count()} CPU(s)"
+        f"n = {args.n} stars, r < {args.r_max} a, model units (G = M = a = 1); {os.cpu_count()} "
+        "CPU(s)"
     )
     rows = []
     for kind in ("iso", "aniso"):
@@ -90,7 +91,8 @@ def main() -> None:
             t,
             len(mc),
             f"{mc.meta['steps']} steps x {args.emcee_walkers} walkers, acceptance "
-            f"{mc.meta['acceptance_fraction']:.3f}, tau {tau:.0f} steps -> ~{effective:.3g} independent stars",
+            f"{mc.meta['acceptance_fraction']:.3f}, tau {tau:.0f} steps -> ~{effective:.3g} "
+            "independent stars",
         )
     )
 
@@ -103,7 +105,8 @@ def main() -> None:
             baseline / t * args.n / effective if np.isfinite(effective) else float("nan")
         )
         print(
-            f"{name}: {baseline / t:.0f}x faster than emcee at equal n, {per_independent:.0f}x per independent star"
+            f"{name}: {baseline / t:.0f}x faster than emcee at equal n, {per_independent:.0f}x "
+            "per independent star"
         )
 
 

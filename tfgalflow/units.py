@@ -71,7 +71,8 @@ class ModelUnits:
     def __post_init__(self):
         if not (self.mass_msun > 0 and self.length_kpc > 0):
             raise ValueError(
-                f"ModelUnits needs positive mass and length, got {self.mass_msun}, {self.length_kpc}"
+                f"ModelUnits needs positive mass and length, got {self.mass_msun}, "
+                f"{self.length_kpc}"
             )
 
     @property
