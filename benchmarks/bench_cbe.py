@@ -1,32 +1,37 @@
 """Time CBE accelerations: the batched layer against a loop over positions, same model, same run.
 
-The reference implementations solve the collisionless Boltzmann equation one position at a time: for each
-x, evaluate ∇ log f at the K velocities of that x, then one small least-squares solve. tfgalflow does all
-B positions at once (chunked GradientTape passes + one batched 3x3 eigen-solve, CBELayer). Two stages,
-each timed for the batched path and for the loop, in the plain TF graph and XLA-compiled:
+The reference implementations solve the collisionless Boltzmann equation one position at a time:
+for each x, evaluate ∇ log f at the K velocities of that x, then one small least-squares solve.
+tfgalflow does all B positions at once (chunked GradientTape passes + one batched 3x3 eigen-solve,
+CBELayer). Two stages, each timed for the batched path and for the loop, in the plain TF graph and
+XLA-compiled:
 
   solve       velocities given (one batched SIR draw, shared): gradients + least squares
     batched        cbe.solve_cbe(df, x, v)                      chunks of 2^16 / K positions
-    batched XLA    cbe.solve_cbe(df, x, v, jit_compile=True)    the same, XLA-compiled (fixed, padded chunks)
-    loop           per position: cbe.df_gradients at its K velocities + numpy.linalg.lstsq (the reference
-                   code's shape: autograd per position, then one small solve)
-    loop XLA       per position: the batched XLA path's gradient maths compiled for K rows, one call, then
-                   numpy.linalg.lstsq (the fastest per-position call we found; see xla_gradients)
+    batched XLA    cbe.solve_cbe(df, x, v, jit_compile=True)    the same, XLA-compiled
+                                                                (fixed, padded chunks)
+    loop           per position: cbe.df_gradients at its K velocities + numpy.linalg.lstsq
+                   (the reference code's shape: autograd per position, then one small solve)
+    loop XLA       per position: the batched XLA path's gradient maths compiled for K rows, one
+                   call, then numpy.linalg.lstsq (the fastest per-position call we found; see
+                   xla_gradients)
   end to end  velocity sampling included
-    batched        cbe.accelerations(df, x, K)                  (jit_compile=True for "batched XLA")
+    batched        cbe.accelerations(df, x, K)                  (jit_compile=True for
+                                                                "batched XLA")
     loop           per position: cbe.sample_velocities + the solve loop's gradients + lstsq
-    loop XLA       per position: cbe.accelerations(df, x[i:i+1], K, chunk_size=1, jit_compile=True)
+    loop XLA       per position:
+                   cbe.accelerations(df, x[i:i+1], K, chunk_size=1, jit_compile=True)
 
-The loops are timed on ``--loop-subset`` positions and extrapolated linearly to all B (a fixed cost per
-position); the printout says so. Every path is called once before the timings (tracing, XLA
-compilation: reported as "first call"), then ``--repeats`` rounds call every path once, in an order
-rotated each round. The machine may be shared: a call counts only if other processes, except niced
-background jobs (nice >= 10, which yield the CPU to us), used at most ``--quiet`` cores while it ran
-(their threads' run time from /proc/*/task/*/schedstat); if too few calls were quiet, all calls count
-and the printout says "busy machine". Figures are medians; the ratio of medians is the speed-up. The
-paths are checked to give the same accelerations.
+The loops are timed on ``--loop-subset`` positions and extrapolated linearly to all B
+(a fixed cost per position); the printout says so. Every path is called once before the timings
+(tracing, XLA compilation: reported as "first call"), then ``--repeats`` rounds call every path
+once, in an order rotated each round. The machine may be shared: a call counts only if other
+processes, except niced background jobs (nice >= 10, which yield the CPU to us), used at most
+``--quiet`` cores while it ran (their threads' run time from /proc/*/task/*/schedstat); if too few
+calls were quiet, all calls count and the printout says "busy machine". Figures are medians; the
+ratio of medians is the speed-up. The paths are checked to give the same accelerations.
 
-    .venv/bin/python benchmarks/bench_cbe.py                                    # 10^4 positions x 256
+    .venv/bin/python benchmarks/bench_cbe.py          # 10^4 positions x 256
     .venv/bin/python benchmarks/bench_cbe.py --positions 2000 --loop-subset 100 --model exact
 """
 from __future__ import annotations
@@ -49,7 +54,7 @@ from tfgalflow.hernquist import Hernquist  # noqa: E402
 TARGET = 20.0
 
 
-# ---- model and positions ---------------------------------------------------------------------------
+# ---- model and positions ------------------------------------------------------------------------
 
 def hernquist_mock(n: int, seed: int) -> np.ndarray:
     """Exact isotropic Hernquist draws [n, 6] (r < 20 a), to adapt and briefly train the flow."""
@@ -96,10 +101,11 @@ def positions(n: int, seed: int) -> np.ndarray:
     ).astype(np.float32)
 
 
-# ---- the paths -------------------------------------------------------------------------------------
+# ---- the paths ----------------------------------------------------------------------------------
 
 def loop_solve(df, x: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """One position at a time: gradients at its K velocities, one least-squares solve (the reference shape)."""
+    """One position at a time: gradients at its K velocities, one least-squares solve
+    (the reference shape)."""
     out = np.empty((len(x), 3))
     for i in range(len(x)):
         g_x, g_v = cbe.df_gradients(df, np.repeat(x[i:i + 1], len(v[i]), axis=0), v[i])
@@ -110,9 +116,10 @@ def loop_solve(df, x: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 
 def xla_gradients(df, k: int) -> Callable:
-    """(x [K, 3], v [K, 3]) -> (∇_x log f, ∇_v log f) [K, 3]: the gradients of the batched XLA path, compiled
-    for one position's K rows (measured the cheapest per-position call: ~2x less per call than solve_cbe
-    with chunk_size=1 and jit_compile=True, whose 3x3 solve runs in the plain graph)."""
+    """(x [K, 3], v [K, 3]) -> (∇_x log f, ∇_v log f) [K, 3]: the gradients of the batched XLA
+    path, compiled for one position's K rows (measured the cheapest per-position call: ~2x less per
+    call than solve_cbe with chunk_size=1 and jit_compile=True, whose 3x3 solve runs in the plain
+    graph)."""
     spec = tf.TensorSpec([k, 3], tf.float32)
 
     def gradients(x, v):
@@ -153,10 +160,11 @@ def loop_end_to_end_xla(df, x: np.ndarray, k: int, seed: int) -> np.ndarray:
     )
 
 
-# ---- timing -----------------------------------------------------------------------------------------
+# ---- timing -------------------------------------------------------------------------------------
 
 def others_cpu_seconds() -> float:
-    """CPU seconds of other processes so far (niced jobs not counted): ``_timing.others_cpu_seconds``."""
+    """CPU seconds of other processes so far (niced jobs not counted):
+    ``_timing.others_cpu_seconds``."""
     from _timing import others_cpu_seconds as seconds
     return seconds(skip_niced=True)
 
@@ -164,10 +172,11 @@ def others_cpu_seconds() -> float:
 def interleaved(
     fns: dict[str, Callable[[], Any]], repeats: int, quiet: float
 ) -> tuple[dict, dict, bool]:
-    """First-call seconds, per-path median seconds over quiet calls (all calls if too few were quiet), quiet?
+    """First-call seconds, per-path median seconds over quiet calls (all calls if too few were
+    quiet), quiet?
 
-    Rounds call every path once in an order rotated by one per round, until each path has ``repeats``
-    quiet calls (at most 3 x repeats rounds).
+    Rounds call every path once in an order rotated by one per round, until each path has
+    ``repeats`` quiet calls (at most 3 x repeats rounds).
     """
     names = list(fns)
     first = {}
@@ -197,7 +206,8 @@ def interleaved(
 
 
 def report(title: str, fns: dict[str, Callable[[], Any]], args, target: str = "") -> None:
-    """Time the four paths of a stage (loops on the first --loop-subset positions) and print the table."""
+    """Time the four paths of a stage (loops on the first --loop-subset positions) and print the
+    table."""
     first, median, reliable = interleaved(fns, args.repeats, args.quiet)
     n_loop = min(args.loop_subset, args.positions)
     total = {
@@ -235,7 +245,7 @@ def relative_difference(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.nanmax(np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)))
 
 
-# ---- main -------------------------------------------------------------------------------------------
+# ---- main ---------------------------------------------------------------------------------------
 
 def main() -> None:
     p = argparse.ArgumentParser(

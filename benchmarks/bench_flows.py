@@ -1,47 +1,56 @@
-"""tfgalflow.model.Flow vs plain eager TFP vs PyTorch nflows: one MAF, one mock, one run, one table.
+"""tfgalflow.model.Flow vs plain eager TFP vs PyTorch nflows: one MAF, one mock, one run, one
+table.
 
 The same architecture in every implementation -- 8 masked affine autoregressive layers with reverse
 permutations between them, MADE networks of 2 x 64 hidden units (ReLU), standard-normal base, Adam
 (lr 1e-3) on batches of 2048 -- fitted to the same exact isotropic Hernquist mock (6D positions and
 velocities, G = M = a = 1, r < 20 a), and timed on the same points:
 
-    tfgalflow       tfgalflow.model.Flow as the package runs it by default: Flow.adapt, Flow.compile + one
-                    Keras ``fit`` epoch per timed call, with TrainConfig's default jit_compile and
-                    steps_per_call (training.train's path), the traced ``log_prob`` / ``grad_log_prob`` /
-                    ``sample`` public methods;
-    tfgalflow XLA   ``TrainConfig(jit_compile=True, steps_per_call=K)``: ``compile(..., jit_compile=True)``
-                    fed stacks of K batches [K, 2048, 6] (K optimizer steps per compiled call, as
-                    training.train feeds them), and ``Flow(..., jit_compile=True)`` for log_prob / grad
-                    (the package never XLA-compiles sampling, so that row re-measures the same code);
-    TFP eager       the same TFP bijector chain (``tfgalflow.flows.build_bijector``, identical initial
-                    weights) in a ``tfd.TransformedDistribution``, no tf.function: GradientTape + Adam;
-    nflows          nflows 0.14 (PyTorch): MaskedAffineAutoregressiveTransform x 8 + ReversePermutation,
-                    hidden_features=64, num_blocks=1, use_residual_blocks=False (= 2 hidden layers of 64;
-                    see benchmarks/_nflows_model.py for why not nflows' default residual blocks).
+    tfgalflow       tfgalflow.model.Flow as the package runs it by default: Flow.adapt,
+                    Flow.compile + one Keras ``fit`` epoch per timed call, with TrainConfig's
+                    default jit_compile and steps_per_call (training.train's path), the traced
+                    ``log_prob`` / ``grad_log_prob`` / ``sample`` public methods;
+    tfgalflow XLA   ``TrainConfig(jit_compile=True, steps_per_call=K)``:
+                    ``compile(..., jit_compile=True)`` fed stacks of K batches [K, 2048, 6]
+                    (K optimizer steps per compiled call, as training.train feeds them), and
+                    ``Flow(..., jit_compile=True)`` for log_prob / grad (the package never
+                    XLA-compiles sampling, so that row re-measures the same code);
+    TFP eager       the same TFP bijector chain (``tfgalflow.flows.build_bijector``, identical
+                    initial weights) in a ``tfd.TransformedDistribution``, no tf.function:
+                    GradientTape + Adam;
+    nflows          nflows 0.14 (PyTorch): MaskedAffineAutoregressiveTransform x 8 +
+                    ReversePermutation, hidden_features=64, num_blocks=1,
+                    use_residual_blocks=False (= 2 hidden layers of 64; see
+                    benchmarks/_nflows_model.py for why not nflows' default residual blocks).
 
 All compute log p in physical units (the rescaler's Jacobian included). Metrics: training samples/s
-(optimizer steps on batches of 2048), log_prob points/s, sampling points/s, ∂ log p/∂x points/s. Each
-timed call runs once as warm-up (tracing, XLA compilation; reported as "first call"), then rounds call
-every implementation once, in an order rotated each round. The machine is shared: a call counts only if
-other processes used at most ``--quiet`` cores while it ran (their threads' run time from
-/proc/*/task/*/schedstat), because under load torch's OpenMP threads slow down many-fold while TF's pool
-barely does; rounds go on until each implementation has ``--repeats`` quiet calls (if the ``--budget``
-runs out first, the verdict is "inconclusive"). Figures are medians over the quiet calls (spread =
-(max - min) / median). Speed-ups over nflows: the ratio of medians decides met / not met; beside it the
-paired ratio (median over rounds of the within-round ratio, which cancels slow drifts that no process
-list shows, e.g. host-level noise) and the ratio of the fastest calls.
-Thread counts are fixed (``--threads``, default 2 = the machine's cores) for TF intra/inter-op and torch
-intra/inter-op, and printed. Package-side variants are timed in the same rounds: XLA training with
-Keras' own ``steps_per_execution`` (one batch per step function, the loop outside XLA) instead of stacks,
-and XLA-compiled sampling.
-A "dense floor" -- only the 24 matmuls + bias + ReLU of the 8 MADEs, XLA-compiled in TF and plain in
-torch -- bounds the log_prob speed a dense-matmul implementation can reach on this CPU in float32.
-Every implementation trains the same number of steps on the same batches; the held-out -log p printed
-at the end checks that (tfgalflow and eager TFP start from identical weights and must agree).
+(optimizer steps on batches of 2048), log_prob points/s, sampling points/s, ∂ log p/∂x points/s.
+Each timed call runs once as warm-up (tracing, XLA compilation; reported as "first call"), then
+rounds call every implementation once, in an order rotated each round. The machine is shared: a
+call counts only if other processes used at most ``--quiet`` cores while it ran
+(their threads' run time from /proc/*/task/*/schedstat), because under load torch's OpenMP threads
+slow down many-fold while TF's pool barely does; rounds go on until each implementation has
+``--repeats`` quiet calls (if the ``--budget`` runs out first, the verdict is "inconclusive").
+Figures are medians over the quiet calls (spread = (max - min) / median). Speed-ups over nflows:
+the ratio of medians decides met / not met; beside it the paired ratio
+(median over rounds of the within-round ratio, which cancels slow drifts that no process list
+shows, e.g. host-level noise) and the ratio of the fastest calls.
+Thread counts are fixed (``--threads``, default 2 = the machine's cores) for TF intra/inter-op and
+torch intra/inter-op, and printed. Package-side variants are timed in the same rounds: XLA training
+with Keras' own ``steps_per_execution`` (one batch per step function, the loop outside XLA) instead
+of stacks, and XLA-compiled sampling.
+A "dense floor" -- only the 24 matmuls + bias + ReLU of the 8 MADEs, XLA-compiled in TF and plain
+in torch -- bounds the log_prob speed a dense-matmul implementation can reach on this CPU in
+float32. Every implementation trains the same number of steps on the same batches; the
+held-out -log p printed at the end checks that (tfgalflow and eager TFP start from identical
+weights and must agree).
 
-    .venv/bin/python benchmarks/bench_flows.py            # ~2 min on a quiet 2-core machine, <= ~9 busy
-    .venv/bin/python benchmarks/bench_flows.py --quick    # ~45 s smoke run (fewer, smaller calls)
-    .venv/bin/python benchmarks/bench_flows.py --kind spline   # the same for 8-bin spline MAFs (no targets)
+    .venv/bin/python benchmarks/bench_flows.py                # ~2 min on a quiet 2-core machine,
+                                                              # <= ~9 busy
+    .venv/bin/python benchmarks/bench_flows.py --quick        # ~45 s smoke run
+                                                              # (fewer, smaller calls)
+    .venv/bin/python benchmarks/bench_flows.py --kind spline  # the same for 8-bin spline MAFs
+                                                              # (no targets)
 
 Needs the ``bench`` extra: ``pip install torch==2.13.0`` (CPU wheel) then ``pip install nflows``.
 """
@@ -71,7 +80,8 @@ R_MAX = 20.0
 # ---- data -------------------------------------------------------------------------------------
 
 def hernquist_mock(n: int, seed: int) -> np.ndarray:
-    """Exact isotropic Hernquist draws [n, 6] (x, v; G = M = a = 1, r < R_MAX): ``mocks.sample_hernquist``."""
+    """Exact isotropic Hernquist draws [n, 6] (x, v; G = M = a = 1, r < R_MAX):
+    ``mocks.sample_hernquist``."""
     from tfgalflow.mocks import sample_hernquist
 
     return np.asarray(
@@ -82,7 +92,8 @@ def hernquist_mock(n: int, seed: int) -> np.ndarray:
 # ---- timing -----------------------------------------------------------------------------------
 
 def others_cpu_seconds() -> float:
-    """CPU seconds of other processes so far (niced jobs counted too): ``_timing.others_cpu_seconds``."""
+    """CPU seconds of other processes so far (niced jobs counted too):
+    ``_timing.others_cpu_seconds``."""
     from _timing import others_cpu_seconds as seconds
     return seconds(skip_niced=False)
 
@@ -92,15 +103,15 @@ def interleaved(fns: dict[str, Callable[[int], Any]], repeats: int, budget: floa
     """Time each fn(round) round-robin, marking the calls during which the machine was quiet.
 
     Call 0 of each fn is the warm-up (tracing, compilation), reported separately. Then rounds call
-    every fn once, in an order rotated by one per round. A call is *quiet* if other processes used at
-    most ``quiet`` cores while it ran: under load torch's OpenMP threads slow down many-fold (spinning
-    at barriers for a stolen core) while TF's thread pool barely does, which would fake large speed-ups.
-    Rounds go on until every fn has ``repeats`` quiet calls -- at least ``repeats`` rounds, at most
-    4 x repeats, and no new round after ``budget`` seconds.
+    every fn once, in an order rotated by one per round. A call is *quiet* if other processes used
+    at most ``quiet`` cores while it ran: under load torch's OpenMP threads slow down many-fold
+    (spinning at barriers for a stolen core) while TF's thread pool barely does, which would fake
+    large speed-ups. Rounds go on until every fn has ``repeats`` quiet calls -- at least
+    ``repeats`` rounds, at most 4 x repeats, and no new round after ``budget`` seconds.
 
-    Returns first-call seconds {name: s}, per-round seconds {name: [s | nan if not quiet]} (all calls,
-    quiet or not, if some fn has fewer than min(3, repeats) quiet ones: then stats["reliable"] is False)
-    and statistics.
+    Returns first-call seconds {name: s}, per-round seconds {name: [s | nan if not quiet]}
+    (all calls, quiet or not, if some fn has fewer than min(3, repeats) quiet ones: then
+    stats["reliable"] is False) and statistics.
     """
     names = list(fns)
     first = {}
@@ -142,7 +153,8 @@ def interleaved(fns: dict[str, Callable[[int], Any]], repeats: int, budget: floa
 
 
 class Timing:
-    """Throughput of one fn from its per-round seconds (nan = left out): median, best and spread."""
+    """Throughput of one fn from its per-round seconds (nan = left out): median, best and
+    spread."""
 
     def __init__(self, seconds: list[float], points: int, first: float):
         self.seconds = np.asarray(seconds)
@@ -153,8 +165,9 @@ class Timing:
         self.first = first
 
     def paired_ratio(self, other: "Timing") -> float:
-        """Median over the rounds where both were kept of (other's seconds / this one's): the speed-up
-        over ``other`` with slow drifts of the machine (shared by both calls of a round) cancelled."""
+        """Median over the rounds where both were kept of (other's seconds / this one's): the
+        speed-up over ``other`` with slow drifts of the machine (shared by both calls of a round)
+        cancelled."""
         both = np.isfinite(self.seconds) & np.isfinite(other.seconds)
         return (
             float(np.median(other.seconds[both] / self.seconds[both])) if both.any() else math.nan
@@ -196,8 +209,8 @@ class TfgalflowBench:
         return self.flow.sample(n, seed=seed).numpy()
 
     def xla_sampler(self) -> Callable[[int, int], np.ndarray]:
-        """Variant: the public ``sample_stateless`` inside a ``tf.function(jit_compile=True)`` (the package
-        compiles log_prob/grad with XLA but never sampling)."""
+        """Variant: the public ``sample_stateless`` inside a ``tf.function(jit_compile=True)``
+        (the package compiles log_prob/grad with XLA but never sampling)."""
         import tensorflow as tf
 
         fn = tf.function(
@@ -259,12 +272,14 @@ class EagerTFPBench:
 
 
 class DenseFloor:
-    """Only the dense layers of the MADEs (D -> hidden -> params x D, ReLU) on [N, D]: a bound on log_prob time.
+    """Only the dense layers of the MADEs (D -> hidden -> params x D, ReLU) on [N, D]: a bound on
+    log_prob time.
 
-    Masked or not, a dense layer costs the same matmul, so an implementation that evaluates the MADEs as
-    dense float32 matmuls (TFP, nflows, tfgalflow) cannot beat this on this CPU; its throughput over
-    nflows' bounds the reachable log_prob ratio. (Only skipping the masked zeros -- about half the
-    weights -- with block-sparse products by MADE degree could go below it.)
+    Masked or not, a dense layer costs the same matmul, so an implementation that evaluates the
+    MADEs as dense float32 matmuls (TFP, nflows, tfgalflow) cannot beat this on this CPU; its
+    throughput over nflows' bounds the reachable log_prob ratio. (Only skipping the masked
+    zeros -- about half the weights -- with block-sparse products by MADE degree could go below
+    it.)
     """
 
     def __init__(
@@ -470,7 +485,8 @@ def main(argv: list[str] | None = None) -> None:
     tfp_shapes = [tuple(v.shape) for v in made.trainable_variables if len(v.shape) == 2]
     print(f"dense shapes per MADE: nflows {shapes}, tfgalflow/TFP {tfp_shapes}")
 
-    # consistency: same seed -> same initial weights, so tfgalflow and eager TFP agree before training
+    # consistency: same seed -> same initial weights, so tfgalflow and eager TFP agree before
+    # training
     probe = x_eval[:1024]
     if "TFP eager" in impls:
         diff = np.max(
@@ -485,7 +501,8 @@ def main(argv: list[str] | None = None) -> None:
                 for r in range(4 * repeats + 1)]
 
     def stacked(k: int) -> list:
-        """The same batches as stacks [k, B, D] (what training.train feeds with steps_per_call = k)."""
+        """The same batches as stacks [k, B, D] (what training.train feeds with
+        steps_per_call = k)."""
         return datasets if k == 1 else [d.batch(k) for d in datasets]
 
     def train_fn(name):
@@ -495,8 +512,8 @@ def main(argv: list[str] | None = None) -> None:
             return lambda r: impl.train(feeds[r])
         return lambda r: impl.train(batches[r * steps:(r + 1) * steps])
 
-    # groups timed together: (metric, points per call) -> {name: fn(round)}; evaluation at one batch
-    # (per-call overheads count) and in bulk (throughput)
+    # groups timed together: (metric, points per call) -> {name: fn(round)}; evaluation at one
+    # batch (per-call overheads count) and in bulk (throughput)
     sizes = {
         "log_prob": (args.batch, n_eval),
         "grad": (args.batch, n_eval),

@@ -1,11 +1,13 @@
-"""Time the exact Hernquist sampler against emcee (the reference study's sampler) at equal n, same run.
+"""Time the exact Hernquist sampler against emcee (the reference study's sampler) at equal n, same
+run.
 
-The reference mocks (An, Naik, Evans & Burrage 2021; HernquistFlows ``data/sample_hq_iso.py``) were drawn
-with emcee: 100 walkers, 1000 burn-in steps, thinning by 100, truncated at r = 200 a. Here emcee runs the
-same target (``Hernquist.log_df``, vectorised over walkers, r < r_max) with ``--emcee-thin`` (default 10,
-ten times fewer steps than the reference, i.e. favourable to emcee) and the exact sampler draws the same
-number of stars. Printed: wall time, stars per second, emcee's acceptance fraction and integrated
-autocorrelation time tau, and emcee's effective number of independent stars ~ n * thin / tau.
+The reference mocks (An, Naik, Evans & Burrage 2021; HernquistFlows ``data/sample_hq_iso.py``) were
+drawn with emcee: 100 walkers, 1000 burn-in steps, thinning by 100, truncated at r = 200 a. Here
+emcee runs the same target (``Hernquist.log_df``, vectorised over walkers, r < r_max) with
+``--emcee-thin`` (default 10, ten times fewer steps than the reference, i.e. favourable to emcee)
+and the exact sampler draws the same number of stars. Printed: wall time, stars per second, emcee's
+acceptance fraction and integrated autocorrelation time tau, and emcee's effective number of
+independent stars ~ n * thin / tau.
 
     .venv/bin/python benchmarks/bench_mocks.py                       # n = 10^6 (emcee ~1 min)
     .venv/bin/python benchmarks/bench_mocks.py --n 100000 --emcee-thin 100

@@ -1,5 +1,5 @@
-"""The command line as a new user meets it: arguments checked before any work, plain files readable,
-SavedModels usable wherever a run directory is, one-line errors with exit status 2."""
+"""The command line as a new user meets it: arguments checked before any work, plain files
+readable, SavedModels usable wherever a run directory is, one-line errors with exit status 2."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -48,7 +48,8 @@ def test_accel_checks_the_output_type_before_computing(tmp_path, capsys, no_mode
 
 
 def test_sample_and_logprob_accept_a_savedmodel(tmp_path, capsys):
-    # The shipped model is a 6-D Hernquist flow: its samples are bound orbits, where log p is finite.
+    # The shipped model is a 6-D Hernquist flow: its samples are bound orbits, where log p is
+    # finite.
     out = tmp_path / "s.npy"
     assert main(["sample", str(SHIPPED), "--n", "64", "--seed", "3", "--out", str(out)]) == 0
     x = np.load(out)
@@ -97,7 +98,8 @@ def test_mock_says_how_many_noisy_stars_it_dropped(tmp_path, capsys):
                  "--noise", "0.3", "--out", str(out)]) == 0
     kept = len(Catalogue.load(out))
     line = next(t for t in capsys.readouterr().out.splitlines() if t.startswith("noise moved"))
-    # 30 % multiplicative noise on r < 5 stars pushes some beyond 5: the message counts exactly those.
+    # 30 % multiplicative noise on r < 5 stars pushes some beyond 5: the message counts exactly
+    # those.
     assert line.startswith(f"noise moved {2000 - kept} of 2000 stars") and 0 < 2000 - kept < 2000
 
 
@@ -110,7 +112,8 @@ def test_mock_dehnen_grid_writes_labels_as_columns(tmp_path, capsys):
     nodes, counts = np.unique(cat.labels, axis=0, return_counts=True)
     np.testing.assert_array_equal(nodes, [[0.5, 0.0], [0.5, 1.0], [1.5, 0.0], [1.5, 1.0]])
     assert (counts == 300).all()
-    # Each node's radii follow its own mass profile M(<r)/M = (r/(r+1))^(3-gamma): the medians differ.
+    # Each node's radii follow its own mass profile M(<r)/M = (r/(r+1))^(3-gamma): the medians
+    # differ.
     r = np.linalg.norm(cat.pos, axis=1)
     for gamma in (0.5, 1.5):
         median = np.median(r[cat.labels[:, 0] == gamma])

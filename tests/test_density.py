@@ -1,12 +1,13 @@
-"""The density contract (tfgalflow.density.Density): one set of generic checks over every implementation.
+"""The density contract (tfgalflow.density.Density): one set of generic checks over every
+implementation.
 
-Each implementation only says how to build itself (a ``Case``); every check runs on every case. A new
-density must be added to ``CASES`` (``test_every_density_class_has_a_case`` fails otherwise).
+Each implementation only says how to build itself (a ``Case``); every check runs on every case. A
+new density must be added to ``CASES`` (``test_every_density_class_has_a_case`` fails otherwise).
 
-Independent truths used here: normalisation ∫ p dx = 1 by importance sampling from a Student-t proposal
-(or, for the exact Hernquist DF, by quadrature against its known mass M(r) = r²/(r + a)²); consistency of
-samples and log_prob through the identity E_{x~p}[q(x)/p(x)] = 1 for a normalised q whose tails are
-lighter than p's; gradients against central finite differences of log_prob.
+Independent truths used here: normalisation ∫ p dx = 1 by importance sampling from a Student-t
+proposal (or, for the exact Hernquist DF, by quadrature against its known mass M(r) = r²/(r + a)²);
+consistency of samples and log_prob through the identity E_{x~p}[q(x)/p(x)] = 1 for a normalised q
+whose tails are lighter than p's; gradients against central finite differences of log_prob.
 """
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ def _gaussian_data(n: int, dim: int, seed: int) -> np.ndarray:
 
 
 def _flow(dim: int, label_dim: int = 0, seed: int = 0, isotropic: bool = False) -> Flow:
-    """A small flow adapted (not trained) to correlated Gaussian data (or N(0, I) data): any density is a
-    fair test case."""
+    """A small flow adapted (not trained) to correlated Gaussian data (or N(0, I) data): any
+    density is a fair test case."""
     x = (
         np.random.default_rng(seed).normal(size=(2000, dim))
         if isotropic
@@ -50,7 +51,8 @@ def _flow(dim: int, label_dim: int = 0, seed: int = 0, isotropic: bool = False) 
         if label_dim
         else None
     )
-    # tanh: a smooth density, so finite differences are a fair check of its gradient (ReLU kinks are not).
+    # tanh: a smooth density, so finite differences are a fair check of its gradient
+    # (ReLU kinks are not).
     return Flow(
         FlowConfig(
             dim=dim, label_dim=label_dim, layers=2, hidden=(16, 16), activation="tanh", seed=seed
@@ -137,7 +139,8 @@ def _labels(case: Case, n: int):
 
 
 def _points(case: Case, df: Density, n: int, seed: int) -> np.ndarray:
-    """Points where the density is well inside its support: its own draws, or bound Hernquist orbits."""
+    """Points where the density is well inside its support: its own draws, or bound Hernquist
+    orbits."""
     if df.can_sample:
         return df.sample(n, _labels(case, n), seed=seed).numpy()
     rng = np.random.default_rng(seed)
@@ -160,7 +163,8 @@ def _package_density_classes() -> set[type]:
 
 
 def test_every_density_class_has_a_case(densities):
-    # Every Density subclass the package defines is exercised by the contract (a new one adds a Case).
+    # Every Density subclass the package defines is exercised by the contract
+    # (a new one adds a Case).
     assert _package_density_classes() <= {type(d) for d in densities.values()}
     assert tfgalflow.Density is Density
 
@@ -195,9 +199,10 @@ class TestDensityContract:
         x = _points(case, df, 8, seed=4).astype(np.float64)
         c = _labels(case, 8)
         grad = df.grad_log_prob(x, c).numpy()
-        # Central differences of the float32 log p with a step of 1e-2 x the column scale: truncation
-        # O(h²) ~ 1e-4 and round-off ~ 1e-7 |log p| / h ~ 1e-4, so 2e-2 relative to the gradient's
-        # size is loose enough for float32 and tight enough to catch a wrong sign, factor or column.
+        # Central differences of the float32 log p with a step of 1e-2 x the column scale:
+        # truncation O(h²) ~ 1e-4 and round-off ~ 1e-7 |log p| / h ~ 1e-4, so 2e-2 relative to the
+        # gradient's size is loose enough for float32 and tight enough to catch a wrong sign,
+        # factor or column.
         h = 1e-2 * np.maximum(np.abs(x).mean(axis=0), 0.1)
         fd = np.empty_like(grad)
         for j in range(df.dim):
@@ -225,8 +230,9 @@ class TestDensityContract:
             pytest.skip(f"{case.name} does not sample")
         x = df.sample(20000, _labels(case, 20000), seed=6).numpy().astype(np.float64)
         mean, cov = x.mean(axis=0), np.cov(x.T)
-        # q = N(mean, 0.6² cov) has lighter tails than p, so q/p is bounded and E_{x~p}[q/p] = ∫ q = 1.
-        # If the draws did not come from the density log_prob describes, the mean ratio differs from 1.
+        # q = N(mean, 0.6² cov) has lighter tails than p, so q/p is bounded and E_{x~p}[q/p]
+        # = ∫ q = 1. If the draws did not come from the density log_prob describes, the mean
+        # ratio differs from 1.
         q = stats.multivariate_normal(mean, 0.36 * cov)
         log_ratio = q.logpdf(x) - df.log_prob(x.astype(np.float32), _labels(case, len(x))).numpy()
         ratio = np.exp(log_ratio)

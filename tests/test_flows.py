@@ -1,8 +1,8 @@
 """Tests of tfgalflow.flows: FlowConfig validation/serialisation and the MAF bijector chain.
 
-References used: exact inverse (forward ∘ inverse = id), the log-determinant from an autodiff Jacobian
-(tf.GradientTape.batch_jacobian + numpy slogdet), the identity tails of the rational-quadratic spline,
-and the autoregressive (triangular) structure of a single MAF layer.
+References used: exact inverse (forward ∘ inverse = id), the log-determinant from an autodiff
+Jacobian (tf.GradientTape.batch_jacobian + numpy slogdet), the identity tails of the
+rational-quadratic spline, and the autoregressive (triangular) structure of a single MAF layer.
 """
 import json
 import os
@@ -120,8 +120,9 @@ def test_chain_structure_names_and_permutations():
 @pytest.mark.parametrize("kind", ["affine", "spline"])
 @pytest.mark.parametrize("label_dim", [0, 2])
 def test_forward_inverts_inverse(kind, label_dim):
-    # forward(inverse(y)) = y up to float32 round-off accumulated over the D-step autoregressive solve
-    # (~1e-6 relative per layer; 1e-4 absolute on O(1) values fails on any wrong mask or conditioning).
+    # forward(inverse(y)) = y up to float32 round-off accumulated over the D-step autoregressive
+    # solve (~1e-6 relative per layer; 1e-4 absolute on O(1) values fails on any wrong mask or
+    # conditioning).
     cfg = FlowConfig(dim=3, label_dim=label_dim, layers=3, hidden=(16, 16), kind=kind, bins=5)
     chain, y, c = _built(cfg)
     z = chain.inverse(y, **_kwargs(cfg, c))
@@ -132,8 +133,9 @@ def test_forward_inverts_inverse(kind, label_dim):
 @pytest.mark.parametrize("kind", ["affine", "spline"])
 @pytest.mark.parametrize("label_dim", [0, 1])
 def test_inverse_log_det_matches_autodiff_jacobian(kind, label_dim):
-    # Reference: log|det ∂z/∂y| from the full Jacobian (batch_jacobian) and numpy slogdet in float64.
-    # float32 Jacobian entries are accurate to ~1e-6 relative; 1e-4 absolute on values of O(1).
+    # Reference: log|det ∂z/∂y| from the full Jacobian (batch_jacobian) and numpy slogdet in
+    # float64. float32 Jacobian entries are accurate to ~1e-6 relative; 1e-4 absolute on values of
+    # O(1).
     cfg = FlowConfig(dim=3, label_dim=label_dim, layers=2, hidden=(16,), kind=kind, bins=4)
     chain, y, c = _built(cfg, n=6)
     with tf.GradientTape() as tape:
@@ -148,7 +150,8 @@ def test_inverse_log_det_matches_autodiff_jacobian(kind, label_dim):
 
 @pytest.mark.parametrize("kind", ["affine", "spline"])
 def test_one_pass_density_direction_equals_tfp_chain(kind):
-    # inverse_and_log_det (one MADE call per layer) vs TFP's own Chain.inverse / inverse_log_det_jacobian.
+    # inverse_and_log_det (one MADE call per layer) vs TFP's own Chain.inverse /
+    # inverse_log_det_jacobian.
     cfg = FlowConfig(
         dim=3, label_dim=2, layers=3, hidden=(16,), kind=kind, bins=4, permutation="random"
     )
@@ -167,7 +170,8 @@ def test_one_pass_density_direction_equals_tfp_chain(kind):
 @pytest.mark.parametrize("kind", ["affine", "spline"])
 @pytest.mark.parametrize("label_dim", [0, 2])
 def test_sampling_direction_equals_tfp_chain(kind, label_dim):
-    # forward (truncated passes, loop over layers) vs TFP's Chain.forward (D full MADE passes per layer).
+    # forward (truncated passes, loop over layers) vs TFP's Chain.forward
+    # (D full MADE passes per layer).
     cfg = FlowConfig(dim=4, label_dim=label_dim, layers=3, hidden=(16,), kind=kind, bins=4,
                      permutation="random")
     chain, z, c = _built(cfg, n=8)
@@ -183,8 +187,9 @@ def test_sampling_direction_equals_tfp_chain(kind, label_dim):
 
 
 def _trained(cfg, steps=3, n=64, seed=0):
-    """Chain after a few Adam steps on -log p of Gaussian data (biases and label weights become non-zero;
-    the optimizer applies TFP's mask constraints as in Flow.fit), plus z [n, D] and labels [n, C] | None."""
+    """Chain after a few Adam steps on -log p of Gaussian data (biases and label weights become
+    non-zero; the optimizer applies TFP's mask constraints as in Flow.fit), plus z [n, D] and
+    labels [n, C] | None."""
     rng = np.random.default_rng(seed)
     chain, _, _ = _built(cfg, n=2, seed=seed)
     y = tf.constant(rng.normal(size=(n, cfg.dim)) * 1.5, tf.float32)
@@ -207,10 +212,11 @@ def _trained(cfg, steps=3, n=64, seed=0):
 @pytest.mark.parametrize("dim", [1, 2, 6])
 @pytest.mark.parametrize("hidden", [(16,), (12, 16, 8)])
 def test_truncated_passes_equal_the_full_pass_loop(kind, label_dim, dim, hidden):
-    # Reference: the full-pass loop (truncate=False; TFP's algorithm). The truncated passes drop only
-    # products with exactly-zero masked weights, so they differ only by float32 summation order in the
-    # shortened matmuls: observed <= 1e-6 on values of O(1-10) after 3 layers. A wrong slice, a missing
-    # label term or a wrong column gives O(0.1-1) differences (checked by breaking the slices by one).
+    # Reference: the full-pass loop (truncate=False; TFP's algorithm). The truncated passes drop
+    # only products with exactly-zero masked weights, so they differ only by float32 summation
+    # order in the shortened matmuls: observed <= 1e-6 on values of O(1-10) after 3 layers. A wrong
+    # slice, a missing label term or a wrong column gives O(0.1-1) differences
+    # (checked by breaking the slices by one).
     cfg = FlowConfig(
         dim=dim,
         label_dim=label_dim,
@@ -231,8 +237,9 @@ def test_truncated_passes_equal_the_full_pass_loop(kind, label_dim, dim, hidden)
 
 
 def test_truncated_sampling_is_the_same_traced_and_eager():
-    # What Flow.sample runs: forward inside a tf.function (Grappler-optimised graph with the layer loop);
-    # same ops as eager, so equal to float32 round-off (fused MatMul+BiasAdd may round differently).
+    # What Flow.sample runs: forward inside a tf.function (Grappler-optimised graph with the layer
+    # loop); same ops as eager, so equal to float32 round-off (fused MatMul+BiasAdd may round
+    # differently).
     cfg = FlowConfig(
         dim=3, label_dim=1, layers=4, hidden=(16, 16), kind="spline", bins=5, permutation="random"
     )
@@ -243,9 +250,10 @@ def test_truncated_sampling_is_the_same_traced_and_eager():
 
 
 def test_truncation_slices_are_the_made_degrees():
-    # Independent reference: Germain et al. (2015) / TFP 'equal' degrees of a width-H hidden layer in D
-    # dimensions, m(u) = max(1, ceil(u (D-1) / (H+1))), u = 1..H; output i (0-based, degree i+1) reads
-    # the hidden units of degree <= i in every layer and the data columns 0..i-1.
+    # Independent reference: Germain et al. (2015) / TFP 'equal' degrees of a width-H hidden layer
+    # in D dimensions, m(u) = max(1, ceil(u (D-1) / (H+1))), u = 1..H; output i
+    # (0-based, degree i+1) reads the hidden units of degree <= i in every layer and the data
+    # columns 0..i-1.
     dim, hidden = 5, (7, 9)
     chain, _, _ = _built(FlowConfig(dim=dim, layers=1, hidden=hidden))
     plan = _truncation(chain.bijectors[0].transform.network)
@@ -293,7 +301,8 @@ def test_other_made_layouts_truncate_or_fall_back_to_the_loop(network_kwargs, tr
 
 
 def test_single_layer_is_autoregressive():
-    # For one MAF layer z_i depends on y_{<=i} only: ∂z_i/∂y_j = 0 for j > i (lower-triangular Jacobian).
+    # For one MAF layer z_i depends on y_{<=i} only: ∂z_i/∂y_j = 0 for j > i
+    # (lower-triangular Jacobian).
     cfg = FlowConfig(dim=4, label_dim=1, layers=1, hidden=(16,))
     chain, y, c = _built(cfg, n=3)
     with tf.GradientTape() as tape:
@@ -343,9 +352,9 @@ def test_weights_are_a_deterministic_function_of_the_seed():
 
 @pytest.mark.parametrize("kind", ["affine", "spline"])
 def test_initial_log_det_is_finite_for_every_seed(kind):
-    # Unbounded log-scales give infinite initial losses for some seeds (TFP MAF defaults). With the tanh soft
-    # clip |s| < 3 per layer the affine log-det of 8 layers in 3D is bounded by 8*3*3 = 72; check 8 seeds
-    # on data with a few 10-sigma outliers.
+    # Unbounded log-scales give infinite initial losses for some seeds (TFP MAF defaults). With the
+    # tanh soft clip |s| < 3 per layer the affine log-det of 8 layers in 3D is bounded by
+    # 8*3*3 = 72; check 8 seeds on data with a few 10-sigma outliers.
     rng = np.random.default_rng(0)
     y = tf.constant(
         np.concatenate([rng.normal(size=(64, 3)), 10 * rng.normal(size=(4, 3))]), tf.float32

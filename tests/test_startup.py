@@ -5,8 +5,8 @@ import os
 import subprocess
 import sys
 
-# The lines TensorFlow 2.21 writes to descriptor 2 while it imports and creates its devices on a CPU-only
-# machine (absl logging before InitializeLog: no environment variable turns them off).
+# The lines TensorFlow 2.21 writes to descriptor 2 while it imports and creates its devices on a
+# CPU-only machine (absl logging before InitializeLog: no environment variable turns them off).
 NOISE = (
     "cuInit",
     "oneDNN custom operations",
@@ -44,7 +44,8 @@ def test_cli_prints_no_tensorflow_noise(tmp_path):
 
 
 def test_users_who_ask_for_tensorflow_logs_still_get_them():
-    # TF_CPP_MIN_LOG_LEVEL set before the import means the user wants TensorFlow's own logging: untouched.
+    # TF_CPP_MIN_LOG_LEVEL set before the import means the user wants TensorFlow's own logging:
+    # untouched.
     err = _stderr("import tfgalflow\nimport tensorflow as tf\nprint(float(tf.constant(1.0) + 1))",
                   {**QUIET_ENV, "TF_CPP_MIN_LOG_LEVEL": "0"})
     assert any(n in err for n in NOISE), err

@@ -1,12 +1,14 @@
-"""Arrays of points on disk: read [N, D] points (and labels) from any supported file, write results.
+"""Arrays of points on disk: read [N, D] points (and labels) from any supported file, write
+results.
 
 What the command line reads and writes, as library functions (the CLI only calls these):
 
-* :func:`read_points` ``.npy``, ``.npz`` (one array, or a catalogue with ``pos``/``vel``), ``.txt``/
-  ``.dat`` (spaces), ``.csv`` (commas), catalogue ``.h5``/``.hdf5`` -> (array [N, D], labels | None);
+* :func:`read_points` ``.npy``, ``.npz`` (one array, or a catalogue with ``pos``/``vel``),
+  ``.txt``/``.dat`` (spaces), ``.csv`` (commas), catalogue ``.h5``/``.hdf5`` ->
+  (array [N, D], labels | None);
 * :func:`write_array` an array as ``.npy`` or text, atomically;
-* :func:`write_samples` draws as a :class:`~tfgalflow.catalogue.Catalogue` (6-D, ``.npz``/``.h5``) or a
-  plain array;
+* :func:`write_samples` draws as a :class:`~tfgalflow.catalogue.Catalogue` (6-D, ``.npz``/``.h5``)
+  or a plain array;
 * :func:`check_output` the checks an output path must pass *before* any work is done (known suffix,
   existing directory), so a long computation never ends in "cannot write".
 """
@@ -31,8 +33,8 @@ POINT_SUFFIXES = SAMPLE_SUFFIXES
 
 
 def check_output(path: str | os.PathLike, suffixes: tuple[str, ...], what: str) -> Path:
-    """``path`` as a Path if its suffix is one of ``suffixes`` and its directory exists; else InputError
-    (unknown suffix) or FileError (missing directory: nothing is created silently).
+    """``path`` as a Path if its suffix is one of ``suffixes`` and its directory exists; else
+    InputError (unknown suffix) or FileError (missing directory: nothing is created silently).
     """
     path = Path(path)
     if path.suffix.lower() not in suffixes:
@@ -48,10 +50,11 @@ def read_points(path: str | os.PathLike, units: Mapping[str, str] | None = None,
     """Points [N, D] (and a catalogue's labels [N, C], else None) from a file.
 
     Args:
-        path: ``.npy``, ``.npz`` (one array, or a catalogue: ``pos`` and ``vel``), ``.txt``/``.dat``
-            (whitespace), ``.csv`` (commas), or a catalogue ``.h5``/``.hdf5``.
-        units: the units of a catalogue file that does not carry them (``{"length": "kpc", "velocity":
-            "km/s"}``, as :meth:`Catalogue.load`); ignored for plain arrays.
+        path: ``.npy``, ``.npz`` (one array, or a catalogue: ``pos`` and ``vel``),
+            ``.txt``/``.dat`` (whitespace), ``.csv`` (commas), or a catalogue ``.h5``/``.hdf5``.
+        units: the units of a catalogue file that does not carry them
+            (``{"length": "kpc", "velocity": "km/s"}``, as :meth:`Catalogue.load`); ignored for
+            plain arrays.
         column_ok: a 1-D array is read as one column [N, 1] (for labels).
 
     Raises:
@@ -112,7 +115,9 @@ def _short(exc: Exception) -> str:
 
 
 def write_array(path: str | os.PathLike, values: Any, what: str) -> None:
-    """Write ``values`` as ``.npy`` or text (``.txt``/``.dat`` spaces, ``.csv`` commas), atomically."""
+    """Write ``values`` as ``.npy`` or text (``.txt``/``.dat`` spaces, ``.csv`` commas),
+    atomically.
+    """
     path = check_output(path, ARRAY_SUFFIXES, what)
     if path.suffix.lower() == ".npy":
         with atomic_file(path, suffix=".npy") as tmp:
@@ -130,8 +135,9 @@ def write_array(path: str | os.PathLike, values: Any, what: str) -> None:
 def write_samples(path: str | os.PathLike, x: np.ndarray, labels: np.ndarray | None = None, *,
                   units: Mapping[str, str] | None = None, label_names: tuple[str, ...] = (),
                   meta: Mapping[str, Any] | None = None) -> None:
-    """Write draws x [N, D]: a :class:`~tfgalflow.catalogue.Catalogue` for 6-D points in ``.npz``/``.h5``
-    (with ``units``, the ``labels`` [N, C] and their names, ``meta``), else an array ``samples``.
+    """Write draws x [N, D]: a :class:`~tfgalflow.catalogue.Catalogue` for 6-D points in
+    ``.npz``/``.h5`` (with ``units``, the ``labels`` [N, C] and their names, ``meta``), else an
+    array ``samples``.
     """
     path = check_output(path, SAMPLE_SUFFIXES, "samples")
     suffix = path.suffix.lower()
@@ -159,7 +165,9 @@ def write_samples(path: str | os.PathLike, x: np.ndarray, labels: np.ndarray | N
 
 
 def parse_units(text: str | None) -> dict[str, str] | None:
-    """``"kpc,km/s"`` -> ``{"length": "kpc", "velocity": "km/s"}`` (the CLI's ``--units``), None for None."""
+    """``"kpc,km/s"`` -> ``{"length": "kpc", "velocity": "km/s"}`` (the CLI's ``--units``), None
+    for None.
+    """
     if text is None:
         return None
     parts = [p.strip() for p in text.split(",")]

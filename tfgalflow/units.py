@@ -28,9 +28,9 @@ G_KPC_KMS2_MSUN = G_SI * MSUN_KG / (KPC_M * KM_M**2)
 LENGTH_UNITS = {"kpc": 1.0, "pc": 1.0e-3, "Mpc": 1.0e3, "m": 1.0 / KPC_M, "km": KM_M / KPC_M}
 #: Velocity units understood in catalogue metadata, as multiples of 1 km/s.
 VELOCITY_UNITS = {"km/s": 1.0, "m/s": 1.0 / KM_M, "kpc/Gyr": KPC_M / GYR_S / KM_M}
-#: Name of model units (G = M = a = 1) for both length and velocity in catalogue metadata. They have no
-#: fixed factor: converting them needs a :class:`ModelUnits` (length unit ``length_kpc`` kpc, velocity
-#: unit ``velocity_kms`` km/s).
+#: Name of model units (G = M = a = 1) for both length and velocity in catalogue metadata. They
+#: have no fixed factor: converting them needs a :class:`ModelUnits` (length unit ``length_kpc``
+#: kpc, velocity unit ``velocity_kms`` km/s).
 MODEL_UNIT = "model"
 #: 1 cm in kpc and 1 cm/s in km/s (Gadget snapshots state their units in cgs).
 CM_KPC = 1.0e-2 / KPC_M
@@ -48,7 +48,9 @@ def length_factor(unit: str) -> float:
 
 
 def velocity_factor(unit: str) -> float:
-    """Multiplier taking a velocity in ``unit`` to km/s. Raises ``ValueError`` for unknown units."""
+    """Multiplier taking a velocity in ``unit`` to km/s. Raises ``ValueError`` for unknown
+    units.
+    """
     try:
         return VELOCITY_UNITS[unit]
     except KeyError:
@@ -59,10 +61,11 @@ def velocity_factor(unit: str) -> float:
 
 @dataclass(frozen=True)
 class ModelUnits:
-    """Model units with G = 1 for a system of mass ``mass_msun`` [Msun] and length ``length_kpc`` [kpc].
+    """Model units with G = 1 for a system of mass ``mass_msun`` [Msun] and length ``length_kpc``
+    [kpc].
 
-    Example: a Hernquist galaxy with M = 1e11 Msun, a = 2 kpc has ``ModelUnits(1e11, 2.0).velocity_kms``
-    ≈ 464 km/s.
+    Example: a Hernquist galaxy with M = 1e11 Msun, a = 2 kpc has
+    ``ModelUnits(1e11, 2.0).velocity_kms`` ≈ 464 km/s.
     """
 
     mass_msun: float = 1.0e10

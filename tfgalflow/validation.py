@@ -1,8 +1,8 @@
 """Checks at the package's boundaries, one copy each: every public function validates with these.
 
 Each check either returns the value in the form the caller computes with, or raises
-:class:`~tfgalflow.errors.InputError` with one line that names the argument, what it got and what it
-expected. NumPy only (no TensorFlow import), so configuration code can use it at import time.
+:class:`~tfgalflow.errors.InputError` with one line that names the argument, what it got and what
+it expected. NumPy only (no TensorFlow import), so configuration code can use it at import time.
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ def finite_matrix(value: Any, name: str, width: int | None = None, expected: str
         dtype: dtype of the returned array (float64 by default; float32 for model inputs).
 
     Raises:
-        InputError: unreadable as floats, not 2-D, wrong width, no rows, or NaN/inf in some row (the
-        message gives the number of bad rows and the first few).
+        InputError: unreadable as floats, not 2-D, wrong width, no rows, or NaN/inf in some row
+        (the message gives the number of bad rows and the first few).
     """
     expected = expected or f"[N, {width if width is not None else 'D'}]"
     if hasattr(value, "numpy") and callable(value.numpy):
@@ -53,7 +53,9 @@ def finite_matrix(value: Any, name: str, width: int | None = None, expected: str
 
 
 def check_finite_rows(array: np.ndarray, name: str, note: str = "") -> None:
-    """InputError if ``array`` [N, ...] holds NaN or inf, naming how many rows and the first few."""
+    """InputError if ``array`` [N, ...] holds NaN or inf, naming how many rows and the first
+    few.
+    """
     finite = np.isfinite(array)
     if finite.all():
         return
@@ -111,6 +113,8 @@ def one_of(value: Any, name: str, allowed: tuple[str, ...]) -> str:
 
 
 def unit_vectors(n: int, rng: np.random.Generator) -> np.ndarray:
-    """n directions uniform on the unit sphere, [n, 3] float64 (normalised Gaussian draws, Muller 1959)."""
+    """n directions uniform on the unit sphere, [n, 3] float64 (normalised Gaussian draws, Muller
+    1959).
+    """
     d = rng.normal(size=(n, 3))
     return d / np.linalg.norm(d, axis=1, keepdims=True)
