@@ -5,12 +5,13 @@ import os
 
 
 def others_cpu_seconds(skip_niced: bool = False) -> float:
-    """CPU seconds run so far by every thread of every *other* process (/proc/*/task/*/schedstat, ns).
+    """CPU seconds run so far by every thread of every *other* process
+    (/proc/*/task/*/schedstat, ns).
 
-    Nanosecond resolution, unlike /proc/stat's 10 ms ticks, so single calls of ~20 ms can be judged.
-    Threads that start and end between two reads are missed (an underestimate). With ``skip_niced``,
-    processes at nice >= 10 are not counted: a study at nice 19 gets ~1.5 % of a core the timed call
-    wants, so it does not slow the call down.
+    Nanosecond resolution, unlike /proc/stat's 10 ms ticks, so single calls of ~20 ms can be
+    judged. Threads that start and end between two reads are missed (an underestimate). With
+    ``skip_niced``, processes at nice >= 10 are not counted: a study at nice 19 gets ~1.5 % of a
+    core the timed call wants, so it does not slow the call down.
     """
     own = str(os.getpid())
     total = 0

@@ -1,47 +1,56 @@
-"""tfgalflow.model.Flow vs plain eager TFP vs PyTorch nflows: one MAF, one mock, one run, one table.
+"""tfgalflow.model.Flow vs plain eager TFP vs PyTorch nflows: one MAF, one mock, one run, one
+table.
 
 The same architecture in every implementation -- 8 masked affine autoregressive layers with reverse
 permutations between them, MADE networks of 2 x 64 hidden units (ReLU), standard-normal base, Adam
 (lr 1e-3) on batches of 2048 -- fitted to the same exact isotropic Hernquist mock (6D positions and
 velocities, G = M = a = 1, r < 20 a), and timed on the same points:
 
-    tfgalflow       tfgalflow.model.Flow as the package runs it by default: Flow.adapt, Flow.compile + one
-                    Keras ``fit`` epoch per timed call, with TrainConfig's default jit_compile and
-                    steps_per_call (training.train's path), the traced ``log_prob`` / ``grad_log_prob`` /
-                    ``sample`` public methods;
-    tfgalflow XLA   ``TrainConfig(jit_compile=True, steps_per_call=K)``: ``compile(..., jit_compile=True)``
-                    fed stacks of K batches [K, 2048, 6] (K optimizer steps per compiled call, as
-                    training.train feeds them), and ``Flow(..., jit_compile=True)`` for log_prob / grad
-                    (the package never XLA-compiles sampling, so that row re-measures the same code);
-    TFP eager       the same TFP bijector chain (``tfgalflow.flows.build_bijector``, identical initial
-                    weights) in a ``tfd.TransformedDistribution``, no tf.function: GradientTape + Adam;
-    nflows          nflows 0.14 (PyTorch): MaskedAffineAutoregressiveTransform x 8 + ReversePermutation,
-                    hidden_features=64, num_blocks=1, use_residual_blocks=False (= 2 hidden layers of 64;
-                    see benchmarks/_nflows_model.py for why not nflows' default residual blocks).
+    tfgalflow       tfgalflow.model.Flow as the package runs it by default: Flow.adapt,
+                    Flow.compile + one Keras ``fit`` epoch per timed call, with TrainConfig's
+                    default jit_compile and steps_per_call (training.train's path), the traced
+                    ``log_prob`` / ``grad_log_prob`` / ``sample`` public methods;
+    tfgalflow XLA   ``TrainConfig(jit_compile=True, steps_per_call=K)``:
+                    ``compile(..., jit_compile=True)`` fed stacks of K batches [K, 2048, 6]
+                    (K optimizer steps per compiled call, as training.train feeds them), and
+                    ``Flow(..., jit_compile=True)`` for log_prob / grad (the package never
+                    XLA-compiles sampling, so that row re-measures the same code);
+    TFP eager       the same TFP bijector chain (``tfgalflow.flows.build_bijector``, identical
+                    initial weights) in a ``tfd.TransformedDistribution``, no tf.function:
+                    GradientTape + Adam;
+    nflows          nflows 0.14 (PyTorch): MaskedAffineAutoregressiveTransform x 8 +
+                    ReversePermutation, hidden_features=64, num_blocks=1,
+                    use_residual_blocks=False (= 2 hidden layers of 64; see
+                    benchmarks/_nflows_model.py for why not nflows' default residual blocks).
 
 All compute log p in physical units (the rescaler's Jacobian included). Metrics: training samples/s
-(optimizer steps on batches of 2048), log_prob points/s, sampling points/s, ∂ log p/∂x points/s. Each
-timed call runs once as warm-up (tracing, XLA compilation; reported as "first call"), then rounds call
-every implementation once, in an order rotated each round. The machine is shared: a call counts only if
-other processes used at most ``--quiet`` cores while it ran (their threads' run time from
-/proc/*/task/*/schedstat), because under load torch's OpenMP threads slow down many-fold while TF's pool
-barely does; rounds go on until each implementation has ``--repeats`` quiet calls (if the ``--budget``
-runs out first, the verdict is "inconclusive"). Figures are medians over the quiet calls (spread =
-(max - min) / median). Speed-ups over nflows: the ratio of medians decides met / not met; beside it the
-paired ratio (median over rounds of the within-round ratio, which cancels slow drifts that no process
-list shows, e.g. host-level noise) and the ratio of the fastest calls.
-Thread counts are fixed (``--threads``, default 2 = the machine's cores) for TF intra/inter-op and torch
-intra/inter-op, and printed. Package-side variants are timed in the same rounds: XLA training with
-Keras' own ``steps_per_execution`` (one batch per step function, the loop outside XLA) instead of stacks,
-and XLA-compiled sampling.
-A "dense floor" -- only the 24 matmuls + bias + ReLU of the 8 MADEs, XLA-compiled in TF and plain in
-torch -- bounds the log_prob speed a dense-matmul implementation can reach on this CPU in float32.
-Every implementation trains the same number of steps on the same batches; the held-out -log p printed
-at the end checks that (tfgalflow and eager TFP start from identical weights and must agree).
+(optimizer steps on batches of 2048), log_prob points/s, sampling points/s, ∂ log p/∂x points/s.
+Each timed call runs once as warm-up (tracing, XLA compilation; reported as "first call"), then
+rounds call every implementation once, in an order rotated each round. The machine is shared: a
+call counts only if other processes used at most ``--quiet`` cores while it ran
+(their threads' run time from /proc/*/task/*/schedstat), because under load torch's OpenMP threads
+slow down many-fold while TF's pool barely does; rounds go on until each implementation has
+``--repeats`` quiet calls (if the ``--budget`` runs out first, the verdict is "inconclusive").
+Figures are medians over the quiet calls (spread = (max - min) / median). Speed-ups over nflows:
+the ratio of medians decides met / not met; beside it the paired ratio
+(median over rounds of the within-round ratio, which cancels slow drifts that no process list
+shows, e.g. host-level noise) and the ratio of the fastest calls.
+Thread counts are fixed (``--threads``, default 2 = the machine's cores) for TF intra/inter-op and
+torch intra/inter-op, and printed. Package-side variants are timed in the same rounds: XLA training
+with Keras' own ``steps_per_execution`` (one batch per step function, the loop outside XLA) instead
+of stacks, and XLA-compiled sampling.
+A "dense floor" -- only the 24 matmuls + bias + ReLU of the 8 MADEs, XLA-compiled in TF and plain
+in torch -- bounds the log_prob speed a dense-matmul implementation can reach on this CPU in
+float32. Every implementation trains the same number of steps on the same batches; the
+held-out -log p printed at the end checks that (tfgalflow and eager TFP start from identical
+weights and must agree).
 
-    .venv/bin/python benchmarks/bench_flows.py            # ~2 min on a quiet 2-core machine, <= ~9 busy
-    .venv/bin/python benchmarks/bench_flows.py --quick    # ~45 s smoke run (fewer, smaller calls)
-    .venv/bin/python benchmarks/bench_flows.py --kind spline   # the same for 8-bin spline MAFs (no targets)
+    .venv/bin/python benchmarks/bench_flows.py                # ~2 min on a quiet 2-core machine,
+                                                              # <= ~9 busy
+    .venv/bin/python benchmarks/bench_flows.py --quick        # ~45 s smoke run
+                                                              # (fewer, smaller calls)
+    .venv/bin/python benchmarks/bench_flows.py --kind spline  # the same for 8-bin spline MAFs
+                                                              # (no targets)
 
 Needs the ``bench`` extra: ``pip install torch==2.13.0`` (CPU wheel) then ``pip install nflows``.
 """
@@ -64,22 +73,27 @@ TARGETS = {"train": 2.0, "log_prob": 8.0, "sample": 5.0, "grad": 3.0}
 UNITS = {"train": "samples/s", "log_prob": "points/s", "sample": "points/s", "grad": "points/s"}
 LABELS = {"train": "train", "log_prob": "log_prob", "sample": "sample", "grad": "grad log p"}
 IMPLS = ("tfgalflow", "tfgalflow XLA", "TFP eager", "nflows")
-R_MAX = 20.0        # radial truncation of the mock in units of a (as scripts/train_shipped_model.py)
+# radial truncation of the mock in units of a (as scripts/train_shipped_model.py)
+R_MAX = 20.0
 
 
 # ---- data -------------------------------------------------------------------------------------
 
 def hernquist_mock(n: int, seed: int) -> np.ndarray:
-    """Exact isotropic Hernquist draws [n, 6] (x, v; G = M = a = 1, r < R_MAX): ``mocks.sample_hernquist``."""
+    """Exact isotropic Hernquist draws [n, 6] (x, v; G = M = a = 1, r < R_MAX):
+    ``mocks.sample_hernquist``."""
     from tfgalflow.mocks import sample_hernquist
 
-    return np.asarray(sample_hernquist(n, kind="iso", seed=seed, r_max=R_MAX).phase_space, np.float64)
+    return np.asarray(
+        sample_hernquist(n, kind="iso", seed=seed, r_max=R_MAX).phase_space, np.float64
+    )
 
 
 # ---- timing -----------------------------------------------------------------------------------
 
 def others_cpu_seconds() -> float:
-    """CPU seconds of other processes so far (niced jobs counted too): ``_timing.others_cpu_seconds``."""
+    """CPU seconds of other processes so far (niced jobs counted too):
+    ``_timing.others_cpu_seconds``."""
     from _timing import others_cpu_seconds as seconds
     return seconds(skip_niced=False)
 
@@ -89,15 +103,15 @@ def interleaved(fns: dict[str, Callable[[int], Any]], repeats: int, budget: floa
     """Time each fn(round) round-robin, marking the calls during which the machine was quiet.
 
     Call 0 of each fn is the warm-up (tracing, compilation), reported separately. Then rounds call
-    every fn once, in an order rotated by one per round. A call is *quiet* if other processes used at
-    most ``quiet`` cores while it ran: under load torch's OpenMP threads slow down many-fold (spinning
-    at barriers for a stolen core) while TF's thread pool barely does, which would fake large speed-ups.
-    Rounds go on until every fn has ``repeats`` quiet calls -- at least ``repeats`` rounds, at most
-    4 x repeats, and no new round after ``budget`` seconds.
+    every fn once, in an order rotated by one per round. A call is *quiet* if other processes used
+    at most ``quiet`` cores while it ran: under load torch's OpenMP threads slow down many-fold
+    (spinning at barriers for a stolen core) while TF's thread pool barely does, which would fake
+    large speed-ups. Rounds go on until every fn has ``repeats`` quiet calls -- at least
+    ``repeats`` rounds, at most 4 x repeats, and no new round after ``budget`` seconds.
 
-    Returns first-call seconds {name: s}, per-round seconds {name: [s | nan if not quiet]} (all calls,
-    quiet or not, if some fn has fewer than min(3, repeats) quiet ones: then stats["reliable"] is False)
-    and statistics.
+    Returns first-call seconds {name: s}, per-round seconds {name: [s | nan if not quiet]}
+    (all calls, quiet or not, if some fn has fewer than min(3, repeats) quiet ones: then
+    stats["reliable"] is False) and statistics.
     """
     names = list(fns)
     first = {}
@@ -124,15 +138,23 @@ def interleaved(fns: dict[str, Callable[[int], Any]], repeats: int, budget: floa
             calm[name].append(others[-1] <= quiet)
     fewest = min(sum(c) for c in calm.values())
     reliable = fewest >= min(3, repeats)
-    rounds = {name: [t if (c or not reliable) else math.nan for t, c in zip(took[name], calm[name])]
-              for name in names}
-    stats = {"rounds": n_rounds, "fewest_quiet": fewest, "reliable": reliable,
-             "quiet_share": float(np.mean(np.asarray(others) <= quiet)), "others": statistics.median(others)}
+    rounds = {
+        name: [t if (c or not reliable) else math.nan for t, c in zip(took[name], calm[name])]
+        for name in names
+    }
+    stats = {
+        "rounds": n_rounds,
+        "fewest_quiet": fewest,
+        "reliable": reliable,
+        "quiet_share": float(np.mean(np.asarray(others) <= quiet)),
+        "others": statistics.median(others),
+    }
     return first, rounds, stats
 
 
 class Timing:
-    """Throughput of one fn from its per-round seconds (nan = left out): median, best and spread."""
+    """Throughput of one fn from its per-round seconds (nan = left out): median, best and
+    spread."""
 
     def __init__(self, seconds: list[float], points: int, first: float):
         self.seconds = np.asarray(seconds)
@@ -143,10 +165,13 @@ class Timing:
         self.first = first
 
     def paired_ratio(self, other: "Timing") -> float:
-        """Median over the rounds where both were kept of (other's seconds / this one's): the speed-up
-        over ``other`` with slow drifts of the machine (shared by both calls of a round) cancelled."""
+        """Median over the rounds where both were kept of (other's seconds / this one's): the
+        speed-up over ``other`` with slow drifts of the machine (shared by both calls of a round)
+        cancelled."""
         both = np.isfinite(self.seconds) & np.isfinite(other.seconds)
-        return float(np.median(other.seconds[both] / self.seconds[both])) if both.any() else math.nan
+        return (
+            float(np.median(other.seconds[both] / self.seconds[both])) if both.any() else math.nan
+        )
 
 
 def load() -> str:
@@ -158,13 +183,17 @@ def load() -> str:
 class TfgalflowBench:
     """tfgalflow.model.Flow through its public API (Keras fit for training)."""
 
-    def __init__(self, cfg, x_train: np.ndarray, lr: float, jit: bool, steps_per_execution: int = 1):
+    def __init__(
+        self, cfg, x_train: np.ndarray, lr: float, jit: bool, steps_per_execution: int = 1
+    ):
         import tf_keras as keras
         from tfgalflow.model import Flow
 
         self.flow = Flow(cfg, jit_compile=jit)
         self.flow.adapt(x_train)
-        self.flow.compile(keras.optimizers.Adam(lr), jit_compile=jit, steps_per_execution=steps_per_execution)
+        self.flow.compile(
+            keras.optimizers.Adam(lr), jit_compile=jit, steps_per_execution=steps_per_execution
+        )
 
     def train(self, dataset) -> float:
         history = self.flow.fit(dataset, epochs=1, verbose=0)
@@ -180,13 +209,18 @@ class TfgalflowBench:
         return self.flow.sample(n, seed=seed).numpy()
 
     def xla_sampler(self) -> Callable[[int, int], np.ndarray]:
-        """Variant: the public ``sample_stateless`` inside a ``tf.function(jit_compile=True)`` (the package
-        compiles log_prob/grad with XLA but never sampling)."""
+        """Variant: the public ``sample_stateless`` inside a ``tf.function(jit_compile=True)``
+        (the package compiles log_prob/grad with XLA but never sampling)."""
         import tensorflow as tf
 
-        fn = tf.function(lambda n, seed: self.flow.sample_stateless(n, seed), jit_compile=True,
-                         input_signature=[tf.TensorSpec([], tf.int32), tf.TensorSpec([2], tf.int64)])
-        return lambda n, seed: fn(tf.constant(n, tf.int32), tf.constant([seed, 0], tf.int64)).numpy()
+        fn = tf.function(
+            lambda n, seed: self.flow.sample_stateless(n, seed),
+            jit_compile=True,
+            input_signature=[tf.TensorSpec([], tf.int32), tf.TensorSpec([2], tf.int64)],
+        )
+        return lambda n, seed: fn(
+            tf.constant(n, tf.int32), tf.constant([seed, 0], tf.int64)
+        ).numpy()
 
 
 class EagerTFPBench:
@@ -201,7 +235,9 @@ class EagerTFPBench:
         tfd = tfp.distributions
         self.tf = tf
         self.chain = build_bijector(cfg)
-        self.dist = tfd.TransformedDistribution(tfd.Sample(tfd.Normal(0.0, 1.0), [cfg.dim]), self.chain)
+        self.dist = tfd.TransformedDistribution(
+            tfd.Sample(tfd.Normal(0.0, 1.0), [cfg.dim]), self.chain
+        )
         self.shift = tf.constant(shift, tf.float32)
         self.scale = tf.constant(scale, tf.float32)
         self.log_jacobian = -float(np.sum(np.log(scale)))
@@ -236,27 +272,36 @@ class EagerTFPBench:
 
 
 class DenseFloor:
-    """Only the dense layers of the MADEs (D -> hidden -> params x D, ReLU) on [N, D]: a bound on log_prob time.
+    """Only the dense layers of the MADEs (D -> hidden -> params x D, ReLU) on [N, D]: a bound on
+    log_prob time.
 
-    Masked or not, a dense layer costs the same matmul, so an implementation that evaluates the MADEs as
-    dense float32 matmuls (TFP, nflows, tfgalflow) cannot beat this on this CPU; its throughput over
-    nflows' bounds the reachable log_prob ratio. (Only skipping the masked zeros -- about half the
-    weights -- with block-sparse products by MADE degree could go below it.)
+    Masked or not, a dense layer costs the same matmul, so an implementation that evaluates the
+    MADEs as dense float32 matmuls (TFP, nflows, tfgalflow) cannot beat this on this CPU; its
+    throughput over nflows' bounds the reachable log_prob ratio. (Only skipping the masked
+    zeros -- about half the weights -- with block-sparse products by MADE degree could go below
+    it.)
     """
 
-    def __init__(self, dim: int, layers: int, hidden: tuple, params: int, framework: str, seed: int = 0):
+    def __init__(
+        self, dim: int, layers: int, hidden: tuple, params: int, framework: str, seed: int = 0
+    ):
         rng = np.random.default_rng(seed)
         widths = [dim, *hidden, params * dim]
         self.dim = dim
         self.flops_per_point = 2 * layers * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
-        params = [[(rng.normal(size=(a, b)) / np.sqrt(a)).astype(np.float32), np.zeros(b, np.float32)]
-                  for _ in range(layers) for a, b in zip(widths[:-1], widths[1:])]
+        params = [
+            [(rng.normal(size=(a, b)) / np.sqrt(a)).astype(np.float32), np.zeros(b, np.float32)]
+            for _ in range(layers)
+            for a, b in zip(widths[:-1], widths[1:])
+        ]
         n_dense = len(widths) - 1
         if framework == "tf":
             import tensorflow as tf
             weights = [[tf.constant(w), tf.constant(b)] for w, b in params]
 
-            @tf.function(jit_compile=True, input_signature=[tf.TensorSpec([None, dim], tf.float32)])
+            @tf.function(
+                jit_compile=True, input_signature=[tf.TensorSpec([None, dim], tf.float32)]
+            )
             def floor(x):
                 h = x
                 for i, (w, b) in enumerate(weights):
@@ -301,7 +346,11 @@ def configure_threads(threads: int):
 
 def label(key: tuple[str, int]) -> str:
     metric, points = key
-    return f"{LABELS[metric]} ({points // 2048} x 2048)" if metric == "train" else f"{LABELS[metric]} {points}"
+    return (
+        f"{LABELS[metric]} ({points // 2048} x 2048)"
+        if metric == "train"
+        else f"{LABELS[metric]} {points}"
+    )
 
 
 def fmt_rate(v: float) -> str:
@@ -310,21 +359,50 @@ def fmt_rate(v: float) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="~1 minute smoke run: fewer and smaller calls")
+    p.add_argument(
+        "--quick", action="store_true", help="~1 minute smoke run: fewer and smaller calls"
+    )
     p.add_argument("--repeats", type=int, help="timed rounds per metric (default 7; --quick 3)")
-    p.add_argument("--steps", type=int, help="optimizer steps per timed training call (default 32; --quick 8)")
-    p.add_argument("--steps-per-call", type=int, default=16,
-                   help="K of the 'tfgalflow XLA' row: optimizer steps per compiled call (default 16)")
-    p.add_argument("--n-eval", type=int, help="points per log_prob / grad call (default 20480; --quick 8192)")
-    p.add_argument("--n-sample", type=int, help="points per sample call (default 16384; --quick 4096)")
+    p.add_argument(
+        "--steps", type=int, help="optimizer steps per timed training call (default 32; --quick 8)"
+    )
+    p.add_argument(
+        "--steps-per-call",
+        type=int,
+        default=16,
+        help="K of the 'tfgalflow XLA' row: optimizer steps per compiled call (default 16)",
+    )
+    p.add_argument(
+        "--n-eval", type=int, help="points per log_prob / grad call (default 20480; --quick 8192)"
+    )
+    p.add_argument(
+        "--n-sample", type=int, help="points per sample call (default 16384; --quick 4096)"
+    )
     p.add_argument("--batch", type=int, default=2048, help="training batch size (issue: 2048)")
-    p.add_argument("--threads", type=int, default=2, help="TF intra/inter-op and torch threads (default 2)")
-    p.add_argument("--budget", type=float, help="seconds of timed rounds, all metrics (default 420; --quick 20)")
-    p.add_argument("--quiet", type=float, default=0.1,
-                   help="a call counts if other processes used at most this many cores meanwhile (0.1)")
-    p.add_argument("--kind", choices=["affine", "spline"], default="affine",
-                   help="affine MAF (the issue's comparison, default) or rational-quadratic spline MAF (8 bins)")
-    p.add_argument("--no-eager", action="store_true", help="skip the (slow) plain eager TFP column")
+    p.add_argument(
+        "--threads", type=int, default=2, help="TF intra/inter-op and torch threads (default 2)"
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        help="seconds of timed rounds, all metrics (default 420; --quick 20)",
+    )
+    p.add_argument(
+        "--quiet",
+        type=float,
+        default=0.1,
+        help="a call counts if other processes used at most this many cores meanwhile (0.1)",
+    )
+    p.add_argument(
+        "--kind",
+        choices=["affine", "spline"],
+        default="affine",
+        help="affine MAF (the issue's comparison, default) or rational-quadratic spline MAF "
+        "(8 bins)",
+    )
+    p.add_argument(
+        "--no-eager", action="store_true", help="skip the (slow) plain eager TFP column"
+    )
     args = p.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 7)
     steps = args.steps or (8 if args.quick else 32)
@@ -341,24 +419,37 @@ def main(argv: list[str] | None = None) -> None:
     import nflows
 
     cfg = FlowConfig(dim=6, layers=8, hidden=(64, 64), kind=args.kind, seed=seed)
-    print(f"TensorFlow {tf.__version__} (intra-op {tf.config.threading.get_intra_op_parallelism_threads()}, "
-          f"inter-op {tf.config.threading.get_inter_op_parallelism_threads()} threads); torch {torch.__version__} "
-          f"(intra-op {torch.get_num_threads()}, inter-op {torch.get_num_interop_threads()} threads); "
-          f"nflows {getattr(nflows, '__version__', '0.14')}; cores {os.cpu_count()}")
+    print(
+        f"TensorFlow {tf.__version__} (intra-op "
+        f"{tf.config.threading.get_intra_op_parallelism_threads()}, "
+        f"inter-op {tf.config.threading.get_inter_op_parallelism_threads()} threads); torch "
+        f"{torch.__version__} "
+        f"(intra-op {torch.get_num_threads()}, inter-op {torch.get_num_interop_threads()} "
+        "threads); "
+        f"nflows {getattr(nflows, '__version__', '0.14')}; cores {os.cpu_count()}"
+    )
 
     # data: train rows for the batches, held-out rows for evaluation
-    n_batches = (4 * repeats + 1) * steps          # warm-up + the most rounds interleaved() may run
+    # warm-up + the most rounds interleaved() may run
+    n_batches = (4 * repeats + 1) * steps
     n_train = 32 * args.batch
     w = hernquist_mock(n_train + n_eval, seed=1)
     x_train, x_eval = w[:n_train].astype(np.float32), w[n_train:].astype(np.float32)
     order = np.concatenate([np.random.default_rng(2).permutation(n_train)
                             for _ in range(-(-n_batches * args.batch // n_train))])
     batches = x_train[order[:n_batches * args.batch]].reshape(n_batches, args.batch, cfg.dim)
-    print(f"data: {n_train} + {n_eval} held-out 6D points of the isotropic Hernquist model (r < {R_MAX:g} a) "
-          f"from tfgalflow.mocks.sample_hernquist")
-    print(f"model: {cfg.layers} {cfg.kind} MAF layers, MADE hidden {cfg.hidden}, reverse permutations, batch "
-          f"{args.batch}; timed calls: {steps} train steps, log_prob/grad on {args.batch} and {n_eval} points, "
-          f"{args.batch} and {n_sample} samples; 1 warm-up + {repeats} quiet calls each")
+    print(
+        f"data: {n_train} + {n_eval} held-out 6D points of the isotropic Hernquist model (r < "
+        f"{R_MAX:g} a) "
+        f"from tfgalflow.mocks.sample_hernquist"
+    )
+    print(
+        f"model: {cfg.layers} {cfg.kind} MAF layers, MADE hidden {cfg.hidden}, reverse "
+        "permutations, batch "
+        f"{args.batch}; timed calls: {steps} train steps, log_prob/grad on {args.batch} and "
+        f"{n_eval} points, "
+        f"{args.batch} and {n_sample} samples; 1 warm-up + {repeats} quiet calls each"
+    )
 
     from tfgalflow.training import TrainConfig
     defaults = TrainConfig()
@@ -367,30 +458,51 @@ def main(argv: list[str] | None = None) -> None:
         "tfgalflow XLA": TfgalflowBench(cfg, x_train, lr, jit=True),
     }
     stack = {"tfgalflow": defaults.steps_per_call, "tfgalflow XLA": args.steps_per_call}
-    print(f"training: 'tfgalflow' = TrainConfig defaults (jit_compile={defaults.jit_compile}, steps_per_call="
-          f"{defaults.steps_per_call}); 'tfgalflow XLA' = jit_compile=True, steps_per_call={args.steps_per_call}")
+    print(
+        f"training: 'tfgalflow' = TrainConfig defaults (jit_compile={defaults.jit_compile}, "
+        "steps_per_call="
+        f"{defaults.steps_per_call}); 'tfgalflow XLA' = jit_compile=True, "
+        f"steps_per_call={args.steps_per_call}"
+    )
     flow = impls["tfgalflow"].flow
     shift, scale = flow.x_shift.numpy(), flow.x_scale.numpy()
     if not args.no_eager:
         impls["TFP eager"] = EagerTFPBench(cfg, shift, scale, lr)
-    impls["nflows"] = NflowsBench(cfg.dim, cfg.layers, cfg.hidden, shift, scale, lr, cfg.kind, cfg.bins,
-                                  cfg.spline_range, seed)
+    impls["nflows"] = NflowsBench(
+        cfg.dim,
+        cfg.layers,
+        cfg.hidden,
+        shift,
+        scale,
+        lr,
+        cfg.kind,
+        cfg.bins,
+        cfg.spline_range,
+        seed,
+    )
     shapes = dense_shapes(impls["nflows"].flow)[:3]
     made = flow.bijector.bijectors[0].transform.network
     tfp_shapes = [tuple(v.shape) for v in made.trainable_variables if len(v.shape) == 2]
     print(f"dense shapes per MADE: nflows {shapes}, tfgalflow/TFP {tfp_shapes}")
 
-    # consistency: same seed -> same initial weights, so tfgalflow and eager TFP agree before training
+    # consistency: same seed -> same initial weights, so tfgalflow and eager TFP agree before
+    # training
     probe = x_eval[:1024]
     if "TFP eager" in impls:
-        diff = np.max(np.abs(impls["tfgalflow"].log_prob(probe) - impls["TFP eager"].log_prob(probe)))
-        print(f"check: max |log p_tfgalflow - log p_TFP eager| at initialisation = {diff:.2e} (same weights)")
+        diff = np.max(
+            np.abs(impls["tfgalflow"].log_prob(probe) - impls["TFP eager"].log_prob(probe))
+        )
+        print(
+            f"check: max |log p_tfgalflow - log p_TFP eager| at initialisation = {diff:.2e} (same "
+            "weights)"
+        )
 
     datasets = [tf.data.Dataset.from_tensor_slices(batches[r * steps:(r + 1) * steps])
                 for r in range(4 * repeats + 1)]
 
     def stacked(k: int) -> list:
-        """The same batches as stacks [k, B, D] (what training.train feeds with steps_per_call = k)."""
+        """The same batches as stacks [k, B, D] (what training.train feeds with
+        steps_per_call = k)."""
         return datasets if k == 1 else [d.batch(k) for d in datasets]
 
     def train_fn(name):
@@ -400,9 +512,13 @@ def main(argv: list[str] | None = None) -> None:
             return lambda r: impl.train(feeds[r])
         return lambda r: impl.train(batches[r * steps:(r + 1) * steps])
 
-    # groups timed together: (metric, points per call) -> {name: fn(round)}; evaluation at one batch
-    # (per-call overheads count) and in bulk (throughput)
-    sizes = {"log_prob": (args.batch, n_eval), "grad": (args.batch, n_eval), "sample": (args.batch, n_sample)}
+    # groups timed together: (metric, points per call) -> {name: fn(round)}; evaluation at one
+    # batch (per-call overheads count) and in bulk (throughput)
+    sizes = {
+        "log_prob": (args.batch, n_eval),
+        "grad": (args.batch, n_eval),
+        "sample": (args.batch, n_sample),
+    }
     evaluators = {
         "log_prob": lambda impl, n: (lambda r: impl.log_prob(x_eval[:n])),
         "grad": lambda impl, n: (lambda r: impl.grad(x_eval[:n])),
@@ -413,20 +529,31 @@ def main(argv: list[str] | None = None) -> None:
         ("train", steps * args.batch): {name: train_fn(name) for name in impls}}
     for metric in ("log_prob", "sample", "grad"):
         for n in sizes[metric]:
-            groups[(metric, n)] = {name: evaluators[metric](impl, n) for name, impl in impls.items()}
+            groups[(metric, n)] = {
+                name: evaluators[metric](impl, n) for name, impl in impls.items()
+            }
 
     # variants (package-side changes) and the dense floor, timed in the same rounds as their group
     spe = TfgalflowBench(cfg, x_train, lr, jit=True, steps_per_execution=steps)
     xla_sample = impls["tfgalflow XLA"].xla_sampler()
     variants = {
-        ("train", steps * args.batch): {"XLA + Keras steps_per_execution": lambda r: spe.train(datasets[r])},
-        ("sample", n_sample): {"XLA-compiled sample_stateless": lambda r: xla_sample(n_sample, 100 + r)}}
-    floors = {"floor TF XLA": DenseFloor(cfg.dim, cfg.layers, cfg.hidden, cfg.params_per_dim, "tf"),
-              "floor torch": DenseFloor(cfg.dim, cfg.layers, cfg.hidden, cfg.params_per_dim, "torch")}
+        ("train", steps * args.batch): {
+            "XLA + Keras steps_per_execution": lambda r: spe.train(datasets[r])
+        },
+        ("sample", n_sample): {
+            "XLA-compiled sample_stateless": lambda r: xla_sample(n_sample, 100 + r)
+        },
+    }
+    floors = {
+        "floor TF XLA": DenseFloor(cfg.dim, cfg.layers, cfg.hidden, cfg.params_per_dim, "tf"),
+        "floor torch": DenseFloor(cfg.dim, cfg.layers, cfg.hidden, cfg.params_per_dim, "torch"),
+    }
     for key, fns in variants.items():
         groups[key].update(fns)
     for n in sizes["log_prob"]:
-        groups[("log_prob", n)].update({name: (lambda r, f=f, n=n: f.run(x_eval[:n])) for name, f in floors.items()})
+        groups[("log_prob", n)].update(
+            {name: (lambda r, f=f, n=n: f.run(x_eval[:n])) for name, f in floors.items()}
+        )
 
     results: dict[tuple[str, int], dict[str, Timing]] = {}
     rounds: dict[tuple[str, int], dict] = {}
@@ -438,10 +565,15 @@ def main(argv: list[str] | None = None) -> None:
         first, times, rounds[key] = interleaved(fns, repeats, share * budget, args.quiet)
         results[key] = {name: Timing(t, points, first[name]) for name, t in times.items()}
         st = rounds[key]
-        print(f"  timed {label(key):<18} in {time.perf_counter() - t0:5.1f} s: {st['rounds']} rounds, "
-              f"{st['quiet_share']:.0%} of calls quiet (others <= {args.quiet:g} cores; median others "
-              f"{st['others']:.2f}), >= {st['fewest_quiet']} quiet calls each"
-              + ("" if st["reliable"] else " -- too few: all calls used, verdict inconclusive") + f"; {load()}")
+        print(
+            f"  timed {label(key):<18} in {time.perf_counter() - t0:5.1f} s: {st['rounds']} "
+            "rounds, "
+            f"{st['quiet_share']:.0%} of calls quiet (others <= {args.quiet:g} cores; median "
+            "others "
+            f"{st['others']:.2f}), >= {st['fewest_quiet']} quiet calls each"
+            + ("" if st["reliable"] else " -- too few: all calls used, verdict inconclusive")
+            + f"; {load()}"
+        )
 
     # ---- report -------------------------------------------------------------------------------
     names = [n for n in IMPLS if n in impls]
@@ -454,9 +586,13 @@ def main(argv: list[str] | None = None) -> None:
     for key, row in results.items():
         print(f"{label(key):<31}" + "".join(f"{row[n].first:>20.2f}" for n in names))
 
-    print(f"\nSpeed-up over nflows{', against the issue targets' if cfg.kind == 'affine' else ''}. median = ratio of "
-          "the medians (decides met / not met); paired = median over rounds of the within-round ratio; best = ratio "
-          "of the fastest calls")
+    print(
+        f"\nSpeed-up over nflows{', against the issue targets' if cfg.kind == 'affine' else ''}. "
+        "median = ratio of "
+        "the medians (decides met / not met); paired = median over rounds of the within-round "
+        "ratio; best = ratio "
+        "of the fastest calls"
+    )
     ratio_names = [n for n in names if n != "nflows"]
     print(f"{'operation':<20}{'target':<8}{'':<8}" + "".join(f"{n:>22}" for n in ratio_names))
     for key, row in results.items():
@@ -465,9 +601,13 @@ def main(argv: list[str] | None = None) -> None:
         for n in ratio_names:
             ratio = row[n].rate / base.rate
             verdict = ""
-            if n.startswith("tfgalflow") and cfg.kind == "affine":     # the targets are the affine MAF's
-                verdict = ((" met" if ratio >= TARGETS[metric] else " not met") if rounds[key]["reliable"]
-                           else " inconclusive")
+            # the targets are the affine MAF's
+            if n.startswith("tfgalflow") and cfg.kind == "affine":
+                verdict = (
+                    (" met" if ratio >= TARGETS[metric] else " not met")
+                    if rounds[key]["reliable"]
+                    else " inconclusive"
+                )
             cells["median"].append(f"{ratio:.2f}x{verdict}")
             cells["paired"].append(f"{row[n].paired_ratio(base):.2f}x")
             cells["best"].append(f"{row[n].best / base.best:.2f}x")
@@ -481,26 +621,39 @@ def main(argv: list[str] | None = None) -> None:
         reference = results[key]["tfgalflow XLA"]
         for name in group:
             t = results[key][name]
-            print(f"  {label(key):<18}{name:<35}{fmt_rate(t.rate):>9} {UNITS[key[0]]} ±{t.spread:.0%}: "
-                  f"{t.paired_ratio(reference):.2f}x tfgalflow XLA (paired), "
-                  f"{t.rate / results[key]['nflows'].rate:.2f}x nflows; first call {t.first:.2f} s")
+            print(
+                f"  {label(key):<18}{name:<35}{fmt_rate(t.rate):>9} {UNITS[key[0]]} "
+                f"±{t.spread:.0%}: "
+                f"{t.paired_ratio(reference):.2f}x tfgalflow XLA (paired), "
+                f"{t.rate / results[key]['nflows'].rate:.2f}x nflows; first call {t.first:.2f} s"
+            )
 
     flops = floors["floor TF XLA"].flops_per_point
-    print(f"\nDense floor for log_prob ({flops} flop/point: the MADE matmuls alone, no masks/affine/permutations)")
+    print(
+        f"\nDense floor for log_prob ({flops} flop/point: the MADE matmuls alone, no "
+        "masks/affine/permutations)"
+    )
     for n in sizes["log_prob"]:
         lp = results[("log_prob", n)]
         floor = max(lp["floor TF XLA"].rate, lp["floor torch"].rate)
-        print(f"  {n} points: " + ", ".join(f"{name} {fmt_rate(lp[name].rate)}/s = {lp[name].rate * flops / 1e9:.0f} "
-                                           f"GFLOP/s" for name in ("floor TF XLA", "floor torch", "tfgalflow XLA",
-                                                                   "nflows")))
+        print(
+            f"  {n} points: "
+            + ", ".join(
+                f"{name} {fmt_rate(lp[name].rate)}/s = {lp[name].rate * flops / 1e9:.0f} GFLOP/s"
+                for name in ("floor TF XLA", "floor torch", "tfgalflow XLA", "nflows")
+            )
+        )
         target = f" (target {TARGETS['log_prob']:g}x)" if cfg.kind == "affine" else ""
         print(f"    -> the faster floor is {floor / lp['nflows'].rate:.1f}x nflows{target}; "
               f"tfgalflow XLA runs at {lp['tfgalflow XLA'].rate / floor:.0%} of it")
 
     # sanity: every implementation trained the same number of steps on the same batches
     train_rounds = rounds[("train", steps * args.batch)]["rounds"]
-    print(f"\nHeld-out mean -log p (physical units) after {(train_rounds + 1) * steps} steps on the same batches "
-          f"(tfgalflow and TFP eager start from identical weights):")
+    print(
+        f"\nHeld-out mean -log p (physical units) after {(train_rounds + 1) * steps} steps on the "
+        "same batches "
+        f"(tfgalflow and TFP eager start from identical weights):"
+    )
     print("  " + ", ".join(f"{n} {-np.mean(impls[n].log_prob(x_eval)):.4f}" for n in names))
     print(f"\n{load()} at end; total {time.perf_counter() - t_start:.0f} s")
 

@@ -1,5 +1,5 @@
-"""The command line as a new user meets it: arguments checked before any work, plain files readable,
-SavedModels usable wherever a run directory is, one-line errors with exit status 2."""
+"""The command line as a new user meets it: arguments checked before any work, plain files
+readable, SavedModels usable wherever a run directory is, one-line errors with exit status 2."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,7 +34,9 @@ def test_sample_checks_n_before_loading(capsys, no_model_loading):
     assert "--n = -5" in _error(capsys)
 
 
-def test_sample_refuses_a_missing_directory_instead_of_creating_it(tmp_path, capsys, no_model_loading):
+def test_sample_refuses_a_missing_directory_instead_of_creating_it(
+    tmp_path, capsys, no_model_loading
+):
     out = tmp_path / "nonexist" / "s.npy"
     assert main(["sample", str(SHIPPED), "--n", "5", "--out", str(out)]) == 2
     assert "does not exist" in _error(capsys) and not out.parent.exists()
@@ -46,14 +48,17 @@ def test_accel_checks_the_output_type_before_computing(tmp_path, capsys, no_mode
 
 
 def test_sample_and_logprob_accept_a_savedmodel(tmp_path, capsys):
-    # The shipped model is a 6-D Hernquist flow: its samples are bound orbits, where log p is finite.
+    # The shipped model is a 6-D Hernquist flow: its samples are bound orbits, where log p is
+    # finite.
     out = tmp_path / "s.npy"
     assert main(["sample", str(SHIPPED), "--n", "64", "--seed", "3", "--out", str(out)]) == 0
     x = np.load(out)
     assert x.shape == (64, 6)
     lp_file = tmp_path / "lp.npy"
     assert main(["logprob", str(SHIPPED), str(out), "--out", str(lp_file)]) == 0
-    np.testing.assert_allclose(np.load(lp_file), export_module.load(SHIPPED).log_prob(x).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.load(lp_file), export_module.load(SHIPPED).log_prob(x).numpy(), rtol=1e-6
+    )
 
 
 def test_logprob_reads_a_plain_pos_vel_npz_with_units(tmp_path, capsys):
@@ -89,29 +94,32 @@ def test_a_text_file_named_npz_is_called_what_it_is(tmp_path, capsys):
 
 def test_mock_says_how_many_noisy_stars_it_dropped(tmp_path, capsys):
     out = tmp_path / "m.npz"
-    assert main(["mock", "hernquist", "--n", "2000", "--seed", "1", "--r-max", "5", "--noise", "0.3",
-                 "--out", str(out)]) == 0
+    assert main(["mock", "hernquist", "--n", "2000", "--seed", "1", "--r-max", "5",
+                 "--noise", "0.3", "--out", str(out)]) == 0
     kept = len(Catalogue.load(out))
     line = next(t for t in capsys.readouterr().out.splitlines() if t.startswith("noise moved"))
-    # 30 % multiplicative noise on r < 5 stars pushes some beyond 5: the message counts exactly those.
+    # 30 % multiplicative noise on r < 5 stars pushes some beyond 5: the message counts exactly
+    # those.
     assert line.startswith(f"noise moved {2000 - kept} of 2000 stars") and 0 < 2000 - kept < 2000
 
 
 def test_mock_dehnen_grid_writes_labels_as_columns(tmp_path, capsys):
     out = tmp_path / "grid.h5"
-    assert main(["mock", "dehnen", "--gamma", "0.5,1.5", "--ra-inverse", "0,1", "--n", "300", "--seed", "2",
-                 "--out", str(out)]) == 0
+    assert main(["mock", "dehnen", "--gamma", "0.5,1.5", "--ra-inverse", "0,1", "--n", "300",
+                 "--seed", "2", "--out", str(out)]) == 0
     cat = Catalogue.load(out)
     assert cat.label_names == ("gamma", "ra_inverse")
     nodes, counts = np.unique(cat.labels, axis=0, return_counts=True)
     np.testing.assert_array_equal(nodes, [[0.5, 0.0], [0.5, 1.0], [1.5, 0.0], [1.5, 1.0]])
     assert (counts == 300).all()
-    # Each node's radii follow its own mass profile M(<r)/M = (r/(r+1))^(3-gamma): the medians differ.
+    # Each node's radii follow its own mass profile M(<r)/M = (r/(r+1))^(3-gamma): the medians
+    # differ.
     r = np.linalg.norm(cat.pos, axis=1)
     for gamma in (0.5, 1.5):
         median = np.median(r[cat.labels[:, 0] == gamma])
         y = 0.5 ** (1 / (3 - gamma))                         # M(<r_half) = M/2
-        assert abs(median / (y / (1 - y)) - 1) < 0.2         # 600 stars: the median is good to ~10 %
+        # 600 stars: the median is good to ~10 %
+        assert abs(median / (y / (1 - y)) - 1) < 0.2
 
 
 def test_mock_dehnen_refuses_labels_with_a_negative_df(tmp_path, capsys):

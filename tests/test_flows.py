@@ -1,8 +1,8 @@
 """Tests of tfgalflow.flows: FlowConfig validation/serialisation and the MAF bijector chain.
 
-References used: exact inverse (forward ∘ inverse = id), the log-determinant from an autodiff Jacobian
-(tf.GradientTape.batch_jacobian + numpy slogdet), the identity tails of the rational-quadratic spline,
-and the autoregressive (triangular) structure of a single MAF layer.
+References used: exact inverse (forward ∘ inverse = id), the log-determinant from an autodiff
+Jacobian (tf.GradientTape.batch_jacobian + numpy slogdet), the identity tails of the
+rational-quadratic spline, and the autoregressive (triangular) structure of a single MAF layer.
 """
 import json
 import os
@@ -17,15 +17,34 @@ from tfgalflow.errors import InputError
 import tensorflow_probability as tfp
 import tf_keras as keras
 
-from tfgalflow.flows import (FlowConfig, _AffineTransform, _stack_layers, _truncation, build_bijector, forward,
-                             inverse_and_log_det, layer_names)
+from tfgalflow.flows import (
+    FlowConfig,
+    _AffineTransform,
+    _stack_layers,
+    _truncation,
+    build_bijector,
+    forward,
+    inverse_and_log_det,
+    layer_names,
+)
 
 
 # ---- FlowConfig -------------------------------------------------------------------------------
 
 def test_config_round_trips_through_json():
-    cfg = FlowConfig(dim=6, label_dim=2, layers=3, hidden=[32, 16], activation="tanh", kind="spline",
-                     bins=6, log_columns=[4, 1], seed=7, permutation="random", spline_range=4)
+    cfg = FlowConfig(
+        dim=6,
+        label_dim=2,
+        layers=3,
+        hidden=[32, 16],
+        activation="tanh",
+        kind="spline",
+        bins=6,
+        log_columns=[4, 1],
+        seed=7,
+        permutation="random",
+        spline_range=4,
+    )
     back = FlowConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert back == cfg
     assert back.hidden == (32, 16) and back.log_columns == (1, 4) and back.spline_range == 4.0
@@ -88,7 +107,11 @@ def test_chain_structure_names_and_permutations():
     perms = [b.permutation.numpy() for b in chain.bijectors if b.name.startswith("permute")]
     for p in perms:
         assert sorted(p.tolist()) == [0, 1, 2, 3]
-    again = [b.permutation.numpy() for b in build_bijector(cfg).bijectors if b.name.startswith("permute")]
+    again = [
+        b.permutation.numpy()
+        for b in build_bijector(cfg).bijectors
+        if b.name.startswith("permute")
+    ]
     assert all(np.array_equal(a, b) for a, b in zip(perms, again))   # seeded
     reverse = build_bijector(FlowConfig(dim=4, layers=2, hidden=(8,)))
     assert reverse.bijectors[1].permutation.numpy().tolist() == [3, 2, 1, 0]
@@ -97,8 +120,9 @@ def test_chain_structure_names_and_permutations():
 @pytest.mark.parametrize("kind", ["affine", "spline"])
 @pytest.mark.parametrize("label_dim", [0, 2])
 def test_forward_inverts_inverse(kind, label_dim):
-    # forward(inverse(y)) = y up to float32 round-off accumulated over the D-step autoregressive solve
-    # (~1e-6 relative per layer; 1e-4 absolute on O(1) values fails on any wrong mask or conditioning).
+    # forward(inverse(y)) = y up to float32 round-off accumulated over the D-step autoregressive
+    # solve (~1e-6 relative per layer; 1e-4 absolute on O(1) values fails on any wrong mask or
+    # conditioning).
     cfg = FlowConfig(dim=3, label_dim=label_dim, layers=3, hidden=(16, 16), kind=kind, bins=5)
     chain, y, c = _built(cfg)
     z = chain.inverse(y, **_kwargs(cfg, c))
@@ -109,8 +133,9 @@ def test_forward_inverts_inverse(kind, label_dim):
 @pytest.mark.parametrize("kind", ["affine", "spline"])
 @pytest.mark.parametrize("label_dim", [0, 1])
 def test_inverse_log_det_matches_autodiff_jacobian(kind, label_dim):
-    # Reference: log|det ∂z/∂y| from the full Jacobian (batch_jacobian) and numpy slogdet in float64.
-    # float32 Jacobian entries are accurate to ~1e-6 relative; 1e-4 absolute on values of O(1).
+    # Reference: log|det ∂z/∂y| from the full Jacobian (batch_jacobian) and numpy slogdet in
+    # float64. float32 Jacobian entries are accurate to ~1e-6 relative; 1e-4 absolute on values of
+    # O(1).
     cfg = FlowConfig(dim=3, label_dim=label_dim, layers=2, hidden=(16,), kind=kind, bins=4)
     chain, y, c = _built(cfg, n=6)
     with tf.GradientTape() as tape:
@@ -125,14 +150,19 @@ def test_inverse_log_det_matches_autodiff_jacobian(kind, label_dim):
 
 @pytest.mark.parametrize("kind", ["affine", "spline"])
 def test_one_pass_density_direction_equals_tfp_chain(kind):
-    # inverse_and_log_det (one MADE call per layer) vs TFP's own Chain.inverse / inverse_log_det_jacobian.
-    cfg = FlowConfig(dim=3, label_dim=2, layers=3, hidden=(16,), kind=kind, bins=4, permutation="random")
+    # inverse_and_log_det (one MADE call per layer) vs TFP's own Chain.inverse /
+    # inverse_log_det_jacobian.
+    cfg = FlowConfig(
+        dim=3, label_dim=2, layers=3, hidden=(16,), kind=kind, bins=4, permutation="random"
+    )
     chain, y, c = _built(cfg, n=8)
     # rows 0-2 scaled x4 so that some coordinates fall outside the spline interval [-5, 5]
     y = tf.concat([4.0 * y[:3], y[3:]], axis=0)
     assert np.any(np.abs(y.numpy()) > 5.0)
     z, ildj = inverse_and_log_det(chain, y, _kwargs(cfg, c))
-    np.testing.assert_allclose(z.numpy(), chain.inverse(y, **_kwargs(cfg, c)).numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        z.numpy(), chain.inverse(y, **_kwargs(cfg, c)).numpy(), rtol=1e-6, atol=1e-6
+    )
     ref = chain.inverse_log_det_jacobian(y, event_ndims=1, **_kwargs(cfg, c)).numpy()
     np.testing.assert_allclose(ildj.numpy(), ref, rtol=1e-6, atol=1e-6)
 
@@ -140,21 +170,26 @@ def test_one_pass_density_direction_equals_tfp_chain(kind):
 @pytest.mark.parametrize("kind", ["affine", "spline"])
 @pytest.mark.parametrize("label_dim", [0, 2])
 def test_sampling_direction_equals_tfp_chain(kind, label_dim):
-    # forward (truncated passes, loop over layers) vs TFP's Chain.forward (D full MADE passes per layer).
+    # forward (truncated passes, loop over layers) vs TFP's Chain.forward
+    # (D full MADE passes per layer).
     cfg = FlowConfig(dim=4, label_dim=label_dim, layers=3, hidden=(16,), kind=kind, bins=4,
                      permutation="random")
     chain, z, c = _built(cfg, n=8)
     z = tf.concat([4.0 * z[:3], z[3:]], axis=0)      # some coordinates outside the spline interval
-    assert _stack_layers(chain, z, _kwargs(cfg, c)) is not None      # the truncated path is the one tested
+    # the truncated path is the one tested
+    assert _stack_layers(chain, z, _kwargs(cfg, c)) is not None
     y = forward(chain, z, _kwargs(cfg, c))
-    np.testing.assert_allclose(y.numpy(), chain.forward(z, **_kwargs(cfg, c)).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        y.numpy(), chain.forward(z, **_kwargs(cfg, c)).numpy(), rtol=1e-5, atol=1e-5
+    )
     z_back, _ = inverse_and_log_det(chain, y, _kwargs(cfg, c))
     np.testing.assert_allclose(z_back.numpy(), z.numpy(), atol=1e-4)
 
 
 def _trained(cfg, steps=3, n=64, seed=0):
-    """Chain after a few Adam steps on -log p of Gaussian data (biases and label weights become non-zero;
-    the optimizer applies TFP's mask constraints as in Flow.fit), plus z [n, D] and labels [n, C] | None."""
+    """Chain after a few Adam steps on -log p of Gaussian data (biases and label weights become
+    non-zero; the optimizer applies TFP's mask constraints as in Flow.fit), plus z [n, D] and
+    labels [n, C] | None."""
     rng = np.random.default_rng(seed)
     chain, _, _ = _built(cfg, n=2, seed=seed)
     y = tf.constant(rng.normal(size=(n, cfg.dim)) * 1.5, tf.float32)
@@ -164,8 +199,11 @@ def _trained(cfg, steps=3, n=64, seed=0):
         with tf.GradientTape() as tape:
             z, log_det = inverse_and_log_det(chain, y, _kwargs(cfg, c))
             loss = tf.reduce_mean(0.5 * tf.reduce_sum(z * z, axis=-1) - log_det)
-        optimizer.apply_gradients(zip(tape.gradient(loss, chain.trainable_variables), chain.trainable_variables))
-    z = tf.constant(rng.normal(size=(n, cfg.dim)) * 2.0, tf.float32)   # 2 sigma: some z beyond the spline box
+        optimizer.apply_gradients(
+            zip(tape.gradient(loss, chain.trainable_variables), chain.trainable_variables)
+        )
+    # 2 sigma: some z beyond the spline box
+    z = tf.constant(rng.normal(size=(n, cfg.dim)) * 2.0, tf.float32)
     return chain, z, c
 
 
@@ -174,12 +212,22 @@ def _trained(cfg, steps=3, n=64, seed=0):
 @pytest.mark.parametrize("dim", [1, 2, 6])
 @pytest.mark.parametrize("hidden", [(16,), (12, 16, 8)])
 def test_truncated_passes_equal_the_full_pass_loop(kind, label_dim, dim, hidden):
-    # Reference: the full-pass loop (truncate=False; TFP's algorithm). The truncated passes drop only
-    # products with exactly-zero masked weights, so they differ only by float32 summation order in the
-    # shortened matmuls: observed <= 1e-6 on values of O(1-10) after 3 layers. A wrong slice, a missing
-    # label term or a wrong column gives O(0.1-1) differences (checked by breaking the slices by one).
-    cfg = FlowConfig(dim=dim, label_dim=label_dim, layers=3, hidden=hidden, kind=kind, bins=4,
-                     activation="tanh" if len(hidden) == 3 else "relu", permutation="random", seed=dim)
+    # Reference: the full-pass loop (truncate=False; TFP's algorithm). The truncated passes drop
+    # only products with exactly-zero masked weights, so they differ only by float32 summation
+    # order in the shortened matmuls: observed <= 1e-6 on values of O(1-10) after 3 layers. A wrong
+    # slice, a missing label term or a wrong column gives O(0.1-1) differences
+    # (checked by breaking the slices by one).
+    cfg = FlowConfig(
+        dim=dim,
+        label_dim=label_dim,
+        layers=3,
+        hidden=hidden,
+        kind=kind,
+        bins=4,
+        activation="tanh" if len(hidden) == 3 else "relu",
+        permutation="random",
+        seed=dim,
+    )
     chain, z, c = _trained(cfg)
     assert _stack_layers(chain, z, _kwargs(cfg, c)) is not None
     y = forward(chain, z, _kwargs(cfg, c)).numpy()
@@ -189,9 +237,12 @@ def test_truncated_passes_equal_the_full_pass_loop(kind, label_dim, dim, hidden)
 
 
 def test_truncated_sampling_is_the_same_traced_and_eager():
-    # What Flow.sample runs: forward inside a tf.function (Grappler-optimised graph with the layer loop);
-    # same ops as eager, so equal to float32 round-off (fused MatMul+BiasAdd may round differently).
-    cfg = FlowConfig(dim=3, label_dim=1, layers=4, hidden=(16, 16), kind="spline", bins=5, permutation="random")
+    # What Flow.sample runs: forward inside a tf.function (Grappler-optimised graph with the layer
+    # loop); same ops as eager, so equal to float32 round-off (fused MatMul+BiasAdd may round
+    # differently).
+    cfg = FlowConfig(
+        dim=3, label_dim=1, layers=4, hidden=(16, 16), kind="spline", bins=5, permutation="random"
+    )
     chain, z, c = _trained(cfg)
     traced = tf.function(lambda z, c: forward(chain, z, _kwargs(cfg, c)), autograph=False)
     reference = forward(chain, z, _kwargs(cfg, c), truncate=False).numpy()
@@ -199,9 +250,10 @@ def test_truncated_sampling_is_the_same_traced_and_eager():
 
 
 def test_truncation_slices_are_the_made_degrees():
-    # Independent reference: Germain et al. (2015) / TFP 'equal' degrees of a width-H hidden layer in D
-    # dimensions, m(u) = max(1, ceil(u (D-1) / (H+1))), u = 1..H; output i (0-based, degree i+1) reads
-    # the hidden units of degree <= i in every layer and the data columns 0..i-1.
+    # Independent reference: Germain et al. (2015) / TFP 'equal' degrees of a width-H hidden layer
+    # in D dimensions, m(u) = max(1, ceil(u (D-1) / (H+1))), u = 1..H; output i
+    # (0-based, degree i+1) reads the hidden units of degree <= i in every layer and the data
+    # columns 0..i-1.
     dim, hidden = 5, (7, 9)
     chain, _, _ = _built(FlowConfig(dim=dim, layers=1, hidden=hidden))
     plan = _truncation(chain.bijectors[0].transform.network)
@@ -224,7 +276,8 @@ def _one_layer_chain(dim, label_dim=0, **network_kwargs):
 
 
 @pytest.mark.parametrize("network_kwargs, truncatable", [
-    (dict(input_order="right-to-left"), False),        # y_i reads later columns: not a leading slice
+    # y_i reads later columns: not a leading slice
+    (dict(input_order="right-to-left"), False),
     (dict(input_order=[2, 1, 3]), False),
     (dict(conditional_input_layers="first_layer"), True),   # labels enter the first block only
 ])
@@ -237,7 +290,8 @@ def test_other_made_layouts_truncate_or_fall_back_to_the_loop(network_kwargs, tr
     c = tf.constant(rng.normal(size=(16, label_dim)), tf.float32) if label_dim else None
     kwargs = {"maf_0": {"conditional_input": c}} if label_dim else {}
     expected = chain.forward(z, **kwargs).numpy()     # builds the network
-    for v in chain.trainable_variables:               # random non-zero biases; kernels keep their masks
+    # random non-zero biases; kernels keep their masks
+    for v in chain.trainable_variables:
         if len(v.shape) == 1:
             v.assign(rng.normal(size=v.shape) * 0.5)
     expected = chain.forward(z, **kwargs).numpy()
@@ -247,7 +301,8 @@ def test_other_made_layouts_truncate_or_fall_back_to_the_loop(network_kwargs, tr
 
 
 def test_single_layer_is_autoregressive():
-    # For one MAF layer z_i depends on y_{<=i} only: ∂z_i/∂y_j = 0 for j > i (lower-triangular Jacobian).
+    # For one MAF layer z_i depends on y_{<=i} only: ∂z_i/∂y_j = 0 for j > i
+    # (lower-triangular Jacobian).
     cfg = FlowConfig(dim=4, label_dim=1, layers=1, hidden=(16,))
     chain, y, c = _built(cfg, n=3)
     with tf.GradientTape() as tape:
@@ -274,7 +329,9 @@ def test_spline_is_identity_outside_its_interval():
     chain, _, _ = _built(cfg)
     y = tf.constant([[4.0, -5.0], [-3.5, 7.0]])
     np.testing.assert_allclose(chain.inverse(y).numpy(), y.numpy(), rtol=1e-6)
-    np.testing.assert_allclose(chain.inverse_log_det_jacobian(y, event_ndims=1).numpy(), 0.0, atol=1e-6)
+    np.testing.assert_allclose(
+        chain.inverse_log_det_jacobian(y, event_ndims=1).numpy(), 0.0, atol=1e-6
+    )
     inside = tf.constant([[0.5, 0.5]])
     assert np.max(np.abs(chain.inverse(inside).numpy() - 0.5)) > 1e-3
 
@@ -295,11 +352,13 @@ def test_weights_are_a_deterministic_function_of_the_seed():
 
 @pytest.mark.parametrize("kind", ["affine", "spline"])
 def test_initial_log_det_is_finite_for_every_seed(kind):
-    # Unbounded log-scales give infinite initial losses for some seeds (TFP MAF defaults). With the tanh soft
-    # clip |s| < 3 per layer the affine log-det of 8 layers in 3D is bounded by 8*3*3 = 72; check 8 seeds
-    # on data with a few 10-sigma outliers.
+    # Unbounded log-scales give infinite initial losses for some seeds (TFP MAF defaults). With the
+    # tanh soft clip |s| < 3 per layer the affine log-det of 8 layers in 3D is bounded by
+    # 8*3*3 = 72; check 8 seeds on data with a few 10-sigma outliers.
     rng = np.random.default_rng(0)
-    y = tf.constant(np.concatenate([rng.normal(size=(64, 3)), 10 * rng.normal(size=(4, 3))]), tf.float32)
+    y = tf.constant(
+        np.concatenate([rng.normal(size=(64, 3)), 10 * rng.normal(size=(4, 3))]), tf.float32
+    )
     for seed in range(8):
         chain = build_bijector(FlowConfig(dim=3, layers=8, hidden=(32, 32), kind=kind, seed=seed))
         z = chain.inverse(y)

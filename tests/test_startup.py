@@ -5,14 +5,22 @@ import os
 import subprocess
 import sys
 
-# The lines TensorFlow 2.21 writes to descriptor 2 while it imports and creates its devices on a CPU-only
-# machine (absl logging before InitializeLog: no environment variable turns them off).
-NOISE = ("cuInit", "oneDNN custom operations", "cudart_stub", "absl::InitializeLog", "cpu_feature_guard")
+# The lines TensorFlow 2.21 writes to descriptor 2 while it imports and creates its devices on a
+# CPU-only machine (absl logging before InitializeLog: no environment variable turns them off).
+NOISE = (
+    "cuInit",
+    "oneDNN custom operations",
+    "cudart_stub",
+    "absl::InitializeLog",
+    "cpu_feature_guard",
+)
 QUIET_ENV = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
 
 
 def _stderr(code: str, env: dict) -> str:
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     return done.stderr
 
@@ -24,15 +32,20 @@ def test_import_and_first_op_print_no_tensorflow_noise():
 
 
 def test_cli_prints_no_tensorflow_noise(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "tfgalflow", "mock", "hernquist", "--n", "200", "--seed", "1",
-                           "--out", str(tmp_path / "m.npz")], env=QUIET_ENV, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "tfgalflow", "mock", "hernquist", "--n", "200", "--seed", "1",
+         "--out", str(tmp_path / "m.npz")],
+        env=QUIET_ENV, capture_output=True, text=True, timeout=300,
+    )
     assert done.returncode == 0, done.stderr
-    assert not [line for line in done.stderr.splitlines() if any(n in line for n in NOISE)], done.stderr
+    assert not [line for line in done.stderr.splitlines() if any(n in line for n in NOISE)], (
+        done.stderr
+    )
 
 
 def test_users_who_ask_for_tensorflow_logs_still_get_them():
-    # TF_CPP_MIN_LOG_LEVEL set before the import means the user wants TensorFlow's own logging: untouched.
+    # TF_CPP_MIN_LOG_LEVEL set before the import means the user wants TensorFlow's own logging:
+    # untouched.
     err = _stderr("import tfgalflow\nimport tensorflow as tf\nprint(float(tf.constant(1.0) + 1))",
                   {**QUIET_ENV, "TF_CPP_MIN_LOG_LEVEL": "0"})
     assert any(n in err for n in NOISE), err

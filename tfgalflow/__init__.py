@@ -1,8 +1,8 @@
 """tfgalflow: conditional normalizing flows on astrophysical phase-space data.
 
-Learn a galaxy's stellar distribution function f(x, v) from a 6D sample with a masked autoregressive
-flow (TensorFlow Probability), then recover gravitational accelerations from the collisionless
-Boltzmann equation  v . df/dx + a . df/dv = 0  as a batched least-squares problem.
+Learn a galaxy's stellar distribution function f(x, v) from a 6D sample with a masked
+autoregressive flow (TensorFlow Probability), then recover gravitational accelerations from the
+collisionless Boltzmann equation  v . df/dx + a . df/dv = 0  as a batched least-squares problem.
 
 TensorFlow Probability needs Keras 2 (``tf_keras``), so ``TF_USE_LEGACY_KERAS=1`` is set here,
 before anything in the package imports TensorFlow. Submodules are imported lazily, so that
@@ -17,12 +17,13 @@ import sys
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 
 
-# ---- TensorFlow's C++ start-up chatter -------------------------------------------------------------
+# ---- TensorFlow's C++ start-up chatter ----------------------------------------------------------
 # Importing TensorFlow (and creating its devices) prints oneDNN/CPU-feature notes and, on a machine
-# without a GPU, "failed call to cuInit: CUDA error" straight to file descriptor 2, before absl logging
-# is initialised, so no environment variable silences it. Unless the user asked for TensorFlow's logs
-# (TF_CPP_MIN_LOG_LEVEL set before tfgalflow was imported), the first import of TensorFlow runs with
-# descriptor 2 pointed at /dev/null; errors raised by the import itself still propagate.
+# without a GPU, "failed call to cuInit: CUDA error" straight to file descriptor 2, before absl
+# logging is initialised, so no environment variable silences it. Unless the user asked for
+# TensorFlow's logs (TF_CPP_MIN_LOG_LEVEL set before tfgalflow was imported), the first import of
+# TensorFlow runs with descriptor 2 pointed at /dev/null; errors raised by the import itself still
+# propagate.
 
 class _QuietLoader:
     """Loader wrapper (importlib protocol): runs the real loader with descriptor 2 on /dev/null."""
@@ -47,7 +48,9 @@ class _QuietLoader:
 
 
 class _QuietTensorFlowFinder:
-    """Meta-path finder (importlib protocol) that wraps the loader of the first ``import tensorflow``."""
+    """Meta-path finder (importlib protocol) that wraps the loader of the first
+    ``import tensorflow``.
+    """
 
     def find_spec(self, name, path=None, target=None):
         if name != "tensorflow":

@@ -1,8 +1,8 @@
 """Atomic writes: a file or directory appears complete under its final name, or not at all.
 
 Everything is first written to a temporary sibling (same filesystem, so ``os.replace`` is atomic on
-POSIX) and renamed into place only after it was written successfully. A crash or kill part-way leaves
-at most a ``.tmp-*`` sibling behind, never a half-written file under the real name.
+POSIX) and renamed into place only after it was written successfully. A crash or kill part-way
+leaves at most a ``.tmp-*`` sibling behind, never a half-written file under the real name.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from typing import Any, Iterator
 
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success move it onto ``path`` (replacing any old file).
+    """Yield a temporary path beside ``path``; on success move it onto ``path``
+    (replacing any old file).
 
     ``suffix`` lets writers that insist on an extension (``np.savez`` appends ``.npz``) keep it.
     """
@@ -53,7 +54,9 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
         yield tmp
         if path.exists():
             if not overwrite:
-                raise FileExistsError(f"{path} appeared while it was being written; refusing to overwrite it")
+                raise FileExistsError(
+                    f"{path} appeared while it was being written; refusing to overwrite it"
+                )
             old = Path(tempfile.mkdtemp(prefix=f".tmp-old-{path.name}.", dir=path.parent))
             os.replace(path, old / path.name)
             os.replace(tmp, path)

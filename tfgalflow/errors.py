@@ -1,7 +1,9 @@
-"""The package's exceptions: every user-facing failure names the problem (and the file, when there is one).
+"""The package's exceptions: every user-facing failure names the problem
+(and the file, when there is one).
 
-``InputError`` is a ``ValueError`` and ``FileError`` an ``OSError``, so callers that already catch the
-builtin types keep working; the CLI turns any ``TfgalflowError`` into a one-line message and exit code 2.
+``InputError`` is a ``ValueError`` and ``FileError`` an ``OSError``, so callers that already catch
+the builtin types keep working; the CLI turns any ``TfgalflowError`` into a one-line message and
+exit code 2.
 """
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ class TfgalflowError(Exception):
 
 
 class InputError(TfgalflowError, ValueError):
-    """Bad data or arguments: wrong shape or width, NaN/inf, missing labels, unknown option, n <= 0."""
+    """Bad data or arguments: wrong shape or width, NaN/inf, missing labels, unknown option,
+    n <= 0.
+    """
 
 
 class FileError(TfgalflowError, OSError):

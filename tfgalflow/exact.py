@@ -1,8 +1,9 @@
-"""Exact distribution functions seen as densities: the controls every learned model is measured against.
+"""Exact distribution functions seen as densities: the controls every learned model is measured
+against.
 
 :class:`ExactDF` wraps an analytic model's TensorFlow log-DF (``model.tf_log_df(x, v, kind)``, e.g.
-:class:`~tfgalflow.hernquist.Hernquist`) in the :class:`~tfgalflow.density.Density` contract, so the
-CBE solver, the spherical average and the contract tests treat it exactly like a learned flow:
+:class:`~tfgalflow.hernquist.Hernquist`) in the :class:`~tfgalflow.density.Density` contract, so
+the CBE solver, the spherical average and the contract tests treat it exactly like a learned flow:
 w = concat(x, v) [N, 6] in the model's units, ``log_prob(w) -> [N]`` (-inf where the DF vanishes).
 
 The physics modules stay free of TensorFlow at import time; this module is imported by
@@ -18,16 +19,17 @@ from .density import Density
 
 
 class ExactDF(Density):
-    """An analytic phase-space DF f(x, v) as a 6-D density, interchangeable with a learned ``Flow``.
+    """An analytic phase-space DF f(x, v) as a 6-D density, interchangeable with a learned
+    ``Flow``.
 
-    Attributes: ``dim = 6`` (w = concat(x, v)), ``label_dim = 0``, ``model``, ``kind``. ``log_prob(w)``
-    takes w [N, 6] and returns log f(x, v) [N] float32, -inf where unbound; differentiable under
-    GradientTape. f integrates to the model's mass M (not 1): it is the mass density in phase space, so
-    for M = 1 it *is* a probability density.
+    Attributes: ``dim = 6`` (w = concat(x, v)), ``label_dim = 0``, ``model``, ``kind``.
+    ``log_prob(w)`` takes w [N, 6] and returns log f(x, v) [N] float32, -inf where unbound;
+    differentiable under GradientTape. f integrates to the model's mass M (not 1): it is the mass
+    density in phase space, so for M = 1 it *is* a probability density.
 
     Args:
-        model: an exact model with ``tf_log_df(x [N, 3], v [N, 3], kind) -> [N]``, ``a`` (length scale)
-            and ``velocity_scale`` (e.g. :class:`~tfgalflow.hernquist.Hernquist`).
+        model: an exact model with ``tf_log_df(x [N, 3], v [N, 3], kind) -> [N]``, ``a``
+            (length scale) and ``velocity_scale`` (e.g. :class:`~tfgalflow.hernquist.Hernquist`).
         kind: the DF of the model (e.g. "iso" or "aniso" for Hernquist); checked by the model.
     """
 
@@ -56,11 +58,11 @@ class ExactDF(Density):
 class DehnenFamilyDF(Density):
     """The Dehnen γ-models with Osipkov–Merritt anisotropy as one conditional density f(x, v | c).
 
-    Labels c = (γ, a/r_a) per row (:data:`tfgalflow.dehnen.LABEL_NAMES`; a/r_a = 0 is isotropic), model
-    units G = M = a = 1: the exact control for a conditional flow trained on a label grid, at any label,
-    including labels it never saw. ``log_prob(w [N, 6], labels [N, 2])`` is
-    :func:`tfgalflow.dehnen.tf_log_df` (Eddington inversion by quadrature, differentiable); labels are
-    checked against the family's validity limits (γ in [0, 3), f(Q) >= 0) on every eager call.
+    Labels c = (γ, a/r_a) per row (:data:`tfgalflow.dehnen.LABEL_NAMES`; a/r_a = 0 is isotropic),
+    model units G = M = a = 1: the exact control for a conditional flow trained on a label grid, at
+    any label, including labels it never saw. ``log_prob(w [N, 6], labels [N, 2])`` is
+    :func:`tfgalflow.dehnen.tf_log_df` (Eddington inversion by quadrature, differentiable); labels
+    are checked against the family's validity limits (γ in [0, 3), f(Q) >= 0) on every eager call.
 
     References: Dehnen 1993, MNRAS 265, 250; Osipkov 1979; Merritt 1985, AJ 90, 1027.
     """
@@ -70,7 +72,9 @@ class DehnenFamilyDF(Density):
     label_dim = 2
 
     def check_inputs(self, x: Any, labels: Any = None) -> tuple[tf.Tensor, tf.Tensor | None]:
-        """As every density, and labels inside the family's valid range (InputError naming the limit)."""
+        """As every density, and labels inside the family's valid range
+        (InputError naming the limit).
+        """
         from .dehnen import check_labels
 
         x, c = super().check_inputs(x, labels)

@@ -1,12 +1,14 @@
-"""Arrays of points on disk: read [N, D] points (and labels) from any supported file, write results.
+"""Arrays of points on disk: read [N, D] points (and labels) from any supported file, write
+results.
 
 What the command line reads and writes, as library functions (the CLI only calls these):
 
-* :func:`read_points` ``.npy``, ``.npz`` (one array, or a catalogue with ``pos``/``vel``), ``.txt``/
-  ``.dat`` (spaces), ``.csv`` (commas), catalogue ``.h5``/``.hdf5`` -> (array [N, D], labels | None);
+* :func:`read_points` ``.npy``, ``.npz`` (one array, or a catalogue with ``pos``/``vel``),
+  ``.txt``/``.dat`` (spaces), ``.csv`` (commas), catalogue ``.h5``/``.hdf5`` ->
+  (array [N, D], labels | None);
 * :func:`write_array` an array as ``.npy`` or text, atomically;
-* :func:`write_samples` draws as a :class:`~tfgalflow.catalogue.Catalogue` (6-D, ``.npz``/``.h5``) or a
-  plain array;
+* :func:`write_samples` draws as a :class:`~tfgalflow.catalogue.Catalogue` (6-D, ``.npz``/``.h5``)
+  or a plain array;
 * :func:`check_output` the checks an output path must pass *before* any work is done (known suffix,
   existing directory), so a long computation never ends in "cannot write".
 """
@@ -31,8 +33,8 @@ POINT_SUFFIXES = SAMPLE_SUFFIXES
 
 
 def check_output(path: str | os.PathLike, suffixes: tuple[str, ...], what: str) -> Path:
-    """``path`` as a Path if its suffix is one of ``suffixes`` and its directory exists; else InputError
-    (unknown suffix) or FileError (missing directory: nothing is created silently).
+    """``path`` as a Path if its suffix is one of ``suffixes`` and its directory exists; else
+    InputError (unknown suffix) or FileError (missing directory: nothing is created silently).
     """
     path = Path(path)
     if path.suffix.lower() not in suffixes:
@@ -48,10 +50,11 @@ def read_points(path: str | os.PathLike, units: Mapping[str, str] | None = None,
     """Points [N, D] (and a catalogue's labels [N, C], else None) from a file.
 
     Args:
-        path: ``.npy``, ``.npz`` (one array, or a catalogue: ``pos`` and ``vel``), ``.txt``/``.dat``
-            (whitespace), ``.csv`` (commas), or a catalogue ``.h5``/``.hdf5``.
-        units: the units of a catalogue file that does not carry them (``{"length": "kpc", "velocity":
-            "km/s"}``, as :meth:`Catalogue.load`); ignored for plain arrays.
+        path: ``.npy``, ``.npz`` (one array, or a catalogue: ``pos`` and ``vel``),
+            ``.txt``/``.dat`` (whitespace), ``.csv`` (commas), or a catalogue ``.h5``/``.hdf5``.
+        units: the units of a catalogue file that does not carry them
+            (``{"length": "kpc", "velocity": "km/s"}``, as :meth:`Catalogue.load`); ignored for
+            plain arrays.
         column_ok: a 1-D array is read as one column [N, 1] (for labels).
 
     Raises:
@@ -63,7 +66,9 @@ def read_points(path: str | os.PathLike, units: Mapping[str, str] | None = None,
         raise FileError(f"{path}: no such file")
     suffix = p.suffix.lower()
     if suffix not in POINT_SUFFIXES:
-        raise InputError(f"{path}: unsupported extension {suffix!r}; use {', '.join(POINT_SUFFIXES)}")
+        raise InputError(
+            f"{path}: unsupported extension {suffix!r}; use {', '.join(POINT_SUFFIXES)}"
+        )
     try:
         if suffix in (".h5", ".hdf5"):
             return _catalogue_points(p, units)
@@ -73,8 +78,10 @@ def read_points(path: str | os.PathLike, units: Mapping[str, str] | None = None,
                 if "pos" in keys and "vel" in keys:
                     return _catalogue_points(p, units)
                 if len(keys) != 1:
-                    raise InputError(f"{path}: holds arrays {keys}; expected one [N, D] array or a "
-                                     f"catalogue (pos, vel)")
+                    raise InputError(
+                        f"{path}: holds arrays {keys}; expected one [N, D] array or a "
+                        f"catalogue (pos, vel)"
+                    )
                 array = z[keys[0]]
         elif suffix == ".npy":
             array = np.load(p, allow_pickle=False)
@@ -91,7 +98,9 @@ def read_points(path: str | os.PathLike, units: Mapping[str, str] | None = None,
     return array, None
 
 
-def _catalogue_points(path: Path, units: Mapping[str, str] | None) -> tuple[np.ndarray, np.ndarray | None]:
+def _catalogue_points(
+    path: Path, units: Mapping[str, str] | None
+) -> tuple[np.ndarray, np.ndarray | None]:
     from .catalogue import Catalogue
     cat = Catalogue.load(path, units=units)
     return cat.phase_space, cat.labels
@@ -99,48 +108,66 @@ def _catalogue_points(path: Path, units: Mapping[str, str] | None) -> tuple[np.n
 
 def _short(exc: Exception) -> str:
     text = str(exc)
-    if "pickled" in text:                        # np.load's answer to a file that is not .npy at all
+    # np.load's answer to a file that is not .npy at all
+    if "pickled" in text:
         return "not a NumPy .npy file"
     return text.splitlines()[0] if text else type(exc).__name__
 
 
 def write_array(path: str | os.PathLike, values: Any, what: str) -> None:
-    """Write ``values`` as ``.npy`` or text (``.txt``/``.dat`` spaces, ``.csv`` commas), atomically."""
+    """Write ``values`` as ``.npy`` or text (``.txt``/``.dat`` spaces, ``.csv`` commas),
+    atomically.
+    """
     path = check_output(path, ARRAY_SUFFIXES, what)
     if path.suffix.lower() == ".npy":
         with atomic_file(path, suffix=".npy") as tmp:
             np.save(tmp, np.asarray(values))
         return
     with atomic_file(path) as tmp:
-        np.savetxt(tmp, np.asarray(values), fmt="%.9g", delimiter="," if path.suffix.lower() == ".csv" else " ")
+        np.savetxt(
+            tmp,
+            np.asarray(values),
+            fmt="%.9g",
+            delimiter="," if path.suffix.lower() == ".csv" else " ",
+        )
 
 
 def write_samples(path: str | os.PathLike, x: np.ndarray, labels: np.ndarray | None = None, *,
                   units: Mapping[str, str] | None = None, label_names: tuple[str, ...] = (),
                   meta: Mapping[str, Any] | None = None) -> None:
-    """Write draws x [N, D]: a :class:`~tfgalflow.catalogue.Catalogue` for 6-D points in ``.npz``/``.h5``
-    (with ``units``, the ``labels`` [N, C] and their names, ``meta``), else an array ``samples``.
+    """Write draws x [N, D]: a :class:`~tfgalflow.catalogue.Catalogue` for 6-D points in
+    ``.npz``/``.h5`` (with ``units``, the ``labels`` [N, C] and their names, ``meta``), else an
+    array ``samples``.
     """
     path = check_output(path, SAMPLE_SUFFIXES, "samples")
     suffix = path.suffix.lower()
     if suffix in (".npz", ".h5", ".hdf5") and x.shape[1] == 6:
         from .catalogue import Catalogue
-        Catalogue(pos=x[:, :3], vel=x[:, 3:], labels=labels,
-                  label_names=tuple(label_names) if labels is not None else (),
-                  units=dict(units or {"length": "model", "velocity": "model"}), meta=dict(meta or {})
-                  ).save(path)
+
+        Catalogue(
+            pos=x[:, :3],
+            vel=x[:, 3:],
+            labels=labels,
+            label_names=tuple(label_names) if labels is not None else (),
+            units=dict(units or {"length": "model", "velocity": "model"}),
+            meta=dict(meta or {}),
+        ).save(path)
     elif suffix == ".npz":
         with atomic_file(path, suffix=".npz") as tmp:
             np.savez(tmp, samples=x)
     elif suffix in (".h5", ".hdf5"):
-        raise InputError(f"{path}: HDF5 output holds 6-D catalogues; these samples are {x.shape[1]}-D "
-                         f"(use .npy, .npz, .txt or .csv)")
+        raise InputError(
+            f"{path}: HDF5 output holds 6-D catalogues; these samples are {x.shape[1]}-D "
+            f"(use .npy, .npz, .txt or .csv)"
+        )
     else:
         write_array(path, x, "samples")
 
 
 def parse_units(text: str | None) -> dict[str, str] | None:
-    """``"kpc,km/s"`` -> ``{"length": "kpc", "velocity": "km/s"}`` (the CLI's ``--units``), None for None."""
+    """``"kpc,km/s"`` -> ``{"length": "kpc", "velocity": "km/s"}`` (the CLI's ``--units``), None
+    for None.
+    """
     if text is None:
         return None
     parts = [p.strip() for p in text.split(",")]
@@ -150,5 +177,13 @@ def parse_units(text: str | None) -> dict[str, str] | None:
     return check_units({"length": parts[0], "velocity": parts[1]})
 
 
-__all__ = ["read_points", "write_array", "write_samples", "check_output", "parse_units", "ARRAY_SUFFIXES",
-           "SAMPLE_SUFFIXES", "POINT_SUFFIXES"]
+__all__ = [
+    "read_points",
+    "write_array",
+    "write_samples",
+    "check_output",
+    "parse_units",
+    "ARRAY_SUFFIXES",
+    "SAMPLE_SUFFIXES",
+    "POINT_SUFFIXES",
+]

@@ -1,24 +1,25 @@
 """Spherical symmetrisation of a phase-space DF: the average of f over joint rotations of (x, v).
 
-The DF of a spherical system is invariant under any rotation R applied to position and velocity together,
-f(R x, R v) = f(x, v) (it depends on (x, v) only through E, |L| and, for the steady state, nothing else:
-Jeans' theorem). A flow trained on a sample of such a system is invariant only up to its learning error,
-and that error is not: it is a field of bumps fixed to the flow's own axes. Averaging the learned density
-over M rotations,
+The DF of a spherical system is invariant under any rotation R applied to position and velocity
+together, f(R x, R v) = f(x, v) (it depends on (x, v) only through E, |L| and, for the steady
+state, nothing else: Jeans' theorem). A flow trained on a sample of such a system is invariant
+only up to its learning error, and that error is not: it is a field of bumps fixed to the flow's
+own axes. Averaging the learned density over M rotations,
 
     f̄(x, v) = (1/M) Σ_m f(R_m x, R_m v),
 
-keeps every spherical part of f (so f̄ = f for a spherical f, to round-off) and averages the rest, the way an
-ensemble averages its members' errors, but for the price of M evaluations and no training. f̄ is still a
-normalised density (each w -> (R x, R v) preserves phase-space volume, |det| = 1) and samples exactly: draw
-w ~ f, pick m uniformly, return (R_mᵀ x, R_mᵀ v).
+keeps every spherical part of f (so f̄ = f for a spherical f, to round-off) and averages the rest,
+the way an ensemble averages its members' errors, but for the price of M evaluations and no
+training. f̄ is still a normalised density (each w -> (R x, R v) preserves phase-space volume,
+|det| = 1) and samples exactly: draw w ~ f, pick m uniformly, return (R_mᵀ x, R_mᵀ v).
 
-Use it only for a system known to be spherical (a Hernquist or NFW halo, a globular cluster): it erases any
-real flattening, figure rotation or streaming about an axis. The rotations are Haar-uniform on SO(3)
-(scipy's ``Rotation.random``, seeded), one fixed set per object, so f̄ is a deterministic function.
+Use it only for a system known to be spherical (a Hernquist or NFW halo, a globular cluster): it
+erases any real flattening, figure rotation or streaming about an axis. The rotations are
+Haar-uniform on SO(3) (scipy's ``Rotation.random``, seeded), one fixed set per object, so f̄ is a
+deterministic function.
 
-What it buys is measured by ``scripts/ensemble_convergence.py --rotations`` on the Hernquist studies
-(figures in the README's study table).
+What it buys is measured by ``scripts/ensemble_convergence.py --rotations`` on the Hernquist
+studies (figures in the README's study table).
 """
 from __future__ import annotations
 
@@ -38,7 +39,9 @@ DEFAULT_ROTATIONS = 32
 
 
 def random_rotations(n: int, seed: int = 0) -> np.ndarray:
-    """n Haar-uniform rotation matrices R [n, 3, 3] float64 (R Rᵀ = 1, det R = +1), reproducible by seed."""
+    """n Haar-uniform rotation matrices R [n, 3, 3] float64 (R Rᵀ = 1, det R = +1), reproducible by
+    seed.
+    """
     return Rotation.random(n, random_state=np.random.default_rng(seed)).as_matrix()
 
 
@@ -46,14 +49,16 @@ class SphericalAverage(Density, tf.Module):
     """f̄(x, v) = (1/M) Σ_m f(R_m x, R_m v): a 6-D phase-space DF averaged over M joint rotations.
 
     Usable wherever a DF is (``log_prob``, ``prob``, ``grad_log_prob``, ``sample`` when the base DF
-    samples, :func:`tfgalflow.cbe.accelerations`, XLA included). Each row costs M evaluations of the base
-    DF; ``evaluations_per_row`` tells :mod:`tfgalflow.cbe` to shrink its chunks by as much.
+    samples, :func:`tfgalflow.cbe.accelerations`, XLA included). Each row costs M evaluations of
+    the base DF; ``evaluations_per_row`` tells :mod:`tfgalflow.cbe` to shrink its chunks by as
+    much.
 
     Args:
-        df: a 6-D phase-space :class:`~tfgalflow.density.Density`, w = (x [kpc], v [km/s]) or any units
-            (rotations mix the three components of x among themselves, and of v, so the units need only
-            agree per triple): a Flow, an Ensemble, an exact DF, a loaded SavedModel. A conditional DF
-            keeps its labels: f̄(x, v | c) averages over rotations of (x, v) at the same c.
+        df: a 6-D phase-space :class:`~tfgalflow.density.Density`, w = (x [kpc], v [km/s]) or any
+            units (rotations mix the three components of x among themselves, and of v, so the units
+            need only agree per triple): a Flow, an Ensemble, an exact DF, a loaded SavedModel. A
+            conditional DF keeps its labels: f̄(x, v | c) averages over rotations of (x, v) at the
+            same c.
         n_rotations: M >= 1.
         seed: seed of the rotations.
     For an Ensemble, ``members`` are the symmetrised members (same rotations), so the CBE spread is
@@ -70,12 +75,15 @@ class SphericalAverage(Density, tf.Module):
     def __init__(self, df: Any, n_rotations: int = DEFAULT_ROTATIONS, seed: int = 0):
         super().__init__(name="spherical_average")
         if not isinstance(df, Density) or df.dim != 6:
-            raise InputError(f"SphericalAverage needs a 6-D phase-space density (a tfgalflow Density with "
-                             f"dim = 6); got {type(df).__name__} with dim = {getattr(df, 'dim', None)}")
+            raise InputError(
+                f"SphericalAverage needs a 6-D phase-space density (a tfgalflow Density with "
+                f"dim = 6); got {type(df).__name__} with dim = {getattr(df, 'dim', None)}"
+            )
         self.base = df
         self.n_rotations = integer(n_rotations, "n_rotations")
         self.seed = integer(seed, "seed", low=0)
-        self.rotations = tf.constant(random_rotations(self.n_rotations, self.seed), tf.float32)   # [M, 3, 3]
+        # [M, 3, 3]
+        self.rotations = tf.constant(random_rotations(self.n_rotations, self.seed), tf.float32)
         self._members = None
 
     dim = 6
@@ -87,21 +95,29 @@ class SphericalAverage(Density, tf.Module):
 
     @property
     def inlinable(self) -> bool:
-        """As the base DF: XLA may compile f̄ only if it may compile f (not around a loaded SavedModel)."""
+        """As the base DF: XLA may compile f̄ only if it may compile f
+        (not around a loaded SavedModel).
+        """
         return self.base.inlinable
 
     @property
     def evaluations_per_row(self) -> int:
-        """Base-DF evaluations per row of ``log_prob``: M times the base's own (K for a K-member ensemble)."""
+        """Base-DF evaluations per row of ``log_prob``: M times the base's own
+        (K for a K-member ensemble).
+        """
         return self.n_rotations * self.base.evaluations_per_row
 
     @property
     def members(self) -> list["SphericalAverage"] | None:
-        """The base ensemble's members, each averaged over the same rotations (None for a single DF)."""
+        """The base ensemble's members, each averaged over the same rotations
+        (None for a single DF).
+        """
         if not self.base.members:
             return None
         if self._members is None:
-            self._members = [SphericalAverage(m, self.n_rotations, self.seed) for m in self.base.members]
+            self._members = [
+                SphericalAverage(m, self.n_rotations, self.seed) for m in self.base.members
+            ]
         return self._members
 
     @property
@@ -126,14 +142,23 @@ class SphericalAverage(Density, tf.Module):
         log_f = self.base.log_prob_tensor(tf.reshape(self._rotated(w), [-1, 6]), c)
         return tf.reduce_logsumexp(tf.reshape(log_f, [m, -1]), axis=0) - math.log(m)  # [N]
 
-    def sample_tensor(self, n: tf.Tensor | None, c: tf.Tensor | None, seed: tf.Tensor) -> tf.Tensor:
+    def sample_tensor(
+        self, n: tf.Tensor | None, c: tf.Tensor | None, seed: tf.Tensor
+    ) -> tf.Tensor:
         """w ~ f, then (R_mᵀ x, R_mᵀ v) with m uniform: exact draws from f̄ [n, 6]."""
         if not self.base.can_sample:
-            raise InputError(f"the base DF ({type(self.base).__name__}) cannot sample, so neither can its "
-                             f"spherical average")
+            raise InputError(
+                f"the base DF ({type(self.base).__name__}) cannot sample, so neither can its "
+                f"spherical average"
+            )
         w = self.base.sample_tensor(n, c, tf.random.experimental.stateless_fold_in(seed, 0))
-        choice = tf.random.stateless_uniform([tf.shape(w)[0]], tf.random.experimental.stateless_fold_in(seed, 1),
-                                             minval=0, maxval=self.n_rotations, dtype=tf.int32)
+        choice = tf.random.stateless_uniform(
+            [tf.shape(w)[0]],
+            tf.random.experimental.stateless_fold_in(seed, 1),
+            minval=0,
+            maxval=self.n_rotations,
+            dtype=tf.int32,
+        )
         r = tf.gather(self.rotations, choice)                                     # [n, 3, 3]
         x = tf.einsum("nji,nj->ni", r, w[:, :3])                                  # R_mᵀ x
         v = tf.einsum("nji,nj->ni", r, w[:, 3:])

@@ -28,9 +28,9 @@ G_KPC_KMS2_MSUN = G_SI * MSUN_KG / (KPC_M * KM_M**2)
 LENGTH_UNITS = {"kpc": 1.0, "pc": 1.0e-3, "Mpc": 1.0e3, "m": 1.0 / KPC_M, "km": KM_M / KPC_M}
 #: Velocity units understood in catalogue metadata, as multiples of 1 km/s.
 VELOCITY_UNITS = {"km/s": 1.0, "m/s": 1.0 / KM_M, "kpc/Gyr": KPC_M / GYR_S / KM_M}
-#: Name of model units (G = M = a = 1) for both length and velocity in catalogue metadata. They have no
-#: fixed factor: converting them needs a :class:`ModelUnits` (length unit ``length_kpc`` kpc, velocity
-#: unit ``velocity_kms`` km/s).
+#: Name of model units (G = M = a = 1) for both length and velocity in catalogue metadata. They
+#: have no fixed factor: converting them needs a :class:`ModelUnits` (length unit ``length_kpc``
+#: kpc, velocity unit ``velocity_kms`` km/s).
 MODEL_UNIT = "model"
 #: 1 cm in kpc and 1 cm/s in km/s (Gadget snapshots state their units in cgs).
 CM_KPC = 1.0e-2 / KPC_M
@@ -42,23 +42,30 @@ def length_factor(unit: str) -> float:
     try:
         return LENGTH_UNITS[unit]
     except KeyError:
-        raise ValueError(f"unknown length unit {unit!r}; expected one of {sorted(LENGTH_UNITS)}") from None
+        raise ValueError(
+            f"unknown length unit {unit!r}; expected one of {sorted(LENGTH_UNITS)}"
+        ) from None
 
 
 def velocity_factor(unit: str) -> float:
-    """Multiplier taking a velocity in ``unit`` to km/s. Raises ``ValueError`` for unknown units."""
+    """Multiplier taking a velocity in ``unit`` to km/s. Raises ``ValueError`` for unknown
+    units.
+    """
     try:
         return VELOCITY_UNITS[unit]
     except KeyError:
-        raise ValueError(f"unknown velocity unit {unit!r}; expected one of {sorted(VELOCITY_UNITS)}") from None
+        raise ValueError(
+            f"unknown velocity unit {unit!r}; expected one of {sorted(VELOCITY_UNITS)}"
+        ) from None
 
 
 @dataclass(frozen=True)
 class ModelUnits:
-    """Model units with G = 1 for a system of mass ``mass_msun`` [Msun] and length ``length_kpc`` [kpc].
+    """Model units with G = 1 for a system of mass ``mass_msun`` [Msun] and length ``length_kpc``
+    [kpc].
 
-    Example: a Hernquist galaxy with M = 1e11 Msun, a = 2 kpc has ``ModelUnits(1e11, 2.0).velocity_kms``
-    ≈ 464 km/s.
+    Example: a Hernquist galaxy with M = 1e11 Msun, a = 2 kpc has
+    ``ModelUnits(1e11, 2.0).velocity_kms`` ≈ 464 km/s.
     """
 
     mass_msun: float = 1.0e10
@@ -66,7 +73,10 @@ class ModelUnits:
 
     def __post_init__(self):
         if not (self.mass_msun > 0 and self.length_kpc > 0):
-            raise ValueError(f"ModelUnits needs positive mass and length, got {self.mass_msun}, {self.length_kpc}")
+            raise ValueError(
+                f"ModelUnits needs positive mass and length, got {self.mass_msun}, "
+                f"{self.length_kpc}"
+            )
 
     @property
     def velocity_kms(self) -> float:

@@ -5,10 +5,13 @@ every SavedModel under a base directory laid out as TF Serving expects,
 ``BASE/NAME/<integer version>/saved_model.pb`` (all versions are loaded; the highest is the
 default)::
 
-    GET  /v1/models/NAME[/versions/N|/labels/L]             {"model_version_status": [...]}
-    GET  /v1/models/NAME[/versions/N|/labels/L]/metadata    {"model_spec": ..., "metadata": {"signature_def": ...}}
-    POST /v1/models/NAME[/versions/N|/labels/L]:predict     row {"instances": [...]} -> {"predictions": [...]}
-                                                            columnar {"inputs": ...}  -> {"outputs": ...}
+    GET  /v1/models/NAME[/versions/N|/labels/L]
+         -> {"model_version_status": [...]}
+    GET  /v1/models/NAME[/versions/N|/labels/L]/metadata
+         -> {"model_spec": ..., "metadata": {"signature_def": ...}}
+    POST /v1/models/NAME[/versions/N|/labels/L]:predict
+         row      {"instances": [...]} -> {"predictions": [...]}
+         columnar {"inputs": ...}      -> {"outputs": ...}
 
 A request's whole batch goes through ONE call of the signature's traced function, in a worker
 thread (the event loop only does I/O). Concurrent small requests (<= ``batch_rows`` rows) to a
