@@ -777,3 +777,24 @@ def test_rest_endpoint_serves_conditional_accelerations(conditional_6d):
                                                           "seed": np.full(6, 7)}, "accelerations",
                                                          format="columns")
     assert_accelerations_match(out, {k: getattr(ref, k) for k in KEYS})
+
+
+def test_exported_accelerations_carry_the_python_flags(tmp_path):
+    # A served answer must say why a number is not to be trusted, exactly as the Python API does: a
+    # position where the DF has no support (x_0 < 0 is outside a log column), one far outside the
+    # data (a flow has tiny but finite density there: few effective velocities) and normal ones.
+    from tfgalflow.cbe import accelerations
+
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(2000, 6)) * 0.3
+    w[:, 0] = np.exp(rng.normal(size=2000) * 0.3)
+    flow = Flow(FlowConfig(dim=6, layers=2, hidden=(16, 16), log_columns=(0,), seed=2)).adapt(w)
+    path = export_model(flow, tmp_path / "m", n_velocities=32)
+    x = np.array([[1.0, 0.1, 0.0], [-1.0, 0.0, 0.0], [1e3, 5e2, 0.0], [1.2, -0.2, 0.1]], np.float32)
+    raw = load(path).signatures["accelerations"](positions=x, seed=np.full(4, 5, np.int64))
+    want = accelerations(flow, x, 32, seed=5)
+    np.testing.assert_array_equal(raw["reasons"], want.reasons)
+    np.testing.assert_array_equal(raw["flagged"], want.flagged)
+    assert "no_support" in raw["reasons"][1] and np.isnan(raw["acceleration"][1]).all()
+    assert raw["flagged"][2] and not raw["flagged"][0]
+    np.testing.assert_array_equal(np.isnan(raw["acceleration"]), np.isnan(want.acceleration))

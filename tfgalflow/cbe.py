@@ -976,6 +976,31 @@ def radial_component(positions: Any, acceleration: Any) -> np.ndarray:
         return np.where(r > 0, a_dot_x / np.where(r > 0, r, 1.0), np.nan)
 
 
+#: The flags a position can get, in the order ``reasons`` lists them.
+FLAGS = ("no_support", "low_density", "low_ess", "ill_conditioned", "high_residual", "non_finite")
+
+
+def flagged_outputs(out: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """The raw solver outputs (:func:`acceleration_graph`) with the flags of :func:`accelerations`, as
+    TF ops for an exported signature: ``acceleration`` NaN where the DF has no support, ``flagged``
+    [B] bool and ``reasons`` [B] string ("no_support,low_ess", "" = fine), with the default thresholds
+    (MAX_RESIDUAL, MAX_CONDITION, MIN_ESS; low_density is off by default). A served answer then says
+    why a number is not to be trusted, as the Python API does.
+    """
+    support = out["support"]
+    acceleration = tf.where(support[:, None], out["acceleration"],
+                            tf.constant(np.nan, out["acceleration"].dtype))
+    bad = tf.stack([~support,
+                    tf.zeros_like(support),                               # low_density: off
+                    ~(out["ess"] >= MIN_ESS),
+                    ~(out["condition"] <= MAX_CONDITION),
+                    ~(out["residual"] <= MAX_RESIDUAL),
+                    ~tf.reduce_all(tf.math.is_finite(acceleration), axis=1)], axis=1)   # [B, 6]
+    names = tf.broadcast_to(tf.constant(FLAGS), tf.shape(bad))
+    reasons = tf.strings.reduce_join(tf.ragged.boolean_mask(names, bad), axis=1, separator=",")
+    return {**out, "acceleration": acceleration, "flagged": tf.reduce_any(bad, axis=1), "reasons": reasons}
+
+
 def flag_reasons(acceleration: np.ndarray, residual: np.ndarray, condition: np.ndarray,
                  support: np.ndarray | None = None, ess: np.ndarray | None = None,
                  log_density: np.ndarray | None = None, *, max_residual: float = MAX_RESIDUAL,

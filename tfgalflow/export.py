@@ -12,7 +12,9 @@ D: data width; C: label width, present only for conditional models)::
     sample           seed [N] i64 (+ labels [N, C] f32)       sample [N, D] f32
     accelerations    positions [B, 3] f32, seed [B] i64       acceleration [B, 3], residual [B], condition [B],
                      (+ labels [B, C] f32)                    ess [B], log_density [B] f32,
-                                                              support [B] bool
+                                                              support [B] bool, flagged [B] bool,
+                                                              reasons [B] string (the flags of
+                                                              tfgalflow.cbe.accelerations)
 
 with log p(x | c) in nats per unit physical volume of x (the rescaling Jacobian is included) and the
 gradient ∂ log p/∂x in 1/(unit of each column). ``accelerations`` is present for 6D phase-space
@@ -67,7 +69,8 @@ MODELS_CONFIG = "models.config"
 #: Signatures every tfgalflow SavedModel has (``accelerations`` only for 6D models).
 REQUIRED_SIGNATURES = ("serving_default", "log_prob", "grad_log_prob", "sample")
 #: Outputs of the ``accelerations`` signature (those that cbe.acceleration_graph provides).
-ACCELERATION_OUTPUTS = ("acceleration", "residual", "condition", "ess", "log_density", "support")
+ACCELERATION_OUTPUTS = ("acceleration", "residual", "condition", "ess", "log_density", "support",
+                        "flagged", "reasons")
 SEED_CONVENTION = ("sample: N = len(seed) (unconditional) or len(labels) (conditional); the draw is "
                    "sample_stateless(N, seed=[seed[0], 0]), other seed entries are ignored. "
                    "accelerations: velocity draws seeded with [seed[0], 0].")
@@ -174,11 +177,18 @@ class Signature:
             raise InputError(f"signature '{self.name}' rejected the inputs: {exc.message.strip()}") from None
         if not isinstance(out, Mapping):
             out = {"output_0": out}
-        return {k: v.numpy() for k, v in out.items()}
+        return {k: _text_to_str(v.numpy()) for k, v in out.items()}
 
     def __call__(self, **values: Any) -> dict[str, np.ndarray]:
         """check + run: ``sig(x=array)`` -> {output name: array}."""
         return self.run(self.check(values))
+
+
+def _text_to_str(array: np.ndarray) -> np.ndarray:
+    """String outputs (TF gives bytes objects) as a unicode array; other arrays unchanged."""
+    if array.dtype == object:
+        return np.vectorize(lambda b: b.decode() if isinstance(b, bytes) else str(b), otypes=[str])(array)
+    return array
 
 
 # ---- a loaded SavedModel ---------------------------------------------------------------------
@@ -559,6 +569,7 @@ def _build_module(model: Any, metadata_json: str, accel: Any):
                   "grad_log_prob": grad.get_concrete_function(),
                   "sample": sample.get_concrete_function()}
     if accel is not None:
+        from .cbe import flagged_outputs
         p_spec = tf.TensorSpec([None, 3], tf.float32, name="positions")
         if label_dim:
             def accelerations(positions, seed, labels):
@@ -567,12 +578,12 @@ def _build_module(model: Any, metadata_json: str, accel: Any):
                     message="positions [B, 3] and labels [B, C] must have the same number of "
                             "rows B")
                 with tf.control_dependencies([check]):
-                    result = accel(positions, first_seed(seed), labels)
+                    result = flagged_outputs(accel(positions, first_seed(seed), labels))
                 return {k: result[k] for k in ACCELERATION_OUTPUTS if k in result}
             specs = [p_spec, seed_spec, c_spec]
         else:
             def accelerations(positions, seed):
-                result = accel(positions, first_seed(seed))
+                result = flagged_outputs(accel(positions, first_seed(seed)))
                 return {k: result[k] for k in ACCELERATION_OUTPUTS if k in result}
             specs = [p_spec, seed_spec]
         module.accelerations = tf.function(accelerations, input_signature=specs)
