@@ -28,7 +28,8 @@ import tf_keras as keras
 
 from .density import Density, as_float32, shape_of, validate_inputs
 from .errors import InputError
-from .flows import FlowConfig, build_bijector, forward, inverse_and_log_det, layer_names
+from .flows import (FlowConfig, build_bijector, forward, inverse_and_log_det, inverse_and_log_det_grid,
+                    layer_names)
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -235,6 +236,31 @@ class Flow(Density, keras.Model):
         z = tf.random.stateless_normal(tf.stack([n, self.dim]), seed=seed, dtype=tf.float32)
         y = forward(self.bijector, z, self._bijector_kwargs(c))
         return self._unscale(y)
+
+    def log_prob_grid_tensor(self, grid: tf.Tensor, labels: tf.Tensor | None = None) -> tf.Tensor:
+        """log p(x_g | labels_n) [N, G] of a 1-D flow at every grid value x_g [G] for every label row [N, C].
+
+        The same numbers as ``log_prob_tensor`` on the N·G pairs (x_g, c_n), but each layer's
+        conditioning network runs once per row (:func:`tfgalflow.flows.inverse_and_log_det_grid`).
+        Without labels (unconditional) N = 1. InputError unless dim = 1.
+        """
+        if self.dim != 1:
+            raise InputError(f"log_prob_grid_tensor needs a 1-D flow; this {self.what} has dim = {self.dim}")
+        x = tf.reshape(tf.cast(grid, tf.float32), [1, -1])
+        rows = 1 if labels is None else tf.shape(labels)[0]
+        x = tf.tile(x, tf.stack([rows, 1]))                                  # [N, G]
+        log_jacobian = -tf.math.log(self.x_scale[0])
+        in_support = None
+        if self.config.log_columns:
+            in_support = x > 0.0
+            log_x = tf.math.log(tf.where(in_support, x, tf.ones_like(x)))
+            x, log_jacobian = log_x, log_jacobian - log_x
+        y = (x - self.x_shift[0]) / self.x_scale[0]
+        z, log_det = inverse_and_log_det_grid(self.bijector, y, self._bijector_kwargs(labels))
+        lp = -0.5 * tf.square(z) - 0.5 * LOG_2PI + log_det + log_jacobian
+        if in_support is not None:
+            lp = tf.where(in_support, lp, tf.fill(tf.shape(lp), -np.inf))
+        return lp
 
     # -- Keras --------------------------------------------------------------------------------------
     def call(self, inputs, training=None):
@@ -487,6 +513,11 @@ class Ensemble(Density, tf.Module):
     def log_prob_tensor(self, x: tf.Tensor, labels: tf.Tensor | None = None) -> tf.Tensor:
         """log p = logsumexp_k log p_k - log K [N] (the mixture density), as TF ops."""
         member_lp = tf.stack([m.log_prob_tensor(x, labels) for m in self.members], axis=0)   # [K, N]
+        return tf.reduce_logsumexp(member_lp, axis=0) - math.log(len(self.members))
+
+    def log_prob_grid_tensor(self, grid: tf.Tensor, labels: tf.Tensor | None = None) -> tf.Tensor:
+        """log of the mixture density [N, G] of 1-D members on a grid (see ``Flow.log_prob_grid_tensor``)."""
+        member_lp = tf.stack([m.log_prob_grid_tensor(grid, labels) for m in self.members], axis=0)
         return tf.reduce_logsumexp(member_lp, axis=0) - math.log(len(self.members))
 
     def sample_tensor(self, n: tf.Tensor | None, c: tf.Tensor | None, seed: tf.Tensor) -> tf.Tensor:
