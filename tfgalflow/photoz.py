@@ -281,6 +281,7 @@ class Calibration:
         return apply_offsets(inputs, -self.flux_offsets, -self.error_offsets)
 
     def to_dict(self) -> dict:
+        """The offsets and their 1σ errors as plain lists (for JSON reports)."""
         return {"flux_offsets": self.flux_offsets.tolist(), "error_offsets": self.error_offsets.tolist(),
                 "flux_errors": self.flux_errors.tolist(), "error_errors": self.error_errors.tolist(),
                 "nll_before": self.nll_before, "nll_after": self.nll_after, "success": self.success}
@@ -296,8 +297,9 @@ def apply_offsets(inputs: Any, flux_offsets: Any, error_offsets: Any) -> np.ndar
 
 def calibrate(model: Any, z: Any, inputs: Any, softening: Sequence[float] | None = None,
               bound: float = 0.5, fix_band: int | None = REFERENCE_BAND) -> Calibration:
-    """Fit per-band flux and error offsets (a_b, e_b) of a real set with known redshifts by maximum
-    likelihood under a trained 1-D model p(z | labels):
+    """Fit per-band flux and error offsets (a_b, e_b) of a real set with known redshifts.
+
+    Maximum likelihood under a trained 1-D model p(z | labels):
 
         (â, ê) = argmin_{|a|, |e| <= bound}  -Σ_n ln p(z_n | labels(F_n e^{-a}, σ_n e^{-a-e})),
 

@@ -229,7 +229,8 @@ def kl_divergence(p: np.ndarray, q: np.ndarray, grid: Any, floor: float = 1e-30)
 
 def summarize(post: np.ndarray, grid: Any, truth: Any = None, hpd_mass: float = 0.68) -> dict:
     """Per-object summaries {name: [N] array}: map, mean, median, q16, q84, hpd_lo, hpd_hi (+ pit and
-    hpd_level when ``truth`` [N] is given)."""
+    hpd_level when ``truth`` [N] is given).
+    """
     g = check_grid(grid)
     q = quantiles(post, g, [0.16, 0.5, 0.84])
     hpd = hpd_interval(post, g, hpd_mass)
@@ -338,7 +339,8 @@ def write_inputs(path: str | os.PathLike, labels: Any, truth: Any = None) -> Non
 def write_posteriors(path: str | os.PathLike, grid: Any, post: np.ndarray, summary: dict,
                      metrics: dict | None = None) -> None:
     """Atomic HDF5: 'grid' [G], 'posterior' [N, G] (float32), one dataset per summary entry [N],
-    and the metrics (JSON) in the root attribute 'metrics'."""
+    and the metrics (JSON) in the root attribute 'metrics'.
+    """
     import json
 
     import h5py
@@ -356,7 +358,8 @@ def write_posteriors(path: str | os.PathLike, grid: Any, post: np.ndarray, summa
 def posterior_file(model: Any, inputs_path: str | os.PathLike, grid: Any, out: str | os.PathLike,
                    progress: bool = False, edges: Sequence[float] | None = None) -> dict:
     """Posteriors of every row of an inputs file, summaries (+ PIT and metrics if it has truths 'z'),
-    written to ``out`` (HDF5, atomic). Returns the metrics dict (empty without truths)."""
+    written to ``out`` (HDF5, atomic). Returns the metrics dict (empty without truths).
+    """
     labels, truth = read_inputs(inputs_path)
     g = check_grid(grid)
     post = posterior_grid(model, labels, g, progress=progress)
