@@ -83,9 +83,10 @@ def pack(x: np.ndarray, errors: np.ndarray, kind: str) -> np.ndarray:
 
 
 def log_mean_bias(relative_variance: float | np.ndarray, samples: int) -> float | np.ndarray:
-    """Leading-order bias of the log of a Monte-Carlo mean of K i.i.d. draws with mean p:
+    """Leading-order bias of the log of a Monte-Carlo mean of K i.i.d. draws with mean p.
 
-        E[log p̂] − log p = −Var / (2 K p²) + O(K^-2)   (``relative_variance`` = Var / p²).
+    E[log p̂] − log p = −Var / (2 K p²) + O(K^-2), with ``relative_variance`` = Var / p² and
+    ``samples`` = K (the delta method; see the module docstring).
     """
     return -np.asarray(relative_variance) / (2.0 * samples)
 
@@ -159,7 +160,8 @@ class NoiseModel:
 
         Args:
             log_prob: log f as a tensor function of (x [M, D], labels [M, C] | None) -> [M].
-            x_obs: [B, D] observed rows; errors: [B, E] packed errors (:meth:`split`).
+            x_obs: [B, D] observed rows.
+            errors: [B, E] packed errors (:meth:`split`).
             seed: stateless seed [2] of the draws z ~ N(0, I) [K, B, D].
             labels: [B, C] or None; star b's K candidates share its labels.
         """
