@@ -413,7 +413,18 @@ def add_noise(
         isotropic, std[(x_i' - x_i) / |x|] = level per component
         (|Δx| / |x| has rms sqrt(3) level); keeps the spherical symmetry of the noise-free model.
 
-    The convention, levels and seed are appended to meta["noise"].
+    The convention, levels and seed are appended to meta["noise"], and the result carries the
+    error model of the noise it added (``Catalogue.errors``), what
+    ``TrainConfig(deconvolve=True)`` needs to learn the noise-free DF:
+
+    * ``"coordinate"``: ``error_kind="fractional"``, s = (level,) * 3 + (level_vel,) * 3 per star;
+    * ``"vector"``: ``error_kind="absolute"``, σ = level |x| for the positions and level_vel |v|
+      for the velocities, with the noise-free |x|, |v| (the σ a survey would quote; known exactly
+      here).
+
+    Noise added to a catalogue that already has errors combines them in quadrature when both are
+    absolute (σ² = σ_1² + σ_2²: a sum of independent Gaussians); any other combination (a product
+    of multiplicative factors is not Gaussian) raises InputError.
     """
     level = validation.positive_number(level, "level (fractional, 0.01 = 1 %)", allow_zero=True)
     level_vel = level if level_vel is None else validation.positive_number(
@@ -426,12 +437,25 @@ def add_noise(
     if convention == "coordinate":
         pos = cat.pos * (1.0 + level * eps_x)
         vel = cat.vel * (1.0 + level_vel * eps_v)
+        kind = "fractional"
+        errors = np.tile(np.array([level] * 3 + [level_vel] * 3), (len(cat), 1))
     else:
         pos = cat.pos + level * cat.r[:, None] * eps_x
         vel = cat.vel + level_vel * cat.speed[:, None] * eps_v
+        kind = "absolute"
+        errors = np.concatenate([np.repeat(level * cat.r[:, None], 3, axis=1),
+                                 np.repeat(level_vel * cat.speed[:, None], 3, axis=1)], axis=1)
+    if cat.errors is not None:
+        if not cat.error_kind == kind == "absolute":
+            raise InputError(f"add_noise: the catalogue already has {cat.error_kind} errors and "
+                             f"the {convention!r} convention adds {kind} ones; only absolute "
+                             "errors combine into one Gaussian (convention='vector' on a catalogue "
+                             "with absolute errors)")
+        errors = np.sqrt(cat.errors ** 2 + errors ** 2)
     record = {"level": level, "level_vel": level_vel, "convention": convention, "seed": seed}
     return Catalogue(pos, vel, labels=cat.labels, label_names=cat.label_names, units=cat.units,
-                     meta={**cat.meta, "noise": [*cat.meta.get("noise", []), record]})
+                     meta={**cat.meta, "noise": [*cat.meta.get("noise", []), record]},
+                     errors=errors, error_kind=kind)
 
 
 

@@ -96,6 +96,7 @@ class Flow(Density, keras.Model):
                                            trainable=False)
         self.adapted = self.add_weight(name="adapted", shape=[], initializer="zeros", trainable=False)
         self._loss_tracker = keras.metrics.Mean(name="loss")
+        self.noise_model = None
         self.build_variables()
         self.jit_log_prob = bool(jit_compile)
 
@@ -334,10 +335,46 @@ class Flow(Density, keras.Model):
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         return loss * (1.0 / replicas) if replicas > 1 else loss
 
-    def _optimizer_step(self, x: tf.Tensor, c: tf.Tensor | None, w: tf.Tensor | None) -> None:
-        """One Adam (or other optimizer) update on the batch x [B, D], c [B, C] | None, w [B] | None."""
+    # -- deconvolution: the loss of noisy data (tfgalflow.deconvolution) ------------------------
+    def set_noise_model(self, noise_model: Any) -> "Flow":
+        """Train on noisy rows: with a :class:`tfgalflow.deconvolution.NoiseModel` the training data
+        are packed rows [B, D + E] (x, then each row's errors; ``deconvolution.pack``) and the loss
+        is -log of the noise-convolved density (``NoiseModel.log_likelihood``), so the flow learns
+        the error-free density. None restores plain maximum likelihood. log_prob, sampling and
+        export always describe the flow itself (the error-free density).
+        """
+        if noise_model is not None and getattr(noise_model, "dim", None) != self.dim:
+            raise InputError(f"set_noise_model: expected a NoiseModel with dim = {self.dim}, got "
+                             f"{noise_model!r}")
+        self.noise_model = noise_model
+        self.train_function = self.test_function = None     # rebuilt with the new loss
+        return self
+
+    def _split_errors(self, data) -> tuple[Any, tf.Tensor | None]:
+        """(Keras data with x [..., D], packed errors [..., E] | None): no-op without a noise model."""
+        if self.noise_model is None:
+            return data, None
+        x, c, w = _split_keras_data(data)
+        x, errors = self.noise_model.split(x)
+        return (x, c, w), errors
+
+    def _data_log_prob(self, x: tf.Tensor, c: tf.Tensor | None, errors: tf.Tensor | None,
+                       step: tf.Tensor | int) -> tf.Tensor:
+        """log f(x | c) [B]; with errors [B, E] the noise-convolved estimate log p̂(x | c), its draws
+        seeded by (noise seed, ``step``).
+        """
+        if errors is None:
+            return self.log_prob_tensor(x, c)
+        seed = tf.stack([tf.constant(self.noise_model.seed, tf.int64), tf.cast(step, tf.int64)])
+        return self.noise_model.log_likelihood(self.log_prob_tensor, x, errors, seed, c)
+
+    def _optimizer_step(self, x: tf.Tensor, c: tf.Tensor | None, w: tf.Tensor | None,
+                        errors: tf.Tensor | None = None) -> None:
+        """One Adam (or other optimizer) update on the batch x [B, D], c [B, C] | None, w [B] | None
+        (errors [B, E]: the deconvolution loss, draws seeded by the optimizer step).
+        """
         with tf.GradientTape() as tape:
-            lp = self.log_prob_tensor(x, c)
+            lp = self._data_log_prob(x, c, errors, self.optimizer.iterations + 1)
             loss = self._loss(lp, w)
         variables = self.trainable_variables
         grads = tape.gradient(loss, variables)
@@ -373,15 +410,17 @@ class Flow(Density, keras.Model):
             raise InputError(f"x has shape {shape_of(_split_keras_data(data)[0])} on one of {replicas} replicas: "
                              f"stacked batches [K, B, D] need a single replica (the distribution strategy "
                              f"would split the stack along K); feed batches [B, {self.dim}]")
+        data, errors = self._split_errors(data)
         if not _is_stack(data):
-            self._optimizer_step(*self._unpack(data))
+            self._optimizer_step(*self._unpack(data), errors)
             return {"loss": self._loss_tracker.result()}
         x, c, w = self._unpack_stack(data)
         with tf.init_scope():     # slots must exist before the loop (no-op if already built)
             self.optimizer.build(self.trainable_variables)
 
         def one_step(k):
-            self._optimizer_step(x[k], None if c is None else c[k], None if w is None else w[k])
+            self._optimizer_step(x[k], None if c is None else c[k], None if w is None else w[k],
+                                 None if errors is None else errors[k])
             return (k + 1,)
 
         # parallel_iterations=1: step k+1 reads the variables step k wrote.
@@ -389,15 +428,21 @@ class Flow(Density, keras.Model):
         return {"loss": self._loss_tracker.result()}
 
     def test_step(self, data):
-        """Loss tracker update on a batch x [B, D] (or a stack x [K, B, D], evaluated as K·B rows)."""
+        """Loss tracker update on a batch x [B, D] (or a stack x [K, B, D], evaluated as K·B rows).
+
+        With a noise model the loss is the noise-convolved estimate with draws from a fixed seed
+        (common random numbers: epochs are compared on the same draws).
+        """
+        data, errors = self._split_errors(data)
         if _is_stack(data):
             x, c, w = self._unpack_stack(data)
             x = tf.reshape(x, [-1, self.dim])
             c = None if c is None else tf.reshape(c, [-1, self.label_dim])
             w = None if w is None else tf.reshape(w, [-1])
+            errors = None if errors is None else tf.reshape(errors, [-1, self.noise_model.width])
         else:
             x, c, w = self._unpack(data)
-        self._loss_tracker.update_state(-self.log_prob_tensor(x, c), sample_weight=w)
+        self._loss_tracker.update_state(-self._data_log_prob(x, c, errors, 0), sample_weight=w)
         return {"loss": self._loss_tracker.result()}
 
 

@@ -24,22 +24,12 @@ Example::
 """
 from __future__ import annotations
 
-from .core import FORMAT, FORMAT_VERSION, HDF5_SUFFIXES, NPZ_SUFFIXES, Catalogue, check_units
+from .core import (
+    ERROR_KINDS, FORMAT, FORMAT_VERSION, HDF5_SUFFIXES, NPZ_SUFFIXES, Catalogue, check_units,
+)
 from .gadget import GADGET_GROUP, GADGET_POS, GADGET_VEL
 from .hdf5 import CHUNK_ROWS, HDF5Catalogue, hdf5_dataset, open_hdf5
 
-__all__ = [
-    "Catalogue",
-    "HDF5Catalogue",
-    "open_hdf5",
-    "hdf5_dataset",
-    "check_units",
-    "FORMAT",
-    "FORMAT_VERSION",
-    "HDF5_SUFFIXES",
-    "NPZ_SUFFIXES",
-    "GADGET_GROUP",
-    "GADGET_POS",
-    "GADGET_VEL",
-    "CHUNK_ROWS",
-]
+__all__ = ["Catalogue", "HDF5Catalogue", "open_hdf5", "hdf5_dataset", "check_units", "FORMAT",
+           "FORMAT_VERSION", "HDF5_SUFFIXES", "NPZ_SUFFIXES", "GADGET_GROUP", "GADGET_POS", "GADGET_VEL",
+           "CHUNK_ROWS", "ERROR_KINDS"]

@@ -32,6 +32,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .hdf5 import HDF5Catalogue
 
+#: How ``Catalogue.errors`` describe each star's measurement error (see :class:`Catalogue`).
+ERROR_KINDS = ("absolute", "fractional", "covariance")
+
 FORMAT = "tfgalflow-catalogue"
 FORMAT_VERSION = 1
 NPZ_SUFFIXES = (".npz",)
@@ -53,9 +56,25 @@ class Catalogue:
         units: ``{"length": L, "velocity": V}`` with L in ``units.LENGTH_UNITS`` or "model", V in
             ``units.VELOCITY_UNITS`` or "model". Required: numbers without units are refused.
         meta: JSON-able provenance (sampler, seed, model, cuts, noise, ``model_units`` ...).
+        errors: per-star Gaussian measurement errors of w = (pos, vel) (float64, read-only) or
+            None; what they mean is ``error_kind``:
+
+            ``"absolute"``    [N, 6] standard deviations σ in the catalogue's units (length for
+                              columns 0-2, velocity for 3-5):  w_obs = w + σ ε,  ε ~ N(0, I);
+            ``"fractional"``  [N, 6] dimensionless s (the Hernquist study's multiplicative
+                              convention, ``mocks.add_noise(convention="coordinate")``):
+                              w_obs,j = w_j (1 + s_j ε_j), so the error of column j is s_j |w_j|;
+            ``"covariance"``  [N, 6, 6] covariance matrices C (symmetric, positive semi-definite)
+                              in the units of the columns:  w_obs = w + e,  e ~ N(0, C).
+
+            σ, s >= 0 (0 = exact column). :meth:`to_units` scales absolute errors and covariances
+            with the columns; fractional ones are unit-free.
+        error_kind: one of :data:`ERROR_KINDS`; default "absolute" for [N, 6] errors,
+            "covariance" for [N, 6, 6]. Must be None without errors.
 
     Raises InputError on wrong shapes, N = 0, NaN/inf (naming the field and the first bad row),
-    missing or unknown units, label names that do not match the labels, or non-JSON meta.
+    missing or unknown units, label names that do not match the labels, negative errors or
+    covariances that are not symmetric positive semi-definite, or non-JSON meta.
     """
 
     pos: np.ndarray
@@ -64,6 +83,8 @@ class Catalogue:
     label_names: tuple[str, ...] = ()
     units: Mapping[str, str] | None = None
     meta: Mapping[str, Any] = field(default_factory=dict)
+    errors: np.ndarray | None = None
+    error_kind: str | None = None
 
     def __post_init__(self):
         pos = _read_only(validation.finite_matrix(self.pos, "pos", width=3))
@@ -96,6 +117,9 @@ class Catalogue:
         object.__setattr__(self, "label_names", names)
         object.__setattr__(self, "units", check_units(self.units))
         object.__setattr__(self, "meta", jsonable(self.meta, "meta"))
+        errors, kind = check_errors(self.errors, self.error_kind, pos.shape[0])
+        object.__setattr__(self, "errors", None if errors is None else _read_only(errors))
+        object.__setattr__(self, "error_kind", kind)
 
     # ---- views ------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -103,7 +127,8 @@ class Catalogue:
 
     def __repr__(self) -> str:
         labels = f", labels={list(self.label_names)}" if self.labels is not None else ""
-        return f"Catalogue(N={len(self)}, units={self.units}{labels})"
+        errors = f", errors={self.error_kind}" if self.errors is not None else ""
+        return f"Catalogue(N={len(self)}, units={self.units}{labels}{errors})"
 
     @property
     def phase_space(self) -> np.ndarray:
@@ -145,6 +170,7 @@ class Catalogue:
                              "needs N >= 1")
         return dataclasses.replace(self, pos=self.pos[rows], vel=self.vel[rows],
                                    labels=None if self.labels is None else self.labels[rows],
+                                   errors=None if self.errors is None else self.errors[rows],
                                    meta={**self.meta, **meta_updates})
 
     # ---- units ------------------------------------------------------------------------------
@@ -176,9 +202,9 @@ class Catalogue:
         meta = dict(self.meta)
         if mu is not None:
             meta["model_units"] = dataclasses.asdict(mu)
-        return dataclasses.replace(
-            self, pos=self.pos * fx, vel=self.vel * fv, units=target, meta=meta
-        )
+        return dataclasses.replace(self, pos=self.pos * fx, vel=self.vel * fv, units=target,
+                                   meta=meta, errors=scaled_errors(self.errors, self.error_kind,
+                                                                   fx, fv))
 
     # ---- files ------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
@@ -254,7 +280,66 @@ class Catalogue:
 
 
 
-# ---- units --------------------------------------------------------------------------------------
+# ---- errors --------------------------------------------------------------------------------------
+
+def check_errors(errors: Any, kind: str | None, n: int) -> tuple[np.ndarray | None, str | None]:
+    """Validated (errors, error_kind) of a catalogue of ``n`` stars (see :class:`Catalogue`).
+
+    Returns a float64 copy and the kind (defaulted from the shape when None); (None, None) without
+    errors. InputError naming the field, its shape and the expected one otherwise.
+    """
+    if errors is None:
+        if kind is not None:
+            raise InputError(f"error_kind = {kind!r} was given without errors; pass errors [N, 6] "
+                             "or [N, 6, 6]")
+        return None, None
+    try:
+        errors = np.array(errors, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"errors cannot be read as a float array ({exc}); expected [{n}, 6] or "
+                         f"[{n}, 6, 6]") from None
+    if kind is None:
+        kind = "covariance" if errors.ndim == 3 else "absolute"
+    validation.one_of(kind, "error_kind", ERROR_KINDS)
+    expected = [n, 6, 6] if kind == "covariance" else [n, 6]
+    if list(errors.shape) != expected:
+        raise InputError(f"errors ({kind}) have shape {list(errors.shape)}; expected {expected}")
+    validation.check_finite_rows(errors, "errors")
+    if kind != "covariance":
+        negative = np.nonzero((errors < 0).any(axis=1))[0]
+        if negative.size:
+            raise InputError(f"errors ({kind}) are negative in {negative.size} row(s), first rows "
+                             f"{negative[:5].tolist()}; standard deviations must be >= 0")
+        return errors, kind
+    scale = np.maximum(np.abs(errors).max(axis=(1, 2)), np.finfo(float).tiny)
+    asymmetric = np.nonzero((np.abs(errors - errors.transpose(0, 2, 1)).max(axis=(1, 2))
+                             > 1e-10 * scale))[0]
+    if asymmetric.size:
+        raise InputError(f"errors (covariance) are not symmetric in {asymmetric.size} row(s), first "
+                         f"rows {asymmetric[:5].tolist()}; expected C = C^T [N, 6, 6]")
+    not_psd = np.nonzero(np.linalg.eigvalsh(errors)[:, 0] < -1e-10 * scale)[0]
+    if not_psd.size:
+        raise InputError(f"errors (covariance) have negative eigenvalues in {not_psd.size} row(s), "
+                         f"first rows {not_psd[:5].tolist()}; a covariance is positive "
+                         "semi-definite")
+    return errors, kind
+
+
+def scaled_errors(errors: np.ndarray | None, kind: str | None, fx: float,
+                  fv: float) -> np.ndarray | None:
+    """Errors of columns rescaled by (fx, fx, fx, fv, fv, fv): σ' = f σ, C' = diag(f) C diag(f);
+    fractional errors are unit-free and returned as they are.
+    """
+    if errors is None or kind == "fractional":
+        return errors
+    f = np.array([fx] * 3 + [fv] * 3)
+    if kind == "covariance":
+        return errors * f[:, None] * f[None, :]
+    return errors * f
+
+
+
+# ---- units ---------------------------------------------------------------------------------------
 
 def check_units(units: Mapping[str, str] | None) -> dict[str, str]:
     """Validated ``{"length": L, "velocity": V}``; InputError if missing, incomplete or unknown."""

@@ -1,8 +1,9 @@
 """HDF5 catalogues: the tfgalflow layout, written in chunks and read lazily or streamed to tf.data.
 
-Layout: chunked datasets ``pos``, ``vel`` [, ``labels``] with the units, label names and meta as
-JSON attributes of the root group (and a ``units`` attribute on ``pos``/``vel``). Gadget-style
-snapshots are opened here too and read by :mod:`.gadget`.
+Layout: chunked datasets ``pos``, ``vel`` [, ``labels``, ``errors`` [N, 6] or [N, 6, 6] with an
+``error_kind`` attribute] with the units, label names and meta as JSON attributes of the root group
+(and a ``units`` attribute on ``pos``/``vel``). Gadget-style snapshots
+are opened here too and read by :mod:`.gadget`.
 
 Large files are never read whole by :func:`open_hdf5` / :func:`hdf5_dataset`: ``len`` and the
 metadata come from the file header, and the ``tf.data`` pipeline reads one group of chunks at a
@@ -59,6 +60,8 @@ class HDF5Catalogue:
     chunk_rows: int
     length_scale: float = 1.0
     velocity_scale: float = 1.0
+    errors_name: str | None = None
+    error_kind: str | None = None
 
     def __len__(self) -> int:
         return self.n
@@ -78,18 +81,15 @@ class HDF5Catalogue:
                 pos = np.asarray(f[self.pos_name][rows], np.float64) * self.length_scale
                 vel = np.asarray(f[self.vel_name][rows], np.float64) * self.velocity_scale
                 labels = f[self.labels_name][rows] if self.labels_name else None
+                errors = f[self.errors_name][rows] if self.errors_name else None
         except (OSError, KeyError, ValueError) as exc:
             raise FileError(f"{self.path}: cannot read rows {rows.start}:{rows.stop}:{rows.step}: "
                             f"{exc}") from None
         try:
-            return Catalogue(
-                pos,
-                vel,
-                labels=labels,
-                label_names=self.label_names if labels is not None else (),
-                units=dict(self.units),
-                meta=dict(self.meta),
-            )
+            return Catalogue(pos, vel, labels=labels,
+                             label_names=self.label_names if labels is not None else (),
+                             units=dict(self.units), meta=dict(self.meta), errors=errors,
+                             error_kind=self.error_kind if errors is not None else None)
         except InputError as exc:
             raise InputError(f"{self.path}: {exc}") from None
 
@@ -269,6 +269,10 @@ def write_hdf5(tmp: Path, cat: Catalogue) -> None:
         vel.attrs["units"] = cat.units["velocity"]
         if cat.labels is not None:
             f.create_dataset("labels", data=cat.labels, chunks=(rows, cat.labels.shape[1]))
+        if cat.errors is not None:
+            errors = f.create_dataset("errors", data=cat.errors,
+                                      chunks=(rows,) + cat.errors.shape[1:])
+            errors.attrs["error_kind"] = cat.error_kind
 
 
 class _open_h5:
@@ -354,18 +358,17 @@ def _tfgalflow_layout(path: Path, f, units: Mapping[str, str] | None) -> HDF5Cat
             raise FileError(f"{path}: {len(names)} label names for {lab.shape[1]} label columns")
     raw_meta = attribute(f, "meta")
     meta = dict(_json_attr(raw_meta, path, "meta")) if raw_meta is not None else {}
-    return HDF5Catalogue(
-        path=path,
-        n=int(pos.shape[0]),
-        units=resolve_units(path, file_units, units),
-        label_names=names,
-        meta=meta,
-        layout="tfgalflow",
-        pos_name="pos",
-        vel_name="vel",
-        labels_name=labels_name,
-        chunk_rows=block_rows(pos),
-    )
+    errors_name, error_kind = None, None
+    if "errors" in f:
+        err = f["errors"]
+        if err.shape[0] != pos.shape[0] or err.shape[1:] not in ((6,), (6, 6)):
+            raise FileError(f"{path}: dataset 'errors' has shape {list(err.shape)}; expected "
+                            f"[{pos.shape[0]}, 6] or [{pos.shape[0]}, 6, 6]")
+        errors_name, error_kind = "errors", attribute(err, "error_kind")
+    return HDF5Catalogue(path=path, n=int(pos.shape[0]), units=resolve_units(path, file_units, units),
+                         label_names=names, meta=meta, layout="tfgalflow", pos_name="pos", vel_name="vel",
+                         labels_name=labels_name, chunk_rows=block_rows(pos),
+                         errors_name=errors_name, error_kind=error_kind)
 
 
 def _json_attr(value: Any, path: Path, name: str) -> Any:

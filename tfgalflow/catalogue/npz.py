@@ -1,6 +1,7 @@
 """The ``.npz`` catalogue format: NumPy arrays plus JSON strings for the units and meta.
 
-Arrays ``pos``, ``vel`` [, ``labels``, ``label_names``] as in the reference datasets of An, Naik,
+Arrays ``pos``, ``vel`` [, ``labels``, ``label_names``, ``errors`` with the 0-d string
+``error_kind``] as in the reference datasets of An, Naik,
 Evans & Burrage (2021) (which hold only ``pos``/``vel``, in m and m/s), plus 0-d string arrays
 ``units`` and ``meta`` (JSON) and ``format``/``format_version``. A file without ``units`` loads
 only when the caller states them: ``Catalogue.load("hq_iso_orig.npz", units={"length": "m",
@@ -27,6 +28,9 @@ def write_npz(tmp: Path, cat: Catalogue) -> None:
     if cat.labels is not None:
         arrays["labels"] = cat.labels
         arrays["label_names"] = np.array(cat.label_names, dtype=str)
+    if cat.errors is not None:
+        arrays["errors"] = cat.errors
+        arrays["error_kind"] = np.array(cat.error_kind)
     np.savez(tmp, **arrays)
 
 
@@ -47,6 +51,8 @@ def read_npz(path: Path, units: Mapping[str, str] | None) -> Catalogue:
             names = tuple(str(s) for s in z["label_names"]) if "label_names" in keys else ()
             file_units = _json_field(z["units"], path, "units") if "units" in keys else None
             meta = _json_field(z["meta"], path, "meta") if "meta" in keys else {}
+            errors = z["errors"] if "errors" in keys else None
+            error_kind = str(z["error_kind"]) if "error_kind" in keys else None
     except FileError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as exc:
@@ -56,18 +62,10 @@ def read_npz(path: Path, units: Mapping[str, str] | None) -> Catalogue:
         resolved = resolve_units(path, file_units, units)
     except FileError:
         # A file's real problem (NaN rows, wrong columns) is reported before its missing units.
-        _labelled(
-            Catalogue,
-            path,
-            pos,
-            vel,
-            labels,
-            names,
-            {"length": "model", "velocity": "model"},
-            meta,
-        )
+        _labelled(Catalogue, path, pos, vel, labels, names, {"length": "model", "velocity": "model"},
+                  meta, errors, error_kind)
         raise
-    return _labelled(Catalogue, path, pos, vel, labels, names, resolved, meta)
+    return _labelled(Catalogue, path, pos, vel, labels, names, resolved, meta, errors, error_kind)
 
 
 def _json_field(value: np.ndarray, path: Path, name: str) -> Any:
@@ -77,15 +75,10 @@ def _json_field(value: np.ndarray, path: Path, name: str) -> Any:
         raise FileError(f"{path}: attribute {name!r} is not valid JSON ({exc})") from None
 
 
-def _labelled(cls, path, pos, vel, labels, names, units, meta) -> Catalogue:
+def _labelled(cls, path, pos, vel, labels, names, units, meta, errors=None,
+              error_kind=None) -> Catalogue:
     try:
-        return cls(
-            pos,
-            vel,
-            labels=labels,
-            label_names=names if labels is not None else (),
-            units=units,
-            meta=meta,
-        )
+        return cls(pos, vel, labels=labels, label_names=names if labels is not None else (),
+                   units=units, meta=meta, errors=errors, error_kind=error_kind)
     except InputError as exc:
         raise InputError(f"{path}: {exc}") from None

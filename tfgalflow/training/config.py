@@ -89,6 +89,12 @@ class TrainConfig:
                                   "int")
     adapt_samples: int = _option(100_000, "rows used to fit the rescaler when streaming an HDF5 "
                                           "file", "int")
+    deconvolve: bool = _option(False, "learn the error-free DF from a catalogue with errors: "
+                                      "maximise the likelihood of each star under the flow "
+                                      "convolved with its error model (tfgalflow.deconvolution; "
+                                      "in-memory data only)", "bool")
+    noise_samples: int = _option(16, "noise draws K per star and step of the deconvolution "
+                                     "estimator (cost ~K; bias of log p ~ -1/K)", "int")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -103,7 +109,7 @@ class TrainConfig:
         for name, low in (("layers", 1), ("bins", 2), ("epochs", 1), ("batch_size", 1),
                           ("patience", 0), ("checkpoint_every", 0), ("keep_checkpoints", 0),
                           ("seed", 0), ("members", 1), ("adapt_samples", 2),
-                          ("steps_per_call", 1)):
+                          ("steps_per_call", 1), ("noise_samples", 1)):
             validation.integer(getattr(self, name), f"TrainConfig.{name}", low=low)
         check(len(self.hidden) > 0 and all(h >= 1 for h in self.hidden), "hidden",
               "a non-empty list of positive widths, e.g. 64,64")

@@ -153,15 +153,17 @@ class ArrayPipelines(Pipelines):
     """
 
     def __init__(self, x_train: np.ndarray, l_train: np.ndarray | None, x_val: np.ndarray,
-                 l_val: np.ndarray | None, batch_size: int, seed: int, steps_per_call: int = 1):
+                 l_val: np.ndarray | None, batch_size: int, seed: int, steps_per_call: int = 1,
+                 dim: int | None = None):
         self.x_train, self.l_train, self.x_val, self.l_val = x_train, l_train, x_val, l_val
         self.n_train, self.n_val = len(x_train), len(x_val)
         self.batch_size, self.seed = batch_size, seed
         self.steps_per_call = steps_per_call
+        self.dim = x_train.shape[1] if dim is None else dim   # < width: errors packed after x
 
     def adapt_input(self) -> tuple[np.ndarray, np.ndarray | None]:
-        """The rows the rescaler is fitted on: every training row (x, labels | None)."""
-        return self.x_train, self.l_train
+        """The rows the rescaler is fitted on: every training row (x [:, :D], labels | None)."""
+        return self.x_train[:, :self.dim], self.l_train
 
     def train_dataset(self, initial_epoch: int, epochs: int) -> "tf.data.Dataset":
         """Batches (or stacks of batches, see Pipelines) of epochs initial_epoch..epochs-1; epoch e
@@ -295,8 +297,10 @@ class ArrayData:
 
     streamed = False
 
-    def __init__(self, x: np.ndarray, labels: np.ndarray | None, description: dict):
+    def __init__(self, x: np.ndarray, labels: np.ndarray | None, description: dict,
+                 errors: np.ndarray | None = None, error_kind: str | None = None):
         self.x, self.labels, self.description = x, labels, description
+        self.errors, self.error_kind = errors, error_kind   # a Catalogue's errors, if any
 
     @property
     def n(self) -> int:
@@ -313,13 +317,15 @@ class ArrayData:
         """C, the width of the labels (0 without labels)."""
         return 0 if self.labels is None else self.labels.shape[1]
 
-    def fingerprint(self) -> str:
-        """sha256 of the float32 bytes of x (and labels): identifies the data a run was trained
-        on.
+    def fingerprint(self, with_errors: bool = False) -> str:
+        """sha256 of the float32 bytes of x (and labels, and with ``with_errors`` the float64
+        errors a deconvolving run uses): identifies the data a run was trained on.
         """
         h = hashlib.sha256(np.ascontiguousarray(self.x).tobytes())
         if self.labels is not None:
             h.update(np.ascontiguousarray(self.labels).tobytes())
+        if with_errors and self.errors is not None:
+            h.update(np.ascontiguousarray(self.errors).tobytes())
         return h.hexdigest()
 
     def pipelines(self, config: TrainConfig, seed: int, steps_per_call: int = 1) -> ArrayPipelines:
@@ -331,8 +337,13 @@ class ArrayData:
         def pick(a, idx):
             return None if a is None else a[idx]
 
-        return ArrayPipelines(self.x[train_idx], pick(self.labels, train_idx), self.x[val_idx],
-                              pick(self.labels, val_idx), config.batch_size, seed, steps_per_call)
+        x = self.x
+        if config.deconvolve:     # rows (x, errors): Flow.train_step splits them (deconvolution)
+            from ..deconvolution import pack
+            x = pack(self.x, self.errors, self.error_kind)
+        return ArrayPipelines(x[train_idx], pick(self.labels, train_idx), x[val_idx],
+                              pick(self.labels, val_idx), config.batch_size, seed, steps_per_call,
+                              dim=self.dim)
 
 
 @dataclass(frozen=True)
@@ -451,7 +462,8 @@ def _from_catalogue(cat: Any, description: dict) -> ArrayData:
     if cat.labels is not None:
         lab = _float32_matrix(cat.labels, "catalogue labels", f"[{x.shape[0]}, C]", one_d_ok=True)
     names = _label_names(cat.label_names, 0 if lab is None else lab.shape[1])
-    return ArrayData(x, lab, dict(description, label_names=names, units=dict(cat.units)))
+    return ArrayData(x, lab, dict(description, label_names=names, units=dict(cat.units)),
+                     errors=cat.errors, error_kind=cat.error_kind)
 
 
 def select_labels(data: ArrayData | HDF5Data, config: TrainConfig) -> TrainConfig:
@@ -477,6 +489,19 @@ def select_labels(data: ArrayData | HDF5Data, config: TrainConfig) -> TrainConfi
     return config
 
 
+def check_deconvolution(data: ArrayData | HDF5Data, config: TrainConfig) -> None:
+    """InputError unless a ``deconvolve`` run has in-memory data with per-star errors."""
+    if not config.deconvolve:
+        return
+    if data.streamed:
+        raise InputError("TrainConfig.deconvolve = True needs the catalogue in memory: load the "
+                         "HDF5 file with Catalogue.load(path) and train on the Catalogue")
+    if data.errors is None:
+        raise InputError("TrainConfig.deconvolve = True but the data carry no measurement errors; "
+                         "train on a Catalogue(..., errors=..., error_kind=...) (e.g. from "
+                         "mocks.add_noise) or set deconvolve = False")
+
+
 def check_sizes(data: ArrayData | HDF5Data, config: TrainConfig) -> None:
     """InputError unless N >= 2 and the validation split leaves >= 2 training rows."""
     if data.n < 2:
@@ -495,7 +520,9 @@ def describe(data: ArrayData | HDF5Data, config: TrainConfig) -> dict:
     """
     d = dict(data.description, n=data.n, dim=data.dim, label_dim=config.label_dim)
     if not data.streamed:
-        d["sha256"] = data.fingerprint()
+        d["sha256"] = data.fingerprint(with_errors=config.deconvolve)
+        if config.deconvolve:
+            d["error_kind"] = data.error_kind
     if config.label_dim == 0:
         d["label_names"] = []
     return d
@@ -507,4 +534,5 @@ def without_labels(data: ArrayData | HDF5Data) -> ArrayData | HDF5Data:
     """
     if data.streamed:
         return dataclasses.replace(data, want_labels=False)
-    return ArrayData(data.x, None, dict(data.description, label_names=[]))
+    return ArrayData(data.x, None, dict(data.description, label_names=[]), data.errors,
+                     data.error_kind)

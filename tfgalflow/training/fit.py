@@ -19,7 +19,9 @@ import numpy as np
 from ..atomic import atomic_dir, write_json
 from ..errors import FileError, InputError
 from .config import EXPONENTIAL_FINAL_FRACTION, TrainConfig
-from .data import as_training_data, check_sizes, describe, select_labels, without_labels
+from .data import (
+    as_training_data, check_deconvolution, check_sizes, describe, select_labels, without_labels,
+)
 from .rundir import (
     BEST_DIR, CHECKPOINTS_DIR, CONFIG_FILE, DEFAULT_VERBOSE, FINAL_DIR, HISTORY_FILE, SUMMARY_FILE,
     WEIGHTS_PREFIX,
@@ -111,6 +113,10 @@ def _fit_member(run_dir: Path, run: dict, k: int, data: Any, *, strategy: Any = 
     pipelines = data.pipelines(config, seed, _steps_per_call(config, strategy))
     with strategy.scope():
         flow = Flow(flow_config)
+        if config.deconvolve:     # loss: the noise-convolved likelihood (tfgalflow.deconvolution)
+            from ..deconvolution import NoiseModel
+            flow.set_noise_model(NoiseModel(data.error_kind, config.noise_samples, seed,
+                                            flow_config.dim))
         optimizer = keras.optimizers.Adam(learning_rate(config, pipelines.steps_per_epoch))
         flow.compile(optimizer=optimizer, jit_compile=_jit_compile(config, strategy))
         optimizer.build(flow.trainable_variables)   # slots exist before a restore: checked whole
@@ -303,6 +309,7 @@ def train(data: "Catalogue | np.ndarray | str | os.PathLike", config: TrainConfi
     if config.label_dim == 0 and data.label_dim:
         data = without_labels(data)
     check_sizes(data, config)
+    check_deconvolution(data, config)
     _check_tensorboard(config)
     flow_config = config.flow_config(data.dim, config.label_dim)    # validates the architecture
     run_dir = Path(run_dir)
@@ -339,10 +346,11 @@ def resume(run_dir: str | os.PathLike, data: Any = None, labels: Any = None,
                          f"the labels [N, {config.label_dim}] it was trained with")
     if config.label_dim == 0 and data.label_dim:
         data = without_labels(data)
+    check_deconvolution(data, config)
     shape = (data.n, data.dim, data.label_dim)
     if shape != (recorded["n"], recorded["dim"], recorded["label_dim"]) or (
             "sha256" in recorded and not data.streamed
-            and data.fingerprint() != recorded["sha256"]):
+            and data.fingerprint(with_errors=config.deconvolve) != recorded["sha256"]):
         raise InputError(f"the data differ from those {run_dir} was trained on (recorded "
                          f"N = {recorded['n']}, D = {recorded['dim']}, C = "
                          f"{recorded['label_dim']}; got N = {data.n}, D = {data.dim}, "

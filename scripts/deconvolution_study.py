@@ -1,0 +1,212 @@
+"""Deconvolution study: a flow fitted to the 10 %-noise Hernquist mock, plain vs deconvolved.
+
+    python scripts/deconvolution_study.py --out studies/deconvolution            # reduced size
+    python scripts/deconvolution_study.py --out studies/deconvolution_full --n 1000000 \\
+        --epochs 60 --layers 8 --noise-samples 16                                 # issue target
+
+The mock is ``mocks.sample_hernquist(n, "iso", r_max=100)`` with ``mocks.add_noise(cat, 0.1)`` (each
+Cartesian coordinate times 1 + 0.1 N(0, 1), the reference study's convention; the catalogue records
+fractional errors s = 0.1), cut at r < 100a as in ``tfgalflow.study``. Two flows with the same
+architecture, epochs, batches and seed are trained on it: the plain maximum-likelihood fit (learns
+the noise-convolved DF) and ``TrainConfig(deconvolve=True, noise_samples=K)`` (learns the error-free
+DF; tfgalflow.deconvolution). For each:
+
+* accelerations from the CBE (``cbe.accelerations``) at ``--radii`` radii log-spaced over
+  0.1a-10a, learned DF and its ``SphericalAverage`` over ``--rotations`` rotations; figure of merit
+  the median vector fractional error |a - a_true| / |a_true| (``study.fractional_error``, exact
+  Hernquist acceleration) over 0.2a <= r <= 5a;
+* the log-density error against the exact DF at ``--n-test`` fresh noise-free stars:
+  Δ = log f_learned - log f_exact (f_exact renormalised to the r < 100a cut, f / M(<100a)),
+  reported as rms(Δ), and mean(-Δ) = KL(f_exact || f_learned) (nats), over all test stars and
+  over 0.2a <= r <= 5a.
+
+Resumable: runs/<name>/ are continued with ``training.resume`` (finished ones are loaded) and each
+evaluation is cached in results/<name>.json. Writes report.json and figures (accelerations.png,
+logdensity.png) into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tfgalflow.atomic import write_json
+from tfgalflow.cbe import accelerations, radial_component
+from tfgalflow.hernquist import Hernquist
+from tfgalflow.mocks import add_noise, cut, sample_hernquist
+from tfgalflow.study import fractional_error
+from tfgalflow.symmetry import SphericalAverage
+from tfgalflow.training import TrainConfig, resume, train
+
+STAR_R_MAX = 100.0
+SUMMARY_RANGE = (0.2, 5.0)
+NOISE = 0.1
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=100_000, help="stars in the mock")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--hidden", default="64,64")
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--noise-samples", type=int, default=8, help="K of the deconvolved fit")
+    p.add_argument("--radii", type=int, default=20)
+    p.add_argument("--velocities", type=int, default=256)
+    p.add_argument("--rotations", type=int, default=32)
+    p.add_argument("--n-test", type=int, default=20_000)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+
+    out = Path(args.out)
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    settings.update(noise=NOISE, noise_convention="coordinate", star_r_max=STAR_R_MAX,
+                    summary_range=list(SUMMARY_RANGE))
+    write_json(out / "study_settings.json", settings)
+
+    model = Hernquist()
+    cat = sample_hernquist(args.n, "iso", seed=args.seed, r_max=STAR_R_MAX)
+    cat = cut(add_noise(cat, NOISE, seed=args.seed + 1), r_max=STAR_R_MAX)
+    test = sample_hernquist(args.n_test, "iso", seed=args.seed + 2, r_max=STAR_R_MAX)
+    rng = np.random.default_rng(args.seed + 3)
+    radii = np.geomspace(0.1, 10.0, args.radii)
+    directions = rng.normal(size=(args.radii, 3))
+    positions = radii[:, None] * directions / np.linalg.norm(directions, axis=1, keepdims=True)
+    a_true = model.acceleration(positions)
+    in_range = (radii >= SUMMARY_RANGE[0]) & (radii <= SUMMARY_RANGE[1])
+    test_r = test.r
+    test_in_range = (test_r >= SUMMARY_RANGE[0]) & (test_r <= SUMMARY_RANGE[1])
+    # f integrates to M = 1 over all phase space; the mock is cut at r < 100a
+    log_f_exact = (model.log_df(test.pos, test.vel, "iso")
+                   - np.log(float(model.enclosed_mass(STAR_R_MAX))))
+
+    base = TrainConfig(layers=args.layers, hidden=tuple(int(h) for h in args.hidden.split(",")),
+                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                       lr_schedule="cosine", patience=0, validation_split=0.1, seed=args.seed)
+    fits = {"plain": base,
+            "deconvolved": base.with_overrides(deconvolve=True, noise_samples=args.noise_samples)}
+    results = {}
+    for name, config in fits.items():
+        cached = out / "results" / f"{name}.json"
+        if cached.exists():
+            results[name] = json.loads(cached.read_text())
+            print(f"[{name}] cached: {cached}")
+            continue
+        run_dir = out / "runs" / name
+        t0 = time.perf_counter()
+        if (run_dir / "config.json").exists():
+            flow = resume(run_dir, data=cat, verbose=2)
+        else:
+            flow = train(cat, config, run_dir, verbose=2)
+        train_s = time.perf_counter() - t0
+        history = np.genfromtxt(run_dir / "member_000" / "history.csv", delimiter=",",
+                                names=True)
+        t0 = time.perf_counter()
+        res = accelerations(flow, positions, n_velocities=args.velocities, seed=args.seed)
+        sym = accelerations(SphericalAverage(flow, args.rotations, seed=args.seed), positions,
+                            n_velocities=args.velocities, seed=args.seed)
+        err, err_sym = fractional_error(res.acceleration, a_true), fractional_error(
+            sym.acceleration, a_true)
+        delta = np.asarray(flow.log_prob(test.phase_space), np.float64) - log_f_exact
+        r = {"train_seconds": train_s, "eval_seconds": time.perf_counter() - t0,
+             "epochs_run": int(np.atleast_1d(history["epoch"]).size),
+             "seconds_per_epoch": train_s / max(1, int(np.atleast_1d(history["epoch"]).size)),
+             "median_fractional_error": float(np.median(err[in_range])),
+             "median_fractional_error_symmetrised": float(np.median(err_sym[in_range])),
+             "rms_log_density_error": float(np.sqrt(np.mean(delta ** 2))),
+             "kl_exact_learned": float(-np.mean(delta)),
+             "rms_log_density_error_in_range": float(np.sqrt(np.mean(delta[test_in_range] ** 2))),
+             "kl_exact_learned_in_range": float(-np.mean(delta[test_in_range])),
+             "per_radius": {"r": radii.tolist(), "fractional_error": err.tolist(),
+                            "fractional_error_symmetrised": err_sym.tolist(),
+                            "a_r": radial_component(positions, res.acceleration).tolist(),
+                            "a_r_symmetrised": radial_component(positions,
+                                                                sym.acceleration).tolist()},
+             "log_density_error_by_radius": _binned(test_r, delta)}
+        write_json(cached, r)
+        results[name] = r
+        print(f"[{name}] {r['epochs_run']} epochs in {train_s:.0f} s; median |da|/|a| "
+              f"{r['median_fractional_error']:.2%} learned, "
+              f"{r['median_fractional_error_symmetrised']:.2%} with {args.rotations} rotations; "
+              f"rms log-density error {r['rms_log_density_error']:.3f}, KL "
+              f"{r['kl_exact_learned']:.3f} nats")
+
+    plain, dec = results["plain"], results["deconvolved"]
+    report = {
+        "settings": settings, "n_stars": len(cat),
+        "definitions": {
+            "fractional_error": "|a - a_true| / |a_true| (vector), median over 0.2a <= r <= 5a",
+            "rms_log_density_error": "rms of log f_learned - log f_exact at noise-free test stars",
+            "kl_exact_learned": "mean of log f_exact - log f_learned at noise-free test stars"},
+        "results": {k: {kk: vv for kk, vv in v.items() if kk not in ("per_radius",)}
+                    for k, v in results.items()},
+        "ratios_plain_over_deconvolved": {
+            key: plain[key] / dec[key] for key in (
+                "median_fractional_error", "median_fractional_error_symmetrised",
+                "rms_log_density_error", "kl_exact_learned", "rms_log_density_error_in_range",
+                "kl_exact_learned_in_range")},
+        "targets": {"median_fractional_error_at_1e6": 0.015,
+                    "log_density_error_ratio": 2.0}}
+    write_json(out / "report.json", report)
+    _figures(out, results, args.rotations)
+    print(json.dumps(report["ratios_plain_over_deconvolved"], indent=1))
+
+
+def _binned(r: np.ndarray, delta: np.ndarray, n_bins: int = 12) -> dict:
+    """Mean and rms of Δ log f in log-spaced radial bins of the test stars."""
+    edges = np.geomspace(0.05, STAR_R_MAX, n_bins + 1)
+    idx = np.digitize(r, edges) - 1
+    rows = {"r_mid": [], "mean": [], "rms": [], "count": []}
+    for b in range(n_bins):
+        d = delta[idx == b]
+        if d.size:
+            rows["r_mid"].append(float(np.sqrt(edges[b] * edges[b + 1])))
+            rows["mean"].append(float(d.mean()))
+            rows["rms"].append(float(np.sqrt(np.mean(d ** 2))))
+            rows["count"].append(int(d.size))
+    return rows
+
+
+def _figures(out: Path, results: dict, rotations: int) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, style in (("plain", "C0"), ("deconvolved", "C1")):
+        pr = results[name]["per_radius"]
+        ax.loglog(pr["r"], pr["fractional_error"], style + "--", label=f"{name}, learned")
+        ax.loglog(pr["r"], pr["fractional_error_symmetrised"], style + "-",
+                  label=f"{name}, {rotations} rotations")
+    ax.axvspan(*SUMMARY_RANGE, color="0.9", zorder=0)
+    ax.set_xlabel("r / a")
+    ax.set_ylabel("|a - a_true| / |a_true|")
+    ax.set_title("Hernquist iso, 10 % noise")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "accelerations.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, style in (("plain", "C0"), ("deconvolved", "C1")):
+        b = results[name]["log_density_error_by_radius"]
+        ax.semilogx(b["r_mid"], b["mean"], style + "-o", ms=3, label=f"{name}: mean Δ")
+        ax.semilogx(b["r_mid"], b["rms"], style + ":", label=f"{name}: rms Δ")
+    ax.axhline(0.0, color="k", lw=0.5)
+    ax.set_xlabel("r / a (noise-free test stars)")
+    ax.set_ylabel("Δ = log f_learned - log f_exact")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "logdensity.png", dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""Deconvolution: catalogue errors, the noise-convolved likelihood estimator, deconvolved fits.
+
+Truths: the arrays written (round trips bit-exact), unit factors written out literally, the noise
+add_noise drew (recomputed from its seed), closed-form Gaussian convolutions N(x; μ, Σ + S), the
+delta-method bias −V/(2K) with V from the closed-form second moment of a Gaussian, a quadrature of
+the multiplicative-noise convolution, and the moments of the true (noise-free) distribution.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras as keras
+from scipy import integrate, stats
+
+from tfgalflow.catalogue import Catalogue, open_hdf5
+from tfgalflow.deconvolution import NoiseModel, error_factor, log_mean_bias, pack
+from tfgalflow.errors import InputError
+from tfgalflow.flows import FlowConfig
+from tfgalflow.mocks import add_noise, sample_hernquist
+from tfgalflow.model import Flow
+from tfgalflow.training import TrainConfig, load_run, train
+
+KPC_KMS = {"length": "kpc", "velocity": "km/s"}
+
+
+def catalogue_with(kind: str, n: int = 50, seed: int = 0) -> Catalogue:
+    rng = np.random.default_rng(seed)
+    if kind == "covariance":
+        a = rng.normal(size=(n, 6, 6))
+        errors = a @ a.transpose(0, 2, 1)
+    else:
+        errors = rng.uniform(0.0, 0.3, size=(n, 6))
+    return Catalogue(rng.normal(size=(n, 3)), rng.normal(size=(n, 3)), units=KPC_KMS,
+                     errors=errors, error_kind=kind)
+
+
+# ---- catalogue errors ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["absolute", "fractional", "covariance"])
+@pytest.mark.parametrize("ext", [".npz", ".h5"])
+def test_errors_round_trip_exactly(tmp_path, kind, ext):
+    cat = catalogue_with(kind)
+    back = Catalogue.load(cat.save(tmp_path / f"c{ext}"))
+    assert back.error_kind == kind
+    assert np.array_equal(back.errors, cat.errors)
+    assert np.array_equal(back.phase_space, cat.phase_space)
+    if ext == ".h5":     # the lazy view reads the rows asked for, errors included
+        part = open_hdf5(tmp_path / f"c{ext}").read(10, 20)
+        assert part.error_kind == kind and np.array_equal(part.errors, cat.errors[10:20])
+
+
+def test_catalogue_without_errors_round_trips_without_them(tmp_path):
+    cat = Catalogue(np.ones((3, 3)), np.ones((3, 3)), units=KPC_KMS)
+    for ext in (".npz", ".h5"):
+        back = Catalogue.load(cat.save(tmp_path / f"c{ext}"))
+        assert back.errors is None and back.error_kind is None
+
+
+def test_unit_conversion_scales_errors():
+    # kpc -> Mpc is 1e-3, km/s -> m/s is 1e3: sigma scales with its column, C_ij with f_i f_j,
+    # fractional errors are unit-free
+    f = np.array([1e-3] * 3 + [1e3] * 3)
+    expected = {"absolute": lambda e: e * f, "fractional": lambda e: e,
+                "covariance": lambda e: e * f[:, None] * f[None, :]}
+    for kind, scale in expected.items():
+        cat = catalogue_with(kind)
+        conv = cat.to_units("Mpc", "m/s")
+        np.testing.assert_allclose(conv.errors, scale(cat.errors), rtol=1e-12)
+        back = conv.to_units("kpc", "km/s")
+        np.testing.assert_allclose(back.errors, cat.errors, rtol=1e-12)
+
+
+def test_select_keeps_the_rows_errors():
+    cat = catalogue_with("covariance")
+    part = cat.select(np.arange(50) % 3 == 0)
+    assert np.array_equal(part.errors, cat.errors[::3]) and part.error_kind == "covariance"
+
+
+@pytest.mark.parametrize("errors, kind, message", [
+    (np.ones((4, 6)), "gaussian", "error_kind"),
+    (np.ones((4, 5)), "absolute", r"shape \[4, 5\]; expected \[4, 6\]"),
+    (-np.ones((4, 6)), None, "negative in 4 row"),
+    (np.tile(np.triu(np.ones((6, 6))), (4, 1, 1)), None, "not symmetric"),
+    (np.tile(-np.eye(6), (4, 1, 1)), "covariance", "negative eigenvalues"),
+    (np.full((4, 6), np.nan), "fractional", "NaN or inf"),
+])
+def test_bad_errors_are_refused(errors, kind, message):
+    with pytest.raises(InputError, match=message):
+        Catalogue(np.ones((4, 3)), np.ones((4, 3)), units=KPC_KMS, errors=errors, error_kind=kind)
+    with pytest.raises(InputError, match="without errors"):
+        Catalogue(np.ones((4, 3)), np.ones((4, 3)), units=KPC_KMS, error_kind="absolute")
+
+
+def test_add_noise_records_the_noise_it_drew():
+    cat = sample_hernquist(2000, seed=1)
+    noisy = add_noise(cat, 0.1, seed=2, level_vel=0.05)
+    assert noisy.error_kind == "fractional"
+    np.testing.assert_array_equal(noisy.errors, np.tile([0.1] * 3 + [0.05] * 3, (2000, 1)))
+    vec = add_noise(cat, 0.1, seed=2, convention="vector")
+    assert vec.error_kind == "absolute"
+    np.testing.assert_allclose(vec.errors[:, 0], 0.1 * cat.r, rtol=1e-15)
+    np.testing.assert_allclose(vec.errors[:, 5], 0.1 * cat.speed, rtol=1e-15)
+    # the standardised noise (w_obs - w) / sigma is N(0, 1): its std over 12000 values is
+    # 1 +- 0.0065 (1 sigma), so 0.03 is > 4 sigma
+    z = (vec.phase_space - cat.phase_space) / vec.errors
+    assert abs(z.std() - 1.0) < 0.03
+    twice = add_noise(vec, 0.1, seed=3, convention="vector")   # quadrature
+    np.testing.assert_allclose(twice.errors[:, 0] ** 2, vec.errors[:, 0] ** 2
+                               + (0.1 * vec.r) ** 2, rtol=1e-12)
+    with pytest.raises(InputError, match="only absolute errors combine"):
+        add_noise(noisy, 0.1, seed=3)
+
+
+# ---- the estimator -------------------------------------------------------------------------------
+
+def gaussian_log_prob(mu, var):
+    """log N(x; mu, diag(var)) as a tensor function of x [M, D] (labels ignored)."""
+    mu, var = tf.constant(mu, tf.float32), tf.constant(var, tf.float32)
+
+    def log_prob(x, labels=None):
+        return -0.5 * tf.reduce_sum((x - mu) ** 2 / var + tf.math.log(2 * math.pi * var), -1)
+    return log_prob
+
+
+def estimates(model: NoiseModel, log_prob, x, errors, reps: int) -> np.ndarray:
+    """reps independent estimates log p̂ [reps, B] (seeds (0, r))."""
+    x, e = tf.constant(x, tf.float32), tf.constant(error_factor(errors, model.kind), tf.float32)
+    return np.stack([model.log_likelihood(log_prob, x, e, tf.constant([0, r], tf.int64)).numpy()
+                     for r in range(reps)])
+
+
+def test_absolute_estimator_is_unbiased_in_p_and_its_log_bias_shrinks_as_1_over_k():
+    # f = N(0, 1), noise sigma = 1 at x_obs = 1: p = N(1; 0, 1 + s^2) exactly; one draw of
+    # f(x_obs - eps) has E[f^2] = N(x_obs; 0, 1/2 + s^2) / (2 sqrt(pi)), so V = E[f^2]/p^2 - 1
+    # (= 0.364)
+    s, x_obs = 1.0, 1.0
+    p = stats.norm.pdf(x_obs, 0, math.sqrt(1 + s * s))
+    v = stats.norm.pdf(x_obs, 0, math.sqrt(0.5 + s * s)) / (2 * math.sqrt(math.pi)) / p ** 2 - 1
+    x = np.full((4000, 1), x_obs)        # 4000 stars at the same x_obs: 4000 estimates per call
+    errors = np.full((4000, 1), s)
+    log_f = gaussian_log_prob([0.0], [1.0])
+    biases = {}
+    for k in (4, 16, 64):
+        lp = estimates(NoiseModel("absolute", k, dim=1, correct_bias=False), log_f, x, errors, 20)
+        # unbiased in p: mean of p̂ within 4 standard errors of p
+        p_hat = np.exp(lp.astype(np.float64))
+        assert abs(p_hat.mean() - p) < 4 * p_hat.std() / math.sqrt(p_hat.size)
+        biases[k] = lp.mean() - math.log(p)
+        se = lp.std() / math.sqrt(lp.size)
+        # the delta method: -V/(2K) + O(1/K^2); the next term is ~ V^2/K^2 relative to V/K:
+        # 10 % at K = 4 (se: 8e4 estimates, ~10 % of the bias at K = 64)
+        assert abs(biases[k] - log_mean_bias(v, k)) < 4 * se + 0.15 * abs(log_mean_bias(v, k))
+    assert 2.8 < biases[4] / biases[16] < 5.5 and 2.8 < biases[16] / biases[64] < 5.5   # ~1/K
+    # the corrected estimator (+ V̂/(2K)) removes the leading term: its bias at K = 4 is below a
+    # quarter of the plain one (O(1/K^2))
+    lp = estimates(NoiseModel("absolute", 4, dim=1), log_f, x, errors, 20)
+    assert abs(lp.mean() - math.log(p)) < 0.25 * abs(biases[4])
+
+
+def test_covariance_estimator_matches_the_closed_form_convolution():
+    # f = N(mu, Sigma) in 2-D, correlated noise C_i: p_i = N(x_i; mu, Sigma + C_i)
+    rng = np.random.default_rng(0)
+    n, mu, var = 50, np.array([0.5, -1.0]), np.array([1.0, 0.25])
+    a = rng.normal(scale=0.5, size=(n, 2, 2))
+    cov = a @ a.transpose(0, 2, 1)
+    x = rng.normal(size=(n, 2)) + mu
+    exact = np.array([stats.multivariate_normal.logpdf(x[i], mu, np.diag(var) + cov[i])
+                      for i in range(n)])
+    lp = estimates(NoiseModel("covariance", 4096, dim=2), gaussian_log_prob(mu, var), x, cov, 1)
+    # per row, the standard error of log p̂ is sqrt(V_i / K) with the closed-form relative
+    # variance V_i = E[f^2]/p_i^2 - 1, E[f^2] = N(x_i; mu, Sigma/2 + C_i) / ((4 pi)^(d/2) |Sigma|^½)
+    second = np.array([stats.multivariate_normal.pdf(x[i], mu, np.diag(var) / 2 + cov[i])
+                       for i in range(n)]) / (4 * math.pi * math.sqrt(np.prod(var)))
+    se = np.sqrt((second / np.exp(2 * exact) - 1) / 4096)
+    assert np.all(np.abs(lp[0] - exact) < 5 * se + 1e-3)     # 5 sigma per row, float32 round-off
+
+
+def test_fractional_estimator_matches_a_quadrature_of_the_multiplicative_noise():
+    # w_obs = w (1 + s eps): p(w_obs) = ∫ f(w) N(w_obs; w, s^2 w^2) dw, by quadrature; the
+    # estimator draws w = w_obs / (1 + s z) with weight 1/|1 + s z| (module docstring)
+    mu, sd, s = 2.0, 0.5, 0.2
+    f = stats.norm(mu, sd)
+    x_obs = np.array([1.0, 1.8, 2.5, 3.5])
+    exact = np.log([integrate.quad(lambda w: f.pdf(w) * stats.norm.pdf(xo, w, s * abs(w)),
+                                   0.01, 10.0, points=[mu])[0] for xo in x_obs])
+    lp = estimates(NoiseModel("fractional", 20000, dim=1), gaussian_log_prob([mu], [sd * sd]),
+                   x_obs[:, None], np.full((4, 1), s), 1)
+    # K = 2e4: standard error of log p̂ ~ sqrt(V/K) < 0.02 for these points
+    np.testing.assert_allclose(lp[0], exact, atol=0.03)
+    # the naive x_obs - s x_obs eps draw (no Jacobian) is wrong by far more than that
+    naive = np.log([np.mean(f.pdf(xo * (1 - s * np.random.default_rng(0).standard_normal(20000))))
+                    for xo in x_obs])
+    assert np.max(np.abs(naive - exact)) > 0.1
+
+
+def test_packed_rows_split_back():
+    x = np.arange(12.0).reshape(2, 6)
+    cov = np.tile(np.diag([1.0, 4, 9, 16, 25, 36]), (2, 1, 1))
+    packed = pack(x, cov, "covariance")
+    assert packed.shape == (2, 42)
+    xs, e = NoiseModel("covariance").split(packed)
+    np.testing.assert_array_equal(xs.numpy(), x)
+    a = e.numpy().reshape(2, 6, 6)
+    np.testing.assert_allclose(a @ a.transpose(0, 2, 1), cov, rtol=1e-6)   # A A^T = C
+    with pytest.raises(InputError, match=r"packed as \[..., 12\]"):
+        NoiseModel("absolute").split(np.ones((2, 6)))
+
+
+# ---- the Flow's loss -----------------------------------------------------------------------------
+
+def test_flow_evaluates_the_deconvolution_loss_on_packed_rows():
+    rng = np.random.default_rng(0)
+    x, s = rng.normal(size=(256, 2)), rng.uniform(0.1, 0.5, size=(256, 2))
+    flow = Flow(FlowConfig(dim=2, layers=2, hidden=(8,), seed=0))
+    flow.adapt(x)
+    model = NoiseModel("absolute", 8, seed=5, dim=2)
+    flow.set_noise_model(model)
+    flow.compile(keras.optimizers.Adam(1e-3))
+    loss = flow.evaluate(pack(x, s, "absolute"), batch_size=256, verbose=0)
+    expected = -model.log_likelihood(flow.log_prob_tensor, tf.constant(x, tf.float32),
+                                     tf.constant(s, tf.float32), tf.constant([5, 0], tf.int64))
+    np.testing.assert_allclose(loss, float(tf.reduce_mean(expected)), rtol=1e-5)
+    flow.set_noise_model(None)
+    plain = flow.evaluate(x.astype(np.float32), batch_size=256, verbose=0)
+    assert plain != pytest.approx(loss, rel=1e-3)
+
+
+def noisy_hernquist(n: int = 3000) -> Catalogue:
+    return add_noise(sample_hernquist(n, seed=3, r_max=20.0), 0.1, seed=4)
+
+
+def test_stacked_steps_equal_single_steps_and_runs_reload(tmp_path):
+    # K = 4 steps per call run the same updates (same draws: seeded by the optimizer step) as one
+    # step per call; without XLA both are the same graph ops, so the weights agree to round-off
+    cat = noisy_hernquist()
+    cfg = TrainConfig(layers=2, hidden=(16,), epochs=2, batch_size=256, deconvolve=True,
+                      noise_samples=4, jit_compile=False, validation_split=0.1, patience=0)
+    one = train(cat, cfg.with_overrides(steps_per_call=1), tmp_path / "one", verbose=0)
+    four = train(cat, cfg.with_overrides(steps_per_call=4), tmp_path / "four", verbose=0)
+    for a, b in zip(one.get_weights(), four.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+    back = load_run(tmp_path / "four")      # an ordinary Flow: log_prob of the error-free DF
+    assert back.noise_model is None
+    np.testing.assert_allclose(back.log_prob(cat.phase_space[:5]),
+                               four.log_prob(cat.phase_space[:5]), rtol=1e-6)
+
+
+def test_deconvolve_needs_errors(tmp_path):
+    cat = sample_hernquist(100, seed=0)
+    with pytest.raises(InputError, match="carry no measurement errors"):
+        train(cat, TrainConfig(deconvolve=True, epochs=1), tmp_path / "run", verbose=0)
+    with pytest.raises(InputError, match="noise_samples"):
+        TrainConfig(noise_samples=0)
+
+
+# ---- deconvolved fits against exact answers ------------------------------------------------------
+
+def fit(x_obs, errors, kind, deconvolve: bool, k: int = 32, epochs: int = 40, layers: int = 1):
+    """A small flow fitted to noisy rows; returns 2e5 samples of it."""
+    dim = x_obs.shape[1]
+    flow = Flow(FlowConfig(dim=dim, layers=layers, hidden=(16,), activation="tanh", seed=0))
+    flow.adapt(x_obs)
+    data = x_obs.astype(np.float32)
+    if deconvolve:
+        flow.set_noise_model(NoiseModel(kind, k, seed=1, dim=dim))
+        data = pack(x_obs, errors, kind)
+    steps = epochs * math.ceil(len(x_obs) / 500)
+    flow.compile(keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(2e-2, steps)),
+                 jit_compile=True)
+    flow.fit(data, epochs=epochs, batch_size=500, verbose=0)
+    return np.asarray(flow.sample(200_000, seed=2), np.float64)
+
+
+@pytest.mark.slow
+def test_1d_gaussian_deconvolution_recovers_the_true_width():
+    # x ~ N(1, 0.5^2), heteroscedastic noise s_i ~ U(0.1, 0.5): the deconvolved fit recovers
+    # (mu, sigma); the plain fit recovers sqrt(sigma^2 + mean s^2) = 0.589
+    rng = np.random.default_rng(0)
+    n, mu, sd = 10_000, 1.0, 0.5
+    s = rng.uniform(0.1, 0.5, size=(n, 1))
+    x_obs = rng.normal(mu, sd, size=(n, 1)) + s * rng.standard_normal((n, 1))
+    dec = fit(x_obs, s, "absolute", True)
+    plain = fit(x_obs, s, "absolute", False)
+    # statistical error of the width: ~ sqrt((sd^2 + s^2)^2 / (2 n)) / (2 sd) ~ 0.006 (MLE); 0.025
+    # leaves room for the O(1/K^2) bias and the optimizer's jitter, and is 3.5x below the gap
+    assert abs(dec.mean() - mu) < 0.025 and abs(dec.std() - sd) < 0.025
+    assert abs(plain.std() - math.sqrt(sd ** 2 + np.mean(s ** 2))) < 0.02
+
+
+@pytest.mark.slow
+def test_2d_gaussian_deconvolution_recovers_the_true_covariance():
+    # x ~ N(mu, Sigma), correlated heteroscedastic noise C_i: deconvolved -> Sigma, plain ->
+    # Sigma + mean C
+    rng = np.random.default_rng(1)
+    n, mu = 10_000, np.array([0.0, 1.0])
+    sigma = np.array([[1.0, 0.5], [0.5, 0.5]])
+    a = rng.normal(scale=0.35, size=(n, 2, 2))
+    cov = a @ a.transpose(0, 2, 1)
+    x_obs = (rng.multivariate_normal(mu, sigma, size=n)
+             + np.einsum("nij,nj->ni", np.linalg.cholesky(cov + 1e-12 * np.eye(2)),
+                         rng.standard_normal((n, 2))))
+    dec = fit(x_obs, cov, "covariance", True, layers=2)
+    plain = fit(x_obs, cov, "covariance", False, layers=2)
+    # tolerances: sample covariances of 1e4 points have errors ~ |Sigma + C| sqrt(2/n) ~ 0.02;
+    # 0.06 adds the O(1/K^2) bias and optimizer jitter and stays below the mean C (~0.25 diag)
+    np.testing.assert_allclose(dec.mean(0), mu, atol=0.05)
+    np.testing.assert_allclose(np.cov(dec.T), sigma, atol=0.06)
+    np.testing.assert_allclose(np.cov(plain.T), sigma + cov.mean(0), atol=0.06)
