@@ -62,6 +62,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
+from .spherical import phase_space, radii, tf_phase_space, tf_safe_norm, tf_vectors
 from .validation import finite_matrix
 
 #: Names of the label columns (gamma, a / r_a) of conditional Dehnen catalogues and densities.
@@ -306,7 +307,7 @@ class Dehnen:
     # ---- structure (NumPy, r of any shape) ----------------------------------------------------
     def density(self, r) -> np.ndarray:
         """rho(r) = (3 - gamma) M a / (4 pi r^gamma (r + a)^(4 - gamma)). Dehnen (1993) eq. 1."""
-        r = _radii(r)
+        r = radii(r)
         with np.errstate(divide="ignore"):
             return (
                 (3.0 - self.gamma)
@@ -319,13 +320,13 @@ class Dehnen:
 
     def enclosed_mass(self, r) -> np.ndarray:
         """M(<r) = M (r / (r + a))^(3 - gamma). Dehnen (1993) eq. 2."""
-        return self.M * _y(_radii(r), self.a) ** (3.0 - self.gamma)
+        return self.M * _y(radii(r), self.a) ** (3.0 - self.gamma)
 
     def relative_potential(self, r) -> np.ndarray:
         """Psi(r) = (G M / a) (1 - (r/(r+a))^(2-gamma)) / (2 - gamma); (G M / a) ln(1 + a/r) at
         gamma = 2. Dehnen (1993) eq. 3 (sign flipped). Finite at r = 0 only for gamma < 2.
         """
-        r = _radii(r)
+        r = radii(r)
         with np.errstate(divide="ignore"):
             lam = np.log1p(self.a / r)
         finite = np.isfinite(lam)
@@ -340,7 +341,7 @@ class Dehnen:
 
     def circular_speed(self, r) -> np.ndarray:
         """v_c(r) = sqrt(G M(<r) / r)."""
-        r = _radii(r)
+        r = radii(r)
         with np.errstate(divide="ignore", invalid="ignore"):
             v2 = self.G * self.enclosed_mass(r) / r
         return np.sqrt(
@@ -360,7 +361,7 @@ class Dehnen:
 
         Zero at x = 0.
         """
-        x = _vectors(x, "x")
+        x = finite_matrix(x, "x", 3)
         r = np.linalg.norm(x, axis=1, keepdims=True)
         safe_r = np.where(r > 0, r, 1.0)
         m = self.M * _y(safe_r, self.a) ** (3.0 - self.gamma)
@@ -368,13 +369,13 @@ class Dehnen:
 
     def beta(self, r) -> np.ndarray:
         """Osipkov-Merritt anisotropy beta(r) = r^2 / (r^2 + r_a^2)."""
-        k2r2 = (self.ra_inverse * _radii(r) / self.a) ** 2
+        k2r2 = (self.ra_inverse * radii(r) / self.a) ** 2
         return k2r2 / (1.0 + k2r2)
 
     # ---- DF (NumPy) -----------------------------------------------------------------------------
     def om_energy(self, x, v) -> np.ndarray:
         """Q = Psi(|x|) - |v|^2/2 - |x cross v|^2 / (2 r_a^2): x, v [N, 3] -> [N]; bound: Q > 0."""
-        x, v = _phase_space(x, v)
+        x, v = phase_space(x, v)
         return self.relative_potential(np.linalg.norm(x, axis=1)) - self._kinetic(x, v)
 
     def _kinetic(self, x: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -395,7 +396,7 @@ class Dehnen:
 
     def log_df(self, x, v) -> np.ndarray:
         """log f(x, v);  x, v: [N, 3] -> [N]; -inf where Q <= 0. A mass density (integral = M)."""
-        x, v = _phase_space(x, v)
+        x, v = phase_space(x, v)
         r = np.linalg.norm(x, axis=1) / self.a
         kinetic = self._kinetic(x, v) / self.energy_scale
         L = _l_of_phase_space(r, kinetic, self.gamma)
@@ -417,7 +418,7 @@ class Dehnen:
         P = (1 - y)^4 + (a/r_a)^2 y^2 (1 - y)^2, integrated by 96-point Gauss-Legendre in
         s = ln y' / ln y (log-spaced y' in [y, 1]); sigma_r^2 = int / (y^-gamma P(y)).
         """
-        r = _radii(r)
+        r = radii(r)
         shape = r.shape
         rr = np.where(r > 0, r / self.a, 1.0).ravel()
         t, w = np.polynomial.legendre.leggauss(96)
@@ -450,7 +451,7 @@ class Dehnen:
         """
         import tensorflow as tf
 
-        x, v = _tf_phase_space(x, v)
+        x, v = tf_phase_space(x, v)
         dtype = x.dtype
         log_f = tf_log_df(
             x / tf.constant(self.a, dtype),
@@ -469,9 +470,9 @@ class Dehnen:
         """TensorFlow g(x) = -G M (r/(r+a))^(3-gamma) x / r^3: x [N, 3] -> [N, 3]; 0 at x = 0."""
         import tensorflow as tf
 
-        x = _tf_vectors(x, "x")
+        x = tf_vectors(x, "x")
         dtype = x.dtype
-        r = _tf_safe_norm(x)[:, None]
+        r = tf_safe_norm(x)[:, None]
         safe_r = tf.where(r > 0, r, tf.ones_like(r))
         a = tf.constant(self.a, dtype)
         m = tf.constant(self.M, dtype) * tf.pow(
@@ -500,7 +501,7 @@ def tf_log_df(x, v, labels):
     """
     import tensorflow as tf
 
-    x, v = _tf_phase_space(x, v)
+    x, v = tf_phase_space(x, v)
     dtype = x.dtype
     labels = tf.cast(tf.convert_to_tensor(labels), dtype)
     if labels.shape.rank == 1:
@@ -512,7 +513,7 @@ def tf_log_df(x, v, labels):
     gamma, kappa = labels[:, 0], labels[:, 1]
     g = 2.0 - gamma
     k2 = kappa * kappa
-    r = _tf_safe_norm(x)
+    r = tf_safe_norm(x)
     l2 = tf.reduce_sum(tf.square(tf.linalg.cross(x, v)), axis=1)
     kinetic = 0.5 * tf.reduce_sum(v * v, axis=1) + 0.5 * k2 * l2
     L = _tf_l_of_phase_space(r, kinetic, g)
@@ -605,57 +606,16 @@ def _y(r: np.ndarray, a: float) -> np.ndarray:
         return 1.0 / (1.0 + a / r)
 
 
-def _radii(r) -> np.ndarray:
-    r = np.asarray(r, dtype=np.float64)
-    if np.any(np.isnan(r)) or np.any(r < 0):
-        raise InputError("radius r must be non-negative and not NaN")
-    return r
 
 
-def _vectors(x, name: str) -> np.ndarray:
-    return finite_matrix(x, name, 3)
 
 
-def _phase_space(x, v) -> tuple[np.ndarray, np.ndarray]:
-    x, v = _vectors(x, "x"), _vectors(v, "v")
-    if x.shape[0] != v.shape[0]:
-        raise InputError(
-            f"x and v must both have shape [N, 3] with the same N, got {list(x.shape)} and "
-            f"{list(v.shape)}"
-        )
-    return x, v
 
 
-def _tf_vectors(x: Any, name: str):
-    import tensorflow as tf
-
-    x = tf.convert_to_tensor(x)
-    if not x.dtype.is_floating:
-        x = tf.cast(x, tf.float32)
-    if x.shape.rank != 2 or (x.shape[1] is not None and x.shape[1] != 3):
-        raise InputError(f"{name} must have shape [N, 3], got {x.shape}")
-    return x
 
 
-def _tf_phase_space(x: Any, v: Any):
-    import tensorflow as tf
-
-    x = _tf_vectors(x, "x")
-    v = tf.cast(_tf_vectors(v, "v"), x.dtype)
-    if x.shape[0] is not None and v.shape[0] is not None and x.shape[0] != v.shape[0]:
-        raise InputError(
-            f"x and v must both have shape [N, 3] with the same N, got {x.shape} and {v.shape}"
-        )
-    return x, v
 
 
-def _tf_safe_norm(x):
-    """|x| along the last axis with a zero (not NaN) gradient at x = 0."""
-    import tensorflow as tf
-
-    r2 = tf.reduce_sum(x * x, axis=1)
-    positive = r2 > 0
-    return tf.where(positive, tf.sqrt(tf.where(positive, r2, tf.ones_like(r2))), tf.zeros_like(r2))
 
 
 __all__ = [

@@ -48,7 +48,8 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
-from .validation import one_of
+from .spherical import phase_space, radii, tf_phase_space, tf_safe_norm, tf_vectors
+from .validation import finite_matrix, one_of
 
 #: The DFs of the model: isotropic f(E) and constant-β = ½ f(E, L).
 DF_KINDS = ("iso", "aniso")
@@ -135,13 +136,13 @@ class Hernquist:
     # ---- structure (NumPy, r of any shape) ----------------------------------------------------
     def density(self, r) -> np.ndarray:
         """rho(r) = M a / (2 pi r (r + a)^3)   [mass / length^3]. Hernquist (1990) eq. 2."""
-        r = _radii(r)
+        r = radii(r)
         with np.errstate(divide="ignore"):
             return self.M * self.a / (2.0 * np.pi * r * (r + self.a) ** 3)
 
     def enclosed_mass(self, r) -> np.ndarray:
         """M(<r) = M r^2 / (r + a)^2. Hernquist (1990) eq. 3."""
-        return self.M * _r_over_r_plus_a(_radii(r), self.a) ** 2
+        return self.M * _r_over_r_plus_a(radii(r), self.a) ** 2
 
     def potential(self, r) -> np.ndarray:
         """Phi(r) = -G M / (r + a)  (< 0). Hernquist (1990) eq. 5."""
@@ -149,12 +150,12 @@ class Hernquist:
 
     def relative_potential(self, r) -> np.ndarray:
         """Psi(r) = -Phi(r) = G M / (r + a)  (> 0)."""
-        r = _radii(r)
+        r = radii(r)
         return self.G * self.M / (r + self.a)
 
     def circular_speed(self, r) -> np.ndarray:
         """v_c(r) = sqrt(G M(<r) / r) = sqrt(G M r) / (r + a)."""
-        r = _radii(r)
+        r = radii(r)
         return np.sqrt(self.G * self.M * _r_over_r_plus_a(r, self.a) / (r + self.a))
 
     def escape_speed(self, r) -> np.ndarray:
@@ -166,7 +167,7 @@ class Hernquist:
 
         Zero at x = 0 (by symmetry).
         """
-        x = _vectors(x, "x")
+        x = finite_matrix(x, "x", 3)
         r = np.linalg.norm(x, axis=1, keepdims=True)
         safe_r = np.where(r > 0, r, 1.0)
         return np.where(r > 0, -self.G * self.M * x / (safe_r * (safe_r + self.a) ** 2), 0.0)
@@ -174,7 +175,7 @@ class Hernquist:
     # ---- energies and DFs (NumPy) -------------------------------------------------------------
     def relative_energy(self, x, v) -> np.ndarray:
         """E = Psi(|x|) - |v|^2 / 2;  x, v: [N, 3] -> [N]. Bound iff E > 0."""
-        x, v = _phase_space(x, v)
+        x, v = phase_space(x, v)
         return self.relative_potential(np.linalg.norm(x, axis=1)) - 0.5 * np.sum(v * v, axis=1)
 
     def f_iso(self, E) -> np.ndarray:
@@ -207,7 +208,7 @@ class Hernquist:
         and log f = +inf on radial orbits (L = 0), an integrable singularity.
         """
         _check_kind(kind)
-        x, v = _phase_space(x, v)
+        x, v = phase_space(x, v)
         r = np.linalg.norm(x, axis=1)
         v2 = np.sum(v * v, axis=1)
         scaled_v2 = 0.5 * v2 / self.energy_scale
@@ -266,7 +267,7 @@ class Hernquist:
             r rho sigma_r^2 = G M^2 a / (8 pi (r + a)^4), i.e.  sigma_r^2 = G M / (4 (r + a)).
         """
         _check_kind(kind)
-        r = _radii(r)
+        r = radii(r)
         if kind == "aniso":
             return np.sqrt(self.G * self.M / (4.0 * (r + self.a)))
         T = self.a / (r + self.a)
@@ -289,7 +290,7 @@ class Hernquist:
     def beta(self, r, kind: str = "iso") -> np.ndarray:
         """Anisotropy beta = 1 - sigma_t^2 / sigma_r^2: 0 ("iso") or 1/2 ("aniso") at every r."""
         _check_kind(kind)
-        return np.full(np.shape(_radii(r)), 0.0 if kind == "iso" else 0.5)
+        return np.full(np.shape(radii(r)), 0.0 if kind == "iso" else 0.5)
 
     # ---- TensorFlow ---------------------------------------------------------------------------
     def tf_log_df(self, x, v, kind: str = "iso"):
@@ -301,10 +302,10 @@ class Hernquist:
         import tensorflow as tf
 
         _check_kind(kind)
-        x, v = _tf_phase_space(x, v)
+        x, v = tf_phase_space(x, v)
         dtype = x.dtype
         a = tf.constant(self.a, dtype)
-        r = _tf_safe_norm(x)
+        r = tf_safe_norm(x)
         scaled_v2 = tf.reduce_sum(v * v, axis=1) * tf.constant(0.5 / self.energy_scale, dtype)
         q2 = a / (r + a) - scaled_v2
         p2 = r / (r + a) + scaled_v2
@@ -332,9 +333,9 @@ class Hernquist:
         """TensorFlow g(x) = -G M x / (r (r + a)^2): x [N, 3] -> [N, 3], dtype of x; 0 at x = 0."""
         import tensorflow as tf
 
-        x = _tf_vectors(x, "x")
+        x = tf_vectors(x, "x")
         dtype = x.dtype
-        r = _tf_safe_norm(x)[:, None]
+        r = tf_safe_norm(x)[:, None]
         safe_r = tf.where(r > 0, r, tf.ones_like(r))
         a = tf.constant(self.a, dtype)
         g = -tf.constant(self.G * self.M, dtype) * x / (safe_r * tf.square(safe_r + a))
@@ -387,59 +388,12 @@ def _check_kind(kind: str) -> None:
     one_of(kind, "DF kind", DF_KINDS)
 
 
-def _radii(r) -> np.ndarray:
-    r = np.asarray(r, dtype=np.float64)
-    if np.any(np.isnan(r)) or np.any(r < 0):
-        raise InputError("radius r must be non-negative and not NaN")
-    return r
 
 
-def _vectors(x, name: str) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 2 or x.shape[1] != 3:
-        raise InputError(f"{name} must have shape [N, 3], got {list(x.shape)}")
-    if not np.all(np.isfinite(x)):
-        raise InputError(f"{name} contains NaN or inf")
-    return x
 
 
-def _phase_space(x, v) -> tuple[np.ndarray, np.ndarray]:
-    x, v = _vectors(x, "x"), _vectors(v, "v")
-    if x.shape[0] != v.shape[0]:
-        raise InputError(
-            "x and v must both have shape [N, 3] with the same N, got "
-            f"{list(x.shape)} and {list(v.shape)}"
-        )
-    return x, v
 
 
-def _tf_vectors(x: Any, name: str):
-    import tensorflow as tf
-
-    x = tf.convert_to_tensor(x)
-    if not x.dtype.is_floating:
-        x = tf.cast(x, tf.float32)
-    if x.shape.rank != 2 or (x.shape[1] is not None and x.shape[1] != 3):
-        raise InputError(f"{name} must have shape [N, 3], got {x.shape}")
-    return x
 
 
-def _tf_phase_space(x: Any, v: Any):
-    import tensorflow as tf
 
-    x = _tf_vectors(x, "x")
-    v = tf.cast(_tf_vectors(v, "v"), x.dtype)
-    if x.shape[0] is not None and v.shape[0] is not None and x.shape[0] != v.shape[0]:
-        raise InputError(
-            f"x and v must both have shape [N, 3] with the same N, got {x.shape} and {v.shape}"
-        )
-    return x, v
-
-
-def _tf_safe_norm(x):
-    """|x| along the last axis with a zero (not NaN) gradient at x = 0."""
-    import tensorflow as tf
-
-    r2 = tf.reduce_sum(x * x, axis=1)
-    positive = r2 > 0
-    return tf.where(positive, tf.sqrt(tf.where(positive, r2, tf.ones_like(r2))), tf.zeros_like(r2))
