@@ -378,7 +378,9 @@ class PotentialModel(tf.Module):
                 "support_positions": int(self.constants["support_positions"].shape[0]),
                 "signatures": list(POTENTIAL_SIGNATURES),
                 "units": "Phi: velocity^2; acceleration: velocity^2/length; density: mass/length^3 "
-                         "(G as in config)", "history": self.history}
+                         "(G as in config)",
+                # tf.Module wraps dict/list attributes for tracking: plain copies for JSON
+                "history": {str(k): [float(x) for x in v] for k, v in self.history.items()}}
 
     def save(self, path: str | os.PathLike, *, export: bool = True, overwrite: bool = False) -> Path:
         """Write the potential directory atomically: config.json, weights.npz (network weights and
