@@ -397,8 +397,11 @@ def _run_accel(args) -> int:
     from . import cbe
     from .errors import InputError
     from .export import ExportedModel, load
+    from .potential import is_potential
     from .training import read_run_config
 
+    if is_potential(args.run):          # a potential network (tfgalflow potential): its own branch
+        return _run_accel_potential(args)
     cbe.check_output_suffix(args.out)
     positions = cbe.check_positions(_accel_positions(args)).astype(np.float64)
     thresholds = dict(max_residual=cbe.MAX_RESIDUAL if args.max_residual is None else args.max_residual,
@@ -440,6 +443,84 @@ def _run_accel(args) -> int:
 
 
 _SUBCOMMANDS.append(_add_accel)
+
+
+# ---- potential (potential network) -------------------------------------------------------------
+
+def _add_potential(sub) -> None:
+    p = sub.add_parser(
+        "potential", help="fit a potential network Phi(x) to the CBE of a trained 6D run",
+        description="Fit a smooth network Phi(x) to v . dlogf/dx - grad Phi . dlogf/dv = 0 over the "
+                    "whole volume, with no symmetry assumed (tfgalflow.potential.fit_potential): "
+                    "a = -grad Phi is curl-free and rho = lap Phi / 4 pi G comes out too. Writes POT "
+                    "(config.json, weights.npz, savedmodel/ with signatures potential, acceleration, "
+                    "density); `tfgalflow accel POT --radii ...` then evaluates it. Gauge: Phi = 0 at "
+                    "the centre of the training points (or --reference).")
+    p.add_argument("run", metavar="RUN", help="finished 6D run directory (or a SavedModel)")
+    p.add_argument("--out", required=True, metavar="POT", help="new potential directory")
+    p.add_argument("--data", metavar="CATALOGUE",
+                   help="fit at these stars (e.g. the training catalogue) instead of draws from the DF")
+    p.add_argument("--points", type=int, default=None, metavar="N",
+                   help="phase-space points drawn from the DF (default: PotentialConfig.n_points)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: PotentialConfig)")
+    p.add_argument("--hidden", default=None, metavar="N,N,...", help="hidden layer widths")
+    p.add_argument("--activation", default=None, help="softplus, tanh, swish or sigmoid")
+    p.add_argument("--G", type=float, default=None,
+                   help="gravitational constant in the run's units (default 1: model units)")
+    p.add_argument("--reference", default=None, metavar="X,Y,Z", help="gauge point: Phi = 0 there")
+    p.add_argument("--rotations", type=int, default=0, metavar="M",
+                   help="fit to the DF averaged over M rotations (spherical systems only; default 0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing POT")
+    p.set_defaults(func=_run_potential)
+
+
+def _run_potential(args) -> int:
+    from .export import load
+    from .potential import PotentialConfig, fit_potential
+
+    hidden = None if args.hidden is None else tuple(int(h) for h in _number_list(args.hidden,
+                                                                                 "--hidden"))
+    reference = None if args.reference is None else tuple(_number_list(args.reference,
+                                                                        "--reference"))
+    config = PotentialConfig().with_overrides(n_points=args.points, epochs=args.epochs,
+                                              hidden=hidden, activation=args.activation, G=args.G,
+                                              reference=reference, seed=args.seed)
+    df = _spherical_average(load(args.run), args.rotations, seed=args.seed)
+    data = None
+    if args.data:
+        from .catalogue import Catalogue
+        data = Catalogue.load(args.data)
+    pot = fit_potential(df, config, data=data, verbose=2)
+    pot.save(args.out, overwrite=args.overwrite)
+    h = pot.history
+    print(f"wrote {args.out}: {len(h.get('loss', []))} epochs, best val_loss "
+          f"{min(h.get('val_loss', [float('nan')])):.5g}, {h['n_points'][0]} points")
+    return 0
+
+
+def _run_accel_potential(args) -> int:
+    """`tfgalflow accel POT ...` for a potential directory: a = -grad Phi, Phi, rho, support."""
+    from .errors import InputError
+    from .potential import load_potential, save_field
+
+    for flag, value in (("--rotations", args.rotations), ("--xla", args.xla),
+                        ("--n-velocities", args.n_velocities)):
+        if value:
+            raise InputError(f"{args.run} is a potential network: {flag} applies to DF runs only")
+    from pathlib import Path
+    if Path(args.out).suffix.lower() not in (".npz", ".csv"):
+        raise InputError(f"{args.out}: unknown output type; use .npz or .csv")
+    positions = _accel_positions(args)
+    pot = load_potential(args.run)
+    out = pot.evaluate(positions)
+    save_field(args.out, positions, out)
+    print(f"wrote {len(positions)} accelerations (with potential and density) to {args.out}; "
+          f"{int((~out['supported']).sum())} flagged (no_support)")
+    return 0
+
+
+_SUBCOMMANDS.append(_add_potential)
 
 
 # ---- mock, info (data) ----------------------------------------------------------------------------
