@@ -2,7 +2,7 @@
 
 Runs the ``gaussian_field`` task (:mod:`tfgalflow.tasks.gaussian_field`) with its default settings:
 1000 events at each of the 92 training nodes (8 interior nodes held out, plus 24 random off-grid
-labels), an affine MAF (6 layers of 2 x 128 tanh, Adam 2e-3 cosine, batch 1024, 120 epochs), then
+labels), an affine MAF (6 layers of 2 x 128 ReLU, Adam 1e-3 cosine, batch 1024, 100 epochs), then
 writes studies/gaussian_field/report.json and figures and prints the targets. Rerunning resumes an
 interrupted training run or reuses the finished one. The same as
 

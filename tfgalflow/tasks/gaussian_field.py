@@ -159,11 +159,15 @@ class GaussianField(Task):
         return {"heldout_nodes": self.grid_labels()[nodes], "offgrid": offgrid}
 
     def train_config(self) -> Any:
-        """Affine MAF, 6 layers of 2 x 128 tanh, Adam 2e-3 with a cosine schedule, batch 1024."""
+        """Affine MAF, 6 layers of 2 x 128 ReLU, Adam 1e-3 with a cosine schedule, batch 1024.
+
+        (tanh hidden units trained ~20x slower here: loss +2.4 nat/event after 62 epochs against
+        -3.5 after 3 epochs with ReLU, the optimum being -4.1.)
+        """
         from ..training import TrainConfig
-        return TrainConfig(layers=6, hidden=(128, 128), activation="tanh", kind="affine", epochs=120,
-                           batch_size=1024, lr=2e-3, lr_schedule="cosine", validation_split=0.1,
-                           patience=30, checkpoint_every=10)
+        return TrainConfig(layers=6, hidden=(128, 128), activation="relu", kind="affine", epochs=100,
+                           batch_size=1024, lr=1e-3, lr_schedule="cosine", validation_split=0.1,
+                           patience=20, checkpoint_every=10)
 
     # -- evaluation -------------------------------------------------------------------------------
     def evaluate(self, model: Any) -> dict:
