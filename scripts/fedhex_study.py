@@ -10,6 +10,7 @@ interrupted training run or reuses the finished one. The same as
 
 Usage: python scripts/fedhex_study.py [--out DIR] [--epochs E] [--seed S]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,12 +27,15 @@ def main() -> None:
     args = parser.parse_args()
     train = {} if args.epochs is None else {"epochs": args.epochs}
     start = time.perf_counter()
-    report = run_task("gaussian_field", args.out, overrides={"seed": args.seed}, train_overrides=train,
-                      verbose=2)
+    report = run_task(
+        "gaussian_field", args.out, overrides={"seed": args.seed}, train_overrides=train, verbose=2
+    )
     print(f"task run took {time.perf_counter() - start:.0f} s")
     for name, t in report["targets"].items():
-        print(f"{name:12s} measured {t['measured']:.4g} {t['relation']} {t['threshold']:g}: "
-              f"{'met' if t['met'] else 'NOT met'}  ({t['description']})")
+        print(
+            f"{name:12s} measured {t['measured']:.4g} {t['relation']} {t['threshold']:g}: "
+            f"{'met' if t['met'] else 'NOT met'}  ({t['description']})"
+        )
     for group, s in report["metrics"]["summary"].items():
         print(group, {k: v for k, v in s.items() if not isinstance(v, (dict, list))})
 

@@ -1,4 +1,5 @@
 """Sampling inside support limits, and labels outside the training range (flagged, never NaN)."""
+
 from __future__ import annotations
 
 import time
@@ -37,7 +38,7 @@ def test_bounded_draws_follow_the_truncated_density():
     assert stats.kstest(x[:, 0], stats.truncnorm(-0.5, 0.5).cdf).pvalue > 1e-3
     assert stats.kstest(x[:, 1], stats.norm.cdf).pvalue > 1e-3
     again = StdNormal().sample(20_000, seed=3, bounds=[(-0.5, 0.5), None]).numpy()
-    np.testing.assert_array_equal(x, again)                          # same seed, same draws
+    np.testing.assert_array_equal(x, again)  # same seed, same draws
 
 
 def test_one_sided_and_rare_bounds_draw_fresh_candidates():
@@ -52,7 +53,7 @@ def test_zero_acceptance_raises_quickly_naming_rate_and_bounds():
     start = time.perf_counter()
     with pytest.raises(InputError, match=r"0 of \d+ draws .*\(40, 41\).*min_acceptance"):
         StdNormal().sample(100, seed=0, bounds=[(40.0, 41.0), None])
-    assert time.perf_counter() - start < 10.0      # one pass, not a loop (generous for a busy CI)
+    assert time.perf_counter() - start < 10.0  # one pass, not a loop (generous for a busy CI)
     # a low but nonzero rate (0.0062 > min_acceptance; 21 candidates per row fill ~12 % of the 200
     # rows in one pass) stops after max_passes with the measured rate
     with pytest.raises(InputError, match="after max_passes = 1 passes"):
@@ -79,19 +80,21 @@ def test_labels_outside_training_range_are_flagged_not_nan(conditional_flow, tmp
     labels = np.array([[0.5, 15.0], [1.0, 20.0], [1.5, 15.0], [0.5, -3.0]], np.float32)
     np.testing.assert_array_equal(flow.extrapolated(labels), [False, False, True, True])
     x = np.zeros((4, 2), np.float32)
-    with pytest.warns(ExtrapolationWarning, match=r"2 of 4 label row\(s\).*row 2, label \[1.5, 15\]"):
+    with pytest.warns(
+        ExtrapolationWarning, match=r"2 of 4 label row\(s\).*row 2, label \[1.5, 15\]"
+    ):
         lp = flow.log_prob(x, labels).numpy()
     assert np.all(np.isfinite(lp))
     with pytest.warns(ExtrapolationWarning, match=r"\(0, 1\), \(10, 20\)"):
         draws = flow.sample(50, [3.0, 15.0], seed=0).numpy()
     assert np.all(np.isfinite(draws))
     with warnings.catch_warnings():
-        warnings.simplefilter("error", ExtrapolationWarning)       # inside the range: silent
+        warnings.simplefilter("error", ExtrapolationWarning)  # inside the range: silent
         flow.log_prob(x[:2], labels[:2])
     # the range is saved with the weights
     tf.train.Checkpoint(model=flow).write(str(tmp_path / "w"))
     fresh = Flow(flow.config)
-    assert fresh.label_range() is None                              # not adapted: nothing flagged
+    assert fresh.label_range() is None  # not adapted: nothing flagged
     tf.train.Checkpoint(model=fresh).read(str(tmp_path / "w")).assert_consumed()
     np.testing.assert_array_equal(fresh.label_range()[1], high)
     np.testing.assert_array_equal(fresh.extrapolated(labels), [False, False, True, True])

@@ -1,4 +1,5 @@
 """Validation tasks: the exact gaussian_field, its protocol, metrics that can fail, run_task and CLI."""
+
 from __future__ import annotations
 
 import json
@@ -11,20 +12,33 @@ from scipy import stats
 from tfgalflow.density import Density
 from tfgalflow.errors import InputError
 from tfgalflow.tasks import GaussianField, GaussianFieldConfig, get_task, run_task, task_names
-from tfgalflow.tasks.gaussian_field import (field_covariance, field_log_prob, field_mean,
-                                            field_sample)
+from tfgalflow.tasks.gaussian_field import (
+    field_covariance,
+    field_log_prob,
+    field_mean,
+    field_sample,
+)
 from tfgalflow.training import read_history
 
-SMALL = dict(events_per_node=40, heldout_nodes=2, offgrid=2, exact_samples=400, flow_samples=2000,
-             test_events=400, other_tests=False)
+SMALL = dict(
+    events_per_node=40,
+    heldout_nodes=2,
+    offgrid=2,
+    exact_samples=400,
+    flow_samples=2000,
+    test_events=400,
+    other_tests=False,
+)
 
 
 def test_field_density_is_the_normal_density_and_normalised():
     rng = np.random.default_rng(0)
     labels = rng.uniform(0, 1, (50, 2))
     x = field_sample(labels, rng)
-    want = [stats.multivariate_normal(m, c).logpdf(xi)
-            for xi, m, c in zip(x, field_mean(labels), field_covariance(labels))]
+    want = [
+        stats.multivariate_normal(m, c).logpdf(xi)
+        for xi, m, c in zip(x, field_mean(labels), field_covariance(labels))
+    ]
     np.testing.assert_allclose(field_log_prob(x, labels), want, rtol=1e-10)
     # integral over a +-8 sigma box by the midpoint rule: 1 to 1e-6 (the tails beyond 8 sigma ~ 1e-15)
     lam = np.array([[0.3, 0.8]])
@@ -41,8 +55,9 @@ def test_field_shape_matches_its_definition():
     cov = field_covariance(lam)
     # eigenvalues are the squared widths 0.03^2 (1 + l1/2)^2, 0.02^2 (1 + l2/2)^2
     s1, s2 = 0.03 * (1 + lam[:, 0] / 2), 0.02 * (1 + lam[:, 1] / 2)
-    np.testing.assert_allclose(np.sort(np.linalg.eigvalsh(cov), 1),
-                               np.sort(np.stack([s1**2, s2**2], 1), 1), rtol=1e-12)
+    np.testing.assert_allclose(
+        np.sort(np.linalg.eigvalsh(cov), 1), np.sort(np.stack([s1**2, s2**2], 1), 1), rtol=1e-12
+    )
     # rotation: corr sign follows theta = (pi/3)(l1 - l2); at l1 = l2 the axes are x1, x2
     assert cov[0, 0, 1] == 0 and cov[1, 0, 1] != 0
 
@@ -51,12 +66,14 @@ def test_protocol_holds_out_interior_nodes_and_offgrid_labels():
     task = GaussianField()
     train, held = task.training_labels(), task.heldout_labels()
     assert train.shape == (92, 2) and held["heldout_nodes"].shape == (8, 2)
-    assert held["offgrid"].shape == (24, 2) and np.all((held["offgrid"] >= 0) & (held["offgrid"] <= 1))
+    assert held["offgrid"].shape == (24, 2) and np.all(
+        (held["offgrid"] >= 0) & (held["offgrid"] <= 1)
+    )
     nodes = held["heldout_nodes"]
-    assert np.all((nodes > 0) & (nodes < 1))                                  # interior
-    assert not any(np.all(np.isclose(train, n), 1).any() for n in nodes)      # never trained on
+    assert np.all((nodes > 0) & (nodes < 1))  # interior
+    assert not any(np.all(np.isclose(train, n), 1).any() for n in nodes)  # never trained on
     again = GaussianField().heldout_labels()
-    np.testing.assert_array_equal(again["offgrid"], held["offgrid"])           # seeded
+    np.testing.assert_array_equal(again["offgrid"], held["offgrid"])  # seeded
     other = get_task("gaussian_field", seed=1).heldout_labels()
     assert not np.array_equal(other["offgrid"], held["offgrid"])
     x, labels = task.training_data()
@@ -99,9 +116,12 @@ class FieldDensity(Density):
         rng = np.random.default_rng(seed.numpy().tolist())
         return tf.constant(field_sample(lam, rng) - field_mean(lam) + mu, tf.float32)
 
-    def _traced(self):       # plain eager calls: the maths above is NumPy
-        return {"log_prob": self.log_prob_tensor, "grad": None,
-                "sample": lambda labels, seed: self.sample_tensor(None, labels, seed)}
+    def _traced(self):  # plain eager calls: the maths above is NumPy
+        return {
+            "log_prob": self.log_prob_tensor,
+            "grad": None,
+            "sample": lambda labels, seed: self.sample_tensor(None, labels, seed),
+        }
 
 
 def test_metrics_pass_the_truth_and_fail_a_shifted_mean():
@@ -121,16 +141,17 @@ def test_metrics_pass_the_truth_and_fail_a_shifted_mean():
         rho2 = cov[0, 1] ** 2 / (cov[0, 0] * cov[1, 1])
         want = 0.5 / (1 - rho2)
         assert abs(row["kl"] - want) < 5 * row["kl_stderr"] + 1e-3
-        assert abs(row["mean_offset_sigma"][0] - 1.0) < 0.1       # noise 0.022 per label
-        assert row["chi2"]["p_value"] < 0.01            # 400 vs 400 events see a 1 sigma shift
+        assert abs(row["mean_offset_sigma"][0] - 1.0) < 0.1  # noise 0.022 per label
+        assert row["chi2"]["p_value"] < 0.01  # 400 vs 400 events see a 1 sigma shift
     targets = task.targets(moved)
     assert not targets["kl"].met and not targets["mean_offset"].met and not targets["chi2"].met
 
 
 def test_run_task_trains_resumes_and_reports(tmp_path):
     out = tmp_path / "gf"
-    train = dict(epochs=4, layers=2, hidden="16", checkpoint_every=2, jit_compile=False,
-                 steps_per_call=1)
+    train = dict(
+        epochs=4, layers=2, hidden="16", checkpoint_every=2, jit_compile=False, steps_per_call=1
+    )
     report = run_task("gaussian_field", out, SMALL, train, verbose=0)
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["targets"].keys() == {"kl", "mean_offset", "covariance", "chi2"}
@@ -138,7 +159,9 @@ def test_run_task_trains_resumes_and_reports(tmp_path):
     for name in ("labels.png", "samples.png", "pvalues.png", "loss.png"):
         assert (out / name).stat().st_size > 1000
     # checkpoints exactly at epochs 2 and 4; history has 4 epochs
-    ckpts = sorted(p.name for p in (out / "run" / "member_000" / "checkpoints").glob("ckpt-*.index"))
+    ckpts = sorted(
+        p.name for p in (out / "run" / "member_000" / "checkpoints").glob("ckpt-*.index")
+    )
     assert ckpts == ["ckpt-2.index", "ckpt-4.index"]
     first = read_history(out / "run")
     # rerun: the finished run is reused (no new epochs), the evaluation is the same numbers
@@ -151,14 +174,44 @@ def test_run_task_trains_resumes_and_reports(tmp_path):
 
 def test_cli_task_list_and_run(tmp_path, capsys):
     from tfgalflow.cli import main
+
     assert main(["task", "list"]) == 0
     assert "gaussian_field" in capsys.readouterr().out
-    args = ["task", "run", "gaussian_field", "--out", str(tmp_path / "t"), "--verbose", "0",
-            "--events-per-node", "40", "--heldout-nodes", "1", "--offgrid", "1", "--exact-samples", "200",
-            "--flow-samples", "500", "--test-events", "200", "--no-other-tests", "--epochs", "1",
-            "--layers", "1", "--hidden", "8", "--no-jit-compile", "--steps-per-call", "1"]
+    args = [
+        "task",
+        "run",
+        "gaussian_field",
+        "--out",
+        str(tmp_path / "t"),
+        "--verbose",
+        "0",
+        "--events-per-node",
+        "40",
+        "--heldout-nodes",
+        "1",
+        "--offgrid",
+        "1",
+        "--exact-samples",
+        "200",
+        "--flow-samples",
+        "500",
+        "--test-events",
+        "200",
+        "--no-other-tests",
+        "--epochs",
+        "1",
+        "--layers",
+        "1",
+        "--hidden",
+        "8",
+        "--no-jit-compile",
+        "--steps-per-call",
+        "1",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "kl" in out and "report:" in out and (tmp_path / "t" / "report.json").is_file()
-    assert main(["task", "run", "gaussian_field", "--out", str(tmp_path / "u"), "--grid", "2"]) == 2
+    assert (
+        main(["task", "run", "gaussian_field", "--out", str(tmp_path / "u"), "--grid", "2"]) == 2
+    )
     assert "grid = 2" in capsys.readouterr().err

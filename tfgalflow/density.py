@@ -496,4 +496,5 @@ def _bounds_text(low: np.ndarray, high: np.ndarray) -> str:
     return "[" + ", ".join(f"({lo:.6g}, {hi:.6g})" for lo, hi in zip(low, high)) + "]"
 
 
-__all__ = ["Density", "ExtrapolationWarning", "extrapolated_labels", "bounds_arrays", "validate_inputs", "as_float32", "check_finite", "shape_of", "stateless_seed"]
+__all__ = ["Density", "ExtrapolationWarning", "extrapolated_labels", "bounds_arrays", "validate_inputs",
+           "as_float32", "check_finite", "shape_of", "stateless_seed"]

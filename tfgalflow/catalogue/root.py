@@ -19,6 +19,7 @@ generated-mass point per file.
 
 Needs the optional dependency ``uproot`` (``pip install tfgalflow[root]``).
 """
+
 from __future__ import annotations
 
 import os
@@ -30,7 +31,9 @@ import numpy as np
 
 from ..errors import FileError, InputError
 
-INSTALL_HINT = "reading ROOT files needs uproot: pip install 'tfgalflow[root]' (or pip install 'uproot>=5')"
+INSTALL_HINT = (
+    "reading ROOT files needs uproot: pip install 'tfgalflow[root]' (or pip install 'uproot>=5')"
+)
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,9 @@ def _files(path: Path) -> list[Path]:
         return [path]
     if path.is_dir():
         return sorted(p for p in path.rglob("*") if p.is_file())
-    raise FileError(f"{path}: no such file or directory (expected a ROOT file or a directory of them)")
+    raise FileError(
+        f"{path}: no such file or directory (expected a ROOT file or a directory of them)"
+    )
 
 
 def _columns(tree: Any, names: Sequence[str], where: str, what: str) -> np.ndarray:
@@ -78,26 +83,32 @@ def _columns(tree: Any, names: Sequence[str], where: str, what: str) -> np.ndarr
     available = list(tree.keys())
     missing = [n for n in names if n not in available]
     if missing:
-        raise InputError(f"{where} has no {what} branch {missing[0]!r}; its branches are {available}")
+        raise InputError(
+            f"{where} has no {what} branch {missing[0]!r}; its branches are {available}"
+        )
     arrays = tree.arrays(list(names), library="np")
     columns = []
     for n in names:
         try:
             column = np.asarray(arrays[n], dtype=np.float64)
         except (TypeError, ValueError):
-            raise InputError(f"{where}: branch {n!r} is not a flat numeric branch (one number per "
-                             f"entry)") from None
+            raise InputError(
+                f"{where}: branch {n!r} is not a flat numeric branch (one number per entry)"
+            ) from None
         if column.ndim != 1:
-            raise InputError(f"{where}: branch {n!r} has shape {column.shape}; expected one number per "
-                             f"entry")
+            raise InputError(
+                f"{where}: branch {n!r} has shape {column.shape}; expected one number per entry"
+            )
         columns.append(column)
     return np.stack(columns, axis=1)
 
 
-def _file_label(file_labels: Mapping[str, Any] | Callable[[Path], Any], path: Path, root: Path,
-                where: str) -> np.ndarray | None:
+def _file_label(
+    file_labels: Mapping[str, Any] | Callable[[Path], Any], path: Path, root: Path, where: str
+) -> np.ndarray | None:
     """The label [C] of one file from a mapping (by path relative to root, name or full path) or a
-    function of the path; None if the mapping has no entry for it."""
+    function of the path; None if the mapping has no entry for it.
+    """
     if callable(file_labels):
         value = file_labels(path)
     else:
@@ -112,11 +123,15 @@ def _file_label(file_labels: Mapping[str, Any] | Callable[[Path], Any], path: Pa
     return label
 
 
-def read_root(path: str | os.PathLike, tree: str, branches: Sequence[str],
-              label_branches: Sequence[str] = (),
-              file_labels: Mapping[str, Any] | Callable[[Path], Any] | None = None,
-              label_dim: int | None = None,
-              label_names: Sequence[str] | None = None) -> EventTable:
+def read_root(
+    path: str | os.PathLike,
+    tree: str,
+    branches: Sequence[str],
+    label_branches: Sequence[str] = (),
+    file_labels: Mapping[str, Any] | Callable[[Path], Any] | None = None,
+    label_dim: int | None = None,
+    label_names: Sequence[str] | None = None,
+) -> EventTable:
     """Read ``branches`` (and labels) of the TTree ``tree`` from a ROOT file or a directory tree.
 
     Args:
@@ -143,11 +158,14 @@ def read_root(path: str | os.PathLike, tree: str, branches: Sequence[str],
     if not branches or not all(isinstance(b, str) for b in branches):
         raise InputError(f"branches = {branches!r}: expected a non-empty list of branch names")
     if label_branches and file_labels is not None:
-        raise InputError("give labels either per event (label_branches) or per file (file_labels), "
-                         "not both")
+        raise InputError(
+            "give labels either per event (label_branches) or per file (file_labels), not both"
+        )
     if label_dim is not None and not (label_branches or file_labels is not None):
-        raise InputError(f"label_dim = {label_dim} but no labels were asked for; give label_branches or "
-                         f"file_labels")
+        raise InputError(
+            f"label_dim = {label_dim} but no labels were asked for; give label_branches or "
+            f"file_labels"
+        )
     root = Path(path)
     files = _files(root)
     events, labels, sources, skipped = [], [], [], {}
@@ -155,7 +173,9 @@ def read_root(path: str | os.PathLike, tree: str, branches: Sequence[str],
     for file in files:
         try:
             handle = uproot.open(file)
-        except Exception as exc:   # uproot raises ValueError/OSError/its own types for non-ROOT bytes
+        except (
+            Exception
+        ) as exc:  # uproot raises ValueError/OSError/its own types for non-ROOT bytes
             skipped[str(file)] = f"not a ROOT file ({type(exc).__name__})"
             continue
         with handle:
@@ -175,8 +195,10 @@ def read_root(path: str | os.PathLike, tree: str, branches: Sequence[str],
             elif file_labels is not None:
                 label = _file_label(file_labels, file, root, where)
                 if label is None:
-                    raise InputError(f"{where}: file_labels has no label for this file (keys are paths "
-                                     f"relative to {root}, file names, or full paths)")
+                    raise InputError(
+                        f"{where}: file_labels has no label for this file (keys are paths "
+                        f"relative to {root}, file names, or full paths)"
+                    )
                 c = np.tile(label, (len(x), 1))
             else:
                 c = None
@@ -184,21 +206,27 @@ def read_root(path: str | os.PathLike, tree: str, branches: Sequence[str],
             if width is None:
                 width = c.shape[1]
             if c.shape[1] != width:
-                raise InputError(f"{where}: label has width {c.shape[1]} but {width} was expected "
-                                 f"(labels [N, {width}])")
+                raise InputError(
+                    f"{where}: label has width {c.shape[1]} but {width} was expected "
+                    f"(labels [N, {width}])"
+                )
         events.append(x)
         labels.append(c)
         sources.append((str(file), len(x)))
     if not events:
-        raise InputError(f"{root}: no file has a tree {tree!r} ({len(skipped)} file(s) skipped: "
-                         f"{sorted(set(skipped.values()))[:3]})")
+        raise InputError(
+            f"{root}: no file has a tree {tree!r} ({len(skipped)} file(s) skipped: "
+            f"{sorted(set(skipped.values()))[:3]})"
+        )
     c = None if labels[0] is None else np.concatenate(labels)
     names = label_names
     if c is not None and names is None:
         names = label_branches or [f"label_{j}" for j in range(c.shape[1])]
     names = tuple(names or ())
     if c is not None and len(names) != c.shape[1]:
-        raise InputError(f"label_names has {len(names)} entries but the labels have {c.shape[1]} columns")
+        raise InputError(
+            f"label_names has {len(names)} entries but the labels have {c.shape[1]} columns"
+        )
     return EventTable(np.concatenate(events), c, tuple(branches), names, tuple(sources), skipped)
 
 

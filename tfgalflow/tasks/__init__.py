@@ -14,11 +14,34 @@ Example::
 
 Command line: ``tfgalflow task list``; ``tfgalflow task run gaussian_field --out DIR [--epochs 50]``.
 """
+
 from __future__ import annotations
 
-from .base import (REPORT_FILE, TASKS, Target, Task, TaskConfig, get_task, option, register, run_task,
-                   task_names)
+from .base import (
+    REPORT_FILE,
+    TASKS,
+    Target,
+    Task,
+    TaskConfig,
+    get_task,
+    option,
+    register,
+    run_task,
+    task_names,
+)
 from .gaussian_field import GaussianField, GaussianFieldConfig
 
-__all__ = ["Task", "TaskConfig", "Target", "TASKS", "register", "get_task", "task_names", "run_task",
-           "option", "REPORT_FILE", "GaussianField", "GaussianFieldConfig"]
+__all__ = [
+    "Task",
+    "TaskConfig",
+    "Target",
+    "TASKS",
+    "register",
+    "get_task",
+    "task_names",
+    "run_task",
+    "option",
+    "REPORT_FILE",
+    "GaussianField",
+    "GaussianFieldConfig",
+]

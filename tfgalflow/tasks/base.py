@@ -20,6 +20,7 @@ Seeds live in one place, ``TaskConfig.seed``: simulation, held-out labels, train
 
 NumPy only at import time: TensorFlow is imported when a task trains or evaluates.
 """
+
 from __future__ import annotations
 
 import abc
@@ -50,6 +51,7 @@ def option(default: Any, help: str, kind: str) -> Any:
 
 def _coerce(owner: str, name: str, kind: str, value: Any) -> Any:
     """``value`` (Python, JSON or command-line text) as a field of kind ``kind``; InputError if not."""
+
     def fail(expected: str) -> InputError:
         return InputError(f"{owner}.{name} = {value!r}: expected {expected}")
 
@@ -57,11 +59,22 @@ def _coerce(owner: str, name: str, kind: str, value: Any) -> Any:
     if kind == "bool":
         if isinstance(value, (bool, np.bool_)):
             return bool(value)
-        if text is not None and text.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+        if text is not None and text.lower() in (
+            "true",
+            "yes",
+            "on",
+            "1",
+            "false",
+            "no",
+            "off",
+            "0",
+        ):
             return text.lower() in ("true", "yes", "on", "1")
         raise fail("true or false")
     if isinstance(value, (bool, np.bool_)):
-        raise fail(f"a{'n integer' if kind == 'int' else ' number' if kind == 'float' else ' string'}")
+        raise fail(
+            f"a{'n integer' if kind == 'int' else ' number' if kind == 'float' else ' string'}"
+        )
     if kind == "int":
         try:
             number = float(text if text is not None else value)
@@ -90,15 +103,21 @@ class TaskConfig:
     flag (``--events-per-node`` for ``events_per_node``).
     """
 
-    seed: int = option(0, "seed of everything: simulation, held-out labels, training (TrainConfig.seed "
-                          "is set to it) and evaluation", "int")
+    seed: int = option(
+        0,
+        "seed of everything: simulation, held-out labels, training (TrainConfig.seed "
+        "is set to it) and evaluation",
+        "int",
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = _coerce(type(self).__name__, f.name, f.metadata["kind"], getattr(self, f.name))
             object.__setattr__(self, f.name, value)
         if not 0 <= self.seed < 2**31:
-            raise InputError(f"{type(self).__name__}.seed = {self.seed}: expected an integer in [0, 2**31)")
+            raise InputError(
+                f"{type(self).__name__}.seed = {self.seed}: expected an integer in [0, 2**31)"
+            )
 
     def to_dict(self) -> dict:
         """JSON-able dict; ``type(c).from_dict(c.to_dict()) == c``."""
@@ -134,13 +153,19 @@ class Target:
 
     @property
     def met(self) -> bool:
+        """Whether the measured figure satisfies the threshold (False if not finite)."""
         ok = self.measured <= self.threshold if self.at_most else self.measured >= self.threshold
         return bool(math.isfinite(self.measured) and ok)
 
     def to_dict(self) -> dict:
-        return {"description": self.description, "measured": self.measured,
-                "threshold": self.threshold, "relation": "<=" if self.at_most else ">=",
-                "met": self.met}
+        """JSON-able dict: description, measured, threshold, relation, met."""
+        return {
+            "description": self.description,
+            "measured": self.measured,
+            "threshold": self.threshold,
+            "relation": "<=" if self.at_most else ">=",
+            "met": self.met,
+        }
 
 
 class Task(abc.ABC):
@@ -169,8 +194,10 @@ class Task(abc.ABC):
         elif isinstance(config, Mapping):
             config = self.config_type.from_dict(config)
         if not isinstance(config, self.config_type):
-            raise InputError(f"task {self.name!r}: config must be a {self.config_type.__name__}, got "
-                             f"{type(config).__name__}")
+            raise InputError(
+                f"task {self.name!r}: config must be a {self.config_type.__name__}, got "
+                f"{type(config).__name__}"
+            )
         self.config = config
 
     # -- what a task provides ---------------------------------------------------------------------
@@ -231,7 +258,9 @@ TASKS: dict[str, type[Task]] = {}
 def register(cls: type[Task]) -> type[Task]:
     """Class decorator: make the task available by ``cls.name`` (to get_task, run_task, the CLI)."""
     if cls.name in TASKS and TASKS[cls.name] is not cls:
-        raise InputError(f"a task named {cls.name!r} is already registered ({TASKS[cls.name].__name__})")
+        raise InputError(
+            f"a task named {cls.name!r} is already registered ({TASKS[cls.name].__name__})"
+        )
     TASKS[cls.name] = cls
     return cls
 
@@ -241,7 +270,9 @@ def task_names() -> list[str]:
     return sorted(TASKS)
 
 
-def get_task(name: str, config: TaskConfig | Mapping[str, Any] | None = None, **overrides: Any) -> Task:
+def get_task(
+    name: str, config: TaskConfig | Mapping[str, Any] | None = None, **overrides: Any
+) -> Task:
     """The registered task ``name`` with its config (default, a config or a dict) and overrides."""
     if name not in TASKS:
         raise InputError(f"no task named {name!r}; known tasks: {task_names()}")
@@ -253,6 +284,7 @@ def get_task(name: str, config: TaskConfig | Mapping[str, Any] | None = None, **
 
 
 # ---- running a task -----------------------------------------------------------------------------
+
 
 def _plain(value: Any) -> Any:
     """JSON-able copy: NumPy scalars/arrays to Python, non-finite floats to None."""
@@ -281,20 +313,31 @@ def _check_task_file(out: Path, settings: dict) -> None:
         recorded = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FileError(f"{path}: corrupt task file: {exc}") from None
-    differ = [f"{section}.{k}" for section in ("task", "config", "train")
-              for k in sorted(set(_as_dict(recorded.get(section))) | set(_as_dict(settings[section])))
-              if _as_dict(recorded.get(section)).get(k) != _as_dict(settings[section]).get(k)]
+    differ = [
+        f"{section}.{k}"
+        for section in ("task", "config", "train")
+        for k in sorted(set(_as_dict(recorded.get(section))) | set(_as_dict(settings[section])))
+        if _as_dict(recorded.get(section)).get(k) != _as_dict(settings[section]).get(k)
+    ]
     if differ:
-        raise InputError(f"{out} holds a run of other settings (differing: {', '.join(differ)}); use a new "
-                         f"--out directory, or the same settings to resume")
+        raise InputError(
+            f"{out} holds a run of other settings (differing: {', '.join(differ)}); use a new "
+            f"--out directory, or the same settings to resume"
+        )
 
 
 def _as_dict(value: Any) -> dict:
     return value if isinstance(value, dict) else {"value": value}
 
 
-def run_task(name: str, out_dir: str | os.PathLike, overrides: Mapping[str, Any] | None = None,
-             train_overrides: Mapping[str, Any] | None = None, *, verbose: int = 1) -> dict:
+def run_task(
+    name: str,
+    out_dir: str | os.PathLike,
+    overrides: Mapping[str, Any] | None = None,
+    train_overrides: Mapping[str, Any] | None = None,
+    *,
+    verbose: int = 1,
+) -> dict:
     """Simulate, train (resumable), evaluate task ``name``; write OUT/report.json and figures.
 
     Args:
@@ -320,24 +363,36 @@ def run_task(name: str, out_dir: str | os.PathLike, overrides: Mapping[str, Any]
     config = task.train_config()
     if not isinstance(config, TrainConfig):
         raise InputError(f"task {name!r}: train_config() must return a TrainConfig")
-    config = config.with_overrides(**train_overrides, seed=task.config.seed, label_dim=task.label_dim)
+    config = config.with_overrides(
+        **train_overrides, seed=task.config.seed, label_dim=task.label_dim
+    )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _check_task_file(out, {"task": name, "config": task.config.to_dict(), "train": config.to_dict()})
+    _check_task_file(
+        out, {"task": name, "config": task.config.to_dict(), "train": config.to_dict()}
+    )
 
     x, labels = task.training_data()
     run_dir = out / RUN_DIR
     if (run_dir / "config.json").is_file():
         model = resume(run_dir, data=x, labels=labels, verbose=verbose)
     else:
-        model = train(x, config, run_dir, labels=labels, label_names=list(task.label_names),
-                      verbose=verbose)
+        model = train(
+            x, config, run_dir, labels=labels, label_names=list(task.label_names), verbose=verbose
+        )
     metrics = task.evaluate(model)
     targets = task.targets(metrics)
-    report = {"task": name, "description": task.description, "config": task.config.to_dict(),
-              "train": config.to_dict(), "n_train_events": int(len(x)), "run_dir": RUN_DIR,
-              "metrics": metrics, "targets": {k: t.to_dict() for k, t in targets.items()},
-              "all_targets_met": all(t.met for t in targets.values())}
+    report = {
+        "task": name,
+        "description": task.description,
+        "config": task.config.to_dict(),
+        "train": config.to_dict(),
+        "n_train_events": int(len(x)),
+        "run_dir": RUN_DIR,
+        "metrics": metrics,
+        "targets": {k: t.to_dict() for k, t in targets.items()},
+        "all_targets_met": all(t.met for t in targets.values()),
+    }
     report["figures"] = task.figures(report, model, out)
     report = _plain(report)
     write_json(out / REPORT_FILE, report)

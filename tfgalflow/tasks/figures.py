@@ -3,6 +3,7 @@
 Built with ``matplotlib.figure.Figure`` and the Agg canvas (no pyplot state); every PNG is written
 atomically (:func:`tfgalflow.atomic.atomic_file`).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -40,7 +41,8 @@ def _figure(ncols: int, width: float = 4.4, height: float = 3.9):
 
 def field_figures(task: Any, report: Mapping[str, Any], model: Any, out_dir: Path) -> list[str]:
     """labels.png (metric maps over the label plane), samples.png (flow vs exact), pvalues.png,
-    loss.png (training history): the file names written into ``out_dir``."""
+    loss.png (training history): the file names written into ``out_dir``.
+    """
     from ..training import read_history
     from .base import RUN_DIR
     from .gaussian_field import field_mean
@@ -53,21 +55,48 @@ def field_figures(task: Any, report: Mapping[str, Any], model: Any, out_dir: Pat
 
     # 1. metric maps over the label plane
     fig, axes = _figure(3)
-    maps = (("kl", np.array([r["kl"] for r in rows]), 0.05, "KL estimate (nat/event)"),
-            ("offset", np.array([np.max(r["mean_offset_sigma"]) for r in rows]), 0.1,
-             r"max$_i$ $|\hat\mu_i - \mu_i| / \sigma_i$"),
-            ("frob", np.array([r["cov_frobenius_rel"] for r in rows]), 0.1,
-             r"$\|\hat\Sigma - \Sigma\|_F / \|\Sigma\|_F$"))
+    maps = (
+        ("kl", np.array([r["kl"] for r in rows]), 0.05, "KL estimate (nat/event)"),
+        (
+            "offset",
+            np.array([np.max(r["mean_offset_sigma"]) for r in rows]),
+            0.1,
+            r"max$_i$ $|\hat\mu_i - \mu_i| / \sigma_i$",
+        ),
+        (
+            "frob",
+            np.array([r["cov_frobenius_rel"] for r in rows]),
+            0.1,
+            r"$\|\hat\Sigma - \Sigma\|_F / \|\Sigma\|_F$",
+        ),
+    )
     for ax, (_, values, target, title) in zip(axes, maps):
         ax.scatter(nodes[:, 0], nodes[:, 1], s=6, c="0.7", label="training nodes")
         for mask, marker, text in ((on_node, "s", "held-out nodes"), (~on_node, "o", "off-grid")):
-            sc = ax.scatter(labels[mask, 0], labels[mask, 1], c=values[mask], marker=marker, s=55,
-                            cmap="viridis", vmin=0.0, vmax=2 * target, edgecolors="k", linewidths=0.5,
-                            label=text)
+            sc = ax.scatter(
+                labels[mask, 0],
+                labels[mask, 1],
+                c=values[mask],
+                marker=marker,
+                s=55,
+                cmap="viridis",
+                vmin=0.0,
+                vmax=2 * target,
+                edgecolors="k",
+                linewidths=0.5,
+                label=text,
+            )
         fig.colorbar(sc, ax=ax, label=f"{title} (target {target:g})")
-        ax.set(xlabel=r"$\lambda_1$", ylabel=r"$\lambda_2$", xlim=(-0.05, 1.05), ylim=(-0.05, 1.05),
-               aspect="equal")
-    axes[0].legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3, fontsize=7, frameon=False)
+        ax.set(
+            xlabel=r"$\lambda_1$",
+            ylabel=r"$\lambda_2$",
+            xlim=(-0.05, 1.05),
+            ylim=(-0.05, 1.05),
+            aspect="equal",
+        )
+    axes[0].legend(
+        loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3, fontsize=7, frameon=False
+    )
     names.append(save_figure(fig, out_dir / "labels.png"))
 
     # 2. flow draws and 2-sigma ellipses: the whole plane, and the worst-KL label
@@ -78,17 +107,33 @@ def field_figures(task: Any, report: Mapping[str, Any], model: Any, out_dir: Pat
         for ax in axes if i == worst else axes[:1]:
             if ax is axes[1]:
                 draws = model.sample(2000, np.asarray(r["label"], np.float32), seed=i).numpy()
-                ax.scatter(draws[:, 0], draws[:, 1], s=2, c="tab:red", alpha=0.3, label="flow draws")
+                ax.scatter(
+                    draws[:, 0], draws[:, 1], s=2, c="tab:red", alpha=0.3, label="flow draws"
+                )
                 for k in (1.0, 3.0):
                     ax.plot(*ellipse(r["mu"], r["cov"], k).T, c="k", lw=0.8)
             ax.plot(*exact.T, c="k", lw=1.0, label="exact 2$\\sigma$" if i == worst else None)
-            ax.plot(*flow.T, c="tab:red", ls="--", lw=1.0, label="flow 2$\\sigma$" if i == worst else None)
+            ax.plot(
+                *flow.T,
+                c="tab:red",
+                ls="--",
+                lw=1.0,
+                label="flow 2$\\sigma$" if i == worst else None,
+            )
     axes[0].scatter(*field_mean(nodes).T, s=4, c="0.6", label=r"$\mu$ of training nodes")
-    axes[0].set(title="held-out labels: exact vs flow 2$\\sigma$ contours", xlabel="$x_1$", ylabel="$x_2$",
-                aspect="equal")
+    axes[0].set(
+        title="held-out labels: exact vs flow 2$\\sigma$ contours",
+        xlabel="$x_1$",
+        ylabel="$x_2$",
+        aspect="equal",
+    )
     lam = rows[worst]["label"]
-    axes[1].set(title=f"worst KL: lambda = ({lam[0]:.3f}, {lam[1]:.3f}), KL = {rows[worst]['kl']:.3g}",
-                xlabel="$x_1$", ylabel="$x_2$", aspect="equal")
+    axes[1].set(
+        title=f"worst KL: lambda = ({lam[0]:.3f}, {lam[1]:.3f}), KL = {rows[worst]['kl']:.3g}",
+        xlabel="$x_1$",
+        ylabel="$x_2$",
+        aspect="equal",
+    )
     for ax in axes:
         ax.legend(fontsize=7, loc="best")
     names.append(save_figure(fig, out_dir / "samples.png"))
@@ -98,14 +143,25 @@ def field_figures(task: Any, report: Mapping[str, Any], model: Any, out_dir: Pat
     ax = axes[0]
     order = np.argsort([r["chi2"]["p_value"] for r in rows])
     x = np.arange(len(rows))
-    ax.semilogy(x, [rows[j]["chi2"]["p_value"] for j in order], "o", c="k", label="chi2 (8x8 raw counts)")
+    ax.semilogy(
+        x, [rows[j]["chi2"]["p_value"] for j in order], "o", c="k", label="chi2 (8x8 raw counts)"
+    )
     for name, marker in (("ks", "v"), ("classifier", "^"), ("energy", "s"), ("mmd", "D")):
         if "other_tests" in rows[0]:
-            ax.semilogy(x, [max(rows[j]["other_tests"][name]["p_value"], 1e-6) for j in order], marker,
-                        ms=4, alpha=0.6, label=name)
+            ax.semilogy(
+                x,
+                [max(rows[j]["other_tests"][name]["p_value"], 1e-6) for j in order],
+                marker,
+                ms=4,
+                alpha=0.6,
+                label=name,
+            )
     ax.axhline(P_THRESHOLD, c="tab:red", lw=0.8, label=f"p = {P_THRESHOLD}")
-    ax.set(xlabel="held-out label (sorted by chi2 p)", ylabel="p-value (flow vs exact events)",
-           ylim=(1e-6, 1.5))
+    ax.set(
+        xlabel="held-out label (sorted by chi2 p)",
+        ylabel="p-value (flow vs exact events)",
+        ylim=(1e-6, 1.5),
+    )
     ax.legend(fontsize=7, ncol=3)
     names.append(save_figure(fig, out_dir / "pvalues.png"))
 
@@ -121,4 +177,3 @@ def field_figures(task: Any, report: Mapping[str, Any], model: Any, out_dir: Pat
         ax.legend()
         names.append(save_figure(fig, out_dir / "loss.png"))
     return names
-
