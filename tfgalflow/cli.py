@@ -762,6 +762,80 @@ def _run_posterior(args) -> int:
 _SUBCOMMANDS.append(_add_posterior)
 
 
+# ---- task (validation tasks with exact answers) --------------------------------------------------
+
+_TASK_METAVAR = {"int": "N", "float": "X", "str": "NAME"}
+
+
+def _add_task(sub) -> None:
+    from .tasks import TASKS, task_names
+    from .training import TrainConfig
+
+    p = sub.add_parser("task", help="validation tasks with exact answers: simulate, train, evaluate",
+                       description="Validation tasks: each simulates events at labels, trains a flow, "
+                                   "evaluates it at held-out labels against the exact density and writes "
+                                   "OUT/report.json and figures. Rerunning into OUT resumes the training.")
+    actions = p.add_subparsers(dest="task_action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="list the tasks")
+    listing.set_defaults(func=_run_task_list)
+    run = actions.add_parser("run", help="run one task: tfgalflow task run NAME --out DIR")
+    names = run.add_subparsers(dest="task_name", required=True, metavar="NAME")
+    reserved = {"seed", "label_dim"}          # the task sets these training fields itself
+    for name in task_names():
+        cls = TASKS[name]
+        r = names.add_parser(name, help=cls.description, description=cls.description)
+        r.add_argument("--out", required=True, help="task directory (report.json, figures, run/)")
+        r.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2),
+                       help="Keras progress output: 0 quiet, 1 progress bar, 2 one line per epoch")
+        group = r.add_argument_group(f"task configuration (one flag per {cls.config_type.__name__} field)")
+        task_fields = cls.config_type.field_help()
+        for field, (kind, text) in task_fields.items():
+            _add_config_flag(group, field, kind, f"{text} (default: {getattr(cls.config_type(), field)})",
+                             f"task_{field}")
+        group = r.add_argument_group("training configuration (TrainConfig fields; default: the task's)")
+        for field, (kind, text) in TrainConfig.field_help().items():
+            if field not in reserved and field not in task_fields:
+                _add_config_flag(group, field, kind, text, f"train_{field}")
+        r.set_defaults(func=_run_task_run, task_fields=list(task_fields),
+                       train_fields=[f for f in TrainConfig.field_help()
+                                     if f not in reserved and f not in task_fields])
+
+
+def _add_config_flag(group, field: str, kind: str, text: str, dest: str) -> None:
+    flag = "--" + field.replace("_", "-")
+    if kind == "bool":
+        group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text)
+    else:
+        metavar = _TASK_METAVAR.get(kind) or _CONFIG_METAVAR.get(kind, "VALUE")
+        group.add_argument(flag, dest=dest, metavar=metavar, default=None, help=text)
+
+
+def _run_task_list(args) -> int:
+    from .tasks import TASKS, task_names
+
+    for name in task_names():
+        print(f"{name:20s} {TASKS[name].description}")
+    return 0
+
+
+def _run_task_run(args) -> int:
+    from .tasks import run_task
+
+    overrides = {f: getattr(args, f"task_{f}") for f in args.task_fields
+                 if getattr(args, f"task_{f}") is not None}
+    train = {f: getattr(args, f"train_{f}") for f in args.train_fields
+             if getattr(args, f"train_{f}") is not None}
+    report = run_task(args.task_name, args.out, overrides, train, verbose=args.verbose)
+    for name, t in report["targets"].items():
+        print(f"{name:12s} {t['measured']:.4g} {t['relation']} {t['threshold']:g}  "
+              f"{'met' if t['met'] else 'NOT met'}  ({t['description']})")
+    print(f"report: {args.out}/report.json; figures: {', '.join(report['figures'])}")
+    return 0
+
+
+_SUBCOMMANDS.append(_add_task)
+
+
 # ---- entry point ------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,7 +30,9 @@ over private hooks); the change of variables is Papamakarios et al. 2021, JMLR 2
 from __future__ import annotations
 
 import abc
-from typing import Any
+import math
+import warnings
+from typing import Any, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -153,6 +155,55 @@ def _sample_request(n_or_labels: Any, label_dim: int, what: str) -> tuple[Any, t
     return None, c
 
 
+# ---- labels outside the training range ----------------------------------------------------------
+
+class ExtrapolationWarning(UserWarning):
+    """A model was evaluated or sampled at labels outside the range it was trained on."""
+
+
+def extrapolated_labels(labels: Any, low: Any, high: Any) -> np.ndarray:
+    """Mask [N] bool: rows of ``labels`` [N, C] with some column outside [low_j, high_j].
+
+    A relative tolerance of 1e-6 of the range (float32 rounding of the recorded ends) counts a label
+    on the edge of the training grid as inside.
+    """
+    c = np.asarray(labels, np.float64)
+    c = c.reshape(1, -1) if c.ndim == 1 else c
+    low, high = np.asarray(low, np.float64), np.asarray(high, np.float64)
+    tol = 1e-6 * np.maximum(high - low, np.abs(high) + np.abs(low) + 1e-30)
+    return np.any((c < low - tol) | (c > high + tol), axis=-1)
+
+
+def bounds_arrays(bounds: Any, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(low [D], high [D]) float64 from per-column bounds: D entries, each (low, high) or None
+    (unbounded; either end may also be None). InputError for a wrong count or low >= high.
+    """
+    if not isinstance(bounds, (list, tuple)) or len(bounds) != dim:
+        raise InputError(f"bounds = {bounds!r}: expected {dim} entries, one (low, high) pair or None per "
+                         f"column of x")
+    low, high = np.full(dim, -np.inf), np.full(dim, np.inf)
+    for j, b in enumerate(bounds):
+        if b is None:
+            continue
+        if not isinstance(b, (list, tuple, np.ndarray)) or len(b) != 2:
+            raise InputError(f"bounds[{j}] = {b!r}: expected a (low, high) pair or None")
+        lo, hi = (-np.inf if b[0] is None else float(b[0])), (np.inf if b[1] is None else float(b[1]))
+        if math.isnan(lo) or math.isnan(hi) or not lo < hi:
+            raise InputError(f"bounds[{j}] = {b!r}: expected low < high")
+        low[j], high[j] = lo, hi
+    return low, high
+
+
+#: Passes of bounded sampling before it gives up (see :meth:`Density.sample`).
+MAX_PASSES = 50
+#: Acceptance rate below which bounded sampling stops with InputError.
+MIN_ACCEPTANCE = 1e-3
+#: Draws of the first bounded pass at least (so that the measured rate means something).
+FIRST_PASS_DRAWS = 4096
+#: Draws per bounded pass at most (memory).
+MAX_PASS_DRAWS = 2**21
+
+
 # ---- the contract ------------------------------------------------------------------------------
 
 class Density(abc.ABC):
@@ -216,6 +267,42 @@ class Density(abc.ABC):
     #: The members whose mean density this is (an ensemble), else None.
     members: list["Density"] | None = None
 
+    def label_range(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(min [C], max [C]) of the labels the model was trained on, or None if unknown (then nothing
+        counts as extrapolated). Flows record it when they are adapted.
+        """
+        return None
+
+    def extrapolated(self, labels: Any) -> np.ndarray:
+        """Mask [N] bool: rows of ``labels`` [N, C] (or one label [C]) outside the training range
+        :meth:`label_range` in some column. All False when the range is unknown.
+
+        Such labels are evaluated as asked (finite results, never NaN), and ``log_prob``/``sample``
+        warn (:class:`ExtrapolationWarning`); this mask says which rows to distrust.
+        """
+        c = np.asarray(labels.numpy() if isinstance(labels, (tf.Tensor, tf.Variable)) else labels,
+                       np.float64)
+        c = c.reshape(1, -1) if c.ndim == 1 else c
+        if c.ndim != 2 or c.shape[1] != self.label_dim:
+            raise InputError(f"labels have shape {c.shape}; the {self.what} expects [N, {self.label_dim}]")
+        span = self.label_range() if self.label_dim else None
+        if span is None:
+            return np.zeros(c.shape[0], bool)
+        return extrapolated_labels(c, *span)
+
+    def _warn_extrapolated(self, c: tf.Tensor | None) -> None:
+        """ExtrapolationWarning naming the first label outside the training range (eager inputs only)."""
+        if c is None or not tf.executing_eagerly() or self.label_range() is None:
+            return
+        mask = self.extrapolated(c)
+        if mask.any():
+            low, high = self.label_range()
+            row = int(np.argmax(mask))
+            values = ", ".join(f"{v:.6g}" for v in c.numpy()[row])
+            warnings.warn(f"{int(mask.sum())} of {mask.size} label row(s) lie outside the training label "
+                          f"range {_bounds_text(low, high)} (first: row {row}, label [{values}]): the "
+                          f"{self.what} extrapolates there", ExtrapolationWarning, stacklevel=3)
+
     def scale_hint(self) -> tf.Tensor | tf.Variable | None:
         """Typical magnitude of each column of x, [D] float32 (read when traced), or None if unknown.
 
@@ -232,6 +319,7 @@ class Density(abc.ABC):
     def log_prob(self, x: Any, labels: Any = None) -> tf.Tensor:
         """log p(x | labels): [N] float32 per unit volume of x; x [N, D] in the model's units."""
         x, c = self.check_inputs(x, labels)
+        self._warn_extrapolated(c)
         fns = self._traced()
         return fns["log_prob"](x, c) if self.label_dim else fns["log_prob"](x)
 
@@ -248,19 +336,36 @@ class Density(abc.ABC):
         fns = self._traced()
         return fns["grad"](x, c) if self.label_dim else fns["grad"](x)
 
-    def sample(self, n: int, labels: Any = None, seed: Any = None) -> tf.Tensor:
+    def sample(self, n: int, labels: Any = None, seed: Any = None, bounds: Sequence[Any] | None = None,
+               max_passes: int = MAX_PASSES, min_acceptance: float = MIN_ACCEPTANCE) -> tf.Tensor:
         """n draws x ~ p(x | labels): [n, D] float32 in the model's units.
+
+        With ``bounds`` the draws follow p truncated to the box B = Π_j [low_j, high_j] (rejection: a
+        row keeps the first of its candidate draws that falls inside B). Each pass p draws fresh
+        candidates with the seed ``fold_in(seed, p)`` (never the same draws twice), sized by the
+        acceptance rate measured so far; sampling stops with InputError after ``max_passes`` passes or
+        as soon as the measured acceptance rate is below ``min_acceptance``.
 
         Args:
             n: number of samples (>= 1).
             labels: [n, C] (one draw per row) or [C] (all n draws at that label); None if unconditional.
             seed: None (fresh entropy), an int, or a stateless seed [2]; the same seed gives the same
                 draws.
+            bounds: None, or D entries (one per column of x), each a (low, high) pair or None
+                (unbounded column); ``None`` as either end leaves that side open.
+            max_passes: rejection passes at most (bounds only).
+            min_acceptance: smallest acceptable fraction of draws inside the bounds (bounds only).
+
+        Labels outside the training range (:meth:`extrapolated`) are sampled as asked, with an
+        :class:`ExtrapolationWarning`.
         """
         if self.label_dim == 0:
             if labels is not None:
                 raise InputError(f"labels were given (shape {shape_of(labels)}) but the {self.what} is "
                                  f"unconditional (label_dim = 0)")
+            if bounds is not None:
+                return self._sample_within(n, None, stateless_seed(seed), bounds, max_passes,
+                                           min_acceptance)
             return self.sample_stateless(n, stateless_seed(seed))
         if labels is None:
             raise InputError(f"the {self.what} is conditional: sample(n, labels) needs labels of shape "
@@ -273,7 +378,53 @@ class Density(abc.ABC):
         if c.shape.rank == 2 and c.shape[0] != n:
             raise InputError(f"sample: n = {n} but labels have shape {shape_of(c)}; expected [{n}, "
                              f"{self.label_dim}] or [{self.label_dim}]")
+        if bounds is not None:
+            _sample_request(c, self.label_dim, self.what)        # shape and NaN checks
+            self._warn_extrapolated(c)
+            return self._sample_within(int(n), c, stateless_seed(seed), bounds, max_passes,
+                                       min_acceptance)
         return self.sample_stateless(c, stateless_seed(seed))
+
+    def _sample_within(self, n: int, c: tf.Tensor | None, seed: tf.Tensor, bounds: Sequence[Any],
+                       max_passes: int, min_acceptance: float) -> tf.Tensor:
+        """Rejection sampling of :meth:`sample` with ``bounds`` (eager): [n, D] float32."""
+        from .validation import integer, positive_number
+        n = integer(n, "n")
+        max_passes = integer(max_passes, "max_passes", low=1)
+        min_acceptance = positive_number(min_acceptance, "min_acceptance")
+        low, high = bounds_arrays(bounds, self.dim)
+        labels = None if c is None else c.numpy()
+        out = np.empty((n, self.dim), np.float32)
+        todo = np.arange(n)                       # rows still without an accepted draw
+        drawn = accepted = 0
+        copies = max(1, math.ceil(FIRST_PASS_DRAWS / n))
+        for p in range(max_passes):
+            copies = max(1, min(copies, MAX_PASS_DRAWS // todo.size))
+            pass_seed = tf.random.experimental.stateless_fold_in(seed, p)
+            rows = np.repeat(todo, copies)        # `copies` candidates per row, grouped by row
+            with warnings.catch_warnings():       # sample() warned once already
+                warnings.simplefilter("ignore", ExtrapolationWarning)
+                x = self.sample_stateless(int(rows.size) if labels is None else labels[rows],
+                                          pass_seed).numpy()
+            inside = np.all((x >= low) & (x <= high), axis=1)
+            drawn, accepted = drawn + rows.size, accepted + int(inside.sum())
+            inside = inside.reshape(todo.size, copies)
+            hit = inside.any(axis=1)
+            first = np.argmax(inside, axis=1)
+            out[todo[hit]] = x.reshape(todo.size, copies, self.dim)[hit, first[hit]]
+            todo = todo[~hit]
+            if todo.size == 0:
+                return tf.constant(out)
+            rate = accepted / drawn
+            if rate < min_acceptance:
+                raise InputError(f"sample: only {accepted} of {drawn} draws ({rate:.2g}) fall inside bounds "
+                                 f"{_bounds_text(low, high)}, below min_acceptance = {min_acceptance:g}; "
+                                 f"widen the bounds or check that they overlap the model's support")
+            copies = math.ceil(1.5 / rate)
+        raise InputError(f"sample: {todo.size} of {n} rows still have no draw inside bounds "
+                         f"{_bounds_text(low, high)} after max_passes = {max_passes} passes (acceptance "
+                         f"rate {accepted / drawn:.2g} of {drawn} draws); raise max_passes or widen the "
+                         f"bounds")
 
     def sample_stateless(self, n_or_labels: Any, seed: Any) -> tf.Tensor:
         """Deterministic draws for a tensor seed: [n, D] float32 in the model's units.
@@ -285,6 +436,7 @@ class Density(abc.ABC):
         if not self.can_sample:
             self.sample_tensor(None, None, None)          # raises the density's own message
         n, c = _sample_request(n_or_labels, self.label_dim, self.what)
+        self._warn_extrapolated(c)
         seed = stateless_seed(seed)
         fns = self._traced()
         return fns["sample"](c, seed) if self.label_dim else fns["sample"](n, seed)
@@ -342,4 +494,10 @@ class Density(abc.ABC):
                                   input_signature=[n_spec, seed_spec], autograph=False)}
 
 
-__all__ = ["Density", "validate_inputs", "as_float32", "check_finite", "shape_of", "stateless_seed"]
+def _bounds_text(low: np.ndarray, high: np.ndarray) -> str:
+    """Per-column (low, high) pairs as text, e.g. [(0, 1), (-inf, 2.5)]."""
+    return "[" + ", ".join(f"({lo:.6g}, {hi:.6g})" for lo, hi in zip(low, high)) + "]"
+
+
+__all__ = ["Density", "ExtrapolationWarning", "extrapolated_labels", "bounds_arrays", "validate_inputs",
+           "as_float32", "check_finite", "shape_of", "stateless_seed"]

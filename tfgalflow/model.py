@@ -63,8 +63,9 @@ class Flow(Density, keras.Model):
         flow.sample(1000, seed=1)                  # [1000, 6]
 
     The rescaler is a set of non-trainable variables (saved with the weights): ``x_shift``, ``x_scale``
-    [D], ``label_shift``, ``label_scale`` [C], ``adapted`` (1.0 once ``adapt`` ran). All variables exist
-    after construction (the network is called once on a dummy batch), so ``load_weights`` or
+    [D], ``label_shift``, ``label_scale`` [C], ``adapted`` (1.0 once ``adapt`` ran), and the training
+    label range ``label_min``, ``label_max`` [C] (:meth:`label_range`; labels outside it warn). All
+    variables exist after construction (the network is called once on a dummy batch), so ``load_weights`` or
     ``tf.train.Checkpoint(model=flow).restore(...)`` works on a fresh ``Flow(config)``.
 
     Args:
@@ -95,6 +96,11 @@ class Flow(Density, keras.Model):
         self.label_scale = self.add_weight(name="label_scale", shape=[label_dim], initializer="ones",
                                            trainable=False)
         self.adapted = self.add_weight(name="adapted", shape=[], initializer="zeros", trainable=False)
+        # the training label range [C] (set by adapt): labels outside it are extrapolation (warned)
+        self.label_min = self.add_weight(name="label_min", shape=[label_dim], initializer="zeros",
+                                         trainable=False)
+        self.label_max = self.add_weight(name="label_max", shape=[label_dim], initializer="zeros",
+                                         trainable=False)
         self._loss_tracker = keras.metrics.Mean(name="loss")
         self.noise_model = None
         self.build_variables()
@@ -171,6 +177,8 @@ class Flow(Density, keras.Model):
             c_mean, c_std = label_moments.mean_std()
             self.label_shift.assign(c_mean.astype(np.float32))
             self.label_scale.assign(np.where(c_std > 0, c_std, 1.0).astype(np.float32))
+            self.label_min.assign(label_moments.low.astype(np.float32))
+            self.label_max.assign(label_moments.high.astype(np.float32))
         self.adapted.assign(1.0)
         return self
 
@@ -225,6 +233,14 @@ class Flow(Density, keras.Model):
         if in_support is not None:
             lp = tf.where(in_support, lp, tf.fill(tf.shape(lp), -np.inf))
         return lp
+
+    def label_range(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(min [C], max [C]) of the labels ``adapt`` saw (the training range), None before adapt or
+        for an unconditional flow. Saved with the weights (non-trainable ``label_min``/``label_max``).
+        """
+        if not self.label_dim or not self.is_adapted:
+            return None
+        return self.label_min.numpy(), self.label_max.numpy()
 
     def scale_hint(self) -> tf.Variable:
         """The rescaler's scales σ [D] (the variable itself: read when traced, so current after adapt)."""
@@ -475,10 +491,14 @@ def _free_stack(t: tf.Tensor) -> tf.Tensor:
 
 
 class _Moments:
-    """Streaming per-column mean and standard deviation (float64, shifted sums about the first batch)."""
+    """Streaming per-column mean, standard deviation (float64, shifted sums about the first batch),
+    minimum and maximum.
+    """
 
     def __init__(self, width: int):
         self.count = 0
+        self.low = np.full(width, np.inf)
+        self.high = np.full(width, -np.inf)
         self.ref = np.zeros(width)
         self.sum = np.zeros(width)
         self.sum_sq = np.zeros(width)
@@ -489,6 +509,8 @@ class _Moments:
         if self.count == 0:
             self.ref = batch.mean(axis=0)
         d = batch - self.ref
+        self.low = np.minimum(self.low, batch.min(axis=0))
+        self.high = np.maximum(self.high, batch.max(axis=0))
         self.count += batch.shape[0]
         self.sum += d.sum(axis=0)
         self.sum_sq += (d * d).sum(axis=0)
@@ -550,6 +572,13 @@ class Ensemble(Density, tf.Module):
     def evaluations_per_row(self) -> int:
         """Member evaluations per row of ``log_prob`` (K): :mod:`tfgalflow.cbe` divides its chunks by it."""
         return len(self.members)
+
+    def label_range(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The union of the members' training label ranges (min [C], max [C]), or None if unknown."""
+        ranges = [m.label_range() for m in self.members]
+        if any(r is None for r in ranges):
+            return None
+        return np.min([r[0] for r in ranges], axis=0), np.max([r[1] for r in ranges], axis=0)
 
     def scale_hint(self) -> tf.Tensor:
         """The first member's rescaler scales [D] (members share their data)."""

@@ -14,6 +14,8 @@ atomically through :mod:`tfgalflow.atomic`):
                 (:func:`hdf5_dataset`), never whole. :mod:`.gadget` reads Gadget-style snapshots
                 (``PartType4/Coordinates``, ``PartType4/Velocities``; units from the datasets, the
                 header's ``UnitLength_in_cm`` / ``UnitVelocity_in_cm_per_s``, or the caller).
+``.root``       :mod:`.root` - chosen branches of TTrees (a file or a directory tree) into an
+                :class:`EventTable` of N-D events + labels (optional ``uproot``: tfgalflow[root]).
 
 Example::
 
@@ -29,7 +31,8 @@ from .core import (
 )
 from .gadget import GADGET_GROUP, GADGET_POS, GADGET_VEL
 from .hdf5 import CHUNK_ROWS, HDF5Catalogue, hdf5_dataset, open_hdf5
+from .root import EventTable, read_root
 
 __all__ = ["Catalogue", "HDF5Catalogue", "open_hdf5", "hdf5_dataset", "check_units", "FORMAT",
            "FORMAT_VERSION", "HDF5_SUFFIXES", "NPZ_SUFFIXES", "GADGET_GROUP", "GADGET_POS", "GADGET_VEL",
-           "CHUNK_ROWS", "ERROR_KINDS"]
+           "CHUNK_ROWS", "ERROR_KINDS", "EventTable", "read_root"]

@@ -72,7 +72,17 @@ def _restore(checkpoint: Any, path: str, written: bool = False) -> None:
     """
     import tensorflow as tf
     try:
-        (checkpoint.read(path) if written else checkpoint.restore(path)).assert_consumed()
+        # Checkpoints written before flows recorded their training label range have no
+        # label_min/label_max: everything else must match, and the range becomes unknown (±inf).
+        legacy = not any("label_min" in name for name, _ in tf.train.list_variables(path))
+        status = checkpoint.read(path) if written else checkpoint.restore(path)
+        model = getattr(checkpoint, "model", None)
+        if legacy and model is not None and hasattr(model, "label_min"):
+            status.expect_partial()
+            model.label_min.assign(tf.fill(tf.shape(model.label_min), -float("inf")))
+            model.label_max.assign(tf.fill(tf.shape(model.label_max), float("inf")))
+        else:
+            status.assert_consumed()
     except (tf.errors.OpError, AssertionError, ValueError) as exc:
         raise FileError(f"{path}.index / {path}.data-*: cannot restore checkpoint (missing, "
                         f"corrupt or from another architecture): "
