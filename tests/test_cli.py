@@ -126,3 +126,22 @@ def test_mock_dehnen_refuses_labels_with_a_negative_df(tmp_path, capsys):
     assert main(["mock", "dehnen", "--gamma", "1", "--ra-inverse", "9", "--n", "10", "--out",
                  str(tmp_path / "m.h5")]) == 2
     assert "4.94" in _error(capsys) and not (tmp_path / "m.h5").exists()
+
+
+@pytest.mark.slow          # ~1 min: a training run and a potential fit (make test-slow)
+def test_potential_cli_fits_and_accel_reads_the_potential(tmp_path, capsys):
+    # The potential commands end to end on a tiny run: the field they write is curl-free by
+    # construction, so its check here is the plumbing: columns, support and the one-line error.
+    mock, run, pot, out = (tmp_path / n for n in ("m.npz", "run", "pot", "field.npz"))
+    assert main(["mock", "hernquist", "--n", "3000", "--seed", "1", "--r-max", "50", "--out", str(mock)]) == 0
+    assert main(["train", str(mock), "--out", str(run), "--layers", "2", "--hidden", "8,8", "--epochs", "1",
+                 "--verbose", "0", "--no-jit-compile", "--steps-per-call", "1"]) == 0
+    assert main(["potential", str(run), "--out", str(pot), "--data", str(mock), "--epochs", "1",
+                 "--points", "1000"]) == 0
+    assert main(["accel", str(pot), "--radii", "0.5,1,1000", "--out", str(out)]) == 0
+    field = np.load(out)
+    assert {"acceleration", "potential", "density", "supported"} <= set(field.files)
+    assert field["supported"].tolist() == [True, True, False]      # r = 1000a: no data there
+    capsys.readouterr()
+    assert main(["accel", str(pot), "--radii", "1", "--out", str(tmp_path / "a.xyz")]) == 2
+    assert ".xyz" in _error(capsys)
