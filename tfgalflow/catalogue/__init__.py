@@ -14,6 +14,10 @@ atomically through :mod:`tfgalflow.atomic`):
                 (:func:`hdf5_dataset`), never whole. :mod:`.gadget` reads Gadget-style snapshots
                 (``PartType4/Coordinates``, ``PartType4/Velocities``; units from the datasets, the
                 header's ``UnitLength_in_cm`` / ``UnitVelocity_in_cm_per_s``, or the caller).
+``.parquet``    :mod:`.parquet` - event tables (named event columns + dictionary-encoded label
+                columns, e.g. a population-synthesis grid): :func:`read_parquet`,
+                :func:`write_parquet`, streamed with a cross-label shuffle by
+                :func:`parquet_dataset` (needs the ``parquet`` extra, pyarrow).
 
 Example::
 
@@ -27,7 +31,10 @@ from __future__ import annotations
 from .core import FORMAT, FORMAT_VERSION, HDF5_SUFFIXES, NPZ_SUFFIXES, Catalogue, check_units
 from .gadget import GADGET_GROUP, GADGET_POS, GADGET_VEL
 from .hdf5 import CHUNK_ROWS, HDF5Catalogue, hdf5_dataset, open_hdf5
+from .parquet import (PARQUET_SUFFIXES, EventTable, iter_parquet_batches, parquet_dataset,
+                      read_parquet, write_parquet)
 
 __all__ = ["Catalogue", "HDF5Catalogue", "open_hdf5", "hdf5_dataset", "check_units", "FORMAT",
            "FORMAT_VERSION", "HDF5_SUFFIXES", "NPZ_SUFFIXES", "GADGET_GROUP", "GADGET_POS", "GADGET_VEL",
-           "CHUNK_ROWS"]
+           "CHUNK_ROWS", "EventTable", "PARQUET_SUFFIXES", "read_parquet", "write_parquet",
+           "iter_parquet_batches", "parquet_dataset"]
