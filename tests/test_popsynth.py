@@ -1,4 +1,5 @@
 """The exact population-synthesis stand-in: normalisation, sampler vs exact marginals, support."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,19 +14,19 @@ LABELS = [(1e-4, 0.5), (0.03, 5.0), (popsynth.Z_GRID[6], 3.0), (3e-3, 2.2), (4.4
 
 
 def _triangle_integral(labels, n: int = 400) -> float:
-    """∫_3^60 dm0 ∫_0^m0 dm1' p(m0, m1') by iterated Gauss-Legendre in (m0, m1') (inner interval [0, m0])."""
+    """∫_3^60 dm0 ∫_0^m0 dm1' p(m0, m1') by iterated Gauss-Legendre (inner interval [0, m0])."""
     g, w = np.polynomial.legendre.leggauss(n)
-    m0 = 3.0 + (g + 1) * 28.5                      # [3, 60]
+    m0 = 3.0 + (g + 1) * 28.5  # [3, 60]
     s, ws = (g + 1) / 2, w / 2
     M0, S = np.meshgrid(m0, s, indexing="ij")
-    m1 = M0 * S                                      # inner nodes on [0, m0], weights m0 ws
+    m1 = M0 * S  # inner nodes on [0, m0], weights m0 ws
     lp = popsynth.log_prob(np.stack([M0.ravel(), m1.ravel()], 1), labels).reshape(M0.shape)
     return float(np.sum(w[:, None] * 28.5 * M0 * ws[None, :] * np.exp(lp)))
 
 
 @pytest.mark.parametrize("labels", LABELS)
 def test_exact_density_integrates_to_one(labels):
-    # 400^2 Gauss-Legendre nodes; the least smooth factor (1 - q)^(B-1), B >= 2.5, converges well below
+    # 400^2 Gauss-Legendre nodes; the least smooth factor (1 - q)^(B-1), B >= 2.5, converges below
     # 1e-5, while a missing Jacobian 1/m0 or a wrong truncation constant is off by O(1) or O(1e-3).
     assert _triangle_integral(labels) == pytest.approx(1.0, abs=1e-5)
 
@@ -46,7 +47,7 @@ def test_simulated_events_match_exact_marginals(labels):
         return (special.ndtr((np.log(m) - mu) / sigma) - lo) / (hi - lo)
 
     a, b = popsynth.ratio_parameters([labels])
-    # KS against the exact CDFs: a fixed seed, p > 0.01 (a wrong shape parameter gives p ~ 0 at 8e3)
+    # KS against the exact CDFs: fixed seed, p > 0.01 (a wrong shape parameter gives p ~ 0 at 8e3)
     assert stats.kstest(events[:, 0], mass_cdf).pvalue > 0.01
     assert stats.kstest(events[:, 1] / events[:, 0], stats.beta(a[0], b[0]).cdf).pvalue > 0.01
     # chi^2 of the secondary-mass marginal against bin probabilities from the exact 2-D density:
@@ -79,6 +80,10 @@ def test_grid_layout_and_held_out_nodes():
 def test_physical_support_per_column():
     ok = popsynth.physical_support(np.array([[10.0, 5.0], [2.0, 1.0], [10.0, 11.0], [70.0, -1.0]]))
     assert ok.tolist() == [[True, True], [False, True], [True, False], [False, False]]
+    frac = popsynth.unphysical_fraction(
+        np.array([[10.0, 5.0], [2.0, 1.0], [10.0, 11.0], [70.0, -1.0]])
+    )
+    assert frac == {"m0": 0.5, "m1": 0.5, "any": 0.75}
 
 
 def test_labels_outside_the_hull_are_refused():

@@ -52,7 +52,8 @@ def _add_train(sub) -> None:
     p.add_argument("--event-columns", metavar="A,B,...",
                    help="a .parquet CATALOGUE's event (data) columns, e.g. m0,m1")
     p.add_argument("--label-columns", metavar="A,B,...",
-                   help="a .parquet CATALOGUE's label columns, e.g. Z,alpha (dictionary-encoded or plain)")
+                   help="a .parquet CATALOGUE's label columns, e.g. Z,alpha (dictionary-encoded "
+                        "or plain)")
     defaults = TrainConfig()
     group = p.add_argument_group("training configuration (one flag per TrainConfig field)")
     for name, (kind, text) in TrainConfig.field_help().items():
@@ -104,7 +105,8 @@ def _parquet_training_data(args) -> tuple:
             raise InputError("--event-columns/--label-columns apply to .parquet catalogues only")
         return args.catalogue, None, None
     if not args.event_columns:
-        raise InputError(f"{args.catalogue}: a Parquet catalogue needs --event-columns, e.g. m0,m1")
+        raise InputError(f"{args.catalogue}: a Parquet catalogue needs --event-columns, "
+                         f"e.g. m0,m1")
     table = read_parquet(args.catalogue, args.event_columns, args.label_columns or ())
     return table.events, table.labels, table.label_names or None
 
@@ -665,23 +667,31 @@ _SUBCOMMANDS.append(_add_demo)
 
 def _add_infer_labels(sub) -> None:
     p = sub.add_parser(
-        "infer-labels", help="infer a conditional model's labels (hyperparameters) from observed events",
-        description="log L(c) = sum_i log p(x_i | c) of the labels c given events x_i: a likelihood map, "
-                    "the maximum (scipy), and emcee posterior samples under a box prior (uniform, or "
-                    "log-uniform with :log). Writes DIR/inference.json, likelihood_map.png, corner.png, "
+        "infer-labels",
+        help="infer a conditional model's labels (hyperparameters) from observed events",
+        description="log L(c) = sum_i log p(x_i | c) of the labels c given events x_i: a likelihood "
+                    "map, the maximum (scipy), and emcee posterior samples under a box prior "
+                    "(uniform, or log-uniform with :log). Writes DIR/inference.json, "
+                    "likelihood_map.png, corner.png, "
                     "posterior_samples.npy.")
-    p.add_argument("run", metavar="MODEL", help="run directory (tfgalflow train) or SavedModel directory")
-    p.add_argument("events", metavar="EVENTS", help="events: .parquet (with --event-columns) or .npy [N, D]")
-    p.add_argument("--event-columns", metavar="A,B,...", help="a .parquet file's event columns, e.g. m0,m1")
+    p.add_argument("run", metavar="MODEL",
+                   help="run directory (tfgalflow train) or SavedModel directory")
+    p.add_argument("events", metavar="EVENTS",
+                   help="events: .parquet (with --event-columns) or .npy [N, D]")
+    p.add_argument("--event-columns", metavar="A,B,...",
+                   help="a .parquet file's event columns, e.g. m0,m1")
     p.add_argument("--prior", required=True, metavar="NAME=LOW:HIGH[:log],...",
                    help="one box per label of the model, e.g. Z=1e-4:0.03:log,alpha=0.5:5")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--grid", type=int, default=40, help="likelihood-map points per label (default 40)")
+    p.add_argument("--grid", type=int, default=40, 
+                   help="likelihood-map points per label (default 40)")
     p.add_argument("--walkers", type=int, default=16, help="emcee walkers (default 16)")
     p.add_argument("--steps", type=int, default=400, help="emcee steps per walker (default 400)")
-    p.add_argument("--burn", type=int, default=150, help="steps discarded as burn-in (default 150)")
+    p.add_argument("--burn", type=int, default=150, 
+                   help="steps discarded as burn-in (default 150)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--truth", metavar="V1,V2,...", help="true labels, if known (coverage + figures)")
+    p.add_argument("--truth", metavar="V1,V2,...", 
+                   help="true labels, if known (coverage + figures)")
     p.set_defaults(func=_run_infer_labels)
 
 
@@ -693,7 +703,8 @@ def _run_infer_labels(args) -> int:
     prior = Prior.parse(args.prior).ordered(names)
     truth = None if not args.truth else [float(v) for v in args.truth.split(",")]
     result = infer_labels(model, read_events(args.events, args.event_columns), prior, args.out,
-                          truth=truth, grid_points=args.grid, walkers=args.walkers, steps=args.steps,
+                          truth=truth, grid_points=args.grid, walkers=args.walkers,
+                          steps=args.steps,
                           burn=args.burn, seed=args.seed)
     for name, (lo, mid, hi) in result["posterior"]["intervals_68"].items():
         print(f"{name}: {mid:.4g} (68 %: {lo:.4g} .. {hi:.4g})")

@@ -70,8 +70,8 @@ class FlowConfig:
         kind: "affine" (MAF) or "spline" (rational-quadratic spline MAF).
         bins: number of spline bins K (>= 2; only used for kind="spline"; 3K-1 parameters per dim).
         log_columns: data columns that are strictly positive and modelled as log(x) (0-based, < dim).
-        label_log_columns: label columns that are strictly positive and enter the networks as log(c)
-            before standardisation (0-based, < label_dim), e.g. a metallicity Z spanning decades.
+        label_log_columns: label columns that are strictly positive and enter the networks as
+            log(c) before standardisation (0-based, < label_dim), e.g. a metallicity Z spanning decades.
         seed: seed of the weight initialisation and of random permutations (>= 0).
         permutation: "reverse" or "random" (seeded) permutation between layers.
         spline_range: half-width B of the spline interval [-B, B] in rescaled units (identity outside).

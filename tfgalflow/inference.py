@@ -1,4 +1,4 @@
-"""Label (hyperparameter) inference: the likelihood of continuous labels c given an observed event set.
+"""Label (hyperparameter) inference: the likelihood of continuous labels c given observed events.
 
 For events x_1..x_N drawn independently from p(x | c) (an emulator, e.g. a conditional flow trained
 on a population-synthesis grid, or an exact density), the log-likelihood of the labels is
@@ -28,6 +28,7 @@ Example::
     >>> post = sample_posterior(flow, events, prior, seed=0)     # events [1000, 2]
     >>> post.intervals()["Z"]                                      # (16 %, 50 %, 84 %) quantiles
 """
+
 from __future__ import annotations
 
 import math
@@ -47,11 +48,13 @@ CHUNK_ROWS = 1 << 18
 
 
 def _log_prob_function(model: Any) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """log p(x [M, D], c [M, C]) -> [M] float64 of a Density, a module/object with log_prob, or a callable."""
+    """log p(x [M, D], c [M, C]) -> [M] float64 of a Density, object with log_prob, or callable."""
     fn = getattr(model, "log_prob", model)
     if not callable(fn):
-        raise InputError(f"model of type {type(model).__name__}: expected a density with "
-                         f"log_prob(x, labels) or a callable")
+        raise InputError(
+            f"model of type {type(model).__name__}: expected a density with "
+            f"log_prob(x, labels) or a callable"
+        )
     dtype = np.float32 if hasattr(model, "log_prob_tensor") else np.float64
 
     def log_prob(x: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -61,11 +64,14 @@ def _log_prob_function(model: Any) -> Callable[[np.ndarray, np.ndarray], np.ndar
     return log_prob
 
 
-def log_likelihood(model: Any, events: Any, labels: Any, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
+def log_likelihood(
+    model: Any, events: Any, labels: Any, chunk_rows: int = CHUNK_ROWS
+) -> np.ndarray:
     """log L(c_l) = Σ_i log p(x_i | c_l) for every label point: [L] float64.
 
     Args:
-        model: a conditional density (Flow, Ensemble, ExportedModel, ...) or any object/callable with
+        model: a conditional density (Flow, Ensemble, ExportedModel, ...) or any object/callable
+            with
             ``log_prob(x [M, D], labels [M, C]) -> [M]`` (e.g. :mod:`tfgalflow.popsynth`).
         events: the observed events x [N, D] in the model's units.
         labels: label points c [L, C] (or one [C]).
@@ -83,19 +89,20 @@ def log_likelihood(model: Any, events: Any, labels: Any, chunk_rows: int = CHUNK
     label_step = max(1, rows // event_step)
     total = np.zeros(c.shape[0])
     for e0 in range(0, n, event_step):
-        xe = x[e0:e0 + event_step]
+        xe = x[e0 : e0 + event_step]
         for l0 in range(0, c.shape[0], label_step):
-            cl = c[l0:l0 + label_step]
+            cl = c[l0 : l0 + label_step]
             lp = log_prob(np.tile(xe, (cl.shape[0], 1)), np.repeat(cl, xe.shape[0], axis=0))
-            total[l0:l0 + cl.shape[0]] += lp.reshape(cl.shape[0], xe.shape[0]).sum(axis=1)
+            total[l0 : l0 + cl.shape[0]] += lp.reshape(cl.shape[0], xe.shape[0]).sum(axis=1)
     return np.where(np.isnan(total), -np.inf, total)
 
 
-# ---- prior ----------------------------------------------------------------------------------------
+# ---- prior --------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Prior:
-    """Independent box prior per label: uniform on [low, high], or log-uniform (uniform in log10 c).
+    """Independent box prior per label: uniform on [low, high], or log-uniform (flat in log10 c).
 
     Sampling and maximisation run in u = log10 c for log labels (u = c otherwise), where the prior
     is flat. ``Prior.parse("Z=1e-4:0.03:log,alpha=0.5:5")`` reads the command-line form.
@@ -112,8 +119,10 @@ class Prior:
             raise InputError(f"Prior: names, low, high, log need one entry per label, got {self}")
         for name, lo, hi, lg in zip(self.names, self.low, self.high, self.log):
             if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi) or (lg and lo <= 0):
-                raise InputError(f"prior on {name}: expected finite low < high{' and low > 0 (log)' * lg}, "
-                                 f"got [{lo}, {hi}]")
+                raise InputError(
+                    f"prior on {name}: expected finite low < high{' and low > 0 (log)' * lg}, "
+                    f"got [{lo}, {hi}]"
+                )
 
     @classmethod
     def parse(cls, text: str) -> "Prior":
@@ -127,22 +136,35 @@ class Prior:
                     raise ValueError
                 lo, hi = float(parts[0]), float(parts[1])
             except ValueError:
-                raise InputError(f"prior entry {entry!r}: expected NAME=LOW:HIGH or NAME=LOW:HIGH:log, "
-                                 f"e.g. Z=1e-4:0.03:log") from None
-            names.append(name.strip()), low.append(lo), high.append(hi), log.append(len(parts) == 3)
+                raise InputError(
+                    f"prior entry {entry!r}: expected NAME=LOW:HIGH or NAME=LOW:HIGH:log, "
+                    f"e.g. Z=1e-4:0.03:log"
+                ) from None
+            (
+                names.append(name.strip()),
+                low.append(lo),
+                high.append(hi),
+                log.append(len(parts) == 3),
+            )
         if len(set(names)) != len(names):
             raise InputError(f"prior {text!r}: each label once, got {names}")
         return cls(tuple(names), tuple(low), tuple(high), tuple(log))
 
     def ordered(self, label_names: Sequence[str]) -> "Prior":
-        """The prior with its entries in the model's label order; InputError if the names differ."""
+        """The prior in the model's label order; InputError if the names differ."""
         label_names = [str(n) for n in label_names]
         if sorted(label_names) != sorted(self.names):
-            raise InputError(f"prior names {list(self.names)} do not match the model's labels "
-                             f"{label_names}; give one NAME=LOW:HIGH[:log] per label")
+            raise InputError(
+                f"prior names {list(self.names)} do not match the model's labels "
+                f"{label_names}; give one NAME=LOW:HIGH[:log] per label"
+            )
         idx = [self.names.index(n) for n in label_names]
-        return Prior(tuple(label_names), tuple(self.low[i] for i in idx),
-                     tuple(self.high[i] for i in idx), tuple(self.log[i] for i in idx))
+        return Prior(
+            tuple(label_names),
+            tuple(self.low[i] for i in idx),
+            tuple(self.high[i] for i in idx),
+            tuple(self.log[i] for i in idx),
+        )
 
     @property
     def dim(self) -> int:
@@ -174,11 +196,14 @@ class Prior:
         return np.all((u >= b[:, 0]) & (u <= b[:, 1]), axis=-1)
 
     def to_dict(self) -> dict:
-        return {n: {"low": lo, "high": hi, "log": lg}
-                for n, lo, hi, lg in zip(self.names, self.low, self.high, self.log)}
+        return {
+            n: {"low": lo, "high": hi, "log": lg}
+            for n, lo, hi, lg in zip(self.names, self.low, self.high, self.log)
+        }
 
 
-# ---- grid, maximum, posterior ------------------------------------------------------------------------
+# ---- grid, maximum, posterior --------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class LikelihoodMap:
@@ -194,23 +219,37 @@ class LikelihoodMap:
         return np.array([ax[i] for ax, i in zip(self.axes, idx)])
 
 
-def likelihood_map(model: Any, events: Any, prior: Prior, points: int | Sequence[int] = 40,
-                   chunk_rows: int = CHUNK_ROWS) -> LikelihoodMap:
+def likelihood_map(
+    model: Any,
+    events: Any,
+    prior: Prior,
+    points: int | Sequence[int] = 40,
+    chunk_rows: int = CHUNK_ROWS,
+) -> LikelihoodMap:
     """log L on a grid spanning the prior box, evenly spaced in u (log-spaced for log labels)."""
     counts = [points] * prior.dim if isinstance(points, (int, np.integer)) else list(points)
-    axes_u = [np.linspace(lo, hi, validation.integer(n, "points", low=2))
-              for (lo, hi), n in zip(prior.u_bounds, counts)]
+    axes_u = [
+        np.linspace(lo, hi, validation.integer(n, "points", low=2))
+        for (lo, hi), n in zip(prior.u_bounds, counts)
+    ]
     mesh = np.stack([m.ravel() for m in np.meshgrid(*axes_u, indexing="ij")], axis=1)
     log_l = log_likelihood(model, events, prior.from_u(mesh), chunk_rows)
     axes = tuple(prior.from_u(np.stack([a] * prior.dim, 1))[:, k] for k, a in enumerate(axes_u))
     return LikelihoodMap(prior.names, axes, log_l.reshape([len(a) for a in axes_u]))
 
 
-def maximise(model: Any, events: Any, prior: Prior, start: Any = None, grid_points: int = 12,
-             chunk_rows: int = CHUNK_ROWS) -> dict:
+def maximise(
+    model: Any,
+    events: Any,
+    prior: Prior,
+    start: Any = None,
+    grid_points: int = 12,
+    chunk_rows: int = CHUNK_ROWS,
+) -> dict:
     """Maximum-likelihood labels inside the prior box: {"labels" [C], "log_l", "success", "start"}.
 
-    L-BFGS-B (central-difference gradients) on -log L in u coordinates, bounded by the prior box, started
+    L-BFGS-B (central-difference gradients) on -log L in u coordinates, bounded by the prior box,
+    started
     from ``start`` (labels [C]) or the best point of a ``grid_points``-per-axis likelihood map.
     """
     from scipy import optimize
@@ -231,13 +270,18 @@ def maximise(model: Any, events: Any, prior: Prior, start: Any = None, grid_poin
         ll = log_likelihood(model, x, prior.from_u(pts), chunk_rows)
         if not np.all(np.isfinite(ll)):
             return 1e300, np.zeros_like(u)
-        step = pts[1:1 + len(u)].diagonal() - pts[1 + len(u):].diagonal()
-        return -float(ll[0]), -(ll[1:1 + len(u)] - ll[1 + len(u):]) / step
+        step = pts[1 : 1 + len(u)].diagonal() - pts[1 + len(u) :].diagonal()
+        return -float(ll[0]), -(ll[1 : 1 + len(u)] - ll[1 + len(u) :]) / step
 
-    res = optimize.minimize(objective, u0, jac=True, method="L-BFGS-B", bounds=prior.u_bounds,
-                            options={"maxiter": 200})
-    return {"labels": prior.from_u(res.x).tolist(), "log_l": -float(res.fun),
-            "success": bool(res.success), "start": np.asarray(start, float).tolist()}
+    res = optimize.minimize(
+        objective, u0, jac=True, method="L-BFGS-B", bounds=prior.u_bounds, options={"maxiter": 200}
+    )
+    return {
+        "labels": prior.from_u(res.x).tolist(),
+        "log_l": -float(res.fun),
+        "success": bool(res.success),
+        "start": np.asarray(start, float).tolist(),
+    }
 
 
 @dataclass(frozen=True)
@@ -252,8 +296,10 @@ class Posterior:
     def intervals(self, level: float = 0.68) -> dict[str, tuple[float, float, float]]:
         """{name: (low, median, high)}: the central ``level`` interval of each marginal."""
         q = 50 * (1 - level)
-        return {n: tuple(float(v) for v in np.percentile(self.samples[:, k], [q, 50, 100 - q]))
-                for k, n in enumerate(self.names)}
+        return {
+            n: tuple(float(v) for v in np.percentile(self.samples[:, k], [q, 50, 100 - q]))
+            for k, n in enumerate(self.names)
+        }
 
     def covers(self, truth: Sequence[float], level: float = 0.68) -> dict[str, bool]:
         """Whether each marginal central interval contains the true label value."""
@@ -261,14 +307,27 @@ class Posterior:
         return {n: bool(iv[n][0] <= t <= iv[n][2]) for n, t in zip(self.names, truth)}
 
     def to_dict(self) -> dict:
-        return {"names": list(self.names), "intervals_68": self.intervals(0.68),
-                "intervals_95": self.intervals(0.95), "n_samples": int(self.samples.shape[0]),
-                "acceptance": self.acceptance, "prior": self.prior.to_dict()}
+        return {
+            "names": list(self.names),
+            "intervals_68": self.intervals(0.68),
+            "intervals_95": self.intervals(0.95),
+            "n_samples": int(self.samples.shape[0]),
+            "acceptance": self.acceptance,
+            "prior": self.prior.to_dict(),
+        }
 
 
-def sample_posterior(model: Any, events: Any, prior: Prior, walkers: int = 16, steps: int = 400,
-                     burn: int = 150, seed: int = 0, start: Any = None,
-                     chunk_rows: int = CHUNK_ROWS) -> Posterior:
+def sample_posterior(
+    model: Any,
+    events: Any,
+    prior: Prior,
+    walkers: int = 16,
+    steps: int = 400,
+    burn: int = 150,
+    seed: int = 0,
+    start: Any = None,
+    chunk_rows: int = CHUNK_ROWS,
+) -> Posterior:
     """emcee samples of p(c | x) ∝ L(c) π(c) under the box prior (flat in u): a :class:`Posterior`.
 
     Walkers start in a small ball (1 % of the box) around ``start`` (default: the best point of a
@@ -287,7 +346,9 @@ def sample_posterior(model: Any, events: Any, prior: Prior, walkers: int = 16, s
         start = likelihood_map(model, x, prior, 12, chunk_rows).best()
     bounds = np.array(prior.u_bounds)
     width = bounds[:, 1] - bounds[:, 0]
-    u0 = prior.to_u(np.asarray(start, float)) + 0.01 * width * rng.normal(size=(walkers, prior.dim))
+    u0 = prior.to_u(np.asarray(start, float)) + 0.01 * width * rng.normal(
+        size=(walkers, prior.dim)
+    )
     u0 = np.clip(u0, bounds[:, 0] + 1e-9 * width, bounds[:, 1] - 1e-9 * width)
 
     def log_post(u: np.ndarray) -> np.ndarray:
@@ -301,11 +362,14 @@ def sample_posterior(model: Any, events: Any, prior: Prior, walkers: int = 16, s
     sampler.random_state = np.random.RandomState(int(rng.integers(2**31))).get_state()
     sampler.run_mcmc(u0, steps, progress=False)
     chain = sampler.get_chain(discard=burn, flat=True)
-    return Posterior(prior.names, prior.from_u(chain), prior, float(np.mean(sampler.acceptance_fraction)))
+    return Posterior(
+        prior.names, prior.from_u(chain), prior, float(np.mean(sampler.acceptance_fraction))
+    )
 
 
-def member_spread(ensemble: Any, events: Any, prior: Prior, grid_points: int = 12,
-                  chunk_rows: int = CHUNK_ROWS) -> dict:
+def member_spread(
+    ensemble: Any, events: Any, prior: Prior, grid_points: int = 12, chunk_rows: int = CHUNK_ROWS
+) -> dict:
     """Per-member maximum-likelihood labels of an Ensemble and their spread.
 
     Returns {"member_maps": [K, C], "std": {name: σ across members}, "log_l_spread": the standard
@@ -317,23 +381,36 @@ def member_spread(ensemble: Any, events: Any, prior: Prior, grid_points: int = 1
         raise InputError("member_spread: expected an Ensemble (a model with .members)")
     x = validation.finite_matrix(events, "events")
     best = maximise(ensemble, x, prior, grid_points=grid_points, chunk_rows=chunk_rows)
-    maps = np.array([maximise(m, x, prior, start=best["labels"], chunk_rows=chunk_rows)["labels"]
-                     for m in members])
-    at_best = np.array([log_likelihood(m, x, np.array(best["labels"]), chunk_rows)[0]
-                        for m in members])
+    maps = np.array(
+        [
+            maximise(m, x, prior, start=best["labels"], chunk_rows=chunk_rows)["labels"]
+            for m in members
+        ]
+    )
+    at_best = np.array(
+        [log_likelihood(m, x, np.array(best["labels"]), chunk_rows)[0] for m in members]
+    )
     std_u = prior.to_u(maps).std(axis=0)
-    return {"member_maps": maps.tolist(),
-            "std": {n + (" (log10)" if lg else ""): float(s)
-                    for n, lg, s in zip(prior.names, prior.log, std_u)},
-            "log_l_at_mixture_map": at_best.tolist(), "log_l_spread": float(at_best.std())}
+    return {
+        "member_maps": maps.tolist(),
+        "std": {
+            n + (" (log10)" if lg else ""): float(s)
+            for n, lg, s in zip(prior.names, prior.log, std_u)
+        },
+        "log_l_at_mixture_map": at_best.tolist(),
+        "log_l_spread": float(at_best.std()),
+    }
 
 
-# ---- figures --------------------------------------------------------------------------------------
+# ---- figures ------------------------------------------------------------------------------
 
-def plot_likelihood_map(lmap: LikelihoodMap, path: str | os.PathLike, truth: Any = None,
-                        prior: Prior | None = None) -> Path:
+
+def plot_likelihood_map(
+    lmap: LikelihoodMap, path: str | os.PathLike, truth: Any = None, prior: Prior | None = None
+) -> Path:
     """Δ log L = log L - max on the first two label axes (a 1-D curve for one label); PNG/PDF."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -364,6 +441,7 @@ def plot_likelihood_map(lmap: LikelihoodMap, path: str | os.PathLike, truth: Any
 def plot_corner(post: Posterior, path: str | os.PathLike, truth: Any = None) -> Path:
     """Corner-style figure of the posterior samples (log axes for log-uniform labels); PNG/PDF."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -410,7 +488,7 @@ def _save(fig: Any, path: str | os.PathLike) -> Path:
 
 
 def read_events(path: str | os.PathLike, event_columns: Any = None) -> np.ndarray:
-    """Observed events [N, D] float64 from a .parquet file (its ``event_columns``) or a .npy array."""
+    """Observed events [N, D] float64 from a .parquet file (``event_columns``) or a .npy array."""
     from .catalogue import PARQUET_SUFFIXES, read_parquet
     from .errors import FileError
 
@@ -426,11 +504,22 @@ def read_events(path: str | os.PathLike, event_columns: Any = None) -> np.ndarra
     raise InputError(f"{path}: expected events as .parquet or .npy [N, D]")
 
 
-# ---- everything, to a directory ---------------------------------------------------------------------
+# ---- everything, to a directory ------------------------------------------------------------
 
-def infer_labels(model: Any, events: Any, prior: Prior, out_dir: str | os.PathLike, *,
-                 truth: Any = None, grid_points: int = 40, walkers: int = 16, steps: int = 400,
-                 burn: int = 150, seed: int = 0) -> dict:
+
+def infer_labels(
+    model: Any,
+    events: Any,
+    prior: Prior,
+    out_dir: str | os.PathLike,
+    *,
+    truth: Any = None,
+    grid_points: int = 40,
+    walkers: int = 16,
+    steps: int = 400,
+    burn: int = 150,
+    seed: int = 0,
+) -> dict:
     """Likelihood map, maximum, emcee posterior (+ ensemble spread) of the labels; JSON + figures.
 
     Writes ``out_dir/inference.json`` (prior, maximum, intervals, acceptance, member spread for an
@@ -443,8 +532,12 @@ def infer_labels(model: Any, events: Any, prior: Prior, out_dir: str | os.PathLi
     lmap = likelihood_map(model, x, prior, grid_points)
     best = maximise(model, x, prior, start=lmap.best())
     post = sample_posterior(model, x, prior, walkers, steps, burn, seed, start=best["labels"])
-    result = {"n_events": int(x.shape[0]), "prior": prior.to_dict(), "maximum": best,
-              "posterior": post.to_dict()}
+    result = {
+        "n_events": int(x.shape[0]),
+        "prior": prior.to_dict(),
+        "maximum": best,
+        "posterior": post.to_dict(),
+    }
     if getattr(model, "members", None):
         result["ensemble"] = member_spread(model, x, prior)
     if truth is not None:
@@ -458,6 +551,18 @@ def infer_labels(model: Any, events: Any, prior: Prior, out_dir: str | os.PathLi
     return result
 
 
-__all__ = ["CHUNK_ROWS", "Prior", "LikelihoodMap", "Posterior", "log_likelihood", "likelihood_map",
-           "maximise", "sample_posterior", "member_spread", "plot_likelihood_map", "plot_corner",
-           "infer_labels", "read_events"]
+__all__ = [
+    "CHUNK_ROWS",
+    "Prior",
+    "LikelihoodMap",
+    "Posterior",
+    "log_likelihood",
+    "likelihood_map",
+    "maximise",
+    "sample_posterior",
+    "member_spread",
+    "plot_likelihood_map",
+    "plot_corner",
+    "infer_labels",
+    "read_events",
+]

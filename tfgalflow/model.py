@@ -4,7 +4,7 @@ For data x in physical units (e.g. kpc, km/s) and optional labels c, a :class:`F
 
     u_j = log x_j  (j in log_columns),   u_j = x_j  (otherwise)
     y   = (u - μ) / σ                                   (rescaler, fitted by ``adapt``)
-    z   = T^{-1}(y; c̃),    c̃ = (v - μ_c) / σ_c          (MAF chain, :func:`tfgalflow.flows.build_bijector`)
+    z   = T^{-1}(y; c̃),    c̃ = (v - μ_c) / σ_c   (MAF chain, :func:`tfgalflow.flows.build_bijector`)
     v_k = log c_k  (k in label_log_columns),   v_k = c_k  (otherwise)
 
     log p_x(x | c) = log N(z; 0, I) + log|det ∂z/∂y| - Σ_j log σ_j - Σ_{j in log_columns} log x_j,
@@ -88,8 +88,8 @@ class Flow(Density, keras.Model):
         self._layer_names = layer_names(config)
         dim, label_dim = config.dim, config.label_dim
         self._log_mask = tf.constant([j in config.log_columns for j in range(dim)], tf.bool)
-        self._label_log_mask = tf.constant([k in config.label_log_columns for k in range(label_dim)],
-                                           tf.bool)
+        self._label_log_mask = tf.constant(
+            [k in config.label_log_columns for k in range(label_dim)], tf.bool)
         self.x_shift = self.add_weight(name="x_shift", shape=[dim], initializer="zeros", trainable=False)
         self.x_scale = self.add_weight(name="x_scale", shape=[dim], initializer="ones", trainable=False)
         self.label_shift = self.add_weight(name="label_shift", shape=[label_dim], initializer="zeros",
@@ -146,9 +146,10 @@ class Flow(Density, keras.Model):
             x: [N, D] array/tensor, or a ``tf.data.Dataset`` yielding x [B, D] or (x [B, D], labels [B, C])
                (streamed; moments accumulated in float64).
             labels: [N, C] for conditional flows (not with a Dataset). Label columns are standardised the
-               same way, after log c_k in ``label_log_columns`` (a constant label column gets σ_c = 1).
-        Raises InputError for bad shapes, NaN/inf, x_j <= 0 in a log column or c_k <= 0 in a label log
-        column (the message names the column), or a constant data column.
+               same way, after log c_k in ``label_log_columns`` (a constant label column gets
+               σ_c = 1).
+        Raises InputError for bad shapes, NaN/inf, x_j <= 0 in a log column or c_k <= 0 in a label
+        log column (the message names the column), or a constant data column.
         """
         data_moments = _Moments(self.dim)
         label_moments = _Moments(self.label_dim)
@@ -190,7 +191,7 @@ class Flow(Density, keras.Model):
             label_moments.update(self._label_logs(c.numpy().astype(np.float64), "adapt"))
 
     def _label_logs(self, c: np.ndarray, where: str) -> np.ndarray:
-        """c [N, C] with log c_k in the label log columns; InputError naming a column with c_k <= 0."""
+        """c [N, C] with log c_k in the label log columns; InputError naming a column with c <= 0."""
         if not self.config.label_log_columns:
             return c
         c = np.array(c, dtype=np.float64)
@@ -198,7 +199,8 @@ class Flow(Density, keras.Model):
             bad = ~(c[:, k] > 0)
             if bad.any():
                 raise InputError(f"{where}: label column {k} is a label log column but has "
-                                 f"{int(bad.sum())} value(s) <= 0 (first at row {int(np.argmax(bad))}); "
+                                 f"{int(bad.sum())} value(s) <= 0 (first at row "
+                                 f"{int(np.argmax(bad))}); "
                                  f"label log columns must be > 0")
             c[:, k] = np.log(c[:, k])
         return c

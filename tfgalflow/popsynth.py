@@ -32,6 +32,7 @@ Example::
     >>> popsynth.log_prob(events[:5], labels[:5])                              # [5], ln(1/M☉²)
     >>> popsynth.log_prob(events[:5], [0.003, 2.0])                            # one off-grid label
 """
+
 from __future__ import annotations
 
 import math
@@ -53,7 +54,10 @@ M_MIN, M_MAX = 3.0, 60.0
 EVENT_NAMES = ("m0", "m1")
 LABEL_NAMES = ("Z", "alpha")
 #: The hull of the grid, per label column: (low, high).
-LABEL_BOUNDS = ((float(Z_GRID[0]), float(Z_GRID[-1])), (float(ALPHA_GRID[0]), float(ALPHA_GRID[-1])))
+LABEL_BOUNDS = (
+    (float(Z_GRID[0]), float(Z_GRID[-1])),
+    (float(ALPHA_GRID[0]), float(ALPHA_GRID[-1])),
+)
 #: The two whole nodes held out of training, as (Z index, α index) into the grids: interior nodes,
 #: so that the emulator interpolates (never extrapolates) to them.
 HELD_OUT_NODES = ((4, 1), (10, 2))
@@ -62,7 +66,7 @@ _LOG10_Z_SPAN = math.log10(Z_GRID[-1]) - math.log10(Z_GRID[0])
 
 
 def grid_labels() -> np.ndarray:
-    """The 60 grid nodes (Z, α): [60, 2], Z-major (node k = (Z_GRID[k // 4], ALPHA_GRID[k % 4]))."""
+    """Grid nodes (Z, α): [60, 2], Z-major (node k = (Z_GRID[k // 4], ALPHA_GRID[k % 4]))."""
     z, a = np.meshgrid(Z_GRID, ALPHA_GRID, indexing="ij")
     return np.stack([z.ravel(), a.ravel()], axis=1)
 
@@ -85,7 +89,7 @@ def training_labels() -> np.ndarray:
 
 
 def check_labels(labels: Any, n: int | None = None, name: str = "labels") -> np.ndarray:
-    """Labels (Z, α) as float64 [N, 2] (a single [2] is broadcast to n rows) inside the grid's hull.
+    """Labels (Z, α) as float64 [N, 2] (one [2] is broadcast to n rows) inside the grid's hull.
 
     Raises InputError naming the first label outside [1e-4, 0.03] x [0.5, 5].
     """
@@ -94,14 +98,18 @@ def check_labels(labels: Any, n: int | None = None, name: str = "labels") -> np.
         arr = np.tile(arr, (1 if n is None else n, 1))
     arr = finite_matrix(arr, name, width=2, expected="[N, 2] (Z, alpha)")
     if n is not None and arr.shape[0] != n:
-        raise InputError(f"{name} have {arr.shape[0]} rows; expected [{n}, 2] (Z, alpha) or one [2]")
+        raise InputError(
+            f"{name} have {arr.shape[0]} rows; expected [{n}, 2] (Z, alpha) or one [2]"
+        )
     for k, (low, high) in enumerate(LABEL_BOUNDS):
         # a relative tolerance for grid values that went through float32 or text
         bad = (arr[:, k] < low * (1 - 1e-6)) | (arr[:, k] > high * (1 + 1e-6))
         if bad.any():
             i = int(np.argmax(bad))
-            raise InputError(f"{name}[{i}] = {arr[i].tolist()}: {LABEL_NAMES[k]} must lie in the grid's "
-                             f"hull [{low:g}, {high:g}]")
+            raise InputError(
+                f"{name}[{i}] = {arr[i].tolist()}: {LABEL_NAMES[k]} must lie in the grid's "
+                f"hull [{low:g}, {high:g}]"
+            )
     arr[:, 0] = np.clip(arr[:, 0], *LABEL_BOUNDS[0])
     arr[:, 1] = np.clip(arr[:, 1], *LABEL_BOUNDS[1])
     return arr
@@ -114,7 +122,10 @@ def _coordinates(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def mass_parameters(labels: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(μ, σ) of ln m before truncation, each [N]: μ = ln 22 - 0.8 t - 0.08 ln α, σ = 0.25 + 0.1 t + 0.02 ln α."""
+    """(μ, σ) of ln m before truncation, each [N].
+
+    μ = ln 22 - 0.8 t - 0.08 ln α,   σ = 0.25 + 0.1 t + 0.02 ln α.
+    """
     t, a = _coordinates(check_labels(labels))
     return math.log(22.0) - 0.8 * t - 0.08 * a, 0.25 + 0.1 * t + 0.02 * a
 
@@ -127,11 +138,15 @@ def ratio_parameters(labels: Any) -> tuple[np.ndarray, np.ndarray]:
 
 def _truncation(mu: np.ndarray, sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(Φ(lower), Φ(upper)) of the standardised truncation points ln 3, ln 60."""
-    return (special.ndtr((math.log(M_MIN) - mu) / sigma), special.ndtr((math.log(M_MAX) - mu) / sigma))
+    return (
+        special.ndtr((math.log(M_MIN) - mu) / sigma),
+        special.ndtr((math.log(M_MAX) - mu) / sigma),
+    )
 
 
 def log_prob_mass(m: Any, labels: Any) -> np.ndarray:
-    """ln p_m(m | Z, α) [N] of the truncated log-normal primary mass (ln(1/M☉)); -inf outside [3, 60]."""
+    """ln p_m(m | Z, α) [N] of the truncated log-normal primary mass (ln 1/M☉); -inf off [3, 60]
+    """
     m = np.asarray(m, dtype=np.float64).ravel()
     mu, sigma = mass_parameters(check_labels(labels, m.size))
     lo, hi = _truncation(mu, sigma)
@@ -169,16 +184,19 @@ def log_prob(events: Any, labels: Any) -> np.ndarray:
     return np.where(np.isfinite(lp), lp, -np.inf)
 
 
-def simulate(labels: Any = "grid", n_per_node: int = 2000, seed: int = 0
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact draws: n_per_node events at each label row, sorted by label row (as the grid's files are).
+def simulate(
+    labels: Any = "grid", n_per_node: int = 2000, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact draws: n_per_node events per label row, sorted by label row (as the grid's files are).
 
     Args:
-        labels: "grid" (the 60 nodes of :func:`grid_labels`), or nodes [K, 2] / [2] (Z, α) in the hull.
+        labels: "grid" (the 60 nodes of :func:`grid_labels`), or nodes [K, 2] / [2] (Z, α) in the
+            hull.
         n_per_node: events per label row (>= 1).
         seed: NumPy seed (>= 0); the same seed gives the same events.
     Returns:
-        (events [K n, 2] (m0, m1') in M☉, labels [K n, 2] (Z, α)); rows k n ... (k+1) n - 1 belong to node k.
+        (events [K n, 2] (m0, m1') in M☉, labels [K n, 2] (Z, α)); rows k n ... (k+1) n - 1
+        belong to node k.
 
     m by inverse-CDF sampling of the truncated normal in ln m; q by NumPy's Beta sampler.
     """
@@ -205,7 +223,37 @@ def physical_support(events: Any) -> np.ndarray:
         return np.stack([(m0 >= M_MIN) & (m0 <= M_MAX), (m1 > 0) & (m1 <= m0)], axis=1)
 
 
-__all__ = ["Z_GRID", "ALPHA_GRID", "M_MIN", "M_MAX", "EVENT_NAMES", "LABEL_NAMES", "LABEL_BOUNDS",
-           "HELD_OUT_NODES", "grid_labels", "node_index", "held_out_labels", "training_labels",
-           "check_labels", "mass_parameters", "ratio_parameters", "log_prob_mass", "log_prob_ratio",
-           "log_prob", "simulate", "physical_support"]
+def unphysical_fraction(events: Any) -> dict[str, float]:
+    """Fraction of events outside the physical support, per column and in any column.
+
+    Returns {"m0": P(m0 outside [3, 60]), "m1": P(m1' outside (0, m0]), "any": P(either)}, e.g. for
+    emulator samples ``unphysical_fraction(flow.sample(n, labels))``.
+    """
+    ok = physical_support(events)
+    frac = 1.0 - ok.mean(axis=0)
+    return {"m0": float(frac[0]), "m1": float(frac[1]), "any": float(1.0 - ok.all(axis=1).mean())}
+
+
+__all__ = [
+    "Z_GRID",
+    "ALPHA_GRID",
+    "M_MIN",
+    "M_MAX",
+    "EVENT_NAMES",
+    "LABEL_NAMES",
+    "LABEL_BOUNDS",
+    "HELD_OUT_NODES",
+    "grid_labels",
+    "node_index",
+    "held_out_labels",
+    "training_labels",
+    "check_labels",
+    "mass_parameters",
+    "ratio_parameters",
+    "log_prob_mass",
+    "log_prob_ratio",
+    "log_prob",
+    "simulate",
+    "physical_support",
+    "unphysical_fraction",
+]

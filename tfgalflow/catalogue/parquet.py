@@ -1,4 +1,4 @@
-"""Parquet event tables: event columns + label columns, read whole or streamed with a cross-label shuffle.
+"""Parquet event tables: event + label columns, read whole or streamed with a cross-label shuffle.
 
 A population-synthesis grid (e.g. SEVN-NF, REFERENCES.md 002) comes as one Parquet table with an
 event column per data dimension (``m0``, ``m1``) and a label column per hyperparameter (``Z``,
@@ -26,6 +26,7 @@ Example::
     >>> ds = parquet_dataset("grid.parquet", ("m0", "m1"), ("Z", "alpha"), batch_size=1024,
     ...                      buffer_rows=200_000, seed=0)           # (x [B, 2], labels [B, 2]) f32
 """
+
 from __future__ import annotations
 
 import itertools
@@ -53,14 +54,16 @@ def require_pyarrow():
     try:
         import pyarrow.parquet as pq
     except ModuleNotFoundError:
-        raise InputError("reading or writing Parquet needs pyarrow: install the 'parquet' extra, "
-                         "pip install 'tfgalflow[parquet]' (pyarrow>=14)") from None
+        raise InputError(
+            "reading or writing Parquet needs pyarrow: install the 'parquet' extra, "
+            "pip install 'tfgalflow[parquet]' (pyarrow>=14)"
+        ) from None
     return pq
 
 
 @dataclass(frozen=True)
 class EventTable:
-    """Events [N, D] and labels [N, C] | None (float64) with their column names, read from Parquet."""
+    """Events [N, D] and labels [N, C] | None (float64) with their column names, from Parquet."""
 
     events: np.ndarray
     labels: np.ndarray | None
@@ -86,7 +89,7 @@ def _open(path: Path, pq, read_dictionary: Sequence[str] = ()):
         raise FileError(f"{path}: no such Parquet file")
     try:
         return pq.ParquetFile(path, read_dictionary=list(read_dictionary) or None)
-    except Exception as exc:       # pyarrow raises ArrowInvalid/OSError for corrupt files
+    except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for corrupt files
         raise FileError(f"{path}: not a readable Parquet file ({exc})") from None
 
 
@@ -105,20 +108,24 @@ def _column_values(column: Any, path: Path, name: str) -> np.ndarray:
     parts = []
     for chunk in chunks:
         if chunk.null_count:
-            raise InputError(f"{path}: column {name!r} has {chunk.null_count} missing (null) value(s)")
+            raise InputError(
+                f"{path}: column {name!r} has {chunk.null_count} missing (null) value(s)"
+            )
         if pa.types.is_dictionary(chunk.type):
             try:
                 values = np.asarray(chunk.dictionary.to_pylist(), dtype=np.float64)
             except (TypeError, ValueError) as exc:
-                raise InputError(f"{path}: dictionary column {name!r} has non-numeric values "
-                                 f"({exc})") from None
+                raise InputError(
+                    f"{path}: dictionary column {name!r} has non-numeric values ({exc})"
+                ) from None
             parts.append(values[chunk.indices.to_numpy(zero_copy_only=False)])
         else:
             try:
                 parts.append(chunk.to_numpy(zero_copy_only=False).astype(np.float64))
             except (TypeError, ValueError) as exc:
-                raise InputError(f"{path}: column {name!r} of type {chunk.type} is not numeric "
-                                 f"({exc})") from None
+                raise InputError(
+                    f"{path}: column {name!r} of type {chunk.type} is not numeric ({exc})"
+                ) from None
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
@@ -129,12 +136,15 @@ def _matrix(table: Any, names: Sequence[str], path: Path, what: str) -> np.ndarr
     return m
 
 
-def read_parquet(path: str | os.PathLike, event_columns: Any, label_columns: Any = ()) -> EventTable:
+def read_parquet(
+    path: str | os.PathLike, event_columns: Any, label_columns: Any = ()
+) -> EventTable:
     """Read event columns [N, D] and label columns [N, C] (float64) of a Parquet file into memory.
 
     Label columns are read as dictionaries (``read_dictionary``) and decoded by gathering, whether
     or not the file stored them dictionary-encoded. Raises FileError for a missing/corrupt file,
-    InputError for missing columns (listing the file's columns), nulls, non-numeric values, NaN/inf.
+    InputError for missing columns (listing the file's columns), nulls, non-numeric values or
+    NaN/inf.
     """
     pq = require_pyarrow()
     path = Path(path)
@@ -153,14 +163,20 @@ def read_parquet(path: str | os.PathLike, event_columns: Any, label_columns: Any
     return EventTable(x, c, events, labels)
 
 
-def write_parquet(path: str | os.PathLike, events: Any, labels: Any = None,
-                  event_names: Sequence[str] = (), label_names: Sequence[str] = (),
-                  row_group_size: int = ROW_GROUP_ROWS) -> Path:
+def write_parquet(
+    path: str | os.PathLike,
+    events: Any,
+    labels: Any = None,
+    event_names: Sequence[str] = (),
+    label_names: Sequence[str] = (),
+    row_group_size: int = ROW_GROUP_ROWS,
+) -> Path:
     """Write events [N, D] (float64) and labels [N, C] as a Parquet table, atomically.
 
     Label columns are dictionary-encoded (an int32 index per row into the sorted distinct values,
-    stored with Parquet's RLE_DICTIONARY encoding), so a grid of a few nodes costs a few bits per row. Rows are written in the given order (sort by
-    label beforehand to reproduce a grid's file). Returns the path.
+    stored with Parquet's RLE_DICTIONARY encoding), so a grid of a few nodes costs a few bits per
+    row. Rows are written in the given order (sort by label beforehand to reproduce a grid's
+    file). Returns the path.
     """
     pq = require_pyarrow()
     import pyarrow as pa
@@ -169,22 +185,32 @@ def write_parquet(path: str | os.PathLike, events: Any, labels: Any = None,
     n, d = x.shape
     event_names = _names(event_names or [f"x{j}" for j in range(d)], "event_names")
     if len(event_names) != d:
-        raise InputError(f"event_names has {len(event_names)} entries but events have {d} column(s)")
+        raise InputError(
+            f"event_names has {len(event_names)} entries but events have {d} column(s)"
+        )
     columns = {name: pa.array(x[:, j]) for j, name in enumerate(event_names)}
     if labels is not None:
         c = np.asarray(labels, dtype=np.float64)
-        c = validation.finite_matrix(c[:, None] if c.ndim == 1 else c, "labels",
-                                     expected=f"[{n}, C]")
+        c = validation.finite_matrix(
+            c[:, None] if c.ndim == 1 else c, "labels", expected=f"[{n}, C]"
+        )
         if c.shape[0] != n:
-            raise InputError(f"labels have {c.shape[0]} rows but events have {n}; expected [{n}, C]")
-        label_names = _names(label_names or [f"label_{k}" for k in range(c.shape[1])], "label_names")
+            raise InputError(
+                f"labels have {c.shape[0]} rows but events have {n}; expected [{n}, C]"
+            )
+        label_names = _names(
+            label_names or [f"label_{k}" for k in range(c.shape[1])], "label_names"
+        )
         if len(label_names) != c.shape[1] or set(label_names) & set(event_names):
-            raise InputError(f"label_names {list(label_names)}: expected {c.shape[1]} names distinct "
-                             f"from the event names {list(event_names)}")
+            raise InputError(
+                f"label_names {list(label_names)}: expected {c.shape[1]} names distinct "
+                f"from the event names {list(event_names)}"
+            )
         for k, name in enumerate(label_names):
             values, index = np.unique(c[:, k], return_inverse=True)
-            columns[name] = pa.DictionaryArray.from_arrays(pa.array(index.astype(np.int32)),
-                                                           pa.array(values))
+            columns[name] = pa.DictionaryArray.from_arrays(
+                pa.array(index.astype(np.int32)), pa.array(values)
+            )
     table = pa.table(columns)
     path = Path(path)
     rows = validation.integer(row_group_size, "row_group_size")
@@ -193,10 +219,16 @@ def write_parquet(path: str | os.PathLike, events: Any, labels: Any = None,
     return path
 
 
-def iter_parquet_batches(path: str | os.PathLike, event_columns: Any, label_columns: Any = (),
-                         batch_size: int = 1024, buffer_rows: int = 262_144, seed: int = 0,
-                         epoch: int = 0, drop_remainder: bool = False
-                         ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+def iter_parquet_batches(
+    path: str | os.PathLike,
+    event_columns: Any,
+    label_columns: Any = (),
+    batch_size: int = 1024,
+    buffer_rows: int = 262_144,
+    seed: int = 0,
+    epoch: int = 0,
+    drop_remainder: bool = False,
+) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """One epoch of shuffled batches (x [B, D], labels [B, C] | None) float32 from a Parquet file.
 
     Two-level shuffle (module docstring): row groups in the order of a permutation seeded by
@@ -223,7 +255,7 @@ def iter_parquet_batches(path: str | os.PathLike, event_columns: Any, label_colu
         block = np.concatenate(held)[rng.permutation(held_rows)]
         stop = held_rows if final else held_rows - held_rows % batch
         for i in range(0, stop, batch):
-            rows = block[i:i + batch]
+            rows = block[i : i + batch]
             if len(rows) < batch and drop_remainder:
                 break
             x = rows[:, :width].astype(np.float32)
@@ -243,12 +275,19 @@ def iter_parquet_batches(path: str | os.PathLike, event_columns: Any, label_colu
         yield from emit(final=True)
 
 
-def parquet_dataset(path: str | os.PathLike, event_columns: Any, label_columns: Any = (),
-                    batch_size: int = 1024, buffer_rows: int = 262_144, seed: int = 0,
-                    drop_remainder: bool = False) -> "tf.data.Dataset":
+def parquet_dataset(
+    path: str | os.PathLike,
+    event_columns: Any,
+    label_columns: Any = (),
+    batch_size: int = 1024,
+    buffer_rows: int = 262_144,
+    seed: int = 0,
+    drop_remainder: bool = False,
+) -> "tf.data.Dataset":
     """A ``tf.data.Dataset`` of (x [B, D], labels [B, C]) float32 (x alone without label columns).
 
-    Each iteration over the dataset (each Keras epoch) is one :func:`iter_parquet_batches` pass with
+    Each iteration over the dataset (each Keras epoch) is one :func:`iter_parquet_batches` pass
+    with
     the next epoch number, hence a fresh row-group order and permutation.
     """
     import tensorflow as tf
@@ -258,8 +297,9 @@ def parquet_dataset(path: str | os.PathLike, event_columns: Any, label_columns: 
     epochs = itertools.count()
 
     def generator():
-        for x, c in iter_parquet_batches(path, events, labels, batch_size, buffer_rows, seed,
-                                         next(epochs), drop_remainder):
+        for x, c in iter_parquet_batches(
+            path, events, labels, batch_size, buffer_rows, seed, next(epochs), drop_remainder
+        ):
             yield (x, c) if labels else x
 
     rows = batch_size if drop_remainder else None
@@ -268,5 +308,13 @@ def parquet_dataset(path: str | os.PathLike, event_columns: Any, label_columns: 
     return tf.data.Dataset.from_generator(generator, output_signature=spec)
 
 
-__all__ = ["EventTable", "PARQUET_SUFFIXES", "ROW_GROUP_ROWS", "read_parquet", "write_parquet",
-           "iter_parquet_batches", "parquet_dataset", "require_pyarrow"]
+__all__ = [
+    "EventTable",
+    "PARQUET_SUFFIXES",
+    "ROW_GROUP_ROWS",
+    "read_parquet",
+    "write_parquet",
+    "iter_parquet_batches",
+    "parquet_dataset",
+    "require_pyarrow",
+]
