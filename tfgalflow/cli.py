@@ -50,6 +50,11 @@ def _add_train(sub) -> None:
     p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=None,
                    help="0 quiet, 1 progress bar (default), 2 one line per epoch; "
                         "--resume keeps the run's own unless given")
+    p.add_argument("--event-columns", metavar="A,B,...",
+                   help="a .parquet CATALOGUE's event (data) columns, e.g. m0,m1")
+    p.add_argument("--label-columns", metavar="A,B,...",
+                   help="a .parquet CATALOGUE's label columns, e.g. Z,alpha (dictionary-encoded "
+                        "or plain)")
     defaults = TrainConfig()
     group = p.add_argument_group("training configuration (one flag per TrainConfig field)")
     for name, (kind, text) in TrainConfig.field_help().items():
@@ -83,10 +88,29 @@ def _run_train(args) -> int:
             raise InputError("train needs a CATALOGUE file and --out RUN (or --resume RUN)")
         config = TrainConfig.from_file(args.config) if args.config else TrainConfig()
         verbose = 1 if args.verbose is None else args.verbose
-        train(args.catalogue, config.with_overrides(**overrides), args.out, verbose=verbose)
+        data, labels, names = _parquet_training_data(args)
+        train(data, config.with_overrides(**overrides), args.out, labels=labels, label_names=names,
+              verbose=verbose)
         run_dir = args.out
     _print_run_summary(run_dir)
     return 0
+
+
+def _parquet_training_data(args) -> tuple:
+    """(data, labels, label_names) for train(): a .parquet file is read by its named columns."""
+    from pathlib import Path
+    from .catalogue import PARQUET_SUFFIXES, read_parquet
+    from .errors import InputError
+
+    if Path(args.catalogue).suffix.lower() not in PARQUET_SUFFIXES:
+        if args.event_columns or args.label_columns:
+            raise InputError("--event-columns/--label-columns apply to .parquet catalogues only")
+        return args.catalogue, None, None
+    if not args.event_columns:
+        raise InputError(f"{args.catalogue}: a Parquet catalogue needs --event-columns, "
+                         f"e.g. m0,m1")
+    table = read_parquet(args.catalogue, args.event_columns, args.label_columns or ())
+    return table.events, table.labels, table.label_names or None
 
 
 def _print_run_summary(run_dir: str) -> None:
@@ -834,6 +858,59 @@ def _run_task_run(args) -> int:
 
 
 _SUBCOMMANDS.append(_add_task)
+
+
+# ---- infer-labels (label inference) -------------------------------------------------------------
+
+def _add_infer_labels(sub) -> None:
+    p = sub.add_parser(
+        "infer-labels",
+        help="infer a conditional model's labels (hyperparameters) from observed events",
+        description="log L(c) = sum_i log p(x_i | c) of the labels c given events x_i: a likelihood "
+                    "map, the maximum (scipy), and emcee posterior samples under a box prior "
+                    "(uniform, or log-uniform with :log). Writes DIR/inference.json, "
+                    "likelihood_map.png, corner.png, "
+                    "posterior_samples.npy.")
+    p.add_argument("run", metavar="MODEL",
+                   help="run directory (tfgalflow train) or SavedModel directory")
+    p.add_argument("events", metavar="EVENTS",
+                   help="events: .parquet (with --event-columns) or .npy [N, D]")
+    p.add_argument("--event-columns", metavar="A,B,...",
+                   help="a .parquet file's event columns, e.g. m0,m1")
+    p.add_argument("--prior", required=True, metavar="NAME=LOW:HIGH[:log],...",
+                   help="one box per label of the model, e.g. Z=1e-4:0.03:log,alpha=0.5:5")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--grid", type=int, default=40,
+                   help="likelihood-map points per label (default 40)")
+    p.add_argument("--walkers", type=int, default=16, help="emcee walkers (default 16)")
+    p.add_argument("--steps", type=int, default=400, help="emcee steps per walker (default 400)")
+    p.add_argument("--burn", type=int, default=150,
+                   help="steps discarded as burn-in (default 150)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--truth", metavar="V1,V2,...",
+                   help="true labels, if known (coverage + figures)")
+    p.set_defaults(func=_run_infer_labels)
+
+
+def _run_infer_labels(args) -> int:
+    from .inference import Prior, infer_labels, read_events
+
+    model, description = _model_description(args.run)
+    names = description.get("label_names") or [f"label_{k}" for k in range(model.label_dim)]
+    prior = Prior.parse(args.prior).ordered(names)
+    truth = None if not args.truth else [float(v) for v in args.truth.split(",")]
+    result = infer_labels(model, read_events(args.events, args.event_columns), prior, args.out,
+                          truth=truth, grid_points=args.grid, walkers=args.walkers,
+                          steps=args.steps,
+                          burn=args.burn, seed=args.seed)
+    for name, (lo, mid, hi) in result["posterior"]["intervals_68"].items():
+        print(f"{name}: {mid:.4g} (68 %: {lo:.4g} .. {hi:.4g})")
+    print(f"maximum likelihood: {dict(zip(prior.names, result['maximum']['labels']))}; "
+          f"written to {args.out}/ (inference.json, likelihood_map.png, corner.png)")
+    return 0
+
+
+_SUBCOMMANDS.append(_add_infer_labels)
 
 
 # ---- entry point ------------------------------------------------------------------------------

@@ -70,6 +70,8 @@ class FlowConfig:
         kind: "affine" (MAF) or "spline" (rational-quadratic spline MAF).
         bins: number of spline bins K (>= 2; only used for kind="spline"; 3K-1 parameters per dim).
         log_columns: data columns that are strictly positive and modelled as log(x) (0-based, < dim).
+        label_log_columns: label columns that are strictly positive and enter the networks as
+            log(c) before standardisation (0-based, < label_dim), e.g. a metallicity Z spanning decades.
         seed: seed of the weight initialisation and of random permutations (>= 0).
         permutation: "reverse" or "random" (seeded) permutation between layers.
         spline_range: half-width B of the spline interval [-B, B] in rescaled units (identity outside).
@@ -86,6 +88,7 @@ class FlowConfig:
     seed: int = 0
     permutation: str = "reverse"
     spline_range: float = 5.0
+    label_log_columns: tuple = ()
 
     def __post_init__(self) -> None:
         def bad(field: str, value: Any, expected: str) -> InputError:
@@ -117,6 +120,14 @@ class FlowConfig:
         if any(j < 0 or j >= self.dim for j in cols) or len(set(cols)) != len(cols):
             raise bad("log_columns", cols, f"distinct column indices in [0, {self.dim - 1}] (dim = {self.dim})")
         object.__setattr__(self, "log_columns", tuple(sorted(int(j) for j in cols)))
+        cols = self.label_log_columns
+        if not isinstance(cols, (tuple, list)) or not all(_is_int(j) for j in cols):
+            raise bad("label_log_columns", cols, "a sequence of label column indices")
+        if any(j < 0 or j >= self.label_dim for j in cols) or len(set(cols)) != len(cols):
+            raise bad("label_log_columns", cols,
+                      f"distinct label column indices in [0, {self.label_dim - 1}] "
+                      f"(label_dim = {self.label_dim})")
+        object.__setattr__(self, "label_log_columns", tuple(sorted(int(j) for j in cols)))
         if (isinstance(self.spline_range, bool) or not isinstance(self.spline_range, (int, float, np.floating))
                 or not math.isfinite(self.spline_range) or self.spline_range <= 0):
             raise bad("spline_range", self.spline_range, "a finite number > 0")
@@ -132,6 +143,7 @@ class FlowConfig:
         d = dataclasses.asdict(self)
         d["hidden"] = list(self.hidden)
         d["log_columns"] = list(self.log_columns)
+        d["label_log_columns"] = list(self.label_log_columns)
         return d
 
     @classmethod
@@ -146,7 +158,7 @@ class FlowConfig:
         if "dim" not in d:
             raise InputError("FlowConfig.from_dict: missing required field 'dim'")
         kw = dict(d)
-        for key in ("hidden", "log_columns"):
+        for key in ("hidden", "log_columns", "label_log_columns"):
             if isinstance(kw.get(key), list):
                 kw[key] = tuple(kw[key])
         return cls(**kw)

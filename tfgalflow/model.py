@@ -4,7 +4,8 @@ For data x in physical units (e.g. kpc, km/s) and optional labels c, a :class:`F
 
     u_j = log x_j  (j in log_columns),   u_j = x_j  (otherwise)
     y   = (u - μ) / σ                                   (rescaler, fitted by ``adapt``)
-    z   = T^{-1}(y; c̃),    c̃ = (c - μ_c) / σ_c          (MAF chain, :func:`tfgalflow.flows.build_bijector`)
+    z   = T^{-1}(y; c̃),    c̃ = (v - μ_c) / σ_c   (MAF chain, :func:`tfgalflow.flows.build_bijector`)
+    v_k = log c_k  (k in label_log_columns),   v_k = c_k  (otherwise)
 
     log p_x(x | c) = log N(z; 0, I) + log|det ∂z/∂y| - Σ_j log σ_j - Σ_{j in log_columns} log x_j,
 
@@ -89,6 +90,8 @@ class Flow(Density, keras.Model):
         self._layer_names = layer_names(config)
         dim, label_dim = config.dim, config.label_dim
         self._log_mask = tf.constant([j in config.log_columns for j in range(dim)], tf.bool)
+        self._label_log_mask = tf.constant(
+            [k in config.label_log_columns for k in range(label_dim)], tf.bool)
         self.x_shift = self.add_weight(name="x_shift", shape=[dim], initializer="zeros", trainable=False)
         self.x_scale = self.add_weight(name="x_scale", shape=[dim], initializer="ones", trainable=False)
         self.label_shift = self.add_weight(name="label_shift", shape=[label_dim], initializer="zeros",
@@ -151,8 +154,10 @@ class Flow(Density, keras.Model):
             x: [N, D] array/tensor, or a ``tf.data.Dataset`` yielding x [B, D] or (x [B, D], labels [B, C])
                (streamed; moments accumulated in float64).
             labels: [N, C] for conditional flows (not with a Dataset). Label columns are standardised the
-               same way (a constant label column gets σ_c = 1).
-        Raises InputError for bad shapes, NaN/inf, x_j <= 0 in a log column, or a constant data column.
+               same way, after log c_k in ``label_log_columns`` (a constant label column gets
+               σ_c = 1).
+        Raises InputError for bad shapes, NaN/inf, x_j <= 0 in a log column or c_k <= 0 in a label
+        log column (the message names the column), or a constant data column.
         """
         data_moments = _Moments(self.dim)
         label_moments = _Moments(self.label_dim)
@@ -193,7 +198,29 @@ class Flow(Density, keras.Model):
             u[:, j] = np.log(u[:, j])
         data_moments.update(u)
         if c is not None:
-            label_moments.update(c.numpy().astype(np.float64))
+            label_moments.update(self._label_logs(c.numpy().astype(np.float64), "adapt"))
+
+    def _label_logs(self, c: np.ndarray, where: str) -> np.ndarray:
+        """c [N, C] with log c_k in the label log columns; InputError naming a column with c <= 0."""
+        if not self.config.label_log_columns:
+            return c
+        c = np.array(c, dtype=np.float64)
+        for k in self.config.label_log_columns:
+            bad = ~(c[:, k] > 0)
+            if bad.any():
+                raise InputError(f"{where}: label column {k} is a label log column but has "
+                                 f"{int(bad.sum())} value(s) <= 0 (first at row "
+                                 f"{int(np.argmax(bad))}); "
+                                 f"label log columns must be > 0")
+            c[:, k] = np.log(c[:, k])
+        return c
+
+    def check_inputs(self, x: Any, labels: Any = None) -> tuple[tf.Tensor, tf.Tensor | None]:
+        """The contract's checks, plus c_k > 0 in every label log column (for concrete labels)."""
+        x, c = super().check_inputs(x, labels)
+        if c is not None and self.config.label_log_columns and tf.executing_eagerly():
+            self._label_logs(c.numpy(), "labels")
+        return x, c
 
     def _rescale(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor | None]:
         """y = (u - μ)/σ, log|det ∂y/∂x| = -Σ log σ - Σ_log-cols log x, support: ([N, D], [N], [N] | None)."""
@@ -219,6 +246,11 @@ class Flow(Density, keras.Model):
     def _bijector_kwargs(self, c: tf.Tensor | None) -> dict:
         if not self.label_dim:
             return {}
+        if self.config.label_log_columns:
+            # log c in the log columns (NaN/-inf for c <= 0, which check_inputs/adapt refuse);
+            # the other columns take log 1 in the unused branch so their gradients stay finite.
+            safe = tf.where(self._label_log_mask, c, tf.ones_like(c))
+            c = tf.where(self._label_log_mask, tf.math.log(safe), c)
         c_std = (c - self.label_shift) / self.label_scale
         return {name: {"conditional_input": c_std} for name in self._layer_names}
 

@@ -16,6 +16,10 @@ atomically through :mod:`tfgalflow.atomic`):
                 header's ``UnitLength_in_cm`` / ``UnitVelocity_in_cm_per_s``, or the caller).
 ``.root``       :mod:`.root` - chosen branches of TTrees (a file or a directory tree) into an
                 :class:`EventTable` of N-D events + labels (optional ``uproot``: tfgalflow[root]).
+``.parquet``    :mod:`.parquet` - event tables (named event columns + dictionary-encoded label
+                columns, e.g. a population-synthesis grid): :func:`read_parquet`,
+                :func:`write_parquet`, streamed with a cross-label shuffle by
+                :func:`parquet_dataset` (needs the ``parquet`` extra, pyarrow).
 
 Example::
 
@@ -31,8 +35,13 @@ from .core import (
 )
 from .gadget import GADGET_GROUP, GADGET_POS, GADGET_VEL
 from .hdf5 import CHUNK_ROWS, HDF5Catalogue, hdf5_dataset, open_hdf5
-from .root import EventTable, read_root
+from .events import EventTable
+from .parquet import (
+    PARQUET_SUFFIXES, iter_parquet_batches, parquet_dataset, read_parquet, write_parquet,
+)
+from .root import read_root
 
 __all__ = ["Catalogue", "HDF5Catalogue", "open_hdf5", "hdf5_dataset", "check_units", "FORMAT",
-           "FORMAT_VERSION", "HDF5_SUFFIXES", "NPZ_SUFFIXES", "GADGET_GROUP", "GADGET_POS", "GADGET_VEL",
-           "CHUNK_ROWS", "ERROR_KINDS", "EventTable", "read_root"]
+           "FORMAT_VERSION", "HDF5_SUFFIXES", "NPZ_SUFFIXES", "GADGET_GROUP", "GADGET_POS",
+           "GADGET_VEL", "CHUNK_ROWS", "ERROR_KINDS", "EventTable", "read_root", "PARQUET_SUFFIXES",
+           "read_parquet", "write_parquet", "iter_parquet_batches", "parquet_dataset"]

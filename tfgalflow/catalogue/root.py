@@ -23,41 +23,17 @@ Needs the optional dependency ``uproot`` (``pip install tfgalflow[root]``).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from .events import EventTable
 from ..errors import FileError, InputError
 
 INSTALL_HINT = (
     "reading ROOT files needs uproot: pip install 'tfgalflow[root]' (or pip install 'uproot>=5')"
 )
-
-
-@dataclass(frozen=True)
-class EventTable:
-    """Events read from files: ``events`` [N, D] float64, ``labels`` [N, C] float64 | None.
-
-    ``event_names`` [D] and ``label_names`` [C] name the columns; ``sources`` lists the files read
-    (in order) with their row counts; ``skipped`` maps each skipped file to the reason.
-    """
-
-    events: np.ndarray
-    labels: np.ndarray | None
-    event_names: tuple[str, ...]
-    label_names: tuple[str, ...]
-    sources: tuple[tuple[str, int], ...]
-    skipped: Mapping[str, str]
-
-    def __len__(self) -> int:
-        return int(self.events.shape[0])
-
-    @property
-    def n_skipped(self) -> int:
-        """How many files were skipped (not ROOT, or without the tree)."""
-        return len(self.skipped)
 
 
 def _uproot() -> Any:
