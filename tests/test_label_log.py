@@ -46,3 +46,16 @@ def test_non_positive_label_in_a_log_column_names_the_column():
         with_log.adapt(x, c)
     with pytest.raises(InputError, match="label_log_columns"):
         FlowConfig(dim=2, label_dim=1, label_log_columns=(1,))
+
+
+def test_train_config_passes_label_log_columns_to_the_flow(tmp_path):
+    from tfgalflow.training import TrainConfig, load_run, train
+
+    x, c, _, _ = _pair()
+    config = TrainConfig(layers=2, hidden=(8,), epochs=1, batch_size=100, patience=0,
+                         checkpoint_every=0, jit_compile=False, steps_per_call=1,
+                         label_log_columns=(0,))
+    train(x, config, tmp_path / "run", labels=c, verbose=0)
+    assert load_run(tmp_path / "run").config.label_log_columns == (0,)
+    with pytest.raises(InputError, match="label_log_columns"):
+        TrainConfig(label_log_columns=(0, 0))

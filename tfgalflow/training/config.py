@@ -56,6 +56,8 @@ class TrainConfig:
     bins: int = _option(8, "spline bins K (kind='spline')", "int")
     log_columns: tuple = _option((), "0-based data columns modelled as log(x) (strictly "
                                      "positive), e.g. 0,3", "ints")
+    label_log_columns: tuple = _option((), "0-based label columns standardised as log(c) (strictly "
+                                           "positive, e.g. a metallicity Z), e.g. 0", "ints")
     label_dim: int | None = _option(None, "label columns C to condition on: none = as many as the "
                                           "data has, 0 = ignore labels", "int?")
     epochs: int = _option(100, "maximum number of epochs", "int")
@@ -113,9 +115,10 @@ class TrainConfig:
             validation.integer(getattr(self, name), f"TrainConfig.{name}", low=low)
         check(len(self.hidden) > 0 and all(h >= 1 for h in self.hidden), "hidden",
               "a non-empty list of positive widths, e.g. 64,64")
-        check(all(j >= 0 for j in self.log_columns)
-              and len(set(self.log_columns)) == len(self.log_columns),
-              "log_columns", "distinct column indices >= 0")
+        for name in ("log_columns", "label_log_columns"):
+            cols = getattr(self, name)
+            check(all(j >= 0 for j in cols) and len(set(cols)) == len(cols), name,
+                  "distinct column indices >= 0")
         if self.label_dim is not None:
             validation.integer(self.label_dim, "TrainConfig.label_dim", low=0)
         validation.one_of(self.kind, "TrainConfig.kind", ("affine", "spline"))
@@ -170,7 +173,8 @@ class TrainConfig:
         from ..flows import FlowConfig
         return FlowConfig(dim=dim, label_dim=label_dim, layers=self.layers, hidden=self.hidden,
                           activation=self.activation, kind=self.kind, bins=self.bins,
-                          log_columns=self.log_columns, seed=self.seed if seed is None else seed)
+                          log_columns=self.log_columns, label_log_columns=self.label_log_columns,
+                          seed=self.seed if seed is None else seed)
 
     @classmethod
     def field_help(cls) -> dict[str, tuple[str, str]]:
