@@ -33,6 +33,21 @@ from .gadget import GADGET_GROUP, GADGET_POS, GADGET_VEL
 from .hdf5 import CHUNK_ROWS, HDF5Catalogue, hdf5_dataset, open_hdf5
 from .root import EventTable, read_root
 
-__all__ = ["Catalogue", "HDF5Catalogue", "open_hdf5", "hdf5_dataset", "check_units", "FORMAT",
-           "FORMAT_VERSION", "HDF5_SUFFIXES", "NPZ_SUFFIXES", "GADGET_GROUP", "GADGET_POS", "GADGET_VEL",
-           "CHUNK_ROWS", "ERROR_KINDS", "EventTable", "read_root"]
+__all__ = [
+    "Catalogue",
+    "HDF5Catalogue",
+    "open_hdf5",
+    "hdf5_dataset",
+    "check_units",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "HDF5_SUFFIXES",
+    "NPZ_SUFFIXES",
+    "GADGET_GROUP",
+    "GADGET_POS",
+    "GADGET_VEL",
+    "CHUNK_ROWS",
+    "ERROR_KINDS",
+    "EventTable",
+    "read_root",
+]
