@@ -1,4 +1,5 @@
-"""Training time per epoch of the deconvolved fit vs K (noise draws per star), beside the plain fit.
+"""Training time per epoch of the deconvolved fit vs K (noise draws per star), beside the plain
+fit.
 
     python benchmarks/bench_deconvolution.py [--n 20000] [--ks 1,2,4,8,16] [--epochs 3]
 

@@ -4,12 +4,12 @@
     python scripts/deconvolution_study.py --out studies/deconvolution_full --n 1000000 \\
         --epochs 60 --layers 8 --noise-samples 16                                 # issue target
 
-The mock is ``mocks.sample_hernquist(n, "iso", r_max=100)`` with ``mocks.add_noise(cat, 0.1)`` (each
-Cartesian coordinate times 1 + 0.1 N(0, 1), the reference study's convention; the catalogue records
-fractional errors s = 0.1), cut at r < 100a as in ``tfgalflow.study``. Two flows with the same
-architecture, epochs, batches and seed are trained on it: the plain maximum-likelihood fit (learns
-the noise-convolved DF) and ``TrainConfig(deconvolve=True, noise_samples=K)`` (learns the error-free
-DF; tfgalflow.deconvolution). For each:
+The mock is ``mocks.sample_hernquist(n, "iso", r_max=100)`` with ``mocks.add_noise(cat, 0.1)``
+(each Cartesian coordinate times 1 + 0.1 N(0, 1), the reference study's convention; the catalogue
+records fractional errors s = 0.1), cut at r < 100a as in ``tfgalflow.study``. Two flows with the
+same architecture, epochs, batches and seed are trained on it: the plain maximum-likelihood fit
+(learns the noise-convolved DF) and ``TrainConfig(deconvolve=True, noise_samples=K)`` (learns the
+error-free DF; tfgalflow.deconvolution). For each:
 
 * accelerations from the CBE (``cbe.accelerations``) at ``--radii`` radii log-spaced over
   0.1a-10a, learned DF and its ``SphericalAverage`` over ``--rotations`` rotations; figure of merit

@@ -1,4 +1,5 @@
-"""FEDHEX study (issue #13): interpolate a 10 x 10 grid of 2-D event distributions, measure at held-out labels.
+"""FEDHEX study (issue #13): interpolate a 10 x 10 grid of 2-D event distributions, measure at
+held-out labels.
 
 Runs the ``gaussian_field`` task (:mod:`tfgalflow.tasks.gaussian_field`) with its default settings:
 1000 events at each of the 92 training nodes (8 interior nodes held out, plus 24 random off-grid

@@ -1,7 +1,8 @@
-"""Photo-z study (issue #15): a 1-D spline flow p(z | 10 fluxes + 10 errors) against the exact posterior.
+"""Photo-z study (issue #15): a 1-D spline flow p(z | 10 fluxes + 10 errors) against the exact
+posterior.
 
-Writes studies/photoz/report.json and figures; resumable (data, exact posteriors and the training run
-are cached under studies/photoz/cache, which is not committed). Usage:
+Writes studies/photoz/report.json and figures; resumable (data, exact posteriors and the training
+run are cached under studies/photoz/cache, which is not committed). Usage:
 
     PYTHONPATH=. python scripts/photoz_study.py [--train 200000] [--test 20000] [--epochs 40]
 """
@@ -21,7 +22,8 @@ OUT = Path("studies/photoz")
 CACHE = OUT / "cache"
 GRID = posterior.parse_grid("0:3:0.005")
 EDGES = [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
-# injected offsets of the simulated "real" set (ln units): zero points a_b (reference band 0), errors e_b
+# injected offsets of the simulated "real" set (ln units): zero points a_b (reference band 0),
+# errors e_b
 INJECTED_FLUX = np.round(np.random.default_rng(11).normal(0.0, 0.05, photoz.N_BANDS), 3)
 INJECTED_FLUX[photoz.REFERENCE_BAND] = 0.0
 INJECTED_ERROR = np.round(np.random.default_rng(12).normal(0.0, 0.1, photoz.N_BANDS), 3)
@@ -40,7 +42,9 @@ def cached(name: str, make):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--train", type=int, default=200_000)
     parser.add_argument("--test", type=int, default=20_000)
     parser.add_argument("--calib", type=int, default=20_000)
@@ -61,14 +65,29 @@ def main() -> None:
     test = cached(f"test_{args.test}", lambda: simulate(args.test, 2))
     real = cached(f"real_{args.calib}", lambda: simulate(args.calib, 3))
     real_x = photoz.apply_offsets(real["x"], INJECTED_FLUX, INJECTED_ERROR)
-    exact = cached(f"exact_{args.test}", lambda: {"post": sim.exact_posterior(test["x"], GRID)})["post"]
+    exact = cached(f"exact_{args.test}", lambda: {"post": sim.exact_posterior(test["x"], GRID)})[
+        "post"
+    ]
 
     from tfgalflow.training import TrainConfig, load_run, resume, train as fit
     run_dir = CACHE / "run"
     hidden = tuple(int(h) for h in args.hidden.split(","))
-    config = TrainConfig(kind="spline", layers=args.layers, hidden=hidden, bins=args.bins, epochs=args.epochs,
-                         batch_size=512, lr=1e-3, patience=6, checkpoint_every=5, seed=0)
-    data, labels = train["z"][:, None].astype(np.float32), sim.features(train["x"]).astype(np.float32)
+    config = TrainConfig(
+        kind="spline",
+        layers=args.layers,
+        hidden=hidden,
+        bins=args.bins,
+        epochs=args.epochs,
+        batch_size=512,
+        lr=1e-3,
+        patience=6,
+        checkpoint_every=5,
+        seed=0,
+    )
+    data, labels = (
+        train["z"][:, None].astype(np.float32),
+        sim.features(train["x"]).astype(np.float32),
+    )
     t = time.time()
     if (run_dir / "config.json").exists():
         try:
@@ -91,10 +110,13 @@ def main() -> None:
 
     # calibration of the simulated "real" set
     t = time.time()
-    before = posterior.summarize(posterior.posterior_grid(flow, sim.features(real_x), GRID), GRID, real["z"])
+    before = posterior.summarize(
+        posterior.posterior_grid(flow, sim.features(real_x), GRID), GRID, real["z"]
+    )
     cal = photoz.calibrate(flow, real["z"], real_x, softening=sim.softening)
-    after = posterior.summarize(posterior.posterior_grid(flow, sim.features(cal.apply(real_x)), GRID), GRID,
-                                real["z"])
+    after = posterior.summarize(
+        posterior.posterior_grid(flow, sim.features(cal.apply(real_x)), GRID), GRID, real["z"]
+    )
     cal_seconds = time.time() - t
     fitted = np.concatenate([cal.flux_offsets, cal.error_offsets])
     injected = np.concatenate([INJECTED_FLUX, INJECTED_ERROR])
@@ -106,39 +128,58 @@ def main() -> None:
         return (a - b) / b
 
     report = {
-        "settings": {"train": args.train, "test": args.test, "calib": args.calib, "grid": "0:3:0.005",
-                     "train_config": config.to_dict() if hasattr(config, "to_dict") else str(config),
-                     "features": "asinh magnitudes asinh(F/2σ0) and ln(σ/σ0), σ0 = 0.1",
-                     "survey": {k: (list(v) if isinstance(v, tuple) else v)
-                                for k, v in sim.survey.__dict__.items()}},
-        "seconds": {"train": train_seconds, "posterior_grid_test": grid_seconds, "calibration": cal_seconds,
-                    "total": time.time() - t_start},
-        "exact": m_exact, "flow": m_flow,
+        "settings": {
+            "train": args.train,
+            "test": args.test,
+            "calib": args.calib,
+            "grid": "0:3:0.005",
+            "train_config": config.to_dict() if hasattr(config, "to_dict") else str(config),
+            "features": "asinh magnitudes asinh(F/2σ0) and ln(σ/σ0), σ0 = 0.1",
+            "survey": {
+                k: (list(v) if isinstance(v, tuple) else v) for k, v in sim.survey.__dict__.items()
+            },
+        },
+        "seconds": {
+            "train": train_seconds,
+            "posterior_grid_test": grid_seconds,
+            "calibration": cal_seconds,
+            "total": time.time() - t_start,
+        },
+        "exact": m_exact,
+        "flow": m_flow,
         "targets": {
             "sigma_nmad_rel_diff": rel(m_flow["map"]["sigma_nmad"], m_exact["map"]["sigma_nmad"]),
             "eta_diff": m_flow["map"]["eta"] - m_exact["map"]["eta"],
-            "pit_ks_flow": m_flow["pit_ks"], "hpd68_coverage_flow": m_flow["hpd68_coverage"],
+            "pit_ks_flow": m_flow["pit_ks"],
+            "hpd68_coverage_flow": m_flow["hpd68_coverage"],
             "bimodal_fraction_exact": float(bimodal.mean()),
             "kl_exact_flow_bimodal_mean": float(kl[bimodal].mean()),
             "kl_exact_flow_all_mean": float(kl.mean()),
             "kl_exact_flow_all_median": float(np.median(kl)),
             "calibration_max_abs_pull": float(np.max(np.abs(pulls))),
-            "calibration_chi2_per_dof": float(np.mean(pulls ** 2)),
+            "calibration_chi2_per_dof": float(np.mean(pulls**2)),
         },
-        "calibration": {**cal.to_dict(), "injected_flux": INJECTED_FLUX.tolist(),
-                        "injected_error": INJECTED_ERROR.tolist(), "pulls": pulls.tolist(),
-                        "before": posterior.overall_metrics(before, real["z"], EDGES),
-                        "after": posterior.overall_metrics(after, real["z"], EDGES)},
+        "calibration": {
+            **cal.to_dict(),
+            "injected_flux": INJECTED_FLUX.tolist(),
+            "injected_error": INJECTED_ERROR.tolist(),
+            "pulls": pulls.tolist(),
+            "before": posterior.overall_metrics(before, real["z"], EDGES),
+            "after": posterior.overall_metrics(after, real["z"], EDGES),
+        },
     }
     write_json(OUT / "report.json", report)
     print(json.dumps(report["targets"], indent=1))
 
     posterior.plot_map_vs_true(OUT / "zmap_flow.png", test["z"], s_flow["map"], title="flow MAP")
-    posterior.plot_map_vs_true(OUT / "zmap_exact.png", test["z"], s_exact["map"], title="exact MAP")
+    posterior.plot_map_vs_true(
+        OUT / "zmap_exact.png", test["z"], s_exact["map"], title="exact MAP"
+    )
     posterior.plot_pit(OUT / "pit.png", {"flow": s_flow["pit"], "exact": s_exact["pit"]})
     pick = np.concatenate([np.nonzero(bimodal)[0][:6], np.nonzero(~bimodal)[0][:6]])
-    posterior.plot_posteriors(OUT / "posteriors.png", GRID, {"exact": exact[pick], "flow": post[pick]},
-                              test["z"][pick])
+    posterior.plot_posteriors(
+        OUT / "posteriors.png", GRID, {"exact": exact[pick], "flow": post[pick]}, test["z"][pick]
+    )
 
 
 if __name__ == "__main__":

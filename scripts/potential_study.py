@@ -4,10 +4,10 @@
     python scripts/potential_study.py --out studies/potential --mocks iso aniso
 
 Per mock: sample n stars exactly (tfgalflow.mocks.sample_hernquist, r < 100a), train a flow on them
-(tfgalflow.training.train, as tfgalflow.study does; resumed if runs/<mock> exists), fit the potential
-network to the learned DF at the mock's stars (tfgalflow.potential.fit_potential; saved in
-potentials/<mock>_learned) and, as a control, to the exact DF at the same stars (<mock>_exact: the
-network's own error, free of the flow's). Errors at radii log-spaced in 0.2a-20a, each in many
+(tfgalflow.training.train, as tfgalflow.study does; resumed if runs/<mock> exists), fit the
+potential network to the learned DF at the mock's stars (tfgalflow.potential.fit_potential; saved
+in potentials/<mock>_learned) and, as a control, to the exact DF at the same stars (<mock>_exact:
+the network's own error, free of the flow's). Errors at radii log-spaced in 0.2a-20a, each in many
 random directions, against the exact Hernquist Φ, a and ρ:
 
 * acceleration: |a − a_true| / |a_true| (vector), rms and median; sign bias = mean of
@@ -17,9 +17,9 @@ random directions, against the exact Hernquist Φ, a and ρ:
 * density: |ρ / ρ_true − 1|.
 
 and the per-position least squares (tfgalflow.cbe.accelerations, K velocities) of the learned DF,
-with and without the rotation average (tfgalflow.symmetry.SphericalAverage, M rotations), at a subset
-of the positions. Every stage's result is stored (results/<mock>_<stage>.json) and skipped when
-present: re-running continues. Writes report.json and figures (errors_<mock>.png).
+with and without the rotation average (tfgalflow.symmetry.SphericalAverage, M rotations), at a
+subset of the positions. Every stage's result is stored (results/<mock>_<stage>.json) and skipped
+when present: re-running continues. Writes report.json and figures (errors_<mock>.png).
 """
 from __future__ import annotations
 
@@ -95,7 +95,9 @@ def main() -> None:
     p.add_argument("--n", type=int, default=100_000, help="stars per mock")
     p.add_argument("--epochs", type=int, default=30, help="flow training epochs")
     p.add_argument("--members", type=int, default=1)
-    p.add_argument("--fit-points", type=int, default=32768, help="stars the potential is fitted at")
+    p.add_argument(
+        "--fit-points", type=int, default=32768, help="stars the potential is fitted at"
+    )
     p.add_argument("--fit-epochs", type=int, default=40)
     p.add_argument("--radii", type=int, default=30)
     p.add_argument("--directions", type=int, default=16)
@@ -160,11 +162,16 @@ def main() -> None:
             t0 = time.perf_counter()
             res = accelerations(df, x_lsq, n_velocities=256, seed=args.seed)
             err = acceleration_errors(x_lsq, res.acceleration)
-            m[which] = {**summarise(x_lsq, {"acc": err["frac"], "acc_bias": err["bias"]}, ranges),
-                        "flagged": int(res.flagged.sum()), "seconds": round(time.perf_counter() - t0)}
+            m[which] = {
+                **summarise(x_lsq, {"acc": err["frac"], "acc_bias": err["bias"]}, ranges),
+                "flagged": int(res.flagged.sum()),
+                "seconds": round(time.perf_counter() - t0),
+            }
             np.savez(out / "results" / f"{name}_{which}.npz", x=x_lsq, acc=err["frac"])
             write_json(path, m[which])
-            print(f"[{name}] {which}: acc rms(0.4-20) {m[which]['acc_rms_0.4-20']:.3%}", flush=True)
+            print(
+                f"[{name}] {which}: acc rms(0.4-20) {m[which]['acc_rms_0.4-20']:.3%}", flush=True
+            )
         write_json(out / "report.json", report)
         figure(out, name)
     write_json(out / "report.json", report)
@@ -186,10 +193,18 @@ def figure(out: Path, name: str) -> None:
         f = out / "results" / f"{name}_{which}.npz"
         if f.exists():
             z = np.load(f)
-            axes[0].plot(np.linalg.norm(z["x"], axis=1), z["acc"], "x", ms=4, color=style,
-                         label={"lsq": "per-position LSQ", "lsq_rotavg": "LSQ + rotation avg"}[which])
-    for ax, title in zip(axes, ("|a - a_true| / |a_true|", "|ΔΦ - ΔΦ_true| / |Φ_true| (best offset)",
-                                "|ρ / ρ_true - 1|")):
+            axes[0].plot(
+                np.linalg.norm(z["x"], axis=1),
+                z["acc"],
+                "x",
+                ms=4,
+                color=style,
+                label={"lsq": "per-position LSQ", "lsq_rotavg": "LSQ + rotation avg"}[which],
+            )
+    for ax, title in zip(
+        axes,
+        ("|a - a_true| / |a_true|", "|ΔΦ - ΔΦ_true| / |Φ_true| (best offset)", "|ρ / ρ_true - 1|"),
+    ):
         ax.set(xscale="log", yscale="log", xlabel="r / a", title=title)
         ax.axvspan(0.2, 20, color="0.95", zorder=-1)
     axes[0].legend(fontsize=7, markerscale=3)

@@ -1,4 +1,5 @@
-"""Tests of tfgalflow.cbe: DF gradients, velocity sampling at fixed x, the batched CBE least squares.
+"""Tests of tfgalflow.cbe: DF gradients, velocity sampling at fixed x, the batched CBE least
+squares.
 
 Every numerical check compares with an independent truth: the analytic Hernquist acceleration and
 Jeans dispersions, finite differences of the NumPy DF, the exact speed distribution p(|v| | r) by
@@ -31,23 +32,29 @@ def relative_error(a: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return np.linalg.norm(a - truth, axis=1) / np.linalg.norm(truth, axis=1)
 
 
-# ---- toy DFs with closed-form answers ------------------------------------------------------------
+# ---- toy DFs with closed-form answers -----------------------------------------------------------
 
 class Harmonic(Density):
     """log f = -2|x|^2 - |v|^2/2 = -(|v|^2/2 + Φ), Φ = 2|x|^2: steady state in a = -∇Φ = -4x."""
     dim, label_dim = 6, 0
 
     def log_prob_tensor(self, w, labels=None):
-        return -2.0 * tf.reduce_sum(tf.square(w[:, :3]), 1) - 0.5 * tf.reduce_sum(tf.square(w[:, 3:]), 1)
+        return -2.0 * tf.reduce_sum(tf.square(w[:, :3]), 1) - 0.5 * tf.reduce_sum(
+            tf.square(w[:, 3:]), 1
+        )
 
 
 class OpaqueHarmonic(Harmonic):
-    """Harmonic whose maths XLA may not inline (as a loaded SavedModel's functions): plain graph only."""
+    """Harmonic whose maths XLA may not inline (as a loaded SavedModel's functions): plain graph
+    only."""
+
     inlinable = False
 
 
 class Ball(Density):
-    """f = 1 for |x| < 1 and |v| < 1, else 0: no support outside, and no gradients (singular CBE) inside."""
+    """f = 1 for |x| < 1 and |v| < 1, else 0: no support outside, and no gradients (singular CBE)
+    inside."""
+
     dim, label_dim = 6, 0
 
     def log_prob_tensor(self, w, labels=None):
@@ -56,15 +63,21 @@ class Ball(Density):
 
 
 class Sheared(Density):
-    """log f = -|x|^2/2 - |v|^2/2 - x.v/2: not a steady state of any potential (the CBE has no solution)."""
+    """log f = -|x|^2/2 - |v|^2/2 - x.v/2: not a steady state of any potential (the CBE has no
+    solution)."""
+
     dim, label_dim = 6, 0
 
     def log_prob_tensor(self, w, labels=None):
         x, v = w[:, :3], w[:, 3:]
-        return -0.5 * tf.reduce_sum(x * x, 1) - 0.5 * tf.reduce_sum(v * v, 1) - 0.5 * tf.reduce_sum(x * v, 1)
+        return (
+            -0.5 * tf.reduce_sum(x * x, 1)
+            - 0.5 * tf.reduce_sum(v * v, 1)
+            - 0.5 * tf.reduce_sum(x * v, 1)
+        )
 
 
-# ---- gradients -------------------------------------------------------------------------------------
+# ---- gradients ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_df_gradients_match_finite_differences_of_numpy_log_df(kind):
@@ -74,8 +87,11 @@ def test_df_gradients_match_finite_differences_of_numpy_log_df(kind):
     x = r[:, None] * random_directions(n, rng)
     speed = rng.uniform(0.1, 0.9, n) * H.escape_speed(r)          # bound, away from E = 0
     v = speed[:, None] * random_directions(n, rng)
-    g_x, g_v = (t.numpy().astype(np.float64) for t in cbe.df_gradients(H.exact_density(kind), x, v))
-    # Central differences of the float64 NumPy DF, step 1e-6 relative: truncation ~1e-12, rounding ~1e-10.
+    g_x, g_v = (
+        t.numpy().astype(np.float64) for t in cbe.df_gradients(H.exact_density(kind), x, v)
+    )
+    # Central differences of the float64 NumPy DF, step 1e-6 relative: truncation ~1e-12, rounding
+    # ~1e-10.
     fd = np.zeros((n, 6))
     w = np.concatenate([x, v], axis=1)
     for j in range(6):
@@ -83,30 +99,39 @@ def test_df_gradients_match_finite_differences_of_numpy_log_df(kind):
         up, down = w.copy(), w.copy()
         up[:, j] += step
         down[:, j] -= step
-        fd[:, j] = (H.log_df(up[:, :3], up[:, 3:], kind) - H.log_df(down[:, :3], down[:, 3:], kind)) / (2 * step)
-    # float32 autodiff: measured max 5.7e-7 (iso) and 5.4e-7 (aniso) per row; 1e-4 fails on any wrong term.
+        fd[:, j] = (
+            H.log_df(up[:, :3], up[:, 3:], kind) - H.log_df(down[:, :3], down[:, 3:], kind)
+        ) / (2 * step)
+    # float32 autodiff: measured max 5.7e-7 (iso) and 5.4e-7 (aniso) per row; 1e-4 fails on any
+    # wrong term.
     for got, want in ((g_x, fd[:, :3]), (g_v, fd[:, 3:])):
         err = np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)
         assert err.max() < 1e-4, err.max()
 
 
-# ---- the least-squares layer -----------------------------------------------------------------------
+# ---- the least-squares layer --------------------------------------------------------------------
 
 def test_cbe_layer_matches_numpy_lstsq_per_system():
     rng = np.random.default_rng(3)
     b_sys, k = 20, 40
     g_v = rng.normal(size=(b_sys, k, 3)) * rng.uniform(0.1, 10, size=(b_sys, 1, 3))
     v = rng.normal(size=(b_sys, k, 3))
-    g_x = rng.normal(size=(b_sys, k, 3))                 # inconsistent systems: residual well above 0
+    # inconsistent systems: residual well above 0
+    g_x = rng.normal(size=(b_sys, k, 3))
     mask = rng.uniform(size=(b_sys, k)) > 0.2
-    a, residual, condition = (t.numpy() for t in cbe.CBELayer()((g_x, g_v, v, mask.astype(np.float32))))
-    for i in range(b_sys):                              # reference: one NumPy least-squares solve per system
+    a, residual, condition = (
+        t.numpy() for t in cbe.CBELayer()((g_x, g_v, v, mask.astype(np.float32)))
+    )
+    # reference: one NumPy least-squares solve per system
+    for i in range(b_sys):
         rows = mask[i]
         G, b = g_v[i, rows], np.sum(v[i, rows] * g_x[i, rows], axis=1)
         ref, *_ = np.linalg.lstsq(G, -b, rcond=None)
         # float32 inputs/outputs around a float64 solve: 1e-5 relative.
         np.testing.assert_allclose(a[i], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
-        np.testing.assert_allclose(residual[i], np.linalg.norm(b + G @ ref) / np.linalg.norm(b), rtol=1e-5)
+        np.testing.assert_allclose(
+            residual[i], np.linalg.norm(b + G @ ref) / np.linalg.norm(b), rtol=1e-5
+        )
         np.testing.assert_allclose(condition[i], np.linalg.cond(G.T @ G), rtol=1e-4)
     assert np.all(residual > 0.3)                        # random g_x: the CBE cannot hold
 
@@ -133,7 +158,7 @@ def test_cbe_layer_exact_consistent_system_and_singular_system():
     np.testing.assert_allclose(a, a_true, rtol=0, atol=1e-5)
 
 
-# ---- exact DFs: the chain recovers the analytic acceleration -----------------------------------------
+# ---- exact DFs: the chain recovers the analytic acceleration ------------------------------------
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_exact_hernquist_df_recovers_analytic_acceleration(kind):
@@ -142,8 +167,8 @@ def test_exact_hernquist_df_recovers_analytic_acceleration(kind):
     x = np.geomspace(0.1, 10.0, n)[:, None] * random_directions(n, rng)
     res = cbe.accelerations(H.exact_density(kind), x, n_velocities=256, seed=1)
     err = relative_error(res.acceleration, H.acceleration(x))
-    # The CBE holds exactly for the exact DF, so only float32 gradient rounding remains: measured max
-    # 3e-7 (iso) and 2e-6 (aniso, 1/L gradients). 1e-4 is the required accuracy.
+    # The CBE holds exactly for the exact DF, so only float32 gradient rounding remains: measured
+    # max 3e-7 (iso) and 2e-6 (aniso, 1/L gradients). 1e-4 is the required accuracy.
     assert err.max() < 1e-4, err.max()
     assert res.residual.max() < 1e-4          # measured ~1e-7: the steady state is recognised
     assert not res.flagged.any(), res.reasons[res.flagged]
@@ -173,7 +198,7 @@ def test_harmonic_toy_df_and_sign():
     np.testing.assert_allclose(res.acceleration, -4.0 * x, rtol=1e-5, atol=1e-6)   # a = -∇(2|x|^2)
 
 
-# ---- velocity sampling -------------------------------------------------------------------------------
+# ---- velocity sampling --------------------------------------------------------------------------
 
 def speed_cdf(kind: str, r: float, psi_factor: float = 1.0):
     """Exact CDF of |v| at radius r: p(v | r) ∝ v^2 f(Ψ - v^2/2) (iso) or ∝ v (Ψ - v^2/2)^2 (aniso:
@@ -211,14 +236,25 @@ def test_sampled_dispersions_match_jeans(kind):
     radii = np.array([0.3, 1.0, 3.0])
     dirs = random_directions(3, rng)
     k = 4000
-    v = cbe.sample_velocities(H.exact_density(kind), radii[:, None] * dirs, k, seed=8,
-                              sampler=cbe.SamplerConfig(candidates=8 * k)).numpy().astype(np.float64)
+    v = (
+        cbe.sample_velocities(
+            H.exact_density(kind),
+            radii[:, None] * dirs,
+            k,
+            seed=8,
+            sampler=cbe.SamplerConfig(candidates=8 * k),
+        )
+        .numpy()
+        .astype(np.float64)
+    )
     for i, r in enumerate(radii):
         v_r = v[i] @ dirs[i]
         sigma_r = np.sqrt(np.mean(v_r**2))
-        sigma_t = np.sqrt((np.mean(np.sum(v[i] ** 2, 1)) - sigma_r**2) / 2)     # one tangential component
-        # Statistical error of a dispersion from K = 4000 (with ~10 % repeats): ~1.5-2.5 %; measured
-        # deviations <= 2.5 %. 7 % still separates beta = 1/2 (sigma_t/sigma_r = 0.71) from beta = 0.
+        # one tangential component
+        sigma_t = np.sqrt((np.mean(np.sum(v[i] ** 2, 1)) - sigma_r**2) / 2)
+        # Statistical error of a dispersion from K = 4000 (with ~10 % repeats): ~1.5-2.5 %;
+        # measured deviations <= 2.5 %. 7 % still separates beta = 1/2 (sigma_t/sigma_r = 0.71)
+        # from beta = 0.
         np.testing.assert_allclose(sigma_r, H.sigma_r(r, kind), rtol=0.07)
         np.testing.assert_allclose(sigma_t, H.sigma_t(r, kind), rtol=0.07)
         np.testing.assert_allclose(1 - sigma_t**2 / sigma_r**2, H.beta(r, kind), atol=0.1)
@@ -228,12 +264,14 @@ def test_sir_normaliser_estimates_the_density():
     # log ∫ f d^3v = log rho(r) for the normalised exact DF; the SIR mean weight estimates it.
     rng = np.random.default_rng(9)
     r = np.geomspace(0.1, 10.0, 24)
-    res = cbe.accelerations(H.exact_density("iso"), r[:, None] * random_directions(24, rng), seed=3)
+    res = cbe.accelerations(
+        H.exact_density("iso"), r[:, None] * random_directions(24, rng), seed=3
+    )
     # M = 1024 weights with ESS ~800: relative error ~4 % per position (measured max 0.06 in log).
     np.testing.assert_allclose(res.log_density, np.log(H.density(r)), atol=0.15)
 
 
-# ---- a learned flow ----------------------------------------------------------------------------------
+# ---- a learned flow -----------------------------------------------------------------------------
 
 def sample_hernquist_iso(n: int, seed: int, r_max: float = 20.0) -> np.ndarray:
     """Exact draws [n, 6] of the isotropic Hernquist model (G = M = a = 1) with r < r_max.
@@ -249,15 +287,20 @@ def sample_hernquist_iso(n: int, seed: int, r_max: float = 20.0) -> np.ndarray:
     todo = np.arange(n)
     while todo.size:
         trial = rng.uniform(size=todo.size) ** (1 / 3)
-        accept = rng.uniform(size=todo.size) * H.f_iso(psi[todo]) < H.f_iso(psi[todo] * (1 - trial**2))
+        accept = rng.uniform(size=todo.size) * H.f_iso(psi[todo]) < H.f_iso(
+            psi[todo] * (1 - trial**2)
+        )
         q[todo[accept]] = trial[accept]
         todo = todo[~accept]
     speed = q * np.sqrt(2 * psi)
-    return np.concatenate([r[:, None] * random_directions(n, rng), speed[:, None] * random_directions(n, rng)], 1)
+    return np.concatenate(
+        [r[:, None] * random_directions(n, rng), speed[:, None] * random_directions(n, rng)], 1
+    )
 
 
 def within_tolerance(a_radial: np.ndarray, truth: np.ndarray, tol: float = 0.35) -> bool:
-    """Median over directions of the recovered radial acceleration within ``tol`` of the truth, every radius."""
+    """Median over directions of the recovered radial acceleration within ``tol`` of the truth,
+    every radius."""
     return bool(np.all(np.abs(np.median(a_radial, axis=1) / truth - 1) < tol))
 
 
@@ -268,18 +311,22 @@ def test_small_trained_flow_recovers_acceleration():
     keras.utils.set_random_seed(0)
     flow = Flow(FlowConfig(dim=6, layers=3, hidden=(32, 32), seed=0)).adapt(w)
     epochs, steps = 20, -(-len(w) // 512)
-    flow.compile(keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(3e-3, epochs * steps)))
+    flow.compile(
+        keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(3e-3, epochs * steps))
+    )
     flow.fit(w.astype(np.float32), epochs=epochs, batch_size=512, verbose=0)
 
     radii = np.array([0.5, 1.0, 2.0, 3.0])
     dirs = random_directions(8, np.random.default_rng(5))
     x = (radii[:, None, None] * dirs[None]).reshape(-1, 3)
     res = cbe.accelerations(flow, x, n_velocities=256, seed=0)
-    a_radial = (-np.sum(res.acceleration * x, 1) / np.linalg.norm(x, axis=1)).reshape(len(radii), -1)
+    a_radial = (-np.sum(res.acceleration * x, 1) / np.linalg.norm(x, axis=1)).reshape(
+        len(radii), -1
+    )
     truth = H.enclosed_mass(radii) / radii**2                       # |a_r| = G M(<r) / r^2
-    # Measured medians/truth 0.87-1.05 at this seed and 0.69-1.07 over seeds 0-4 (a small flow smooths
-    # the central cusp and under-estimates |a| at small r; per-direction scatter 6-13 %). 35 % passes every
-    # seed tried, yet fails on a factor of 2 (ratio 0.5 or 2) or a sign:
+    # Measured medians/truth 0.87-1.05 at this seed and 0.69-1.07 over seeds 0-4 (a small flow
+    # smooths the central cusp and under-estimates |a| at small r; per-direction scatter 6-13 %).
+    # 35 % passes every seed tried, yet fails on a factor of 2 (ratio 0.5 or 2) or a sign:
     assert within_tolerance(a_radial, truth), np.median(a_radial, axis=1) / truth
     assert not within_tolerance(a_radial, -truth)
     assert not within_tolerance(a_radial, 2 * truth) and not within_tolerance(a_radial, truth / 2)
@@ -290,7 +337,7 @@ def test_small_trained_flow_recovers_acceleration():
     assert 0.05 < np.median(res.residual) < cbe.MAX_RESIDUAL
 
 
-# ---- ensembles, graphs, export ------------------------------------------------------------------------
+# ---- ensembles, graphs, export ------------------------------------------------------------------
 
 def _small_flows(n: int) -> list[Flow]:
     w = np.random.default_rng(0).normal(size=(2000, 6))
@@ -302,7 +349,9 @@ def test_ensemble_uses_mean_density_and_reports_member_spread():
     ensemble = Ensemble(flows)
     x = np.random.default_rng(1).normal(size=(5, 3))
     res = cbe.accelerations(ensemble, x, n_velocities=32, seed=4)
-    members = np.stack([cbe.accelerations(f, x, n_velocities=32, seed=4).acceleration for f in flows])
+    members = np.stack(
+        [cbe.accelerations(f, x, n_velocities=32, seed=4).acceleration for f in flows]
+    )
     np.testing.assert_allclose(res.spread, members.std(axis=0, ddof=1), rtol=1e-6)
     # Gradients of the ensemble are those of log of the mean density, Σ_k p_k ∇log p_k / Σ_k p_k.
     w = np.random.default_rng(2).normal(size=(7, 6)).astype(np.float32)
@@ -336,8 +385,9 @@ def test_exported_accelerations_signature_matches_python(tmp_path):
     x = np.random.default_rng(3).normal(size=(6, 3))
     export_model(flow, tmp_path / "m", n_velocities=32)
     out = load(tmp_path / "m").accelerations(x.astype(np.float32), seed=4)
-    np.testing.assert_array_equal(out.acceleration, cbe.accelerations(flow, x, 32, seed=4).acceleration
-                                  .astype(np.float32))
+    np.testing.assert_array_equal(
+        out.acceleration, cbe.accelerations(flow, x, 32, seed=4).acceleration.astype(np.float32)
+    )
 
 
 def test_cached_graphs_do_not_keep_the_model_alive():
@@ -363,19 +413,22 @@ def test_chunking_does_not_change_accuracy():
     assert relative_error(res.acceleration, H.acceleration(x)).max() < 1e-4
 
 
-# ---- the XLA-compiled path (jit_compile=True) -----------------------------------------------------------
+# ---- the XLA-compiled path (jit_compile=True) ---------------------------------------------------
 
 def test_inline_log_prob_is_the_dfs_log_prob():
-    # XLA traces the DF's maths inline instead of calling its log_prob (Density.log_prob_tensor): it must be
-    # the same function. Both run as traced graphs; 1e-6 relative allows only different op fusion.
+    # XLA traces the DF's maths inline instead of calling its log_prob (Density.log_prob_tensor):
+    # it must be the same function. Both run as traced graphs; 1e-6 relative allows only different
+    # op fusion.
     w = np.random.default_rng(13).normal(size=(64, 6)) * [1.0, 1.0, 1.0, 0.3, 0.3, 0.3]
     flows = _small_flows(2)
     for df in (H.exact_density("iso"), H.exact_density("aniso"), flows[0], Ensemble(flows)):
         inline = tf.function(lambda w: df.log_prob_tensor(w), autograph=False)
         got, want = inline(tf.constant(w, tf.float32)).numpy(), df.log_prob(w).numpy()
-        assert np.isfinite(want).sum() > 40                   # mostly bound points: a real comparison
+        # mostly bound points: a real comparison
+        assert np.isfinite(want).sum() > 40
         np.testing.assert_allclose(got, want, rtol=1e-6)
-    assert Harmonic().inlinable and not OpaqueHarmonic().inlinable   # opaque DFs stay on the plain graph
+    # opaque DFs stay on the plain graph
+    assert Harmonic().inlinable and not OpaqueHarmonic().inlinable
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -392,12 +445,18 @@ def test_xla_solve_matches_plain_graph_and_padding_never_changes_it(kind):
     # 1.2e-6 (condition); 1e-5 would still fail on any wrong term.
     assert relative_error(xla[0], plain[0]).max() < 1e-5
     np.testing.assert_allclose(xla[2], plain[2], rtol=1e-5)
-    assert xla[1].max() < 1e-4                                  # residual: the steady state is recognised
+    # residual: the steady state is recognised
+    assert xla[1].max() < 1e-4
     # Rows are independent and the layer solves each system alone, so a position's answer must not
-    # depend on its slot in the chunk or on the padding: one row (B < chunk), odd B, several chunks.
+    # depend on its slot in the chunk or on the padding: one row (B < chunk), odd B, several
+    # chunks.
     for rows in (slice(0, 1), slice(3, 10), slice(2, 11), slice(10, 11), slice(1, 6)):
-        part = [t.numpy() for t in cbe.solve_cbe(df, x[rows], tf.gather(v, np.arange(n)[rows]), chunk_size=4,
-                                                 jit_compile=True)]
+        part = [
+            t.numpy()
+            for t in cbe.solve_cbe(
+                df, x[rows], tf.gather(v, np.arange(n)[rows]), chunk_size=4, jit_compile=True
+            )
+        ]
         for got, want in zip(part, xla):
             np.testing.assert_array_equal(got, want[rows])
 
@@ -406,18 +465,22 @@ def test_xla_accelerations_match_plain_graph():
     rng = np.random.default_rng(15)
     x = np.geomspace(0.2, 5, 10)[:, None] * random_directions(10, rng)
     df = H.exact_density("iso")
-    # The random numbers are the plain graph's in both; XLA computes log f and the gradients. Measured:
-    # a 1.4e-7, ESS 1e-6 relative, log density 1e-6 absolute; tolerances 1e-5.
-    for rows in (slice(0, 10), slice(0, 3)):                       # 3 chunks of 4; one padded chunk
+    # The random numbers are the plain graph's in both; XLA computes log f and the gradients.
+    # Measured: a 1.4e-7, ESS 1e-6 relative, log density 1e-6 absolute; tolerances 1e-5. 3 chunks
+    # of 4; one padded chunk
+    for rows in (slice(0, 10), slice(0, 3)):
         plain = cbe.accelerations(df, x[rows], n_velocities=32, seed=2, chunk_size=4)
-        xla = cbe.accelerations(df, x[rows], n_velocities=32, seed=2, chunk_size=4, jit_compile=True)
+        xla = cbe.accelerations(
+            df, x[rows], n_velocities=32, seed=2, chunk_size=4, jit_compile=True
+        )
         assert relative_error(xla.acceleration, H.acceleration(x[rows])).max() < 1e-4
         assert relative_error(xla.acceleration, plain.acceleration).max() < 1e-5
         np.testing.assert_allclose(xla.ess, plain.ess, rtol=1e-5)
         np.testing.assert_allclose(xla.log_density, plain.log_density, rtol=0, atol=1e-5)
         np.testing.assert_array_equal(xla.reasons, plain.reasons)
-    # A flow: the resampling sees XLA's log f, so a velocity may (rarely: ~1e-4 per draw) be another
-    # candidate; here none is (measured max difference 3.8e-7 at 24 positions x 32 velocities).
+    # A flow: the resampling sees XLA's log f, so a velocity may (rarely: ~1e-4 per draw) be
+    # another candidate; here none is (measured max difference 3.8e-7 at 24 positions x 32
+    # velocities).
     flow = _small_flows(1)[0]
     x = np.random.default_rng(1).normal(size=(24, 3))
     plain = cbe.accelerations(flow, x, n_velocities=32, seed=4, chunk_size=8)
@@ -437,11 +500,18 @@ def test_jit_compile_leaves_other_dfs_on_the_plain_graph():
         np.testing.assert_array_equal(got.numpy(), want.numpy())
 
 
-# ---- validation and flags ----------------------------------------------------------------------------
+# ---- validation and flags -----------------------------------------------------------------------
 
 def test_bad_inputs_raise_input_error():
     df = H.exact_density("iso")
-    for bad in (np.zeros((4, 2)), np.zeros(3), np.zeros((0, 3)), [[1.0, np.nan, 0.0]], [[np.inf, 0, 0]], "x"):
+    for bad in (
+        np.zeros((4, 2)),
+        np.zeros(3),
+        np.zeros((0, 3)),
+        [[1.0, np.nan, 0.0]],
+        [[np.inf, 0, 0]],
+        "x",
+    ):
         with pytest.raises(InputError, match="positions"):
             cbe.accelerations(df, bad)
     for k in (4, 7, 8.5, True, None):
@@ -450,7 +520,9 @@ def test_bad_inputs_raise_input_error():
     with pytest.raises(InputError, match="dim = 4"):
         cbe.accelerations(Flow(FlowConfig(dim=4, layers=1, hidden=(4,))), [[1.0, 0, 0]])
     with pytest.raises(InputError, match="conditional"):
-        cbe.accelerations(Flow(FlowConfig(dim=6, label_dim=1, layers=1, hidden=(4,))), [[1.0, 0, 0]])
+        cbe.accelerations(
+            Flow(FlowConfig(dim=6, label_dim=1, layers=1, hidden=(4,))), [[1.0, 0, 0]]
+        )
     with pytest.raises(InputError, match="phase-space DF"):
         cbe.accelerations(object(), [[1.0, 0, 0]])
     with pytest.raises(InputError, match="seed"):
@@ -469,8 +541,10 @@ def test_positions_without_support_or_solution_are_flagged():
     # Inside: log f constant, no gradients -> singular; outside |x| < 1: f = 0 at every velocity.
     assert ball.flagged.all()
     assert "ill_conditioned" in ball.reasons[0] and "no_support" in ball.reasons[1]
-    assert np.all(np.isnan(ball.acceleration))            # NaN, never a number that looks fine
-    sheared = cbe.accelerations(Sheared(), [[0.05, 0.0, 0.0], [0.0, 0.02, 0.01]], n_velocities=64, seed=0)
+    assert np.all(np.isnan(ball.acceleration))  # NaN, never a number that looks fine
+    sheared = cbe.accelerations(
+        Sheared(), [[0.05, 0.0, 0.0], [0.0, 0.02, 0.01]], n_velocities=64, seed=0
+    )
     assert sheared.residual.min() > 0.9 and all("high_residual" in r for r in sheared.reasons)
     harmonic = cbe.accelerations(Harmonic(), x, n_velocities=64, seed=0)
     assert not harmonic.flagged.any()
@@ -481,15 +555,17 @@ def test_positions_without_support_or_solution_are_flagged():
 
 
 def test_solve_cbe_at_arbitrary_velocities():
-    # The exact DF obeys the CBE at every bound velocity, not only at typical ones: uniform draws in the
-    # ball |v| < 0.7 v_esc recover a as well (float32 rounding only, measured ~1e-7).
+    # The exact DF obeys the CBE at every bound velocity, not only at typical ones: uniform draws
+    # in the ball |v| < 0.7 v_esc recover a as well (float32 rounding only, measured ~1e-7).
     rng = np.random.default_rng(12)
     n, k = 16, 64
     r = np.geomspace(0.1, 10.0, n)
     x = r[:, None] * random_directions(n, rng)
     v = (0.7 * H.escape_speed(r)[:, None, None] * rng.uniform(size=(n, k, 1)) ** (1 / 3)
          * random_directions(n * k, rng).reshape(n, k, 3))
-    a, residual, condition = (t.numpy() for t in cbe.solve_cbe(H.exact_density("aniso"), x, v, chunk_size=5))
+    a, residual, condition = (
+        t.numpy() for t in cbe.solve_cbe(H.exact_density("aniso"), x, v, chunk_size=5)
+    )
     assert relative_error(a, H.acceleration(x)).max() < 1e-4
     assert residual.max() < 1e-4 and np.all(condition >= 1)
     with pytest.raises(InputError, match=r"\[B, K, 3\]"):
@@ -665,14 +741,16 @@ def test_bad_labels_raise_input_error_naming_the_shapes():
             call()
 
 
-# ---- CLI ------------------------------------------------------------------------------------------
+# ---- CLI ----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     from tfgalflow.training import TrainConfig, train
 
     run = tmp_path_factory.mktemp("cbe") / "run"
-    config = TrainConfig(layers=1, hidden=(8,), epochs=2, batch_size=256, checkpoint_every=0, patience=0)
+    config = TrainConfig(
+        layers=1, hidden=(8,), epochs=2, batch_size=256, checkpoint_every=0, patience=0
+    )
     train(sample_hernquist_iso(2000, seed=1), config, run, verbose=0)
     return run
 
@@ -688,8 +766,12 @@ def test_cli_accel_matches_python_api(tiny_run, tmp_path, capsys):
     with np.load(out) as z:
         positions, acceleration, reasons = z["positions"], z["acceleration"], z["reasons"]
         # positions are what the model saw: float32-rounded (relative 6e-8)
-        np.testing.assert_allclose(np.linalg.norm(positions, axis=1), np.repeat([0.5, 1.0, 2.0], 2), rtol=2e-7)
-        np.testing.assert_allclose(z["a_radial"], np.sum(acceleration * positions, 1) / z["radius"], rtol=1e-12)
+        np.testing.assert_allclose(
+            np.linalg.norm(positions, axis=1), np.repeat([0.5, 1.0, 2.0], 2), rtol=2e-7
+        )
+        np.testing.assert_allclose(
+            z["a_radial"], np.sum(acceleration * positions, 1) / z["radius"], rtol=1e-12
+        )
     model = load_run(tiny_run)
     ref = cbe.accelerations(model, positions, n_velocities=32, seed=3)
     np.testing.assert_array_equal(acceleration, ref.acceleration)
@@ -700,13 +782,16 @@ def test_cli_accel_matches_python_api(tiny_run, tmp_path, capsys):
     with np.load(out) as z:
         np.testing.assert_array_equal(z["acceleration"], cbe.accelerations(
             model, positions, n_velocities=32, seed=3, jit_compile=True).acceleration)
-    # --positions from a text file, written as CSV: the same numbers (CSV keeps 9 significant digits).
+    # --positions from a text file, written as CSV: the same numbers (CSV keeps 9 significant
+    # digits).
     np.savetxt(tmp_path / "pos.txt", positions)
     csv_out = tmp_path / "acc.csv"
     assert main(["accel", str(tiny_run), "--positions", str(tmp_path / "pos.txt"), "--seed", "3",
                  "--n-velocities", "32", "--out", str(csv_out)]) == 0
     table = np.genfromtxt(csv_out, delimiter=",", names=True, dtype=None, encoding=None)
-    np.testing.assert_allclose(np.stack([table["ax"], table["ay"], table["az"]], 1), acceleration, rtol=1e-7)
+    np.testing.assert_allclose(
+        np.stack([table["ax"], table["ay"], table["az"]], 1), acceleration, rtol=1e-7
+    )
 
 
 def test_cli_accel_on_a_savedmodel_matches_the_run(tiny_run, tmp_path):
@@ -716,8 +801,23 @@ def test_cli_accel_on_a_savedmodel_matches_the_run(tiny_run, tmp_path):
 
     export_model(load_run(tiny_run), tmp_path / "saved", n_velocities=16)
     args = ["--radii", "0.5,2", "--directions", "2", "--seed", "1"]
-    assert main(["accel", str(tmp_path / "saved"), *args, "--out", str(tmp_path / "saved.npz")]) == 0
-    assert main(["accel", str(tiny_run), *args, "--n-velocities", "16", "--out", str(tmp_path / "run.npz")]) == 0
+    assert (
+        main(["accel", str(tmp_path / "saved"), *args, "--out", str(tmp_path / "saved.npz")]) == 0
+    )
+    assert (
+        main(
+            [
+                "accel",
+                str(tiny_run),
+                *args,
+                "--n-velocities",
+                "16",
+                "--out",
+                str(tmp_path / "run.npz"),
+            ]
+        )
+        == 0
+    )
     with np.load(tmp_path / "saved.npz") as a, np.load(tmp_path / "run.npz") as b:
         # Same graph, seeds and float32 outputs; the run path returns float64 copies of them.
         np.testing.assert_allclose(a["acceleration"], b["acceleration"], rtol=1e-6)
@@ -739,12 +839,19 @@ def test_cli_accel_rotations_is_the_spherical_average(tiny_run, tmp_path):
     assert main(["accel", str(tiny_run), "--radii", "0.5,2", "--seed", "2", "--n-velocities", "16",
                  "--rotations", "4", "--out", str(out)]) == 0
     with np.load(out) as z:
-        ref = cbe.accelerations(SphericalAverage(load_run(tiny_run), 4, seed=2), z["positions"], n_velocities=16,
-                                seed=2)
+        ref = cbe.accelerations(
+            SphericalAverage(load_run(tiny_run), 4, seed=2),
+            z["positions"],
+            n_velocities=16,
+            seed=2,
+        )
         np.testing.assert_array_equal(z["acceleration"], ref.acceleration)
         plain = cbe.accelerations(load_run(tiny_run), z["positions"], n_velocities=16, seed=2)
-        assert np.abs(z["acceleration"] - plain.acceleration).max() > 1e-6      # the option did something
-    assert main(["accel", str(tiny_run), "--radii", "1", "--rotations", "-1", "--out", str(out)]) == 2
+        # the option did something
+        assert np.abs(z["acceleration"] - plain.acceleration).max() > 1e-6
+    assert (
+        main(["accel", str(tiny_run), "--radii", "1", "--rotations", "-1", "--out", str(out)]) == 2
+    )
 
 
 def test_cli_accel_bad_arguments_exit_2(tiny_run, tmp_path, capsys):
@@ -764,7 +871,8 @@ def test_cli_accel_bad_arguments_exit_2(tiny_run, tmp_path, capsys):
         assert main(argv) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "a.npz").exists() and not (tmp_path / "a.json").exists()
-    with pytest.raises(SystemExit):          # --positions and --radii are mutually exclusive (argparse: exit 2)
+    # --positions and --radii are mutually exclusive (argparse: exit 2)
+    with pytest.raises(SystemExit):
         main(["accel", str(tiny_run), "--radii", "1", "--positions", "p.npy", "--out", "a.npz"])
 
 

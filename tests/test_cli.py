@@ -133,9 +133,45 @@ def test_potential_cli_fits_and_accel_reads_the_potential(tmp_path, capsys):
     # The potential commands end to end on a tiny run: the field they write is curl-free by
     # construction, so its check here is the plumbing: columns, support and the one-line error.
     mock, run, pot, out = (tmp_path / n for n in ("m.npz", "run", "pot", "field.npz"))
-    assert main(["mock", "hernquist", "--n", "3000", "--seed", "1", "--r-max", "50", "--out", str(mock)]) == 0
-    assert main(["train", str(mock), "--out", str(run), "--layers", "2", "--hidden", "8,8", "--epochs", "1",
-                 "--verbose", "0", "--no-jit-compile", "--steps-per-call", "1"]) == 0
+    assert (
+        main(
+            [
+                "mock",
+                "hernquist",
+                "--n",
+                "3000",
+                "--seed",
+                "1",
+                "--r-max",
+                "50",
+                "--out",
+                str(mock),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                str(mock),
+                "--out",
+                str(run),
+                "--layers",
+                "2",
+                "--hidden",
+                "8,8",
+                "--epochs",
+                "1",
+                "--verbose",
+                "0",
+                "--no-jit-compile",
+                "--steps-per-call",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert main(["potential", str(run), "--out", str(pot), "--data", str(mock), "--epochs", "1",
                  "--points", "1000"]) == 0
     assert main(["accel", str(pot), "--radii", "0.5,1,1000", "--out", str(out)]) == 0

@@ -37,7 +37,7 @@ def catalogue_with(kind: str, n: int = 50, seed: int = 0) -> Catalogue:
                      errors=errors, error_kind=kind)
 
 
-# ---- catalogue errors ----------------------------------------------------------------------------
+# ---- catalogue errors ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["absolute", "fractional", "covariance"])
 @pytest.mark.parametrize("ext", [".npz", ".h5"])
@@ -114,7 +114,7 @@ def test_add_noise_records_the_noise_it_drew():
         add_noise(noisy, 0.1, seed=3)
 
 
-# ---- the estimator -------------------------------------------------------------------------------
+# ---- the estimator ------------------------------------------------------------------------------
 
 def gaussian_log_prob(mu, var):
     """log N(x; mu, diag(var)) as a tensor function of x [M, D] (labels ignored)."""
@@ -171,7 +171,8 @@ def test_covariance_estimator_matches_the_closed_form_convolution():
                       for i in range(n)])
     lp = estimates(NoiseModel("covariance", 4096, dim=2), gaussian_log_prob(mu, var), x, cov, 1)
     # per row, the standard error of log p̂ is sqrt(V_i / K) with the closed-form relative
-    # variance V_i = E[f^2]/p_i^2 - 1, E[f^2] = N(x_i; mu, Sigma/2 + C_i) / ((4 pi)^(d/2) |Sigma|^½)
+    # variance V_i = E[f^2]/p_i^2 - 1, E[f^2] = N(x_i; mu, Sigma/2 + C_i) / ((4 pi)^(d/2)
+    # |Sigma|^½)
     second = np.array([stats.multivariate_normal.pdf(x[i], mu, np.diag(var) / 2 + cov[i])
                        for i in range(n)]) / (4 * math.pi * math.sqrt(np.prod(var)))
     se = np.sqrt((second / np.exp(2 * exact) - 1) / 4096)
@@ -209,7 +210,7 @@ def test_packed_rows_split_back():
         NoiseModel("absolute").split(np.ones((2, 6)))
 
 
-# ---- the Flow's loss -----------------------------------------------------------------------------
+# ---- the Flow's loss ----------------------------------------------------------------------------
 
 def test_flow_evaluates_the_deconvolution_loss_on_packed_rows():
     rng = np.random.default_rng(0)
@@ -256,7 +257,7 @@ def test_deconvolve_needs_errors(tmp_path):
         TrainConfig(noise_samples=0)
 
 
-# ---- deconvolved fits against exact answers ------------------------------------------------------
+# ---- deconvolved fits against exact answers -----------------------------------------------------
 
 def fit(x_obs, errors, kind, deconvolve: bool, k: int = 32, epochs: int = 40, layers: int = 1):
     """A small flow fitted to noisy rows; returns 2e5 samples of it."""

@@ -1,12 +1,13 @@
-"""The density contract (tfgalflow.density.Density): one set of generic checks over every implementation.
+"""The density contract (tfgalflow.density.Density): one set of generic checks over every
+implementation.
 
-Each implementation only says how to build itself (a ``Case``); every check runs on every case. A new
-density must be added to ``CASES`` (``test_every_density_class_has_a_case`` fails otherwise).
+Each implementation only says how to build itself (a ``Case``); every check runs on every case. A
+new density must be added to ``CASES`` (``test_every_density_class_has_a_case`` fails otherwise).
 
-Independent truths used here: normalisation ∫ p dx = 1 by importance sampling from a Student-t proposal
-(or, for the exact Hernquist DF, by quadrature against its known mass M(r) = r²/(r + a)²); consistency of
-samples and log_prob through the identity E_{x~p}[q(x)/p(x)] = 1 for a normalised q whose tails are
-lighter than p's; gradients against central finite differences of log_prob.
+Independent truths used here: normalisation ∫ p dx = 1 by importance sampling from a Student-t
+proposal (or, for the exact Hernquist DF, by quadrature against its known mass M(r) = r²/(r + a)²);
+consistency of samples and log_prob through the identity E_{x~p}[q(x)/p(x)] = 1 for a normalised q
+whose tails are lighter than p's; gradients against central finite differences of log_prob.
 """
 from __future__ import annotations
 
@@ -37,29 +38,44 @@ def _gaussian_data(n: int, dim: int, seed: int) -> np.ndarray:
 
 
 def _flow(dim: int, label_dim: int = 0, seed: int = 0, isotropic: bool = False) -> Flow:
-    """A small flow adapted (not trained) to correlated Gaussian data (or N(0, I) data): any density is a
-    fair test case."""
-    x = np.random.default_rng(seed).normal(size=(2000, dim)) if isotropic else _gaussian_data(2000, dim, seed)
-    labels = np.random.default_rng(seed + 1).uniform(-1, 1, size=(2000, label_dim)) if label_dim else None
-    # tanh: a smooth density, so finite differences are a fair check of its gradient (ReLU kinks are not).
-    return Flow(FlowConfig(dim=dim, label_dim=label_dim, layers=2, hidden=(16, 16), activation="tanh",
-                           seed=seed)).adapt(
-        x + (labels[:, :1] if label_dim else 0), labels)
+    """A small flow adapted (not trained) to correlated Gaussian data (or N(0, I) data): any
+    density is a fair test case."""
+    x = (
+        np.random.default_rng(seed).normal(size=(2000, dim))
+        if isotropic
+        else _gaussian_data(2000, dim, seed)
+    )
+    labels = (
+        np.random.default_rng(seed + 1).uniform(-1, 1, size=(2000, label_dim))
+        if label_dim
+        else None
+    )
+    # tanh: a smooth density, so finite differences are a fair check of its gradient (ReLU kinks
+    # are not).
+    return Flow(
+        FlowConfig(
+            dim=dim, label_dim=label_dim, layers=2, hidden=(16, 16), activation="tanh", seed=seed
+        )
+    ).adapt(x + (labels[:, :1] if label_dim else 0), labels)
 
 
 @dataclass
 class Case:
     name: str
     build: Callable[[], Density]
-    labels: np.ndarray | None = None          # one label row, used for every point of a conditional case
+    # one label row, used for every point of a conditional case
+    labels: np.ndarray | None = None
     normalisation: Callable[[Density], tuple[float, float]] | None = None   # (estimate, std error)
 
 
-def _isotropic_mass_within(df: Density, model, labels=None, r_max: float = 50.0) -> tuple[float, float]:
+def _isotropic_mass_within(
+    df: Density, model, labels=None, r_max: float = 50.0
+) -> tuple[float, float]:
     """∫_{r<r_max} ∫ f d³v d³x / M(<r_max) by quadrature of an isotropic f(|x|, |v|) on a
     (log r, v/v_esc) grid; M(<r_max) from the model's closed-form enclosed mass."""
     r = np.geomspace(1e-3, r_max, 240)
-    u = np.linspace(0.0, 1.0, 201)[1:-1]                                   # v / v_esc(r), open interval
+    # v / v_esc(r), open interval
+    u = np.linspace(0.0, 1.0, 201)[1:-1]
     v = model.escape_speed(r)[:, None] * u[None, :]
     w = np.zeros((r.size * u.size, 6), np.float32)
     w[:, 0] = np.repeat(r, u.size)
@@ -67,22 +83,36 @@ def _isotropic_mass_within(df: Density, model, labels=None, r_max: float = 50.0)
     c = None if labels is None else np.tile(np.asarray(labels, np.float32), (len(w), 1))
     f = np.exp(np.asarray(df.log_prob(w, c), np.float64)).reshape(r.size, u.size)
     rho = integrate.simpson(4 * np.pi * v**2 * f, x=v, axis=1)              # ∫ f d³v at each r
-    mass = integrate.simpson(4 * np.pi * r**3 * rho, x=np.log(r))          # ∫ 4π r² ρ dr, dr = r dln r
+    # ∫ 4π r² ρ dr, dr = r dln r
+    mass = integrate.simpson(4 * np.pi * r**3 * rho, x=np.log(r))
     return mass / float(model.enclosed_mass(r_max)), 0.0                   # should be 1
 
 
 CASES = [
     Case("flow", lambda: _flow(2)),
-    Case("conditional flow", lambda: _flow(2, label_dim=1, seed=3), labels=np.array([0.4], np.float32)),
+    Case(
+        "conditional flow",
+        lambda: _flow(2, label_dim=1, seed=3),
+        labels=np.array([0.4], np.float32),
+    ),
     Case("ensemble", lambda: Ensemble([_flow(2, seed=s) for s in (5, 6)])),
     # About the origin, as a spherical system is (the average of an off-centre density is a shell).
-    Case("spherical average", lambda: SphericalAverage(_flow(6, seed=7, isotropic=True), n_rotations=4,
-                                                       seed=1)),
-    Case("exact DF", lambda: Hernquist().exact_density("iso"),
-         normalisation=lambda df: _isotropic_mass_within(df, df.model)),
+    Case(
+        "spherical average",
+        lambda: SphericalAverage(_flow(6, seed=7, isotropic=True), n_rotations=4, seed=1),
+    ),
+    Case(
+        "exact DF",
+        lambda: Hernquist().exact_density("iso"),
+        normalisation=lambda df: _isotropic_mass_within(df, df.model),
+    ),
     # A conditional exact density: normalised at an isotropic label of the family (γ = 0.5).
-    Case("Dehnen family DF", DehnenFamilyDF, labels=np.array([0.5, 0.0], np.float32),
-         normalisation=lambda df: _isotropic_mass_within(df, Dehnen(0.5, 0.0), [0.5, 0.0])),
+    Case(
+        "Dehnen family DF",
+        DehnenFamilyDF,
+        labels=np.array([0.5, 0.0], np.float32),
+        normalisation=lambda df: _isotropic_mass_within(df, Dehnen(0.5, 0.0), [0.5, 0.0]),
+    ),
     Case("exported model", None, labels=np.array([-0.3], np.float32)),
 ]
 CASE_IDS = [c.name for c in CASES]
@@ -102,16 +132,20 @@ def case(request, densities) -> tuple[Case, Density]:
 
 
 def _labels(case: Case, n: int):
-    return None if case.labels is None else np.broadcast_to(case.labels, (n, case.labels.size)).copy()
+    return (
+        None if case.labels is None else np.broadcast_to(case.labels, (n, case.labels.size)).copy()
+    )
 
 
 def _points(case: Case, df: Density, n: int, seed: int) -> np.ndarray:
-    """Points where the density is well inside its support: its own draws, or bound Hernquist orbits."""
+    """Points where the density is well inside its support: its own draws, or bound Hernquist
+    orbits."""
     if df.can_sample:
         return np.asarray(df.sample(n, _labels(case, n), seed=seed))
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, 3))
-    v = rng.normal(size=(n, 3)) * 0.2                                      # |v| << v_esc near r ~ 1
+    # |v| << v_esc near r ~ 1
+    v = rng.normal(size=(n, 3)) * 0.2
     return np.hstack([x, v]).astype(np.float32)
 
 
@@ -128,7 +162,8 @@ def _package_density_classes() -> set[type]:
 
 
 def test_every_density_class_has_a_case(densities):
-    # Every Density subclass the package defines is exercised by the contract (a new one adds a Case).
+    # Every Density subclass the package defines is exercised by the contract (a new one adds a
+    # Case).
     assert _package_density_classes() <= {type(d) for d in densities.values()}
     assert tfgalflow.Density is Density
 
@@ -148,8 +183,9 @@ class TestDensityContract:
             s = np.asarray(df.sample(5, None if c is None else case.labels, seed=3))
             assert s.shape == (5, df.dim) and s.dtype == np.float32
             # The same seed gives the same draws.
-            np.testing.assert_array_equal(s, np.asarray(df.sample(5, None if c is None else case.labels,
-                                                                  seed=3)))
+            np.testing.assert_array_equal(
+                s, np.asarray(df.sample(5, None if c is None else case.labels, seed=3))
+            )
 
     def test_finite_where_supported(self, case):
         case, df = case
@@ -163,9 +199,10 @@ class TestDensityContract:
         x = _points(case, df, 8, seed=4).astype(np.float64)
         c = _labels(case, 8)
         grad = np.asarray(df.grad_log_prob(x, c))
-        # Central differences of the float32 log p with a step of 1e-2 x the column scale: truncation
-        # O(h²) ~ 1e-4 and round-off ~ 1e-7 |log p| / h ~ 1e-4, so 2e-2 relative to the gradient's
-        # size is loose enough for float32 and tight enough to catch a wrong sign, factor or column.
+        # Central differences of the float32 log p with a step of 1e-2 x the column scale:
+        # truncation O(h²) ~ 1e-4 and round-off ~ 1e-7 |log p| / h ~ 1e-4, so 2e-2 relative to the
+        # gradient's size is loose enough for float32 and tight enough to catch a wrong sign,
+        # factor or column.
         h = 1e-2 * np.maximum(np.abs(x).mean(axis=0), 0.1)
         fd = np.empty_like(grad)
         for j in range(df.dim):
@@ -193,10 +230,13 @@ class TestDensityContract:
             pytest.skip(f"{case.name} does not sample")
         x = np.asarray(df.sample(20000, _labels(case, 20000), seed=6), np.float64)
         mean, cov = x.mean(axis=0), np.cov(x.T)
-        # q = N(mean, 0.6² cov) has lighter tails than p, so q/p is bounded and E_{x~p}[q/p] = ∫ q = 1.
-        # If the draws did not come from the density log_prob describes, the mean ratio differs from 1.
+        # q = N(mean, 0.6² cov) has lighter tails than p, so q/p is bounded and E_{x~p}[q/p] = ∫ q
+        # = 1. If the draws did not come from the density log_prob describes, the mean ratio
+        # differs from 1.
         q = stats.multivariate_normal(mean, 0.36 * cov)
-        log_ratio = q.logpdf(x) - np.asarray(df.log_prob(x.astype(np.float32), _labels(case, len(x))))
+        log_ratio = q.logpdf(x) - np.asarray(
+            df.log_prob(x.astype(np.float32), _labels(case, len(x)))
+        )
         ratio = np.exp(log_ratio)
         error = ratio.std() / math.sqrt(len(ratio))
         assert abs(ratio.mean() - 1.0) < 5 * error + 1e-3, (ratio.mean(), error)
@@ -230,12 +270,16 @@ class TestDensityContract:
         if isinstance(df, (ExactDF, DehnenFamilyDF, ExportedModel)):
             pytest.skip("exact DFs are formulas, and an ExportedModel is already the round trip")
         loaded = load(export_model(df, tmp_path / "m", accelerations=False))
-        assert isinstance(loaded, Density) and (loaded.dim, loaded.label_dim) == (df.dim, df.label_dim)
+        assert isinstance(loaded, Density) and (loaded.dim, loaded.label_dim) == (
+            df.dim,
+            df.label_dim,
+        )
         x = _points(case, df, 50, seed=8)
         c = _labels(case, 50)
         # The exported graph is the same float32 maths: equal to round-off.
-        np.testing.assert_allclose(np.asarray(loaded.log_prob(x, c)), np.asarray(df.log_prob(x, c)), rtol=1e-5,
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(loaded.log_prob(x, c)), np.asarray(df.log_prob(x, c)), rtol=1e-5, atol=1e-5
+        )
 
 
 def _importance_normalisation(case: Case, df: Density, n: int, seed: int) -> tuple[float, float]:

@@ -790,7 +790,9 @@ def test_exported_accelerations_carry_the_python_flags(tmp_path):
     w[:, 0] = np.exp(rng.normal(size=2000) * 0.3)
     flow = Flow(FlowConfig(dim=6, layers=2, hidden=(16, 16), log_columns=(0,), seed=2)).adapt(w)
     path = export_model(flow, tmp_path / "m", n_velocities=32)
-    x = np.array([[1.0, 0.1, 0.0], [-1.0, 0.0, 0.0], [1e3, 5e2, 0.0], [1.2, -0.2, 0.1]], np.float32)
+    x = np.array(
+        [[1.0, 0.1, 0.0], [-1.0, 0.0, 0.0], [1e3, 5e2, 0.0], [1.2, -0.2, 0.1]], np.float32
+    )
     raw = load(path).signatures["accelerations"](positions=x, seed=np.full(4, 5, np.int64))
     want = accelerations(flow, x, 32, seed=5)
     np.testing.assert_array_equal(raw["reasons"], want.reasons)

@@ -1,10 +1,11 @@
-"""K optimizer steps per train call: ``Flow.train_step`` on stacks [K, B, D] and ``TrainConfig.steps_per_call``.
+"""K optimizer steps per train call: ``Flow.train_step`` on stacks [K, B, D] and
+``TrainConfig.steps_per_call``.
 
-The reference is always the same training with one batch per call (K = 1): same seed, same data, same
-batches in the same order, XLA on both sides (the plain graph on both sides where XLA is not the point).
-A stack runs K steps in one ``tf.while_loop`` whose body is the one-batch step, so the float32 operations
-are the same ones on the same inputs; the weights and histories must agree to round-off (measured: bit
-for bit).
+The reference is always the same training with one batch per call (K = 1): same seed, same data,
+same batches in the same order, XLA on both sides (the plain graph on both sides where XLA is not
+the point). A stack runs K steps in one ``tf.while_loop`` whose body is the one-batch step, so the
+float32 operations are the same ones on the same inputs; the weights and histories must agree to
+round-off (measured: bit for bit).
 """
 from __future__ import annotations
 
@@ -21,11 +22,13 @@ from tfgalflow.flows import FlowConfig  # noqa: E402
 from tfgalflow.model import Flow  # noqa: E402
 from test_training import CrashAfter  # noqa: E402  (the same simulated crash)
 
-N, B, K = 1000, 128, 3          # 7 full batches + one of 104 rows: stacks of 3, 3, 1, then [1, 104]
+# 7 full batches + one of 104 rows: stacks of 3, 3, 1, then [1, 104]
+N, B, K = 1000, 128, 3
 
 
 def data(label_dim: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """x [N, 2] correlated Gaussian, labels [N, label_dim] (x's mean shifts with them) or None, weights [N]."""
+    """x [N, 2] correlated Gaussian, labels [N, label_dim] (x's mean shifts with them) or None,
+    weights [N]."""
     rng = np.random.default_rng(0)
     c = rng.uniform(-1, 1, size=(N, label_dim)).astype(np.float32) if label_dim else None
     x = rng.normal(size=(N, 2)) @ np.array([[1.0, 0.8], [0.0, 0.5]])
@@ -36,10 +39,17 @@ def data(label_dim: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
 
 
 def fitted(x, c, w, dataset, steps_per_epoch: int | None, jit: bool = True) -> Flow:
-    """A fresh flow (seed 1), Adam under a cosine schedule (so the step count matters), fit 2 epochs."""
-    flow = Flow(FlowConfig(dim=2, label_dim=0 if c is None else c.shape[1], layers=2, hidden=(16, 16), seed=1))
+    """A fresh flow (seed 1), Adam under a cosine schedule (so the step count matters), fit 2
+    epochs."""
+    flow = Flow(
+        FlowConfig(
+            dim=2, label_dim=0 if c is None else c.shape[1], layers=2, hidden=(16, 16), seed=1
+        )
+    )
     flow.adapt(x, c)
-    flow.compile(keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(1e-2, 40)), jit_compile=jit)
+    flow.compile(
+        keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(1e-2, 40)), jit_compile=jit
+    )
     flow.fit(dataset, epochs=2, steps_per_epoch=steps_per_epoch, verbose=0)
     return flow
 
@@ -70,24 +80,30 @@ def test_stacked_steps_equal_separate_steps(case):
     stacked = fitted(x, c, w, stacked_ds, calls)
 
     assert int(stacked.optimizer.iterations) == int(reference.optimizer.iterations) == 2 * 8
-    assert stacked.train_function.experimental_get_tracing_count() == 1     # one trace, K and B free
+    # one trace, K and B free
+    assert stacked.train_function.experimental_get_tracing_count() == 1
     initial = Flow(reference.config).get_weights()
     for got, want, start in zip(stacked.get_weights(), reference.get_weights(), initial):
-        # Same float32 operations on the same batches in the same order (measured: identical). 1e-6 allows
-        # for a different XLA fusion inside the loop body (a few ulp per step); 16 Adam steps of ~1e-2
-        # move the weights by ~0.1, 1e5 times more, so one step skipped, repeated or reordered fails.
+        # Same float32 operations on the same batches in the same order (measured: identical). 1e-6
+        # allows for a different XLA fusion inside the loop body (a few ulp per step); 16 Adam
+        # steps of ~1e-2 move the weights by ~0.1, 1e5 times more, so one step skipped, repeated or
+        # reordered fails.
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     moved = max(np.max(np.abs(r - s)) for r, s in zip(reference.get_weights(), initial) if r.size)
     assert moved > 1e-2
     probe = x[:50], (None if c is None else c[:50])
-    np.testing.assert_allclose(stacked.log_prob(*probe).numpy(), reference.log_prob(*probe).numpy(),
-                               rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        stacked.log_prob(*probe).numpy(), reference.log_prob(*probe).numpy(), rtol=0, atol=1e-5
+    )
 
 
 def test_stacked_steps_without_xla_equal_separate_steps():
-    # The plain-graph path (jit off): the loop body must see the variables written by the previous step.
+    # The plain-graph path (jit off): the loop body must see the variables written by the previous
+    # step.
     x, c, w = data(1)
-    reference = fitted(x, c, w, tf.data.Dataset.from_tensor_slices((x, c, w)).batch(B), None, jit=False)
+    reference = fitted(
+        x, c, w, tf.data.Dataset.from_tensor_slices((x, c, w)).batch(B), None, jit=False
+    )
     spec = tuple(tf.TensorSpec((None, None) + a.shape[1:], tf.float32) for a in (x, c, w))
     ds = tf.data.Dataset.from_generator(lambda: stacks([x, c, w]), output_signature=spec)
     stacked = fitted(x, c, w, ds, -(-(N // B) // K) + 1, jit=False)
@@ -96,7 +112,8 @@ def test_stacked_steps_without_xla_equal_separate_steps():
 
 
 def test_bad_stacks_are_input_errors():
-    # Called eagerly: inside fit the same InputError surfaces wrapped by autograph (as for rank-2 data).
+    # Called eagerly: inside fit the same InputError surfaces wrapped by autograph (as for rank-2
+    # data).
     x, c, _ = data(1)
     flow = Flow(FlowConfig(dim=2, label_dim=1, layers=1, hidden=(4,)))
     flow.compile(keras.optimizers.Adam(1e-3))
@@ -115,12 +132,22 @@ def test_bad_stacks_are_input_errors():
         uncond.train_step((tf.constant(xs), tf.constant(cs)))
 
 
-# ---- training runs --------------------------------------------------------------------------------
+# ---- training runs ------------------------------------------------------------------------------
 
-# 1800 training rows of a 2D Gaussian in batches of 256: 7 full batches and one of 8 rows; K = 3 gives
-# stacks of 3, 3 and 1 full batches plus [1, 8] -- every kind of stack, 3 XLA compilations.
-RUN = TrainConfig(layers=2, hidden=(16, 16), epochs=4, batch_size=256, lr=1e-2, checkpoint_every=1, seed=3,
-                  patience=0, jit_compile=True, steps_per_call=1)
+# 1800 training rows of a 2D Gaussian in batches of 256: 7 full batches and one of 8 rows; K = 3
+# gives stacks of 3, 3 and 1 full batches plus [1, 8] -- every kind of stack, 3 XLA compilations.
+RUN = TrainConfig(
+    layers=2,
+    hidden=(16, 16),
+    epochs=4,
+    batch_size=256,
+    lr=1e-2,
+    checkpoint_every=1,
+    seed=3,
+    patience=0,
+    jit_compile=True,
+    steps_per_call=1,
+)
 
 
 @pytest.fixture(scope="module")
@@ -133,20 +160,23 @@ def test_steps_per_call_leaves_history_unchanged_and_resumes_exactly(gauss, tmp_
     stacked_cfg = RUN.with_overrides(steps_per_call=3)
     flow = train(gauss, stacked_cfg, tmp_path / "k3", verbose=0)
     three = read_history(tmp_path / "k3")
-    # Stacks change the number of calls per epoch (4 instead of 8), not the schedule's unit: after the run
-    # optimizer.iterations = T = 4 x 8 steps and the last step used the cosine rate at t = T - 1,
-    # η0 (1 + cos(π 31/32)) / 2 = 2.4e-3 η0 (a schedule counting calls, T = 16, would have reached 0).
+    # Stacks change the number of calls per epoch (4 instead of 8), not the schedule's unit: after
+    # the run optimizer.iterations = T = 4 x 8 steps and the last step used the cosine rate at
+    # t = T - 1, η0 (1 + cos(π 31/32)) / 2 = 2.4e-3 η0 (a schedule counting calls, T = 16, would
+    # have reached 0).
     total = RUN.epochs * 8
     assert int(flow.optimizer.iterations) == total
     expected = RUN.lr * 0.5 * (1 + np.cos(np.pi * (total - 1) / total))
     # float32 cos near π: absolute error ~η0 · 2^-23 ~ 1e-9, i.e. ~1e-4 of the value
     assert float(flow.optimizer.learning_rate) == pytest.approx(expected, rel=1e-3)
-    # Same steps on the same batches (see the module docstring): histories agree to float32 round-off of
-    # the epoch means (~1e-7 relative; measured identical), far below the epoch-to-epoch change (> 1e-3).
+    # Same steps on the same batches (see the module docstring): histories agree to float32
+    # round-off of the epoch means (~1e-7 relative; measured identical), far below the
+    # epoch-to-epoch change (> 1e-3).
     for key in ("loss", "val_loss"):
         np.testing.assert_allclose(three[key], one[key], rtol=1e-6, atol=0)
-    # Crash after epoch 1 (checkpoint after epoch 2 = 1-based count 2): the resumed run regenerates the
-    # stacks of epochs 2 and 3 from (seed, epoch) and the checkpointed step counter drives the schedule.
+    # Crash after epoch 1 (checkpoint after epoch 2 = 1-based count 2): the resumed run regenerates
+    # the stacks of epochs 2 and 3 from (seed, epoch) and the checkpointed step counter drives the
+    # schedule.
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(gauss, stacked_cfg, tmp_path / "crashed", verbose=0, callbacks=[CrashAfter(1)])
     resume(tmp_path / "crashed", data=gauss, verbose=0)
@@ -163,7 +193,9 @@ def _train(data, config, run_dir, **kw):
 
 # ---- pipelines ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("n, batch, k", [(1800, 256, 3), (1792, 256, 7), (100, 256, 4), (1800, 256, 1)])
+@pytest.mark.parametrize(
+    "n, batch, k", [(1800, 256, 3), (1792, 256, 7), (100, 256, 4), (1800, 256, 1)]
+)
 def test_array_pipeline_stacks_the_same_batches(n, batch, k):
     from tfgalflow.training.data import ArrayPipelines
     x = np.arange(2 * n, dtype=np.float32).reshape(n, 2)
@@ -189,25 +221,32 @@ def test_array_pipeline_stacks_the_same_batches(n, batch, k):
         np.testing.assert_array_equal(got, want)
     per_epoch = many.calls_per_epoch
     for e in range(2):
-        epoch_rows = np.concatenate([s.reshape(-1, 2) for s in elements[e * per_epoch:(e + 1) * per_epoch]])
-        assert sorted(epoch_rows[:, 0].tolist()) == x[:, 0].tolist()        # every row once per epoch
+        epoch_rows = np.concatenate(
+            [s.reshape(-1, 2) for s in elements[e * per_epoch : (e + 1) * per_epoch]]
+        )
+        # every row once per epoch
+        assert sorted(epoch_rows[:, 0].tolist()) == x[:, 0].tolist()
     shapes = {s.shape for s in elements}
     assert all(len(s) == 3 and (s[0] <= k) and (s[0] == 1 or s[1] == batch) for s in shapes)
-    assert len(shapes) <= 3                      # full stacks, a short last stack, the partial batch
+    # full stacks, a short last stack, the partial batch
+    assert len(shapes) <= 3
 
 
 def test_streamed_batches_are_stacked_within_an_epoch():
     from tfgalflow.training.data import stacked_batches
     rng = np.random.default_rng(0)
-    sizes = [4, 4, 4, 4, 4, 3]                     # one epoch as HDF5Catalogue.batches yields it
-    epoch = [(rng.normal(size=(s, 6)).astype(np.float32), rng.normal(size=(s, 1)).astype(np.float32))
-             for s in sizes]
+    sizes = [4, 4, 4, 4, 4, 3]  # one epoch as HDF5Catalogue.batches yields it
+    epoch = [
+        (rng.normal(size=(s, 6)).astype(np.float32), rng.normal(size=(s, 1)).astype(np.float32))
+        for s in sizes
+    ]
     out = list(stacked_batches(iter(epoch), 4, 2))
     assert [o[0].shape for o in out] == [(2, 4, 6), (2, 4, 6), (1, 4, 6), (1, 3, 6)]
     assert [o[1].shape for o in out] == [(2, 4, 1), (2, 4, 1), (1, 4, 1), (1, 3, 1)]
     np.testing.assert_array_equal(np.concatenate([o[0].reshape(-1, 6) for o in out]),
                                   np.concatenate([b[0] for b in epoch]))
-    plain = list(stacked_batches(iter([b[0] for b in epoch[:3]]), 4, 5))       # x only, fewer than K
+    # x only, fewer than K
+    plain = list(stacked_batches(iter([b[0] for b in epoch[:3]]), 4, 5))
     assert len(plain) == 1 and plain[0].shape == (3, 4, 6)
 
 
@@ -220,7 +259,9 @@ def test_hdf5_streaming_with_stacks_equals_batches(tmp_path):
               units={"length": "kpc", "velocity": "km/s"}).save(path)
     # 1350 training rows in batches of 128: 10 full + 70 rows; K = 4 -> stacks 4, 4, 2 and [1, 70].
     # Plain graph: the stacking of streamed batches is under test here, XLA in the tests above.
-    cfg = RUN.with_overrides(epochs=2, batch_size=128, checkpoint_every=0, adapt_samples=500, jit_compile=False)
+    cfg = RUN.with_overrides(
+        epochs=2, batch_size=128, checkpoint_every=0, adapt_samples=500, jit_compile=False
+    )
     one = read_history(_train(path, cfg, tmp_path / "k1"))
     four = read_history(_train(path, cfg.with_overrides(steps_per_call=4), tmp_path / "k4"))
     for key in ("loss", "val_loss"):      # same argument as for in-memory data

@@ -1,4 +1,6 @@
-"""The photo-z simulator and its exact posterior against independent integrals and calibration tests."""
+"""The photo-z simulator and its exact posterior against independent integrals and calibration
+tests."""
+
 from __future__ import annotations
 
 import math
@@ -55,14 +57,17 @@ def test_amplitude_integral_against_brute_force(sim):
 
 @pytest.mark.slow
 def test_exact_posterior_is_calibrated(sim):
-    """PIT of the exact posterior at simulated truths is uniform (simulator and posterior agree)."""
+    """PIT of the exact posterior at simulated truths is uniform (simulator and posterior
+    agree)."""
     z, x = sim.simulate(1500, seed=7)
     post = sim.exact_posterior(x, GRID)
     assert np.allclose(np.trapezoid(post, GRID, axis=1), 1.0)
     pit = posterior.pit(post, GRID, z)
-    # KS p-value of a correct posterior is U(0, 1); a wrong sign/factor in the likelihood gives p ~ 0
+    # KS p-value of a correct posterior is U(0, 1); a wrong sign/factor in the likelihood gives p ~
+    # 0
     assert stats.kstest(pit, "uniform").pvalue > 1e-3
-    # break confusion: a measurable fraction of objects is bimodal (about 18 % for the default survey)
+    # break confusion: a measurable fraction of objects is bimodal (about 18 % for the default
+    # survey)
     frac = posterior.is_bimodal(post, GRID).mean()
     assert 0.08 < frac < 0.35
 
@@ -76,7 +81,9 @@ def test_offsets_roundtrip(sim):
     _, x = sim.simulate(10, seed=8)
     a, e = np.linspace(-0.1, 0.1, 10), np.linspace(0.2, -0.2, 10)
     y = photoz.apply_offsets(x, a, e)
-    assert np.allclose(y[:, :10] / x[:, :10], np.exp(a)) and np.allclose(y[:, 10:] / x[:, 10:], np.exp(a + e))
+    assert np.allclose(y[:, :10] / x[:, :10], np.exp(a)) and np.allclose(
+        y[:, 10:] / x[:, 10:], np.exp(a + e)
+    )
     cal = photoz.Calibration(a, e, np.zeros(10), np.zeros(10), 0.0, 0.0, True)
     assert np.allclose(cal.apply(y), x)
 
@@ -85,4 +92,6 @@ def test_features_bijective(sim):
     _, x = sim.simulate(10, seed=9)
     f = sim.features(x)
     flux = 2 * sim.softening * np.sinh(f[:, :10])
-    assert np.allclose(flux, x[:, :10]) and np.allclose(sim.softening * np.exp(f[:, 10:]), x[:, 10:])
+    assert np.allclose(flux, x[:, :10]) and np.allclose(
+        sim.softening * np.exp(f[:, 10:]), x[:, 10:]
+    )

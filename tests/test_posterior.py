@@ -1,4 +1,6 @@
-"""Posterior summaries on a grid against closed-form Gaussian answers; the 1-D flow grid path; the CLI."""
+"""Posterior summaries on a grid against closed-form Gaussian answers; the 1-D flow grid path; the
+CLI."""
+
 from __future__ import annotations
 
 import math
@@ -32,7 +34,8 @@ def test_gaussian_summaries():
     truth = np.array([0.7, 1.0, 2.0])
     post = posterior.normalise(np.log(gaussian_rows(mu, sigma)), GRID)
     s = posterior.summarize(post, GRID, truth)
-    # trapezoid error on a 0.002 grid for σ >= 0.2 is < 1e-5; MAP is the nearest grid point (±0.001)
+    # trapezoid error on a 0.002 grid for σ >= 0.2 is < 1e-5; MAP is the nearest grid point
+    # (±0.001)
     assert np.allclose(s["map"], mu, atol=0.0011)
     assert np.allclose(s["mean"], mu, atol=1e-5)
     z84 = stats.norm.ppf(0.84)
@@ -76,7 +79,9 @@ def test_bimodal_detection():
 
 @pytest.fixture(scope="module")
 def flow():
-    f = Flow(FlowConfig(dim=1, label_dim=4, layers=2, hidden=(16, 16), kind="spline", bins=6, seed=3))
+    f = Flow(
+        FlowConfig(dim=1, label_dim=4, layers=2, hidden=(16, 16), kind="spline", bins=6, seed=3)
+    )
     rng = np.random.default_rng(1)
     c = rng.normal(size=(256, 4)).astype(np.float32)
     z = (1.0 + 0.5 * np.tanh(c[:, :1]) + 0.2 * rng.normal(size=(256, 1))).astype(np.float32)

@@ -1,4 +1,5 @@
-"""ROOT input through uproot: branches of TTrees in a file or a directory tree -> events + labels."""
+"""ROOT input through uproot: branches of TTrees in a file or a directory tree -> events +
+labels."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ def write_tree(path, columns: dict, name: str = "Events") -> None:
 
 @pytest.fixture
 def grid(tmp_path):
-    """A FEDHEX-like directory: 2 x 2 mass points, one file each (plus junk), events known exactly."""
+    """A FEDHEX-like directory: 2 x 2 mass points, one file each (plus junk), events known
+    exactly."""
     rng = np.random.default_rng(0)
     truth = {}
     for i, m1 in enumerate((1.0, 2.0)):

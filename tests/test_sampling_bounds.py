@@ -30,7 +30,8 @@ class StdNormal(Density):
 
 def test_bounded_draws_follow_the_truncated_density():
     # acceptance 0.34 x 1 = 0.34: rows refilled over several passes. Each column must follow its
-    # truncated normal (KS against scipy's truncnorm); a reused seed or a biased pick would fail this.
+    # truncated normal (KS against scipy's truncnorm); a reused seed or a biased pick would fail
+    # this.
     x = StdNormal().sample(20_000, seed=3, bounds=[(-0.5, 0.5), None]).numpy()
     assert x.shape == (20_000, 2) and np.all(np.abs(x[:, 0]) <= 0.5)
     # p > 1e-3: a fixed-seed test of an exact sampler; a wrong truncation (e.g. clipping onto the

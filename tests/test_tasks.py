@@ -1,4 +1,5 @@
-"""Validation tasks: the exact gaussian_field, its protocol, metrics that can fail, run_task and CLI."""
+"""Validation tasks: the exact gaussian_field, its protocol, metrics that can fail, run_task and
+CLI."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def test_field_density_is_the_normal_density_and_normalised():
         for xi, m, c in zip(x, field_mean(labels), field_covariance(labels))
     ]
     np.testing.assert_allclose(field_log_prob(x, labels), want, rtol=1e-10)
-    # integral over a +-8 sigma box by the midpoint rule: 1 to 1e-6 (the tails beyond 8 sigma ~ 1e-15)
+    # integral over a +-8 sigma box by the midpoint rule: 1 to 1e-6 (the tails beyond 8 sigma ~
+    # 1e-15)
     lam = np.array([[0.3, 0.8]])
     mu, sd = field_mean(lam)[0], np.sqrt(np.diag(field_covariance(lam)[0]))
     g = [np.linspace(m - 8 * s, m + 8 * s, 801) for m, s in zip(mu, sd)]

@@ -1,5 +1,6 @@
 """Training runs: reproducibility, checkpoints, crash + resume, early stopping, reload, ensembles,
-tf.distribute, parallel members, HDF5 streaming, configuration files and the train/sample/logprob CLI.
+tf.distribute, parallel members, HDF5 streaming, configuration files and the train/sample/logprob
+CLI.
 
 All flows are tiny (2 MAF layers of 16x16) on a few thousand points of a correlated 2D Gaussian
 (or a 6D one for the catalogue/CLI paths), so each fit takes about a second.
@@ -20,18 +21,35 @@ import pytest
 
 from tfgalflow.errors import FileError, InputError
 from tfgalflow.training import (
-    RUN_FORMAT_VERSION, TrainConfig, load_run, read_history, read_run_config, resume, split_indices, train,
+    RUN_FORMAT_VERSION,
+    TrainConfig,
+    load_run,
+    read_history,
+    read_run_config,
+    resume,
+    split_indices,
+    train,
 )
 
 keras = pytest.importorskip("tf_keras")
 
 MEAN = np.array([1.0, 2.0])
 COV = np.array([[1.0, 0.8], [0.8, 1.0]])
-# Tiny but real: 2 layers, 16x16 MADEs, 8 steps per epoch; checkpoints every 2 epochs. These tests are
-# about runs, not XLA, so they skip its compilation (jit_compile=False; test_multistep trains with XLA);
-# the default steps_per_call = 16 runs each epoch's 7 full batches in one call, then the partial one.
-SMALL = TrainConfig(layers=2, hidden=(16, 16), epochs=6, batch_size=256, lr=1e-2, checkpoint_every=2,
-                    seed=3, patience=0, jit_compile=False)
+# Tiny but real: 2 layers, 16x16 MADEs, 8 steps per epoch; checkpoints every 2 epochs. These tests
+# are about runs, not XLA, so they skip its compilation (jit_compile=False; test_multistep trains
+# with XLA); the default steps_per_call = 16 runs each epoch's 7 full batches in one call, then the
+# partial one.
+SMALL = TrainConfig(
+    layers=2,
+    hidden=(16, 16),
+    epochs=6,
+    batch_size=256,
+    lr=1e-2,
+    checkpoint_every=2,
+    seed=3,
+    patience=0,
+    jit_compile=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +60,16 @@ def gauss() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def reference(gauss, tmp_path_factory):
-    """One uninterrupted SMALL run, shared by the reproducibility, checkpoint, resume and reload tests."""
+    """One uninterrupted SMALL run, shared by the reproducibility, checkpoint, resume and reload
+    tests."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     flow = train(gauss, SMALL, run_dir, verbose=0)
     return flow, run_dir
 
 
 class CrashAfter(keras.callbacks.Callback):
-    """Simulates a crash: raises at the end of the given 0-based epoch (after the run's own callbacks)."""
+    """Simulates a crash: raises at the end of the given 0-based epoch (after the run's own
+    callbacks)."""
 
     def __init__(self, epoch: int):
         super().__init__()
@@ -61,14 +81,16 @@ class CrashAfter(keras.callbacks.Callback):
 
 
 def raw_history_epochs(run_dir: Path, member: int = 0) -> list[int]:
-    """The epoch column of history.csv exactly as written (no de-duplication, unlike read_history)."""
+    """The epoch column of history.csv exactly as written (no de-duplication, unlike
+    read_history)."""
     lines = (Path(run_dir) / f"member_{member:03d}" / "history.csv").read_text().splitlines()
     assert lines[0].split(",") == ["epoch", "loss", "val_loss"]
     return [int(line.split(",")[0]) for line in lines[1:]]
 
 
 def checkpoint_numbers(directory: Path) -> set[int]:
-    """Checkpoint numbers E of the ckpt-E.index files in ``directory``; each must have its data file."""
+    """Checkpoint numbers E of the ckpt-E.index files in ``directory``; each must have its data
+    file."""
     numbers = {int(p.name[len("ckpt-"):-len(".index")]) for p in directory.glob("ckpt-*.index")}
     for e in numbers:
         assert (directory / f"ckpt-{e}.data-00000-of-00001").is_file()
@@ -81,14 +103,15 @@ def test_same_seed_identical_history_and_other_seed_differs(gauss, reference, tm
     _, ref_dir = reference
     ref = read_history(ref_dir)
     again = read_history(_train_quiet(gauss, SMALL, tmp_path / "again"))
-    # Same seed: initial weights, split and every epoch's order are stateless functions of the seed and the
-    # CPU kernels see identical shapes, so the histories agree bit for bit (float32 values via repr in CSV).
+    # Same seed: initial weights, split and every epoch's order are stateless functions of the seed
+    # and the CPU kernels see identical shapes, so the histories agree bit for bit (float32 values
+    # via repr in CSV).
     assert set(again) == {"epoch", "loss", "val_loss"}
     for key in ref:
         np.testing.assert_array_equal(again[key], ref[key])
     other = read_history(_train_quiet(gauss, SMALL.with_overrides(seed=4), tmp_path / "other"))
-    # Another seed changes initialisation, split and order: the losses differ by O(1e-2) nats, far above
-    # float32 round-off (~1e-7), in every epoch.
+    # Another seed changes initialisation, split and order: the losses differ by O(1e-2) nats, far
+    # above float32 round-off (~1e-7), in every epoch.
     assert np.all(np.abs(other["loss"] - ref["loss"]) > 1e-5)
     assert np.all(np.isfinite(ref["loss"])) and ref["loss"][-1] < ref["loss"][0]
 
@@ -106,10 +129,12 @@ def test_checkpoints_exist_exactly_at_requested_epochs(reference):
     h = read_history(run_dir)
     assert list(h["epoch"]) == list(range(1, SMALL.epochs + 1))      # counted from 1, like ckpt-E
     k = SMALL.checkpoint_every
-    assert checkpoint_numbers(ckpt) == set(range(k, SMALL.epochs + 1, k))          # {2, 4, 6}
+    assert checkpoint_numbers(ckpt) == set(range(k, SMALL.epochs + 1, k))  # {2, 4, 6}
     assert {p.name for p in ckpt.iterdir()} == (
-        {f"ckpt-{e}.index" for e in (2, 4, 6)} | {f"ckpt-{e}.data-00000-of-00001" for e in (2, 4, 6)}
-        | {"checkpoint", "best"})
+        {f"ckpt-{e}.index" for e in (2, 4, 6)}
+        | {f"ckpt-{e}.data-00000-of-00001" for e in (2, 4, 6)}
+        | {"checkpoint", "best"}
+    )
     # best/ keeps one checkpoint: after the epoch with the lowest validation loss, named by that
     # epoch's number in history.csv (E epochs done).
     assert checkpoint_numbers(ckpt / "best") == {int(h["epoch"][np.argmin(h["val_loss"])])}
@@ -124,8 +149,9 @@ def test_crash_then_resume_reproduces_uninterrupted_history(gauss, reference, tm
     ref_flow, ref_dir = reference
     ref = read_history(ref_dir)
     k = SMALL.checkpoint_every
-    # Crash after an epoch c that is neither a periodic checkpoint nor a new best, when the reference has one:
-    # the run must then go back to an earlier checkpoint and drop history rows written after it.
+    # Crash after an epoch c that is neither a periodic checkpoint nor a new best, when the
+    # reference has one: the run must then go back to an earlier checkpoint and drop history rows
+    # written after it.
     candidates = [c for c in range(1, SMALL.epochs - 1)
                   if (c + 1) % k and ref["val_loss"][c] >= ref["val_loss"][:c].min()]
     crash = candidates[0] if candidates else 2
@@ -133,25 +159,31 @@ def test_crash_then_resume_reproduces_uninterrupted_history(gauss, reference, tm
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(gauss, SMALL, run_dir, verbose=0, callbacks=[CrashAfter(crash)])
     assert raw_history_epochs(run_dir) == list(range(1, crash + 2))      # Keras' epoch index + 1
-    assert not (run_dir / "member_000" / "final").exists()           # nothing final from a crashed run
+    # nothing final from a crashed run
+    assert not (run_dir / "member_000" / "final").exists()
     with pytest.raises(FileError, match="did not finish"):
         load_run(run_dir)
     ckpt = run_dir / "member_000" / "checkpoints"
     latest = max(checkpoint_numbers(ckpt) | checkpoint_numbers(ckpt / "best"))
     if candidates:
-        assert latest < crash + 1          # rows latest..crash must be dropped and those epochs redone
+        # rows latest..crash must be dropped and those epochs redone
+        assert latest < crash + 1
 
     flow = resume(run_dir, data=gauss, verbose=0)
     got = read_history(run_dir)
-    assert raw_history_epochs(run_dir) == list(range(1, SMALL.epochs + 1))   # each epoch once, in order
-    # The checkpoint restores weights, Adam moments and step count bit for bit and epoch e's order depends
-    # only on (seed, e), so the resumed epochs run the same float32 operations on the same inputs; the
-    # 1e-6 relative tolerance (~8 ulp) only allows for summation order in multithreaded CPU kernels and is
-    # ~1e4 times smaller than the epoch-to-epoch change of the loss (>= 1e-3 relative here).
+    # each epoch once, in order
+    assert raw_history_epochs(run_dir) == list(range(1, SMALL.epochs + 1))
+    # The checkpoint restores weights, Adam moments and step count bit for bit and epoch e's order
+    # depends only on (seed, e), so the resumed epochs run the same float32 operations on the same
+    # inputs; the 1e-6 relative tolerance (~8 ulp) only allows for summation order in multithreaded
+    # CPU kernels and is ~1e4 times smaller than the epoch-to-epoch change of the loss (>= 1e-3
+    # relative here).
     for key in ("loss", "val_loss"):
         np.testing.assert_allclose(got[key], ref[key], rtol=1e-6, atol=0)
     x = gauss[:200]
-    np.testing.assert_allclose(flow.log_prob(x).numpy(), ref_flow.log_prob(x).numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        flow.log_prob(x).numpy(), ref_flow.log_prob(x).numpy(), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_resume_renumbers_a_history_written_from_epoch_0(gauss, reference, tmp_path):
@@ -164,7 +196,9 @@ def test_resume_renumbers_a_history_written_from_epoch_0(gauss, reference, tmp_p
         train(gauss, SMALL, run_dir, verbose=0, callbacks=[CrashAfter(2)])
     history = run_dir / "member_000" / "history.csv"
     lines = history.read_text().splitlines()
-    old = [lines[0]] + [f"{int(line.split(',')[0]) - 1},{line.split(',', 1)[1]}" for line in lines[1:]]
+    old = [lines[0]] + [
+        f"{int(line.split(',')[0]) - 1},{line.split(',', 1)[1]}" for line in lines[1:]
+    ]
     history.write_text("\n".join(old) + "\n")                   # as the old CSVLogger wrote it
     assert raw_history_epochs(run_dir) == [0, 1, 2]
     assert list(read_history(run_dir)["epoch"]) == [1, 2, 3]
@@ -175,10 +209,10 @@ def test_resume_renumbers_a_history_written_from_epoch_0(gauss, reference, tmp_p
 
 
 def test_keep_checkpoints_keeps_the_last_k_and_resumes_exactly(gauss, reference, tmp_path):
-    # A checkpoint every epoch, the last 2 kept: after a crash at the end of epoch 4 only ckpt-3 and
-    # ckpt-4 remain; the resumed process (a new CheckpointManager over the same directory) continues
-    # from ckpt-4 and keeps deleting the oldest, so ckpt-5 and ckpt-6 remain at the end. Which
-    # checkpoints are kept changes no update: the history equals the uninterrupted reference.
+    # A checkpoint every epoch, the last 2 kept: after a crash at the end of epoch 4 only ckpt-3
+    # and ckpt-4 remain; the resumed process (a new CheckpointManager over the same directory)
+    # continues from ckpt-4 and keeps deleting the oldest, so ckpt-5 and ckpt-6 remain at the end.
+    # Which checkpoints are kept changes no update: the history equals the uninterrupted reference.
     _, ref_dir = reference
     ref = read_history(ref_dir)
     cfg = SMALL.with_overrides(checkpoint_every=1, keep_checkpoints=2)
@@ -207,13 +241,25 @@ def test_resume_requires_matching_data(gauss, reference, tmp_path):
 
 # ---- early stopping ----------------------------------------------------------------------------
 
-# 120 points, half held out, a wide flow and a large constant step: the 60 training points are overfitted
-# after a few epochs, so the validation loss turns up (measured: minimum at epoch 6, stop after epoch 9)
-# and patience = 3 stops the run early. A checkpoint every epoch lets the resume test below restart in
-# the middle of a patience window; all of them are kept (keep_checkpoints = 0).
-OVERFIT = TrainConfig(layers=3, hidden=(64, 64), epochs=60, batch_size=30, lr=1e-2, lr_schedule="constant",
-                      validation_split=0.5, patience=3, checkpoint_every=1, keep_checkpoints=0, seed=7,
-                      jit_compile=False)
+# 120 points, half held out, a wide flow and a large constant step: the 60 training points are
+# overfitted after a few epochs, so the validation loss turns up (measured: minimum at epoch 6,
+# stop after epoch 9) and patience = 3 stops the run early. A checkpoint every epoch lets the
+# resume test below restart in the middle of a patience window; all of them are kept
+# (keep_checkpoints = 0).
+OVERFIT = TrainConfig(
+    layers=3,
+    hidden=(64, 64),
+    epochs=60,
+    batch_size=30,
+    lr=1e-2,
+    lr_schedule="constant",
+    validation_split=0.5,
+    patience=3,
+    checkpoint_every=1,
+    keep_checkpoints=0,
+    seed=7,
+    jit_compile=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -228,12 +274,15 @@ def test_early_stopping_restores_best_weights(overfit):
     h = read_history(run_dir)
     best = int(np.argmin(h["val_loss"]))
     assert len(h["epoch"]) < OVERFIT.epochs                       # it stopped early ...
-    assert len(h["epoch"]) == best + OVERFIT.patience + 1         # ... patience epochs after the best one
-    assert 0 < best and h["val_loss"][-1] > h["val_loss"][best]      # the best is neither first nor last
+    # ... patience epochs after the best one
+    assert len(h["epoch"]) == best + OVERFIT.patience + 1
+    # the best is neither first nor last
+    assert 0 < best and h["val_loss"][-1] > h["val_loss"][best]
     _, val = split_indices(len(x), OVERFIT.validation_split, OVERFIT.seed)
     restored = -float(np.mean(flow.log_prob(x[val]).numpy().astype(np.float64)))
-    # Keras' val_loss is the batch-size-weighted mean of float32 batch sums; recomputing it in one float64
-    # mean changes only the summation order: ~1e-7 relative. The last epoch differs from the best by > 1e-3.
+    # Keras' val_loss is the batch-size-weighted mean of float32 batch sums; recomputing it in one
+    # float64 mean changes only the summation order: ~1e-7 relative. The last epoch differs from
+    # the best by > 1e-3.
     assert restored == pytest.approx(h["val_loss"][best], rel=1e-5)
     assert abs(restored - h["val_loss"][-1]) > 100 * 1e-5 * abs(restored)
     reloaded = load_run(run_dir)
@@ -244,9 +293,10 @@ def test_early_stopping_restores_best_weights(overfit):
 
 
 def test_resume_inside_patience_window_stops_at_the_same_epoch(overfit, tmp_path):
-    # Crash one epoch after the best: the early-stopping counters (best loss, its epoch, epochs waited) and
-    # the best weights must come back from the checkpoints, or the resumed run stops at another epoch
-    # (wait reset) or takes a worse epoch for the best (best reset) and ends with other weights.
+    # Crash one epoch after the best: the early-stopping counters (best loss, its epoch, epochs
+    # waited) and the best weights must come back from the checkpoints, or the resumed run stops at
+    # another epoch (wait reset) or takes a worse epoch for the best (best reset) and ends with
+    # other weights.
     x, flow, ref_dir = overfit
     ref = read_history(ref_dir)
     crash = int(np.argmin(ref["val_loss"])) + 1
@@ -257,24 +307,33 @@ def test_resume_inside_patience_window_stops_at_the_same_epoch(overfit, tmp_path
               callbacks=[CrashAfter(crash)])
     resumed = resume(run_dir, data=x, verbose=0)
     assert raw_history_epochs(run_dir) == list(range(1, len(ref["epoch"]) + 1))
-    # the last periodic checkpoint, and the best one (epoch crash, 3 epochs before the last) as well
+    # the last periodic checkpoint, and the best one (epoch crash, 3 epochs before the last) as
+    # well
     ckpt = run_dir / "member_000" / "checkpoints"
     assert checkpoint_numbers(ckpt) == {len(ref["epoch"])}
     assert checkpoint_numbers(ckpt / "best") == {crash} and crash < len(ref["epoch"])
     got = read_history(run_dir)
     for key in ("loss", "val_loss"):     # same argument as in the crash test above
         np.testing.assert_allclose(got[key], ref[key], rtol=1e-6, atol=0)
-    np.testing.assert_allclose(resumed.log_prob(x).numpy(), flow.log_prob(x).numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        resumed.log_prob(x).numpy(), flow.log_prob(x).numpy(), rtol=1e-6, atol=1e-6
+    )
 
 
-# ---- progress output ------------------------------------------------------------------------------
+# ---- progress output ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("verbose", [1, 2])
 def test_progress_bar_counts_optimizer_steps(verbose, gauss, tmp_path, capsys):
-    # SMALL: 1800 training rows in batches of 256 = 7 full batches + one of 8 rows = 8 optimizer steps
-    # per epoch, run in 2 calls (steps_per_call = 16 stacks the 7 full batches, then the partial one).
-    # The bar counts the 8 steps: 7/8 after the first call (verbose 1), 8/8 at the end of each epoch.
-    train(gauss, SMALL.with_overrides(epochs=2, checkpoint_every=0), tmp_path / "run", verbose=verbose)
+    # SMALL: 1800 training rows in batches of 256 = 7 full batches + one of 8 rows = 8 optimizer
+    # steps per epoch, run in 2 calls (steps_per_call = 16 stacks the 7 full batches, then the
+    # partial one). The bar counts the 8 steps: 7/8 after the first call (verbose 1), 8/8 at the
+    # end of each epoch.
+    train(
+        gauss,
+        SMALL.with_overrides(epochs=2, checkpoint_every=0),
+        tmp_path / "run",
+        verbose=verbose,
+    )
     out = capsys.readouterr().out
     counts = re.findall(r"(?:^|\r)(\d+)/(\d+) ", out, re.M)
     finals = [c for c in counts if c[0] == c[1]]
@@ -283,8 +342,8 @@ def test_progress_bar_counts_optimizer_steps(verbose, gauss, tmp_path, capsys):
 
 
 def test_resume_keeps_the_run_verbosity_unless_overridden(gauss, tmp_path, capsys):
-    # config.json records verbose = 0: a resume without `verbose` prints nothing; verbose = 2 prints
-    # one line per epoch of what is left (epoch 3 of 3 after crashes after epochs 1 and 2).
+    # config.json records verbose = 0: a resume without `verbose` prints nothing; verbose = 2
+    # prints one line per epoch of what is left (epoch 3 of 3 after crashes after epochs 1 and 2).
     run_dir = tmp_path / "run"
     cfg = SMALL.with_overrides(epochs=3)
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -337,21 +396,23 @@ def test_load_run_round_trip_and_file_errors(gauss, reference, tmp_path):
     with pytest.raises(FileError, match=r"config\.json"):
         load_run(broken)
     with pytest.raises(FileError, match="not empty"):
-        train(gauss, SMALL, ref_dir, verbose=0)                   # never trains over an existing run
+        # never trains over an existing run
+        train(gauss, SMALL, ref_dir, verbose=0)
 
 
 def test_corrupt_checkpoint_on_resume_is_a_file_error(gauss, reference, tmp_path):
     _, ref_dir = reference
     run_dir = tmp_path / "run"
     shutil.copytree(ref_dir, run_dir)
-    shutil.rmtree(run_dir / "member_000" / "final")              # unfinished: resume must read checkpoints
+    # unfinished: resume must read checkpoints
+    shutil.rmtree(run_dir / "member_000" / "final")
     ckpt = run_dir / "member_000" / "checkpoints" / "ckpt-6.data-00000-of-00001"
     ckpt.write_bytes(b"\0" * ckpt.stat().st_size)
     with pytest.raises(FileError, match="ckpt-6"):
         resume(run_dir, data=gauss, verbose=0)
 
 
-# ---- ensembles ------------------------------------------------------------------------------------
+# ---- ensembles ----------------------------------------------------------------------------------
 
 ENSEMBLE = SMALL.with_overrides(epochs=3, members=2, checkpoint_every=0)
 
@@ -368,7 +429,8 @@ def test_ensemble_members_distinct_seeds_and_mixture_density(gauss, ensemble_run
     assert [m["seed"] for m in run["members"]] == [ENSEMBLE.seed, ENSEMBLE.seed + 1]
     assert [m.config.seed for m in ensemble.members] == [ENSEMBLE.seed, ENSEMBLE.seed + 1]
     h0, h1 = read_history(run_dir, 0), read_history(run_dir, 1)
-    assert np.all(np.abs(h0["loss"] - h1["loss"]) > 1e-5)            # different members, not copies
+    # different members, not copies
+    assert np.all(np.abs(h0["loss"] - h1["loss"]) > 1e-5)
     x = gauss[:300]
     member_lp = np.stack([m.log_prob(x).numpy().astype(np.float64) for m in ensemble.members])
     # Mixture density p = (p_0 + p_1)/2, evaluated independently in float64 with plain exp/log.
@@ -380,25 +442,28 @@ def test_ensemble_members_distinct_seeds_and_mixture_density(gauss, ensemble_run
 
 
 def test_parallel_members_equal_sequential_members(gauss, ensemble_run, tmp_path):
-    # Each member runs in its own spawned process with the same seeds, data, split and epoch orders; the
-    # histories agree with the sequential run to float32 round-off (measured: identical). The tolerance
-    # allows for the different TensorFlow thread count in the worker processes.
+    # Each member runs in its own spawned process with the same seeds, data, split and epoch
+    # orders; the histories agree with the sequential run to float32 round-off (measured:
+    # identical). The tolerance allows for the different TensorFlow thread count in the worker
+    # processes.
     _, seq_dir = ensemble_run
     par = train(gauss, ENSEMBLE.with_overrides(parallel=True), tmp_path / "par", verbose=0)
     assert len(par) == 2
     for k in range(2):
         for key in ("loss", "val_loss"):
-            np.testing.assert_allclose(read_history(tmp_path / "par", k)[key], read_history(seq_dir, k)[key],
-                                       rtol=1e-5)
+            np.testing.assert_allclose(
+                read_history(tmp_path / "par", k)[key], read_history(seq_dir, k)[key], rtol=1e-5
+            )
 
 
-# ---- tf.distribute --------------------------------------------------------------------------------
+# ---- tf.distribute ------------------------------------------------------------------------------
 
 MIRRORED_SCRIPT = textwrap.dedent("""
     import json, os, sys
     os.environ["TF_USE_LEGACY_KERAS"] = "1"
     import tensorflow as tf
-    cpu = tf.config.list_physical_devices("CPU")[0]           # two logical CPUs, before TF initialises
+    # two logical CPUs, before TF initialises
+    cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import numpy as np
     import tf_keras as keras
@@ -407,7 +472,8 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     from tfgalflow.training import TrainConfig, read_history, train
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     x = np.random.default_rng(0).multivariate_normal([1.0, 2.0], [[1.0, 0.8], [0.8, 1.0]], 2000)
-    cfg = TrainConfig(layers=2, hidden=(16, 16), epochs=4, batch_size=256, lr=1e-2, seed=1, steps_per_call=4)
+    cfg = TrainConfig(layers=2, hidden=(16, 16), epochs=4, batch_size=256, lr=1e-2, seed=1,
+                      steps_per_call=4)
     flow = train(x, cfg, sys.argv[1], strategy=strategy, verbose=0)
     h = read_history(sys.argv[1])
 
@@ -427,14 +493,15 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     diff = max(float(np.max(np.abs(m - s))) for m, s in zip(mirrored, single) if s.size)
     scale = max(float(np.max(np.abs(s))) for s in single if s.size)
     try:                                                 # a stack [K, B, D] under two replicas
-        f.fit(tf.data.Dataset.from_tensors(x[:512].reshape(2, 256, 2).astype(np.float32)), epochs=1, verbose=0)
+        f.fit(tf.data.Dataset.from_tensors(x[:512].reshape(2, 256, 2).astype(np.float32)),
+              epochs=1, verbose=0)
         stack_error = ""
     except Exception as exc:       # InputError, wrapped by autograph while Keras traces train_step
         stack_error = f"{type(exc).__name__}: {exc}"
     print(json.dumps({"replicas": strategy.num_replicas_in_sync, "loss": h["loss"].tolist(),
                       "val_loss": h["val_loss"].tolist(),
-                      "lp": flow.log_prob(x[:5]).numpy().tolist(), "sgd_diff": diff, "sgd_scale": scale,
-                      "stack_error": stack_error}))
+                      "lp": flow.log_prob(x[:5]).numpy().tolist(), "sgd_diff": diff,
+                      "sgd_scale": scale, "stack_error": stack_error}))
 """)
 
 
@@ -456,17 +523,22 @@ def test_mirrored_strategy_two_cpus(tmp_path):
     reloaded = load_run(tmp_path / "run")                            # reloads without the strategy
     x = np.random.default_rng(0).multivariate_normal(MEAN, COV, 2000)[:5]
     np.testing.assert_allclose(reloaded.log_prob(x).numpy(), out["lp"], rtol=1e-6, atol=1e-6)
-    # steps_per_call = 4 cannot stack under two replicas: the run fell back to one step per call, said so
+    # steps_per_call = 4 cannot stack under two replicas: the run fell back to one step per call,
+    # said so
     assert "steps_per_call = 4 needs a single replica" in proc.stderr
-    assert "training without XLA" in proc.stderr       # jit_compile (default True) falls back on CPU replicas
-    assert "single replica" in out["stack_error"] and "split the stack along K" in out["stack_error"]
-    # SGD on one batch of 512: each replica's mean loss over its 256 points is scaled by 1/2, so the summed
-    # gradients equal the one-device gradient of the mean over 512 (summation order only: ~1e-6 relative
-    # of the update); without the scaling the update would be twice as large (difference = 100% of it).
+    # jit_compile (default True) falls back on CPU replicas
+    assert "training without XLA" in proc.stderr
+    assert (
+        "single replica" in out["stack_error"] and "split the stack along K" in out["stack_error"]
+    )
+    # SGD on one batch of 512: each replica's mean loss over its 256 points is scaled by 1/2, so
+    # the summed gradients equal the one-device gradient of the mean over 512 (summation order
+    # only: ~1e-6 relative of the update); without the scaling the update would be twice as large
+    # (difference = 100% of it).
     assert out["sgd_scale"] > 1e-3 and out["sgd_diff"] < 1e-4 * out["sgd_scale"]
 
 
-# ---- HDF5 streaming ---------------------------------------------------------------------------------
+# ---- HDF5 streaming -----------------------------------------------------------------------------
 
 UNITS = {"length": "kpc", "velocity": "km/s"}
 
@@ -487,24 +559,42 @@ def h5_file(tmp_path_factory):
     return path, w, labels
 
 
-H5 = TrainConfig(layers=2, hidden=(16, 16), epochs=4, batch_size=256, lr=1e-2, seed=1, checkpoint_every=1,
-                 patience=0, adapt_samples=1000, jit_compile=False)
+H5 = TrainConfig(
+    layers=2,
+    hidden=(16, 16),
+    epochs=4,
+    batch_size=256,
+    lr=1e-2,
+    seed=1,
+    checkpoint_every=1,
+    patience=0,
+    adapt_samples=1000,
+    jit_compile=False,
+)
 
 
 def test_hdf5_streaming_split_rescaler_and_resume(h5_file, tmp_path):
     path, w, labels = h5_file
-    flow = train(path, H5, tmp_path / "run", verbose=0)                      # conditional on the file's label
+    # conditional on the file's label
+    flow = train(path, H5, tmp_path / "run", verbose=0)
     assert flow.label_dim == 1
     h = read_history(tmp_path / "run")
     assert np.all(np.isfinite(h["loss"])) and np.all(np.diff(h["loss"]) < 0)
     data = read_run_config(tmp_path / "run")["data"]
     assert (data["source"], data["n"], data["dim"], data["label_dim"]) == ("hdf5", 3000, 6, 1)
-    n_train = 3000 - round(3000 * H5.validation_split)                       # rows [2700, 3000) validate
-    # Rescaler: mean of every 3rd training row (ceil(2700 / 1000) = 3) -- float32 rounding ~1e-7 of |x| ~ 5.
-    np.testing.assert_allclose(flow.x_shift.numpy(), w[0:n_train:3].mean(axis=0), rtol=0, atol=1e-5)
-    np.testing.assert_allclose(flow.label_shift.numpy(), labels[0:n_train:3].mean(axis=0), rtol=0, atol=1e-6)
-    # The validation loss is the NLL of exactly the held-out index range: recomputed in float64 from the
-    # final (best-epoch) weights it equals the minimum in the history up to summation order (~1e-7).
+    # rows [2700, 3000) validate
+    n_train = 3000 - round(3000 * H5.validation_split)
+    # Rescaler: mean of every 3rd training row (ceil(2700 / 1000) = 3) -- float32 rounding ~1e-7 of
+    # |x| ~ 5.
+    np.testing.assert_allclose(
+        flow.x_shift.numpy(), w[0:n_train:3].mean(axis=0), rtol=0, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        flow.label_shift.numpy(), labels[0:n_train:3].mean(axis=0), rtol=0, atol=1e-6
+    )
+    # The validation loss is the NLL of exactly the held-out index range: recomputed in float64
+    # from the final (best-epoch) weights it equals the minimum in the history up to summation
+    # order (~1e-7).
     nll = -np.mean(flow.log_prob(w[n_train:], labels[n_train:]).numpy().astype(np.float64))
     assert nll == pytest.approx(h["val_loss"].min(), rel=1e-5)
     # Resume re-reads the file and regenerates epoch e's shuffle from (seed, e): identical history
@@ -514,7 +604,9 @@ def test_hdf5_streaming_split_rescaler_and_resume(h5_file, tmp_path):
     resume(tmp_path / "crashed", verbose=0)
     assert raw_history_epochs(tmp_path / "crashed") == list(range(1, H5.epochs + 1))
     for key in ("loss", "val_loss"):
-        np.testing.assert_allclose(read_history(tmp_path / "crashed")[key], h[key], rtol=1e-6, atol=0)
+        np.testing.assert_allclose(
+            read_history(tmp_path / "crashed")[key], h[key], rtol=1e-6, atol=0
+        )
 
 
 @pytest.mark.parametrize("file_labels", [False, True])
@@ -528,7 +620,8 @@ def test_hdf5_unconditional_from_files_with_and_without_labels(file_labels, h5_f
     assert flow.label_dim == 0
     n_train = 2700
     nll = -np.mean(flow.log_prob(w[n_train:]).numpy().astype(np.float64))
-    assert nll == pytest.approx(read_history(tmp_path / "run")["val_loss"][0], rel=1e-5)   # as above
+    # as above
+    assert nll == pytest.approx(read_history(tmp_path / "run")["val_loss"][0], rel=1e-5)
 
 
 def test_hdf5_bad_row_found_while_streaming_is_an_input_error(h5_file, tmp_path):
@@ -537,17 +630,20 @@ def test_hdf5_bad_row_found_while_streaming_is_an_input_error(h5_file, tmp_path)
     bad = tmp_path / "bad.h5"
     shutil.copy(path, bad)
     with h5py.File(bad, "r+") as f:
-        f["vel"][1, 2] = np.nan        # row 1 is not in the every-3rd-row rescaler sample: found mid-stream
+        # row 1 is not in the every-3rd-row rescaler sample: found mid-stream
+        f["vel"][1, 2] = np.nan
     with pytest.raises(InputError, match=r"bad\.h5.*non-finite.*row 1"):
         train(bad, H5.with_overrides(label_dim=0), tmp_path / "run", verbose=0)
     with pytest.raises(FileError, match="no such data file"):
         train(tmp_path / "absent.h5", H5, tmp_path / "run2", verbose=0)
 
 
-# ---- bad input and configuration ------------------------------------------------------------------
+# ---- bad input and configuration ----------------------------------------------------------------
 
-@pytest.mark.parametrize("case", ["empty", "nan", "inf", "label_rows", "labels_missing", "label_width",
-                                  "one_row", "not_2d", "label_names"])
+@pytest.mark.parametrize("case", [
+    "empty", "nan", "inf", "label_rows", "labels_missing", "label_width", "one_row", "not_2d",
+    "label_names",
+])
 def test_bad_input_is_an_input_error(case, gauss, tmp_path):
     x = gauss[:100].copy()
     kw: dict = {}
@@ -576,7 +672,8 @@ def test_bad_input_is_an_input_error(case, gauss, tmp_path):
                 "label_names": "label_names"}[case]
     with pytest.raises(InputError, match=expected):
         train(x, cfg, tmp_path / "run", verbose=0, **kw)
-    assert not (tmp_path / "run").exists()                 # bad input never leaves a run directory behind
+    # bad input never leaves a run directory behind
+    assert not (tmp_path / "run").exists()
 
 
 def test_train_config_files_overrides_and_errors(tmp_path, reference):
@@ -591,8 +688,9 @@ def test_train_config_files_overrides_and_errors(tmp_path, reference):
     # A run's config.json restarts that run's configuration (resolved label_dim included).
     _, run_dir = reference
     assert TrainConfig.from_file(run_dir / "config.json") == SMALL.with_overrides(label_dim=0)
-    assert cfg.with_overrides(hidden="8,8", epochs="5") == TrainConfig(**{**cfg.__dict__, "hidden": (8, 8),
-                                                                         "epochs": 5})
+    assert cfg.with_overrides(hidden="8,8", epochs="5") == TrainConfig(
+        **{**cfg.__dict__, "hidden": (8, 8), "epochs": 5}
+    )
     with pytest.raises(InputError, match=r"unknown key\(s\) \['hiden', 'lr_decay'\]"):
         TrainConfig.from_dict({"hiden": [8], "lr_decay": 0.1, "layers": 2})
     (tmp_path / "bad.yaml").write_text("epochs: 3\nbatchsize: 64\n")
@@ -604,7 +702,9 @@ def test_train_config_files_overrides_and_errors(tmp_path, reference):
         TrainConfig(lr_schedule="linear")
     with pytest.raises(InputError, match=r"TrainConfig\.validation_split"):
         TrainConfig(validation_split=1.0)
-    with pytest.raises(InputError, match=r"TrainConfig\.keep_checkpoints = -1: expected an integer >= 0"):
+    with pytest.raises(
+        InputError, match=r"TrainConfig\.keep_checkpoints = -1: expected an integer >= 0"
+    ):
         TrainConfig(keep_checkpoints=-1)
     with pytest.raises(InputError, match=r"TrainConfig\.epochs"):
         TrainConfig(epochs="many")
@@ -620,7 +720,9 @@ def test_train_config_and_the_training_package_import_without_tensorflow():
     # module nor the package's __init__ may import TensorFlow (only training.callbacks does).
     for module in ("tfgalflow.training.config", "tfgalflow.training"):
         code = f"import sys, {module}; assert 'tensorflow' not in sys.modules, '{module}'"
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
 
 
@@ -643,12 +745,13 @@ def test_learning_rate_schedules_follow_their_formulas(schedule):
                    "exponential": cfg.lr * 0.01 ** (t / total)}[schedule]
     lr = learning_rate(cfg, steps)
     got = np.array([float(lr(s)) if callable(lr) else lr for s in t])
-    # float32 evaluation of cos/pow: relative error ~1e-7; near t = T, 1 + cos(πt/T) cancels, leaving an
-    # absolute error ~η0 · 2^-23 = 2.4e-10 (atol = η0 · 1e-6). A wrong factor 2 or sign fails by ~η0.
+    # float32 evaluation of cos/pow: relative error ~1e-7; near t = T, 1 + cos(πt/T) cancels,
+    # leaving an absolute error ~η0 · 2^-23 = 2.4e-10 (atol = η0 · 1e-6). A wrong factor 2 or sign
+    # fails by ~η0.
     np.testing.assert_allclose(got, closed_form, rtol=1e-5, atol=cfg.lr * 1e-6)
 
 
-# ---- command line ------------------------------------------------------------------------------------
+# ---- command line -------------------------------------------------------------------------------
 
 def test_cli_train_flags_mirror_train_config():
     from tfgalflow.cli import build_parser
@@ -657,11 +760,18 @@ def test_cli_train_flags_mirror_train_config():
     flags = {s for action in train_parser._actions for s in action.option_strings}
     for name in TrainConfig.field_help():
         assert "--" + name.replace("_", "-") in flags, name
-    args = parser.parse_args(["train", "cat.npz", "--out", "r", "--hidden", "8,8", "--no-parallel", "--lr", "3e-4"])
+    args = parser.parse_args(
+        ["train", "cat.npz", "--out", "r", "--hidden", "8,8", "--no-parallel", "--lr", "3e-4"]
+    )
     got = (args.config_hidden, args.config_parallel, args.config_lr, args.config_epochs)
     assert got == ("8,8", False, "3e-4", None)
     args = parser.parse_args(["train", "cat.npz", "--out", "r", "--keep-checkpoints", "0"])
-    assert TrainConfig().with_overrides(keep_checkpoints=args.config_keep_checkpoints).keep_checkpoints == 0
+    assert (
+        TrainConfig()
+        .with_overrides(keep_checkpoints=args.config_keep_checkpoints)
+        .keep_checkpoints
+        == 0
+    )
 
 
 def test_cli_sample_and_logprob(reference, gauss, tmp_path, capsys):
@@ -673,19 +783,26 @@ def test_cli_sample_and_logprob(reference, gauss, tmp_path, capsys):
     assert s.shape == (400, 2) and np.all(np.isfinite(s))
     # The same seed through the Python API gives the same draws.
     np.testing.assert_array_equal(s, flow.sample(400, seed=5).numpy().astype(np.float64))
-    # Samples of a flow fitted to N(MEAN, COV) have that mean to within a few standard errors (0.05 each).
+    # Samples of a flow fitted to N(MEAN, COV) have that mean to within a few standard errors (0.05
+    # each).
     assert np.all(np.abs(s.mean(axis=0) - MEAN) < 0.25)
 
     np.save(tmp_path / "pts.npy", gauss[:50])
     np.savetxt(tmp_path / "pts.txt", gauss[:50])
     expected = flow.log_prob(gauss[:50]).numpy()
-    assert main(["logprob", str(run_dir), str(tmp_path / "pts.npy"), "--out", str(tmp_path / "lp.npy")]) == 0
+    assert (
+        main(
+            ["logprob", str(run_dir), str(tmp_path / "pts.npy"), "--out", str(tmp_path / "lp.npy")]
+        )
+        == 0
+    )
     np.testing.assert_array_equal(np.load(tmp_path / "lp.npy"), expected)
     capsys.readouterr()
     assert main(["logprob", str(run_dir), str(tmp_path / "pts.txt")]) == 0
     printed = np.array([float(v) for v in capsys.readouterr().out.split()])
-    # savetxt writes %.18e, so the points read back identical; the printed values have 9 significant
-    # digits, which round-trip float32 (24-bit mantissa): relative differences <= 5e-10.
+    # savetxt writes %.18e, so the points read back identical; the printed values have 9
+    # significant digits, which round-trip float32 (24-bit mantissa): relative differences <=
+    # 5e-10.
     np.testing.assert_allclose(printed, expected, rtol=1e-8)
 
 
@@ -696,11 +813,28 @@ def test_cli_errors_exit_2_with_a_message(reference, tmp_path, capsys):
     assert main(["logprob", str(run_dir), str(tmp_path / "wide.npy")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("tfgalflow logprob: error:") and "[N, 2]" in err and "(10, 5)" in err
-    assert main(["sample", str(run_dir), "--n", "5", "--labels", "0.5", "--out", str(tmp_path / "s.npy")]) == 2
+    assert (
+        main(
+            [
+                "sample",
+                str(run_dir),
+                "--n",
+                "5",
+                "--labels",
+                "0.5",
+                "--out",
+                str(tmp_path / "s.npy"),
+            ]
+        )
+        == 2
+    )
     assert "unconditional" in capsys.readouterr().err
     assert main(["train", "--resume", str(run_dir), "--epochs", "3"]) == 2
     assert "drop --epochs" in capsys.readouterr().err
-    assert main(["sample", str(tmp_path / "nowhere"), "--n", "5", "--out", str(tmp_path / "s.npy")]) == 2
+    assert (
+        main(["sample", str(tmp_path / "nowhere"), "--n", "5", "--out", str(tmp_path / "s.npy")])
+        == 2
+    )
     assert "config.json" in capsys.readouterr().err
 
 
@@ -712,7 +846,9 @@ def test_cli_resume_keeps_the_run_verbosity(tmp_path, capsys):
     Catalogue(w[:, :3], w[:, 3:], units=UNITS).save(cat_path)
     run_dir = tmp_path / "run"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(cat_path, SMALL.with_overrides(epochs=2), run_dir, verbose=0, callbacks=[CrashAfter(0)])
+        train(
+            cat_path, SMALL.with_overrides(epochs=2), run_dir, verbose=0, callbacks=[CrashAfter(0)]
+        )
     capsys.readouterr()
     assert main(["train", "--resume", str(run_dir)]) == 0      # no --verbose: the run's 0
     lines = capsys.readouterr().out.splitlines()       # only the summary, no progress bar
@@ -725,17 +861,37 @@ def test_cli_train_restart_sample_logprob_with_a_conditional_catalogue(tmp_path,
     w, labels = gauss6(2000, seed=4)
     cat_path = tmp_path / "cat.npz"
     Catalogue(w[:, :3], w[:, 3:], labels=labels, label_names=("q",), units=UNITS).save(cat_path)
-    (tmp_path / "cfg.yaml").write_text("layers: 2\nhidden: [16, 16]\nepochs: 1\nbatch_size: 256\nlr: 1e-2\n"
-                                       "jit_compile: false\n")
+    (tmp_path / "cfg.yaml").write_text(
+        "layers: 2\nhidden: [16, 16]\nepochs: 1\nbatch_size: 256\nlr: 1e-2\njit_compile: false\n"
+    )
     run1, run2 = tmp_path / "run1", tmp_path / "run2"
-    # Flags override the config file: epochs 3 (flag) beats epochs 1 (file); layers 2 comes from the file.
-    assert main(["train", str(cat_path), "--out", str(run1), "--config", str(tmp_path / "cfg.yaml"),
-                 "--epochs", "3", "--seed", "5", "--verbose", "0"]) == 0
+    # Flags override the config file: epochs 3 (flag) beats epochs 1 (file); layers 2 comes from
+    # the file.
+    assert (
+        main(
+            [
+                "train",
+                str(cat_path),
+                "--out",
+                str(run1),
+                "--config",
+                str(tmp_path / "cfg.yaml"),
+                "--epochs",
+                "3",
+                "--seed",
+                "5",
+                "--verbose",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert "member_000: seed 5, 3 epochs" in capsys.readouterr().out
     run = read_run_config(run1)
     assert (run["train"]["epochs"], run["train"]["layers"], run["train"]["label_dim"]) == (3, 2, 1)
     assert run["data"]["source"] == "file" and run["data"]["label_names"] == ["q"]
-    # Restarting from the run's config.json reproduces the run (same seed, same data): identical history.
+    # Restarting from the run's config.json reproduces the run (same seed, same data): identical
+    # history.
     assert main(["train", str(cat_path), "--config", str(run1 / "config.json"), "--out", str(run2),
                  "--verbose", "0"]) == 0
     for key in ("loss", "val_loss"):
@@ -745,13 +901,30 @@ def test_cli_train_restart_sample_logprob_with_a_conditional_catalogue(tmp_path,
     assert raw_history_epochs(run1) == [1, 2, 3]
 
     out = tmp_path / "samples.npz"
-    assert main(["sample", str(run1), "--n", "300", "--labels", "0.5", "--seed", "2", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                str(run1),
+                "--n",
+                "300",
+                "--labels",
+                "0.5",
+                "--seed",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     s = Catalogue.load(out)
     assert len(s) == 300 and s.units == UNITS and s.label_names == ("q",)
     assert np.all(s.labels == 0.5)
     model = load_run(run1)
-    np.testing.assert_allclose(s.phase_space, model.sample(300, labels=np.array([0.5]), seed=2).numpy(),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        s.phase_space, model.sample(300, labels=np.array([0.5]), seed=2).numpy(), rtol=1e-6
+    )
 
     assert main(["logprob", str(run1), str(cat_path), "--out", str(tmp_path / "lp.npy")]) == 0
     np.testing.assert_array_equal(np.load(tmp_path / "lp.npy"), model.log_prob(w, labels).numpy())

@@ -1,32 +1,35 @@
-"""Accelerations from the collisionless Boltzmann equation (CBE) of a phase-space distribution function.
+"""Accelerations from the collisionless Boltzmann equation (CBE) of a phase-space distribution
+function.
 
 A steady-state DF f(x, v) in a potential with acceleration a(x) = -∇Φ obeys the CBE
 
     v · ∂f/∂x + a · ∂f/∂v = 0,     i.e. (dividing by f)     v · ∇_x log f + a · ∇_v log f = 0,
 
 at every velocity v. Given the DF (a learned :class:`~tfgalflow.model.Flow`, an
-:class:`~tfgalflow.model.Ensemble` or an exact DF such as ``Hernquist().exact_density("iso")``), a at a
-position x is the least-squares solution over K velocities v_k at that x (An, Naik, Evans & Burrage 2021,
-MNRAS 506, 5721, Sec. 5; Green & Ting 2020, arXiv:2011.04673):
+:class:`~tfgalflow.model.Ensemble` or an exact DF such as ``Hernquist().exact_density("iso")``), a
+at a position x is the least-squares solution over K velocities v_k at that x (An, Naik, Evans &
+Burrage 2021, MNRAS 506, 5721, Sec. 5; Green & Ting 2020, arXiv:2011.04673):
 
-    minimise_a  Σ_k (b_k + a · g_k)^2,      b_k = v_k · ∇_x log f(x, v_k),  g_k = ∇_v log f(x, v_k),
+    minimise_a  Σ_k (b_k + a · g_k)^2,     b_k = v_k · ∇_x log f(x, v_k),  g_k = ∇_v log f(x, v_k),
     normal equations  (Σ_k g_k g_kᵀ) a = -Σ_k g_k b_k.
 
 The pieces, each usable alone:
 
 * :func:`df_gradients`  ∂log f/∂x and ∂log f/∂v with ``tf.GradientTape`` (batched, traced once);
-* :func:`sample_velocities`  K velocities per position from p(v | x) ∝ f(x, v) (sampling-importance-
-  resampling, fully batched, stateless seeds; see its docstring for the method and its assumptions);
-* :class:`CBELayer`  the B least-squares systems solved at once (eigen-decomposition of the 3x3 normal
-  matrices in float64), with the relative residual and condition number of each fit;
+* :func:`sample_velocities`  K velocities per position from p(v | x) ∝ f(x, v)
+  (sampling-importance-resampling, fully batched, stateless seeds; see its docstring for the
+  method and its assumptions);
+* :class:`CBELayer`  the B least-squares systems solved at once (eigen-decomposition of the 3x3
+  normal matrices in float64), with the relative residual and condition number of each fit;
 * :func:`accelerations`  the whole chain with validation, chunking, ensemble spread and flags;
 * :func:`acceleration_graph`  the same chain as one pure-TF ``tf.function`` (positions [None, 3],
   seed [2], and labels [None, C] for a conditional DF) that :mod:`tfgalflow.export` wraps as the
   SavedModel ``accelerations`` signature.
 
-``jit_compile=True`` (:func:`accelerations`, :func:`solve_cbe`) XLA-compiles the DF evaluations with the
-DF's maths inlined (:func:`_inline_log_prob`), in chunks padded to a fixed size so each compiles once;
-the random numbers and the 3x3 solves stay in the plain graph, which the exported graph always is.
+``jit_compile=True`` (:func:`accelerations`, :func:`solve_cbe`) XLA-compiles the DF evaluations
+with the DF's maths inlined (:func:`_inline_log_prob`), in chunks padded to a fixed size so each
+compiles once; the random numbers and the 3x3 solves stay in the plain graph, which the exported
+graph always is.
 
 A "phase-space DF" here is any :class:`~tfgalflow.density.Density` with ``dim == 6``
 (w = concat(x, v) [N, 6]). A conditional DF f(x, v | c) (``label_dim = C > 0``) takes labels with
@@ -56,26 +59,30 @@ from .density import Density, stateless_seed
 from .errors import InputError
 from .validation import finite_matrix, integer, positive_number
 
-#: Fewest velocities per position accepted: 3 unknowns plus enough equations for a meaningful residual.
+#: Fewest velocities per position accepted: 3 unknowns plus enough equations for a meaningful
+#: residual.
 MIN_VELOCITIES = 8
 #: Default flag thresholds of :func:`accelerations` (see its docstring for why these values).
 MAX_RESIDUAL = 0.8
 MAX_CONDITION = 1.0e6
 MIN_ESS = 32.0
-#: Rows of (position, velocity) pairs per chunk: gradient rows (with tape) and candidate rows (log_prob only).
+#: Rows of (position, velocity) pairs per chunk: gradient rows (with tape) and candidate rows
+#: (log_prob only).
 GRADIENT_ROWS_PER_CHUNK = 2**16
 CANDIDATE_ROWS_PER_CHUNK = 2**18
 
 
-# ---- the DF interface ----------------------------------------------------------------------------
+# ---- the DF interface ---------------------------------------------------------------------------
 
 def check_df(df: Any) -> None:
     """InputError unless ``df`` is a 6-D phase-space :class:`~tfgalflow.density.Density`
     f(x, v [| c]).
     """
     if not isinstance(df, Density):
-        raise InputError(f"df must be a phase-space DF (a tfgalflow Density with dim = 6: a Flow, "
-                         f"Ensemble, SphericalAverage, exact DF or loaded SavedModel); got {type(df).__name__}")
+        raise InputError(
+            f"df must be a phase-space DF (a tfgalflow Density with dim = 6: a Flow, "
+            f"Ensemble, SphericalAverage, exact DF or loaded SavedModel); got {type(df).__name__}"
+        )
     if df.dim != 6:
         raise InputError(f"df has dim = {df.dim}; the CBE needs a 6-D phase-space DF f(x, v) with "
                          f"w = (x, v) [N, 6]")
@@ -129,41 +136,46 @@ def _positions_per_chunk(df: Any, k: int, m: int | None = None) -> int:
 def _velocity_scale(df: Density, override: float | None) -> Callable[[], tf.Tensor]:
     """A function returning the DF's typical speed v0 (scalar float32 tensor), read at trace time.
 
-    Only centres the pilot grid of :func:`sample_velocities` (which spans v0 x 10^±3), so it may be off
-    by a large factor: the rms of the velocity part of ``df.scale_hint()`` (a flow's rescaler scales,
-    the exact DF's velocity unit), or 1 when the DF gives no hint.
+    Only centres the pilot grid of :func:`sample_velocities` (which spans v0 x 10^±3), so it may be
+    off by a large factor: the rms of the velocity part of ``df.scale_hint()`` (a flow's rescaler
+    scales, the exact DF's velocity unit), or 1 when the DF gives no hint.
     """
     if override is not None:
         override = positive_number(override, "velocity_scale")
         return lambda: tf.constant(override, tf.float32)
 
-    scale = df.scale_hint()         # looked up now: the closure must not keep the DF alive (caches)
+    # looked up now: the closure must not keep the DF alive (caches)
+    scale = df.scale_hint()
     if scale is None:
         return lambda: tf.constant(1.0, tf.float32)
     return lambda: tf.sqrt(tf.reduce_mean(tf.square(tf.cast(scale[3:6], tf.float32))))
 
 
 def _as_vectors(value: Any, name: str) -> np.ndarray:
-    """[B, 3] finite float32 array from ``value`` or InputError naming ``name`` and the expected shape."""
+    """[B, 3] finite float32 array from ``value`` or InputError naming ``name`` and the expected
+    shape.
+    """
     return finite_matrix(value, name, width=3, expected="[B, 3]", dtype=np.float32)
 
 
 def check_positions(positions: Any) -> np.ndarray:
-    """Positions as a finite float32 [B, 3] array (B >= 1), or InputError naming the problem and the shape."""
+    """Positions as a finite float32 [B, 3] array (B >= 1), or InputError naming the problem and
+    the shape.
+    """
     return _as_vectors(positions, "positions")
 
 
-# ---- derivatives -----------------------------------------------------------------------------------
+# ---- derivatives --------------------------------------------------------------------------------
 
 def _inline_log_prob(df: Density) -> Callable[[tf.Tensor, tf.Tensor | None], tf.Tensor] | None:
     """log f(w [N, 6] float32, labels [N, C] | None) -> [N] as plain TF ops traced into the
     caller's graph, or None.
 
     XLA needs the DF's maths inline: a DF whose ``log_prob`` calls its own ``tf.function``,
-    differentiated inside a ``jit_compile`` function, makes XLA recompile on every call (the inputs are
-    treated as compile-time constants). The contract's ``log_prob_tensor`` is that maths; densities that
-    are not plain TF ops (``inlinable`` False: a loaded SavedModel, or an average of one) get None and
-    stay on the plain graph.
+    differentiated inside a ``jit_compile`` function, makes XLA recompile on every call (the inputs
+    are treated as compile-time constants). The contract's ``log_prob_tensor`` is that maths;
+    densities that are not plain TF ops (``inlinable`` False: a loaded SavedModel, or an average of
+    one) get None and stay on the plain graph.
     """
     return (lambda w, labels: df.log_prob_tensor(w, labels)) if df.inlinable else None
 
@@ -188,7 +200,8 @@ def _gradients_tensor(df: Any, x: tf.Tensor, v: tf.Tensor, log_prob: Callable | 
         tape.watch(w)
         log_f = (log_prob or df.log_prob)(w, labels)
     # Rows are independent: d(Σ_n log f_n)/dw_n = d log f_n/dw_n.
-    grad = tape.gradient(log_f, w, unconnected_gradients=tf.UnconnectedGradients.ZERO)   # constant f: 0
+    # constant f: 0
+    grad = tape.gradient(log_f, w, unconnected_gradients=tf.UnconnectedGradients.ZERO)
     return grad[:, :3], grad[:, 3:], log_f
 
 
@@ -201,8 +214,8 @@ def df_gradients(df: Any, x: Any, v: Any, labels: Any = None) -> tuple[tf.Tensor
         dlogf_dx[n] = ∂ log f/∂x (x_n, v_n | c_n),    dlogf_dv[n] = ∂ log f/∂v (x_n, v_n | c_n)
 
     For an :class:`~tfgalflow.model.Ensemble` these are derivatives of the log of the ensemble-mean
-    density (what ``Ensemble.log_prob`` is), i.e. Σ_k w_k ∇ log f_k with posterior weights w_k ∝ f_k.
-    The labels c are held fixed: no derivative with respect to them is taken.
+    density (what ``Ensemble.log_prob`` is), i.e. Σ_k w_k ∇ log f_k with posterior weights
+    w_k ∝ f_k. The labels c are held fixed: no derivative with respect to them is taken.
 
     Args:
         df: phase-space DF (``.dim == 6``, ``.log_prob(w [N, 6], labels)``).
@@ -211,9 +224,9 @@ def df_gradients(df: Any, x: Any, v: Any, labels: Any = None) -> tuple[tf.Tensor
         labels: None (unconditional DF), [C] (the same for every row) or [B, C] (conditional DF).
 
     Returns:
-        (dlogf_dx [B, 3] in 1/length, dlogf_dv [B, 3] in 1/velocity), float32 tensors. Rows where log f
-        is not finite (outside the support) carry whatever the DF's gradient is there (0 for the exact
-        Hernquist DF; :class:`CBELayer` ignores them when given the mask).
+        (dlogf_dx [B, 3] in 1/length, dlogf_dv [B, 3] in 1/velocity), float32 tensors. Rows where
+        log f is not finite (outside the support) carry whatever the DF's gradient is there (0 for
+        the exact Hernquist DF; :class:`CBELayer` ignores them when given the mask).
 
     Traced once per DF (``tf.function`` with input_signature [None, 3] x 2 (+ [None, C])).
     """
@@ -221,7 +234,9 @@ def df_gradients(df: Any, x: Any, v: Any, labels: Any = None) -> tuple[tf.Tensor
     x = _as_vectors(x, "x")
     v = _as_vectors(v, "v")
     if x.shape[0] != v.shape[0]:
-        raise InputError(f"x has {x.shape[0]} rows but v has {v.shape[0]}; expected x, v both [B, 3]")
+        raise InputError(
+            f"x has {x.shape[0]} rows but v has {v.shape[0]}; expected x, v both [B, 3]"
+        )
     c = check_labels(df, labels, x.shape[0])
     fn = _GRADIENT_FNS.get(df)
     if fn is None:
@@ -239,19 +254,21 @@ def df_gradients(df: Any, x: Any, v: Any, labels: Any = None) -> tuple[tf.Tensor
     return fn(*args)
 
 
-# ---- velocity sampling at fixed x ------------------------------------------------------------------
+# ---- velocity sampling at fixed x ---------------------------------------------------------------
 
 @dataclass(frozen=True)
 class SamplerConfig:
     """Settings of the sampling-importance-resampling draw of :func:`sample_velocities`.
 
     Attributes:
-        candidates: proposal draws M per position in the final SIR stage (>= 2K is sensible; the default
-            ``None`` means max(4K, 1024)). The pilot stage uses M/2.
+        candidates: proposal draws M per position in the final SIR stage (>= 2K is sensible; the
+            default ``None`` means max(4K, 1024)). The pilot stage uses M/2.
         pilot_directions: random directions of the log-spaced speed grid (stage 0).
-        pilot_decades: the grid spans v0 x 10^(±pilot_decades), v0 from the DF (see ``velocity_scale``).
+        pilot_decades: the grid spans v0 x 10^(±pilot_decades), v0 from the DF (see
+            ``velocity_scale``).
         pilot_per_decade: grid speeds per decade.
-        dof: degrees of freedom ν of the Student-t proposals (integer >= 3: heavier tails than the target).
+        dof: degrees of freedom ν of the Student-t proposals (integer >= 3: heavier tails than the
+            target).
         pilot_inflation: stage-1 proposal scale = pilot_inflation x (grid rms speed / sqrt 3).
         inflation: stage-2 proposal scale matrix = inflation^2 x (stage-1 weighted covariance).
     """
@@ -273,7 +290,9 @@ class SamplerConfig:
         for name in ("pilot_decades", "pilot_inflation", "inflation"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise InputError(f"SamplerConfig.{name} = {value!r}: expected a finite positive number")
+                raise InputError(
+                    f"SamplerConfig.{name} = {value!r}: expected a finite positive number"
+                )
 
     def n_candidates(self, k: int) -> int:
         """M, the stage-2 candidates per position for K draws."""
@@ -297,7 +316,9 @@ def _log_f_at(df: Any, x: tf.Tensor, v: tf.Tensor, log_prob: Callable | None = N
 
 
 def _t_noise(shape: tf.Tensor, dof: int, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """The normal draws behind standard 3-D Student-t draws: z [C, M, 3] and ν normals [C, M, ν] for χ²_ν."""
+    """The normal draws behind standard 3-D Student-t draws: z [C, M, 3] and ν normals [C, M, ν]
+    for χ²_ν.
+    """
     z = tf.random.stateless_normal(tf.concat([shape, [3]], 0), seed=seed)
     chi = tf.random.stateless_normal(tf.concat([shape, [dof]], 0),
                                      seed=tf.random.experimental.stateless_fold_in(seed, 1))
@@ -305,7 +326,8 @@ def _t_noise(shape: tf.Tensor, dof: int, seed: tf.Tensor) -> tuple[tf.Tensor, tf
 
 
 def _standard_t(z: tf.Tensor, chi: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """Standard 3-D Student-t draws y [C, M, 3] and log q(y) [C, M] from :func:`_t_noise` (ν = chi's last axis).
+    """Standard 3-D Student-t draws y [C, M, 3] and log q(y) [C, M] from :func:`_t_noise`
+    (ν = chi's last axis).
 
     y = z / sqrt(χ²_ν / ν),  χ²_ν = Σ chi²,
     log q(y) = lnΓ((ν+3)/2) - lnΓ(ν/2) - (3/2) ln(νπ) - ((ν+3)/2) ln(1 + |y|²/ν)
@@ -325,12 +347,16 @@ def _normalised_weights(log_w: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     return tf.where(found[:, None], tf.nn.softmax(safe, axis=1), tf.zeros_like(log_w)), found
 
 
-def _sampler_noise(c: tf.Tensor, m: int, seed: tf.Tensor, cfg: SamplerConfig) -> dict[str, tf.Tensor]:
-    """Every random number of the SIR draw at C positions except the final resampling (stateless, from ``seed``).
+def _sampler_noise(
+    c: tf.Tensor, m: int, seed: tf.Tensor, cfg: SamplerConfig
+) -> dict[str, tf.Tensor]:
+    """Every random number of the SIR draw at C positions except the final resampling (stateless,
+    from ``seed``).
 
-    dirs [C, pilot_directions, 3] (stage 0), z1/chi1 [C, M/2, 3/ν] (stage 1), z2/chi2 [C, M, 3/ν] (stage 2).
-    Kept apart from :func:`_sir_weights` so that the deterministic maths can be XLA-compiled while the
-    random streams stay those of the plain graph (XLA draws other numbers from the same stateless seed).
+    dirs [C, pilot_directions, 3] (stage 0), z1/chi1 [C, M/2, 3/ν] (stage 1), z2/chi2 [C, M, 3/ν]
+    (stage 2). Kept apart from :func:`_sir_weights` so that the deterministic maths can be
+    XLA-compiled while the random streams stay those of the plain graph (XLA draws other numbers
+    from the same stateless seed).
     """
     stage_seed = [tf.random.experimental.stateless_fold_in(seed, i) for i in range(3)]
     dirs = tf.random.stateless_normal(tf.stack([c, cfg.pilot_directions, 3]), seed=stage_seed[0])
@@ -339,33 +365,45 @@ def _sampler_noise(c: tf.Tensor, m: int, seed: tf.Tensor, cfg: SamplerConfig) ->
     return {"dirs": dirs, "z1": z1, "chi1": chi1, "z2": z2, "chi2": chi2}
 
 
-def _sir_weights(df: Any, x: tf.Tensor, v0: tf.Tensor, noise: dict[str, tf.Tensor], m: int, cfg: SamplerConfig,
-                 log_prob: Callable | None = None, labels: tf.Tensor | None = None
-                 ) -> dict[str, tf.Tensor]:
+def _sir_weights(
+    df: Any,
+    x: tf.Tensor,
+    v0: tf.Tensor,
+    noise: dict[str, tf.Tensor],
+    m: int,
+    cfg: SamplerConfig,
+    log_prob: Callable | None = None,
+    labels: tf.Tensor | None = None,
+) -> dict[str, tf.Tensor]:
     """Stages 0-2 of :func:`sample_velocities` at C positions x [C, 3] (labels [C, L] | None),
     given :func:`_sampler_noise` (no RNG).
 
-    Returns the stage-2 candidates [C, M, 3], their truncated log importance weights ``logits`` [C, M],
-    ``ess`` [C], ``support`` [C] and ``log_density`` [C].
+    Returns the stage-2 candidates [C, M, 3], their truncated log importance weights ``logits`` [C,
+    M], ``ess`` [C], ``support`` [C] and ``log_density`` [C].
     """
     c = tf.shape(x)[0]
     # Stage 0: log-spaced speeds along random directions; weight f s^3 (volume s^2 ds = s^3 dln s).
     n_s = int(round(2 * cfg.pilot_decades * cfg.pilot_per_decade)) + 1
-    speeds = v0 * tf.pow(10.0, tf.linspace(-cfg.pilot_decades, cfg.pilot_decades, n_s))            # [S]
+    # [S]
+    speeds = v0 * tf.pow(10.0, tf.linspace(-cfg.pilot_decades, cfg.pilot_decades, n_s))
     dirs = noise["dirs"]
     dirs = dirs / tf.norm(dirs, axis=-1, keepdims=True)
-    grid = tf.reshape(dirs[:, :, None, :] * speeds[None, None, :, None], [c, cfg.pilot_directions * n_s, 3])
+    grid = tf.reshape(
+        dirs[:, :, None, :] * speeds[None, None, :, None], [c, cfg.pilot_directions * n_s, 3]
+    )
     log_w0 = (_log_f_at(df, x, grid, log_prob, labels)
               + tf.tile(3.0 * tf.math.log(speeds), [cfg.pilot_directions])[None, :])
     p0, found0 = _normalised_weights(log_w0)
     rms = tf.sqrt(tf.reduce_sum(p0 * tf.reduce_sum(tf.square(grid), -1), axis=1) / 3.0)
-    sigma1 = tf.where(found0 & (rms > 0), cfg.pilot_inflation * rms, v0)                              # [C]
+    # [C]
+    sigma1 = tf.where(found0 & (rms > 0), cfg.pilot_inflation * rms, v0)
     # Stage 1: isotropic Student-t about 0 with scale sigma1 -> weighted mean and covariance of v.
     y1, log_q1 = _standard_t(noise["z1"], noise["chi1"])
     v1 = sigma1[:, None, None] * y1
     log_w1 = _log_f_at(df, x, v1, log_prob, labels) - (log_q1 - 3.0 * tf.math.log(sigma1)[:, None])
     p1, found1 = _normalised_weights(log_w1)
-    mean = tf.reduce_sum(p1[..., None] * v1, axis=1)                                                 # [C, 3]
+    # [C, 3]
+    mean = tf.reduce_sum(p1[..., None] * v1, axis=1)
     d = v1 - mean[:, None, :]
     cov = tf.einsum("cm,cmi,cmj->cij", p1, d, d)
     eye = tf.eye(3, batch_shape=[c])
@@ -381,18 +419,31 @@ def _sir_weights(df: Any, x: tf.Tensor, v0: tf.Tensor, noise: dict[str, tf.Tenso
     log_w2 = _log_f_at(df, x, v2, log_prob, labels) - (log_q2 - log_det[:, None])
     found2 = tf.reduce_any(tf.math.is_finite(log_w2), axis=1)
     log_w2 = tf.where(found2[:, None], log_w2, tf.zeros_like(log_w2))
-    log_mean = tf.reduce_logsumexp(log_w2, axis=1) - math.log(m)                  # log of the mean raw weight
+    # log of the mean raw weight
+    log_mean = tf.reduce_logsumexp(log_w2, axis=1) - math.log(m)
     # Truncated importance sampling (Ionides 2008): cap the weights at sqrt(M) x their mean.
     log_w2t = tf.minimum(log_w2, (log_mean + 0.5 * math.log(m))[:, None])
     log_sum = tf.reduce_logsumexp(log_w2t, axis=1)
-    ess = tf.where(found2, tf.exp(2.0 * log_sum - tf.reduce_logsumexp(2.0 * log_w2t, axis=1)), tf.zeros_like(log_sum))
+    ess = tf.where(
+        found2,
+        tf.exp(2.0 * log_sum - tf.reduce_logsumexp(2.0 * log_w2t, axis=1)),
+        tf.zeros_like(log_sum),
+    )
     return {"candidates": v2, "logits": log_w2t, "ess": ess, "support": found0 | found1 | found2,
             "log_density": tf.where(found2, log_mean, tf.fill([c], -np.inf))}
 
 
-def _sample_velocities_tensor(df: Any, x: tf.Tensor, k: int, m: int, seed: tf.Tensor, v0: tf.Tensor,
-                              cfg: SamplerConfig, weights: Callable | None = None,
-                              labels: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+def _sample_velocities_tensor(
+    df: Any,
+    x: tf.Tensor,
+    k: int,
+    m: int,
+    seed: tf.Tensor,
+    v0: tf.Tensor,
+    cfg: SamplerConfig,
+    weights: Callable | None = None,
+    labels: tf.Tensor | None = None,
+) -> dict[str, tf.Tensor]:
     """SIR draw of K velocities at each of C positions x [C, 3] (labels [C, L] | None; pure TF);
     see :func:`sample_velocities`.
 
@@ -405,37 +456,46 @@ def _sample_velocities_tensor(df: Any, x: tf.Tensor, k: int, m: int, seed: tf.Te
             return _sir_weights(df, x, v0, noise, m, cfg, labels=labels)
     sir = weights(x, v0, noise, labels)
     # Resample K candidates with probabilities w / Σ w (stage 2's truncated weights).
-    index = tf.random.stateless_categorical(sir["logits"], k, seed=tf.random.experimental.stateless_fold_in(seed, 3),
-                                            dtype=tf.int32)                                          # [C, K]
+    index = tf.random.stateless_categorical(
+        sir["logits"],
+        k,
+        seed=tf.random.experimental.stateless_fold_in(seed, 3),
+        # [C, K]
+        dtype=tf.int32,
+    )
     return {"velocities": tf.gather(sir["candidates"], index, batch_dims=1), "ess": sir["ess"],
             "support": sir["support"], "log_density": sir["log_density"]}
 
 
-# ---- the least-squares layer ------------------------------------------------------------------------
+# ---- the least-squares layer --------------------------------------------------------------------
 
 class CBELayer(keras.layers.Layer):
-    """Batched least-squares solution of the CBE  v · ∇_x log f + a · ∇_v log f = 0  at B positions.
+    """Batched least-squares solution of the CBE  v · ∇_x log f + a · ∇_v log f = 0  at B
+    positions.
 
     For each position b, with K velocities v_k and gradients g_x,k = ∇_x log f, g_v,k = ∇_v log f:
 
         minimise_a Σ_k m_k (b_k + a · g_v,k)^2,   b_k = v_k · g_x,k,   m_k ∈ {0, 1} (mask)
         N a = r,   N = Σ_k m_k g_v,k g_v,kᵀ  [3, 3],   r = -Σ_k m_k g_v,k b_k,
 
-    solved for all B at once through the eigen-decomposition N = V diag(λ) Vᵀ: a = V diag(1/λ) Vᵀ r.
-    Outputs (in the layer's dtype, float32 by default):
+    solved for all B at once through the eigen-decomposition N = V diag(λ) Vᵀ: a = V diag(1/λ) Vᵀ
+    r. Outputs (in the layer's dtype, float32 by default):
 
-    * acceleration [B, 3] (velocity²/length); NaN where N is singular (λ_min <= 0, e.g. no valid rows);
-    * residual [B]: relative residual ||b + G a|| / ||b|| of the fit (0 = the CBE holds exactly at every
+    * acceleration [B, 3] (velocity²/length); NaN where N is singular (λ_min <= 0, e.g. no valid
+    rows);
+    * residual [B]: relative residual ||b + G a|| / ||b|| of the fit (0 = the CBE holds exactly at
+    every
       v_k; 1 = a explains nothing; 0 when b = 0 and the fit is exact);
     * condition [B]: λ_max / λ_min of N (= cond(G)², G the K x 3 matrix of g_v,k); inf if singular.
 
-    Inputs: ``(dlogf_dx [B, K, 3], dlogf_dv [B, K, 3], v [B, K, 3])`` or with a fourth ``mask [B, K]``
+    Inputs: ``(dlogf_dx [B, K, 3], dlogf_dv [B, K, 3], v [B, K, 3])`` or with a fourth ``mask [B,
+        K]``
     (1 = use the row). Rows with any non-finite entry are always dropped.
 
-    ``solve_dtype`` ("float64" default): the products and the 3x3 solve are done in this dtype: forming
-    N squares the condition number, so a float32 solve loses accuracy wherever the gradients make N
-    ill-conditioned (the β = 1/2 DF's 1/L gradients do); the float64 cost is negligible next to the DF
-    evaluations (figures: benchmarks/README.md).
+    ``solve_dtype`` ("float64" default): the products and the 3x3 solve are done in this dtype:
+    forming N squares the condition number, so a float32 solve loses accuracy wherever the
+    gradients make N ill-conditioned (the β = 1/2 DF's 1/L gradients do); the float64 cost is
+    negligible next to the DF evaluations (figures: benchmarks/README.md).
 
     Reference: An, Naik, Evans & Burrage 2021, MNRAS 506, 5721, Sec. 5.
     """
@@ -444,7 +504,9 @@ class CBELayer(keras.layers.Layer):
         kwargs.setdefault("trainable", False)
         super().__init__(**kwargs)
         if solve_dtype not in ("float32", "float64"):
-            raise InputError(f"CBELayer(solve_dtype={solve_dtype!r}): expected 'float32' or 'float64'")
+            raise InputError(
+                f"CBELayer(solve_dtype={solve_dtype!r}): expected 'float32' or 'float64'"
+            )
         self.solve_dtype = tf.as_dtype(solve_dtype)
 
     def get_config(self) -> dict:
@@ -452,44 +514,65 @@ class CBELayer(keras.layers.Layer):
         return {**super().get_config(), "solve_dtype": self.solve_dtype.name}
 
     def call(self, inputs):
-        """(acceleration [B, 3], residual [B], condition [B]) from the gradients (see the class)."""
+        """(acceleration [B, 3], residual [B], condition [B]) from the gradients (see the
+        class).
+        """
         if not isinstance(inputs, (tuple, list)) or len(inputs) not in (3, 4):
-            raise InputError("CBELayer expects (dlogf_dx [B, K, 3], dlogf_dv [B, K, 3], v [B, K, 3][, mask [B, K]])")
+            raise InputError(
+                "CBELayer expects (dlogf_dx [B, K, 3], dlogf_dv [B, K, 3], v [B, K, 3]"
+                "[, mask [B, K]])"
+            )
         for name, t in zip(("dlogf_dx", "dlogf_dv", "v"), inputs[:3]):
             shape = tf.TensorShape(getattr(t, "shape", np.shape(t)))
             if shape.rank != 3 or (shape[-1] is not None and shape[-1] != 3):
                 raise InputError(f"CBELayer input {name} has shape {shape}; expected [B, K, 3]")
         return self._solve(*self._normal_equations(*inputs))
 
-    def _normal_equations(self, g_x, g_v, v, mask=None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
-        """The rows that enter the fit and their normal equations, in the solve dtype (row-wise maths only).
+    def _normal_equations(
+        self, g_x, g_v, v, mask=None
+    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+        """The rows that enter the fit and their normal equations, in the solve dtype (row-wise
+        maths only).
 
-        Returns (g [B, K, 3] = m_k g_v,k, b [B, K] = m_k v_k · g_x,k, N [B, 3, 3], r [B, 3]); m_k = 0 for
-        masked-out rows and rows with a non-finite entry.
+        Returns (g [B, K, 3] = m_k g_v,k, b [B, K] = m_k v_k · g_x,k, N [B, 3, 3], r [B, 3]);
+        m_k = 0 for masked-out rows and rows with a non-finite entry.
         """
         dt = self.solve_dtype
         g_x, g_v, v = (tf.cast(t, dt) for t in (g_x, g_v, v))
-        valid = tf.reduce_all(tf.math.is_finite(g_x) & tf.math.is_finite(g_v) & tf.math.is_finite(v), axis=-1)
+        valid = tf.reduce_all(
+            tf.math.is_finite(g_x) & tf.math.is_finite(g_v) & tf.math.is_finite(v), axis=-1
+        )
         if mask is not None:
             valid = valid & (tf.cast(mask, dt) > 0)
         keep = valid[..., None]
-        b = tf.reduce_sum(tf.where(keep, v * g_x, tf.zeros_like(v)), axis=-1)                      # [B, K]
-        g = tf.where(keep, g_v, tf.zeros_like(g_v))                                               # [B, K, 3]
+        # [B, K]
+        b = tf.reduce_sum(tf.where(keep, v * g_x, tf.zeros_like(v)), axis=-1)
+        # [B, K, 3]
+        g = tf.where(keep, g_v, tf.zeros_like(g_v))
         normal = tf.einsum("bki,bkj->bij", g, g)
         rhs = -tf.einsum("bki,bk->bi", g, b)
         return g, b, normal, rhs
 
     def _solve(self, g: tf.Tensor, b: tf.Tensor, normal: tf.Tensor, rhs: tf.Tensor
                ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        """(a [B, 3], residual [B], condition [B]) from :meth:`_normal_equations` (one 3x3 system at a time)."""
+        """(a [B, 3], residual [B], condition [B]) from :meth:`_normal_equations` (one 3x3 system
+        at a time).
+        """
         dt = self.solve_dtype
-        lam, vec = tf.linalg.eigh(normal)                                                         # ascending
+        # ascending
+        lam, vec = tf.linalg.eigh(normal)
         regular = lam[:, 0] > 0
         safe_lam = tf.where(regular[:, None], lam, tf.ones_like(lam))
         a = tf.einsum("bij,bj->bi", vec, tf.einsum("bji,bj->bi", vec, rhs) / safe_lam)
         a = tf.where(regular[:, None], a, tf.fill(tf.shape(a), tf.constant(np.nan, dt)))
-        condition = tf.where(regular, lam[:, 2] / safe_lam[:, 0], tf.fill(tf.shape(regular), tf.constant(np.inf, dt)))
-        misfit = tf.norm(b + tf.einsum("bki,bi->bk", g, tf.where(regular[:, None], a, tf.zeros_like(a))), axis=1)
+        condition = tf.where(
+            regular,
+            lam[:, 2] / safe_lam[:, 0],
+            tf.fill(tf.shape(regular), tf.constant(np.inf, dt)),
+        )
+        misfit = tf.norm(
+            b + tf.einsum("bki,bi->bk", g, tf.where(regular[:, None], a, tf.zeros_like(a))), axis=1
+        )
         scale = tf.norm(b, axis=1)
         residual = tf.where(scale > 0, misfit / tf.where(scale > 0, scale, tf.ones_like(scale)),
                             tf.where(misfit > 0, tf.constant(np.inf, dt), tf.zeros_like(misfit)))
@@ -508,7 +591,11 @@ def _cbe_gradients(df: Any, x: tf.Tensor, v: tf.Tensor, log_prob: Callable | Non
     x_rows = tf.reshape(tf.broadcast_to(x[:, None, :], shape), [-1, 3])
     g_x, g_v, log_f = _gradients_tensor(df, x_rows, tf.reshape(v, [-1, 3]), log_prob,
                                         _rows_labels(labels, shape))
-    return tf.reshape(g_x, shape), tf.reshape(g_v, shape), tf.reshape(tf.math.is_finite(log_f), shape[:2])
+    return (
+        tf.reshape(g_x, shape),
+        tf.reshape(g_v, shape),
+        tf.reshape(tf.math.is_finite(log_f), shape[:2]),
+    )
 
 
 def _solve_tensor(df: Any, layer: CBELayer, x: tf.Tensor, v: tf.Tensor,
@@ -544,8 +631,8 @@ def _solve_fn(df: Any, chunk: int, k: int, jit_compile: bool) -> Callable:
     ([C, 3], [C], [C]); labels only for a conditional DF.
 
     Plain graph: any C, K (traced once). XLA: the gradients and the layer's row-wise maths
-    (:func:`_xla_normal_equations`) XLA-compiled at fixed shapes [chunk, k] (once per DF, chunk and K;
-    callers pad the last chunk), the 3x3 solves in the plain graph.
+    (:func:`_xla_normal_equations`) XLA-compiled at fixed shapes [chunk, k] (once per DF, chunk and
+    K; callers pad the last chunk), the 3x3 solves in the plain graph.
     """
     per_df = _SOLVE_FNS.setdefault(df, {})
     key = (chunk, k) if jit_compile else None
@@ -557,7 +644,8 @@ def _solve_fn(df: Any, chunk: int, k: int, jit_compile: bool) -> Callable:
         if df.label_dim:
             specs.append(tf.TensorSpec([rows, df.label_dim], tf.float32))
         normal_equations = None
-        if jit_compile:      # the DF is looked up at trace time: a closure over it would keep it alive
+        # the DF is looked up at trace time: a closure over it would keep it alive
+        if jit_compile:
             normal_equations = tf.function(
                 lambda x, v, *c: _xla_normal_equations(ref(), layer)(x, v, *c),
                 input_signature=specs, autograph=False, jit_compile=True)
@@ -568,17 +656,20 @@ def _solve_fn(df: Any, chunk: int, k: int, jit_compile: bool) -> Callable:
 
 
 def _pad_rows(t: np.ndarray, n: int) -> np.ndarray:
-    """``t`` with its last row repeated up to n rows (a valid, typical input: no NaN from padding)."""
+    """``t`` with its last row repeated up to n rows (a valid, typical input: no NaN from
+    padding).
+    """
     return t if len(t) == n else np.concatenate([t, np.repeat(t[-1:], n - len(t), axis=0)], axis=0)
 
 
 def solve_cbe(df: Any, positions: Any, velocities: Any, chunk_size: int | None = None, *,
               labels: Any = None, jit_compile: bool = False
               ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """The CBE least squares at given velocities: gradients of log f at (x_b, v_bk), then :class:`CBELayer`.
+    """The CBE least squares at given velocities: gradients of log f at (x_b, v_bk), then
+    :class:`CBELayer`.
 
-    For velocities from elsewhere (e.g. the observed stars near x, as in Green & Ting 2020, or a shared
-    :func:`sample_velocities` draw). Rows where log f is not finite are left out of the fit.
+    For velocities from elsewhere (e.g. the observed stars near x, as in Green & Ting 2020, or a
+    shared :func:`sample_velocities` draw). Rows where log f is not finite are left out of the fit.
 
     Args:
         df: phase-space DF.
@@ -588,22 +679,28 @@ def solve_cbe(df: Any, positions: Any, velocities: Any, chunk_size: int | None =
         labels: a conditional DF's labels, [C] (every position) or [B, C] (one per position, used
             for all its K velocities); None for an unconditional DF.
         jit_compile: XLA-compile the gradients and the row-wise part of the layer (see
-            :func:`accelerations`); chunks are padded to ``chunk_size`` positions, so it compiles once per
-            DF, K and chunk size. Same answers as the plain graph to float32 round-off.
+            :func:`accelerations`); chunks are padded to ``chunk_size`` positions, so it compiles
+            once per DF, K and chunk size. Same answers as the plain graph to float32 round-off.
 
     Returns:
         (acceleration [B, 3], residual [B], condition [B]) float32 tensors, as :class:`CBELayer`.
     """
     check_df(df)
     x = _as_vectors(positions, "positions")
-    v = np.asarray(velocities.numpy() if isinstance(velocities, (tf.Tensor, tf.Variable)) else velocities,
-                   dtype=np.float32)
+    v = np.asarray(
+        velocities.numpy() if isinstance(velocities, (tf.Tensor, tf.Variable)) else velocities,
+        dtype=np.float32,
+    )
     if v.ndim != 3 or v.shape[0] != x.shape[0] or v.shape[2] != 3 or v.shape[1] < 3:
-        raise InputError(f"velocities have shape {list(v.shape)}; expected [B, K, 3] with B = {x.shape[0]} "
-                         f"(the rows of positions) and K >= 3")
+        raise InputError(
+            f"velocities have shape {list(v.shape)}; expected [B, K, 3] with B = {x.shape[0]} "
+            f"(the rows of positions) and K >= 3"
+        )
     c = check_labels(df, labels, x.shape[0])
     k = v.shape[1]
-    chunk = integer(chunk_size if chunk_size is not None else _positions_per_chunk(df, k), "chunk_size", 1)
+    chunk = integer(
+        chunk_size if chunk_size is not None else _positions_per_chunk(df, k), "chunk_size", 1
+    )
     jit = bool(jit_compile) and _inline_log_prob(df) is not None
     fn = _solve_fn(df, chunk, k, jit)
     arrays = [x, v] + ([] if c is None else [c])
@@ -618,44 +715,68 @@ def solve_cbe(df: Any, positions: Any, velocities: Any, chunk_size: int | None =
     return tuple(tf.constant(np.concatenate([p[j] for p in parts])) for j in range(3))
 
 
-# ---- the whole chain, pure TF ------------------------------------------------------------------------
+# ---- the whole chain, pure TF -------------------------------------------------------------------
 
 class _Solver:
-    """Sampler + gradients + CBELayer for one DF and one setting, traced once (per chunk of C positions)."""
+    """Sampler + gradients + CBELayer for one DF and one setting, traced once (per chunk of C
+    positions).
+    """
 
-    def __init__(self, df: Any, k: int, cfg: SamplerConfig, velocity_scale: float | None, solve_dtype: str,
-                 chunk_size: int | None, jit_compile: bool = False):
+    def __init__(
+        self,
+        df: Any,
+        k: int,
+        cfg: SamplerConfig,
+        velocity_scale: float | None,
+        solve_dtype: str,
+        chunk_size: int | None,
+        jit_compile: bool = False,
+    ):
         check_df(df)
-        self._df = weakref.ref(df)    # cached per DF in a WeakKeyDictionary: must not keep the DF alive
+        # cached per DF in a WeakKeyDictionary: must not keep the DF alive
+        self._df = weakref.ref(df)
         self.k, self.cfg = k, cfg
         self.label_dim = int(df.label_dim)
         self.m = cfg.n_candidates(k)
         self.v0 = _velocity_scale(df, velocity_scale)
         self.layer = CBELayer(solve_dtype)
-        self.chunk = integer(chunk_size if chunk_size is not None else _positions_per_chunk(df, k, self.m),
-                                  "chunk_size", 1)
+        self.chunk = integer(
+            chunk_size if chunk_size is not None else _positions_per_chunk(df, k, self.m),
+            "chunk_size",
+            1,
+        )
         self._xla_normal_equations = self._xla_weights = None
         if jit_compile and _inline_log_prob(df) is not None:
             self._compile_with_xla()
-        specs = [tf.TensorSpec([None, 3], tf.float32, name="positions"), tf.TensorSpec([2], tf.int64, name="seed")]
+        specs = [
+            tf.TensorSpec([None, 3], tf.float32, name="positions"),
+            tf.TensorSpec([2], tf.int64, name="seed"),
+        ]
         if self.label_dim:
             specs.append(tf.TensorSpec([None, self.label_dim], tf.float32, name="labels"))
-        # No Python control flow on tensors anywhere in the chain: autograph off (faster tracing, no warnings).
+        # No Python control flow on tensors anywhere in the chain: autograph off (faster tracing,
+        # no warnings).
         self.velocities = tf.function(lambda p, s, *c: self._chunked(p, s, self._sample_chunk, *c),
                                       input_signature=specs, autograph=False)
         self.solve = tf.function(lambda p, s, *c: self._chunked(p, s, self._solve_chunk, *c),
                                  input_signature=specs, autograph=False)
 
     def _compile_with_xla(self) -> None:
-        """XLA for the DF evaluations and the row-wise maths: :func:`_sir_weights`, :func:`_xla_normal_equations`.
+        """XLA for the DF evaluations and the row-wise maths: :func:`_sir_weights`,
+        :func:`_xla_normal_equations`.
 
-        The random numbers and the least squares stay in the plain graph (see :func:`_sampler_noise` and
-        :func:`_solve_tensor`). Fixed shapes of ``chunk`` positions, so each compiles once; chunks of
-        C < chunk positions are padded (:meth:`_padded`).
+        The random numbers and the least squares stay in the plain graph (see
+        :func:`_sampler_noise` and :func:`_solve_tensor`). Fixed shapes of ``chunk`` positions, so
+        each compiles once; chunks of C < chunk positions are padded (:meth:`_padded`).
         """
         c, k, m, cfg = self.chunk, self.k, self.m, self.cfg
-        noise = {"dirs": [c, cfg.pilot_directions, 3], "z1": [c, m // 2, 3], "chi1": [c, m // 2, cfg.dof],
-                 "z2": [c, m, 3], "chi2": [c, m, cfg.dof]}
+        noise = {
+            "dirs": [c, cfg.pilot_directions, 3],
+            "z1": [c, m // 2, 3],
+            "chi1": [c, m // 2, cfg.dof],
+            "z2": [c, m, 3],
+            "chi2": [c, m, cfg.dof],
+        }
         specs = [tf.TensorSpec([c, 3], tf.float32), tf.TensorSpec([], tf.float32),
                  {key: tf.TensorSpec(shape, tf.float32) for key, shape in noise.items()}]
         label_specs = [tf.TensorSpec([c, self.label_dim], tf.float32)] if self.label_dim else []
@@ -674,12 +795,16 @@ class _Solver:
     def df(self) -> Any:
         df = self._df()
         if df is None:
-            raise InputError("the DF this acceleration graph was built for no longer exists; keep a reference "
-                             "to the model while the graph is in use")
+            raise InputError(
+                "the DF this acceleration graph was built for no longer exists; keep a reference "
+                "to the model while the graph is in use"
+            )
         return df
 
     def _padded(self, fn: Callable, *args) -> Any:
-        """fn on its arguments padded from C to ``chunk`` rows (copies of the last row), outputs cut to C rows."""
+        """fn on its arguments padded from C to ``chunk`` rows (copies of the last row), outputs
+        cut to C rows.
+        """
         c = tf.shape(args[0])[0]
         pad = lambda t: tf.concat([t, tf.repeat(t[-1:], self.chunk - c, axis=0)], axis=0)
         return tf.nest.map_structure(lambda t: t[:c], fn(*tf.nest.map_structure(pad, args)))
@@ -707,12 +832,19 @@ class _Solver:
 
     def _signature(self, fn: Callable) -> dict[str, tf.TensorSpec]:
         """Per-chunk output specs (C positions) of ``fn``."""
-        common = {"ess": tf.TensorSpec([None], tf.float32), "support": tf.TensorSpec([None], tf.bool),
-                  "log_density": tf.TensorSpec([None], tf.float32)}
+        common = {
+            "ess": tf.TensorSpec([None], tf.float32),
+            "support": tf.TensorSpec([None], tf.bool),
+            "log_density": tf.TensorSpec([None], tf.float32),
+        }
         if fn == self._sample_chunk:
             return {"velocities": tf.TensorSpec([None, self.k, 3], tf.float32), **common}
-        return {"acceleration": tf.TensorSpec([None, 3], tf.float32), "residual": tf.TensorSpec([None], tf.float32),
-                "condition": tf.TensorSpec([None], tf.float32), **common}
+        return {
+            "acceleration": tf.TensorSpec([None, 3], tf.float32),
+            "residual": tf.TensorSpec([None], tf.float32),
+            "condition": tf.TensorSpec([None], tf.float32),
+            **common,
+        }
 
     def _chunked(self, positions: tf.Tensor, seed: tf.Tensor, fn: Callable,
                  labels: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
@@ -725,11 +857,15 @@ class _Solver:
         """
         b = tf.shape(positions)[0]
         c = tf.maximum(tf.minimum(self.chunk, b), 1)
-        n = tf.maximum((b + c - 1) // c, 1)            # B = 0: one padded chunk (map_fn cannot stack none)
+        # B = 0: one padded chunk (map_fn cannot stack none)
+        n = tf.maximum((b + c - 1) // c, 1)
         padded = tf.concat([positions, tf.zeros([n * c - b, 3], positions.dtype)], axis=0)
         chunks = tf.reshape(padded, [n, c, 3])
-        seeds = tf.map_fn(lambda i: tf.random.experimental.stateless_fold_in(seed, i), tf.range(n, dtype=tf.int64),
-                          fn_output_signature=tf.TensorSpec([2], tf.int64))
+        seeds = tf.map_fn(
+            lambda i: tf.random.experimental.stateless_fold_in(seed, i),
+            tf.range(n, dtype=tf.int64),
+            fn_output_signature=tf.TensorSpec([2], tf.int64),
+        )
         if labels is None:
             out = tf.map_fn(lambda args: fn(args[0], args[1]), (chunks, seeds),
                             fn_output_signature=self._signature(fn), parallel_iterations=1)
@@ -741,14 +877,24 @@ class _Solver:
             out = tf.map_fn(lambda args: fn(args[0], args[1], args[2]),
                             (chunks, seeds, label_chunks),
                             fn_output_signature=self._signature(fn), parallel_iterations=1)
-        return {key: tf.reshape(t, tf.concat([[n * c], tf.shape(t)[2:]], 0))[:b] for key, t in out.items()}
+        return {
+            key: tf.reshape(t, tf.concat([[n * c], tf.shape(t)[2:]], 0))[:b]
+            for key, t in out.items()
+        }
 
 
 _SOLVERS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
-def _solver(df: Any, k: int, sampler: SamplerConfig | None, velocity_scale: float | None,
-            solve_dtype: str = "float64", chunk_size: int | None = None, jit_compile: bool = False) -> _Solver:
+def _solver(
+    df: Any,
+    k: int,
+    sampler: SamplerConfig | None,
+    velocity_scale: float | None,
+    solve_dtype: str = "float64",
+    chunk_size: int | None = None,
+    jit_compile: bool = False,
+) -> _Solver:
     """The cached :class:`_Solver` of ``df`` for these settings (each setting is traced once)."""
     check_df(df)
     sampler = SamplerConfig() if sampler is None else sampler
@@ -757,7 +903,9 @@ def _solver(df: Any, k: int, sampler: SamplerConfig | None, velocity_scale: floa
     key = (k, sampler.key(), velocity_scale, solve_dtype, chunk_size, bool(jit_compile))
     per_df = _SOLVERS.setdefault(df, {})
     if key not in per_df:
-        per_df[key] = _Solver(df, k, sampler, velocity_scale, solve_dtype, chunk_size, bool(jit_compile))
+        per_df[key] = _Solver(
+            df, k, sampler, velocity_scale, solve_dtype, chunk_size, bool(jit_compile)
+        )
     return per_df[key]
 
 
@@ -769,26 +917,31 @@ def sample_velocities(df: Any, positions: Any, k: int, seed: Any = 0, *, labels:
 
     Method (all B positions at once, stateless seeds, core TF ops only):
 
-    0. pilot: log f on a log-spaced speed grid v0 x 10^[-3, 3] (4 per decade) along 8 random directions;
+    0. pilot: log f on a log-spaced speed grid v0 x 10^[-3, 3] (4 per decade) along 8 random
+    directions;
        the weights f s³ (volume element s² ds = s³ d ln s) give the rms speed at x;
-    1. M/2 draws from an isotropic Student-t (ν = 4) about 0 with scale 1.5 x rms/√3; the self-normalised
+    1. M/2 draws from an isotropic Student-t (ν = 4) about 0 with scale 1.5 x rms/√3; the
+    self-normalised
        weights f/q give the mean and covariance of v at x;
-    2. M draws from a multivariate Student-t (ν = 4) with that mean and covariance as scale matrix; the
-       importance weights w = f/q (tails of q heavier than those of f, so w is bounded for Gaussian-or-
-       lighter tails), truncated at sqrt(M) x mean(w) (truncated importance sampling, Ionides 2008: tames
-       integrable singularities such as the β = 1/2 DF's f ∝ 1/L, bias -> 0 as M -> ∞); K indices drawn
-       with replacement by a stateless categorical draw with probabilities w / Σ w (sampling-importance-
+    2. M draws from a multivariate Student-t (ν = 4) with that mean and covariance as scale matrix;
+    the
+       importance weights w = f/q (tails of q heavier than those of f, so w is bounded for
+       Gaussian-or- lighter tails), truncated at sqrt(M) x mean(w) (truncated importance sampling,
+       Ionides 2008: tames integrable singularities such as the β = 1/2 DF's f ∝ 1/L, bias -> 0 as
+       M -> ∞); K indices drawn with replacement by a stateless categorical draw with probabilities
+       w / Σ w (sampling-importance-
        resampling: Rubin 1988; Smith & Gelfand 1992).
 
-    The K draws are p(v | x)-distributed as M -> ∞ (the bias of SIR is O(1/M)); for finite M they are
-    correlated through repeats (about K / (2 ESS) of them are duplicates). ESS = (Σ w)² / Σ w² of the
-    stage-2 weights is returned with ``return_ess``; tests/test_cbe.py checks the draws against the exact
-    Hernquist p(|v| | r) (KS test) and the β = 1/2 Jeans dispersions. Assumptions: p(v | x) is unimodal or close
-    to it (a mean velocity not ≫ the dispersion, so stage 1 finds it), and its speeds lie within
-    v0 x 10^±3, v0 = the DF's typical speed (``velocity_scale``; inferred from a Flow's rescaler or an
-    exact Hernquist DF, else 1). Points where log f is NaN or +inf (measure-zero singularities such as the
-    β = 1/2 DF's L = 0 line) get weight 0. Where no candidate has finite log f (x outside the DF's
-    support) the K velocities are meaningless and ESS = 0.
+    The K draws are p(v | x)-distributed as M -> ∞ (the bias of SIR is O(1/M)); for finite M they
+    are correlated through repeats (about K / (2 ESS) of them are duplicates). ESS = (Σ w)² / Σ w²
+    of the stage-2 weights is returned with ``return_ess``; tests/test_cbe.py checks the draws
+    against the exact Hernquist p(|v| | r) (KS test) and the β = 1/2 Jeans dispersions.
+    Assumptions: p(v | x) is unimodal or close to it (a mean velocity not ≫ the dispersion, so
+    stage 1 finds it), and its speeds lie within v0 x 10^±3, v0 = the DF's typical speed
+    (``velocity_scale``; inferred from a Flow's rescaler or an exact Hernquist DF, else 1). Points
+    where log f is NaN or +inf (measure-zero singularities such as the β = 1/2 DF's L = 0 line) get
+    weight 0. Where no candidate has finite log f (x outside the DF's support) the K velocities are
+    meaningless and ESS = 0.
 
     Args:
         df: phase-space DF.
@@ -814,8 +967,14 @@ def sample_velocities(df: Any, positions: Any, k: int, seed: Any = 0, *, labels:
     return (out["velocities"], out["ess"]) if return_ess else out["velocities"]
 
 
-def acceleration_graph(df: Any, n_velocities: int = 256, *, sampler: SamplerConfig | None = None,
-                       velocity_scale: float | None = None, chunk_size: int | None = None) -> Callable:
+def acceleration_graph(
+    df: Any,
+    n_velocities: int = 256,
+    *,
+    sampler: SamplerConfig | None = None,
+    velocity_scale: float | None = None,
+    chunk_size: int | None = None,
+) -> Callable:
     """The CBE chain as one traceable function: (positions [None, 3] f32, seed [2] int64[, labels
     [None, C] f32]) -> dict.
 
@@ -835,22 +994,24 @@ def acceleration_graph(df: Any, n_velocities: int = 256, *, sampler: SamplerConf
     return _solver(df, n_velocities, sampler, velocity_scale, chunk_size=chunk_size).solve
 
 
-# ---- the public entry point -------------------------------------------------------------------------
+# ---- the public entry point ---------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class AccelerationResult:
     """CBE accelerations at B positions (NumPy arrays; units velocity² / length of the DF).
 
     Attributes:
-        acceleration: [B, 3] least-squares a (NaN where the system is singular or the DF has no support).
+        acceleration: [B, 3] least-squares a (NaN where the system is singular or the DF has no
+            support).
         residual: [B] relative residual of the fit (see :class:`CBELayer`).
         condition: [B] condition number λ_max/λ_min of the 3x3 normal matrix.
-        spread: [B, 3] member-to-member standard deviation (ddof = 1) of per-member accelerations for an
-            Ensemble (same velocity seed for every member), else None.
+        spread: [B, 3] member-to-member standard deviation (ddof = 1) of per-member accelerations
+            for an Ensemble (same velocity seed for every member), else None.
         flagged: [B] bool: the position failed a check (``reasons`` says which).
         reasons: [B] str, comma-separated flags ("" = fine): no_support, low_density, low_ess,
             ill_conditioned, high_residual, non_finite.
-        ess: [B] effective sample size of the velocity draw. log_density: [B] log ∫ f(x, v) d³v estimate.
+        ess: [B] effective sample size of the velocity draw. log_density: [B] log ∫ f(x, v) d³v
+            estimate.
     """
 
     acceleration: np.ndarray
@@ -863,37 +1024,59 @@ class AccelerationResult:
     log_density: np.ndarray
 
     @classmethod
-    def from_outputs(cls, out: dict, spread: np.ndarray | None = None, *, max_residual: float = MAX_RESIDUAL,
-                     max_condition: float = MAX_CONDITION, min_ess: float = MIN_ESS,
-                     min_log_density: float | None = None) -> "AccelerationResult":
-        """The result, flags included, from the raw solver outputs (:func:`acceleration_graph`'s or an
-        exported ``accelerations`` signature's: acceleration, residual, condition, ess, log_density,
-        support). Accelerations where the DF has no support are NaN, never a number.
+    def from_outputs(
+        cls,
+        out: dict,
+        spread: np.ndarray | None = None,
+        *,
+        max_residual: float = MAX_RESIDUAL,
+        max_condition: float = MAX_CONDITION,
+        min_ess: float = MIN_ESS,
+        min_log_density: float | None = None,
+    ) -> "AccelerationResult":
+        """The result, flags included, from the raw solver outputs (:func:`acceleration_graph`'s or
+        an exported ``accelerations`` signature's: acceleration, residual, condition, ess,
+        log_density, support). Accelerations where the DF has no support are NaN, never a number.
         """
         out = {k: np.asarray(v) for k, v in out.items()}
         acceleration = out["acceleration"].astype(np.float64)
         support = out["support"].astype(bool)
         acceleration[~support] = np.nan
-        reasons = flag_reasons(acceleration, out["residual"], out["condition"], support, out["ess"],
-                               out["log_density"], max_residual=max_residual, max_condition=max_condition,
-                               min_ess=min_ess, min_log_density=min_log_density)
-        return cls(acceleration=acceleration, residual=out["residual"].astype(np.float64),
-                   condition=out["condition"].astype(np.float64), spread=spread, flagged=reasons != "",
-                   reasons=reasons, ess=out["ess"].astype(np.float64),
-                   log_density=out["log_density"].astype(np.float64))
+        reasons = flag_reasons(
+            acceleration,
+            out["residual"],
+            out["condition"],
+            support,
+            out["ess"],
+            out["log_density"],
+            max_residual=max_residual,
+            max_condition=max_condition,
+            min_ess=min_ess,
+            min_log_density=min_log_density,
+        )
+        return cls(
+            acceleration=acceleration,
+            residual=out["residual"].astype(np.float64),
+            condition=out["condition"].astype(np.float64),
+            spread=spread,
+            flagged=reasons != "",
+            reasons=reasons,
+            ess=out["ess"].astype(np.float64),
+            log_density=out["log_density"].astype(np.float64),
+        )
 
     def radial(self, positions: Any) -> np.ndarray:
-        """a_r = a · r̂ [B] at positions [B, 3] (negative for attraction; NaN at r = 0): the package's one
-        sign convention for the radial acceleration.
+        """a_r = a · r̂ [B] at positions [B, 3] (negative for attraction; NaN at r = 0): the
+        package's one sign convention for the radial acceleration.
         """
         return radial_component(positions, self.acceleration)
 
     def save(self, path: str | os.PathLike, positions: Any, units: dict | None = None,
              labels: Any = None, label_names: list[str] | tuple[str, ...] | None = None) -> None:
-        """Write positions, accelerations and diagnostics atomically: ``.npz`` (arrays positions, radius,
-        acceleration, a_radial, residual, condition, ess, log_density, spread, flagged, reasons,
-        units, labels, label_names) or ``.csv`` (one row per position). InputError for any other
-        suffix (checked before writing).
+        """Write positions, accelerations and diagnostics atomically: ``.npz`` (arrays positions,
+        radius, acceleration, a_radial, residual, condition, ess, log_density, spread, flagged,
+        reasons, units, labels, label_names) or ``.csv`` (one row per position). InputError for any
+        other suffix (checked before writing).
 
         Args:
             path: output file, ``.npz`` or ``.csv``.
@@ -932,7 +1115,12 @@ class AccelerationResult:
             return
         header = ["x", "y", "z", "r", "ax", "ay", "az", "a_radial", "residual", "condition", "ess",
                   "log_density"]
-        blocks = [positions, arrays["radius"][:, None], self.acceleration, arrays["a_radial"][:, None]]
+        blocks = [
+            positions,
+            arrays["radius"][:, None],
+            self.acceleration,
+            arrays["a_radial"][:, None],
+        ]
         blocks += [arrays[name][:, None] for name in header[8:]]
         if self.spread is not None:
             header += ["spread_x", "spread_y", "spread_z"]
@@ -953,7 +1141,9 @@ RESULT_SUFFIXES = (".npz", ".csv")
 
 
 def check_output_suffix(path: str | os.PathLike) -> None:
-    """InputError unless ``path`` ends in one of :data:`RESULT_SUFFIXES` (check before computing)."""
+    """InputError unless ``path`` ends in one of :data:`RESULT_SUFFIXES` (check before
+    computing).
+    """
     if Path(path).suffix.lower() not in RESULT_SUFFIXES:
         raise InputError(f"{path}: unknown output type {Path(path).suffix!r}; use .npz or .csv")
 
@@ -961,9 +1151,9 @@ def check_output_suffix(path: str | os.PathLike) -> None:
 def radial_component(positions: Any, acceleration: Any) -> np.ndarray:
     """Radial component  a_r = a · x/|x|  [B] of accelerations [B, 3] at positions [B, 3].
 
-    The one sign convention of the package (CLI ``a_radial``, study tables, figures): negative for an
-    attractive force, e.g. a_r = -G M / (r + a)^2 for a Hernquist sphere (Hernquist 1990). NaN where
-    x = 0 (no radial direction) and where the acceleration is NaN (a flagged position).
+    The one sign convention of the package (CLI ``a_radial``, study tables, figures): negative for
+    an attractive force, e.g. a_r = -G M / (r + a)^2 for a Hernquist sphere (Hernquist 1990). NaN
+    where x = 0 (no radial direction) and where the acceleration is NaN (a flagged position).
     """
     positions = finite_matrix(positions, "positions", width=3, expected="[B, 3]")
     acceleration = np.asarray(acceleration, dtype=np.float64)
@@ -981,11 +1171,11 @@ FLAGS = ("no_support", "low_density", "low_ess", "ill_conditioned", "high_residu
 
 
 def flagged_outputs(out: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    """The raw solver outputs (:func:`acceleration_graph`) with the flags of :func:`accelerations`, as
-    TF ops for an exported signature: ``acceleration`` NaN where the DF has no support, ``flagged``
-    [B] bool and ``reasons`` [B] string ("no_support,low_ess", "" = fine), with the default thresholds
-    (MAX_RESIDUAL, MAX_CONDITION, MIN_ESS; low_density is off by default). A served answer then says
-    why a number is not to be trusted, as the Python API does.
+    """The raw solver outputs (:func:`acceleration_graph`) with the flags of :func:`accelerations`,
+    as TF ops for an exported signature: ``acceleration`` NaN where the DF has no support,
+    ``flagged`` [B] bool and ``reasons`` [B] string ("no_support,low_ess", "" = fine), with the
+    default thresholds (MAX_RESIDUAL, MAX_CONDITION, MIN_ESS; low_density is off by default). A
+    served answer then says why a number is not to be trusted, as the Python API does.
     """
     support = out["support"]
     acceleration = tf.where(support[:, None], out["acceleration"],
@@ -998,7 +1188,12 @@ def flagged_outputs(out: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
                     ~tf.reduce_all(tf.math.is_finite(acceleration), axis=1)], axis=1)   # [B, 6]
     names = tf.broadcast_to(tf.constant(FLAGS), tf.shape(bad))
     reasons = tf.strings.reduce_join(tf.ragged.boolean_mask(names, bad), axis=1, separator=",")
-    return {**out, "acceleration": acceleration, "flagged": tf.reduce_any(bad, axis=1), "reasons": reasons}
+    return {
+        **out,
+        "acceleration": acceleration,
+        "flagged": tf.reduce_any(bad, axis=1),
+        "reasons": reasons,
+    }
 
 
 def flag_reasons(acceleration: np.ndarray, residual: np.ndarray, condition: np.ndarray,
@@ -1006,7 +1201,9 @@ def flag_reasons(acceleration: np.ndarray, residual: np.ndarray, condition: np.n
                  log_density: np.ndarray | None = None, *, max_residual: float = MAX_RESIDUAL,
                  max_condition: float = MAX_CONDITION, min_ess: float = MIN_ESS,
                  min_log_density: float | None = None) -> np.ndarray:
-    """Comma-separated flags per position ("" = passed every check); the rules of :func:`accelerations`."""
+    """Comma-separated flags per position ("" = passed every check); the rules of
+    :func:`accelerations`.
+    """
     checks = [("no_support", None if support is None else ~np.asarray(support, bool)),
               ("low_density", None if (log_density is None or min_log_density is None)
                else ~(np.asarray(log_density) >= min_log_density)),
@@ -1029,13 +1226,14 @@ def accelerations(df: Any, positions: Any, n_velocities: int = 256, seed: Any = 
                   chunk_size: int | None = None, jit_compile: bool = False) -> AccelerationResult:
     """Gravitational acceleration at each position from the CBE of the DF ``df`` (given labels c).
 
-    At each x_b: K = ``n_velocities`` velocities from p(v | x_b) (:func:`sample_velocities`), gradients
-    of log f (:func:`df_gradients`) and the least-squares solution of v · ∇_x log f + a · ∇_v log f = 0
-    (:class:`CBELayer`). Positions run in chunks (default C = min(2^16 / K, 2^18 / M) positions, M the
-    SIR candidates) inside one traced graph, so memory is bounded for any B.
+    At each x_b: K = ``n_velocities`` velocities from p(v | x_b) (:func:`sample_velocities`),
+    gradients of log f (:func:`df_gradients`) and the least-squares solution of
+    v · ∇_x log f + a · ∇_v log f = 0 (:class:`CBELayer`). Positions run in chunks (default
+    C = min(2^16 / K, 2^18 / M) positions, M the SIR candidates) inside one traced graph, so memory
+    is bounded for any B.
 
-    For an :class:`~tfgalflow.model.Ensemble` the acceleration is that of the ensemble-mean density and
-    ``spread`` is the member-to-member standard deviation of the members' own accelerations.
+    For an :class:`~tfgalflow.model.Ensemble` the acceleration is that of the ensemble-mean density
+    and ``spread`` is the member-to-member standard deviation of the members' own accelerations.
 
     For a conditional DF f(x, v | c) each position b is solved at its own label c_b: the velocities
     are drawn from p(v | x_b, c_b) and the gradients are ∂/∂(x, v) of log f(x, v | c_b) at fixed
@@ -1044,25 +1242,31 @@ def accelerations(df: Any, positions: Any, n_velocities: int = 256, seed: Any = 
 
     A position is **flagged** (never silently trusted) when
       * no_support: no finite log f among ~2000 trial velocities at x (x outside the DF's support);
-      * low_density: log ∫ f d³v < ``min_log_density`` (off by default; set it to mark x beyond the data,
+      * low_density: log ∫ f d³v < ``min_log_density`` (off by default; set it to mark x beyond the
+      data,
         where a flow extrapolates);
-      * low_ess: the SIR effective sample size < ``min_ess`` (32: fewer effective velocities than that
-        make the residual itself unreliable; measured: >= 700 of M = 1024 for the exact isotropic DF and
-        for small flows, >= 64 at all of 10^4 positions for the exact β = 1/2 DF with its 1/L singularity);
-      * ill_conditioned: condition of the 3x3 normal matrix > ``max_condition`` (1e6, i.e. cond(G) > 1e3:
-        errors of the gradients are then amplified > 1000-fold along the weak direction; measured: median
-        1.5 for the exact isotropic DF and small flows, 26 for the exact β = 1/2 DF, max 2e5 over 10^4
-        positions);
-      * high_residual: relative residual > ``max_residual`` (0.8: the fit explains < 36 % of Σ b², i.e.
-        the DF is far from a steady state there; measured: exact Hernquist DFs ~1e-7; small flows (3
-        layers of 32x32) trained on 3e4 stars, 0.5a-3a: median 0.34-0.49 over five seeds, single
+      * low_ess: the SIR effective sample size < ``min_ess`` (32: fewer effective velocities than
+      that
+        make the residual itself unreliable; measured: >= 700 of M = 1024 for the exact isotropic
+        DF and for small flows, >= 64 at all of 10^4 positions for the exact β = 1/2 DF with its
+        1/L singularity);
+      * ill_conditioned: condition of the 3x3 normal matrix > ``max_condition`` (1e6, i.e. cond(G)
+      > 1e3:
+        errors of the gradients are then amplified > 1000-fold along the weak direction; measured:
+        median 1.5 for the exact isotropic DF and small flows, 26 for the exact β = 1/2 DF, max 2e5
+        over 10^4 positions);
+      * high_residual: relative residual > ``max_residual`` (0.8: the fit explains < 36 % of Σ b²,
+      i.e.
+        the DF is far from a steady state there; measured: exact Hernquist DFs ~1e-7; small flows
+        (3 layers of 32x32) trained on 3e4 stars, 0.5a-3a: median 0.34-0.49 over five seeds, single
         positions up to 0.97, which are flagged);
-      * non_finite: the acceleration has NaN/inf (singular system); such rows are NaN, never garbage.
+      * non_finite: the acceleration has NaN/inf (singular system); such rows are NaN, never
+      garbage.
 
-    The flags catch numerical failure, not a wrong model: a DF that is smooth and nearly a steady state
-    of the *wrong* potential (e.g. an under-trained flow close to a Gaussian, a steady state of a harmonic
-    potential) gives a small residual and a wrong a. The ensemble ``spread`` is the model-uncertainty
-    measure; compare the learned and the exact DF on mocks (tfgalflow.study).
+    The flags catch numerical failure, not a wrong model: a DF that is smooth and nearly a steady
+    state of the *wrong* potential (e.g. an under-trained flow close to a Gaussian, a steady state
+    of a harmonic potential) gives a small residual and a wrong a. The ensemble ``spread`` is the
+    model-uncertainty measure; compare the learned and the exact DF on mocks (tfgalflow.study).
 
     Args:
         df: phase-space DF (Flow, Ensemble, exact DF): ``.dim == 6``, ``.log_prob(w, labels)``.
@@ -1079,15 +1283,16 @@ def accelerations(df: Any, positions: Any, n_velocities: int = 256, seed: Any = 
         labels: for a conditional DF (``label_dim = C``): [C] (one label for every position) or
             [B, C] (one per position), in the DF's label units; None for an unconditional DF. [C]
             gives the same numbers as the same label tiled to [B, C].
-        jit_compile: XLA-compile the DF evaluations of the velocity draw and the gradients, with the
-            row-wise products of the least squares (Flow, Ensemble and the exact Hernquist DF; other DFs
-            stay on the plain graph). The random numbers and the 3x3 solves stay in the plain graph, so
-            results equal the plain graph's to float32 round-off, except that XLA's rounding of log f can
-            move a resampled velocity to a neighbouring candidate (a change of sampling noise). Less
-            time per position, but seconds of compilation once per DF and setting (and per ensemble
-            member), so it pays off for large or repeated calls; ``benchmarks/bench_cbe.py`` measures
-            both (figures: benchmarks/README.md). Never used by :func:`acceleration_graph`: exported
-            graphs stay plain (TF Serving runs XLA only experimentally).
+        jit_compile: XLA-compile the DF evaluations of the velocity draw and the gradients, with
+            the row-wise products of the least squares (Flow, Ensemble and the exact Hernquist DF;
+            other DFs stay on the plain graph). The random numbers and the 3x3 solves stay in the
+            plain graph, so results equal the plain graph's to float32 round-off, except that XLA's
+            rounding of log f can move a resampled velocity to a neighbouring candidate (a change
+            of sampling noise). Less time per position, but seconds of compilation once per DF and
+            setting (and per ensemble member), so it pays off for large or repeated calls;
+            ``benchmarks/bench_cbe.py`` measures both (figures: benchmarks/README.md). Never used
+            by :func:`acceleration_graph`: exported graphs stay plain (TF Serving runs XLA only
+            experimentally).
 
     Returns:
         :class:`AccelerationResult` (NumPy arrays).
@@ -1120,7 +1325,9 @@ def accelerations(df: Any, positions: Any, n_velocities: int = 256, seed: Any = 
     members = df.members
     if members:
         per_member = np.stack([run(m)["acceleration"] for m in members])
-        spread = per_member.std(axis=0, ddof=1) if len(members) > 1 else np.zeros_like(per_member[0])
+        spread = (
+            per_member.std(axis=0, ddof=1) if len(members) > 1 else np.zeros_like(per_member[0])
+        )
     return AccelerationResult.from_outputs(out, spread=spread, max_residual=max_residual,
                                            max_condition=max_condition, min_ess=min_ess,
                                            min_log_density=min_log_density)

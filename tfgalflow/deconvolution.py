@@ -9,7 +9,7 @@ extreme deconvolution for Gaussian mixtures, Bovy, Hogg & Roweis 2011, AnnAS 5, 
 normalizing flows, Dockhorn, Ritchie, Yu & Murray 2020, arXiv:2006.09396). For a flow the
 integral has no closed form; it is estimated with K importance-sampled noise draws per star,
 
-    log p̂_i = log (1/K) Σ_k f(w_k) ω_k,     w_k ~ q_i(· | w_obs),  ω_k = p_i(w_obs | w_k) / q_i(w_k),
+    log p̂_i = log (1/K) Σ_k f(w_k) ω_k,   w_k ~ q_i(· | w_obs),  ω_k = p_i(w_obs | w_k) / q_i(w_k),
 
 with z_k ~ N(0, I_6) and, per ``Catalogue.error_kind``:
 
@@ -22,7 +22,8 @@ with z_k ~ N(0, I_6) and, per ``Catalogue.error_kind``:
 The multiplicative case is *not* w_obs − noise. Per column (drop j), p(w_obs | w) =
 φ((w_obs / w − 1) / s) / (s |w|); substituting w = w_obs / t, dw = |w_obs| / t² dt, gives
 
-    p(w_obs) = ∫ f(w_obs / t) φ((t − 1) / s) / (s |t|) dt = E_{t ~ N(1, s²)} [ f(w_obs / t) / |t| ],
+    p(w_obs) = ∫ f(w_obs / t) φ((t − 1) / s) / (s |t|) dt = E_{t ~ N(1, s²)} [ f(w_obs / t) / |t|
+    ],
 
 exactly: the true coordinate given w_obs is proposed as w = w_obs / (1 + s z), whose density is
 q(w) = φ((w_obs / w − 1) / s) |w_obs| / (s w²) ∝ φ((w_obs / w − 1) / s) / w², and the importance

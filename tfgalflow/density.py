@@ -1,31 +1,36 @@
 """The density contract: what every model with a density p(x | c) offers, whatever it is made of.
 
-Every density of the package implements :class:`Density`: a learned :class:`~tfgalflow.model.Flow`, an
-:class:`~tfgalflow.model.Ensemble` of them, a :class:`~tfgalflow.symmetry.SphericalAverage`, the exact
-DFs (:class:`~tfgalflow.exact.ExactDF`), and a SavedModel loaded back
-(:class:`~tfgalflow.export.ExportedModel`). The CBE solver, the spherical average, the export and the
-scripts use only the names below, so any new density that implements the two hooks works with all of
-them.
+Every density of the package implements :class:`Density`: a learned :class:`~tfgalflow.model.Flow`,
+an :class:`~tfgalflow.model.Ensemble` of them, a :class:`~tfgalflow.symmetry.SphericalAverage`, the
+exact DFs (:class:`~tfgalflow.exact.ExactDF`), and a SavedModel loaded back
+(:class:`~tfgalflow.export.ExportedModel`). The CBE solver, the spherical average, the export and
+the scripts use only the names below, so any new density that implements the two hooks works with
+all of them.
 
 A subclass implements
 
 * ``dim`` and ``label_dim`` (``label_dim = 0``: unconditional);
-* :meth:`Density.log_prob_tensor` ``(x [N, D], labels [N, C] | None) -> [N]``: log p as plain TF ops,
-  no validation, traceable inside any ``tf.function`` (and under XLA when :attr:`Density.inlinable`);
-* optionally :meth:`Density.sample_tensor` ``(n, labels, seed [2]) -> [n, D]`` (stateless draws), and
+* :meth:`Density.log_prob_tensor` ``(x [N, D], labels [N, C] | None) -> [N]``: log p as plain TF
+ops,
+  no validation, traceable inside any ``tf.function`` (and under XLA when
+  :attr:`Density.inlinable`);
+* optionally :meth:`Density.sample_tensor` ``(n, labels, seed [2]) -> [n, D]`` (stateless draws),
+and
   :meth:`Density.scale_hint`, :attr:`Density.evaluations_per_row`, :attr:`Density.members`;
 
 and inherits the validated public methods ``log_prob``, ``prob``, ``grad_log_prob``, ``sample``,
-``sample_stateless``, each a ``tf.function`` with a fixed ``input_signature`` (free batch dimension:
-traced once). Units are the model's own (e.g. x = (kpc, km/s)); log p is per unit volume of x.
+``sample_stateless``, each a ``tf.function`` with a fixed ``input_signature`` (free batch
+dimension: traced once). Units are the model's own (e.g. x = (kpc, km/s)); log p is per unit volume
+of x.
 
-Labels are part of the contract everywhere: an unconditional density takes ``labels=None``, and giving
-it labels is an :class:`~tfgalflow.errors.InputError`, as are missing labels for a conditional one.
-Inputs are validated eagerly (rank, width, NaN/inf, row counts); symbolic inputs (inside another
-``tf.function``) get the static shape checks only.
+Labels are part of the contract everywhere: an unconditional density takes ``labels=None``, and
+giving it labels is an :class:`~tfgalflow.errors.InputError`, as are missing labels for a
+conditional one. Inputs are validated eagerly (rank, width, NaN/inf, row counts); symbolic inputs
+(inside another ``tf.function``) get the static shape checks only.
 
-Reference: the contract follows zuko's ``LazyDistribution`` and gala's ``PotentialBase`` (public methods
-over private hooks); the change of variables is Papamakarios et al. 2021, JMLR 22, 57, eq. 2.
+Reference: the contract follows zuko's ``LazyDistribution`` and gala's ``PotentialBase`` (public
+methods over private hooks); the change of variables is Papamakarios et al. 2021, JMLR 22, 57, eq.
+2.
 """
 from __future__ import annotations
 
@@ -43,7 +48,9 @@ from .errors import InputError
 # ---- validation at the public boundary ---------------------------------------------------------
 
 def as_float32(value: Any, name: str) -> tf.Tensor:
-    """Tensor view of ``value`` in float32; tensors are cast (not copied to NumPy), so tapes still see them."""
+    """Tensor view of ``value`` in float32; tensors are cast (not copied to NumPy), so tapes still
+    see them.
+    """
     if isinstance(value, (tf.Tensor, tf.Variable)):
         if not (value.dtype.is_floating or value.dtype.is_integer):
             raise InputError(f"{name} has dtype {value.dtype.name}; expected a float array")
@@ -57,7 +64,9 @@ def as_float32(value: Any, name: str) -> tf.Tensor:
 
 
 def shape_of(value: Any) -> list:
-    """The shape of an array or tensor as a list, [3, 6] as messages show it ('?' for an unknown rank)."""
+    """The shape of an array or tensor as a list, [3, 6] as messages show it ('?' for an unknown
+    rank).
+    """
     if isinstance(value, (tf.Tensor, tf.Variable)):
         return value.shape.as_list() if value.shape.rank is not None else ["?"]
     return list(np.shape(value))
@@ -70,16 +79,18 @@ def check_finite(t: tf.Tensor, name: str) -> None:
     finite = np.isfinite(t.numpy())
     if not finite.all():
         rows = np.unique(np.nonzero(~finite)[0])
-        raise InputError(f"{name} contains NaN or inf (or values beyond float32 range) in {rows.size} "
-                         f"row(s), first rows {rows[:5].tolist()}")
+        raise InputError(
+            f"{name} contains NaN or inf (or values beyond float32 range) in {rows.size} "
+            f"row(s), first rows {rows[:5].tolist()}"
+        )
 
 
 def validate_inputs(x: Any, labels: Any, dim: int, label_dim: int, what: str = "flow"
                     ) -> tuple[tf.Tensor, tf.Tensor | None]:
     """Check and convert ``x: [N, dim]`` and ``labels: [N, label_dim] | None`` to float32 tensors.
 
-    Raises InputError for a wrong rank or width, labels missing for a conditional model or given to an
-    unconditional one, mismatched row counts, and (for concrete inputs) NaN or inf.
+    Raises InputError for a wrong rank or width, labels missing for a conditional model or given to
+    an unconditional one, mismatched row counts, and (for concrete inputs) NaN or inf.
     """
     x = as_float32(x, "x")
     if x.shape.rank != 2 or (x.shape[1] is not None and x.shape[1] != dim):
@@ -91,21 +102,26 @@ def validate_inputs(x: Any, labels: Any, dim: int, label_dim: int, what: str = "
                              f"unconditional (label_dim = 0); pass labels=None")
         return x, None
     if labels is None:
-        raise InputError(f"the {what} is conditional: labels of shape [N, {label_dim}] are required "
-                         f"(x has shape {shape_of(x)})")
+        raise InputError(
+            f"the {what} is conditional: labels of shape [N, {label_dim}] are required "
+            f"(x has shape {shape_of(x)})"
+        )
     c = as_float32(labels, "labels")
     if c.shape.rank != 2 or (c.shape[1] is not None and c.shape[1] != label_dim):
         raise InputError(f"labels have shape {shape_of(c)}; the {what} expects [N, {label_dim}]")
     n_x, n_c = x.shape[0], c.shape[0]
     if n_x is not None and n_c is not None and n_x != n_c:
-        raise InputError(f"x has {n_x} rows but labels have {n_c}; expected x [N, {dim}] and labels "
-                         f"[N, {label_dim}] with the same N")
+        raise InputError(
+            f"x has {n_x} rows but labels have {n_c}; expected x [N, {dim}] and labels "
+            f"[N, {label_dim}] with the same N"
+        )
     check_finite(c, "labels")
     return x, c
 
 
 def stateless_seed(seed: Any) -> tf.Tensor:
-    """Stateless seed [2] int64 from None (fresh entropy), an int >= 0 (-> [seed, 0]), or two integers.
+    """Stateless seed [2] int64 from None (fresh entropy), an int >= 0 (-> [seed, 0]), or two
+    integers.
 
     The ``tf.random.stateless_*`` convention: the same seed gives the same draws.
     """
@@ -117,8 +133,10 @@ def stateless_seed(seed: Any) -> tf.Tensor:
         return tf.constant([int(seed), 0], tf.int64)
     if isinstance(seed, (tf.Tensor, tf.Variable)):
         if not seed.dtype.is_integer or seed.shape.as_list() != [2]:
-            raise InputError(f"seed tensor has dtype {seed.dtype.name} and shape {shape_of(seed)}; "
-                             f"expected an integer tensor of shape [2]")
+            raise InputError(
+                f"seed tensor has dtype {seed.dtype.name} and shape {shape_of(seed)}; "
+                f"expected an integer tensor of shape [2]"
+            )
         return tf.cast(seed, tf.int64)
     array = np.asarray(seed)
     if array.shape != (2,) or not np.issubdtype(array.dtype, np.integer):
@@ -132,8 +150,10 @@ def _sample_request(n_or_labels: Any, label_dim: int, what: str) -> tuple[Any, t
         n = n_or_labels
         if isinstance(n, (tf.Tensor, tf.Variable)):
             if n.shape.rank not in (0, None) or not n.dtype.is_integer:
-                raise InputError(f"n must be a scalar integer, got a {n.dtype.name} tensor of shape "
-                                 f"{shape_of(n)}")
+                raise InputError(
+                    f"n must be a scalar integer, got a {n.dtype.name} tensor of shape "
+                    f"{shape_of(n)}"
+                )
             if tf.executing_eagerly() and int(n) < 1:
                 raise InputError(f"n = {int(n)}: the number of samples must be >= 1")
             return tf.cast(n, tf.int32), None
@@ -164,8 +184,8 @@ class ExtrapolationWarning(UserWarning):
 def extrapolated_labels(labels: Any, low: Any, high: Any) -> np.ndarray:
     """Mask [N] bool: rows of ``labels`` [N, C] with some column outside [low_j, high_j].
 
-    A relative tolerance of 1e-6 of the range (float32 rounding of the recorded ends) counts a label
-    on the edge of the training grid as inside.
+    A relative tolerance of 1e-6 of the range (float32 rounding of the recorded ends) counts a
+    label on the edge of the training grid as inside.
     """
     c = np.asarray(labels, np.float64)
     c = c.reshape(1, -1) if c.ndim == 1 else c
@@ -179,15 +199,20 @@ def bounds_arrays(bounds: Any, dim: int) -> tuple[np.ndarray, np.ndarray]:
     (unbounded; either end may also be None). InputError for a wrong count or low >= high.
     """
     if not isinstance(bounds, (list, tuple)) or len(bounds) != dim:
-        raise InputError(f"bounds = {bounds!r}: expected {dim} entries, one (low, high) pair or None per "
-                         f"column of x")
+        raise InputError(
+            f"bounds = {bounds!r}: expected {dim} entries, one (low, high) pair or None per "
+            f"column of x"
+        )
     low, high = np.full(dim, -np.inf), np.full(dim, np.inf)
     for j, b in enumerate(bounds):
         if b is None:
             continue
         if not isinstance(b, (list, tuple, np.ndarray)) or len(b) != 2:
             raise InputError(f"bounds[{j}] = {b!r}: expected a (low, high) pair or None")
-        lo, hi = (-np.inf if b[0] is None else float(b[0])), (np.inf if b[1] is None else float(b[1]))
+        lo, hi = (
+            (-np.inf if b[0] is None else float(b[0])),
+            (np.inf if b[1] is None else float(b[1])),
+        )
         if math.isnan(lo) or math.isnan(hi) or not lo < hi:
             raise InputError(f"bounds[{j}] = {b!r}: expected low < high")
         low[j], high[j] = lo, hi
@@ -209,10 +234,10 @@ MAX_PASS_DRAWS = 2**21
 class Density(abc.ABC):
     """A probability density p(x | c) over x [N, D] given labels c [N, C] (C = ``label_dim`` >= 0).
 
-    Subclasses implement :meth:`log_prob_tensor` (and :meth:`sample_tensor` if they can sample) and the
-    ``dim``/``label_dim`` attributes; the validated, traced public methods come from this class. Set
-    ``jit_log_prob = True`` on an instance (before its first call) to XLA-compile its log_prob and
-    gradient for offline evaluation (never used by export).
+    Subclasses implement :meth:`log_prob_tensor` (and :meth:`sample_tensor` if they can sample) and
+    the ``dim``/``label_dim`` attributes; the validated, traced public methods come from this
+    class. Set ``jit_log_prob = True`` on an instance (before its first call) to XLA-compile its
+    log_prob and gradient for offline evaluation (never used by export).
 
     Example::
 
@@ -236,10 +261,15 @@ class Density(abc.ABC):
 
     @abc.abstractmethod
     def log_prob_tensor(self, x: tf.Tensor, labels: tf.Tensor | None = None) -> tf.Tensor:
-        """log p(x | labels) [N] float32 as TF ops, for x [N, D] and labels [N, C] | None (no checks)."""
+        """log p(x | labels) [N] float32 as TF ops, for x [N, D] and labels [N, C] | None (no
+        checks).
+        """
 
-    def sample_tensor(self, n: tf.Tensor | None, labels: tf.Tensor | None, seed: tf.Tensor) -> tf.Tensor:
-        """Stateless draws [n, D] float32 as TF ops: n (scalar int) draws, or one per row of labels [n, C].
+    def sample_tensor(
+        self, n: tf.Tensor | None, labels: tf.Tensor | None, seed: tf.Tensor
+    ) -> tf.Tensor:
+        """Stateless draws [n, D] float32 as TF ops: n (scalar int) draws, or one per row of labels
+        [n, C].
 
         The default raises InputError: a density that cannot sample says so.
         """
@@ -259,8 +289,9 @@ class Density(abc.ABC):
 
     @property
     def evaluations_per_row(self) -> int:
-        """Model evaluations behind one row of ``log_prob`` (K for a K-member ensemble, M x that for an
-        average over M rotations): batched callers such as the CBE shrink their chunks by it.
+        """Model evaluations behind one row of ``log_prob`` (K for a K-member ensemble, M x that
+        for an average over M rotations): batched callers such as the CBE shrink their chunks by
+        it.
         """
         return 1
 
@@ -268,8 +299,8 @@ class Density(abc.ABC):
     members: list["Density"] | None = None
 
     def label_range(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """(min [C], max [C]) of the labels the model was trained on, or None if unknown (then nothing
-        counts as extrapolated). Flows record it when they are adapted.
+        """(min [C], max [C]) of the labels the model was trained on, or None if unknown (then
+        nothing counts as extrapolated). Flows record it when they are adapted.
         """
         return None
 
@@ -284,14 +315,18 @@ class Density(abc.ABC):
                        np.float64)
         c = c.reshape(1, -1) if c.ndim == 1 else c
         if c.ndim != 2 or c.shape[1] != self.label_dim:
-            raise InputError(f"labels have shape {c.shape}; the {self.what} expects [N, {self.label_dim}]")
+            raise InputError(
+                f"labels have shape {c.shape}; the {self.what} expects [N, {self.label_dim}]"
+            )
         span = self.label_range() if self.label_dim else None
         if span is None:
             return np.zeros(c.shape[0], bool)
         return extrapolated_labels(c, *span)
 
     def _warn_extrapolated(self, c: tf.Tensor | None) -> None:
-        """ExtrapolationWarning naming the first label outside the training range (eager inputs only)."""
+        """ExtrapolationWarning naming the first label outside the training range (eager inputs
+        only).
+        """
         if c is None or not tf.executing_eagerly() or self.label_range() is None:
             return
         mask = self.extrapolated(c)
@@ -299,15 +334,20 @@ class Density(abc.ABC):
             low, high = self.label_range()
             row = int(np.argmax(mask))
             values = ", ".join(f"{v:.6g}" for v in c.numpy()[row])
-            warnings.warn(f"{int(mask.sum())} of {mask.size} label row(s) lie outside the training label "
-                          f"range {_bounds_text(low, high)} (first: row {row}, label [{values}]): the "
-                          f"{self.what} extrapolates there", ExtrapolationWarning, stacklevel=3)
+            warnings.warn(
+                f"{int(mask.sum())} of {mask.size} label row(s) lie outside the training label "
+                f"range {_bounds_text(low, high)} (first: row {row}, label [{values}]): the "
+                f"{self.what} extrapolates there",
+                ExtrapolationWarning,
+                stacklevel=3,
+            )
 
     def scale_hint(self) -> tf.Tensor | tf.Variable | None:
-        """Typical magnitude of each column of x, [D] float32 (read when traced), or None if unknown.
+        """Typical magnitude of each column of x, [D] float32 (read when traced), or None if
+        unknown.
 
-        Flows return their rescaler's scales; the exact DFs their natural units. The CBE centres its
-        velocity sampler on it, so it may be off by a large factor.
+        Flows return their rescaler's scales; the exact DFs their natural units. The CBE centres
+        its velocity sampler on it, so it may be off by a large factor.
         """
         return None
 
@@ -336,21 +376,29 @@ class Density(abc.ABC):
         fns = self._traced()
         return fns["grad"](x, c) if self.label_dim else fns["grad"](x)
 
-    def sample(self, n: int, labels: Any = None, seed: Any = None, bounds: Sequence[Any] | None = None,
-               max_passes: int = MAX_PASSES, min_acceptance: float = MIN_ACCEPTANCE) -> tf.Tensor:
+    def sample(
+        self,
+        n: int,
+        labels: Any = None,
+        seed: Any = None,
+        bounds: Sequence[Any] | None = None,
+        max_passes: int = MAX_PASSES,
+        min_acceptance: float = MIN_ACCEPTANCE,
+    ) -> tf.Tensor:
         """n draws x ~ p(x | labels): [n, D] float32 in the model's units.
 
-        With ``bounds`` the draws follow p truncated to the box B = Π_j [low_j, high_j] (rejection: a
-        row keeps the first of its candidate draws that falls inside B). Each pass p draws fresh
+        With ``bounds`` the draws follow p truncated to the box B = Π_j [low_j, high_j] (rejection:
+        a row keeps the first of its candidate draws that falls inside B). Each pass p draws fresh
         candidates with the seed ``fold_in(seed, p)`` (never the same draws twice), sized by the
-        acceptance rate measured so far; sampling stops with InputError after ``max_passes`` passes or
-        as soon as the measured acceptance rate is below ``min_acceptance``.
+        acceptance rate measured so far; sampling stops with InputError after ``max_passes`` passes
+        or as soon as the measured acceptance rate is below ``min_acceptance``.
 
         Args:
             n: number of samples (>= 1).
-            labels: [n, C] (one draw per row) or [C] (all n draws at that label); None if unconditional.
-            seed: None (fresh entropy), an int, or a stateless seed [2]; the same seed gives the same
-                draws.
+            labels: [n, C] (one draw per row) or [C] (all n draws at that label); None if
+                unconditional.
+            seed: None (fresh entropy), an int, or a stateless seed [2]; the same seed gives the
+                same draws.
             bounds: None, or D entries (one per column of x), each a (low, high) pair or None
                 (unbounded column); ``None`` as either end leaves that side open.
             max_passes: rejection passes at most (bounds only).
@@ -361,23 +409,29 @@ class Density(abc.ABC):
         """
         if self.label_dim == 0:
             if labels is not None:
-                raise InputError(f"labels were given (shape {shape_of(labels)}) but the {self.what} is "
-                                 f"unconditional (label_dim = 0)")
+                raise InputError(
+                    f"labels were given (shape {shape_of(labels)}) but the {self.what} is "
+                    f"unconditional (label_dim = 0)"
+                )
             if bounds is not None:
                 return self._sample_within(n, None, stateless_seed(seed), bounds, max_passes,
                                            min_acceptance)
             return self.sample_stateless(n, stateless_seed(seed))
         if labels is None:
-            raise InputError(f"the {self.what} is conditional: sample(n, labels) needs labels of shape "
-                             f"[n, {self.label_dim}] or [{self.label_dim}]")
+            raise InputError(
+                f"the {self.what} is conditional: sample(n, labels) needs labels of shape "
+                f"[n, {self.label_dim}] or [{self.label_dim}]"
+            )
         c = as_float32(labels, "labels")
         if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n < 1:
             raise InputError(f"n = {n!r}: expected an integer number of samples >= 1")
         if c.shape.rank == 1 and c.shape[0] == self.label_dim:
             c = tf.tile(c[tf.newaxis, :], [int(n), 1])
         if c.shape.rank == 2 and c.shape[0] != n:
-            raise InputError(f"sample: n = {n} but labels have shape {shape_of(c)}; expected [{n}, "
-                             f"{self.label_dim}] or [{self.label_dim}]")
+            raise InputError(
+                f"sample: n = {n} but labels have shape {shape_of(c)}; expected [{n}, "
+                f"{self.label_dim}] or [{self.label_dim}]"
+            )
         if bounds is not None:
             _sample_request(c, self.label_dim, self.what)        # shape and NaN checks
             self._warn_extrapolated(c)
@@ -417,21 +471,26 @@ class Density(abc.ABC):
                 return tf.constant(out)
             rate = accepted / drawn
             if rate < min_acceptance:
-                raise InputError(f"sample: only {accepted} of {drawn} draws ({rate:.2g}) fall inside bounds "
-                                 f"{_bounds_text(low, high)}, below min_acceptance = {min_acceptance:g}; "
-                                 f"widen the bounds or check that they overlap the model's support")
+                raise InputError(
+                    f"sample: only {accepted} of {drawn} draws ({rate:.2g}) fall inside bounds "
+                    f"{_bounds_text(low, high)}, below min_acceptance = {min_acceptance:g}; "
+                    f"widen the bounds or check that they overlap the model's support"
+                )
             copies = math.ceil(1.5 / rate)
-        raise InputError(f"sample: {todo.size} of {n} rows still have no draw inside bounds "
-                         f"{_bounds_text(low, high)} after max_passes = {max_passes} passes (acceptance "
-                         f"rate {accepted / drawn:.2g} of {drawn} draws); raise max_passes or widen the "
-                         f"bounds")
+        raise InputError(
+            f"sample: {todo.size} of {n} rows still have no draw inside bounds "
+            f"{_bounds_text(low, high)} after max_passes = {max_passes} passes (acceptance "
+            f"rate {accepted / drawn:.2g} of {drawn} draws); raise max_passes or widen the "
+            f"bounds"
+        )
 
     def sample_stateless(self, n_or_labels: Any, seed: Any) -> tf.Tensor:
         """Deterministic draws for a tensor seed: [n, D] float32 in the model's units.
 
-        ``n_or_labels`` is n (scalar int) for unconditional models and labels [n, C] for conditional
-        ones; ``seed`` is an integer tensor of shape [2] (``tf.random.stateless_*`` convention).
-        Usable inside ``tf.function`` / export signatures (symbolic inputs skip the eager checks).
+        ``n_or_labels`` is n (scalar int) for unconditional models and labels [n, C] for
+        conditional ones; ``seed`` is an integer tensor of shape [2] (``tf.random.stateless_*``
+        convention). Usable inside ``tf.function`` / export signatures (symbolic inputs skip the
+        eager checks).
         """
         if not self.can_sample:
             self.sample_tensor(None, None, None)          # raises the density's own message
@@ -451,13 +510,15 @@ class Density(abc.ABC):
         return tape.gradient(lp, x, unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
     def tracing_counts(self) -> dict[str, int]:
-        """How often each traced method was traced ({"log_prob", "grad", "sample"}: 1 each after any
-        number of calls with any row count: the free batch dimension never retraces).
+        """How often each traced method was traced ({"log_prob", "grad", "sample"}: 1 each after
+        any number of calls with any row count: the free batch dimension never retraces).
         """
         return {name: fn.experimental_get_tracing_count() for name, fn in self._traced().items()}
 
     def retrace(self) -> None:
-        """Forget the traced functions (after changing ``jit_log_prob``); they are rebuilt on next use."""
+        """Forget the traced functions (after changing ``jit_log_prob``); they are rebuilt on next
+        use.
+        """
         self.__dict__.pop("_density_functions", None)
 
     def _traced(self) -> dict:
@@ -499,5 +560,14 @@ def _bounds_text(low: np.ndarray, high: np.ndarray) -> str:
     return "[" + ", ".join(f"({lo:.6g}, {hi:.6g})" for lo, hi in zip(low, high)) + "]"
 
 
-__all__ = ["Density", "ExtrapolationWarning", "extrapolated_labels", "bounds_arrays", "validate_inputs",
-           "as_float32", "check_finite", "shape_of", "stateless_seed"]
+__all__ = [
+    "Density",
+    "ExtrapolationWarning",
+    "extrapolated_labels",
+    "bounds_arrays",
+    "validate_inputs",
+    "as_float32",
+    "check_finite",
+    "shape_of",
+    "stateless_seed",
+]

@@ -1,23 +1,26 @@
-"""SavedModel export of a trained flow: named serving signatures, versioned layout, TF Serving config, loading.
+"""SavedModel export of a trained flow: named serving signatures, versioned layout, TF Serving
+config, loading.
 
-``export_model(model, path)`` writes a SavedModel of a :class:`tfgalflow.model.Flow` or ``Ensemble`` whose
-graph holds only core TensorFlow ops, so it runs under TF Serving, ``saved_model_cli`` and plain
-``tf.saved_model.load`` without TFP, tf-keras or tfgalflow. Signatures (N, B: free batch dimension;
-D: data width; C: label width, present only for conditional models)::
+``export_model(model, path)`` writes a SavedModel of a :class:`tfgalflow.model.Flow` or
+``Ensemble`` whose graph holds only core TensorFlow ops, so it runs under TF Serving,
+``saved_model_cli`` and plain ``tf.saved_model.load`` without TFP, tf-keras or tfgalflow.
+Signatures (N, B: free batch dimension; D: data width; C: label width, present only for conditional
+models)::
 
-    signature        inputs                                   outputs
-    serving_default  x [N, D] f32 (+ labels [N, C] f32)       log_prob [N] f32        (same as log_prob)
-    log_prob         x [N, D] f32 (+ labels [N, C] f32)       log_prob [N] f32
-    grad_log_prob    x [N, D] f32 (+ labels [N, C] f32)       grad_log_prob [N, D] f32
-    sample           seed [N] i64 (+ labels [N, C] f32)       sample [N, D] f32
-    accelerations    positions [B, 3] f32, seed [B] i64       acceleration [B, 3], residual [B], condition [B],
-                     (+ labels [B, C] f32)                    ess [B], log_density [B] f32,
-                                                              support [B] bool, flagged [B] bool,
-                                                              reasons [B] string (the flags of
-                                                              tfgalflow.cbe.accelerations)
+    signature        inputs                               outputs
+    serving_default  x [N, D] f32 (+ labels [N, C] f32)   log_prob [N] f32    (same as log_prob)
+    log_prob         x [N, D] f32 (+ labels [N, C] f32)   log_prob [N] f32
+    grad_log_prob    x [N, D] f32 (+ labels [N, C] f32)   grad_log_prob [N, D] f32
+    sample           seed [N] i64 (+ labels [N, C] f32)   sample [N, D] f32
+    accelerations    positions [B, 3] f32, seed [B] i64   acceleration [B, 3], residual [B],
+                     (+ labels [B, C] f32)                condition [B], ess [B],
+                                                          log_density [B] f32, support [B] bool,
+                                                          flagged [B] bool, reasons [B] string
+                                                          (the flags of
+                                                          tfgalflow.cbe.accelerations)
 
-with log p(x | c) in nats per unit physical volume of x (the rescaling Jacobian is included) and the
-gradient ∂ log p/∂x in 1/(unit of each column). ``accelerations`` is present for 6D phase-space
+with log p(x | c) in nats per unit physical volume of x (the rescaling Jacobian is included) and
+the gradient ∂ log p/∂x in 1/(unit of each column). ``accelerations`` is present for 6D phase-space
 models (x = (position, velocity)), conditional ones included (then at the label of each position,
 a(x_b | c_b)): the collisionless-Boltzmann least-squares fit of
 :func:`tfgalflow.cbe.acceleration_graph` at each position (acceleration in velocity²/length of the
@@ -25,26 +28,30 @@ data; residual, condition number, effective sample size and log ∫ f d³v of th
 whether the DF has support there - the inputs of :func:`tfgalflow.cbe.flag_reasons`).
 
 Seed convention (every input carries the batch dimension, as TF Serving's request batching needs):
-``sample`` draws N points, N = len(seed) for unconditional models and N = len(labels) for conditional
-ones (one draw per label row); the whole draw is the stateless draw ``model.sample_stateless(N,
-seed=[seed[0], 0])``, so only ``seed[0]`` matters (send e.g. ``[s, s, ..., s]``); the same seed[0] and N
-give the same points. ``accelerations`` likewise seeds its velocity draws with ``[seed[0], 0]``. With
-TF Serving's server-side batching enabled, concurrent requests may be merged and the draws stay valid
-samples but are then seeded by the first request's seed; the tfgalflow endpoint never merges them.
+``sample`` draws N points, N = len(seed) for unconditional models and N = len(labels) for
+conditional ones (one draw per label row); the whole draw is the stateless draw
+``model.sample_stateless(N, seed=[seed[0], 0])``, so only ``seed[0]`` matters (send e.g. ``[s, s,
+..., s]``); the same seed[0] and N give the same points. ``accelerations`` likewise seeds its
+velocity draws with ``[seed[0], 0]``. With TF Serving's server-side batching enabled, concurrent
+requests may be merged and the draws stay valid samples but are then seeded by the first request's
+seed; the tfgalflow endpoint never merges them.
 
-A :class:`tfgalflow.symmetry.SphericalAverage` of a Flow or Ensemble exports the same way: its signatures
-answer for the DF averaged over the stored rotations (metadata ``spherical_average``: M and seed).
+A :class:`tfgalflow.symmetry.SphericalAverage` of a Flow or Ensemble exports the same way: its
+signatures answer for the DF averaged over the stored rotations (metadata ``spherical_average``: M
+and seed).
 
 The FlowConfig, the run's config.json (when exported from a run), the rescaling constants, this
-convention and the list of row-wise signatures (whose output rows depend only on the same input rows,
-so a server may merge requests: log_prob, grad_log_prob, serving_default) are stored in the
+convention and the list of row-wise signatures (whose output rows depend only on the same input
+rows, so a server may merge requests: log_prob, grad_log_prob, serving_default) are stored in the
 SavedModel as the string variable ``tfgalflow_metadata`` (JSON); the rescaling actually applied
 lives in the model's own (non-trainable) variables.
 
 Layout for TF Serving: ``ROOT/NAME/<version>/saved_model.pb`` (integer versions, highest served by
-default) and ``ROOT/models.config`` (``model_config_list`` text format) from :func:`write_models_config`.
+default) and ``ROOT/models.config`` (``model_config_list`` text format) from
+:func:`write_models_config`.
 
-Reference: TensorFlow Serving REST API and SavedModel docs, https://www.tensorflow.org/tfx/serving/api_rest
+Reference: TensorFlow Serving REST API and SavedModel docs,
+https://www.tensorflow.org/tfx/serving/api_rest
 """
 from __future__ import annotations
 
@@ -71,27 +78,34 @@ REQUIRED_SIGNATURES = ("serving_default", "log_prob", "grad_log_prob", "sample")
 #: Outputs of the ``accelerations`` signature (those that cbe.acceleration_graph provides).
 ACCELERATION_OUTPUTS = ("acceleration", "residual", "condition", "ess", "log_density", "support",
                         "flagged", "reasons")
-SEED_CONVENTION = ("sample: N = len(seed) (unconditional) or len(labels) (conditional); the draw is "
-                   "sample_stateless(N, seed=[seed[0], 0]), other seed entries are ignored. "
-                   "accelerations: velocity draws seeded with [seed[0], 0].")
+SEED_CONVENTION = (
+    "sample: N = len(seed) (unconditional) or len(labels) (conditional); the draw is "
+    "sample_stateless(N, seed=[seed[0], 0]), other seed entries are ignored. "
+    "accelerations: velocity draws seeded with [seed[0], 0]."
+)
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 # ---- one signature of a loaded SavedModel: typed, named NumPy in and out -----------------------
 
 def _shape_text(shape: tuple) -> str:
-    """[N, 3] for a TensorSpec shape (None, 3): the batch dimension is N, other free dimensions '?'."""
-    dims = ["N" if (d is None and i == 0) else ("?" if d is None else str(d)) for i, d in enumerate(shape)]
+    """[N, 3] for a TensorSpec shape (None, 3): the batch dimension is N, other free dimensions
+    '?'.
+    """
+    dims = [
+        "N" if (d is None and i == 0) else ("?" if d is None else str(d))
+        for i, d in enumerate(shape)
+    ]
     return "[" + ", ".join(dims) + "]"
 
 
 class Signature:
     """One signature (a traced function) of a loaded SavedModel with NumPy inputs and outputs.
 
-    ``inputs`` / ``outputs`` map names to ``(shape, numpy dtype)`` with ``None`` for free dimensions.
-    :meth:`check` converts nested lists or arrays to arrays of the signature's dtypes and shapes (raising
-    InputError naming the input, the expected and the received shape); :meth:`run` makes ONE call of the
-    traced function for the whole batch.
+    ``inputs`` / ``outputs`` map names to ``(shape, numpy dtype)`` with ``None`` for free
+    dimensions. :meth:`check` converts nested lists or arrays to arrays of the signature's dtypes
+    and shapes (raising InputError naming the input, the expected and the received shape);
+    :meth:`run` makes ONE call of the traced function for the whole batch.
     """
 
     def __init__(self, name: str, function: Any):
@@ -116,16 +130,21 @@ class Signature:
     def check(self, values: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Arrays of the right dtype and shape for every input; InputError naming what is wrong.
 
-        Float inputs accept integers and floats; integer inputs only integers; NaN and inf are rejected.
+        Float inputs accept integers and floats; integer inputs only integers; NaN and inf are
+        rejected.
         """
         missing = [k for k in self.inputs if k not in values]
         unknown = [k for k in values if k not in self.inputs]
         if unknown:
-            raise InputError(f"signature '{self.name}' has no input named {', '.join(map(repr, unknown))}; "
-                             f"its inputs are: {self.describe()}")
+            raise InputError(
+                f"signature '{self.name}' has no input named {', '.join(map(repr, unknown))}; "
+                f"its inputs are: {self.describe()}"
+            )
         if missing:
-            raise InputError(f"signature '{self.name}' is missing input {', '.join(map(repr, missing))}; "
-                             f"its inputs are: {self.describe()}")
+            raise InputError(
+                f"signature '{self.name}' is missing input {', '.join(map(repr, missing))}; "
+                f"its inputs are: {self.describe()}"
+            )
         return {k: self._check_one(k, values[k]) for k in self.inputs}
 
     def _check_one(self, name: str, value: Any) -> np.ndarray:
@@ -134,23 +153,36 @@ class Signature:
         try:
             array = np.asarray(value)
         except (ValueError, TypeError) as exc:
-            raise InputError(f"input '{name}' is not a rectangular array ({exc}); expected {expected}") from None
+            raise InputError(
+                f"input '{name}' is not a rectangular array ({exc}); expected {expected}"
+            ) from None
         kind = array.dtype.kind
         allowed = "fiu" if dtype.kind == "f" else ("iu" if dtype.kind in "iu" else dtype.kind)
         if kind not in allowed or array.dtype == object:
-            what = {"b": "booleans", "U": "strings", "S": "bytes", "O": "mixed or out-of-range values",
-                    "f": "non-integer numbers"}.get(kind, array.dtype.name)
-            raise InputError(f"input '{name}' holds {what}, which are not of the expected type {dtype.name}; "
-                             f"expected {expected}")
-        if shape is not None and (array.ndim != len(shape) or
-                                  any(d is not None and d != a for d, a in zip(shape, array.shape))):
+            what = {
+                "b": "booleans",
+                "U": "strings",
+                "S": "bytes",
+                "O": "mixed or out-of-range values",
+                "f": "non-integer numbers",
+            }.get(kind, array.dtype.name)
+            raise InputError(
+                f"input '{name}' holds {what}, which are not of the expected type {dtype.name}; "
+                f"expected {expected}"
+            )
+        if shape is not None and (
+            array.ndim != len(shape)
+            or any(d is not None and d != a for d, a in zip(shape, array.shape))
+        ):
             raise InputError(f"input '{name}' has shape {list(array.shape)}; expected {expected}")
         if kind == "f":
             bad = ~np.isfinite(array)
             if bad.any():
-                raise InputError(f"input '{name}' contains NaN or infinite values at "
-                                 f"{np.argwhere(bad)[:5].tolist()} (index of the first ones); only finite "
-                                 f"numbers are accepted")
+                raise InputError(
+                    f"input '{name}' contains NaN or infinite values at "
+                    f"{np.argwhere(bad)[:5].tolist()} (index of the first ones); only finite "
+                    f"numbers are accepted"
+                )
         if dtype.kind == "f":
             with np.errstate(over="ignore"):
                 converted = array.astype(dtype, copy=False)
@@ -161,20 +193,25 @@ class Signature:
         if kind in "iu" and dtype.kind in "iu":
             info = np.iinfo(dtype)
             if array.size and (array.min() < info.min or array.max() > info.max):
-                raise InputError(f"input '{name}' has integers outside the {dtype.name} range; expected {expected}")
+                raise InputError(
+                    f"input '{name}' has integers outside the {dtype.name} range; "
+                    f"expected {expected}"
+                )
         return array.astype(dtype, copy=False)
 
     def run(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One call of the traced function on checked arrays -> {output name: array}.
 
-        Graph-time failures caused by the data (e.g. x and labels with different numbers of rows) are
-        raised as InputError.
+        Graph-time failures caused by the data (e.g. x and labels with different numbers of rows)
+        are raised as InputError.
         """
         tf = self._tf
         try:
             out = self._function(**{k: tf.constant(v) for k, v in arrays.items()})
         except tf.errors.InvalidArgumentError as exc:
-            raise InputError(f"signature '{self.name}' rejected the inputs: {exc.message.strip()}") from None
+            raise InputError(
+                f"signature '{self.name}' rejected the inputs: {exc.message.strip()}"
+            ) from None
         if not isinstance(out, Mapping):
             out = {"output_0": out}
         return {k: _text_to_str(v.numpy()) for k, v in out.items()}
@@ -187,7 +224,9 @@ class Signature:
 def _text_to_str(array: np.ndarray) -> np.ndarray:
     """String outputs (TF gives bytes objects) as a unicode array; other arrays unchanged."""
     if array.dtype == object:
-        return np.vectorize(lambda b: b.decode() if isinstance(b, bytes) else str(b), otypes=[str])(array)
+        return np.vectorize(
+            lambda b: b.decode() if isinstance(b, bytes) else str(b), otypes=[str]
+        )(array)
     return array
 
 
@@ -198,7 +237,8 @@ def _is_saved_model(path: Path) -> bool:
 
 
 def read_signature_defs(path: str | os.PathLike) -> dict:
-    """The SignatureDefs of the 'serve' MetaGraph as JSON (proto3 JSON mapping, as TF Serving prints them).
+    """The SignatureDefs of the 'serve' MetaGraph as JSON (proto3 JSON mapping, as TF Serving
+    prints them).
 
     Raises FileError if ``path`` holds no readable saved_model.pb / saved_model.pbtxt.
     """
@@ -212,9 +252,12 @@ def read_signature_defs(path: str | os.PathLike) -> dict:
             proto.ParseFromString((path / "saved_model.pb").read_bytes())
         else:
             text_format.Parse((path / "saved_model.pbtxt").read_text(), proto)
-    except (OSError, UnicodeDecodeError, Exception) as exc:   # DecodeError / ParseError have no common base
+    # DecodeError / ParseError have no common base
+    except (OSError, UnicodeDecodeError, Exception) as exc:
         raise FileError(f"{path}: not a readable SavedModel (saved_model.pb): {exc}") from None
-    graphs = [g for g in proto.meta_graphs if "serve" in g.meta_info_def.tags] or list(proto.meta_graphs)
+    graphs = [g for g in proto.meta_graphs if "serve" in g.meta_info_def.tags] or list(
+        proto.meta_graphs
+    )
     if not graphs:
         raise FileError(f"{path}: the SavedModel has no MetaGraph")
     return {name: json_format.MessageToDict(sig, preserving_proto_field_name=True,
@@ -225,15 +268,18 @@ def read_signature_defs(path: str | os.PathLike) -> dict:
 class ExportedModel(Density):
     """A SavedModel loaded with plain TensorFlow, as a :class:`~tfgalflow.density.Density`.
 
-    ``log_prob``, ``prob``, ``grad_log_prob``, ``sample`` validate their inputs (InputError) and return
-    float32 tensors, like every density; inside a ``tf.function`` the SavedModel's functions are called
-    directly, so ``cbe.accelerations(load(path), ...)`` and ``SphericalAverage(load(path))`` work on it.
-    Its graphs are the exported ones (never XLA-compiled): ``inlinable`` is False.
+    ``log_prob``, ``prob``, ``grad_log_prob``, ``sample`` validate their inputs (InputError) and
+    return float32 tensors, like every density; inside a ``tf.function`` the SavedModel's functions
+    are called directly, so ``cbe.accelerations(load(path), ...)`` and
+    ``SphericalAverage(load(path))`` work on it. Its graphs are the exported ones (never
+    XLA-compiled): ``inlinable`` is False.
 
     Attributes:
         path: the SavedModel directory.
-        signatures: {name: :class:`Signature`} (every signature of the SavedModel, NumPy in and out).
-        metadata: the tfgalflow metadata JSON ({} for SavedModels not written by :func:`export_model`).
+        signatures: {name: :class:`Signature`} (every signature of the SavedModel, NumPy in and
+            out).
+        metadata: the tfgalflow metadata JSON ({} for SavedModels not written by
+            :func:`export_model`).
         dim, label_dim: data and label widths (from the ``log_prob`` signature when present).
         x_scale: [D] rescaler scales of the (first) member from the metadata, or None.
     """
@@ -248,9 +294,14 @@ class ExportedModel(Density):
         self.signature_defs = read_signature_defs(self.path)
         try:
             self._loaded = tf.saved_model.load(str(self.path))
-        except Exception as exc:   # noqa: BLE001 - TF raises OSError, OpError, ValueError, DecodeError, ...
-            raise FileError(f"{self.path}: the SavedModel cannot be loaded: {type(exc).__name__}: {exc}") from None
-        self.signatures = {name: Signature(name, fn) for name, fn in sorted(self._loaded.signatures.items())}
+        # noqa: BLE001 - TF raises OSError, OpError, ValueError, DecodeError, ...
+        except Exception as exc:
+            raise FileError(
+                f"{self.path}: the SavedModel cannot be loaded: {type(exc).__name__}: {exc}"
+            ) from None
+        self.signatures = {
+            name: Signature(name, fn) for name, fn in sorted(self._loaded.signatures.items())
+        }
         self.metadata: dict = {}
         variable = getattr(self._loaded, METADATA_VARIABLE, None)
         if variable is not None:
@@ -259,11 +310,18 @@ class ExportedModel(Density):
             except (ValueError, AttributeError) as exc:
                 raise FileError(f"{self.path}: corrupt {METADATA_VARIABLE}: {exc}") from None
         rescaling = self.metadata.get("rescaling") or [{}]
-        # The (first member's) rescaler scale per data column: cbe reads its velocity part to centre
-        # the velocity sampler exactly as it does for the in-memory Flow. None for foreign SavedModels.
-        self.x_scale = (np.asarray(rescaling[0]["x_scale"], np.float32) if "x_scale" in rescaling[0] else None)
+        # The (first member's) rescaler scale per data column: cbe reads its velocity part to
+        # centre the velocity sampler exactly as it does for the in-memory Flow. None for foreign
+        # SavedModels.
+        self.x_scale = (
+            np.asarray(rescaling[0]["x_scale"], np.float32) if "x_scale" in rescaling[0] else None
+        )
         lp = self.signatures.get("log_prob")
-        self.dim = lp.inputs["x"][0][1] if lp is not None and "x" in lp.inputs else self.metadata.get("dim")
+        self.dim = (
+            lp.inputs["x"][0][1]
+            if lp is not None and "x" in lp.inputs
+            else self.metadata.get("dim")
+        )
         self.label_dim = (lp.inputs["labels"][0][1] if lp is not None and "labels" in lp.inputs
                           else self.metadata.get("label_dim", 0))
 
@@ -278,7 +336,9 @@ class ExportedModel(Density):
 
     def _run(self, name: str, output: str, **inputs: Any) -> Any:
         self._signature(name)
-        return self._loaded.signatures[name](**{k: v for k, v in inputs.items() if v is not None})[output]
+        return self._loaded.signatures[name](**{k: v for k, v in inputs.items() if v is not None})[
+            output
+        ]
 
     # -- the density contract -------------------------------------------------------------------
     @property
@@ -308,14 +368,17 @@ class ExportedModel(Density):
         """The SavedModel's ``sample`` signature, seeded by seed[0] (its convention): [n, D]."""
         import tensorflow as tf
         rows = tf.shape(labels)[0] if labels is not None else n
-        return self._run("sample", "sample", seed=tf.fill(tf.reshape(rows, [1]), seed[0]), labels=labels)
+        return self._run(
+            "sample", "sample", seed=tf.fill(tf.reshape(rows, [1]), seed[0]), labels=labels
+        )
 
-    # -- NumPy in and out for scripts: eager calls go through the signatures' own checks -----------
+    # -- NumPy in and out for scripts: eager calls go through the signatures' own checks ----------
     def _density_inputs(self, x: Any, labels: Any) -> dict:
         if self.label_dim:
             if labels is None:
-                raise InputError(f"the model is conditional: labels of shape [N, {self.label_dim}] "
-                                 f"are required")
+                raise InputError(
+                    f"the model is conditional: labels of shape [N, {self.label_dim}] are required"
+                )
             return {"x": x, "labels": labels}
         if labels is not None:
             raise InputError("labels were given but the model is unconditional (label_dim = 0); "
@@ -343,8 +406,8 @@ class ExportedModel(Density):
         return self._signature("grad_log_prob")(**self._density_inputs(x, labels))["grad_log_prob"]
 
     def sample(self, n: int, labels: Any = None, seed: int | None = None) -> Any:
-        """n draws [n, D] float32; the same (n, labels, seed) gives the same points as the in-memory
-        model's ``sample_stateless(n, [seed, 0])``; ``seed=None`` draws a fresh seed.
+        """n draws [n, D] float32; the same (n, labels, seed) gives the same points as the
+        in-memory model's ``sample_stateless(n, [seed, 0])``; ``seed=None`` draws a fresh seed.
         """
         n = integer(n, "n")
         if seed is None:
@@ -373,8 +436,8 @@ class ExportedModel(Density):
 
     def accelerations(self, positions: Any, seed: int = 0, labels: Any = None,
                       **thresholds: Any) -> Any:
-        """CBE accelerations at positions [B, 3] through the exported ``accelerations`` signature: an
-        :class:`~tfgalflow.cbe.AccelerationResult` with the same flags as the in-memory
+        """CBE accelerations at positions [B, 3] through the exported ``accelerations`` signature:
+        an :class:`~tfgalflow.cbe.AccelerationResult` with the same flags as the in-memory
         ``cbe.accelerations(model, positions, n_velocities, seed, labels=labels)`` at the exported
         n_velocities.
 
@@ -395,17 +458,23 @@ class ExportedModel(Density):
 
 
 def load_saved_model(path: str | os.PathLike, require: tuple = ()) -> ExportedModel:
-    """Load any SavedModel as an :class:`ExportedModel`; FileError if it lacks a ``require``-d signature."""
+    """Load any SavedModel as an :class:`ExportedModel`; FileError if it lacks a ``require``-d
+    signature.
+    """
     model = ExportedModel(path)
     missing = [s for s in require if s not in model.signatures]
     if missing:
-        raise FileError(f"{model.path}: not a tfgalflow SavedModel: missing signature(s) {', '.join(missing)} "
-                        f"(it has: {', '.join(sorted(model.signatures)) or 'none'})")
+        raise FileError(
+            f"{model.path}: not a tfgalflow SavedModel: missing signature(s) {', '.join(missing)} "
+            f"(it has: {', '.join(sorted(model.signatures)) or 'none'})"
+        )
     return model
 
 
 def versions(model_dir: str | os.PathLike) -> list[int]:
-    """Sorted integer version numbers under ``model_dir`` that hold a SavedModel (TF Serving's layout)."""
+    """Sorted integer version numbers under ``model_dir`` that hold a SavedModel (TF Serving's
+    layout).
+    """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         return []
@@ -417,7 +486,8 @@ def load(path: str | os.PathLike) -> Any:
     """Load a trained model from a run directory, a SavedModel, or a versioned model directory.
 
     * run directory (``config.json``): :func:`tfgalflow.training.load_run` -> Flow | Ensemble;
-    * SavedModel (``saved_model.pb``): :class:`ExportedModel` (log_prob, prob, grad_log_prob, sample,
+    * SavedModel (``saved_model.pb``): :class:`ExportedModel` (log_prob, prob, grad_log_prob,
+    sample,
       accelerations when exported) with NumPy in/out and InputError on bad input;
     * ``ROOT/NAME`` holding integer versions: the highest version, as above.
 
@@ -425,8 +495,10 @@ def load(path: str | os.PathLike) -> Any:
     """
     path = Path(path)
     if not path.exists():
-        raise FileError(f"{path}: no such file or directory (expected a run directory with config.json, a "
-                        f"SavedModel or a model directory of versions)")
+        raise FileError(
+            f"{path}: no such file or directory (expected a run directory with config.json, a "
+            f"SavedModel or a model directory of versions)"
+        )
     if path.is_dir() and _is_saved_model(path):
         return load_saved_model(path, require=REQUIRED_SIGNATURES)
     if (path / "config.json").is_file():
@@ -435,14 +507,18 @@ def load(path: str | os.PathLike) -> Any:
     found = versions(path)
     if found:
         return load_saved_model(path / str(found[-1]), require=REQUIRED_SIGNATURES)
-    raise FileError(f"{path}: neither a SavedModel (saved_model.pb), a run directory (config.json), nor a "
-                    f"model directory with integer version subdirectories")
+    raise FileError(
+        f"{path}: neither a SavedModel (saved_model.pb), a run directory (config.json), nor a "
+        f"model directory with integer version subdirectories"
+    )
 
 
 # ---- export ------------------------------------------------------------------------------------
 
 def _unwrapped(model: Any) -> Any:
-    """The Flow/Ensemble under a SphericalAverage (its config, members and rescaling describe the export)."""
+    """The Flow/Ensemble under a SphericalAverage (its config, members and rescaling describe the
+    export).
+    """
     from .symmetry import SphericalAverage
     return model.base if isinstance(model, SphericalAverage) else model
 
@@ -475,11 +551,15 @@ def _metadata(model: Any, run_config: Mapping | None, accelerations: dict | None
         "rescaling": _rescaling(model),
         "run": dict(run_config) if run_config is not None else None,
         "seed_convention": SEED_CONVENTION,
-        # Signatures whose output rows depend only on the same input rows (a server may merge requests).
+        # Signatures whose output rows depend only on the same input rows (a server may merge
+        # requests).
         "row_wise_signatures": ["serving_default", "log_prob", "grad_log_prob"],
         "accelerations": accelerations,
-        # Every signature answers for the DF averaged over these rotations (tfgalflow.symmetry), or null.
-        "spherical_average": ({"n_rotations": model.n_rotations, "seed": model.seed} if base is not model else None),
+        # Every signature answers for the DF averaged over these rotations (tfgalflow.symmetry), or
+        # null.
+        "spherical_average": (
+            {"n_rotations": model.n_rotations, "seed": model.seed} if base is not model else None
+        ),
     }
 
 
@@ -496,7 +576,9 @@ def _acceleration_graph(model: Any, accelerations: bool | None, n_velocities: in
         from .cbe import acceleration_graph
     except ImportError as exc:
         if accelerations:
-            raise InputError(f"accelerations=True but tfgalflow.cbe.acceleration_graph is unavailable: {exc}") from None
+            raise InputError(
+                f"accelerations=True but tfgalflow.cbe.acceleration_graph is unavailable: {exc}"
+            ) from None
         return None
     return acceleration_graph(model, n_velocities)
 
@@ -504,13 +586,14 @@ def _acceleration_graph(model: Any, accelerations: bool | None, n_velocities: in
 def _without_xla(model: Any) -> Any:
     """A copy of a Flow/Ensemble whose traced functions are not XLA-compiled (same weights).
 
-    A Flow built with ``jit_compile=True`` would leave ``_XlaMustCompile`` in the exported graph, which
-    TF Serving runs only with its experimental XLA support; the copy traces without it.
+    A Flow built with ``jit_compile=True`` would leave ``_XlaMustCompile`` in the exported graph,
+    which TF Serving runs only with its experimental XLA support; the copy traces without it.
     """
     from .model import Ensemble, Flow
     from .symmetry import SphericalAverage
     if isinstance(model, SphericalAverage):
-        return SphericalAverage(_without_xla(model.base), model.n_rotations, model.seed)   # same rotations
+        # same rotations
+        return SphericalAverage(_without_xla(model.base), model.n_rotations, model.seed)
     if isinstance(model, Ensemble):
         return Ensemble([_without_xla(m) for m in model.members])
     if isinstance(model, Flow):
@@ -525,7 +608,8 @@ def _build_module(model: Any, metadata_json: str, accel: Any):
     import tensorflow as tf
     dim, label_dim = int(model.dim), int(model.label_dim)
     module = tf.Module()
-    module.model_variables = list(model.variables)          # tracked, so the captured variables are saved
+    # tracked, so the captured variables are saved
+    module.model_variables = list(model.variables)
     setattr(module, METADATA_VARIABLE, tf.Variable(metadata_json, trainable=False, dtype=tf.string,
                                                    name=METADATA_VARIABLE))
     x_spec = tf.TensorSpec([None, dim], tf.float32, name="x")
@@ -533,13 +617,19 @@ def _build_module(model: Any, metadata_json: str, accel: Any):
     seed_spec = tf.TensorSpec([None], tf.int64, name="seed")
 
     def first_seed(seed):
-        # seed[0], or 0 for an empty seed vector (then N = 0 for unconditional models: an empty draw).
-        return tf.stack([tf.concat([seed, tf.zeros([1], tf.int64)], 0)[0], tf.constant(0, tf.int64)])
+        # seed[0], or 0 for an empty seed vector (then N = 0 for unconditional models: an empty
+        # draw).
+        return tf.stack(
+            [tf.concat([seed, tf.zeros([1], tf.int64)], 0)[0], tf.constant(0, tf.int64)]
+        )
 
     def same_rows(x, labels):
         # Without this check the model would broadcast a single label row over all of x.
-        return tf.debugging.assert_equal(tf.shape(x)[0], tf.shape(labels)[0],
-                                         message="x [N, D] and labels [N, C] must have the same number of rows N")
+        return tf.debugging.assert_equal(
+            tf.shape(x)[0],
+            tf.shape(labels)[0],
+            message="x [N, D] and labels [N, C] must have the same number of rows N",
+        )
 
     if label_dim:
         def log_prob(x, labels):
@@ -553,16 +643,23 @@ def _build_module(model: Any, metadata_json: str, accel: Any):
         grad = tf.function(grad, input_signature=[x_spec, c_spec])
 
         def sample(seed, labels):
-            check = tf.debugging.assert_greater(tf.size(seed), 0, message="seed must have at least one element")
+            check = tf.debugging.assert_greater(
+                tf.size(seed), 0, message="seed must have at least one element"
+            )
             with tf.control_dependencies([check]):
                 return {"sample": model.sample_stateless(labels, first_seed(seed))}
         sample = tf.function(sample, input_signature=[seed_spec, c_spec])
     else:
         log_prob = tf.function(lambda x: {"log_prob": model.log_prob(x)}, input_signature=[x_spec])
-        grad = tf.function(lambda x: {"grad_log_prob": model.grad_log_prob(x)}, input_signature=[x_spec])
-        sample = tf.function(lambda seed: {"sample": model.sample_stateless(tf.size(seed, tf.int32),
-                                                                            first_seed(seed))},
-                             input_signature=[seed_spec])
+        grad = tf.function(
+            lambda x: {"grad_log_prob": model.grad_log_prob(x)}, input_signature=[x_spec]
+        )
+        sample = tf.function(
+            lambda seed: {
+                "sample": model.sample_stateless(tf.size(seed, tf.int32), first_seed(seed))
+            },
+            input_signature=[seed_spec],
+        )
     module.log_prob, module.grad_log_prob, module.sample = log_prob, grad, sample
     signatures = {"serving_default": log_prob.get_concrete_function(),
                   "log_prob": log_prob.get_concrete_function(),
@@ -591,30 +688,47 @@ def _build_module(model: Any, metadata_json: str, accel: Any):
     return module, signatures
 
 
-def export_model(model: Any, path: str | os.PathLike, *, run_config: Mapping | None = None,
-           accelerations: bool | None = None, n_velocities: int = 256, overwrite: bool = False) -> Path:
-    """Write ``model`` (Flow or Ensemble) as a SavedModel at ``path`` (atomically: temp dir + rename).
+def export_model(
+    model: Any,
+    path: str | os.PathLike,
+    *,
+    run_config: Mapping | None = None,
+    accelerations: bool | None = None,
+    n_velocities: int = 256,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` (Flow or Ensemble) as a SavedModel at ``path`` (atomically: temp dir +
+    rename).
 
     Args:
-        model: a trained :class:`~tfgalflow.model.Flow` or :class:`~tfgalflow.model.Ensemble`, or either
-            wrapped in a :class:`~tfgalflow.symmetry.SphericalAverage` (then every signature answers for
-            the rotation-averaged DF, and the metadata's ``spherical_average`` says so).
+        model: a trained :class:`~tfgalflow.model.Flow` or :class:`~tfgalflow.model.Ensemble`, or
+            either wrapped in a :class:`~tfgalflow.symmetry.SphericalAverage` (then every signature
+            answers for the rotation-averaged DF, and the metadata's ``spherical_average`` says
+            so).
         path: the SavedModel directory to create (for TF Serving: ``ROOT/NAME/<version>``).
-        run_config: the run's config.json dict, stored in the metadata (``tfgalflow export RUN`` passes it).
+        run_config: the run's config.json dict, stored in the metadata (``tfgalflow export RUN``
+            passes it).
         accelerations: add the ``accelerations`` signature: None = when applicable (6D, cbe
             available; conditional models take labels [B, C] with it), True = required (InputError
             otherwise), False = never.
         n_velocities: velocities sampled per position by the ``accelerations`` signature.
-        overwrite: replace an existing directory (the old one is removed only after the new one is in place).
+        overwrite: replace an existing directory (the old one is removed only after the new one is
+            in place).
 
     Returns the SavedModel directory. Signatures and conventions: see the module docstring.
     """
     import tensorflow as tf
     for attr in ("dim", "label_dim", "log_prob", "grad_log_prob", "sample_stateless", "variables"):
         if not hasattr(model, attr):
-            raise InputError(f"export_model(model): {type(model).__name__} has no '{attr}'; expected a tfgalflow "
-                             f"Flow or Ensemble")
-    if isinstance(n_velocities, bool) or not isinstance(n_velocities, (int, np.integer)) or n_velocities < 2:
+            raise InputError(
+                f"export_model(model): {type(model).__name__} has no '{attr}'; expected a "
+                f"tfgalflow Flow or Ensemble"
+            )
+    if (
+        isinstance(n_velocities, bool)
+        or not isinstance(n_velocities, (int, np.integer))
+        or n_velocities < 2
+    ):
         raise InputError(f"n_velocities = {n_velocities!r}: expected an integer >= 2")
     model = _without_xla(model)
     accel = _acceleration_graph(model, accelerations, int(n_velocities))
@@ -637,11 +751,17 @@ def export_versioned(model: Any, root: str | os.PathLike, name: str, **kwargs: A
     Keyword arguments go to :func:`export_model`. Returns the new version directory.
     """
     if not isinstance(name, str) or not _MODEL_NAME.fullmatch(name):
-        raise InputError(f"model name {name!r}: expected letters, digits, '_', '.', '-' (not starting with "
-                         f"'.', '_' or '-')")
+        raise InputError(
+            f"model name {name!r}: expected letters, digits, '_', '.', '-' (not starting with "
+            f"'.', '_' or '-')"
+        )
     model_dir = Path(root) / name
     while True:
-        existing = [int(p.name) for p in model_dir.iterdir() if p.name.isdigit()] if model_dir.is_dir() else []
+        existing = (
+            [int(p.name) for p in model_dir.iterdir() if p.name.isdigit()]
+            if model_dir.is_dir()
+            else []
+        )
         target = model_dir / str(max(existing, default=0) + 1)
         try:
             return export_model(model, target, overwrite=False, **kwargs)
@@ -651,7 +771,9 @@ def export_versioned(model: Any, root: str | os.PathLike, name: str, **kwargs: A
 
 
 def _text_string(value: str) -> str:
-    """A protobuf text-format string literal: printable ASCII as is, other UTF-8 bytes as octal escapes."""
+    """A protobuf text-format string literal: printable ASCII as is, other UTF-8 bytes as octal
+    escapes.
+    """
     return '"' + "".join(chr(b) if 32 <= b < 127 and b not in (34, 92) else f"\\{b:03o}"
                          for b in value.encode("utf-8")) + '"'
 
@@ -663,7 +785,8 @@ CONTAINER_BASE_PATH = "/models"
 
 def write_models_config(root: str | os.PathLike, base_path: str = CONTAINER_BASE_PATH,
                         version_policy: str = "all") -> Path:
-    """Write ``root/models.config`` (TF Serving ``model_config_list`` text format) for every model in root.
+    """Write ``root/models.config`` (TF Serving ``model_config_list`` text format) for every model
+    in root.
 
     A model is a subdirectory of ``root`` with at least one integer version holding a SavedModel.
 
@@ -684,10 +807,16 @@ def write_models_config(root: str | os.PathLike, base_path: str = CONTAINER_BASE
     if not root.is_dir():
         raise FileError(f"{root}: no such model directory")
     if not isinstance(base_path, str) or not base_path:
-        raise InputError(f"base_path = {base_path!r}: expected the directory ROOT is at for the server, "
-                         f"e.g. '{CONTAINER_BASE_PATH}'")
+        raise InputError(
+            f"base_path = {base_path!r}: expected the directory ROOT is at for the server, "
+            f"e.g. '{CONTAINER_BASE_PATH}'"
+        )
     base = base_path.rstrip("/") or "/"
-    names = sorted(p.name for p in root.iterdir() if p.is_dir() and _MODEL_NAME.fullmatch(p.name) and versions(p))
+    names = sorted(
+        p.name
+        for p in root.iterdir()
+        if p.is_dir() and _MODEL_NAME.fullmatch(p.name) and versions(p)
+    )
     policy = "all {}" if version_policy == "all" else "latest { num_versions: 1 }"
     entries = "".join(
         "  config {\n"

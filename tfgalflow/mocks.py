@@ -447,10 +447,12 @@ def add_noise(
                                  np.repeat(level_vel * cat.speed[:, None], 3, axis=1)], axis=1)
     if cat.errors is not None:
         if not cat.error_kind == kind == "absolute":
-            raise InputError(f"add_noise: the catalogue already has {cat.error_kind} errors and "
-                             f"the {convention!r} convention adds {kind} ones; only absolute "
-                             "errors combine into one Gaussian (convention='vector' on a catalogue "
-                             "with absolute errors)")
+            raise InputError(
+                f"add_noise: the catalogue already has {cat.error_kind} errors and "
+                f"the {convention!r} convention adds {kind} ones; only absolute "
+                "errors combine into one Gaussian (convention='vector' on a catalogue "
+                "with absolute errors)"
+            )
         errors = np.sqrt(cat.errors ** 2 + errors ** 2)
     record = {"level": level, "level_vel": level_vel, "convention": convention, "seed": seed}
     return Catalogue(pos, vel, labels=cat.labels, label_names=cat.label_names, units=cat.units,

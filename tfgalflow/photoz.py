@@ -1,4 +1,5 @@
-"""Photometric redshifts with an exact posterior: a template simulator, p(z | fluxes, errors), calibration.
+"""Photometric redshifts with an exact posterior: a template simulator, p(z | fluxes, errors),
+calibration.
 
 The generative model (all fluxes in units where an AB magnitude of 25 is a flux of 1):
 
@@ -14,8 +15,8 @@ are x = (F_1..F_B, σ_1..σ_B), 2B columns.
 
 Templates are smooth power laws f_ν ∝ (λ/5000 Å)^β with a Balmer/4000 Å break (a drop by a factor
 1 - D blueward of 4000 Å) and a Lyman-like break (IGM absorption blueward of 1216 Å, nothing below
-912 Å). A Balmer break at z ≲ 0.5 and a Lyman break at z ≳ 2.3 fall in the same filters, which makes
-posteriors of faint galaxies bimodal (the break confusion of real photo-z surveys).
+912 Å). A Balmer break at z ≲ 0.5 and a Lyman break at z ≳ 2.3 fall in the same filters, which
+makes posteriors of faint galaxies bimodal (the break confusion of real photo-z surveys).
 
 The exact posterior marginalises template and amplitude:
 
@@ -61,7 +62,8 @@ class Survey:
         amplitude_range: (A_min, A_max), reference-band flux range of the log-uniform prior
             (flux 1 = AB magnitude 25; the defaults are magnitudes 26.5 .. 22.5).
         sigma0: median flux error per band (same units).
-        sigma_spread: half-width ε of the uniform scatter of ln σ_b around ln σ0 (per object and band).
+        sigma_spread: half-width ε of the uniform scatter of ln σ_b around ln σ0 (per object and
+            band).
         lyman_depth: fraction of flux absorbed between 912 Å and 1216 Å (rest frame).
     """
 
@@ -72,8 +74,11 @@ class Survey:
     lyman_depth: float = 0.8
 
 
-def template_flux(wavelength: np.ndarray, slope: float, balmer: float, lyman_depth: float) -> np.ndarray:
-    """f_ν(λ) of one template at rest-frame wavelengths λ [..] (Å): power law × Balmer × Lyman breaks.
+def template_flux(
+    wavelength: np.ndarray, slope: float, balmer: float, lyman_depth: float
+) -> np.ndarray:
+    """f_ν(λ) of one template at rest-frame wavelengths λ [..] (Å): power law × Balmer × Lyman
+    breaks.
 
     f_ν = (λ / 5000)^β (1 - D s((4000 - λ)/80)) (1 - L s((1216 - λ)/30)) (1 - s((912 - λ)/20)),
     with s the logistic function (smooth steps).
@@ -82,8 +87,12 @@ def template_flux(wavelength: np.ndarray, slope: float, balmer: float, lyman_dep
         return 0.5 * (1.0 + np.tanh(0.5 * u))
 
     lam = np.asarray(wavelength, np.float64)
-    return ((lam / 5000.0) ** slope * (1.0 - balmer * step((4000.0 - lam) / 80.0))
-            * (1.0 - lyman_depth * step((1216.0 - lam) / 30.0)) * (1.0 - step((912.0 - lam) / 20.0)))
+    return (
+        (lam / 5000.0) ** slope
+        * (1.0 - balmer * step((4000.0 - lam) / 80.0))
+        * (1.0 - lyman_depth * step((1216.0 - lam) / 30.0))
+        * (1.0 - step((912.0 - lam) / 20.0))
+    )
 
 
 class PhotoZ:
@@ -102,7 +111,9 @@ class PhotoZ:
         s = self.survey
         a_min, a_max = (float(v) for v in s.amplitude_range)
         if not 0 < a_min < a_max:
-            raise InputError(f"Survey.amplitude_range = {s.amplitude_range!r}: expected 0 < A_min < A_max")
+            raise InputError(
+                f"Survey.amplitude_range = {s.amplitude_range!r}: expected 0 < A_min < A_max"
+            )
         self.a_min, self.a_max = a_min, a_max
         self.table_z = np.arange(0.0, Z_MAX + 0.5 * table_step, table_step)
         self.table = self._colour_table(self.table_z)         # [Z, T, B]
@@ -138,7 +149,9 @@ class PhotoZ:
         norm = z0 ** 2 * (1.0 - (1.0 + Z_MAX / z0) * math.exp(-Z_MAX / z0))
         inside = (z > 0) & (z <= Z_MAX)
         with np.errstate(divide="ignore"):
-            return np.where(inside, np.log(np.where(inside, z, 1.0)) - z / z0 - math.log(norm), -np.inf)
+            return np.where(
+                inside, np.log(np.where(inside, z, 1.0)) - z / z0 - math.log(norm), -np.inf
+            )
 
     def simulate(self, n: int, seed: int, return_truth: bool = False) -> Any:
         """Draw n galaxies: z [n] and inputs x [n, 20] = (F_1..F_10, σ_1..σ_10).
@@ -166,7 +179,9 @@ class PhotoZ:
 
     # -- exact posterior -------------------------------------------------------------------
     def log_likelihood(self, inputs: Any, z_grid: Any, nodes: int = 32) -> np.ndarray:
-        """ln p(F | z, σ) [N, G] up to a constant per object (template and amplitude marginalised)."""
+        """ln p(F | z, σ) [N, G] up to a constant per object (template and amplitude
+        marginalised).
+        """
         x = validation.finite_matrix(inputs, "inputs", N_INPUTS, "[N, 20] (10 fluxes, 10 errors)")
         z = _grid(z_grid)
         flux, sigma = x[:, :N_BANDS], x[:, N_BANDS:]
@@ -188,14 +203,17 @@ class PhotoZ:
         log_g = -0.5 * a[..., None] * (np.exp(s) - a_hat[..., None]) ** 2
         with np.errstate(divide="ignore"):
             log_int = _logsumexp(log_g + np.log(wu), axis=-1) + np.log(half)
-        log_like_t = -0.5 * (c - b * a_hat) + log_int                      # [N, G, T]
-        return _logsumexp(log_like_t, axis=-1) - math.log(len(TEMPLATES) * math.log(self.a_max / self.a_min))
+        log_like_t = -0.5 * (c - b * a_hat) + log_int  # [N, G, T]
+        return _logsumexp(log_like_t, axis=-1) - math.log(
+            len(TEMPLATES) * math.log(self.a_max / self.a_min)
+        )
 
     def exact_posterior(self, inputs: Any, z_grid: Any, chunk: int = 256) -> np.ndarray:
-        """p(z | F, σ) [N, G] on ``z_grid`` [G] (increasing, in [0, 3]), normalised by the trapezoid rule.
+        """p(z | F, σ) [N, G] on ``z_grid`` [G] (increasing, in [0, 3]), normalised by the
+        trapezoid rule.
 
-        Chunked over objects (``chunk`` rows at a time); a Gauss-Legendre rule of 32 nodes in ln A for
-        the amplitude integral (module docstring).
+        Chunked over objects (``chunk`` rows at a time); a Gauss-Legendre rule of 32 nodes in ln A
+        for the amplitude integral (module docstring).
         """
         x = validation.finite_matrix(inputs, "inputs", N_INPUTS, "[N, 20] (10 fluxes, 10 errors)")
         z = _grid(z_grid)
@@ -211,7 +229,8 @@ class PhotoZ:
 
     # -- model inputs --------------------------------------------------------------------------
     def features(self, inputs: Any) -> np.ndarray:
-        """Conditioning features [N, 20] from inputs [N, 20]: asinh magnitudes and ln σ (a bijection).
+        """Conditioning features [N, 20] from inputs [N, 20]: asinh magnitudes and ln σ (a
+        bijection).
 
         μ_b = asinh(F_b / (2 b)) (Lupton et al. 1999, softening b = σ0), ν_b = ln(σ_b / σ0); the
         posterior given the features equals the posterior given the inputs. Colours are differences
@@ -223,8 +242,8 @@ class PhotoZ:
 def features(inputs: Any, softening: Sequence[float], xp: Any = np) -> Any:
     """[N, 20] asinh magnitudes μ_b = asinh(F_b / 2b_b) and ν_b = ln(σ_b / b_b) of inputs [N, 20].
 
-    ``xp`` is ``np`` or ``tf.math``-like (any module with asinh, log and concat/concatenate), so the same
-    map is differentiable inside TensorFlow (see :func:`calibrate`).
+    ``xp`` is ``np`` or ``tf.math``-like (any module with asinh, log and concat/concatenate), so
+    the same map is differentiable inside TensorFlow (see :func:`calibrate`).
     """
     soft = np.asarray(softening, np.float32 if xp is not np else np.float64)
     flux, sigma = inputs[:, :N_BANDS], inputs[:, N_BANDS:]
@@ -237,7 +256,9 @@ def features(inputs: Any, softening: Sequence[float], xp: Any = np) -> Any:
 def _grid(z_grid: Any) -> np.ndarray:
     z = np.asarray(z_grid, np.float64)
     if z.ndim != 1 or z.size < 2 or not np.all(np.isfinite(z)) or not np.all(np.diff(z) > 0):
-        raise InputError(f"z_grid has shape {list(z.shape)}; expected [G] increasing finite values, G >= 2")
+        raise InputError(
+            f"z_grid has shape {list(z.shape)}; expected [G] increasing finite values, G >= 2"
+        )
     return z
 
 
@@ -253,19 +274,23 @@ def simulate(n: int, seed: int, survey: Survey | None = None) -> tuple[np.ndarra
     return PhotoZ(survey).simulate(n, seed)
 
 
-def exact_posterior(inputs: Any, z_grid: Any, survey: Survey | None = None, chunk: int = 256) -> np.ndarray:
-    """p(z | inputs) [N, G] on z_grid [G] for the default (or given) survey; see :class:`PhotoZ`."""
+def exact_posterior(
+    inputs: Any, z_grid: Any, survey: Survey | None = None, chunk: int = 256
+) -> np.ndarray:
+    """p(z | inputs) [N, G] on z_grid [G] for the default (or given) survey; see
+    :class:`PhotoZ`.
+    """
     return PhotoZ(survey).exact_posterior(inputs, z_grid, chunk)
 
 
-# ---- calibration of a "real" set against the simulation ---------------------------------------------
+# ---- calibration of a "real" set against the simulation -----------------------------------------
 
 @dataclass(frozen=True)
 class Calibration:
     """Per-band offsets of a real set relative to the simulation, with 1σ statistical errors [B].
 
-    The real set is modelled as F_real = F e^{a_b}, σ_real = σ e^{a_b + e_b}: a zero-point error a_b
-    scales flux and error alike, e_b mis-states the errors. :meth:`apply` removes them.
+    The real set is modelled as F_real = F e^{a_b}, σ_real = σ e^{a_b + e_b}: a zero-point error
+    a_b scales flux and error alike, e_b mis-states the errors. :meth:`apply` removes them.
     """
 
     flux_offsets: np.ndarray
@@ -282,13 +307,21 @@ class Calibration:
 
     def to_dict(self) -> dict:
         """The offsets and their 1σ errors as plain lists (for JSON reports)."""
-        return {"flux_offsets": self.flux_offsets.tolist(), "error_offsets": self.error_offsets.tolist(),
-                "flux_errors": self.flux_errors.tolist(), "error_errors": self.error_errors.tolist(),
-                "nll_before": self.nll_before, "nll_after": self.nll_after, "success": self.success}
+        return {
+            "flux_offsets": self.flux_offsets.tolist(),
+            "error_offsets": self.error_offsets.tolist(),
+            "flux_errors": self.flux_errors.tolist(),
+            "error_errors": self.error_errors.tolist(),
+            "nll_before": self.nll_before,
+            "nll_after": self.nll_after,
+            "success": self.success,
+        }
 
 
 def apply_offsets(inputs: Any, flux_offsets: Any, error_offsets: Any) -> np.ndarray:
-    """Inputs [N, 20] with F_b -> F_b e^{a_b}, σ_b -> σ_b e^{a_b + e_b} (offsets [B] in ln units)."""
+    """Inputs [N, 20] with F_b -> F_b e^{a_b}, σ_b -> σ_b e^{a_b + e_b} (offsets [B] in ln
+    units).
+    """
     x = validation.finite_matrix(inputs, "inputs", N_INPUTS, "[N, 20] (10 fluxes, 10 errors)")
     a = np.asarray(flux_offsets, np.float64).reshape(N_BANDS)
     e = np.asarray(error_offsets, np.float64).reshape(N_BANDS)
@@ -304,9 +337,10 @@ def calibrate(model: Any, z: Any, inputs: Any, softening: Sequence[float] | None
         (â, ê) = argmin_{|a|, |e| <= bound}  -Σ_n ln p(z_n | labels(F_n e^{-a}, σ_n e^{-a-e})),
 
     with labels = :func:`features` (``softening`` given) or the raw inputs (None). L-BFGS-B (scipy,
-    bounded) with TensorFlow gradients; the 1σ errors are sqrt(diag H⁻¹) of the Hessian of the summed
-    negative log-likelihood at the optimum (Fisher information). ``fix_band``'s flux offset is held at
-    0 (a common zero-point shift is nearly degenerate with the amplitude prior); None fits all bands.
+    bounded) with TensorFlow gradients; the 1σ errors are sqrt(diag H⁻¹) of the Hessian of the
+    summed negative log-likelihood at the optimum (Fisher information). ``fix_band``'s flux offset
+    is held at 0 (a common zero-point shift is nearly degenerate with the amplitude prior); None
+    fits all bands.
     """
     import tensorflow as tf
     from scipy.optimize import minimize
@@ -314,7 +348,9 @@ def calibrate(model: Any, z: Any, inputs: Any, softening: Sequence[float] | None
     x = validation.finite_matrix(inputs, "inputs", N_INPUTS, "[N, 20] (10 fluxes, 10 errors)")
     zz = np.asarray(z, np.float32).reshape(-1, 1)
     if zz.shape[0] != x.shape[0]:
-        raise InputError(f"z has {zz.shape[0]} entries; expected one per row of inputs ({x.shape[0]})")
+        raise InputError(
+            f"z has {zz.shape[0]} entries; expected one per row of inputs ({x.shape[0]})"
+        )
     free = np.ones(2 * N_BANDS, bool)
     if fix_band is not None:
         free[validation.integer(fix_band, "fix_band", low=0, high=N_BANDS - 1)] = False
@@ -355,8 +391,14 @@ def calibrate(model: Any, z: Any, inputs: Any, softening: Sequence[float] | None
 
     theta0 = np.zeros(int(free.sum()))
     before = fun(theta0)[0]
-    res = minimize(fun, theta0, jac=True, method="L-BFGS-B", bounds=[(-bound, bound)] * theta0.size,
-                   options={"maxiter": 500})
+    res = minimize(
+        fun,
+        theta0,
+        jac=True,
+        method="L-BFGS-B",
+        bounds=[(-bound, bound)] * theta0.size,
+        options={"maxiter": 500},
+    )
     h = np.asarray(hessian(tf.constant(res.x, tf.float32)), np.float64)
     cov = np.linalg.pinv(0.5 * (h + h.T))
     full, err = np.zeros(2 * N_BANDS), np.zeros(2 * N_BANDS)

@@ -1,11 +1,13 @@
-"""1-D posteriors on a grid: densities for many objects at once, point estimates, PIT, HPD, metrics.
+"""1-D posteriors on a grid: densities for many objects at once, point estimates, PIT, HPD,
+metrics.
 
-For a conditional density p(z | x) (a trained 1-D flow, an ensemble, any :class:`~tfgalflow.density.
-Density` with dim = 1) and N objects x_n, :func:`posterior_grid` evaluates p(z_g | x_n) on a grid
-z_1 < ... < z_G and normalises each row by the trapezoid rule on that grid. From the rows:
+For a conditional density p(z | x) (a trained 1-D flow, an ensemble, any
+:class:`~tfgalflow.density.Density` with dim = 1) and N objects x_n, :func:`posterior_grid`
+evaluates p(z_g | x_n) on a grid z_1 < ... < z_G and normalises each row by the trapezoid rule on
+that grid. From the rows:
 
     MAP = argmax_g p_ng,   mean = ∫ z p dz,   CDF(z) = ∫_{z_1}^{z} p dz'  (trapezoid),
-    quantile q = CDF^{-1}(q),   PIT_n = CDF_n(z_true,n)  (uniform if the posteriors are calibrated),
+    quantile q = CDF^{-1}(q),  PIT_n = CDF_n(z_true,n)  (uniform if the posteriors are calibrated),
     HPD level_n = ∫ p 1[p > p(z_true,n)] dz  (the truth is inside the α-HPD region iff level <= α),
 
 and the photo-z point metrics of Δz = z_est - z_true (Ilbert et al. 2006; Hildebrandt et al. 2010):
@@ -32,7 +34,9 @@ NMAD_FACTOR = 1.48
 
 
 def parse_grid(text: str) -> np.ndarray:
-    """'start:stop:step' -> the grid [G] from start to stop inclusive (e.g. '0:3:0.005', G = 601)."""
+    """'start:stop:step' -> the grid [G] from start to stop inclusive (e.g. '0:3:0.005',
+    G = 601).
+    """
     try:
         start, stop, step = (float(v) for v in str(text).split(":"))
     except ValueError:
@@ -49,7 +53,9 @@ def check_grid(grid: Any) -> np.ndarray:
     """``grid`` as an increasing finite float64 array [G], G >= 2 (InputError otherwise)."""
     g = np.asarray(grid, np.float64)
     if g.ndim != 1 or g.size < 2 or not np.all(np.isfinite(g)) or not np.all(np.diff(g) > 0):
-        raise InputError(f"grid has shape {list(g.shape)}; expected [G] increasing finite values, G >= 2")
+        raise InputError(
+            f"grid has shape {list(g.shape)}; expected [G] increasing finite values, G >= 2"
+        )
     return g
 
 
@@ -62,7 +68,8 @@ def _progress(total: int, enabled: bool) -> Any:
 
 def log_posterior_grid(model: Any, labels: Any, grid: Any, max_elements: int = 2 ** 21,
                        progress: bool = False) -> np.ndarray:
-    """log p(z_g | labels_n) [N, G] (float64, unnormalised on the grid: exactly the model's log-density).
+    """log p(z_g | labels_n) [N, G] (float64, unnormalised on the grid: exactly the model's
+    log-density).
 
     Args:
         model: a 1-D conditional density (Flow, Ensemble, ExportedModel, ...), dim = 1.
@@ -75,7 +82,9 @@ def log_posterior_grid(model: Any, labels: Any, grid: Any, max_elements: int = 2
     object; any other density gets the N·G pairs (z_g, labels_n) in chunks.
     """
     if getattr(model, "dim", None) != 1:
-        raise InputError(f"posterior_grid needs a model of dimension 1, got dim = {getattr(model, 'dim', None)}")
+        raise InputError(
+            f"posterior_grid needs a model of dimension 1, got dim = {getattr(model, 'dim', None)}"
+        )
     c = validation.finite_matrix(labels, "labels", model.label_dim, dtype=np.float32)
     g = check_grid(grid)
     max_elements = validation.integer(max_elements, "max_elements")
@@ -95,7 +104,9 @@ def log_posterior_grid(model: Any, labels: Any, grid: Any, max_elements: int = 2
             lp = fn(chunk).numpy()
         else:
             x = np.tile(g.astype(np.float32), chunk.shape[0])[:, None]
-            lp = np.asarray(model.log_prob(x, np.repeat(chunk, g.size, axis=0))).reshape(-1, g.size)
+            lp = np.asarray(model.log_prob(x, np.repeat(chunk, g.size, axis=0))).reshape(
+                -1, g.size
+            )
         out[start:start + rows] = lp
         if bar is not None:
             bar.update(min(start + rows, n))
@@ -108,14 +119,17 @@ def normalise(log_density: Any, grid: Any) -> np.ndarray:
     lp = np.asarray(log_density, np.float64)
     m = np.max(lp, axis=1, keepdims=True)
     if not np.all(np.isfinite(m)):
-        raise InputError("log_density: a row is -inf (or NaN) everywhere on the grid; cannot normalise")
+        raise InputError(
+            "log_density: a row is -inf (or NaN) everywhere on the grid; cannot normalise"
+        )
     p = np.exp(lp - m)
     return p / np.trapezoid(p, g, axis=1)[:, None]
 
 
 def posterior_grid(model: Any, labels: Any, grid: Any, max_elements: int = 2 ** 21,
                    progress: bool = False) -> np.ndarray:
-    """p(z_g | labels_n) [N, G], each row normalised on the grid (trapezoid); see :func:`log_posterior_grid`.
+    """p(z_g | labels_n) [N, G], each row normalised on the grid (trapezoid); see
+    :func:`log_posterior_grid`.
 
     Example::
 
@@ -126,7 +140,7 @@ def posterior_grid(model: Any, labels: Any, grid: Any, max_elements: int = 2 ** 
     return normalise(log_posterior_grid(model, labels, grid, max_elements, progress), grid)
 
 
-# ---- summaries of posterior rows -----------------------------------------------------------------
+# ---- summaries of posterior rows ----------------------------------------------------------------
 
 def cdf(post: np.ndarray, grid: Any) -> np.ndarray:
     """Cumulative trapezoid integral [N, G] of rows [N, G] (0 at grid[0])."""
@@ -154,7 +168,9 @@ def cdf_at(post: np.ndarray, grid: Any, values: Any) -> np.ndarray:
     g = check_grid(grid)
     v = np.asarray(values, np.float64).reshape(-1)
     if v.size != post.shape[0]:
-        raise InputError(f"values has {v.size} entries; expected one per posterior row ({post.shape[0]})")
+        raise InputError(
+            f"values has {v.size} entries; expected one per posterior row ({post.shape[0]})"
+        )
     c = cdf(post, g)
     i = np.clip(np.searchsorted(g, v, side="right") - 1, 0, g.size - 2)
     rows = np.arange(v.size)
@@ -166,7 +182,9 @@ def cdf_at(post: np.ndarray, grid: Any, values: Any) -> np.ndarray:
 
 
 def pit(post: np.ndarray, grid: Any, truth: Any) -> np.ndarray:
-    """Probability integral transform CDF_n(z_true,n) [N] (uniform on [0, 1] for calibrated posteriors)."""
+    """Probability integral transform CDF_n(z_true,n) [N] (uniform on [0, 1] for calibrated
+    posteriors).
+    """
     return cdf_at(post, grid, truth)
 
 
@@ -186,7 +204,9 @@ def quantiles(post: np.ndarray, grid: Any, q: Sequence[float]) -> np.ndarray:
 
 
 def hpd_threshold(post: np.ndarray, grid: Any, mass: float = 0.68) -> np.ndarray:
-    """Density level λ_n [N] whose region {p > λ} holds ``mass`` (the α-HPD region; may be disjoint)."""
+    """Density level λ_n [N] whose region {p > λ} holds ``mass`` (the α-HPD region; may be
+    disjoint).
+    """
     g = check_grid(grid)
     weights = post * np.gradient(g)                     # quadrature weights of the grid points
     order = np.argsort(-post, axis=1)
@@ -197,7 +217,9 @@ def hpd_threshold(post: np.ndarray, grid: Any, mass: float = 0.68) -> np.ndarray
 
 
 def hpd_interval(post: np.ndarray, grid: Any, mass: float = 0.68) -> np.ndarray:
-    """[N, 2] lowest and highest z of the α-HPD region (its span; the region itself may be disjoint)."""
+    """[N, 2] lowest and highest z of the α-HPD region (its span; the region itself may be
+    disjoint).
+    """
     g = check_grid(grid)
     inside = post >= hpd_threshold(post, g, mass)[:, None]
     lo = g[np.argmax(inside, axis=1)]
@@ -221,15 +243,19 @@ def hpd_level(post: np.ndarray, grid: Any, truth: Any) -> np.ndarray:
 
 
 def kl_divergence(p: np.ndarray, q: np.ndarray, grid: Any, floor: float = 1e-30) -> np.ndarray:
-    """KL(p ‖ q) = ∫ p ln(p / q) dz [N] (nats) by the trapezoid rule, rows normalised on the grid."""
+    """KL(p ‖ q) = ∫ p ln(p / q) dz [N] (nats) by the trapezoid rule, rows normalised on the
+    grid.
+    """
     g = check_grid(grid)
-    integrand = np.where(p > 0, p * (np.log(np.maximum(p, floor)) - np.log(np.maximum(q, floor))), 0.0)
+    integrand = np.where(
+        p > 0, p * (np.log(np.maximum(p, floor)) - np.log(np.maximum(q, floor))), 0.0
+    )
     return np.trapezoid(integrand, g, axis=1)
 
 
 def summarize(post: np.ndarray, grid: Any, truth: Any = None, hpd_mass: float = 0.68) -> dict:
-    """Per-object summaries {name: [N] array}: map, mean, median, q16, q84, hpd_lo, hpd_hi (+ pit and
-    hpd_level when ``truth`` [N] is given).
+    """Per-object summaries {name: [N] array}: map, mean, median, q16, q84, hpd_lo, hpd_hi (+ pit
+    and hpd_level when ``truth`` [N] is given).
     """
     g = check_grid(grid)
     q = quantiles(post, g, [0.16, 0.5, 0.84])
@@ -242,26 +268,34 @@ def summarize(post: np.ndarray, grid: Any, truth: Any = None, hpd_mass: float = 
     return out
 
 
-# ---- point-estimate metrics ------------------------------------------------------------------------
+# ---- point-estimate metrics ---------------------------------------------------------------------
 
 def point_metrics(z_est: Any, z_true: Any, outlier: float = OUTLIER_THRESHOLD) -> dict:
-    """σ_NMAD, outlier fraction η, bias = median(Δz/(1+z)) and N of estimates against truths [N]."""
+    """σ_NMAD, outlier fraction η, bias = median(Δz/(1+z)) and N of estimates against truths
+    [N].
+    """
     est = np.asarray(z_est, np.float64).reshape(-1)
     true = np.asarray(z_true, np.float64).reshape(-1)
     if est.size != true.size:
-        raise InputError(f"z_est has {est.size} entries and z_true {true.size}; expected the same N")
+        raise InputError(
+            f"z_est has {est.size} entries and z_true {true.size}; expected the same N"
+        )
     if est.size == 0:
         return {"n": 0, "sigma_nmad": math.nan, "eta": math.nan, "bias": math.nan}
     dz = est - true
     scaled = dz / (1.0 + true)
-    return {"n": int(est.size),
-            "sigma_nmad": float(NMAD_FACTOR * np.median(np.abs(dz - np.median(dz)) / (1.0 + true))),
-            "eta": float(np.mean(np.abs(scaled) > outlier)),
-            "bias": float(np.median(scaled))}
+    return {
+        "n": int(est.size),
+        "sigma_nmad": float(NMAD_FACTOR * np.median(np.abs(dz - np.median(dz)) / (1.0 + true))),
+        "eta": float(np.mean(np.abs(scaled) > outlier)),
+        "bias": float(np.median(scaled)),
+    }
 
 
 def metrics_by_bin(z_est: Any, z_true: Any, edges: Sequence[float]) -> list[dict]:
-    """:func:`point_metrics` in bins of z_true [edges_k, edges_k+1), each with its 'lo' and 'hi'."""
+    """:func:`point_metrics` in bins of z_true [edges_k, edges_k+1), each with its 'lo' and
+    'hi'.
+    """
     true = np.asarray(z_true, np.float64).reshape(-1)
     est = np.asarray(z_est, np.float64).reshape(-1)
     out = []
@@ -280,8 +314,9 @@ def pit_ks(pit_values: Any) -> float:
 
 def is_bimodal(post: np.ndarray, grid: Any, separation: float = 0.3, min_mass: float = 0.1,
                dip: float = 0.5) -> np.ndarray:
-    """[N] bool: a row has two peaks with |Δz|/(1+z_peak) >= ``separation``, the density between them
-    dipping below ``dip`` × the lower peak, and >= ``min_mass`` of probability on each side of the dip.
+    """[N] bool: a row has two peaks with |Δz|/(1+z_peak) >= ``separation``, the density between
+    them dipping below ``dip`` × the lower peak, and >= ``min_mass`` of probability on each side of
+    the dip.
 
     Vectorised over rows: the main peak is the MAP; the second is the highest grid point at least
     ``separation`` (1 + z_MAP) away that is a local maximum.
@@ -298,18 +333,26 @@ def is_bimodal(post: np.ndarray, grid: Any, separation: float = 0.3, min_mass: f
     j = np.argmax(candidates, axis=1)
     has = candidates[rows, j] > 0
     lo, hi = np.minimum(i_map, j), np.maximum(i_map, j)
-    between = (np.arange(g.size)[None, :] >= lo[:, None]) & (np.arange(g.size)[None, :] <= hi[:, None])
+    between = (np.arange(g.size)[None, :] >= lo[:, None]) & (
+        np.arange(g.size)[None, :] <= hi[:, None]
+    )
     valley = np.argmin(np.where(between, post, np.inf), axis=1)
     c = cdf(post, g)
     mass_below = c[rows, valley] / c[:, -1]
     second = np.minimum(post[rows, i_map], post[rows, j])
-    return has & (post[rows, valley] < dip * second) & (np.minimum(mass_below, 1 - mass_below) >= min_mass)
+    return (
+        has
+        & (post[rows, valley] < dip * second)
+        & (np.minimum(mass_below, 1 - mass_below) >= min_mass)
+    )
 
 
-# ---- files ----------------------------------------------------------------------------------------
+# ---- files --------------------------------------------------------------------------------------
 
 def read_inputs(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
-    """(labels [N, C], truth [N] | None) from an HDF5 file with datasets 'labels' and optional 'z'."""
+    """(labels [N, C], truth [N] | None) from an HDF5 file with datasets 'labels' and optional
+    'z'.
+    """
     import h5py
     try:
         with h5py.File(path, "r") as f:
@@ -327,7 +370,9 @@ def read_inputs(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]
 
 
 def write_inputs(path: str | os.PathLike, labels: Any, truth: Any = None) -> None:
-    """Write 'labels' [N, C] (and 'z' [N]) to an HDF5 file atomically (the format of :func:`read_inputs`)."""
+    """Write 'labels' [N, C] (and 'z' [N]) to an HDF5 file atomically (the format of
+    :func:`read_inputs`).
+    """
     import h5py
     with atomic_file(path, suffix=".h5") as tmp:
         with h5py.File(tmp, "w") as f:
@@ -357,8 +402,8 @@ def write_posteriors(path: str | os.PathLike, grid: Any, post: np.ndarray, summa
 
 def posterior_file(model: Any, inputs_path: str | os.PathLike, grid: Any, out: str | os.PathLike,
                    progress: bool = False, edges: Sequence[float] | None = None) -> dict:
-    """Posteriors of every row of an inputs file, summaries (+ PIT and metrics if it has truths 'z'),
-    written to ``out`` (HDF5, atomic). Returns the metrics dict (empty without truths).
+    """Posteriors of every row of an inputs file, summaries (+ PIT and metrics if it has truths
+    'z'), written to ``out`` (HDF5, atomic). Returns the metrics dict (empty without truths).
     """
     labels, truth = read_inputs(inputs_path)
     g = check_grid(grid)
@@ -366,20 +411,25 @@ def posterior_file(model: Any, inputs_path: str | os.PathLike, grid: Any, out: s
     summary = summarize(post, g, truth)
     metrics = {}
     if truth is not None:
-        metrics = overall_metrics(summary, truth, edges if edges is not None else np.linspace(g[0], g[-1], 7))
+        metrics = overall_metrics(
+            summary, truth, edges if edges is not None else np.linspace(g[0], g[-1], 7)
+        )
     write_posteriors(out, g, post, summary, metrics)
     return metrics
 
 
 def overall_metrics(summary: dict, truth: Any, edges: Sequence[float]) -> dict:
     """MAP metrics overall and per bin, PIT KS distance, 68 % / 95 % HPD coverage."""
-    return {"map": point_metrics(summary["map"], truth), "map_by_bin": metrics_by_bin(summary["map"], truth, edges),
-            "pit_ks": pit_ks(summary["pit"]),
-            "hpd68_coverage": float(np.mean(summary["hpd_level"] <= 0.68)),
-            "hpd95_coverage": float(np.mean(summary["hpd_level"] <= 0.95))}
+    return {
+        "map": point_metrics(summary["map"], truth),
+        "map_by_bin": metrics_by_bin(summary["map"], truth, edges),
+        "pit_ks": pit_ks(summary["pit"]),
+        "hpd68_coverage": float(np.mean(summary["hpd_level"] <= 0.68)),
+        "hpd95_coverage": float(np.mean(summary["hpd_level"] <= 0.95)),
+    }
 
 
-# ---- figures --------------------------------------------------------------------------------------
+# ---- figures ------------------------------------------------------------------------------------
 
 def plot_map_vs_true(path: str | os.PathLike, z_true: Any, z_map: Any, z_max: float = 3.0,
                      title: str = "") -> None:
@@ -388,8 +438,15 @@ def plot_map_vs_true(path: str | os.PathLike, z_true: Any, z_map: Any, z_max: fl
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.hist2d(np.asarray(z_true), np.asarray(z_map), bins=120, range=[[0, z_max], [0, z_max]], cmin=1,
-              cmap="viridis", norm=matplotlib.colors.LogNorm())
+    ax.hist2d(
+        np.asarray(z_true),
+        np.asarray(z_map),
+        bins=120,
+        range=[[0, z_max], [0, z_max]],
+        cmin=1,
+        cmap="viridis",
+        norm=matplotlib.colors.LogNorm(),
+    )
     t = np.linspace(0, z_max, 10)
     ax.plot(t, t, "k-", lw=0.6)
     for s in (1, -1):
@@ -418,8 +475,12 @@ def plot_pit(path: str | os.PathLike, pits: dict, bins: int = 40) -> None:
     plt.close(fig)
 
 
-def plot_posteriors(path: str | os.PathLike, grid: Any, curves: dict, truth: Any, ncols: int = 4) -> None:
-    """Panels of a few posteriors: curves {label: [k, G]} drawn together, the truth [k] as a line."""
+def plot_posteriors(
+    path: str | os.PathLike, grid: Any, curves: dict, truth: Any, ncols: int = 4
+) -> None:
+    """Panels of a few posteriors: curves {label: [k, G]} drawn together, the truth [k] as a
+    line.
+    """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

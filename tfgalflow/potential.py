@@ -1,12 +1,13 @@
-"""A potential network Φ_θ(x | c) fitted to the collisionless Boltzmann equation of a phase-space DF.
+"""A potential network Φ_θ(x | c) fitted to the collisionless Boltzmann equation of a phase-space
+DF.
 
 A steady-state DF f(x, v) in a potential Φ obeys, at every phase-space point (dividing by f),
 
     v · ∇_x log f − ∇Φ · ∇_v log f = 0.
 
-Instead of solving for a(x) position by position (:mod:`tfgalflow.cbe`), :func:`fit_potential` fits one
-smooth network Φ_θ(x) over the whole volume, with no symmetry assumed (Green, Ting & Kamdar 2023,
-ApJ 942, 26, "Deep Potential"). Then
+Instead of solving for a(x) position by position (:mod:`tfgalflow.cbe`), :func:`fit_potential` fits
+one smooth network Φ_θ(x) over the whole volume, with no symmetry assumed (Green, Ting & Kamdar
+2023, ApJ 942, 26, "Deep Potential"). Then
 
     a(x) = −∇Φ_θ(x)                (curl-free by construction: the Jacobian ∂a_i/∂x_j is symmetric)
     ρ(x) = ∇²Φ_θ(x) / (4π G)       (Laplacian by nested GradientTapes)
@@ -21,14 +22,16 @@ The fit, step by step:
    residual R_n / s_n = v̂ · (a − a_θ) / |a| is a *relative* acceleration error at every radius;
 3. loss = ⟨ρ(R_n / (δ s_n))⟩ + λ ⟨asinh(max(−∇²Φ, 0) / L_0)⟩ with the robust norm
    ρ(z) = z asinh z (quadratic for |z| << 1, |z| log|z| growth: convex, smooth, robust to the
-   points where the learned DF is poor), δ = ``robust_scale``, L_0 = Φ_0 / ℓ² and λ = ``laplacian_weight``
-   (the penalty pushes towards ρ >= 0; it is zero for any physical potential);
+   points where the learned DF is poor), δ = ``robust_scale``, L_0 = Φ_0 / ℓ² and
+   λ = ``laplacian_weight`` (the penalty pushes towards ρ >= 0; it is zero for any physical
+   potential);
 4. Adam with a cosine-decayed learning rate, early stopping on a held-out fraction of the points
    (best weights restored).
 
 Network. Positions are centred on the median of the training positions and compressed radially,
 
-    u = x̃ asinh(|x̃|) / |x̃|,   x̃ = (x − centre) / ℓ,   ℓ = ``length_scale`` (default: median |x − centre|),
+    u = x̃ asinh(|x̃|) / |x̃|,   x̃ = (x − centre) / ℓ,
+    ℓ = ``length_scale`` (default: median |x − centre|),
 
 (smooth at x̃ = 0; linear inside ℓ, logarithmic beyond, so one MLP spans decades in radius), then
 an MLP with a smooth activation (softplus, tanh, swish, sigmoid: ∇²Φ must exist) maps (u, labels
@@ -37,7 +40,8 @@ rescaled) to a scalar N. The potential is Φ_θ(x) = Φ_0 [N(u(x)) − N(u(x_ref
 * **gauge**: Φ_θ(x_ref) = 0 exactly, x_ref = ``reference`` (default: the centre). The data fix only
   ∇Φ; the constant is a choice, and "Φ → 0 far out" would need an extrapolation beyond the data
   that the CBE does not constrain. Compare potentials as Φ(x) − Φ(x_ref);
-* Φ_0 = ``output_scale`` x mean |v|² of the training points (the virial scale of |Φ|); the DF's ``scale_hint`` is not
+* Φ_0 = ``output_scale`` x mean |v|² of the training points (the virial scale of |Φ|); the DF's
+``scale_hint`` is not
   used (its position part is the flow's rescaler, too wide for the compression);
 * Φ_ext: an optional known external potential (a TF-traceable callable x [N, 3] -> [N]) held
   fixed: the network fits the rest. It enters the SavedModel graph as traced ops.
@@ -84,11 +88,12 @@ METADATA_VARIABLE = "tfgalflow_metadata"
 ROWS_PER_CHUNK = 4096
 
 
-# ---- configuration -------------------------------------------------------------------------------
+# ---- configuration ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class PotentialConfig:
-    """Settings of :func:`fit_potential` (all JSON-serialisable; stored in the potential's config.json).
+    """Settings of :func:`fit_potential` (all JSON-serialisable; stored in the potential's
+    config.json).
 
     Attributes:
         hidden: widths of the MLP's hidden layers.
@@ -130,7 +135,9 @@ class PotentialConfig:
     def __post_init__(self) -> None:
         hidden = tuple(self.hidden)
         if not hidden:
-            raise InputError("PotentialConfig.hidden = (): expected at least one hidden layer width")
+            raise InputError(
+                "PotentialConfig.hidden = (): expected at least one hidden layer width"
+            )
         for width in hidden:
             integer(width, "PotentialConfig.hidden entry")
         object.__setattr__(self, "hidden", hidden)
@@ -165,7 +172,9 @@ class PotentialConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise InputError(f"unknown PotentialConfig key(s) {unknown}; expected some of {sorted(known)}")
+            raise InputError(
+                f"unknown PotentialConfig key(s) {unknown}; expected some of {sorted(known)}"
+            )
         d = dict(d)
         if "hidden" in d:
             d["hidden"] = tuple(d["hidden"])
@@ -178,7 +187,7 @@ class PotentialConfig:
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 
-# ---- the network ---------------------------------------------------------------------------------
+# ---- the network --------------------------------------------------------------------------------
 
 def compress(x_tilde: tf.Tensor) -> tf.Tensor:
     """u = x̃ asinh(|x̃|) / |x̃| [N, 3]: identity near 0, logarithmic in radius beyond 1 (smooth).
@@ -204,13 +213,15 @@ def _mlp(hidden: tuple[int, ...], activation: str, input_dim: int, seed: int) ->
 
 
 class PotentialModel(tf.Module):
-    """The fitted potential Φ(x | c) with its derivatives: potential, acceleration, density, support.
+    """The fitted potential Φ(x | c) with its derivatives: potential, acceleration, density,
+    support.
 
-    Built by :func:`fit_potential` or :func:`load_potential`. Public methods take x [N, 3] (and labels
-    [N, C] for a conditional potential), validate them (InputError for a wrong shape, NaN or inf),
-    run in one traced graph per method (free batch dimension) and return NumPy arrays:
+    Built by :func:`fit_potential` or :func:`load_potential`. Public methods take x [N, 3] (and
+    labels [N, C] for a conditional potential), validate them (InputError for a wrong shape, NaN or
+    inf), run in one traced graph per method (free batch dimension) and return NumPy arrays:
 
-    * :meth:`potential` Φ [N], :meth:`acceleration` a = −∇Φ [N, 3], :meth:`density` ρ = ∇²Φ/4πG [N],
+    * :meth:`potential` Φ [N], :meth:`acceleration` a = −∇Φ [N, 3], :meth:`density` ρ = ∇²Φ/4πG
+    [N],
       :meth:`supported` [N] bool, :meth:`evaluate` all four at once.
 
     Attributes: ``config`` (:class:`PotentialConfig`), ``label_dim``, ``constants`` (centre, length
@@ -239,7 +250,7 @@ class PotentialModel(tf.Module):
         self.network = _mlp(config.hidden, config.activation, 3 + self.label_dim, config.seed)
         self.__dict__["_functions"] = None
 
-    # -- the maths as TF ops -----------------------------------------------------------------------
+    # -- the maths as TF ops ----------------------------------------------------------------------
     def _features(self, x: tf.Tensor, labels: tf.Tensor | None) -> tf.Tensor:
         u = compress((x - self.centre) / self.length_scale)
         if self.label_dim:
@@ -275,9 +286,14 @@ class PotentialModel(tf.Module):
             parts = [grad[:, i] for i in range(3)] if laplacian else []
         out = {"potential": phi, "gradient": grad}
         if laplacian:
-            out["laplacian"] = tf.add_n([
-                outer.gradient(parts[i], x, unconnected_gradients=tf.UnconnectedGradients.ZERO)[:, i]
-                for i in range(3)])
+            out["laplacian"] = tf.add_n(
+                [
+                    outer.gradient(
+                        parts[i], x, unconnected_gradients=tf.UnconnectedGradients.ZERO
+                    )[:, i]
+                    for i in range(3)
+                ]
+            )
         del outer
         return out
 
@@ -297,23 +313,31 @@ class PotentialModel(tf.Module):
 
         def count(block):
             d2 = (tf.reduce_sum(tf.square(block), 1, keepdims=True) + p2[None, :]
-                  - 2.0 * tf.matmul(block, p, transpose_b=True))                      # [chunk, S]
-            h = cfg.support_radius * (tf.norm(block - self.centre, axis=1) + 0.1 * self.length_scale)
+                  - 2.0 * tf.matmul(block, p, transpose_b=True))  # [chunk, S]
+            h = cfg.support_radius * (
+                tf.norm(block - self.centre, axis=1) + 0.1 * self.length_scale
+            )
             return tf.reduce_sum(tf.cast(d2 < tf.square(h)[:, None], tf.int32), axis=1)
 
         counts = tf.reshape(tf.map_fn(count, blocks, fn_output_signature=tf.int32), [-1])[:n]
         return counts >= k
 
-    def outputs_tensor(self, x: tf.Tensor, labels: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
-        """Every output as TF ops: potential [N], acceleration [N, 3], density [N], supported [N]."""
+    def outputs_tensor(
+        self, x: tf.Tensor, labels: tf.Tensor | None = None
+    ) -> dict[str, tf.Tensor]:
+        """Every output as TF ops: potential [N], acceleration [N, 3], density [N], supported
+        [N].
+        """
         d = self.derivatives_tensor(x, labels)
         return {"potential": d["potential"], "acceleration": -d["gradient"],
                 "density": d["laplacian"] / (4.0 * math.pi * self.config.G),
                 "supported": self.supported_tensor(x)}
 
-    # -- validated public methods -------------------------------------------------------------------
+    # -- validated public methods -----------------------------------------------------------------
     def check_inputs(self, x: Any, labels: Any = None) -> tuple[tf.Tensor, tf.Tensor | None]:
-        """x [N, 3] (and labels [N, C] for a conditional potential) as float32; InputError otherwise."""
+        """x [N, 3] (and labels [N, C] for a conditional potential) as float32; InputError
+        otherwise.
+        """
         from .density import validate_inputs
         return validate_inputs(x, labels, 3, self.label_dim, "potential")
 
@@ -369,22 +393,30 @@ class PotentialModel(tf.Module):
         return np.concatenate([fn(x[s:s + ROWS_PER_CHUNK]).numpy()
                                for s in range(0, int(x.shape[0]), ROWS_PER_CHUNK)])
 
-    # -- files ---------------------------------------------------------------------------------------
+    # -- files ------------------------------------------------------------------------------------
     def metadata(self) -> dict:
         """What config.json and the SavedModel's metadata record."""
-        return {"format": POTENTIAL_FORMAT, "format_version": POTENTIAL_FORMAT_VERSION,
-                "tfgalflow_version": __version__, "config": self.config.to_dict(),
-                "label_dim": self.label_dim, "external": self.external_name,
-                "constants": {k: v.tolist() for k, v in self.constants.items()
-                              if k != "support_positions"},
-                "support_positions": int(self.constants["support_positions"].shape[0]),
-                "signatures": list(POTENTIAL_SIGNATURES),
-                "units": "Phi: velocity^2; acceleration: velocity^2/length; density: mass/length^3 "
-                         "(G as in config)",
-                # tf.Module wraps dict/list attributes for tracking: plain copies for JSON
-                "history": {str(k): [float(x) for x in v] for k, v in self.history.items()}}
+        return {
+            "format": POTENTIAL_FORMAT,
+            "format_version": POTENTIAL_FORMAT_VERSION,
+            "tfgalflow_version": __version__,
+            "config": self.config.to_dict(),
+            "label_dim": self.label_dim,
+            "external": self.external_name,
+            "constants": {
+                k: v.tolist() for k, v in self.constants.items() if k != "support_positions"
+            },
+            "support_positions": int(self.constants["support_positions"].shape[0]),
+            "signatures": list(POTENTIAL_SIGNATURES),
+            "units": "Phi: velocity^2; acceleration: velocity^2/length; density: mass/length^3 "
+            "(G as in config)",
+            # tf.Module wraps dict/list attributes for tracking: plain copies for JSON
+            "history": {str(k): [float(x) for x in v] for k, v in self.history.items()},
+        }
 
-    def save(self, path: str | os.PathLike, *, export: bool = True, overwrite: bool = False) -> Path:
+    def save(
+        self, path: str | os.PathLike, *, export: bool = True, overwrite: bool = False
+    ) -> Path:
         """Write the potential directory atomically: config.json, weights.npz (network weights and
         constants) and, with ``export``, the SavedModel in ``savedmodel/`` (see :meth:`export`).
         """
@@ -462,7 +494,7 @@ def validate_inputs_positions(x: Any) -> tuple[tf.Tensor, None]:
     return t, None
 
 
-# ---- field files -----------------------------------------------------------------------------------
+# ---- field files --------------------------------------------------------------------------------
 
 #: File types :func:`save_field` writes.
 FIELD_SUFFIXES = (".npz", ".csv")
@@ -502,13 +534,14 @@ def save_field(path: str | os.PathLike, positions: Any, outputs: dict) -> None:
                      f"{'' if ok else 'no_support'}\n")
 
 
-# ---- loading -------------------------------------------------------------------------------------
+# ---- loading ------------------------------------------------------------------------------------
 
 class ExportedPotential:
     """A potential SavedModel loaded with plain TensorFlow: the same methods as PotentialModel.
 
-    ``potential``, ``acceleration``, ``density``, ``evaluate``, ``supported`` take x [N, 3] (and labels
-    [N, C] if conditional), validate them and return NumPy arrays from the exported signatures.
+    ``potential``, ``acceleration``, ``density``, ``evaluate``, ``supported`` take x [N, 3] (and
+    labels [N, C] if conditional), validate them and return NumPy arrays from the exported
+    signatures.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -556,7 +589,9 @@ class ExportedPotential:
         return self._run("density", x, labels)["density"]
 
     def supported(self, x: Any, labels: Any = None) -> np.ndarray:
-        """[N] bool: training data near x (else the outputs are extrapolations, not to be trusted)."""
+        """[N] bool: training data near x (else the outputs are extrapolations, not to be
+        trusted).
+        """
         return self._run("potential", x, labels)["supported"]
 
 
@@ -606,11 +641,15 @@ def load_potential(path: str | os.PathLike,
         raise FileError(f"{path}/config.json: format_version {meta.get('format_version')!r}; this "
                         f"tfgalflow reads {POTENTIAL_FORMAT_VERSION}")
     if meta.get("external") and external is None:
-        raise InputError(f"{path} was fitted with the external potential {meta['external']!r}: pass "
-                         f"it as load_potential(path, external=...) (or load {path}/savedmodel)")
+        raise InputError(
+            f"{path} was fitted with the external potential {meta['external']!r}: pass "
+            f"it as load_potential(path, external=...) (or load {path}/savedmodel)"
+        )
     try:
         with np.load(path / "weights.npz") as z:
-            weights = [z[f"weight_{i}"] for i in range(sum(k.startswith("weight_") for k in z.files))]
+            weights = [
+                z[f"weight_{i}"] for i in range(sum(k.startswith("weight_") for k in z.files))
+            ]
             constants = {k[len("const_"):]: z[k] for k in z.files if k.startswith("const_")}
     except (OSError, ValueError, KeyError) as exc:
         raise FileError(f"{path}/weights.npz: unreadable ({exc})") from None
@@ -621,7 +660,7 @@ def load_potential(path: str | os.PathLike,
     return model
 
 
-# ---- fitting --------------------------------------------------------------------------------------
+# ---- fitting ------------------------------------------------------------------------------------
 
 def robust_norm(z: tf.Tensor) -> tf.Tensor:
     """ρ(z) = z asinh z: ≈ z² for |z| << 1, ≈ |z| ln 2|z| for |z| >> 1 (convex, smooth, even)."""
@@ -697,7 +736,9 @@ class _Trainer(keras.Model):
         cbe = tf.reduce_mean(robust_norm(residual / (cfg.robust_scale * batch["s"])))
         lap_term = tf.constant(0.0)
         if cfg.laplacian_weight > 0:
-            lap = tf.add_n([outer.gradient(parts[i], x)[:, i] for i in range(3)]) + batch["lap_ext"]
+            lap = (
+                tf.add_n([outer.gradient(parts[i], x)[:, i] for i in range(3)]) + batch["lap_ext"]
+            )
             lap_term = cfg.laplacian_weight * tf.reduce_mean(
                 tf.math.asinh(tf.nn.relu(-lap) / self.laplacian_scale))
         del outer
@@ -719,16 +760,18 @@ def fit_potential(df: Density, config: PotentialConfig = PotentialConfig(), *, d
                   labels: Any = None,
                   external: Callable[[tf.Tensor], tf.Tensor] | None = None,
                   external_name: str | None = None, verbose: int = 0) -> PotentialModel:
-    """Fit Φ_θ(x | c) to the CBE of the phase-space DF ``df`` (module docstring: loss, gauge, network).
+    """Fit Φ_θ(x | c) to the CBE of the phase-space DF ``df`` (module docstring: loss, gauge,
+    network).
 
     Args:
-        df: a 6-D :class:`~tfgalflow.density.Density` f(x, v | c): Flow, Ensemble, SphericalAverage,
-            exact DF, loaded SavedModel (gradients by its traced ``grad_log_prob``).
+        df: a 6-D :class:`~tfgalflow.density.Density` f(x, v | c): Flow, Ensemble,
+            SphericalAverage, exact DF, loaded SavedModel (gradients by its traced
+            ``grad_log_prob``).
         config: :class:`PotentialConfig`.
         data: the training points instead of draws from the DF: a Catalogue (pos, vel, labels) or
             w [N, 6] = (x, v) in the DF's units; needed for DFs that cannot sample (exact DFs).
-        labels: [N, C] labels of a conditional DF (the draws are made at these labels; with ``data``,
-            the labels of its rows; a Catalogue's own labels by default).
+        labels: [N, C] labels of a conditional DF (the draws are made at these labels; with
+            ``data``, the labels of its rows; a Catalogue's own labels by default).
         external: fixed external potential Φ_ext(x [N, 3] tensor) -> [N] (TF ops), or None.
         external_name: how config.json names ``external`` (load_potential asks for it back).
         verbose: Keras verbosity (0 quiet, 2 one line per epoch).
@@ -749,8 +792,10 @@ def fit_potential(df: Density, config: PotentialConfig = PotentialConfig(), *, d
         pot.acceleration([[1.0, 0.0, 0.0]])     # ≈ [[-0.25, 0, 0]]
     """
     if not isinstance(df, Density) or df.dim != 6:
-        raise InputError(f"df must be a 6-D phase-space DF (a tfgalflow Density with dim = 6); got "
-                         f"{type(df).__name__}" + (f" with dim = {df.dim}" if hasattr(df, "dim") else ""))
+        raise InputError(
+            f"df must be a 6-D phase-space DF (a tfgalflow Density with dim = 6); got "
+            f"{type(df).__name__}" + (f" with dim = {df.dim}" if hasattr(df, "dim") else "")
+        )
     if not isinstance(config, PotentialConfig):
         raise InputError(f"config must be a PotentialConfig, got {type(config).__name__}")
     if external is not None and not callable(external):
@@ -826,6 +871,18 @@ def fit_potential(df: Density, config: PotentialConfig = PotentialConfig(), *, d
     return model
 
 
-__all__ = ["PotentialConfig", "PotentialModel", "ExportedPotential", "fit_potential",
-           "load_potential", "is_potential_dir", "is_potential", "save_field", "robust_norm", "compress",
-           "df_log_gradients", "ACTIVATIONS", "POTENTIAL_SIGNATURES"]
+__all__ = [
+    "PotentialConfig",
+    "PotentialModel",
+    "ExportedPotential",
+    "fit_potential",
+    "load_potential",
+    "is_potential_dir",
+    "is_potential",
+    "save_field",
+    "robust_norm",
+    "compress",
+    "df_log_gradients",
+    "ACTIVATIONS",
+    "POTENTIAL_SIGNATURES",
+]

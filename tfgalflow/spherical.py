@@ -26,8 +26,10 @@ def phase_space(x: Any, v: Any) -> tuple[np.ndarray, np.ndarray]:
     """(x, v) as finite float64 [N, 3] arrays with the same N, or InputError naming the problem."""
     x, v = finite_matrix(x, "x", 3), finite_matrix(v, "v", 3)
     if x.shape[0] != v.shape[0]:
-        raise InputError(f"x and v must both have shape [N, 3] with the same N, got {list(x.shape)} "
-                         f"and {list(v.shape)}")
+        raise InputError(
+            f"x and v must both have shape [N, 3] with the same N, got {list(x.shape)} "
+            f"and {list(v.shape)}"
+        )
     return x, v
 
 

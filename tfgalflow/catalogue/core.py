@@ -280,7 +280,7 @@ class Catalogue:
 
 
 
-# ---- errors --------------------------------------------------------------------------------------
+# ---- errors -------------------------------------------------------------------------------------
 
 def check_errors(errors: Any, kind: str | None, n: int) -> tuple[np.ndarray | None, str | None]:
     """Validated (errors, error_kind) of a catalogue of ``n`` stars (see :class:`Catalogue`).
@@ -315,13 +315,17 @@ def check_errors(errors: Any, kind: str | None, n: int) -> tuple[np.ndarray | No
     asymmetric = np.nonzero((np.abs(errors - errors.transpose(0, 2, 1)).max(axis=(1, 2))
                              > 1e-10 * scale))[0]
     if asymmetric.size:
-        raise InputError(f"errors (covariance) are not symmetric in {asymmetric.size} row(s), first "
-                         f"rows {asymmetric[:5].tolist()}; expected C = C^T [N, 6, 6]")
+        raise InputError(
+            f"errors (covariance) are not symmetric in {asymmetric.size} row(s), first "
+            f"rows {asymmetric[:5].tolist()}; expected C = C^T [N, 6, 6]"
+        )
     not_psd = np.nonzero(np.linalg.eigvalsh(errors)[:, 0] < -1e-10 * scale)[0]
     if not_psd.size:
-        raise InputError(f"errors (covariance) have negative eigenvalues in {not_psd.size} row(s), "
-                         f"first rows {not_psd[:5].tolist()}; a covariance is positive "
-                         "semi-definite")
+        raise InputError(
+            f"errors (covariance) have negative eigenvalues in {not_psd.size} row(s), "
+            f"first rows {not_psd[:5].tolist()}; a covariance is positive "
+            "semi-definite"
+        )
     return errors, kind
 
 
@@ -339,7 +343,7 @@ def scaled_errors(errors: np.ndarray | None, kind: str | None, fx: float,
 
 
 
-# ---- units ---------------------------------------------------------------------------------------
+# ---- units --------------------------------------------------------------------------------------
 
 def check_units(units: Mapping[str, str] | None) -> dict[str, str]:
     """Validated ``{"length": L, "velocity": V}``; InputError if missing, incomplete or unknown."""

@@ -365,10 +365,20 @@ def _tfgalflow_layout(path: Path, f, units: Mapping[str, str] | None) -> HDF5Cat
             raise FileError(f"{path}: dataset 'errors' has shape {list(err.shape)}; expected "
                             f"[{pos.shape[0]}, 6] or [{pos.shape[0]}, 6, 6]")
         errors_name, error_kind = "errors", attribute(err, "error_kind")
-    return HDF5Catalogue(path=path, n=int(pos.shape[0]), units=resolve_units(path, file_units, units),
-                         label_names=names, meta=meta, layout="tfgalflow", pos_name="pos", vel_name="vel",
-                         labels_name=labels_name, chunk_rows=block_rows(pos),
-                         errors_name=errors_name, error_kind=error_kind)
+    return HDF5Catalogue(
+        path=path,
+        n=int(pos.shape[0]),
+        units=resolve_units(path, file_units, units),
+        label_names=names,
+        meta=meta,
+        layout="tfgalflow",
+        pos_name="pos",
+        vel_name="vel",
+        labels_name=labels_name,
+        chunk_rows=block_rows(pos),
+        errors_name=errors_name,
+        error_kind=error_kind,
+    )
 
 
 def _json_attr(value: Any, path: Path, name: str) -> Any:

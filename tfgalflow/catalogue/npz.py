@@ -62,8 +62,18 @@ def read_npz(path: Path, units: Mapping[str, str] | None) -> Catalogue:
         resolved = resolve_units(path, file_units, units)
     except FileError:
         # A file's real problem (NaN rows, wrong columns) is reported before its missing units.
-        _labelled(Catalogue, path, pos, vel, labels, names, {"length": "model", "velocity": "model"},
-                  meta, errors, error_kind)
+        _labelled(
+            Catalogue,
+            path,
+            pos,
+            vel,
+            labels,
+            names,
+            {"length": "model", "velocity": "model"},
+            meta,
+            errors,
+            error_kind,
+        )
         raise
     return _labelled(Catalogue, path, pos, vel, labels, names, resolved, meta, errors, error_kind)
 

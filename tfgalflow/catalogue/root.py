@@ -6,7 +6,8 @@ skipped), whose arrays go straight to :func:`tfgalflow.training.train`::
 
     >>> table = read_root("grid/", tree="Events", branches=["phi_mass", "omega_mass"],
     ...                   label_branches=["gen_phi", "gen_omega"])
-    >>> train(table.events, TrainConfig(), "run", labels=table.labels, label_names=table.label_names)
+    >>> train(table.events, TrainConfig(), "run", labels=table.labels,
+    label_names=table.label_names)
 
 A directory is searched recursively (files in sorted order). Files that are not ROOT files, or
 ROOT files without the tree, are skipped and listed in ``EventTable.skipped`` (FEDHEX's loader died
@@ -55,7 +56,9 @@ def _files(path: Path) -> list[Path]:
 
 
 def _columns(tree: Any, names: Sequence[str], where: str, what: str) -> np.ndarray:
-    """The branches ``names`` of ``tree`` as float64 columns [N, len(names)]; InputError if absent."""
+    """The branches ``names`` of ``tree`` as float64 columns [N, len(names)]; InputError if
+    absent.
+    """
     available = list(tree.keys())
     missing = [n for n in names if n not in available]
     if missing:
@@ -116,9 +119,9 @@ def read_root(
         tree: the TTree's name (a path inside the file, e.g. "Events" or "dir/Events").
         branches: the D event branches (one number per entry each) -> events [N, D].
         label_branches: per-event label branches -> labels [N, C] (not with ``file_labels``).
-        file_labels: one label [C] per file: a mapping from the file's path relative to ``path`` (or
-            its name, or its full path) to the label, or a function of the file's Path; every file
-            read must get one.
+        file_labels: one label [C] per file: a mapping from the file's path relative to ``path``
+            (or its name, or its full path) to the label, or a function of the file's Path; every
+            file read must get one.
         label_dim: the expected C (checked), or None to take it from the first file.
         label_names: names of the C label columns (default: the label branches, or label_0, ...).
 
@@ -126,8 +129,9 @@ def read_root(
         EventTable(events [N, D], labels [N, C] | None, names, sources, skipped).
 
     Raises:
-        InputError (one line naming the file) for: uproot missing, no branches, a missing branch, an
-        empty tree, labels of the wrong width, no file with the tree; FileError for a missing path.
+        InputError (one line naming the file) for: uproot missing, no branches, a missing branch,
+        an empty tree, labels of the wrong width, no file with the tree; FileError for a missing
+        path.
     """
     uproot = _uproot()
     branches, label_branches = list(branches), list(label_branches)

@@ -9,10 +9,12 @@ registry, :func:`run_task`); one module per task registers itself:
 Example::
 
     >>> from tfgalflow.tasks import run_task
-    >>> report = run_task("gaussian_field", "studies/gaussian_field", train_overrides={"epochs": 50})
+    >>> report = run_task("gaussian_field", "studies/gaussian_field", train_overrides={"epochs":
+    50})
     >>> report["targets"]["kl"]["met"]
 
-Command line: ``tfgalflow task list``; ``tfgalflow task run gaussian_field --out DIR [--epochs 50]``.
+Command line: ``tfgalflow task list``; ``tfgalflow task run gaussian_field --out DIR [--epochs
+50]``.
 """
 
 from __future__ import annotations

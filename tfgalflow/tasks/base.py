@@ -45,12 +45,16 @@ STREAMS = ("train_events", "heldout_labels", "evaluation")
 
 
 def option(default: Any, help: str, kind: str) -> Any:
-    """A task-config field; ``kind`` (int, float, bool, str) drives parsing from text (CLI) or JSON."""
+    """A task-config field; ``kind`` (int, float, bool, str) drives parsing from text (CLI) or
+    JSON.
+    """
     return field(default=default, metadata={"help": help, "kind": kind})
 
 
 def _coerce(owner: str, name: str, kind: str, value: Any) -> Any:
-    """``value`` (Python, JSON or command-line text) as a field of kind ``kind``; InputError if not."""
+    """``value`` (Python, JSON or command-line text) as a field of kind ``kind``; InputError if
+    not.
+    """
 
     def fail(expected: str) -> InputError:
         return InputError(f"{owner}.{name} = {value!r}: expected {expected}")
@@ -219,11 +223,15 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def train_config(self) -> Any:
-        """The default :class:`~tfgalflow.training.TrainConfig` of this task (seed set by run_task)."""
+        """The default :class:`~tfgalflow.training.TrainConfig` of this task (seed set by
+        run_task).
+        """
 
     @abc.abstractmethod
     def evaluate(self, model: Any) -> dict:
-        """Metrics of a trained density ``model`` (a :class:`~tfgalflow.density.Density`): JSON-able."""
+        """Metrics of a trained density ``model`` (a :class:`~tfgalflow.density.Density`):
+        JSON-able.
+        """
 
     @abc.abstractmethod
     def targets(self, metrics: Mapping[str, Any]) -> dict[str, Target]:
@@ -244,19 +252,23 @@ class Task(abc.ABC):
         return np.random.default_rng([self.config.seed, STREAMS.index(stream)])
 
     def training_data(self) -> tuple[np.ndarray, np.ndarray]:
-        """(x [M·n, D] float32, labels [M·n, C] float32): ``events_per_node`` events at each node."""
+        """(x [M·n, D] float32, labels [M·n, C] float32): ``events_per_node`` events at each
+        node.
+        """
         labels = np.repeat(self.training_labels(), self.events_per_node, axis=0)
         x = self.simulate(labels, self.rng("train_events"))
         return x.astype(np.float32), labels.astype(np.float32)
 
 
-# ---- registry -------------------------------------------------------------------------------------
+# ---- registry -----------------------------------------------------------------------------------
 
 TASKS: dict[str, type[Task]] = {}
 
 
 def register(cls: type[Task]) -> type[Task]:
-    """Class decorator: make the task available by ``cls.name`` (to get_task, run_task, the CLI)."""
+    """Class decorator: make the task available by ``cls.name`` (to get_task, run_task, the
+    CLI).
+    """
     if cls.name in TASKS and TASKS[cls.name] is not cls:
         raise InputError(
             f"a task named {cls.name!r} is already registered ({TASKS[cls.name].__name__})"

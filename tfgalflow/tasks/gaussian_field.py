@@ -92,7 +92,7 @@ class GaussianFieldConfig(TaskConfig):
             )
 
 
-# ---- the exact field ------------------------------------------------------------------------------
+# ---- the exact field ----------------------------------------------------------------------------
 
 
 def field_mean(labels: np.ndarray) -> np.ndarray:
@@ -121,7 +121,9 @@ def field_covariance(labels: np.ndarray) -> np.ndarray:
 
 
 def field_log_prob(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Exact log p(x | λ) [N] (per unit area of x) of the module docstring, for x, labels [N, 2]."""
+    """Exact log p(x | λ) [N] (per unit area of x) of the module docstring, for x, labels [N,
+    2].
+    """
     widths, theta = field_axes(labels)
     u = np.einsum("nji,nj->ni", _rotations(theta), np.asarray(x, np.float64) - field_mean(labels))
     return -0.5 * np.sum((u / widths) ** 2, axis=-1) - np.log(2.0 * np.pi * widths.prod(axis=-1))
@@ -134,7 +136,7 @@ def field_sample(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return field_mean(labels) + np.einsum("nij,nj->ni", _rotations(theta), widths * z)
 
 
-# ---- the task -------------------------------------------------------------------------------------
+# ---- the task -----------------------------------------------------------------------------------
 
 
 @register
@@ -165,7 +167,9 @@ class GaussianField(Task):
         return np.stack(np.meshgrid(axis, axis, indexing="ij"), -1).reshape(-1, 2)
 
     def _heldout(self) -> tuple[np.ndarray, np.ndarray]:
-        """(flat indices of the held-out interior nodes [K], off-grid labels [L, 2]), from one stream."""
+        """(flat indices of the held-out interior nodes [K], off-grid labels [L, 2]), from one
+        stream.
+        """
         g = self.config.grid
         interior = np.array([i * g + j for i in range(1, g - 1) for j in range(1, g - 1)])
         rng = self.rng("heldout_labels")
@@ -186,10 +190,10 @@ class GaussianField(Task):
     def train_config(self) -> Any:
         """Affine MAF, 6 layers of 2 x 128 ReLU, Adam 1e-3 with a cosine schedule, batch 1024.
 
-        No early stopping: the last epochs of the cosine schedule (small steps) set the precision of
-        the moments; an early stop at epoch 53 of 100 (patience 20) left |mu_hat - mu|/sigma at 0.21.
-        (tanh hidden units trained ~20x slower here: loss +2.4 nat/event after 62 epochs against
-        -3.5 after 3 epochs with ReLU, the optimum being -4.1.)
+        No early stopping: the last epochs of the cosine schedule (small steps) set the precision
+        of the moments; an early stop at epoch 53 of 100 (patience 20) left |mu_hat - mu|/sigma at
+        0.21. (tanh hidden units trained ~20x slower here: loss +2.4 nat/event after 62 epochs
+        against -3.5 after 3 epochs with ReLU, the optimum being -4.1.)
         """
         from ..training import TrainConfig
 
