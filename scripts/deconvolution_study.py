@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tfgalflow.validation import unit_vectors
 from tfgalflow.atomic import write_json
 from tfgalflow.cbe import accelerations, radial_component
 from tfgalflow.hernquist import Hernquist
@@ -77,8 +78,7 @@ def main() -> None:
     test = sample_hernquist(args.n_test, "iso", seed=args.seed + 2, r_max=STAR_R_MAX)
     rng = np.random.default_rng(args.seed + 3)
     radii = np.geomspace(0.1, 10.0, args.radii)
-    directions = rng.normal(size=(args.radii, 3))
-    positions = radii[:, None] * directions / np.linalg.norm(directions, axis=1, keepdims=True)
+    positions = radii[:, None] * unit_vectors(args.radii, rng)
     a_true = model.acceleration(positions)
     in_range = (radii >= SUMMARY_RANGE[0]) & (radii <= SUMMARY_RANGE[1])
     test_r = test.r

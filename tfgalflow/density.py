@@ -43,6 +43,7 @@ import numpy as np
 import tensorflow as tf
 
 from .errors import InputError
+from .validation import check_finite_rows
 
 
 # ---- validation at the public boundary ---------------------------------------------------------
@@ -74,15 +75,8 @@ def shape_of(value: Any) -> list:
 
 def check_finite(t: tf.Tensor, name: str) -> None:
     """NaN/inf check on concrete (eager) tensors; symbolic tensors are left to the graph."""
-    if not tf.executing_eagerly():
-        return
-    finite = np.isfinite(t.numpy())
-    if not finite.all():
-        rows = np.unique(np.nonzero(~finite)[0])
-        raise InputError(
-            f"{name} contains NaN or inf (or values beyond float32 range) in {rows.size} "
-            f"row(s), first rows {rows[:5].tolist()}"
-        )
+    if tf.executing_eagerly():
+        check_finite_rows(t.numpy(), name, note=" (or values beyond float32 range)")
 
 
 def validate_inputs(x: Any, labels: Any, dim: int, label_dim: int, what: str = "flow"

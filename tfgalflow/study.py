@@ -50,6 +50,7 @@ import numpy as np
 from .atomic import write_json
 from .errors import InputError
 from .hernquist import Hernquist
+from .validation import unit_vectors
 
 #: mock name -> (DF kind, fractional noise level)
 MOCKS = {"iso": ("iso", 0.0), "aniso": ("aniso", 0.0), "iso_noise1": ("iso", 0.01),
@@ -145,9 +146,7 @@ def evaluation_positions(config: StudyConfig) -> np.ndarray:
     """
     rng = np.random.default_rng(config.seed + 12345)
     radii = np.geomspace(config.r_min, config.r_max, config.n_radii)
-    directions = rng.normal(size=(config.n_radii, 3))
-    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
-    return radii[:, None] * directions
+    return radii[:, None] * unit_vectors(config.n_radii, rng)
 
 
 def fractional_error(acceleration: np.ndarray, truth: np.ndarray) -> np.ndarray:
