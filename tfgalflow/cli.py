@@ -12,7 +12,8 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")   # keep TensorFlow's C++ start-up chatter off the CLI
+# keep TensorFlow's C++ start-up chatter off the CLI
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from . import __version__  # noqa: E402
 from .errors import TfgalflowError  # noqa: E402
@@ -25,7 +26,8 @@ _SUBCOMMANDS = []   # the _add_<name> functions, in the order `tfgalflow --help`
 
 # ---- subcommands ------------------------------------------------------------------------------
 # Each block: _add_<name>(sub) declares the arguments and sets func=_run_<name>; _run_<name>(args)
-# calls the Python API and returns an exit code; the block ends with _SUBCOMMANDS.append(_add_<name>).
+# calls the Python API and returns an exit code; the block ends with
+# _SUBCOMMANDS.append(_add_<name>).
 
 
 # ---- train, sample, logprob (training) ----------------------------------------------------------
@@ -37,16 +39,22 @@ def _add_train(sub) -> None:
     from .training import TrainConfig   # stdlib + NumPy only: keeps `tfgalflow --help` fast
 
     p = sub.add_parser(
-        "train", help="fit a flow (or an ensemble) to a catalogue; write a run directory",
-        description="Fit a normalizing flow to a catalogue by maximum likelihood and write a run directory "
-                    "(config.json, history.csv, checkpoints, final weights). Settings: TrainConfig defaults, "
-                    "then --config FILE, then the flags below (flags win). --resume RUN continues an "
-                    "interrupted run exactly as configured.")
+        "train",
+        help="fit a flow (or an ensemble) to a catalogue; write a run directory",
+        description="Fit a normalizing flow to a catalogue by maximum likelihood and write a run "
+        "directory (config.json, history.csv, checkpoints, final weights). Settings: TrainConfig "
+        "defaults, then --config FILE, then the flags below (flags win). --resume RUN continues "
+        "an interrupted run exactly as configured.",
+    )
     p.add_argument("catalogue", nargs="?", metavar="CATALOGUE",
                    help="catalogue file: .npz (loaded into memory) or .h5/.hdf5 (streamed)")
     p.add_argument("--out", metavar="RUN", help="new (or empty) run directory")
-    p.add_argument("--config", metavar="FILE", help="TrainConfig as JSON/YAML, or a run's config.json")
-    p.add_argument("--resume", metavar="RUN", help="continue the interrupted run RUN from its checkpoints")
+    p.add_argument(
+        "--config", metavar="FILE", help="TrainConfig as JSON/YAML, or a run's config.json"
+    )
+    p.add_argument(
+        "--resume", metavar="RUN", help="continue the interrupted run RUN from its checkpoints"
+    )
     p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=None,
                    help="0 quiet, 1 progress bar (default), 2 one line per epoch; "
                         "--resume keeps the run's own unless given")
@@ -61,11 +69,19 @@ def _add_train(sub) -> None:
         default = getattr(defaults, name)
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         shown = "none" if shown in (None, "") else shown
-        flag, dest, text = "--" + name.replace("_", "-"), f"config_{name}", f"{text} (default: {shown})"
+        flag, dest, text = (
+            "--" + name.replace("_", "-"),
+            f"config_{name}",
+            f"{text} (default: {shown})",
+        )
         if kind == "bool":
-            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text)
+            group.add_argument(
+                flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text
+            )
         else:
-            group.add_argument(flag, dest=dest, metavar=_CONFIG_METAVAR[kind], default=None, help=text)
+            group.add_argument(
+                flag, dest=dest, metavar=_CONFIG_METAVAR[kind], default=None, help=text
+            )
     p.set_defaults(func=_run_train)
 
 
@@ -80,7 +96,10 @@ def _run_train(args) -> int:
                                           ("--config", args.config)) if value]
         extra += ["--" + name.replace("_", "-") for name in overrides]
         if extra:
-            raise InputError(f"--resume RUN continues the run exactly as it was configured; drop {', '.join(extra)}")
+            raise InputError(
+                "--resume RUN continues the run exactly as it was configured; drop "
+                f"{', '.join(extra)}"
+            )
         resume(args.resume, verbose=args.verbose)
         run_dir = args.resume
     else:
@@ -121,8 +140,11 @@ def _print_run_summary(run_dir: str) -> None:
     run = read_run_config(run_dir)
     for member in run["members"]:
         s = json.loads((Path(run_dir) / member["name"] / "final" / "summary.json").read_text())
-        print(f"{run_dir}/{member['name']}: seed {s['seed']}, {s['epochs_run']} epochs, best {s['monitor']} "
-              f"{s['best']:.6g} after epoch {s['best_epoch'] + 1}{' (stopped early)' if s['stopped_early'] else ''}")
+        print(
+            f"{run_dir}/{member['name']}: seed {s['seed']}, {s['epochs_run']} epochs, best "
+            f"{s['monitor']} {s['best']:.6g} after epoch "
+            f"{s['best_epoch'] + 1}{' (stopped early)' if s['stopped_early'] else ''}"
+        )
 
 
 _SUBCOMMANDS.append(_add_train)
@@ -130,26 +152,44 @@ _SUBCOMMANDS.append(_add_train)
 
 def _add_sample(sub) -> None:
     p = sub.add_parser(
-        "sample", help="draw points from a trained run or SavedModel",
-        description="Draw N points x ~ p(x | labels) from a finished run (the equal-weight mixture of its "
-                    "members for an ensemble) or an exported SavedModel, in the physical units of the "
-                    "training data.")
-    p.add_argument("run", metavar="MODEL", help="run directory (tfgalflow train) or SavedModel directory")
+        "sample",
+        help="draw points from a trained run or SavedModel",
+        description="Draw N points x ~ p(x | labels) from a finished run "
+        "(the equal-weight mixture of its members for an ensemble) or an exported SavedModel, in "
+        "the physical units of the training data.",
+    )
+    p.add_argument(
+        "run", metavar="MODEL", help="run directory (tfgalflow train) or SavedModel directory"
+    )
     p.add_argument("--n", type=int, required=True, help="number of points (>= 1)")
-    p.add_argument("--labels", metavar="V1,V2,...", help="label values (one per label column) for a conditional run")
+    p.add_argument(
+        "--labels",
+        metavar="V1,V2,...",
+        help="label values (one per label column) for a conditional run",
+    )
     p.add_argument("--seed", type=int, default=None, help="random seed (default: fresh entropy)")
-    p.add_argument("--out", required=True, metavar="FILE",
-                   help=".npy, .txt/.csv, or .npz/.h5/.hdf5 (a Catalogue when the run models 6D phase space)")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE",
+        help=".npy, .txt/.csv, or .npz/.h5/.hdf5 (a Catalogue when the run models 6D phase space)",
+    )
     p.set_defaults(func=_run_sample)
 
 
 def _model_description(path: str) -> tuple["Density", dict]:
-    """(model, the data description of its run: units, label_names) for a run or SavedModel directory."""
+    """(model, the data description of its run: units, label_names) for a run or SavedModel
+    directory.
+    """
     from .export import ExportedModel, load
     from .training import read_run_config
 
     model = load(path)
-    run = (model.metadata.get("run") or {}) if isinstance(model, ExportedModel) else read_run_config(path)
+    run = (
+        (model.metadata.get("run") or {})
+        if isinstance(model, ExportedModel)
+        else read_run_config(path)
+    )
     return model, run.get("data") or {}
 
 
@@ -166,9 +206,18 @@ def _run_sample(args) -> int:
     model, data = _model_description(args.run)
     labels = _label_values(args.labels, model.label_dim, data.get("label_names") or [])
     x = np.asarray(model.sample(args.n, labels=labels, seed=args.seed), np.float64)
-    write_samples(args.out, x, None if labels is None else np.tile(labels, (args.n, 1)), units=data.get("units"),
-                  label_names=tuple(data.get("label_names") or ()),
-                  meta={"source": "tfgalflow sample", "run": str(Path(args.run).resolve()), "seed": args.seed})
+    write_samples(
+        args.out,
+        x,
+        None if labels is None else np.tile(labels, (args.n, 1)),
+        units=data.get("units"),
+        label_names=tuple(data.get("label_names") or ()),
+        meta={
+            "source": "tfgalflow sample",
+            "run": str(Path(args.run).resolve()),
+            "seed": args.seed,
+        },
+    )
     print(f"wrote {args.n} samples [{args.n}, {model.dim}] to {args.out}")
     return 0
 
@@ -187,9 +236,13 @@ def _label_values(text: str | None, label_dim: int, names: list[str]):
     try:
         values = np.array([float(v) for v in text.split(",")], dtype=np.float64)
     except ValueError:
-        raise InputError(f"--labels {text!r}: expected comma-separated numbers, {described}") from None
+        raise InputError(
+            f"--labels {text!r}: expected comma-separated numbers, {described}"
+        ) from None
     if values.size != label_dim:
-        raise InputError(f"--labels {text!r} has {values.size} value(s); the run expects {described}")
+        raise InputError(
+            f"--labels {text!r} has {values.size} value(s); the run expects {described}"
+        )
     return values
 
 
@@ -198,18 +251,34 @@ _SUBCOMMANDS.append(_add_sample)
 
 def _add_logprob(sub) -> None:
     p = sub.add_parser(
-        "logprob", help="log-density of points under a trained run or SavedModel",
-        description="Evaluate log p(x | labels) (per unit physical volume of the training data) at the "
-                    "points of a file.")
-    p.add_argument("run", metavar="MODEL", help="run directory (tfgalflow train) or SavedModel directory")
-    p.add_argument("points", metavar="POINTS",
-                   help="[N, D] points: .npy, .npz (one array, or a catalogue), .txt/.dat/.csv, or a catalogue "
-                        ".h5/.hdf5")
-    p.add_argument("--units", metavar="LENGTH,VELOCITY",
-                   help="units of a catalogue file that does not record them (e.g. m,m/s for a plain pos/vel .npz)")
-    p.add_argument("--labels-file", metavar="F",
-                   help="[N, C] labels of a conditional run, same formats (default: the catalogue's labels)")
-    p.add_argument("--out", metavar="FILE", help=".npy, .txt or .csv (default: print one value per line)")
+        "logprob",
+        help="log-density of points under a trained run or SavedModel",
+        description="Evaluate log p(x | labels) (per unit physical volume of the training data) "
+        "at the points of a file.",
+    )
+    p.add_argument(
+        "run", metavar="MODEL", help="run directory (tfgalflow train) or SavedModel directory"
+    )
+    p.add_argument(
+        "points",
+        metavar="POINTS",
+        help="[N, D] points: .npy, .npz (one array, or a catalogue), .txt/.dat/.csv, or a "
+        "catalogue .h5/.hdf5",
+    )
+    p.add_argument(
+        "--units",
+        metavar="LENGTH,VELOCITY",
+        help="units of a catalogue file that does not record them "
+        "(e.g. m,m/s for a plain pos/vel .npz)",
+    )
+    p.add_argument(
+        "--labels-file",
+        metavar="F",
+        help="[N, C] labels of a conditional run, same formats (default: the catalogue's labels)",
+    )
+    p.add_argument(
+        "--out", metavar="FILE", help=".npy, .txt or .csv (default: print one value per line)"
+    )
     p.set_defaults(func=_run_logprob)
 
 
@@ -237,41 +306,67 @@ def _run_logprob(args) -> int:
 _SUBCOMMANDS.append(_add_logprob)
 
 
-# ---- export, serve (serving) ----------------------------------------------------------------------
+# ---- export, serve (serving) --------------------------------------------------------------------
 
 def _add_export(sub) -> None:
     p = sub.add_parser(
-        "export", help="export a trained run as a versioned SavedModel for TF Serving",
-        description="Write RUN's model to OUT/NAME/<next free version>/ as a SavedModel with the signatures "
-                    "serving_default (= log_prob), log_prob, grad_log_prob, sample and, for unconditional 6D "
-                    "phase-space models, accelerations; then regenerate OUT/models.config for "
-                    "tensorflow_model_server. Never overwrites a version. Prints the version directory.")
-    p.add_argument("run", metavar="RUN", help="finished run directory (written by `tfgalflow train`)")
+        "export",
+        help="export a trained run as a versioned SavedModel for TF Serving",
+        description="Write RUN's model to OUT/NAME/<next free version>/ as a SavedModel with the "
+        "signatures serving_default (= log_prob), log_prob, grad_log_prob, sample and, for "
+        "unconditional 6D phase-space models, accelerations; then regenerate OUT/models.config "
+        "for tensorflow_model_server. Never overwrites a version. Prints the version directory.",
+    )
+    p.add_argument(
+        "run", metavar="RUN", help="finished run directory (written by `tfgalflow train`)"
+    )
     p.add_argument("--name", required=True, help="model name (the URL's /v1/models/NAME)")
     p.add_argument("--out", default="saved_models", metavar="DIR",
                    help="model base directory (default: saved_models)")
-    p.add_argument("--base-path", metavar="DIR", default="/models",
-                   help="where --out is for the server, written into models.config (default: /models, "
-                        "as mounted in the tensorflow/serving container; give the absolute path of "
-                        "--out for a tensorflow_model_server on this host)")
-    p.add_argument("--version-policy", choices=("all", "latest"), default="all",
-                   help="models.config version policy: serve all versions (default, as `tfgalflow serve`) "
-                        "or only the latest (TF Serving's default)")
+    p.add_argument(
+        "--base-path",
+        metavar="DIR",
+        default="/models",
+        help="where --out is for the server, written into models.config (default: /models, "
+        "as mounted in the tensorflow/serving container; give the absolute path of "
+        "--out for a tensorflow_model_server on this host)",
+    )
+    p.add_argument(
+        "--version-policy",
+        choices=("all", "latest"),
+        default="all",
+        help="models.config version policy: serve all versions (default, as `tfgalflow serve`) "
+        "or only the latest (TF Serving's default)",
+    )
     p.add_argument("--accelerations", action=argparse.BooleanOptionalAction, default=None,
                    help="add the accelerations signature (default: when the model is 6D)")
-    p.add_argument("--n-velocities", type=int, default=256, metavar="K",
-                   help="velocities sampled per position by the accelerations signature (default: 256)")
-    p.add_argument("--rotations", type=int, default=0, metavar="M",
-                   help="for a spherical system: export the DF averaged over M random rotations, so every "
-                        "signature answers for it (tfgalflow.symmetry.SphericalAverage; default: 0, off)")
+    p.add_argument(
+        "--n-velocities",
+        type=int,
+        default=256,
+        metavar="K",
+        help="velocities sampled per position by the accelerations signature (default: 256)",
+    )
+    p.add_argument(
+        "--rotations",
+        type=int,
+        default=0,
+        metavar="M",
+        help="for a spherical system: export the DF averaged over M random rotations, so every "
+        "signature answers for it (tfgalflow.symmetry.SphericalAverage; default: 0, off)",
+    )
     p.set_defaults(func=_run_export)
 
 
 def _spherical_average(model, rotations: int, seed: int = 0):
-    """``--rotations M``: the model averaged over M rotations (tfgalflow.symmetry), itself for M = 0."""
+    """``--rotations M``: the model averaged over M rotations (tfgalflow.symmetry), itself for
+    M = 0.
+    """
     from .errors import InputError
     if rotations < 0:
-        raise InputError(f"--rotations {rotations}: expected 0 (off) or a number of rotations >= 1")
+        raise InputError(
+            f"--rotations {rotations}: expected 0 (off) or a number of rotations >= 1"
+        )
     if not rotations:
         return model
     from .symmetry import SphericalAverage
@@ -295,35 +390,69 @@ _SUBCOMMANDS.append(_add_export)
 
 def _add_serve(sub) -> None:
     p = sub.add_parser(
-        "serve", help="serve SavedModels over the TensorFlow Serving REST API",
-        description="Serve every model under BASE (BASE/NAME/<version>/saved_model.pb; all versions, the "
-                    "highest by default) at http://HOST:PORT/v1/models/NAME[:predict|/metadata], speaking "
-                    "the TF Serving REST API. Listens on loopback only unless --host says otherwise.")
+        "serve",
+        help="serve SavedModels over the TensorFlow Serving REST API",
+        description="Serve every model under BASE (BASE/NAME/<version>/saved_model.pb; all "
+        "versions, the highest by default) at "
+        "http://HOST:PORT/v1/models/NAME[:predict|/metadata], speaking the TF Serving REST API. "
+        "Listens on loopback only unless --host says otherwise.",
+    )
     p.add_argument("base", metavar="BASE", help="model base directory, e.g. saved_models/")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="interface to listen on (default: 127.0.0.1; 0.0.0.0 exposes the server to the network)")
-    p.add_argument("--port", type=int, default=8501, help="port (default: 8501, TF Serving's REST port)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface to listen on (default: 127.0.0.1; 0.0.0.0 exposes the server to the "
+        "network)",
+    )
+    p.add_argument(
+        "--port", type=int, default=8501, help="port (default: 8501, TF Serving's REST port)"
+    )
     p.add_argument("--max-body-mb", type=float, default=64.0, metavar="MB",
                    help="largest request body in MiB; larger ones get 413 (default: 64)")
     p.add_argument("--max-rows", type=int, default=100_000, metavar="N",
                    help="largest batch per request; larger ones get 413 (default: 100000)")
-    p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="threads parsing requests and running log_prob/grad_log_prob/serving_default "
-                        "(default: min(4, CPUs))")
-    p.add_argument("--heavy-workers", type=int, default=None, metavar="N",
-                   help="threads running the other signatures (sample, accelerations), apart so that "
-                        "they never hold up cheap requests (default: max(1, workers // 2))")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="threads parsing requests and running log_prob/grad_log_prob/serving_default "
+        "(default: min(4, CPUs))",
+    )
+    p.add_argument(
+        "--heavy-workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="threads running the other signatures (sample, accelerations), apart so that "
+        "they never hold up cheap requests (default: max(1, workers // 2))",
+    )
     p.add_argument("--max-positions", type=int, default=1000, metavar="N",
                    help="most positions per accelerations request; more get 413 (default: 1000)")
-    p.add_argument("--request-timeout", type=float, default=60.0, metavar="S",
-                   help="seconds a request may queue and run before it is answered 504 (default: 60)")
-    p.add_argument("--poll-seconds", type=float, default=2.0, metavar="S",
-                   help="rescan BASE for new or removed versions every S seconds (0 = never; default: 2)")
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="seconds a request may queue and run before it is answered 504 (default: 60)",
+    )
+    p.add_argument(
+        "--poll-seconds",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="rescan BASE for new or removed versions every S seconds (0 = never; default: 2)",
+    )
     p.add_argument("--label", action="append", default=[], metavar="NAME:LABEL=VERSION",
                    help="version label for /v1/models/NAME/labels/LABEL URLs (repeatable)")
-    p.add_argument("--batch-rows", type=int, default=256, metavar="N",
-                   help="merge concurrent requests of at most N rows to log_prob/grad_log_prob/serving_default "
-                        "into one call (0 = off; default: 256)")
+    p.add_argument(
+        "--batch-rows",
+        type=int,
+        default=256,
+        metavar="N",
+        help="merge concurrent requests of at most N rows to "
+        "log_prob/grad_log_prob/serving_default into one call (0 = off; default: 256)",
+    )
     p.set_defaults(func=_run_serve)
 
 
@@ -335,7 +464,9 @@ def _run_serve(args) -> int:
         name, _, rest = item.partition(":")
         label, _, version = rest.partition("=")
         if not (name and label and version.isdigit()):
-            raise InputError(f"--label {item!r}: expected NAME:LABEL=VERSION, e.g. hernquist_iso:stable=1")
+            raise InputError(
+                f"--label {item!r}: expected NAME:LABEL=VERSION, e.g. hernquist_iso:stable=1"
+            )
         labels.setdefault(name, {})[label] = int(version)
     if args.max_body_mb <= 0:
         raise InputError(f"--max-body-mb {args.max_body_mb}: expected a positive size in MiB")
@@ -349,50 +480,102 @@ def _run_serve(args) -> int:
 _SUBCOMMANDS.append(_add_serve)
 
 
-# ---- accel (cbe) ----------------------------------------------------------------------------------
+# ---- accel (cbe) --------------------------------------------------------------------------------
 
 def _add_accel(sub) -> None:
     p = sub.add_parser(
-        "accel", help="accelerations from the collisionless Boltzmann equation of a trained 6D run",
-        description="Solve v . dlogf/dx + a . dlogf/dv = 0 by least squares over K velocities drawn from the "
-                    "learned DF at each position (tfgalflow.cbe.accelerations; an ensemble gives the "
-                    "member-to-member spread too). Positions are in the run's length unit; accelerations come "
-                    "out in velocity^2 / length of the training data. Positions failing a check (no support, "
-                    "low ESS, ill-conditioned, high residual) are flagged with the reason, never dropped.")
-    p.add_argument("run", metavar="RUN",
-                   help="run directory (tfgalflow train), or a SavedModel with an accelerations signature")
+        "accel",
+        help="accelerations from the collisionless Boltzmann equation of a trained 6D run",
+        description="Solve v . dlogf/dx + a . dlogf/dv = 0 by least squares over K velocities "
+        "drawn from the learned DF at each position (tfgalflow.cbe.accelerations; an ensemble "
+        "gives the member-to-member spread too). Positions are in the run's length unit; "
+        "accelerations come out in velocity^2 / length of the training data. Positions failing a "
+        "check (no support, low ESS, ill-conditioned, high residual) are flagged with the reason, "
+        "never dropped.",
+    )
+    p.add_argument(
+        "run",
+        metavar="RUN",
+        help="run directory (tfgalflow train), or a SavedModel with an accelerations signature",
+    )
     where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--positions", metavar="FILE", help="[B, 3] positions: .npy, .npz (one array), "
-                                                            ".txt/.dat (spaces) or .csv")
-    where.add_argument("--radii", metavar="R1,R2,...", help="radii; each at --directions isotropic random directions")
+    where.add_argument(
+        "--positions",
+        metavar="FILE",
+        help="[B, 3] positions: .npy, .npz (one array), .txt/.dat (spaces) or .csv",
+    )
+    where.add_argument(
+        "--radii",
+        metavar="R1,R2,...",
+        help="radii; each at --directions isotropic random directions",
+    )
     p.add_argument("--directions", type=int, default=1, metavar="N",
                    help="random directions per radius with --radii (default: 1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the directions and the velocity draws (default: 0)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the directions and the velocity draws (default: 0)",
+    )
     p.add_argument("--labels", metavar="V1,V2,...",
                    help="label values (one per label column) of a conditional run: every "
                         "position is solved at this label, a(x | labels)")
-    p.add_argument("--n-velocities", type=int, default=None, metavar="K",
-                   help="velocities per position, >= 8 (default: 256; a SavedModel uses its exported K)")
+    p.add_argument(
+        "--n-velocities",
+        type=int,
+        default=None,
+        metavar="K",
+        help="velocities per position, >= 8 (default: 256; a SavedModel uses its exported K)",
+    )
     p.add_argument("--max-residual", type=float, default=None, metavar="X",
                    help="flag relative residuals above X (default: tfgalflow.cbe.MAX_RESIDUAL)")
-    p.add_argument("--max-condition", type=float, default=None, metavar="X",
-                   help="flag normal-matrix condition numbers above X (default: tfgalflow.cbe.MAX_CONDITION)")
-    p.add_argument("--min-ess", type=float, default=None, metavar="X",
-                   help="flag velocity draws with effective sample size below X (default: tfgalflow.cbe.MIN_ESS)")
-    p.add_argument("--min-log-density", type=float, default=None, metavar="X",
-                   help="flag positions where log of the integral of f over velocities is below X (default: off)")
-    p.add_argument("--xla", action="store_true",
-                   help="XLA-compile the DF evaluations (run directories only): faster per position, but "
-                        "compiling takes seconds, so it pays off for many positions (tfgalflow.cbe.accelerations, "
-                        "jit_compile=True)")
-    p.add_argument("--rotations", type=int, default=0, metavar="M",
-                   help="for a spherical system: average the learned DF over M random joint rotations of (x, v) "
-                        "before solving (tfgalflow.symmetry.SphericalAverage; M x the cost; run directories "
-                        "only; default: 0, off)")
-    p.add_argument("--out", required=True, metavar="FILE",
-                   help=".npz (arrays positions, acceleration, a_radial, residual, condition, flagged, "
-                        "reasons, ...) or .csv; a_radial = a . x/|x|, negative for attraction "
-                        "(tfgalflow.study.radial_component)")
+    p.add_argument(
+        "--max-condition",
+        type=float,
+        default=None,
+        metavar="X",
+        help="flag normal-matrix condition numbers above X (default: tfgalflow.cbe.MAX_CONDITION)",
+    )
+    p.add_argument(
+        "--min-ess",
+        type=float,
+        default=None,
+        metavar="X",
+        help="flag velocity draws with effective sample size below X "
+        "(default: tfgalflow.cbe.MIN_ESS)",
+    )
+    p.add_argument(
+        "--min-log-density",
+        type=float,
+        default=None,
+        metavar="X",
+        help="flag positions where log of the integral of f over velocities is below X "
+        "(default: off)",
+    )
+    p.add_argument(
+        "--xla",
+        action="store_true",
+        help="XLA-compile the DF evaluations (run directories only): faster per position, but "
+        "compiling takes seconds, so it pays off for many positions (tfgalflow.cbe.accelerations, "
+        "jit_compile=True)",
+    )
+    p.add_argument(
+        "--rotations",
+        type=int,
+        default=0,
+        metavar="M",
+        help="for a spherical system: average the learned DF over M random joint rotations of "
+        "(x, v) before solving (tfgalflow.symmetry.SphericalAverage; M x the cost; run "
+        "directories only; default: 0, off)",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE",
+        help=".npz (arrays positions, acceleration, a_radial, residual, condition, flagged, "
+        "reasons, ...) or .csv; a_radial = a . x/|x|, negative for attraction "
+        "(tfgalflow.study.radial_component)",
+    )
     p.set_defaults(func=_run_accel)
 
 
@@ -408,7 +591,9 @@ def _accel_positions(args):
     try:
         radii = np.array([float(r) for r in args.radii.split(",")])
     except ValueError:
-        raise InputError(f"--radii {args.radii!r}: expected comma-separated numbers, e.g. 0.5,1,2") from None
+        raise InputError(
+            f"--radii {args.radii!r}: expected comma-separated numbers, e.g. 0.5,1,2"
+        ) from None
     if radii.size == 0 or not np.all(np.isfinite(radii)) or np.any(radii < 0):
         raise InputError(f"--radii {args.radii!r}: expected finite radii >= 0")
     integer(args.directions, "--directions")
@@ -428,10 +613,12 @@ def _run_accel(args) -> int:
         return _run_accel_potential(args)
     cbe.check_output_suffix(args.out)
     positions = cbe.check_positions(_accel_positions(args)).astype(np.float64)
-    thresholds = dict(max_residual=cbe.MAX_RESIDUAL if args.max_residual is None else args.max_residual,
-                      max_condition=cbe.MAX_CONDITION if args.max_condition is None else args.max_condition,
-                      min_ess=cbe.MIN_ESS if args.min_ess is None else args.min_ess,
-                      min_log_density=args.min_log_density)
+    thresholds = dict(
+        max_residual=cbe.MAX_RESIDUAL if args.max_residual is None else args.max_residual,
+        max_condition=cbe.MAX_CONDITION if args.max_condition is None else args.max_condition,
+        min_ess=cbe.MIN_ESS if args.min_ess is None else args.min_ess,
+        min_log_density=args.min_log_density,
+    )
     if args.seed < 0:
         raise InputError(f"--seed {args.seed}: expected an integer >= 0")
     model = load(args.run)
@@ -441,26 +628,52 @@ def _run_accel(args) -> int:
     labels = _label_values(args.labels, model.label_dim, label_names)
     if isinstance(model, ExportedModel):
         if args.rotations:
-            raise InputError(f"{args.run}: --rotations applies to run directories; a SavedModel's accelerations "
-                             f"signature is a fixed graph of the model as exported")
+            raise InputError(
+                f"{args.run}: --rotations applies to run directories; a SavedModel's "
+                "accelerations signature is a fixed graph of the model as exported"
+            )
         if args.xla:
-            raise InputError(f"{args.run}: --xla applies to run directories; a SavedModel's accelerations "
-                             f"signature is a fixed, plain graph")
+            raise InputError(
+                f"{args.run}: --xla applies to run directories; a SavedModel's accelerations "
+                f"signature is a fixed, plain graph"
+            )
         exported_k = (model.metadata.get("accelerations") or {}).get("n_velocities")
-        if args.n_velocities is not None and exported_k is not None and args.n_velocities != exported_k:
-            raise InputError(f"{args.run}: the SavedModel was exported with {exported_k} velocities per position; "
-                             f"drop --n-velocities or use the run directory")
+        if (
+            args.n_velocities is not None
+            and exported_k is not None
+            and args.n_velocities != exported_k
+        ):
+            raise InputError(
+                f"{args.run}: the SavedModel was exported with {exported_k} velocities per "
+                "position; drop --n-velocities or use the run directory"
+            )
         res = model.accelerations(positions, seed=args.seed, labels=labels, **thresholds)
     else:
         model = _spherical_average(model, args.rotations, seed=args.seed)
-        res = cbe.accelerations(model, positions, n_velocities=256 if args.n_velocities is None else args.n_velocities,
-                                seed=args.seed, labels=labels, jit_compile=args.xla, **thresholds)
+        res = cbe.accelerations(
+            model,
+            positions,
+            n_velocities=256 if args.n_velocities is None else args.n_velocities,
+            seed=args.seed,
+            labels=labels,
+            jit_compile=args.xla,
+            **thresholds,
+        )
     names = label_names if len(label_names) == model.label_dim else None
     res.save(args.out, positions, data.get("units"), labels=labels, label_names=names)
     reasons = res.reasons
-    summary = ", ".join(f"{name} {int(sum(name in r.split(',') for r in reasons))}"
-                        for name in ("no_support", "low_density", "low_ess", "ill_conditioned", "high_residual",
-                                     "non_finite") if any(name in r.split(",") for r in reasons))
+    summary = ", ".join(
+        f"{name} {int(sum(name in r.split(',') for r in reasons))}"
+        for name in (
+            "no_support",
+            "low_density",
+            "low_ess",
+            "ill_conditioned",
+            "high_residual",
+            "non_finite",
+        )
+        if any(name in r.split(",") for r in reasons)
+    )
     print(f"wrote {len(positions)} accelerations to {args.out}; {int(res.flagged.sum())} flagged"
           + (f" ({summary})" if summary else ""))
     return 0
@@ -473,17 +686,22 @@ _SUBCOMMANDS.append(_add_accel)
 
 def _add_potential(sub) -> None:
     p = sub.add_parser(
-        "potential", help="fit a potential network Phi(x) to the CBE of a trained 6D run",
-        description="Fit a smooth network Phi(x) to v . dlogf/dx - grad Phi . dlogf/dv = 0 over the "
-                    "whole volume, with no symmetry assumed (tfgalflow.potential.fit_potential): "
-                    "a = -grad Phi is curl-free and rho = lap Phi / 4 pi G comes out too. Writes POT "
-                    "(config.json, weights.npz, savedmodel/ with signatures potential, acceleration, "
-                    "density); `tfgalflow accel POT --radii ...` then evaluates it. Gauge: Phi = 0 at "
-                    "the centre of the training points (or --reference).")
+        "potential",
+        help="fit a potential network Phi(x) to the CBE of a trained 6D run",
+        description="Fit a smooth network Phi(x) to v . dlogf/dx - grad Phi . dlogf/dv = 0 over "
+        "the whole volume, with no symmetry assumed (tfgalflow.potential.fit_potential): "
+        "a = -grad Phi is curl-free and rho = lap Phi / 4 pi G comes out too. Writes POT "
+        "(config.json, weights.npz, savedmodel/ with signatures potential, acceleration, "
+        "density); `tfgalflow accel POT --radii ...` then evaluates it. Gauge: Phi = 0 at "
+        "the centre of the training points (or --reference).",
+    )
     p.add_argument("run", metavar="RUN", help="finished 6D run directory (or a SavedModel)")
     p.add_argument("--out", required=True, metavar="POT", help="new potential directory")
-    p.add_argument("--data", metavar="CATALOGUE",
-                   help="fit at these stars (e.g. the training catalogue) instead of draws from the DF")
+    p.add_argument(
+        "--data",
+        metavar="CATALOGUE",
+        help="fit at these stars (e.g. the training catalogue) instead of draws from the DF",
+    )
     p.add_argument("--points", type=int, default=None, metavar="N",
                    help="phase-space points drawn from the DF (default: PotentialConfig.n_points)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: PotentialConfig)")
@@ -492,8 +710,13 @@ def _add_potential(sub) -> None:
     p.add_argument("--G", type=float, default=None,
                    help="gravitational constant in the run's units (default 1: model units)")
     p.add_argument("--reference", default=None, metavar="X,Y,Z", help="gauge point: Phi = 0 there")
-    p.add_argument("--rotations", type=int, default=0, metavar="M",
-                   help="fit to the DF averaged over M rotations (spherical systems only; default 0)")
+    p.add_argument(
+        "--rotations",
+        type=int,
+        default=0,
+        metavar="M",
+        help="fit to the DF averaged over M rotations (spherical systems only; default 0)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing POT")
     p.set_defaults(func=_run_potential)
@@ -547,11 +770,12 @@ def _run_accel_potential(args) -> int:
 _SUBCOMMANDS.append(_add_potential)
 
 
-# ---- mock, info (data) ----------------------------------------------------------------------------
+# ---- mock, info (data) --------------------------------------------------------------------------
 
 #: --units of `tfgalflow mock`: (length, velocity) unit names of tfgalflow.units.
 _MOCK_UNITS = {"model": ("model", "model"), "kpc": ("kpc", "km/s"), "si": ("m", "m/s")}
-#: `tfgalflow info` computes percentiles from at most this many rows (every k-th row of a larger HDF5 file).
+#: `tfgalflow info` computes percentiles from at most this many rows
+#: (every k-th row of a larger HDF5 file).
 _INFO_ROWS = 1_000_000
 _PERCENTILES = (1, 16, 50, 84, 99)
 
@@ -560,42 +784,73 @@ def _add_mock(sub) -> None:
     from .mocks import NOISE_CONVENTIONS
 
     p = sub.add_parser(
-        "mock", help="sample a mock catalogue from an exact distribution function",
-        description="hernquist: draw N stars from the isotropic (iso) or beta = 1/2 (aniso) Hernquist DF, "
-                    "exactly; dehnen: from a Dehnen gamma-model with Osipkov-Merritt anisotropy, one model "
-                    "(--gamma G --ra-inverse Q) or a label grid (comma lists: N stars per node, labels "
-                    "(gamma, ra_inverse) as columns, training data for a conditional flow); exactly "
-                    "(tfgalflow.mocks.sample_hernquist) or with emcee, optionally add fractional Gaussian noise "
-                    "(seeded with --seed + 1; stars it moves beyond --r-max are dropped), and write a "
-                    "catalogue (.npz/.h5/.hdf5). Radii are in units of the "
-                    "scale length a; the physical scale comes from --mass-msun and --scale-kpc.")
+        "mock",
+        help="sample a mock catalogue from an exact distribution function",
+        description="hernquist: draw N stars from the isotropic (iso) or beta = 1/2 (aniso) "
+        "Hernquist DF, exactly; dehnen: from a Dehnen gamma-model with Osipkov-Merritt "
+        "anisotropy, one model (--gamma G --ra-inverse Q) or a label grid "
+        "(comma lists: N stars per node, labels (gamma, ra_inverse) as columns, training data for "
+        "a conditional flow); exactly (tfgalflow.mocks.sample_hernquist) or with emcee, "
+        "optionally add fractional Gaussian noise (seeded with --seed + 1; stars it moves beyond "
+        "--r-max are dropped), and write a catalogue (.npz/.h5/.hdf5). Radii are in units of the "
+        "scale length a; the physical scale comes from --mass-msun and --scale-kpc.",
+    )
     p.add_argument("model", choices=("hernquist", "dehnen"), help="galaxy model")
     p.add_argument("--gamma", default="1", metavar="G[,G,...]",
                    help="dehnen: inner density slope(s) gamma in [0, 3) (default: 1, Hernquist)")
     p.add_argument("--ra-inverse", default="0", metavar="Q[,Q,...]",
                    help="dehnen: a / r_a, Osipkov-Merritt anisotropy (0: isotropic; default: 0)")
-    p.add_argument("--df", choices=("iso", "aniso"), default="iso",
-                   help="iso: Hernquist (1990) f(E); aniso: constant beta = 1/2 f(E, L) (default: iso)")
-    p.add_argument("--n", type=int, required=True, help="number of stars (per grid node for a dehnen grid)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: fresh entropy, recorded in meta)")
-    p.add_argument("--r-max", type=float, default=None, metavar="R",
-                   help="keep only r < R (units of a; default: untruncated for exact, required in practice for emcee)")
+    p.add_argument(
+        "--df",
+        choices=("iso", "aniso"),
+        default="iso",
+        help="iso: Hernquist (1990) f(E); aniso: constant beta = 1/2 f(E, L) (default: iso)",
+    )
+    p.add_argument(
+        "--n", type=int, required=True, help="number of stars (per grid node for a dehnen grid)"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="random seed (default: fresh entropy, recorded in meta)",
+    )
+    p.add_argument(
+        "--r-max",
+        type=float,
+        default=None,
+        metavar="R",
+        help="keep only r < R (units of a; default: untruncated for exact, required in practice "
+        "for emcee)",
+    )
     p.add_argument("--noise", type=float, default=0.0, metavar="LEVEL",
                    help="fractional Gaussian noise, e.g. 0.01 for 1%% (default: 0, none)")
-    p.add_argument("--noise-convention", choices=NOISE_CONVENTIONS, default="coordinate",
-                   help="coordinate: x_i *= 1 + LEVEL eps (the reference study's); vector: x += LEVEL |x| eps "
-                        "(default: coordinate)")
-    p.add_argument("--sampler", choices=("exact", "emcee"), default="exact", help="sampler (default: exact)")
-    p.add_argument("--walkers", type=int, default=64, help="emcee walkers, even, >= 12 (default: 64)")
+    p.add_argument(
+        "--noise-convention",
+        choices=NOISE_CONVENTIONS,
+        default="coordinate",
+        help="coordinate: x_i *= 1 + LEVEL eps (the reference study's); vector: x += LEVEL |x| "
+        "eps (default: coordinate)",
+    )
+    p.add_argument(
+        "--sampler", choices=("exact", "emcee"), default="exact", help="sampler (default: exact)"
+    )
+    p.add_argument(
+        "--walkers", type=int, default=64, help="emcee walkers, even, >= 12 (default: 64)"
+    )
     p.add_argument("--burn", type=int, default=1000, help="emcee burn-in steps (default: 1000)")
-    p.add_argument("--thin", type=int, default=20, help="emcee steps between kept states (default: 20)")
+    p.add_argument(
+        "--thin", type=int, default=20, help="emcee steps between kept states (default: 20)"
+    )
     p.add_argument("--units", choices=tuple(_MOCK_UNITS), default="model",
                    help="model (G = M = a = 1), kpc (kpc, km/s) or si (m, m/s) (default: model)")
     p.add_argument("--mass-msun", type=float, default=1.0e10, metavar="M",
                    help="total mass M in Msun that model units stand for (default: 1e10)")
     p.add_argument("--scale-kpc", type=float, default=1.0, metavar="A",
                    help="scale length a in kpc that model units stand for (default: 1)")
-    p.add_argument("--out", required=True, metavar="FILE", help="catalogue file: .npz, .h5 or .hdf5")
+    p.add_argument(
+        "--out", required=True, metavar="FILE", help="catalogue file: .npz, .h5 or .hdf5"
+    )
     p.set_defaults(func=_run_mock)
 
 
@@ -605,7 +860,9 @@ def _number_list(text: str, flag: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",")]
     except ValueError:
-        raise InputError(f"{flag} {text!r}: expected a number or comma-separated numbers") from None
+        raise InputError(
+            f"{flag} {text!r}: expected a number or comma-separated numbers"
+        ) from None
 
 
 def _run_mock(args) -> int:
@@ -618,51 +875,90 @@ def _run_mock(args) -> int:
     from .units import ModelUnits
 
     suffix = Path(args.out).suffix.lower()
-    if suffix not in NPZ_SUFFIXES + HDF5_SUFFIXES:      # checked before sampling: fail fast, write nothing
-        raise InputError(f"--out {args.out}: unsupported catalogue extension {suffix!r}; use .npz, .h5 or .hdf5")
+    # checked before sampling: fail fast, write nothing
+    if suffix not in NPZ_SUFFIXES + HDF5_SUFFIXES:
+        raise InputError(
+            f"--out {args.out}: unsupported catalogue extension {suffix!r}; use .npz, .h5 or .hdf5"
+        )
     if not (math.isfinite(args.noise) and args.noise >= 0):
-        raise InputError(f"--noise {args.noise}: level must be a finite fractional noise level >= 0 (0.01 = 1 %)")
+        raise InputError(
+            f"--noise {args.noise}: level must be a finite fractional noise level >= 0 "
+            "(0.01 = 1 %)"
+        )
     try:
         model_units = ModelUnits(args.mass_msun, args.scale_kpc)
     except ValueError as exc:
         raise InputError(f"--mass-msun/--scale-kpc: {exc}") from None
     if args.model == "dehnen":
         from .mocks import sample_dehnen, sample_dehnen_grid
-        gammas, ra_inverses = _number_list(args.gamma, "--gamma"), _number_list(args.ra_inverse, "--ra-inverse")
+
+        gammas, ra_inverses = (
+            _number_list(args.gamma, "--gamma"),
+            _number_list(args.ra_inverse, "--ra-inverse"),
+        )
         if args.sampler != "exact":
-            raise InputError("--sampler emcee applies to hernquist; dehnen mocks are sampled exactly")
+            raise InputError(
+                "--sampler emcee applies to hernquist; dehnen mocks are sampled exactly"
+            )
         if len(gammas) == len(ra_inverses) == 1:
-            cat = sample_dehnen(args.n, gammas[0], ra_inverses[0], seed=args.seed, r_max=args.r_max,
-                                model_units=model_units)
+            cat = sample_dehnen(
+                args.n,
+                gammas[0],
+                ra_inverses[0],
+                seed=args.seed,
+                r_max=args.r_max,
+                model_units=model_units,
+            )
         else:
             cat = sample_dehnen_grid(gammas, ra_inverses, args.n, seed=args.seed, r_max=args.r_max,
                                      model_units=model_units)
         described = f"gamma {args.gamma}, a/r_a {args.ra_inverse}"
     elif args.sampler == "exact":
-        cat = sample_hernquist(args.n, kind=args.df, seed=args.seed, r_max=args.r_max, model_units=model_units)
+        cat = sample_hernquist(
+            args.n, kind=args.df, seed=args.seed, r_max=args.r_max, model_units=model_units
+        )
     else:
         model, kind = Hernquist(), args.df
-        cat = sample_emcee(lambda x, v: model.log_df(x, v, kind), args.n, nwalkers=args.walkers, burn=args.burn,
-                           thin=args.thin, seed=args.seed, r_max=args.r_max,
-                           meta={"df": "hernquist", "kind": kind, "model": {"M": 1.0, "a": 1.0, "G": 1.0},
-                                 "model_units": model_units})
-        print(f"emcee: mean acceptance fraction {cat.meta['acceptance_fraction']:.3f}, autocorrelation time "
-              f"{cat.meta['autocorr_steps']} steps (thin {args.thin})")
+        cat = sample_emcee(
+            lambda x, v: model.log_df(x, v, kind),
+            args.n,
+            nwalkers=args.walkers,
+            burn=args.burn,
+            thin=args.thin,
+            seed=args.seed,
+            r_max=args.r_max,
+            meta={
+                "df": "hernquist",
+                "kind": kind,
+                "model": {"M": 1.0, "a": 1.0, "G": 1.0},
+                "model_units": model_units,
+            },
+        )
+        print(
+            f"emcee: mean acceptance fraction {cat.meta['acceptance_fraction']:.3f}, "
+            f"autocorrelation time {cat.meta['autocorr_steps']} steps (thin {args.thin})"
+        )
     if args.noise > 0:
         cat = add_noise(cat, args.noise, seed=None if args.seed is None else args.seed + 1,
                         convention=args.noise_convention)
-        if args.r_max is not None:      # noise moves stars across r_max: keep the promise r < R (as the study does)
+        # noise moves stars across r_max: keep the promise r < R (as the study does)
+        if args.r_max is not None:
             noisy = len(cat)
             cat = cut(cat, r_max=args.r_max)
-            print(f"noise moved {noisy - len(cat)} of {noisy} stars beyond --r-max {args.r_max:g}: dropped them")
+            print(
+                f"noise moved {noisy - len(cat)} of {noisy} stars beyond --r-max {args.r_max:g}: "
+                "dropped them"
+            )
     if args.units != "model":
         cat = cat.to_units(*_MOCK_UNITS[args.units])
     cat.save(args.out)
     if args.model == "hernquist":
         described = args.df
-    print(f"wrote {len(cat)} stars ({args.model} {described}, {args.sampler} sampler"
-          + (f", {args.noise:g} noise" if args.noise > 0 else "")
-          + f") to {args.out}; units length={cat.units['length']}, velocity={cat.units['velocity']}")
+    print(
+        f"wrote {len(cat)} stars ({args.model} {described}, {args.sampler} sampler"
+        + (f", {args.noise:g} noise" if args.noise > 0 else "")
+        + f") to {args.out}; units length={cat.units['length']}, velocity={cat.units['velocity']}"
+    )
     return 0
 
 
@@ -671,11 +967,17 @@ _SUBCOMMANDS.append(_add_mock)
 
 def _add_info(sub) -> None:
     p = sub.add_parser(
-        "info", help="summarise a catalogue file (N, units, labels, radius/speed percentiles, meta)",
-        description="Print the number of stars, units, label names, percentiles of r = |x| and |v|, and the "
-                    "provenance (meta) of a catalogue. Large HDF5 files are not read whole: percentiles then "
-                    f"come from every k-th row (at most {_INFO_ROWS} rows).")
-    p.add_argument("file", metavar="FILE", help="catalogue: .npz, .h5/.hdf5 (tfgalflow or Gadget PartType4 layout)")
+        "info",
+        help="summarise a catalogue file (N, units, labels, radius/speed percentiles, meta)",
+        description="Print the number of stars, units, label names, percentiles of r = |x| and "
+        "|v|, and the provenance (meta) of a catalogue. Large HDF5 files are not read whole: "
+        f"percentiles then come from every k-th row (at most {_INFO_ROWS} rows).",
+    )
+    p.add_argument(
+        "file",
+        metavar="FILE",
+        help="catalogue: .npz, .h5/.hdf5 (tfgalflow or Gadget PartType4 layout)",
+    )
     p.add_argument("--units", metavar="LENGTH,VELOCITY",
                    help="units of a file that records none, e.g. m,m/s for the reference datasets")
     p.set_defaults(func=_run_info)
@@ -693,7 +995,9 @@ def _run_info(args) -> int:
     if args.units:
         parts = args.units.split(",")
         if len(parts) != 2:
-            raise InputError(f"--units {args.units!r}: expected LENGTH,VELOCITY, e.g. kpc,km/s or m,m/s")
+            raise InputError(
+                f"--units {args.units!r}: expected LENGTH,VELOCITY, e.g. kpc,km/s or m,m/s"
+            )
         units = {"length": parts[0].strip(), "velocity": parts[1].strip()}
     if Path(args.file).suffix.lower() in HDF5_SUFFIXES:
         lazy = open_hdf5(args.file, units=units)
@@ -706,7 +1010,9 @@ def _run_info(args) -> int:
     source = "" if step == 1 else f" (from every {step}th row, {len(cat)} rows)"
 
     def percentiles(values) -> str:
-        return ", ".join(f"p{q}={v:.4g}" for q, v in zip(_PERCENTILES, np.percentile(values, _PERCENTILES)))
+        return ", ".join(
+            f"p{q}={v:.4g}" for q, v in zip(_PERCENTILES, np.percentile(values, _PERCENTILES))
+        )
 
     print(f"file: {args.file}")
     print(f"N: {n}")
@@ -722,13 +1028,28 @@ _SUBCOMMANDS.append(_add_info)
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="run the main job on a small built-in Hernquist mock",
-                       description="Sample an isotropic Hernquist mock, train a small flow, recover accelerations "
-                                   "from the CBE at a set of radii, print recovered against true, write figures.")
-    p.add_argument("--out", default="demo_output",
-                   help="folder for the run, figure data and PNGs (a previous demo's runs/ in it are replaced)")
-    p.add_argument("--n", type=int, default=None, help="number of stars (default: the built-in demo size)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the built-in demo value)")
+    p = sub.add_parser(
+        "demo",
+        help="run the main job on a small built-in Hernquist mock",
+        description="Sample an isotropic Hernquist mock, train a small flow, recover "
+        "accelerations from the CBE at a set of radii, print recovered against true, write "
+        "figures.",
+    )
+    p.add_argument(
+        "--out",
+        default="demo_output",
+        help="folder for the run, figure data and PNGs (a previous demo's runs/ in it are "
+        "replaced)",
+    )
+    p.add_argument(
+        "--n", type=int, default=None, help="number of stars (default: the built-in demo size)"
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="training epochs (default: the built-in demo value)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_run_demo)
 
@@ -745,24 +1066,33 @@ def _run_demo(args) -> int:
         shutil.rmtree(out / "runs")     # a previous demo's output: the demo always trains afresh
     summary = run_study(config, out, verbose=2)
     print(format_table(summary))
-    print(f"figures and figure data written to {args.out}/ (accelerations.png, df_slices.png, mock_iso.png)")
+    print(
+        f"figures and figure data written to {args.out}/ (accelerations.png, df_slices.png, "
+        "mock_iso.png)"
+    )
     return 0
 
 
 _SUBCOMMANDS.append(_add_demo)
 
 
-# ---- posterior (1-D posteriors on a grid) -----------------------------------------------------------
+# ---- posterior (1-D posteriors on a grid) -------------------------------------------------------
 
 def _add_posterior(sub) -> None:
     p = sub.add_parser(
-        "posterior", help="1-D posteriors on a grid (MAP, mean, quantiles, HPD, PIT) for many objects",
-        description="Evaluate p(z | labels) of a 1-D conditional run or SavedModel on a grid for every row "
-                    "of an HDF5 file (dataset 'labels' [N, C], optional truths 'z' [N]) and write the "
-                    "normalised posteriors, summaries and (with truths) PIT, HPD coverage and "
-                    "sigma_NMAD / eta / bias to an HDF5 file (atomically).")
-    p.add_argument("run", metavar="MODEL", help="run directory (tfgalflow train) or SavedModel directory")
-    p.add_argument("inputs", metavar="INPUTS", help="HDF5 file with 'labels' [N, C] (and optionally 'z' [N])")
+        "posterior",
+        help="1-D posteriors on a grid (MAP, mean, quantiles, HPD, PIT) for many objects",
+        description="Evaluate p(z | labels) of a 1-D conditional run or SavedModel on a grid for "
+        "every row of an HDF5 file (dataset 'labels' [N, C], optional truths 'z' [N]) and write "
+        "the normalised posteriors, summaries and (with truths) PIT, HPD coverage and "
+        "sigma_NMAD / eta / bias to an HDF5 file (atomically).",
+    )
+    p.add_argument(
+        "run", metavar="MODEL", help="run directory (tfgalflow train) or SavedModel directory"
+    )
+    p.add_argument(
+        "inputs", metavar="INPUTS", help="HDF5 file with 'labels' [N, C] (and optionally 'z' [N])"
+    )
     p.add_argument("--grid", default="0:3:0.005", metavar="START:STOP:STEP",
                    help="grid of z, inclusive (default 0:3:0.005)")
     p.add_argument("--out", required=True, metavar="FILE", help="output HDF5 file (.h5)")
@@ -786,7 +1116,7 @@ def _run_posterior(args) -> int:
 _SUBCOMMANDS.append(_add_posterior)
 
 
-# ---- task (validation tasks with exact answers) --------------------------------------------------
+# ---- task (validation tasks with exact answers) -------------------------------------------------
 
 _TASK_METAVAR = {"int": "N", "float": "X", "str": "NAME"}
 
@@ -795,10 +1125,13 @@ def _add_task(sub) -> None:
     from .tasks import TASKS, task_names
     from .training import TrainConfig
 
-    p = sub.add_parser("task", help="validation tasks with exact answers: simulate, train, evaluate",
-                       description="Validation tasks: each simulates events at labels, trains a flow, "
-                                   "evaluates it at held-out labels against the exact density and writes "
-                                   "OUT/report.json and figures. Rerunning into OUT resumes the training.")
+    p = sub.add_parser(
+        "task",
+        help="validation tasks with exact answers: simulate, train, evaluate",
+        description="Validation tasks: each simulates events at labels, trains a flow, "
+        "evaluates it at held-out labels against the exact density and writes "
+        "OUT/report.json and figures. Rerunning into OUT resumes the training.",
+    )
     actions = p.add_subparsers(dest="task_action", required=True, metavar="ACTION")
     listing = actions.add_parser("list", help="list the tasks")
     listing.set_defaults(func=_run_task_list)
@@ -811,12 +1144,21 @@ def _add_task(sub) -> None:
         r.add_argument("--out", required=True, help="task directory (report.json, figures, run/)")
         r.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2),
                        help="Keras progress output: 0 quiet, 1 progress bar, 2 one line per epoch")
-        group = r.add_argument_group(f"task configuration (one flag per {cls.config_type.__name__} field)")
+        group = r.add_argument_group(
+            f"task configuration (one flag per {cls.config_type.__name__} field)"
+        )
         task_fields = cls.config_type.field_help()
         for field, (kind, text) in task_fields.items():
-            _add_config_flag(group, field, kind, f"{text} (default: {getattr(cls.config_type(), field)})",
-                             f"task_{field}")
-        group = r.add_argument_group("training configuration (TrainConfig fields; default: the task's)")
+            _add_config_flag(
+                group,
+                field,
+                kind,
+                f"{text} (default: {getattr(cls.config_type(), field)})",
+                f"task_{field}",
+            )
+        group = r.add_argument_group(
+            "training configuration (TrainConfig fields; default: the task's)"
+        )
         for field, (kind, text) in TrainConfig.field_help().items():
             if field not in reserved and field not in task_fields:
                 _add_config_flag(group, field, kind, text, f"train_{field}")
@@ -828,7 +1170,9 @@ def _add_task(sub) -> None:
 def _add_config_flag(group, field: str, kind: str, text: str, dest: str) -> None:
     flag = "--" + field.replace("_", "-")
     if kind == "bool":
-        group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text)
+        group.add_argument(
+            flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text
+        )
     else:
         metavar = _TASK_METAVAR.get(kind) or _CONFIG_METAVAR.get(kind, "VALUE")
         group.add_argument(flag, dest=dest, metavar=metavar, default=None, help=text)
@@ -866,11 +1210,12 @@ def _add_infer_labels(sub) -> None:
     p = sub.add_parser(
         "infer-labels",
         help="infer a conditional model's labels (hyperparameters) from observed events",
-        description="log L(c) = sum_i log p(x_i | c) of the labels c given events x_i: a likelihood "
-                    "map, the maximum (scipy), and emcee posterior samples under a box prior "
-                    "(uniform, or log-uniform with :log). Writes DIR/inference.json, "
-                    "likelihood_map.png, corner.png, "
-                    "posterior_samples.npy.")
+        description="log L(c) = sum_i log p(x_i | c) of the labels c given events x_i: a "
+        "likelihood map, the maximum (scipy), and emcee posterior samples under a box prior "
+        "(uniform, or log-uniform with :log). Writes DIR/inference.json, "
+        "likelihood_map.png, corner.png, "
+        "posterior_samples.npy.",
+    )
     p.add_argument("run", metavar="MODEL",
                    help="run directory (tfgalflow train) or SavedModel directory")
     p.add_argument("events", metavar="EVENTS",
@@ -929,7 +1274,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line on ``argv`` (default sys.argv); returns the exit status (2 for errors)."""
+    """Run the command line on ``argv`` (default sys.argv); returns the exit status
+    (2 for errors).
+    """
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

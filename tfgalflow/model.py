@@ -4,19 +4,20 @@ For data x in physical units (e.g. kpc, km/s) and optional labels c, a :class:`F
 
     u_j = log x_j  (j in log_columns),   u_j = x_j  (otherwise)
     y   = (u - μ) / σ                                   (rescaler, fitted by ``adapt``)
-    z   = T^{-1}(y; c̃),    c̃ = (v - μ_c) / σ_c   (MAF chain, :func:`tfgalflow.flows.build_bijector`)
+    z   = T^{-1}(y; c̃),  c̃ = (v - μ_c) / σ_c  (MAF chain, :func:`tfgalflow.flows.build_bijector`)
     v_k = log c_k  (k in label_log_columns),   v_k = c_k  (otherwise)
 
     log p_x(x | c) = log N(z; 0, I) + log|det ∂z/∂y| - Σ_j log σ_j - Σ_{j in log_columns} log x_j,
 
 the change-of-variables formula (Papamakarios et al. 2021, "Normalizing Flows for Probabilistic
 Modeling and Inference", eq. 2) with the rescaling Jacobian included, so densities are per unit
-physical volume (e.g. per kpc^3 (km/s)^3). Points outside the support (x_j <= 0 in a log column) have
-log p = -inf. Sampling runs the chain forward from z ~ N(0, I) and undoes the rescaling.
+physical volume (e.g. per kpc^3 (km/s)^3). Points outside the support (x_j <= 0 in a log column)
+have log p = -inf. Sampling runs the chain forward from z ~ N(0, I) and undoes the rescaling.
 
 Both implement the density contract (:class:`tfgalflow.density.Density`): the maths is in
-``log_prob_tensor`` / ``sample_tensor``, and the contract adds the validated, traced public methods.
-The traced graphs contain only core TensorFlow ops, so a SavedModel of them reloads without TFP.
+``log_prob_tensor`` / ``sample_tensor``, and the contract adds the validated, traced public
+methods. The traced graphs contain only core TensorFlow ops, so a SavedModel of them reloads
+without TFP.
 """
 from __future__ import annotations
 
@@ -29,8 +30,14 @@ import tf_keras as keras
 
 from .density import Density, as_float32, shape_of, validate_inputs
 from .errors import InputError
-from .flows import (FlowConfig, build_bijector, forward, inverse_and_log_det, inverse_and_log_det_grid,
-                    layer_names)
+from .flows import (
+    FlowConfig,
+    build_bijector,
+    forward,
+    inverse_and_log_det,
+    inverse_and_log_det_grid,
+    layer_names,
+)
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -52,7 +59,8 @@ def _free_batch(t: tf.Tensor) -> tf.Tensor:
 # ---- the flow -------------------------------------------------------------------------------
 
 class Flow(Density, keras.Model):
-    """Conditional normalizing flow p(x | c) on physical-unit data (rescaler + MAF chain + N(0, I) base).
+    """Conditional normalizing flow p(x | c) on physical-unit data
+    (rescaler + MAF chain + N(0, I) base).
 
     Example::
 
@@ -63,26 +71,31 @@ class Flow(Density, keras.Model):
         flow.log_prob(w[:10])                      # [10], log density per kpc^3 (km/s)^3
         flow.sample(1000, seed=1)                  # [1000, 6]
 
-    The rescaler is a set of non-trainable variables (saved with the weights): ``x_shift``, ``x_scale``
-    [D], ``label_shift``, ``label_scale`` [C], ``adapted`` (1.0 once ``adapt`` ran), and the training
-    label range ``label_min``, ``label_max`` [C] (:meth:`label_range`; labels outside it warn). All
-    variables exist after construction (the network is called once on a dummy batch), so ``load_weights`` or
+    The rescaler is a set of non-trainable variables (saved with the weights): ``x_shift``,
+    ``x_scale`` [D], ``label_shift``, ``label_scale`` [C], ``adapted`` (1.0 once ``adapt`` ran),
+    and the training label range ``label_min``, ``label_max`` [C]
+    (:meth:`label_range`; labels outside it warn). All variables exist after construction
+    (the network is called once on a dummy batch), so ``load_weights`` or
     ``tf.train.Checkpoint(model=flow).restore(...)`` works on a fresh ``Flow(config)``.
 
     Args:
         config: a :class:`FlowConfig` or its ``to_dict()``.
         jit_compile: XLA-compile the traced ``log_prob`` / ``grad_log_prob`` for offline evaluation
-            (never for export; sampling is never compiled): faster per call for a one-time compilation
-            (``benchmarks/bench_flows.py`` measures; figures in benchmarks/README.md).
+            (never for export; sampling is never compiled): faster per call for a one-time
+            compilation (``benchmarks/bench_flows.py`` measures; figures in benchmarks/README.md).
     """
 
     what = "flow"
 
-    def __init__(self, config: FlowConfig | Mapping[str, Any], jit_compile: bool = False, **kwargs):
+    def __init__(
+        self, config: FlowConfig | Mapping[str, Any], jit_compile: bool = False, **kwargs
+    ):
         if isinstance(config, Mapping):
             config = FlowConfig.from_dict(config)
         if not isinstance(config, FlowConfig):
-            raise InputError(f"Flow(config): expected a FlowConfig or dict, got {type(config).__name__}")
+            raise InputError(
+                f"Flow(config): expected a FlowConfig or dict, got {type(config).__name__}"
+            )
         kwargs.setdefault("name", "flow")
         super().__init__(**kwargs)
         self._flow_config = config
@@ -92,13 +105,21 @@ class Flow(Density, keras.Model):
         self._log_mask = tf.constant([j in config.log_columns for j in range(dim)], tf.bool)
         self._label_log_mask = tf.constant(
             [k in config.label_log_columns for k in range(label_dim)], tf.bool)
-        self.x_shift = self.add_weight(name="x_shift", shape=[dim], initializer="zeros", trainable=False)
-        self.x_scale = self.add_weight(name="x_scale", shape=[dim], initializer="ones", trainable=False)
-        self.label_shift = self.add_weight(name="label_shift", shape=[label_dim], initializer="zeros",
-                                           trainable=False)
-        self.label_scale = self.add_weight(name="label_scale", shape=[label_dim], initializer="ones",
-                                           trainable=False)
-        self.adapted = self.add_weight(name="adapted", shape=[], initializer="zeros", trainable=False)
+        self.x_shift = self.add_weight(
+            name="x_shift", shape=[dim], initializer="zeros", trainable=False
+        )
+        self.x_scale = self.add_weight(
+            name="x_scale", shape=[dim], initializer="ones", trainable=False
+        )
+        self.label_shift = self.add_weight(
+            name="label_shift", shape=[label_dim], initializer="zeros", trainable=False
+        )
+        self.label_scale = self.add_weight(
+            name="label_scale", shape=[label_dim], initializer="ones", trainable=False
+        )
+        self.adapted = self.add_weight(
+            name="adapted", shape=[], initializer="zeros", trainable=False
+        )
         # the training label range [C] (set by adapt): labels outside it are extrapolation (warned)
         self.label_min = self.add_weight(name="label_min", shape=[label_dim], initializer="zeros",
                                          trainable=False)
@@ -131,7 +152,9 @@ class Flow(Density, keras.Model):
         return bool(self.adapted.numpy() > 0.5)
 
     def get_config(self) -> dict:
-        """``FlowConfig.to_dict()`` (JSON-able); ``Flow.from_config(flow.get_config())`` rebuilds the flow."""
+        """``FlowConfig.to_dict()`` (JSON-able); ``Flow.from_config(flow.get_config())`` rebuilds
+        the flow.
+        """
         return self._flow_config.to_dict()
 
     @classmethod
@@ -140,10 +163,13 @@ class Flow(Density, keras.Model):
         return cls(FlowConfig.from_dict(config))
 
     def build_variables(self) -> None:
-        """Create every variable by evaluating log_prob on a dummy batch of one row (idempotent)."""
+        """Create every variable by evaluating log_prob on a dummy batch of one row
+        (idempotent).
+        """
         x = tf.ones([1, self.dim], tf.float32)
-        # Through keras.Model.__call__, so Keras also records the input spec it needs when the model
-        # is saved as part of a tf.Module (export) -- without it tf.saved_model.save refuses the Flow.
+        # Through keras.Model.__call__, so Keras also records the input spec it needs when the
+        # model is saved as part of a tf.Module (export) -- without it tf.saved_model.save refuses
+        # the Flow.
         self((x, tf.zeros([1, self.label_dim], tf.float32)) if self.label_dim else x)
 
     # -- rescaler --------------------------------------------------------------------------------
@@ -151,11 +177,11 @@ class Flow(Density, keras.Model):
         """Fit the rescaler to data in physical units: μ, σ per column of u (log x in log columns).
 
         Args:
-            x: [N, D] array/tensor, or a ``tf.data.Dataset`` yielding x [B, D] or (x [B, D], labels [B, C])
-               (streamed; moments accumulated in float64).
-            labels: [N, C] for conditional flows (not with a Dataset). Label columns are standardised the
-               same way, after log c_k in ``label_log_columns`` (a constant label column gets
-               σ_c = 1).
+            x: [N, D] array/tensor, or a ``tf.data.Dataset`` yielding x [B, D] or
+               (x [B, D], labels [B, C]) (streamed; moments accumulated in float64).
+            labels: [N, C] for conditional flows (not with a Dataset). Label columns are
+               standardised the same way, after log c_k in ``label_log_columns``
+               (a constant label column gets σ_c = 1).
         Raises InputError for bad shapes, NaN/inf, x_j <= 0 in a log column or c_k <= 0 in a label
         log column (the message names the column), or a constant data column.
         """
@@ -163,19 +189,25 @@ class Flow(Density, keras.Model):
         label_moments = _Moments(self.label_dim)
         if isinstance(x, tf.data.Dataset):
             if labels is not None:
-                raise InputError("adapt: pass labels inside the Dataset as (x, labels) elements, not separately")
+                raise InputError(
+                    "adapt: pass labels inside the Dataset as (x, labels) elements, not separately"
+                )
             for element in x:
                 bx, bc = (element if isinstance(element, (tuple, list)) else (element, None))[:2]
                 self._accumulate(data_moments, label_moments, bx, bc)
         else:
             self._accumulate(data_moments, label_moments, x, labels)
         if data_moments.count < 2:
-            raise InputError(f"adapt: need at least 2 rows of x [N, {self.dim}], got {data_moments.count}")
+            raise InputError(
+                f"adapt: need at least 2 rows of x [N, {self.dim}], got {data_moments.count}"
+            )
         mean, std = data_moments.mean_std()
         flat = np.nonzero(~(std > 0))[0]
         if flat.size:
-            raise InputError(f"adapt: data column(s) {flat.tolist()} of x [N, {self.dim}] are constant; "
-                             f"a flow cannot model a zero-width column")
+            raise InputError(
+                f"adapt: data column(s) {flat.tolist()} of x [N, {self.dim}] are constant; "
+                f"a flow cannot model a zero-width column"
+            )
         self.x_shift.assign(mean.astype(np.float32))
         self.x_scale.assign(std.astype(np.float32))
         if self.label_dim:
@@ -187,21 +219,27 @@ class Flow(Density, keras.Model):
         self.adapted.assign(1.0)
         return self
 
-    def _accumulate(self, data_moments: "_Moments", label_moments: "_Moments", x: Any, labels: Any) -> None:
+    def _accumulate(
+        self, data_moments: "_Moments", label_moments: "_Moments", x: Any, labels: Any
+    ) -> None:
         x, c = self.check_inputs(x, labels)
         u = x.numpy().astype(np.float64)
         for j in self.config.log_columns:
             bad = u[:, j] <= 0
             if bad.any():
-                raise InputError(f"adapt: column {j} is a log column but has {int(bad.sum())} value(s) <= 0 "
-                                 f"(first at row {int(np.argmax(bad))}); log columns must be > 0")
+                raise InputError(
+                    f"adapt: column {j} is a log column but has {int(bad.sum())} value(s) <= 0 "
+                    f"(first at row {int(np.argmax(bad))}); log columns must be > 0"
+                )
             u[:, j] = np.log(u[:, j])
         data_moments.update(u)
         if c is not None:
             label_moments.update(self._label_logs(c.numpy().astype(np.float64), "adapt"))
 
     def _label_logs(self, c: np.ndarray, where: str) -> np.ndarray:
-        """c [N, C] with log c_k in the label log columns; InputError naming a column with c <= 0."""
+        """c [N, C] with log c_k in the label log columns; InputError naming a column with
+        c <= 0.
+        """
         if not self.config.label_log_columns:
             return c
         c = np.array(c, dtype=np.float64)
@@ -223,7 +261,9 @@ class Flow(Density, keras.Model):
         return x, c
 
     def _rescale(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor | None]:
-        """y = (u - μ)/σ, log|det ∂y/∂x| = -Σ log σ - Σ_log-cols log x, support: ([N, D], [N], [N] | None)."""
+        """y = (u - μ)/σ, log|det ∂y/∂x| = -Σ log σ - Σ_log-cols log x, support:
+        ([N, D], [N], [N] | None).
+        """
         log_jacobian = -tf.reduce_sum(tf.math.log(self.x_scale))
         in_support = None
         u = x
@@ -254,7 +294,7 @@ class Flow(Density, keras.Model):
         c_std = (c - self.label_shift) / self.label_scale
         return {name: {"conditional_input": c_std} for name in self._layer_names}
 
-    # -- pure tensor maths (traced by the graph functions, by train_step and by Ensemble) ----------
+    # -- pure tensor maths (traced by the graph functions, by train_step and by Ensemble) ---------
     def log_prob_tensor(self, x: tf.Tensor, labels: tf.Tensor | None = None) -> tf.Tensor:
         """log p(x | labels) [N]: the change of variables of the module docstring, as TF ops."""
         y, log_jacobian, in_support = self._rescale(x)
@@ -267,19 +307,26 @@ class Flow(Density, keras.Model):
         return lp
 
     def label_range(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """(min [C], max [C]) of the labels ``adapt`` saw (the training range), None before adapt or
-        for an unconditional flow. Saved with the weights (non-trainable ``label_min``/``label_max``).
+        """(min [C], max [C]) of the labels ``adapt`` saw (the training range), None before adapt
+        or for an unconditional flow. Saved with the weights
+        (non-trainable ``label_min``/``label_max``).
         """
         if not self.label_dim or not self.is_adapted:
             return None
         return self.label_min.numpy(), self.label_max.numpy()
 
     def scale_hint(self) -> tf.Variable:
-        """The rescaler's scales σ [D] (the variable itself: read when traced, so current after adapt)."""
+        """The rescaler's scales σ [D] (the variable itself: read when traced, so current after
+        adapt).
+        """
         return self.x_scale
 
-    def sample_tensor(self, n: tf.Tensor | None, c: tf.Tensor | None, seed: tf.Tensor) -> tf.Tensor:
-        """x = unscale(T(z; c)), z ~ N(0, I) [n, D] from a stateless seed [2] (truncated passes)."""
+    def sample_tensor(
+        self, n: tf.Tensor | None, c: tf.Tensor | None, seed: tf.Tensor
+    ) -> tf.Tensor:
+        """x = unscale(T(z; c)), z ~ N(0, I) [n, D] from a stateless seed [2]
+        (truncated passes).
+        """
         if c is not None:
             n = tf.shape(c)[0]
         z = tf.random.stateless_normal(tf.stack([n, self.dim]), seed=seed, dtype=tf.float32)
@@ -287,14 +334,17 @@ class Flow(Density, keras.Model):
         return self._unscale(y)
 
     def log_prob_grid_tensor(self, grid: tf.Tensor, labels: tf.Tensor | None = None) -> tf.Tensor:
-        """log p(x_g | labels_n) [N, G] of a 1-D flow at every grid value x_g [G] for every label row [N, C].
+        """log p(x_g | labels_n) [N, G] of a 1-D flow at every grid value x_g [G] for every label
+        row [N, C].
 
         The same numbers as ``log_prob_tensor`` on the N·G pairs (x_g, c_n), but each layer's
         conditioning network runs once per row (:func:`tfgalflow.flows.inverse_and_log_det_grid`).
         Without labels (unconditional) N = 1. InputError unless dim = 1.
         """
         if self.dim != 1:
-            raise InputError(f"log_prob_grid_tensor needs a 1-D flow; this {self.what} has dim = {self.dim}")
+            raise InputError(
+                f"log_prob_grid_tensor needs a 1-D flow; this {self.what} has dim = {self.dim}"
+            )
         x = tf.reshape(tf.cast(grid, tf.float32), [1, -1])
         rows = 1 if labels is None else tf.shape(labels)[0]
         x = tf.tile(x, tf.stack([rows, 1]))                                  # [N, G]
@@ -311,46 +361,62 @@ class Flow(Density, keras.Model):
             lp = tf.where(in_support, lp, tf.fill(tf.shape(lp), -np.inf))
         return lp
 
-    # -- Keras --------------------------------------------------------------------------------------
+    # -- Keras ------------------------------------------------------------------------------------
     def call(self, inputs, training=None):
         """log p for ``inputs`` = x or (x, labels); Keras' forward pass."""
         x, c, _ = self._unpack(inputs)
         return self.log_prob_tensor(x, c)
 
     def _unpack(self, data) -> tuple[tf.Tensor, tf.Tensor | None, tf.Tensor | None]:
-        """(x, labels | None, sample_weight [N] | None) from Keras data: x, (x, labels) or (x, labels, w)."""
+        """(x, labels | None, sample_weight [N] | None) from Keras data: x, (x, labels) or
+        (x, labels, w).
+        """
         x, c, w = _split_keras_data(data)
         if self.label_dim == 0 and c is not None and c.shape.rank == 2 and c.shape[1] == 0:
-            c = None      # zero-width labels: how unconditional flows get sample weights (see train_step)
+            # zero-width labels: how unconditional flows get sample weights (see train_step)
+            c = None
         x, c = validate_inputs(x, c, self.dim, self.label_dim, self.what)
         if w is not None:
             w = tf.reshape(tf.cast(w, tf.float32), [-1])
         return _free_batch(x), (_free_batch(c) if c is not None else None), w
 
     def _unpack_stack(self, data) -> tuple[tf.Tensor, tf.Tensor | None, tf.Tensor | None]:
-        """(x [K, B, D], labels [K, B, C] | None, sample_weight [K, B] | None) from a stack of K batches.
+        """(x [K, B, D], labels [K, B, C] | None, sample_weight [K, B] | None) from a stack of K
+        batches.
 
-        The same conventions as :meth:`_unpack` (zero-width labels [K, B, 0] of an unconditional flow
-        are dropped); K and B are made dynamic (see :func:`_free_stack`). InputError for wrong shapes.
+        The same conventions as :meth:`_unpack` (zero-width labels [K, B, 0] of an unconditional
+        flow are dropped); K and B are made dynamic (see :func:`_free_stack`). InputError for wrong
+        shapes.
         """
         x, c, w = _split_keras_data(data)
         x = as_float32(x, "x")
         if x.shape[2] is not None and x.shape[2] != self.dim:
-            raise InputError(f"stacked x has shape {shape_of(x)}; the {self.what} expects [K, B, {self.dim}]")
+            raise InputError(
+                f"stacked x has shape {shape_of(x)}; the {self.what} expects [K, B, {self.dim}]"
+            )
         if c is not None and self.label_dim == 0 and c.shape.rank == 3 and c.shape[2] == 0:
             c = None
         if c is None and self.label_dim:
-            raise InputError(f"the {self.what} is conditional: stacked labels [K, B, {self.label_dim}] are "
-                             f"required (x has shape {shape_of(x)})")
+            raise InputError(
+                f"the {self.what} is conditional: stacked labels [K, B, {self.label_dim}] are "
+                f"required (x has shape {shape_of(x)})"
+            )
         if c is not None:
             if not self.label_dim:
-                raise InputError(f"labels were given (shape {shape_of(c)}) but the {self.what} is unconditional "
-                                 f"(label_dim = 0)")
+                raise InputError(
+                    f"labels were given (shape {shape_of(c)}) but the {self.what} is "
+                    "unconditional (label_dim = 0)"
+                )
             c = as_float32(c, "labels")
-            if c.shape.rank != 3 or (c.shape[2] is not None and c.shape[2] != self.label_dim) or not (
-                    c.shape[:2].is_compatible_with(x.shape[:2])):
-                raise InputError(f"stacked labels have shape {shape_of(c)}; with x {shape_of(x)} the {self.what} "
-                                 f"expects [K, B, {self.label_dim}]")
+            if (
+                c.shape.rank != 3
+                or (c.shape[2] is not None and c.shape[2] != self.label_dim)
+                or not (c.shape[:2].is_compatible_with(x.shape[:2]))
+            ):
+                raise InputError(
+                    f"stacked labels have shape {shape_of(c)}; with x {shape_of(x)} the "
+                    f"{self.what} expects [K, B, {self.label_dim}]"
+                )
             c = _free_stack(c)
         if w is not None:
             w = tf.reshape(tf.cast(w, tf.float32), tf.shape(x)[:2])
@@ -362,8 +428,9 @@ class Flow(Density, keras.Model):
         return [self._loss_tracker]
 
     def compile(self, optimizer="rmsprop", **kwargs):
-        """keras.Model.compile; no loss is needed (it is -log p). ``weighted_metrics`` defaults to [] so
-        that sample weights, which the loss already uses, do not trigger Keras' missing-metrics warning.
+        """keras.Model.compile; no loss is needed (it is -log p). ``weighted_metrics`` defaults to
+        [] so that sample weights, which the loss already uses, do not trigger Keras'
+        missing-metrics warning.
         """
         kwargs.setdefault("weighted_metrics", [])
         super().compile(optimizer=optimizer, **kwargs)
@@ -371,10 +438,10 @@ class Flow(Density, keras.Model):
     def _loss(self, lp: tf.Tensor, w: tf.Tensor | None) -> tf.Tensor:
         """-Σ w log p / Σ w (the mean without weights), divided by the number of replicas in sync.
 
-        Under a ``tf.distribute`` strategy each replica sees 1/R of the batch and the optimizer sums the R
-        replicas' gradients, so each replica's mean is scaled by 1/R (Keras' convention,
-        ``scale_loss_for_distribution``): the summed gradient is that of the mean over the global batch
-        (exactly so without weights or with equal weight sums per replica).
+        Under a ``tf.distribute`` strategy each replica sees 1/R of the batch and the optimizer
+        sums the R replicas' gradients, so each replica's mean is scaled by 1/R (Keras' convention,
+        ``scale_loss_for_distribution``): the summed gradient is that of the mean over the global
+        batch (exactly so without weights or with equal weight sums per replica).
         """
         if w is None:
             loss = -tf.reduce_mean(lp)
@@ -385,11 +452,11 @@ class Flow(Density, keras.Model):
 
     # -- deconvolution: the loss of noisy data (tfgalflow.deconvolution) ------------------------
     def set_noise_model(self, noise_model: Any) -> "Flow":
-        """Train on noisy rows: with a :class:`tfgalflow.deconvolution.NoiseModel` the training data
-        are packed rows [B, D + E] (x, then each row's errors; ``deconvolution.pack``) and the loss
-        is -log of the noise-convolved density (``NoiseModel.log_likelihood``), so the flow learns
-        the error-free density. None restores plain maximum likelihood. log_prob, sampling and
-        export always describe the flow itself (the error-free density).
+        """Train on noisy rows: with a :class:`tfgalflow.deconvolution.NoiseModel` the training
+        data are packed rows [B, D + E] (x, then each row's errors; ``deconvolution.pack``) and the
+        loss is -log of the noise-convolved density (``NoiseModel.log_likelihood``), so the flow
+        learns the error-free density. None restores plain maximum likelihood. log_prob, sampling
+        and export always describe the flow itself (the error-free density).
         """
         if noise_model is not None and getattr(noise_model, "dim", None) != self.dim:
             raise InputError(f"set_noise_model: expected a NoiseModel with dim = {self.dim}, got "
@@ -399,7 +466,9 @@ class Flow(Density, keras.Model):
         return self
 
     def _split_errors(self, data) -> tuple[Any, tf.Tensor | None]:
-        """(Keras data with x [..., D], packed errors [..., E] | None): no-op without a noise model."""
+        """(Keras data with x [..., D], packed errors [..., E] | None): no-op without a noise
+        model.
+        """
         if self.noise_model is None:
             return data, None
         x, c, w = _split_keras_data(data)
@@ -408,8 +477,8 @@ class Flow(Density, keras.Model):
 
     def _data_log_prob(self, x: tf.Tensor, c: tf.Tensor | None, errors: tf.Tensor | None,
                        step: tf.Tensor | int) -> tf.Tensor:
-        """log f(x | c) [B]; with errors [B, E] the noise-convolved estimate log p̂(x | c), its draws
-        seeded by (noise seed, ``step``).
+        """log f(x | c) [B]; with errors [B, E] the noise-convolved estimate log p̂(x | c), its
+        draws seeded by (noise seed, ``step``).
         """
         if errors is None:
             return self.log_prob_tensor(x, c)
@@ -418,8 +487,8 @@ class Flow(Density, keras.Model):
 
     def _optimizer_step(self, x: tf.Tensor, c: tf.Tensor | None, w: tf.Tensor | None,
                         errors: tf.Tensor | None = None) -> None:
-        """One Adam (or other optimizer) update on the batch x [B, D], c [B, C] | None, w [B] | None
-        (errors [B, E]: the deconvolution loss, draws seeded by the optimizer step).
+        """One Adam (or other optimizer) update on the batch x [B, D], c [B, C] | None, w
+        [B] | None (errors [B, E]: the deconvolution loss, draws seeded by the optimizer step).
         """
         with tf.GradientTape() as tape:
             lp = self._data_log_prob(x, c, errors, self.optimizer.iterations + 1)
@@ -433,31 +502,38 @@ class Flow(Density, keras.Model):
         """Optimizer steps on loss = -Σ_n w_n log p(x_n | c_n) / Σ_n w_n (w_n = 1 without weights).
 
         ``data`` is x, (x, labels) or (x, labels, sample_weight) as Keras passes it, so
-        ``fit(x, labels, sample_weight=w)`` fits a weighted sample (e.g. inverse selection probabilities).
-        Keras drops sample weights when y is None, so unconditional flows take zero-width labels:
-        ``fit(x, np.zeros((len(x), 0)), sample_weight=w)``.
+        ``fit(x, labels, sample_weight=w)`` fits a weighted sample
+        (e.g. inverse selection probabilities). Keras drops sample weights when y is None, so
+        unconditional flows take zero-width labels: ``fit(x, np.zeros((len(x), 0)),
+        sample_weight=w)``.
 
         Shapes:
             x [B, D], labels [B, C], sample_weight [B]: one optimizer step (the usual Keras step).
-            x [K, B, D], labels [K, B, C], sample_weight [K, B]: a *stack* of K batches, K optimizer steps
-                in one ``tf.while_loop`` -- step k uses batch k and the weights left by step k-1, exactly
-                the updates (same order, same learning rates, optimizer.iterations += K) of K calls on
-                x[0], ..., x[K-1]; the loss tracker is updated after every step. K and B may change from
-                call to call (a short last stack, a stack of one partial batch).
+            x [K, B, D], labels [K, B, C], sample_weight [K, B]: a *stack* of K batches, K
+                optimizer steps in one ``tf.while_loop`` -- step k uses batch k and the weights
+                left by step k-1, exactly the updates (same order, same learning rates,
+                optimizer.iterations += K) of K calls on x[0], ..., x[K-1]; the loss tracker is
+                updated after every step. K and B may change from call to call
+                (a short last stack, a stack of one partial batch).
 
-        Why stacks: each call of Keras' train function costs a fixed dispatch overhead (function call,
-        XLA launch, iterator, callbacks) comparable to a whole step on 2048 points of a 8 x (2x64) MAF on
-        CPU; inside one XLA-compiled call (``compile(jit_compile=True)``) it is paid once per K steps.
-        ``TrainConfig.steps_per_call`` builds such stacks for :func:`tfgalflow.training.train`.
+        Why stacks: each call of Keras' train function costs a fixed dispatch overhead
+        (function call, XLA launch, iterator, callbacks) comparable to a whole step on 2048 points
+        of a 8 x (2x64) MAF on CPU; inside one XLA-compiled call (``compile(jit_compile=True)``) it
+        is paid once per K steps. ``TrainConfig.steps_per_call`` builds such stacks for
+        :func:`tfgalflow.training.train`.
 
-        Stacks need a single replica: under a ``tf.distribute`` strategy with several replicas Keras would
-        split a stack along K, so they raise InputError (``training.train`` falls back to K = 1 there).
+        Stacks need a single replica: under a ``tf.distribute`` strategy with several replicas
+        Keras would split a stack along K, so they raise InputError
+        (``training.train`` falls back to K = 1 there).
         """
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         if replicas > 1 and _rank(_split_keras_data(data)[0]) != 2:
-            raise InputError(f"x has shape {shape_of(_split_keras_data(data)[0])} on one of {replicas} replicas: "
-                             f"stacked batches [K, B, D] need a single replica (the distribution strategy "
-                             f"would split the stack along K); feed batches [B, {self.dim}]")
+            raise InputError(
+                f"x has shape {shape_of(_split_keras_data(data)[0])} on one of {replicas} "
+                "replicas: stacked batches [K, B, D] need a single replica "
+                "(the distribution strategy would split the stack along K); feed batches "
+                f"[B, {self.dim}]"
+            )
         data, errors = self._split_errors(data)
         if not _is_stack(data):
             self._optimizer_step(*self._unpack(data), errors)
@@ -472,7 +548,9 @@ class Flow(Density, keras.Model):
             return (k + 1,)
 
         # parallel_iterations=1: step k+1 reads the variables step k wrote.
-        tf.while_loop(lambda k: k < tf.shape(x)[0], one_step, (tf.constant(0),), parallel_iterations=1)
+        tf.while_loop(
+            lambda k: k < tf.shape(x)[0], one_step, (tf.constant(0),), parallel_iterations=1
+        )
         return {"loss": self._loss_tracker.result()}
 
     def test_step(self, data):
@@ -495,7 +573,9 @@ class Flow(Density, keras.Model):
 
 
 def _split_keras_data(data) -> tuple[Any, Any, Any]:
-    """(x, labels, sample_weight) from Keras data x, (x, labels), ((x, labels),) or (x, labels, w)."""
+    """(x, labels, sample_weight) from Keras data x, (x, labels), ((x, labels),) or
+    (x, labels, w).
+    """
     x, c, w = keras.utils.unpack_x_y_sample_weight(data)
     if isinstance(x, (tuple, list)) and c is None and len(x) == 2:
         x, c = x
@@ -508,7 +588,9 @@ def _rank(value: Any) -> int | None:
 
 
 def _is_stack(data) -> bool:
-    """True if the Keras data hold a stack of batches, x [K, B, D] (rank 3), rather than x [B, D]."""
+    """True if the Keras data hold a stack of batches, x [K, B, D] (rank 3), rather
+    than x [B, D].
+    """
     return _rank(_split_keras_data(data)[0]) == 3
 
 
@@ -517,7 +599,11 @@ def _free_stack(t: tf.Tensor) -> tf.Tensor:
 
     So that ``t[k]`` has a free batch dimension, for the reason given in :func:`_free_batch`.
     """
-    if tf.executing_eagerly() or t.shape.rank is None or (t.shape[0] is None and t.shape[1] is None):
+    if (
+        tf.executing_eagerly()
+        or t.shape.rank is None
+        or (t.shape[0] is None and t.shape[1] is None)
+    ):
         return t
     return tf.compat.v1.placeholder_with_default(t, shape=[None, None] + t.shape.as_list()[2:])
 
@@ -564,9 +650,9 @@ class Ensemble(Density, tf.Module):
 
         log p = logsumexp_k(log p_k) - log K,
 
-    computed stably in log space; ``sample`` draws each point from a member chosen uniformly at random
-    (exact mixture sampling), and ``grad_log_prob`` differentiates the log of the mean density, i.e.
-    Σ_k w_k ∇log p_k with posterior weights w_k = p_k / Σ_j p_j.
+    computed stably in log space; ``sample`` draws each point from a member chosen uniformly at
+    random (exact mixture sampling), and ``grad_log_prob`` differentiates the log of the mean
+    density, i.e. Σ_k w_k ∇log p_k with posterior weights w_k = p_k / Σ_j p_j.
     """
 
     what = "ensemble"
@@ -578,7 +664,9 @@ class Ensemble(Density, tf.Module):
             raise InputError("Ensemble(members): expected a non-empty list of Flow models")
         dims = {(m.dim, m.label_dim) for m in members}
         if len(dims) != 1:
-            raise InputError(f"Ensemble members disagree on (dim, label_dim): {sorted(dims)}; all must match")
+            raise InputError(
+                f"Ensemble members disagree on (dim, label_dim): {sorted(dims)}; all must match"
+            )
         self.members = members
         self.jit_log_prob = bool(jit_compile)
 
@@ -602,11 +690,15 @@ class Ensemble(Density, tf.Module):
 
     @property
     def evaluations_per_row(self) -> int:
-        """Member evaluations per row of ``log_prob`` (K): :mod:`tfgalflow.cbe` divides its chunks by it."""
+        """Member evaluations per row of ``log_prob`` (K): :mod:`tfgalflow.cbe` divides its chunks
+        by it.
+        """
         return len(self.members)
 
     def label_range(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """The union of the members' training label ranges (min [C], max [C]), or None if unknown."""
+        """The union of the members' training label ranges (min [C], max [C]), or None if
+        unknown.
+        """
         ranges = [m.label_range() for m in self.members]
         if any(r is None for r in ranges):
             return None
@@ -618,22 +710,28 @@ class Ensemble(Density, tf.Module):
 
     def log_prob_tensor(self, x: tf.Tensor, labels: tf.Tensor | None = None) -> tf.Tensor:
         """log p = logsumexp_k log p_k - log K [N] (the mixture density), as TF ops."""
-        member_lp = tf.stack([m.log_prob_tensor(x, labels) for m in self.members], axis=0)   # [K, N]
+        # [K, N]
+        member_lp = tf.stack([m.log_prob_tensor(x, labels) for m in self.members], axis=0)
         return tf.reduce_logsumexp(member_lp, axis=0) - math.log(len(self.members))
 
     def log_prob_grid_tensor(self, grid: tf.Tensor, labels: tf.Tensor | None = None) -> tf.Tensor:
-        """log of the mixture density [N, G] of 1-D members on a grid (see ``Flow.log_prob_grid_tensor``)."""
+        """log of the mixture density [N, G] of 1-D members on a grid
+        (see ``Flow.log_prob_grid_tensor``).
+        """
         member_lp = tf.stack([m.log_prob_grid_tensor(grid, labels) for m in self.members], axis=0)
         return tf.reduce_logsumexp(member_lp, axis=0) - math.log(len(self.members))
 
-    def sample_tensor(self, n: tf.Tensor | None, c: tf.Tensor | None, seed: tf.Tensor) -> tf.Tensor:
+    def sample_tensor(
+        self, n: tf.Tensor | None, c: tf.Tensor | None, seed: tf.Tensor
+    ) -> tf.Tensor:
         """Exact mixture draws [n, D]: each row from a member chosen uniformly at random."""
         k = len(self.members)
         if c is not None:
             n = tf.shape(c)[0]
         choice_seed = tf.random.experimental.stateless_fold_in(seed, k)
-        member = tf.random.stateless_uniform(tf.reshape(n, [1]), seed=choice_seed, minval=0, maxval=k,
-                                             dtype=tf.int32)
+        member = tf.random.stateless_uniform(
+            tf.reshape(n, [1]), seed=choice_seed, minval=0, maxval=k, dtype=tf.int32
+        )
         rows = tf.dynamic_partition(tf.range(n), member, k)
         draws = []
         for j, m in enumerate(self.members):

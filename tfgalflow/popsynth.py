@@ -145,7 +145,9 @@ def _truncation(mu: np.ndarray, sigma: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 
 def log_prob_mass(m: Any, labels: Any) -> np.ndarray:
-    """ln p_m(m | Z, α) [N] of the truncated log-normal primary mass (ln 1/M☉); -inf off [3, 60]."""
+    """ln p_m(m | Z, α) [N] of the truncated log-normal primary mass (ln 1/M☉); -inf off
+    [3, 60].
+    """
     m = np.asarray(m, dtype=np.float64).ravel()
     mu, sigma = mass_parameters(check_labels(labels, m.size))
     lo, hi = _truncation(mu, sigma)

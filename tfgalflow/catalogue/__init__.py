@@ -41,7 +41,26 @@ from .parquet import (
 )
 from .root import read_root
 
-__all__ = ["Catalogue", "HDF5Catalogue", "open_hdf5", "hdf5_dataset", "check_units", "FORMAT",
-           "FORMAT_VERSION", "HDF5_SUFFIXES", "NPZ_SUFFIXES", "GADGET_GROUP", "GADGET_POS",
-           "GADGET_VEL", "CHUNK_ROWS", "ERROR_KINDS", "EventTable", "read_root", "PARQUET_SUFFIXES",
-           "read_parquet", "write_parquet", "iter_parquet_batches", "parquet_dataset"]
+__all__ = [
+    "Catalogue",
+    "HDF5Catalogue",
+    "open_hdf5",
+    "hdf5_dataset",
+    "check_units",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "HDF5_SUFFIXES",
+    "NPZ_SUFFIXES",
+    "GADGET_GROUP",
+    "GADGET_POS",
+    "GADGET_VEL",
+    "CHUNK_ROWS",
+    "ERROR_KINDS",
+    "EventTable",
+    "read_root",
+    "PARQUET_SUFFIXES",
+    "read_parquet",
+    "write_parquet",
+    "iter_parquet_batches",
+    "parquet_dataset",
+]

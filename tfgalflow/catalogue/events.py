@@ -1,9 +1,10 @@
 """Event tables: N-D events with labels, the form non-phase-space data take (ROOT trees, Parquet).
 
-A :class:`~tfgalflow.catalogue.Catalogue` is 6-D phase space with units; an :class:`EventTable` is any
-[N, D] events with [N, C] labels and column names, as a grid of simulations writes them. Both readers
-(:func:`~tfgalflow.catalogue.read_root`, :func:`~tfgalflow.catalogue.read_parquet`) return one, and
-``train(table.events, config, run_dir, labels=table.labels, label_names=table.label_names)`` fits it.
+A :class:`~tfgalflow.catalogue.Catalogue` is 6-D phase space with units; an :class:`EventTable` is
+any [N, D] events with [N, C] labels and column names, as a grid of simulations writes them. Both
+readers (:func:`~tfgalflow.catalogue.read_root`, :func:`~tfgalflow.catalogue.read_parquet`) return
+one, and ``train(table.events, config, run_dir, labels=table.labels,
+label_names=table.label_names)`` fits it.
 """
 from __future__ import annotations
 

@@ -56,8 +56,12 @@ class TrainConfig:
     bins: int = _option(8, "spline bins K (kind='spline')", "int")
     log_columns: tuple = _option((), "0-based data columns modelled as log(x) (strictly "
                                      "positive), e.g. 0,3", "ints")
-    label_log_columns: tuple = _option((), "0-based label columns standardised as log(c) (strictly "
-                                           "positive, e.g. a metallicity Z), e.g. 0", "ints")
+    label_log_columns: tuple = _option(
+        (),
+        "0-based label columns standardised as log(c) (strictly "
+        "positive, e.g. a metallicity Z), e.g. 0",
+        "ints",
+    )
     label_dim: int | None = _option(None, "label columns C to condition on: none = as many as the "
                                           "data has, 0 = ignore labels", "int?")
     epochs: int = _option(100, "maximum number of epochs", "int")
