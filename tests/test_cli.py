@@ -181,3 +181,23 @@ def test_potential_cli_fits_and_accel_reads_the_potential(tmp_path, capsys):
     capsys.readouterr()
     assert main(["accel", str(pot), "--radii", "1", "--out", str(tmp_path / "a.xyz")]) == 2
     assert ".xyz" in _error(capsys)
+
+
+def test_train_reads_a_plain_pos_vel_npz_with_units_and_resumes_with_it(tmp_path, capsys):
+    # The reference study's datasets: plain pos/vel arrays in SI units, no units recorded.
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "plain.npz", pos=rng.normal(size=(600, 3)) * 3e19,
+             vel=rng.normal(size=(600, 3)) * 1e5)
+    flags = ["--layers", "1", "--hidden", "8", "--epochs", "2", "--checkpoint-every", "1",
+             "--verbose", "0", "--no-jit-compile", "--steps-per-call", "1"]
+    run = tmp_path / "run"
+    assert main(["train", str(tmp_path / "plain.npz"), "--out", str(run)] + flags) == 2
+    assert "--units" in _error(capsys)
+    assert main(["train", str(tmp_path / "plain.npz"), "--units", "m,m/s", "--out", str(run)]
+                + flags) == 0
+    capsys.readouterr()
+    # Resuming a run trained in memory needs the same data (checked by its sha256).
+    assert main(["train", "--resume", str(run)]) == 2
+    assert "CATALOGUE" in _error(capsys)
+    resume = ["train", "--resume", str(run), str(tmp_path / "plain.npz"), "--units", "m,m/s"]
+    assert main(resume) == 0

@@ -58,6 +58,9 @@ def _add_train(sub) -> None:
     p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=None,
                    help="0 quiet, 1 progress bar (default), 2 one line per epoch; "
                         "--resume keeps the run's own unless given")
+    p.add_argument("--units", metavar="LENGTH,VELOCITY",
+                   help="units of a catalogue that does not record them (e.g. m,m/s for the "
+                        "reference study's plain pos/vel .npz)")
     p.add_argument("--event-columns", metavar="A,B,...",
                    help="a .parquet CATALOGUE's event (data) columns, e.g. m0,m1")
     p.add_argument("--label-columns", metavar="A,B,...",
@@ -92,15 +95,20 @@ def _run_train(args) -> int:
     overrides = {name: getattr(args, f"config_{name}") for name in TrainConfig.field_help()
                  if getattr(args, f"config_{name}") is not None}
     if args.resume:
-        extra = [flag for flag, value in (("CATALOGUE", args.catalogue), ("--out", args.out),
-                                          ("--config", args.config)) if value]
+        extra = [flag for flag, value in (("--out", args.out), ("--config", args.config)) if value]
         extra += ["--" + name.replace("_", "-") for name in overrides]
         if extra:
             raise InputError(
                 "--resume RUN continues the run exactly as it was configured; drop "
                 f"{', '.join(extra)}"
             )
-        resume(args.resume, verbose=args.verbose)
+        if args.catalogue:
+            # A run trained on data read in memory (--units, .parquet) resumes with the same data,
+            # checked against the sha256 recorded in its config.json.
+            data, labels, _ = _parquet_training_data(args)
+            resume(args.resume, data=data, labels=labels, verbose=args.verbose)
+        else:
+            resume(args.resume, verbose=args.verbose)
         run_dir = args.resume
     else:
         if not args.catalogue or not args.out:
@@ -116,14 +124,20 @@ def _run_train(args) -> int:
 
 
 def _parquet_training_data(args) -> tuple:
-    """(data, labels, label_names) for train(): a .parquet file is read by its named columns."""
+    """(data, labels, label_names) for train(): a .parquet file is read by its named columns; a
+    catalogue that records no units is read with ``--units`` (in memory).
+    """
     from pathlib import Path
-    from .catalogue import PARQUET_SUFFIXES, read_parquet
+    from .catalogue import PARQUET_SUFFIXES, Catalogue, read_parquet
     from .errors import InputError
+    from .points import parse_units
 
     if Path(args.catalogue).suffix.lower() not in PARQUET_SUFFIXES:
         if args.event_columns or args.label_columns:
             raise InputError("--event-columns/--label-columns apply to .parquet catalogues only")
+        units = parse_units(args.units)
+        if units is not None:
+            return Catalogue.load(args.catalogue, units=units), None, None
         return args.catalogue, None, None
     if not args.event_columns:
         raise InputError(f"{args.catalogue}: a Parquet catalogue needs --event-columns, "

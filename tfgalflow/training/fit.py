@@ -347,7 +347,8 @@ def resume(run_dir: str | os.PathLike, data: Any = None, labels: Any = None,
     if data is None:
         if not recorded.get("path"):
             raise InputError(f"{run_dir} was trained on in-memory data; pass the same data to "
-                             f"resume({str(run_dir)!r}, data=..., labels=...)")
+                             f"resume({str(run_dir)!r}, data=..., labels=...) (command line: "
+                             f"tfgalflow train --resume RUN CATALOGUE [--units ...])")
         data = recorded["path"]
     data = as_training_data(data, labels, None)
     config = _run_train_config(run)
