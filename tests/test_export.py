@@ -161,7 +161,8 @@ for name in ("iso", "cond", "ensemble"):
     if name == "iso":
         acc = m.signatures["accelerations"](positions=tf.constant(inputs["positions"]),
                                             seed=tf.constant(np.full(8, 7, np.int64)))
-        results.update({"acc_" + k: v.numpy() for k, v in acc.items()})
+        results.update({"acc_" + k: np.char.decode(v.numpy().astype(bytes)) if v.dtype == tf.string
+                        else v.numpy() for k, v in acc.items()})
 imported = sorted(
     {k.split(".")[0] for k in sys.modules} & {"tensorflow_probability", "tfgalflow", "tf_keras"}
 )

@@ -64,13 +64,11 @@ def as_float32(value: Any, name: str) -> tf.Tensor:
         return tf.constant(array.astype(np.float32))
 
 
-def shape_of(value: Any) -> list:
-    """The shape of an array or tensor as a list, [3, 6] as messages show it ('?' for an unknown
-    rank).
-    """
+def shape_of(value: Any) -> tuple:
+    """The shape of an array or tensor as a tuple, for messages ('?' for an unknown rank)."""
     if isinstance(value, (tf.Tensor, tf.Variable)):
-        return value.shape.as_list() if value.shape.rank is not None else ["?"]
-    return list(np.shape(value))
+        return tuple(value.shape.as_list()) if value.shape.rank is not None else ("?",)
+    return tuple(np.shape(value))
 
 
 def check_finite(t: tf.Tensor, name: str) -> None:

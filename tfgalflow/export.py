@@ -447,6 +447,7 @@ class ExportedModel(Density):
         :func:`tfgalflow.cbe.accelerations`.
         """
         from .cbe import AccelerationResult, check_labels, check_positions
+        self._signature("accelerations")  # a model exported without it says so first
         seed = integer(seed, "seed", low=0)
         positions = check_positions(positions)
         labels = check_labels(self, labels, positions.shape[0])
