@@ -1,5 +1,5 @@
-"""The Dehnen interpolation study: one conditional flow f(x, v | γ, a/r_a) trained on a sparse label
-grid, measured at the grid nodes and at held-out labels it never saw (issue #12, item 4).
+"""The Dehnen interpolation study: one conditional flow f(x, v | γ, a/r_a) trained on a sparse
+label grid, measured at the grid nodes and at held-out labels it never saw (issue #12, item 4).
 
 The FEDHEX use of a conditional flow is to interpolate between distributions on a grid of labels.
 Here the family is exact (:mod:`tfgalflow.dehnen`: Dehnen 1993 γ-models with Osipkov–Merritt
@@ -146,7 +146,7 @@ class InterpolationConfig:
 
     @property
     def grid_labels(self) -> tuple:
-        """The training nodes ((γ, a/r_a), ...), row-major over gammas, as in sample_dehnen_grid."""
+        """The training nodes ((γ, a/r_a), ...), row-major over gammas (as sample_dehnen_grid)."""
         return tuple((g, k) for g in self.gammas for k in self.ra_inverses)
 
     def train_config(self) -> Any:
@@ -485,7 +485,8 @@ def run_interpolation_study(config: InterpolationConfig, out_dir: str | os.PathL
             + (f", {config.rotations} rotations {r['median_fractional_error_symmetrised']:.2%}"
                if sym is not None else "")
             + f"; exact DF {r['median_fractional_error_exact_df']:.1e}; max |Δβ| "
-              f"{r['beta_max_abs_error']:.3f} (exact stars {r['beta_max_abs_error_exact_stars']:.3f})"
+              f"{r['beta_max_abs_error']:.3f} (exact stars "
+              f"{r['beta_max_abs_error_exact_stars']:.3f})"
               f"; {r['cbe_seconds']:.0f} s")
 
     probes_path = out / "cache" / "bad_labels.json"
@@ -521,8 +522,9 @@ def build_report(config: InterpolationConfig, results: dict, probes: list[dict],
         g = {"labels": [r["label"] for r in rows],
              "kl_mean": float(np.mean([r["kl"] for r in rows])),
              "kl_max": float(np.max([r["kl"] for r in rows])),
-             "beta_max_abs_error": _max_or_nan(np.array([r["beta_max_abs_error"] for r in rows
-                                                         if math.isfinite(r["beta_max_abs_error"])])),
+             "beta_max_abs_error": _max_or_nan(np.array(
+                 [r["beta_max_abs_error"] for r in rows
+                  if math.isfinite(r["beta_max_abs_error"])])),
              "median_fractional_error": _pooled_median(results, group, "fractional_error", lo,
                                                        hi),
              "exact_df_control_max": float(np.max([r["median_fractional_error_exact_df"]
@@ -609,8 +611,9 @@ def save_figure_data(path: str | os.PathLike, config: InterpolationConfig, resul
 
 
 def _per_radius_median(r: np.ndarray, err: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    radii = np.unique(r)
-    return radii, np.array([np.nanmedian(err[r == x]) for x in radii])
+    """Median of err [P] over the directions at each radius (radii equal to round-off)."""
+    radii, which = np.unique(np.round(r, 9), return_inverse=True)
+    return radii, np.array([np.nanmedian(err[which == i]) for i in range(len(radii))])
 
 
 def _save(fig: Any, path: Path) -> None:
@@ -624,6 +627,7 @@ def _save(fig: Any, path: Path) -> None:
 def render(data_path: str | os.PathLike) -> list[Path]:
     """Draw accelerations.png, beta.png and labels.png beside ``interpolation.npz``."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     data_path = Path(data_path)
     with np.load(data_path) as npz:
@@ -677,6 +681,7 @@ def render(data_path: str | os.PathLike) -> list[Path]:
         ax.plot(d["beta_r"][i], d["beta_flow"][i], "o", ms=3, color="C3" if held[i] else "C0",
                 label="flow samples")
         ax.set(xscale="log", title=("held out " if held[i] else "node ") + names[i])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.title.set_fontsize(8)
         if i == 0:
             ax.legend(fontsize=6)
@@ -699,5 +704,6 @@ def render(data_path: str | os.PathLike) -> list[Path]:
 
 
 __all__ = ["InterpolationConfig", "TARGETS", "evaluation_positions", "label_name",
-           "beta_profile", "log_density_gap", "evaluate_label", "probe_bad_labels", "run_interpolation_study",
+           "beta_profile", "log_density_gap", "evaluate_label", "probe_bad_labels",
+           "run_interpolation_study",
            "build_report", "load_report", "save_figure_data", "render"]
