@@ -70,7 +70,8 @@ def test_logprob_reads_a_plain_pos_vel_npz_with_units(tmp_path, capsys):
     assert "--units" in _error(capsys)
     assert main(["logprob", str(SHIPPED), str(tmp_path / "plain.npz"), "--units", "model,model",
                  "--out", str(tmp_path / "lp.npy")]) == 0
-    want = np.asarray(export_module.load(SHIPPED).log_prob(np.hstack([pos, vel]).astype(np.float32)))
+    w = np.hstack([pos, vel]).astype(np.float32)
+    want = np.asarray(export_module.load(SHIPPED).log_prob(w))
     np.testing.assert_allclose(np.load(tmp_path / "lp.npy"), want, rtol=1e-6)
 
 
