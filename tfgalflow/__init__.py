@@ -17,54 +17,38 @@ import sys
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 
 
-# ---- TensorFlow's C++ start-up chatter ----------------------------------------------------------
-# Importing TensorFlow (and creating its devices) prints oneDNN/CPU-feature notes and, on a machine
-# without a GPU, "failed call to cuInit: CUDA error" straight to file descriptor 2, before absl
-# logging is initialised, so no environment variable silences it. Unless the user asked for
-# TensorFlow's logs (TF_CPP_MIN_LOG_LEVEL set before tfgalflow was imported), the first import of
-# TensorFlow runs with descriptor 2 pointed at /dev/null; errors raised by the import itself still
-# propagate.
+# TensorFlow writes C++ start-up notes (and "failed call to cuInit" without a GPU) straight to
+# descriptor 2, before absl logging starts, so no setting silences them: unless
+# TF_CPP_MIN_LOG_LEVEL was set, the first `import tensorflow` (and its device creation) runs with
+# descriptor 2 on /dev/null.
+def _find_tensorflow(name, path=None, target=None):
+    if name != "tensorflow":
+        return None
+    sys.meta_path.remove(_QUIET)
+    from importlib.machinery import PathFinder
+    spec = PathFinder.find_spec(name, path)
+    if spec is None or spec.loader is None:
+        return spec
+    exec_module = spec.loader.exec_module
 
-class _QuietLoader:
-    """Loader wrapper (importlib protocol): runs the real loader with descriptor 2 on /dev/null."""
-
-    def __init__(self, loader):
-        self.loader = loader
-
-    def create_module(self, spec):
-        return self.loader.create_module(spec)
-
-    def exec_module(self, module):
+    def quiet(module):
         sys.stderr.flush()
         saved = os.dup(2)
         try:
             with open(os.devnull, "w") as devnull:
                 os.dup2(devnull.fileno(), 2)
-            self.loader.exec_module(module)
-            module.config.list_physical_devices()        # device creation: where cuInit complains
+            exec_module(module)
+            module.config.list_physical_devices()
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+    spec.loader.exec_module = quiet
+    return spec
 
 
-class _QuietTensorFlowFinder:
-    """Meta-path finder (importlib protocol) that wraps the loader of the first
-    ``import tensorflow``.
-    """
-
-    def find_spec(self, name, path=None, target=None):
-        if name != "tensorflow":
-            return None
-        sys.meta_path.remove(self)                       # once, and never for the nested imports
-        from importlib.machinery import PathFinder
-        spec = PathFinder.find_spec(name, path)
-        if spec is not None and spec.loader is not None:
-            spec.loader = _QuietLoader(spec.loader)
-        return spec
-
-
+_QUIET = sys.modules["types"].SimpleNamespace(find_spec=_find_tensorflow)
 if "TF_CPP_MIN_LOG_LEVEL" not in os.environ and "tensorflow" not in sys.modules:
-    sys.meta_path.insert(0, _QuietTensorFlowFinder())
+    sys.meta_path.insert(0, _QUIET)
 
 __version__ = "0.1.0"
 
