@@ -35,6 +35,18 @@ _SUBCOMMANDS = []   # the _add_<name> functions, in the order `tfgalflow --help`
 _CONFIG_METAVAR = {"int": "N", "int?": "N|none", "float": "X", "str": "NAME", "ints": "N,N,..."}
 
 
+def _add_config_flag(group, field: str, kind: str, text: str, dest: str) -> None:
+    """One flag --field-name of a config dataclass field (bool: --x/--no-x; else a value)."""
+    flag = "--" + field.replace("_", "-")
+    if kind == "bool":
+        group.add_argument(
+            flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text
+        )
+    else:
+        metavar = _CONFIG_METAVAR.get(kind, "VALUE")
+        group.add_argument(flag, dest=dest, metavar=metavar, default=None, help=text)
+
+
 def _add_train(sub) -> None:
     from .training import TrainConfig   # stdlib + NumPy only: keeps `tfgalflow --help` fast
 
@@ -72,19 +84,7 @@ def _add_train(sub) -> None:
         default = getattr(defaults, name)
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         shown = "none" if shown in (None, "") else shown
-        flag, dest, text = (
-            "--" + name.replace("_", "-"),
-            f"config_{name}",
-            f"{text} (default: {shown})",
-        )
-        if kind == "bool":
-            group.add_argument(
-                flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text
-            )
-        else:
-            group.add_argument(
-                flag, dest=dest, metavar=_CONFIG_METAVAR[kind], default=None, help=text
-            )
+        _add_config_flag(group, name, kind, f"{text} (default: {shown})", f"config_{name}")
     p.set_defaults(func=_run_train)
 
 
@@ -1132,9 +1132,6 @@ _SUBCOMMANDS.append(_add_posterior)
 
 # ---- task (validation tasks with exact answers) -------------------------------------------------
 
-_TASK_METAVAR = {"int": "N", "float": "X", "str": "NAME"}
-
-
 def _add_task(sub) -> None:
     from .tasks import TASKS, task_names
     from .training import TrainConfig
@@ -1179,17 +1176,6 @@ def _add_task(sub) -> None:
         r.set_defaults(func=_run_task_run, task_fields=list(task_fields),
                        train_fields=[f for f in TrainConfig.field_help()
                                      if f not in reserved and f not in task_fields])
-
-
-def _add_config_flag(group, field: str, kind: str, text: str, dest: str) -> None:
-    flag = "--" + field.replace("_", "-")
-    if kind == "bool":
-        group.add_argument(
-            flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text
-        )
-    else:
-        metavar = _TASK_METAVAR.get(kind) or _CONFIG_METAVAR.get(kind, "VALUE")
-        group.add_argument(flag, dest=dest, metavar=metavar, default=None, help=text)
 
 
 def _run_task_list(args) -> int:
