@@ -63,7 +63,7 @@ import numpy as np
 
 from .errors import InputError
 from .spherical import phase_space, radii, tf_phase_space, tf_safe_norm, tf_vectors
-from .validation import finite_matrix
+from .validation import finite_matrix, positive_number
 
 #: Names of the label columns (gamma, a / r_a) of conditional Dehnen catalogues and densities.
 LABEL_NAMES = ("gamma", "ra_inverse")
@@ -264,15 +264,7 @@ class Dehnen:
         object.__setattr__(self, "gamma", gamma)
         object.__setattr__(self, "ra_inverse", kappa)
         for name in ("M", "a", "G"):
-            value = getattr(self, name)
-            try:
-                ok = math.isfinite(float(value)) and float(value) > 0
-            except (TypeError, ValueError):
-                ok = False
-            if not ok:
-                raise InputError(
-                    f"Dehnen parameter {name} = {value!r}: expected a finite positive number"
-                )
+            positive_number(getattr(self, name), f"Dehnen parameter {name}")
 
     # ---- derived scales -----------------------------------------------------------------------
     @property

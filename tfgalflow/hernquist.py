@@ -47,9 +47,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
 from .spherical import phase_space, radii, tf_phase_space, tf_safe_norm, tf_vectors
-from .validation import finite_matrix, one_of
+from .validation import finite_matrix, one_of, positive_number
 
 #: The DFs of the model: isotropic f(E) and constant-β = ½ f(E, L).
 DF_KINDS = ("iso", "aniso")
@@ -112,15 +111,7 @@ class Hernquist:
 
     def __post_init__(self):
         for name in ("M", "a", "G"):
-            value = getattr(self, name)
-            try:
-                ok = math.isfinite(float(value)) and float(value) > 0
-            except (TypeError, ValueError):
-                ok = False
-            if not ok:
-                raise InputError(
-                    f"Hernquist parameter {name} must be a finite positive number, got {value!r}"
-                )
+            positive_number(getattr(self, name), f"Hernquist parameter {name}")
 
     # ---- derived scales -----------------------------------------------------------------------
     @property
