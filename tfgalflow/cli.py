@@ -328,11 +328,13 @@ def _add_export(sub) -> None:
         help="export a trained run as a versioned SavedModel for TF Serving",
         description="Write RUN's model to OUT/NAME/<next free version>/ as a SavedModel with the "
         "signatures serving_default (= log_prob), log_prob, grad_log_prob, sample and, for "
-        "unconditional 6D phase-space models, accelerations; then regenerate OUT/models.config "
+        "6D phase-space models, accelerations; then regenerate OUT/models.config "
         "for tensorflow_model_server. Never overwrites a version. Prints the version directory.",
     )
     p.add_argument(
-        "run", metavar="RUN", help="finished run directory (written by `tfgalflow train`)"
+        "run", metavar="RUN",
+        help="finished run directory (written by `tfgalflow train`), or a tfgalflow SavedModel "
+             "to export again with this version's signatures"
     )
     p.add_argument("--name", required=True, help="model name (the URL's /v1/models/NAME)")
     p.add_argument("--out", default="saved_models", metavar="DIR",
@@ -388,10 +390,18 @@ def _spherical_average(model, rotations: int, seed: int = 0):
 
 
 def _run_export(args) -> int:
-    from .export import export_versioned, write_models_config
+    from pathlib import Path
+    from .export import ExportedModel, export_versioned, load, rebuild_model, write_models_config
     from .training import load_run, read_run_config
-    run_config = read_run_config(args.run)
-    model = _spherical_average(load_run(args.run), args.rotations)
+    if (Path(args.run) / "config.json").is_file():
+        run_config = read_run_config(args.run)
+        model = load_run(args.run)
+    else:
+        # A SavedModel (e.g. from an older tfgalflow): rebuilt, exported with today's signatures.
+        exported = load(args.run)
+        run_config = exported.metadata.get("run") if isinstance(exported, ExportedModel) else None
+        model = rebuild_model(args.run)
+    model = _spherical_average(model, args.rotations)
     path = export_versioned(model, args.out, args.name, run_config=run_config,
                             accelerations=args.accelerations, n_velocities=args.n_velocities)
     write_models_config(args.out, base_path=args.base_path, version_policy=args.version_policy)

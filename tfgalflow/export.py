@@ -325,6 +325,11 @@ class ExportedModel(Density):
         self.label_dim = (lp.inputs["labels"][0][1] if lp is not None and "labels" in lp.inputs
                           else self.metadata.get("label_dim", 0))
 
+    @property
+    def loaded(self) -> Any:
+        """The object ``tf.saved_model.load`` returned (signatures, saved variables)."""
+        return self._loaded
+
     def __repr__(self) -> str:
         return f"ExportedModel({str(self.path)!r}, signatures={sorted(self.signatures)})"
 
@@ -481,6 +486,59 @@ def versions(model_dir: str | os.PathLike) -> list[int]:
         return []
     return sorted(int(p.name) for p in model_dir.iterdir()
                   if p.name.isdigit() and p.is_dir() and _is_saved_model(p))
+
+
+def rebuild_model(path: str | os.PathLike) -> Any:
+    """The in-memory model of a tfgalflow SavedModel: a Flow, an Ensemble, or either averaged over
+    rotations, with the exported weights (to fine-tune, evaluate under XLA, or export again with
+    this version's signatures).
+
+    Built from the metadata's FlowConfig and the SavedModel's saved variables, in export order; the
+    result is checked against the SavedModel (log p of its own draws equal to float32 round-off),
+    so a SavedModel whose variables do not map onto the architecture is a FileError, never a model
+    with wrong weights.
+
+    Args:
+        path: a SavedModel directory written by :func:`export_model` (or ``ROOT/NAME`` for its
+            highest version).
+
+    Raises:
+        FileError: not a tfgalflow SavedModel, or its variables do not fit its recorded FlowConfig.
+    """
+    from .flows import FlowConfig
+    from .model import Ensemble, Flow
+    from .symmetry import SphericalAverage
+
+    exported = load(path)
+    if not isinstance(exported, ExportedModel) or not exported.metadata.get("flow"):
+        raise FileError(f"{path}: not a tfgalflow SavedModel (no FlowConfig in its metadata)")
+    meta = exported.metadata
+    config = FlowConfig.from_dict(meta["flow"])
+    members = [Flow(config) for _ in range(int(meta.get("members", 1)))]
+    model = members[0] if len(members) == 1 else Ensemble(members)
+    average = meta.get("spherical_average")
+    if average:
+        model = SphericalAverage(model, average["n_rotations"], average["seed"])
+    # The export saved list(model.variables) of the same construction: the same order.
+    saved = list(getattr(exported.loaded, "model_variables", None) or [])
+    mine = list(model.variables)
+    if len(mine) != len(saved):
+        # Exported before flows recorded their label range: those variables keep their defaults.
+        added = ("label_min", "label_max")
+        mine = [v for v in mine if not v.name.startswith(added)]
+    if len(mine) != len(saved) or any(a.shape != b.shape for a, b in zip(mine, saved)):
+        raise FileError(f"{exported.path}: its {len(saved)} saved variables do not fit the "
+                        f"recorded FlowConfig ({len(mine)} variables)")
+    for mine_v, saved_v in zip(mine, saved):
+        mine_v.assign(saved_v)
+    if exported.can_sample:
+        c = np.zeros((256, exported.label_dim), np.float32) if exported.label_dim else None
+        x = np.asarray(exported.sample(256, c, seed=0))
+        if not np.allclose(np.asarray(model.log_prob(x, c)), np.asarray(exported.log_prob(x, c)),
+                           rtol=1e-4, atol=1e-4):
+            raise FileError(f"{exported.path}: the rebuilt model does not reproduce the "
+                            f"SavedModel's log_prob")
+    return model
 
 
 def load(path: str | os.PathLike) -> Any:
