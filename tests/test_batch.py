@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -109,7 +110,7 @@ def test_sample_file_is_the_chunked_draws_and_resumes(tmp_path):
     c = np.array([1.5])
     out = batch.sample_file(model, 250, tmp_path / "s.h5", labels=c, seed=3, chunk=100,
                             units=UNITS, label_names=("z",))
-    want = np.concatenate([np.asarray(model.sample(m, labels=c, seed=[3, i]))
+    want = np.concatenate([np.asarray(model.sample(m, labels=c, seed=batch.chunk_seed(3, i)))
                            for i, m in enumerate([100, 100, 50])])
     cat = open_hdf5(out).read()                          # a tfgalflow catalogue with labels
     np.testing.assert_allclose(cat.phase_space, want, rtol=1e-6, atol=0)   # float32 -> float64
@@ -158,8 +159,8 @@ def test_accel_file_resumes_to_the_uninterrupted_answer(tmp_path):
     out = batch.accel_file(members, tmp_path / "pos.npy", tmp_path / "a.h5", **kw)
     for name in ("acceleration", "spread", "residual", "flagged", "reasons"):
         assert np.array_equal(read(out, name), read(whole, name), equal_nan=name != "reasons")
-    # chunk i is cbe.accelerations(positions of chunk i, seed=(seed, i))
-    res = cbe.accelerations(members, pos[4:8], n_velocities=16, seed=[5, 1])
+    # chunk i is cbe.accelerations(positions of chunk i, seed=chunk_seed(seed, i))
+    res = cbe.accelerations(members, pos[4:8], n_velocities=16, seed=batch.chunk_seed(5, 1))
     np.testing.assert_allclose(read(out, "acceleration")[4:8], res.acceleration, rtol=1e-12)
     # positions are stored as the solver saw them: float32-rounded (cbe.check_positions)
     np.testing.assert_allclose(read(out, "positions"), pos, rtol=2**-23)
@@ -230,3 +231,29 @@ def test_streaming_memory_is_flat_in_the_file_size(tmp_path):
     print(f"VmHWM MiB: 5 chunks {b5:.0f} -> {a5:.0f}; 20 chunks {b20:.0f} -> {a20:.0f}")
     assert a20 - b20 < 24
     assert a20 - b20 < (a5 - b5) + 12
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+SHIPPED = Path(__file__).resolve().parents[1] / "saved_models" / "hernquist_iso" / "1"
+
+
+def test_cli_streams_logprob_and_sample_to_hdf5(tmp_path, capsys):
+    from tfgalflow.cli import main
+    from tfgalflow.export import load
+    model = load(SHIPPED)
+    s = tmp_path / "s.h5"
+    assert main(["sample", str(SHIPPED), "--n", "500", "--seed", "3", "--chunk", "200",
+                 "--out", str(s)]) == 0
+    cat = open_hdf5(s).read()
+    assert len(cat) == 500 and cat.meta["seed"] == 3
+    np.testing.assert_allclose(cat.phase_space[:200], np.asarray(model.sample(200, seed=3)),
+                               rtol=1e-6)                 # chunk 0 = sample(200, seed=3)
+    lp = tmp_path / "lp.h5"
+    assert main(["logprob", str(SHIPPED), str(s), "--chunk", "128", "--out", str(lp)]) == 0
+    np.testing.assert_allclose(read(lp, "log_prob"), np.asarray(model.log_prob(cat.phase_space)),
+                               rtol=1e-5, atol=1e-5)
+    err = capsys.readouterr().err
+    assert "4/4 chunks" in err and "rows/s" in err           # the progress bar
+    assert main(["accel", str(SHIPPED), "--radii", "1", "--out", str(tmp_path / "a.h5")]) == 2
+    assert "run directory" in capsys.readouterr().err

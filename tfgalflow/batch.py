@@ -5,10 +5,10 @@ chunked HDF5 datasets, so memory stays flat (about one chunk of input and output
 
 * :func:`log_prob_file`  points file [N, D] (and labels) -> ``log_prob`` [N];
 * :func:`sample_file`    N draws -> a tfgalflow HDF5 catalogue (``pos``, ``vel`` [, ``labels``])
-  for a 6-D model, else ``samples`` [N, D]; chunk i is drawn with the stateless seed
-  (seed, i), so one chunk of N rows equals ``model.sample(N, seed=seed)``;
+  for a 6-D model, else ``samples`` [N, D]; chunk i is drawn with the seed
+  :func:`chunk_seed` (seed, i), so one chunk of N rows equals ``model.sample(N, seed=seed)``;
 * :func:`accel_file`     positions [B, 3] -> the arrays of :meth:`AccelerationResult.save`;
-  chunk i solved with the seed (seed, i).
+  chunk i solved with the seed :func:`chunk_seed` (seed, i).
 
 Resume and atomicity: results go to a hidden sibling ``.NAME.partial`` whose ``done`` dataset
 [n_chunks] marks each chunk once its rows are written and flushed; the root attribute ``job``
@@ -135,12 +135,18 @@ def partial_path(out: str | os.PathLike) -> Path:
 
 
 def model_fingerprint(model: Any) -> str:
-    """sha256 of a model's variable values (its class name when it has none): a job's results
-    are reused on resume only for the same weights.
+    """sha256 of a model's variable values, or for a SavedModel (no Python variables) of its
+    ``saved_model.pb`` and variables files: a job's results are reused on resume only for the
+    same weights.
     """
     h = hashlib.sha256(type(model).__name__.encode())
     for v in getattr(model, "variables", ()) or ():
         h.update(np.ascontiguousarray(np.asarray(v)).tobytes())
+    path = getattr(model, "path", None)
+    if isinstance(path, Path) and path.is_dir():
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(str(file.relative_to(path)).encode())
+            h.update(file.read_bytes())
     return h.hexdigest()
 
 
@@ -364,7 +370,7 @@ def sample_file(model: Any, n: int, out: str | os.PathLike, *, labels: Any = Non
                 meta: Mapping[str, Any] | None = None, progress: bool | ChunkCallback = False,
                 callback: ChunkCallback | None = None) -> Path:
     """N draws x ~ p(x | labels) streamed to ``out`` in chunks: chunk i = ``model.sample(rows,
-    labels, seed=(seed, i))``.
+    labels, seed=chunk_seed(seed, i))``.
 
     A 6-D model writes a tfgalflow HDF5 catalogue (``pos``, ``vel`` [N, 3], ``labels`` [N, C]
     when conditional; readable by :func:`tfgalflow.catalogue.open_hdf5` with ``units``), any
@@ -397,7 +403,7 @@ def sample_file(model: Any, n: int, out: str | os.PathLike, *, labels: Any = Non
         cols.append(Column("labels", (model.label_dim,), "float64"))
 
     def compute(i: int, a: int, b: int) -> dict:
-        x = np.asarray(model.sample(b - a, labels=c, seed=[seed, i]), np.float64)
+        x = np.asarray(model.sample(b - a, labels=c, seed=chunk_seed(seed, i)), np.float64)
         values = {"pos": x[:, :3], "vel": x[:, 3:]} if six else {"samples": x}
         if c is not None:
             values["labels"] = np.tile(c, (b - a, 1))
@@ -431,8 +437,8 @@ def accel_file(model: Any, positions: Any, out: str | os.PathLike, *,
                progress: bool | ChunkCallback = False, callback: ChunkCallback | None = None,
                **options: Any) -> Path:
     """CBE accelerations (:func:`tfgalflow.cbe.accelerations`) at the positions [B, 3] of a file
-    (or an array), streamed to ``out`` in chunks; chunk i is solved with the stateless seed
-    (seed, i).
+    (or an array), streamed to ``out`` in chunks; chunk i is solved with the seed
+    ``chunk_seed(seed, i)``.
 
     Datasets: positions, radius, acceleration, a_radial, residual, condition, ess, log_density,
     [spread for an Ensemble], flagged, reasons (as :meth:`AccelerationResult.save`).
@@ -456,7 +462,7 @@ def accel_file(model: Any, positions: Any, out: str | os.PathLike, *,
 
     def compute(i: int, a: int, b: int) -> dict:
         x = cbe.check_positions(src.read(a, b)[0]).astype(np.float64)
-        res = cbe.accelerations(model, x, seed=[seed, i], labels=labels, **options)
+        res = cbe.accelerations(model, x, seed=chunk_seed(seed, i), labels=labels, **options)
         values = {"positions": x, "radius": np.linalg.norm(x, axis=1),
                   "acceleration": res.acceleration, "a_radial": res.radial(x),
                   "residual": res.residual, "condition": res.condition, "ess": res.ess,
@@ -474,11 +480,21 @@ def accel_file(model: Any, positions: Any, out: str | os.PathLike, *,
                       callback=_callbacks(progress, callback, "accel"))
 
 
+def chunk_seed(seed: int, i: int) -> int:
+    """The int seed of chunk i of a job with seed ``seed``: ``seed`` itself for chunk 0 (so a
+    one-chunk job equals the in-memory call), else 31 bits of ``numpy.random.SeedSequence([seed,
+    i])`` (independent streams per chunk; plain ints suit every model, SavedModels included).
+    """
+    if i == 0:
+        return int(seed)
+    return int(np.random.SeedSequence([int(seed), int(i)]).generate_state(1)[0] >> 1)
+
+
 def _check_out(out: str | os.PathLike) -> Path:
     from .points import check_output
     return check_output(out, (".h5", ".hdf5"), "streamed output")
 
 
 __all__ = ["DEFAULT_ACCEL_CHUNK", "DEFAULT_CHUNK", "Column", "ProgressBar", "RowSource",
-           "accel_file", "log_prob_file", "model_fingerprint", "open_rows", "partial_path",
-           "read_done", "run_chunks", "sample_file"]
+           "accel_file", "chunk_seed", "log_prob_file", "model_fingerprint", "open_rows",
+           "partial_path", "read_done", "run_chunks", "sample_file"]
