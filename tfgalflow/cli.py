@@ -1323,6 +1323,56 @@ def _run_infer_labels(args) -> int:
 _SUBCOMMANDS.append(_add_infer_labels)
 
 
+# ---- sweep (training) ---------------------------------------------------------------------------
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="hyperparameter grid: one run config per point, train them, tabulate the losses",
+        description="Write SWEEP/point_XXX/config.json for every point of a grid of TrainConfig "
+        "fields over the base CONFIG; with --train CATALOGUE train the points one after another "
+        "(finished points skipped, interrupted ones resumed; --point K for one point, e.g. "
+        "$SLURM_ARRAY_TASK_ID); always print and write SWEEP/summary.csv of the best validation "
+        "losses so far (tfgalflow.training.sweep).",
+    )
+    p.add_argument("config", metavar="CONFIG", help="base TrainConfig (JSON/YAML, or a run's "
+                   "config.json)")
+    p.add_argument("--grid", nargs="+", required=True, metavar="FIELD=V1,V2",
+                   help="grid of fields, e.g. layers=4,8 hidden=64,128 (list values: 64x64)")
+    p.add_argument("--out", required=True, metavar="SWEEP", help="sweep directory")
+    p.add_argument("--train", metavar="CATALOGUE", help="train the points on this catalogue")
+    p.add_argument("--point", type=int, default=None, metavar="K",
+                   help="with --train: only grid point K (0-based)")
+    p.add_argument("--units", metavar="LENGTH,VELOCITY",
+                   help="units of a catalogue that does not record them")
+    p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=2,
+                   help="Keras output while training (default: 2, one line per epoch)")
+    p.set_defaults(func=_run_sweep)
+
+
+def _run_sweep(args) -> int:
+    from .errors import InputError
+    from .training import TrainConfig
+    from .training.sweep import format_table, parse_grid, summarize, train_points, write_sweep
+
+    if args.point is not None and not args.train:
+        raise InputError("--point K needs --train CATALOGUE")
+    sweep = write_sweep(TrainConfig.from_file(args.config), parse_grid(args.grid), args.out)
+    print(f"{args.out}: {len(sweep['points'])} grid points")
+    if args.train:
+        from .catalogue import Catalogue
+        from .points import parse_units
+        units = parse_units(args.units)
+        data = Catalogue.load(args.train, units=units) if units else args.train
+        train_points(args.out, data, None if args.point is None else [args.point],
+                     verbose=args.verbose)
+    print(format_table(summarize(args.out)))
+    return 0
+
+
+_SUBCOMMANDS.append(_add_sweep)
+
+
 # ---- entry point ------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
