@@ -23,20 +23,34 @@ from tfgalflow.errors import InputError
 from tfgalflow.training import distributed
 
 WORKER = textwrap.dedent("""
-    import json, os, sys
-    run_dir, data, ports, index = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    import json, os, signal, sys
+    run_dir, data, ports, index, out, epochs, mode, kill_at = sys.argv[1:9]
     if ports:
         os.environ["TF_CONFIG"] = json.dumps({
             "cluster": {"worker": [f"127.0.0.1:{p}" for p in ports.split(",")]},
-            "task": {"type": "worker", "index": index}})
+            "task": {"type": "worker", "index": int(index)}})
     import numpy as np
-    from tfgalflow.training import TrainConfig, train
-    config = TrainConfig(layers=2, hidden=(8, 8), epochs=2, batch_size=128, lr=1e-2,
+    import tf_keras as keras
+    from tfgalflow.training import TrainConfig, resume, train
+
+    class Kill(keras.callbacks.Callback):      # a hard kill (SIGKILL) after `kill_at` steps
+        steps = 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            Kill.steps += 1
+            if Kill.steps == int(kill_at):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    callbacks = [Kill()] if int(kill_at) else []
+    config = TrainConfig(layers=2, hidden=(8, 8), epochs=int(epochs), batch_size=128, lr=1e-2,
                          lr_schedule="constant", validation_split=0.2, patience=0,
                          checkpoint_every=1, jit_compile=False, steps_per_call=1,
                          multi_worker=bool(ports))
-    flow = train(np.load(data), config, run_dir, verbose=0)
-    np.save(sys.argv[5], np.concatenate([w.ravel() for w in flow.get_weights()]))
+    if mode == "resume":
+        flow = resume(run_dir, data=np.load(data), verbose=0, callbacks=callbacks)
+    else:
+        flow = train(np.load(data), config, run_dir, verbose=0, callbacks=callbacks)
+    np.save(out, np.concatenate([w.ravel() for w in flow.get_weights()]))
 """)
 
 
@@ -50,12 +64,14 @@ def free_ports(k):
     return ports
 
 
-def start(tmp_path, name, data, ports="", index=0):
+def start(tmp_path, name, data, ports="", index=0, epochs=2, mode="train", kill_at=0,
+          run=None):
     env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "TF_CPP_MIN_LOG_LEVEL": "2",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     env.pop("TF_CONFIG", None)
-    return subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path / name), str(data), ports,
-                             str(index), str(tmp_path / f"{name}.npy")], env=env,
+    args = [str(tmp_path / (run or name)), str(data), ports, str(index),
+            str(tmp_path / f"{name}.npy"), str(epochs), mode, str(kill_at)]
+    return subprocess.Popen([sys.executable, "-c", WORKER, *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -90,6 +106,41 @@ def test_two_workers_on_loopback_match_a_single_process(tmp_path):
     np.testing.assert_allclose(hist[1], hist[0], rtol=1e-5)
     assert json.loads((tmp_path / "chief" / "config.json").read_text())["train"]["multi_worker"]
     assert not (tmp_path / "other").exists() and list((tmp_path / "tmp").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_killed_worker_restarted_resumes_to_the_uninterrupted_history(tmp_path):
+    """Worker 1 is SIGKILLed in the middle of epoch 2 (step 11 of 8 per epoch), the chief is
+    killed too; both restart with ``resume``: the run repeats epoch 2 from the chief's ckpt-1 and
+    ends with the history and weights of an uninterrupted single-process run of 3 epochs.
+    """
+    (tmp_path / "tmp").mkdir()
+    data = tmp_path / "x.npy"
+    np.save(data, np.random.default_rng(0).normal(size=(1280, 2)).astype(np.float32))
+    finish([start(tmp_path, "single", data, epochs=3)])
+    ports = ",".join(map(str, free_ports(2)))
+    chief = start(tmp_path, "chief", data, ports, 0, epochs=3)
+    other = start(tmp_path, "other", data, ports, 1, epochs=3, kill_at=11, run="other")
+    try:
+        other.communicate(timeout=240)
+        assert other.returncode == -9                       # killed mid-epoch
+    finally:
+        chief.kill()                                        # hung or failed without its peer
+        chief.communicate()
+    hist = tmp_path / "chief" / "member_000" / "history.csv"
+    assert len(hist.read_text().splitlines()) == 2          # header + epoch 1
+    left = set((tmp_path / "tmp").glob("tfgalflow-*"))       # the killed worker's temp dir
+    ports = ",".join(map(str, free_ports(2)))
+    finish([start(tmp_path, "chief", data, ports, 0, epochs=3, mode="resume"),
+            start(tmp_path, "other", data, ports, 1, epochs=3, mode="resume", run="chief")])
+    want = np.loadtxt(tmp_path / "single" / "member_000" / "history.csv", delimiter=",",
+                      skiprows=1)
+    got = np.loadtxt(hist, delimiter=",", skiprows=1)
+    assert got.shape == want.shape == (3, 3)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(np.load(tmp_path / "chief.npy"), np.load(tmp_path / "single.npy"),
+                               rtol=1e-5, atol=1e-5)
+    assert set((tmp_path / "tmp").glob("tfgalflow-*")) == left   # the resumed copy is gone
 
 
 SLURM = {"SLURM_JOB_ID": "7", "SLURM_STEP_NUM_TASKS": "4", "SLURM_NTASKS": "4",

@@ -88,15 +88,18 @@ def is_chief(strategy: Any) -> bool:
     return task_type == "worker" and not has_chief and int(resolver.task_id or 0) == 0
 
 
-def worker_run_dir(run_dir: Path, strategy: Any) -> tuple[Path, bool]:
+def worker_run_dir(run_dir: Path, strategy: Any, copy: bool = False) -> tuple[Path, bool]:
     """(directory this process writes, whether it is temporary): ``run_dir`` for the chief, a new
-    temporary directory for every other worker.
+    temporary directory for every other worker (with ``copy``: a copy of ``run_dir``, to resume
+    from the chief's checkpoints).
     """
     if is_chief(strategy):
         return Path(run_dir), False
     resolver = strategy.cluster_resolver
-    tmp = tempfile.mkdtemp(prefix=f"tfgalflow-{resolver.task_type}{resolver.task_id}-")
-    return Path(tmp), True
+    tmp = Path(tempfile.mkdtemp(prefix=f"tfgalflow-{resolver.task_type}{resolver.task_id}-"))
+    if copy:
+        shutil.copytree(run_dir, tmp, dirs_exist_ok=True)
+    return tmp, True
 
 
 def remove_worker_dir(path: Path) -> None:

@@ -348,9 +348,27 @@ def resume(run_dir: str | os.PathLike, data: Any = None, labels: Any = None,
     ``data`` is needed only for runs trained on in-memory arrays or Catalogues (checked against
     the recorded sha256); runs trained from a file re-read that file. ``verbose`` None keeps the
     verbosity the run was started with (recorded in config.json); 0, 1 or 2 override it.
+
+    A ``multi_worker`` run resumes on every worker (all must call ``resume``, the same
+    directory on a shared filesystem): each restores the chief's last checkpoint; a non-chief
+    worker continues in a temporary copy of the run directory, deleted at the end. The epoch
+    that was interrupted is repeated from its start (Keras ``BackupAndRestore`` at epoch ends).
     """
+    from .distributed import multi_worker_strategy, remove_worker_dir, worker_run_dir
     run_dir = Path(run_dir)
     run = read_run_config(run_dir)
+    if strategy is None and run.get("train", {}).get("multi_worker"):
+        strategy = multi_worker_strategy()        # first: before TensorFlow runs anything
+    run_dir, temporary = worker_run_dir(run_dir, strategy, copy=True)
+    try:
+        return _resume(run_dir, run, data, labels, strategy, verbose, callbacks)
+    finally:
+        if temporary:
+            remove_worker_dir(run_dir)
+
+
+def _resume(run_dir: Path, run: dict, data: Any, labels: Any, strategy: Any,
+            verbose: int | None, callbacks: Sequence[Any]) -> "Flow | Ensemble":
     if verbose is None:
         verbose = run.get("verbose", DEFAULT_VERBOSE)
     recorded = run["data"]
