@@ -143,6 +143,60 @@ def test_killed_worker_restarted_resumes_to_the_uninterrupted_history(tmp_path):
     assert set((tmp_path / "tmp").glob("tfgalflow-*")) == left   # the resumed copy is gone
 
 
+HDF5_WORKER = textwrap.dedent("""
+    import json, os, sys
+    run_dir, data, ports, index, out = sys.argv[1:6]
+    os.environ["TF_CONFIG"] = json.dumps({
+        "cluster": {"worker": [f"127.0.0.1:{p}" for p in ports.split(",")]},
+        "task": {"type": "worker", "index": int(index)}})
+    import h5py
+    import numpy as np
+    from tfgalflow.training import TrainConfig, train
+    rows = set()
+    original = h5py.Dataset.__getitem__
+
+    def recording(self, key):             # the rows of unit-step reads of pos (not the strided
+        if self.name == "/pos" and isinstance(key, slice) and key.step in (None, 1):
+            rows.update(range(*key.indices(self.shape[0])))    # subsample of the rescaler)
+        return original(self, key)
+
+    h5py.Dataset.__getitem__ = recording
+    config = TrainConfig(layers=2, hidden=(8, 8), epochs=2, batch_size=128, lr=1e-2,
+                         lr_schedule="constant", validation_split=0.25, patience=0,
+                         checkpoint_every=1, jit_compile=False, steps_per_call=1,
+                         multi_worker=True, adapt_samples=100)    # a strided rescaler read
+    flow = train(data, config, run_dir, verbose=0)
+    np.save(out, np.concatenate([w.ravel() for w in flow.get_weights()]))
+    json.dump(sorted(rows), open(out + ".rows.json", "w"))
+""")
+
+
+def test_two_workers_stream_their_own_shards_of_an_hdf5_file(tmp_path):
+    """2001 rows, 500 validation rows (the last): worker i reads training rows [750 i, 750 (i+1))
+    (the odd 1501st training row sits out) and the validation rows, nothing else.
+    """
+    from tfgalflow.catalogue import Catalogue
+    (tmp_path / "tmp").mkdir()
+    rng = np.random.default_rng(0)
+    data = Catalogue(rng.normal(size=(2001, 3)), rng.normal(size=(2001, 3)),
+                     units={"length": "kpc", "velocity": "km/s"}).save(tmp_path / "cat.h5")
+    ports = ",".join(map(str, free_ports(2)))
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "TF_CPP_MIN_LOG_LEVEL": "2",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    finish([subprocess.Popen([sys.executable, "-c", HDF5_WORKER, str(tmp_path / f"run{i}"),
+                              str(data), ports, str(i), str(tmp_path / f"w{i}.npy")], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i in range(2)])
+    for i in range(2):
+        rows = set(json.loads((tmp_path / f"w{i}.npy.rows.json").read_text()))
+        assert rows == set(range(750 * i, 750 * (i + 1))) | set(range(1501, 2001))
+    assert np.array_equal(np.load(tmp_path / "w0.npy"), np.load(tmp_path / "w1.npy"))
+    hist = np.loadtxt(tmp_path / "run0" / "member_000" / "history.csv", delimiter=",",
+                      skiprows=1)
+    assert hist.shape == (2, 3) and np.all(np.isfinite(hist))
+    assert not (tmp_path / "run1").exists()
+
+
 SLURM = {"SLURM_JOB_ID": "7", "SLURM_STEP_NUM_TASKS": "4", "SLURM_NTASKS": "4",
          "SLURM_STEP_NODELIST": "node[01-02]", "SLURM_STEP_TASKS_PER_NODE": "2(x2)"}
 

@@ -14,6 +14,11 @@ training (Keras' multi-worker guide: https://www.tensorflow.org/tutorials/distri
 multi_worker_with_keras). The strategy must be created before TensorFlow runs anything else in
 the process (collectives are configured at start-up), which :func:`tfgalflow.training.train` does
 first when ``TrainConfig.multi_worker`` is set.
+
+An HDF5 file is streamed in shards: worker i reads only its own contiguous range of the training
+rows, in per-replica batches of B / W (``HDF5Pipelines.shard_for_workers``, through a Keras
+``DatasetCreator``), so memory per worker stays flat and no worker reads another's rows.
+In-memory data are split by tf.data's auto-sharding as above.
 """
 from __future__ import annotations
 
@@ -86,6 +91,15 @@ def is_chief(strategy: Any) -> bool:
         return True
     has_chief = "chief" in resolver.cluster_spec().as_dict()
     return task_type == "worker" and not has_chief and int(resolver.task_id or 0) == 0
+
+
+def num_workers(strategy: Any) -> int:
+    """W, the worker processes (chief included) of a multi-worker strategy; 1 otherwise."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or getattr(resolver, "task_type", None) is None:
+        return 1
+    spec = resolver.cluster_spec()
+    return sum(spec.num_tasks(job) for job in ("chief", "worker") if job in spec.jobs)
 
 
 def worker_run_dir(run_dir: Path, strategy: Any, copy: bool = False) -> tuple[Path, bool]:

@@ -121,6 +121,10 @@ def _fit_member(run_dir: Path, run: dict, k: int, data: Any, *, strategy: Any = 
     _seed_everything(seed)
     strategy = strategy or tf.distribute.get_strategy()
     pipelines = data.pipelines(config, seed, _steps_per_call(config, strategy))
+    if data.streamed:                 # multi-worker: each worker streams its own shard
+        from .distributed import num_workers
+        if num_workers(strategy) > 1:
+            pipelines.shard_for_workers(num_workers(strategy))
     with strategy.scope():
         flow = Flow(flow_config)
         if config.deconvolve:     # loss: the noise-convolved likelihood (tfgalflow.deconvolution)
