@@ -186,9 +186,17 @@ def _add_sample(sub) -> None:
         "--out",
         required=True,
         metavar="FILE",
-        help=".npy, .txt/.csv, or .npz/.h5/.hdf5 (a Catalogue when the run models 6D phase space)",
+        help=".npy, .txt/.csv, or .npz/.h5/.hdf5 (a Catalogue when the run models 6D phase "
+        "space); .h5/.hdf5 are written in chunks, resumably (tfgalflow.batch.sample_file)",
     )
+    _add_chunk_flag(p)
     p.set_defaults(func=_run_sample)
+
+
+def _add_chunk_flag(p) -> None:
+    p.add_argument("--chunk", type=int, default=None, metavar="ROWS",
+                   help="rows per chunk of a streamed .h5/.hdf5 output (default: 65536; accel: "
+                        "4096 positions); a killed job run again keeps its finished chunks")
 
 
 def _model_description(path: str) -> tuple["Density", dict]:
@@ -219,6 +227,14 @@ def _run_sample(args) -> int:
     check_output(args.out, SAMPLE_SUFFIXES, "samples")
     model, data = _model_description(args.run)
     labels = _label_values(args.labels, model.label_dim, data.get("label_names") or [])
+    if _streamed(args.out):
+        from .batch import DEFAULT_CHUNK, sample_file
+        sample_file(model, args.n, args.out, labels=labels, seed=args.seed,
+                    chunk=args.chunk or DEFAULT_CHUNK, units=data.get("units"),
+                    label_names=tuple(data.get("label_names") or ()), progress=True,
+                    meta={"source": "tfgalflow sample", "run": str(Path(args.run).resolve())})
+        print(f"wrote {args.n} samples [{args.n}, {model.dim}] to {args.out}")
+        return 0
     x = np.asarray(model.sample(args.n, labels=labels, seed=args.seed), np.float64)
     write_samples(
         args.out,
@@ -291,15 +307,32 @@ def _add_logprob(sub) -> None:
         help="[N, C] labels of a conditional run, same formats (default: the catalogue's labels)",
     )
     p.add_argument(
-        "--out", metavar="FILE", help=".npy, .txt or .csv (default: print one value per line)"
+        "--out", metavar="FILE", help=".npy, .txt or .csv (default: print one value per line), or "
+        ".h5/.hdf5: dataset log_prob [N] streamed in chunks with flat memory, resumable "
+        "(tfgalflow.batch.log_prob_file)"
     )
+    _add_chunk_flag(p)
     p.set_defaults(func=_run_logprob)
+
+
+def _streamed(out: str | None) -> bool:
+    """True for an .h5/.hdf5 output: written chunk by chunk by tfgalflow.batch."""
+    return bool(out) and out.lower().endswith((".h5", ".hdf5"))
 
 
 def _run_logprob(args) -> int:
     import numpy as np
     from .points import ARRAY_SUFFIXES, check_output, parse_units, read_points, write_array
 
+    if _streamed(args.out):
+        from .batch import DEFAULT_CHUNK, log_prob_file
+        check_output(args.out, (".h5", ".hdf5"), "log-densities")
+        model, _ = _model_description(args.run)
+        log_prob_file(model, args.points, args.out, labels=args.labels_file,
+                      units=parse_units(args.units), chunk=args.chunk or DEFAULT_CHUNK,
+                      progress=True)
+        print(f"wrote log-densities of {args.points} to {args.out} (dataset log_prob)")
+        return 0
     if args.out:
         check_output(args.out, ARRAY_SUFFIXES, "log-densities")
     x, labels = read_points(args.points, units=parse_units(args.units))
@@ -598,8 +631,10 @@ def _add_accel(sub) -> None:
         metavar="FILE",
         help=".npz (arrays positions, acceleration, a_radial, residual, condition, flagged, "
         "reasons, ...) or .csv; a_radial = a . x/|x|, negative for attraction "
-        "(tfgalflow.study.radial_component)",
+        "(tfgalflow.study.radial_component); .h5/.hdf5: the same datasets streamed in chunks, "
+        "resumable (tfgalflow.batch.accel_file; chunk i uses the seed (seed, i))",
     )
+    _add_chunk_flag(p)
     p.set_defaults(func=_run_accel)
 
 
@@ -635,7 +670,11 @@ def _run_accel(args) -> int:
 
     if is_potential(args.run):          # a potential network (tfgalflow potential): its own branch
         return _run_accel_potential(args)
-    cbe.check_output_suffix(args.out)
+    if _streamed(args.out):
+        from .points import check_output
+        check_output(args.out, (".h5", ".hdf5"), "accelerations")
+    else:
+        cbe.check_output_suffix(args.out)
     positions = cbe.check_positions(_accel_positions(args)).astype(np.float64)
     thresholds = dict(
         max_residual=cbe.MAX_RESIDUAL if args.max_residual is None else args.max_residual,
@@ -651,6 +690,9 @@ def _run_accel(args) -> int:
     label_names = list(data.get("label_names") or [])
     labels = _label_values(args.labels, model.label_dim, label_names)
     if isinstance(model, ExportedModel):
+        if _streamed(args.out):
+            raise InputError(f"{args.run}: streamed .h5/.hdf5 accelerations need the run "
+                             "directory; write a SavedModel's accelerations to .npz or .csv")
         if args.rotations:
             raise InputError(
                 f"{args.run}: --rotations applies to run directories; a SavedModel's "
@@ -672,6 +714,15 @@ def _run_accel(args) -> int:
                 "position; drop --n-velocities or use the run directory"
             )
         res = model.accelerations(positions, seed=args.seed, labels=labels, **thresholds)
+    elif _streamed(args.out):
+        from .batch import DEFAULT_ACCEL_CHUNK, accel_file
+        accel_file(_spherical_average(model, args.rotations, seed=args.seed),
+                   args.positions or positions, args.out, seed=args.seed, labels=labels,
+                   chunk=args.chunk or DEFAULT_ACCEL_CHUNK, progress=True,
+                   n_velocities=256 if args.n_velocities is None else args.n_velocities,
+                   jit_compile=args.xla, **thresholds)
+        print(f"wrote {len(positions)} accelerations to {args.out}")
+        return 0
     else:
         model = _spherical_average(model, args.rotations, seed=args.seed)
         res = cbe.accelerations(
@@ -1266,6 +1317,56 @@ def _run_infer_labels(args) -> int:
 
 
 _SUBCOMMANDS.append(_add_infer_labels)
+
+
+# ---- sweep (training) ---------------------------------------------------------------------------
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="hyperparameter grid: one run config per point, train them, tabulate the losses",
+        description="Write SWEEP/point_XXX/config.json for every point of a grid of TrainConfig "
+        "fields over the base CONFIG; with --train CATALOGUE train the points one after another "
+        "(finished points skipped, interrupted ones resumed; --point K for one point, e.g. "
+        "$SLURM_ARRAY_TASK_ID); always print and write SWEEP/summary.csv of the best validation "
+        "losses so far (tfgalflow.training.sweep).",
+    )
+    p.add_argument("config", metavar="CONFIG", help="base TrainConfig (JSON/YAML, or a run's "
+                   "config.json)")
+    p.add_argument("--grid", nargs="+", required=True, metavar="FIELD=V1,V2",
+                   help="grid of fields, e.g. layers=4,8 hidden=64,128 (list values: 64x64)")
+    p.add_argument("--out", required=True, metavar="SWEEP", help="sweep directory")
+    p.add_argument("--train", metavar="CATALOGUE", help="train the points on this catalogue")
+    p.add_argument("--point", type=int, default=None, metavar="K",
+                   help="with --train: only grid point K (0-based)")
+    p.add_argument("--units", metavar="LENGTH,VELOCITY",
+                   help="units of a catalogue that does not record them")
+    p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=2,
+                   help="Keras output while training (default: 2, one line per epoch)")
+    p.set_defaults(func=_run_sweep)
+
+
+def _run_sweep(args) -> int:
+    from .errors import InputError
+    from .training import TrainConfig
+    from .training.sweep import format_table, parse_grid, summarize, train_points, write_sweep
+
+    if args.point is not None and not args.train:
+        raise InputError("--point K needs --train CATALOGUE")
+    sweep = write_sweep(TrainConfig.from_file(args.config), parse_grid(args.grid), args.out)
+    print(f"{args.out}: {len(sweep['points'])} grid points")
+    if args.train:
+        from .catalogue import Catalogue
+        from .points import parse_units
+        units = parse_units(args.units)
+        data = Catalogue.load(args.train, units=units) if units else args.train
+        train_points(args.out, data, None if args.point is None else [args.point],
+                     verbose=args.verbose)
+    print(format_table(summarize(args.out)))
+    return 0
+
+
+_SUBCOMMANDS.append(_add_sweep)
 
 
 # ---- entry point ------------------------------------------------------------------------------

@@ -101,13 +101,19 @@ class HDF5Catalogue:
         with_labels: bool | None = None,
         drop_remainder: bool = False,
         epoch: int = 0,
+        shard: tuple[int, int] | None = None,
+        start: int = 0,
+        stop: int | None = None,
     ) -> Iterator[np.ndarray | tuple[np.ndarray, np.ndarray]]:
         """One epoch of float32 batches x [B, 6] (or (x, labels [B, C])), reading groups of chunks.
 
-        ``shuffle_buffer = 0``: file order. ``shuffle_buffer > 0``: the chunk order is permuted and
-        the rows of each group of ceil(shuffle_buffer / chunk) chunks are permuted together, with
-        ``numpy.random.default_rng([seed, epoch])``. Every row appears exactly once per epoch (the
-        last batch may be short unless ``drop_remainder``). Memory: about
+        Rows start:stop are cut into blocks on the file's chunk grid (:meth:`shard_blocks`).
+        ``shuffle_buffer = 0``: file order. ``shuffle_buffer > 0``: the block order is permuted and
+        the rows of each group of ceil(shuffle_buffer / chunk) blocks are permuted together, with
+        ``numpy.random.default_rng([seed, epoch])``. ``shard = (i, m)``: only the i-th of m
+        contiguous runs of that (permuted) block order is read, so the m shards of one epoch
+        partition the rows and a worker reads only its own. Every row of the shard appears exactly
+        once per epoch (the last batch may be short unless ``drop_remainder``). Memory: about
         max(shuffle_buffer, chunk) rows.
         """
         import h5py
@@ -116,17 +122,15 @@ class HDF5Catalogue:
         with_labels = self._with_labels(with_labels)
         rng = np.random.default_rng([seed, epoch]) if shuffle_buffer > 0 else None
         block = self.chunk_rows
-        starts = np.arange(0, self.n, block)
+        blocks = self.shard_blocks(start, stop, shard, rng)
         group = max(1, math.ceil(shuffle_buffer / block)) if rng is not None else 1
-        if rng is not None:
-            starts = rng.permutation(starts)
         pending_x = np.empty((0, 6), np.float32)
         pending_l = np.empty((0, self.label_dim), np.float32)
         with _open_h5(self.path, h5py) as f:
             pos_ds, vel_ds = f[self.pos_name], f[self.vel_name]
             lab_ds = f[self.labels_name] if with_labels else None
-            for g in range(0, len(starts), group):
-                spans = [(int(s), min(int(s) + block, self.n)) for s in starts[g:g + group]]
+            for g in range(0, len(blocks), group):
+                spans = blocks[g:g + group]
                 x = np.concatenate(
                     [
                         np.concatenate(
@@ -164,6 +168,40 @@ class HDF5Catalogue:
         if len(pending_x) and not drop_remainder:
             yield (pending_x, pending_l) if with_labels else pending_x
 
+    def shard_blocks(
+        self,
+        start: int = 0,
+        stop: int | None = None,
+        shard: tuple[int, int] | None = None,
+        rng: np.random.Generator | None = None,
+    ) -> list[tuple[int, int]]:
+        """Row spans [(a, b), ...] of shard ``(index, count)`` of rows start:stop, in read order.
+
+        The rows are cut on the file's chunk grid (multiples of ``chunk_rows``, plus start and
+        stop); with ``rng`` the block order is permuted (one permutation, the same in every
+        worker); shard i gets the i-th of ``count`` contiguous runs of that order
+        (``numpy.array_split``), so the shards partition start:stop whatever the permutation.
+        """
+        start, stop = self._row_range(start, stop)
+        index, count = _check_shard(shard)
+        grid = np.arange((start // self.chunk_rows + 1) * self.chunk_rows, stop, self.chunk_rows)
+        edges = np.concatenate([[start], grid, [stop]]) if stop > start else np.zeros(0, int)
+        spans = np.stack([edges[:-1], edges[1:]], axis=1) if len(edges) else np.zeros((0, 2), int)
+        if rng is not None:
+            spans = spans[rng.permutation(len(spans))]
+        mine = np.array_split(spans, count)[index] if count > 1 else spans
+        return [(int(a), int(b)) for a, b in mine]
+
+    def _row_range(self, start: int, stop: int | None) -> tuple[int, int]:
+        """(start, stop) checked to be 0 <= start <= stop <= n (stop None: n)."""
+        stop = self.n if stop is None else stop
+        start = validation.integer(start, "start", low=0)
+        stop = validation.integer(stop, "stop", low=0)
+        if not start <= stop <= self.n:
+            raise InputError(f"{self.path}: rows start:stop = {start}:{stop}; expected "
+                             f"0 <= start <= stop <= {self.n}")
+        return start, stop
+
     def dataset(
         self,
         batch_size: int,
@@ -171,23 +209,30 @@ class HDF5Catalogue:
         seed: int = 0,
         with_labels: bool | None = None,
         drop_remainder: bool = False,
+        shard: tuple[int, int] | None = None,
+        start: int = 0,
+        stop: int | None = None,
+        first_epoch: int = 0,
     ) -> "tf.data.Dataset":
         """``tf.data.Dataset`` streaming :meth:`batches` from disk.
 
-        Epoch k (the k-th iteration over the dataset) shuffles with the seed (seed, k).
+        Epoch k (the k-th iteration over the dataset, counted from ``first_epoch``) shuffles with
+        the seed (seed, k); ``shard``, ``start``, ``stop`` as in :meth:`batches`. tf.data's own
+        auto-sharding is switched off (the shard is already this worker's rows).
         """
         import tensorflow as tf
+
+        self.shard_blocks(start, stop, shard)   # validates start, stop and shard now
 
         batch_size = validation.integer(batch_size, "batch_size")
         if shuffle_buffer < 0:
             raise InputError(f"shuffle_buffer must be >= 0 rows, got {shuffle_buffer}")
         with_labels = self._with_labels(with_labels)
-        epochs = itertools.count()
+        epochs = itertools.count(first_epoch)
 
         def generator():
-            yield from self.batches(
-                batch_size, shuffle_buffer, seed, with_labels, drop_remainder, next(epochs)
-            )
+            yield from self.batches(batch_size, shuffle_buffer, seed, with_labels, drop_remainder,
+                                    next(epochs), shard=shard, start=start, stop=stop)
 
         x_spec = tf.TensorSpec([batch_size if drop_remainder else None, 6], tf.float32)
         if with_labels:
@@ -195,7 +240,11 @@ class HDF5Catalogue:
             signature: Any = (x_spec, l_spec)
         else:
             signature = x_spec
-        return tf.data.Dataset.from_generator(generator, output_signature=signature).prefetch(2)
+        options = tf.data.Options()
+        off = tf.data.experimental.AutoShardPolicy.OFF
+        options.experimental_distribute.auto_shard_policy = off
+        ds = tf.data.Dataset.from_generator(generator, output_signature=signature)
+        return ds.with_options(options).prefetch(2)
 
     def _with_labels(self, with_labels: bool | None) -> bool:
         if with_labels is None:
@@ -232,12 +281,16 @@ def open_hdf5(path: str | os.PathLike, units: Mapping[str, str] | None = None) -
 
 def hdf5_dataset(path: str | os.PathLike, batch_size: int, shuffle_buffer: int = 0, seed: int = 0,
                  with_labels: bool | None = None, drop_remainder: bool = False,
-                 units: Mapping[str, str] | None = None) -> "tf.data.Dataset":
+                 units: Mapping[str, str] | None = None, shard: tuple[int, int] | None = None,
+                 start: int = 0, stop: int | None = None) -> "tf.data.Dataset":
     """Stream an HDF5 catalogue as batches x [B, 6] float32 (or (x, labels)), never all at once.
 
     Same as ``open_hdf5(path, units).dataset(batch_size, shuffle_buffer, seed, with_labels,
-    drop_remainder)``; each epoch yields every row exactly once, in a permuted order when
-    ``shuffle_buffer > 0``.
+    drop_remainder, shard, start, stop)``; each epoch yields every row of start:stop exactly
+    once, in a permuted order when ``shuffle_buffer > 0``. ``shard=(i, m)``: worker i of m reads
+    only its own blocks of the file; the m shards of an epoch partition start:stop (the same
+    seed in every worker). Example: ``hdf5_dataset("big.h5", 1024, 2**18, seed=0,
+    shard=(task_index, num_workers))``.
     """
     return open_hdf5(path, units=units).dataset(
         batch_size,
@@ -245,6 +298,9 @@ def hdf5_dataset(path: str | os.PathLike, batch_size: int, shuffle_buffer: int =
         seed=seed,
         with_labels=with_labels,
         drop_remainder=drop_remainder,
+        shard=shard,
+        start=start,
+        stop=stop,
     )
 
 
@@ -379,6 +435,19 @@ def _tfgalflow_layout(path: Path, f, units: Mapping[str, str] | None) -> HDF5Cat
         errors_name=errors_name,
         error_kind=error_kind,
     )
+
+
+def _check_shard(shard: tuple[int, int] | None) -> tuple[int, int]:
+    """(index, count) of a shard, checked 0 <= index < count; None is (0, 1), the whole range."""
+    if shard is None:
+        return 0, 1
+    try:
+        index, count = shard
+    except (TypeError, ValueError):
+        raise InputError(f"shard = {shard!r}: expected (index, count), e.g. (0, 2)") from None
+    count = validation.integer(count, "shard count")
+    validation.integer(index, "shard index", low=0, high=count - 1)
+    return int(index), count
 
 
 def _json_attr(value: Any, path: Path, name: str) -> Any:

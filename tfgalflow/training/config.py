@@ -95,6 +95,9 @@ class TrainConfig:
                                   "int")
     adapt_samples: int = _option(100_000, "rows used to fit the rescaler when streaming an HDF5 "
                                           "file", "int")
+    multi_worker: bool = _option(False, "train with tf.distribute.MultiWorkerMirroredStrategy "
+                                        "over the cluster in TF_CONFIG (or the SLURM job step); "
+                                        "only the chief writes the run directory", "bool")
     deconvolve: bool = _option(False, "learn the error-free DF from a catalogue with errors: "
                                       "maximise the likelihood of each star under the flow "
                                       "convolved with its error model (tfgalflow.deconvolution; "

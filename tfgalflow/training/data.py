@@ -213,6 +213,8 @@ class HDF5Pipelines(Pipelines):
         self.n_val = (0 if config.validation_split <= 0
                       else max(1, int(round(data.n * config.validation_split))))
         self.n_train = data.n - self.n_val
+        self.train_rows = self.n_train      # rows [0, train_rows) train, the rest validate
+        self.workers = 1                    # > 1: each worker streams its own range (shard)
         self.adapt_samples = config.adapt_samples
         self.catalogue = open_hdf5(data.path, units=data.description["units"])
         self.stream_error: Exception | None = None   # an InputError/FileError raised in tf.data
@@ -221,8 +223,8 @@ class HDF5Pipelines(Pipelines):
         """Every s-th training row, s = ceil(n_train / adapt_samples): at most adapt_samples rows,
         spread evenly over the training range (one strided HDF5 read).
         """
-        step = math.ceil(self.n_train / self.adapt_samples)
-        cat = self.catalogue.read(0, self.n_train, step)
+        step = math.ceil(self.train_rows / self.adapt_samples)
+        cat = self.catalogue.read(0, self.train_rows, step)
         return cat.phase_space, (cat.labels if self.data.use_labels else None)
 
     def _signature(self, stacked: bool = False) -> Any:
@@ -253,6 +255,8 @@ class HDF5Pipelines(Pipelines):
         the same batches (stacked per epoch when steps_per_call > 1, see Pipelines).
         """
         import tensorflow as tf
+        if self.workers > 1:
+            return self._worker_datasets(initial_epoch, epochs)
         rows = dataclasses.replace(self.catalogue, n=self.n_train)   # the first n_train rows
         k = self.steps_per_call
 
@@ -268,15 +272,51 @@ class HDF5Pipelines(Pipelines):
         spec = self._signature(k > 1)
         return tf.data.Dataset.from_generator(generator, output_signature=spec).prefetch(2)
 
+    def shard_for_workers(self, workers: int) -> None:
+        """Stream the training rows in ``workers`` shards, one per multi-worker worker.
+
+        Worker i reads only rows [i·r, (i+1)·r), r = floor(train_rows / W) (the last
+        train_rows mod W < W rows sit out), shuffled per epoch with the seed (seed, e) in
+        per-replica batches of B / W (B divisible by W); every worker then runs the same
+        ceil(r / (B/W)) steps per epoch. ``n_train`` becomes W·r.
+        """
+        if self.batch_size % workers:
+            raise InputError(f"TrainConfig.batch_size = {self.batch_size} is the global batch of "
+                             f"{workers} workers: make it a multiple of {workers}")
+        self.workers = workers
+        self.n_train = workers * (self.train_rows // workers)
+
+    def _worker_datasets(self, initial_epoch: int, epochs: int) -> Any:
+        """A Keras ``DatasetCreator``: each worker's input pipeline streams its own shard."""
+        import tensorflow as tf
+        import tf_keras as keras
+        rows = self.n_train // self.workers
+
+        def dataset_fn(context):
+            i = context.input_pipeline_id
+            batch = context.get_per_replica_batch_size(self.batch_size)
+
+            def generator():
+                for epoch in range(initial_epoch, epochs):
+                    yield from self._guarded(self.catalogue.batches(
+                        batch, shuffle_buffer=STREAM_SHUFFLE_ROWS, seed=self.seed,
+                        with_labels=self.data.use_labels, epoch=epoch, start=i * rows,
+                        stop=(i + 1) * rows))
+
+            return tf.data.Dataset.from_generator(
+                generator, output_signature=self._signature()).prefetch(2)
+
+        return keras.utils.experimental.DatasetCreator(dataset_fn)
+
     def val_dataset(self) -> "tf.data.Dataset | None":
-        """Rows [n_train, n) in file order, read in blocks of whole batches."""
+        """Rows [train_rows, n) in file order, read in blocks of whole batches."""
         import tensorflow as tf
         if self.n_val == 0:
             return None
         block = self.batch_size * max(1, 65536 // self.batch_size)
 
         def blocks():
-            for a in range(self.n_train, self.data.n, block):
+            for a in range(self.train_rows, self.data.n, block):
                 cat = self.catalogue.read(a, min(a + block, self.data.n))
                 x = cat.phase_space.astype(np.float32)
                 lab = cat.labels.astype(np.float32) if self.data.use_labels else None

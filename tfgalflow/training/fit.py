@@ -121,6 +121,10 @@ def _fit_member(run_dir: Path, run: dict, k: int, data: Any, *, strategy: Any = 
     _seed_everything(seed)
     strategy = strategy or tf.distribute.get_strategy()
     pipelines = data.pipelines(config, seed, _steps_per_call(config, strategy))
+    if data.streamed:                 # multi-worker: each worker streams its own shard
+        from .distributed import num_workers
+        if num_workers(strategy) > 1:
+            pipelines.shard_for_workers(num_workers(strategy))
     with strategy.scope():
         flow = Flow(flow_config)
         if config.deconvolve:     # loss: the noise-convolved likelihood (tfgalflow.deconvolution)
@@ -296,10 +300,12 @@ def train(data: "Catalogue | np.ndarray | str | os.PathLike", config: TrainConfi
         labels: [N, C] conditioning labels for an array ``data`` (a Catalogue carries its own).
         label_names: names of the C label columns (recorded in config.json).
         strategy: a ``tf.distribute.Strategy``; model and optimizer are built in its scope and
-            Keras splits every batch across its replicas. With several replicas
-            ``steps_per_call`` falls back to 1 (logged warning; Keras would split a stack
-            [K, B, D] along K), which changes no update; with several CPU replicas
-            ``jit_compile`` falls back to False (logged; an XLA limitation).
+            Keras splits every batch across its replicas. ``config.multi_worker`` without one
+            builds ``MultiWorkerMirroredStrategy`` from TF_CONFIG or SLURM
+            (:mod:`tfgalflow.training.distributed`); then only the chief writes ``run_dir``.
+            With several replicas ``steps_per_call`` falls back to 1 (logged warning; Keras
+            would split a stack [K, B, D] along K), which changes no update; with several CPU
+            replicas ``jit_compile`` falls back to False (logged; an XLA limitation).
         verbose: Keras progress output (0 silent, 1 progress bar, 2 one line per epoch); recorded
             in config.json, so :func:`resume` keeps it.
         callbacks: extra Keras callbacks, run after the run's own (not with ``parallel``).
@@ -314,6 +320,9 @@ def train(data: "Catalogue | np.ndarray | str | os.PathLike", config: TrainConfi
     """
     if not isinstance(config, TrainConfig):
         raise InputError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if config.multi_worker and strategy is None:    # first: before TensorFlow runs anything
+        from .distributed import multi_worker_strategy
+        strategy = multi_worker_strategy()
     data = as_training_data(data, labels, label_names)
     config = select_labels(data, config)
     if config.label_dim == 0 and data.label_dim:
@@ -322,10 +331,15 @@ def train(data: "Catalogue | np.ndarray | str | os.PathLike", config: TrainConfi
     check_deconvolution(data, config)
     _check_tensorboard(config)
     flow_config = config.flow_config(data.dim, config.label_dim)    # validates the architecture
-    run_dir = Path(run_dir)
+    from .distributed import remove_worker_dir, worker_run_dir
+    run_dir, temporary = worker_run_dir(Path(run_dir), strategy)   # non-chief: a temporary dir
     run = new_run(run_dir, config, flow_config, describe(data, config), verbose=verbose)
-    return _fit_members(run_dir, run, data, strategy=strategy, verbose=verbose,
-                        callbacks=callbacks)
+    try:
+        return _fit_members(run_dir, run, data, strategy=strategy, verbose=verbose,
+                            callbacks=callbacks)
+    finally:
+        if temporary:
+            remove_worker_dir(run_dir)
 
 
 def resume(run_dir: str | os.PathLike, data: Any = None, labels: Any = None,
@@ -338,9 +352,27 @@ def resume(run_dir: str | os.PathLike, data: Any = None, labels: Any = None,
     ``data`` is needed only for runs trained on in-memory arrays or Catalogues (checked against
     the recorded sha256); runs trained from a file re-read that file. ``verbose`` None keeps the
     verbosity the run was started with (recorded in config.json); 0, 1 or 2 override it.
+
+    A ``multi_worker`` run resumes on every worker (all must call ``resume``, the same
+    directory on a shared filesystem): each restores the chief's last checkpoint; a non-chief
+    worker continues in a temporary copy of the run directory, deleted at the end. The epoch
+    that was interrupted is repeated from its start (Keras ``BackupAndRestore`` at epoch ends).
     """
+    from .distributed import multi_worker_strategy, remove_worker_dir, worker_run_dir
     run_dir = Path(run_dir)
     run = read_run_config(run_dir)
+    if strategy is None and run.get("train", {}).get("multi_worker"):
+        strategy = multi_worker_strategy()        # first: before TensorFlow runs anything
+    run_dir, temporary = worker_run_dir(run_dir, strategy, copy=True)
+    try:
+        return _resume(run_dir, run, data, labels, strategy, verbose, callbacks)
+    finally:
+        if temporary:
+            remove_worker_dir(run_dir)
+
+
+def _resume(run_dir: Path, run: dict, data: Any, labels: Any, strategy: Any,
+            verbose: int | None, callbacks: Sequence[Any]) -> "Flow | Ensemble":
     if verbose is None:
         verbose = run.get("verbose", DEFAULT_VERBOSE)
     recorded = run["data"]
