@@ -325,10 +325,12 @@ def _check_task_file(out: Path, settings: dict) -> None:
         recorded = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FileError(f"{path}: corrupt task file: {exc}") from None
+    # A setting the recorded file lacks was added to the package after that run was made (the run
+    # used its default behaviour): only the settings both record are compared.
     differ = [
         f"{section}.{k}"
         for section in ("task", "config", "train")
-        for k in sorted(set(_as_dict(recorded.get(section))) | set(_as_dict(settings[section])))
+        for k in sorted(set(_as_dict(recorded.get(section))) & set(_as_dict(settings[section])))
         if _as_dict(recorded.get(section)).get(k) != _as_dict(settings[section]).get(k)
     ]
     if differ:
