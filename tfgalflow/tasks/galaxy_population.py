@@ -164,9 +164,12 @@ class GalaxyPopulation(Task):
         return np.array([i for i in self.population().ids if i not in self.heldout_ids])
 
     def training_data(self) -> tuple[np.ndarray, np.ndarray]:
-        """(stars [N, 8] float32, labels [N, C] float32) of the cleaned training galaxies."""
+        """(stars [N, 8] float32, labels [N, C] float32) of the cleaned training galaxies, rows
+        shuffled (from the seed) so that the validation split holds stars of every galaxy.
+        """
         x, labels = self.population().events(self.training_ids())
-        return x.astype(np.float32), labels.astype(np.float32)
+        order = np.random.default_rng([self.config.seed, 17]).permutation(len(x))
+        return x[order].astype(np.float32), labels[order].astype(np.float32)
 
     def simulate(self, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """One exact star per label row (uncut; extra label columns ignored): [N, 8]."""
@@ -216,6 +219,10 @@ class GalaxyPopulation(Task):
             delta = flow - exact
             draws = self.flow_stars(model, lab, cfg.flow_samples, r_c, rng)
             truth = self.exact_stars(theta, cfg.truth_samples, r_c, rng)
+            if len(draws) < 20:
+                rows.append({"galaxy": int(gid), "failed": f"{len(draws)} finite flow draws "
+                             f"inside r_c", "logp_abs_error": float(np.mean(np.abs(delta)))})
+                continue
             mean, std = truth.mean(axis=0), truth.std(axis=0)
             auc = classifier_test((draws[: cfg.test_events] - mean) / std,
                                   (truth[: cfg.test_events] - mean) / std,
@@ -296,9 +303,12 @@ class GalaxyPopulation(Task):
 
 def _summary(rows: list[dict]) -> dict:
     """Means and worst cases over the evaluated held-out galaxies."""
-    rows = [r for r in rows if not r.get("dropped_by_cleaning")]
-    if not rows:
-        return {}
+    failed = [r for r in rows if r.get("failed")]
+    rows = [r for r in rows if not r.get("dropped_by_cleaning") and not r.get("failed")]
+    if failed or not rows:
+        return {"galaxies": len(rows), "failed": len(failed), "logp_abs_error_mean": math.inf,
+                **{f"{k}_max": math.inf for k in ("half_mass_radius", "sigma_v",
+                                                   "feh_gradient", "auc")}}
     out = {"galaxies": len(rows)}
     for key in ("logp_abs_error", "kl", "auc", "rotation_curve_max_rel_error"):
         values = np.array([r[key] for r in rows])
@@ -319,7 +329,8 @@ def galaxy_figures(task: GalaxyPopulation, report: Mapping[str, Any], model: Any
 
     from .figures import save_figure
 
-    rows = [r for r in report["metrics"]["per_galaxy"] if not r.get("dropped_by_cleaning")]
+    rows = [r for r in report["metrics"]["per_galaxy"]
+            if not r.get("dropped_by_cleaning") and not r.get("failed")]
     if not rows:
         return []
     pop = task.population()
