@@ -5,6 +5,8 @@ registry, :func:`run_task`); one module per task registers itself:
 
 ``gaussian_field``  :mod:`.gaussian_field` - a 2-D conditional Gaussian on a 10 x 10 label grid
                     (the FEDHEX use: interpolating a sparse grid of event distributions)
+``galaxy_population`` :mod:`.galaxy_population` - 8-D stars of toy galaxies conditioned on their
+                    properties, whole galaxies held out (the GalacticFlow use)
 
 Example::
 
@@ -31,6 +33,7 @@ from .base import (
     run_task,
     task_names,
 )
+from .galaxy_population import GalaxyPopulation, GalaxyPopulationConfig
 from .gaussian_field import GaussianField, GaussianFieldConfig
 
 __all__ = [
@@ -46,4 +49,6 @@ __all__ = [
     "REPORT_FILE",
     "GaussianField",
     "GaussianFieldConfig",
+    "GalaxyPopulation",
+    "GalaxyPopulationConfig",
 ]
