@@ -424,10 +424,13 @@ def _spherical_average(model, rotations: int, seed: int = 0):
 
 def _run_export(args) -> int:
     from pathlib import Path
-    from .export import ExportedModel, export_versioned, load, rebuild_model, write_models_config
+    from .export import (
+        ExportedModel, export_versioned, load, rebuild_model, versions, write_models_config,
+    )
     from .training import load_run, read_run_config
-    if (Path(args.run) / "config.json").is_file():
-        run_config = read_run_config(args.run)
+    source = Path(args.run)
+    if not ((source / "saved_model.pb").is_file() or versions(source)):
+        run_config = read_run_config(args.run)          # a run directory, or its one-line error
         model = load_run(args.run)
     else:
         # A SavedModel (e.g. from an older tfgalflow): rebuilt, exported with today's signatures.
