@@ -390,6 +390,7 @@ def test_exported_accelerations_signature_matches_python(tmp_path):
     )
 
 
+@pytest.mark.slow          # ~25 s: traces every cached graph kind once (make test-slow)
 def test_cached_graphs_do_not_keep_the_model_alive():
     import gc
     import weakref
@@ -461,6 +462,7 @@ def test_xla_solve_matches_plain_graph_and_padding_never_changes_it(kind):
             np.testing.assert_array_equal(got, want[rows])
 
 
+@pytest.mark.slow          # ~30 s of XLA compilation; XLA vs plain is also covered by faster tests
 def test_xla_accelerations_match_plain_graph():
     rng = np.random.default_rng(15)
     x = np.geomspace(0.2, 5, 10)[:, None] * random_directions(10, rng)

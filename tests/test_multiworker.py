@@ -171,6 +171,7 @@ HDF5_WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow          # two worker processes (~10 s)
 def test_two_workers_stream_their_own_shards_of_an_hdf5_file(tmp_path):
     """2001 rows, 500 validation rows (the last): worker i reads training rows [750 i, 750 (i+1))
     (the odd 1501st training row sits out) and the validation rows, nothing else.
