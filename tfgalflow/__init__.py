@@ -74,12 +74,6 @@ _PUBLIC = {
     "SphericalAverage": "symmetry",
 }
 
-_SUBMODULES = (
-    "units", "validation", "density", "exact", "hernquist", "mocks", "catalogue", "flows", "model",
-    "training",
-    "cbe", "symmetry", "export", "serving", "plots", "study", "cli",
-)
-
 __all__ = sorted(_PUBLIC) + ["__version__"]
 
 
@@ -87,10 +81,16 @@ def __getattr__(name: str):
     if name in _PUBLIC:
         module = importlib.import_module(f"{__name__}.{_PUBLIC[name]}")
         return getattr(module, name)
-    if name in _SUBMODULES:
-        return importlib.import_module(f"{__name__}.{name}")
+    if not name.startswith("_"):
+        # Any submodule, found when first asked for (no hand-kept list to fall out of date).
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
     raise AttributeError(f"module 'tfgalflow' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_PUBLIC) | set(_SUBMODULES))
+    import pkgutil
+    return sorted(set(globals()) | set(_PUBLIC) | {m.name for m in pkgutil.iter_modules(__path__)})
