@@ -28,6 +28,7 @@ from tfgalflow.export import ExportedModel, export_model, load
 from tfgalflow.flows import FlowConfig
 from tfgalflow.hernquist import Hernquist
 from tfgalflow.model import Ensemble, Flow
+from tfgalflow.spherical_df import SphericalDF, reduced_coordinates
 from tfgalflow.symmetry import SphericalAverage
 
 
@@ -57,6 +58,16 @@ def _flow(dim: int, label_dim: int = 0, seed: int = 0, isotropic: bool = False) 
             dim=dim, label_dim=label_dim, layers=2, hidden=(16, 16), activation="tanh", seed=seed
         )
     ).adapt(x + (labels[:, :1] if label_dim else 0), labels)
+
+
+def _reduced_flow(seed: int = 0) -> Flow:
+    """A 3-D flow of (r, v_r, v_t) (logs of r and v_t, as training with coordinates='spherical'
+    builds it) adapted to the reduced coordinates of a 6-D Gaussian: the base of a SphericalDF."""
+    u = reduced_coordinates(np.random.default_rng(seed).normal(size=(2000, 6)))
+    return Flow(
+        FlowConfig(dim=3, layers=2, hidden=(16, 16), activation="tanh", log_columns=(0, 2),
+                   seed=seed)
+    ).adapt(u.astype(np.float32))
 
 
 @dataclass
@@ -101,6 +112,7 @@ CASES = [
         "spherical average",
         lambda: SphericalAverage(_flow(6, seed=7, isotropic=True), n_rotations=4, seed=1),
     ),
+    Case("spherical DF", lambda: SphericalDF(_reduced_flow(seed=8))),
     Case(
         "exact DF",
         lambda: Hernquist().exact_density("iso"),
@@ -150,7 +162,7 @@ def _points(case: Case, df: Density, n: int, seed: int) -> np.ndarray:
 
 
 def _package_density_classes() -> set[type]:
-    for name in ("model", "symmetry", "exact", "export"):   # every module that defines densities
+    for name in ("model", "symmetry", "spherical_df", "exact", "export"):   # every module that defines densities
         getattr(tfgalflow, name)
     found, todo = set(), [Density]
     while todo:

@@ -38,7 +38,8 @@ seed; the tfgalflow endpoint never merges them.
 
 A :class:`tfgalflow.symmetry.SphericalAverage` of a Flow or Ensemble exports the same way: its
 signatures answer for the DF averaged over the stored rotations (metadata ``spherical_average``: M
-and seed).
+and seed). A :class:`tfgalflow.spherical_df.SphericalDF` (a flow of (r, v_r, v_t)) exports as the
+6-D DF it defines: signatures in w = (x, v), metadata ``spherical_df`` (``even``).
 
 The FlowConfig, the run's config.json (when exported from a run), the rescaling constants, this
 convention and the list of row-wise signatures (whose output rows depend only on the same input
@@ -516,6 +517,9 @@ def rebuild_model(path: str | os.PathLike) -> Any:
     config = FlowConfig.from_dict(meta["flow"])
     members = [Flow(config) for _ in range(int(meta.get("members", 1)))]
     model = members[0] if len(members) == 1 else Ensemble(members)
+    if meta.get("spherical_df"):
+        from .spherical_df import SphericalDF
+        model = SphericalDF(model, meta["spherical_df"]["even"])
     average = meta.get("spherical_average")
     if average:
         model = SphericalAverage(model, average["n_rotations"], average["seed"])
@@ -575,11 +579,14 @@ def load(path: str | os.PathLike) -> Any:
 # ---- export ------------------------------------------------------------------------------------
 
 def _unwrapped(model: Any) -> Any:
-    """The Flow/Ensemble under a SphericalAverage (its config, members and rescaling describe the
-    export).
+    """The Flow/Ensemble under a SphericalAverage or a SphericalDF (its config, members and
+    rescaling describe the export).
     """
+    from .spherical_df import SphericalDF
     from .symmetry import SphericalAverage
-    return model.base if isinstance(model, SphericalAverage) else model
+    while isinstance(model, (SphericalAverage, SphericalDF)):
+        model = model.base
+    return model
 
 
 def _rescaling(model: Any) -> list[dict] | None:
@@ -595,6 +602,7 @@ def _rescaling(model: Any) -> list[dict] | None:
 
 
 def _metadata(model: Any, run_config: Mapping | None, accelerations: dict | None) -> dict:
+    from .symmetry import SphericalAverage
     base = _unwrapped(model)
     config = getattr(base, "config", None)
     members = getattr(base, "members", None)
@@ -617,9 +625,21 @@ def _metadata(model: Any, run_config: Mapping | None, accelerations: dict | None
         # Every signature answers for the DF averaged over these rotations (tfgalflow.symmetry), or
         # null.
         "spherical_average": (
-            {"n_rotations": model.n_rotations, "seed": model.seed} if base is not model else None
+            {"n_rotations": model.n_rotations, "seed": model.seed}
+            if isinstance(model, SphericalAverage) else None
         ),
+        # The flow learned (r, v_r, v_t) and every signature answers for the 6-D DF it defines
+        # (tfgalflow.spherical_df), or null.
+        "spherical_df": _spherical_df_metadata(model),
     }
+
+
+def _spherical_df_metadata(model: Any) -> dict | None:
+    from .spherical_df import SphericalDF
+    from .symmetry import SphericalAverage
+    while isinstance(model, SphericalAverage):
+        model = model.base
+    return {"even": model.even} if isinstance(model, SphericalDF) else None
 
 
 def _acceleration_graph(model: Any, accelerations: bool | None, n_velocities: int):
@@ -649,10 +669,13 @@ def _without_xla(model: Any) -> Any:
     which TF Serving runs only with its experimental XLA support; the copy traces without it.
     """
     from .model import Ensemble, Flow
+    from .spherical_df import SphericalDF
     from .symmetry import SphericalAverage
     if isinstance(model, SphericalAverage):
         # same rotations
         return SphericalAverage(_without_xla(model.base), model.n_rotations, model.seed)
+    if isinstance(model, SphericalDF):
+        return SphericalDF(_without_xla(model.base), model.even)
     if isinstance(model, Ensemble):
         return Ensemble([_without_xla(m) for m in model.members])
     if isinstance(model, Flow):
@@ -763,7 +786,8 @@ def export_model(
         model: a trained :class:`~tfgalflow.model.Flow` or :class:`~tfgalflow.model.Ensemble`, or
             either wrapped in a :class:`~tfgalflow.symmetry.SphericalAverage` (then every signature
             answers for the rotation-averaged DF, and the metadata's ``spherical_average`` says
-            so).
+            so) or a :class:`~tfgalflow.spherical_df.SphericalDF` (the 6-D DF of a flow of
+            (r, v_r, v_t); metadata ``spherical_df``).
         path: the SavedModel directory to create (for TF Serving: ``ROOT/NAME/<version>``).
         run_config: the run's config.json dict, stored in the metadata (``tfgalflow export RUN``
             passes it).

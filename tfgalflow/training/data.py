@@ -568,6 +568,25 @@ def describe(data: ArrayData | HDF5Data, config: TrainConfig) -> dict:
     return d
 
 
+def in_coordinates(data: ArrayData | HDF5Data, config: TrainConfig) -> ArrayData | HDF5Data:
+    """The data the flow learns: unchanged for ``coordinates = 'cartesian'``; for 'spherical'
+    each star's (r, v_r, v_t) (:func:`tfgalflow.spherical_df.reduced_coordinates`), labels kept.
+
+    Raises InputError for streamed data or data that are not 6-D phase space.
+    """
+    if config.coordinates == "cartesian":
+        return data
+    if data.streamed:
+        raise InputError("TrainConfig.coordinates = 'spherical' needs the catalogue in memory: "
+                         "load the HDF5 file with Catalogue.load(path) and train on the Catalogue")
+    if data.dim != 6:
+        raise InputError(f"TrainConfig.coordinates = 'spherical' needs 6-D phase-space data "
+                         f"(x, v) [N, 6]; got [N, {data.dim}]")
+    from ..spherical_df import REDUCED_COLUMNS, reduced_coordinates
+    u = reduced_coordinates(data.x).astype(np.float32)
+    return ArrayData(u, data.labels, dict(data.description, columns=list(REDUCED_COLUMNS)))
+
+
 def without_labels(data: ArrayData | HDF5Data) -> ArrayData | HDF5Data:
     """The same data with its labels dropped (TrainConfig.label_dim = 0 on a labelled
     catalogue).

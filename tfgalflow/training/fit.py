@@ -20,7 +20,8 @@ from ..atomic import atomic_dir, write_json
 from ..errors import FileError, InputError
 from .config import EXPONENTIAL_FINAL_FRACTION, TrainConfig
 from .data import (
-    as_training_data, check_deconvolution, check_sizes, describe, select_labels, without_labels,
+    as_training_data, check_deconvolution, check_sizes, describe, in_coordinates, select_labels,
+    without_labels,
 )
 from .rundir import (
     BEST_DIR, CHECKPOINTS_DIR, CONFIG_FILE, DEFAULT_VERBOSE, FINAL_DIR, HISTORY_FILE, SUMMARY_FILE,
@@ -32,6 +33,7 @@ from .rundir import (
 if TYPE_CHECKING:  # pragma: no cover
     import tensorflow as tf
     from ..catalogue import Catalogue
+    from ..spherical_df import SphericalDF
     from ..model import Ensemble, Flow
 
 _log = logging.getLogger(__name__)
@@ -327,6 +329,7 @@ def train(data: "Catalogue | np.ndarray | str | os.PathLike", config: TrainConfi
     config = select_labels(data, config)
     if config.label_dim == 0 and data.label_dim:
         data = without_labels(data)
+    data = in_coordinates(data, config)
     check_sizes(data, config)
     check_deconvolution(data, config)
     _check_tensorboard(config)
@@ -389,6 +392,7 @@ def _resume(run_dir: Path, run: dict, data: Any, labels: Any, strategy: Any,
                          f"the labels [N, {config.label_dim}] it was trained with")
     if config.label_dim == 0 and data.label_dim:
         data = without_labels(data)
+    data = in_coordinates(data, config)
     check_deconvolution(data, config)
     shape = (data.n, data.dim, data.label_dim)
     if shape != (recorded["n"], recorded["dim"], recorded["label_dim"]) or (
@@ -402,18 +406,29 @@ def _resume(run_dir: Path, run: dict, data: Any, labels: Any, strategy: Any,
                         callbacks=callbacks)
 
 
-def load_run(run_dir: str | os.PathLike) -> "Flow | Ensemble":
+def load_run(run_dir: str | os.PathLike) -> "Flow | Ensemble | SphericalDF":
     """Rebuild the trained model of a finished run from config.json and the members' final
-    weights.
+    weights (a run with ``coordinates = 'spherical'``: the
+    :class:`~tfgalflow.spherical_df.SphericalDF` of its flow or ensemble).
 
     Raises FileError naming the file if config.json is missing/corrupt/of another run-format
     version or a member's weights are missing or corrupt.
     """
-    from ..model import Ensemble
     run_dir = Path(run_dir)
     run = read_run_config(run_dir)
-    flows = [load_member(run_dir, run, k) for k in range(len(run["members"]))]
-    return flows[0] if len(flows) == 1 else Ensemble(flows)
+    return _run_model(run, [load_member(run_dir, run, k) for k in range(len(run["members"]))])
+
+
+def _run_model(run: dict, flows: list) -> "Flow | Ensemble | SphericalDF":
+    """The run's model made of its member flows: one Flow or their Ensemble, as a SphericalDF
+    when the run learned spherical coordinates.
+    """
+    from ..model import Ensemble
+    model = flows[0] if len(flows) == 1 else Ensemble(flows)
+    if run.get("train", {}).get("coordinates", "cartesian") == "spherical":
+        from ..spherical_df import SphericalDF
+        return SphericalDF(model)
+    return model
 
 
 def _check_tensorboard(config: TrainConfig) -> None:
@@ -428,7 +443,6 @@ def _check_tensorboard(config: TrainConfig) -> None:
 
 def _fit_members(run_dir: Path, run: dict, data: Any, *, strategy: Any, verbose: int,
                  callbacks: Sequence[Any]) -> "Flow | Ensemble":
-    from ..model import Ensemble
     config = _run_train_config(run)
     todo = [k for k in range(config.members) if not member_finished(run_dir, run, k)]
     if config.parallel and len(todo) > 1:
@@ -440,7 +454,7 @@ def _fit_members(run_dir: Path, run: dict, data: Any, *, strategy: Any, verbose:
     flows = [_fit_member(run_dir, run, k, data, strategy=strategy, verbose=verbose,
                          callbacks=callbacks)
              if k in todo else load_member(run_dir, run, k) for k in range(config.members)]
-    return flows[0] if len(flows) == 1 else Ensemble(flows)
+    return _run_model(run, flows)
 
 
 # ---- parallel members ---------------------------------------------------------------------------
