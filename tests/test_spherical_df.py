@@ -218,3 +218,23 @@ def test_spherical_coordinates_refuse_what_they_cannot_learn(tmp_path, overrides
     x = cat if data == "catalogue" else cat.phase_space[:, :3]
     with pytest.raises(InputError, match=message):
         train(x, TrainConfig(coordinates="spherical", epochs=1, **overrides), tmp_path / "r")
+
+
+def test_command_line_trains_a_spherical_df_from_an_hdf5_mock(tmp_path):
+    # The README's path: an HDF5 mock (streamed files are read into memory as (r, v_r, v_t)),
+    # `train --coordinates spherical`, then `accel` on the run: the CBE of a (barely trained)
+    # SphericalDF. Accelerations must point inwards (a_r < 0) at every radius: a wrong sign of the
+    # gradient of the Jacobian term -2 log r would push them outwards at small r.
+    from tfgalflow.cli import main
+    from tfgalflow.training import load_run
+    mock, run = tmp_path / "m.h5", tmp_path / "run"
+    assert main(["mock", "hernquist", "--n", "20000", "--seed", "1", "--r-max", "50",
+                 "--out", str(mock)]) == 0
+    assert main(["train", str(mock), "--coordinates", "spherical", "--layers", "2", "--hidden",
+                 "16,16", "--epochs", "2", "--batch-size", "512", "--out", str(run),
+                 "--verbose", "0"]) == 0
+    assert isinstance(load_run(run), SphericalDF)
+    out = tmp_path / "a.npz"
+    assert main(["accel", str(run), "--radii", "0.5,1,2", "--out", str(out)]) == 0
+    a_r = np.load(out)["a_radial"]
+    assert a_r.shape == (3,) and np.all(a_r < 0), a_r

@@ -568,23 +568,38 @@ def describe(data: ArrayData | HDF5Data, config: TrainConfig) -> dict:
     return d
 
 
+#: Rows read at a time when an HDF5 catalogue is reduced to (r, v_r, v_t) in memory.
+SPHERICAL_READ_ROWS = 1_000_000
+
+
 def in_coordinates(data: ArrayData | HDF5Data, config: TrainConfig) -> ArrayData | HDF5Data:
     """The data the flow learns: unchanged for ``coordinates = 'cartesian'``; for 'spherical'
-    each star's (r, v_r, v_t) (:func:`tfgalflow.spherical_df.reduced_coordinates`), labels kept.
+    each star's (r, v_r, v_t) (:func:`tfgalflow.spherical_df.reduced_coordinates`), labels kept,
+    held in memory (an HDF5 file is read in chunks of ``SPHERICAL_READ_ROWS`` rows).
 
-    Raises InputError for streamed data or data that are not 6-D phase space.
+    Raises InputError for data that are not 6-D phase space.
     """
     if config.coordinates == "cartesian":
         return data
-    if data.streamed:
-        raise InputError("TrainConfig.coordinates = 'spherical' needs the catalogue in memory: "
-                         "load the HDF5 file with Catalogue.load(path) and train on the Catalogue")
     if data.dim != 6:
         raise InputError(f"TrainConfig.coordinates = 'spherical' needs 6-D phase-space data "
                          f"(x, v) [N, 6]; got [N, {data.dim}]")
     from ..spherical_df import REDUCED_COLUMNS, reduced_coordinates
-    u = reduced_coordinates(data.x).astype(np.float32)
-    return ArrayData(u, data.labels, dict(data.description, columns=list(REDUCED_COLUMNS)))
+    description = dict(data.description, columns=list(REDUCED_COLUMNS))
+    if not data.streamed:
+        return ArrayData(reduced_coordinates(data.x).astype(np.float32), data.labels,
+                         description)
+    # An HDF5 file: read in chunks, keep only (r, v_r, v_t) (12 bytes a star) and the labels.
+    from ..catalogue import open_hdf5
+    catalogue = open_hdf5(data.path)
+    chunks, labels = [], []
+    for start in range(0, data.n, SPHERICAL_READ_ROWS):
+        part = catalogue.read(start, min(start + SPHERICAL_READ_ROWS, data.n))
+        chunks.append(reduced_coordinates(part.phase_space).astype(np.float32))
+        if data.use_labels:
+            labels.append(np.asarray(part.labels, np.float32).reshape(len(part), -1))
+    return ArrayData(np.concatenate(chunks), np.concatenate(labels) if labels else None,
+                     description)
 
 
 def without_labels(data: ArrayData | HDF5Data) -> ArrayData | HDF5Data:
