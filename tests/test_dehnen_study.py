@@ -32,6 +32,9 @@ def test_config_parses_command_line_text_and_refuses_bad_labels():
         c.with_overrides(stars=3)
     with pytest.raises(InputError, match="label pairs"):
         c.with_overrides(held_out="1;0.5")
+    assert c.with_overrides(coordinates="spherical").train_config().coordinates == "spherical"
+    with pytest.raises(InputError, match="cartesian, spherical"):
+        c.with_overrides(coordinates="polar")
 
 
 def test_kl_estimate_of_the_untruncated_exact_df_is_minus_log_enclosed_mass():

@@ -162,7 +162,8 @@ def _points(case: Case, df: Density, n: int, seed: int) -> np.ndarray:
 
 
 def _package_density_classes() -> set[type]:
-    for name in ("model", "symmetry", "spherical_df", "exact", "export"):   # every module that defines densities
+    # every module that defines densities
+    for name in ("model", "symmetry", "spherical_df", "exact", "export"):
         getattr(tfgalflow, name)
     found, todo = set(), [Density]
     while todo:

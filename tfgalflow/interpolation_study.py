@@ -100,6 +100,8 @@ class InterpolationConfig:
     lr: float = _option(2e-3, "peak learning rate (cosine schedule)", "float")
     patience: int = _option(10, "early-stopping patience (0: never stop)", "int")
     members: int = _option(1, "ensemble members", "int")
+    coordinates: str = _option("cartesian", "what the flow learns: 'cartesian' (x, v) or "
+                               "'spherical' (r, v_r, v_t; TrainConfig.coordinates)", "coordinates")
     n_radii: int = _option(16, "radii log-spaced in [r_min, r_max]", "int")
     n_directions: int = _option(2, "random directions per radius", "int")
     r_min: float = _option(0.1, "smallest evaluation radius (units of a)", "float")
@@ -156,7 +158,7 @@ class InterpolationConfig:
         return TrainConfig(layers=self.layers, hidden=self.hidden, epochs=self.epochs,
                            batch_size=self.batch_size, lr=self.lr, lr_schedule="cosine",
                            patience=self.patience, members=self.members, label_dim=2,
-                           validation_split=0.1, seed=self.seed)
+                           validation_split=0.1, seed=self.seed, coordinates=self.coordinates)
 
     @classmethod
     def tiny(cls) -> "InterpolationConfig":
@@ -202,10 +204,16 @@ def _coerce(name: str, kind: str, value: Any) -> Any:
     """Parse ``value`` (Python or command-line text) as a field of kind ``kind``."""
     def fail() -> InputError:
         shapes = {"int": "an integer", "float": "a number", "floats": "numbers like 0.5,1",
-                  "ints": "integers like 64,64", "pairs": "label pairs like 0.75:0.25,1.25:0.75"}
+                  "ints": "integers like 64,64", "pairs": "label pairs like 0.75:0.25,1.25:0.75",
+                  "coordinates": "one of cartesian, spherical"}
         return InputError(f"InterpolationConfig.{name} = {value!r}: expected {shapes[kind]}")
 
     try:
+        if kind == "coordinates":
+            from .training.config import COORDINATES
+            if value not in COORDINATES:
+                raise fail()
+            return value
         if kind == "int":
             if isinstance(value, bool) or float(value) != int(float(value)):
                 raise fail()
