@@ -4,9 +4,9 @@ Every worker runs the same ``train`` call; the strategy keeps one copy of the we
 and sums the gradients of the W workers' shares of each global batch with a collective
 all-reduce, so W workers take the same steps as one process with the same global batch (up to
 the order of float32 sums). Keras splits each global batch of B rows into W consecutive pieces of
-B/W (tf.data auto-sharding, DATA policy); the flow's loss is each replica's mean divided by the
-number of replicas in sync (``Flow._loss``), which makes the summed gradient that of the global
-mean for equal pieces.
+B/W (tf.data auto-sharding, DATA policy); each replica's loss is its own -Σ w log p over the
+all-reduced Σ w of the global batch (``Flow._loss``), so the summed gradient is that of the
+global mean for any split (uneven pieces and an epoch's short last batch included).
 
 Only the chief (task ``chief``, or ``worker`` 0 when the cluster has no chief) writes the run
 directory; the other workers write theirs into a temporary directory that is deleted after
