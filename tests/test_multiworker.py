@@ -249,6 +249,67 @@ def test_the_chief_is_the_chief_task_or_worker_zero():
     assert distributed.is_chief(object())                 # no cluster: a single process
 
 
+PARQUET_WORKER = textwrap.dedent("""
+    import json, os, sys
+    table, run_dir, ports, index, out = sys.argv[1:6]
+    os.environ["TF_CONFIG"] = json.dumps({
+        "cluster": {"worker": [f"127.0.0.1:{p}" for p in ports.split(",")]},
+        "task": {"type": "worker", "index": int(index)}})
+    import numpy as np
+    from tfgalflow.cli import main
+    from tfgalflow.training.data import ParquetPipelines
+    rows = set()
+    original = ParquetPipelines._stream
+
+    def recording(self, batch, epoch, start, stop):     # the training rows this worker streams
+        for b in original(self, batch, epoch, start, stop):
+            rows.update(np.rint(b[0][:, 0]).astype(int).tolist())
+            yield b
+
+    ParquetPipelines._stream = recording
+    code = main(["train", table, "--event-columns", "id,y", "--label-columns", "node",
+                 "--multi-worker", "--out", run_dir, "--layers", "1", "--hidden", "8",
+                 "--epochs", "2", "--batch-size", "128", "--validation-split", "0.25",
+                 "--verbose", "0", "--no-jit-compile", "--steps-per-call", "1"])
+    json.dump({"code": code, "rows": sorted(rows)}, open(out, "w"))
+""")
+
+
+@pytest.mark.slow          # two worker processes (~15 s)
+def test_two_workers_stream_their_own_shards_of_a_parquet_table(tmp_path):
+    """`tfgalflow train TABLE.parquet --multi-worker`: 2000 rows sorted by label, 500 validation
+    rows spread over the file (every 4th), 1500 training rows: worker i streams training rows
+    [750 i, 750 (i+1)) and no other, the chief writes the run.
+    """
+    pytest.importorskip("pyarrow")
+    from tfgalflow.catalogue import write_parquet
+    (tmp_path / "tmp").mkdir()
+    ids = np.arange(2000, dtype=np.float64)
+    table = tmp_path / "t.parquet"
+    write_parquet(table, np.stack([ids, np.random.default_rng(0).normal(size=2000)], axis=1),
+                  ids // 200, ("id", "y"), ("node",), row_group_size=100)
+    ports = ",".join(map(str, free_ports(2)))
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "TF_CPP_MIN_LOG_LEVEL": "2",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    finish([subprocess.Popen([sys.executable, "-c", PARQUET_WORKER, str(table),
+                              str(tmp_path / f"run{i}"), ports, str(i),
+                              str(tmp_path / f"w{i}.json")], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i in range(2)])
+    training = ids[(ids + 1) * 500 // 2000 == ids * 500 // 2000].astype(int)   # 3 rows in 4
+    assert len(training) == 1500
+    for i in range(2):
+        out = json.loads((tmp_path / f"w{i}.json").read_text())
+        assert out["code"] == 0
+        assert out["rows"] == sorted(training[750 * i:750 * (i + 1)].tolist())
+    config = json.loads((tmp_path / "run0" / "config.json").read_text())
+    assert config["data"]["source"] == "parquet" and config["train"]["multi_worker"]
+    hist = np.loadtxt(tmp_path / "run0" / "member_000" / "history.csv", delimiter=",",
+                      skiprows=1)
+    assert hist.shape == (2, 3) and np.all(np.isfinite(hist))
+    assert not (tmp_path / "run1").exists()
+
+
 # ---- loss scaling for any split -----------------------------------------------------------------
 
 UNEVEN_SCRIPT = textwrap.dedent("""

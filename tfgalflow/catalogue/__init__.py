@@ -37,7 +37,8 @@ from .gadget import GADGET_GROUP, GADGET_POS, GADGET_VEL
 from .hdf5 import CHUNK_ROWS, HDF5Catalogue, hdf5_dataset, open_hdf5
 from .events import EventTable
 from .parquet import (
-    PARQUET_SUFFIXES, iter_parquet_batches, parquet_dataset, read_parquet, write_parquet,
+    PARQUET_SUFFIXES, ParquetCatalogue, iter_parquet_batches, open_parquet, parquet_dataset,
+    read_parquet, write_parquet,
 )
 from .root import read_root
 
@@ -59,6 +60,8 @@ __all__ = [
     "EventTable",
     "read_root",
     "PARQUET_SUFFIXES",
+    "ParquetCatalogue",
+    "open_parquet",
     "read_parquet",
     "write_parquet",
     "iter_parquet_batches",
