@@ -286,3 +286,22 @@ def test_accel_workers_give_the_one_process_answer_and_resume(tmp_path):
             name
     with pytest.raises(InputError, match="path of its run directory"):
         batch.accel_file(flow(), tmp_path / "pos.npy", tmp_path / "b.h5", workers=2)
+
+
+def test_accel_file_rotations_average_the_model(tmp_path):
+    """rotations=M solves with SphericalAverage(model, M, seed=seed), chunk by chunk."""
+    from tfgalflow import cbe
+    from tfgalflow.symmetry import SphericalAverage
+    model = flow()
+    pos = np.random.default_rng(5).normal(size=(6, 3))
+    out = batch.accel_file(model, pos, tmp_path / "r.h5", chunk=3, seed=2, rotations=2,
+                           n_velocities=16)
+    averaged = SphericalAverage(model, 2, seed=2)
+    for i in range(2):
+        res = cbe.accelerations(averaged, pos[3 * i:3 * i + 3], n_velocities=16,
+                                seed=batch.chunk_seed(2, i))
+        # the same computation on the same chunk: equal to float64 round-off of the file copy
+        np.testing.assert_allclose(read(out, "acceleration")[3 * i:3 * i + 3], res.acceleration,
+                                   rtol=1e-12)
+    plain = batch.accel_file(model, pos, tmp_path / "p.h5", chunk=3, seed=2, n_velocities=16)
+    assert np.abs(read(out, "acceleration") - read(plain, "acceleration")).max() > 1e-6

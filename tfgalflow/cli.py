@@ -659,6 +659,10 @@ def _add_accel(sub) -> None:
         "resumable (tfgalflow.batch.accel_file; chunk i uses the seed (seed, i))",
     )
     _add_chunk_flag(p)
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="with a streamed .h5/.hdf5 --out: solve the chunks in N local processes, "
+                        "each loading RUN itself (the output does not depend on N; a killed job "
+                        "resumes with any N; default: 1)")
     p.set_defaults(func=_run_accel)
 
 
@@ -708,6 +712,9 @@ def _run_accel(args) -> int:
     )
     if args.seed < 0:
         raise InputError(f"--seed {args.seed}: expected an integer >= 0")
+    if args.workers < 1 or (args.workers > 1 and not _streamed(args.out)):
+        raise InputError(f"--workers {args.workers}: expected N >= 1; N > 1 needs a streamed "
+                         ".h5/.hdf5 --out")
     model = load(args.run)
     data = (((model.metadata.get("run") or {}) if isinstance(model, ExportedModel)
              else read_run_config(args.run)).get("data") or {})
@@ -740,9 +747,10 @@ def _run_accel(args) -> int:
         res = model.accelerations(positions, seed=args.seed, labels=labels, **thresholds)
     elif _streamed(args.out):
         from .batch import DEFAULT_ACCEL_CHUNK, accel_file
-        accel_file(_spherical_average(model, args.rotations, seed=args.seed),
-                   args.positions or positions, args.out, seed=args.seed, labels=labels,
-                   chunk=args.chunk or DEFAULT_ACCEL_CHUNK, progress=True,
+        accel_file(args.run if args.workers > 1 else model, args.positions or positions,
+                   args.out, seed=args.seed, labels=labels, workers=args.workers,
+                   rotations=args.rotations, chunk=args.chunk or DEFAULT_ACCEL_CHUNK,
+                   progress=True,
                    n_velocities=256 if args.n_velocities is None else args.n_velocities,
                    jit_compile=args.xla, **thresholds)
         print(f"wrote {len(positions)} accelerations to {args.out}")
