@@ -245,10 +245,13 @@ def map_chunks(compute: Callable[[int, int, int], Any], todo: Sequence[tuple[int
     (W = 1), or as they finish in W spawned worker processes.
 
     Each worker unpickles ``compute`` once (a model it holds is reloaded there, see
-    :class:`AccelChunks`) and runs with max(1, cores / W) TensorFlow threads; at most 2 W chunks
-    are in flight, so memory stays flat. 'spawn', not 'fork': TensorFlow is not fork-safe. When
-    the consumer stops early (an error, a kill of this process's loop) pending chunks are
-    cancelled; a worker's exception is re-raised here.
+    :class:`AccelChunks`) and runs with this process's TensorFlow thread settings: CPU kernels
+    split their reductions by the thread count, and a CBE solve turns a last-bit difference into
+    another resampled velocity, so equal settings are what make a chunk come out bit-for-bit the
+    same in any process (W processes then share the cores). At most 2 W chunks are in flight, so
+    memory stays flat. 'spawn', not 'fork': TensorFlow is not fork-safe. When the consumer stops
+    early (an error, a kill of this process's loop) pending chunks are cancelled; a worker's
+    exception is re-raised here.
     """
     workers = validation.integer(workers, "workers")
     if workers == 1 or len(todo) <= 1:
@@ -258,7 +261,11 @@ def map_chunks(compute: Callable[[int, int, int], Any], todo: Sequence[tuple[int
     import concurrent.futures
     import multiprocessing
 
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = (0, 0)                     # TensorFlow's defaults, unless this process set others
+    if "tensorflow" in sys.modules:
+        import tensorflow as tf
+        threads = (tf.config.threading.get_intra_op_parallelism_threads(),
+                   tf.config.threading.get_inter_op_parallelism_threads())
     pool = concurrent.futures.ProcessPoolExecutor(
         max_workers=min(workers, len(todo)), mp_context=multiprocessing.get_context("spawn"),
         initializer=_start_worker, initargs=(compute, threads))
@@ -285,12 +292,13 @@ def map_chunks(compute: Callable[[int, int, int], Any], todo: Sequence[tuple[int
 _WORKER_COMPUTE: Any = None          # the compute of this worker process (map_chunks)
 
 
-def _start_worker(compute: Any, threads: int) -> None:
+def _start_worker(compute: Any, threads: tuple[int, int]) -> None:
     global _WORKER_COMPUTE
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    if any(threads):
+        import tensorflow as tf
+        tf.config.threading.set_intra_op_parallelism_threads(threads[0])
+        tf.config.threading.set_inter_op_parallelism_threads(threads[1])
     _WORKER_COMPUTE = compute
 
 

@@ -18,8 +18,9 @@ atomically through :mod:`tfgalflow.atomic`):
                 :class:`EventTable` of N-D events + labels (optional ``uproot``: tfgalflow[root]).
 ``.parquet``    :mod:`.parquet` - event tables (named event columns + dictionary-encoded label
                 columns, e.g. a population-synthesis grid): :func:`read_parquet`,
-                :func:`write_parquet`, streamed with a cross-label shuffle by
-                :func:`parquet_dataset` (needs the ``parquet`` extra, pyarrow).
+                :func:`write_parquet`, streamed with a cross-label shuffle (and sharded,
+                ``shard=(i, m)``) by :func:`parquet_dataset` / :func:`open_parquet` (needs
+                the ``parquet`` extra, pyarrow).
 
 Example::
 

@@ -16,6 +16,13 @@ being cut into batches. Each epoch yields every row exactly once; memory is boun
 ``buffer_rows`` plus one row group. (A plain row-level shuffle buffer smaller than a label block
 would keep each batch inside one or two grid nodes -- the reference pipeline's problem.)
 
+Sharding, as for HDF5 (:func:`tfgalflow.catalogue.hdf5_dataset`): ``shard=(i, m)`` makes worker i
+of m read only the i-th of m runs of the epoch's row-group order (the same seeded permutation in
+every worker), so the m shards of an epoch partition the rows, each still mixing label values;
+``start``/``stop`` restrict to a row range (cut inside row groups where needed).
+:func:`open_parquet` gives the lazy :class:`ParquetCatalogue` that training streams
+(:mod:`tfgalflow.training.data`).
+
 Needs ``pyarrow`` (the ``parquet`` extra: ``pip install 'tfgalflow[parquet]'``).
 
 Example::
@@ -25,6 +32,7 @@ Example::
     >>> table.events.shape, table.labels.shape                     # [N, 2], [N, 2] float64
     >>> ds = parquet_dataset("grid.parquet", ("m0", "m1"), ("Z", "alpha"), batch_size=1024,
     ...                      buffer_rows=200_000, seed=0)           # (x [B, 2], labels [B, 2]) f32
+    >>> ds = parquet_dataset("grid.parquet", "m0,m1", "Z,alpha", 1024, shard=(i, m))  # worker i
 """
 
 from __future__ import annotations
