@@ -257,3 +257,51 @@ def test_cli_streams_logprob_and_sample_to_hdf5(tmp_path, capsys):
     assert "4/4 chunks" in err and "rows/s" in err           # the progress bar
     assert main(["accel", str(SHIPPED), "--radii", "1", "--out", str(tmp_path / "a.h5")]) == 2
     assert "run directory" in capsys.readouterr().err
+
+
+@pytest.mark.slow          # two spawned processes each load TensorFlow and the model (~1-2 min)
+def test_accel_workers_give_the_one_process_answer_and_resume(tmp_path):
+    """accel_file(workers=2): chunks solved in two spawned processes, each loading the shipped
+    SavedModel itself, equal the in-process answer (every chunk has its own seed, whichever
+    process solves it); a job interrupted after one chunk resumes without solving it again.
+    """
+    rng = np.random.default_rng(3)
+    pos = rng.normal(size=(9, 3)) * 5.0
+    np.save(tmp_path / "pos.npy", pos)
+    kw = dict(chunk=3, seed=4, n_velocities=16)
+    whole = batch.accel_file(SHIPPED, tmp_path / "pos.npy", tmp_path / "whole.h5", **kw)
+    with pytest.raises(Interrupt):
+        batch.accel_file(SHIPPED, tmp_path / "pos.npy", tmp_path / "a.h5", workers=2,
+                         callback=stop_after(1), **kw)
+    kept = batch.read_done(tmp_path / "a.h5")
+    assert kept.sum() >= 1                                  # chunks written before the kill
+    calls = []
+    out = batch.accel_file(SHIPPED, tmp_path / "pos.npy", tmp_path / "a.h5", workers=2,
+                           callback=lambda done, total, rows: calls.append(done), **kw)
+    assert calls[0] == kept.sum() and len(calls) == 1 + 3 - kept.sum()   # no chunk redone
+    for name in ("positions", "acceleration", "residual", "condition", "ess", "log_density",
+                 "flagged", "reasons"):
+        # the same float64 numbers: a chunk's result does not depend on the process solving it
+        assert np.array_equal(read(out, name), read(whole, name), equal_nan=name != "reasons"), \
+            name
+    with pytest.raises(InputError, match="path of its run directory"):
+        batch.accel_file(flow(), tmp_path / "pos.npy", tmp_path / "b.h5", workers=2)
+
+
+def test_accel_file_rotations_average_the_model(tmp_path):
+    """rotations=M solves with SphericalAverage(model, M, seed=seed), chunk by chunk."""
+    from tfgalflow import cbe
+    from tfgalflow.symmetry import SphericalAverage
+    model = flow()
+    pos = np.random.default_rng(5).normal(size=(6, 3))
+    out = batch.accel_file(model, pos, tmp_path / "r.h5", chunk=3, seed=2, rotations=2,
+                           n_velocities=16)
+    averaged = SphericalAverage(model, 2, seed=2)
+    for i in range(2):
+        res = cbe.accelerations(averaged, pos[3 * i:3 * i + 3], n_velocities=16,
+                                seed=batch.chunk_seed(2, i))
+        # the same computation on the same chunk: equal to float64 round-off of the file copy
+        np.testing.assert_allclose(read(out, "acceleration")[3 * i:3 * i + 3], res.acceleration,
+                                   rtol=1e-12)
+    plain = batch.accel_file(model, pos, tmp_path / "p.h5", chunk=3, seed=2, n_velocities=16)
+    assert np.abs(read(out, "acceleration") - read(plain, "acceleration")).max() > 1e-6

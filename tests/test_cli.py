@@ -47,6 +47,13 @@ def test_accel_checks_the_output_type_before_computing(tmp_path, capsys, no_mode
     assert ".xyz" in _error(capsys)
 
 
+@pytest.mark.parametrize("workers,out", [("2", "a.npz"), ("0", "a.h5")])
+def test_accel_checks_workers_before_loading(tmp_path, capsys, no_model_loading, workers, out):
+    assert main(["accel", str(SHIPPED), "--radii", "1", "--workers", workers,
+                 "--out", str(tmp_path / out)]) == 2
+    assert f"--workers {workers}" in _error(capsys)
+
+
 def test_sample_and_logprob_accept_a_savedmodel(tmp_path, capsys):
     # The shipped model is a 6-D Hernquist flow: its samples are bound orbits, where log p is
     # finite.

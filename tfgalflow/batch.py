@@ -26,13 +26,14 @@ Example::
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -162,8 +163,13 @@ class Column:
 def run_chunks(out: str | os.PathLike, n: int, chunk: int, columns: Sequence[Column],
                compute: Callable[[int, int, int], Mapping[str, np.ndarray]], job: Mapping,
                attrs: Mapping[str, Any] | None = None, callback: ChunkCallback | None = None,
-               ) -> Path:
+               workers: int = 1) -> Path:
     """Fill ``columns`` of ``out`` chunk by chunk, resumably; rename into place when all done.
+
+    With ``workers`` W > 1 the chunks not yet done are computed by W spawned processes
+    (:func:`map_chunks`; ``compute`` must then be picklable) and come back to this process, the
+    only one that writes the file, in the order they finish: the same rows, flags and resume
+    as with W = 1.
 
     Args:
         out: the output HDF5 file.
@@ -174,6 +180,7 @@ def run_chunks(out: str | os.PathLike, n: int, chunk: int, columns: Sequence[Col
         job: JSON-able identity of the job; a partial file with another identity is restarted.
         attrs: root attributes of the finished file (JSON-encoded unless str/number).
         callback: called after each chunk with (chunks done, chunks in all, rows done).
+        workers: processes computing the chunks (1: this process).
 
     Returns:
         ``out`` as a Path.
@@ -204,9 +211,9 @@ def run_chunks(out: str | os.PathLike, n: int, chunk: int, columns: Sequence[Col
         finished = int(done.sum())
         if callback is not None:
             callback(finished, n_chunks, _rows_in(done, chunk, n))
-        for i in np.nonzero(~done)[0]:
-            a, b = int(i) * chunk, min((int(i) + 1) * chunk, n)
-            values = compute(int(i), a, b)
+        todo = [(int(i), int(i) * chunk, min((int(i) + 1) * chunk, n))
+                for i in np.nonzero(~done)[0]]
+        for i, a, b, values in map_chunks(compute, todo, workers):
             for c in columns:
                 v = np.asarray(values[c.name])
                 if v.shape != (b - a,) + c.shape:
@@ -230,6 +237,73 @@ def run_chunks(out: str | os.PathLike, n: int, chunk: int, columns: Sequence[Col
         os.fsync(fh.fileno())
     os.replace(tmp, out)
     return out
+
+
+def map_chunks(compute: Callable[[int, int, int], Any], todo: Sequence[tuple[int, int, int]],
+               workers: int = 1) -> Iterator[tuple[int, int, int, Any]]:
+    """(i, a, b, compute(i, a, b)) for every chunk (i, a, b) of ``todo``: in order in this process
+    (W = 1), or as they finish in W spawned worker processes.
+
+    Each worker unpickles ``compute`` once (a model it holds is reloaded there, see
+    :class:`AccelChunks`) and runs with this process's TensorFlow thread settings: CPU kernels
+    split their reductions by the thread count, and a CBE solve turns a last-bit difference into
+    another resampled velocity, so equal settings are what make a chunk come out bit-for-bit the
+    same in any process (W processes then share the cores). At most 2 W chunks are in flight, so
+    memory stays flat. 'spawn', not 'fork': TensorFlow is not fork-safe. When the consumer stops
+    early (an error, a kill of this process's loop) pending chunks are cancelled; a worker's
+    exception is re-raised here.
+    """
+    workers = validation.integer(workers, "workers")
+    if workers == 1 or len(todo) <= 1:
+        for i, a, b in todo:
+            yield i, a, b, compute(i, a, b)
+        return
+    import concurrent.futures
+    import multiprocessing
+
+    threads = (0, 0)                     # TensorFlow's defaults, unless this process set others
+    if "tensorflow" in sys.modules:
+        import tensorflow as tf
+        threads = (tf.config.threading.get_intra_op_parallelism_threads(),
+                   tf.config.threading.get_inter_op_parallelism_threads())
+    pool = concurrent.futures.ProcessPoolExecutor(
+        max_workers=min(workers, len(todo)), mp_context=multiprocessing.get_context("spawn"),
+        initializer=_start_worker, initargs=(compute, threads))
+    pending: dict = {}
+    queue = iter(todo)
+    try:
+        for item in itertools.islice(queue, 2 * workers):
+            pending[pool.submit(_worker_chunk, *item)] = item
+        while pending:
+            finished, _ = concurrent.futures.wait(
+                pending, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in finished:
+                i, a, b = pending.pop(future)
+                values = future.result()
+                for item in itertools.islice(queue, 1):
+                    pending[pool.submit(_worker_chunk, *item)] = item
+                yield i, a, b, values
+    finally:
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+_WORKER_COMPUTE: Any = None          # the compute of this worker process (map_chunks)
+
+
+def _start_worker(compute: Any, threads: tuple[int, int]) -> None:
+    global _WORKER_COMPUTE
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if any(threads):
+        import tensorflow as tf
+        tf.config.threading.set_intra_op_parallelism_threads(threads[0])
+        tf.config.threading.set_inter_op_parallelism_threads(threads[1])
+    _WORKER_COMPUTE = compute
+
+
+def _worker_chunk(i: int, a: int, b: int) -> Any:
+    return _WORKER_COMPUTE(i, a, b)
 
 
 def _rows_in(done: np.ndarray, chunk: int, n: int) -> int:
@@ -434,35 +508,118 @@ def _recorded_seed(out: Path, job: Mapping, chunk: int, h5py) -> int:
 
 def accel_file(model: Any, positions: Any, out: str | os.PathLike, *,
                seed: int = 0, labels: Any = None, chunk: int = DEFAULT_ACCEL_CHUNK,
-               progress: bool | ChunkCallback = False, callback: ChunkCallback | None = None,
-               **options: Any) -> Path:
+               workers: int = 1, rotations: int = 0, progress: bool | ChunkCallback = False,
+               callback: ChunkCallback | None = None, **options: Any) -> Path:
     """CBE accelerations (:func:`tfgalflow.cbe.accelerations`) at the positions [B, 3] of a file
     (or an array), streamed to ``out`` in chunks; chunk i is solved with the seed
     ``chunk_seed(seed, i)``.
 
     Datasets: positions, radius, acceleration, a_radial, residual, condition, ess, log_density,
     [spread for an Ensemble], flagged, reasons (as :meth:`AccelerationResult.save`).
-    ``labels`` [C]: every position solved at that label. ``options``: n_velocities, thresholds,
-    sampler, jit_compile... passed to :func:`~tfgalflow.cbe.accelerations`.
+
+    Args:
+        model: a 6-D :class:`~tfgalflow.density.Density`, or the path of a run directory
+            (loaded with :func:`tfgalflow.export.load`) or of a tfgalflow SavedModel (rebuilt as
+            its Flow or Ensemble, :func:`tfgalflow.export.rebuild_model`).
+        positions: [B, 3] positions: a file (``.npy`` memory-mapped, HDF5, or any format of
+            :func:`tfgalflow.points.read_points`) or an array.
+        out: the output ``.h5``/``.hdf5``; resumable (module docstring).
+        seed: the job's seed (chunk i: ``chunk_seed(seed, i)``; also the rotations' seed).
+        labels: [C]: every position solved at that label (a conditional model).
+        chunk: positions per chunk.
+        workers: W processes computing chunks in parallel (``map_chunks``); W > 1 needs
+            ``model`` as a path, which each worker loads itself. The output does not depend on W
+            (every chunk has its own seed), and a job interrupted with one W resumes with another.
+        rotations: M >= 1 averages the model over M rotations before solving
+            (:class:`tfgalflow.symmetry.SphericalAverage`, seeded by ``seed``); 0: off.
+        progress: True for a progress bar on stderr, or a callback (done, total, rows).
+        callback: another callback after each chunk (tests use it to interrupt a job).
+        options: n_velocities, thresholds, sampler, jit_compile... passed to
+            :func:`~tfgalflow.cbe.accelerations`.
     """
-    from . import cbe
-    from .model import Ensemble
     out = _check_out(out)
-    src = open_rows(positions)
+    workers = validation.integer(workers, "workers")
+    rotations = validation.integer(rotations, "rotations", low=0)
+    seed = validation.integer(seed, "seed", low=0)
+    if workers > 1 and not isinstance(model, (str, os.PathLike)):
+        raise InputError(f"accel_file(workers={workers}): pass the model as the path of its run "
+                         f"directory (each worker process loads it), not a {type(model).__name__}")
+    chunks = AccelChunks(model, positions, seed, labels, rotations, options)
+    src, density = chunks.source(), chunks.density()
     if src.width != 3:
         raise InputError(f"{positions}: positions are [B, {src.width}]; expected [B, 3]")
-    seed = validation.integer(seed, "seed", low=0)
     cols = [Column("positions", (3,), "float64"), Column("radius", (), "float64"),
             Column("acceleration", (3,), "float64"), Column("a_radial", (), "float64"),
             Column("residual", (), "float64"), Column("condition", (), "float64"),
             Column("ess", (), "float64"), Column("log_density", (), "float64"),
             Column("flagged", (), "bool"), Column("reasons", (), "str")]
-    if isinstance(model, Ensemble):                 # member-to-member spread [B, 3]
+    if getattr(density, "members", None):     # an Ensemble (averaged or not): the spread [B, 3]
         cols.insert(8, Column("spread", (3,), "float64"))
+    job = {"task": "accel", **src.stamp(), "model": chunks.fingerprint, "seed": seed,
+           "labels": None if labels is None else np.asarray(labels, float).tolist(),
+           "rotations": rotations,
+           "options": {k: repr(v) for k, v in sorted(options.items())}}
+    return run_chunks(out, src.n, chunk, cols, chunks, job,
+                      attrs={"source": "tfgalflow accel", "input": job["input"]},
+                      callback=_callbacks(progress, callback, "accel"), workers=workers)
 
-    def compute(i: int, a: int, b: int) -> dict:
-        x = cbe.check_positions(src.read(a, b)[0]).astype(np.float64)
-        res = cbe.accelerations(model, x, seed=chunk_seed(seed, i), labels=labels, **options)
+
+class AccelChunks:
+    """compute(i, a, b) of :func:`accel_file`: accelerations of chunk i (positions a:b).
+
+    Picklable for worker processes: the model travels as its path (reloaded once per process,
+    checked against the parent's fingerprint) and the positions as their path or array.
+    """
+
+    def __init__(self, model: Any, positions: Any, seed: int, labels: Any, rotations: int,
+                 options: Mapping[str, Any]):
+        self.model_path = (str(Path(model).resolve()) if isinstance(model, (str, os.PathLike))
+                           else None)
+        self.positions = (str(Path(positions).resolve())
+                          if isinstance(positions, (str, os.PathLike)) else positions)
+        self.seed, self.labels, self.rotations = seed, labels, rotations
+        self.options = dict(options)
+        self._model = None if self.model_path else model
+        self._density: Any = None
+        self._src: RowSource | None = None
+        self.fingerprint = model_fingerprint(self.density())
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_model", "_density", "_src")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _model=None, _density=None, _src=None)
+
+    def density(self) -> Any:
+        """The model (loaded from its path on first use), averaged over the rotations if any."""
+        if self._density is None:
+            model = self._model
+            if model is None:
+                from .export import ExportedModel, load, rebuild_model
+                model = load(self.model_path)
+                if isinstance(model, ExportedModel):    # differentiable: its Flow/Ensemble
+                    model = rebuild_model(self.model_path)
+            if self.rotations:
+                from .symmetry import SphericalAverage
+                model = SphericalAverage(model, self.rotations, seed=self.seed)
+            self._density = model
+            if getattr(self, "fingerprint", None) not in (None, model_fingerprint(model)):
+                raise FileError(f"{self.model_path}: the model changed while the accelerations "
+                                "job ran (its weights differ from the job's)")
+        return self._density
+
+    def source(self) -> RowSource:
+        """The positions as a :class:`RowSource` (opened on first use)."""
+        if self._src is None:
+            self._src = open_rows(self.positions)
+        return self._src
+
+    def __call__(self, i: int, a: int, b: int) -> dict:
+        """The datasets of chunk i, positions a:b, solved with the seed chunk_seed(seed, i)."""
+        from . import cbe
+        x = cbe.check_positions(self.source().read(a, b)[0]).astype(np.float64)
+        res = cbe.accelerations(self.density(), x, seed=chunk_seed(self.seed, i),
+                                labels=self.labels, **self.options)
         values = {"positions": x, "radius": np.linalg.norm(x, axis=1),
                   "acceleration": res.acceleration, "a_radial": res.radial(x),
                   "residual": res.residual, "condition": res.condition, "ess": res.ess,
@@ -471,13 +628,6 @@ def accel_file(model: Any, positions: Any, out: str | os.PathLike, *,
         if res.spread is not None:
             values["spread"] = res.spread
         return values
-
-    job = {"task": "accel", **src.stamp(), "model": model_fingerprint(model), "seed": seed,
-           "labels": None if labels is None else np.asarray(labels, float).tolist(),
-           "options": {k: repr(v) for k, v in sorted(options.items())}}
-    return run_chunks(out, src.n, chunk, cols, compute, job,
-                      attrs={"source": "tfgalflow accel", "input": job["input"]},
-                      callback=_callbacks(progress, callback, "accel"))
 
 
 def chunk_seed(seed: int, i: int) -> int:
@@ -495,6 +645,7 @@ def _check_out(out: str | os.PathLike) -> Path:
     return check_output(out, (".h5", ".hdf5"), "streamed output")
 
 
-__all__ = ["DEFAULT_ACCEL_CHUNK", "DEFAULT_CHUNK", "Column", "ProgressBar", "RowSource",
-           "accel_file", "chunk_seed", "log_prob_file", "model_fingerprint", "open_rows",
-           "partial_path", "read_done", "run_chunks", "sample_file"]
+__all__ = ["DEFAULT_ACCEL_CHUNK", "DEFAULT_CHUNK", "AccelChunks", "Column", "ProgressBar",
+           "RowSource", "accel_file", "chunk_seed", "log_prob_file", "map_chunks",
+           "model_fingerprint", "open_rows", "partial_path", "read_done", "run_chunks",
+           "sample_file"]

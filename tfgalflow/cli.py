@@ -59,7 +59,8 @@ def _add_train(sub) -> None:
         "an interrupted run exactly as configured.",
     )
     p.add_argument("catalogue", nargs="?", metavar="CATALOGUE",
-                   help="catalogue file: .npz (loaded into memory) or .h5/.hdf5 (streamed)")
+                   help="catalogue file: .npz (loaded into memory), .h5/.hdf5 (streamed) or "
+                        ".parquet (loaded; streamed with --stream or --multi-worker)")
     p.add_argument("--out", metavar="RUN", help="new (or empty) run directory")
     p.add_argument(
         "--config", metavar="FILE", help="TrainConfig as JSON/YAML, or a run's config.json"
@@ -78,6 +79,10 @@ def _add_train(sub) -> None:
     p.add_argument("--label-columns", metavar="A,B,...",
                    help="a .parquet CATALOGUE's label columns, e.g. Z,alpha (dictionary-encoded "
                         "or plain)")
+    p.add_argument("--stream", action="store_true",
+                   help="stream a .parquet CATALOGUE in shuffled batches instead of loading it "
+                        "(flat memory; validation rows spread evenly over the file); always so "
+                        "with --multi-worker, each worker reading its own shard")
     defaults = TrainConfig()
     group = p.add_argument_group("training configuration (one flag per TrainConfig field)")
     for name, (kind, text) in TrainConfig.field_help().items():
@@ -104,37 +109,50 @@ def _run_train(args) -> int:
             )
         if args.catalogue:
             # A run trained on data read in memory (--units, .parquet) resumes with the same data,
-            # checked against the sha256 recorded in its config.json.
-            data, labels, _ = _parquet_training_data(args)
+            # checked against the sha256 recorded in its config.json; a streamed one streams.
+            from .training import read_run_config
+            streamed = read_run_config(args.resume)["data"].get("source") == "parquet"
+            data, labels, _ = _parquet_training_data(args, stream=streamed)
             resume(args.resume, data=data, labels=labels, verbose=args.verbose)
         else:
             resume(args.resume, verbose=args.verbose)
         run_dir = args.resume
+        from .training import read_run_config
+        multi_worker = bool(read_run_config(run_dir)["train"].get("multi_worker"))
     else:
         if not args.catalogue or not args.out:
             raise InputError("train needs a CATALOGUE file and --out RUN (or --resume RUN)")
         config = TrainConfig.from_file(args.config) if args.config else TrainConfig()
+        config = config.with_overrides(**overrides)
         verbose = 1 if args.verbose is None else args.verbose
-        data, labels, names = _parquet_training_data(args)
-        train(data, config.with_overrides(**overrides), args.out, labels=labels, label_names=names,
-              verbose=verbose)
-        run_dir = args.out
+        data, labels, names = _parquet_training_data(args, args.stream or config.multi_worker)
+        train(data, config, args.out, labels=labels, label_names=names, verbose=verbose)
+        run_dir, multi_worker = args.out, config.multi_worker
+    if multi_worker:
+        from .training.distributed import chief_process
+        if not chief_process():          # the chief writes (and reports) the run directory
+            print(f"worker finished; the chief writes {run_dir}")
+            return 0
     _print_run_summary(run_dir)
     return 0
 
 
-def _parquet_training_data(args) -> tuple:
-    """(data, labels, label_names) for train(): a .parquet file is read by its named columns; a
-    catalogue that records no units is read with ``--units`` (in memory).
+def _parquet_training_data(args, stream: bool = False) -> tuple:
+    """(data, labels, label_names) for train(): a .parquet file is read by its named columns
+    (with ``stream``: opened lazily, streamed); a catalogue that records no units is read with
+    ``--units`` (in memory).
     """
     from pathlib import Path
-    from .catalogue import PARQUET_SUFFIXES, Catalogue, read_parquet
+    from .catalogue import PARQUET_SUFFIXES, Catalogue, open_parquet, read_parquet
     from .errors import InputError
     from .points import parse_units
 
     if Path(args.catalogue).suffix.lower() not in PARQUET_SUFFIXES:
         if args.event_columns or args.label_columns:
             raise InputError("--event-columns/--label-columns apply to .parquet catalogues only")
+        if getattr(args, "stream", False) and Path(args.catalogue).suffix.lower() in (".npz",):
+            raise InputError("--stream applies to .parquet catalogues (.h5/.hdf5 always stream; "
+                             "a .npz is loaded): convert the catalogue to .h5 to stream it")
         units = parse_units(args.units)
         if units is not None:
             return Catalogue.load(args.catalogue, units=units), None, None
@@ -142,6 +160,9 @@ def _parquet_training_data(args) -> tuple:
     if not args.event_columns:
         raise InputError(f"{args.catalogue}: a Parquet catalogue needs --event-columns, "
                          f"e.g. m0,m1")
+    if stream:
+        table = open_parquet(args.catalogue, args.event_columns, args.label_columns or ())
+        return table, None, None
     table = read_parquet(args.catalogue, args.event_columns, args.label_columns or ())
     return table.events, table.labels, table.label_names or None
 
@@ -638,6 +659,10 @@ def _add_accel(sub) -> None:
         "resumable (tfgalflow.batch.accel_file; chunk i uses the seed (seed, i))",
     )
     _add_chunk_flag(p)
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="with a streamed .h5/.hdf5 --out: solve the chunks in N local processes, "
+                        "each loading RUN itself (the output does not depend on N; a killed job "
+                        "resumes with any N; default: 1)")
     p.set_defaults(func=_run_accel)
 
 
@@ -687,6 +712,9 @@ def _run_accel(args) -> int:
     )
     if args.seed < 0:
         raise InputError(f"--seed {args.seed}: expected an integer >= 0")
+    if args.workers < 1 or (args.workers > 1 and not _streamed(args.out)):
+        raise InputError(f"--workers {args.workers}: expected N >= 1; N > 1 needs a streamed "
+                         ".h5/.hdf5 --out")
     model = load(args.run)
     data = (((model.metadata.get("run") or {}) if isinstance(model, ExportedModel)
              else read_run_config(args.run)).get("data") or {})
@@ -719,9 +747,10 @@ def _run_accel(args) -> int:
         res = model.accelerations(positions, seed=args.seed, labels=labels, **thresholds)
     elif _streamed(args.out):
         from .batch import DEFAULT_ACCEL_CHUNK, accel_file
-        accel_file(_spherical_average(model, args.rotations, seed=args.seed),
-                   args.positions or positions, args.out, seed=args.seed, labels=labels,
-                   chunk=args.chunk or DEFAULT_ACCEL_CHUNK, progress=True,
+        accel_file(args.run if args.workers > 1 else model, args.positions or positions,
+                   args.out, seed=args.seed, labels=labels, workers=args.workers,
+                   rotations=args.rotations, chunk=args.chunk or DEFAULT_ACCEL_CHUNK,
+                   progress=True,
                    n_velocities=256 if args.n_velocities is None else args.n_velocities,
                    jit_compile=args.xla, **thresholds)
         print(f"wrote {len(positions)} accelerations to {args.out}")

@@ -436,19 +436,34 @@ class Flow(Density, keras.Model):
         super().compile(optimizer=optimizer, **kwargs)
 
     def _loss(self, lp: tf.Tensor, w: tf.Tensor | None) -> tf.Tensor:
-        """-Σ w log p / Σ w (the mean without weights), divided by the number of replicas in sync.
+        """This replica's share of the global-batch loss -Σ_n w_n log p_n / Σ_n w_n (w_n = 1
+        without weights: the mean over the global batch).
 
-        Under a ``tf.distribute`` strategy each replica sees 1/R of the batch and the optimizer
-        sums the R replicas' gradients, so each replica's mean is scaled by 1/R (Keras' convention,
-        ``scale_loss_for_distribution``): the summed gradient is that of the mean over the global
-        batch (exactly so without weights or with equal weight sums per replica).
+        One replica: the batch is the global batch, loss = -Σ w log p / Σ w. Under a
+        ``tf.distribute`` strategy with R > 1 replicas (MirroredStrategy,
+        MultiWorkerMirroredStrategy) replica r sees rows S_r of the global batch and the
+        optimizer sums the R replicas' gradients, so replica r returns
+
+            L_r = -Σ_{n ∈ S_r} w_n log p_n / Σ_{r'} Σ_{n ∈ S_r'} w_n,
+
+        its numerator local and the denominator all-reduced (SUM) over the replicas: Σ_r ∇L_r
+        is the gradient of the global mean for *any* split -- uneven pieces (a global batch of
+        1025 rows as 513 + 512, an epoch's short last batch as 1 + 0 rows) and unequal weight
+        sums included. (Keras' per-replica mean / R, ``scale_loss_for_distribution``, is exact
+        only for equal pieces of equal weight.) A replica with no rows contributes 0.
         """
+        context = tf.distribute.get_replica_context()
+        if context is None or tf.distribute.get_strategy().num_replicas_in_sync == 1:
+            if w is None:
+                return -tf.reduce_mean(lp)
+            return -tf.math.divide_no_nan(tf.reduce_sum(w * lp), tf.reduce_sum(w))
         if w is None:
-            loss = -tf.reduce_mean(lp)
+            total, weight = tf.reduce_sum(lp), tf.cast(tf.size(lp), lp.dtype)
         else:
-            loss = -tf.math.divide_no_nan(tf.reduce_sum(w * lp), tf.reduce_sum(w))
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        return loss * (1.0 / replicas) if replicas > 1 else loss
+            total, weight = tf.reduce_sum(w * lp), tf.reduce_sum(w)
+        # the global Σ w, a constant of the step (no gradient flows through the all-reduce)
+        weight = tf.stop_gradient(context.all_reduce(tf.distribute.ReduceOp.SUM, weight))
+        return -tf.math.divide_no_nan(total, weight)
 
     # -- deconvolution: the loss of noisy data (tfgalflow.deconvolution) ------------------------
     def set_noise_model(self, noise_model: Any) -> "Flow":

@@ -18,8 +18,9 @@ atomically through :mod:`tfgalflow.atomic`):
                 :class:`EventTable` of N-D events + labels (optional ``uproot``: tfgalflow[root]).
 ``.parquet``    :mod:`.parquet` - event tables (named event columns + dictionary-encoded label
                 columns, e.g. a population-synthesis grid): :func:`read_parquet`,
-                :func:`write_parquet`, streamed with a cross-label shuffle by
-                :func:`parquet_dataset` (needs the ``parquet`` extra, pyarrow).
+                :func:`write_parquet`, streamed with a cross-label shuffle (and sharded,
+                ``shard=(i, m)``) by :func:`parquet_dataset` / :func:`open_parquet` (needs
+                the ``parquet`` extra, pyarrow).
 
 Example::
 
@@ -37,7 +38,8 @@ from .gadget import GADGET_GROUP, GADGET_POS, GADGET_VEL
 from .hdf5 import CHUNK_ROWS, HDF5Catalogue, hdf5_dataset, open_hdf5
 from .events import EventTable
 from .parquet import (
-    PARQUET_SUFFIXES, iter_parquet_batches, parquet_dataset, read_parquet, write_parquet,
+    PARQUET_SUFFIXES, ParquetCatalogue, iter_parquet_batches, open_parquet, parquet_dataset,
+    read_parquet, write_parquet,
 )
 from .root import read_root
 
@@ -59,6 +61,8 @@ __all__ = [
     "EventTable",
     "read_root",
     "PARQUET_SUFFIXES",
+    "ParquetCatalogue",
+    "open_parquet",
     "read_parquet",
     "write_parquet",
     "iter_parquet_batches",

@@ -183,14 +183,8 @@ class HDF5Catalogue:
         (``numpy.array_split``), so the shards partition start:stop whatever the permutation.
         """
         start, stop = self._row_range(start, stop)
-        index, count = _check_shard(shard)
         grid = np.arange((start // self.chunk_rows + 1) * self.chunk_rows, stop, self.chunk_rows)
-        edges = np.concatenate([[start], grid, [stop]]) if stop > start else np.zeros(0, int)
-        spans = np.stack([edges[:-1], edges[1:]], axis=1) if len(edges) else np.zeros((0, 2), int)
-        if rng is not None:
-            spans = spans[rng.permutation(len(spans))]
-        mine = np.array_split(spans, count)[index] if count > 1 else spans
-        return [(int(a), int(b)) for a, b in mine]
+        return shard_spans(np.concatenate([[start], grid, [stop]]), shard, rng)
 
     def _row_range(self, start: int, stop: int | None) -> tuple[int, int]:
         """(start, stop) checked to be 0 <= start <= stop <= n (stop None: n)."""
@@ -437,7 +431,30 @@ def _tfgalflow_layout(path: Path, f, units: Mapping[str, str] | None) -> HDF5Cat
     )
 
 
-def _check_shard(shard: tuple[int, int] | None) -> tuple[int, int]:
+def shard_spans(edges: np.ndarray, shard: tuple[int, int] | None = None,
+                rng: np.random.Generator | None = None) -> list[tuple[int, int]]:
+    """Row spans [(a, b), ...] of shard ``(index, count)`` of the rows edges[0]:edges[-1], cut at
+    the sorted ``edges`` (a file's chunk or row-group grid, plus start and stop), in read order.
+
+    With ``rng`` the span order is permuted (one permutation: the same in every worker given the
+    same seed); shard i gets the i-th of ``count`` contiguous runs of that order
+    (``numpy.array_split``), so the shards partition the rows whatever the permutation. Used by
+    HDF5 (:meth:`HDF5Catalogue.shard_blocks`) and Parquet catalogues alike.
+    """
+    index, count = check_shard(shard)
+    edges = np.asarray(edges, np.int64)
+    if len(edges) < 2 or edges[-1] <= edges[0]:
+        spans = np.zeros((0, 2), np.int64)
+    else:
+        spans = np.stack([edges[:-1], edges[1:]], axis=1)
+        spans = spans[spans[:, 1] > spans[:, 0]]
+    if rng is not None:
+        spans = spans[rng.permutation(len(spans))]
+    mine = np.array_split(spans, count)[index] if count > 1 else spans
+    return [(int(a), int(b)) for a, b in mine]
+
+
+def check_shard(shard: tuple[int, int] | None) -> tuple[int, int]:
     """(index, count) of a shard, checked 0 <= index < count; None is (0, 1), the whole range."""
     if shard is None:
         return 0, 1

@@ -16,6 +16,13 @@ being cut into batches. Each epoch yields every row exactly once; memory is boun
 ``buffer_rows`` plus one row group. (A plain row-level shuffle buffer smaller than a label block
 would keep each batch inside one or two grid nodes -- the reference pipeline's problem.)
 
+Sharding, as for HDF5 (:func:`tfgalflow.catalogue.hdf5_dataset`): ``shard=(i, m)`` makes worker i
+of m read only the i-th of m runs of the epoch's row-group order (the same seeded permutation in
+every worker), so the m shards of an epoch partition the rows, each still mixing label values;
+``start``/``stop`` restrict to a row range (cut inside row groups where needed).
+:func:`open_parquet` gives the lazy :class:`ParquetCatalogue` that training streams
+(:mod:`tfgalflow.training.data`).
+
 Needs ``pyarrow`` (the ``parquet`` extra: ``pip install 'tfgalflow[parquet]'``).
 
 Example::
@@ -25,20 +32,23 @@ Example::
     >>> table.events.shape, table.labels.shape                     # [N, 2], [N, 2] float64
     >>> ds = parquet_dataset("grid.parquet", ("m0", "m1"), ("Z", "alpha"), batch_size=1024,
     ...                      buffer_rows=200_000, seed=0)           # (x [B, 2], labels [B, 2]) f32
+    >>> ds = parquet_dataset("grid.parquet", "m0,m1", "Z,alpha", 1024, shard=(i, m))  # worker i
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from .. import validation
 from ..atomic import atomic_file
 from .events import EventTable
+from .hdf5 import shard_spans
 from ..errors import FileError, InputError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -206,6 +216,214 @@ def write_parquet(
     return path
 
 
+@dataclass(frozen=True)
+class ParquetCatalogue:
+    """Lazy view of a Parquet event table: its header (rows, row groups) now, rows only when
+    asked for.
+
+    Attributes: ``path``, ``n`` (= ``len``), ``event_columns`` (D names), ``label_columns``
+    (C names, maybe none), ``group_offsets`` (first row of every row group, then N).
+    Opened by :func:`open_parquet`; streamed by :meth:`batches` / :meth:`dataset`.
+    """
+
+    path: Path
+    n: int
+    event_columns: tuple[str, ...]
+    label_columns: tuple[str, ...]
+    group_offsets: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def dim(self) -> int:
+        """D, the number of event columns."""
+        return len(self.event_columns)
+
+    @property
+    def label_dim(self) -> int:
+        """C, the number of label columns (0 without labels)."""
+        return len(self.label_columns)
+
+    def _file(self):
+        return _open(self.path, require_pyarrow(), read_dictionary=self.label_columns)
+
+    def _rows(self, pf: Any, a: int, b: int) -> np.ndarray:
+        """File rows a:b (inside one row group) as [b - a, D + C] float64, events then labels."""
+        g = int(np.searchsorted(self.group_offsets, a, side="right")) - 1
+        table = pf.read_row_group(g, columns=list(self.event_columns + self.label_columns))
+        table = table.slice(a - self.group_offsets[g], b - a)
+        x = _matrix(table, self.event_columns, self.path, "event columns")
+        if not self.label_columns:
+            return x
+        return np.concatenate([x, _matrix(table, self.label_columns, self.path,
+                                          "label columns")], axis=1)
+
+    def _row_range(self, start: int, stop: int | None) -> tuple[int, int]:
+        """(start, stop) checked to be 0 <= start <= stop <= n (stop None: n)."""
+        stop = self.n if stop is None else stop
+        start = validation.integer(start, "start", low=0)
+        stop = validation.integer(stop, "stop", low=0)
+        if not start <= stop <= self.n:
+            raise InputError(f"{self.path}: rows start:stop = {start}:{stop}; expected "
+                             f"0 <= start <= stop <= {self.n}")
+        return start, stop
+
+    def spans(self, start: int = 0, stop: int | None = None,
+              shard: tuple[int, int] | None = None,
+              rng: np.random.Generator | None = None) -> list[tuple[int, int]]:
+        """Row spans [(a, b), ...] of shard ``(index, count)`` of rows start:stop, in read order:
+        the rows cut on the row-group grid, the spans permuted by ``rng`` (the same permutation
+        in every worker) and split into ``count`` contiguous runs
+        (:func:`tfgalflow.catalogue.hdf5.shard_spans`, as for HDF5 chunks).
+        """
+        start, stop = self._row_range(start, stop)
+        grid = [o for o in self.group_offsets if start < o < stop]
+        return shard_spans(np.array([start, *grid, stop]), shard, rng)
+
+    def read(self, start: int = 0, stop: int | None = None, step: int = 1) -> EventTable:
+        """Rows start:stop:step into memory (events [M, D], labels [M, C] float64), one row group
+        at a time (memory: the rows returned plus one row group).
+        """
+        start, stop = self._row_range(start, stop)
+        step = validation.integer(step, "step")
+        pf = self._file()
+        parts = []
+        for a, b in self.spans(start, stop):
+            first = a + (start - a) % step          # first row of a:b on the grid start + k·step
+            if first < b:
+                rows = self._rows(pf, a, b)
+                parts.append(rows[first - a::step])
+        block = (np.concatenate(parts) if parts
+                 else np.zeros((0, self.dim + self.label_dim)))
+        c = block[:, self.dim:] if self.label_columns else None
+        return EventTable(block[:, :self.dim], c, self.event_columns, self.label_columns)
+
+    def batches(
+        self,
+        batch_size: int,
+        buffer_rows: int = 262_144,
+        seed: int = 0,
+        epoch: int = 0,
+        drop_remainder: bool = False,
+        shard: tuple[int, int] | None = None,
+        start: int = 0,
+        stop: int | None = None,
+        keep: Callable[[int, int], np.ndarray] | None = None,
+    ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        """One epoch of shuffled batches (x [B, D], labels [B, C] | None) float32.
+
+        Rows start:stop are cut on the row-group grid into spans (:meth:`spans`); with
+        ``buffer_rows > 0`` the span order is a permutation seeded by (seed, epoch) and rows are
+        gathered until the buffer holds >= ``buffer_rows`` rows, permuted, cut into batches (the
+        < batch_size rows left over stay for the next round); ``buffer_rows = 0`` reads the rows in
+        file order. ``shard = (i, m)``: only the i-th of m contiguous runs of the (permuted) span
+        order is read, so the m shards of one epoch partition the rows and a worker reads only its
+        own row groups. ``keep(a, b)`` -> bool [b - a]: only those rows of each span a:b are used
+        (e.g. the training rows of a split). Every (kept) row of the shard appears exactly once
+        per epoch (the last short batch is dropped with ``drop_remainder``). Memory: about
+        ``buffer_rows`` + one row group.
+        """
+        batch = validation.integer(batch_size, "batch_size")
+        buffer_rows = validation.integer(buffer_rows, "buffer_rows", low=0)
+        seed = validation.seed(seed)
+        epoch = validation.integer(epoch, "epoch", low=0)
+        rng = np.random.default_rng([seed, epoch]) if buffer_rows > 0 else None
+        spans = self.spans(start, stop, shard, rng)
+        pf = self._file()
+        width = self.dim
+        held: list[np.ndarray] = []
+        held_rows = 0
+
+        def emit(final: bool):
+            nonlocal held, held_rows
+            block = np.concatenate(held)
+            if rng is not None:
+                block = block[rng.permutation(held_rows)]
+            stop = held_rows if final else held_rows - held_rows % batch
+            for i in range(0, stop, batch):
+                rows = block[i : i + batch]
+                if len(rows) < batch and drop_remainder:
+                    break
+                x = rows[:, :width].astype(np.float32)
+                yield (x, rows[:, width:].astype(np.float32) if self.label_columns else None)
+            held = [block[stop:]]
+            held_rows = held_rows - stop
+
+        for a, b in spans:
+            rows = self._rows(pf, a, b)
+            if keep is not None:
+                rows = rows[keep(a, b)]
+            held.append(rows)
+            held_rows += len(rows)
+            if held_rows >= max(buffer_rows, batch):
+                yield from emit(final=False)
+        if held_rows:
+            yield from emit(final=True)
+
+    def dataset(
+        self,
+        batch_size: int,
+        buffer_rows: int = 262_144,
+        seed: int = 0,
+        drop_remainder: bool = False,
+        shard: tuple[int, int] | None = None,
+        start: int = 0,
+        stop: int | None = None,
+        first_epoch: int = 0,
+    ) -> "tf.data.Dataset":
+        """``tf.data.Dataset`` of :meth:`batches`: (x [B, D], labels [B, C]) float32 (x alone
+        without label columns).
+
+        Epoch k (the k-th iteration over the dataset, counted from ``first_epoch``) shuffles with
+        the seed (seed, k); ``shard``, ``start``, ``stop`` as in :meth:`batches`. tf.data's own
+        auto-sharding is switched off (the shard is already this worker's rows).
+        """
+        import tensorflow as tf
+
+        self.spans(start, stop, shard)            # validates start, stop and shard now
+        validation.integer(batch_size, "batch_size")
+        epochs = itertools.count(first_epoch)
+
+        def generator():
+            for x, c in self.batches(batch_size, buffer_rows, seed, next(epochs),
+                                     drop_remainder, shard, start, stop):
+                yield (x, c) if self.label_columns else x
+
+        rows = batch_size if drop_remainder else None
+        x_spec = tf.TensorSpec([rows, self.dim], tf.float32)
+        spec = ((x_spec, tf.TensorSpec([rows, self.label_dim], tf.float32))
+                if self.label_columns else x_spec)
+        options = tf.data.Options()
+        off = tf.data.experimental.AutoShardPolicy.OFF
+        options.experimental_distribute.auto_shard_policy = off
+        return tf.data.Dataset.from_generator(generator, output_signature=spec).with_options(
+            options)
+
+
+def open_parquet(path: str | os.PathLike, event_columns: Any,
+                 label_columns: Any = ()) -> ParquetCatalogue:
+    """Open a Parquet event table lazily: checks the columns and reads the row-group sizes, no
+    rows.
+
+    Raises FileError for a missing/corrupt file, InputError for missing or repeated columns.
+    """
+    pq = require_pyarrow()
+    path = Path(path)
+    events = _names(event_columns, "event_columns")
+    labels = _names(label_columns, "label_columns", allow_empty=True)
+    overlap = sorted(set(events) & set(labels))
+    if overlap:
+        raise InputError(f"column(s) {overlap} are both event and label columns")
+    pf = _open(path, pq, read_dictionary=labels)
+    _check_columns(path, pf, events + labels)
+    sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+    offsets = tuple(int(o) for o in np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]))
+    if offsets[-1] == 0:
+        raise InputError(f"{path}: the table has no rows")
+    return ParquetCatalogue(path.resolve(), offsets[-1], events, labels, offsets)
+
+
 def iter_parquet_batches(
     path: str | os.PathLike,
     event_columns: Any,
@@ -215,51 +433,23 @@ def iter_parquet_batches(
     seed: int = 0,
     epoch: int = 0,
     drop_remainder: bool = False,
+    shard: tuple[int, int] | None = None,
+    start: int = 0,
+    stop: int | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """One epoch of shuffled batches (x [B, D], labels [B, C] | None) float32 from a Parquet file.
 
     Two-level shuffle (module docstring): row groups in the order of a permutation seeded by
     (seed, epoch); rows gathered until the buffer holds >= ``buffer_rows`` rows, permuted, cut into
-    batches; the < batch_size rows left over stay in the buffer for the next round. Every row
-    appears exactly once per epoch (the last short batch is dropped with ``drop_remainder``).
-    Memory: about ``buffer_rows`` + one row group.
+    batches; the < batch_size rows left over stay in the buffer for the next round. Every row of
+    start:stop appears exactly once per epoch (the last short batch is dropped with
+    ``drop_remainder``). ``shard = (i, m)``: worker i of m reads only its own row groups; the m
+    shards of an epoch partition start:stop (the same seed in every worker). Memory: about
+    ``buffer_rows`` + one row group. Same as ``open_parquet(path, event_columns,
+    label_columns).batches(...)``.
     """
-    pq = require_pyarrow()
-    path = Path(path)
-    events = _names(event_columns, "event_columns")
-    labels = _names(label_columns, "label_columns", allow_empty=True)
-    batch = validation.integer(batch_size, "batch_size")
-    buffer_rows = validation.integer(buffer_rows, "buffer_rows")
-    pf = _open(path, pq, read_dictionary=labels)
-    _check_columns(path, pf, events + labels)
-    rng = np.random.default_rng([validation.seed(seed), validation.integer(epoch, "epoch", low=0)])
-    width = len(events)
-    held: list[np.ndarray] = []
-    held_rows = 0
-
-    def emit(final: bool):
-        nonlocal held, held_rows
-        block = np.concatenate(held)[rng.permutation(held_rows)]
-        stop = held_rows if final else held_rows - held_rows % batch
-        for i in range(0, stop, batch):
-            rows = block[i : i + batch]
-            if len(rows) < batch and drop_remainder:
-                break
-            x = rows[:, :width].astype(np.float32)
-            yield (x, rows[:, width:].astype(np.float32) if labels else None)
-        held = [block[stop:]]
-        held_rows = held_rows - stop
-
-    for g in rng.permutation(pf.num_row_groups):
-        table = pf.read_row_group(int(g), columns=list(events + labels))
-        x = _matrix(table, events, path, "event columns")
-        c = _matrix(table, labels, path, "label columns") if labels else x[:, :0]
-        held.append(np.concatenate([x, c], axis=1))
-        held_rows += table.num_rows
-        if held_rows >= buffer_rows:
-            yield from emit(final=False)
-    if held_rows:
-        yield from emit(final=True)
+    return open_parquet(path, event_columns, label_columns).batches(
+        batch_size, buffer_rows, seed, epoch, drop_remainder, shard, start, stop)
 
 
 def parquet_dataset(
@@ -270,33 +460,25 @@ def parquet_dataset(
     buffer_rows: int = 262_144,
     seed: int = 0,
     drop_remainder: bool = False,
+    shard: tuple[int, int] | None = None,
+    start: int = 0,
+    stop: int | None = None,
 ) -> "tf.data.Dataset":
     """A ``tf.data.Dataset`` of (x [B, D], labels [B, C]) float32 (x alone without label columns).
 
     Each iteration over the dataset (each Keras epoch) is one :func:`iter_parquet_batches` pass
-    with
-    the next epoch number, hence a fresh row-group order and permutation.
+    with the next epoch number, hence a fresh row-group order and permutation; ``shard``,
+    ``start``, ``stop`` as there. Example: ``parquet_dataset("grid.parquet", "m0,m1", "Z,alpha",
+    1024, seed=0, shard=(task_index, num_workers))``.
     """
-    import tensorflow as tf
-
-    events = _names(event_columns, "event_columns")
-    labels = _names(label_columns, "label_columns", allow_empty=True)
-    epochs = itertools.count()
-
-    def generator():
-        for x, c in iter_parquet_batches(
-            path, events, labels, batch_size, buffer_rows, seed, next(epochs), drop_remainder
-        ):
-            yield (x, c) if labels else x
-
-    rows = batch_size if drop_remainder else None
-    x_spec = tf.TensorSpec([rows, len(events)], tf.float32)
-    spec = (x_spec, tf.TensorSpec([rows, len(labels)], tf.float32)) if labels else x_spec
-    return tf.data.Dataset.from_generator(generator, output_signature=spec)
+    return open_parquet(path, event_columns, label_columns).dataset(
+        batch_size, buffer_rows, seed, drop_remainder, shard, start, stop)
 
 
 __all__ = [
     "EventTable",
+    "ParquetCatalogue",
+    "open_parquet",
     "PARQUET_SUFFIXES",
     "ROW_GROUP_ROWS",
     "read_parquet",

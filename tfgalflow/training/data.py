@@ -1,4 +1,4 @@
-"""Training data and the per-member tf.data pipelines: in memory or streamed from HDF5.
+"""Training data and the per-member tf.data pipelines: in memory or streamed from HDF5/Parquet.
 
 Two kinds of data, one interface (``n``, ``dim``, ``label_dim``, ``streamed``, ``description``,
 ``pipelines(config, seed, steps_per_call)``):
@@ -9,6 +9,12 @@ Two kinds of data, one interface (``n``, ``dim``, ``label_dim``, ``streamed``, `
 * :class:`HDF5Data`: an HDF5 catalogue streamed in batches through
   :class:`tfgalflow.catalogue.HDF5Catalogue`; validation = the last rows of the file; the rescaler
   is fitted on an evenly strided subsample of at most ``adapt_samples`` rows.
+* :class:`ParquetData`: a Parquet event table streamed through
+  :class:`tfgalflow.catalogue.ParquetCatalogue` (row groups shuffled across label values);
+  validation = rows spread evenly over the file (grids are sorted by label); rescaler as HDF5.
+
+Both streamed kinds share :class:`StreamedPipelines`: per-epoch seeded shuffles, and in a
+multi-worker run one contiguous range of training rows per worker (``shard_for_workers``).
 
 With ``steps_per_call`` K > 1 each epoch's batches are grouped into stacks [K, B, D] (K optimizer
 steps in one compiled call; stacks never cross an epoch, see :class:`Pipelines`). TensorFlow is
@@ -201,39 +207,45 @@ class ArrayPipelines(Pipelines):
         return tf.data.Dataset.from_tensor_slices(rows).batch(self.batch_size)
 
 
-class HDF5Pipelines(Pipelines):
-    """Per-member pipelines over an HDF5 file, through
-    :class:`tfgalflow.catalogue.HDF5Catalogue`.
+class StreamedPipelines(Pipelines):
+    """Pipelines over a file streamed in batches, never loaded whole: the shared mechanics of
+    :class:`HDF5Pipelines` and :class:`ParquetPipelines`.
+
+    The file's ``train_rows`` training rows are numbered t = 0..train_rows-1; a subclass says how
+    to stream a range t in [a, b) of them shuffled per epoch (:meth:`_stream`), how to read the
+    rescaler's subsample (:meth:`adapt_input`) and the validation rows (:meth:`_validation`).
+    Everything else -- epochs, stacks, package errors out of tf.data, one shard per worker of a
+    multi-worker run (:meth:`shard_for_workers`) -- is here, once.
     """
 
-    def __init__(self, data: "HDF5Data", config: TrainConfig, seed: int, steps_per_call: int = 1):
-        from ..catalogue import open_hdf5
+    def _init_stream(self, data: Any, config: TrainConfig, seed: int, steps_per_call: int,
+                     n_val: int) -> None:
         self.data, self.seed, self.batch_size = data, seed, config.batch_size
         self.steps_per_call = steps_per_call
-        self.n_val = (0 if config.validation_split <= 0
-                      else max(1, int(round(data.n * config.validation_split))))
-        self.n_train = data.n - self.n_val
-        self.train_rows = self.n_train      # rows [0, train_rows) train, the rest validate
+        self.n_val = n_val
+        self.n_train = data.n - n_val
+        self.train_rows = self.n_train      # training rows t = 0..train_rows-1
         self.workers = 1                    # > 1: each worker streams its own range (shard)
         self.adapt_samples = config.adapt_samples
-        self.catalogue = open_hdf5(data.path, units=data.description["units"])
         self.stream_error: Exception | None = None   # an InputError/FileError raised in tf.data
 
-    def adapt_input(self) -> tuple[np.ndarray, np.ndarray | None]:
-        """Every s-th training row, s = ceil(n_train / adapt_samples): at most adapt_samples rows,
-        spread evenly over the training range (one strided HDF5 read).
+    def _stream(self, batch: int, epoch: int, start: int, stop: int) -> Iterator[Any]:
+        """Epoch ``epoch`` of the training rows t in [start, stop), shuffled with the seed
+        (seed, epoch), in batches [batch, D] (or (x, labels)).
         """
-        step = math.ceil(self.train_rows / self.adapt_samples)
-        cat = self.catalogue.read(0, self.train_rows, step)
-        return cat.phase_space, (cat.labels if self.data.use_labels else None)
+        raise NotImplementedError
+
+    def _validation(self) -> Iterator[Any]:
+        """The validation rows in batches [B, D] (or (x, labels)), in file order."""
+        raise NotImplementedError
 
     def _signature(self, stacked: bool = False) -> Any:
-        """Element spec of batches [B, 6] (labels [B, C]), or of stacks [K, B, 6] (labels
+        """Element spec of batches [B, D] (labels [B, C]), or of stacks [K, B, D] (labels
         [K, B, C]).
         """
         import tensorflow as tf
         lead = [None, None] if stacked else [None]
-        x = tf.TensorSpec(lead + [6], tf.float32)
+        x = tf.TensorSpec(lead + [self.data.dim], tf.float32)
         if not self.data.use_labels:
             return x
         return x, tf.TensorSpec(lead + [self.data.file_label_dim], tf.float32)
@@ -251,20 +263,17 @@ class HDF5Pipelines(Pipelines):
 
     def train_dataset(self, initial_epoch: int, epochs: int) -> "tf.data.Dataset":
         """Epochs initial_epoch..epochs-1 of the training rows; epoch e is shuffled with the seed
-        (seed, e) (``HDF5Catalogue.batches(..., epoch=e)``), so a resumed run regenerates exactly
-        the same batches (stacked per epoch when steps_per_call > 1, see Pipelines).
+        (seed, e), so a resumed run regenerates exactly the same batches (stacked per epoch when
+        steps_per_call > 1, see Pipelines).
         """
         import tensorflow as tf
         if self.workers > 1:
             return self._worker_datasets(initial_epoch, epochs)
-        rows = dataclasses.replace(self.catalogue, n=self.n_train)   # the first n_train rows
         k = self.steps_per_call
 
         def generator():
             for epoch in range(initial_epoch, epochs):
-                batches = rows.batches(self.batch_size, shuffle_buffer=STREAM_SHUFFLE_ROWS,
-                                       seed=self.seed, with_labels=self.data.use_labels,
-                                       epoch=epoch)
+                batches = self._stream(self.batch_size, epoch, 0, self.n_train)
                 if k > 1:
                     batches = stacked_batches(batches, self.batch_size, k)
                 yield from self._guarded(batches)
@@ -275,7 +284,7 @@ class HDF5Pipelines(Pipelines):
     def shard_for_workers(self, workers: int) -> None:
         """Stream the training rows in ``workers`` shards, one per multi-worker worker.
 
-        Worker i reads only rows [i·r, (i+1)·r), r = floor(train_rows / W) (the last
+        Worker i reads only training rows [i·r, (i+1)·r), r = floor(train_rows / W) (the last
         train_rows mod W < W rows sit out), shuffled per epoch with the seed (seed, e) in
         per-replica batches of B / W (B divisible by W); every worker then runs the same
         ceil(r / (B/W)) steps per epoch. ``n_train`` becomes W·r.
@@ -298,10 +307,7 @@ class HDF5Pipelines(Pipelines):
 
             def generator():
                 for epoch in range(initial_epoch, epochs):
-                    yield from self._guarded(self.catalogue.batches(
-                        batch, shuffle_buffer=STREAM_SHUFFLE_ROWS, seed=self.seed,
-                        with_labels=self.data.use_labels, epoch=epoch, start=i * rows,
-                        stop=(i + 1) * rows))
+                    yield from self._guarded(self._stream(batch, epoch, i * rows, (i + 1) * rows))
 
             return tf.data.Dataset.from_generator(
                 generator, output_signature=self._signature()).prefetch(2)
@@ -309,23 +315,114 @@ class HDF5Pipelines(Pipelines):
         return keras.utils.experimental.DatasetCreator(dataset_fn)
 
     def val_dataset(self) -> "tf.data.Dataset | None":
-        """Rows [train_rows, n) in file order, read in blocks of whole batches."""
+        """The validation rows in batches, in file order (None without a validation split)."""
         import tensorflow as tf
         if self.n_val == 0:
             return None
-        block = self.batch_size * max(1, 65536 // self.batch_size)
-
-        def blocks():
-            for a in range(self.train_rows, self.data.n, block):
-                cat = self.catalogue.read(a, min(a + block, self.data.n))
-                x = cat.phase_space.astype(np.float32)
-                lab = cat.labels.astype(np.float32) if self.data.use_labels else None
-                for i in range(0, len(x), self.batch_size):
-                    j = i + self.batch_size
-                    yield x[i:j] if lab is None else (x[i:j], lab[i:j])
-
-        return tf.data.Dataset.from_generator(lambda: self._guarded(blocks()),
+        return tf.data.Dataset.from_generator(lambda: self._guarded(self._validation()),
                                               output_signature=self._signature()).prefetch(2)
+
+
+class HDF5Pipelines(StreamedPipelines):
+    """Per-member pipelines over an HDF5 file, through
+    :class:`tfgalflow.catalogue.HDF5Catalogue`: rows [0, n_train) train (training row t is file
+    row t), the last round(n · validation_split) rows validate.
+    """
+
+    def __init__(self, data: "HDF5Data", config: TrainConfig, seed: int, steps_per_call: int = 1):
+        from ..catalogue import open_hdf5
+        n_val = (0 if config.validation_split <= 0
+                 else max(1, int(round(data.n * config.validation_split))))
+        self._init_stream(data, config, seed, steps_per_call, n_val)
+        self.catalogue = open_hdf5(data.path, units=data.description["units"])
+
+    def adapt_input(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """Every s-th training row, s = ceil(n_train / adapt_samples): at most adapt_samples rows,
+        spread evenly over the training range (one strided HDF5 read).
+        """
+        step = math.ceil(self.train_rows / self.adapt_samples)
+        cat = self.catalogue.read(0, self.train_rows, step)
+        return cat.phase_space, (cat.labels if self.data.use_labels else None)
+
+    def _stream(self, batch: int, epoch: int, start: int, stop: int) -> Iterator[Any]:
+        return self.catalogue.batches(batch, shuffle_buffer=STREAM_SHUFFLE_ROWS, seed=self.seed,
+                                      with_labels=self.data.use_labels, epoch=epoch, start=start,
+                                      stop=stop)
+
+    def _validation(self) -> Iterator[Any]:
+        """Rows [train_rows, n) in file order, read in blocks of whole batches."""
+        block = self.batch_size * max(1, 65536 // self.batch_size)
+        for a in range(self.train_rows, self.data.n, block):
+            cat = self.catalogue.read(a, min(a + block, self.data.n))
+            x = cat.phase_space.astype(np.float32)
+            lab = cat.labels.astype(np.float32) if self.data.use_labels else None
+            for i in range(0, len(x), self.batch_size):
+                j = i + self.batch_size
+                yield x[i:j] if lab is None else (x[i:j], lab[i:j])
+
+
+class ParquetPipelines(StreamedPipelines):
+    """Per-member pipelines over a Parquet event table, through
+    :class:`tfgalflow.catalogue.ParquetCatalogue`.
+
+    Grids are stored sorted by label, so the validation rows are spread evenly over the file
+    instead of being its last rows (which would be the last grid nodes, never trained on): with
+    m = round(n · validation_split) of n rows, file row r validates iff
+    floor((r + 1) m / n) > floor(r m / n) (exactly m rows, one every n/m, each node keeping its
+    share). Training row t is the t-th other row, so a worker's range of training rows is one
+    range of file rows (:meth:`file_row`) and it reads only its own row groups. A validation pass
+    reads every row group (keeping 1 row in n/m).
+    """
+
+    def __init__(self, data: "ParquetData", config: TrainConfig, seed: int,
+                 steps_per_call: int = 1):
+        n_val = (0 if config.validation_split <= 0
+                 else max(1, int(round(data.n * config.validation_split))))
+        self._init_stream(data, config, seed, steps_per_call, n_val)
+        self.catalogue = data.catalogue
+
+    def is_validation(self, a: int, b: int) -> np.ndarray:
+        """bool [b - a]: which file rows a:b validate, floor((r+1) m / n) > floor(r m / n)."""
+        r = np.arange(a, b, dtype=np.int64)
+        n, m = self.data.n, self.n_val
+        return (r + 1) * m // n > r * m // n
+
+    def file_row(self, t: int) -> int:
+        """The file row of training row t (t = train_rows: n): the smallest R with
+        R - floor(R m / n) = t training rows before it (bisection, monotone in R).
+        """
+        n, m = self.data.n, self.n_val
+        low, high = t, n
+        while low < high:
+            mid = (low + high) // 2
+            if mid - mid * m // n >= t:
+                high = mid
+            else:
+                low = mid + 1
+        return low
+
+    def _is_training(self, a: int, b: int) -> np.ndarray:
+        return ~self.is_validation(a, b)
+
+    def adapt_input(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The training rows among every s-th file row, s = ceil(n / adapt_samples): at most
+        adapt_samples rows spread evenly over the file (one pass over its row groups).
+        """
+        step = math.ceil(self.data.n / self.adapt_samples)
+        table = self.catalogue.read(0, self.data.n, step)
+        rows = np.arange(0, self.data.n, step)
+        train = ~((rows + 1) * self.n_val // self.data.n > rows * self.n_val // self.data.n)
+        return table.events[train], (table.labels[train] if self.data.use_labels else None)
+
+    def _stream(self, batch: int, epoch: int, start: int, stop: int) -> Iterator[Any]:
+        for x, c in self.catalogue.batches(batch, STREAM_SHUFFLE_ROWS, self.seed, epoch,
+                                           start=self.file_row(start), stop=self.file_row(stop),
+                                           keep=self._is_training if self.n_val else None):
+            yield (x, c) if self.data.use_labels else x
+
+    def _validation(self) -> Iterator[Any]:
+        for x, c in self.catalogue.batches(self.batch_size, 0, keep=self.is_validation):
+            yield (x, c) if self.data.use_labels else x
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -418,6 +515,75 @@ class HDF5Data:
         return HDF5Pipelines(self, config, seed, steps_per_call)
 
 
+@dataclass(frozen=True)
+class ParquetData:
+    """Training data streamed from a Parquet event table (never loaded whole): events [N, D] from
+    the catalogue's event columns, labels [N, C] from its label columns.
+
+    The validation rows are spread evenly over the file (:class:`ParquetPipelines`), so a
+    label-sorted grid validates on every node.
+    """
+
+    catalogue: Any                 # a tfgalflow.catalogue.ParquetCatalogue
+    description: dict
+    want_labels: bool = True   # False: train unconditionally on a labelled file (label_dim = 0)
+    streamed: ClassVar[bool] = True
+
+    @property
+    def path(self) -> Path:
+        """The Parquet file."""
+        return self.catalogue.path
+
+    @property
+    def n(self) -> int:
+        """N, the number of rows."""
+        return self.catalogue.n
+
+    @property
+    def dim(self) -> int:
+        """D, the number of event columns."""
+        return self.catalogue.dim
+
+    @property
+    def file_label_dim(self) -> int:
+        """The number of label columns read from the file."""
+        return self.catalogue.label_dim
+
+    @property
+    def use_labels(self) -> bool:
+        """Whether the file's labels are used (wanted by the config and present)."""
+        return self.want_labels and self.file_label_dim > 0
+
+    @property
+    def label_dim(self) -> int:
+        """C, the width of the labels used (0 when unused)."""
+        return self.file_label_dim if self.use_labels else 0
+
+    def pipelines(self, config: TrainConfig, seed: int,
+                  steps_per_call: int = 1) -> ParquetPipelines:
+        """The streamed training and validation pipelines of one member (seed)."""
+        return ParquetPipelines(self, config, seed, steps_per_call)
+
+
+def _parquet_data(catalogue: Any) -> ParquetData:
+    path = Path(catalogue.path).resolve()
+    description = {"source": "parquet", "path": str(path),
+                   "event_columns": list(catalogue.event_columns),
+                   "label_names": list(catalogue.label_columns), "bytes": path.stat().st_size}
+    return ParquetData(catalogue, description)
+
+
+def reopen(description: dict) -> Any:
+    """The file a run streamed, from its config.json ``data`` section: the path of an HDF5
+    catalogue, or the Parquet table reopened with its recorded event and label columns.
+    """
+    if description.get("source") == "parquet":
+        from ..catalogue import open_parquet
+        return open_parquet(description["path"], description["event_columns"],
+                            description["label_names"])
+    return description["path"]
+
+
 def _hdf5_data(catalogue: Any) -> HDF5Data:
     path = Path(catalogue.path).resolve()
     description = {"source": "hdf5", "path": str(path), "label_names": list(catalogue.label_names),
@@ -426,12 +592,14 @@ def _hdf5_data(catalogue: Any) -> HDF5Data:
 
 
 def as_training_data(data: Any, labels: Any = None,
-                     label_names: Sequence[str] | None = None) -> ArrayData | HDF5Data:
+                     label_names: Sequence[str] | None = None
+                     ) -> ArrayData | HDF5Data | ParquetData:
     """Validate ``data`` and wrap it as :class:`ArrayData` or :class:`HDF5Data`.
 
     Args:
-        data: a Catalogue, an HDF5Catalogue, an array x [N, D], or a path: a catalogue .npz
-            (loaded) or an .h5/.hdf5 file (streamed).
+        data: a Catalogue, an HDF5Catalogue, a ParquetCatalogue (``open_parquet``; streamed),
+            an array x [N, D], or a path: a catalogue .npz (loaded) or an .h5/.hdf5 file
+            (streamed).
         labels: [N, C] (or [N]) labels for an array ``data``; None otherwise.
         label_names: names of the C label columns of an array ``data`` (default label_0, ...).
 
@@ -446,12 +614,21 @@ def as_training_data(data: Any, labels: Any = None,
         if labels is not None:
             raise InputError(f"labels were given together with the file {path}; a catalogue file "
                              f"carries its own labels")
-        from ..catalogue import Catalogue, open_hdf5
+        from ..catalogue import PARQUET_SUFFIXES, Catalogue, open_hdf5
         if path.suffix.lower() in HDF5_SUFFIXES:
             return _hdf5_data(open_hdf5(path))
+        if path.suffix.lower() in PARQUET_SUFFIXES:
+            raise InputError(f"{path}: a Parquet table needs its columns named: pass "
+                             f"tfgalflow.catalogue.open_parquet(path, event_columns, "
+                             f"label_columns) (streamed) or read_parquet(...) arrays")
         return _from_catalogue(Catalogue.load(path),
                                {"source": "file", "path": str(path.resolve())})
-    from ..catalogue import Catalogue, HDF5Catalogue
+    from ..catalogue import Catalogue, HDF5Catalogue, ParquetCatalogue
+    if isinstance(data, ParquetCatalogue):
+        if labels is not None:
+            raise InputError(f"labels were given together with the Parquet table {data.path}; "
+                             f"name its label columns in open_parquet instead")
+        return _parquet_data(data)
     if isinstance(data, HDF5Catalogue):
         if labels is not None:
             raise InputError(f"labels were given together with the HDF5 catalogue {data.path}; it "
@@ -506,7 +683,7 @@ def _from_catalogue(cat: Any, description: dict) -> ArrayData:
                      errors=cat.errors, error_kind=cat.error_kind)
 
 
-def select_labels(data: ArrayData | HDF5Data, config: TrainConfig) -> TrainConfig:
+def select_labels(data: ArrayData | HDF5Data | ParquetData, config: TrainConfig) -> TrainConfig:
     """Resolve ``config.label_dim`` against the data (None -> the data's label width C).
 
     Raises InputError if labels were passed with ``label_dim = 0``, are missing for a conditional
@@ -529,7 +706,7 @@ def select_labels(data: ArrayData | HDF5Data, config: TrainConfig) -> TrainConfi
     return config
 
 
-def check_deconvolution(data: ArrayData | HDF5Data, config: TrainConfig) -> None:
+def check_deconvolution(data: ArrayData | HDF5Data | ParquetData, config: TrainConfig) -> None:
     """InputError unless a ``deconvolve`` run has in-memory data with per-star errors."""
     if not config.deconvolve:
         return
@@ -542,7 +719,7 @@ def check_deconvolution(data: ArrayData | HDF5Data, config: TrainConfig) -> None
                          "mocks.add_noise) or set deconvolve = False")
 
 
-def check_sizes(data: ArrayData | HDF5Data, config: TrainConfig) -> None:
+def check_sizes(data: ArrayData | HDF5Data | ParquetData, config: TrainConfig) -> None:
     """InputError unless N >= 2 and the validation split leaves >= 2 training rows."""
     if data.n < 2:
         raise InputError(f"data has {data.n} row(s); training needs x [N, {data.dim}] with N >= 2")
@@ -553,7 +730,7 @@ def check_sizes(data: ArrayData | HDF5Data, config: TrainConfig) -> None:
                              f"leaves {data.n - m} training row(s); need >= 2")
 
 
-def describe(data: ArrayData | HDF5Data, config: TrainConfig) -> dict:
+def describe(data: ArrayData | HDF5Data | ParquetData, config: TrainConfig) -> dict:
     """The ``data`` section of config.json: source, path, label names, units, n, dim, label_dim
     and (in memory) the sha256 of the float32 values that :func:`tfgalflow.training.resume`
     checks.
@@ -589,6 +766,9 @@ def in_coordinates(data: ArrayData | HDF5Data, config: TrainConfig) -> ArrayData
     if not data.streamed:
         return ArrayData(reduced_coordinates(data.x).astype(np.float32), data.labels,
                          description)
+    if not isinstance(data, HDF5Data):
+        raise InputError("TrainConfig.coordinates = 'spherical' reads phase-space catalogues "
+                         "(in memory or HDF5); load this table into memory to train on it")
     # An HDF5 file: read in chunks, keep only (r, v_r, v_t) (12 bytes a star) and the labels.
     from ..catalogue import open_hdf5
     catalogue = open_hdf5(data.path)
@@ -602,7 +782,7 @@ def in_coordinates(data: ArrayData | HDF5Data, config: TrainConfig) -> ArrayData
                      description)
 
 
-def without_labels(data: ArrayData | HDF5Data) -> ArrayData | HDF5Data:
+def without_labels(data: Any) -> Any:
     """The same data with its labels dropped (TrainConfig.label_dim = 0 on a labelled
     catalogue).
     """

@@ -4,9 +4,9 @@ Every worker runs the same ``train`` call; the strategy keeps one copy of the we
 and sums the gradients of the W workers' shares of each global batch with a collective
 all-reduce, so W workers take the same steps as one process with the same global batch (up to
 the order of float32 sums). Keras splits each global batch of B rows into W consecutive pieces of
-B/W (tf.data auto-sharding, DATA policy); the flow's loss is each replica's mean divided by the
-number of replicas in sync (``Flow._loss``), which makes the summed gradient that of the global
-mean for equal pieces.
+B/W (tf.data auto-sharding, DATA policy); each replica's loss is its own -Σ w log p over the
+all-reduced Σ w of the global batch (``Flow._loss``), so the summed gradient is that of the
+global mean for any split (uneven pieces and an epoch's short last batch included).
 
 Only the chief (task ``chief``, or ``worker`` 0 when the cluster has no chief) writes the run
 directory; the other workers write theirs into a temporary directory that is deleted after
@@ -15,9 +15,10 @@ multi_worker_with_keras). The strategy must be created before TensorFlow runs an
 the process (collectives are configured at start-up), which :func:`tfgalflow.training.train` does
 first when ``TrainConfig.multi_worker`` is set.
 
-An HDF5 file is streamed in shards: worker i reads only its own contiguous range of the training
-rows, in per-replica batches of B / W (``HDF5Pipelines.shard_for_workers``, through a Keras
-``DatasetCreator``), so memory per worker stays flat and no worker reads another's rows.
+An HDF5 or Parquet file is streamed in shards: worker i reads only its own contiguous range of
+the training rows, in per-replica batches of B / W (``StreamedPipelines.shard_for_workers``,
+through a Keras ``DatasetCreator``), so memory per worker stays flat and no worker reads
+another's rows.
 In-memory data are split by tf.data's auto-sharding as above.
 """
 from __future__ import annotations
@@ -91,6 +92,14 @@ def is_chief(strategy: Any) -> bool:
         return True
     has_chief = "chief" in resolver.cluster_spec().as_dict()
     return task_type == "worker" and not has_chief and int(resolver.task_id or 0) == 0
+
+
+def chief_process() -> bool:
+    """True unless TF_CONFIG or SLURM (:func:`cluster_resolver`) names this process a worker
+    other than the chief (for the command line: only the chief reports a multi-worker run).
+    """
+    from types import SimpleNamespace
+    return is_chief(SimpleNamespace(cluster_resolver=cluster_resolver()))
 
 
 def num_workers(strategy: Any) -> int:

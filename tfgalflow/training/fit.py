@@ -20,8 +20,8 @@ from ..atomic import atomic_dir, write_json
 from ..errors import FileError, InputError
 from .config import EXPONENTIAL_FINAL_FRACTION, TrainConfig
 from .data import (
-    as_training_data, check_deconvolution, check_sizes, describe, in_coordinates, select_labels,
-    without_labels,
+    as_training_data, check_deconvolution, check_sizes, describe, in_coordinates, reopen,
+    select_labels, without_labels,
 )
 from .rundir import (
     BEST_DIR, CHECKPOINTS_DIR, CONFIG_FILE, DEFAULT_VERBOSE, FINAL_DIR, HISTORY_FILE, SUMMARY_FILE,
@@ -295,7 +295,9 @@ def train(data: "Catalogue | np.ndarray | str | os.PathLike", config: TrainConfi
         data: a Catalogue (its phase space [N, 6] and labels are used), an array x [N, D]
             (physical units), or a path: a catalogue .npz (loaded) or an .h5/.hdf5 file (streamed
             in batches; the rescaler is fitted on a subsample of ``config.adapt_samples`` rows and
-            the last ``validation_split`` fraction of rows is the validation set).
+            the last ``validation_split`` fraction of rows is the validation set), or a
+            ``tfgalflow.catalogue.open_parquet(path, event_columns, label_columns)`` table
+            (streamed likewise; validation rows spread evenly over the file).
         config: the TrainConfig; ``label_dim=None`` takes the data's labels, 0 ignores them.
         run_dir: new (or empty) directory for config.json, histories, checkpoints and final
             weights.
@@ -384,7 +386,7 @@ def _resume(run_dir: Path, run: dict, data: Any, labels: Any, strategy: Any,
             raise InputError(f"{run_dir} was trained on in-memory data; pass the same data to "
                              f"resume({str(run_dir)!r}, data=..., labels=...) (command line: "
                              f"tfgalflow train --resume RUN CATALOGUE [--units ...])")
-        data = recorded["path"]
+        data = reopen(recorded)
     data = as_training_data(data, labels, None)
     config = _run_train_config(run)
     if config.label_dim and not data.label_dim:
