@@ -57,11 +57,15 @@ def as_float32(value: Any, name: str) -> tf.Tensor:
             raise InputError(f"{name} has dtype {value.dtype.name}; expected a float array")
         return value if value.dtype == tf.float32 else tf.cast(value, tf.float32)
     try:
-        array = np.asarray(value, dtype=np.float64)
+        array = np.asarray(value)
+        if array.dtype.kind not in "fiub":         # strings, objects: the float64 parser
+            array = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise InputError(f"{name} cannot be read as a float array: {exc}") from None
+    # one conversion at most (none for float32 input); overflow becomes inf, which the finite
+    # check names
     with np.errstate(over="ignore"):
-        return tf.constant(array.astype(np.float32))
+        return tf.constant(array.astype(np.float32, copy=False))
 
 
 def shape_of(value: Any) -> tuple:
@@ -221,6 +225,54 @@ FIRST_PASS_DRAWS = 4096
 MAX_PASS_DRAWS = 2**21
 
 
+# ---- XLA-compiled eager calls in row buckets ----------------------------------------------------
+
+#: Rows per XLA-compiled call of the eager public methods (a power of two): longer inputs run in
+#: chunks of this many rows, so XLA compiles a bounded set of shapes whatever the row count.
+XLA_CHUNK_ROWS = 16384
+#: The smallest row bucket (a power of two): smaller chunks are padded up to it.
+XLA_MIN_ROWS = 256
+
+
+def row_bucket(n: int) -> int:
+    """Rows that a chunk of n rows is padded to for an XLA-compiled call (1 <= n <= chunk).
+
+    XLA compiles one program per input shape, so row counts are rounded up to a power of two,
+
+        bucket(n) = min(XLA_CHUNK_ROWS, max(XLA_MIN_ROWS, 2^ceil(log2 n))),
+
+    which bounds the programs per method at log2(XLA_CHUNK_ROWS / XLA_MIN_ROWS) + 1 = 7 and the
+    padding at < 2x the rows of the last chunk (none for powers of two >= XLA_MIN_ROWS). Padded
+    rows repeat the chunk's last row (a valid input: no NaN or -inf enters even the dropped rows),
+    and rows are independent, so slicing the padded output back gives the unpadded numbers.
+    """
+    n = int(n)
+    if n < 1 or n > XLA_CHUNK_ROWS:
+        raise InputError(f"row_bucket(n = {n}): expected 1 <= n <= {XLA_CHUNK_ROWS}")
+    return min(XLA_CHUNK_ROWS, max(XLA_MIN_ROWS, 1 << (n - 1).bit_length()))
+
+
+def _in_row_buckets(fn: Any, tensors: list[tf.Tensor]) -> tf.Tensor:
+    """fn(*tensors) for row-wise fn on tensors [N, ...] with the same N, called in chunks of at
+    most XLA_CHUNK_ROWS rows, each padded to :func:`row_bucket` rows (last row repeated) and its
+    output sliced back: the rows of fn's output, concatenated. Padding and slicing are TF ops, so
+    an outer GradientTape sees through them.
+    """
+    # variables as tensors (a tape still records the read), so the traces key on shapes only
+    tensors = [tf.convert_to_tensor(t) for t in tensors]
+    n = int(tensors[0].shape[0])
+    pieces = []
+    for start in range(0, n, XLA_CHUNK_ROWS):
+        m = min(XLA_CHUNK_ROWS, n - start)
+        bucket = row_bucket(m)
+        args = tensors if m == n else [t[start:start + m] for t in tensors]
+        if bucket > m:
+            args = [tf.concat([a, tf.repeat(a[-1:], bucket - m, axis=0)], 0) for a in args]
+        out = fn(*args)
+        pieces.append(out if bucket == m else out[:m])
+    return pieces[0] if len(pieces) == 1 else tf.concat(pieces, 0)
+
+
 # ---- the contract ------------------------------------------------------------------------------
 
 class Density(abc.ABC):
@@ -228,8 +280,13 @@ class Density(abc.ABC):
 
     Subclasses implement :meth:`log_prob_tensor` (and :meth:`sample_tensor` if they can sample) and
     the ``dim``/``label_dim`` attributes; the validated, traced public methods come from this
-    class. Set ``jit_log_prob = True`` on an instance (before its first call) to XLA-compile its
-    log_prob and gradient for offline evaluation (never used by export).
+    class. With ``jit_log_prob = True`` (set before the first call, or call :meth:`retrace`;
+    Flow and Ensemble set it by default) eager calls of ``log_prob``, ``grad_log_prob`` and
+    ``sample`` run XLA-compiled functions on row buckets (:func:`row_bucket`: chunks of at most
+    ``XLA_CHUNK_ROWS`` rows padded to a power of two, so no recompilation per row count); calls
+    inside another ``tf.function`` (export signatures, the CBE graph) always use the plain graphs.
+    Sampling under XLA draws the base noise outside XLA (:meth:`noise_tensor`), so a seed gives the
+    same draws as the plain graph, up to float32 round-off.
 
     Example::
 
@@ -243,8 +300,8 @@ class Density(abc.ABC):
 
     #: what error messages call this density ("flow", "ensemble", ...)
     what: str = "density"
-    #: XLA-compile the traced log_prob / grad_log_prob (set before the first call, or call
-    #: :meth:`retrace` after changing it)
+    #: Run eager log_prob / grad_log_prob / sample XLA-compiled in row buckets (set before the
+    #: first call, or call :meth:`retrace` after changing it)
     jit_log_prob: bool = False
 
     # -- what a subclass provides ----------------------------------------------------------------
@@ -266,6 +323,19 @@ class Density(abc.ABC):
         The default raises InputError: a density that cannot sample says so.
         """
         raise InputError(f"the {self.what} ({type(self).__name__}) cannot sample")
+
+    def noise_tensor(self, n: tf.Tensor, seed: tf.Tensor) -> tf.Tensor | None:
+        """The random part of :meth:`sample_tensor`, if it splits: base draws [n, ...] from a
+        stateless seed [2] such that ``sample_tensor(n, labels, seed) ==
+        transform_noise_tensor(noise_tensor(n, seed), labels)``; None (the default) if it does not
+        split (then sampling never runs under XLA). Row i of the draws depends on row i of the
+        noise only.
+        """
+        return None
+
+    def transform_noise_tensor(self, noise: tf.Tensor, labels: tf.Tensor | None) -> tf.Tensor:
+        """Draws [n, D] from base draws ``noise`` [n, ...] (:meth:`noise_tensor`), as TF ops."""
+        raise InputError(f"the {self.what} ({type(self).__name__}) does not split its sampler")
 
     @property
     def can_sample(self) -> bool:
@@ -352,8 +422,10 @@ class Density(abc.ABC):
         """log p(x | labels): [N] float32 per unit volume of x; x [N, D] in the model's units."""
         x, c = self.check_inputs(x, labels)
         self._warn_extrapolated(c)
-        fns = self._traced()
-        return fns["log_prob"](x, c) if self.label_dim else fns["log_prob"](x)
+        inputs = [x] if c is None else [x, c]
+        if self._xla_call(x.shape[0]):
+            return _in_row_buckets(self._traced()["log_prob_xla"], inputs)
+        return self._traced()["log_prob"](*inputs)
 
     def prob(self, x: Any, labels: Any = None) -> tf.Tensor:
         """p(x | labels) = exp(log_prob): [N] float32."""
@@ -365,8 +437,10 @@ class Density(abc.ABC):
         Zero for rows outside the support (log p = -inf).
         """
         x, c = self.check_inputs(x, labels)
-        fns = self._traced()
-        return fns["grad"](x, c) if self.label_dim else fns["grad"](x)
+        inputs = [x] if c is None else [x, c]
+        if self._xla_call(x.shape[0]):
+            return _in_row_buckets(self._traced()["grad_xla"], inputs)
+        return self._traced()["grad"](*inputs)
 
     def sample(
         self,
@@ -490,6 +564,11 @@ class Density(abc.ABC):
         self._warn_extrapolated(c)
         seed = stateless_seed(seed)
         fns = self._traced()
+        if "sample_xla" in fns and self._xla_call(None):
+            rows = int(n) if c is None else int(c.shape[0])
+            # the same noise as the plain graph draws (one eager op), the transform under XLA
+            noise = self.noise_tensor(tf.constant(rows, tf.int32), seed)
+            return _in_row_buckets(fns["sample_xla"], [noise] if c is None else [noise, c])
         return fns["sample"](c, seed) if self.label_dim else fns["sample"](n, seed)
 
     # -- tracing ----------------------------------------------------------------------------------
@@ -502,10 +581,29 @@ class Density(abc.ABC):
         return tape.gradient(lp, x, unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
     def tracing_counts(self) -> dict[str, int]:
-        """How often each traced method was traced ({"log_prob", "grad", "sample"}: 1 each after
-        any number of calls with any row count: the free batch dimension never retraces).
+        """How often the function behind each eager public method was traced, {"log_prob",
+        "grad", "sample"}.
+
+        A plain graph (free batch dimension) is traced once for any row counts; an XLA-compiled
+        one once per row bucket it met (:func:`row_bucket`), each trace being one XLA compilation:
+        row counts inside a bucket already met add nothing.
         """
-        return {name: fn.experimental_get_tracing_count() for name, fn in self._traced().items()}
+        fns = self._traced()
+        return {name: fns.get(name + "_xla", fns[name]).experimental_get_tracing_count()
+                for name in ("log_prob", "grad", "sample")}
+
+    @property
+    def uses_xla(self) -> bool:
+        """Whether eager log_prob / grad_log_prob calls run XLA-compiled (``jit_log_prob`` and
+        :attr:`inlinable`).
+        """
+        return bool(self.jit_log_prob) and self.inlinable
+
+    def _xla_call(self, rows: Any) -> bool:
+        """Whether a call on ``rows`` rows runs the XLA functions: eager (concrete inputs), at
+        least one row, and :attr:`uses_xla`.
+        """
+        return self.uses_xla and tf.executing_eagerly() and rows != 0
 
     def retrace(self) -> None:
         """Forget the traced functions (after changing ``jit_log_prob``); they are rebuilt on next
@@ -529,22 +627,35 @@ class Density(abc.ABC):
         seed_spec = tf.TensorSpec([2], tf.int64, name="seed")
         # autograph=False: the maths has no Python control flow on tensors (loops are explicit
         # tf.while_loops), so conversion would only slow tracing down.
-        dense = dict(jit_compile=bool(self.jit_log_prob) and self.inlinable, autograph=False)
         if self.label_dim:
-            return {
+            fns = {
                 "log_prob": tf.function(lambda x, labels: self.log_prob_tensor(x, labels),
-                                        input_signature=[x_spec, c_spec], **dense),
+                                        input_signature=[x_spec, c_spec], autograph=False),
                 "grad": tf.function(lambda x, labels: self.gradient_tensor(x, labels),
-                                    input_signature=[x_spec, c_spec], **dense),
+                                    input_signature=[x_spec, c_spec], autograph=False),
                 "sample": tf.function(lambda labels, seed: self.sample_tensor(None, labels, seed),
                                       input_signature=[c_spec, seed_spec], autograph=False)}
-        return {
-            "log_prob": tf.function(lambda x: self.log_prob_tensor(x, None),
-                                    input_signature=[x_spec], **dense),
-            "grad": tf.function(lambda x: self.gradient_tensor(x, None),
-                                input_signature=[x_spec], **dense),
-            "sample": tf.function(lambda n, seed: self.sample_tensor(n, None, seed),
-                                  input_signature=[n_spec, seed_spec], autograph=False)}
+        else:
+            fns = {
+                "log_prob": tf.function(lambda x: self.log_prob_tensor(x, None),
+                                        input_signature=[x_spec], autograph=False),
+                "grad": tf.function(lambda x: self.gradient_tensor(x, None),
+                                    input_signature=[x_spec], autograph=False),
+                "sample": tf.function(lambda n, seed: self.sample_tensor(n, None, seed),
+                                      input_signature=[n_spec, seed_spec], autograph=False)}
+        if not self.uses_xla:
+            return fns
+        # Called only with row-bucketed shapes (no input_signature: one trace, i.e. one XLA
+        # compilation, per bucket; reduce_retracing=False keeps the shapes static).
+        xla = dict(jit_compile=True, autograph=False, reduce_retracing=False)
+        fns["log_prob_xla"] = tf.function(
+            lambda x, labels=None: self.log_prob_tensor(x, labels), **xla)
+        fns["grad_xla"] = tf.function(
+            lambda x, labels=None: self.gradient_tensor(x, labels), **xla)
+        if self.can_sample and type(self).noise_tensor is not Density.noise_tensor:
+            fns["sample_xla"] = tf.function(
+                lambda noise, labels=None: self.transform_noise_tensor(noise, labels), **xla)
+        return fns
 
 
 def _bounds_text(low: np.ndarray, high: np.ndarray) -> str:
@@ -557,6 +668,9 @@ __all__ = [
     "ExtrapolationWarning",
     "extrapolated_labels",
     "bounds_arrays",
+    "row_bucket",
+    "XLA_CHUNK_ROWS",
+    "XLA_MIN_ROWS",
     "validate_inputs",
     "as_float32",
     "check_finite",

@@ -80,15 +80,17 @@ class Flow(Density, keras.Model):
 
     Args:
         config: a :class:`FlowConfig` or its ``to_dict()``.
-        jit_compile: XLA-compile the traced ``log_prob`` / ``grad_log_prob`` for offline evaluation
-            (never for export; sampling is never compiled): faster per call for a one-time
-            compilation (``benchmarks/bench_flows.py`` measures; figures in benchmarks/README.md).
+        jit_compile: run eager ``log_prob`` / ``grad_log_prob`` / ``sample`` XLA-compiled on
+            row buckets (:func:`tfgalflow.density.row_bucket`; the default, faster per call for
+            one compilation per bucket met: ``benchmarks/bench_flows.py`` and
+            ``benchmarks/bench_call_overhead.py`` measure); False runs the plain graphs. Export
+            and calls inside another ``tf.function`` always use the plain graphs.
     """
 
     what = "flow"
 
     def __init__(
-        self, config: FlowConfig | Mapping[str, Any], jit_compile: bool = False, **kwargs
+        self, config: FlowConfig | Mapping[str, Any], jit_compile: bool = True, **kwargs
     ):
         if isinstance(config, Mapping):
             config = FlowConfig.from_dict(config)
@@ -329,9 +331,17 @@ class Flow(Density, keras.Model):
         """
         if c is not None:
             n = tf.shape(c)[0]
-        z = tf.random.stateless_normal(tf.stack([n, self.dim]), seed=seed, dtype=tf.float32)
-        y = forward(self.bijector, z, self._bijector_kwargs(c))
-        return self._unscale(y)
+        return self.transform_noise_tensor(self.noise_tensor(n, seed), c)
+
+    def noise_tensor(self, n: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+        """Base draws z ~ N(0, I) [n, D] from a stateless seed [2] (the random part of
+        :meth:`sample_tensor`).
+        """
+        return tf.random.stateless_normal(tf.stack([n, self.dim]), seed=seed, dtype=tf.float32)
+
+    def transform_noise_tensor(self, z: tf.Tensor, c: tf.Tensor | None) -> tf.Tensor:
+        """x = unscale(T(z; c)) [n, D] for base draws z [n, D] and labels c [n, C] | None."""
+        return self._unscale(forward(self.bijector, z, self._bijector_kwargs(c)))
 
     def log_prob_grid_tensor(self, grid: tf.Tensor, labels: tf.Tensor | None = None) -> tf.Tensor:
         """log p(x_g | labels_n) [N, G] of a 1-D flow at every grid value x_g [G] for every label
@@ -668,11 +678,15 @@ class Ensemble(Density, tf.Module):
     computed stably in log space; ``sample`` draws each point from a member chosen uniformly at
     random (exact mixture sampling), and ``grad_log_prob`` differentiates the log of the mean
     density, i.e. Σ_k w_k ∇log p_k with posterior weights w_k = p_k / Σ_j p_j.
+
+    ``jit_compile`` (default True) runs eager ``log_prob`` / ``grad_log_prob`` XLA-compiled on row
+    buckets, as for :class:`Flow`; sampling stays in the plain graph (the member choice does not
+    split off as base noise).
     """
 
     what = "ensemble"
 
-    def __init__(self, members: Sequence[Flow], jit_compile: bool = False):
+    def __init__(self, members: Sequence[Flow], jit_compile: bool = True):
         members = list(members) if isinstance(members, Iterable) else []
         super().__init__(name="ensemble")
         if not members or not all(isinstance(m, Flow) for m in members):
