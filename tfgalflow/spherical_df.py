@@ -115,6 +115,8 @@ class SphericalDF(Density, tf.Module):
         self.base = base
         self.even = bool(even)
         self._members = None
+        # eager calls XLA-compiled in row buckets when the base's are (Flow, Ensemble: default)
+        self.jit_log_prob = bool(base.inlinable and base.jit_log_prob)
 
     @property
     def label_dim(self) -> int:
