@@ -186,6 +186,24 @@ def test_crash_then_resume_reproduces_uninterrupted_history(gauss, reference, tm
     )
 
 
+def test_history_without_validation_survives_a_resume(gauss, tmp_path):
+    # validation_split = 0: Keras' CSVLogger still writes a val_loss column, filled with "NA".
+    # read_history gives those as NaN (not torn rows), and a resume keeps the epochs done before
+    # the crash instead of discarding the whole file.
+    config = SMALL.with_overrides(validation_split=0.0)
+    run_dir = tmp_path / "noval"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(gauss, config, run_dir, verbose=0, callbacks=[CrashAfter(2)])
+    before = read_history(run_dir)
+    assert list(before["epoch"]) == [1, 2, 3] and np.isnan(before["val_loss"]).all()
+    resume(run_dir, data=gauss, verbose=0)
+    after = read_history(run_dir)
+    assert raw_history_epochs(run_dir) == list(range(1, config.epochs + 1))
+    # epochs 1-2 (before the last checkpoint, at epoch 2) are kept as written, not retrained
+    np.testing.assert_array_equal(after["loss"][:2], before["loss"][:2])
+    assert np.isfinite(after["loss"]).all() and np.isnan(after["val_loss"]).all()
+
+
 def test_resume_renumbers_a_history_written_from_epoch_0(gauss, reference, tmp_path):
     # Runs written before history.csv counted from 1 have rows 0..E-1: read_history gives them as
     # 1..E, and a resume rewrites the file 1-based before appending, so no epoch number repeats.

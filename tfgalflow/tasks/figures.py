@@ -170,9 +170,9 @@ def field_figures(task: Any, report: Mapping[str, Any], model: Any, out_dir: Pat
     if len(history["epoch"]):
         fig, axes = _figure(1, width=6.0)
         ax = axes[0]
-        ax.plot(history["epoch"] + 1, history["loss"], label="training")
-        if "val_loss" in history:
-            ax.plot(history["epoch"] + 1, history["val_loss"], label="validation")
+        ax.plot(history["epoch"], history["loss"], label="training")    # epochs count from 1
+        if np.isfinite(history.get("val_loss", [np.nan])).any():
+            ax.plot(history["epoch"], history["val_loss"], label="validation")
         ax.set(xlabel="epoch", ylabel="-mean log p (nat/event)")
         ax.legend()
         names.append(save_figure(fig, out_dir / "loss.png"))

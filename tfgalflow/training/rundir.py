@@ -137,7 +137,17 @@ def read_history(run_dir: str | os.PathLike, member: int = 0) -> dict[str, np.nd
     if not rows:
         return {"epoch": np.zeros(0, int)}
     keys = list(rows[0])
-    return {k: np.array([int(r[k]) if k == "epoch" else float(r[k]) for r in rows]) for k in keys}
+    return {
+        k: np.array([int(r[k]) if k == "epoch" else _history_value(r[k]) for r in rows])
+        for k in keys
+    }
+
+
+def _history_value(text: str) -> float:
+    """A history.csv loss: a number, or NaN for Keras' "NA" (no validation rows: CSVLogger always
+    writes a val_loss column).
+    """
+    return float("nan") if text == "NA" else float(text)
 
 
 def _read_history_rows(path: Path) -> list[dict[str, str]]:
@@ -153,7 +163,7 @@ def _read_history_rows(path: Path) -> list[dict[str, str]]:
         for row in reader:
             try:
                 epoch = int(row["epoch"])
-                [float(v) for k, v in row.items() if k != "epoch"]
+                [_history_value(v) for k, v in row.items() if k != "epoch"]
             except (TypeError, ValueError, KeyError):
                 continue
             if epoch not in seen:
