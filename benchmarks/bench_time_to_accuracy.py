@@ -16,8 +16,9 @@ steps, ``steps_per_call``, cosine schedule, no early stopping), and the CBE
 fit of a learned DF averages its errors over the velocity draw, so more draws cut the acceleration
 error at a cost linear in the draws -- and the Hernquist study's 1024 x 64 rotations for the
 baseline). Error: |a - a_true| / |a_true| at 40 log-spaced radii in random directions, median and
-90th percentile, beside the exact-DF control (the same CBE on the closed-form DF). The verdict compares the spherical row with the issue's
-target (median <= 1 % within 15 min). ``--no-baseline`` skips the cartesian row (half the time).
+90th percentile, beside the exact-DF control (the same CBE on the closed-form DF). The verdict
+compares the spherical row with the issue's target (median <= 1 % within 15 min).
+``--no-baseline`` skips the cartesian row (most of the time).
 
     .venv/bin/python benchmarks/bench_time_to_accuracy.py                    # ~25 min, 2 cores
     .venv/bin/python benchmarks/bench_time_to_accuracy.py --no-baseline      # the target alone
