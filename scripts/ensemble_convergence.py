@@ -11,7 +11,10 @@ size) with the same positions, velocities seed and CBE settings as the study, an
 
 An ensemble averages densities (mean of p, ``tfgalflow.model.Ensemble``), so member-to-member
 fluctuations of ∇ log f shrink roughly as 1/sqrt(K) while errors shared by all members
-(architecture, data) do not. With ``--rotations M`` each ensemble is also averaged over M joint
+(architecture, data) do not. A run trained in spherical coordinates
+(``TrainConfig(coordinates="spherical")``) is evaluated as the
+:class:`~tfgalflow.spherical_df.SphericalDF` of each ensemble (exactly symmetric: rotations change
+nothing). With ``--rotations M`` each ensemble is also averaged over M joint
 rotations of (x, v) (``tfgalflow.symmetry.SphericalAverage``; the mock is spherical) and its CBE
 error printed beside.
 
@@ -32,6 +35,7 @@ from tfgalflow.cbe import accelerations
 from tfgalflow.hernquist import Hernquist
 from tfgalflow.mocks import sample_hernquist
 from tfgalflow.model import Ensemble
+from tfgalflow.spherical_df import SphericalDF
 from tfgalflow.study import StudyConfig, evaluation_positions, fractional_error
 from tfgalflow.symmetry import SphericalAverage
 from tfgalflow.training import load_member, member_finished, read_run_config
@@ -106,8 +110,12 @@ def main() -> None:
         accelerations(df, positions, n_velocities=args.n_velocities, seed=args.seed).acceleration,
         a_true,
     )[in_range]
+    # a run in spherical coordinates: its members are flows of (r, v_r, v_t), the DF their
+    # SphericalDF (load_run's model)
+    spherical = run.get("train", {}).get("coordinates") == "spherical"
     for k in member_counts(len(members)):
         df = members[0] if k == 1 else Ensemble(members[:k])
+        df = SphericalDF(df) if spherical else df
         err = error(df)
         delta = log_f_exact - np.asarray(df.log_prob(check.astype(np.float32)), np.float64)
         rows.append(
