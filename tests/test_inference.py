@@ -13,6 +13,7 @@ from tfgalflow.errors import InputError
 from tfgalflow.inference import (
     Prior,
     likelihood_map,
+    laplace_covariance,
     log_likelihood,
     maximise,
     member_spread,
@@ -58,6 +59,47 @@ def test_grid_maximum_and_posterior_match_the_conjugate_gaussian():
     assert post.samples[:, 0].std() == pytest.approx(1 / math.sqrt(n), rel=0.15)
     lo, mid, hi = post.intervals()["mu"]
     assert (hi - lo) / 2 == pytest.approx(1 / math.sqrt(n), rel=0.15)
+
+
+def test_laplace_covariance_is_the_inverse_curvature_of_a_quadratic_log_likelihood():
+    # log L(c) = -(c - m)^T P (c - m) / 2 summed over 10 events (each carries 1/10 of it): a
+    # correlated Gaussian, for which the central-difference Hessian is exact up to round-off
+    mean = np.array([0.3, -1.2])
+    precision = np.array([[400.0, -150.0], [-150.0, 100.0]])
+
+    def quadratic(x, c):
+        d = c - mean
+        return -0.5 * np.einsum("ij,jk,ik->i", d, precision, d) / 10
+
+    prior = Prior.parse("a=-2:2,b=-3:1")
+    cov = laplace_covariance(quadratic, np.zeros((10, 1)), prior, mean + [0.01, -0.02])
+    np.testing.assert_allclose(cov, np.linalg.inv(precision), rtol=1e-6)
+    best = maximise(quadratic, np.zeros((10, 1)), prior)
+    np.testing.assert_allclose(best["laplace_cov_u"], np.linalg.inv(precision), rtol=1e-4)
+    # a log-likelihood that is flat in b has no Laplace approximation
+    flat_b = laplace_covariance(lambda x, c: -0.5 * (c[:, 0] - 0.3) ** 2, np.zeros((10, 1)),
+                                prior, mean)
+    assert flat_b is None
+
+
+def test_exact_population_posterior_covers_the_off_grid_truth_from_the_laplace_start():
+    truth = (2.2e-3, 2.0)
+    events, _ = popsynth.simulate(np.array([truth]), 1000, seed=1000)
+    prior = Prior.parse("Z=1e-4:0.03:log,alpha=0.5:5")
+    best = maximise(popsynth, events, prior)
+    post = sample_posterior(popsynth, events, prior, walkers=16, steps=160, burn=40, seed=0,
+                            start=best["labels"], start_cov=best["laplace_cov_u"])
+    # the truth lies within 2.5 posterior sd of the median (each fails with probability ~1 %;
+    # the study measures the 68 % coverage over many sets); the Laplace widths agree with the
+    # sampled ones to the Monte-Carlo error (~15 % for ~100 independent draws) and the
+    # non-Gaussian shape in alpha, and the chain is >= 5 tau long
+    u = np.stack([np.log10(post.samples[:, 0]), post.samples[:, 1]], 1)
+    sd = u.std(axis=0)
+    z = (np.median(u, axis=0) - [math.log10(truth[0]), truth[1]]) / sd
+    assert np.all(np.abs(z) < 2.5)
+    np.testing.assert_allclose(sd, np.sqrt(np.diag(best["laplace_cov_u"])), rtol=0.3)
+    assert 0.04 > sd[0] > 0.02 and 0.3 > sd[1] > 0.1  # ~0.03 dex and ~0.2 in alpha at 1000
+    assert max(post.autocorr) < (160 - 40) / 5
 
 
 def test_log_uniform_prior_samples_in_log_space():

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
+from tfgalflow.density import ExtrapolationWarning
 from tfgalflow.errors import InputError
 from tfgalflow.flows import FlowConfig
 from tfgalflow.model import Flow
@@ -33,6 +36,21 @@ def test_label_log_column_equals_a_flow_fed_log_labels():
     np.testing.assert_allclose(with_log.label_shift.numpy()[0], np.log(c[:, 0]).mean(), rtol=1e-5)
     assert FlowConfig.from_dict(with_log.config.to_dict()) == with_log.config
     assert FlowConfig(dim=2, label_dim=2).label_log_columns == ()
+
+
+def test_training_label_range_is_in_label_units_for_log_columns():
+    x, c, with_log, _ = _pair()
+    low, high = with_log.label_range()
+    # adapt stores log Z; the range (and the extrapolation check) is in Z itself: float32 ln
+    # then exp keeps ~1e-7 relative (the stored log range would be ~[-9.2, -3.5], a factor ~1e4
+    # off)
+    np.testing.assert_allclose(low, c.min(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(high, c.max(axis=0), rtol=1e-6)
+    assert not with_log.extrapolated(c).any()
+    assert with_log.extrapolated([[c[:, 0].max() * 1.01, 1.0]]).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ExtrapolationWarning)
+        with_log.log_prob(x, c)  # every label inside its training range: no warning
 
 
 def test_non_positive_label_in_a_log_column_names_the_column():

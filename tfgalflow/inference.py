@@ -11,7 +11,7 @@ one batch of k N rows (events tiled, labels repeated) and a single ``log_prob`` 
 
 * :func:`likelihood_map` - log L on a grid of label values (a likelihood map and its figure);
 * :func:`maximise` - the maximum-likelihood labels (scipy L-BFGS-B inside the prior box, started
-  from the best grid point);
+  from the best grid point) and the Laplace covariance there (:func:`laplace_covariance`);
 * :func:`sample_posterior` - posterior samples with emcee (Foreman-Mackey et al. 2013) under a box
   prior :class:`Prior`, uniform or log-uniform per label; one vectorised call per step for all
   walkers; intervals and a corner-style figure (:func:`plot_corner`);
@@ -249,11 +249,14 @@ def maximise(
     grid_points: int = 12,
     chunk_rows: int = CHUNK_ROWS,
 ) -> dict:
-    """Maximum-likelihood labels inside the prior box: {"labels" [C], "log_l", "success", "start"}.
+    """Maximum-likelihood labels inside the prior box.
 
     L-BFGS-B (central-difference gradients) on -log L in u coordinates, bounded by the prior box,
-    started
-    from ``start`` (labels [C]) or the best point of a ``grid_points``-per-axis likelihood map.
+    started from ``start`` (labels [C]) or the best point of a ``grid_points``-per-axis likelihood
+    map. Returns {"labels" [C], "log_l", "success", "start", "laplace_cov_u"}: the last is the
+    Laplace approximation of the posterior covariance in u (flat prior), Σ = (-∇²_u log L)^-1
+    [C, C] at the maximum (:func:`laplace_covariance`), or None where -∇² log L is not positive
+    definite (e.g. a maximum on the box edge); :func:`sample_posterior` starts its walkers from it.
     """
     from scipy import optimize
 
@@ -279,22 +282,75 @@ def maximise(
     res = optimize.minimize(
         objective, u0, jac=True, method="L-BFGS-B", bounds=prior.u_bounds, options={"maxiter": 200}
     )
+    cov = laplace_covariance(model, x, prior, prior.from_u(res.x), chunk_rows=chunk_rows)
     return {
         "labels": prior.from_u(res.x).tolist(),
         "log_l": -float(res.fun),
         "success": bool(res.success),
         "start": np.asarray(start, float).tolist(),
+        "laplace_cov_u": None if cov is None else cov.tolist(),
     }
+
+
+def laplace_covariance(
+    model: Any,
+    events: Any,
+    prior: Prior,
+    labels: Any,
+    step: float = 2e-3,
+    chunk_rows: int = CHUNK_ROWS,
+) -> np.ndarray | None:
+    """Laplace covariance Σ = (-H)^-1 [C, C] in the sampling coordinates u, or None.
+
+    H_jk = ∂² log L / ∂u_j ∂u_k at ``labels`` by central differences with steps h_j = ``step`` x
+    the box width in u (all 1 + 2C² stencil points in one vectorised call; the centre is moved
+    inside the box by h when it sits on an edge):
+
+        H_jj = [log L(u + h_j) - 2 log L(u) + log L(u - h_j)] / h_j²,
+        H_jk = [log L(u + h_j + h_k) - log L(u + h_j - h_k) - log L(u - h_j + h_k)
+                + log L(u - h_j - h_k)] / (4 h_j h_k).
+
+    For a Gaussian likelihood N(u; μ, Σ) this is Σ exactly. None when -H is not positive definite
+    or log L is not finite on the stencil.
+    """
+    bounds = np.array(prior.u_bounds)
+    h = float(step) * (bounds[:, 1] - bounds[:, 0])
+    u = np.clip(prior.to_u(np.asarray(labels, np.float64)), bounds[:, 0] + h, bounds[:, 1] - h)
+    dim = prior.dim
+    eye = np.diag(h)
+    points = [u] + [u + s * eye[j] for j in range(dim) for s in (1, -1)]
+    pairs = [(j, k) for j in range(dim) for k in range(j + 1, dim)]
+    points += [u + a * eye[j] + b * eye[k] for j, k in pairs for a in (1, -1) for b in (1, -1)]
+    ll = log_likelihood(model, events, prior.from_u(np.array(points)), chunk_rows)
+    if not np.all(np.isfinite(ll)):
+        return None
+    hess = np.zeros((dim, dim))
+    for j in range(dim):
+        hess[j, j] = (ll[1 + 2 * j] - 2 * ll[0] + ll[2 + 2 * j]) / h[j] ** 2
+    for n, (j, k) in enumerate(pairs):
+        pp, pm, mp, mm = ll[1 + 2 * dim + 4 * n : 5 + 2 * dim + 4 * n]
+        hess[j, k] = hess[k, j] = (pp - pm - mp + mm) / (4 * h[j] * h[k])
+    if np.any(np.linalg.eigvalsh(-hess) <= 0):
+        return None
+    return np.linalg.inv(-hess)
 
 
 @dataclass(frozen=True)
 class Posterior:
-    """Posterior samples [S, C] of the labels with their names, the prior, and sampler facts."""
+    """Posterior samples [S, C] of the labels with their names, the prior, and sampler facts.
+
+    ``autocorr`` is emcee's integrated autocorrelation time τ per label (in steps, of the kept
+    chain); the kept samples hold about walkers x (steps - burn) / τ independent draws.
+    """
 
     names: tuple
     samples: np.ndarray
     prior: Prior
     acceptance: float
+    autocorr: tuple = ()
+    walkers: int = 0
+    steps: int = 0
+    burn: int = 0
 
     def intervals(self, level: float = 0.68) -> dict[str, tuple[float, float, float]]:
         """{name: (low, median, high)}: the central ``level`` interval of each marginal."""
@@ -317,6 +373,10 @@ class Posterior:
             "intervals_95": self.intervals(0.95),
             "n_samples": int(self.samples.shape[0]),
             "acceptance": self.acceptance,
+            "autocorr_steps": dict(zip(self.names, map(float, self.autocorr))),
+            "walkers": self.walkers,
+            "steps": self.steps,
+            "burn": self.burn,
             "prior": self.prior.to_dict(),
         }
 
@@ -331,13 +391,18 @@ def sample_posterior(
     seed: int = 0,
     start: Any = None,
     chunk_rows: int = CHUNK_ROWS,
+    start_cov: Any = None,
 ) -> Posterior:
     """emcee samples of p(c | x) ∝ L(c) π(c) under the box prior (flat in u): a :class:`Posterior`.
 
-    Walkers start in a small ball (1 % of the box) around ``start`` (default: the best point of a
-    12-per-axis likelihood map) clipped into the box; each step evaluates all walkers in one
-    vectorised :func:`log_likelihood` call. Returns the post-burn-in chain, flattened ([W (steps -
-    burn), C]).
+    Walkers start around ``start`` (default: the best point of a 12-per-axis likelihood map):
+    drawn from N(u_start, ``start_cov``) when a covariance [C, C] in u is given (e.g.
+    ``maximise(...)["laplace_cov_u"]``, so that burn-in only has to correct the non-Gaussian part),
+    else from a small ball (1 % of the box); clipped into the box. Each half-step of the stretch
+    move evaluates its W/2 walkers in one vectorised :func:`log_likelihood` call of fixed shape
+    (walkers outside the box are evaluated at the nearest box point and then given -inf, so a
+    traced model never sees a new batch size). Returns the post-burn-in chain, flattened
+    ([W (steps - burn), C]), with emcee's autocorrelation time τ of the kept chain.
     """
     import emcee
 
@@ -350,24 +415,41 @@ def sample_posterior(
         start = likelihood_map(model, x, prior, 12, chunk_rows).best()
     bounds = np.array(prior.u_bounds)
     width = bounds[:, 1] - bounds[:, 0]
-    u0 = prior.to_u(np.asarray(start, float)) + 0.01 * width * rng.normal(
-        size=(walkers, prior.dim)
-    )
+    centre = prior.to_u(np.asarray(start, float))
+    if start_cov is None:
+        u0 = centre + 0.01 * width * rng.normal(size=(walkers, prior.dim))
+    else:
+        cov = np.asarray(start_cov, np.float64)
+        if cov.shape != (prior.dim, prior.dim):
+            raise InputError(
+                f"start_cov has shape {list(cov.shape)}; expected [{prior.dim}, {prior.dim}] "
+                f"(a covariance in the sampling coordinates u)"
+            )
+        u0 = rng.multivariate_normal(centre, cov, size=walkers)
     u0 = np.clip(u0, bounds[:, 0] + 1e-9 * width, bounds[:, 1] - 1e-9 * width)
 
     def log_post(u: np.ndarray) -> np.ndarray:
-        out = np.full(u.shape[0], -np.inf)
-        ok = prior.inside(u)
-        if ok.any():
-            out[ok] = log_likelihood(model, x, prior.from_u(u[ok]), chunk_rows)
-        return out
+        inside = prior.inside(u)
+        ll = log_likelihood(
+            model, x, prior.from_u(np.clip(u, bounds[:, 0], bounds[:, 1])), chunk_rows
+        )
+        return np.where(inside, ll, -np.inf)
 
     sampler = emcee.EnsembleSampler(walkers, prior.dim, log_post, vectorize=True)
     sampler.random_state = np.random.RandomState(int(rng.integers(2**31))).get_state()
     sampler.run_mcmc(u0, steps, progress=False)
-    chain = sampler.get_chain(discard=burn, flat=True)
+    kept = sampler.get_chain(discard=burn)  # [steps - burn, W, C]
+    # tol=0: an estimate for any chain length (emcee's own check asks for 50 τ)
+    tau = emcee.autocorr.integrated_time(kept, tol=0)
     return Posterior(
-        prior.names, prior.from_u(chain), prior, float(np.mean(sampler.acceptance_fraction))
+        prior.names,
+        prior.from_u(kept.reshape(-1, prior.dim)),
+        prior,
+        float(np.mean(sampler.acceptance_fraction)),
+        tuple(float(t) for t in tau),
+        walkers,
+        steps,
+        burn,
     )
 
 
@@ -535,7 +617,10 @@ def infer_labels(
     x = validation.finite_matrix(events, "events")
     lmap = likelihood_map(model, x, prior, grid_points)
     best = maximise(model, x, prior, start=lmap.best())
-    post = sample_posterior(model, x, prior, walkers, steps, burn, seed, start=best["labels"])
+    post = sample_posterior(
+        model, x, prior, walkers, steps, burn, seed, start=best["labels"],
+        start_cov=best["laplace_cov_u"],
+    )
     result = {
         "n_events": int(x.shape[0]),
         "prior": prior.to_dict(),
@@ -563,6 +648,7 @@ __all__ = [
     "log_likelihood",
     "likelihood_map",
     "maximise",
+    "laplace_covariance",
     "sample_posterior",
     "member_spread",
     "plot_likelihood_map",

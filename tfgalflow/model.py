@@ -309,13 +309,18 @@ class Flow(Density, keras.Model):
         return lp
 
     def label_range(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """(min [C], max [C]) of the labels ``adapt`` saw (the training range), None before adapt
-        or for an unconditional flow. Saved with the weights
-        (non-trainable ``label_min``/``label_max``).
+        """(min [C], max [C]) of the labels ``adapt`` saw (the training range, in label units
+        also for label log columns), None before adapt or for an unconditional flow. Saved with
+        the weights (non-trainable ``label_min``/``label_max``).
         """
         if not self.label_dim or not self.is_adapted:
             return None
-        return self.label_min.numpy(), self.label_max.numpy()
+        low = self.label_min.numpy().astype(np.float64)
+        high = self.label_max.numpy().astype(np.float64)
+        # adapt records log c_k for the label log columns: back to label units
+        for k in self.config.label_log_columns:
+            low[k], high[k] = math.exp(low[k]), math.exp(high[k])
+        return low, high
 
     def scale_hint(self) -> tf.Variable:
         """The rescaler's scales σ [D] (the variable itself: read when traced, so current after
