@@ -58,6 +58,17 @@ def _free_batch(t: tf.Tensor) -> tf.Tensor:
 
 # ---- the flow -------------------------------------------------------------------------------
 
+def _check_weights_format(filepath: Any, save_format: str | None) -> None:
+    """InputError for the HDF5 weights format, which misses the bijectors' networks."""
+    name = str(filepath).lower()
+    if save_format == "h5" or name.endswith((".h5", ".hdf5", ".keras")):
+        raise InputError(
+            f"{filepath}: a Flow's weights cannot be stored in the HDF5/Keras format (it would "
+            f"miss the MADE networks inside the bijectors); use a TensorFlow checkpoint path "
+            f"without that suffix, e.g. 'flow.ckpt'"
+        )
+
+
 class Flow(Density, keras.Model):
     """Conditional normalizing flow p(x | c) on physical-unit data
     (rescaler + MAF chain + N(0, I) base).
@@ -152,6 +163,22 @@ class Flow(Density, keras.Model):
     def is_adapted(self) -> bool:
         """Whether ``adapt`` has fitted the rescaler."""
         return bool(self.adapted.numpy() > 0.5)
+
+    def save_weights(self, filepath: Any, *args: Any, **kwargs: Any) -> Any:
+        """Keras ``save_weights`` in the TensorFlow checkpoint format (a path without ``.h5``).
+
+        The HDF5 weights format stores only Keras layers' weights, not the MADE networks inside
+        the TFP bijectors, so a flow reloaded from it has other weights: InputError instead.
+        """
+        _check_weights_format(filepath, kwargs.get("save_format"))
+        return super().save_weights(filepath, *args, **kwargs)
+
+    def load_weights(self, filepath: Any, *args: Any, **kwargs: Any) -> Any:
+        """Keras ``load_weights`` from a TensorFlow checkpoint (InputError for ``.h5`` files,
+        see :meth:`save_weights`).
+        """
+        _check_weights_format(filepath, None)
+        return super().load_weights(filepath, *args, **kwargs)
 
     def get_config(self) -> dict:
         """``FlowConfig.to_dict()`` (JSON-able); ``Flow.from_config(flow.get_config())`` rebuilds
