@@ -187,14 +187,7 @@ class HDF5Catalogue:
         return shard_spans(np.concatenate([[start], grid, [stop]]), shard, rng)
 
     def _row_range(self, start: int, stop: int | None) -> tuple[int, int]:
-        """(start, stop) checked to be 0 <= start <= stop <= n (stop None: n)."""
-        stop = self.n if stop is None else stop
-        start = validation.integer(start, "start", low=0)
-        stop = validation.integer(stop, "stop", low=0)
-        if not start <= stop <= self.n:
-            raise InputError(f"{self.path}: rows start:stop = {start}:{stop}; expected "
-                             f"0 <= start <= stop <= {self.n}")
-        return start, stop
+        return row_range(start, stop, self.n, self.path)
 
     def dataset(
         self,
@@ -429,6 +422,19 @@ def _tfgalflow_layout(path: Path, f, units: Mapping[str, str] | None) -> HDF5Cat
         errors_name=errors_name,
         error_kind=error_kind,
     )
+
+
+def row_range(start: Any, stop: Any, n: int, path: Any) -> tuple[int, int]:
+    """(start, stop) of a file of n rows, checked to be 0 <= start <= stop <= n (stop None: n);
+    InputError naming ``path`` otherwise.
+    """
+    stop = n if stop is None else stop
+    start = validation.integer(start, "start", low=0)
+    stop = validation.integer(stop, "stop", low=0)
+    if not start <= stop <= n:
+        raise InputError(f"{path}: rows start:stop = {start}:{stop}; expected "
+                         f"0 <= start <= stop <= {n}")
+    return start, stop
 
 
 def shard_spans(edges: np.ndarray, shard: tuple[int, int] | None = None,

@@ -48,7 +48,7 @@ import numpy as np
 from .. import validation
 from ..atomic import atomic_file
 from .events import EventTable
-from .hdf5 import shard_spans
+from .hdf5 import row_range, shard_spans
 from ..errors import FileError, InputError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -133,6 +133,22 @@ def _matrix(table: Any, names: Sequence[str], path: Path, what: str) -> np.ndarr
     return m
 
 
+def _open_columns(path: Path, event_columns: Any, label_columns: Any
+                  ) -> tuple[Any, tuple, tuple]:
+    """(ParquetFile, event names, label names) of ``path`` with the columns checked: present,
+    distinct, no column both event and label (labels read as dictionaries).
+    """
+    pq = require_pyarrow()
+    events = _names(event_columns, "event_columns")
+    labels = _names(label_columns, "label_columns", allow_empty=True)
+    overlap = sorted(set(events) & set(labels))
+    if overlap:
+        raise InputError(f"column(s) {overlap} are both event and label columns")
+    pf = _open(path, pq, read_dictionary=labels)
+    _check_columns(path, pf, events + labels)
+    return pf, events, labels
+
+
 def read_parquet(
     path: str | os.PathLike, event_columns: Any, label_columns: Any = ()
 ) -> EventTable:
@@ -143,15 +159,8 @@ def read_parquet(
     InputError for missing columns (listing the file's columns), nulls, non-numeric values or
     NaN/inf.
     """
-    pq = require_pyarrow()
     path = Path(path)
-    events = _names(event_columns, "event_columns")
-    labels = _names(label_columns, "label_columns", allow_empty=True)
-    overlap = sorted(set(events) & set(labels))
-    if overlap:
-        raise InputError(f"column(s) {overlap} are both event and label columns")
-    pf = _open(path, pq, read_dictionary=labels)
-    _check_columns(path, pf, events + labels)
+    pf, events, labels = _open_columns(path, event_columns, label_columns)
     table = pf.read(columns=list(events + labels))
     if table.num_rows == 0:
         raise InputError(f"{path}: the table has no rows")
@@ -260,14 +269,7 @@ class ParquetCatalogue:
                                           "label columns")], axis=1)
 
     def _row_range(self, start: int, stop: int | None) -> tuple[int, int]:
-        """(start, stop) checked to be 0 <= start <= stop <= n (stop None: n)."""
-        stop = self.n if stop is None else stop
-        start = validation.integer(start, "start", low=0)
-        stop = validation.integer(stop, "stop", low=0)
-        if not start <= stop <= self.n:
-            raise InputError(f"{self.path}: rows start:stop = {start}:{stop}; expected "
-                             f"0 <= start <= stop <= {self.n}")
-        return start, stop
+        return row_range(start, stop, self.n, self.path)
 
     def spans(self, start: int = 0, stop: int | None = None,
               shard: tuple[int, int] | None = None,
@@ -408,15 +410,8 @@ def open_parquet(path: str | os.PathLike, event_columns: Any,
 
     Raises FileError for a missing/corrupt file, InputError for missing or repeated columns.
     """
-    pq = require_pyarrow()
     path = Path(path)
-    events = _names(event_columns, "event_columns")
-    labels = _names(label_columns, "label_columns", allow_empty=True)
-    overlap = sorted(set(events) & set(labels))
-    if overlap:
-        raise InputError(f"column(s) {overlap} are both event and label columns")
-    pf = _open(path, pq, read_dictionary=labels)
-    _check_columns(path, pf, events + labels)
+    pf, events, labels = _open_columns(path, event_columns, label_columns)
     sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
     offsets = tuple(int(o) for o in np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]))
     if offsets[-1] == 0:
