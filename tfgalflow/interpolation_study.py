@@ -100,6 +100,9 @@ class InterpolationConfig:
     lr: float = _option(2e-3, "peak learning rate (cosine schedule)", "float")
     patience: int = _option(10, "early-stopping patience (0: never stop)", "int")
     members: int = _option(1, "ensemble members", "int")
+    activation: str = _option("relu", "hidden activation of the MADEs (relu, gelu, tanh, ...: "
+                              "smooth ones interpolate between label nodes more smoothly)",
+                              "activation")
     coordinates: str = _option("cartesian", "what the flow learns: 'cartesian' (x, v) or "
                                "'spherical' (r, v_r, v_t; TrainConfig.coordinates)", "coordinates")
     n_radii: int = _option(16, "radii log-spaced in [r_min, r_max]", "int")
@@ -158,7 +161,8 @@ class InterpolationConfig:
         return TrainConfig(layers=self.layers, hidden=self.hidden, epochs=self.epochs,
                            batch_size=self.batch_size, lr=self.lr, lr_schedule="cosine",
                            patience=self.patience, members=self.members, label_dim=2,
-                           validation_split=0.1, seed=self.seed, coordinates=self.coordinates)
+                           validation_split=0.1, seed=self.seed, coordinates=self.coordinates,
+                           activation=self.activation)
 
     @classmethod
     def tiny(cls) -> "InterpolationConfig":
@@ -205,10 +209,15 @@ def _coerce(name: str, kind: str, value: Any) -> Any:
     def fail() -> InputError:
         shapes = {"int": "an integer", "float": "a number", "floats": "numbers like 0.5,1",
                   "ints": "integers like 64,64", "pairs": "label pairs like 0.75:0.25,1.25:0.75",
-                  "coordinates": "one of cartesian, spherical"}
+                  "coordinates": "one of cartesian, spherical",
+                  "activation": "an activation name, e.g. gelu"}
         return InputError(f"InterpolationConfig.{name} = {value!r}: expected {shapes[kind]}")
 
     try:
+        if kind == "activation":
+            if not isinstance(value, str) or not value:
+                raise fail()
+            return value
         if kind == "coordinates":
             from .training.config import COORDINATES
             if value not in COORDINATES:
@@ -542,8 +551,13 @@ def build_report(config: InterpolationConfig, results: dict, probes: list[dict],
                 results, group, "fractional_error_symmetrised", lo, hi)
         groups[group] = g
     grid, held = groups["grid"], groups["held_out"]
+    # A SphericalDF (coordinates = 'spherical') is rotation-invariant: its average over any
+    # rotations is itself, so its error is the rotation-averaged error.
+    invariant = config.coordinates == "spherical" and not config.rotations
     measured = {
-        "held_out_median_error_symmetrised": held.get("median_fractional_error_symmetrised"),
+        "held_out_median_error_symmetrised": held.get(
+            "median_fractional_error_symmetrised",
+            held["median_fractional_error"] if invariant else None),
         "held_out_over_grid_error_ratio": held["median_fractional_error"]
         / grid["median_fractional_error"],
         "held_out_over_grid_kl_ratio": held["kl_mean"] / grid["kl_mean"],
