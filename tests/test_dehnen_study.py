@@ -33,6 +33,7 @@ def test_config_parses_command_line_text_and_refuses_bad_labels():
     with pytest.raises(InputError, match="label pairs"):
         c.with_overrides(held_out="1;0.5")
     assert c.with_overrides(coordinates="spherical").train_config().coordinates == "spherical"
+    assert c.with_overrides(activation="gelu").train_config().activation == "gelu"
     with pytest.raises(InputError, match="cartesian, spherical"):
         c.with_overrides(coordinates="polar")
 
