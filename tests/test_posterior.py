@@ -79,8 +79,12 @@ def test_bimodal_detection():
 
 @pytest.fixture(scope="module")
 def flow():
+    # The plain graph: the grid hook is compared with the generic contract path as the same
+    # float32 maths. (Eager log_prob runs XLA-compiled by default, whose fused spline arithmetic
+    # differs by up to ~6e-4 nat at points next to a knot, where rounding picks the other bin.)
     f = Flow(
-        FlowConfig(dim=1, label_dim=4, layers=2, hidden=(16, 16), kind="spline", bins=6, seed=3)
+        FlowConfig(dim=1, label_dim=4, layers=2, hidden=(16, 16), kind="spline", bins=6, seed=3),
+        jit_compile=False,
     )
     rng = np.random.default_rng(1)
     c = rng.normal(size=(256, 4)).astype(np.float32)
