@@ -73,7 +73,7 @@ GRADIENT_ROWS_PER_CHUNK = 2**16
 CANDIDATE_ROWS_PER_CHUNK = 2**18
 #: Model evaluations (positions x velocities x ``evaluations_per_row``) from which the default
 #: ``jit_compile=None`` runs the CBE XLA-compiled (:func:`xla_by_default`).
-XLA_MIN_EVALUATIONS = 2**22
+XLA_MIN_EVALUATIONS = 2**21
 
 
 # ---- the DF interface ---------------------------------------------------------------------------
