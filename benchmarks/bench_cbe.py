@@ -7,7 +7,7 @@ CBELayer). Two stages, each timed for the batched path and for the loop, in the 
 XLA-compiled:
 
   solve       velocities given (one batched SIR draw, shared): gradients + least squares
-    batched        cbe.solve_cbe(df, x, v)                      chunks of 2^16 / K positions
+    batched        cbe.solve_cbe(df, x, v, jit_compile=False)   chunks of 2^16 / K positions
     batched XLA    cbe.solve_cbe(df, x, v, jit_compile=True)    the same, XLA-compiled
                                                                 (fixed, padded chunks)
     loop           per position: cbe.df_gradients at its K velocities + numpy.linalg.lstsq
@@ -16,7 +16,7 @@ XLA-compiled:
                    call, then numpy.linalg.lstsq (the fastest per-position call we found; see
                    xla_gradients)
   end to end  velocity sampling included
-    batched        cbe.accelerations(df, x, K)                  (jit_compile=True for
+    batched        cbe.accelerations(df, x, K, jit_compile=False)  (jit_compile=True for
                                                                 "batched XLA")
     loop           per position: cbe.sample_velocities + the solve loop's gradients + lstsq
     loop XLA       per position:
@@ -275,12 +275,15 @@ def main() -> None:
     x = positions(args.positions, args.seed)
     k, n_loop = args.velocities, min(args.loop_subset, args.positions)
     print(f"model: {description}; {args.positions} positions x {k} velocities; "
-          f"{os.cpu_count()} CPUs, TF {tf.__version__}; load avg {os.getloadavg()[0]:.2f}")
+          f"{os.cpu_count()} CPUs, TF {tf.__version__}; load avg {os.getloadavg()[0]:.2f}; "
+          "the default (jit_compile=None) runs this call "
+          + ("XLA-compiled" if cbe.xla_by_default(df, args.positions, k)
+             else "in the plain graph"))
     v_all = cbe.sample_velocities(df, x, k, seed=args.seed).numpy()
     xs, vs = x[:n_loop], v_all[:n_loop]
     gradients = xla_gradients(df, k)
 
-    solve = {"batched": lambda: cbe.solve_cbe(df, x, v_all)[0].numpy(),
+    solve = {"batched": lambda: cbe.solve_cbe(df, x, v_all, jit_compile=False)[0].numpy(),
              "batched XLA": lambda: cbe.solve_cbe(df, x, v_all, jit_compile=True)[0].numpy(),
              "loop": lambda: loop_solve(df, xs, vs),
              "loop XLA": lambda: loop_solve_xla(gradients, xs, vs)}
@@ -300,12 +303,12 @@ def main() -> None:
         )
     )
 
-    e2e = {"batched": lambda: cbe.accelerations(df, x, k, seed=args.seed),
+    e2e = {"batched": lambda: cbe.accelerations(df, x, k, seed=args.seed, jit_compile=False),
            "batched XLA": lambda: cbe.accelerations(df, x, k, seed=args.seed, jit_compile=True),
            "loop": lambda: loop_end_to_end(df, xs, k, args.seed),
            "loop XLA": lambda: loop_end_to_end_xla(df, xs, k, args.seed)}
     report("end to end: velocity sampling + gradients + least squares", e2e, args)
-    res = cbe.accelerations(df, x, k, seed=args.seed)
+    res = cbe.accelerations(df, x, k, seed=args.seed, jit_compile=False)
     res_xla = cbe.accelerations(df, x, k, seed=args.seed, jit_compile=True)
     moved = relative_difference(res_xla.acceleration, res.acceleration)
     changed = np.linalg.norm(

@@ -48,9 +48,10 @@ process' CPU affinity (printed), and ``--threads 1`` sets
 Speed-ups over FlowJAX are checked against the targets of the XLA-inference issue at the bulk sizes
 (training >= 2x FlowJAX's user path; log_prob, grad, sample >= 1x its best path), and the
 per-call table compares the per-point cost at 2048 points with that at the bulk size (target:
-within 2x for tfgalflow's default path). A package-side variant is timed in the same rounds: XLA
-training with Keras' own ``steps_per_execution`` (one batch per step function, the loop outside
-XLA) instead of stacks.
+within 2x for tfgalflow's default path; medians decide, the ratio of the fastest calls is printed
+beside them: short calls suffer most from preemption on a shared machine). A package-side
+variant is timed in the same rounds: XLA training with Keras' own ``steps_per_execution`` (one
+batch per step function, the loop outside XLA) instead of stacks.
 A "dense floor" -- only the 24 matmuls + bias + ReLU of the 8 MADEs, XLA-compiled in TF and plain
 in torch -- bounds the log_prob speed a dense-matmul implementation can reach on this CPU in
 float32. Every implementation trains the same number of steps on the same batches; the
@@ -769,6 +770,11 @@ def report(results: dict, rounds: dict, variants: dict, floors: dict, sizes: dic
                            if reliable else " inconcl.")
             cells.append(f"{ratio:.2f}x{verdict}")
         print(f"{'':<12}{'small / bulk':<14}" + "".join(f"{c:>17}" for c in cells))
+        # the same ratio from the fastest call of each size: a call's cost when it was not
+        # preempted (a 3 ms call that loses one scheduler slice to another process doubles)
+        fastest = [f"{bulk[n].best / small[n].best:.2f}x" if n in small and n in bulk else "-"
+                   for n in names]
+        print(f"{'':<12}{'  fastest':<14}" + "".join(f"{c:>17}" for c in fastest))
 
     print("\nVariants (timed in the same rounds as their operation)")
     for key, group in variants.items():

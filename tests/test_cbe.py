@@ -502,6 +502,58 @@ def test_jit_compile_leaves_other_dfs_on_the_plain_graph():
         np.testing.assert_array_equal(got.numpy(), want.numpy())
 
 
+def test_default_jit_compile_is_xla_only_for_large_calls_of_xla_dfs(monkeypatch):
+    # The default (jit_compile=None) decides from the call's size and the DF: never XLA for the
+    # exact DFs (not jit_log_prob) or below XLA_MIN_EVALUATIONS model evaluations.
+    flow = _small_flows(1)[0]
+    assert flow.uses_xla and not H.exact_density("iso").uses_xla
+    limit = cbe.XLA_MIN_EVALUATIONS
+    assert cbe.xla_by_default(flow, limit // 256, 256)
+    assert not cbe.xla_by_default(flow, limit // 256 - 1, 256)
+    assert not cbe.xla_by_default(H.exact_density("iso"), 10 * limit, 256)
+    # an ensemble counts one evaluation per member
+    assert cbe.xla_by_default(Ensemble(_small_flows(2)), limit // 512, 256)
+    x = np.random.default_rng(1).normal(size=(12, 3))
+    # a small call: the plain graph, bit for bit
+    plain = cbe.accelerations(flow, x, n_velocities=32, seed=4, chunk_size=8, jit_compile=False)
+    default = cbe.accelerations(flow, x, n_velocities=32, seed=4, chunk_size=8)
+    np.testing.assert_array_equal(default.acceleration, plain.acceleration)
+    # a "large" call (threshold lowered): the XLA path, bit for bit, which agrees with the plain
+    # graph to float32 round-off of the gradients (3.8e-7 relative for this flow in the slow XLA
+    # test; 1e-5 still fails on any wrong term) as long as no resampled velocity moved
+    monkeypatch.setattr(cbe, "XLA_MIN_EVALUATIONS", 12 * 32)
+    xla = cbe.accelerations(flow, x, n_velocities=32, seed=4, chunk_size=8, jit_compile=True)
+    default = cbe.accelerations(flow, x, n_velocities=32, seed=4, chunk_size=8)
+    np.testing.assert_array_equal(default.acceleration, xla.acceleration)
+    assert relative_error(default.acceleration, plain.acceleration).max() < 1e-5
+    np.testing.assert_array_equal(default.reasons, plain.reasons)
+    # the exact DF stays on the plain graph (XLA compiles its gradients to slower code) and still
+    # recovers the analytic acceleration to float32 round-off (~1e-7; 1e-5 fails on a wrong sign)
+    df = H.exact_density("iso")
+    exact = cbe.accelerations(df, x, n_velocities=32, seed=4, chunk_size=8)
+    same = cbe.accelerations(df, x, n_velocities=32, seed=4, chunk_size=8, jit_compile=False)
+    np.testing.assert_array_equal(exact.acceleration, same.acceleration)
+    assert relative_error(exact.acceleration, H.acceleration(x)).max() < 1e-5
+
+
+def test_xla_path_compiles_once_for_any_number_of_positions():
+    # Chunks are padded to the fixed chunk size: position counts below, at and above it (several
+    # chunks, a partial last one) reuse the one compiled program of each XLA function.
+    flow = _small_flows(1)[0]
+    rng = np.random.default_rng(3)
+    for b in (1, 3, 4, 7, 9):
+        cbe.accelerations(flow, rng.normal(size=(b, 3)), n_velocities=16, seed=0, chunk_size=4,
+                          jit_compile=True)
+        v = rng.normal(size=(b, 16, 3))
+        cbe.solve_cbe(flow, rng.normal(size=(b, 3)), v, chunk_size=4, jit_compile=True)
+    solver = cbe._solver(flow, 16, None, None, chunk_size=4, jit_compile=True)
+    assert solver._xla_weights.experimental_get_tracing_count() == 1
+    assert solver._xla_normal_equations.experimental_get_tracing_count() == 1
+    assert solver.solve.experimental_get_tracing_count() == 1
+    solve = cbe._solve_fn(flow, 4, 16, True)
+    assert solve.experimental_get_tracing_count() == 1
+
+
 # ---- validation and flags -----------------------------------------------------------------------
 
 def test_bad_inputs_raise_input_error():

@@ -47,6 +47,17 @@ def test_accel_checks_the_output_type_before_computing(tmp_path, capsys, no_mode
     assert ".xyz" in _error(capsys)
 
 
+def test_accel_xla_flag_defaults_to_the_apis_automatic_choice():
+    # --xla / --no-xla force jit_compile; no flag leaves cbe.accelerations' default (None:
+    # XLA for large calls only, cbe.xla_by_default)
+    from tfgalflow.cli import build_parser
+    parser = build_parser()
+    base = ["accel", "run", "--radii", "1", "--out", "a.npz"]
+    assert parser.parse_args(base).xla is None
+    assert parser.parse_args(base + ["--xla"]).xla is True
+    assert parser.parse_args(base + ["--no-xla"]).xla is False
+
+
 @pytest.mark.parametrize("workers,out", [("2", "a.npz"), ("0", "a.h5")])
 def test_accel_checks_workers_before_loading(tmp_path, capsys, no_model_loading, workers, out):
     assert main(["accel", str(SHIPPED), "--radii", "1", "--workers", workers,

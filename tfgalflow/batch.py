@@ -548,6 +548,12 @@ def accel_file(model: Any, positions: Any, out: str | os.PathLike, *,
     src, density = chunks.source(), chunks.density()
     if src.width != 3:
         raise InputError(f"{positions}: positions are [B, {src.width}]; expected [B, 3]")
+    if options.get("jit_compile") is None:
+        # the default decided once for the whole job (its size repays the compilation), not per
+        # chunk; the job's stamp keeps the options as given
+        from .cbe import xla_by_default
+        chunks.options["jit_compile"] = xla_by_default(
+            density, src.n, options.get("n_velocities", 256))
     cols = [Column("positions", (3,), "float64"), Column("radius", (), "float64"),
             Column("acceleration", (3,), "float64"), Column("a_radial", (), "float64"),
             Column("residual", (), "float64"), Column("condition", (), "float64"),

@@ -28,8 +28,9 @@ The pieces, each usable alone:
 
 ``jit_compile=True`` (:func:`accelerations`, :func:`solve_cbe`) XLA-compiles the DF evaluations
 with the DF's maths inlined (:func:`_inline_log_prob`), in chunks padded to a fixed size so each
-compiles once; the random numbers and the 3x3 solves stay in the plain graph, which the exported
-graph always is.
+compiles once whatever the number of positions; the random numbers and the 3x3 solves stay in the
+plain graph, which the exported graph always is. The default, ``jit_compile=None``, picks XLA for
+calls large enough to repay the compilation (:func:`xla_by_default`).
 
 A "phase-space DF" here is any :class:`~tfgalflow.density.Density` with ``dim == 6``
 (w = concat(x, v) [N, 6]). A conditional DF f(x, v | c) (``label_dim = C > 0``) takes labels with
@@ -70,6 +71,9 @@ MIN_ESS = 32.0
 #: (log_prob only).
 GRADIENT_ROWS_PER_CHUNK = 2**16
 CANDIDATE_ROWS_PER_CHUNK = 2**18
+#: Model evaluations (positions x velocities x ``evaluations_per_row``) from which the default
+#: ``jit_compile=None`` runs the CBE XLA-compiled (:func:`xla_by_default`).
+XLA_MIN_EVALUATIONS = 2**21
 
 
 # ---- the DF interface ---------------------------------------------------------------------------
@@ -122,6 +126,31 @@ def check_labels(df: Density, labels: Any, n_positions: int) -> np.ndarray | Non
     if array.ndim != 2 or array.shape != (n_positions, c):
         raise InputError(f"labels have shape {list(array.shape)}; expected {expected}")
     return finite_matrix(array, "labels", width=c, expected=expected, dtype=np.float32)
+
+
+def xla_by_default(df: Any, n_positions: int, k: int) -> bool:
+    """Whether the default ``jit_compile=None`` runs a CBE call XLA-compiled.
+
+    :func:`accelerations` and :func:`solve_cbe` compile a call of B = ``n_positions`` positions x
+    K = ``k`` velocities when
+
+        df.uses_xla  and  B K e >= XLA_MIN_EVALUATIONS     (e = df.evaluations_per_row).
+
+    XLA saves a fraction of the time per position but costs seconds of compilation once per DF and
+    setting (and per ensemble member), so it pays off only for large calls; DFs that do not run
+    their own eager calls under XLA (the exact DFs, whose transcendental gradients XLA compiles to
+    slower code; loaded SavedModels, which cannot be inlined) stay on the plain graph. The
+    threshold is where the saving measured by ``benchmarks/bench_cbe.py`` repays the compilation
+    (figures: benchmarks/README.md). The answer depends on the call's size only, never on what
+    was compiled before, so the same call always takes the same path.
+    """
+    uses_xla = bool(getattr(df, "uses_xla", False))
+    return uses_xla and n_positions * k * int(df.evaluations_per_row) >= XLA_MIN_EVALUATIONS
+
+
+def _jit(df: Any, jit_compile: bool | None, n_positions: int, k: int) -> bool:
+    """The effective ``jit_compile`` of a call: the caller's choice, or :func:`xla_by_default`."""
+    return xla_by_default(df, n_positions, k) if jit_compile is None else bool(jit_compile)
 
 
 def _positions_per_chunk(df: Any, k: int, m: int | None = None) -> int:
@@ -663,7 +692,7 @@ def _pad_rows(t: np.ndarray, n: int) -> np.ndarray:
 
 
 def solve_cbe(df: Any, positions: Any, velocities: Any, chunk_size: int | None = None, *,
-              labels: Any = None, jit_compile: bool = False
+              labels: Any = None, jit_compile: bool | None = None
               ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """The CBE least squares at given velocities: gradients of log f at (x_b, v_bk), then
     :class:`CBELayer`.
@@ -681,6 +710,8 @@ def solve_cbe(df: Any, positions: Any, velocities: Any, chunk_size: int | None =
         jit_compile: XLA-compile the gradients and the row-wise part of the layer (see
             :func:`accelerations`); chunks are padded to ``chunk_size`` positions, so it compiles
             once per DF, K and chunk size. Same answers as the plain graph to float32 round-off.
+            None (default): XLA for large calls of DFs that use XLA (:func:`xla_by_default`);
+            False: the plain graph.
 
     Returns:
         (acceleration [B, 3], residual [B], condition [B]) float32 tensors, as :class:`CBELayer`.
@@ -701,7 +732,7 @@ def solve_cbe(df: Any, positions: Any, velocities: Any, chunk_size: int | None =
     chunk = integer(
         chunk_size if chunk_size is not None else _positions_per_chunk(df, k), "chunk_size", 1
     )
-    jit = bool(jit_compile) and _inline_log_prob(df) is not None
+    jit = _jit(df, jit_compile, len(x), k) and _inline_log_prob(df) is not None
     fn = _solve_fn(df, chunk, k, jit)
     arrays = [x, v] + ([] if c is None else [c])
     if len(x) == chunk or (len(x) < chunk and not jit):         # one call, nothing to pad or join
@@ -1223,7 +1254,8 @@ def accelerations(df: Any, positions: Any, n_velocities: int = 256, seed: Any = 
                   max_condition: float = MAX_CONDITION,
                   min_ess: float = MIN_ESS, min_log_density: float | None = None,
                   sampler: SamplerConfig | None = None, velocity_scale: float | None = None,
-                  chunk_size: int | None = None, jit_compile: bool = False) -> AccelerationResult:
+                  chunk_size: int | None = None, jit_compile: bool | None = None
+                  ) -> AccelerationResult:
     """Gravitational acceleration at each position from the CBE of the DF ``df`` (given labels c).
 
     At each x_b: K = ``n_velocities`` velocities from p(v | x_b) (:func:`sample_velocities`),
@@ -1290,9 +1322,11 @@ def accelerations(df: Any, positions: Any, n_velocities: int = 256, seed: Any = 
             rounding of log f can move a resampled velocity to a neighbouring candidate (a change
             of sampling noise). Less time per position, but seconds of compilation once per DF and
             setting (and per ensemble member), so it pays off for large or repeated calls;
-            ``benchmarks/bench_cbe.py`` measures both (figures: benchmarks/README.md). Never used
-            by :func:`acceleration_graph`: exported graphs stay plain (TF Serving runs XLA only
-            experimentally).
+            ``benchmarks/bench_cbe.py`` measures both (figures: benchmarks/README.md). None
+            (default): XLA for calls of at least ``XLA_MIN_EVALUATIONS`` model evaluations of a DF
+            that uses XLA itself (Flow, Ensemble), else the plain graph (:func:`xla_by_default`);
+            False forces the plain graph. Never used by :func:`acceleration_graph`: exported
+            graphs stay plain (TF Serving runs XLA only experimentally).
 
     Returns:
         :class:`AccelerationResult` (NumPy arrays).
@@ -1314,10 +1348,12 @@ def accelerations(df: Any, positions: Any, n_velocities: int = 256, seed: Any = 
     n_velocities = integer(n_velocities, "n_velocities", MIN_VELOCITIES)
     seed = stateless_seed(seed)
     inputs = (tf.constant(positions), seed) + (() if c is None else (tf.constant(c),))
+    # one decision for the call (the ensemble's size), the same for its members
+    jit = _jit(df, jit_compile, len(positions), n_velocities)
 
     def run(model: Density) -> dict[str, np.ndarray]:
         solver = _solver(model, n_velocities, sampler, velocity_scale, chunk_size=chunk_size,
-                         jit_compile=jit_compile)
+                         jit_compile=jit)
         return {key: t.numpy() for key, t in solver.solve(*inputs).items()}
 
     out = run(df)

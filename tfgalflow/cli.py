@@ -635,10 +635,11 @@ def _add_accel(sub) -> None:
     )
     p.add_argument(
         "--xla",
-        action="store_true",
-        help="XLA-compile the DF evaluations (run directories only): faster per position, but "
-        "compiling takes seconds, so it pays off for many positions (tfgalflow.cbe.accelerations, "
-        "jit_compile=True)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="--xla: XLA-compile the DF evaluations (run directories only; faster per position, "
+        "but compiling takes seconds); --no-xla: the plain graph; default: XLA for large calls "
+        "only (tfgalflow.cbe.accelerations, jit_compile=None: tfgalflow.cbe.xla_by_default)",
     )
     p.add_argument(
         "--rotations",
