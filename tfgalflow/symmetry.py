@@ -85,6 +85,8 @@ class SphericalAverage(Density, tf.Module):
         # [M, 3, 3]
         self.rotations = tf.constant(random_rotations(self.n_rotations, self.seed), tf.float32)
         self._members = None
+        # eager calls XLA-compiled in row buckets when the base DF's are (Flow, Ensemble: default)
+        self.jit_log_prob = bool(df.inlinable and df.jit_log_prob)
 
     dim = 6
 
