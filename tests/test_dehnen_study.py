@@ -66,6 +66,7 @@ def test_beta_profile_of_exact_stars_follows_osipkov_merritt():
     np.testing.assert_allclose(beta_iso, 0.0, atol=0.1)
 
 
+@pytest.mark.slow   # trains or spawns processes: make test-slow (default suite < 10 min)
 def test_tiny_pipeline_end_to_end(tmp_path):
     config = InterpolationConfig.tiny()
     lines = []

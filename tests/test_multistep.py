@@ -155,6 +155,7 @@ def gauss() -> np.ndarray:
     return np.random.default_rng(0).multivariate_normal([1.0, 2.0], [[1.0, 0.8], [0.8, 1.0]], 2000)
 
 
+@pytest.mark.slow   # trains or spawns processes: make test-slow (default suite < 10 min)
 def test_steps_per_call_leaves_history_unchanged_and_resumes_exactly(gauss, tmp_path):
     one = read_history(_train(gauss, RUN, tmp_path / "k1"))
     stacked_cfg = RUN.with_overrides(steps_per_call=3)

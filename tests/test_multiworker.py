@@ -361,6 +361,7 @@ UNEVEN_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow   # trains or spawns processes: make test-slow (default suite < 10 min)
 def test_an_sgd_step_under_two_replicas_equals_one_replica_for_any_split():
     """One SGD step (lr 0.1) under MirroredStrategy over 2 logical CPUs equals the step of a
     single replica on the same rows, for splits where a per-replica mean / R is wrong:

@@ -220,6 +220,7 @@ def test_spherical_coordinates_refuse_what_they_cannot_learn(tmp_path, overrides
         train(x, TrainConfig(coordinates="spherical", epochs=1, **overrides), tmp_path / "r")
 
 
+@pytest.mark.slow   # trains or spawns processes: make test-slow (default suite < 10 min)
 def test_command_line_trains_a_spherical_df_from_an_hdf5_mock(tmp_path):
     # The README's path: an HDF5 mock (streamed files are read into memory as (r, v_r, v_t)),
     # `train --coordinates spherical`, then `accel` on the run: the CBE of a (barely trained)
