@@ -947,6 +947,7 @@ def conditional_run(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow   # trains or spawns processes: make test-slow (default suite < 10 min)
 def test_cli_accel_labels_for_a_conditional_run_and_savedmodel(conditional_run, tmp_path, capsys):
     from tfgalflow.cli import main
     from tfgalflow.export import load

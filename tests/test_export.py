@@ -170,6 +170,7 @@ np.savez(sys.argv[3], imported=np.array(imported, dtype=str), **results)
 """
 
 
+@pytest.mark.slow   # trains or spawns processes: make test-slow (default suite < 10 min)
 def test_fresh_process_with_only_tensorflow_gives_the_same_answers(exported, tmp_path):
     inputs = {f"{k}_x": v.astype(np.float32) for k, v in exported["x"].items()}
     np.savez(
@@ -589,6 +590,7 @@ def test_shipped_models_config_is_what_export_writes(tmp_path):
     assert write_models_config(copy).read_text() == (shipped / "models.config").read_text()
 
 
+@pytest.mark.slow   # trains or spawns processes: make test-slow (default suite < 10 min)
 def test_cli_export_prints_the_version_and_regenerates_models_config(exported, tmp_path):
     cmd = [
         sys.executable,

@@ -65,6 +65,7 @@ def stacks(arrays: list[np.ndarray]):
         yield tuple(a[full * B:][None] for a in arrays)
 
 
+@pytest.mark.slow   # trains or spawns processes: make test-slow (default suite < 10 min)
 @pytest.mark.parametrize("case", ["labels+weights", "zero-width labels+weights"])
 def test_stacked_steps_equal_separate_steps(case):
     x, c, w = data(1 if case == "labels+weights" else 0)

@@ -89,6 +89,7 @@ def finish(procs, timeout=240):
                 p.wait()
 
 
+@pytest.mark.slow   # trains or spawns processes: make test-slow (default suite < 10 min)
 def test_two_workers_on_loopback_match_a_single_process(tmp_path):
     (tmp_path / "tmp").mkdir()
     data = tmp_path / "x.npy"

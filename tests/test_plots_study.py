@@ -149,6 +149,7 @@ def test_figure_data_errors(tmp_path):
         plots.load_figure_data(tmp_path / "old.npz")
 
 
+@pytest.mark.slow   # trains or spawns processes: make test-slow (default suite < 10 min)
 def test_demo_cli_runs_the_chain_twice_into_one_folder(tmp_path):
     """The main job end to end at a tiny size; rerunning into the same folder must work (make demo
     twice). The figure, the printed table and summary.json show the same error at every radius."""
