@@ -44,6 +44,7 @@ import numpy as np  # noqa: E402
 from tfgalflow.cbe import accelerations  # noqa: E402
 from tfgalflow.hernquist import Hernquist  # noqa: E402
 from tfgalflow.mocks import sample_hernquist  # noqa: E402
+from tfgalflow.study import fractional_error  # noqa: E402
 from tfgalflow.symmetry import SphericalAverage  # noqa: E402
 from tfgalflow.training import TrainConfig, train  # noqa: E402
 
@@ -55,11 +56,6 @@ def positions(n: int, r_min: float, r_max: float, seed: int) -> np.ndarray:
     """[n, 3]: log-spaced radii r_min..r_max, each in a uniformly random direction."""
     d = np.random.default_rng(seed).normal(size=(n, 3))
     return np.geomspace(r_min, r_max, n)[:, None] * d / np.linalg.norm(d, axis=1, keepdims=True)
-
-
-def errors(acceleration: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """|a - a_true| / |a_true| per position."""
-    return np.linalg.norm(acceleration - truth, axis=1) / np.linalg.norm(truth, axis=1)
 
 
 def run_method(name: str, cat, config: TrainConfig, where: Path, x: np.ndarray,
@@ -75,7 +71,7 @@ def run_method(name: str, cat, config: TrainConfig, where: Path, x: np.ndarray,
     velocities = args.velocities if name == "spherical" else args.baseline_velocities
     result = accelerations(model, x, n_velocities=velocities, seed=args.seed)
     t_cbe = time.perf_counter() - t0
-    e = errors(result.acceleration, Hernquist().acceleration(x))
+    e = fractional_error(result.acceleration, Hernquist().acceleration(x))
     return {"method": name, "train_s": t_train, "cbe_s": t_cbe, "median": float(np.median(e)),
             "p90": float(np.percentile(e, 90)), "max": float(e.max()),
             "flagged": int(np.sum(result.flagged))}
@@ -109,7 +105,7 @@ def main() -> None:
     x = positions(40, 0.2, 5.0, seed=args.seed + 1)
     model = Hernquist()
     exact = accelerations(model.exact_density("iso"), x, n_velocities=1024, seed=args.seed)
-    control = float(np.median(errors(exact.acceleration, model.acceleration(x))))
+    control = float(np.median(fractional_error(exact.acceleration, model.acceleration(x))))
     base = dict(layers=args.layers, hidden=tuple(int(h) for h in args.hidden.split(",")),
                 epochs=args.epochs, batch_size=args.batch_size, lr=1e-3, lr_schedule="cosine",
                 patience=0, validation_split=0.1, members=args.members, seed=args.seed,
