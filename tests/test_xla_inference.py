@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfgalflow.density import XLA_CHUNK_ROWS, XLA_MIN_ROWS, row_bucket
+from tfgalflow.density import XLA_CHUNK_ROWS, XLA_MIN_ROWS, XLA_OCTAVE_ROWS, row_bucket
 from tfgalflow.errors import InputError
 from tfgalflow.flows import FlowConfig
 from tfgalflow.model import Ensemble, Flow
@@ -37,9 +37,17 @@ def _points(n: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
         rng.uniform(-2.0, 2.0, size=(n, 2)).astype(np.float32)
 
 
-def test_row_bucket_is_the_next_power_of_two_within_floor_and_chunk():
-    assert [row_bucket(n) for n in (1, 255, 256, 257, 2048, 2049, XLA_CHUNK_ROWS)] == \
-        [XLA_MIN_ROWS, 256, 256, 512, 2048, 4096, XLA_CHUNK_ROWS]
+def test_row_buckets_are_powers_of_two_then_quarter_octaves():
+    assert [row_bucket(n) for n in (1, 255, 256, 257, 2048, 2049, 4096, 4097, 16385, 20480,
+                                     XLA_CHUNK_ROWS)] == \
+        [XLA_MIN_ROWS, 256, 256, 512, 2048, 4096, 4096, 5120, 20480, 20480, XLA_CHUNK_ROWS]
+    n = np.arange(1, XLA_CHUNK_ROWS + 1)
+    buckets = np.array([row_bucket(int(k)) for k in n])
+    assert np.all(buckets >= n) and np.all(np.diff(buckets) >= 0)
+    # the padding bound of the docstring: < 2x up to XLA_OCTAVE_ROWS, < 1.25x above it
+    assert np.all(buckets[n > XLA_OCTAVE_ROWS] < 1.25 * n[n > XLA_OCTAVE_ROWS])
+    assert np.all(buckets[n > XLA_MIN_ROWS] < 2 * n[n > XLA_MIN_ROWS])
+    assert len(set(buckets.tolist())) == 21              # programs per method, at most
     for bad in (0, XLA_CHUNK_ROWS + 1):
         with pytest.raises(InputError, match="row_bucket"):
             row_bucket(bad)
@@ -76,7 +84,7 @@ def test_padding_and_chunks_give_the_unpadded_numbers(flows):
 
 
 def test_chunks_beyond_the_chunk_size_are_stitched_in_order():
-    # one row past a chunk: 16384 rows in the 16384 bucket + 1 row in the 256 bucket. Each
+    # one row past a chunk: 65536 rows in the 65536 bucket + 1 row in the 256 bucket. Each
     # chunk's rows equal a direct call of the same bucket on the same rows (identical bits).
     flow = Flow(FlowConfig(dim=2, layers=1, hidden=(8,), seed=1))
     x = np.random.default_rng(2).normal(size=(XLA_CHUNK_ROWS + 1, 2)).astype(np.float32)
@@ -84,7 +92,7 @@ def test_chunks_beyond_the_chunk_size_are_stitched_in_order():
     assert lp.shape == (XLA_CHUNK_ROWS + 1,)
     np.testing.assert_array_equal(lp[:XLA_CHUNK_ROWS], flow.log_prob(x[:XLA_CHUNK_ROWS]).numpy())
     np.testing.assert_array_equal(lp[-1:], flow.log_prob(x[-256:]).numpy()[-1:])
-    assert flow.tracing_counts()["log_prob"] == 2           # two buckets: 16384 and 256
+    assert flow.tracing_counts()["log_prob"] == 2           # two buckets: 65536 and 256
 
 
 def test_row_counts_inside_a_bucket_do_not_recompile(flows):

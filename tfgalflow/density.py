@@ -227,29 +227,38 @@ MAX_PASS_DRAWS = 2**21
 
 # ---- XLA-compiled eager calls in row buckets ----------------------------------------------------
 
-#: Rows per XLA-compiled call of the eager public methods (a power of two): longer inputs run in
-#: chunks of this many rows, so XLA compiles a bounded set of shapes whatever the row count.
-XLA_CHUNK_ROWS = 16384
+#: Rows per XLA-compiled call of the eager public methods at most (a bucket of
+#: :func:`row_bucket`): longer inputs run in chunks of this many rows, so XLA compiles a bounded
+#: set of shapes whatever the row count.
+XLA_CHUNK_ROWS = 65536
 #: The smallest row bucket (a power of two): smaller chunks are padded up to it.
 XLA_MIN_ROWS = 256
+#: Up to this many rows (a power of two) the buckets are powers of two; above it, quarter octaves.
+XLA_OCTAVE_ROWS = 4096
 
 
 def row_bucket(n: int) -> int:
     """Rows that a chunk of n rows is padded to for an XLA-compiled call (1 <= n <= chunk).
 
-    XLA compiles one program per input shape, so row counts are rounded up to a power of two,
+    XLA compiles one program per input shape, so row counts are rounded up to a small set:
 
-        bucket(n) = min(XLA_CHUNK_ROWS, max(XLA_MIN_ROWS, 2^ceil(log2 n))),
+        bucket(n) = max(XLA_MIN_ROWS, 2^ceil(log2 n))            for n <= XLA_OCTAVE_ROWS,
+        bucket(n) = s ceil(n / s),  s = 2^(floor(log2(n - 1)) - 2)   above (quarter octaves),
 
-    which bounds the programs per method at log2(XLA_CHUNK_ROWS / XLA_MIN_ROWS) + 1 = 7 and the
-    padding at < 2x the rows of the last chunk (none for powers of two >= XLA_MIN_ROWS). Padded
-    rows repeat the chunk's last row (a valid input: no NaN or -inf enters even the dropped rows),
-    and rows are independent, so slicing the padded output back gives the unpadded numbers.
+    i.e. 256, 512, ..., 4096, then 5120, 6144, 7168, 8192, 10240, ... up to XLA_CHUNK_ROWS: 21
+    programs per method at most, padding below 2x the rows for small chunks and below 1.25x above
+    XLA_OCTAVE_ROWS (none for the bucket sizes themselves, so that, e.g., 20480 rows run as one
+    call rather than 16384 + 4096: larger calls cost less per row, benchmarks/README.md).
+    Padded rows repeat the chunk's last row (a valid input: no NaN or -inf enters even the dropped
+    rows), and rows are independent, so slicing the padded output back gives the unpadded numbers.
     """
     n = int(n)
     if n < 1 or n > XLA_CHUNK_ROWS:
         raise InputError(f"row_bucket(n = {n}): expected 1 <= n <= {XLA_CHUNK_ROWS}")
-    return min(XLA_CHUNK_ROWS, max(XLA_MIN_ROWS, 1 << (n - 1).bit_length()))
+    if n <= XLA_OCTAVE_ROWS:
+        return max(XLA_MIN_ROWS, 1 << (n - 1).bit_length())
+    step = 1 << ((n - 1).bit_length() - 3)
+    return -(-n // step) * step
 
 
 def _in_row_buckets(fn: Any, tensors: list[tf.Tensor]) -> tf.Tensor:
@@ -283,7 +292,7 @@ class Density(abc.ABC):
     class. With ``jit_log_prob = True`` (set before the first call, or call :meth:`retrace`;
     Flow and Ensemble set it by default) eager calls of ``log_prob``, ``grad_log_prob`` and
     ``sample`` run XLA-compiled functions on row buckets (:func:`row_bucket`: chunks of at most
-    ``XLA_CHUNK_ROWS`` rows padded to a power of two, so no recompilation per row count); calls
+    ``XLA_CHUNK_ROWS`` rows padded to one of a few sizes, so no recompilation per row count); calls
     inside another ``tf.function`` (export signatures, the CBE graph) always use the plain graphs.
     Sampling under XLA draws the base noise outside XLA (:meth:`noise_tensor`), so a seed gives the
     same draws as the plain graph, up to float32 round-off.
