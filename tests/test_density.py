@@ -28,6 +28,7 @@ from tfgalflow.export import ExportedModel, export_model, load
 from tfgalflow.flows import FlowConfig
 from tfgalflow.hernquist import Hernquist
 from tfgalflow.model import Ensemble, Flow
+from tfgalflow.axisymmetric_df import AxisymmetricDF, cylindrical_coordinates
 from tfgalflow.spherical_df import SphericalDF, reduced_coordinates
 from tfgalflow.symmetry import SphericalAverage
 
@@ -68,6 +69,19 @@ def _reduced_flow(seed: int = 0) -> Flow:
         FlowConfig(dim=3, layers=2, hidden=(16, 16), activation="tanh", log_columns=(0, 2),
                    seed=seed)
     ).adapt(u.astype(np.float32))
+
+
+def _cylindrical_flow(seed: int = 0) -> Flow:
+    """A conditional 6-D flow of (R, z, v_R, v_phi, v_z, e) (log R, as training with
+    coordinates='cylindrical' builds it; e a 7th catalogue column, e.g. [Fe/H]): the base of a
+    7-D AxisymmetricDF."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(2000, 7))
+    labels = rng.uniform(-1, 1, size=(2000, 1))
+    return Flow(
+        FlowConfig(dim=6, label_dim=1, layers=2, hidden=(16, 16), activation="tanh",
+                   log_columns=(0,), seed=seed)
+    ).adapt(cylindrical_coordinates(w).astype(np.float32), labels.astype(np.float32))
 
 
 @dataclass
@@ -113,6 +127,11 @@ CASES = [
         lambda: SphericalAverage(_flow(6, seed=7, isotropic=True), n_rotations=4, seed=1),
     ),
     Case("spherical DF", lambda: SphericalDF(_reduced_flow(seed=8))),
+    Case(
+        "axisymmetric DF",
+        lambda: AxisymmetricDF(_cylindrical_flow(seed=9), even=True),
+        labels=np.array([0.2], np.float32),
+    ),
     Case(
         "exact DF",
         lambda: Hernquist().exact_density("iso"),

@@ -39,7 +39,9 @@ seed; the tfgalflow endpoint never merges them.
 A :class:`tfgalflow.symmetry.SphericalAverage` of a Flow or Ensemble exports the same way: its
 signatures answer for the DF averaged over the stored rotations (metadata ``spherical_average``: M
 and seed). A :class:`tfgalflow.spherical_df.SphericalDF` (a flow of (r, v_r, v_t)) exports as the
-6-D DF it defines: signatures in w = (x, v), metadata ``spherical_df`` (``even``).
+6-D DF it defines: signatures in w = (x, v), metadata ``spherical_df`` (``even``); an
+:class:`tfgalflow.axisymmetric_df.AxisymmetricDF` (a flow of (R, z, v_R, v_φ, v_z, ...)) as the
+density of the catalogue's columns, metadata ``axisymmetric_df`` (``even``).
 
 The FlowConfig, the run's config.json (when exported from a run), the rescaling constants, this
 convention and the list of row-wise signatures (whose output rows depend only on the same input
@@ -517,9 +519,10 @@ def rebuild_model(path: str | os.PathLike) -> Any:
     config = FlowConfig.from_dict(meta["flow"])
     members = [Flow(config) for _ in range(int(meta.get("members", 1)))]
     model = members[0] if len(members) == 1 else Ensemble(members)
-    if meta.get("spherical_df"):
-        from .spherical_df import SphericalDF
-        model = SphericalDF(model, meta["spherical_df"]["even"])
+    from .coordinates import METADATA_KEYS, wrap
+    for coordinates, key in METADATA_KEYS.items():
+        if meta.get(key):
+            model = wrap(coordinates, model, **meta[key])
     average = meta.get("spherical_average")
     if average:
         model = SphericalAverage(model, average["n_rotations"], average["seed"])
@@ -536,7 +539,11 @@ def rebuild_model(path: str | os.PathLike) -> Any:
     for mine_v, saved_v in zip(mine, saved):
         mine_v.assign(saved_v)
     if exported.can_sample:
-        c = np.zeros((256, exported.label_dim), np.float32) if exported.label_dim else None
+        c = None
+        if exported.label_dim:     # inside the training range (no extrapolation warning)
+            span = model.label_range()
+            mid = np.zeros(exported.label_dim) if span is None else (span[0] + span[1]) / 2
+            c = np.tile(mid, (256, 1)).astype(np.float32)
         x = np.asarray(exported.sample(256, c, seed=0))
         if not np.allclose(np.asarray(model.log_prob(x, c)), np.asarray(exported.log_prob(x, c)),
                            rtol=1e-4, atol=1e-4):
@@ -579,12 +586,12 @@ def load(path: str | os.PathLike) -> Any:
 # ---- export ------------------------------------------------------------------------------------
 
 def _unwrapped(model: Any) -> Any:
-    """The Flow/Ensemble under a SphericalAverage or a SphericalDF (its config, members and
-    rescaling describe the export).
+    """The Flow/Ensemble under a SphericalAverage or a reduced-coordinate DF (its config, members
+    and rescaling describe the export).
     """
-    from .spherical_df import SphericalDF
+    from .coordinates import is_reduced
     from .symmetry import SphericalAverage
-    while isinstance(model, (SphericalAverage, SphericalDF)):
+    while isinstance(model, SphericalAverage) or is_reduced(model):
         model = model.base
     return model
 
@@ -628,18 +635,21 @@ def _metadata(model: Any, run_config: Mapping | None, accelerations: dict | None
             {"n_rotations": model.n_rotations, "seed": model.seed}
             if isinstance(model, SphericalAverage) else None
         ),
-        # The flow learned (r, v_r, v_t) and every signature answers for the 6-D DF it defines
-        # (tfgalflow.spherical_df), or null.
-        "spherical_df": _spherical_df_metadata(model),
+        # The flow learned reduced coordinates and every signature answers for the DF it defines
+        # in the catalogue's columns: "spherical_df" (r, v_r, v_t: tfgalflow.spherical_df) or
+        # "axisymmetric_df" (R, z, v_R, v_phi, v_z, ...: tfgalflow.axisymmetric_df), each the
+        # DF's options or null.
+        **_coordinate_df_metadata(model),
     }
 
 
-def _spherical_df_metadata(model: Any) -> dict | None:
-    from .spherical_df import SphericalDF
+def _coordinate_df_metadata(model: Any) -> dict:
+    from .coordinates import METADATA_KEYS, coordinates_of, options
     from .symmetry import SphericalAverage
     while isinstance(model, SphericalAverage):
         model = model.base
-    return {"even": model.even} if isinstance(model, SphericalDF) else None
+    mine = coordinates_of(model)
+    return {key: options(model) if name == mine else None for name, key in METADATA_KEYS.items()}
 
 
 def _acceleration_graph(model: Any, accelerations: bool | None, n_velocities: int):
@@ -668,14 +678,14 @@ def _without_xla(model: Any) -> Any:
     A Flow built with ``jit_compile=True`` would leave ``_XlaMustCompile`` in the exported graph,
     which TF Serving runs only with its experimental XLA support; the copy traces without it.
     """
+    from .coordinates import is_reduced, rebuild
     from .model import Ensemble, Flow
-    from .spherical_df import SphericalDF
     from .symmetry import SphericalAverage
     if isinstance(model, SphericalAverage):
         # same rotations
         return SphericalAverage(_without_xla(model.base), model.n_rotations, model.seed)
-    if isinstance(model, SphericalDF):
-        return SphericalDF(_without_xla(model.base), model.even)
+    if is_reduced(model):
+        return rebuild(model, _without_xla(model.base))
     if isinstance(model, Ensemble):
         return Ensemble([_without_xla(m) for m in model.members])
     if isinstance(model, Flow):
@@ -787,7 +797,8 @@ def export_model(
             either wrapped in a :class:`~tfgalflow.symmetry.SphericalAverage` (then every signature
             answers for the rotation-averaged DF, and the metadata's ``spherical_average`` says
             so) or a :class:`~tfgalflow.spherical_df.SphericalDF` (the 6-D DF of a flow of
-            (r, v_r, v_t); metadata ``spherical_df``).
+            (r, v_r, v_t); metadata ``spherical_df``) or an
+            :class:`~tfgalflow.axisymmetric_df.AxisymmetricDF` (metadata ``axisymmetric_df``).
         path: the SavedModel directory to create (for TF Serving: ``ROOT/NAME/<version>``).
         run_config: the run's config.json dict, stored in the metadata (``tfgalflow export RUN``
             passes it).

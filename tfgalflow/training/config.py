@@ -17,13 +17,12 @@ from typing import Any, Mapping
 import numpy as np
 
 from .. import validation
+from ..coordinates import COORDINATES, flow_log_columns
 from ..errors import FileError, InputError
 from .rundir import RUN_FORMAT
 
 #: Learning-rate schedules η(t) (formulas in :mod:`tfgalflow.training`).
 LR_SCHEDULES = ("constant", "cosine", "exponential")
-#: What a flow can learn of phase-space data (TrainConfig.coordinates).
-COORDINATES = ("cartesian", "spherical")
 #: η(T)/η0 of the exponential schedule.
 EXPONENTIAL_FINAL_FRACTION = 0.01
 
@@ -66,9 +65,10 @@ class TrainConfig:
     )
     coordinates: str = _option(
         "cartesian",
-        "what the flow learns of 6-D phase-space data: 'cartesian' (x, v), or 'spherical' "
-        "(r, v_r, v_t) of a steady spherical system, the model then being the exactly symmetric "
-        "tfgalflow.spherical_df.SphericalDF",
+        "what the flow learns of the catalogue: 'cartesian' (its columns), 'spherical' "
+        "(r, v_r, v_t) of a steady spherical system's 6-D (x, v), or 'cylindrical' (R, z, v_R, "
+        "v_phi, v_z, further columns) of an axisymmetric one; the model is then the exactly "
+        "symmetric SphericalDF / AxisymmetricDF (tfgalflow.coordinates)",
         "str",
     )
     label_dim: int | None = _option(None, "label columns C to condition on: none = as many as the "
@@ -139,10 +139,10 @@ class TrainConfig:
             validation.integer(self.label_dim, "TrainConfig.label_dim", low=0)
         validation.one_of(self.kind, "TrainConfig.kind", ("affine", "spline"))
         validation.one_of(self.coordinates, "TrainConfig.coordinates", COORDINATES)
-        check(self.coordinates == "cartesian" or not self.log_columns, "log_columns",
-              "none with coordinates = 'spherical' (it learns log r and log v_t itself)")
+        flow_log_columns(self.coordinates, self.log_columns)       # InputError where they can't
         check(self.coordinates == "cartesian" or not self.deconvolve, "deconvolve",
-              "False with coordinates = 'spherical' (errors are given in (x, v))")
+              f"False with coordinates = {self.coordinates!r} (errors are given in the "
+              f"catalogue's columns)")
         validation.positive_number(self.lr, "TrainConfig.lr")
         validation.one_of(self.lr_schedule, "TrainConfig.lr_schedule", LR_SCHEDULES)
         check(0.0 <= self.validation_split < 1.0, "validation_split", "a fraction in [0, 1)")
@@ -189,14 +189,13 @@ class TrainConfig:
 
     def flow_config(self, dim: int, label_dim: int, seed: int | None = None) -> Any:
         """The :class:`~tfgalflow.flows.FlowConfig` of this run for data of width ``dim`` and
-        ``label_dim`` labels (the member's ``seed``; default ``self.seed``); with ``coordinates =
-        'spherical'`` the data are (r, v_r, v_t) and the flow learns log r and log v_t.
+        ``label_dim`` labels (the member's ``seed``; default ``self.seed``); with reduced
+        ``coordinates`` the data are the reduced columns and the log columns those of
+        :func:`tfgalflow.coordinates.flow_log_columns` (log r and log v_t; log R and the given
+        columns after the sixth).
         """
         from ..flows import FlowConfig
-        log_columns = self.log_columns
-        if self.coordinates == "spherical":       # (r, v_r, v_t): learn log r and log v_t
-            from ..spherical_df import REDUCED_LOG_COLUMNS
-            log_columns = REDUCED_LOG_COLUMNS
+        log_columns = flow_log_columns(self.coordinates, self.log_columns)
         return FlowConfig(dim=dim, label_dim=label_dim, layers=self.layers, hidden=self.hidden,
                           activation=self.activation, kind=self.kind, bins=self.bins,
                           log_columns=log_columns, label_log_columns=self.label_log_columns,

@@ -745,37 +745,39 @@ def describe(data: ArrayData | HDF5Data | ParquetData, config: TrainConfig) -> d
     return d
 
 
-#: Rows read at a time when an HDF5 catalogue is reduced to (r, v_r, v_t) in memory.
+#: Rows read at a time when an HDF5 catalogue is reduced to the flow's coordinates in memory.
 SPHERICAL_READ_ROWS = 1_000_000
 
 
 def in_coordinates(data: ArrayData | HDF5Data, config: TrainConfig) -> ArrayData | HDF5Data:
-    """The data the flow learns: unchanged for ``coordinates = 'cartesian'``; for 'spherical'
-    each star's (r, v_r, v_t) (:func:`tfgalflow.spherical_df.reduced_coordinates`), labels kept,
-    held in memory (an HDF5 file is read in chunks of ``SPHERICAL_READ_ROWS`` rows).
+    """The data the flow learns: unchanged for ``coordinates = 'cartesian'``; otherwise each
+    star's reduced coordinates (:func:`tfgalflow.coordinates.reduce`: (r, v_r, v_t), or (R, z,
+    v_R, v_φ, v_z, further columns)), labels kept, held in memory (an HDF5 file is read in chunks
+    of ``SPHERICAL_READ_ROWS`` rows).
 
-    Raises InputError for data that are not 6-D phase space.
+    Raises InputError for data that cannot be reduced (wrong width, a point at the centre/axis).
     """
-    if config.coordinates == "cartesian":
+    from ..coordinates import check_dim, column_names, reduce
+    coordinates = config.coordinates
+    if coordinates == "cartesian":
         return data
-    if data.dim != 6:
-        raise InputError(f"TrainConfig.coordinates = 'spherical' needs 6-D phase-space data "
-                         f"(x, v) [N, 6]; got [N, {data.dim}]")
-    from ..spherical_df import REDUCED_COLUMNS, reduced_coordinates
-    description = dict(data.description, columns=list(REDUCED_COLUMNS))
+    check_dim(coordinates, data.dim)
+    description = dict(data.description, columns=column_names(
+        coordinates, data.description.get("columns"), data.dim))
     if not data.streamed:
-        return ArrayData(reduced_coordinates(data.x).astype(np.float32), data.labels,
+        return ArrayData(reduce(coordinates, data.x).astype(np.float32), data.labels,
                          description)
     if not isinstance(data, HDF5Data):
-        raise InputError("TrainConfig.coordinates = 'spherical' reads phase-space catalogues "
-                         "(in memory or HDF5); load this table into memory to train on it")
-    # An HDF5 file: read in chunks, keep only (r, v_r, v_t) (12 bytes a star) and the labels.
+        raise InputError(f"TrainConfig.coordinates = {coordinates!r} reads catalogues in "
+                         f"memory or HDF5; load this table into memory to train on it")
+    # An HDF5 phase-space catalogue (6 columns): read in chunks, keep the reduced columns and
+    # the labels.
     from ..catalogue import open_hdf5
     catalogue = open_hdf5(data.path)
     chunks, labels = [], []
     for start in range(0, data.n, SPHERICAL_READ_ROWS):
         part = catalogue.read(start, min(start + SPHERICAL_READ_ROWS, data.n))
-        chunks.append(reduced_coordinates(part.phase_space).astype(np.float32))
+        chunks.append(reduce(coordinates, part.phase_space).astype(np.float32))
         if data.use_labels:
             labels.append(np.asarray(part.labels, np.float32).reshape(len(part), -1))
     return ArrayData(np.concatenate(chunks), np.concatenate(labels) if labels else None,

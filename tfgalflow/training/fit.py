@@ -33,6 +33,7 @@ from .rundir import (
 if TYPE_CHECKING:  # pragma: no cover
     import tensorflow as tf
     from ..catalogue import Catalogue
+    from ..axisymmetric_df import AxisymmetricDF
     from ..spherical_df import SphericalDF
     from ..model import Ensemble, Flow
 
@@ -408,10 +409,11 @@ def _resume(run_dir: Path, run: dict, data: Any, labels: Any, strategy: Any,
                         callbacks=callbacks)
 
 
-def load_run(run_dir: str | os.PathLike) -> "Flow | Ensemble | SphericalDF":
+def load_run(run_dir: str | os.PathLike) -> "Flow | Ensemble | SphericalDF | AxisymmetricDF":
     """Rebuild the trained model of a finished run from config.json and the members' final
-    weights (a run with ``coordinates = 'spherical'``: the
-    :class:`~tfgalflow.spherical_df.SphericalDF` of its flow or ensemble).
+    weights (a run with reduced ``coordinates``: the
+    :class:`~tfgalflow.spherical_df.SphericalDF` or
+    :class:`~tfgalflow.axisymmetric_df.AxisymmetricDF` of its flow or ensemble).
 
     Raises FileError naming the file if config.json is missing/corrupt/of another run-format
     version or a member's weights are missing or corrupt.
@@ -421,16 +423,14 @@ def load_run(run_dir: str | os.PathLike) -> "Flow | Ensemble | SphericalDF":
     return _run_model(run, [load_member(run_dir, run, k) for k in range(len(run["members"]))])
 
 
-def _run_model(run: dict, flows: list) -> "Flow | Ensemble | SphericalDF":
-    """The run's model made of its member flows: one Flow or their Ensemble, as a SphericalDF
-    when the run learned spherical coordinates.
+def _run_model(run: dict, flows: list) -> "Flow | Ensemble | SphericalDF | AxisymmetricDF":
+    """The run's model made of its member flows: one Flow or their Ensemble, wrapped in the DF of
+    the coordinates the run learned (:func:`tfgalflow.coordinates.wrap`).
     """
+    from ..coordinates import wrap
     from ..model import Ensemble
     model = flows[0] if len(flows) == 1 else Ensemble(flows)
-    if run.get("train", {}).get("coordinates", "cartesian") == "spherical":
-        from ..spherical_df import SphericalDF
-        return SphericalDF(model)
-    return model
+    return wrap(run.get("train", {}).get("coordinates", "cartesian"), model)
 
 
 def _check_tensorboard(config: TrainConfig) -> None:
