@@ -71,6 +71,18 @@ def _reduced_flow(seed: int = 0) -> Flow:
     ).adapt(u.astype(np.float32))
 
 
+def _conditionally_rescaled_flow(seed: int = 0) -> Flow:
+    """A conditional flow whose rescaler moves and widens with the label (FlowConfig.
+    conditional_rescaling), adapted to data that do: x = 2c + e^{0.5 c} ε."""
+    rng = np.random.default_rng(seed)
+    labels = rng.uniform(-1, 1, size=(2000, 1))
+    x = _gaussian_data(2000, 2, seed) * np.exp(0.5 * labels) + 2 * labels
+    return Flow(
+        FlowConfig(dim=2, label_dim=1, layers=2, hidden=(16, 16), activation="tanh",
+                   conditional_rescaling=True, seed=seed)
+    ).adapt(x.astype(np.float32), labels.astype(np.float32))
+
+
 def _cylindrical_flow(seed: int = 0) -> Flow:
     """A conditional 6-D flow of (R, z, v_R, v_phi, v_z, e) (log R, as training with
     coordinates='cylindrical' builds it; e a 7th catalogue column, e.g. [Fe/H]): the base of a
@@ -119,6 +131,11 @@ CASES = [
         "conditional flow",
         lambda: _flow(2, label_dim=1, seed=3),
         labels=np.array([0.4], np.float32),
+    ),
+    Case(
+        "conditionally rescaled flow",
+        lambda: _conditionally_rescaled_flow(seed=4),
+        labels=np.array([0.7], np.float32),
     ),
     Case("ensemble", lambda: Ensemble([_flow(2, seed=s) for s in (5, 6)])),
     # About the origin, as a spherical system is (the average of an off-centre density is a shell).

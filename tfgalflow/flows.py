@@ -92,6 +92,10 @@ class FlowConfig:
         permutation: "reverse" or "random" (seeded) permutation between layers.
         spline_range: half-width B of the spline interval [-B, B] in rescaled units
             (identity outside).
+        conditional_rescaling: rescale each data column by a mean and a log-scale linear in the
+            standardised labels (fitted by least squares in ``Flow.adapt``), so the chain learns
+            what is left once a label-dependent location and scale are removed (for conditional
+            flows; see :class:`tfgalflow.model.Flow`).
     """
 
     dim: int
@@ -106,6 +110,7 @@ class FlowConfig:
     permutation: str = "reverse"
     spline_range: float = 5.0
     label_log_columns: tuple = ()
+    conditional_rescaling: bool = False
 
     def __post_init__(self) -> None:
         def bad(field: str, value: Any, expected: str) -> InputError:
@@ -159,6 +164,12 @@ class FlowConfig:
         ):
             raise bad("spline_range", self.spline_range, "a finite number > 0")
         object.__setattr__(self, "spline_range", float(self.spline_range))
+        if not isinstance(self.conditional_rescaling, (bool, np.bool_)):
+            raise bad("conditional_rescaling", self.conditional_rescaling, "True or False")
+        object.__setattr__(self, "conditional_rescaling", bool(self.conditional_rescaling))
+        if self.conditional_rescaling and self.label_dim == 0:
+            raise bad("conditional_rescaling", True, "False for an unconditional flow "
+                      "(label_dim = 0): there are no labels to rescale with")
 
     @property
     def params_per_dim(self) -> int:

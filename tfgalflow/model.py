@@ -9,6 +9,18 @@ For data x in physical units (e.g. kpc, km/s) and optional labels c, a :class:`F
 
     log p_x(x | c) = log N(z; 0, I) + log|det ∂z/∂y| - Σ_j log σ_j - Σ_{j in log_columns} log x_j,
 
+With ``FlowConfig.conditional_rescaling`` the rescaler depends on the labels,
+
+    μ(c) = μ + σ ⊙ (c̃ A),   log σ(c) = log σ + c̃ B          (A, B [C, D], fitted by ``adapt``),
+
+(a, A) by least squares of (u - μ₀)/σ₀ on (1, c̃), (b, B) by least squares of
+log|(u - μ₀)/σ₀ - a - c̃ A| + (γ + log 2)/2 on (1, c̃) (for a Gaussian column E log|ε| = log of its
+scale - (γ + log 2)/2), μ₀, σ₀ the unconditional moments, μ = μ₀ + σ₀ a and σ = σ₀ e^b (the
+location and scale at the mean label; A is stored in units of σ).
+Location and scale that change linearly with the labels (a galaxy's size, its velocity scale)
+are then removed before the chain, which learns only what is left and so interpolates between
+training labels far better than when it must learn them from a few distinct labels.
+
 the change-of-variables formula (Papamakarios et al. 2021, "Normalizing Flows for Probabilistic
 Modeling and Inference", eq. 2) with the rescaling Jacobian included, so densities are per unit
 physical volume (e.g. per kpc^3 (km/s)^3). Points outside the support (x_j <= 0 in a log column)
@@ -138,6 +150,14 @@ class Flow(Density, keras.Model):
                                          trainable=False)
         self.label_max = self.add_weight(name="label_max", shape=[label_dim], initializer="zeros",
                                          trainable=False)
+        if config.conditional_rescaling:
+            # μ(c), log σ(c) slopes [C, D] in the standardised labels (set by adapt)
+            self.x_shift_slope = self.add_weight(
+                name="x_shift_slope", shape=[label_dim, dim], initializer="zeros",
+                trainable=False)
+            self.x_log_scale_slope = self.add_weight(
+                name="x_log_scale_slope", shape=[label_dim, dim], initializer="zeros",
+                trainable=False)
         self._loss_tracker = keras.metrics.Mean(name="loss")
         self.noise_model = None
         self.build_variables()
@@ -245,8 +265,54 @@ class Flow(Density, keras.Model):
             self.label_scale.assign(np.where(c_std > 0, c_std, 1.0).astype(np.float32))
             self.label_min.assign(label_moments.low.astype(np.float32))
             self.label_max.assign(label_moments.high.astype(np.float32))
+        if self.config.conditional_rescaling:
+            self._fit_conditional_rescaling(x, labels)
         self.adapted.assign(1.0)
         return self
+
+    def _standardised_batches(self, x: Any, labels: Any) -> Iterable[tuple[np.ndarray,
+                                                                          np.ndarray]]:
+        """((u - μ)/σ [B, D], c̃ [B, C]) float64 batches of adapt's input (arrays: one batch)."""
+        mu = self.x_shift.numpy().astype(np.float64)
+        sigma = self.x_scale.numpy().astype(np.float64)
+        c_mu = self.label_shift.numpy().astype(np.float64)
+        c_sigma = self.label_scale.numpy().astype(np.float64)
+        if isinstance(x, tf.data.Dataset):
+            elements = ((e[0], e[1]) for e in x)
+        else:
+            elements = [(x, labels)]
+        for bx, bc in elements:
+            u = np.asarray(bx, np.float64).copy()
+            for j in self.config.log_columns:
+                u[:, j] = np.log(u[:, j])
+            c = self._label_logs(np.asarray(bc, np.float64), "adapt")
+            yield (u - mu) / sigma, (c - c_mu) / c_sigma
+
+    def _fit_conditional_rescaling(self, x: Any, labels: Any) -> None:
+        """A, B of the conditional rescaler (module docstring) by least squares: two passes."""
+        # E log|ε| of ε ~ N(0, 1): -(γ + log 2) / 2
+        log_abs_normal = -0.5 * (np.euler_gamma + math.log(2.0))
+        slopes = []
+        for target in ("mean", "log_scale"):
+            gram = np.zeros((self.label_dim + 1, self.label_dim + 1))
+            moment = np.zeros((self.label_dim + 1, self.dim))
+            for y, c in self._standardised_batches(x, labels):
+                design = np.concatenate([np.ones((len(c), 1)), c], axis=1)
+                if target == "log_scale":
+                    residual = np.abs(y - design @ slopes[0])
+                    y = np.log(np.maximum(residual, 1e-12)) - log_abs_normal
+                gram += design.T @ design
+                moment += design.T @ y
+            # a label column constant in the data (σ_c = 1, c̃ = 0) gets slope 0 (lstsq min-norm)
+            slopes.append(np.linalg.lstsq(gram, moment, rcond=None)[0])
+        # intercepts [D] into μ and σ (the conditional location and scale at c̃ = 0), slopes
+        # [C, D] into A and B
+        sigma = self.x_scale.numpy().astype(np.float64)
+        self.x_shift.assign((self.x_shift.numpy() + sigma * slopes[0][0]).astype(np.float32))
+        self.x_scale.assign((sigma * np.exp(slopes[1][0])).astype(np.float32))
+        # A in units of the new σ: σ c̃ A = σ₀ c̃ A₀
+        self.x_shift_slope.assign((slopes[0][1:] * np.exp(-slopes[1][0])).astype(np.float32))
+        self.x_log_scale_slope.assign(slopes[1][1:].astype(np.float32))
 
     def _accumulate(
         self, data_moments: "_Moments", label_moments: "_Moments", x: Any, labels: Any
@@ -289,11 +355,22 @@ class Flow(Density, keras.Model):
             self._label_logs(c.numpy(), "labels")
         return x, c
 
-    def _rescale(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor | None]:
-        """y = (u - μ)/σ, log|det ∂y/∂x| = -Σ log σ - Σ_log-cols log x, support:
-        ([N, D], [N], [N] | None).
+    def _location_scale(self, c: tf.Tensor | None) -> tuple[tf.Tensor, tf.Tensor]:
+        """(μ(c), log σ(c)) of the rescaler: [D] each, or [N, D] with conditional rescaling."""
+        log_sigma = tf.math.log(self.x_scale)
+        if not self.config.conditional_rescaling or c is None:
+            return self.x_shift, log_sigma
+        c_std = self._standardised_labels(c)
+        return (self.x_shift + self.x_scale * tf.matmul(c_std, self.x_shift_slope),
+                log_sigma + tf.matmul(c_std, self.x_log_scale_slope))
+
+    def _rescale(self, x: tf.Tensor, c: tf.Tensor | None = None
+                 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor | None]:
+        """y = (u - μ(c))/σ(c), log|det ∂y/∂x| = -Σ log σ(c) - Σ_log-cols log x, support:
+        ([N, D], [N] or [], [N] | None).
         """
-        log_jacobian = -tf.reduce_sum(tf.math.log(self.x_scale))
+        shift, log_sigma = self._location_scale(c)
+        log_jacobian = -tf.reduce_sum(log_sigma, axis=-1)
         in_support = None
         u = x
         if self.config.log_columns:
@@ -303,11 +380,12 @@ class Flow(Density, keras.Model):
             u = tf.where(self._log_mask, log_safe, x)
             log_jacobian = log_jacobian - tf.reduce_sum(log_safe, axis=-1)
             in_support = tf.reduce_all(positive | ~self._log_mask, axis=-1)
-        y = (u - self.x_shift) / self.x_scale
+        y = (u - shift) * tf.exp(-log_sigma)
         return y, log_jacobian, in_support
 
-    def _unscale(self, y: tf.Tensor) -> tf.Tensor:
-        u = y * self.x_scale + self.x_shift
+    def _unscale(self, y: tf.Tensor, c: tf.Tensor | None = None) -> tf.Tensor:
+        shift, log_sigma = self._location_scale(c)
+        u = y * tf.exp(log_sigma) + shift
         if not self.config.log_columns:
             return u
         return tf.where(self._log_mask, tf.exp(tf.where(self._log_mask, u, tf.zeros_like(u))), u)
@@ -315,18 +393,22 @@ class Flow(Density, keras.Model):
     def _bijector_kwargs(self, c: tf.Tensor | None) -> dict:
         if not self.label_dim:
             return {}
+        c_std = self._standardised_labels(c)
+        return {name: {"conditional_input": c_std} for name in self._layer_names}
+
+    def _standardised_labels(self, c: tf.Tensor) -> tf.Tensor:
+        """c̃ = (v - μ_c) / σ_c [N, C] (v = log c in the label log columns)."""
         if self.config.label_log_columns:
             # log c in the log columns (NaN/-inf for c <= 0, which check_inputs/adapt refuse);
             # the other columns take log 1 in the unused branch so their gradients stay finite.
             safe = tf.where(self._label_log_mask, c, tf.ones_like(c))
             c = tf.where(self._label_log_mask, tf.math.log(safe), c)
-        c_std = (c - self.label_shift) / self.label_scale
-        return {name: {"conditional_input": c_std} for name in self._layer_names}
+        return (c - self.label_shift) / self.label_scale
 
     # -- pure tensor maths (traced by the graph functions, by train_step and by Ensemble) ---------
     def log_prob_tensor(self, x: tf.Tensor, labels: tf.Tensor | None = None) -> tf.Tensor:
         """log p(x | labels) [N]: the change of variables of the module docstring, as TF ops."""
-        y, log_jacobian, in_support = self._rescale(x)
+        y, log_jacobian, in_support = self._rescale(x, labels)
         kwargs = self._bijector_kwargs(labels)
         z, log_det = inverse_and_log_det(self.bijector, y, kwargs)
         log_base = -0.5 * tf.reduce_sum(tf.square(z), axis=-1) - 0.5 * self.dim * LOG_2PI
@@ -373,7 +455,7 @@ class Flow(Density, keras.Model):
 
     def transform_noise_tensor(self, z: tf.Tensor, c: tf.Tensor | None) -> tf.Tensor:
         """x = unscale(T(z; c)) [n, D] for base draws z [n, D] and labels c [n, C] | None."""
-        return self._unscale(forward(self.bijector, z, self._bijector_kwargs(c)))
+        return self._unscale(forward(self.bijector, z, self._bijector_kwargs(c)), c)
 
     def log_prob_grid_tensor(self, grid: tf.Tensor, labels: tf.Tensor | None = None) -> tf.Tensor:
         """log p(x_g | labels_n) [N, G] of a 1-D flow at every grid value x_g [G] for every label
@@ -390,13 +472,15 @@ class Flow(Density, keras.Model):
         x = tf.reshape(tf.cast(grid, tf.float32), [1, -1])
         rows = 1 if labels is None else tf.shape(labels)[0]
         x = tf.tile(x, tf.stack([rows, 1]))                                  # [N, G]
-        log_jacobian = -tf.math.log(self.x_scale[0])
+        shift, log_sigma = self._location_scale(labels)      # [1] or [N, 1] (conditional)
+        shift, log_sigma = shift[..., :1], log_sigma[..., :1]
+        log_jacobian = -log_sigma
         in_support = None
         if self.config.log_columns:
             in_support = x > 0.0
             log_x = tf.math.log(tf.where(in_support, x, tf.ones_like(x)))
             x, log_jacobian = log_x, log_jacobian - log_x
-        y = (x - self.x_shift[0]) / self.x_scale[0]
+        y = (x - shift) * tf.exp(-log_sigma)
         z, log_det = inverse_and_log_det_grid(self.bijector, y, self._bijector_kwargs(labels))
         lp = -0.5 * tf.square(z) - 0.5 * LOG_2PI + log_det + log_jacobian
         if in_support is not None:

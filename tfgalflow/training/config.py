@@ -63,6 +63,13 @@ class TrainConfig:
         "positive, e.g. a metallicity Z), e.g. 0",
         "ints",
     )
+    conditional_rescaling: bool = _option(
+        False,
+        "rescale each data column by a mean and log-scale linear in the labels (least squares "
+        "at adapt), so the flow learns only what is left: interpolates better between few "
+        "distinct labels (conditional flows only)",
+        "bool",
+    )
     coordinates: str = _option(
         "cartesian",
         "what the flow learns of the catalogue: 'cartesian' (its columns), 'spherical' "
@@ -199,6 +206,7 @@ class TrainConfig:
         return FlowConfig(dim=dim, label_dim=label_dim, layers=self.layers, hidden=self.hidden,
                           activation=self.activation, kind=self.kind, bins=self.bins,
                           log_columns=log_columns, label_log_columns=self.label_log_columns,
+                          conditional_rescaling=self.conditional_rescaling and label_dim > 0,
                           seed=self.seed if seed is None else seed)
 
     @classmethod
