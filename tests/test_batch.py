@@ -145,6 +145,54 @@ def test_sample_file_draws_from_the_model(tmp_path):
     assert abs(streamed - direct) < 0.25
 
 
+def test_sample_file_with_a_label_table_draws_n_per_row(tmp_path):
+    """A table of G label rows gives n draws per row, in row order, across chunk boundaries:
+    chunk i = model.sample(rows, labels=the rows' labels, seed=chunk_seed(seed, i)) exactly, and
+    ``label_row`` names each draw's table row."""
+    model = flow(label_dim=1)
+    table = np.array([[1.1], [1.5], [1.9]])
+    out = batch.sample_file(model, 70, tmp_path / "t.h5", labels=table, seed=2, chunk=50)
+    rows = np.repeat(table, 70, axis=0)                    # 210 rows, chunks 50/50/50/50/10
+    want = np.concatenate([np.asarray(model.sample(b - a, labels=rows[a:b],
+                                                   seed=batch.chunk_seed(2, i)))
+                           for i, (a, b) in enumerate(zip(range(0, 210, 50),
+                                                          [50, 100, 150, 200, 210]))])
+    cat = open_hdf5(out).read()
+    np.testing.assert_allclose(cat.phase_space, want, rtol=1e-6, atol=0)
+    np.testing.assert_array_equal(cat.labels, rows)
+    np.testing.assert_array_equal(read(out, "label_row"), np.repeat(np.arange(3), 70))
+    with pytest.raises(InputError, match=r"\[G, 1\]"):
+        batch.sample_file(model, 5, tmp_path / "bad.h5", labels=np.ones((3, 2)))
+
+
+def test_cli_sample_labels_file_picks_the_label_columns_by_name(tmp_path, capsys):
+    from tfgalflow.cli import main
+    from tfgalflow.training import TrainConfig, train
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 2)).astype(np.float32)
+    c = rng.uniform(0, 1, size=(600, 1)).astype(np.float32)
+    train(x + 3 * c, TrainConfig(layers=1, hidden=(8,), epochs=1, batch_size=200,
+                                 validation_split=0.0, checkpoint_every=0),
+          tmp_path / "run", labels=c, label_names=["mass"], verbose=0)
+    table = tmp_path / "galaxies.csv"
+    table.write_text("id,file,mass\n0,a.npy,0.2\n1,b.npy,0.8\n")
+    out = tmp_path / "stars.h5"
+    assert main(["sample", str(tmp_path / "run"), "--labels-file", str(table), "--n", "1e3",
+                 "--seed", "1", "--out", str(out)]) == 0
+    labels, which = read(out, "labels"), read(out, "label_row")
+    assert labels.shape == (2000, 1) and np.array_equal(which, np.repeat([0, 1], 1000))
+    np.testing.assert_array_equal(labels[:, 0], np.repeat([0.2, 0.8], 1000).astype(np.float64))
+    assert "wrote 2000 samples" in capsys.readouterr().out
+    table.write_text("id,size\n0,1.0\n")
+    assert main(["sample", str(tmp_path / "run"), "--labels-file", str(table), "--n", "10",
+                 "--out", str(out)]) == 2
+    assert "missing: ['mass']" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["sample", str(tmp_path / "run"), "--labels", "0.5", "--n", "1.5",
+              "--out", str(out)])
+    assert exit_.value.code == 2
+
+
 def test_accel_file_resumes_to_the_uninterrupted_answer(tmp_path):
     from tfgalflow import cbe
     members = Ensemble([flow(seed=0), flow(seed=1)])

@@ -444,28 +444,35 @@ def sample_file(model: Any, n: int, out: str | os.PathLike, *, labels: Any = Non
                 meta: Mapping[str, Any] | None = None, progress: bool | ChunkCallback = False,
                 callback: ChunkCallback | None = None) -> Path:
     """N draws x ~ p(x | labels) streamed to ``out`` in chunks: chunk i = ``model.sample(rows,
-    labels, seed=chunk_seed(seed, i))``.
+    labels, seed=chunk_seed(seed, i))``; memory is that of one chunk, whatever N.
 
+    ``labels``: [C] for all n draws, or a table [G, C] of G label rows (e.g. galaxies given
+    their properties): then n draws for each row, G·n in all, row g's draws at rows
+    [g n, (g+1) n) of the file, with a dataset ``label_row`` [G n] (int64) naming the table row.
     A 6-D model writes a tfgalflow HDF5 catalogue (``pos``, ``vel`` [N, 3], ``labels`` [N, C]
     when conditional; readable by :func:`tfgalflow.catalogue.open_hdf5` with ``units``), any
     other dimension a dataset ``samples`` [N, D]. ``seed`` None draws one seed, recorded in the
-    partial file, so a resumed job continues the same draws. ``labels``: [C] for all draws.
+    partial file, so a resumed job continues the same draws.
     """
     import h5py
 
     from .catalogue.core import FORMAT, FORMAT_VERSION
     out = _check_out(out)
     n = validation.integer(n, "n")
-    c = None
+    table = None
     if model.label_dim:
         if labels is None:
-            raise InputError(f"the model is conditional: pass labels [{model.label_dim}]")
-        c = np.asarray(labels, np.float64).reshape(-1)
-        if c.shape != (model.label_dim,):
-            raise InputError(f"labels have shape {list(np.shape(labels))}; expected "
-                             f"[{model.label_dim}]")
+            raise InputError(f"the model is conditional: pass labels [{model.label_dim}] or a "
+                             f"table [G, {model.label_dim}]")
+        table = validation.finite_matrix(np.atleast_2d(np.asarray(labels, np.float64)),
+                                         "labels", width=model.label_dim,
+                                         expected=f"[{model.label_dim}] or [G, "
+                                                  f"{model.label_dim}]")
+    elif labels is not None:
+        raise InputError("the model is unconditional (label_dim = 0): pass no labels")
+    rows_total = n * (1 if table is None else len(table))
     job = {"task": "sample", "n": n, "model": model_fingerprint(model),
-           "labels": None if c is None else c.tolist()}
+           "labels": None if table is None else table.tolist()}
     if seed is None:
         seed = _recorded_seed(out, job, chunk, h5py)
     seed = validation.integer(seed, "seed", low=0)
@@ -473,23 +480,30 @@ def sample_file(model: Any, n: int, out: str | os.PathLike, *, labels: Any = Non
     six = model.dim == 6
     cols = ([Column("pos", (3,), "float64"), Column("vel", (3,), "float64")] if six
             else [Column("samples", (model.dim,), "float64")])
-    if c is not None:
+    if table is not None:
         cols.append(Column("labels", (model.label_dim,), "float64"))
+        if len(table) > 1:
+            cols.append(Column("label_row", (), "int64"))
 
     def compute(i: int, a: int, b: int) -> dict:
+        which = None if table is None else np.arange(a, b) // n
+        c = None if table is None else (table[0] if len(table) == 1 else table[which])
         x = np.asarray(model.sample(b - a, labels=c, seed=chunk_seed(seed, i)), np.float64)
         values = {"pos": x[:, :3], "vel": x[:, 3:]} if six else {"samples": x}
-        if c is not None:
-            values["labels"] = np.tile(c, (b - a, 1))
+        if table is not None:
+            values["labels"] = table[which]
+            if len(table) > 1:
+                values["label_row"] = which.astype(np.int64)
         return values
 
-    attrs: dict[str, Any] = {"meta": {**(meta or {}), "seed": seed, "chunk": chunk}}
+    attrs: dict[str, Any] = {"meta": {**(meta or {}), "seed": seed, "chunk": chunk,
+                                      "draws_per_label_row": n}}
     if six:
         attrs.update(format=FORMAT, format_version=FORMAT_VERSION,
                      units=dict(units or {"length": "model", "velocity": "model"}),
-                     label_names=([] if c is None else list(label_names)
-                                  or [f"label_{j}" for j in range(len(c))]))
-    return run_chunks(out, n, chunk, cols, compute, job, attrs=attrs,
+                     label_names=([] if table is None else list(label_names)
+                                  or [f"label_{j}" for j in range(model.label_dim)]))
+    return run_chunks(out, rows_total, chunk, cols, compute, job, attrs=attrs,
                       callback=_callbacks(progress, callback, "sample"))
 
 

@@ -8,6 +8,7 @@ keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import TYPE_CHECKING
@@ -196,11 +197,20 @@ def _add_sample(sub) -> None:
     p.add_argument(
         "run", metavar="MODEL", help="run directory (tfgalflow train) or SavedModel directory"
     )
-    p.add_argument("--n", type=int, required=True, help="number of points (>= 1)")
+    p.add_argument("--n", type=_count, required=True,
+                   help="number of points (>= 1; 1e6 is accepted), per label row with "
+                        "--labels-file")
     p.add_argument(
         "--labels",
         metavar="V1,V2,...",
         help="label values (one per label column) for a conditional run",
+    )
+    p.add_argument(
+        "--labels-file",
+        metavar="TABLE",
+        help="a CSV table of label rows (e.g. galaxies.csv: one galaxy per row) for a "
+        "conditional run: N points for each row. With a header, the run's label columns are "
+        "taken by name (other columns, e.g. id, are ignored); without, exactly its label columns",
     )
     p.add_argument("--seed", type=int, default=None, help="random seed (default: fresh entropy)")
     p.add_argument(
@@ -247,20 +257,29 @@ def _run_sample(args) -> int:
         seed(args.seed, "--seed")
     check_output(args.out, SAMPLE_SUFFIXES, "samples")
     model, data = _model_description(args.run)
-    labels = _label_values(args.labels, model.label_dim, data.get("label_names") or [])
+    names = data.get("label_names") or []
+    if args.labels_file:
+        if args.labels:
+            from .errors import InputError
+            raise InputError("give --labels or --labels-file, not both")
+        labels = _label_table(args.labels_file, model.label_dim, names)
+    else:
+        labels = _label_values(args.labels, model.label_dim, names)
+    total = args.n * (len(labels) if labels is not None and labels.ndim == 2 else 1)
     if _streamed(args.out):
         from .batch import DEFAULT_CHUNK, sample_file
         sample_file(model, args.n, args.out, labels=labels, seed=args.seed,
                     chunk=args.chunk or DEFAULT_CHUNK, units=data.get("units"),
-                    label_names=tuple(data.get("label_names") or ()), progress=True,
+                    label_names=tuple(names), progress=True,
                     meta={"source": "tfgalflow sample", "run": str(Path(args.run).resolve())})
-        print(f"wrote {args.n} samples [{args.n}, {model.dim}] to {args.out}")
+        print(f"wrote {total} samples [{total}, {model.dim}] to {args.out}")
         return 0
-    x = np.asarray(model.sample(args.n, labels=labels, seed=args.seed), np.float64)
+    rows = None if labels is None else np.repeat(np.atleast_2d(labels), args.n, axis=0)
+    x = np.asarray(model.sample(total, labels=rows, seed=args.seed), np.float64)
     write_samples(
         args.out,
         x,
-        None if labels is None else np.tile(labels, (args.n, 1)),
+        rows,
         units=data.get("units"),
         label_names=tuple(data.get("label_names") or ()),
         meta={
@@ -269,8 +288,69 @@ def _run_sample(args) -> int:
             "seed": args.seed,
         },
     )
-    print(f"wrote {args.n} samples [{args.n}, {model.dim}] to {args.out}")
+    print(f"wrote {total} samples [{total}, {model.dim}] to {args.out}")
     return 0
+
+
+def _count(text: str) -> int:
+    """A count from the command line: an integer, also written as 1e6 (argparse type)."""
+    import argparse
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value >= 1 and value == int(value) and value < 2**63):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1, e.g. 1000000 "
+                                         f"or 1e6")
+    return int(value)
+
+
+def _label_table(path: str, label_dim: int, names: list[str]):
+    """Label rows [G, C] of a CSV table (header: the run's label names picked by name)."""
+    import csv
+
+    import numpy as np
+    from .errors import FileError, InputError
+
+    if label_dim == 0:
+        raise InputError("the run is unconditional (label_dim = 0); drop --labels-file")
+    try:
+        with open(path, newline="") as fh:
+            rows = [r for r in csv.reader(fh) if r and not r[0].startswith("#")]
+    except OSError as exc:
+        raise FileError(f"{path}: cannot read the label table: {exc}") from None
+    if not rows:
+        raise InputError(f"{path}: the label table is empty")
+
+    def numeric(row: list[str]) -> bool:
+        try:
+            [float(v) for v in row]
+            return True
+        except ValueError:
+            return False
+
+    header = None if numeric(rows[0]) else [h.strip() for h in rows[0]]
+    body = rows[1:] if header else rows
+    if header is not None:
+        missing = [n for n in names if n not in header]
+        if not names or missing:
+            raise InputError(f"{path}: the run's label columns {names or '(unnamed)'} are not "
+                             f"all in the header {header} (missing: {missing or names}); name "
+                             f"them, or give a table without header of exactly {label_dim} "
+                             f"columns")
+        pick = [header.index(n) for n in names]
+    else:
+        pick = list(range(label_dim))
+        if any(len(r) != label_dim for r in body):
+            raise InputError(f"{path}: a table without header needs exactly {label_dim} columns "
+                             f"(the run's labels {names}) in every row")
+    try:
+        table = np.array([[float(r[j]) for j in pick] for r in body], np.float64)
+    except (ValueError, IndexError):
+        raise InputError(f"{path}: non-numeric or missing label values in the rows") from None
+    if table.size == 0 or not np.all(np.isfinite(table)):
+        raise InputError(f"{path}: expected at least one row of finite label values")
+    return table
 
 
 def _label_values(text: str | None, label_dim: int, names: list[str]):
