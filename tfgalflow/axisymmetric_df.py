@@ -203,15 +203,36 @@ class AxisymmetricDF(Density, tf.Module):
                              f"neither can the axisymmetric DF")
         fold = tf.random.experimental.stateless_fold_in
         u = self.base.sample_tensor(n, c, fold(seed, 0))
+        return self._placed(u, tf.random.stateless_uniform([tf.shape(u)[0], 3], fold(seed, 1)))
+
+    def noise_tensor(self, n: tf.Tensor, seed: tf.Tensor) -> tf.Tensor | None:
+        """[n, K + 3]: the base's noise (K columns) and 3 uniforms (φ and the mirror choices),
+        or None if the base does not split its sampler.
+        """
+        fold = tf.random.experimental.stateless_fold_in
+        base = self.base.noise_tensor(n, fold(seed, 0))
+        if base is None:
+            return None
+        return tf.concat([base, tf.random.stateless_uniform(tf.stack([n, 3]), fold(seed, 1))],
+                         axis=1)
+
+    def transform_noise_tensor(self, noise: tf.Tensor, labels: tf.Tensor | None) -> tf.Tensor:
+        """Draws [n, D] from :meth:`noise_tensor`'s output (the base's transform, then φ)."""
+        u = self.base.transform_noise_tensor(noise[:, :-3], labels)
+        return self._placed(u, noise[:, -3:])
+
+    def _placed(self, u: tf.Tensor, uniforms: tf.Tensor) -> tf.Tensor:
+        """Catalogue rows [n, D] from reduced draws u [n, D - 1] and uniforms [n, 3] (φ/2π, and
+        with ``even`` the v_R and mid-plane mirror choices).
+        """
         rows = tf.shape(u)[0]
         if self.even:     # p̄ = mixture of the four images: pick one uniformly
-            flips = tf.where(tf.random.stateless_uniform([rows, 2], fold(seed, 1)) < 0.5,
-                             -1.0, 1.0)
+            flips = tf.where(uniforms[:, 1:] < 0.5, -1.0, 1.0)
             s_r, s_z = flips[:, 0], flips[:, 1]
             ones = tf.ones([rows])
             u = u * tf.concat([tf.stack([ones, s_z, s_r, ones, s_z], axis=1),
                                tf.ones([rows, self.dim - 6])], axis=1)
-        phi = tf.random.stateless_uniform([rows], fold(seed, 2), maxval=2.0 * math.pi)
+        phi = 2.0 * math.pi * uniforms[:, 0]
         c_phi, s_phi = tf.cos(phi), tf.sin(phi)
         r_cyl, v_r, v_phi = u[:, 0], u[:, 2], u[:, 3]
         xyz_v = tf.stack([r_cyl * c_phi, r_cyl * s_phi, u[:, 1],

@@ -577,7 +577,8 @@ class Density(abc.ABC):
             rows = int(n) if c is None else int(c.shape[0])
             # the same noise as the plain graph draws (one eager op), the transform under XLA
             noise = self.noise_tensor(tf.constant(rows, tf.int32), seed)
-            return _in_row_buckets(fns["sample_xla"], [noise] if c is None else [noise, c])
+            if noise is not None:     # None: a wrapper whose base does not split its sampler
+                return _in_row_buckets(fns["sample_xla"], [noise] if c is None else [noise, c])
         return fns["sample"](c, seed) if self.label_dim else fns["sample"](n, seed)
 
     # -- tracing ----------------------------------------------------------------------------------

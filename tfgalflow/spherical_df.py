@@ -179,17 +179,42 @@ class SphericalDF(Density, tf.Module):
         if not self.base.can_sample:
             raise InputError(f"the base density ({type(self.base).__name__}) cannot sample, so "
                              f"neither can the spherical DF")
-        u = self.base.sample_tensor(n, c, tf.random.experimental.stateless_fold_in(seed, 0))
-        rows = tf.shape(u)[0]
+        fold = tf.random.experimental.stateless_fold_in
+        u = self.base.sample_tensor(n, c, fold(seed, 0))
+        return self._placed(u, self._directions(tf.shape(u)[0], seed))
+
+    @staticmethod
+    def _directions(rows: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+        """[rows, 7]: a uniform (the v_r mirror) and two N(0, I₃) draws (the directions)."""
+        fold = tf.random.experimental.stateless_fold_in
+        return tf.concat([tf.random.stateless_uniform(tf.stack([rows, 1]), fold(seed, 1)),
+                          tf.random.stateless_normal(tf.stack([rows, 3]), fold(seed, 2)),
+                          tf.random.stateless_normal(tf.stack([rows, 3]), fold(seed, 3))], axis=1)
+
+    def noise_tensor(self, n: tf.Tensor, seed: tf.Tensor) -> tf.Tensor | None:
+        """[n, K + 7]: the base's noise (K columns) and the draws of :meth:`_directions`, or None
+        if the base does not split its sampler.
+        """
+        base = self.base.noise_tensor(n, tf.random.experimental.stateless_fold_in(seed, 0))
+        if base is None:
+            return None
+        return tf.concat([base, self._directions(n, seed)], axis=1)
+
+    def transform_noise_tensor(self, noise: tf.Tensor, labels: tf.Tensor | None) -> tf.Tensor:
+        """Draws [n, 6] from :meth:`noise_tensor`'s output (the base's transform, then the
+        directions).
+        """
+        u = self.base.transform_noise_tensor(noise[:, :-7], labels)
+        return self._placed(u, noise[:, -7:])
+
+    def _placed(self, u: tf.Tensor, draws: tf.Tensor) -> tf.Tensor:
+        """(x, v) [n, 6] from (r, v_r, v_t) draws u [n, 3] and :meth:`_directions` draws."""
         r, v_r, v_t = u[:, 0], u[:, 1], u[:, 2]
         if self.even:      # p̄ = mixture of p and its mirror: flip v_r with probability 1/2
-            flip = tf.random.stateless_uniform(
-                [rows], tf.random.experimental.stateless_fold_in(seed, 1)) < 0.5
-            v_r = tf.where(flip, -v_r, v_r)
-        fold = tf.random.experimental.stateless_fold_in
-        g = tf.random.stateless_normal([rows, 3], fold(seed, 2))
+            v_r = tf.where(draws[:, 0] < 0.5, -v_r, v_r)
+        g = draws[:, 1:4]
         n_hat = g / tf.norm(g, axis=1, keepdims=True)                          # uniform on S²
-        h = tf.random.stateless_normal([rows, 3], fold(seed, 3))
+        h = draws[:, 4:7]
         h = h - tf.reduce_sum(h * n_hat, axis=1, keepdims=True) * n_hat        # ⊥ n̂, isotropic
         t_hat = h / tf.norm(h, axis=1, keepdims=True)
         x = r[:, None] * n_hat
