@@ -3,8 +3,8 @@
     python scripts/galaxy_population_study.py run --arm noise     # task with the 8 latent labels
     python scripts/galaxy_population_study.py run --arm physical  # the 5 physical labels only
     python scripts/galaxy_population_study.py run --arm noise --lr 3e-4   # into OUT/noise_lr3e-4
-    python scripts/galaxy_population_study.py run --arm physical --galaxies 300  # same stars
-    python scripts/galaxy_population_study.py run --arm physical --epochs 80
+    python scripts/galaxy_population_study.py run --arm physical --galaxies 200  # same stars
+    python scripts/galaxy_population_study.py run --arm physical --members 1   # one flow
     python scripts/galaxy_population_study.py diagnose --variant zeroed   # latents set to 0
     python scripts/galaxy_population_study.py summary             # studies/.../summary.json
 
@@ -26,20 +26,24 @@ OUT = Path(__file__).resolve().parent.parent / "studies" / "galaxy_population"
 TASK = {"stars_per_galaxy": 4000, "flow_samples": 20000, "truth_samples": 100000,
         "test_events": 5000, "seed": 0}
 TRAIN = {"epochs": 30, "batch_size": 512, "lr": 1e-3}
+#: ensemble members of the task's default model
+MEMBERS = 4
 
 
-def arm_dir(arm: str, lr: float, galaxies: int, epochs: int) -> str:
+def arm_dir(arm: str, lr: float, galaxies: int, epochs: int, members: int = MEMBERS) -> str:
     name = arm if lr == TRAIN["lr"] else f"{arm}_lr{lr:g}"
     name = name if galaxies == 60 else f"{name}_{galaxies}gal"
+    name = name if members == MEMBERS else f"{name}_{members}member"
     return name if epochs == TRAIN["epochs"] else f"{name}_{epochs}ep"
 
 
-def run(arm: str, lr: float, galaxies: int = 60, epochs: int = TRAIN["epochs"]) -> dict:
+def run(arm: str, lr: float, galaxies: int = 60, epochs: int = TRAIN["epochs"],
+        members: int = MEMBERS) -> dict:
     """One arm; with ``galaxies`` != 60 the stars per galaxy shrink to keep ~2.4e5 stars."""
     overrides = dict(TASK, noise_labels=(arm == "noise"), galaxies=galaxies,
                      stars_per_galaxy=TASK["stars_per_galaxy"] * 60 // galaxies)
-    return run_task("galaxy_population", OUT / arm_dir(arm, lr, galaxies, epochs),
-                    overrides, dict(TRAIN, lr=lr, epochs=epochs),
+    return run_task("galaxy_population", OUT / arm_dir(arm, lr, galaxies, epochs, members),
+                    overrides, dict(TRAIN, lr=lr, epochs=epochs, members=members),
                     verbose=2)
 
 
@@ -111,10 +115,12 @@ if __name__ == "__main__":
     parser.add_argument("--lr", type=float, default=TRAIN["lr"])
     parser.add_argument("--galaxies", type=int, default=60)
     parser.add_argument("--epochs", type=int, default=TRAIN["epochs"])
+    parser.add_argument("--members", type=int, default=MEMBERS)
     args = parser.parse_args()
     if args.what == "diagnose":
         result = diagnose(args.variant)
     else:
-        result = (run(args.arm, args.lr, args.galaxies, args.epochs) if args.what == "run"
+        result = (run(args.arm, args.lr, args.galaxies, args.epochs, args.members)
+                  if args.what == "run"
                   else summary())
     print(json.dumps(result.get("targets", result), indent=1, default=str)[:4000])

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from .density import Density
+from .density import Density, DerivedDensity
 from .errors import InputError
 from .validation import finite_matrix
 
@@ -96,7 +96,7 @@ def flow_log_columns(log_columns: tuple[int, ...]) -> tuple[int, ...]:
     return CYLINDRICAL_LOG_COLUMNS + tuple(j - 1 for j in log_columns)
 
 
-class AxisymmetricDF(Density, tf.Module):
+class AxisymmetricDF(DerivedDensity):
     """f(x, v, e) = p̄(R, z, v_R, v_φ, v_z, e) / (2π R): a density of catalogue rows exactly
     invariant under rotations about the z axis (and, with ``even``, under the mirrors of eq. 2),
     built from a density of the cylindrical reduction.
@@ -119,7 +119,6 @@ class AxisymmetricDF(Density, tf.Module):
     what = "axisymmetric DF"
 
     def __init__(self, base: Any, even: bool = False):
-        super().__init__(name="axisymmetric_df")
         if not isinstance(base, Density) or base.dim < 5:
             raise InputError(
                 f"AxisymmetricDF needs a density of (R, z, v_R, v_phi, v_z, ...) (a tfgalflow "
@@ -128,45 +127,15 @@ class AxisymmetricDF(Density, tf.Module):
             )
         if not isinstance(even, (bool, np.bool_)):
             raise InputError(f"even = {even!r}: expected True or False")
-        self.base = base
+        super().__init__(base, name="axisymmetric_df")
         self.even = bool(even)
         self.dim = base.dim + 1
-        self._members = None
-        # eager calls XLA-compiled in row buckets when the base's are (Flow, Ensemble: default)
-        self.jit_log_prob = bool(base.inlinable and base.jit_log_prob)
+        # the four mirror images with even
+        self.base_evaluations = 4 if self.even else 1
 
-    @property
-    def label_dim(self) -> int:
-        """The base density's label width."""
-        return self.base.label_dim
-
-    @property
-    def inlinable(self) -> bool:
-        """As the base density (XLA may compile f only if it may compile p)."""
-        return self.base.inlinable
-
-    @property
-    def evaluations_per_row(self) -> int:
-        """Base evaluations per row: 4 with ``even`` (the mirror images), times the base's own."""
-        return (4 if self.even else 1) * self.base.evaluations_per_row
-
-    @property
-    def members(self) -> list["AxisymmetricDF"] | None:
-        """The base ensemble's members, each as an AxisymmetricDF (None for a single density)."""
-        if not self.base.members:
-            return None
-        if self._members is None:
-            self._members = [AxisymmetricDF(m, self.even) for m in self.base.members]
-        return self._members
-
-    @property
-    def can_sample(self) -> bool:
-        """Whether the base density samples (then so does f)."""
-        return self.base.can_sample
-
-    def label_range(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """The base density's training label range."""
-        return self.base.label_range()
+    def with_base(self, base: Density) -> "AxisymmetricDF":
+        """The axisymmetric DF of another reduced density (e.g. an ensemble member)."""
+        return AxisymmetricDF(base, self.even)
 
     def scale_hint(self) -> tf.Tensor | None:
         """[D]: the base's z scale for x, y, z, its v_R scale for v_x, v_y, its v_z scale and its

@@ -668,6 +668,70 @@ class Density(abc.ABC):
         return fns
 
 
+class DerivedDensity(Density, tf.Module):
+    """A density defined from another one, ``base`` (a symmetry average, a DF of reduced
+    coordinates): labels, training label range, sampling ability, inlining and the XLA default are
+    the base's, and an ensemble base gives members that are the same construction over each
+    member.
+
+    A subclass calls ``super().__init__(base, name)``, sets :attr:`base_evaluations` (base
+    evaluations per row of its own ``log_prob``) and implements :meth:`with_base`.
+    """
+
+    #: base evaluations per row of this density's log_prob (a subclass may compute it)
+    base_evaluations: int = 1
+
+    def __init__(self, base: Density, name: str):
+        tf.Module.__init__(self, name=name)
+        self.base = base
+        self._members: list | None = None
+        # eager calls XLA-compiled in row buckets when the base's are (Flow, Ensemble: default)
+        self.jit_log_prob = bool(base.inlinable and base.jit_log_prob)
+
+    def with_base(self, base: Density) -> "DerivedDensity":
+        """The same construction over another base density (e.g. one ensemble member)."""
+        raise NotImplementedError
+
+    @property
+    def label_dim(self) -> int:
+        """The base density's label width."""
+        return self.base.label_dim
+
+    @property
+    def inlinable(self) -> bool:
+        """As the base density (XLA may compile this density only if it may compile the base:
+        not around a loaded SavedModel).
+        """
+        return self.base.inlinable
+
+    @property
+    def evaluations_per_row(self) -> int:
+        """Base evaluations per row: :attr:`base_evaluations` times the base's own (K for a
+        K-member ensemble).
+        """
+        return self.base_evaluations * self.base.evaluations_per_row
+
+    @property
+    def members(self) -> list["DerivedDensity"] | None:
+        """The base ensemble's members, each under the same construction (None for a single
+        density).
+        """
+        if not self.base.members:
+            return None
+        if self._members is None:
+            self._members = [self.with_base(m) for m in self.base.members]
+        return self._members
+
+    @property
+    def can_sample(self) -> bool:
+        """Whether the base density samples (then so does this one)."""
+        return self.base.can_sample
+
+    def label_range(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The base density's training label range."""
+        return self.base.label_range()
+
+
 def _bounds_text(low: np.ndarray, high: np.ndarray) -> str:
     """Per-column (low, high) pairs as text, e.g. [(0, 1), (-inf, 2.5)]."""
     return "[" + ", ".join(f"({lo:.6g}, {hi:.6g})" for lo, hi in zip(low, high)) + "]"
@@ -675,6 +739,7 @@ def _bounds_text(low: np.ndarray, high: np.ndarray) -> str:
 
 __all__ = [
     "Density",
+    "DerivedDensity",
     "ExtrapolationWarning",
     "extrapolated_labels",
     "bounds_arrays",

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from .density import Density
+from .density import Density, DerivedDensity
 from .errors import InputError
 from .validation import finite_matrix
 
@@ -82,7 +82,7 @@ def reduced_tensor(w: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     return r, v_r, v_t
 
 
-class SphericalDF(Density, tf.Module):
+class SphericalDF(DerivedDensity):
     """f(x, v) = p̄(r, v_r, v_t) / (8π² r² v_t): a 6-D DF exactly invariant under rotations (and,
     with ``even``, under v_r -> -v_r), built from a 3-D density of the reduced coordinates.
 
@@ -104,7 +104,6 @@ class SphericalDF(Density, tf.Module):
     dim = 6
 
     def __init__(self, base: Any, even: bool = True):
-        super().__init__(name="spherical_df")
         if not isinstance(base, Density) or base.dim != 3:
             raise InputError(
                 f"SphericalDF needs a 3-D density of (r, v_r, v_t) (a tfgalflow Density with "
@@ -112,44 +111,14 @@ class SphericalDF(Density, tf.Module):
             )
         if not isinstance(even, (bool, np.bool_)):
             raise InputError(f"even = {even!r}: expected True or False")
-        self.base = base
+        super().__init__(base, name="spherical_df")
         self.even = bool(even)
-        self._members = None
-        # eager calls XLA-compiled in row buckets when the base's are (Flow, Ensemble: default)
-        self.jit_log_prob = bool(base.inlinable and base.jit_log_prob)
+        # p at ±v_r with even
+        self.base_evaluations = 2 if self.even else 1
 
-    @property
-    def label_dim(self) -> int:
-        """The base density's label width."""
-        return self.base.label_dim
-
-    @property
-    def inlinable(self) -> bool:
-        """As the base density (XLA may compile f only if it may compile p)."""
-        return self.base.inlinable
-
-    @property
-    def evaluations_per_row(self) -> int:
-        """Base evaluations per row: 2 with ``even`` (p at ±v_r), times the base's own."""
-        return (2 if self.even else 1) * self.base.evaluations_per_row
-
-    @property
-    def members(self) -> list["SphericalDF"] | None:
-        """The base ensemble's members, each as a SphericalDF (None for a single density)."""
-        if not self.base.members:
-            return None
-        if self._members is None:
-            self._members = [SphericalDF(m, self.even) for m in self.base.members]
-        return self._members
-
-    @property
-    def can_sample(self) -> bool:
-        """Whether the base density samples (then so does f)."""
-        return self.base.can_sample
-
-    def label_range(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """The base density's training label range."""
-        return self.base.label_range()
+    def with_base(self, base: Density) -> "SphericalDF":
+        """The spherical DF of another (r, v_r, v_t) density (e.g. an ensemble member)."""
+        return SphericalDF(base, self.even)
 
     def scale_hint(self) -> tf.Tensor | None:
         """[6]: the base's scale of v_r for the three velocity columns (what the CBE reads) and

@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 from scipy.spatial.transform import Rotation
 
-from .density import Density
+from .density import Density, DerivedDensity
 from .errors import InputError
 from .validation import integer
 
@@ -45,7 +45,7 @@ def random_rotations(n: int, seed: int = 0) -> np.ndarray:
     return Rotation.random(n, random_state=np.random.default_rng(seed)).as_matrix()
 
 
-class SphericalAverage(Density, tf.Module):
+class SphericalAverage(DerivedDensity):
     """f̄(x, v) = (1/M) Σ_m f(R_m x, R_m v): a 6-D phase-space DF averaged over M joint rotations.
 
     Usable wherever a DF is (``log_prob``, ``prob``, ``grad_log_prob``, ``sample`` when the base DF
@@ -73,59 +73,24 @@ class SphericalAverage(Density, tf.Module):
     what = "spherical average"
 
     def __init__(self, df: Any, n_rotations: int = DEFAULT_ROTATIONS, seed: int = 0):
-        super().__init__(name="spherical_average")
         if not isinstance(df, Density) or df.dim != 6:
             raise InputError(
                 f"SphericalAverage needs a 6-D phase-space density (a tfgalflow Density with "
                 f"dim = 6); got {type(df).__name__} with dim = {getattr(df, 'dim', None)}"
             )
-        self.base = df
+        super().__init__(df, name="spherical_average")
         self.n_rotations = integer(n_rotations, "n_rotations")
         self.seed = integer(seed, "seed", low=0)
         # [M, 3, 3]
         self.rotations = tf.constant(random_rotations(self.n_rotations, self.seed), tf.float32)
-        self._members = None
-        # eager calls XLA-compiled in row buckets when the base DF's are (Flow, Ensemble: default)
-        self.jit_log_prob = bool(df.inlinable and df.jit_log_prob)
+        # M base evaluations per row; rotations act on (x, v), never on labels
+        self.base_evaluations = self.n_rotations
 
     dim = 6
 
-    @property
-    def label_dim(self) -> int:
-        """The base DF's label width: rotations act on (x, v), never on labels."""
-        return self.base.label_dim
-
-    @property
-    def inlinable(self) -> bool:
-        """As the base DF: XLA may compile f̄ only if it may compile f
-        (not around a loaded SavedModel).
-        """
-        return self.base.inlinable
-
-    @property
-    def evaluations_per_row(self) -> int:
-        """Base-DF evaluations per row of ``log_prob``: M times the base's own
-        (K for a K-member ensemble).
-        """
-        return self.n_rotations * self.base.evaluations_per_row
-
-    @property
-    def members(self) -> list["SphericalAverage"] | None:
-        """The base ensemble's members, each averaged over the same rotations
-        (None for a single DF).
-        """
-        if not self.base.members:
-            return None
-        if self._members is None:
-            self._members = [
-                SphericalAverage(m, self.n_rotations, self.seed) for m in self.base.members
-            ]
-        return self._members
-
-    @property
-    def can_sample(self) -> bool:
-        """Whether the base DF samples (then so does its average)."""
-        return self.base.can_sample
+    def with_base(self, base: Density) -> "SphericalAverage":
+        """Another DF averaged over the same rotations (e.g. an ensemble member)."""
+        return SphericalAverage(base, self.n_rotations, self.seed)
 
     def scale_hint(self) -> tf.Tensor | None:
         """The base DF's: rotations keep the magnitudes of x and v."""
