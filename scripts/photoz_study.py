@@ -5,6 +5,7 @@ Writes studies/photoz/report.json and figures; resumable (data, exact posteriors
 run are cached under studies/photoz/cache, which is not committed). Usage:
 
     PYTHONPATH=. python scripts/photoz_study.py [--epochs 60] [--members 4] [--train 200000]
+    PYTHONPATH=. python scripts/photoz_study.py --conditional-rescaling --out studies/photoz_cr
 
 Default model (chosen by scripts/photoz_diagnostics.py, studies/photoz/diagnostics.json): one
 rational-quadratic spline layer of 32 bins conditioned by a 2 x 256 GELU network on asinh
@@ -62,7 +63,15 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--members", type=int, default=4)
+    parser.add_argument("--conditional-rescaling", action="store_true",
+                        help="TrainConfig.conditional_rescaling: z's location and log-scale "
+                             "linear in the features before the spline")
+    parser.add_argument("--out", default=str(OUT),
+                        help="report, figures and the training run (OUT/cache/run); the data "
+                             "cache stays in studies/photoz/cache")
     args = parser.parse_args()
+    global OUT
+    OUT = Path(args.out)
     CACHE.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     sim = photoz.PhotoZ()
@@ -80,7 +89,7 @@ def main() -> None:
     ]
 
     from tfgalflow.training import TrainConfig, load_run, resume, train as fit
-    run_dir = CACHE / "run"
+    run_dir = OUT / "cache" / "run"
     hidden = tuple(int(h) for h in args.hidden.split(","))
     config = TrainConfig(
         kind="spline",
@@ -95,6 +104,7 @@ def main() -> None:
         checkpoint_every=5,
         seed=0,
         members=args.members,
+        conditional_rescaling=args.conditional_rescaling,
     )
     data, labels = (
         train["z"][:, None].astype(np.float32),
