@@ -33,7 +33,8 @@ _SUBCOMMANDS = []   # the _add_<name> functions, in the order `tfgalflow --help`
 
 # ---- train, sample, logprob (training) ----------------------------------------------------------
 
-_CONFIG_METAVAR = {"int": "N", "int?": "N|none", "float": "X", "str": "NAME", "ints": "N,N,..."}
+_CONFIG_METAVAR = {"int": "N", "int?": "N|none", "float": "X", "float?": "X|none", "str": "NAME",
+                   "ints": "N,N,..."}
 
 
 def _add_config_flag(group, field: str, kind: str, text: str, dest: str) -> None:

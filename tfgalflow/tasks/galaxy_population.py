@@ -194,13 +194,16 @@ class GalaxyPopulation(Task):
         :class:`~tfgalflow.axisymmetric_df.AxisymmetricDF` of it; an ensemble of 4 affine MAFs,
         8 layers of 2 x 128 tanh (smooth in the labels: ReLU and GELU conditioners interpolated
         worse between the training galaxies, and the members' errors between them average out:
-        scripts/galaxy_population_study.py), Adam 1e-3 cosine.
+        scripts/galaxy_population_study.py), Adam 1e-3 cosine with gradients clipped to a
+        global norm of 10 (without it, first-epoch blow-ups left some members tens of nats per
+        star behind, most often with the latent label columns).
         """
         from ..training import TrainConfig
 
         return TrainConfig(layers=8, hidden=(128, 128), activation="tanh", kind="affine",
                            coordinates="cylindrical", log_columns=(7,), members=4, epochs=30,
-                           batch_size=2048, lr=1e-3, lr_schedule="cosine", validation_split=0.05,
+                           batch_size=2048, lr=1e-3, lr_schedule="cosine", clip_norm=10.0,
+                           validation_split=0.05,
                            patience=0, checkpoint_every=5)
 
     # -- evaluation -------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ EXPONENTIAL_FINAL_FRACTION = 0.01
 
 
 def _option(default: Any, help: str, kind: str) -> Any:
-    """A TrainConfig field; ``kind`` (int, int?, float, str, bool, ints) drives parsing from
+    """A TrainConfig field; ``kind`` (int, int?, float, float?, str, bool, ints) drives parsing from
     text/JSON/YAML.
     """
     return field(default=default, metadata={"help": help, "kind": kind})
@@ -85,6 +85,9 @@ class TrainConfig:
     lr: float = _option(1e-3, "initial (peak) learning rate of Adam", "float")
     lr_schedule: str = _option("cosine", "learning-rate schedule: constant, cosine or exponential",
                                "str")
+    clip_norm: float | None = _option(
+        None, "clip each step's gradient to this global norm (none: no clipping); guards an "
+        "affine flow against the first steps' blow-ups on wide or many-label data", "float?")
     validation_split: float = _option(0.1, "fraction of the points held out for validation "
                                            "(0 = none)", "float")
     patience: int = _option(10, "stop after this many epochs without a lower monitored loss "
@@ -151,6 +154,8 @@ class TrainConfig:
               f"False with coordinates = {self.coordinates!r} (errors are given in the "
               f"catalogue's columns)")
         validation.positive_number(self.lr, "TrainConfig.lr")
+        if self.clip_norm is not None:
+            validation.positive_number(self.clip_norm, "TrainConfig.clip_norm")
         validation.one_of(self.lr_schedule, "TrainConfig.lr_schedule", LR_SCHEDULES)
         check(0.0 <= self.validation_split < 1.0, "validation_split", "a fraction in [0, 1)")
         check(self.seed + self.members - 1 < 2**31, "seed",
@@ -252,7 +257,10 @@ def _coerce(name: str, kind: str, value: Any) -> Any:
                              and value.strip().lower() in ("none", "null", "")):
             return None
         return as_int(value)
-    if kind == "float":
+    if kind == "float?" and (value is None or (isinstance(value, str) and value.strip().lower()
+                                                in ("none", "null", ""))):
+        return None
+    if kind in ("float", "float?"):
         if isinstance(value, (bool, np.bool_)):
             raise fail("a number")
         try:

@@ -134,7 +134,8 @@ def _fit_member(run_dir: Path, run: dict, k: int, data: Any, *, strategy: Any = 
             from ..deconvolution import NoiseModel
             flow.set_noise_model(NoiseModel(data.error_kind, config.noise_samples, seed,
                                             flow_config.dim))
-        optimizer = keras.optimizers.Adam(learning_rate(config, pipelines.steps_per_epoch))
+        optimizer = keras.optimizers.Adam(learning_rate(config, pipelines.steps_per_epoch),
+                                          global_clipnorm=config.clip_norm)
         flow.compile(optimizer=optimizer, jit_compile=_jit_compile(config, strategy))
         optimizer.build(flow.trainable_variables)   # slots exist before a restore: checked whole
     state = MemberState()
