@@ -28,8 +28,8 @@ EXPONENTIAL_FINAL_FRACTION = 0.01
 
 
 def _option(default: Any, help: str, kind: str) -> Any:
-    """A TrainConfig field; ``kind`` (int, int?, float, float?, str, bool, ints) drives parsing from
-    text/JSON/YAML.
+    """A TrainConfig field; ``kind`` (int, int?, float, float?, str, bool, ints) drives parsing
+    from text/JSON/YAML.
     """
     return field(default=default, metadata={"help": help, "kind": kind})
 
