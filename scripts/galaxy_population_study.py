@@ -5,6 +5,7 @@
     python scripts/galaxy_population_study.py run --arm noise --lr 3e-4   # into OUT/noise_lr3e-4
     python scripts/galaxy_population_study.py run --arm physical --galaxies 200  # same stars
     python scripts/galaxy_population_study.py run --arm physical --members 1   # one flow
+    python scripts/galaxy_population_study.py run --arm physical --stars-per-galaxy 20000
     python scripts/galaxy_population_study.py diagnose --variant zeroed   # latents set to 0
     python scripts/galaxy_population_study.py summary             # studies/.../summary.json
 
@@ -30,19 +31,22 @@ TRAIN = {"epochs": 30, "batch_size": 512, "lr": 1e-3}
 MEMBERS = 4
 
 
-def arm_dir(arm: str, lr: float, galaxies: int, epochs: int, members: int = MEMBERS) -> str:
+def arm_dir(arm: str, lr: float, galaxies: int, epochs: int, members: int = MEMBERS,
+            stars: int = TASK["stars_per_galaxy"]) -> str:
     name = arm if lr == TRAIN["lr"] else f"{arm}_lr{lr:g}"
+    name = name if stars == TASK["stars_per_galaxy"] else f"{name}_{stars}stars"
     name = name if galaxies == 60 else f"{name}_{galaxies}gal"
     name = name if members == MEMBERS else f"{name}_{members}member"
     return name if epochs == TRAIN["epochs"] else f"{name}_{epochs}ep"
 
 
 def run(arm: str, lr: float, galaxies: int = 60, epochs: int = TRAIN["epochs"],
-        members: int = MEMBERS) -> dict:
-    """One arm; with ``galaxies`` != 60 the stars per galaxy shrink to keep ~2.4e5 stars."""
+        members: int = MEMBERS, stars: int = TASK["stars_per_galaxy"]) -> dict:
+    """One arm; with ``galaxies`` != 60 the stars per galaxy shrink to keep the same total."""
     overrides = dict(TASK, noise_labels=(arm == "noise"), galaxies=galaxies,
-                     stars_per_galaxy=TASK["stars_per_galaxy"] * 60 // galaxies)
-    return run_task("galaxy_population", OUT / arm_dir(arm, lr, galaxies, epochs, members),
+                     stars_per_galaxy=stars * 60 // galaxies)
+    return run_task("galaxy_population",
+                    OUT / arm_dir(arm, lr, galaxies, epochs, members, stars),
                     overrides, dict(TRAIN, lr=lr, epochs=epochs, members=members),
                     verbose=2)
 
@@ -116,11 +120,14 @@ if __name__ == "__main__":
     parser.add_argument("--galaxies", type=int, default=60)
     parser.add_argument("--epochs", type=int, default=TRAIN["epochs"])
     parser.add_argument("--members", type=int, default=MEMBERS)
+    parser.add_argument("--stars-per-galaxy", type=int, default=TASK["stars_per_galaxy"],
+                        help="stars of a log M* = 10.25 galaxy (the issue's size: 20000)")
     args = parser.parse_args()
     if args.what == "diagnose":
         result = diagnose(args.variant)
     else:
-        result = (run(args.arm, args.lr, args.galaxies, args.epochs, args.members)
+        result = (run(args.arm, args.lr, args.galaxies, args.epochs, args.members,
+                      args.stars_per_galaxy)
                   if args.what == "run"
                   else summary())
     print(json.dumps(result.get("targets", result), indent=1, default=str)[:4000])
