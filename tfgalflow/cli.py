@@ -300,10 +300,10 @@ def _count(text: str) -> int:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (value >= 1 and value == int(value) and value < 2**63):
+    if not (math.isfinite(value) and value == int(value) and abs(value) < 2**63):
         raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1, e.g. 1000000 "
                                          f"or 1e6")
-    return int(value)
+    return int(value)        # the command checks the range (>= 1) with its own message
 
 
 def _label_table(path: str, label_dim: int, names: list[str]):
