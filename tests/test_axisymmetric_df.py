@@ -159,9 +159,8 @@ def test_train_config_checks_the_columns():
         TrainConfig(coordinates="spherical", log_columns=(0,))
 
 
-def test_training_returns_the_df_and_it_exports(tmp_path):
-    from tfgalflow.export import export_model, rebuild_model
-    from tfgalflow.training import TrainConfig, load_run, train
+def _trained_run(tmp_path):
+    from tfgalflow.training import TrainConfig, train
     rng = np.random.default_rng(5)
     w = _gaussian_rows(3000, 1.0, extra=True, seed=5)
     w[:, 6] = np.exp(0.3 * w[:, 6])                   # a positive column learned as its log
@@ -169,15 +168,25 @@ def test_training_returns_the_df_and_it_exports(tmp_path):
     cfg = TrainConfig(coordinates="cylindrical", log_columns=(6,), layers=2, hidden=(16, 16),
                       epochs=2, batch_size=256, validation_split=0.0, checkpoint_every=0)
     model = train(w.astype(np.float32), cfg, tmp_path / "run", labels=labels, verbose=0)
+    return model, w[:200].astype(np.float32), labels[:200]
+
+
+def test_training_returns_the_df(tmp_path):
+    from tfgalflow.training import load_run
+    model, x, c = _trained_run(tmp_path)
     assert isinstance(model, AxisymmetricDF) and model.dim == 7 and model.label_dim == 1
     assert model.base.config.log_columns == (0, 5)
     loaded = load_run(tmp_path / "run")
     assert isinstance(loaded, AxisymmetricDF)
-    x, c = w[:200].astype(np.float32), labels[:200]
     np.testing.assert_allclose(loaded.log_prob(x, c).numpy(), model.log_prob(x, c).numpy(),
                                rtol=1e-5, atol=1e-5)
-    path = export_model(loaded, tmp_path / "export")
-    rebuilt = rebuild_model(path)
+
+
+@pytest.mark.slow          # the export and rebuild (~15 s); the contract exports an AxisymmetricDF
+def test_a_trained_df_exports_and_rebuilds(tmp_path):
+    from tfgalflow.export import export_model, rebuild_model
+    model, x, c = _trained_run(tmp_path)
+    rebuilt = rebuild_model(export_model(model, tmp_path / "export"))
     assert isinstance(rebuilt, AxisymmetricDF)
     np.testing.assert_allclose(rebuilt.log_prob(x, c).numpy(), model.log_prob(x, c).numpy(),
                                rtol=1e-4, atol=1e-4)

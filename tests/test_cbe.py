@@ -304,6 +304,7 @@ def within_tolerance(a_radial: np.ndarray, truth: np.ndarray, tol: float = 0.35)
     return bool(np.all(np.abs(np.median(a_radial, axis=1) / truth - 1) < tol))
 
 
+@pytest.mark.slow          # trains a flow (~15 s)
 def test_small_trained_flow_recovers_acceleration():
     import tf_keras as keras
 
@@ -727,6 +728,7 @@ def test_conditional_pieces_take_labels_per_row():
     np.testing.assert_array_equal(out["acceleration"].numpy(), res.acceleration.astype(np.float32))
 
 
+@pytest.mark.slow          # ~13 s of CBE solves with rotations
 def test_conditional_spherical_average_recovers_each_rows_acceleration():
     from tfgalflow.symmetry import SphericalAverage
 
@@ -809,6 +811,7 @@ def tiny_run(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow          # ~20 s; the CLI accel path is also checked on a SavedModel below
 def test_cli_accel_matches_python_api(tiny_run, tmp_path, capsys):
     from tfgalflow.cli import main
     from tfgalflow.training import load_run

@@ -233,6 +233,7 @@ def noisy_hernquist(n: int = 3000) -> Catalogue:
     return add_noise(sample_hernquist(n, seed=3, r_max=20.0), 0.1, seed=4)
 
 
+@pytest.mark.slow          # two deconvolution trainings and a reload (~13 s)
 def test_stacked_steps_equal_single_steps_and_runs_reload(tmp_path):
     # K = 4 steps per call run the same updates (same draws: seeded by the optimizer step) as one
     # step per call; without XLA both are the same graph ops, so the weights agree to round-off

@@ -628,6 +628,7 @@ def test_cli_export_prints_the_version_and_regenerates_models_config(exported, t
     assert bad.returncode == 2 and "not a tfgalflow run directory" in bad.stderr
 
 
+@pytest.mark.slow          # ~13 s; the contract exports a spherical average too
 def test_export_of_a_spherical_average_answers_for_the_averaged_df(exported, tmp_path):
     """`tfgalflow export RUN --rotations M`: every signature is the rotation-averaged DF's (same
     rotations as SphericalAverage(model, M) in memory), and the metadata says so."""
@@ -805,6 +806,7 @@ def test_exported_accelerations_carry_the_python_flags(tmp_path):
     np.testing.assert_array_equal(np.isnan(raw["acceleration"]), np.isnan(want.acceleration))
 
 
+@pytest.mark.slow          # two exports (~11 s); rebuild_model has fast tests too
 def test_a_savedmodel_rebuilds_and_exports_again(exported, tmp_path, capsys):
     # rebuild_model maps the saved variables back onto the recorded FlowConfig: the same densities
     # to the last bit, for a flow and an ensemble, and `export SAVEDMODEL` writes it with this

@@ -187,6 +187,7 @@ def test_demo_cli_runs_the_chain_twice_into_one_folder(tmp_path):
     assert "v = (0, 0.141, 0.141)" in slices.get_suptitle()
 
 
+@pytest.mark.slow          # a whole (small) study: trains and resumes its runs (~15 s)
 def test_study_resumes_its_runs_and_reports_the_spherical_average(tmp_path):
     """A study re-run into its own folder loads the finished run instead of failing or retraining,
     and with rotations > 0 it also reports the CBE error of the rotation-averaged learned DF."""

@@ -45,6 +45,7 @@ def external_fit(catalogue):
     return fit_potential(H.exact_density("iso"), cfg, data=catalogue), None
 
 
+@pytest.mark.slow          # a known failure (strict xfail): 15-20 s of training, cannot pass yet
 @pytest.mark.xfail(reason="known issue: with 80 % of Φ fixed as external, the network part stays "
                           "~0 (loss plateaus at the zero-field value); under investigation",
                    strict=True)

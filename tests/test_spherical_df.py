@@ -177,6 +177,7 @@ def test_bad_arguments():
         SphericalDF(ReducedHernquist()).sample(3, seed=0)
 
 
+@pytest.mark.slow          # trains two runs (~20 s); the SphericalDF itself is tested above
 def test_training_in_spherical_coordinates(tmp_path):
     # TrainConfig(coordinates="spherical") trains a flow of (r, v_r, v_t) and every way back to the
     # model (train, load_run, resume, the SavedModel, rebuild) gives the same SphericalDF.

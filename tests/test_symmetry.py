@@ -133,6 +133,7 @@ def test_cbe_on_the_average_of_the_exact_df_recovers_the_analytic_acceleration(k
     assert not res.flagged.any(), res.reasons[res.flagged]
 
 
+@pytest.mark.slow          # ~15 s of ensemble CBE solves with rotations
 def test_ensemble_members_chunks_and_gradients():
     data = np.random.default_rng(0).normal(size=(2000, 6))
     flows = [

@@ -474,6 +474,7 @@ def test_ensemble_members_distinct_seeds_and_mixture_density(gauss, ensemble_run
     np.testing.assert_array_equal(reloaded.log_prob(x).numpy(), ensemble.log_prob(x).numpy())
 
 
+@pytest.mark.slow          # spawns member processes, each loading TensorFlow (~15 s)
 def test_parallel_members_equal_sequential_members(gauss, ensemble_run, tmp_path):
     # Each member runs in its own spawned process with the same seeds, data, split and epoch
     # orders; the histories agree with the sequential run to float32 round-off (measured:
@@ -538,6 +539,7 @@ MIRRORED_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow          # a subprocess with two logical CPUs trains twice (~15 s)
 def test_mirrored_strategy_two_cpus(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT, str(tmp_path / "run")], env=env,
