@@ -503,6 +503,7 @@ def test_jit_compile_leaves_other_dfs_on_the_plain_graph():
         np.testing.assert_array_equal(got.numpy(), want.numpy())
 
 
+@pytest.mark.slow          # compiles XLA CBE programs for several sizes (~15 s)
 def test_default_jit_compile_is_xla_only_for_large_calls_of_xla_dfs(monkeypatch):
     # The default (jit_compile=None) decides from the call's size and the DF: never XLA for the
     # exact DFs (not jit_log_prob) or below XLA_MIN_EVALUATIONS model evaluations.
