@@ -48,6 +48,7 @@ def cached(name: str, make):
 
 
 def main() -> None:
+    global OUT
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -70,7 +71,6 @@ def main() -> None:
                         help="report, figures and the training run (OUT/cache/run); the data "
                              "cache stays in studies/photoz/cache")
     args = parser.parse_args()
-    global OUT
     OUT = Path(args.out)
     CACHE.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
