@@ -34,7 +34,7 @@ without TFP.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -236,16 +236,10 @@ class Flow(Density, keras.Model):
         """
         data_moments = _Moments(self.dim)
         label_moments = _Moments(self.label_dim)
-        if isinstance(x, tf.data.Dataset):
-            if labels is not None:
-                raise InputError(
-                    "adapt: pass labels inside the Dataset as (x, labels) elements, not separately"
-                )
-            for element in x:
-                bx, bc = (element if isinstance(element, (tuple, list)) else (element, None))[:2]
-                self._accumulate(data_moments, label_moments, bx, bc)
-        else:
-            self._accumulate(data_moments, label_moments, x, labels)
+        for u, v in self._adapt_rows(x, labels):
+            data_moments.update(u)
+            if v is not None:
+                label_moments.update(v)
         if data_moments.count < 2:
             raise InputError(
                 f"adapt: need at least 2 rows of x [N, {self.dim}], got {data_moments.count}"
@@ -270,53 +264,24 @@ class Flow(Density, keras.Model):
         self.adapted.assign(1.0)
         return self
 
-    def _standardised_batches(self, x: Any, labels: Any) -> Iterable[tuple[np.ndarray,
-                                                                          np.ndarray]]:
-        """((u - μ)/σ [B, D], c̃ [B, C]) float64 batches of adapt's input (arrays: one batch)."""
-        mu = self.x_shift.numpy().astype(np.float64)
-        sigma = self.x_scale.numpy().astype(np.float64)
-        c_mu = self.label_shift.numpy().astype(np.float64)
-        c_sigma = self.label_scale.numpy().astype(np.float64)
+    def _adapt_rows(self, x: Any, labels: Any) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        """(u [B, D], v [B, C] | None) float64 batches of adapt's input (one batch for arrays):
+        u = x with log x_j in the log columns, v = the labels with log c_k in the label log
+        columns. InputError as :meth:`adapt` documents.
+        """
         if isinstance(x, tf.data.Dataset):
-            elements = ((e[0], e[1]) for e in x)
+            if labels is not None:
+                raise InputError(
+                    "adapt: pass labels inside the Dataset as (x, labels) elements, not separately"
+                )
+            for element in x:
+                bx, bc = (element if isinstance(element, (tuple, list)) else (element, None))[:2]
+                yield self._adapt_batch(bx, bc)
         else:
-            elements = [(x, labels)]
-        for bx, bc in elements:
-            u = np.asarray(bx, np.float64).copy()
-            for j in self.config.log_columns:
-                u[:, j] = np.log(u[:, j])
-            c = self._label_logs(np.asarray(bc, np.float64), "adapt")
-            yield (u - mu) / sigma, (c - c_mu) / c_sigma
+            yield self._adapt_batch(x, labels)
 
-    def _fit_conditional_rescaling(self, x: Any, labels: Any) -> None:
-        """A, B of the conditional rescaler (module docstring) by least squares: two passes."""
-        # E log|ε| of ε ~ N(0, 1): -(γ + log 2) / 2
-        log_abs_normal = -0.5 * (np.euler_gamma + math.log(2.0))
-        slopes = []
-        for target in ("mean", "log_scale"):
-            gram = np.zeros((self.label_dim + 1, self.label_dim + 1))
-            moment = np.zeros((self.label_dim + 1, self.dim))
-            for y, c in self._standardised_batches(x, labels):
-                design = np.concatenate([np.ones((len(c), 1)), c], axis=1)
-                if target == "log_scale":
-                    residual = np.abs(y - design @ slopes[0])
-                    y = np.log(np.maximum(residual, 1e-12)) - log_abs_normal
-                gram += design.T @ design
-                moment += design.T @ y
-            # a label column constant in the data (σ_c = 1, c̃ = 0) gets slope 0 (lstsq min-norm)
-            slopes.append(np.linalg.lstsq(gram, moment, rcond=None)[0])
-        # intercepts [D] into μ and σ (the conditional location and scale at c̃ = 0), slopes
-        # [C, D] into A and B
-        sigma = self.x_scale.numpy().astype(np.float64)
-        self.x_shift.assign((self.x_shift.numpy() + sigma * slopes[0][0]).astype(np.float32))
-        self.x_scale.assign((sigma * np.exp(slopes[1][0])).astype(np.float32))
-        # A in units of the new σ: σ c̃ A = σ₀ c̃ A₀
-        self.x_shift_slope.assign((slopes[0][1:] * np.exp(-slopes[1][0])).astype(np.float32))
-        self.x_log_scale_slope.assign(slopes[1][1:].astype(np.float32))
-
-    def _accumulate(
-        self, data_moments: "_Moments", label_moments: "_Moments", x: Any, labels: Any
-    ) -> None:
+    def _adapt_batch(self, x: Any, labels: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        """One batch of :meth:`_adapt_rows`, validated."""
         x, c = self.check_inputs(x, labels)
         u = x.numpy().astype(np.float64)
         for j in self.config.log_columns:
@@ -327,9 +292,37 @@ class Flow(Density, keras.Model):
                     f"(first at row {int(np.argmax(bad))}); log columns must be > 0"
                 )
             u[:, j] = np.log(u[:, j])
-        data_moments.update(u)
-        if c is not None:
-            label_moments.update(self._label_logs(c.numpy().astype(np.float64), "adapt"))
+        v = None if c is None else self._label_logs(c.numpy().astype(np.float64), "adapt")
+        return u, v
+
+    def _fit_conditional_rescaling(self, x: Any, labels: Any) -> None:
+        """A, B of the conditional rescaler (module docstring) by least squares: two passes."""
+        # E log|ε| of ε ~ N(0, 1): -(γ + log 2) / 2
+        log_abs_normal = -0.5 * (np.euler_gamma + math.log(2.0))
+        mu, sigma = (v.numpy().astype(np.float64) for v in (self.x_shift, self.x_scale))
+        c_mu, c_sigma = (v.numpy().astype(np.float64) for v in (self.label_shift,
+                                                                 self.label_scale))
+        slopes = []
+        for target in ("mean", "log_scale"):
+            gram = np.zeros((self.label_dim + 1, self.label_dim + 1))
+            moment = np.zeros((self.label_dim + 1, self.dim))
+            for u, v in self._adapt_rows(x, labels):
+                y, c = (u - mu) / sigma, (v - c_mu) / c_sigma        # standardised
+                design = np.concatenate([np.ones((len(c), 1)), c], axis=1)
+                if target == "log_scale":
+                    residual = np.abs(y - design @ slopes[0])
+                    y = np.log(np.maximum(residual, 1e-12)) - log_abs_normal
+                gram += design.T @ design
+                moment += design.T @ y
+            # a label column constant in the data (σ_c = 1, c̃ = 0) gets slope 0 (lstsq min-norm)
+            slopes.append(np.linalg.lstsq(gram, moment, rcond=None)[0])
+        # intercepts [D] into μ and σ (the conditional location and scale at c̃ = 0), slopes
+        # [C, D] into A and B
+        self.x_shift.assign((mu + sigma * slopes[0][0]).astype(np.float32))
+        self.x_scale.assign((sigma * np.exp(slopes[1][0])).astype(np.float32))
+        # A in units of the new σ: σ c̃ A = σ₀ c̃ A₀
+        self.x_shift_slope.assign((slopes[0][1:] * np.exp(-slopes[1][0])).astype(np.float32))
+        self.x_log_scale_slope.assign(slopes[1][1:].astype(np.float32))
 
     def _label_logs(self, c: np.ndarray, where: str) -> np.ndarray:
         """c [N, C] with log c_k in the label log columns; InputError naming a column with
