@@ -10,8 +10,8 @@ into a density of the catalogue's own columns.
 
 The training reduces the data with :func:`reduce`, the flow learns the logs of
 :func:`flow_log_columns`, and :func:`wrap` turns the trained flow (or ensemble) into the model a
-user, the CBE, the export and the server see. :func:`options`/:func:`rebuild` describe and
-recreate a wrapped model (SavedModel metadata, copies with other bases).
+user, the CBE, the export and the server see. :func:`options` describes a wrapped model for its
+SavedModel metadata (a copy over another base is ``model.with_base(base)``).
 """
 from __future__ import annotations
 
@@ -108,13 +108,3 @@ def options(model: Any) -> dict | None:
     any other model.
     """
     return {"even": model.even} if coordinates_of(model) != "cartesian" else None
-
-
-def rebuild(model: Any, base: Any) -> Any:
-    """A DF like ``model`` (same class and options) over another ``base``."""
-    return wrap(coordinates_of(model), base, **(options(model) or {}))
-
-
-def is_reduced(model: Any) -> bool:
-    """Whether ``model`` is a reduced-coordinate DF (SphericalDF, AxisymmetricDF)."""
-    return coordinates_of(model) != "cartesian"

@@ -586,12 +586,12 @@ def load(path: str | os.PathLike) -> Any:
 # ---- export ------------------------------------------------------------------------------------
 
 def _unwrapped(model: Any) -> Any:
-    """The Flow/Ensemble under a SphericalAverage or a reduced-coordinate DF (its config, members
-    and rescaling describe the export).
+    """The Flow/Ensemble under any wrapper (a SphericalAverage, a reduced-coordinate DF: a
+    :class:`~tfgalflow.density.DerivedDensity`); its config, members and rescaling describe the
+    export.
     """
-    from .coordinates import is_reduced
-    from .symmetry import SphericalAverage
-    while isinstance(model, SphericalAverage) or is_reduced(model):
+    from .density import DerivedDensity
+    while isinstance(model, DerivedDensity):
         model = model.base
     return model
 
@@ -678,14 +678,10 @@ def _without_xla(model: Any) -> Any:
     A Flow built with ``jit_compile=True`` would leave ``_XlaMustCompile`` in the exported graph,
     which TF Serving runs only with its experimental XLA support; the copy traces without it.
     """
-    from .coordinates import is_reduced, rebuild
+    from .density import DerivedDensity
     from .model import Ensemble, Flow
-    from .symmetry import SphericalAverage
-    if isinstance(model, SphericalAverage):
-        # same rotations
-        return SphericalAverage(_without_xla(model.base), model.n_rotations, model.seed)
-    if is_reduced(model):
-        return rebuild(model, _without_xla(model.base))
+    if isinstance(model, DerivedDensity):      # the same wrapper (rotations, options) over a copy
+        return model.with_base(_without_xla(model.base))
     if isinstance(model, Ensemble):
         return Ensemble([_without_xla(m) for m in model.members])
     if isinstance(model, Flow):
