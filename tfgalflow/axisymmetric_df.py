@@ -45,6 +45,7 @@ import tensorflow as tf
 
 from .density import Density, DerivedDensity
 from .errors import InputError
+from . import validation
 from .validation import finite_matrix
 
 #: The reduced phase-space columns and the one whose logarithm the flow learns (R > 0).
@@ -125,10 +126,8 @@ class AxisymmetricDF(DerivedDensity):
                 f"Density with dim >= 5); got {type(base).__name__} with dim = "
                 f"{getattr(base, 'dim', None)}"
             )
-        if not isinstance(even, (bool, np.bool_)):
-            raise InputError(f"even = {even!r}: expected True or False")
         super().__init__(base, name="axisymmetric_df")
-        self.even = bool(even)
+        self.even = validation.boolean(even, "even")
         self.dim = base.dim + 1
         # the four mirror images with even
         self.base_evaluations = 4 if self.even else 1

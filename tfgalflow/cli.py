@@ -282,7 +282,7 @@ def _run_sample(args) -> int:
         x,
         rows,
         units=data.get("units"),
-        label_names=tuple(data.get("label_names") or ()),
+        label_names=tuple(names),
         meta={
             "source": "tfgalflow sample",
             "run": str(Path(args.run).resolve()),
@@ -295,7 +295,6 @@ def _run_sample(args) -> int:
 
 def _count(text: str) -> int:
     """A count from the command line: an integer, also written as 1e6 (argparse type)."""
-    import argparse
     try:
         value = float(text)
     except ValueError:

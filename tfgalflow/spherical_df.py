@@ -43,6 +43,7 @@ import tensorflow as tf
 
 from .density import Density, DerivedDensity
 from .errors import InputError
+from . import validation
 from .validation import finite_matrix
 
 #: The reduced coordinates' names and the columns whose logarithm the flow learns (r > 0, v_t > 0).
@@ -109,10 +110,8 @@ class SphericalDF(DerivedDensity):
                 f"SphericalDF needs a 3-D density of (r, v_r, v_t) (a tfgalflow Density with "
                 f"dim = 3); got {type(base).__name__} with dim = {getattr(base, 'dim', None)}"
             )
-        if not isinstance(even, (bool, np.bool_)):
-            raise InputError(f"even = {even!r}: expected True or False")
         super().__init__(base, name="spherical_df")
-        self.even = bool(even)
+        self.even = validation.boolean(even, "even")
         # p at ±v_r with even
         self.base_evaluations = 2 if self.even else 1
 

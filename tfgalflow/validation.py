@@ -103,6 +103,13 @@ def positive_number(value: Any, name: str, allow_zero: bool = False) -> float:
     return number
 
 
+def boolean(value: Any, name: str) -> bool:
+    """``value`` as a Python bool (True/False or a NumPy bool); InputError for anything else."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise InputError(f"{name} = {value!r}: expected True or False")
+    return bool(value)
+
+
 def one_of(value: Any, name: str, allowed: tuple[str, ...]) -> str:
     """``value`` if it is one of ``allowed``, else InputError listing them."""
     if value not in allowed:

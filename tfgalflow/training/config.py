@@ -250,16 +250,11 @@ def _coerce(name: str, kind: str, value: Any) -> Any:
                 pass
         raise fail("an integer")
 
-    if kind == "int":
-        return as_int(value)
-    if kind == "int?":
-        if value is None or (isinstance(value, str)
-                             and value.strip().lower() in ("none", "null", "")):
-            return None
-        return as_int(value)
-    if kind == "float?" and (value is None or (isinstance(value, str) and value.strip().lower()
-                                                in ("none", "null", ""))):
+    if kind in ("int?", "float?") and (value is None or (
+            isinstance(value, str) and value.strip().lower() in ("none", "null", ""))):
         return None
+    if kind in ("int", "int?"):
+        return as_int(value)
     if kind in ("float", "float?"):
         if isinstance(value, (bool, np.bool_)):
             raise fail("a number")
