@@ -103,6 +103,8 @@ class InterpolationConfig:
     activation: str = _option("relu", "hidden activation of the MADEs (relu, gelu, tanh, ...: "
                               "smooth ones interpolate between label nodes more smoothly)",
                               "activation")
+    clip_norm: float = _option(0.0, "global gradient-norm clip of the optimizer (0: off; "
+                               "TrainConfig.clip_norm)", "float")
     coordinates: str = _option("cartesian", "what the flow learns: 'cartesian' (x, v) or "
                                "'spherical' (r, v_r, v_t; TrainConfig.coordinates)", "coordinates")
     n_radii: int = _option(16, "radii log-spaced in [r_min, r_max]", "int")
@@ -129,8 +131,9 @@ class InterpolationConfig:
             if getattr(self, name) < 1:
                 raise InputError(f"InterpolationConfig.{name} = {getattr(self, name)}: expected "
                                  f">= 1")
-        if self.rotations < 0 or self.patience < 0 or self.seed < 0:
-            raise InputError("InterpolationConfig.rotations, patience and seed must be >= 0")
+        if self.rotations < 0 or self.patience < 0 or self.seed < 0 or self.clip_norm < 0:
+            raise InputError("InterpolationConfig.rotations, patience, seed and clip_norm must be "
+                             ">= 0")
         if not 0 < self.r_min < self.r_max or len(self.summary_range) != 2 \
                 or not self.summary_range[0] < self.summary_range[1]:
             raise InputError(f"need 0 < r_min < r_max and summary_range = (lo, hi) with lo < hi; "
@@ -162,7 +165,7 @@ class InterpolationConfig:
                            batch_size=self.batch_size, lr=self.lr, lr_schedule="cosine",
                            patience=self.patience, members=self.members, label_dim=2,
                            validation_split=0.1, seed=self.seed, coordinates=self.coordinates,
-                           activation=self.activation)
+                           activation=self.activation, clip_norm=self.clip_norm or None)
 
     @classmethod
     def tiny(cls) -> "InterpolationConfig":
