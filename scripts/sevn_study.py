@@ -23,6 +23,10 @@ studies/sevn/work/):
 
     PYTHONPATH=. python scripts/sevn_study.py [--out studies/sevn] [--epochs 60]
         [--sets-per-truth 16] [--exact-sets-per-truth 32] [--control-epochs 20]
+        [--members 1] [--clip-norm 10]
+
+With --members K the emulator is a deep ensemble of K such flows (seeds 0..K-1), their mixture
+(1/K) Σ_k p_k (tfgalflow.model.Ensemble) used in steps 4-7.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from tfgalflow.inference import (
     plot_likelihood_map,
     sample_posterior,
 )
-from tfgalflow.model import Flow
+from tfgalflow.model import Ensemble, Flow
 
 TRUTHS = ((2.2e-3, 2.0), (4.4e-4, 0.7), (1.2e-2, 4.0))
 N_EVENTS = 1000
@@ -88,7 +92,8 @@ def cached(path: Path, compute):
     return result
 
 
-def fit(flow: Flow, x, c, epochs: int, batch: int, lr: float, patience: int, seed: int):
+def fit(flow: Flow, x, c, epochs: int, batch: int, lr: float, patience: int, seed: int,
+        clip_norm: float | None = None):
     import tf_keras as keras
 
     rng = np.random.default_rng(seed)
@@ -98,7 +103,7 @@ def fit(flow: Flow, x, c, epochs: int, batch: int, lr: float, patience: int, see
     flow.adapt(x[tr], c[tr])
     steps = epochs * math.ceil(len(tr) / batch)
     schedule = keras.optimizers.schedules.CosineDecay(lr, steps)
-    flow.compile(keras.optimizers.Adam(schedule), jit_compile=True)
+    flow.compile(keras.optimizers.Adam(schedule, global_clipnorm=clip_norm), jit_compile=True)
     keras.utils.set_random_seed(seed)
     stop = keras.callbacks.EarlyStopping("val_loss", patience=patience, restore_best_weights=True)
     hist = flow.fit(
@@ -125,7 +130,13 @@ def main() -> None:
     ap.add_argument(
         "--exact-sets-per-truth", type=int, default=32, help="exact-density control sets"
     )
+    ap.add_argument("--members", type=int, default=1,
+                    help="ensemble members (seeds 0..K-1), combined as a mixture (model.Ensemble)")
+    ap.add_argument("--clip-norm", type=float, default=None,
+                    help="global gradient-norm clip of Adam (default: off)")
     args = ap.parse_args()
+    if args.members < 1 or (args.clip_norm is not None and args.clip_norm <= 0):
+        ap.error("--members must be >= 1 and --clip-norm > 0")
     out = Path(args.out)
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
@@ -143,6 +154,8 @@ def main() -> None:
             "n_events": N_EVENTS,
             "prior": PRIOR,
             "epochs_max": args.epochs,
+            "members": args.members,
+            "clip_norm": args.clip_norm,
         }
     }
 
@@ -164,21 +177,31 @@ def main() -> None:
     # 2. the emulator
     # TF checkpoint format: matched by object path (an .h5 file of this subclassed model reloads
     # its spline networks in the wrong order into a fresh Flow)
-    weights = work / "flow.ckpt"
-    flow = Flow(FlowConfig(**FLOW))
-    if (work / "flow.ckpt.index").exists():
-        flow.load_weights(weights)
-        history = json.loads((work / "history.json").read_text())
-    else:
-        t0 = time.time()
-        history = fit(flow, x, c, args.epochs, batch=1024, lr=2e-3, patience=10, seed=0)
-        history["seconds"] = round(time.time() - t0, 1)
-        flow.save_weights(weights)
-        write_json(work / "history.json", history)
+    members, histories = [], []
+    for k in range(args.members):
+        weights = work / ("flow.ckpt" if k == 0 else f"flow{k}.ckpt")
+        history_file = work / ("history.json" if k == 0 else f"history{k}.json")
+        member = Flow(FlowConfig(**(FLOW | dict(seed=k))))
+        if weights.with_name(weights.name + ".index").exists():
+            member.load_weights(weights)
+            history = json.loads(history_file.read_text())
+        else:
+            t0 = time.time()
+            history = fit(member, x, c, args.epochs, batch=1024, lr=2e-3, patience=10, seed=k,
+                          clip_norm=args.clip_norm)
+            history["seconds"] = round(time.time() - t0, 1)
+            member.save_weights(weights)
+            write_json(history_file, history)
+        members.append(member)
+        histories.append(history)
+    history = histories[0]
+    flow = members[0] if len(members) == 1 else Ensemble(members)
     report["training"] = {
         "epochs": len(history["loss"]),
         "best_val_loss": min(history["val_loss"]),
         "seconds": history.get("seconds"),
+        "members": [{"epochs": len(h["loss"]), "best_val_loss": min(h["val_loss"]),
+                     "seconds": h.get("seconds")} for h in histories],
     }
 
     # 3. raw inputs, no log transform (the reference's setup), and the log-column errors
