@@ -48,13 +48,14 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from .atomic import atomic_file, write_json
+from .config_fields import coerce_fields, field_help, option
 from .errors import InputError
 
 #: The issue's targets (report.json "targets"; compared with the measured numbers in "verdict").
@@ -71,11 +72,6 @@ KL_ESTIMATE = ("mean over exact stars of log p - log q, p = f(x, v | c) / M(< st
 BETA = "1 - <v_t^2> / (2 <v_r^2>) in radial bins"
 
 
-def _option(default: Any, help: str, kind: str) -> Any:
-    """A config field; ``kind`` (int, float, floats, ints, pairs) drives parsing from text."""
-    return field(default=default, metadata={"help": help, "kind": kind})
-
-
 @dataclass(frozen=True)
 class InterpolationConfig:
     """Sizes, grid and seeds of one interpolation study (model units G = M = a = 1).
@@ -85,47 +81,53 @@ class InterpolationConfig:
     :meth:`field_help` and :meth:`with_overrides`.
     """
 
-    gammas: tuple = _option((0.5, 1.0, 1.5), "inner slopes γ of the training grid", "floats")
-    ra_inverses: tuple = _option((0.0, 0.5, 1.0), "a/r_a values of the training grid", "floats")
-    held_out: tuple = _option(((0.75, 0.25), (1.25, 0.75)),
+    gammas: tuple = option((0.5, 1.0, 1.5), "inner slopes γ of the training grid", "floats")
+    ra_inverses: tuple = option((0.0, 0.5, 1.0), "a/r_a values of the training grid", "floats")
+    held_out: tuple = option(((0.75, 0.25), (1.25, 0.75)),
                               "held-out labels γ:a/r_a inside the grid, never trained on", "pairs")
-    far_label: tuple = _option((2.5, 0.0), "a label far outside the grid, probed for the report "
+    far_label: tuple = option((2.5, 0.0), "a label far outside the grid, probed for the report "
                                            "(γ,a/r_a)", "floats")
-    n_per_node: int = _option(40_000, "stars per grid node", "int")
-    star_r_max: float = _option(100.0, "stars beyond this radius are cut (units of a)", "float")
-    layers: int = _option(6, "autoregressive layers of the flow", "int")
-    hidden: tuple = _option((64, 64), "hidden widths of each MADE", "ints")
-    epochs: int = _option(40, "maximum epochs", "int")
-    batch_size: int = _option(1024, "points per optimizer step", "int")
-    lr: float = _option(2e-3, "peak learning rate (cosine schedule)", "float")
-    patience: int = _option(10, "early-stopping patience (0: never stop)", "int")
-    members: int = _option(1, "ensemble members", "int")
-    activation: str = _option("relu", "hidden activation of the MADEs (relu, gelu, tanh, ...: "
+    n_per_node: int = option(40_000, "stars per grid node", "int")
+    star_r_max: float = option(100.0, "stars beyond this radius are cut (units of a)", "float")
+    layers: int = option(6, "autoregressive layers of the flow", "int")
+    hidden: tuple = option((64, 64), "hidden widths of each MADE", "ints")
+    epochs: int = option(40, "maximum epochs", "int")
+    batch_size: int = option(1024, "points per optimizer step", "int")
+    lr: float = option(2e-3, "peak learning rate (cosine schedule)", "float")
+    patience: int = option(10, "early-stopping patience (0: never stop)", "int")
+    members: int = option(1, "ensemble members", "int")
+    activation: str = option("relu", "hidden activation of the MADEs (relu, gelu, tanh, ...: "
                               "smooth ones interpolate between label nodes more smoothly)",
-                              "activation")
-    clip_norm: float = _option(0.0, "global gradient-norm clip of the optimizer (0: off; "
+                              "str")
+    clip_norm: float = option(0.0, "global gradient-norm clip of the optimizer (0: off; "
                                "TrainConfig.clip_norm)", "float")
-    coordinates: str = _option("cartesian", "what the flow learns: 'cartesian' (x, v) or "
-                               "'spherical' (r, v_r, v_t; TrainConfig.coordinates)", "coordinates")
-    n_radii: int = _option(16, "radii log-spaced in [r_min, r_max]", "int")
-    n_directions: int = _option(2, "random directions per radius", "int")
-    r_min: float = _option(0.1, "smallest evaluation radius (units of a)", "float")
-    r_max: float = _option(10.0, "largest evaluation radius (units of a)", "float")
-    n_velocities: int = _option(256, "velocities K per position of the CBE solve", "int")
-    rotations: int = _option(32, "rotations M of the spherical average (0: off)", "int")
-    summary_range: tuple = _option((0.2, 5.0), "radius range of the medians (units of a)",
+    coordinates: str = option("cartesian", "what the flow learns: 'cartesian' (x, v) or "
+                               "'spherical' (r, v_r, v_t; TrainConfig.coordinates)", "str")
+    n_radii: int = option(16, "radii log-spaced in [r_min, r_max]", "int")
+    n_directions: int = option(2, "random directions per radius", "int")
+    r_min: float = option(0.1, "smallest evaluation radius (units of a)", "float")
+    r_max: float = option(10.0, "largest evaluation radius (units of a)", "float")
+    n_velocities: int = option(256, "velocities K per position of the CBE solve", "int")
+    rotations: int = option(32, "rotations M of the spherical average (0: off)", "int")
+    summary_range: tuple = option((0.2, 5.0), "radius range of the medians (units of a)",
                                    "floats")
-    n_test: int = _option(20_000, "exact stars per label for the KL estimate", "int")
-    n_beta: int = _option(20_000, "flow samples per label for β(r)", "int")
-    beta_bins: int = _option(8, "radial bins of β(r), log-spaced in [r_min, r_max]", "int")
-    seed: int = _option(0, "seed of mocks, training, positions and rotations", "int")
+    n_test: int = option(20_000, "exact stars per label for the KL estimate", "int")
+    n_beta: int = option(20_000, "flow samples per label for β(r)", "int")
+    beta_bins: int = option(8, "radial bins of β(r), log-spaced in [r_min, r_max]", "int")
+    seed: int = option(0, "seed of mocks, training, positions and rotations", "int")
 
     def __post_init__(self) -> None:
         from .dehnen import check_label
 
-        for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, _coerce(f.name, f.metadata["kind"],
-                                                     getattr(self, f.name)))
+        coerce_fields(self)
+        from .coordinates import COORDINATES
+
+        if self.coordinates not in COORDINATES:
+            raise InputError(f"InterpolationConfig.coordinates = {self.coordinates!r}: expected "
+                             f"one of {', '.join(COORDINATES)}")
+        if not self.activation:
+            raise InputError("InterpolationConfig.activation is empty: expected an activation "
+                             "name, e.g. gelu")
         for name in ("n_per_node", "layers", "epochs", "batch_size", "members", "n_radii",
                      "n_directions", "n_velocities", "n_test", "n_beta", "beta_bins"):
             if getattr(self, name) < 1:
@@ -196,7 +198,7 @@ class InterpolationConfig:
     @classmethod
     def field_help(cls) -> dict[str, tuple[str, str]]:
         """{field: (kind, help)} for building command-line flags."""
-        return {f.name: (f.metadata["kind"], f.metadata["help"]) for f in dataclasses.fields(cls)}
+        return field_help(cls)
 
 
 def _reject_unknown(d: Mapping[str, Any]) -> None:
@@ -205,51 +207,6 @@ def _reject_unknown(d: Mapping[str, Any]) -> None:
     if unknown:
         raise InputError(f"unknown InterpolationConfig key(s) {unknown}; expected some of "
                          f"{sorted(known)}")
-
-
-def _coerce(name: str, kind: str, value: Any) -> Any:
-    """Parse ``value`` (Python or command-line text) as a field of kind ``kind``."""
-    def fail() -> InputError:
-        shapes = {"int": "an integer", "float": "a number", "floats": "numbers like 0.5,1",
-                  "ints": "integers like 64,64", "pairs": "label pairs like 0.75:0.25,1.25:0.75",
-                  "coordinates": "one of cartesian, spherical",
-                  "activation": "an activation name, e.g. gelu"}
-        return InputError(f"InterpolationConfig.{name} = {value!r}: expected {shapes[kind]}")
-
-    try:
-        if kind == "activation":
-            if not isinstance(value, str) or not value:
-                raise fail()
-            return value
-        if kind == "coordinates":
-            from .training.config import COORDINATES
-            if value not in COORDINATES:
-                raise fail()
-            return value
-        if kind == "int":
-            if isinstance(value, bool) or float(value) != int(float(value)):
-                raise fail()
-            return int(float(value))
-        if kind == "float":
-            out = float(value)
-            if not math.isfinite(out):
-                raise fail()
-            return out
-        if kind in ("floats", "ints"):
-            items = value.split(",") if isinstance(value, str) else list(value)
-            cast = int if kind == "ints" else float
-            out = tuple(cast(v) for v in items)
-            if not out or not all(math.isfinite(v) for v in out):
-                raise fail()
-            return out
-        if kind == "pairs":
-            items = ([p.split(":") for p in value.split(",")] if isinstance(value, str)
-                     else list(value))
-            out = tuple((float(g), float(k)) for g, k in items)
-            return out
-    except (TypeError, ValueError):
-        raise fail() from None
-    raise AssertionError(kind)
 
 
 # ---- positions, labels, per-label evaluation ----------------------------------------------------

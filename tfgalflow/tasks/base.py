@@ -28,13 +28,14 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
 from ..atomic import write_json
+from ..config_fields import coerce_fields, field_help, option
 from ..errors import FileError, InputError
 
 TASK_FILE = "task.json"
@@ -42,61 +43,6 @@ REPORT_FILE = "report.json"
 RUN_DIR = "run"
 #: Random streams of one task seed (``Task.rng(stream)``): each purpose draws from its own.
 STREAMS = ("train_events", "heldout_labels", "evaluation")
-
-
-def option(default: Any, help: str, kind: str) -> Any:
-    """A task-config field; ``kind`` (int, float, bool, str) drives parsing from text (CLI) or
-    JSON.
-    """
-    return field(default=default, metadata={"help": help, "kind": kind})
-
-
-def _coerce(owner: str, name: str, kind: str, value: Any) -> Any:
-    """``value`` (Python, JSON or command-line text) as a field of kind ``kind``; InputError if
-    not.
-    """
-
-    def fail(expected: str) -> InputError:
-        return InputError(f"{owner}.{name} = {value!r}: expected {expected}")
-
-    text = value.strip() if isinstance(value, str) else None
-    if kind == "bool":
-        if isinstance(value, (bool, np.bool_)):
-            return bool(value)
-        if text is not None and text.lower() in (
-            "true",
-            "yes",
-            "on",
-            "1",
-            "false",
-            "no",
-            "off",
-            "0",
-        ):
-            return text.lower() in ("true", "yes", "on", "1")
-        raise fail("true or false")
-    if isinstance(value, (bool, np.bool_)):
-        raise fail(
-            f"a{'n integer' if kind == 'int' else ' number' if kind == 'float' else ' string'}"
-        )
-    if kind == "int":
-        try:
-            number = float(text if text is not None else value)
-        except (TypeError, ValueError):
-            raise fail("an integer") from None
-        if not number.is_integer():
-            raise fail("an integer")
-        return int(number)
-    if kind == "float":
-        try:
-            return float(text if text is not None else value)
-        except (TypeError, ValueError):
-            raise fail("a number") from None
-    if kind == "str":
-        if text is None:
-            raise fail("a string")
-        return value
-    raise AssertionError(f"unknown field kind {kind!r}")
 
 
 @dataclass(frozen=True)
@@ -115,9 +61,7 @@ class TaskConfig:
     )
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = _coerce(type(self).__name__, f.name, f.metadata["kind"], getattr(self, f.name))
-            object.__setattr__(self, f.name, value)
+        coerce_fields(self)
         if not 0 <= self.seed < 2**31:
             raise InputError(
                 f"{type(self).__name__}.seed = {self.seed}: expected an integer in [0, 2**31)"
@@ -143,7 +87,7 @@ class TaskConfig:
     @classmethod
     def field_help(cls) -> dict[str, tuple[str, str]]:
         """{field: (kind, help)} for building command-line flags."""
-        return {f.name: (f.metadata["kind"], f.metadata["help"]) for f in dataclasses.fields(cls)}
+        return field_help(cls)
 
 
 @dataclass(frozen=True)

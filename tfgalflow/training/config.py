@@ -1,22 +1,22 @@
 """TrainConfig: everything that defines a training run except the data, with no TensorFlow import.
 
 A frozen dataclass, serialisable to JSON/YAML and validated on construction; every field is also a
-``tfgalflow train`` flag (the CLI builds them from :meth:`TrainConfig.field_help`), so this module
-imports only the standard library, NumPy and :mod:`tfgalflow.validation`: ``tfgalflow --help`` and
-configuration code stay fast.
+``tfgalflow train`` flag (the CLI builds them from :meth:`TrainConfig.field_help`; fields and their
+parsing: :mod:`tfgalflow.config_fields`), so this module imports only the standard library, NumPy
+and :mod:`tfgalflow.validation`: ``tfgalflow --help`` and configuration code stay fast.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
 
 from .. import validation
+from ..config_fields import coerce_fields, field_help, option
 from ..coordinates import COORDINATES, flow_log_columns
 from ..errors import FileError, InputError
 from .rundir import RUN_FORMAT
@@ -27,11 +27,6 @@ LR_SCHEDULES = ("constant", "cosine", "exponential")
 EXPONENTIAL_FINAL_FRACTION = 0.01
 
 
-def _option(default: Any, help: str, kind: str) -> Any:
-    """A TrainConfig field; ``kind`` (int, int?, float, float?, str, bool, ints) drives parsing
-    from text/JSON/YAML.
-    """
-    return field(default=default, metadata={"help": help, "kind": kind})
 
 
 @dataclass(frozen=True)
@@ -49,28 +44,28 @@ class TrainConfig:
         TrainConfig.from_file("RUN/config.json")   # JSON or YAML; a run's config.json works too
     """
 
-    layers: int = _option(8, "autoregressive layers L of the flow", "int")
-    hidden: tuple = _option((64, 64), "hidden widths of each MADE network, e.g. 64,64", "ints")
-    activation: str = _option("relu", "hidden activation of the MADE networks", "str")
-    kind: str = _option("affine", "'affine' (MAF) or 'spline' (rational-quadratic spline MAF)",
+    layers: int = option(8, "autoregressive layers L of the flow", "int")
+    hidden: tuple = option((64, 64), "hidden widths of each MADE network, e.g. 64,64", "ints")
+    activation: str = option("relu", "hidden activation of the MADE networks", "str")
+    kind: str = option("affine", "'affine' (MAF) or 'spline' (rational-quadratic spline MAF)",
                         "str")
-    bins: int = _option(8, "spline bins K (kind='spline')", "int")
-    log_columns: tuple = _option((), "0-based data columns modelled as log(x) (strictly "
+    bins: int = option(8, "spline bins K (kind='spline')", "int")
+    log_columns: tuple = option((), "0-based data columns modelled as log(x) (strictly "
                                      "positive), e.g. 0,3", "ints")
-    label_log_columns: tuple = _option(
+    label_log_columns: tuple = option(
         (),
         "0-based label columns standardised as log(c) (strictly "
         "positive, e.g. a metallicity Z), e.g. 0",
         "ints",
     )
-    conditional_rescaling: bool = _option(
+    conditional_rescaling: bool = option(
         False,
         "rescale each data column by a mean and log-scale linear in the labels (least squares "
         "at adapt), so the flow learns only what is left: interpolates better between few "
         "distinct labels (conditional flows only)",
         "bool",
     )
-    coordinates: str = _option(
+    coordinates: str = option(
         "cartesian",
         "what the flow learns of the catalogue: 'cartesian' (its columns), 'spherical' "
         "(r, v_r, v_t) of a steady spherical system's 6-D (x, v), or 'cylindrical' (R, z, v_R, "
@@ -78,56 +73,54 @@ class TrainConfig:
         "symmetric SphericalDF / AxisymmetricDF (tfgalflow.coordinates)",
         "str",
     )
-    label_dim: int | None = _option(None, "label columns C to condition on: none = as many as the "
+    label_dim: int | None = option(None, "label columns C to condition on: none = as many as the "
                                           "data has, 0 = ignore labels", "int?")
-    epochs: int = _option(100, "maximum number of epochs", "int")
-    batch_size: int = _option(512, "points per optimizer step", "int")
-    lr: float = _option(1e-3, "initial (peak) learning rate of Adam", "float")
-    lr_schedule: str = _option("cosine", "learning-rate schedule: constant, cosine or exponential",
+    epochs: int = option(100, "maximum number of epochs", "int")
+    batch_size: int = option(512, "points per optimizer step", "int")
+    lr: float = option(1e-3, "initial (peak) learning rate of Adam", "float")
+    lr_schedule: str = option("cosine", "learning-rate schedule: constant, cosine or exponential",
                                "str")
-    clip_norm: float | None = _option(
+    clip_norm: float | None = option(
         None, "clip each step's gradient to this global norm (none: no clipping); guards an "
         "affine flow against the first steps' blow-ups on wide or many-label data", "float?")
-    validation_split: float = _option(0.1, "fraction of the points held out for validation "
+    validation_split: float = option(0.1, "fraction of the points held out for validation "
                                            "(0 = none)", "float")
-    patience: int = _option(10, "stop after this many epochs without a lower monitored loss "
+    patience: int = option(10, "stop after this many epochs without a lower monitored loss "
                                 "(0 = never stop); the final weights are always those of the "
                                 "best epoch", "int")
-    checkpoint_every: int = _option(10, "save a resumable checkpoint every k epochs (0 = only the "
+    checkpoint_every: int = option(10, "save a resumable checkpoint every k epochs (0 = only the "
                                         "best)", "int")
-    keep_checkpoints: int = _option(3, "keep the last k periodic checkpoints (0 = keep all); the "
+    keep_checkpoints: int = option(3, "keep the last k periodic checkpoints (0 = keep all); the "
                                        "checkpoint of the best epoch is always kept", "int")
-    seed: int = _option(0, "seed of member 0 (member k uses seed + k)", "int")
-    members: int = _option(1, "ensemble size K", "int")
-    parallel: bool = _option(False, "train ensemble members in parallel processes", "bool")
-    tensorboard: bool = _option(False, "write TensorBoard logs to RUN/member_XXX/tensorboard",
+    seed: int = option(0, "seed of member 0 (member k uses seed + k)", "int")
+    members: int = option(1, "ensemble size K", "int")
+    parallel: bool = option(False, "train ensemble members in parallel processes", "bool")
+    tensorboard: bool = option(False, "write TensorBoard logs to RUN/member_XXX/tensorboard",
                                 "bool")
     # Defaults are the fast path. Measured on 2 shared CPU cores (8-layer 2x64 MAF, batch 2048, 6D
     # Hernquist mock, training's own pipeline, medians of 20 epochs): samples/s 1.27x with XLA and
     # 2.05x with XLA and K = 16 (K = 8..32 alike) relative to no XLA, one step per call; XLA
     # compiles 2-3 train shapes once.
-    jit_compile: bool = _option(True, "XLA-compile the training step (one-time compilation of a "
+    jit_compile: bool = option(True, "XLA-compile the training step (one-time compilation of a "
                                       "few seconds per member; faster steps)", "bool")
-    steps_per_call: int = _option(16, "optimizer steps K per compiled train call: each epoch's "
+    steps_per_call: int = option(16, "optimizer steps K per compiled train call: each epoch's "
                                       "batches are stacked K at a time [K, B, D] and run in one "
                                       "loop (same updates as K calls, less per-call overhead)",
                                   "int")
-    adapt_samples: int = _option(100_000, "rows used to fit the rescaler when streaming an HDF5 "
+    adapt_samples: int = option(100_000, "rows used to fit the rescaler when streaming an HDF5 "
                                           "file", "int")
-    multi_worker: bool = _option(False, "train with tf.distribute.MultiWorkerMirroredStrategy "
+    multi_worker: bool = option(False, "train with tf.distribute.MultiWorkerMirroredStrategy "
                                         "over the cluster in TF_CONFIG (or the SLURM job step); "
                                         "only the chief writes the run directory", "bool")
-    deconvolve: bool = _option(False, "learn the error-free DF from a catalogue with errors: "
+    deconvolve: bool = option(False, "learn the error-free DF from a catalogue with errors: "
                                       "maximise the likelihood of each star under the flow "
                                       "convolved with its error model (tfgalflow.deconvolution; "
                                       "in-memory data only)", "bool")
-    noise_samples: int = _option(16, "noise draws K per star and step of the deconvolution "
+    noise_samples: int = option(16, "noise draws K per star and step of the deconvolution "
                                      "estimator (cost ~K; bias of log p ~ -1/K)", "int")
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = _coerce(f.name, f.metadata["kind"], getattr(self, f.name))
-            object.__setattr__(self, f.name, value)
+        coerce_fields(self)
 
         def check(ok: bool, name: str, expected: str) -> None:
             if not ok:
@@ -217,7 +210,7 @@ class TrainConfig:
     @classmethod
     def field_help(cls) -> dict[str, tuple[str, str]]:
         """{field: (kind, help)} for building command-line flags."""
-        return {f.name: (f.metadata["kind"], f.metadata["help"]) for f in dataclasses.fields(cls)}
+        return field_help(cls)
 
 
 def _reject_unknown(d: Mapping[str, Any], where: str) -> None:
@@ -225,62 +218,6 @@ def _reject_unknown(d: Mapping[str, Any], where: str) -> None:
     unknown = sorted(set(d) - set(names))
     if unknown:
         raise InputError(f"{where}: unknown key(s) {unknown}; allowed: {names}")
-
-
-_TRUE = ("true", "yes", "on", "1")
-_FALSE = ("false", "no", "off", "0")
-
-
-def _coerce(name: str, kind: str, value: Any) -> Any:
-    """Parse ``value`` (Python, JSON, YAML or command-line text) as a field of kind ``kind``."""
-    def fail(expected: str) -> InputError:
-        return InputError(f"TrainConfig.{name} = {value!r}: expected {expected}")
-
-    def as_int(v: Any) -> int:
-        if isinstance(v, (bool, np.bool_)):
-            raise fail("an integer")
-        if isinstance(v, (int, np.integer)):
-            return int(v)
-        if isinstance(v, (float, np.floating)) and float(v).is_integer():
-            return int(v)
-        if isinstance(v, str):
-            try:
-                return int(v.strip())
-            except ValueError:
-                pass
-        raise fail("an integer")
-
-    if kind in ("int?", "float?") and (value is None or (
-            isinstance(value, str) and value.strip().lower() in ("none", "null", ""))):
-        return None
-    if kind in ("int", "int?"):
-        return as_int(value)
-    if kind in ("float", "float?"):
-        if isinstance(value, (bool, np.bool_)):
-            raise fail("a number")
-        try:
-            return float(value.strip() if isinstance(value, str) else value)
-        except (TypeError, ValueError):
-            raise fail("a number") from None
-    if kind == "str":
-        if not isinstance(value, str):
-            raise fail("a string")
-        return value
-    if kind == "bool":
-        if isinstance(value, (bool, np.bool_)):
-            return bool(value)
-        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-            return value.strip().lower() in _TRUE
-        raise fail("true or false")
-    if kind == "ints":
-        if isinstance(value, str):
-            value = [v for v in value.replace(" ", "").split(",") if v]
-        elif isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise fail("a list of integers, e.g. 64,64")
-        return tuple(as_int(v) for v in value)
-    raise AssertionError(f"unknown field kind {kind!r}")
 
 
 def _read_mapping(path: Path) -> dict:

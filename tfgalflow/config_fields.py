@@ -1,0 +1,135 @@
+"""Fields of the frozen config dataclasses: one declaration gives a field, its flag, its parser.
+
+:class:`~tfgalflow.training.TrainConfig`, every task's :class:`~tfgalflow.tasks.TaskConfig` and
+:class:`~tfgalflow.interpolation_study.InterpolationConfig` declare each setting once,
+``name: type = option(default, help, kind)``. The ``kind`` says how a value given as Python, JSON,
+YAML or command-line text becomes the field's value, and the CLI builds each ``--flag`` from
+:func:`field_help`:
+
+    =========  ==============================================  ===================================
+    kind       accepts                                          gives
+    =========  ==============================================  ===================================
+    int        3, 3.0, "3", "1e6" (integer-valued)              int
+    float      finite numbers, "2e-3"                           float
+    int?       as int, or None / "none" / "null" / ""           int or None
+    float?     as float, or None / "none" / "null" / ""         float or None
+    bool       True/False, "true/yes/on/1", "false/no/off/0"    bool
+    str        text                                             str
+    ints       "64,64", [64, 64], 64 (empty allowed)            tuple of int
+    floats     "0.5,1,1.5", [0.5, 1] (non-empty)                tuple of float
+    pairs      "0.75:0.25,1.25:0.75", [(0.75, 0.25), ...]       tuple of (float, float)
+    =========  ==============================================  ===================================
+
+Booleans are never numbers here (``True`` is not the integer 1). A value that does not parse is an
+:class:`~tfgalflow.errors.InputError` naming the owner, the field and what was expected:
+``TrainConfig.layers = 'x': expected an integer``.
+
+Standard library, NumPy and :mod:`tfgalflow.errors` only, so ``tfgalflow --help`` stays fast.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+
+KINDS = ("int", "float", "int?", "float?", "bool", "str", "ints", "floats", "pairs")
+TRUE = ("true", "yes", "on", "1")
+FALSE = ("false", "no", "off", "0")
+NONE = ("none", "null", "")
+
+
+def option(default: Any, help: str, kind: str) -> Any:
+    """A config field with its default, its help text (the ``--flag``'s) and its ``kind``
+    (one of :data:`KINDS`).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown field kind {kind!r}; expected one of {KINDS}")
+    return dataclasses.field(default=default, metadata={"help": help, "kind": kind})
+
+
+def coerce(owner: str, name: str, kind: str, value: Any) -> Any:
+    """``value`` (Python, JSON, YAML or command-line text) as the field ``owner.name`` of kind
+    ``kind``; InputError naming the field and what was expected if it does not parse.
+    """
+
+    def fail(expected: str) -> InputError:
+        return InputError(f"{owner}.{name} = {value!r}: expected {expected}")
+
+    def number(v: Any, expected: str) -> float:
+        if isinstance(v, (bool, np.bool_)):
+            raise fail(expected)
+        try:
+            out = float(v.strip() if isinstance(v, str) else v)
+        except (TypeError, ValueError):
+            raise fail(expected) from None
+        if not math.isfinite(out):
+            raise fail(expected)
+        return out
+
+    def integer(v: Any) -> int:
+        out = number(v, "an integer")
+        if not out.is_integer():
+            raise fail("an integer")
+        return int(out)
+
+    def items(separator: str = ",") -> list:
+        if isinstance(value, str):
+            return [v for v in value.replace(" ", "").split(separator) if v]
+        if isinstance(value, (list, tuple, np.ndarray)):
+            return list(value)
+        return [value]
+
+    text = value.strip().lower() if isinstance(value, str) else None
+    if kind in ("int?", "float?") and (value is None or text in NONE):
+        return None
+    if kind in ("int", "int?"):
+        return integer(value)
+    if kind in ("float", "float?"):
+        return number(value, "a number")
+    if kind == "bool":
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
+        if text in TRUE + FALSE:
+            return text in TRUE
+        raise fail("true or false")
+    if kind == "str":
+        if not isinstance(value, str):
+            raise fail("a string")
+        return value
+    if kind == "ints":
+        if isinstance(value, (bool, np.bool_)):
+            raise fail("integers like 64,64")
+        return tuple(integer(v) for v in items())
+    if kind == "floats":
+        out = tuple(number(v, "numbers like 0.5,1") for v in items())
+        if not out:
+            raise fail("numbers like 0.5,1")
+        return out
+    if kind == "pairs":
+        try:
+            pairs = [p.split(":") if isinstance(p, str) else list(p) for p in items()]
+        except TypeError:
+            raise fail("label pairs like 0.75:0.25,1.25:0.75") from None
+        if not pairs or any(len(p) != 2 for p in pairs):
+            raise fail("label pairs like 0.75:0.25,1.25:0.75")
+        return tuple((number(g, "label pairs like 0.75:0.25,1.25:0.75"),
+                      number(k, "label pairs like 0.75:0.25,1.25:0.75")) for g, k in pairs)
+    raise AssertionError(f"unknown field kind {kind!r}")
+
+
+def coerce_fields(config: Any) -> None:
+    """Parse every field of the frozen dataclass instance ``config`` in place (call it first in
+    ``__post_init__``).
+    """
+    for f in dataclasses.fields(config):
+        value = coerce(type(config).__name__, f.name, f.metadata["kind"], getattr(config, f.name))
+        object.__setattr__(config, f.name, value)
+
+
+def field_help(cls: type) -> dict[str, tuple[str, str]]:
+    """{field: (kind, help)} of a config dataclass, for building its command-line flags."""
+    return {f.name: (f.metadata["kind"], f.metadata["help"]) for f in dataclasses.fields(cls)}
