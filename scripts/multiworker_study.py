@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+
 import subprocess
 import sys
 import tempfile
@@ -26,6 +26,8 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+
+from tfgalflow.training.distributed import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "studies" / "multiworker"
@@ -60,16 +62,6 @@ WORKER = textwrap.dedent("""
     params = int(sum(np.prod(v.shape) for v in flow.trainable_variables))
     print("RESULT", json.dumps({"epoch_s": Clock.times, "params": params}))
 """ % (LAYERS, HIDDEN, EPOCHS, BATCH))
-
-
-def free_ports(k: int) -> list[int]:
-    socks = [socket.socket() for _ in range(k)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def run_workers(tmp: Path, data: Path, workers: int) -> dict:

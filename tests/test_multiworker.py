@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+
 import subprocess
 import sys
 import textwrap
@@ -55,16 +56,6 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def free_ports(k):
-    socks = [socket.socket() for _ in range(k)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def start(tmp_path, name, data, ports="", index=0, epochs=2, mode="train", kill_at=0,
           run=None):
     env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "TF_CPP_MIN_LOG_LEVEL": "2",
@@ -96,7 +87,7 @@ def test_two_workers_on_loopback_match_a_single_process(tmp_path):
     # 1280 rows: 1024 training rows = 8 global batches of 128 (64 per worker), 256 validation
     np.save(data, np.random.default_rng(0).normal(size=(1280, 2)).astype(np.float32))
     finish([start(tmp_path, "single", data)])
-    ports = ",".join(map(str, free_ports(2)))
+    ports = ",".join(map(str, distributed.free_ports(2)))
     finish([start(tmp_path, name, data, ports, i) for i, name in enumerate(["chief", "other"])])
     single, chief, other = (np.load(tmp_path / f"{n}.npy") for n in ("single", "chief", "other"))
     np.testing.assert_allclose(chief, single, rtol=1e-5, atol=1e-5)
@@ -120,7 +111,7 @@ def test_killed_worker_restarted_resumes_to_the_uninterrupted_history(tmp_path):
     data = tmp_path / "x.npy"
     np.save(data, np.random.default_rng(0).normal(size=(1280, 2)).astype(np.float32))
     finish([start(tmp_path, "single", data, epochs=3)])
-    ports = ",".join(map(str, free_ports(2)))
+    ports = ",".join(map(str, distributed.free_ports(2)))
     chief = start(tmp_path, "chief", data, ports, 0, epochs=3)
     other = start(tmp_path, "other", data, ports, 1, epochs=3, kill_at=11, run="other")
     try:
@@ -132,7 +123,7 @@ def test_killed_worker_restarted_resumes_to_the_uninterrupted_history(tmp_path):
     hist = tmp_path / "chief" / "member_000" / "history.csv"
     assert len(hist.read_text().splitlines()) == 2          # header + epoch 1
     left = set((tmp_path / "tmp").glob("tfgalflow-*"))       # the killed worker's temp dir
-    ports = ",".join(map(str, free_ports(2)))
+    ports = ",".join(map(str, distributed.free_ports(2)))
     finish([start(tmp_path, "chief", data, ports, 0, epochs=3, mode="resume"),
             start(tmp_path, "other", data, ports, 1, epochs=3, mode="resume", run="chief")])
     want = np.loadtxt(tmp_path / "single" / "member_000" / "history.csv", delimiter=",",
@@ -183,7 +174,7 @@ def test_two_workers_stream_their_own_shards_of_an_hdf5_file(tmp_path):
     rng = np.random.default_rng(0)
     data = Catalogue(rng.normal(size=(2001, 3)), rng.normal(size=(2001, 3)),
                      units={"length": "kpc", "velocity": "km/s"}).save(tmp_path / "cat.h5")
-    ports = ",".join(map(str, free_ports(2)))
+    ports = ",".join(map(str, distributed.free_ports(2)))
     env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "TF_CPP_MIN_LOG_LEVEL": "2",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     finish([subprocess.Popen([sys.executable, "-c", HDF5_WORKER, str(tmp_path / f"run{i}"),
@@ -289,7 +280,7 @@ def test_two_workers_stream_their_own_shards_of_a_parquet_table(tmp_path):
     table = tmp_path / "t.parquet"
     write_parquet(table, np.stack([ids, np.random.default_rng(0).normal(size=2000)], axis=1),
                   ids // 200, ("id", "y"), ("node",), row_group_size=100)
-    ports = ",".join(map(str, free_ports(2)))
+    ports = ",".join(map(str, distributed.free_ports(2)))
     env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "TF_CPP_MIN_LOG_LEVEL": "2",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     finish([subprocess.Popen([sys.executable, "-c", PARQUET_WORKER, str(table),
@@ -386,3 +377,11 @@ def test_an_sgd_step_under_two_replicas_equals_one_replica_for_any_split():
     assert set(out) == {"uneven_batch", "short_last_batch", "weighted", "noise_model"}
     for case, relative_difference in out.items():
         assert relative_difference < 2e-5, case
+
+
+def test_free_ports_are_distinct_and_bindable():
+    ports = distributed.free_ports(3)
+    assert len(set(ports)) == 3
+    for port in ports:          # each can be bound right away (what a worker does with it)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))

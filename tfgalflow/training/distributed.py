@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,22 @@ if TYPE_CHECKING:  # pragma: no cover
 SLURM_VARIABLES = ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS")
 #: First port SlurmClusterResolver gives the tasks of a node.
 SLURM_PORT_BASE = 8888
+
+
+def free_ports(k: int) -> list[int]:
+    """k distinct TCP ports free on 127.0.0.1 now, for a one-machine cluster's TF_CONFIG
+    (``{"cluster": {"worker": ["localhost:p0", ...]}, "task": ...}``: tests, studies, a try-out
+    before SLURM). The sockets are closed before returning, so another process could take a port
+    in between; bind soon.
+    """
+    sockets = [socket.socket() for _ in range(k)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def cluster_resolver() -> Any:
