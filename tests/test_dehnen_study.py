@@ -36,7 +36,7 @@ def test_config_parses_command_line_text_and_refuses_bad_labels():
     assert c.with_overrides(activation="gelu").train_config().activation == "gelu"
     assert c.train_config().clip_norm is None          # 0 (the default) is off
     assert c.with_overrides(clip_norm="10").train_config().clip_norm == 10.0
-    with pytest.raises(InputError, match="clip_norm must be >= 0"):
+    with pytest.raises(InputError, match="clip_norm and label_noise must be >= 0"):
         c.with_overrides(clip_norm=-1)
     with pytest.raises(InputError, match="cartesian, spherical"):
         c.with_overrides(coordinates="polar")

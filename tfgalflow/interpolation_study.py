@@ -101,6 +101,8 @@ class InterpolationConfig:
                               "str")
     clip_norm: float = option(0.0, "global gradient-norm clip of the optimizer (0: off; "
                                "TrainConfig.clip_norm)", "float")
+    label_noise: float = option(0.0, "σ of the training-label noise in standardised units "
+                                "(0: off; TrainConfig.label_noise)", "float")
     coordinates: str = option("cartesian", "what the flow learns: 'cartesian' (x, v) or "
                                "'spherical' (r, v_r, v_t; TrainConfig.coordinates)", "str")
     n_radii: int = option(16, "radii log-spaced in [r_min, r_max]", "int")
@@ -133,9 +135,10 @@ class InterpolationConfig:
             if getattr(self, name) < 1:
                 raise InputError(f"InterpolationConfig.{name} = {getattr(self, name)}: expected "
                                  f">= 1")
-        if self.rotations < 0 or self.patience < 0 or self.seed < 0 or self.clip_norm < 0:
-            raise InputError("InterpolationConfig.rotations, patience, seed and clip_norm must be "
-                             ">= 0")
+        if self.rotations < 0 or self.patience < 0 or self.seed < 0 or self.clip_norm < 0 \
+                or self.label_noise < 0:
+            raise InputError("InterpolationConfig.rotations, patience, seed, clip_norm and "
+                             "label_noise must be >= 0")
         if not 0 < self.r_min < self.r_max or len(self.summary_range) != 2 \
                 or not self.summary_range[0] < self.summary_range[1]:
             raise InputError(f"need 0 < r_min < r_max and summary_range = (lo, hi) with lo < hi; "
@@ -167,7 +170,8 @@ class InterpolationConfig:
                            batch_size=self.batch_size, lr=self.lr, lr_schedule="cosine",
                            patience=self.patience, members=self.members, label_dim=2,
                            validation_split=0.1, seed=self.seed, coordinates=self.coordinates,
-                           activation=self.activation, clip_norm=self.clip_norm or None)
+                           activation=self.activation, clip_norm=self.clip_norm or None,
+                           label_noise=self.label_noise)
 
     @classmethod
     def tiny(cls) -> "InterpolationConfig":

@@ -83,6 +83,10 @@ class TrainConfig:
     clip_norm: float | None = option(
         None, "clip each step's gradient to this global norm (none: no clipping); guards an "
         "affine flow against the first steps' blow-ups on wide or many-label data", "float?")
+    label_noise: float = option(
+        0.0, "σ of Gaussian noise added to the standardised labels at every training step "
+        "(0 = off): smooths p(x | c) between sparse training labels (Flow.set_label_noise)",
+        "float")
     validation_split: float = option(0.1, "fraction of the points held out for validation "
                                            "(0 = none)", "float")
     patience: int = option(10, "stop after this many epochs without a lower monitored loss "
@@ -150,6 +154,9 @@ class TrainConfig:
         if self.clip_norm is not None:
             validation.positive_number(self.clip_norm, "TrainConfig.clip_norm")
         validation.one_of(self.lr_schedule, "TrainConfig.lr_schedule", LR_SCHEDULES)
+        validation.positive_number(self.label_noise, "TrainConfig.label_noise", allow_zero=True)
+        check(self.label_noise == 0 or self.label_dim != 0, "label_noise",
+              "0 for an unconditional flow (label_dim = 0)")
         check(0.0 <= self.validation_split < 1.0, "validation_split", "a fraction in [0, 1)")
         check(self.seed + self.members - 1 < 2**31, "seed",
               f"seed + members - 1 < 2**31 ({self.members} members)")
