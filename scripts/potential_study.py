@@ -98,7 +98,11 @@ def main() -> None:
     p.add_argument(
         "--fit-points", type=int, default=32768, help="stars the potential is fitted at"
     )
-    p.add_argument("--fit-epochs", type=int, default=40)
+    p.add_argument("--fit-epochs", type=int, default=100)
+    p.add_argument("--fit-patience", type=int, default=30,
+                   help="early-stopping patience of the potential fit (epochs)")
+    p.add_argument("--clip-norm", type=float, default=None,
+                   help="gradient-norm clip of the flows' training (TrainConfig.clip_norm)")
     p.add_argument("--radii", type=int, default=30)
     p.add_argument("--directions", type=int, default=16)
     p.add_argument("--lsq-radii", type=int, default=15)
@@ -131,12 +135,14 @@ def main() -> None:
             tc = TrainConfig.from_dict({"layers": 6, "hidden": [64, 64], "epochs": args.epochs,
                                         "batch_size": 1024, "lr": 2e-3, "lr_schedule": "cosine",
                                         "patience": 8, "members": args.members,
-                                        "validation_split": 0.1, "seed": args.seed})
+                                        "validation_split": 0.1, "seed": args.seed,
+                                        "clip_norm": args.clip_norm})
             flow = train(cat, tc, run_dir, verbose=2)
         print(f"[{name}] flow ready ({time.perf_counter() - t0:.0f} s)", flush=True)
         fit_idx = np.random.default_rng(args.seed).permutation(len(cat))[:args.fit_points]
         data = np.concatenate([cat.pos[fit_idx], cat.vel[fit_idx]], axis=1)
-        cfg = PotentialConfig(epochs=args.fit_epochs, seed=args.seed, hidden=(64, 64, 64))
+        cfg = PotentialConfig(epochs=args.fit_epochs, patience=args.fit_patience, seed=args.seed,
+                              hidden=(64, 64, 64))
         m = report["mocks"][name] = {"kind": kind, "noise": noise, "n_stars": len(cat)}
         for which, df in (("exact", H.exact_density(kind)), ("learned", flow)):
             pdir = out / "potentials" / f"{name}_{which}"

@@ -31,9 +31,11 @@ The fit, step by step:
 Network. Positions are centred on the median of the training positions and compressed radially,
 
     u = x̃ asinh(|x̃|) / |x̃|,   x̃ = (x − centre) / ℓ,
-    ℓ = ``length_scale`` (default: median |x − centre|),
+    ℓ = ``length_scale`` (default: the 1 % quantile of |x − centre|, :data:`LENGTH_QUANTILE`),
 
-(smooth at x̃ = 0; linear inside ℓ, logarithmic beyond, so one MLP spans decades in radius), then
+(smooth at x̃ = 0; linear inside ℓ, logarithmic beyond, so one MLP spans decades in radius: with ℓ
+at the innermost data, Φ(|x|) is a smooth function of u even for a cusp, where Φ ∝ |x| near the
+centre and a median-sized ℓ made the network round the cone off: ``studies/potential``), then
 an MLP with a smooth activation (softplus, tanh, swish, sigmoid: ∇²Φ must exist) maps (u, labels
 rescaled) to a scalar N. The potential is Φ_θ(x) = Φ_0 [N(u(x)) − N(u(x_ref))] + Φ_ext(x):
 
@@ -47,7 +49,8 @@ rescaled) to a scalar N. The potential is Φ_θ(x) = Φ_0 [N(u(x)) − N(u(x_ref
   fixed: the network fits the rest. It enters the SavedModel graph as traced ops.
 
 Support. A position x is ``supported`` when at least ``support_neighbours`` (k) of the stored
-training positions (a subsample of ``support_points``) lie within η (|x − centre| + ℓ/10) of it,
+training positions (a subsample of ``support_points``) lie within η (|x − centre| + h) of it,
+h = 0.1 x the median |x − centre| of the training positions,
 η = ``support_radius``: a data-extent test that scales with radius (what a DF sampled by stars can
 constrain). Outputs at unsupported positions are returned but flagged: every output method and
 signature carries the ``supported`` mask.
@@ -84,6 +87,8 @@ POTENTIAL_FORMAT_VERSION = 1
 #: Signatures of an exported potential (each also returns ``supported`` [N] bool).
 POTENTIAL_SIGNATURES = ("potential", "acceleration", "density")
 METADATA_VARIABLE = "tfgalflow_metadata"
+#: Default ℓ of the input compression: this quantile of the training points' |x − centre|.
+LENGTH_QUANTILE = 0.01
 #: Rows per chunk of the support test and of eager evaluation.
 ROWS_PER_CHUNK = 4096
 
@@ -107,7 +112,8 @@ class PotentialConfig:
         G: gravitational constant in the DF's units (ρ = ∇²Φ / 4πG).
         output_scale: Φ_0 = output_scale x mean |v|² of the points (the network's output unit:
             larger values make the initial field and the Adam steps in Φ larger).
-        length_scale: ℓ of the input compression (None: median |x − centre| of the points).
+        length_scale: ℓ of the input compression (None: the :data:`LENGTH_QUANTILE` quantile of
+            |x − centre| of the points).
         reference: x_ref of the gauge Φ(x_ref) = 0 (None: the centre of the points).
         support_points, support_neighbours, support_radius: the support test (module docstring).
         seed: seed of the draws, the split, the initial weights and the shuffling.
@@ -242,6 +248,9 @@ class PotentialModel(tf.Module):
         c = self.constants
         self.centre = tf.constant(c["centre"], tf.float32)                     # [3]
         self.length_scale = tf.constant(float(c["length_scale"]), tf.float32)
+        # potentials saved before support_scale was stored used ℓ / 10 (ℓ was the median radius)
+        self.support_scale = tf.constant(
+            float(c.get("support_scale", 0.1 * float(c["length_scale"]))), tf.float32)
         self.phi_scale = tf.constant(float(c["phi_scale"]), tf.float32)
         self.reference = tf.constant(c["reference"], tf.float32)               # [3]
         self.label_shift = tf.constant(c["label_shift"], tf.float32)           # [C]
@@ -298,7 +307,7 @@ class PotentialModel(tf.Module):
         return out
 
     def supported_tensor(self, x: tf.Tensor) -> tf.Tensor:
-        """[N] bool: at least k stored training positions within η (|x − centre| + ℓ/10) of x.
+        """[N] bool: at least k stored training positions within η (|x − centre| + h) of x.
 
         Runs over chunks of :data:`ROWS_PER_CHUNK` rows (memory [chunk, S]) as a ``tf.map_fn``.
         """
@@ -315,7 +324,7 @@ class PotentialModel(tf.Module):
             d2 = (tf.reduce_sum(tf.square(block), 1, keepdims=True) + p2[None, :]
                   - 2.0 * tf.matmul(block, p, transpose_b=True))  # [chunk, S]
             h = cfg.support_radius * (
-                tf.norm(block - self.centre, axis=1) + 0.1 * self.length_scale
+                tf.norm(block - self.centre, axis=1) + self.support_scale
             )
             return tf.reduce_sum(tf.cast(d2 < tf.square(h)[:, None], tf.int32), axis=1)
 
@@ -747,7 +756,8 @@ class _Trainer(keras.Model):
     def train_step(self, batch):
         with tf.GradientTape() as tape:
             loss, cbe, lap = self._loss(batch)
-        variables = self.net.trainable_variables
+        # the output layer's bias cancels in Φ_0 [N(u) − N(u_ref)] (the gauge): it has no gradient
+        variables = [v for v in self.net.trainable_variables if v is not self.net.layers[-1].bias]
         self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
         return {"loss": loss, "cbe": cbe, "laplacian": lap}
 
@@ -812,7 +822,8 @@ def fit_potential(df: Density, config: PotentialConfig = PotentialConfig(), *, d
     gx, gv = grad[:, :3].astype(np.float64), grad[:, 3:].astype(np.float64)
 
     centre = np.median(x, axis=0)
-    length = config.length_scale or float(np.median(np.linalg.norm(x - centre, axis=1)))
+    radius = np.linalg.norm(x - centre, axis=1)
+    length = config.length_scale or float(np.quantile(radius, LENGTH_QUANTILE))
     phi_scale = config.output_scale * float(np.mean(np.sum(v * v, axis=1)))
     rng = np.random.default_rng(config.seed)
     support = x[rng.permutation(x.shape[0])[:config.support_points]]
@@ -821,7 +832,7 @@ def fit_potential(df: Density, config: PotentialConfig = PotentialConfig(), *, d
                  "label_shift": np.zeros(0) if c is None else c.mean(axis=0),
                  "label_scale": np.ones(0) if c is None else np.where(c.std(axis=0) > 0,
                                                                       c.std(axis=0), 1.0),
-                 "support_positions": support}
+                 "support_positions": support, "support_scale": 0.1 * float(np.median(radius))}
     keras.utils.set_random_seed(config.seed)
     model = PotentialModel(config, constants, 0 if c is None else c.shape[1], external,
                            external_name or (getattr(external, "__name__", "external")
