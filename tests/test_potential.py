@@ -45,19 +45,18 @@ def external_fit(catalogue):
     return fit_potential(H.exact_density("iso"), cfg, data=catalogue), None
 
 
-@pytest.mark.slow          # a known failure (strict xfail): 15-20 s of training, cannot pass yet
-@pytest.mark.xfail(reason="known issue: with 80 % of Φ fixed as external, the network part stays "
-                          "~0 (loss plateaus at the zero-field value); under investigation",
-                   strict=True)
+@pytest.mark.slow          # 40 epochs of fitting (~20 s on 2 cores)
 def test_recovers_hernquist_with_fixed_external_component(catalogue):
     ext = lambda x: hernquist_phi(x, 0.8)                                      # noqa: E731
-    pot = fit_potential(H.exact_density("iso"), PotentialConfig(hidden=(32, 32), epochs=6),
+    pot = fit_potential(H.exact_density("iso"), PotentialConfig(hidden=(32, 32), epochs=40),
                         data=catalogue, external=ext, external_name="0.8 Hernquist")
     x = shell(200, 0.3, 5.0, seed=1)
     a = pot.acceleration(x)
     err = np.linalg.norm(a - H.acceleration(x), axis=1) / np.linalg.norm(H.acceleration(x), axis=1)
     # Without the network (a = 0.8 a_H) the error is 20 %; the network must carry the rest.
-    assert np.sqrt(np.mean(err**2)) < 0.05
+    # Measured 0.8 % rms with the default output scale (10 % with Φ_0 = mean |v|², the old one);
+    # 3 % leaves room for seeds and thread counts.
+    assert np.sqrt(np.mean(err**2)) < 0.03
 
 
 def test_curl_free_jacobian_symmetric(external_fit):

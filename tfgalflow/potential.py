@@ -42,9 +42,11 @@ rescaled) to a scalar N. The potential is Φ_θ(x) = Φ_0 [N(u(x)) − N(u(x_ref
 * **gauge**: Φ_θ(x_ref) = 0 exactly, x_ref = ``reference`` (default: the centre). The data fix only
   ∇Φ; the constant is a choice, and "Φ → 0 far out" would need an extrapolation beyond the data
   that the CBE does not constrain. Compare potentials as Φ(x) − Φ(x_ref);
-* Φ_0 = ``output_scale`` x mean |v|² of the training points (the virial scale of |Φ|); the DF's
-``scale_hint`` is not
-  used (its position part is the flow's rescaler, too wide for the compression);
+* Φ_0 = ``output_scale`` x mean |v|² of the training points (mean |v|² is the virial scale of
+  |Φ|; the default fraction 0.2 keeps the untrained network's random field and Adam's first steps
+  small against the field to be learned, which matters most when a fixed external part carries
+  most of Φ: ``studies/potential``); the DF's ``scale_hint`` is not used (its position part is
+  the flow's rescaler, too wide for the compression);
 * Φ_ext: an optional known external potential (a TF-traceable callable x [N, 3] -> [N]) held
   fixed: the network fits the rest. It enters the SavedModel graph as traced ops.
 
@@ -130,7 +132,7 @@ class PotentialConfig:
     robust_scale: float = 1.0
     laplacian_weight: float = 0.01
     G: float = 1.0
-    output_scale: float = 1.0
+    output_scale: float = 0.2
     length_scale: float | None = None
     reference: tuple[float, float, float] | None = None
     support_points: int = 8192
