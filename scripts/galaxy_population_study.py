@@ -32,8 +32,9 @@ MEMBERS = 4
 
 
 def arm_dir(arm: str, lr: float, galaxies: int, epochs: int, members: int = MEMBERS,
-            stars: int = TASK["stars_per_galaxy"]) -> str:
+            stars: int = TASK["stars_per_galaxy"], label_noise: float = 0.0) -> str:
     name = arm if lr == TRAIN["lr"] else f"{arm}_lr{lr:g}"
+    name = name if not label_noise else f"{name}_labelnoise{label_noise:g}"
     name = name if stars == TASK["stars_per_galaxy"] else f"{name}_{stars}stars"
     name = name if galaxies == 60 else f"{name}_{galaxies}gal"
     name = name if members == MEMBERS else f"{name}_{members}member"
@@ -41,13 +42,15 @@ def arm_dir(arm: str, lr: float, galaxies: int, epochs: int, members: int = MEMB
 
 
 def run(arm: str, lr: float, galaxies: int = 60, epochs: int = TRAIN["epochs"],
-        members: int = MEMBERS, stars: int = TASK["stars_per_galaxy"]) -> dict:
+        members: int = MEMBERS, stars: int = TASK["stars_per_galaxy"],
+        label_noise: float = 0.0) -> dict:
     """One arm; with ``galaxies`` != 60 the stars per galaxy shrink to keep the same total."""
     overrides = dict(TASK, noise_labels=(arm == "noise"), galaxies=galaxies,
                      stars_per_galaxy=stars * 60 // galaxies)
     return run_task("galaxy_population",
-                    OUT / arm_dir(arm, lr, galaxies, epochs, members, stars),
-                    overrides, dict(TRAIN, lr=lr, epochs=epochs, members=members),
+                    OUT / arm_dir(arm, lr, galaxies, epochs, members, stars, label_noise),
+                    overrides, dict(TRAIN, lr=lr, epochs=epochs, members=members,
+                                    label_noise=label_noise),
                     verbose=2)
 
 
@@ -122,12 +125,14 @@ if __name__ == "__main__":
     parser.add_argument("--members", type=int, default=MEMBERS)
     parser.add_argument("--stars-per-galaxy", type=int, default=TASK["stars_per_galaxy"],
                         help="stars of a log M* = 10.25 galaxy (the issue's size: 20000)")
+    parser.add_argument("--label-noise", type=float, default=0.0,
+                        help="TrainConfig.label_noise (σ in standardised label units)")
     args = parser.parse_args()
     if args.what == "diagnose":
         result = diagnose(args.variant)
     else:
         result = (run(args.arm, args.lr, args.galaxies, args.epochs, args.members,
-                      args.stars_per_galaxy)
+                      args.stars_per_galaxy, args.label_noise)
                   if args.what == "run"
                   else summary())
     print(json.dumps(result.get("targets", result), indent=1, default=str)[:4000])
