@@ -17,9 +17,9 @@ The fit, step by step:
 1. phase-space points (x_n, v_n) are drawn from the DF (``df.sample``) or taken from a catalogue;
    rows where log f or its gradient is not finite (outside the DF's support) are dropped;
 2. ∇_x log f and ∇_v log f are computed ONCE by GradientTape (``df.grad_log_prob``, batched) and
-   reused every epoch, together with a per-point scale s_n = |v_n| |∇_x log f_n| (+ a floor of
-   1e-3 x its median): for an isotropic f(E), ∇_x log f = F(E) a and ∇_v log f = −F(E) v, so the
-   residual R_n / s_n = v̂ · (a − a_θ) / |a| is a *relative* acceleration error at every radius;
+   reused every epoch, together with a per-point scale s_n = |∇_v log f_n| <|v|²>(r_n) / r_n
+   (:func:`residual_scale`: |∇_v log f| times a local virial estimate of |a|), so that the residual
+   R_n / s_n is the acceleration error along ∇_v log f relative to the local |a|, at every radius;
 3. loss = ⟨ρ(R_n / (δ s_n))⟩ + λ ⟨asinh(max(−∇²Φ, 0) / L_0)⟩ with the robust norm
    ρ(z) = z asinh z (quadratic for |z| << 1, |z| log|z| growth: convex, smooth, robust to the
    points where the learned DF is poor), δ = ``robust_scale``, L_0 = Φ_0 / ℓ² and
@@ -673,6 +673,35 @@ def load_potential(path: str | os.PathLike,
 
 # ---- fitting ------------------------------------------------------------------------------------
 
+def residual_scale(x: np.ndarray, v: np.ndarray, grad_v: np.ndarray,
+                   bins: int = 32) -> np.ndarray:
+    """Per-point scale s_n [N] of the CBE residual R_n = (∇Φ_true − ∇Φ_θ) · ∇_v log f_n.
+
+        s_n = |∇_v log f_n| A(r_n),   A(r) = <|v|²>(r) / r,
+
+    x [N, 3] relative to the centre, v [N, 3], grad_v = ∇_v log f [N, 3]. A(r) is a local virial
+    estimate of the acceleration magnitude (|a| = v_c² / r, and v_c² ~ <|v|²> within a factor of
+    order one) from the points themselves: <|v|²> in ``bins`` radial quantile bins, interpolated in
+    log r. Then R_n / s_n is the acceleration error projected on ∇_v log f, relative to the local
+    |a|, at every radius and for any DF. (|v| |∇_x log f| equals |∇_v log f| |a| for an isotropic
+    f(E) but not for f(E, L): there ∇_x log f carries a 1/L term that does not enter the residual,
+    and that scale drowned the radial field of the β = 1/2 Hernquist model.) A floor of 10⁻³ x the
+    median keeps points with ∇_v log f ≈ 0 finite.
+    """
+    r = np.maximum(np.linalg.norm(x, axis=1), 1e-30)
+    edges = np.quantile(r, np.linspace(0.0, 1.0, bins + 1))
+    index = np.clip(np.searchsorted(edges, r, side="right") - 1, 0, bins - 1)
+    v2 = np.sum(v * v, axis=1)
+    mean_v2 = np.array([v2[index == k].mean() if np.any(index == k) else np.nan
+                        for k in range(bins)])
+    centres = np.array([np.median(r[index == k]) if np.any(index == k) else np.nan
+                        for k in range(bins)])
+    ok = np.isfinite(mean_v2) & np.isfinite(centres)
+    log_a = np.interp(np.log(r), np.log(centres[ok]), np.log(mean_v2[ok] / centres[ok]))
+    s = np.linalg.norm(grad_v, axis=1) * np.exp(log_a)
+    return s + 1e-3 * np.median(s)
+
+
 def robust_norm(z: tf.Tensor) -> tf.Tensor:
     """ρ(z) = z asinh z: ≈ z² for |z| << 1, ≈ |z| ln 2|z| for |z| >> 1 (convex, smooth, even)."""
     return z * tf.math.asinh(z)
@@ -841,7 +870,7 @@ def fit_potential(df: Density, config: PotentialConfig = PotentialConfig(), *, d
                                              if external is not None else None))
 
     b = np.sum(v * gx, axis=1)                                   # v · ∇_x log f
-    s = np.linalg.norm(v, axis=1) * np.linalg.norm(gx, axis=1)   # per-point scale
+    s = residual_scale(x - centre, v, gv)                         # per-point scale
     s = s + 1e-3 * np.median(s)
     lap_ext = np.zeros(len(b))
     if external is not None:                                     # fold the fixed part into b, once
@@ -894,6 +923,7 @@ __all__ = [
     "is_potential",
     "save_field",
     "robust_norm",
+    "residual_scale",
     "compress",
     "df_log_gradients",
     "ACTIVATIONS",
