@@ -84,9 +84,9 @@ class InterpolationConfig:
     gammas: tuple = option((0.5, 1.0, 1.5), "inner slopes γ of the training grid", "floats")
     ra_inverses: tuple = option((0.0, 0.5, 1.0), "a/r_a values of the training grid", "floats")
     held_out: tuple = option(((0.75, 0.25), (1.25, 0.75)),
-                              "held-out labels γ:a/r_a inside the grid, never trained on", "pairs")
+                             "held-out labels γ:a/r_a inside the grid, never trained on", "pairs")
     far_label: tuple = option((2.5, 0.0), "a label far outside the grid, probed for the report "
-                                           "(γ,a/r_a)", "floats")
+                                          "(γ,a/r_a)", "floats")
     n_per_node: int = option(40_000, "stars per grid node", "int")
     star_r_max: float = option(100.0, "stars beyond this radius are cut (units of a)", "float")
     layers: int = option(6, "autoregressive layers of the flow", "int")
@@ -97,14 +97,14 @@ class InterpolationConfig:
     patience: int = option(10, "early-stopping patience (0: never stop)", "int")
     members: int = option(1, "ensemble members", "int")
     activation: str = option("relu", "hidden activation of the MADEs (relu, gelu, tanh, ...: "
-                              "smooth ones interpolate between label nodes more smoothly)",
-                              "str")
+                             "smooth ones interpolate between label nodes more smoothly)",
+                             "str")
     clip_norm: float = option(0.0, "global gradient-norm clip of the optimizer (0: off; "
-                               "TrainConfig.clip_norm)", "float")
+                              "TrainConfig.clip_norm)", "float")
     label_noise: float = option(0.0, "σ of the training-label noise in standardised units "
                                 "(0: off; TrainConfig.label_noise)", "float")
     coordinates: str = option("cartesian", "what the flow learns: 'cartesian' (x, v) or "
-                               "'spherical' (r, v_r, v_t; TrainConfig.coordinates)", "str")
+                              "'spherical' (r, v_r, v_t; TrainConfig.coordinates)", "str")
     n_radii: int = option(16, "radii log-spaced in [r_min, r_max]", "int")
     n_directions: int = option(2, "random directions per radius", "int")
     r_min: float = option(0.1, "smallest evaluation radius (units of a)", "float")
@@ -112,18 +112,17 @@ class InterpolationConfig:
     n_velocities: int = option(256, "velocities K per position of the CBE solve", "int")
     rotations: int = option(32, "rotations M of the spherical average (0: off)", "int")
     summary_range: tuple = option((0.2, 5.0), "radius range of the medians (units of a)",
-                                   "floats")
+                                  "floats")
     n_test: int = option(20_000, "exact stars per label for the KL estimate", "int")
     n_beta: int = option(20_000, "flow samples per label for β(r)", "int")
     beta_bins: int = option(8, "radial bins of β(r), log-spaced in [r_min, r_max]", "int")
     seed: int = option(0, "seed of mocks, training, positions and rotations", "int")
 
     def __post_init__(self) -> None:
+        from .coordinates import COORDINATES
         from .dehnen import check_label
 
         coerce_fields(self)
-        from .coordinates import COORDINATES
-
         if self.coordinates not in COORDINATES:
             raise InputError(f"InterpolationConfig.coordinates = {self.coordinates!r}: expected "
                              f"one of {', '.join(COORDINATES)}")

@@ -50,6 +50,7 @@ from .flows import (
     inverse_and_log_det_grid,
     layer_names,
 )
+from .validation import positive_number
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -611,9 +612,7 @@ class Flow(Density, keras.Model):
         a smoothing bias at the nodes that vanishes as σ → 0. Validation, log_prob and sampling use
         the labels as given. σ = 0 turns it off.
         """
-        sigma = float(sigma)
-        if not (math.isfinite(sigma) and sigma >= 0.0):
-            raise InputError(f"label noise sigma = {sigma!r}: expected a number >= 0")
+        sigma = positive_number(sigma, "label noise sigma", allow_zero=True)
         if sigma > 0.0 and not self.label_dim:
             raise InputError("label noise needs a conditional flow (label_dim > 0)")
         self.label_noise, self._label_noise_seed = sigma, int(seed)

@@ -870,8 +870,7 @@ def fit_potential(df: Density, config: PotentialConfig = PotentialConfig(), *, d
                                              if external is not None else None))
 
     b = np.sum(v * gx, axis=1)                                   # v · ∇_x log f
-    s = residual_scale(x - centre, v, gv)                         # per-point scale
-    s = s + 1e-3 * np.median(s)
+    s = residual_scale(x - centre, v, gv)                         # per-point scale, floored
     lap_ext = np.zeros(len(b))
     if external is not None:                                     # fold the fixed part into b, once
         xt = tf.constant(x, tf.float32)

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-
 from .. import validation
 from ..config_fields import coerce_fields, field_help, option
 from ..coordinates import COORDINATES, flow_log_columns
@@ -25,8 +24,6 @@ from .rundir import RUN_FORMAT
 LR_SCHEDULES = ("constant", "cosine", "exponential")
 #: η(T)/η0 of the exponential schedule.
 EXPONENTIAL_FINAL_FRACTION = 0.01
-
-
 
 
 @dataclass(frozen=True)
@@ -48,10 +45,10 @@ class TrainConfig:
     hidden: tuple = option((64, 64), "hidden widths of each MADE network, e.g. 64,64", "ints")
     activation: str = option("relu", "hidden activation of the MADE networks", "str")
     kind: str = option("affine", "'affine' (MAF) or 'spline' (rational-quadratic spline MAF)",
-                        "str")
+                       "str")
     bins: int = option(8, "spline bins K (kind='spline')", "int")
     log_columns: tuple = option((), "0-based data columns modelled as log(x) (strictly "
-                                     "positive), e.g. 0,3", "ints")
+                                    "positive), e.g. 0,3", "ints")
     label_log_columns: tuple = option(
         (),
         "0-based label columns standardised as log(c) (strictly "
@@ -74,12 +71,12 @@ class TrainConfig:
         "str",
     )
     label_dim: int | None = option(None, "label columns C to condition on: none = as many as the "
-                                          "data has, 0 = ignore labels", "int?")
+                                         "data has, 0 = ignore labels", "int?")
     epochs: int = option(100, "maximum number of epochs", "int")
     batch_size: int = option(512, "points per optimizer step", "int")
     lr: float = option(1e-3, "initial (peak) learning rate of Adam", "float")
     lr_schedule: str = option("cosine", "learning-rate schedule: constant, cosine or exponential",
-                               "str")
+                              "str")
     clip_norm: float | None = option(
         None, "clip each step's gradient to this global norm (none: no clipping); guards an "
         "affine flow against the first steps' blow-ups on wide or many-label data", "float?")
@@ -88,40 +85,40 @@ class TrainConfig:
         "(0 = off): smooths p(x | c) between sparse training labels (Flow.set_label_noise)",
         "float")
     validation_split: float = option(0.1, "fraction of the points held out for validation "
-                                           "(0 = none)", "float")
+                                          "(0 = none)", "float")
     patience: int = option(10, "stop after this many epochs without a lower monitored loss "
-                                "(0 = never stop); the final weights are always those of the "
-                                "best epoch", "int")
+                               "(0 = never stop); the final weights are always those of the "
+                               "best epoch", "int")
     checkpoint_every: int = option(10, "save a resumable checkpoint every k epochs (0 = only the "
-                                        "best)", "int")
+                                       "best)", "int")
     keep_checkpoints: int = option(3, "keep the last k periodic checkpoints (0 = keep all); the "
-                                       "checkpoint of the best epoch is always kept", "int")
+                                      "checkpoint of the best epoch is always kept", "int")
     seed: int = option(0, "seed of member 0 (member k uses seed + k)", "int")
     members: int = option(1, "ensemble size K", "int")
     parallel: bool = option(False, "train ensemble members in parallel processes", "bool")
     tensorboard: bool = option(False, "write TensorBoard logs to RUN/member_XXX/tensorboard",
-                                "bool")
+                               "bool")
     # Defaults are the fast path. Measured on 2 shared CPU cores (8-layer 2x64 MAF, batch 2048, 6D
     # Hernquist mock, training's own pipeline, medians of 20 epochs): samples/s 1.27x with XLA and
     # 2.05x with XLA and K = 16 (K = 8..32 alike) relative to no XLA, one step per call; XLA
     # compiles 2-3 train shapes once.
     jit_compile: bool = option(True, "XLA-compile the training step (one-time compilation of a "
-                                      "few seconds per member; faster steps)", "bool")
+                                     "few seconds per member; faster steps)", "bool")
     steps_per_call: int = option(16, "optimizer steps K per compiled train call: each epoch's "
-                                      "batches are stacked K at a time [K, B, D] and run in one "
-                                      "loop (same updates as K calls, less per-call overhead)",
-                                  "int")
+                                     "batches are stacked K at a time [K, B, D] and run in one "
+                                     "loop (same updates as K calls, less per-call overhead)",
+                                 "int")
     adapt_samples: int = option(100_000, "rows used to fit the rescaler when streaming an HDF5 "
-                                          "file", "int")
+                                         "file", "int")
     multi_worker: bool = option(False, "train with tf.distribute.MultiWorkerMirroredStrategy "
-                                        "over the cluster in TF_CONFIG (or the SLURM job step); "
-                                        "only the chief writes the run directory", "bool")
+                                       "over the cluster in TF_CONFIG (or the SLURM job step); "
+                                       "only the chief writes the run directory", "bool")
     deconvolve: bool = option(False, "learn the error-free DF from a catalogue with errors: "
-                                      "maximise the likelihood of each star under the flow "
-                                      "convolved with its error model (tfgalflow.deconvolution; "
-                                      "in-memory data only)", "bool")
+                                     "maximise the likelihood of each star under the flow "
+                                     "convolved with its error model (tfgalflow.deconvolution; "
+                                     "in-memory data only)", "bool")
     noise_samples: int = option(16, "noise draws K per star and step of the deconvolution "
-                                     "estimator (cost ~K; bias of log p ~ -1/K)", "int")
+                                    "estimator (cost ~K; bias of log p ~ -1/K)", "int")
 
     def __post_init__(self) -> None:
         coerce_fields(self)
