@@ -1,15 +1,19 @@
 """Deconvolution study: a flow fitted to the 10 %-noise Hernquist mock, plain vs deconvolved.
 
     python scripts/deconvolution_study.py --out studies/deconvolution            # reduced size
-    python scripts/deconvolution_study.py --out studies/deconvolution_full --n 1000000 \\
-        --epochs 60 --layers 8 --noise-samples 16                                 # issue target
+    python scripts/deconvolution_study.py --out studies/deconvolution_1e6 --n 1000000 \\
+        --coordinates spherical --members 4 --epochs 20 --batch-size 2048 --lr 1e-3 \\
+        --velocities 16384 --clip-norm 10                                         # issue size
 
 The mock is ``mocks.sample_hernquist(n, "iso", r_max=100)`` with ``mocks.add_noise(cat, 0.1)``
 (each Cartesian coordinate times 1 + 0.1 N(0, 1), the reference study's convention; the catalogue
 records fractional errors s = 0.1), cut at r < 100a as in ``tfgalflow.study``. Two flows with the
-same architecture, epochs, batches and seed are trained on it: the plain maximum-likelihood fit
-(learns the noise-convolved DF) and ``TrainConfig(deconvolve=True, noise_samples=K)`` (learns the
-error-free DF; tfgalflow.deconvolution). For each:
+same architecture, epochs, batches, members and seeds are trained on it: the plain
+maximum-likelihood fit (learns the noise-convolved DF) and ``TrainConfig(deconvolve=True,
+noise_samples=K)`` (learns the error-free DF; tfgalflow.deconvolution). With ``--coordinates
+spherical`` both learn (r, v_r, v_t) (the package's best route for a spherical system, a
+:class:`~tfgalflow.spherical_df.SphericalDF`; the errors still act on the Cartesian columns); that
+DF is exactly rotation invariant, so its "rotations" column is the learned one. For each:
 
 * accelerations from the CBE (``cbe.accelerations``) at ``--radii`` radii log-spaced over
   0.1a-10a, learned DF and its ``SphericalAverage`` over ``--rotations`` rotations; figure of merit
@@ -58,6 +62,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--noise-samples", type=int, default=8, help="K of the deconvolved fit")
+    p.add_argument("--coordinates", default="cartesian", choices=("cartesian", "spherical"))
+    p.add_argument("--members", type=int, default=1, help="ensemble members of each fit")
+    p.add_argument("--clip-norm", type=float, default=None, help="TrainConfig.clip_norm")
     p.add_argument("--radii", type=int, default=20)
     p.add_argument("--velocities", type=int, default=256)
     p.add_argument("--rotations", type=int, default=32)
@@ -89,7 +96,9 @@ def main() -> None:
 
     base = TrainConfig(layers=args.layers, hidden=tuple(int(h) for h in args.hidden.split(",")),
                        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                       lr_schedule="cosine", patience=0, validation_split=0.1, seed=args.seed)
+                       lr_schedule="cosine", patience=0, validation_split=0.1, seed=args.seed,
+                       coordinates=args.coordinates, members=args.members,
+                       clip_norm=args.clip_norm)
     fits = {"plain": base,
             "deconvolved": base.with_overrides(deconvolve=True, noise_samples=args.noise_samples)}
     results = {}
@@ -106,18 +115,20 @@ def main() -> None:
         else:
             flow = train(cat, config, run_dir, verbose=2)
         train_s = time.perf_counter() - t0
-        history = np.genfromtxt(run_dir / "member_000" / "history.csv", delimiter=",",
-                                names=True)
+        epochs_run = sum(np.atleast_1d(np.genfromtxt(
+            run_dir / f"member_{k:03d}" / "history.csv", delimiter=",", names=True)["epoch"]).size
+            for k in range(args.members))
         t0 = time.perf_counter()
         res = accelerations(flow, positions, n_velocities=args.velocities, seed=args.seed)
-        sym = accelerations(SphericalAverage(flow, args.rotations, seed=args.seed), positions,
-                            n_velocities=args.velocities, seed=args.seed)
+        sym = res if args.coordinates == "spherical" else accelerations(   # already symmetric
+            SphericalAverage(flow, args.rotations, seed=args.seed), positions,
+            n_velocities=args.velocities, seed=args.seed)
         err, err_sym = fractional_error(res.acceleration, a_true), fractional_error(
             sym.acceleration, a_true)
         delta = np.asarray(flow.log_prob(test.phase_space), np.float64) - log_f_exact
         r = {"train_seconds": train_s, "eval_seconds": time.perf_counter() - t0,
-             "epochs_run": int(np.atleast_1d(history["epoch"]).size),
-             "seconds_per_epoch": train_s / max(1, int(np.atleast_1d(history["epoch"]).size)),
+             "epochs_run": int(epochs_run),      # summed over the members
+             "seconds_per_epoch": train_s / max(1, int(epochs_run)),
              "median_fractional_error": float(np.median(err[in_range])),
              "median_fractional_error_symmetrised": float(np.median(err_sym[in_range])),
              "rms_log_density_error": float(np.sqrt(np.mean(delta ** 2))),

@@ -111,7 +111,15 @@ class NoiseModel:
         kind: "absolute", "fractional" or "covariance" (``Catalogue.error_kind``).
         samples: K, noise draws per star and step.
         seed: first half of the stateless seed of the draws (the other half is the step).
-        dim: D, the width of x.
+        dim: D, the width of the observed rows x (the catalogue's columns, in which the errors
+            are given).
+        correct_bias: add V̂ / 2K to the log of the mean (:func:`relative_variance`).
+        coordinates: the coordinates the flow learns (``TrainConfig.coordinates``): for
+            "cartesian" the flow's density is f itself; for reduced coordinates ("spherical",
+            "cylindrical") the candidates w_k stay in the catalogue's columns and f(w_k) is the
+            reduced-coordinate DF of the flow (:func:`tfgalflow.coordinates.wrap`: the flow's
+            density of the reduced coordinates over the Jacobian, e.g. p(r, v_r, v_t) /
+            (8π² r² v_t)), because the errors act on the observed columns, not on r or v_t.
     """
 
     kind: str
@@ -119,12 +127,17 @@ class NoiseModel:
     seed: int = 0
     dim: int = 6
     correct_bias: bool = True
+    coordinates: str = "cartesian"
 
     def __post_init__(self):
+        from .coordinates import COORDINATES, check_dim
         validation.one_of(self.kind, "error_kind", ERROR_KINDS)
         validation.integer(self.samples, "noise_samples")
         validation.integer(self.seed, "seed", low=0)
         validation.integer(self.dim, "dim")
+        validation.one_of(self.coordinates, "coordinates", COORDINATES)
+        if self.coordinates != "cartesian":
+            check_dim(self.coordinates, self.dim)
 
     @property
     def width(self) -> int:

@@ -488,20 +488,23 @@ class Flow(Density, keras.Model):
         x, c, _ = self._unpack(inputs)
         return self.log_prob_tensor(x, c)
 
-    def _unpack(self, data) -> tuple[tf.Tensor, tf.Tensor | None, tf.Tensor | None]:
+    def _unpack(self, data, dim: int | None = None
+                ) -> tuple[tf.Tensor, tf.Tensor | None, tf.Tensor | None]:
         """(x, labels | None, sample_weight [N] | None) from Keras data: x, (x, labels) or
-        (x, labels, w).
+        (x, labels, w); x [N, ``dim``] (default the flow's D; the catalogue width of noisy rows,
+        :meth:`_row_dim`).
         """
         x, c, w = _split_keras_data(data)
         if self.label_dim == 0 and c is not None and c.shape.rank == 2 and c.shape[1] == 0:
             # zero-width labels: how unconditional flows get sample weights (see train_step)
             c = None
-        x, c = validate_inputs(x, c, self.dim, self.label_dim, self.what)
+        x, c = validate_inputs(x, c, dim or self.dim, self.label_dim, self.what)
         if w is not None:
             w = tf.reshape(tf.cast(w, tf.float32), [-1])
         return _free_batch(x), (_free_batch(c) if c is not None else None), w
 
-    def _unpack_stack(self, data) -> tuple[tf.Tensor, tf.Tensor | None, tf.Tensor | None]:
+    def _unpack_stack(self, data, dim: int | None = None
+                      ) -> tuple[tf.Tensor, tf.Tensor | None, tf.Tensor | None]:
         """(x [K, B, D], labels [K, B, C] | None, sample_weight [K, B] | None) from a stack of K
         batches.
 
@@ -510,10 +513,10 @@ class Flow(Density, keras.Model):
         shapes.
         """
         x, c, w = _split_keras_data(data)
-        x = as_float32(x, "x")
-        if x.shape[2] is not None and x.shape[2] != self.dim:
+        x, dim = as_float32(x, "x"), dim or self.dim
+        if x.shape[2] is not None and x.shape[2] != dim:
             raise InputError(
-                f"stacked x has shape {shape_of(x)}; the {self.what} expects [K, B, {self.dim}]"
+                f"stacked x has shape {shape_of(x)}; the {self.what} expects [K, B, {dim}]"
             )
         if c is not None and self.label_dim == 0 and c.shape.rank == 3 and c.shape[2] == 0:
             c = None
@@ -594,12 +597,26 @@ class Flow(Density, keras.Model):
         learns the error-free density. None restores plain maximum likelihood. log_prob, sampling
         and export always describe the flow itself (the error-free density).
         """
-        if noise_model is not None and getattr(noise_model, "dim", None) != self.dim:
-            raise InputError(f"set_noise_model: expected a NoiseModel with dim = {self.dim}, got "
-                             f"{noise_model!r}")
+        if noise_model is not None and getattr(noise_model, "dim", None) != self._observed_dim(
+                getattr(noise_model, "coordinates", "cartesian")):
+            raise InputError(f"set_noise_model: expected a NoiseModel with dim = "
+                             f"{self._observed_dim(noise_model.coordinates)} for this "
+                             f"{self.dim}-D flow, got {noise_model!r}")
         self.noise_model = noise_model
         self.train_function = self.test_function = None     # rebuilt with the new loss
         return self
+
+    def _observed_dim(self, coordinates: str) -> int:
+        """The width of the catalogue rows whose reduced ``coordinates`` this flow learns."""
+        return self.dim if coordinates == "cartesian" else self._observed_density(coordinates).dim
+
+    def _observed_density(self, coordinates: str) -> Any:
+        """The density of the catalogue's columns this flow defines (itself for cartesian, the
+        reduced-coordinate DF of :func:`tfgalflow.coordinates.wrap` otherwise, not symmetrised:
+        the plain fit learns the same p). Built on demand, never stored (it holds the flow).
+        """
+        from .coordinates import wrap
+        return wrap(coordinates, self, even=False) if coordinates != "cartesian" else self
 
     # -- label-noise regularisation ------------------------------------------------------------
     def set_label_noise(self, sigma: float, seed: int = 0) -> "Flow":
@@ -637,6 +654,12 @@ class Flow(Density, keras.Model):
         x, errors = self.noise_model.split(x)
         return (x, c, w), errors
 
+    def _row_dim(self, errors: tf.Tensor | None) -> int:
+        """The width of x in a training batch: D, or with errors the noise model's (catalogue)
+        width, which differs from D when the flow learns reduced coordinates.
+        """
+        return self.dim if errors is None else self.noise_model.dim
+
     def _data_log_prob(self, x: tf.Tensor, c: tf.Tensor | None, errors: tf.Tensor | None,
                        step: tf.Tensor | int) -> tf.Tensor:
         """log f(x | c) [B]; with errors [B, E] the noise-convolved estimate log p̂(x | c), its
@@ -645,7 +668,8 @@ class Flow(Density, keras.Model):
         if errors is None:
             return self.log_prob_tensor(x, c)
         seed = tf.stack([tf.constant(self.noise_model.seed, tf.int64), tf.cast(step, tf.int64)])
-        return self.noise_model.log_likelihood(self.log_prob_tensor, x, errors, seed, c)
+        density = self._observed_density(self.noise_model.coordinates)
+        return self.noise_model.log_likelihood(density.log_prob_tensor, x, errors, seed, c)
 
     def _optimizer_step(self, x: tf.Tensor, c: tf.Tensor | None, w: tf.Tensor | None,
                         errors: tf.Tensor | None = None) -> None:
@@ -700,9 +724,9 @@ class Flow(Density, keras.Model):
             )
         data, errors = self._split_errors(data)
         if not _is_stack(data):
-            self._optimizer_step(*self._unpack(data), errors)
+            self._optimizer_step(*self._unpack(data, self._row_dim(errors)), errors)
             return {"loss": self._loss_tracker.result()}
-        x, c, w = self._unpack_stack(data)
+        x, c, w = self._unpack_stack(data, self._row_dim(errors))
         with tf.init_scope():     # slots must exist before the loop (no-op if already built)
             self.optimizer.build(self.trainable_variables)
 
@@ -725,13 +749,13 @@ class Flow(Density, keras.Model):
         """
         data, errors = self._split_errors(data)
         if _is_stack(data):
-            x, c, w = self._unpack_stack(data)
-            x = tf.reshape(x, [-1, self.dim])
+            x, c, w = self._unpack_stack(data, self._row_dim(errors))
+            x = tf.reshape(x, [-1, x.shape[-1]])     # D, or the observed width with errors
             c = None if c is None else tf.reshape(c, [-1, self.label_dim])
             w = None if w is None else tf.reshape(w, [-1])
             errors = None if errors is None else tf.reshape(errors, [-1, self.noise_model.width])
         else:
-            x, c, w = self._unpack(data)
+            x, c, w = self._unpack(data, self._row_dim(errors))
         self._loss_tracker.update_state(-self._data_log_prob(x, c, errors, 0), sample_weight=w)
         return {"loss": self._loss_tracker.result()}
 

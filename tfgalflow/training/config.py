@@ -116,7 +116,8 @@ class TrainConfig:
     deconvolve: bool = option(False, "learn the error-free DF from a catalogue with errors: "
                                      "maximise the likelihood of each star under the flow "
                                      "convolved with its error model (tfgalflow.deconvolution; "
-                                     "in-memory data only)", "bool")
+                                     "in-memory data only; with reduced coordinates the errors "
+                                     "stay in the catalogue's columns)", "bool")
     noise_samples: int = option(16, "noise draws K per star and step of the deconvolution "
                                     "estimator (cost ~K; bias of log p ~ -1/K)", "int")
 
@@ -144,9 +145,6 @@ class TrainConfig:
         validation.one_of(self.kind, "TrainConfig.kind", ("affine", "spline"))
         validation.one_of(self.coordinates, "TrainConfig.coordinates", COORDINATES)
         flow_log_columns(self.coordinates, self.log_columns)       # InputError where they can't
-        check(self.coordinates == "cartesian" or not self.deconvolve, "deconvolve",
-              f"False with coordinates = {self.coordinates!r} (errors are given in the "
-              f"catalogue's columns)")
         validation.positive_number(self.lr, "TrainConfig.lr")
         if self.clip_norm is not None:
             validation.positive_number(self.clip_norm, "TrainConfig.clip_norm")

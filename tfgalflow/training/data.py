@@ -160,15 +160,21 @@ class ArrayPipelines(Pipelines):
 
     def __init__(self, x_train: np.ndarray, l_train: np.ndarray | None, x_val: np.ndarray,
                  l_val: np.ndarray | None, batch_size: int, seed: int, steps_per_call: int = 1,
-                 dim: int | None = None):
+                 dim: int | None = None, adapt_rows: np.ndarray | None = None):
         self.x_train, self.l_train, self.x_val, self.l_val = x_train, l_train, x_val, l_val
         self.n_train, self.n_val = len(x_train), len(x_val)
         self.batch_size, self.seed = batch_size, seed
         self.steps_per_call = steps_per_call
         self.dim = x_train.shape[1] if dim is None else dim   # < width: errors packed after x
+        # rows in the flow's coordinates when x_train holds catalogue rows and errors
+        self.adapt_rows = adapt_rows
 
     def adapt_input(self) -> tuple[np.ndarray, np.ndarray | None]:
-        """The rows the rescaler is fitted on: every training row (x [:, :D], labels | None)."""
+        """The rows the rescaler is fitted on: every training row (x [:, :D], labels | None), in
+        the flow's coordinates.
+        """
+        if self.adapt_rows is not None:
+            return self.adapt_rows, self.l_train
         return self.x_train[:, :self.dim], self.l_train
 
     def train_dataset(self, initial_epoch: int, epochs: int) -> "tf.data.Dataset":
@@ -435,9 +441,12 @@ class ArrayData:
     streamed = False
 
     def __init__(self, x: np.ndarray, labels: np.ndarray | None, description: dict,
-                 errors: np.ndarray | None = None, error_kind: str | None = None):
+                 errors: np.ndarray | None = None, error_kind: str | None = None,
+                 observed: np.ndarray | None = None):
         self.x, self.labels, self.description = x, labels, description
         self.errors, self.error_kind = errors, error_kind   # a Catalogue's errors, if any
+        # the catalogue rows x was reduced from (in_coordinates), where the errors act
+        self.observed = x if observed is None else observed
 
     @property
     def n(self) -> int:
@@ -474,13 +483,14 @@ class ArrayData:
         def pick(a, idx):
             return None if a is None else a[idx]
 
-        x = self.x
+        x, adapt_rows = self.x, None
         if config.deconvolve:     # rows (x, errors): Flow.train_step splits them (deconvolution)
             from ..deconvolution import pack
-            x = pack(self.x, self.errors, self.error_kind)
+            x = pack(self.observed, self.errors, self.error_kind)  # catalogue columns + errors
+            adapt_rows = self.x[train_idx]                          # what the flow learns
         return ArrayPipelines(x[train_idx], pick(self.labels, train_idx), x[val_idx],
                               pick(self.labels, val_idx), config.batch_size, seed, steps_per_call,
-                              dim=self.dim)
+                              dim=self.dim, adapt_rows=adapt_rows)
 
 
 @dataclass(frozen=True)
@@ -764,9 +774,10 @@ def in_coordinates(data: ArrayData | HDF5Data, config: TrainConfig) -> ArrayData
     check_dim(coordinates, data.dim)
     description = dict(data.description, columns=column_names(
         coordinates, data.description.get("columns"), data.dim))
-    if not data.streamed:
+    if not data.streamed:     # errors (deconvolution) stay with the catalogue rows they act on
         return ArrayData(reduce(coordinates, data.x).astype(np.float32), data.labels,
-                         description)
+                         description, errors=data.errors, error_kind=data.error_kind,
+                         observed=data.x)
     if not isinstance(data, HDF5Data):
         raise InputError(f"TrainConfig.coordinates = {coordinates!r} reads catalogues in "
                          f"memory or HDF5; load this table into memory to train on it")

@@ -133,7 +133,8 @@ def _fit_member(run_dir: Path, run: dict, k: int, data: Any, *, strategy: Any = 
         if config.deconvolve:     # loss: the noise-convolved likelihood (tfgalflow.deconvolution)
             from ..deconvolution import NoiseModel
             flow.set_noise_model(NoiseModel(data.error_kind, config.noise_samples, seed,
-                                            flow_config.dim))
+                                            data.observed.shape[1],
+                                            coordinates=config.coordinates))
         if config.label_noise > 0:
             flow.set_label_noise(config.label_noise, seed)
         optimizer = keras.optimizers.Adam(learning_rate(config, pipelines.steps_per_epoch),
@@ -335,9 +336,9 @@ def train(data: "Catalogue | np.ndarray | str | os.PathLike", config: TrainConfi
     config = select_labels(data, config)
     if config.label_dim == 0 and data.label_dim:
         data = without_labels(data)
+    check_deconvolution(data, config)      # before the reduction: it keeps errors in memory only
     data = in_coordinates(data, config)
     check_sizes(data, config)
-    check_deconvolution(data, config)
     _check_tensorboard(config)
     flow_config = config.flow_config(data.dim, config.label_dim)    # validates the architecture
     from .distributed import remove_worker_dir, worker_run_dir
@@ -398,8 +399,8 @@ def _resume(run_dir: Path, run: dict, data: Any, labels: Any, strategy: Any,
                          f"the labels [N, {config.label_dim}] it was trained with")
     if config.label_dim == 0 and data.label_dim:
         data = without_labels(data)
-    data = in_coordinates(data, config)
     check_deconvolution(data, config)
+    data = in_coordinates(data, config)
     shape = (data.n, data.dim, data.label_dim)
     if shape != (recorded["n"], recorded["dim"], recorded["label_dim"]) or (
             "sha256" in recorded and not data.streamed
