@@ -43,6 +43,16 @@ class TestConfigFields:
         with pytest.raises(InputError, match=rf"{cls.__name__}\.{name} = 'x': expected a"):
             cls().with_overrides(**{name: "x"})
 
+    def test_unknown_keys_are_named_with_the_allowed_ones(self, cls):
+        # from_dict and with_overrides both refuse a misspelt field, naming it and every field
+        first = next(iter(cls.field_help()))
+        for build in (cls.from_dict, lambda d: cls().with_overrides(**d)):
+            with pytest.raises(InputError, match=rf"unknown key\(s\) \['nosuchfield'\]; "
+                                                 rf"allowed: \[.*'{first}'"):
+                build({"nosuchfield": 1})
+        with pytest.raises(InputError, match=f"{cls.__name__}: expected a mapping"):
+            cls.from_dict([("layers", 2)])
+
 
 @pytest.mark.parametrize("kind, value, expected", [
     ("int", "1e6", 1_000_000), ("int", np.int64(3), 3), ("int", 4.0, 4),

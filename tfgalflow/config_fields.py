@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -128,6 +128,20 @@ def coerce_fields(config: Any) -> None:
     for f in dataclasses.fields(config):
         value = coerce(type(config).__name__, f.name, f.metadata["kind"], getattr(config, f.name))
         object.__setattr__(config, f.name, value)
+
+
+def check_keys(cls: type, d: Any, where: str | None = None) -> None:
+    """InputError unless ``d`` is a mapping whose keys are all fields of the config dataclass
+    ``cls``; the message names the unknown keys and the allowed ones (``where`` defaults to the
+    class name: "TrainConfig: unknown key(s) ['hiden']; allowed: [...]").
+    """
+    where = where or cls.__name__
+    if not isinstance(d, Mapping):
+        raise InputError(f"{where}: expected a mapping of field names, got {type(d).__name__}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise InputError(f"{where}: unknown key(s) {unknown}; allowed: {names}")
 
 
 def field_help(cls: type) -> dict[str, tuple[str, str]]:

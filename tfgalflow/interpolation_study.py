@@ -55,7 +55,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from .atomic import atomic_file, write_json
-from .config_fields import coerce_fields, field_help, option
+from .config_fields import check_keys, coerce_fields, field_help, option
 from .errors import InputError
 
 #: The issue's targets (report.json "targets"; compared with the measured numbers in "verdict").
@@ -188,28 +188,20 @@ class InterpolationConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "InterpolationConfig":
         """A config from :meth:`to_dict`'s output; unknown keys: InputError naming them."""
-        _reject_unknown(d)
+        check_keys(cls, d)
         return cls(**dict(d))
 
     def with_overrides(self, **overrides: Any) -> "InterpolationConfig":
         """A copy with fields replaced; values may be text as on the command line
         (``gammas="0.5,1,1.5"``, ``held_out="0.75:0.25,1.25:0.75"``).
         """
-        _reject_unknown(overrides)
+        check_keys(InterpolationConfig, overrides, "InterpolationConfig.with_overrides")
         return dataclasses.replace(self, **overrides)
 
     @classmethod
     def field_help(cls) -> dict[str, tuple[str, str]]:
         """{field: (kind, help)} for building command-line flags."""
         return field_help(cls)
-
-
-def _reject_unknown(d: Mapping[str, Any]) -> None:
-    known = {f.name for f in dataclasses.fields(InterpolationConfig)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise InputError(f"unknown InterpolationConfig key(s) {unknown}; expected some of "
-                         f"{sorted(known)}")
 
 
 # ---- positions, labels, per-label evaluation ----------------------------------------------------

@@ -35,7 +35,7 @@ from typing import Any, ClassVar, Mapping
 import numpy as np
 
 from ..atomic import write_json
-from ..config_fields import coerce_fields, field_help, option
+from ..config_fields import check_keys, coerce_fields, field_help, option
 from ..errors import FileError, InputError
 
 TASK_FILE = "task.json"
@@ -74,10 +74,7 @@ class TaskConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TaskConfig":
         """Build from field names; unknown keys -> InputError naming them and the allowed ones."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(names))
-        if unknown:
-            raise InputError(f"{cls.__name__}: unknown key(s) {unknown}; allowed: {names}")
+        check_keys(cls, d)
         return cls(**dict(d))
 
     def with_overrides(self, **overrides: Any) -> "TaskConfig":

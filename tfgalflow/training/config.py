@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .. import validation
-from ..config_fields import coerce_fields, field_help, option
+from ..config_fields import check_keys, coerce_fields, field_help, option
 from ..coordinates import COORDINATES, flow_log_columns
 from ..errors import FileError, InputError
 from .rundir import RUN_FORMAT
@@ -165,10 +165,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
         """Build from a mapping of field names; unknown keys -> InputError naming them."""
-        if not isinstance(d, Mapping):
-            raise InputError(f"TrainConfig: expected a mapping of field names, got "
-                             f"{type(d).__name__}")
-        _reject_unknown(d, "TrainConfig")
+        check_keys(cls, d)
         return cls(**dict(d))
 
     @classmethod
@@ -191,7 +188,7 @@ class TrainConfig:
 
     def with_overrides(self, **overrides: Any) -> "TrainConfig":
         """A copy with some fields replaced (values may be text, as from the command line)."""
-        _reject_unknown(overrides, "TrainConfig.with_overrides")
+        check_keys(TrainConfig, overrides, "TrainConfig.with_overrides")
         return dataclasses.replace(self, **overrides)
 
     def flow_config(self, dim: int, label_dim: int, seed: int | None = None) -> Any:
@@ -213,13 +210,6 @@ class TrainConfig:
     def field_help(cls) -> dict[str, tuple[str, str]]:
         """{field: (kind, help)} for building command-line flags."""
         return field_help(cls)
-
-
-def _reject_unknown(d: Mapping[str, Any], where: str) -> None:
-    names = [f.name for f in dataclasses.fields(TrainConfig)]
-    unknown = sorted(set(d) - set(names))
-    if unknown:
-        raise InputError(f"{where}: unknown key(s) {unknown}; allowed: {names}")
 
 
 def _read_mapping(path: Path) -> dict:
