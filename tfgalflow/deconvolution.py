@@ -42,7 +42,11 @@ Gaussian where V_i is known in closed form. Cost: K evaluations of f per star an
 Use: ``TrainConfig(deconvolve=True, noise_samples=K)`` (CLI ``tfgalflow train --deconvolve
 --noise-samples K``) trains an ordinary :class:`~tfgalflow.model.Flow` on a catalogue with
 ``errors``; during training the errors ride along as extra columns of x (:func:`pack`), and
-``Flow.train_step`` calls :meth:`NoiseModel.log_likelihood` in place of log f.
+``Flow.train_step`` calls :meth:`NoiseModel.log_likelihood` in place of log f. With reduced
+coordinates (``TrainConfig(coordinates="spherical", deconvolve=True)``) the flow learns p(r, v_r,
+v_t) while the rows and their errors stay in the catalogue's columns: each candidate w_k is
+reduced inside the step and f(w_k) = p(r, v_r, v_t) / (8π² r² v_t) (the DF of
+:mod:`tfgalflow.spherical_df`), so the estimator above is unchanged.
 """
 from __future__ import annotations
 
