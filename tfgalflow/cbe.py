@@ -785,12 +785,35 @@ class _Solver:
         ]
         if self.label_dim:
             specs.append(tf.TensorSpec([None, self.label_dim], tf.float32, name="labels"))
-        # No Python control flow on tensors anywhere in the chain: autograph off (faster tracing,
-        # no warnings).
-        self.velocities = tf.function(lambda p, s, *c: self._chunked(p, s, self._sample_chunk, *c),
-                                      input_signature=specs, autograph=False)
-        self.solve = tf.function(lambda p, s, *c: self._chunked(p, s, self._solve_chunk, *c),
-                                 input_signature=specs, autograph=False)
+        self._specs = specs
+        self._functions: dict[str, Any] = {}
+
+    @property
+    def velocities(self) -> Any:
+        """tf.function (positions [B, 3], seed [2], labels [B, L]?) -> sampled velocities."""
+        return self._function("velocities", self._sample_chunk)
+
+    @property
+    def solve(self) -> Any:
+        """tf.function (positions [B, 3], seed [2], labels [B, L]?) -> the CBE outputs."""
+        return self._function("solve", self._solve_chunk)
+
+    def _function(self, name: str, chunk_fn: Callable) -> Any:
+        """The chunked ``chunk_fn`` as a tf.function of the solver's input signature, traced once
+        on first use (autograph off: no Python control flow on tensors anywhere in the chain;
+        faster tracing).
+
+        Every solver traces its own functions, by design; tracing through
+        ``get_concrete_function`` keeps those traces out of TF's frequent-retracing detector,
+        which counts traces per source line and warned "5 out of the last 5 calls ... triggered
+        tf.function retracing" whenever a script evaluated several DFs or settings.
+        """
+        if name not in self._functions:
+            function = tf.function(lambda p, s, *c: self._chunked(p, s, chunk_fn, *c),
+                                   input_signature=self._specs, autograph=False)
+            function.get_concrete_function()
+            self._functions[name] = function
+        return self._functions[name]
 
     def _compile_with_xla(self) -> None:
         """XLA for the DF evaluations and the row-wise maths: :func:`_sir_weights`,
