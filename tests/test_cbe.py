@@ -35,11 +35,15 @@ def relative_error(a: np.ndarray, truth: np.ndarray) -> np.ndarray:
 # ---- toy DFs with closed-form answers -----------------------------------------------------------
 
 class Harmonic(Density):
-    """log f = -2|x|^2 - |v|^2/2 = -(|v|^2/2 + Φ), Φ = 2|x|^2: steady state in a = -∇Φ = -4x."""
+    """log f = -k|x|^2 - |v|^2/2 = -(|v|^2/2 + Φ), Φ = k|x|^2: steady state in a = -∇Φ = -2k x
+    (default k = 2: a = -4x)."""
     dim, label_dim = 6, 0
 
+    def __init__(self, k: float = 2.0):
+        self.k = k
+
     def log_prob_tensor(self, w, labels=None):
-        return -2.0 * tf.reduce_sum(tf.square(w[:, :3]), 1) - 0.5 * tf.reduce_sum(
+        return -self.k * tf.reduce_sum(tf.square(w[:, :3]), 1) - 0.5 * tf.reduce_sum(
             tf.square(w[:, 3:]), 1
         )
 
@@ -198,22 +202,10 @@ def test_harmonic_toy_df_and_sign():
     np.testing.assert_allclose(res.acceleration, -4.0 * x, rtol=1e-5, atol=1e-6)   # a = -∇(2|x|^2)
 
 
-class Spring(Harmonic):
-    """log f = -k|x|^2 - |v|^2/2: Φ = k|x|^2, a = -2k x."""
-
-    def __init__(self, k: float):
-        self.k = k
-
-    def log_prob_tensor(self, w, labels=None):
-        return -self.k * tf.reduce_sum(tf.square(w[:, :3]), 1) - 0.5 * tf.reduce_sum(
-            tf.square(w[:, 3:]), 1
-        )
-
-
 def test_many_dfs_in_one_process_give_their_own_field_and_no_retracing_warning():
     """Each DF gets its own solver, traced once; TF's frequent-retracing detector (5 traces of one
     source line) used to warn when a script evaluated several DFs. The accelerations must stay
-    each DF's own (a = -2k x, exact for this Gaussian family)."""
+    each DF's own (a = -2k x, exact for the Harmonic family)."""
     import io
     import logging
 
@@ -223,7 +215,7 @@ def test_many_dfs_in_one_process_give_their_own_field_and_no_retracing_warning()
     x = np.array([[0.5, 0.0, 0.0], [1.0, -1.0, 2.0]])
     try:
         for k in (0.5, 1.0, 1.5, 2.0, 2.5, 3.0):
-            res = cbe.accelerations(Spring(k), x, n_velocities=64, seed=0)
+            res = cbe.accelerations(Harmonic(k), x, n_velocities=64, seed=0)
             np.testing.assert_allclose(res.acceleration, -2.0 * k * x, rtol=1e-5, atol=1e-6)
     finally:
         tf.get_logger().removeHandler(handler)

@@ -44,6 +44,7 @@ label-dependent normalisation c -> Z(c) drops out).
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import os
 import weakref
@@ -786,34 +787,31 @@ class _Solver:
         if self.label_dim:
             specs.append(tf.TensorSpec([None, self.label_dim], tf.float32, name="labels"))
         self._specs = specs
-        self._functions: dict[str, Any] = {}
 
-    @property
+    @functools.cached_property
     def velocities(self) -> Any:
         """tf.function (positions [B, 3], seed [2], labels [B, L]?) -> sampled velocities."""
-        return self._function("velocities", self._sample_chunk)
+        return self._function(self._sample_chunk)
 
-    @property
+    @functools.cached_property
     def solve(self) -> Any:
         """tf.function (positions [B, 3], seed [2], labels [B, L]?) -> the CBE outputs."""
-        return self._function("solve", self._solve_chunk)
+        return self._function(self._solve_chunk)
 
-    def _function(self, name: str, chunk_fn: Callable) -> Any:
-        """The chunked ``chunk_fn`` as a tf.function of the solver's input signature, traced once
-        on first use (autograph off: no Python control flow on tensors anywhere in the chain;
-        faster tracing).
+    def _function(self, chunk_fn: Callable) -> Any:
+        """The chunked ``chunk_fn`` as a tf.function of the solver's input signature, traced now
+        (the cached properties above call this once, on first use; autograph off: no Python
+        control flow on tensors anywhere in the chain; faster tracing).
 
         Every solver traces its own functions, by design; tracing through
         ``get_concrete_function`` keeps those traces out of TF's frequent-retracing detector,
         which counts traces per source line and warned "5 out of the last 5 calls ... triggered
         tf.function retracing" whenever a script evaluated several DFs or settings.
         """
-        if name not in self._functions:
-            function = tf.function(lambda p, s, *c: self._chunked(p, s, chunk_fn, *c),
-                                   input_signature=self._specs, autograph=False)
-            function.get_concrete_function()
-            self._functions[name] = function
-        return self._functions[name]
+        function = tf.function(lambda p, s, *c: self._chunked(p, s, chunk_fn, *c),
+                               input_signature=self._specs, autograph=False)
+        function.get_concrete_function()
+        return function
 
     def _compile_with_xla(self) -> None:
         """XLA for the DF evaluations and the row-wise maths: :func:`_sir_weights`,
