@@ -1,46 +1,91 @@
-"""Training time per epoch of the deconvolved fit vs K (noise draws per star), beside the plain
-fit.
+"""Training time per epoch and peak memory of the deconvolved fit vs K (noise draws per star),
+beside the plain fit, with the gradient over all K draws at once and in passes of a few draws.
 
-    python benchmarks/bench_deconvolution.py [--n 20000] [--ks 1,2,4,8,16] [--epochs 3]
+    python benchmarks/bench_deconvolution.py [--n 20000] [--ks 1,2,4,8,16] [--per-pass 2]
+                                             [--epochs 3] [--batch-size 1024]
 
-Same data (the 10 %-noise Hernquist mock, fractional errors), architecture (6 layers, 2x64), batch
-(1024), XLA and steps per call for every row; the first epoch (XLA compilation) is dropped and the
-median of the others reported. Each step evaluates the flow on K·B rows, so the expected cost is
-~K times the plain fit's at large K (less at small K, where per-call overhead dominates). Memory
-per step also grows ~K (K·B rows in flight) but not with N. CPU seconds used by other processes
-during the run are printed (on a shared machine they inflate the times).
+Same data (the 10 %-noise Hernquist mock, fractional errors), architecture (6 layers, 2x64), batch,
+XLA and steps per call for every row; each row trains in a fresh process, whose epoch times (the
+first, with XLA compilation, dropped; median of the others) and peak resident set (VmHWM, which
+includes the ~1 GB of TensorFlow and the data) are reported. Each step evaluates the flow on K·B
+rows, so the expected cost is ~K times the plain fit's at large K (less at small K, where per-call
+overhead dominates):
+
+    one pass     ``TrainConfig(noise_per_pass=0)``: all K·B candidates differentiated at once, their
+                 activations kept for the gradient: memory grows ~K
+    k per pass   ``TrainConfig(noise_per_pass=k)``: pass 1 evaluates the terms k draws at a time
+                 with no tape, pass 2 re-evaluates them under a tape and accumulates Σ c ∇a: memory
+                 ~k·B rows, flat in K, for one extra forward pass
+
+CPU seconds used by other processes during the run are printed (on a shared machine they inflate
+the times).
 """
 from __future__ import annotations
 
 import argparse
-import tempfile
+import json
+import os
+import resource
+import subprocess
+import sys
+import textwrap
 import time
+from pathlib import Path
 
-import numpy as np
-
-import tfgalflow  # noqa: F401  (sets TF_USE_LEGACY_KERAS before tf_keras is imported)
-import tf_keras as keras
 from _timing import others_cpu_seconds
-from tfgalflow.mocks import add_noise, sample_hernquist
-from tfgalflow.training import TrainConfig, train
 
+ROOT = Path(__file__).resolve().parents[1]
 
-class EpochTimer(keras.callbacks.Callback):
-    def on_train_begin(self, logs=None):
-        self.times = []
+CHILD = textwrap.dedent("""
+    import json, sys, tempfile, time
+    import numpy as np
+    import tfgalflow
+    import tf_keras as keras
+    from tfgalflow.mocks import add_noise, sample_hernquist
+    from tfgalflow.training import TrainConfig, train
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self.t0 = time.perf_counter()
+    def hwm():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) / 1024
 
-    def on_epoch_end(self, epoch, logs=None):
-        self.times.append(time.perf_counter() - self.t0)
+    class EpochTimer(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.times = []
 
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t0 = time.perf_counter()
 
-def epoch_seconds(cat, config: TrainConfig) -> float:
+        def on_epoch_end(self, epoch, logs=None):
+            self.times.append(time.perf_counter() - self.t0)
+
+    args = json.loads(sys.argv[1])
+    cat = add_noise(sample_hernquist(args["n"], seed=0, r_max=100.0), 0.1, seed=1)
+    config = TrainConfig(layers=6, hidden=(64, 64), epochs=args["epochs"],
+                         batch_size=args["batch_size"], validation_split=0.0, patience=0,
+                         checkpoint_every=0, **args["overrides"])
     timer = EpochTimer()
     with tempfile.TemporaryDirectory() as run:
         train(cat, config, run, verbose=0, callbacks=[timer])
-    return float(np.median(timer.times[1:]))
+    print(json.dumps({"seconds": float(np.median(timer.times[1:])), "peak_mib": hwm()}))
+""")
+
+
+def measure(args: argparse.Namespace, **overrides) -> tuple[float, float]:
+    """(seconds per epoch, peak RSS in MiB) of one training in a fresh process."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    spec = {"n": args.n, "epochs": args.epochs, "batch_size": args.batch_size,
+            "overrides": overrides}
+    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], env=env,
+                         capture_output=True, text=True, check=True, timeout=7200)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return result["seconds"], result["peak_mib"]
+
+
+def children_cpu_seconds() -> float:
+    """CPU seconds of this benchmark's own finished training processes (not "others")."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -48,22 +93,30 @@ def main() -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=20_000)
     p.add_argument("--ks", default="1,2,4,8,16")
+    p.add_argument("--per-pass", type=int, default=2,
+                   help="draws per pass of the flat-memory gradient (0: skip those rows)")
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=1024)
     args = p.parse_args()
-    cat = add_noise(sample_hernquist(args.n, seed=0, r_max=100.0), 0.1, seed=1)
-    base = TrainConfig(layers=6, hidden=(64, 64), epochs=args.epochs, batch_size=1024,
-                       validation_split=0.0, patience=0, checkpoint_every=0)
-    others0 = others_cpu_seconds()
+    others0, ours0 = others_cpu_seconds(), children_cpu_seconds()
     t0 = time.perf_counter()
-    plain = epoch_seconds(cat, base)
-    print(f"N = {len(cat)}, batch 1024, 6 x (2x64) affine MAF, XLA, 16 steps per call")
-    print(f"{'fit':>14} {'s/epoch':>9} {'/ plain':>8} {'/ (K plain)':>12}")
-    print(f"{'plain':>14} {plain:9.3f} {1.0:8.2f} {'':>12}")
+    plain, plain_mib = measure(args)
+    print(f"N = {args.n}, batch {args.batch_size}, 6 x (2x64) affine MAF, XLA, 16 steps per call; "
+          "each row a fresh process")
+    print(f"{'fit':>22} {'s/epoch':>9} {'/ plain':>8} {'/ (K plain)':>12} {'peak MiB':>9} "
+          f"{'- plain':>8}")
+    print(f"{'plain':>22} {plain:9.3f} {1.0:8.2f} {'':>12} {plain_mib:9.0f} {0:8.0f}")
     for k in (int(v) for v in args.ks.split(",")):
-        t = epoch_seconds(cat, base.with_overrides(deconvolve=True, noise_samples=k))
-        print(f"{'deconv K=' + str(k):>14} {t:9.3f} {t / plain:8.2f} {t / (k * plain):12.2f}")
+        rows = [("one pass", 0)]
+        if 0 < args.per_pass < k:
+            rows.append((f"{args.per_pass} per pass", args.per_pass))
+        for name, per in rows:
+            t, mib = measure(args, deconvolve=True, noise_samples=k, noise_per_pass=per)
+            print(f"{f'K={k} {name}':>22} {t:9.3f} {t / plain:8.2f} {t / (k * plain):12.2f} "
+                  f"{mib:9.0f} {mib - plain_mib:8.0f}", flush=True)
     wall = time.perf_counter() - t0
-    print(f"other processes used {others_cpu_seconds() - others0:.0f} CPU s during {wall:.0f} s "
+    others = others_cpu_seconds() - others0 - (children_cpu_seconds() - ours0)
+    print(f"other processes used {others:.0f} CPU s during {wall:.0f} s "
           "of wall time (2 cores)")
 
 

@@ -124,6 +124,10 @@ class NoiseModel:
             reduced-coordinate DF of the flow (:func:`tfgalflow.coordinates.wrap`: the flow's
             density of the reduced coordinates over the Jacobian, e.g. p(r, v_r, v_t) /
             (8π² r² v_t)), because the errors act on the observed columns, not on r or v_t.
+        per_pass: 0 to train through :meth:`log_likelihood` (all K draws in one differentiated
+            pass: fastest, memory ~K·B rows of activations); k ≥ 1 to train through
+            :meth:`log_likelihood_and_gradient` with k draws per pass (memory ~k·B rows, flat in
+            K, one extra forward pass).
     """
 
     kind: str
@@ -132,6 +136,7 @@ class NoiseModel:
     dim: int = 6
     correct_bias: bool = True
     coordinates: str = "cartesian"
+    per_pass: int = 0
 
     def __post_init__(self):
         from .coordinates import COORDINATES, check_dim
@@ -139,6 +144,7 @@ class NoiseModel:
         validation.integer(self.samples, "noise_samples")
         validation.integer(self.seed, "seed", low=0)
         validation.integer(self.dim, "dim")
+        validation.integer(self.per_pass, "noise_per_pass", low=0)
         validation.one_of(self.coordinates, "coordinates", COORDINATES)
         if self.coordinates != "cartesian":
             check_dim(self.coordinates, self.dim)
@@ -171,10 +177,38 @@ class NoiseModel:
         t = 1.0 + errors * z                                                  # fractional
         return x_obs / t, -tf.reduce_sum(tf.math.log(tf.abs(t)), axis=-1)
 
+    def draws(self, x_obs: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+        """The standard normals z [K, B, D] of one step (stateless ``seed`` [2])."""
+        return tf.random.stateless_normal(
+            tf.stack([self.samples, tf.shape(x_obs)[0], self.dim]), seed=seed)
+
+    def log_terms(self, log_prob: Callable[..., tf.Tensor], x_obs: tf.Tensor, errors: tf.Tensor,
+                  z: tf.Tensor, labels: tf.Tensor | None = None) -> tf.Tensor:
+        """a_kb = log f(w_kb | labels_b) + log ω_kb [K', B] for the draws z [K', B, D] (any
+        K' ≤ K: a pass of :meth:`log_likelihood_and_gradient` takes a few at a time).
+        """
+        w, log_weight = self.candidates(x_obs, errors, z)
+        k = tf.shape(z)[0]
+        flat = tf.reshape(w, [-1, self.dim])
+        tiled = None if labels is None else tf.tile(labels, tf.stack([k, 1]))
+        return tf.reshape(log_prob(flat, tiled), tf.stack([k, -1])) + log_weight
+
+    def log_mean(self, log_terms: tf.Tensor) -> tf.Tensor:
+        """log p̂ [B] = logsumexp_k a_kb − log K (+ V̂_b / 2K with ``correct_bias``) from the K
+        terms a [K, B] (:meth:`log_terms`).
+        """
+        k = self.samples
+        log_mean = tf.reduce_logsumexp(log_terms, axis=0) - math.log(k)
+        if not self.correct_bias or k == 1:
+            return log_mean
+        return log_mean + relative_variance(log_terms) / (2.0 * k)
+
     def log_likelihood(self, log_prob: Callable[..., tf.Tensor], x_obs: tf.Tensor,
                        errors: tf.Tensor, seed: tf.Tensor,
                        labels: tf.Tensor | None = None) -> tf.Tensor:
-        """log p̂(x_obs | labels) [B] = logsumexp_k(log f(w_k) + log ω_k) − log K (TF ops).
+        """log p̂(x_obs | labels) [B] = logsumexp_k(log f(w_k) + log ω_k) − log K (TF ops, one
+        pass over all K·B candidates; differentiable, its gradient keeps the activations of all
+        of them: memory ~K·B rows, see :meth:`log_likelihood_and_gradient` for flat memory).
 
         Args:
             log_prob: log f as a tensor function of (x [M, D], labels [M, C] | None) -> [M].
@@ -183,16 +217,82 @@ class NoiseModel:
             seed: stateless seed [2] of the draws z ~ N(0, I) [K, B, D].
             labels: [B, C] or None; star b's K candidates share its labels.
         """
-        k = self.samples
-        z = tf.random.stateless_normal(tf.stack([k, tf.shape(x_obs)[0], self.dim]), seed=seed)
-        w, log_weight = self.candidates(x_obs, errors, z)
-        flat = tf.reshape(w, [-1, self.dim])
-        tiled = None if labels is None else tf.tile(labels, [k, 1])
-        lp = tf.reshape(log_prob(flat, tiled), [k, -1]) + log_weight         # [K, B]
-        log_mean = tf.reduce_logsumexp(lp, axis=0) - math.log(k)
-        if not self.correct_bias or k == 1:
-            return log_mean
-        return log_mean + relative_variance(lp) / (2.0 * k)
+        z = self.draws(x_obs, seed)
+        return self.log_mean(self.log_terms(log_prob, x_obs, errors, z, labels))
+
+    def log_likelihood_and_gradient(
+        self, log_prob: Callable[..., tf.Tensor], x_obs: tf.Tensor, errors: tf.Tensor,
+        seed: tf.Tensor, labels: tf.Tensor | None, loss: Callable[[tf.Tensor], tf.Tensor],
+        variables: list[tf.Variable],
+    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
+        """(log p̂ [B], ∇_θ loss(log p̂)) with memory flat in K: the draws pass ``per_pass`` at a
+        time, twice.
+
+        The log of the mean is a function of the K·B terms a_kb(θ) only, so by the chain rule
+
+            ∇_θ L = Σ_kb c_kb ∇_θ a_kb,   c_kb = ∂L/∂a_kb = (∂L/∂ log p̂_b) (∂ log p̂_b/∂a_kb)
+
+        (without the bias correction ∂ log p̂_b/∂a_kb = softmax_k(a_·b), the importance
+        weights). Pass 1 evaluates a [K, B] with no tape, ``per_pass`` draws at a time; c
+        [K, B] follows by autodiff of the cheap map a → L (``loss`` of :meth:`log_mean`); pass 2
+        re-evaluates each group of draws under a tape and accumulates the gradient of Σ c·a. Peak
+        memory is that of one group's activations (~per_pass·B rows) instead of all K·B; the
+        cost is one extra forward pass (the gradient equals :meth:`log_likelihood`'s to rounding).
+
+        Args:
+            log_prob: log f as a tensor function of (x [M, D], labels [M, C] | None) -> [M].
+            x_obs: [B, D] observed rows.
+            errors: [B, E] packed errors (:meth:`split`).
+            seed: stateless seed [2] of the draws (the same draws as :meth:`log_likelihood`).
+            labels: [B, C] or None.
+            loss: the scalar loss as a function of log p̂ [B] (e.g. the weighted mean of −log p̂).
+            variables: the variables θ to differentiate.
+
+        Returns:
+            log p̂ [B] (no gradient attached) and the gradients, one per variable (zeros for a
+            variable the loss does not depend on).
+        """
+        k, per = self.samples, min(self.per_pass or self.samples, self.samples)
+        z = self.draws(x_obs, seed)
+        full, rest = divmod(k, per)
+
+        def group(i):                                    # draws i·per ... i·per + per − 1
+            return tf.slice(z, tf.stack([i * per, 0, 0]), tf.stack([per, -1, -1]))
+
+        def terms(zi):
+            return self.log_terms(log_prob, x_obs, errors, zi, labels)
+
+        # pass 1: the terms a [K, B], no tape
+        parts = tf.TensorArray(tf.float32, size=full, element_shape=tf.TensorShape([per, None]))
+        _, parts = tf.while_loop(lambda i, ta: i < full,
+                                 lambda i, ta: (i + 1, ta.write(i, terms(group(i)))),
+                                 (tf.constant(0), parts), parallel_iterations=1)
+        a = tf.reshape(parts.stack(), [full * per, -1])  # [full·per, B]
+        if rest:
+            a = tf.concat([a, terms(z[full * per:])], axis=0)
+        a = tf.stop_gradient(a)
+        with tf.GradientTape() as tape:
+            tape.watch(a)
+            log_p = self.log_mean(a)
+            value = loss(log_p)
+        c = tape.gradient(value, a)                      # [K, B]
+
+        def gradient(zi, ci):
+            with tf.GradientTape() as t:
+                surrogate = tf.reduce_sum(ci * terms(zi))
+            return t.gradient(surrogate, variables,
+                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+        # pass 2: Σ_kb c_kb ∇ a_kb, group by group
+        zeros = [tf.zeros_like(v) for v in variables]
+        _, grads = tf.while_loop(
+            lambda i, g: i < full,
+            lambda i, g: (i + 1, [gi + di for gi, di in zip(
+                g, gradient(group(i), tf.slice(c, tf.stack([i * per, 0]), tf.stack([per, -1]))))]),
+            (tf.constant(0), zeros), parallel_iterations=1)
+        if rest:
+            grads = [g + d for g, d in zip(grads, gradient(z[full * per:], c[full * per:]))]
+        return log_p, grads
 
 
 __all__ = ["NoiseModel", "pack", "error_factor", "log_mean_bias"]

@@ -34,7 +34,7 @@ without TFP.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -667,22 +667,34 @@ class Flow(Density, keras.Model):
         """
         if errors is None:
             return self.log_prob_tensor(x, c)
+        log_prob, seed = self._noisy_density(step)
+        return self.noise_model.log_likelihood(log_prob, x, errors, seed, c)
+
+    def _noisy_density(self, step: tf.Tensor | int) -> tuple[Callable[..., tf.Tensor], tf.Tensor]:
+        """(log f of the catalogue's columns, the stateless seed [2] of the noise draws of
+        ``step``) for the noise model's estimator.
+        """
         seed = tf.stack([tf.constant(self.noise_model.seed, tf.int64), tf.cast(step, tf.int64)])
-        density = self._observed_density(self.noise_model.coordinates)
-        return self.noise_model.log_likelihood(density.log_prob_tensor, x, errors, seed, c)
+        return self._observed_density(self.noise_model.coordinates).log_prob_tensor, seed
 
     def _optimizer_step(self, x: tf.Tensor, c: tf.Tensor | None, w: tf.Tensor | None,
                         errors: tf.Tensor | None = None) -> None:
         """One Adam (or other optimizer) update on the batch x [B, D], c [B, C] | None, w
         [B] | None (errors [B, E]: the deconvolution loss, draws seeded by the optimizer step).
         """
+        step = self.optimizer.iterations + 1
         if self.label_noise > 0.0 and c is not None:
-            c = self._jittered_labels(c, self.optimizer.iterations + 1)
-        with tf.GradientTape() as tape:
-            lp = self._data_log_prob(x, c, errors, self.optimizer.iterations + 1)
-            loss = self._loss(lp, w)
+            c = self._jittered_labels(c, step)
         variables = self.trainable_variables
-        grads = tape.gradient(loss, variables)
+        if errors is not None and self.noise_model.per_pass:     # flat memory in K: two passes
+            log_prob, seed = self._noisy_density(step)
+            lp, grads = self.noise_model.log_likelihood_and_gradient(
+                log_prob, x, errors, seed, c, lambda lp: self._loss(lp, w), variables)
+        else:
+            with tf.GradientTape() as tape:
+                lp = self._data_log_prob(x, c, errors, step)
+                loss = self._loss(lp, w)
+            grads = tape.gradient(loss, variables)
         self.optimizer.apply_gradients(zip(grads, variables))
         self._loss_tracker.update_state(-lp, sample_weight=w)
 

@@ -120,6 +120,10 @@ class TrainConfig:
                                      "stay in the catalogue's columns)", "bool")
     noise_samples: int = option(16, "noise draws K per star and step of the deconvolution "
                                     "estimator (cost ~K; bias of log p ~ -1/K)", "int")
+    noise_per_pass: int = option(0, "noise draws per pass of the deconvolution gradient: 0 "
+                                     "differentiates all K draws at once (fastest; memory grows "
+                                     "~K); k >= 1 takes them k at a time in two passes (memory "
+                                     "~k, flat in K; one extra forward pass)", "int")
 
     def __post_init__(self) -> None:
         coerce_fields(self)
@@ -132,7 +136,7 @@ class TrainConfig:
         for name, low in (("layers", 1), ("bins", 2), ("epochs", 1), ("batch_size", 1),
                           ("patience", 0), ("checkpoint_every", 0), ("keep_checkpoints", 0),
                           ("seed", 0), ("members", 1), ("adapt_samples", 2),
-                          ("steps_per_call", 1), ("noise_samples", 1)):
+                          ("steps_per_call", 1), ("noise_samples", 1), ("noise_per_pass", 0)):
             validation.integer(getattr(self, name), f"TrainConfig.{name}", low=low)
         check(len(self.hidden) > 0 and all(h >= 1 for h in self.hidden), "hidden",
               "a non-empty list of positive widths, e.g. 64,64")

@@ -134,7 +134,8 @@ def _fit_member(run_dir: Path, run: dict, k: int, data: Any, *, strategy: Any = 
             from ..deconvolution import NoiseModel
             flow.set_noise_model(NoiseModel(data.error_kind, config.noise_samples, seed,
                                             data.observed.shape[1],
-                                            coordinates=config.coordinates))
+                                            coordinates=config.coordinates,
+                                            per_pass=config.noise_per_pass))
         if config.label_noise > 0:
             flow.set_label_noise(config.label_noise, seed)
         optimizer = keras.optimizers.Adam(learning_rate(config, pipelines.steps_per_epoch),
