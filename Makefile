@@ -23,8 +23,13 @@ $(STAMP): setup.cfg pyproject.toml | $(PY)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
+# The fast suite runs on TEST_WORKERS processes (pytest-xdist), a test file per worker at a time so
+# module fixtures are built once (XLA compilation and Python are largely single-threaded, so two
+# workers gain on two cores; README has the times). TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
+
 test: lint
-	@$(PY) -m pytest; rc=$$?; \
+	@$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests -- failing"; exit 1; fi; \
 	exit $$rc
 
