@@ -3,16 +3,19 @@ beside the plain fit, with the gradient over all K draws at once and in passes o
 
     python benchmarks/bench_deconvolution.py [--n 20000] [--ks 1,2,4,8,16] [--per-pass 2]
                                              [--epochs 3] [--batch-size 1024]
+                                             [--coordinates cartesian|spherical]
 
 Same data (the 10 %-noise Hernquist mock, fractional errors), architecture (6 layers, 2x64), batch,
 XLA and steps per call for every row; each row trains in a fresh process, whose epoch times (the
 first, with XLA compilation, dropped; median of the others) and peak resident set (VmHWM, which
-includes the ~1 GB of TensorFlow and the data) are reported. Each step evaluates the flow on K·B
+includes the ~1 GB of TensorFlow and the data) are reported: the peak of the later epochs (VmHWM
+reset after the first: the memory of the training steps) and that of the first (with XLA's one-off
+compilation). Each step evaluates the flow on K·B
 rows, so the expected cost is ~K times the plain fit's at large K (less at small K, where per-call
 overhead dominates):
 
-    one pass     ``TrainConfig(noise_per_pass=0)``: all K·B candidates differentiated at once, their
-                 activations kept for the gradient: memory grows ~K
+    one pass     ``TrainConfig(noise_per_pass=0)``: all K·B candidates differentiated at once,
+                 their activations kept for the gradient: memory grows ~K
     k per pass   ``TrainConfig(noise_per_pass=k)``: pass 1 evaluates the terms k draws at a time
                  with no tape, pass 2 re-evaluates them under a tape and accumulates Σ c ∇a: memory
                  ~k·B rows, flat in K, for one extra forward pass
@@ -25,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import textwrap
@@ -58,34 +60,36 @@ CHILD = textwrap.dedent("""
 
         def on_epoch_end(self, epoch, logs=None):
             self.times.append(time.perf_counter() - self.t0)
+            if epoch == 0:                     # XLA has compiled: from here the steps' peak
+                self.compile_peak = hwm()
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")               # resets VmHWM to the current RSS (Linux >= 4.0)
 
     args = json.loads(sys.argv[1])
     cat = add_noise(sample_hernquist(args["n"], seed=0, r_max=100.0), 0.1, seed=1)
     config = TrainConfig(layers=6, hidden=(64, 64), epochs=args["epochs"],
                          batch_size=args["batch_size"], validation_split=0.0, patience=0,
-                         checkpoint_every=0, **args["overrides"])
+                         checkpoint_every=0, coordinates=args["coordinates"],
+                         **args["overrides"])
     timer = EpochTimer()
     with tempfile.TemporaryDirectory() as run:
         train(cat, config, run, verbose=0, callbacks=[timer])
-    print(json.dumps({"seconds": float(np.median(timer.times[1:])), "peak_mib": hwm()}))
+    print(json.dumps({"seconds": float(np.median(timer.times[1:])), "peak_mib": hwm(),
+                      "compile_peak_mib": timer.compile_peak}))
 """)
 
 
-def measure(args: argparse.Namespace, **overrides) -> tuple[float, float]:
-    """(seconds per epoch, peak RSS in MiB) of one training in a fresh process."""
+def measure(args: argparse.Namespace, **overrides) -> tuple[float, float, float]:
+    """(seconds per epoch, peak RSS of the epochs after the first, peak RSS of the first epoch
+    (with XLA's compilation), both in MiB) of one training in a fresh process.
+    """
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
     spec = {"n": args.n, "epochs": args.epochs, "batch_size": args.batch_size,
-            "overrides": overrides}
+            "coordinates": args.coordinates, "overrides": overrides}
     out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], env=env,
                          capture_output=True, text=True, check=True, timeout=7200)
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    return result["seconds"], result["peak_mib"]
-
-
-def children_cpu_seconds() -> float:
-    """CPU seconds of this benchmark's own finished training processes (not "others")."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+    return result["seconds"], result["peak_mib"], result["compile_peak_mib"]
 
 
 def main() -> None:
@@ -97,26 +101,29 @@ def main() -> None:
                    help="draws per pass of the flat-memory gradient (0: skip those rows)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--coordinates", default="cartesian", choices=("cartesian", "spherical"),
+                   help="what the flow learns (spherical: (r, v_r, v_t), errors on the 6 columns)")
     args = p.parse_args()
-    others0, ours0 = others_cpu_seconds(), children_cpu_seconds()
+    others0 = others_cpu_seconds()     # the training processes have exited by each reading
     t0 = time.perf_counter()
-    plain, plain_mib = measure(args)
-    print(f"N = {args.n}, batch {args.batch_size}, 6 x (2x64) affine MAF, XLA, 16 steps per call; "
-          "each row a fresh process")
+    plain, plain_mib, plain_first = measure(args)
+    print(f"N = {args.n}, batch {args.batch_size}, 6 x (2x64) affine MAF of {args.coordinates} "
+          "coordinates, XLA, 16 steps per call; each row a fresh process")
     print(f"{'fit':>22} {'s/epoch':>9} {'/ plain':>8} {'/ (K plain)':>12} {'peak MiB':>9} "
-          f"{'- plain':>8}")
-    print(f"{'plain':>22} {plain:9.3f} {1.0:8.2f} {'':>12} {plain_mib:9.0f} {0:8.0f}")
+          f"{'- plain':>8} {'1st epoch':>10} {'- plain':>8}")
+    print(f"{'plain':>22} {plain:9.3f} {1.0:8.2f} {'':>12} {plain_mib:9.0f} {0:8.0f} "
+          f"{plain_first:10.0f} {0:8.0f}")
     for k in (int(v) for v in args.ks.split(",")):
         rows = [("one pass", 0)]
         if 0 < args.per_pass < k:
             rows.append((f"{args.per_pass} per pass", args.per_pass))
         for name, per in rows:
-            t, mib = measure(args, deconvolve=True, noise_samples=k, noise_per_pass=per)
+            t, mib, first = measure(args, deconvolve=True, noise_samples=k, noise_per_pass=per)
             print(f"{f'K={k} {name}':>22} {t:9.3f} {t / plain:8.2f} {t / (k * plain):12.2f} "
-                  f"{mib:9.0f} {mib - plain_mib:8.0f}", flush=True)
+                  f"{mib:9.0f} {mib - plain_mib:8.0f} {first:10.0f} {first - plain_first:8.0f}",
+                  flush=True)
     wall = time.perf_counter() - t0
-    others = others_cpu_seconds() - others0 - (children_cpu_seconds() - ours0)
-    print(f"other processes used {others:.0f} CPU s during {wall:.0f} s "
+    print(f"other processes used {others_cpu_seconds() - others0:.0f} CPU s during {wall:.0f} s "
           "of wall time (2 cores)")
 
 

@@ -120,10 +120,11 @@ class TrainConfig:
                                      "stay in the catalogue's columns)", "bool")
     noise_samples: int = option(16, "noise draws K per star and step of the deconvolution "
                                     "estimator (cost ~K; bias of log p ~ -1/K)", "int")
-    noise_per_pass: int = option(0, "noise draws per pass of the deconvolution gradient: 0 "
-                                     "differentiates all K draws at once (fastest; memory grows "
-                                     "~K); k >= 1 takes them k at a time in two passes (memory "
-                                     "~k, flat in K; one extra forward pass)", "int")
+    noise_per_pass: int = option(2, "noise draws per differentiated pass of the deconvolution "
+                                     "gradient: k >= 1 evaluates all K draws without a tape, "
+                                     "then differentiates them k at a time (memory ~k, flat in "
+                                     "K; one extra forward pass); 0 differentiates all K at "
+                                     "once (a little faster; memory grows ~K)", "int")
 
     def __post_init__(self) -> None:
         coerce_fields(self)
