@@ -1,4 +1,5 @@
-"""Shared by the benchmarks: how much CPU other processes used while a timed call ran."""
+"""Shared by the benchmarks: how much CPU other processes used while a timed call ran, and the
+peak memory of a measuring process."""
 from __future__ import annotations
 
 import os
@@ -29,3 +30,20 @@ def others_cpu_seconds(skip_niced: bool = False) -> float:
         except (OSError, ValueError, IndexError):
             continue
     return total * 1e-9
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set so far (VmHWM of /proc/self/status), MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) / 1024
+    raise OSError("no VmHWM in /proc/self/status (Linux only)")
+
+
+def reset_peak_rss() -> None:
+    """Reset VmHWM to the current resident set (Linux >= 4.0: write 5 to clear_refs), so that a
+    later :func:`peak_rss_mib` measures the peak from here on (e.g. after XLA has compiled).
+    """
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")

@@ -43,13 +43,9 @@ CHILD = textwrap.dedent("""
     import numpy as np
     import tfgalflow
     import tf_keras as keras
+    from _timing import peak_rss_mib, reset_peak_rss
     from tfgalflow.mocks import add_noise, sample_hernquist
     from tfgalflow.training import TrainConfig, train
-
-    def hwm():
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) / 1024
 
     class EpochTimer(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
@@ -61,9 +57,8 @@ CHILD = textwrap.dedent("""
         def on_epoch_end(self, epoch, logs=None):
             self.times.append(time.perf_counter() - self.t0)
             if epoch == 0:                     # XLA has compiled: from here the steps' peak
-                self.compile_peak = hwm()
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")               # resets VmHWM to the current RSS (Linux >= 4.0)
+                self.compile_peak = peak_rss_mib()
+                reset_peak_rss()
 
     args = json.loads(sys.argv[1])
     cat = add_noise(sample_hernquist(args["n"], seed=0, r_max=100.0), 0.1, seed=1)
@@ -74,7 +69,7 @@ CHILD = textwrap.dedent("""
     timer = EpochTimer()
     with tempfile.TemporaryDirectory() as run:
         train(cat, config, run, verbose=0, callbacks=[timer])
-    print(json.dumps({"seconds": float(np.median(timer.times[1:])), "peak_mib": hwm(),
+    print(json.dumps({"seconds": float(np.median(timer.times[1:])), "peak_mib": peak_rss_mib(),
                       "compile_peak_mib": timer.compile_peak}))
 """)
 
@@ -83,7 +78,8 @@ def measure(args: argparse.Namespace, **overrides) -> tuple[float, float, float]
     """(seconds per epoch, peak RSS of the epochs after the first, peak RSS of the first epoch
     (with XLA's compilation), both in MiB) of one training in a fresh process.
     """
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'benchmarks'}",
+           "TF_CPP_MIN_LOG_LEVEL": "2"}
     spec = {"n": args.n, "epochs": args.epochs, "batch_size": args.batch_size,
             "coordinates": args.coordinates, "overrides": overrides}
     out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], env=env,

@@ -29,15 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = textwrap.dedent("""
     import sys, time, numpy as np
+    from _timing import peak_rss_mib
     from tfgalflow import batch
     from tfgalflow.axisymmetric_df import AxisymmetricDF
     from tfgalflow.flows import FlowConfig
     from tfgalflow.model import Flow
-
-    def hwm():
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) / 1024
 
     n, mode, out = int(float(sys.argv[1])), sys.argv[2], sys.argv[3]
     rng = np.random.default_rng(0)
@@ -50,18 +46,19 @@ CHILD = textwrap.dedent("""
     # warm-up: one full chunk through the same path, so the traces and XLA programs of a chunk
     # (a one-off ~0.5 GB while XLA compiles the sampler) are in the baseline
     batch.sample_file(model, 65536, out + ".warm.h5", labels=labels, seed=0)
-    before = hwm()
+    before = peak_rss_mib()
     t = time.perf_counter()
     if mode == "stream":
         batch.sample_file(model, n, out, labels=labels, seed=1)
     else:
         x = np.asarray(model.sample(n, labels=labels, seed=1))
-    print(before, hwm(), time.perf_counter() - t)
+    print(before, peak_rss_mib(), time.perf_counter() - t)
 """)
 
 
 def measure(n: float, mode: str, tmp: Path) -> tuple[float, float, float]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'benchmarks'}",
+           "TF_CPP_MIN_LOG_LEVEL": "2"}
     out = subprocess.run([sys.executable, "-c", CHILD, str(n), mode, str(tmp / f"s{n}.h5")],
                          env=env, capture_output=True, text=True, check=True,
                          timeout=3600).stdout.split()

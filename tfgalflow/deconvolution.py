@@ -37,7 +37,9 @@ relative variance of one draw,
 
 (the delta method on log of a mean of K i.i.d. draws), so the fitted f is the maximiser of a
 likelihood whose bias shrinks as 1/K; :func:`log_mean_bias` states it, and the tests check it on a
-Gaussian where V_i is known in closed form. Cost: K evaluations of f per star and step.
+Gaussian where V_i is known in closed form. Cost: K evaluations of f per star and step; memory
+flat in K when the gradient is accumulated a few draws at a time
+(:meth:`NoiseModel.log_likelihood_and_gradient`, ``TrainConfig.noise_per_pass``).
 
 Use: ``TrainConfig(deconvolve=True, noise_samples=K)`` (CLI ``tfgalflow train --deconvolve
 --noise-samples K``) trains an ordinary :class:`~tfgalflow.model.Flow` on a catalogue with
