@@ -322,20 +322,22 @@ UNEVEN_SCRIPT = textwrap.dedent("""
     w = np.where(np.arange(1024) < 512, 1.0, 4.0).astype(np.float32)   # unequal weight sums
     no_labels = np.zeros((1024, 0), np.float32)
     packed = np.concatenate([x, np.zeros_like(x)], axis=1)   # errors 0: p̂ = f exactly
-    cases = {
-        "uneven_batch": (tf.data.Dataset.from_tensors(x), False),                    # 513 + 512
-        "short_last_batch": (tf.data.Dataset.from_tensor_slices(x).batch(1024), False),  # 1 + 0
-        "weighted": (tf.data.Dataset.from_tensors((x[:1024], no_labels, w)), False),
-        "noise_model": (tf.data.Dataset.from_tensors(packed), True),
+    cases = {      # data, draws per pass of the deconvolution gradient (None: no noise model)
+        "uneven_batch": (tf.data.Dataset.from_tensors(x), None),                     # 513 + 512
+        "short_last_batch": (tf.data.Dataset.from_tensor_slices(x).batch(1024), None),   # 1 + 0
+        "weighted": (tf.data.Dataset.from_tensors((x[:1024], no_labels, w)), None),
+        "noise_model": (tf.data.Dataset.from_tensors(packed), 0),
+        "noise_model_in_passes": (tf.data.Dataset.from_tensors(packed), 1),
     }
 
 
-    def sgd_change(strategy, data, noise):
+    def sgd_change(strategy, data, per_pass):
         with strategy.scope():
             flow = Flow(FlowConfig(dim=2, layers=2, hidden=(16, 16), seed=5))
             flow.adapt(x)
-            if noise:
-                flow.set_noise_model(NoiseModel("absolute", samples=2, seed=3, dim=2))
+            if per_pass is not None:
+                flow.set_noise_model(NoiseModel("absolute", samples=2, seed=3, dim=2,
+                                                per_pass=per_pass))
             flow.compile(keras.optimizers.SGD(0.1))
         before = [v.numpy() for v in flow.trainable_variables]
         flow.fit(data, epochs=1, verbose=0)
@@ -344,9 +346,9 @@ UNEVEN_SCRIPT = textwrap.dedent("""
 
     mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     out = {"replicas": mirrored.num_replicas_in_sync}
-    for name, (data, noise) in cases.items():
-        got = sgd_change(mirrored, data, noise)
-        want = sgd_change(tf.distribute.get_strategy(), data, noise)
+    for name, (data, per_pass) in cases.items():
+        got = sgd_change(mirrored, data, per_pass)
+        want = sgd_change(tf.distribute.get_strategy(), data, per_pass)
         scale = max(float(np.max(np.abs(s))) for s in want if s.size)
         out[name] = max(float(np.max(np.abs(g - s))) for g, s in zip(got, want) if s.size) / scale
     print(json.dumps(out))
@@ -359,7 +361,8 @@ def test_an_sgd_step_under_two_replicas_equals_one_replica_for_any_split():
     single replica on the same rows, for splits where a per-replica mean / R is wrong:
     a batch of 1025 rows sorted by x0 (513 + 512 rows with different gradients), an epoch of
     1025 rows in batches of 1024 (the last batch splits 1 + 0), equal halves with unequal weight
-    sums (1 vs 4 per row), and the deconvolution loss (noise model, errors 0 so p̂ = f exactly).
+    sums (1 vs 4 per row), and the deconvolution loss (noise model, errors 0 so p̂ = f exactly),
+    its gradient in one pass and in passes of one draw (a while loop inside each replica).
 
     Truth: the single-replica step, the gradient of the global mean. The two differ only by the
     order of float32 sums over ~10^3 rows (measured <= 2.3e-6 of the largest update); 2e-5 fails
@@ -374,7 +377,8 @@ def test_an_sgd_step_under_two_replicas_equals_one_replica_for_any_split():
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out.pop("replicas") == 2
-    assert set(out) == {"uneven_batch", "short_last_batch", "weighted", "noise_model"}
+    assert set(out) == {"uneven_batch", "short_last_batch", "weighted", "noise_model",
+                        "noise_model_in_passes"}
     for case, relative_difference in out.items():
         assert relative_difference < 2e-5, case
 

@@ -227,8 +227,8 @@ class NoiseModel:
         seed: tf.Tensor, labels: tf.Tensor | None, loss: Callable[[tf.Tensor], tf.Tensor],
         variables: list[tf.Variable],
     ) -> tuple[tf.Tensor, list[tf.Tensor]]:
-        """(log p̂ [B], ∇_θ loss(log p̂)) with memory flat in K: the draws pass ``per_pass`` at a
-        time, twice.
+        """(log p̂ [B], ∇_θ loss(log p̂)) with memory flat in K: the draws are evaluated twice,
+        without a tape, then ``per_pass`` at a time under one.
 
         The log of the mean is a function of the K·B terms a_kb(θ) only, so by the chain rule
 
