@@ -229,11 +229,12 @@ def test_flow_evaluates_the_deconvolution_loss_on_packed_rows():
     assert plain != pytest.approx(loss, rel=1e-3)
 
 
-@pytest.mark.parametrize("k, per_pass", [(8, 1), (8, 3), (8, 8), (20, 2)])
+@pytest.mark.parametrize("k, per_pass", [(8, 0), (8, 1), (8, 3), (8, 8), (20, 2)])
 def test_gradient_in_passes_equals_the_one_pass_gradient(k, per_pass):
     # Σ_kb c_kb ∇a_kb with c = ∂L/∂a from the cheap map a -> L and the terms re-evaluated per_pass
     # draws at a time is the chain rule of the one-pass estimator. Truth: TF's autodiff through
-    # log_likelihood on the same draws (weighted loss, bias correction on; K = 8 in passes of 3
+    # log_likelihood on the same draws (weighted loss, bias correction on; per_pass = 0 is the
+    # one-pass path training takes with --noise-per-pass 0; K = 8 in passes of 3
     # leaves a last group of 2; K = 20 in passes of 2 has forward groups of 16 and 4). Both are
     # float32 sums of the same terms in another order: 2e-5 of the largest component is ~100x
     # float32 rounding and far below any real difference.

@@ -126,10 +126,9 @@ class NoiseModel:
             reduced-coordinate DF of the flow (:func:`tfgalflow.coordinates.wrap`: the flow's
             density of the reduced coordinates over the Jacobian, e.g. p(r, v_r, v_t) /
             (8π² r² v_t)), because the errors act on the observed columns, not on r or v_t.
-        per_pass: 0 to train through :meth:`log_likelihood` (all K draws in one differentiated
-            pass: fastest, memory ~K·B rows of activations); k ≥ 1 to train through
-            :meth:`log_likelihood_and_gradient` with k draws per pass (memory ~k·B rows, flat in
-            K, one extra forward pass).
+        per_pass: how :meth:`log_likelihood_and_gradient` differentiates the K draws: 0 in one
+            pass (fastest, memory ~K·B rows of activations), k ≥ 1 in passes of k draws (memory
+            ~k·B rows, flat in K, one extra forward pass).
     """
 
     kind: str
@@ -227,8 +226,11 @@ class NoiseModel:
         seed: tf.Tensor, labels: tf.Tensor | None, loss: Callable[[tf.Tensor], tf.Tensor],
         variables: list[tf.Variable],
     ) -> tuple[tf.Tensor, list[tf.Tensor]]:
-        """(log p̂ [B], ∇_θ loss(log p̂)) with memory flat in K: the draws are evaluated twice,
-        without a tape, then ``per_pass`` at a time under one.
+        """(log p̂ [B], ∇_θ loss(log p̂)), the training step's loss gradient.
+
+        With ``per_pass`` = 0, one differentiated pass through :meth:`log_likelihood` (memory
+        ~K·B rows of activations). With ``per_pass`` = k ≥ 1, memory flat in K: the draws are
+        evaluated twice, without a tape, then k at a time under one.
 
         The log of the mean is a function of the K·B terms a_kb(θ) only, so by the chain rule
 
@@ -254,7 +256,13 @@ class NoiseModel:
             log p̂ [B] (no gradient attached) and the gradients, one per variable (zeros for a
             variable the loss does not depend on).
         """
-        k, per = self.samples, min(self.per_pass or self.samples, self.samples)
+        if not self.per_pass:
+            with tf.GradientTape() as tape:
+                log_p = self.log_likelihood(log_prob, x_obs, errors, seed, labels)
+                value = loss(log_p)
+            return log_p, tape.gradient(value, variables,
+                                        unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        k, per = self.samples, min(self.per_pass, self.samples)
         z = self.draws(x_obs, seed)
 
         def terms(first, size):                          # a of draws first ... first + size − 1

@@ -686,15 +686,15 @@ class Flow(Density, keras.Model):
         if self.label_noise > 0.0 and c is not None:
             c = self._jittered_labels(c, step)
         variables = self.trainable_variables
-        if errors is not None and self.noise_model.per_pass:     # flat memory in K: two passes
+        if errors is None:
+            with tf.GradientTape() as tape:
+                lp = self.log_prob_tensor(x, c)
+                loss = self._loss(lp, w)
+            grads = tape.gradient(loss, variables)
+        else:                  # the noise model differentiates its estimator (in passes or not)
             log_prob, seed = self._noisy_density(step)
             lp, grads = self.noise_model.log_likelihood_and_gradient(
                 log_prob, x, errors, seed, c, lambda lp: self._loss(lp, w), variables)
-        else:
-            with tf.GradientTape() as tape:
-                lp = self._data_log_prob(x, c, errors, step)
-                loss = self._loss(lp, w)
-            grads = tape.gradient(loss, variables)
         self.optimizer.apply_gradients(zip(grads, variables))
         self._loss_tracker.update_state(-lp, sample_weight=w)
 
