@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--members", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--weight-decay", type=float, default=0.0,
+                        help="TrainConfig.weight_decay (decoupled, AdamW)")
     args = parser.parse_args()
     CACHE.mkdir(parents=True, exist_ok=True)
     sim = photoz.PhotoZ()
@@ -63,7 +65,7 @@ def main() -> None:
         kind="spline", layers=args.layers, hidden=tuple(int(h) for h in args.hidden.split(",")),
         activation=args.activation, bins=args.bins, epochs=args.epochs,
         batch_size=args.batch, lr=args.lr, patience=args.patience, checkpoint_every=0,
-        seed=args.seed, members=args.members,
+        seed=args.seed, members=args.members, weight_decay=args.weight_decay,
     )
     run_dir = CACHE / f"diag_{args.tag}"
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -131,6 +131,30 @@ def test_clip_norm_bounds_every_gradient_step(gauss, tmp_path):
     assert TrainConfig.from_dict(unclipped.to_dict()).clip_norm is None
 
 
+def test_weight_decay_is_decoupled_from_the_adam_step(gauss, tmp_path):
+    # AdamW (Loshchilov & Hutter 2019): one step from the same initial weights w0 (a function of
+    # the seed) differs from the plain Adam step by exactly -η λ w0 in every weight, whatever the
+    # gradient. Here η λ = 1e-2 x 5 = 0.05, so the difference is ~0.02 against float32 round-off
+    # of ~1e-7 on weights of order 1 (atol 1e-6). An L2 penalty in the loss instead would change
+    # Adam's normalised first step (|Δ| = η for every weight), not add -η λ w0.
+    from tfgalflow.model import Flow
+    one_step = SMALL.with_overrides(epochs=1, batch_size=2048, lr_schedule="constant",
+                                    validation_split=0)
+    plain = train(gauss, one_step, tmp_path / "plain", verbose=0)
+    decayed = train(gauss, one_step.with_overrides(weight_decay=5.0), tmp_path / "decayed",
+                    verbose=0)
+    initial = Flow(plain.config)
+    initial.log_prob(tf.constant(gauss[:4], tf.float32))          # builds w0
+    eta_lambda = 1e-2 * 5.0
+    for w, w_decayed, w0 in zip(plain.trainable_variables, decayed.trainable_variables,
+                                initial.trainable_variables):
+        np.testing.assert_allclose(w_decayed.numpy() - w.numpy(), -eta_lambda * w0.numpy(),
+                                   atol=1e-6)
+    assert read_run_config(tmp_path / "decayed")["train"]["weight_decay"] == 5.0
+    with pytest.raises(InputError, match="weight_decay"):
+        TrainConfig(weight_decay=-1.0)
+
+
 def _train_quiet(data, config, run_dir, **kw) -> Path:
     train(data, config, run_dir, verbose=0, **kw)
     return Path(run_dir)

@@ -12,6 +12,9 @@ T = epochs × steps:
     cosine        η(t) = η0 (1 + cos(π t / T)) / 2          (Loshchilov & Hutter 2017, no restarts)
     exponential   η(t) = η0 · 0.01^(t / T)                  (η falls 100× over the run)
 
+and, with ``weight_decay`` λ > 0, the decoupled decay of AdamW after each Adam update,
+w ← w − η(t) λ w (Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization").
+
 Reproducibility: a member's whole run is a function of (data, TrainConfig, member seed). The seed
 fixes the weight initialisation (``FlowConfig.seed``), the train/validation split and the order of
 every epoch (a stateless permutation keyed by (seed, epoch)), so an interrupted run resumed from a

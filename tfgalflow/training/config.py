@@ -80,6 +80,9 @@ class TrainConfig:
     clip_norm: float | None = option(
         None, "clip each step's gradient to this global norm (none: no clipping); guards an "
         "affine flow against the first steps' blow-ups on wide or many-label data", "float?")
+    weight_decay: float = option(
+        0.0, "decoupled weight decay λ of Adam (AdamW: every step also shrinks each weight by "
+        "η(t) λ w; 0 = off): regularises a flow that overfits its training set", "float")
     label_noise: float = option(
         0.0, "σ of Gaussian noise added to the standardised labels at every training step "
         "(0 = off): smooths p(x | c) between sparse training labels (Flow.set_label_noise)",
@@ -155,6 +158,8 @@ class TrainConfig:
             validation.positive_number(self.clip_norm, "TrainConfig.clip_norm")
         validation.one_of(self.lr_schedule, "TrainConfig.lr_schedule", LR_SCHEDULES)
         validation.positive_number(self.label_noise, "TrainConfig.label_noise", allow_zero=True)
+        validation.positive_number(self.weight_decay, "TrainConfig.weight_decay",
+                                   allow_zero=True)
         check(self.label_noise == 0 or self.label_dim != 0, "label_noise",
               "0 for an unconditional flow (label_dim = 0)")
         check(0.0 <= self.validation_split < 1.0, "validation_split", "a fraction in [0, 1)")

@@ -139,7 +139,8 @@ def _fit_member(run_dir: Path, run: dict, k: int, data: Any, *, strategy: Any = 
         if config.label_noise > 0:
             flow.set_label_noise(config.label_noise, seed)
         optimizer = keras.optimizers.Adam(learning_rate(config, pipelines.steps_per_epoch),
-                                          global_clipnorm=config.clip_norm)
+                                          global_clipnorm=config.clip_norm,
+                                          weight_decay=config.weight_decay or None)
         flow.compile(optimizer=optimizer, jit_compile=_jit_compile(config, strategy))
         optimizer.build(flow.trainable_variables)   # slots exist before a restore: checked whole
     state = MemberState()
