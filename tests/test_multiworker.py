@@ -322,19 +322,23 @@ UNEVEN_SCRIPT = textwrap.dedent("""
     w = np.where(np.arange(1024) < 512, 1.0, 4.0).astype(np.float32)   # unequal weight sums
     no_labels = np.zeros((1024, 0), np.float32)
     packed = np.concatenate([x, np.zeros_like(x)], axis=1)   # errors 0: p̂ = f exactly
-    cases = {      # data, draws per pass of the deconvolution gradient (None: no noise model)
-        "uneven_batch": (tf.data.Dataset.from_tensors(x), None),                     # 513 + 512
-        "short_last_batch": (tf.data.Dataset.from_tensor_slices(x).batch(1024), None),   # 1 + 0
-        "weighted": (tf.data.Dataset.from_tensors((x[:1024], no_labels, w)), None),
-        "noise_model": (tf.data.Dataset.from_tensors(packed), 0),
-        "noise_model_in_passes": (tf.data.Dataset.from_tensors(packed), 1),
+    labels = rng.normal(size=(1025, 2)).astype(np.float32)
+    cases = {   # data, draws per pass of the deconvolution gradient (None: no noise model), lasso
+        "uneven_batch": (tf.data.Dataset.from_tensors(x), None, 0),                  # 513 + 512
+        "short_last_batch": (tf.data.Dataset.from_tensor_slices(x).batch(1024), None, 0),  # 1 + 0
+        "weighted": (tf.data.Dataset.from_tensors((x[:1024], no_labels, w)), None, 0),
+        "noise_model": (tf.data.Dataset.from_tensors(packed), 0, 0),
+        "noise_model_in_passes": (tf.data.Dataset.from_tensors(packed), 1, 0),
+        "label_lasso": (tf.data.Dataset.from_tensors((x, labels)), None, 0.5),
     }
 
 
-    def sgd_change(strategy, data, per_pass):
+    def sgd_change(strategy, data, per_pass, lasso):
         with strategy.scope():
-            flow = Flow(FlowConfig(dim=2, layers=2, hidden=(16, 16), seed=5))
-            flow.adapt(x)
+            flow = Flow(FlowConfig(dim=2, label_dim=2 if lasso else 0, layers=2,
+                                   hidden=(16, 16), seed=5))
+            flow.adapt(x, labels if lasso else None)
+            flow.set_label_lasso(lasso)
             if per_pass is not None:
                 flow.set_noise_model(NoiseModel("absolute", samples=2, seed=3, dim=2,
                                                 per_pass=per_pass))
@@ -346,9 +350,9 @@ UNEVEN_SCRIPT = textwrap.dedent("""
 
     mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     out = {"replicas": mirrored.num_replicas_in_sync}
-    for name, (data, per_pass) in cases.items():
-        got = sgd_change(mirrored, data, per_pass)
-        want = sgd_change(tf.distribute.get_strategy(), data, per_pass)
+    for name, (data, per_pass, lasso) in cases.items():
+        got = sgd_change(mirrored, data, per_pass, lasso)
+        want = sgd_change(tf.distribute.get_strategy(), data, per_pass, lasso)
         scale = max(float(np.max(np.abs(s))) for s in want if s.size)
         out[name] = max(float(np.max(np.abs(g - s))) for g, s in zip(got, want) if s.size) / scale
     print(json.dumps(out))
@@ -362,7 +366,9 @@ def test_an_sgd_step_under_two_replicas_equals_one_replica_for_any_split():
     a batch of 1025 rows sorted by x0 (513 + 512 rows with different gradients), an epoch of
     1025 rows in batches of 1024 (the last batch splits 1 + 0), equal halves with unequal weight
     sums (1 vs 4 per row), and the deconvolution loss (noise model, errors 0 so p̂ = f exactly),
-    its gradient in one pass and in passes of one draw (a while loop inside each replica).
+    its gradient in one pass and in passes of one draw (a while loop inside each replica), and
+    the label lasso on a conditional flow (each replica adds 1/R of the penalty's gradient; a
+    whole one per replica would double it: off by 1.1e-2 of the largest update, measured).
 
     Truth: the single-replica step, the gradient of the global mean. The two differ only by the
     order of float32 sums over ~10^3 rows (measured <= 2.3e-6 of the largest update); 2e-5 fails
@@ -378,7 +384,7 @@ def test_an_sgd_step_under_two_replicas_equals_one_replica_for_any_split():
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out.pop("replicas") == 2
     assert set(out) == {"uneven_batch", "short_last_batch", "weighted", "noise_model",
-                        "noise_model_in_passes"}
+                        "noise_model_in_passes", "label_lasso"}
     for case, relative_difference in out.items():
         assert relative_difference < 2e-5, case
 

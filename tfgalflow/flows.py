@@ -649,6 +649,36 @@ def _made_blocks(model) -> list[_MadeBlock] | None:
     return None
 
 
+def label_kernels(chain: tfb.Chain) -> list[tf.Variable]:
+    """The kernels V [C, n_out] through which the labels enter a conditional chain's MADEs.
+
+    TFP feeds the (standardised) labels c [N, C] into every block of every conditional MADE,
+    h_out = act(h_in W + b + c V), so row j of every V holds all the weights through which label
+    column j acts: p(x | c) does not depend on c_j exactly when row j of every kernel is zero
+    (the groups of :meth:`tfgalflow.model.Flow.set_label_lasso`). An unconditional chain has none.
+
+    Args:
+        chain: a built chain from :func:`build_bijector`.
+
+    Returns:
+        The kernel variables, MAF layers in chain order and blocks input to output.
+
+    Raises:
+        InputError: a conditional MADE whose layer graph is not TFP's (block: Dense + Dense(c)).
+    """
+    kernels = []
+    for bijector in chain.bijectors:
+        transform = getattr(bijector, "transform", None)
+        if transform is None or not transform.conditional:
+            continue
+        blocks = _made_blocks(transform.network._network)
+        if blocks is None or any(b.label_kernel is None for b in blocks):
+            raise InputError(f"label_kernels: {bijector.name} is not a TFP MADE with the labels "
+                             "in every block")
+        kernels.extend(b.label_kernel for b in blocks)
+    return kernels
+
+
 def _leading(needed: np.ndarray) -> int | None:
     """n if ``needed`` (bool) is True exactly on its first n entries, else None."""
     n = int(needed.sum())

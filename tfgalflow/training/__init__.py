@@ -13,7 +13,9 @@ T = epochs × steps:
     exponential   η(t) = η0 · 0.01^(t / T)                  (η falls 100× over the run)
 
 and, with ``weight_decay`` λ > 0, the decoupled decay of AdamW after each Adam update,
-w ← w − η(t) λ w (Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization").
+w ← w − η(t) λ w (Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization"); with
+``label_lasso`` λ_c > 0 the loss gains the group lasso λ_c Σ_j ‖V_{j·}‖₂ over the weights of each
+label column j (``Flow.set_label_lasso``), which drops the label columns the density does not need.
 
 Reproducibility: a member's whole run is a function of (data, TrainConfig, member seed). The seed
 fixes the weight initialisation (``FlowConfig.seed``), the train/validation split and the order of

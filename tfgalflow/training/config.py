@@ -87,6 +87,11 @@ class TrainConfig:
         0.0, "σ of Gaussian noise added to the standardised labels at every training step "
         "(0 = off): smooths p(x | c) between sparse training labels (Flow.set_label_noise)",
         "float")
+    label_lasso: float = option(
+        0.0, "group-lasso strength λ on each label column's weights, in nats per point per unit "
+        "weight norm (0 = off): drops the label columns that carry no information on the "
+        "density, so a flow trained on few objects with many labels does not memorise them "
+        "(Flow.set_label_lasso)", "float")
     validation_split: float = option(0.1, "fraction of the points held out for validation "
                                           "(0 = none)", "float")
     patience: int = option(10, "stop after this many epochs without a lower monitored loss "
@@ -160,7 +165,10 @@ class TrainConfig:
         validation.positive_number(self.label_noise, "TrainConfig.label_noise", allow_zero=True)
         validation.positive_number(self.weight_decay, "TrainConfig.weight_decay",
                                    allow_zero=True)
+        validation.positive_number(self.label_lasso, "TrainConfig.label_lasso", allow_zero=True)
         check(self.label_noise == 0 or self.label_dim != 0, "label_noise",
+              "0 for an unconditional flow (label_dim = 0)")
+        check(self.label_lasso == 0 or self.label_dim != 0, "label_lasso",
               "0 for an unconditional flow (label_dim = 0)")
         check(0.0 <= self.validation_split < 1.0, "validation_split", "a fraction in [0, 1)")
         check(self.seed + self.members - 1 < 2**31, "seed",

@@ -138,6 +138,8 @@ def _fit_member(run_dir: Path, run: dict, k: int, data: Any, *, strategy: Any = 
                                             per_pass=config.noise_per_pass))
         if config.label_noise > 0:
             flow.set_label_noise(config.label_noise, seed)
+        if config.label_lasso > 0:
+            flow.set_label_lasso(config.label_lasso)
         optimizer = keras.optimizers.Adam(learning_rate(config, pipelines.steps_per_epoch),
                                           global_clipnorm=config.clip_norm,
                                           weight_decay=config.weight_decay or None)
@@ -201,6 +203,9 @@ def _fit_member(run_dir: Path, run: dict, k: int, data: Any, *, strategy: Any = 
     summary = {"member": member["name"], "seed": seed, "epochs_run": int(len(history["epoch"])),
                "monitor": monitor, "best_epoch": int(best_epoch), "best": float(best_value),
                "stopped_early": bool(len(history["epoch"]) < config.epochs)}
+    if flow.label_dim:        # which labels the flow uses (0: not at all; see the label lasso)
+        names = run["data"].get("label_names") or [f"label_{j}" for j in range(flow.label_dim)]
+        summary["label_weight_norms"] = dict(zip(names, map(float, flow.label_weight_norms())))
     _write_final(member_dir / FINAL_DIR, flow, summary)
     return flow
 

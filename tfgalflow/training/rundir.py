@@ -8,7 +8,8 @@ Layout (``RUN_FORMAT_VERSION``)::
     RUN/member_000/checkpoints/ckpt-E.*       full state after E epochs (E = k, 2k, ...; the
                                               last ``keep_checkpoints`` of them)
     RUN/member_000/checkpoints/best/ckpt-E.*  the same after the epoch E with the lowest loss
-    RUN/member_000/final/              weights.* + summary.json, written atomically at the end
+    RUN/member_000/final/              weights.* + summary.json (best epoch; a conditional flow
+                                       also its label_weight_norms), written atomically at the end
     RUN/member_000/tensorboard/        optional TensorBoard logs
 
 Epochs are counted from 1 everywhere (history.csv, checkpoint names, logs): epoch E is the E-th
