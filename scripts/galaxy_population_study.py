@@ -6,6 +6,7 @@
     python scripts/galaxy_population_study.py run --arm physical --galaxies 200  # same stars
     python scripts/galaxy_population_study.py run --arm physical --members 1   # one flow
     python scripts/galaxy_population_study.py run --arm physical --stars-per-galaxy 20000
+    python scripts/galaxy_population_study.py run --arm noise --label-lasso 0.1  # group lasso
     python scripts/galaxy_population_study.py diagnose --variant zeroed   # latents set to 0
     python scripts/galaxy_population_study.py summary             # studies/.../summary.json
 
@@ -32,9 +33,11 @@ MEMBERS = 4
 
 
 def arm_dir(arm: str, lr: float, galaxies: int, epochs: int, members: int = MEMBERS,
-            stars: int = TASK["stars_per_galaxy"], label_noise: float = 0.0) -> str:
+            stars: int = TASK["stars_per_galaxy"], label_noise: float = 0.0,
+            label_lasso: float = 0.0) -> str:
     name = arm if lr == TRAIN["lr"] else f"{arm}_lr{lr:g}"
     name = name if not label_noise else f"{name}_labelnoise{label_noise:g}"
+    name = name if not label_lasso else f"{name}_lasso{label_lasso:g}"
     name = name if stars == TASK["stars_per_galaxy"] else f"{name}_{stars}stars"
     name = name if galaxies == 60 else f"{name}_{galaxies}gal"
     name = name if members == MEMBERS else f"{name}_{members}member"
@@ -43,15 +46,29 @@ def arm_dir(arm: str, lr: float, galaxies: int, epochs: int, members: int = MEMB
 
 def run(arm: str, lr: float, galaxies: int = 60, epochs: int = TRAIN["epochs"],
         members: int = MEMBERS, stars: int = TASK["stars_per_galaxy"],
-        label_noise: float = 0.0) -> dict:
-    """One arm; with ``galaxies`` != 60 the stars per galaxy shrink to keep the same total."""
+        label_noise: float = 0.0, label_lasso: float = 0.0) -> dict:
+    """One arm; with ``galaxies`` != 60 the stars per galaxy shrink to keep the same total.
+
+    The report gains ``label_weight_norms``: per member and label column, the norm of the weights
+    through which the column enters the flow (``Flow.label_weight_norms``; 0 = not used).
+    """
+    from tfgalflow.training import load_run
+
     overrides = dict(TASK, noise_labels=(arm == "noise"), galaxies=galaxies,
                      stars_per_galaxy=stars * 60 // galaxies)
-    return run_task("galaxy_population",
-                    OUT / arm_dir(arm, lr, galaxies, epochs, members, stars, label_noise),
-                    overrides, dict(TRAIN, lr=lr, epochs=epochs, members=members,
-                                    label_noise=label_noise),
-                    verbose=2)
+    out = OUT / arm_dir(arm, lr, galaxies, epochs, members, stars, label_noise, label_lasso)
+    report = run_task("galaxy_population", out, overrides,
+                      dict(TRAIN, lr=lr, epochs=epochs, members=members,
+                           label_noise=label_noise, label_lasso=label_lasso),
+                      verbose=2)
+    model = load_run(out / "run")
+    model = getattr(model, "base", model)          # the flow(s) under the cylindrical wrapper
+    flows = model.members or [model]
+    report["label_weight_norms"] = {
+        name: [round(float(flow.label_weight_norms()[j]), 4) for flow in flows]
+        for j, name in enumerate(report["metrics"]["label_names"])}
+    write_json(out / "report.json", report)
+    return report
 
 
 def summary() -> dict:
@@ -127,12 +144,14 @@ if __name__ == "__main__":
                         help="stars of a log M* = 10.25 galaxy (the issue's size: 20000)")
     parser.add_argument("--label-noise", type=float, default=0.0,
                         help="TrainConfig.label_noise (σ in standardised label units)")
+    parser.add_argument("--label-lasso", type=float, default=0.0,
+                        help="TrainConfig.label_lasso (group lasso per label column)")
     args = parser.parse_args()
     if args.what == "diagnose":
         result = diagnose(args.variant)
     else:
         result = (run(args.arm, args.lr, args.galaxies, args.epochs, args.members,
-                      args.stars_per_galaxy, args.label_noise)
+                      args.stars_per_galaxy, args.label_noise, args.label_lasso)
                   if args.what == "run"
                   else summary())
     print(json.dumps(result.get("targets", result), indent=1, default=str)[:4000])
