@@ -87,12 +87,15 @@ def summary() -> dict:
                     "kl_difference": noise["kl_mean"] - phys["kl_mean"],
                     "lr": reports[name]["train"]["lr"],
                 }
+    # run/ directories are not kept in the repository: an arm without one keeps its earlier figure
+    old = OUT / "summary.json"
+    previous = json.loads(old.read_text()).get("final_train_loss", {}) if old.exists() else {}
     out = {
         "settings": {"task": TASK, "train": TRAIN},
         "targets": {arm: reports[arm]["targets"] for arm in reports},
         "ablation": ablation,
         "summary": {arm: reports[arm]["metrics"]["summary"] for arm in reports},
-        "final_train_loss": {arm: _last_loss(OUT / arm) for arm in reports},
+        "final_train_loss": {arm: _last_loss(OUT / arm, previous) for arm in reports},
         "cleaning": next(iter(reports.values()))["metrics"]["cleaning"],
     }
     write_json(OUT / "summary.json", out)
@@ -126,8 +129,12 @@ def _last_loss_rows(run_dir: Path) -> list:
     return [[float(v) for v in line.split(",")] for line in lines]
 
 
-def _last_loss(arm_out: Path) -> list:
-    lines = (arm_out / "run" / "member_000" / "history.csv").read_text().split()
+def _last_loss(arm_out: Path, previous: dict) -> list | None:
+    """[loss, val_loss] of member 0's last epoch (from ``previous`` when run/ is gone)."""
+    history = arm_out / "run" / "member_000" / "history.csv"
+    if not history.exists():
+        return previous.get(arm_out.name)
+    lines = history.read_text().split()
     return [float(v) for v in lines[-1].split(",")[1:]]
 
 
