@@ -199,7 +199,10 @@ def test_task_protocol_and_exact_model():
            "truth_samples": 20000, "test_events": 1500, "min_stars": 100}
     task = get_task("galaxy_population", **cfg)
     assert task.label_dim == 13
-    assert get_task("galaxy_population", noise_labels=False, **cfg).label_dim == 5
+    physical_only = get_task("galaxy_population", noise_labels=False, **cfg)
+    assert physical_only.label_dim == 5
+    # the group lasso is on exactly when latent columns may carry nothing (README's ablation)
+    assert task.train_config().label_lasso > 0 and physical_only.train_config().label_lasso == 0
     x, labels = task.training_data()
     assert x.shape[1] == 8 and labels.shape == (len(x), 13)
     held = task.all_labels[task.heldout_ids[0]]
