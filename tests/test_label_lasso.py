@@ -1,4 +1,5 @@
-"""Label selection by the group lasso (Flow.set_label_lasso, TrainConfig.label_lasso)."""
+"""Label selection by the group lasso (Flow.set_label_lasso, TrainConfig.label_lasso), and the
+refusals it shares with label noise (TrainConfig.label_noise)."""
 import json
 
 import numpy as np
@@ -101,14 +102,18 @@ def test_the_lasso_drops_a_label_that_carries_no_information():
     assert kl < 0.015
 
 
-def test_the_lasso_is_refused_where_it_means_nothing():
-    with pytest.raises(InputError, match="label_lasso"):
-        TrainConfig(label_lasso=-0.1)
+@pytest.mark.parametrize("regulariser", ["label_lasso", "label_noise"])
+def test_label_regularisers_are_refused_where_they_mean_nothing(regulariser):
+    with pytest.raises(InputError, match=regulariser):
+        TrainConfig(**{regulariser: -0.1})
     with pytest.raises(InputError, match="unconditional flow"):
-        TrainConfig(label_lasso=0.1, label_dim=0)
+        TrainConfig(**{regulariser: 0.1, "label_dim": 0})
     with pytest.raises(InputError, match="conditional flow"):
-        Flow(FlowConfig(dim=2, layers=1, hidden=(8,))).set_label_lasso(0.1)
-    assert TrainConfig(label_lasso="0.2").label_lasso == 0.2
+        getattr(Flow(FlowConfig(dim=2, layers=1, hidden=(8,))), f"set_{regulariser}")(0.1)
+    assert getattr(TrainConfig(**{regulariser: "0.2"}), regulariser) == 0.2
+
+
+def test_an_unconditional_flow_has_no_label_kernels():
     assert label_kernels(Flow(FlowConfig(dim=2, layers=1, hidden=(8,))).bijector) == []
 
 

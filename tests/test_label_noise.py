@@ -1,13 +1,10 @@
 """Label-noise regularisation (Flow.set_label_noise, TrainConfig.label_noise)."""
 import numpy as np
-import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from tfgalflow.errors import InputError
 from tfgalflow.flows import FlowConfig
 from tfgalflow.model import Flow
-from tfgalflow.training import TrainConfig
 
 SIGMA = 0.3
 
@@ -70,13 +67,3 @@ def test_a_training_step_is_the_step_on_jittered_labels():
     reference.train_on_batch(x, c)
     assert any(not np.allclose(a.numpy(), b.numpy(), atol=1e-6)
                for a, b in zip(noisy.trainable_variables, reference.trainable_variables))
-
-
-def test_label_noise_is_refused_where_it_means_nothing():
-    with pytest.raises(InputError, match="label_noise"):
-        TrainConfig(label_noise=-0.1)
-    with pytest.raises(InputError, match="unconditional flow"):
-        TrainConfig(label_noise=0.1, label_dim=0)
-    with pytest.raises(InputError, match="conditional flow"):
-        Flow(FlowConfig(dim=2, layers=1, hidden=(8,))).set_label_noise(0.1)
-    assert TrainConfig(label_noise="0.2").label_noise == 0.2
