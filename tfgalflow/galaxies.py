@@ -282,7 +282,9 @@ def log_prob(w: Any, params: Any, r_cut: Any = None) -> np.ndarray:
         return out
     r_c = np.broadcast_to(np.asarray(r_cut, np.float64), out.shape)
     r = np.linalg.norm(np.asarray(w, np.float64)[:, :3], axis=1)
-    out = out - np.log(mass_fraction_within(r_c, params))
+    # F(r_c) once per distinct (θ, r_c): catalogues repeat one galaxy's row for all its stars
+    rows, inverse = np.unique(np.c_[_params(params), r_c], axis=0, return_inverse=True)
+    out = out - np.log(mass_fraction_within(rows[:, -1], rows[:, :-1]))[inverse.ravel()]
     return np.where(r < r_c, out, -np.inf)
 
 
