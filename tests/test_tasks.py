@@ -173,6 +173,12 @@ def test_run_task_trains_resumes_and_reports(tmp_path):
     assert again["metrics"]["summary"] == report["metrics"]["summary"]
     with pytest.raises(InputError, match="differing: config.events_per_node"):
         run_task("gaussian_field", out, dict(SMALL, events_per_node=50), train, verbose=0)
+    # an evaluation-only setting may change: the same run is measured again, task.json follows
+    finer = run_task("gaussian_field", out, dict(SMALL, exact_samples=800), train, verbose=0)
+    np.testing.assert_array_equal(read_history(out / "run")["loss"], first["loss"])
+    assert finer["config"]["exact_samples"] == 800
+    assert json.loads((out / "task.json").read_text())["config"]["exact_samples"] == 800
+    assert finer["metrics"]["summary"] != report["metrics"]["summary"]
 
 
 def test_cli_task_list_and_run(tmp_path, capsys):

@@ -42,13 +42,22 @@ FALSE = ("false", "no", "off", "0")
 NONE = ("none", "null", "")
 
 
-def option(default: Any, help: str, kind: str) -> Any:
+def option(default: Any, help: str, kind: str, *, evaluation_only: bool = False) -> Any:
     """A config field with its default, its help text (the ``--flag``'s) and its ``kind``
-    (one of :data:`KINDS`).
+    (one of :data:`KINDS`). ``evaluation_only``: the field changes how a trained model is
+    measured, not the data or the training, so a finished run may be evaluated again with
+    another value (:func:`evaluation_only_fields`).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown field kind {kind!r}; expected one of {KINDS}")
-    return dataclasses.field(default=default, metadata={"help": help, "kind": kind})
+    return dataclasses.field(default=default, metadata={"help": help, "kind": kind,
+                                                        "evaluation_only": evaluation_only})
+
+
+def evaluation_only_fields(cls: type) -> frozenset[str]:
+    """Names of the fields of config class ``cls`` declared ``option(..., evaluation_only=True)``."""
+    return frozenset(f.name for f in dataclasses.fields(cls)
+                     if f.metadata.get("evaluation_only", False))
 
 
 def coerce(owner: str, name: str, kind: str, value: Any) -> Any:

@@ -35,7 +35,7 @@ from typing import Any, ClassVar, Mapping
 import numpy as np
 
 from ..atomic import write_json
-from ..config_fields import check_keys, coerce_fields, field_help, option
+from ..config_fields import check_keys, coerce_fields, evaluation_only_fields, field_help, option
 from ..errors import FileError, InputError
 
 TASK_FILE = "task.json"
@@ -256,8 +256,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _check_task_file(out: Path, settings: dict) -> None:
-    """Write OUT/task.json, or check that an existing one records the same settings."""
+def _check_task_file(out: Path, settings: dict, evaluation_only: frozenset[str] = frozenset()
+                     ) -> None:
+    """Write OUT/task.json, or check that an existing one records the same settings.
+
+    Config fields in ``evaluation_only`` may differ: the run is evaluated again with the new
+    values, which task.json then records.
+    """
     path = out / TASK_FILE
     if not path.is_file():
         write_json(path, settings)
@@ -274,11 +279,14 @@ def _check_task_file(out: Path, settings: dict) -> None:
         for k in sorted(set(_as_dict(recorded.get(section))) & set(_as_dict(settings[section])))
         if _as_dict(recorded.get(section)).get(k) != _as_dict(settings[section]).get(k)
     ]
-    if differ:
+    blocking = [d for d in differ if d.removeprefix("config.") not in evaluation_only]
+    if blocking:
         raise InputError(
-            f"{out} holds a run of other settings (differing: {', '.join(differ)}); use a new "
+            f"{out} holds a run of other settings (differing: {', '.join(blocking)}); use a new "
             f"--out directory, or the same settings to resume"
         )
+    if differ:
+        write_json(path, settings)
 
 
 def _as_dict(value: Any) -> dict:
@@ -324,7 +332,8 @@ def run_task(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _check_task_file(
-        out, {"task": name, "config": task.config.to_dict(), "train": config.to_dict()}
+        out, {"task": name, "config": task.config.to_dict(), "train": config.to_dict()},
+        evaluation_only_fields(type(task.config)),
     )
 
     x, labels = task.training_data()

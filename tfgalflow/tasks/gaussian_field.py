@@ -54,15 +54,20 @@ class GaussianFieldConfig(TaskConfig):
     events_per_node: int = option(1000, "simulated events per training node", "int")
     heldout_nodes: int = option(8, "interior nodes left out of training (evaluated)", "int")
     offgrid: int = option(24, "random labels in [0, 1]^2 between the nodes (evaluated)", "int")
-    exact_samples: int = option(5000, "exact events per held-out label for the KL estimate", "int")
-    flow_samples: int = option(20000, "flow draws per held-out label for the moments", "int")
+    exact_samples: int = option(5000, "exact events per held-out label for the KL estimate", "int",
+                                evaluation_only=True)
+    flow_samples: int = option(20000, "flow draws per held-out label for the moments", "int",
+                               evaluation_only=True)
     test_events: int = option(
-        2000, "flow and exact events per held-out label in the two-sample tests", "int"
+        2000, "flow and exact events per held-out label in the two-sample tests", "int",
+        evaluation_only=True,
     )
     other_tests: bool = option(
-        True, "also run KS, classifier, energy and MMD (for information)", "bool"
+        True, "also run KS, classifier, energy and MMD (for information)", "bool",
+        evaluation_only=True,
     )
-    permutations: int = option(200, "permutations of the energy and MMD tests", "int")
+    permutations: int = option(200, "permutations of the energy and MMD tests", "int",
+                               evaluation_only=True)
 
     def __post_init__(self) -> None:
         super().__post_init__()
