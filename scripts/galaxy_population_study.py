@@ -25,7 +25,7 @@ from tfgalflow.tasks import run_task
 
 OUT = Path(__file__).resolve().parent.parent / "studies" / "galaxy_population"
 #: reduced from ~2e4 stars per galaxy (CPU-bound): ~4e3 stars per galaxy, 60 galaxies, 5 held out
-TASK = {"stars_per_galaxy": 4000, "flow_samples": 20000, "truth_samples": 100000,
+TASK = {"stars_per_galaxy": 4000, "flow_samples": 100000, "truth_samples": 400000,
         "test_events": 5000, "seed": 0}
 TRAIN = {"epochs": 30, "batch_size": 512, "lr": 1e-3}
 #: ensemble members of the task's default model
