@@ -154,5 +154,9 @@ def check_keys(cls: type, d: Any, where: str | None = None) -> None:
 
 
 def field_help(cls: type) -> dict[str, tuple[str, str]]:
-    """{field: (kind, help)} of a config dataclass, for building its command-line flags."""
-    return {f.name: (f.metadata["kind"], f.metadata["help"]) for f in dataclasses.fields(cls)}
+    """{field: (kind, help)} of a config dataclass, for building its command-line flags
+    (evaluation-only fields say so in their help)."""
+    return {f.name: (f.metadata["kind"], f.metadata["help"]
+                     + ("; evaluation only: may change when re-running a finished run"
+                        if f.metadata.get("evaluation_only") else ""))
+            for f in dataclasses.fields(cls)}
