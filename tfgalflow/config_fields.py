@@ -55,7 +55,7 @@ def option(default: Any, help: str, kind: str, *, evaluation_only: bool = False)
 
 
 def evaluation_only_fields(cls: type) -> frozenset[str]:
-    """Names of the fields of config class ``cls`` declared ``option(..., evaluation_only=True)``."""
+    """Names of the fields of config class ``cls`` declared with ``evaluation_only=True``."""
     return frozenset(f.name for f in dataclasses.fields(cls)
                      if f.metadata.get("evaluation_only", False))
 
@@ -155,7 +155,8 @@ def check_keys(cls: type, d: Any, where: str | None = None) -> None:
 
 def field_help(cls: type) -> dict[str, tuple[str, str]]:
     """{field: (kind, help)} of a config dataclass, for building its command-line flags
-    (evaluation-only fields say so in their help)."""
+    (evaluation-only fields say so in their help).
+    """
     return {f.name: (f.metadata["kind"], f.metadata["help"]
                      + ("; evaluation only: may change when re-running a finished run"
                         if f.metadata.get("evaluation_only") else ""))
