@@ -249,7 +249,7 @@ def test_paired_summaries_reweight_to_another_galaxy():
     n = len(p_stars)
     log_ratio = (g.log_prob(p_stars, np.tile(other, (n, 1)), r_cut=r_c)
                  - g.log_prob(p_stars, np.tile(theta, (n, 1)), r_cut=r_c))
-    signed, rel_se, reweighted = paired_relative_errors(p_stars, log_ratio, theta[1])
+    signed, rel_se, reweighted, _, _ = paired_relative_errors(p_stars, log_ratio, theta[1])
     rel = {key: abs(v) for key, v in signed.items()}
     weights = np.exp(log_ratio - log_ratio.max())
     se_reweighted = summary_errors(p_stars, theta[1], weights)

@@ -37,7 +37,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
@@ -154,41 +154,59 @@ def summary_errors(stars: np.ndarray, r_disc: float, weights: np.ndarray | None 
     variance ≈ B σ²/n, so se(S) ≈ std_b(S_b) / √B (Flegal & Jones 2010, Ann. Stat. 38, 1034).
     With ``weights``, the standard error of the summary of the reweighted distribution.
     """
-    parts = np.array_split(np.arange(len(stars)), batches)
     wt = np.ones(len(stars)) if weights is None else np.asarray(weights, np.float64)
-    values = [galaxy_summaries(stars[i], r_disc, wt[i]) for i in parts]
+    return _batch_means_stderr(len(stars), batches,
+                               lambda i: galaxy_summaries(stars[i], r_disc, wt[i]))
+
+
+def _batch_means_stderr(n: int, batches: int, statistic: Any) -> dict:
+    """std_b(S_b) / √B for each ``SUMMARY_KEYS`` entry of ``statistic(rows of batch b)``."""
+    values = [statistic(i) for i in np.array_split(np.arange(n), batches)]
     return {key: float(np.std([v[key] for v in values], ddof=1) / math.sqrt(batches))
             for key in SUMMARY_KEYS}
 
 
+class Paired(NamedTuple):
+    """:func:`paired_relative_errors`: signed relative errors S_q / S_p - 1 and their standard
+    errors (``SUMMARY_KEYS``), the summaries S_q (weighted) and S_p (plain, all keys of
+    :func:`galaxy_summaries`), and the Kish effective sample size of the weights over n.
+    """
+
+    relative_error: dict
+    stderr: dict
+    summaries: dict
+    reference: dict
+    ess_fraction: float
+
+
 def paired_relative_errors(stars: np.ndarray, log_ratio: np.ndarray, r_disc: float,
-                           batches: int = 20) -> tuple[dict, dict, dict]:
+                           batches: int = 20) -> Paired:
     """Relative errors S_q / S_p - 1 of the model q's summaries on exact stars of p (paired).
 
     stars [n, 8]: exact draws of p; log_ratio [n] = log q - log p at them. S_q is the summary of
     the stars weighted by w = q/p (self-normalised importance sampling), S_p the unweighted one:
     both use the same stars, so their sampling noise largely cancels in the ratio (the noise
     left scales with the spread of w, i.e. of log q - log p). The standard error is by batch
-    means over the ratio of each batch's two summaries.
-
-    Returns (signed relative errors, their standard errors, the weighted summaries S_q).
+    means over the ratio of each batch's two summaries. InputError if any log_ratio is not
+    finite.
     """
     log_ratio = np.asarray(log_ratio, np.float64)
     if not np.all(np.isfinite(log_ratio)):
-        raise InputError(f"paired_relative_errors: {int(np.sum(~np.isfinite(log_ratio)))} "
-                         f"non-finite log q - log p values")
+        raise InputError(f"{int(np.sum(~np.isfinite(log_ratio)))} non-finite model "
+                         f"log-densities (log q - log p) at exact stars")
     weights = np.exp(log_ratio - np.max(log_ratio))
     s_q = galaxy_summaries(stars, r_disc, weights)
     s_p = galaxy_summaries(stars, r_disc)
-    rel = {key: s_q[key] / s_p[key] - 1.0 for key in SUMMARY_KEYS}
-    per_batch = []
-    for i in np.array_split(np.arange(len(stars)), batches):
+
+    def batch_ratio(i: np.ndarray) -> dict:
         q_b, p_b = galaxy_summaries(stars[i], r_disc, weights[i]), galaxy_summaries(stars[i],
                                                                                       r_disc)
-        per_batch.append({key: q_b[key] / p_b[key] for key in SUMMARY_KEYS})
-    stderr = {key: float(np.std([b[key] for b in per_batch], ddof=1) / math.sqrt(batches))
-              for key in SUMMARY_KEYS}
-    return rel, stderr, s_q
+        return {key: q_b[key] / p_b[key] for key in SUMMARY_KEYS}
+
+    return Paired(relative_error={key: s_q[key] / s_p[key] - 1.0 for key in SUMMARY_KEYS},
+                  stderr=_batch_means_stderr(len(stars), batches, batch_ratio),
+                  summaries=s_q, reference=s_p,
+                  ess_fraction=float(weights.sum() ** 2 / np.sum(weights**2) / len(weights)))
 
 
 @register
@@ -319,23 +337,21 @@ class GalaxyPopulation(Task):
             auc = classifier_test((draws[: cfg.test_events] - mean) / std,
                                   (truth[: cfg.test_events] - mean) / std,
                                   seed=int(rng.integers(2**31)))
+            log_ratio = (self.model_log_prob(model, truth, lab)
+                         - gal.log_prob(truth, np.tile(theta, (len(truth), 1)), r_cut=r_c))
+            try:
+                paired = paired_relative_errors(truth, log_ratio, theta[1])
+            except InputError as exc:
+                rows.append({"galaxy": int(gid), "failed": str(exc),
+                             "logp_abs_error": float(np.mean(np.abs(delta)))})
+                continue
+            signed, rel_se, s_true = paired.relative_error, paired.stderr, paired.reference
             s_flow = galaxy_summaries(draws, theta[1])
-            s_true = galaxy_summaries(truth, theta[1])
             se_flow = summary_errors(draws, theta[1])
             se_true = summary_errors(truth, theta[1])
             sampled = {key: s_flow[key] / s_true[key] - 1.0 for key in SUMMARY_KEYS}
             sampled_se = {key: abs(s_flow[key] / s_true[key]) * math.hypot(
                 se_flow[key] / s_flow[key], se_true[key] / s_true[key]) for key in SUMMARY_KEYS}
-            log_ratio = (self.model_log_prob(model, truth, lab)
-                         - gal.log_prob(truth, np.tile(theta, (len(truth), 1)), r_cut=r_c))
-            if not np.all(np.isfinite(log_ratio)):
-                bad = int(np.sum(~np.isfinite(log_ratio)))
-                rows.append({"galaxy": int(gid),
-                             "failed": f"{bad} non-finite model log-densities at exact stars",
-                             "logp_abs_error": float(np.mean(np.abs(delta)))})
-                continue
-            signed, rel_se, s_weighted = paired_relative_errors(truth, log_ratio, theta[1])
-            weights = np.exp(log_ratio - log_ratio.max())
             curve_f, curve_t = np.array(s_flow["rotation_curve"]), np.array(
                 s_true["rotation_curve"])
             rows.append({
@@ -351,7 +367,7 @@ class GalaxyPopulation(Task):
                 "classifier": auc.to_dict(),
                 "auc": float(auc.statistic),
                 "flow_summaries": s_flow,
-                "flow_summaries_weighted": s_weighted,
+                "flow_summaries_weighted": paired.summaries,
                 "true_summaries": s_true,
                 "true_summaries_stderr": se_true,
                 "relative_error": {key: abs(v) for key, v in signed.items()},
@@ -361,9 +377,7 @@ class GalaxyPopulation(Task):
                 "relative_error_sampled_stderr": sampled_se,
                 "sampled_vs_paired_z": {key: (sampled[key] - signed[key]) / math.hypot(
                     sampled_se[key], rel_se[key]) for key in SUMMARY_KEYS},
-                # Kish effective sample size of the importance weights, as a fraction of n
-                "importance_ess_fraction": float(weights.sum() ** 2 / np.sum(weights**2)
-                                                 / len(weights)),
+                "importance_ess_fraction": paired.ess_fraction,
                 "rotation_curve_max_rel_error": float(np.nanmax(np.abs(curve_f / curve_t - 1))),
                 "flow_draws_kept": len(draws),
             })
