@@ -41,6 +41,26 @@ Gaussian where V_i is known in closed form. Cost: K evaluations of f per star an
 flat in K when the gradient is accumulated a few draws at a time
 (:meth:`NoiseModel.log_likelihood_and_gradient`, ``TrainConfig.noise_per_pass``).
 
+Selection on the observed coordinates. A catalogue is cut after the noise: a survey keeps the
+stars whose *measured* radius is inside its volume (here r_obs = |x_obs| < r_max over the position
+columns, ``TrainConfig.selection_r_max``). The stars it kept were drawn from
+
+    p_i(w_obs | S) = S(w_obs) p_i(w_obs) / P_sel,   P_sel = ∫ f(w) P(S | w) d^6w,
+
+P(S | w) the probability that a star at w is observed inside the cut. Without the normaliser the
+fit of a catalogue cut at r_max has to put all of p_i's mass inside the cut, while the noise
+spreads any f near the edge across it: the fitted f is pushed low there. With it the loss gains
++log P_sel, whose gradient is (the score-function identity, with E_f ∇ log f = 0)
+
+    ∇_θ log P_sel = E_f[(S − b) ∇_θ log f(w)] / P_sel   for any constant b,
+
+estimated each step from one flow draw per star, w_b ~ f (no gradient through the draw),
+observed through star b's own error model (:meth:`NoiseModel.observe`), S_b its selection,
+b = P̂_sel = the batch mean of S_b (:meth:`NoiseModel.selection_surrogate`). The normaliser is
+taken as common to the batch: exact for an unconditional flow whose stars share an error model
+(a survey with uniform fractional errors), first order in 1 − P_sel otherwise. The tracked loss
+stays −log p̂ without the normaliser (|log P_sel| nats away from the objective).
+
 Use: ``TrainConfig(deconvolve=True, noise_samples=K)`` (CLI ``tfgalflow train --deconvolve
 --noise-samples K``) trains an ordinary :class:`~tfgalflow.model.Flow` on a catalogue with
 ``errors``; during training the errors ride along as extra columns of x (:func:`pack`), and
@@ -54,7 +74,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import tensorflow as tf
@@ -129,6 +149,10 @@ class NoiseModel:
         per_pass: how :meth:`log_likelihood_and_gradient` differentiates the K draws: 0 in one
             pass (fastest, memory ~K·B rows of activations), k ≥ 1 in passes of k draws (memory
             ~k·B rows, flat in K, one extra forward pass).
+        selection_r_max: the catalogue kept the stars with observed |x_obs| < selection_r_max
+            (the norm over the first min(3, D) columns, the positions; catalogue units), or None
+            (no selection after the noise). Adds ∇ log P_sel to the loss gradient
+            (:meth:`selection_surrogate`).
     """
 
     kind: str
@@ -138,6 +162,7 @@ class NoiseModel:
     correct_bias: bool = True
     coordinates: str = "cartesian"
     per_pass: int = 0
+    selection_r_max: float | None = None
 
     def __post_init__(self):
         from .coordinates import COORDINATES, check_dim
@@ -149,6 +174,8 @@ class NoiseModel:
         validation.one_of(self.coordinates, "coordinates", COORDINATES)
         if self.coordinates != "cartesian":
             check_dim(self.coordinates, self.dim)
+        if self.selection_r_max is not None:
+            validation.positive_number(self.selection_r_max, "selection_r_max")
 
     @property
     def width(self) -> int:
@@ -177,6 +204,57 @@ class NoiseModel:
             return x_obs - tf.einsum("bij,kbj->kbi", factor, z), tf.zeros(tf.shape(z)[:2])
         t = 1.0 + errors * z                                                  # fractional
         return x_obs / t, -tf.reduce_sum(tf.math.log(tf.abs(t)), axis=-1)
+
+    def observe(self, w: tf.Tensor, errors: tf.Tensor, z: tf.Tensor) -> tf.Tensor:
+        """Observed rows x_obs [B, D] of true rows w [B, D] with packed errors [B, E] and standard
+        normals z [B, D]: the forward error model (w + σ z, w + A z, or w (1 + s z)).
+        """
+        if self.kind == "absolute":
+            return w + errors * z
+        if self.kind == "covariance":
+            factor = tf.reshape(errors, [-1, self.dim, self.dim])
+            return w + tf.einsum("bij,bj->bi", factor, z)
+        return w * (1.0 + errors * z)
+
+    def selected(self, x_obs: tf.Tensor) -> tf.Tensor:
+        """S(x_obs) [...] float32: 1 where the observed radius |x_obs[..., :min(3, D)]| is below
+        ``selection_r_max`` (1 everywhere without a selection), else 0.
+        """
+        if self.selection_r_max is None:
+            return tf.ones(tf.shape(x_obs)[:-1])
+        positions = x_obs[..., :min(3, self.dim)]
+        inside = tf.reduce_sum(tf.square(positions), axis=-1) < self.selection_r_max ** 2
+        return tf.cast(inside, tf.float32)
+
+    def selection_surrogate(self, density: Any, errors: tf.Tensor, seed: tf.Tensor,
+                            labels: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+        """(s, log P̂_sel): a scalar s whose gradient is the estimate of ∇_θ log P_sel, and the
+        estimate of log P_sel itself (see the module docstring).
+
+        With one draw w_b ~ f(· | labels_b) per star (no gradient through it), its observation
+        through star b's errors, S_b = S(x_obs,b) and P̂ = mean_b S_b:
+
+            s = mean_b [(S_b − P̂) log f(w_b | labels_b)] / P̂,
+            ∇_θ s = mean_b [(S_b − P̂) ∇_θ log f(w_b)] / P̂ → E_f[S ∇ log f] / P_sel.
+
+        Args:
+            density: the density of the catalogue's columns (log_prob_tensor, sample_tensor).
+            errors: [B, E] packed errors of the batch (:meth:`split`): each draw is observed
+                through one star's error model.
+            seed: stateless seed [2] of the step (the draws are folded from it, independent of
+                the likelihood's).
+            labels: [B, C] or None.
+        """
+        fold = tf.random.experimental.stateless_fold_in
+        w = tf.stop_gradient(density.sample_tensor(tf.shape(errors)[0], labels, fold(seed, 1)))
+        z = tf.random.stateless_normal(tf.shape(w), seed=fold(seed, 2))
+        s = self.selected(self.observe(w, errors, z))
+        p_sel = tf.reduce_mean(s)
+        # P̂ = 0 (no draw inside the cut) only for a flow that has left the data entirely: the
+        # surrogate is then 0 and the likelihood term alone pulls it back
+        safe = tf.maximum(p_sel, 1.0 / tf.cast(tf.size(s), tf.float32))
+        surrogate = tf.reduce_mean((s - p_sel) * density.log_prob_tensor(w, labels)) / safe
+        return surrogate, tf.math.log(safe)
 
     def draws(self, x_obs: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
         """The standard normals z [K, B, D] of one step (stateless ``seed`` [2])."""

@@ -725,6 +725,19 @@ class Flow(Density, keras.Model):
         seed = tf.stack([tf.constant(self.noise_model.seed, tf.int64), tf.cast(step, tf.int64)])
         return self._observed_density(self.noise_model.coordinates).log_prob_tensor, seed
 
+    def _with_selection(self, grads: list, variables: list, errors: tf.Tensor,
+                        c: tf.Tensor | None, seed: tf.Tensor) -> list:
+        """grads + ∇ log P_sel / R: the normaliser of a catalogue cut after the noise
+        (``NoiseModel.selection_surrogate``; R replicas each add a share).
+        """
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        density = self._observed_density(self.noise_model.coordinates)
+        with tf.GradientTape() as tape:
+            surrogate, _ = self.noise_model.selection_surrogate(density, errors, seed, c)
+            surrogate = surrogate / replicas
+        extra = tape.gradient(surrogate, variables, unconnected_gradients="zero")
+        return [g + e for g, e in zip(grads, extra)]
+
     def _optimizer_step(self, x: tf.Tensor, c: tf.Tensor | None, w: tf.Tensor | None,
                         errors: tf.Tensor | None = None) -> None:
         """One Adam (or other optimizer) update on the batch x [B, D], c [B, C] | None, w
@@ -743,6 +756,8 @@ class Flow(Density, keras.Model):
             log_prob, seed = self._noisy_density(step)
             lp, grads = self.noise_model.log_likelihood_and_gradient(
                 log_prob, x, errors, seed, c, lambda lp: self._loss(lp, w), variables)
+            if self.noise_model.selection_r_max is not None:
+                grads = self._with_selection(grads, variables, errors, c, seed)
         if self.label_lasso > 0.0:
             grads = self._with_label_lasso(grads, variables)
         self.optimizer.apply_gradients(zip(grads, variables))

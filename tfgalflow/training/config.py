@@ -128,6 +128,11 @@ class TrainConfig:
                                      "stay in the catalogue's columns)", "bool")
     noise_samples: int = option(16, "noise draws K per star and step of the deconvolution "
                                     "estimator (cost ~K; bias of log p ~ -1/K)", "int")
+    selection_r_max: float | None = option(
+        None, "the catalogue kept the stars whose *observed* radius |x| < this (catalogue units; "
+        "none: no cut after the noise): the deconvolution adds the selection's normaliser "
+        "log P_sel to the loss, so the fitted DF is not pushed low near the cut (needs "
+        "deconvolve)", "float?")
     noise_per_pass: int = option(2, "noise draws per differentiated pass of the deconvolution "
                                      "gradient: k >= 1 evaluates all K draws without a tape, "
                                      "then differentiates them k at a time (memory ~k, flat in "
@@ -162,6 +167,11 @@ class TrainConfig:
         if self.clip_norm is not None:
             validation.positive_number(self.clip_norm, "TrainConfig.clip_norm")
         validation.one_of(self.lr_schedule, "TrainConfig.lr_schedule", LR_SCHEDULES)
+        if self.selection_r_max is not None:
+            validation.positive_number(self.selection_r_max, "TrainConfig.selection_r_max")
+            check(self.deconvolve, "selection_r_max",
+                  "none without deconvolve (a noise-free catalogue's cut is its support, which "
+                  "the plain fit learns)")
         validation.positive_number(self.label_noise, "TrainConfig.label_noise", allow_zero=True)
         validation.positive_number(self.weight_decay, "TrainConfig.weight_decay",
                                    allow_zero=True)

@@ -727,6 +727,14 @@ def check_deconvolution(data: ArrayData | HDF5Data | ParquetData, config: TrainC
         raise InputError("TrainConfig.deconvolve = True but the data carry no measurement errors; "
                          "train on a Catalogue(..., errors=..., error_kind=...) (e.g. from "
                          "mocks.add_noise) or set deconvolve = False")
+    if config.selection_r_max is not None:
+        positions = data.observed[:, :min(3, data.observed.shape[1])]
+        outside = int(np.sum(np.sum(np.square(positions, dtype=np.float64), axis=1)
+                             >= config.selection_r_max ** 2))
+        if outside:
+            raise InputError(f"TrainConfig.selection_r_max = {config.selection_r_max} but "
+                             f"{outside} of {data.n} stars lie at or beyond it: the selection "
+                             "must be the cut the catalogue was made with (e.g. mocks.cut)")
 
 
 def check_sizes(data: ArrayData | HDF5Data | ParquetData, config: TrainConfig) -> None:

@@ -135,7 +135,8 @@ def _fit_member(run_dir: Path, run: dict, k: int, data: Any, *, strategy: Any = 
             flow.set_noise_model(NoiseModel(data.error_kind, config.noise_samples, seed,
                                             data.observed.shape[1],
                                             coordinates=config.coordinates,
-                                            per_pass=config.noise_per_pass))
+                                            per_pass=config.noise_per_pass,
+                                            selection_r_max=config.selection_r_max))
         if config.label_noise > 0:
             flow.set_label_noise(config.label_noise, seed)
         if config.label_lasso > 0:
