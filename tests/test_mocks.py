@@ -261,7 +261,8 @@ def test_cut_by_radius_and_binding():
     assert len(kept) == expected.sum()
     assert np.array_equal(kept.pos, noisy.pos[expected])
     assert kept.meta["cuts"] == [{"r_max": 10.0, "bound_to": {"M": 1.0, "a": 1.0, "G": 1.0},
-                                  "kept": int(expected.sum()), "of": 20_000}]
+                                  "kept": int(expected.sum()), "of": 20_000,
+                                  "after_noise": True}]     # a cut of the noisy radii
     with pytest.raises(InputError, match="removes all"):
         cut(noisy, r_max=1e-9)
     with pytest.raises(InputError, match="r_max and/or bound_to"):

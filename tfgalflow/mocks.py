@@ -368,6 +368,10 @@ def cut(
 ) -> Catalogue:
     """Keep the stars with |x| < r_max and/or bound (E = Psi(r) - v^2/2 > 0) in ``bound_to``.
 
+    A radius cut of a catalogue that already has noise (meta["noise"]) acts on the observed radii
+    and is recorded with ``after_noise``: a deconvolving fit of it needs
+    ``TrainConfig.selection_r_max`` (:mod:`tfgalflow.deconvolution`), and training warns without.
+
     ``bound_to`` must be expressed in the catalogue's units (e.g. ``Hernquist()`` for a "model"
     catalogue, ``Hernquist(M=1e10, a=5, G=units.G_KPC_KMS2_MSUN)`` for kpc, km/s). The cut is
     appended to meta["cuts"].
@@ -380,6 +384,8 @@ def cut(
         r_max = _radius(r_max)
         keep &= cat.r < r_max
         record["r_max"] = r_max
+        if cat.meta.get("noise"):     # a cut on noisy radii: a selection the deconvolution needs
+            record["after_noise"] = True
     if bound_to is not None:
         if not isinstance(bound_to, Hernquist):
             raise InputError(f"bound_to must be a Hernquist model, got {type(bound_to).__name__}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ HDF5_SUFFIXES = (".h5", ".hdf5")
 #: Rows shuffled together when streaming HDF5 (HDF5Catalogue.batches' shuffle_buffer): 2^18 rows of
 #: (x, labels) float32 are a few MB, and chunk order is permuted as well.
 STREAM_SHUFFLE_ROWS = 2**18
+
+_log = logging.getLogger(__name__)
 
 
 def split_indices(n: int, validation_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -442,8 +445,9 @@ class ArrayData:
 
     def __init__(self, x: np.ndarray, labels: np.ndarray | None, description: dict,
                  errors: np.ndarray | None = None, error_kind: str | None = None,
-                 observed: np.ndarray | None = None):
+                 observed: np.ndarray | None = None, meta: dict | None = None):
         self.x, self.labels, self.description = x, labels, description
+        self.meta = {} if meta is None else meta     # the catalogue's provenance (cuts, noise)
         self.errors, self.error_kind = errors, error_kind   # a Catalogue's errors, if any
         # the catalogue rows x was reduced from (in_coordinates), where the errors act
         self.observed = x if observed is None else observed
@@ -690,7 +694,7 @@ def _from_catalogue(cat: Any, description: dict) -> ArrayData:
         lab = _float32_matrix(cat.labels, "catalogue labels", f"[{x.shape[0]}, C]", one_d_ok=True)
     names = _label_names(cat.label_names, 0 if lab is None else lab.shape[1])
     return ArrayData(x, lab, dict(description, label_names=names, units=dict(cat.units)),
-                     errors=cat.errors, error_kind=cat.error_kind)
+                     errors=cat.errors, error_kind=cat.error_kind, meta=dict(cat.meta))
 
 
 def select_labels(data: ArrayData | HDF5Data | ParquetData, config: TrainConfig) -> TrainConfig:
@@ -727,6 +731,13 @@ def check_deconvolution(data: ArrayData | HDF5Data | ParquetData, config: TrainC
         raise InputError("TrainConfig.deconvolve = True but the data carry no measurement errors; "
                          "train on a Catalogue(..., errors=..., error_kind=...) (e.g. from "
                          "mocks.add_noise) or set deconvolve = False")
+    after_noise = [c["r_max"] for c in data.meta.get("cuts", [])
+                   if c.get("after_noise") and c.get("r_max") is not None]
+    if after_noise and config.selection_r_max is None:
+        _log.warning("the catalogue was cut at r < %g after its noise was added (meta['cuts']); "
+                     "without TrainConfig.selection_r_max = %g (--selection-r-max %g) the "
+                     "deconvolved DF comes out low near the cut", min(after_noise),
+                     min(after_noise), min(after_noise))
     if config.selection_r_max is not None:
         positions = data.observed[:, :min(3, data.observed.shape[1])]
         outside = int(np.sum(np.sum(np.square(positions, dtype=np.float64), axis=1)
@@ -785,7 +796,7 @@ def in_coordinates(data: ArrayData | HDF5Data, config: TrainConfig) -> ArrayData
     if not data.streamed:     # errors (deconvolution) stay with the catalogue rows they act on
         return ArrayData(reduce(coordinates, data.x).astype(np.float32), data.labels,
                          description, errors=data.errors, error_kind=data.error_kind,
-                         observed=data.x)
+                         observed=data.x, meta=data.meta)
     if not isinstance(data, HDF5Data):
         raise InputError(f"TrainConfig.coordinates = {coordinates!r} reads catalogues in "
                          f"memory or HDF5; load this table into memory to train on it")
@@ -810,4 +821,4 @@ def without_labels(data: Any) -> Any:
     if data.streamed:
         return dataclasses.replace(data, want_labels=False)
     return ArrayData(data.x, None, dict(data.description, label_names=[]), data.errors,
-                     data.error_kind)
+                     data.error_kind, meta=data.meta)
