@@ -71,6 +71,16 @@ def _reduced_flow(seed: int = 0) -> Flow:
     ).adapt(u.astype(np.float32))
 
 
+def _bounded_reduced_flow(seed: int = 0, r_max: float = 3.0) -> Flow:
+    """As :func:`_reduced_flow`, for a 6-D Gaussian cut at r < r_max, with r bounded by it
+    (``log(r / (r_max − r))``, as training with ``support_r_max`` builds it)."""
+    u = reduced_coordinates(np.random.default_rng(seed).normal(size=(3000, 6)))
+    return Flow(
+        FlowConfig(dim=3, layers=2, hidden=(16, 16), activation="tanh", log_columns=(0, 2),
+                   upper_bounds=((0, r_max),), seed=seed)
+    ).adapt(u[u[:, 0] < r_max].astype(np.float32))
+
+
 def _conditionally_rescaled_flow(seed: int = 0) -> Flow:
     """A conditional flow whose rescaler moves and widens with the label (FlowConfig.
     conditional_rescaling), adapted to data that do: x = 2c + e^{0.5 c} ε."""
@@ -144,6 +154,7 @@ CASES = [
         lambda: SphericalAverage(_flow(6, seed=7, isotropic=True), n_rotations=4, seed=1),
     ),
     Case("spherical DF", lambda: SphericalDF(_reduced_flow(seed=8))),
+    Case("spherical DF, bounded radius", lambda: SphericalDF(_bounded_reduced_flow(seed=10))),
     Case(
         "axisymmetric DF",
         # (even=False: one base evaluation per point; the mirror average has its own exact tests

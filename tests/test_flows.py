@@ -44,10 +44,12 @@ def test_config_round_trips_through_json():
         seed=7,
         permutation="random",
         spline_range=4,
+        upper_bounds=[[4, 100]],
     )
     back = FlowConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert back == cfg
     assert back.hidden == (32, 16) and back.log_columns == (1, 4) and back.spline_range == 4.0
+    assert back.upper_bounds == ((4, 100.0),)
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -69,6 +71,10 @@ def test_config_round_trips_through_json():
     (dict(dim=2, permutation="shuffle"), "permutation"),
     (dict(dim=2, spline_range=0.0), "spline_range"),
     (dict(dim=2, spline_range=float("inf")), "spline_range"),
+    (dict(dim=2, upper_bounds=((0, 1.0),)), "upper_bounds"),                # not a log column
+    (dict(dim=2, log_columns=(0,), upper_bounds=((0, -1.0),)), "upper_bounds"),
+    (dict(dim=2, log_columns=(0,), upper_bounds=((0, 1.0), (0, 2.0))), "upper_bounds"),
+    (dict(dim=2, log_columns=(0,), upper_bounds=(0, 1.0)), "upper_bounds"),  # not pairs
 ])
 def test_config_rejects_bad_values_naming_the_field(kwargs, field):
     with pytest.raises(InputError, match=field):

@@ -85,6 +85,11 @@ class FlowConfig:
         bins: number of spline bins K (>= 2; only used for kind="spline"; 3K-1 parameters per dim).
         log_columns: data columns that are strictly positive and modelled as log(x)
             (0-based, < dim).
+        upper_bounds: ((j, b_j), ...): log columns j whose values also lie below b_j > 0,
+            modelled as log(x_j / (b_j − x_j)) instead of log x_j: the support (0, b_j) maps onto
+            the whole real line, so a density that steps to zero at b_j (a catalogue cut at a
+            true radius) becomes a tail the flow can represent. Points at or above b_j have
+            log p = −inf.
         label_log_columns: label columns that are strictly positive and enter the networks as
             log(c) before standardisation (0-based, < label_dim), e.g. a metallicity Z spanning
             decades.
@@ -111,6 +116,7 @@ class FlowConfig:
     spline_range: float = 5.0
     label_log_columns: tuple = ()
     conditional_rescaling: bool = False
+    upper_bounds: tuple = ()
 
     def __post_init__(self) -> None:
         def bad(field: str, value: Any, expected: str) -> InputError:
@@ -156,6 +162,21 @@ class FlowConfig:
                       f"distinct label column indices in [0, {self.label_dim - 1}] "
                       f"(label_dim = {self.label_dim})")
         object.__setattr__(self, "label_log_columns", tuple(sorted(int(j) for j in cols)))
+        bounds = self.upper_bounds
+        expected = ("pairs (column, bound) of distinct log columns and finite bounds > 0, e.g. "
+                    "((0, 100.0),)")
+        if not isinstance(bounds, (tuple, list)) or not all(
+                isinstance(pair, (tuple, list)) and len(pair) == 2 and _is_int(pair[0])
+                and isinstance(pair[1], (int, float, np.floating)) and not isinstance(
+                    pair[1], bool) for pair in bounds):
+            raise bad("upper_bounds", bounds, expected)
+        bounds = tuple(sorted((int(j), float(b)) for j, b in bounds))
+        columns = [j for j, _ in bounds]
+        if (len(set(columns)) != len(columns) or any(j not in self.log_columns for j in columns)
+                or not all(math.isfinite(b) and b > 0 for _, b in bounds)):
+            raise bad("upper_bounds", self.upper_bounds,
+                      expected + f" (log_columns = {self.log_columns})")
+        object.__setattr__(self, "upper_bounds", bounds)
         if (
             isinstance(self.spline_range, bool)
             or not isinstance(self.spline_range, (int, float, np.floating))
@@ -184,6 +205,7 @@ class FlowConfig:
         d["hidden"] = list(self.hidden)
         d["log_columns"] = list(self.log_columns)
         d["label_log_columns"] = list(self.label_log_columns)
+        d["upper_bounds"] = [list(pair) for pair in self.upper_bounds]
         return d
 
     @classmethod
@@ -205,6 +227,9 @@ class FlowConfig:
         for key in ("hidden", "log_columns", "label_log_columns"):
             if isinstance(kw.get(key), list):
                 kw[key] = tuple(kw[key])
+        if isinstance(kw.get("upper_bounds"), list):
+            kw["upper_bounds"] = tuple(tuple(pair) if isinstance(pair, list) else pair
+                                       for pair in kw["upper_bounds"])
         return cls(**kw)
 
 

@@ -3,11 +3,12 @@
 For data x in physical units (e.g. kpc, km/s) and optional labels c, a :class:`Flow` evaluates
 
     u_j = log x_j  (j in log_columns),   u_j = x_j  (otherwise)
+    u_j = log(x_j / (b_j − x_j))  (log columns with an upper bound b_j, FlowConfig.upper_bounds)
     y   = (u - μ) / σ                                   (rescaler, fitted by ``adapt``)
     z   = T^{-1}(y; c̃),  c̃ = (v - μ_c) / σ_c  (MAF chain, :func:`tfgalflow.flows.build_bijector`)
     v_k = log c_k  (k in label_log_columns),   v_k = c_k  (otherwise)
 
-    log p_x(x | c) = log N(z; 0, I) + log|det ∂z/∂y| - Σ_j log σ_j - Σ_{j in log_columns} log x_j,
+    log p_x(x | c) = log N(z; 0, I) + log|det ∂z/∂y| - Σ_j log σ_j + Σ_j log |du_j/dx_j|,
 
 With ``FlowConfig.conditional_rescaling`` the rescaler depends on the labels,
 
@@ -130,6 +131,9 @@ class Flow(Density, keras.Model):
         self._layer_names = layer_names(config)
         dim, label_dim = config.dim, config.label_dim
         self._log_mask = tf.constant([j in config.log_columns for j in range(dim)], tf.bool)
+        bounds = dict(config.upper_bounds)
+        self._bound_mask = tf.constant([j in bounds for j in range(dim)], tf.bool)
+        self._upper = tf.constant([bounds.get(j, 1.0) for j in range(dim)], tf.float32)
         self._label_log_mask = tf.constant(
             [k in config.label_log_columns for k in range(label_dim)], tf.bool)
         self.x_shift = self.add_weight(
@@ -288,6 +292,7 @@ class Flow(Density, keras.Model):
         """One batch of :meth:`_adapt_rows`, validated."""
         x, c = self.check_inputs(x, labels)
         u = x.numpy().astype(np.float64)
+        bounds = dict(self.config.upper_bounds)
         for j in self.config.log_columns:
             bad = u[:, j] <= 0
             if bad.any():
@@ -295,7 +300,16 @@ class Flow(Density, keras.Model):
                     f"adapt: column {j} is a log column but has {int(bad.sum())} value(s) <= 0 "
                     f"(first at row {int(np.argmax(bad))}); log columns must be > 0"
                 )
-            u[:, j] = np.log(u[:, j])
+            if j in bounds:
+                bad = u[:, j] >= bounds[j]
+                if bad.any():
+                    raise InputError(
+                        f"adapt: column {j} is bounded above by {bounds[j]:g} "
+                        f"(FlowConfig.upper_bounds) but has {int(bad.sum())} value(s) >= it "
+                        f"(first at row {int(np.argmax(bad))})")
+                u[:, j] = np.log(u[:, j] / (bounds[j] - u[:, j]))
+            else:
+                u[:, j] = np.log(u[:, j])
         v = None if c is None else self._label_logs(c.numpy().astype(np.float64), "adapt")
         return u, v
 
@@ -368,24 +382,45 @@ class Flow(Density, keras.Model):
         """
         shift, log_sigma = self._location_scale(c)
         log_jacobian = -tf.reduce_sum(log_sigma, axis=-1)
-        in_support = None
-        u = x
-        if self.config.log_columns:
-            positive = x > 0.0
-            safe = tf.where(self._log_mask & positive, x, tf.ones_like(x))
-            log_safe = tf.math.log(safe)       # 0 outside the log columns
-            u = tf.where(self._log_mask, log_safe, x)
-            log_jacobian = log_jacobian - tf.reduce_sum(log_safe, axis=-1)
-            in_support = tf.reduce_all(positive | ~self._log_mask, axis=-1)
+        u, log_du, in_support = self._unbounded(x)
+        if in_support is not None:
+            log_jacobian = log_jacobian + tf.reduce_sum(log_du, axis=-1)
+            in_support = tf.reduce_all(in_support, axis=-1)
         y = (u - shift) * tf.exp(-log_sigma)
         return y, log_jacobian, in_support
+
+    def _unbounded(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor | None, tf.Tensor | None]:
+        """(u, log |du/dx|, in support) elementwise for x [..., D] (the last axis the columns):
+        u = log x in the log columns, log(x / (b − x)) in the bounded ones
+        (FlowConfig.upper_bounds; log |du/dx| = log b − log x − log(b − x)), x elsewhere;
+        (x, None, None) without log columns. Outside the support (x ≤ 0, x ≥ b) u and its
+        Jacobian are finite placeholders.
+        """
+        if not self.config.log_columns:
+            return x, None, None
+        positive = x > 0.0
+        log_safe = tf.math.log(tf.where(self._log_mask & positive, x, tf.ones_like(x)))
+        u = tf.where(self._log_mask, log_safe, x)
+        log_du = -log_safe                     # 0 outside the log columns
+        in_support = positive | ~self._log_mask
+        if self.config.upper_bounds:
+            below = x < self._upper
+            gap = tf.where(self._bound_mask & below, self._upper - x, tf.ones_like(x))
+            log_gap = tf.math.log(gap)         # 0 outside the bounded columns
+            u = tf.where(self._bound_mask, log_safe - log_gap, u)
+            log_du = log_du - log_gap + tf.where(self._bound_mask, tf.math.log(self._upper), 0.0)
+            in_support = in_support & (below | ~self._bound_mask)
+        return u, log_du, in_support
 
     def _unscale(self, y: tf.Tensor, c: tf.Tensor | None = None) -> tf.Tensor:
         shift, log_sigma = self._location_scale(c)
         u = y * tf.exp(log_sigma) + shift
         if not self.config.log_columns:
             return u
-        return tf.where(self._log_mask, tf.exp(tf.where(self._log_mask, u, tf.zeros_like(u))), u)
+        x = tf.where(self._log_mask, tf.exp(tf.where(self._log_mask, u, tf.zeros_like(u))), u)
+        if self.config.upper_bounds:        # x = b σ(u), the inverse of u = log(x / (b − x))
+            x = tf.where(self._bound_mask, self._upper * tf.sigmoid(u), x)
+        return x
 
     def _bijector_kwargs(self, c: tf.Tensor | None) -> dict:
         if not self.label_dim:
@@ -472,11 +507,10 @@ class Flow(Density, keras.Model):
         shift, log_sigma = self._location_scale(labels)      # [1] or [N, 1] (conditional)
         shift, log_sigma = shift[..., :1], log_sigma[..., :1]
         log_jacobian = -log_sigma
-        in_support = None
-        if self.config.log_columns:
-            in_support = x > 0.0
-            log_x = tf.math.log(tf.where(in_support, x, tf.ones_like(x)))
-            x, log_jacobian = log_x, log_jacobian - log_x
+        u, log_du, in_support = self._unbounded(x[..., None])     # the one column, [N, G, 1]
+        if in_support is not None:
+            x, in_support = u[..., 0], in_support[..., 0]
+            log_jacobian = log_jacobian + log_du[..., 0]
         y = (x - shift) * tf.exp(-log_sigma)
         z, log_det = inverse_and_log_det_grid(self.bijector, y, self._bijector_kwargs(labels))
         lp = -0.5 * tf.square(z) - 0.5 * LOG_2PI + log_det + log_jacobian
