@@ -52,6 +52,7 @@ from tfgalflow.symmetry import SphericalAverage
 from tfgalflow.training import TrainConfig, resume, train
 
 STAR_R_MAX = 100.0
+FITS = ("plain", "deconvolved", "noise_free", "deconvolved_selected")
 SUMMARY_RANGE = (0.2, 5.0)
 NOISE = 0.1
 
@@ -75,11 +76,20 @@ def main() -> None:
     p.add_argument("--rotations", type=int, default=32)
     p.add_argument("--n-test", type=int, default=20_000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--support", action="store_true",
+                   help="every fit bounds the radius at the mock's r_max (TrainConfig."
+                        "support_r_max = 100: the flow learns log(r / (100 - r)))")
+    p.add_argument("--fits", default="plain,deconvolved,noise_free,deconvolved_selected",
+                   help="the fits to run, of plain, deconvolved, noise_free, "
+                        "deconvolved_selected")
     args = p.parse_args()
+    wanted = [f.strip() for f in args.fits.split(",") if f.strip()]
+    if not wanted or not set(wanted) <= set(FITS):
+        p.error(f"--fits {args.fits!r}: expected names from {', '.join(FITS)}")
 
     out = Path(args.out)
     (out / "results").mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "fits")}
     settings.update(noise=NOISE, noise_convention="coordinate", star_r_max=STAR_R_MAX,
                     summary_range=list(SUMMARY_RANGE))
     write_json(out / "study_settings.json", settings)
@@ -103,7 +113,8 @@ def main() -> None:
                        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                        lr_schedule="cosine", patience=0, validation_split=0.1, seed=args.seed,
                        coordinates=args.coordinates, members=args.members,
-                       clip_norm=args.clip_norm)
+                       clip_norm=args.clip_norm,
+                       support_r_max=STAR_R_MAX if args.support else None)
     fits = {"plain": base,
             "deconvolved": base.with_overrides(deconvolve=True, noise_samples=args.noise_samples),
             "noise_free": base,
@@ -113,7 +124,7 @@ def main() -> None:
     # with this flow and budget (its error is the flow's own, not the noise's)
     data = {"plain": cat, "deconvolved": cat, "noise_free": clean, "deconvolved_selected": cat}
     results = {}
-    for name, config in fits.items():
+    for name, config in ((k, v) for k, v in fits.items() if k in wanted):
         cached = out / "results" / f"{name}.json"
         if cached.exists():
             results[name] = json.loads(cached.read_text())
@@ -160,10 +171,12 @@ def main() -> None:
               f"rms log-density error {r['rms_log_density_error']:.3f}, KL "
               f"{r['kl_exact_learned']:.3f} nats")
 
-    plain, ideal = results["plain"], results["noise_free"]
     keys = ("median_fractional_error", "median_fractional_error_symmetrised",
             "rms_log_density_error", "kl_exact_learned", "rms_log_density_error_in_range",
             "kl_exact_learned_in_range")
+    ratios = {f"ratios_plain_over_{name}": {key: results["plain"][key] / results[name][key]
+                                            for key in keys}
+              for name in results if name != "plain" and "plain" in results}
     report = {
         "settings": settings, "n_stars": len(cat),
         "definitions": {
@@ -172,15 +185,9 @@ def main() -> None:
             "kl_exact_learned": "mean of log f_exact - log f_learned at noise-free test stars"},
         "results": {k: {kk: vv for kk, vv in v.items() if kk not in ("per_radius",)}
                     for k, v in results.items()},
-        "ratios_plain_over_deconvolved": {
-            key: plain[key] / results["deconvolved"][key] for key in keys},
-        "ratios_plain_over_deconvolved_selected": {
-            key: plain[key] / results["deconvolved_selected"][key] for key in keys},
-        # the largest ratio any deconvolution could reach with this flow and budget
-        "ratios_plain_over_noise_free": {
-            key: plain[key] / ideal[key] for key in (
-                "median_fractional_error", "rms_log_density_error", "kl_exact_learned",
-                "rms_log_density_error_in_range", "kl_exact_learned_in_range")},
+        # ratios_plain_over_noise_free: the largest any deconvolution could reach with this
+        # flow and budget
+        **ratios,
         "targets": {"median_fractional_error_at_1e6": 0.015,
                     "log_density_error_ratio": 2.0}}
     write_json(out / "report.json", report)
@@ -211,6 +218,8 @@ def _figures(out: Path, results: dict, rotations: int) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, style in (("plain", "C0"), ("deconvolved", "C1"), ("noise_free", "C2"),
                         ("deconvolved_selected", "C3")):
+        if name not in results:
+            continue
         pr = results[name]["per_radius"]
         ax.loglog(pr["r"], pr["fractional_error"], style + "--", label=f"{name}, learned")
         ax.loglog(pr["r"], pr["fractional_error_symmetrised"], style + "-",
@@ -227,6 +236,8 @@ def _figures(out: Path, results: dict, rotations: int) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, style in (("plain", "C0"), ("deconvolved", "C1"), ("noise_free", "C2"),
                         ("deconvolved_selected", "C3")):
+        if name not in results:
+            continue
         b = results[name]["log_density_error_by_radius"]
         ax.semilogx(b["r_mid"], b["mean"], style + "-o", ms=3, label=f"{name}: mean Δ")
         ax.semilogx(b["r_mid"], b["rms"], style + ":", label=f"{name}: rms Δ")

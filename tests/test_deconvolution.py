@@ -390,6 +390,25 @@ def test_observe_draws_the_error_model_the_estimator_inverts(kind):
     np.testing.assert_allclose(np.cov(x.T), cov, atol=1e-2)
 
 
+def test_a_star_with_every_candidate_outside_the_support_has_a_finite_constant_loss():
+    # terms a [K = 3, B = 3]: star 0 has one candidate outside a bounded support (a = -inf,
+    # weight 0), star 1 all three (p̂ = 0), star 2 none. Stars 0 and 2 get the log-mean of their
+    # finite terms; star 1 the batch's lowest finite value, as a constant; no gradient is NaN
+    model = NoiseModel("absolute", 3, dim=1, correct_bias=False)
+    inf = np.inf
+    a = tf.Variable([[-1.0, -inf, -2.0], [-3.0, -inf, -1.0], [-inf, -inf, -4.0]])
+    with tf.GradientTape() as tape:
+        lp = model.log_mean(a)
+        loss = -tf.reduce_sum(lp)
+    grad = tape.gradient(loss, a).numpy()
+    lp0 = np.logaddexp(-1.0, -3.0) - math.log(3)
+    lp2 = np.logaddexp.reduce([-2.0, -1.0, -4.0]) - math.log(3)
+    np.testing.assert_allclose(lp.numpy(), [lp0, min(lp0, lp2), lp2], rtol=1e-6)
+    assert np.all(np.isfinite(grad)) and np.all(grad[:, 1] == 0.0) and grad[2, 0] == 0.0
+    # the others: -softmax of their finite terms
+    np.testing.assert_allclose(grad[:2, 0], -np.exp(np.array([-1.0, -3.0]) - lp0) / 3, rtol=1e-6)
+
+
 def test_selection_needs_deconvolution_and_stars_inside_the_cut(tmp_path):
     with pytest.raises(InputError, match="selection_r_max"):
         TrainConfig(selection_r_max=10.0)

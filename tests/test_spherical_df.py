@@ -208,10 +208,45 @@ def test_training_in_spherical_coordinates(tmp_path):
                                    np.asarray(trained.log_prob(fresh)), atol=1e-4)
 
 
+def test_training_with_a_bounded_radius(tmp_path):
+    # support_r_max = 50 on a mock cut at r < 50: the flow learns log(r / (50 - r)); the model is
+    # still the normalised DF (its log-density matches the exact one as the unbounded fit's
+    # does), it draws no star beyond 50, gives -inf there, and the SavedModel keeps the bound
+    from tfgalflow.export import export_model, load
+    from tfgalflow.training import TrainConfig, train
+
+    model = Hernquist()
+    cat = sample_hernquist(20000, kind="iso", seed=6, r_max=50.0)
+    config = TrainConfig(coordinates="spherical", support_r_max=50.0, layers=3, hidden=(32, 32),
+                         epochs=4, batch_size=512, patience=0, seed=0)
+    trained = train(cat, config, tmp_path / "run", verbose=0)
+    assert trained.base.config.upper_bounds == ((0, 50.0),)
+    fresh = sample_hernquist(4000, kind="iso", seed=7, r_max=50.0).phase_space.astype(np.float32)
+    delta = (np.asarray(model.exact_density("iso").log_prob(fresh))
+             - np.asarray(trained.log_prob(fresh)))
+    # as in test_training_in_spherical_coordinates: a wrong Jacobian of the bounded coordinate
+    # (log 50 - log r - log(50 - r)) would shift the mean by >= 1 nat at the typical r ~ 1
+    assert abs(delta.mean()) < 0.15, delta.mean()
+    draws = np.asarray(trained.sample(20000, seed=1), np.float64)
+    assert np.linalg.norm(draws[:, :3], axis=1).max() < 50.0
+    outside = fresh[:3].copy()
+    outside[:, :3] *= 55.0 / np.linalg.norm(outside[:, :3], axis=1, keepdims=True)
+    assert np.all(np.isneginf(np.asarray(trained.log_prob(outside))))
+    back = load(export_model(trained, tmp_path / "saved", accelerations=False))
+    np.testing.assert_allclose(np.asarray(back.log_prob(fresh)),
+                               np.asarray(trained.log_prob(fresh)), atol=1e-4)
+    assert np.all(np.isneginf(np.asarray(back.log_prob(outside))))
+    with pytest.raises(InputError, match="support_r_max.*coordinates = 'spherical'"):
+        TrainConfig(support_r_max=50.0)                       # cartesian: no radius column
+    with pytest.raises(InputError, match="support_r_max"):
+        TrainConfig(coordinates="spherical", support_r_max=0.0)
+
+
 @pytest.mark.parametrize("overrides, data, message", [
     ({"log_columns": (0,)}, "catalogue", "log_columns"),
     ({"deconvolve": True}, "catalogue", "deconvolve"),
     ({}, "array3", "6-D phase-space"),
+    ({"support_r_max": 40.0}, "catalogue", "support_r_max = 40.0 but"),   # stars at 40-50
 ])
 def test_spherical_coordinates_refuse_what_they_cannot_learn(tmp_path, overrides, data, message):
     from tfgalflow.training import TrainConfig, train

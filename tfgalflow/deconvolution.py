@@ -274,13 +274,21 @@ class NoiseModel:
 
     def log_mean(self, log_terms: tf.Tensor) -> tf.Tensor:
         """log p̂ [B] = logsumexp_k a_kb − log K (+ V̂_b / 2K with ``correct_bias``) from the K
-        terms a [K, B] (:meth:`log_terms`).
+        terms a [K, B] (:meth:`log_terms`). A star whose K terms are all −inf (every candidate
+        outside a bounded support) gets the batch's lowest finite log p̂, with no gradient.
         """
         k = self.samples
+        # a candidate outside the flow's support (a bounded radius, FlowConfig.upper_bounds) has
+        # a_kb = −inf and weight 0; a star with no candidate inside has p̂ = 0, an infinite loss:
+        # it takes the batch's lowest finite estimate instead, as a constant (no gradient)
+        inside = tf.reduce_any(tf.math.is_finite(log_terms), axis=0)              # [B]
+        log_terms = tf.where(inside[None, :], log_terms, tf.zeros_like(log_terms))
         log_mean = tf.reduce_logsumexp(log_terms, axis=0) - math.log(k)
-        if not self.correct_bias or k == 1:
-            return log_mean
-        return log_mean + relative_variance(log_terms) / (2.0 * k)
+        if self.correct_bias and k > 1:
+            log_mean = log_mean + relative_variance(log_terms) / (2.0 * k)
+        lowest = tf.reduce_min(tf.where(inside, log_mean, tf.fill(tf.shape(log_mean), np.inf)))
+        floor = tf.stop_gradient(tf.where(tf.math.is_finite(lowest), lowest, 0.0))
+        return tf.where(inside, log_mean, floor)
 
     def log_likelihood(self, log_prob: Callable[..., tf.Tensor], x_obs: tf.Tensor,
                        errors: tf.Tensor, seed: tf.Tensor,
@@ -365,7 +373,8 @@ class NoiseModel:
         def add_gradient(grads, first, size):
             ci = tf.slice(c, tf.stack([first, 0]), tf.stack([size, -1]))
             with tf.GradientTape() as t:
-                surrogate = tf.reduce_sum(ci * terms(first, size))
+                ai = terms(first, size)      # −inf outside a bounded support, where c = 0
+                surrogate = tf.reduce_sum(tf.where(tf.math.is_finite(ai), ci * ai, 0.0))
             step = t.gradient(surrogate, variables,
                               unconnected_gradients=tf.UnconnectedGradients.ZERO)
             return [g + d for g, d in zip(grads, step)]

@@ -70,6 +70,11 @@ class TrainConfig:
         "symmetric SphericalDF / AxisymmetricDF (tfgalflow.coordinates)",
         "str",
     )
+    support_r_max: float | None = option(
+        None, "with coordinates = spherical: the true radii lie below this (catalogue units; a "
+        "cut in true space, like a simulation's sphere or a mock's r_max; none: unbounded); the "
+        "flow then learns log(r / (r_max - r)) instead of log r, so the density's step to zero "
+        "at r_max becomes a tail it can represent", "float?")
     label_dim: int | None = option(None, "label columns C to condition on: none = as many as the "
                                          "data has, 0 = ignore labels", "int?")
     epochs: int = option(100, "maximum number of epochs", "int")
@@ -167,6 +172,10 @@ class TrainConfig:
         if self.clip_norm is not None:
             validation.positive_number(self.clip_norm, "TrainConfig.clip_norm")
         validation.one_of(self.lr_schedule, "TrainConfig.lr_schedule", LR_SCHEDULES)
+        if self.support_r_max is not None:
+            validation.positive_number(self.support_r_max, "TrainConfig.support_r_max")
+            check(self.coordinates == "spherical", "support_r_max",
+                  "none unless coordinates = 'spherical' (it bounds the flow's radius r)")
         if self.selection_r_max is not None:
             validation.positive_number(self.selection_r_max, "TrainConfig.selection_r_max")
             check(self.deconvolve, "selection_r_max",
@@ -224,7 +233,7 @@ class TrainConfig:
         ``label_dim`` labels (the member's ``seed``; default ``self.seed``); with reduced
         ``coordinates`` the data are the reduced columns and the log columns those of
         :func:`tfgalflow.coordinates.flow_log_columns` (log r and log v_t; log R and the given
-        columns after the sixth).
+        columns after the sixth); ``support_r_max`` bounds r (``FlowConfig.upper_bounds``).
         """
         from ..flows import FlowConfig
         log_columns = flow_log_columns(self.coordinates, self.log_columns)
@@ -232,6 +241,8 @@ class TrainConfig:
                           activation=self.activation, kind=self.kind, bins=self.bins,
                           log_columns=log_columns, label_log_columns=self.label_log_columns,
                           conditional_rescaling=self.conditional_rescaling and label_dim > 0,
+                          upper_bounds=() if self.support_r_max is None else (
+                              (0, self.support_r_max),),          # r, column 0 of (r, v_r, v_t)
                           seed=self.seed if seed is None else seed)
 
     @classmethod

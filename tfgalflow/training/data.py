@@ -748,6 +748,20 @@ def check_deconvolution(data: ArrayData | HDF5Data | ParquetData, config: TrainC
                              "must be the cut the catalogue was made with (e.g. mocks.cut)")
 
 
+def check_support(data: ArrayData | HDF5Data | ParquetData, config: TrainConfig) -> None:
+    """InputError if in-memory phase-space rows lie at or beyond ``config.support_r_max`` (a
+    streamed file is checked as it is read, by ``Flow.adapt``).
+    """
+    if config.support_r_max is None or data.streamed:
+        return
+    r2 = np.sum(np.square(data.x[:, :3], dtype=np.float64), axis=1)
+    outside = int(np.sum(r2 >= config.support_r_max ** 2))
+    if outside:
+        raise InputError(f"TrainConfig.support_r_max = {config.support_r_max} but {outside} of "
+                         f"{data.n} stars lie at or beyond it: it must bound the true radii (for "
+                         "a cut of noisy radii use selection_r_max with deconvolve)")
+
+
 def check_sizes(data: ArrayData | HDF5Data | ParquetData, config: TrainConfig) -> None:
     """InputError unless N >= 2 and the validation split leaves >= 2 training rows."""
     if data.n < 2:

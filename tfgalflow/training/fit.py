@@ -20,8 +20,8 @@ from ..atomic import atomic_dir, write_json
 from ..errors import FileError, InputError
 from .config import EXPONENTIAL_FINAL_FRACTION, TrainConfig
 from .data import (
-    as_training_data, check_deconvolution, check_sizes, describe, in_coordinates, reopen,
-    select_labels, without_labels,
+    as_training_data, check_deconvolution, check_sizes, check_support, describe, in_coordinates,
+    reopen, select_labels, without_labels,
 )
 from .rundir import (
     BEST_DIR, CHECKPOINTS_DIR, CONFIG_FILE, DEFAULT_VERBOSE, FINAL_DIR, HISTORY_FILE, SUMMARY_FILE,
@@ -345,6 +345,7 @@ def train(data: "Catalogue | np.ndarray | str | os.PathLike", config: TrainConfi
     if config.label_dim == 0 and data.label_dim:
         data = without_labels(data)
     check_deconvolution(data, config)      # before the reduction: it keeps errors in memory only
+    check_support(data, config)            # the catalogue's positions, before the reduction
     data = in_coordinates(data, config)
     check_sizes(data, config)
     _check_tensorboard(config)
@@ -408,6 +409,7 @@ def _resume(run_dir: Path, run: dict, data: Any, labels: Any, strategy: Any,
     if config.label_dim == 0 and data.label_dim:
         data = without_labels(data)
     check_deconvolution(data, config)
+    check_support(data, config)
     data = in_coordinates(data, config)
     shape = (data.n, data.dim, data.label_dim)
     if shape != (recorded["n"], recorded["dim"], recorded["label_dim"]) or (
