@@ -419,7 +419,9 @@ class Flow(Density, keras.Model):
             return u
         x = tf.where(self._log_mask, tf.exp(tf.where(self._log_mask, u, tf.zeros_like(u))), u)
         if self.config.upper_bounds:        # x = b σ(u), the inverse of u = log(x / (b − x))
-            x = tf.where(self._bound_mask, self._upper * tf.sigmoid(u), x)
+            # u ≤ 15: float32 σ(u) rounds to 1 (x = b, outside the support) from u ≈ 16.6; the
+            # clip moves draws of probability ~e^-15 into the last 3e-7 of the interval
+            x = tf.where(self._bound_mask, self._upper * tf.sigmoid(tf.minimum(u, 15.0)), x)
         return x
 
     def _bijector_kwargs(self, c: tf.Tensor | None) -> dict:
