@@ -739,9 +739,7 @@ def check_deconvolution(data: ArrayData | HDF5Data | ParquetData, config: TrainC
                      "deconvolved DF comes out low near the cut", min(after_noise),
                      min(after_noise), min(after_noise))
     if config.selection_r_max is not None:
-        positions = data.observed[:, :min(3, data.observed.shape[1])]
-        outside = int(np.sum(np.sum(np.square(positions, dtype=np.float64), axis=1)
-                             >= config.selection_r_max ** 2))
+        outside = _count_outside(data.observed, config.selection_r_max)
         if outside:
             raise InputError(f"TrainConfig.selection_r_max = {config.selection_r_max} but "
                              f"{outside} of {data.n} stars lie at or beyond it: the selection "
@@ -754,12 +752,19 @@ def check_support(data: ArrayData | HDF5Data | ParquetData, config: TrainConfig)
     """
     if config.support_r_max is None or data.streamed:
         return
-    r2 = np.sum(np.square(data.x[:, :3], dtype=np.float64), axis=1)
-    outside = int(np.sum(r2 >= config.support_r_max ** 2))
+    outside = _count_outside(data.x, config.support_r_max)
     if outside:
         raise InputError(f"TrainConfig.support_r_max = {config.support_r_max} but {outside} of "
                          f"{data.n} stars lie at or beyond it: it must bound the true radii (for "
                          "a cut of noisy radii use selection_r_max with deconvolve)")
+
+
+def _count_outside(rows: np.ndarray, r_max: float) -> int:
+    """How many rows [N, D] have |position| >= r_max (the first min(3, D) columns, as
+    ``deconvolution.NoiseModel.selected`` reads them).
+    """
+    positions = rows[:, :min(3, rows.shape[1])]
+    return int(np.sum(np.sum(np.square(positions, dtype=np.float64), axis=1) >= r_max ** 2))
 
 
 def check_sizes(data: ArrayData | HDF5Data | ParquetData, config: TrainConfig) -> None:
