@@ -369,8 +369,8 @@ def test_selection_gradient_matches_the_truncated_gaussian_closed_form():
 @pytest.mark.parametrize("kind", ["absolute", "fractional", "covariance"])
 def test_observe_draws_the_error_model_the_estimator_inverts(kind):
     # observe(w, errors, z) has the moments of the error model: mean w, covariance sigma^2,
-    # (s w)^2 or C per star; and the estimator's candidates w_k = inverse of it at z (its
-    # proposal), so observe(candidate(x_obs, -z)) = x_obs exactly for absolute/covariance
+    # (s w)^2 or C per star; and the estimator's proposal inverts it: the candidate that the same
+    # z proposes for x_obs = observe(w, z) is w itself (to float32 rounding)
     rng = np.random.default_rng(0)
     w = np.array([[1.0, -2.0]], np.float32)
     if kind == "covariance":
@@ -388,6 +388,8 @@ def test_observe_draws_the_error_model_the_estimator_inverts(kind):
     # ~ 1.6e-3 at C = 0.5; 1e-2 is > 6 of them
     np.testing.assert_allclose(x.mean(0), w[0], atol=1e-2)
     np.testing.assert_allclose(np.cov(x.T), cov, atol=1e-2)
+    back, _ = model.candidates(tf.constant(x, tf.float32), factor, z[None])
+    np.testing.assert_allclose(back.numpy()[0], np.repeat(w, n, axis=0), rtol=1e-5, atol=1e-5)
 
 
 def test_a_star_with_every_candidate_outside_the_support_has_a_finite_constant_loss():
