@@ -409,6 +409,8 @@ def test_a_star_with_every_candidate_outside_the_support_has_a_finite_constant_l
     assert np.all(np.isfinite(grad)) and np.all(grad[:, 1] == 0.0) and grad[2, 0] == 0.0
     # the others: -softmax of their finite terms
     np.testing.assert_allclose(grad[:2, 0], -np.exp(np.array([-1.0, -3.0]) - lp0) / 3, rtol=1e-6)
+    # a NaN term (a diverged flow) is not "outside the support": it must reach the loss
+    assert np.isnan(model.log_mean(tf.constant([[np.nan, -1.0]] * 3)).numpy()[0])
 
 
 def test_selection_needs_deconvolution_and_stars_inside_the_cut(tmp_path):

@@ -281,7 +281,8 @@ class NoiseModel:
         # a candidate outside the flow's support (a bounded radius, FlowConfig.upper_bounds) has
         # a_kb = −inf and weight 0; a star with no candidate inside has p̂ = 0, an infinite loss:
         # it takes the batch's lowest finite estimate instead, as a constant (no gradient)
-        inside = tf.reduce_any(tf.math.is_finite(log_terms), axis=0)              # [B]
+        # (only −inf marks a candidate outside: a NaN term stays NaN and shows in the loss)
+        inside = tf.logical_not(tf.reduce_all(tf.equal(log_terms, -np.inf), axis=0))   # [B]
         log_terms = tf.where(inside[None, :], log_terms, tf.zeros_like(log_terms))
         log_mean = tf.reduce_logsumexp(log_terms, axis=0) - math.log(k)
         if self.correct_bias and k > 1:
@@ -374,7 +375,7 @@ class NoiseModel:
             ci = tf.slice(c, tf.stack([first, 0]), tf.stack([size, -1]))
             with tf.GradientTape() as t:
                 ai = terms(first, size)      # −inf outside a bounded support, where c = 0
-                surrogate = tf.reduce_sum(tf.where(tf.math.is_finite(ai), ci * ai, 0.0))
+                surrogate = tf.reduce_sum(tf.where(tf.equal(ai, -np.inf), 0.0, ci * ai))
             step = t.gradient(surrogate, variables,
                               unconnected_gradients=tf.UnconnectedGradients.ZERO)
             return [g + d for g, d in zip(grads, step)]
