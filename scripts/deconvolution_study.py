@@ -68,6 +68,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--noise-samples", type=int, default=8, help="K of the deconvolved fit")
+    p.add_argument("--noise-proposal", default="kernel", choices=("kernel", "tilted"),
+                   help="TrainConfig.noise_proposal of the deconvolved fits")
     p.add_argument("--coordinates", default="cartesian", choices=("cartesian", "spherical"))
     p.add_argument("--members", type=int, default=1, help="ensemble members of each fit")
     p.add_argument("--clip-norm", type=float, default=None, help="TrainConfig.clip_norm")
@@ -116,10 +118,12 @@ def main() -> None:
                        clip_norm=args.clip_norm,
                        support_r_max=STAR_R_MAX if args.support else None)
     fits = {"plain": base,
-            "deconvolved": base.with_overrides(deconvolve=True, noise_samples=args.noise_samples),
+            "deconvolved": base.with_overrides(deconvolve=True, noise_samples=args.noise_samples,
+                                               noise_proposal=args.noise_proposal),
             "noise_free": base,
             "deconvolved_selected": base.with_overrides(
-                deconvolve=True, noise_samples=args.noise_samples, selection_r_max=STAR_R_MAX)}
+                deconvolve=True, noise_samples=args.noise_samples, selection_r_max=STAR_R_MAX,
+                noise_proposal=args.noise_proposal)}
     # the plain fit to the same stars before the noise: what a perfect deconvolution could reach
     # with this flow and budget (its error is the flow's own, not the noise's)
     data = {"plain": cat, "deconvolved": cat, "noise_free": clean, "deconvolved_selected": cat}

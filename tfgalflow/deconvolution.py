@@ -30,6 +30,26 @@ q(w) = φ((w_obs / w − 1) / s) |w_obs| / (s w²) ∝ φ((w_obs / w − 1) / s)
 weight is p(w_obs | w) / q(w) = |w| / |w_obs| = 1 / |t|. (t < 0, a sign flip, has probability
 Φ(−1/s) = 8·10^-24 at s = 0.1; the estimator stays exact there too.)
 
+The tilted proposal (``NoiseModel(proposal="tilted")``, ``TrainConfig.noise_proposal``). Write
+the integrand as a function of the standard normals, g(z) = f(w(z)) ω(z), so p_i = E_{z ~ N(0, I)}
+g(z). Where log f changes by more than ~1 across the error ellipse (10 % errors on a density
+falling as r^-4, or on a DF near its escape energy) the K values of g(z) differ by large factors
+and the estimator's V_i is large. Drawing instead ζ ~ N(−m, I), the normal tilted along the score
+of the integrand at the observation,
+
+    m = −∇_z log g(z) |_{z=0}   (clipped to |m_j| ≤ 1),
+    p_i = E_{ζ ~ N(−m, I)} [ g(ζ) φ(ζ) / φ(ζ + m) ],   log φ(ζ) − log φ(ζ + m) = zᵀm − |m|²/2
+
+(z = ζ + m), is exact for any m: the importance identity, with m computed without gradient
+(exponential tilting; the first-order version of a Laplace proposal: Owen 2013, *Monte Carlo
+theory, methods and examples*, ch. 9). If log g is linear in z over the ellipse, g(ζ) φ(ζ) /
+φ(ζ + m) is the same for every draw and V_i = 0: a Gaussian f under absolute errors has V_i of
+order the curvature alone. m is one gradient of the flow at each x_obs per step (about the cost of
+one of the K draws with its backward pass); the clip keeps the tilt within one standard
+deviation of the kernel where log f is not linear (at the edge of its support, where its gradient
+is unbounded). m per kind: σ ∇log f (absolute), Aᵀ ∇log f (covariance), s (w ∇log f + 1)
+(fractional), each the score of the integrand in z.
+
 p̂_i is unbiased for p_i, but its log is biased low (Jensen): with V_i = Var_q[f ω] / p_i², the
 relative variance of one draw,
 
@@ -80,7 +100,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import validation
-from .catalogue.core import ERROR_KINDS
+from .catalogue.core import ERROR_KINDS, NOISE_PROPOSALS
 from .errors import InputError
 
 
@@ -149,6 +169,11 @@ class NoiseModel:
         per_pass: how :meth:`log_likelihood_and_gradient` differentiates the K draws: 0 in one
             pass (fastest, memory ~K·B rows of activations), k ≥ 1 in passes of k draws (memory
             ~k·B rows, flat in K, one extra forward pass).
+        proposal: "kernel" draws the candidates from the error kernel itself (z ~ N(0, I));
+            "tilted" from the kernel tilted along the score of the integrand at the observation
+            (z ~ N(−m, I), :meth:`tilt`; see the module docstring): same expectation, smaller
+            variance where log f changes across the error ellipse, one extra gradient of f per
+            star and step.
         selection_r_max: the catalogue kept the stars with observed |x_obs| < selection_r_max
             (the norm over the first min(3, D) columns, the positions; catalogue units), or None
             (no selection after the noise). Adds ∇ log P_sel to the loss gradient
@@ -163,6 +188,7 @@ class NoiseModel:
     coordinates: str = "cartesian"
     per_pass: int = 0
     selection_r_max: float | None = None
+    proposal: str = "kernel"
 
     def __post_init__(self):
         from .coordinates import COORDINATES, check_dim
@@ -172,6 +198,7 @@ class NoiseModel:
         validation.integer(self.dim, "dim")
         validation.integer(self.per_pass, "noise_per_pass", low=0)
         validation.one_of(self.coordinates, "coordinates", COORDINATES)
+        validation.one_of(self.proposal, "noise_proposal", NOISE_PROPOSALS)
         if self.coordinates != "cartesian":
             check_dim(self.coordinates, self.dim)
         if self.selection_r_max is not None:
@@ -262,15 +289,39 @@ class NoiseModel:
             tf.stack([self.samples, tf.shape(x_obs)[0], self.dim]), seed=seed)
 
     def log_terms(self, log_prob: Callable[..., tf.Tensor], x_obs: tf.Tensor, errors: tf.Tensor,
-                  z: tf.Tensor, labels: tf.Tensor | None = None) -> tf.Tensor:
+                  z: tf.Tensor, labels: tf.Tensor | None = None,
+                  tilt: tf.Tensor | None = None) -> tf.Tensor:
         """a_kb = log f(w_kb | labels_b) + log ω_kb [K', B] for the draws z [K', B, D] (any
         K' ≤ K: a pass of :meth:`log_likelihood_and_gradient` takes a few at a time).
+
+        With ``tilt`` m [B, D] (:meth:`tilt`) the candidates are those of ζ = z − m, a draw of
+        N(−m, I), and a_kb gains the proposal's weight log φ(ζ) − log φ(z) = z·m − |m|²/2.
         """
+        if tilt is not None:
+            log_ratio = tf.reduce_sum(z * tilt, axis=-1) - 0.5 * tf.reduce_sum(tilt * tilt, -1)
+            return self.log_terms(log_prob, x_obs, errors, z - tilt, labels) + log_ratio
         w, log_weight = self.candidates(x_obs, errors, z)
         k = tf.shape(z)[0]
         flat = tf.reshape(w, [-1, self.dim])
         tiled = None if labels is None else tf.tile(labels, tf.stack([k, 1]))
         return tf.reshape(log_prob(flat, tiled), tf.stack([k, -1])) + log_weight
+
+    def tilt(self, log_prob: Callable[..., tf.Tensor], x_obs: tf.Tensor, errors: tf.Tensor,
+             labels: tf.Tensor | None = None) -> tf.Tensor | None:
+        """m [B, D] = −∇_z a(z) at z = 0, clipped to [−1, 1] (0 where not finite, e.g. a star
+        where f = 0), no gradient: the shift of the tilted proposal (module docstring); None
+        for ``proposal="kernel"``. a(0) = log f(x_obs) + log ω(0), so m is the score of the
+        integrand in the standard normals at the observation.
+        """
+        if self.proposal == "kernel":
+            return None
+        z0 = tf.zeros(tf.stack([1, tf.shape(x_obs)[0], self.dim]))
+        with tf.GradientTape() as tape:
+            tape.watch(z0)
+            a0 = self.log_terms(log_prob, x_obs, errors, z0, labels)
+        m = -tape.gradient(a0, z0)[0]
+        m = tf.where(tf.math.is_finite(m), m, tf.zeros_like(m))
+        return tf.stop_gradient(tf.clip_by_value(m, -_TILT_MAX, _TILT_MAX))
 
     def log_mean(self, log_terms: tf.Tensor) -> tf.Tensor:
         """log p̂ [B] = logsumexp_k a_kb − log K (+ V̂_b / 2K with ``correct_bias``) from the K
@@ -306,7 +357,8 @@ class NoiseModel:
             labels: [B, C] or None; star b's K candidates share its labels.
         """
         z = self.draws(x_obs, seed)
-        return self.log_mean(self.log_terms(log_prob, x_obs, errors, z, labels))
+        tilt = self.tilt(log_prob, x_obs, errors, labels)
+        return self.log_mean(self.log_terms(log_prob, x_obs, errors, z, labels, tilt))
 
     def log_likelihood_and_gradient(
         self, log_prob: Callable[..., tf.Tensor], x_obs: tf.Tensor, errors: tf.Tensor,
@@ -343,18 +395,19 @@ class NoiseModel:
             log p̂ [B] (no gradient attached) and the gradients, one per variable (zeros for a
             variable the loss does not depend on).
         """
+        z = self.draws(x_obs, seed)
+        tilt = self.tilt(log_prob, x_obs, errors, labels)       # outside the tapes: no gradient
         if not self.per_pass:
             with tf.GradientTape() as tape:
-                log_p = self.log_likelihood(log_prob, x_obs, errors, seed, labels)
+                log_p = self.log_mean(self.log_terms(log_prob, x_obs, errors, z, labels, tilt))
                 value = loss(log_p)
             return log_p, tape.gradient(value, variables,
                                         unconnected_gradients=tf.UnconnectedGradients.ZERO)
         k, per = self.samples, min(self.per_pass, self.samples)
-        z = self.draws(x_obs, seed)
 
         def terms(first, size):                          # a of draws first ... first + size − 1
             zi = tf.slice(z, tf.stack([first, 0, 0]), tf.stack([size, -1, -1]))
-            return self.log_terms(log_prob, x_obs, errors, zi, labels)
+            return self.log_terms(log_prob, x_obs, errors, zi, labels, tilt)
 
         # pass 1: the terms a [K, B], no tape; a forward pass keeps no activations for a backward
         # one (a layer or two of rows live at a time, not every layer's), so its groups are
@@ -382,6 +435,11 @@ class NoiseModel:
 
         return log_p, _fold_groups(add_gradient, k, per, [tf.zeros_like(v) for v in variables])
 
+
+# the largest shift of the tilted proposal (NoiseModel.tilt), per standard normal: one σ of the
+# kernel keeps the proposal's overlap with it where log f is far from linear across the errors (scripts/deconvolution_proposals.py measures V by binding energy
+# on the exact Hernquist DF for clips of 1 and 3)
+_TILT_MAX = 1.0
 
 # pass 1 of NoiseModel.log_likelihood_and_gradient takes this many times more draws per group than
 # pass 2 (no tape: ~1/8 of a differentiated pass's activations for a stack of 2-hidden-layer MADEs)

@@ -34,6 +34,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: How ``Catalogue.errors`` describe each star's measurement error (see :class:`Catalogue`).
 ERROR_KINDS = ("absolute", "fractional", "covariance")
+#: How a deconvolving fit draws a star's true coordinates from its error model
+#: (``tfgalflow.deconvolution.NoiseModel.proposal``): the kernel itself, or the kernel tilted along
+#: the gradient of log f at the observation.
+NOISE_PROPOSALS = ("kernel", "tilted")
 
 FORMAT = "tfgalflow-catalogue"
 FORMAT_VERSION = 1

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .. import validation
+from ..catalogue.core import NOISE_PROPOSALS
 from ..config_fields import check_keys, coerce_fields, field_help, option
 from ..coordinates import COORDINATES, flow_log_columns
 from ..errors import FileError, InputError
@@ -133,6 +134,11 @@ class TrainConfig:
                                      "stay in the catalogue's columns)", "bool")
     noise_samples: int = option(16, "noise draws K per star and step of the deconvolution "
                                     "estimator (cost ~K; bias of log p ~ -1/K)", "int")
+    noise_proposal: str = option(
+        "kernel", "where the deconvolution estimator draws each star's candidates: 'kernel' "
+        "(its error model) or 'tilted' (the error model tilted along the gradient of log f at "
+        "the observed star, clipped to one sigma: same expectation, lower variance where the "
+        "DF changes across the errors; one extra gradient of f per star and step)", "str")
     selection_r_max: float | None = option(
         None, "the catalogue kept the stars whose *observed* radius |x| < this (catalogue units; "
         "none: no cut after the noise): the deconvolution adds the selection's normaliser "
@@ -172,6 +178,7 @@ class TrainConfig:
         if self.clip_norm is not None:
             validation.positive_number(self.clip_norm, "TrainConfig.clip_norm")
         validation.one_of(self.lr_schedule, "TrainConfig.lr_schedule", LR_SCHEDULES)
+        validation.one_of(self.noise_proposal, "TrainConfig.noise_proposal", NOISE_PROPOSALS)
         if self.support_r_max is not None:
             validation.positive_number(self.support_r_max, "TrainConfig.support_r_max")
             check(self.coordinates == "spherical", "support_r_max",
@@ -181,6 +188,8 @@ class TrainConfig:
             check(self.deconvolve, "selection_r_max",
                   "none without deconvolve (a noise-free catalogue's cut is its support, which "
                   "the plain fit learns)")
+        check(self.noise_proposal == "kernel" or self.deconvolve, "noise_proposal",
+              "'kernel' without deconvolve (the proposal draws the deconvolution's candidates)")
         validation.positive_number(self.label_noise, "TrainConfig.label_noise", allow_zero=True)
         validation.positive_number(self.weight_decay, "TrainConfig.weight_decay",
                                    allow_zero=True)

@@ -136,7 +136,8 @@ def _fit_member(run_dir: Path, run: dict, k: int, data: Any, *, strategy: Any = 
                                             data.observed.shape[1],
                                             coordinates=config.coordinates,
                                             per_pass=config.noise_per_pass,
-                                            selection_r_max=config.selection_r_max))
+                                            selection_r_max=config.selection_r_max,
+                                            proposal=config.noise_proposal))
         if config.label_noise > 0:
             flow.set_label_noise(config.label_noise, seed)
         if config.label_lasso > 0:
