@@ -47,8 +47,10 @@ theory, methods and examples*, ch. 9). If log g is linear in z over the ellipse,
 order the curvature alone. m is one gradient of the flow at each x_obs per step (about the cost of
 one of the K draws with its backward pass); the clip keeps the tilt within one standard
 deviation of the kernel where log f is not linear (at the edge of its support, where its gradient
-is unbounded). m per kind: σ ∇log f (absolute), Aᵀ ∇log f (covariance), s (w ∇log f + 1)
-(fractional), each the score of the integrand in z.
+is unbounded). The tilt is first order: where the errors are as wide as f itself it overshoots
+(for Gaussians the shift C ∇log f = C Σ⁻¹(μ − x) against the posterior's C (Σ + C)⁻¹(μ − x)),
+and the curvature's share of V stays. m per kind, at w = x_obs: σ ∇log f (absolute), Aᵀ ∇log f
+(covariance), s (w ∇log f + 1) per column (fractional), each the score of the integrand in z.
 
 p̂_i is unbiased for p_i, but its log is biased low (Jensen): with V_i = Var_q[f ω] / p_i², the
 relative variance of one draw,
@@ -307,12 +309,22 @@ class NoiseModel:
         return tf.reshape(log_prob(flat, tiled), tf.stack([k, -1])) + log_weight
 
     def tilt(self, log_prob: Callable[..., tf.Tensor], x_obs: tf.Tensor, errors: tf.Tensor,
-             labels: tf.Tensor | None = None) -> tf.Tensor | None:
-        """m [B, D] = −∇_z a(z) at z = 0, clipped to [−1, 1] (0 where not finite, e.g. a star
-        where f = 0), no gradient: the shift of the tilted proposal (module docstring); None
-        for ``proposal="kernel"``. a(0) = log f(x_obs) + log ω(0), so m is the score of the
-        integrand in the standard normals at the observation.
+             labels: tf.Tensor | None = None, max_shift: float | None = None
+             ) -> tf.Tensor | None:
+        """m [B, D] = −∇_z a(z) at z = 0, clipped to [−max_shift, max_shift] (0 where not
+        finite, e.g. a star where f = 0), no gradient: the shift of the tilted proposal (module
+        docstring); None for ``proposal="kernel"``. a(0) = log f(x_obs) + log ω(0), so m is the
+        score of the integrand in the standard normals at the observation.
+
+        Args:
+            log_prob: log f as a tensor function of (x [M, D], labels [M, C] | None) -> [M].
+            x_obs: [B, D] observed rows.
+            errors: [B, E] packed errors (:meth:`split`).
+            labels: [B, C] or None.
+            max_shift: the clip, in standard deviations of the kernel (default one; training
+                always uses the default).
         """
+        max_shift = _TILT_MAX if max_shift is None else float(max_shift)
         if self.proposal == "kernel":
             return None
         z0 = tf.zeros(tf.stack([1, tf.shape(x_obs)[0], self.dim]))
@@ -321,7 +333,7 @@ class NoiseModel:
             a0 = self.log_terms(log_prob, x_obs, errors, z0, labels)
         m = -tape.gradient(a0, z0)[0]
         m = tf.where(tf.math.is_finite(m), m, tf.zeros_like(m))
-        return tf.stop_gradient(tf.clip_by_value(m, -_TILT_MAX, _TILT_MAX))
+        return tf.stop_gradient(tf.clip_by_value(m, -max_shift, max_shift))
 
     def log_mean(self, log_terms: tf.Tensor) -> tf.Tensor:
         """log p̂ [B] = logsumexp_k a_kb − log K (+ V̂_b / 2K with ``correct_bias``) from the K
@@ -437,8 +449,9 @@ class NoiseModel:
 
 
 # the largest shift of the tilted proposal (NoiseModel.tilt), per standard normal: one σ of the
-# kernel keeps the proposal's overlap with it where log f is far from linear across the errors (scripts/deconvolution_proposals.py measures V by binding energy
-# on the exact Hernquist DF for clips of 1 and 3)
+# kernel keeps the proposal's overlap with it where log f is far from linear across the errors
+# (scripts/deconvolution_proposals.py measures V by binding energy on the exact Hernquist DF for
+# clips of 1 and 3)
 _TILT_MAX = 1.0
 
 # pass 1 of NoiseModel.log_likelihood_and_gradient takes this many times more draws per group than
