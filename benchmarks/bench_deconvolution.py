@@ -4,6 +4,7 @@ beside the plain fit, with the gradient over all K draws at once and in passes o
     python benchmarks/bench_deconvolution.py [--n 20000] [--ks 1,2,4,8,16] [--per-pass 2[,4...]]
                                              [--epochs 3] [--batch-size 1024]
                                              [--coordinates cartesian|spherical]
+                                             [--proposals kernel[,tilted]]
 
 Same data (the 10 %-noise Hernquist mock, fractional errors), architecture (6 layers, 2x64), batch,
 XLA and steps per call for every row; each row trains in a fresh process, whose epoch times (the
@@ -19,6 +20,10 @@ overhead dominates):
     k per pass   ``TrainConfig(noise_per_pass=k)``: pass 1 evaluates the terms with no tape (8k
                  draws at a time), pass 2 re-evaluates them k at a time under a tape and
                  accumulates Σ c ∇a: memory ~k·B rows, flat in K, for one extra forward pass
+
+With ``--proposals kernel,tilted`` each K also has rows with ``TrainConfig(noise_proposal=
+"tilted")``: one extra gradient of the flow at each observed star per step (the shift of the
+proposal), so ~1 more differentiated draw per star on top of the K.
 
 CPU seconds used by other processes during the run are printed (on a shared machine they inflate
 the times).
@@ -100,8 +105,14 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--coordinates", default="cartesian", choices=("cartesian", "spherical"),
                    help="what the flow learns (spherical: (r, v_r, v_t), errors on the 6 columns)")
+    p.add_argument("--proposals", default="kernel",
+                   help="TrainConfig.noise_proposal of the deconvolved rows, comma-separated "
+                        "(kernel, tilted)")
     args = p.parse_args()
     per_pass = [int(v) for v in args.per_pass.split(",")]
+    proposals = [v.strip() for v in args.proposals.split(",") if v.strip()]
+    if not proposals or not set(proposals) <= {"kernel", "tilted"}:
+        p.error(f"--proposals {args.proposals!r}: expected kernel and/or tilted")
     others0 = others_cpu_seconds()     # the training processes have exited by each reading
     t0 = time.perf_counter()
     plain, plain_mib, plain_first = measure(args)
@@ -114,8 +125,10 @@ def main() -> None:
     for k in (int(v) for v in args.ks.split(",")):
         rows = [("one pass", 0)]
         rows += [(f"{per} per pass", per) for per in per_pass if 0 < per < k]
-        for name, per in rows:
-            t, mib, first = measure(args, deconvolve=True, noise_samples=k, noise_per_pass=per)
+        for (name, per), proposal in ((row, q) for q in proposals for row in rows):
+            t, mib, first = measure(args, deconvolve=True, noise_samples=k, noise_per_pass=per,
+                                    noise_proposal=proposal)
+            name = name if proposal == "kernel" else f"{name} tilt"
             print(f"{f'K={k} {name}':>22} {t:9.3f} {t / plain:8.2f} {t / (k * plain):12.2f} "
                   f"{mib:9.0f} {mib - plain_mib:8.0f} {first:10.0f} {first - plain_first:8.0f}",
                   flush=True)
