@@ -27,7 +27,12 @@ For each:
 * the log-density error against the exact DF at ``--n-test`` fresh noise-free stars:
   Δ = log f_learned - log f_exact (f_exact renormalised to the r < 100a cut, f / M(<100a)),
   reported as rms(Δ), and mean(-Δ) = KL(f_exact || f_learned) (nats), over all test stars and
-  over 0.2a <= r <= 5a.
+  over 0.2a <= r <= 5a; and the same rms in bins of the test star's binding energy
+  ε = 1 − v²/(2Ψ(r)) (ε → 0 is the escape edge, where f → 0 and a handful of stars can carry
+  most of the squared error). Δ per test star is kept in results/<name>.delta.npy, and each
+  plain/other ratio of an rms comes with a bootstrap interval over the test stars (16th-84th and
+  2.5th-97.5th percentiles of 2000 resamples, the same resample for both fits): how well 20000
+  test stars determine it.
 
 Resumable: runs/<name>/ are continued with ``training.resume`` (finished ones are loaded) and each
 evaluation is cached in results/<name>.json. Writes report.json and figures (accelerations.png,
@@ -54,6 +59,7 @@ from tfgalflow.training import TrainConfig, resume, train
 STAR_R_MAX = 100.0
 FITS = ("plain", "deconvolved", "noise_free", "deconvolved_selected")
 SUMMARY_RANGE = (0.2, 5.0)
+PARTS = ("all", "in_range")              # the test stars a bootstrap interval is over
 NOISE = 0.1
 
 
@@ -107,6 +113,7 @@ def main() -> None:
     in_range = (radii >= SUMMARY_RANGE[0]) & (radii <= SUMMARY_RANGE[1])
     test_r = test.r
     test_in_range = (test_r >= SUMMARY_RANGE[0]) & (test_r <= SUMMARY_RANGE[1])
+    test_epsilon = 1.0 - test.speed ** 2 / (2.0 * model.relative_potential(test_r))
     # f integrates to M = 1 over all phase space; the mock is cut at r < 100a
     log_f_exact = (model.log_df(test.pos, test.vel, "iso")
                    - np.log(float(model.enclosed_mass(STAR_R_MAX))))
@@ -152,6 +159,7 @@ def main() -> None:
         err, err_sym = fractional_error(res.acceleration, a_true), fractional_error(
             sym.acceleration, a_true)
         delta = np.asarray(flow.log_prob(test.phase_space), np.float64) - log_f_exact
+        np.save(out / "results" / f"{name}.delta.npy", delta)
         r = {"train_seconds": train_s, "eval_seconds": time.perf_counter() - t0,
              "epochs_run": int(epochs_run),      # summed over the members
              "seconds_per_epoch": train_s / max(1, int(epochs_run)),
@@ -166,7 +174,8 @@ def main() -> None:
                             "a_r": radial_component(positions, res.acceleration).tolist(),
                             "a_r_symmetrised": radial_component(positions,
                                                                 sym.acceleration).tolist()},
-             "log_density_error_by_radius": _binned(test_r, delta)}
+             "log_density_error_by_radius": _binned(test_r, delta),
+             "log_density_error_by_energy": _binned_energy(test_epsilon, delta)}
         write_json(cached, r)
         results[name] = r
         print(f"[{name}] {r['epochs_run']} epochs in {train_s:.0f} s; median |da|/|a| "
@@ -181,6 +190,7 @@ def main() -> None:
     ratios = {f"ratios_plain_over_{name}": {key: results["plain"][key] / results[name][key]
                                             for key in keys}
               for name in results if name != "plain" and "plain" in results}
+    intervals = _bootstrap_ratios(out, results, test_in_range)
     report = {
         "settings": settings, "n_stars": len(cat),
         "definitions": {
@@ -192,11 +202,56 @@ def main() -> None:
         # ratios_plain_over_noise_free: the largest any deconvolution could reach with this
         # flow and budget
         **ratios,
+        # the same ratios of rms errors resampled over the test stars: [16, 84] and [2.5, 97.5]
+        # percentiles (fits evaluated before Δ was saved have none)
+        "bootstrap_intervals_plain_over": intervals,
         "targets": {"median_fractional_error_at_1e6": 0.015,
                     "log_density_error_ratio": 2.0}}
     write_json(out / "report.json", report)
     _figures(out, results, args.rotations)
     print(json.dumps({k: v for k, v in report.items() if k.startswith("ratios")}, indent=1))
+
+
+def _binned_energy(epsilon: np.ndarray, delta: np.ndarray) -> dict:
+    """Count, mean and rms of Δ log f in bins of the binding energy ε = 1 − v²/(2Ψ(r))."""
+    edges = (0.0, 0.05, 0.1, 0.2, 0.4, 0.7, 1.0)
+    rows = {"epsilon": [], "count": [], "mean": [], "rms": [], "share_of_squares": []}
+    total = float(np.sum(delta ** 2))
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        d = delta[(epsilon >= lo) & (epsilon < hi)]
+        rows["epsilon"].append([lo, hi])
+        rows["count"].append(int(d.size))
+        rows["mean"].append(float(d.mean()) if d.size else None)
+        rows["rms"].append(float(np.sqrt(np.mean(d ** 2))) if d.size else None)
+        rows["share_of_squares"].append(float(np.sum(d ** 2)) / total)
+    return rows
+
+
+def _bootstrap_ratios(out: Path, results: dict, in_range: np.ndarray,
+                      resamples: int = 2000) -> dict:
+    """{fit: {"all": [p16, p84, p2.5, p97.5], "in_range": [...]}}: percentiles of
+    rms(Δ_plain) / rms(Δ_fit) over resamples of the test stars (with replacement, one resample
+    for both fits, so their shared test stars stay paired).
+    """
+    deltas = {name: np.load(out / "results" / f"{name}.delta.npy") for name in results
+              if (out / "results" / f"{name}.delta.npy").exists()}
+    if "plain" not in deltas:
+        return {}
+    rng = np.random.default_rng(12345)
+    n = deltas["plain"].size
+    squares = {name: d ** 2 for name, d in deltas.items()}
+    ratios = {(name, part): [] for name in deltas if name != "plain" for part in PARTS}
+    for _ in range(resamples):                   # one resample of the test stars for every fit
+        idx = rng.integers(0, n, size=n)
+        for part, mask in zip(PARTS, (np.ones(n, bool), in_range[idx])):
+            plain = np.sqrt(squares["plain"][idx][mask].mean())
+            for name in deltas:
+                if name != "plain":
+                    ratios[name, part].append(plain / np.sqrt(squares[name][idx][mask].mean()))
+    intervals = {}
+    for (name, part), values in ratios.items():
+        intervals.setdefault(name, {})[part] = np.percentile(values, [16, 84, 2.5, 97.5]).tolist()
+    return intervals
 
 
 def _binned(r: np.ndarray, delta: np.ndarray, n_bins: int = 12) -> dict:
