@@ -499,8 +499,6 @@ def test_selection_needs_deconvolution_and_stars_inside_the_cut(tmp_path):
     with pytest.raises(InputError, match="selection_r_max"):
         TrainConfig(selection_r_max=10.0)
     with pytest.raises(InputError, match="noise_proposal"):
-        TrainConfig(noise_proposal="tilted")           # nothing to draw without deconvolve
-    with pytest.raises(InputError, match="noise_proposal"):
         TrainConfig(deconvolve=True, noise_proposal="laplace")
     with pytest.raises(InputError, match="selection_r_max"):
         TrainConfig(deconvolve=True, selection_r_max=-1.0)

@@ -86,7 +86,9 @@ stays −log p̂ without the normaliser (|log P_sel| nats away from the objectiv
 Use: ``TrainConfig(deconvolve=True, noise_samples=K)`` (CLI ``tfgalflow train --deconvolve
 --noise-samples K``) trains an ordinary :class:`~tfgalflow.model.Flow` on a catalogue with
 ``errors``; during training the errors ride along as extra columns of x (:func:`pack`), and
-``Flow.train_step`` calls :meth:`NoiseModel.log_likelihood` in place of log f. With reduced
+``Flow.train_step`` calls :meth:`NoiseModel.log_likelihood` in place of log f. Training draws
+from the tilted proposal unless ``TrainConfig.noise_proposal = "kernel"`` (``NoiseModel`` itself
+defaults to the kernel, the estimator as first written above). With reduced
 coordinates (``TrainConfig(coordinates="spherical", deconvolve=True)``) the flow learns p(r, v_r,
 v_t) while the rows and their errors stay in the catalogue's columns: each candidate w_k is
 reduced inside the step and f(w_k) = p(r, v_r, v_t) / (8π² r² v_t) (the DF of

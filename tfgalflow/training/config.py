@@ -135,10 +135,11 @@ class TrainConfig:
     noise_samples: int = option(16, "noise draws K per star and step of the deconvolution "
                                     "estimator (cost ~K; bias of log p ~ -1/K)", "int")
     noise_proposal: str = option(
-        "kernel", "where the deconvolution estimator draws each star's candidates: 'kernel' "
-        "(its error model) or 'tilted' (the error model tilted along the gradient of log f at "
-        "the observed star, clipped to one sigma: same expectation, lower variance where the "
-        "DF changes across the errors; one extra gradient of f per star and step)", "str")
+        "tilted", "where the deconvolution estimator draws each star's candidates: 'tilted' "
+        "(its error model tilted along the gradient of log f at the observed star, clipped to "
+        "one sigma: same expectation, lower variance where the DF changes across the errors; "
+        "one extra gradient of f per star and step) or 'kernel' (the error model itself)",
+        "str")
     selection_r_max: float | None = option(
         None, "the catalogue kept the stars whose *observed* radius |x| < this (catalogue units; "
         "none: no cut after the noise): the deconvolution adds the selection's normaliser "
@@ -188,8 +189,6 @@ class TrainConfig:
             check(self.deconvolve, "selection_r_max",
                   "none without deconvolve (a noise-free catalogue's cut is its support, which "
                   "the plain fit learns)")
-        check(self.noise_proposal == "kernel" or self.deconvolve, "noise_proposal",
-              "'kernel' without deconvolve (the proposal draws the deconvolution's candidates)")
         validation.positive_number(self.label_noise, "TrainConfig.label_noise", allow_zero=True)
         validation.positive_number(self.weight_decay, "TrainConfig.weight_decay",
                                    allow_zero=True)
