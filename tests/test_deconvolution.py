@@ -207,8 +207,8 @@ def test_tilted_estimator_is_exact_for_a_log_linear_density_and_unbiased_when_cl
     # estimate is the closed form to float32 rounding (~1e-6 relative on log p ~ 1). The kernel's
     # terms spread (V = exp(lam^2 sigma^2) - 1 = 0.43 at lam sigma = 0.6).
     # With lam sigma = 3 the tilt is clipped to one sigma: the estimator is then not exact but
-    # still unbiased in p (V = exp((lam sigma - 1)^2) - 1 = 54, a heavy tail: the standard error
-    # of the mean of 1.2e5 p̂ is ~2 % of p, so 5 se)
+    # still unbiased in p (one term has V = exp((lam sigma - 1)^2) - 1 = 54, a heavy tail: the
+    # standard error of the mean of 1.2e5 K = 2 estimates is ~1.5 % of p; 5 se)
     sigma, lam = 0.5, tilt / 0.5
     x_obs = np.linspace(-1.0, 1.0, 6000)[:, None]
     exact = -lam * x_obs[:, 0] + 0.5 * (lam * sigma) ** 2

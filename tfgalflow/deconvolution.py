@@ -326,9 +326,9 @@ class NoiseModel:
             max_shift: the clip, in standard deviations of the kernel (default one; training
                 always uses the default).
         """
-        max_shift = _TILT_MAX if max_shift is None else float(max_shift)
         if self.proposal == "kernel":
             return None
+        max_shift = _TILT_MAX if max_shift is None else float(max_shift)
         z0 = tf.zeros(tf.stack([1, tf.shape(x_obs)[0], self.dim]))
         with tf.GradientTape() as tape:
             tape.watch(z0)
