@@ -41,6 +41,8 @@ from pathlib import Path
 
 from _timing import others_cpu_seconds
 
+from tfgalflow.catalogue.core import NOISE_PROPOSALS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = textwrap.dedent("""
@@ -111,8 +113,9 @@ def main() -> None:
     args = p.parse_args()
     per_pass = [int(v) for v in args.per_pass.split(",")]
     proposals = [v.strip() for v in args.proposals.split(",") if v.strip()]
-    if not proposals or not set(proposals) <= {"kernel", "tilted"}:
-        p.error(f"--proposals {args.proposals!r}: expected kernel and/or tilted")
+    if not proposals or not set(proposals) <= set(NOISE_PROPOSALS):
+        p.error(f"--proposals {args.proposals!r}: expected names from "
+                f"{', '.join(NOISE_PROPOSALS)}")
     others0 = others_cpu_seconds()     # the training processes have exited by each reading
     t0 = time.perf_counter()
     plain, plain_mib, plain_first = measure(args)

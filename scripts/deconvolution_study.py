@@ -49,6 +49,7 @@ import numpy as np
 
 from tfgalflow.validation import unit_vectors
 from tfgalflow.atomic import write_json
+from tfgalflow.catalogue.core import NOISE_PROPOSALS
 from tfgalflow.cbe import accelerations, radial_component
 from tfgalflow.hernquist import Hernquist
 from tfgalflow.mocks import add_noise, cut, sample_hernquist
@@ -74,8 +75,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--noise-samples", type=int, default=8, help="K of the deconvolved fit")
-    p.add_argument("--noise-proposal", default="kernel", choices=("kernel", "tilted"),
-                   help="TrainConfig.noise_proposal of the deconvolved fits")
+    p.add_argument("--noise-proposal", default="kernel", choices=NOISE_PROPOSALS,
+                   help="TrainConfig.noise_proposal of the deconvolved fits (kernel by default, "
+                        "as the studies before the tilt ran)")
     p.add_argument("--coordinates", default="cartesian", choices=("cartesian", "spherical"))
     p.add_argument("--members", type=int, default=1, help="ensemble members of each fit")
     p.add_argument("--clip-norm", type=float, default=None, help="TrainConfig.clip_norm")
