@@ -1,7 +1,9 @@
 """Photo-z diagnostics (issue #15): short trainings on subsets, scored by KL(exact ‖ flow).
 
 Each call trains one configuration on the first ``--n-train`` galaxies of the study's training set
-and scores it on the first ``--n-eval`` galaxies of its test set (exact posteriors cached), then
+(more than its 2·10^5: a new simulated set of that size; ``--copies R``: those galaxies plus R new
+noise realisations of each, :meth:`tfgalflow.photoz.PhotoZ.reobserve`) and scores it on the first
+``--n-eval`` galaxies of its test set (exact posteriors cached), then
 adds one entry (keyed by ``--tag``) to studies/photoz/diagnostics.json: mean KL over all galaxies
 and over the exactly bimodal ones, median KL, MAP σ_NMAD and η (flow and exact), PIT KS, 68 % HPD
 coverage, epochs run, best validation loss and the training time. The mean KL over the galaxies is
@@ -47,6 +49,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--weight-decay", type=float, default=0.0,
                         help="TrainConfig.weight_decay (decoupled, AdamW)")
+    parser.add_argument("--copies", type=int, default=0,
+                        help="train on the galaxies plus this many new noise realisations of each "
+                             "(PhotoZ.reobserve)")
+    parser.add_argument("--validation-split", type=float, default=0.1)
+    parser.add_argument("--clip-norm", type=float, default=None,
+                        help="TrainConfig.clip_norm (global gradient norm)")
     args = parser.parse_args()
     CACHE.mkdir(parents=True, exist_ok=True)
     sim = photoz.PhotoZ()
@@ -66,13 +74,25 @@ def main() -> None:
         activation=args.activation, bins=args.bins, epochs=args.epochs,
         batch_size=args.batch, lr=args.lr, patience=args.patience, checkpoint_every=0,
         seed=args.seed, members=args.members, weight_decay=args.weight_decay,
+        validation_split=args.validation_split, clip_norm=args.clip_norm,
     )
     run_dir = CACHE / f"diag_{args.tag}"
     shutil.rmtree(run_dir, ignore_errors=True)
     n = args.n_train
+    z_train, x_train = d["z"][:n], d["x"][:n]
+    if n > d["z"].size:                 # a larger set of new galaxies (not a superset)
+        z_train, x_train = sim.simulate(n, 1)
+    if args.copies:
+        if n > d["z"].size:
+            raise SystemExit("--copies needs --n-train <= 200000 (the cached training set)")
+        z_all, x_all, truth = sim.simulate(200_000, 1, return_truth=True)
+        assert np.array_equal(x_all[:n], x_train)
+        z_new, x_new = sim.reobserve(z_all[:n], x_all[:n], {k: v[:n] for k, v in truth.items()},
+                                     args.copies, seed=101)
+        z_train, x_train = np.concatenate([z_train, z_new]), np.concatenate([x_train, x_new])
     t = time.time()
-    flow = train(d["z"][:n, None].astype(np.float32), config, run_dir,
-                 labels=sim.features(d["x"][:n]).astype(np.float32), verbose=0)
+    flow = train(z_train[:, None].astype(np.float32), config, run_dir,
+                 labels=sim.features(x_train).astype(np.float32), verbose=0)
     seconds = time.time() - t
     histories = sorted(run_dir.glob("**/history.csv"))
     epochs_run, best_val, val_curve = [], [], []

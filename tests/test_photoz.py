@@ -72,6 +72,27 @@ def test_exact_posterior_is_calibrated(sim):
     assert 0.08 < frac < 0.35
 
 
+def test_reobserve_draws_fresh_noise_of_the_same_galaxies(sim):
+    """A new observation keeps z, template, amplitude and σ; its noise is a fresh N(0, 1)."""
+    z, x, truth = sim.simulate(2000, seed=10, return_truth=True)
+    z_new, x_new = sim.reobserve(z, x, truth, copies=3, seed=11)
+    assert z_new.shape == (6000,) and x_new.shape == (6000, photoz.N_INPUTS)
+    assert np.array_equal(z_new, np.tile(z, 3))
+    assert np.array_equal(x_new[:, 10:], np.tile(x[:, 10:], (3, 1)))
+    mean = truth["amplitude"][:, None] * sim.colours(z)[np.arange(2000), truth["template"]]
+    noise_old = (x[:, :10] - mean) / x[:, 10:]
+    noise_new = ((x_new[:, :10] - np.tile(mean, (3, 1))) / x_new[:, 10:]).reshape(3, 2000, 10)
+    # the standardised residuals of all 60 000 new fluxes are N(0, 1): KS p-value is U(0, 1)
+    # for a correct draw, 1e-3 cut; a wrong mean (template/amplitude mix-up) or scale gives p ~ 0
+    assert stats.kstest(noise_new.ravel(), "norm").pvalue > 1e-3
+    # independent of the original noise and of each other: correlations of 20 000 pairs have
+    # a standard error of 1/sqrt(20 000) = 0.007; 5 standard errors allowed
+    for a, b in [(noise_old, noise_new[0]), (noise_new[0], noise_new[1])]:
+        assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 5 / math.sqrt(a.size)
+    with pytest.raises(InputError, match="amplitude"):
+        sim.reobserve(z, x, {**truth, "amplitude": truth["amplitude"][:5]}, copies=1, seed=1)
+
+
 def test_inputs_validated(sim):
     with pytest.raises(InputError, match=r"\[N, 20\]"):
         sim.exact_posterior(np.ones((3, 19)), GRID)

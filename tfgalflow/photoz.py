@@ -177,6 +177,42 @@ class PhotoZ:
             return z, x, {"template": t, "amplitude": amp}
         return z, x
 
+    def reobserve(self, z: Any, inputs: Any, truth: dict, copies: int,
+                  seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """New noise realisations of simulated galaxies: z [R·N] and inputs [R·N, 20], copy-major.
+
+        Each galaxy keeps its redshift z, template t, amplitude A and flux errors σ_b; only the
+        noise is drawn again, F_b = A m_tb(z) + σ_b n_b with fresh n_b ~ N(0, 1), R = ``copies``
+        times. Every copy is an exact draw from p(z, F, σ), so a training set of N galaxies
+        observed R times teaches the noise distribution with R·N draws while its redshifts,
+        templates and amplitudes stay the N simulated ones (noise augmentation of a simulated
+        training set; the copies of one galaxy are not independent of each other).
+
+        Args:
+            z: [N] redshifts of :meth:`simulate`'s galaxies.
+            inputs: [N, 20] their inputs (only the errors σ, columns 10..19, are used).
+            truth: the ``return_truth`` dict of :meth:`simulate` (``template`` [N], ``amplitude``
+                [N]).
+            copies: R >= 1 new realisations per galaxy.
+            seed: seed of the new noise (use one that :meth:`simulate` did not).
+        """
+        x = validation.finite_matrix(inputs, "inputs", N_INPUTS, "[N, 20] (10 fluxes, 10 errors)")
+        z = np.asarray(z, np.float64)
+        t = np.asarray(truth["template"])
+        amp = np.asarray(truth["amplitude"], np.float64)
+        if not z.shape == t.shape == amp.shape == (x.shape[0],):
+            raise InputError(f"reobserve: z {list(z.shape)}, template {list(t.shape)} and "
+                             f"amplitude {list(amp.shape)} must all be [N] with N = {x.shape[0]} "
+                             f"(the rows of inputs)")
+        copies = validation.integer(copies, "copies")
+        rng = np.random.default_rng(validation.seed(seed))
+        n = x.shape[0]
+        sigma = x[:, N_BANDS:]
+        mean = amp[:, None] * self.colours(z)[np.arange(n), t]
+        flux = mean + sigma * rng.normal(size=(copies, n, N_BANDS))
+        x_new = np.concatenate([flux, np.broadcast_to(sigma, flux.shape)], axis=2)
+        return np.tile(z, copies), x_new.reshape(copies * n, N_INPUTS)
+
     # -- exact posterior -------------------------------------------------------------------
     def log_likelihood(self, inputs: Any, z_grid: Any, nodes: int = 32) -> np.ndarray:
         """ln p(F | z, σ) [N, G] up to a constant per object (template and amplitude
