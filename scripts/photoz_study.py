@@ -64,6 +64,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--members", type=int, default=4)
+    parser.add_argument("--clip-norm", type=float, default=None,
+                        help="TrainConfig.clip_norm: clip each step's gradient to this norm")
     parser.add_argument("--conditional-rescaling", action="store_true",
                         help="TrainConfig.conditional_rescaling: z's location and log-scale "
                              "linear in the features before the spline")
@@ -105,6 +107,7 @@ def main() -> None:
         seed=0,
         members=args.members,
         conditional_rescaling=args.conditional_rescaling,
+        clip_norm=args.clip_norm,
     )
     data, labels = (
         train["z"][:, None].astype(np.float32),
