@@ -91,6 +91,10 @@ def test_reobserve_draws_fresh_noise_of_the_same_galaxies(sim):
         assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 5 / math.sqrt(a.size)
     with pytest.raises(InputError, match="amplitude"):
         sim.reobserve(z, x, {**truth, "amplitude": truth["amplitude"][:5]}, copies=1, seed=1)
+    with pytest.raises(InputError, match="template"):
+        sim.reobserve(z, x, {"amplitude": truth["amplitude"]}, copies=1, seed=1)
+    with pytest.raises(InputError, match="template indices"):
+        sim.reobserve(z, x, {**truth, "template": truth["template"] + 4}, copies=1, seed=1)
 
 
 def test_inputs_validated(sim):

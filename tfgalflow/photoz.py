@@ -198,8 +198,16 @@ class PhotoZ:
         """
         x = validation.finite_matrix(inputs, "inputs", N_INPUTS, "[N, 20] (10 fluxes, 10 errors)")
         z = np.asarray(z, np.float64)
+        missing = {"template", "amplitude"} - set(truth)
+        if missing:
+            raise InputError(f"reobserve: truth has no {sorted(missing)}; pass the dict that "
+                             f"simulate(..., return_truth=True) returns")
         t = np.asarray(truth["template"])
         amp = np.asarray(truth["amplitude"], np.float64)
+        if not np.issubdtype(t.dtype, np.integer) or t.size and not (
+                0 <= t.min() and t.max() < len(TEMPLATES)):
+            raise InputError(f"reobserve: truth['template'] must hold template indices in "
+                             f"[0, {len(TEMPLATES)})")
         if not z.shape == t.shape == amp.shape == (x.shape[0],):
             raise InputError(f"reobserve: z {list(z.shape)}, template {list(t.shape)} and "
                              f"amplitude {list(amp.shape)} must all be [N] with N = {x.shape[0]} "
