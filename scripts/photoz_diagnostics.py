@@ -80,16 +80,16 @@ def main() -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
     n = args.n_train
     z_train, x_train = d["z"][:n], d["x"][:n]
-    if n > d["z"].size:                 # a larger set of new galaxies (not a superset)
-        z_train, x_train = sim.simulate(n, 1)
-    if args.copies:
-        if n > d["z"].size:
-            raise SystemExit("--copies needs --n-train <= 200000 (the cached training set)")
-        z_all, x_all, truth = sim.simulate(200_000, 1, return_truth=True)
-        assert np.array_equal(x_all[:n], x_train)
-        z_new, x_new = sim.reobserve(z_all[:n], x_all[:n], {k: v[:n] for k, v in truth.items()},
-                                     args.copies, seed=101)
-        z_train, x_train = np.concatenate([z_train, z_new]), np.concatenate([x_train, x_new])
+    if n > d["z"].size or args.copies:
+        # the cached set is simulate(200_000, 1) (again, with its templates and amplitudes);
+        # a larger n is a new set of that size, not a superset
+        z_all, x_all, truth = sim.simulate(max(n, d["z"].size), 1, return_truth=True)
+        z_train, x_train = z_all[:n], x_all[:n]
+        if args.copies:
+            z_new, x_new = sim.reobserve(z_train, x_train,
+                                         {k: v[:n] for k, v in truth.items()}, args.copies,
+                                         seed=101)
+            z_train, x_train = np.concatenate([z_train, z_new]), np.concatenate([x_train, x_new])
     t = time.time()
     flow = train(z_train[:, None].astype(np.float32), config, run_dir,
                  labels=sim.features(x_train).astype(np.float32), verbose=0)

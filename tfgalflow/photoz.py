@@ -170,8 +170,7 @@ class PhotoZ:
         t = rng.integers(0, len(TEMPLATES), size=n)
         amp = np.exp(rng.uniform(math.log(self.a_min), math.log(self.a_max), size=n))
         sigma = s.sigma0 * np.exp(rng.uniform(-s.sigma_spread, s.sigma_spread, size=(n, N_BANDS)))
-        mean = amp[:, None] * self.colours(z)[np.arange(n), t]
-        flux = mean + sigma * rng.normal(size=(n, N_BANDS))
+        flux = self._noiseless_flux(z, t, amp) + sigma * rng.normal(size=(n, N_BANDS))
         x = np.concatenate([flux, sigma], axis=1)
         if return_truth:
             return z, x, {"template": t, "amplitude": amp}
@@ -214,12 +213,15 @@ class PhotoZ:
                              f"(the rows of inputs)")
         copies = validation.integer(copies, "copies")
         rng = np.random.default_rng(validation.seed(seed))
-        n = x.shape[0]
         sigma = x[:, N_BANDS:]
-        mean = amp[:, None] * self.colours(z)[np.arange(n), t]
-        flux = mean + sigma * rng.normal(size=(copies, n, N_BANDS))
+        flux = self._noiseless_flux(z, t, amp) + sigma * rng.normal(size=(copies, *sigma.shape))
         x_new = np.concatenate([flux, np.broadcast_to(sigma, flux.shape)], axis=2)
-        return np.tile(z, copies), x_new.reshape(copies * n, N_INPUTS)
+        return np.tile(z, copies), x_new.reshape(-1, N_INPUTS)
+
+    def _noiseless_flux(self, z: np.ndarray, template: np.ndarray,
+                        amplitude: np.ndarray) -> np.ndarray:
+        """A m_tb(z) [N, B]: each galaxy's band fluxes before noise (z, template, A [N])."""
+        return amplitude[:, None] * self.colours(z)[np.arange(z.size), template]
 
     # -- exact posterior -------------------------------------------------------------------
     def log_likelihood(self, inputs: Any, z_grid: Any, nodes: int = 32) -> np.ndarray:
