@@ -34,7 +34,7 @@ _SUBCOMMANDS = []   # the _add_<name> functions, in the order `tfgalflow --help`
 # ---- train, sample, logprob (training) ----------------------------------------------------------
 
 _CONFIG_METAVAR = {"int": "N", "int?": "N|none", "float": "X", "float?": "X|none", "str": "NAME",
-                   "ints": "N,N,..."}
+                   "ints": "N,N,...", "pairs?": "K:X,..."}
 
 
 def _add_config_flag(group, field: str, kind: str, text: str, dest: str) -> None:

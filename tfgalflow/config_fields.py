@@ -36,7 +36,7 @@ import numpy as np
 
 from .errors import InputError
 
-KINDS = ("int", "float", "int?", "float?", "bool", "str", "ints", "floats", "pairs")
+KINDS = ("int", "float", "int?", "float?", "bool", "str", "ints", "floats", "pairs", "pairs?")
 TRUE = ("true", "yes", "on", "1")
 FALSE = ("false", "no", "off", "0")
 NONE = ("none", "null", "")
@@ -118,15 +118,20 @@ def coerce(owner: str, name: str, kind: str, value: Any) -> Any:
         if not out:
             raise fail("numbers like 0.5,1")
         return out
-    if kind == "pairs":
+    if kind in ("pairs", "pairs?"):
+        # "pairs": a non-empty list of label pairs; "pairs?": a possibly empty one (none or "")
+        example = ("label pairs like 0.75:0.25,1.25:0.75" if kind == "pairs"
+                   else "pairs like 1:0.01 (or none)")
+        if kind == "pairs?" and (value is None or text in NONE or (
+                isinstance(value, (list, tuple)) and not value)):
+            return ()
         try:
             pairs = [p.split(":") if isinstance(p, str) else list(p) for p in items()]
         except TypeError:
-            raise fail("label pairs like 0.75:0.25,1.25:0.75") from None
+            raise fail(example) from None
         if not pairs or any(len(p) != 2 for p in pairs):
-            raise fail("label pairs like 0.75:0.25,1.25:0.75")
-        return tuple((number(g, "label pairs like 0.75:0.25,1.25:0.75"),
-                      number(k, "label pairs like 0.75:0.25,1.25:0.75")) for g, k in pairs)
+            raise fail(example)
+        return tuple((number(g, example), number(k, example)) for g, k in pairs)
     raise AssertionError(f"unknown field kind {kind!r}")
 
 

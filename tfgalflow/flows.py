@@ -93,6 +93,12 @@ class FlowConfig:
         label_log_columns: label columns that are strictly positive and enter the networks as
             log(c) before standardisation (0-based, < label_dim), e.g. a metallicity Z spanning
             decades.
+        label_asinh: ((k, s_k), ...): label columns k (>= 0, reaching 0; not log columns) that
+            the networks also receive as asinh(c_k / s_k), a softened log (≈ c_k / s_k below s_k,
+            ≈ log(2 c_k / s_k) above; Lupton, Gunn & Szalay 1999), standardised like the other
+            inputs and appended to them: for a label whose effect depends on its ratio to other
+            scales (an anisotropy radius a/r_a seen at radii r ≫ a acts through r/r_a), so the
+            networks can interpolate on either scale. Not with conditional_rescaling.
         seed: seed of the weight initialisation and of random permutations (>= 0).
         permutation: "reverse" or "random" (seeded) permutation between layers.
         spline_range: half-width B of the spline interval [-B, B] in rescaled units
@@ -117,6 +123,7 @@ class FlowConfig:
     label_log_columns: tuple = ()
     conditional_rescaling: bool = False
     upper_bounds: tuple = ()
+    label_asinh: tuple = ()
 
     def __post_init__(self) -> None:
         def bad(field: str, value: Any, expected: str) -> InputError:
@@ -162,6 +169,27 @@ class FlowConfig:
                       f"distinct label column indices in [0, {self.label_dim - 1}] "
                       f"(label_dim = {self.label_dim})")
         object.__setattr__(self, "label_log_columns", tuple(sorted(int(j) for j in cols)))
+        softened = self.label_asinh
+        expected = ("pairs (label column, scale s > 0) of distinct label columns that are not "
+                    "label log columns, e.g. ((1, 0.01),)")
+        if not isinstance(softened, (tuple, list)) or not all(
+                isinstance(pair, (tuple, list)) and len(pair) == 2 and _is_int(pair[0])
+                and isinstance(pair[1], (int, float, np.floating))
+                and not isinstance(pair[1], bool) for pair in softened):
+            raise bad("label_asinh", softened, expected)
+        softened = tuple(sorted((int(k), float(b)) for k, b in softened))
+        columns = [k for k, _ in softened]
+        if (len(set(columns)) != len(columns)
+                or any(k < 0 or k >= self.label_dim or k in self.label_log_columns
+                       for k in columns)
+                or not all(math.isfinite(b) and b > 0 for _, b in softened)):
+            raise bad("label_asinh", self.label_asinh,
+                      expected + f" (label_dim = {self.label_dim})")
+        if softened and self.conditional_rescaling:
+            raise bad("label_asinh", self.label_asinh,
+                      "() with conditional_rescaling (the rescaler is linear in the labels "
+                      "themselves)")
+        object.__setattr__(self, "label_asinh", softened)
         bounds = self.upper_bounds
         expected = ("pairs (column, bound) of distinct log columns and finite bounds > 0, e.g. "
                     "((0, 100.0),)")
@@ -193,6 +221,13 @@ class FlowConfig:
                       "(label_dim = 0): there are no labels to rescale with")
 
     @property
+    def label_features(self) -> int:
+        """Inputs the networks receive per label row: the C labels (log c in the label log
+        columns) plus one asinh(c_k / s_k) per ``label_asinh`` pair.
+        """
+        return self.label_dim + len(self.label_asinh)
+
+    @property
     def params_per_dim(self) -> int:
         """MADE outputs per data dimension: 2 (shift, log-scale) or 3K-1
         (K widths, K heights, K-1 slopes).
@@ -206,6 +241,7 @@ class FlowConfig:
         d["log_columns"] = list(self.log_columns)
         d["label_log_columns"] = list(self.label_log_columns)
         d["upper_bounds"] = [list(pair) for pair in self.upper_bounds]
+        d["label_asinh"] = [list(pair) for pair in self.label_asinh]
         return d
 
     @classmethod
@@ -227,9 +263,10 @@ class FlowConfig:
         for key in ("hidden", "log_columns", "label_log_columns"):
             if isinstance(kw.get(key), list):
                 kw[key] = tuple(kw[key])
-        if isinstance(kw.get("upper_bounds"), list):
-            kw["upper_bounds"] = tuple(tuple(pair) if isinstance(pair, list) else pair
-                                       for pair in kw["upper_bounds"])
+        for key in ("upper_bounds", "label_asinh"):
+            if isinstance(kw.get(key), list):
+                kw[key] = tuple(tuple(pair) if isinstance(pair, list) else pair
+                                for pair in kw[key])
         return cls(**kw)
 
 
@@ -515,7 +552,7 @@ def build_bijector(config: FlowConfig) -> tfb.Chain:
     bijectors = []   # forward order; reversed into tfb.Chain below
     for i, name in enumerate(layer_names(config)):
         cond_kw = (
-            dict(conditional=True, conditional_event_shape=[config.label_dim])
+            dict(conditional=True, conditional_event_shape=[config.label_features])
             if conditional
             else {}
         )

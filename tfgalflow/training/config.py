@@ -56,6 +56,12 @@ class TrainConfig:
         "positive, e.g. a metallicity Z), e.g. 0",
         "ints",
     )
+    label_asinh: tuple = option(
+        (),
+        "label columns k that the networks also receive as asinh(c_k / s_k) (a softened log "
+        "for labels that reach 0), as k:s pairs, e.g. 1:0.01",
+        "pairs?",
+    )
     conditional_rescaling: bool = option(
         False,
         "rescale each data column by a mean and log-scale linear in the labels (least squares "
@@ -197,6 +203,14 @@ class TrainConfig:
               "0 for an unconditional flow (label_dim = 0)")
         check(self.label_lasso == 0 or self.label_dim != 0, "label_lasso",
               "0 for an unconditional flow (label_dim = 0)")
+        check(all(float(k).is_integer() and k >= 0 and s > 0 for k, s in self.label_asinh)
+              and len({k for k, _ in self.label_asinh}) == len(self.label_asinh),
+              "label_asinh", "k:s pairs of distinct label columns k >= 0 and scales s > 0, "
+              "e.g. 1:0.01")
+        check(not self.label_asinh or self.label_lasso == 0, "label_asinh",
+              "() with label_lasso (the lasso groups one network input per label column)")
+        check(not self.label_asinh or not self.conditional_rescaling, "label_asinh",
+              "() with conditional_rescaling (the rescaler is linear in the labels themselves)")
         check(0.0 <= self.validation_split < 1.0, "validation_split", "a fraction in [0, 1)")
         check(self.seed + self.members - 1 < 2**31, "seed",
               f"seed + members - 1 < 2**31 ({self.members} members)")
@@ -248,6 +262,7 @@ class TrainConfig:
         return FlowConfig(dim=dim, label_dim=label_dim, layers=self.layers, hidden=self.hidden,
                           activation=self.activation, kind=self.kind, bins=self.bins,
                           log_columns=log_columns, label_log_columns=self.label_log_columns,
+                          label_asinh=tuple((int(k), float(s)) for k, s in self.label_asinh),
                           conditional_rescaling=self.conditional_rescaling and label_dim > 0,
                           upper_bounds=() if self.support_r_max is None else (
                               (0, self.support_r_max),),          # r, column 0 of (r, v_r, v_t)
