@@ -103,6 +103,10 @@ class InterpolationConfig:
                               "TrainConfig.clip_norm)", "float")
     label_noise: float = option(0.0, "σ of the training-label noise in standardised units "
                                 "(0: off; TrainConfig.label_noise)", "float")
+    ra_inverse_asinh: float = option(
+        0.0, "give the networks also asinh((a/r_a) / s) with this s (0: off; "
+        "TrainConfig.label_asinh 1:s): past r_a an OM model's β(r) depends on r a/r_a, so "
+        "s = a / star_r_max resolves the a/r_a scales the stars can see", "float")
     coordinates: str = option("cartesian", "what the flow learns: 'cartesian' (x, v) or "
                               "'spherical' (r, v_r, v_t; TrainConfig.coordinates)", "str")
     n_radii: int = option(16, "radii log-spaced in [r_min, r_max]", "int")
@@ -135,9 +139,9 @@ class InterpolationConfig:
                 raise InputError(f"InterpolationConfig.{name} = {getattr(self, name)}: expected "
                                  f">= 1")
         if self.rotations < 0 or self.patience < 0 or self.seed < 0 or self.clip_norm < 0 \
-                or self.label_noise < 0:
-            raise InputError("InterpolationConfig.rotations, patience, seed, clip_norm and "
-                             "label_noise must be >= 0")
+                or self.label_noise < 0 or self.ra_inverse_asinh < 0:
+            raise InputError("InterpolationConfig.rotations, patience, seed, clip_norm, "
+                             "label_noise and ra_inverse_asinh must be >= 0")
         if not 0 < self.r_min < self.r_max or len(self.summary_range) != 2 \
                 or not self.summary_range[0] < self.summary_range[1]:
             raise InputError(f"need 0 < r_min < r_max and summary_range = (lo, hi) with lo < hi; "
@@ -170,7 +174,9 @@ class InterpolationConfig:
                            patience=self.patience, members=self.members, label_dim=2,
                            validation_split=0.1, seed=self.seed, coordinates=self.coordinates,
                            activation=self.activation, clip_norm=self.clip_norm or None,
-                           label_noise=self.label_noise)
+                           label_noise=self.label_noise,
+                           label_asinh=((1, self.ra_inverse_asinh),) if self.ra_inverse_asinh
+                           else ())
 
     @classmethod
     def tiny(cls) -> "InterpolationConfig":
@@ -260,6 +266,99 @@ def log_density_gap(density: Any, label: tuple[float, float], pos: np.ndarray, v
     w = np.concatenate([pos, vel], axis=1).astype(np.float32)
     c = np.tile(np.asarray(label, np.float32), (len(w), 1))
     return log_p - np.asarray(density.log_prob(w, c), np.float64)
+
+
+def kl_by_shell(delta: np.ndarray, r_p: np.ndarray, r_q: np.ndarray, edges: Any) -> dict:
+    """Split a KL estimate over radial shells by the chain rule of relative entropy.
+
+    With shells S_j = [edges[j], edges[j+1]) covering the support of p, P_j and Q_j the masses of p
+    and q in S_j, and p_j, q_j the densities conditioned on S_j,
+
+        KL(p || q) = Σ_j P_j ln(P_j / Q_j) + Σ_j P_j KL(p_j || q_j),
+        KL(p_j || q_j) = E_{p_j}[ln p - ln q] - ln(P_j / Q_j)
+
+    (Cover & Thomas 2006, §2.5): the first term is what q gets wrong about *how many* stars lie in
+    each shell, the second what it gets wrong *within* each shell, and every term is >= 0 up to
+    Monte Carlo error. With P_j from the exact stars (the same ones as the total) the terms add up
+    to the sample mean of ``delta`` exactly. q's mass outside the shells (flow samples beyond the
+    last edge) is ``q_outside``; it enters through Σ Q_j = 1 - q_outside.
+
+    Args:
+        delta: ln p - ln q [N] at N exact stars (:func:`log_density_gap`).
+        r_p: radii [N] of those stars.
+        r_q: radii [M] of M samples of q (the flow).
+        edges: shell edges [J + 1], increasing; p must have no mass outside [edges[0], edges[-1]).
+
+    Returns:
+        JSON-ready dict: edges, p_mass and q_mass [J], q_outside, kl_masses (the first sum),
+        kl_within [J] (KL(p_j || q_j)), kl_within_stderr [J] (from the spread of ``delta`` in the
+        shell and the binomial errors of P_j and Q_j), contribution [J] (P_j KL(p_j || q_j)) and
+        kl (the sample mean of ``delta``). A shell with exact stars but no sample of q cannot be
+        split (kl_masses is inf, that shell's kl_within, its error and contribution NaN): take
+        more samples of q or wider shells.
+    """
+    delta, r_p, r_q = (np.asarray(a, np.float64) for a in (delta, r_p, r_q))
+    edges = np.asarray(edges, np.float64)
+    if edges.ndim != 1 or edges.size < 2 or np.any(np.diff(edges) <= 0):
+        raise InputError(f"edges {edges.tolist()}: expected at least two increasing radii")
+    if delta.shape != r_p.shape:
+        raise InputError(f"delta {list(delta.shape)} and r_p {list(r_p.shape)} differ in shape")
+    which_p = np.digitize(r_p, edges) - 1
+    if np.any((which_p < 0) | (which_p >= edges.size - 1)):
+        raise InputError(f"{int(np.sum((which_p < 0) | (which_p >= edges.size - 1)))} exact "
+                         f"stars lie outside the shells [{edges[0]:g}, {edges[-1]:g})")
+    which_q = np.digitize(r_q, edges) - 1
+    n, m, shells = r_p.size, r_q.size, edges.size - 1
+    p_mass = np.bincount(which_p, minlength=shells)[:shells] / n
+    inside_q = (which_q >= 0) & (which_q < shells)
+    q_mass = np.bincount(which_q[inside_q], minlength=shells) / m
+    within, stderr = np.full(shells, np.nan), np.full(shells, np.nan)
+    with np.errstate(divide="ignore"):
+        log_ratio = np.log(p_mass) - np.log(q_mass)
+    for j in np.flatnonzero((p_mass > 0) & (q_mass > 0)):
+        d = delta[which_p == j]
+        within[j] = d.mean() - log_ratio[j]
+        var_ratio = (1 - p_mass[j]) / (n * p_mass[j]) + (1 - q_mass[j]) / (m * q_mass[j])
+        stderr[j] = math.sqrt(d.var() / d.size + var_ratio)
+    occupied = p_mass > 0
+    kl_masses = float(np.sum(p_mass[occupied] * log_ratio[occupied]))
+    contribution = np.where(occupied, p_mass * within, 0.0)
+    return {
+        "edges": edges.tolist(), "p_mass": p_mass.tolist(), "q_mass": q_mass.tolist(),
+        "q_outside": float(1.0 - inside_q.mean()), "kl_masses": kl_masses,
+        "kl_within": within.tolist(), "kl_within_stderr": stderr.tolist(),
+        "contribution": contribution.tolist(), "kl": float(delta.mean()),
+    }
+
+
+def kl_by_radius(flow: Any, label: tuple[float, float], config: InterpolationConfig,
+                 index: int, edges: Any, n_flow: int = 40_000) -> dict:
+    """The study's KL estimate at ``label`` split over radial shells (:func:`kl_by_shell`), with
+    β of the flow's samples and of the exact stars per shell against the exact β.
+
+    The exact stars are those of :func:`evaluate_label` for the same ``index`` (the label's place
+    in the study's order: nodes, then held-out labels), so ``kl`` equals the report's KL; the
+    flow's shell masses come from ``n_flow`` of its samples at the label.
+
+    Returns:
+        the :func:`kl_by_shell` dict plus label, r_median [J] (median radius of the exact stars
+        per shell), beta_flow, beta_exact_stars and beta_exact [J] (at r_median).
+    """
+    from .dehnen import Dehnen
+    from .mocks import sample_dehnen
+
+    seed = config.seed + 7919 * (index + 1)
+    test = sample_dehnen(config.n_test, *label, seed=seed, r_max=config.star_r_max)
+    delta = log_density_gap(flow, label, test.pos, test.vel, config.star_r_max)
+    sample = np.asarray(flow.sample(n_flow, np.asarray(label, np.float32), seed=seed + 2),
+                        np.float64)
+    out = kl_by_shell(delta, np.linalg.norm(test.pos, axis=1),
+                      np.linalg.norm(sample[:, :3], axis=1), edges)
+    r_mid, beta_stars, _ = beta_profile(test.pos, test.vel, np.asarray(edges, np.float64))
+    _, beta_flow, _ = beta_profile(sample[:, :3], sample[:, 3:], np.asarray(edges, np.float64))
+    return {"label": list(label), **out, "r_median": r_mid.tolist(),
+            "beta_flow": beta_flow.tolist(), "beta_exact_stars": beta_stars.tolist(),
+            "beta_exact": np.asarray(Dehnen(*label).beta(r_mid), np.float64).tolist()}
 
 
 def evaluate_label(flow: Any, label: tuple[float, float], config: InterpolationConfig,
@@ -414,7 +513,8 @@ def run_interpolation_study(config: InterpolationConfig, out_dir: str | os.PathL
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "study_config.json"
     if config_path.exists():
-        previous = json.loads(config_path.read_text())
+        # fields added since that study ran take their defaults (what it ran with)
+        previous = InterpolationConfig.from_dict(json.loads(config_path.read_text())).to_dict()
         if previous != config.to_dict():
             changed = sorted(k for k in set(previous) | set(config.to_dict())
                              if previous.get(k) != config.to_dict().get(k))
@@ -552,6 +652,101 @@ def build_report(config: InterpolationConfig, results: dict, probes: list[dict],
 def load_report(out_dir: str | os.PathLike) -> dict:
     """Read ``report.json`` of a finished study."""
     return json.loads((Path(out_dir) / "report.json").read_text())
+
+
+#: Default inner shell edges of :func:`radial_kl_report` (units of a; star_r_max closes the last).
+KL_SHELL_EDGES = (0.0, 0.2, 1.0, 5.0, 10.0, 20.0, 50.0)
+
+
+def radial_kl_report(out_dir: str | os.PathLike, edges: Any = KL_SHELL_EDGES,
+                     n_flow: int = 40_000, extra_labels: Any = (),
+                     log: Callable[[str], None] = print) -> dict:
+    """Split the KL estimate of every label of a trained study over radial shells.
+
+    Reads ``study_config.json`` and the trained flow ``runs/flow`` of the study in ``out_dir``,
+    runs :func:`kl_by_radius` at its nodes and held-out labels (the study's exact stars, so each
+    total equals its report's KL) and writes ``kl_by_radius.json`` and ``kl_by_radius.png``
+    (KL(p_j || q_j) and β against radius, nodes vs held-out labels) atomically. ``edges`` are the
+    inner shell edges; star_r_max closes the last shell. ``extra_labels`` [(γ, a/r_a), ...] are
+    measured too (group "extra", fresh exact stars): more labels the flow never saw, e.g. every
+    cell centre of the grid.
+
+    Raises InputError if the study has no trained flow.
+    """
+    from .dehnen import check_label
+    from .training import load_run
+
+    out = Path(out_dir)
+    config_path, run_dir = out / "study_config.json", out / "runs" / "flow"
+    if not config_path.exists() or not (run_dir / "config.json").exists():
+        raise InputError(f"{out}: no trained study (study_config.json and runs/flow); run "
+                         f"scripts/dehnen_interpolation_study.py --out {out} first")
+    config = InterpolationConfig.from_dict(json.loads(config_path.read_text()))
+    shells = [float(e) for e in edges if float(e) < config.star_r_max] + [config.star_r_max]
+    flow = load_run(run_dir)
+    labels = [("grid", lab) for lab in config.grid_labels] + [
+        ("held_out", lab) for lab in config.held_out] + [
+        ("extra", tuple(float(v) for v in lab)) for lab in extra_labels]
+    for group, (g, k) in labels:
+        if group == "extra":
+            check_label(g, k)           # InputError naming the limit a/r_a <= max_ra_inverse(γ)
+    names = [label_name(label) for _, label in labels]
+    if len(set(names)) < len(names):
+        raise InputError(f"extra labels {[list(lab) for lab in extra_labels]}: each must differ "
+                         f"from the others and from the study's nodes and held-out labels")
+    rows = {}
+    for i, (group, label) in enumerate(labels):
+        r = kl_by_radius(flow, label, config, index=i, edges=shells, n_flow=n_flow)
+        r["group"] = group
+        rows[label_name(label)] = r
+        log(f"[{label_name(label)}] ({group}) KL {r['kl']:.4f} = masses {r['kl_masses']:+.4f} "
+            + " ".join(f"{c:+.4f}" for c in r["contribution"]))
+    report = {
+        "definitions": {
+            "kl_within": "KL(p_j || q_j) of the densities conditioned on shell j (nats)",
+            "contribution": "P_j KL(p_j || q_j); kl = kl_masses + sum of contributions",
+            "kl_masses": "sum_j P_j ln(P_j / Q_j): the shell masses' share of the KL",
+        },
+        "n_flow_samples": n_flow, "labels": rows,
+    }
+    write_json(out / "kl_by_radius.json", report)
+    _render_radial_kl(rows, out / "kl_by_radius.png", config.summary_range)
+    return report
+
+
+def _render_radial_kl(rows: dict, path: Path, summary_range: Any) -> None:
+    """kl_by_radius.png: KL(p_j || q_j) against the shells' median radius (nodes grey, held-out
+    labels bold, extra labels dashed) and β of the held-out labels' flow samples vs exact.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4))
+    ax_kl, ax_beta = fig.subplots(1, 2)
+    styles = {"grid": dict(lw=0.8, alpha=0.5, color="0.5"),
+              "held_out": dict(lw=2.0, marker="o"),
+              "extra": dict(lw=1.2, ls="--", marker=".")}
+    for r in rows.values():
+        held = r["group"] == "held_out"
+        name = (None if r["group"] == "grid"
+                else f"({r['label'][0]:.3g}, {r['label'][1]:.3g})"
+                + (" extra" if r["group"] == "extra" else ""))
+        ax_kl.plot(r["r_median"], r["kl_within"], label=name, **styles[r["group"]])
+        if held:
+            line, = ax_beta.plot(r["r_median"], r["beta_flow"], marker="o", label=f"flow {name}")
+            ax_beta.plot(r["r_median"], r["beta_exact"], ls="--", color=line.get_color(),
+                         label=f"exact {name}")
+    ax_kl.plot([], [], color="0.5", lw=0.8, label="grid nodes")
+    for ax in (ax_kl, ax_beta):
+        ax.set_xscale("log")
+        ax.set_xlabel("r / a (median of the shell)")
+        ax.axvspan(*summary_range, color="0.9", zorder=0)
+    ax_kl.set_yscale("symlog", linthresh=0.01)
+    ax_kl.set_ylabel("KL within the shell (nats)")
+    ax_beta.set_ylabel("β = 1 − <v_t²> / 2<v_r²>")
+    ax_kl.legend(fontsize=7, ncol=2)
+    ax_beta.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
 
 
 # ---- figures ------------------------------------------------------------------------------------
