@@ -93,12 +93,11 @@ class FlowConfig:
         label_log_columns: label columns that are strictly positive and enter the networks as
             log(c) before standardisation (0-based, < label_dim), e.g. a metallicity Z spanning
             decades.
-        label_asinh: ((k, s_k), ...): label columns k (>= 0, reaching 0; not log columns) that
-            the networks also receive as asinh(c_k / s_k), a softened log (≈ c_k / s_k below s_k,
-            ≈ log(2 c_k / s_k) above; Lupton, Gunn & Szalay 1999), standardised like the other
-            inputs and appended to them: for a label whose effect depends on its ratio to other
-            scales (an anisotropy radius a/r_a seen at radii r ≫ a acts through r/r_a), so the
-            networks can interpolate on either scale. Not with conditional_rescaling.
+        label_asinh: ((k, s_k), ...): label columns k (not log columns; any sign, 0 included)
+            that enter the networks as asinh(c_k / s_k) before standardisation, a softened log
+            (≈ c_k / s_k below s_k, ≈ ln(2 c_k / s_k) above; Lupton, Gunn & Szalay 1999, AJ 118,
+            1406): for a label that reaches 0 but whose effect scales with its ratio to other
+            scales (an anisotropy radius a/r_a acts through r/r_a at r ≫ a).
         seed: seed of the weight initialisation and of random permutations (>= 0).
         permutation: "reverse" or "random" (seeded) permutation between layers.
         spline_range: half-width B of the spline interval [-B, B] in rescaled units
@@ -185,10 +184,6 @@ class FlowConfig:
                 or not all(math.isfinite(b) and b > 0 for _, b in softened)):
             raise bad("label_asinh", self.label_asinh,
                       expected + f" (label_dim = {self.label_dim})")
-        if softened and self.conditional_rescaling:
-            raise bad("label_asinh", self.label_asinh,
-                      "() with conditional_rescaling (the rescaler is linear in the labels "
-                      "themselves)")
         object.__setattr__(self, "label_asinh", softened)
         bounds = self.upper_bounds
         expected = ("pairs (column, bound) of distinct log columns and finite bounds > 0, e.g. "
@@ -219,13 +214,6 @@ class FlowConfig:
         if self.conditional_rescaling and self.label_dim == 0:
             raise bad("conditional_rescaling", True, "False for an unconditional flow "
                       "(label_dim = 0): there are no labels to rescale with")
-
-    @property
-    def label_features(self) -> int:
-        """Inputs the networks receive per label row: the C labels (log c in the label log
-        columns) plus one asinh(c_k / s_k) per ``label_asinh`` pair.
-        """
-        return self.label_dim + len(self.label_asinh)
 
     @property
     def params_per_dim(self) -> int:
@@ -552,7 +540,7 @@ def build_bijector(config: FlowConfig) -> tfb.Chain:
     bijectors = []   # forward order; reversed into tfb.Chain below
     for i, name in enumerate(layer_names(config)):
         cond_kw = (
-            dict(conditional=True, conditional_event_shape=[config.label_features])
+            dict(conditional=True, conditional_event_shape=[config.label_dim])
             if conditional
             else {}
         )

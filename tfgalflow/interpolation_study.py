@@ -104,9 +104,9 @@ class InterpolationConfig:
     label_noise: float = option(0.0, "σ of the training-label noise in standardised units "
                                 "(0: off; TrainConfig.label_noise)", "float")
     ra_inverse_asinh: float = option(
-        0.0, "give the networks also asinh((a/r_a) / s) with this s (0: off; "
+        0.0, "the networks see a/r_a as asinh((a/r_a) / s) with this s (0: off, linear; "
         "TrainConfig.label_asinh 1:s): past r_a an OM model's β(r) depends on r a/r_a, so "
-        "s = a / star_r_max resolves the a/r_a scales the stars can see", "float")
+        "s = a / star_r_max spreads the a/r_a scales the stars can see", "float")
     coordinates: str = option("cartesian", "what the flow learns: 'cartesian' (x, v) or "
                               "'spherical' (r, v_r, v_t; TrainConfig.coordinates)", "str")
     n_radii: int = option(16, "radii log-spaced in [r_min, r_max]", "int")

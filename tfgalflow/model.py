@@ -6,8 +6,8 @@ For data x in physical units (e.g. kpc, km/s) and optional labels c, a :class:`F
     u_j = log(x_j / (b_j − x_j))  (log columns with an upper bound b_j, FlowConfig.upper_bounds)
     y   = (u - μ) / σ                                   (rescaler, fitted by ``adapt``)
     z   = T^{-1}(y; c̃),  c̃ = (v - μ_c) / σ_c  (MAF chain, :func:`tfgalflow.flows.build_bijector`)
-    v_k = log c_k  (k in label_log_columns),   v_k = c_k  (otherwise),
-    v   = (v, asinh(c_k / s_k) for (k, s_k) in label_asinh)      (appended softened logs)
+    v_k = log c_k  (k in label_log_columns),   v_k = asinh(c_k / s_k)  ((k, s_k) in label_asinh),
+    v_k = c_k  (otherwise)
 
     log p_x(x | c) = log N(z; 0, I) + log|det ∂z/∂y| - Σ_j log σ_j + Σ_j log |du_j/dx_j|,
 
@@ -99,8 +99,7 @@ class Flow(Density, keras.Model):
         flow.sample(1000, seed=1)                  # [1000, 6]
 
     The rescaler is a set of non-trainable variables (saved with the weights): ``x_shift``,
-    ``x_scale`` [D], ``label_shift``, ``label_scale`` [C + len(label_asinh)], ``adapted`` (1.0
-    once ``adapt`` ran),
+    ``x_scale`` [D], ``label_shift``, ``label_scale`` [C], ``adapted`` (1.0 once ``adapt`` ran),
     and the training label range ``label_min``, ``label_max`` [C]
     (:meth:`label_range`; labels outside it warn). All variables exist after construction
     (the network is called once on a dummy batch), so ``load_weights`` or
@@ -138,19 +137,21 @@ class Flow(Density, keras.Model):
         self._upper = tf.constant([bounds.get(j, 1.0) for j in range(dim)], tf.float32)
         self._label_log_mask = tf.constant(
             [k in config.label_log_columns for k in range(label_dim)], tf.bool)
+        softening = dict(config.label_asinh)
+        self._label_asinh_mask = tf.constant([k in softening for k in range(label_dim)], tf.bool)
+        self._label_asinh_scale = tf.constant(
+            [softening.get(k, 1.0) for k in range(label_dim)], tf.float32)
         self.x_shift = self.add_weight(
             name="x_shift", shape=[dim], initializer="zeros", trainable=False
         )
         self.x_scale = self.add_weight(
             name="x_scale", shape=[dim], initializer="ones", trainable=False
         )
-        # standardisation of the networks' label inputs [C + len(label_asinh)]
-        features = config.label_features
         self.label_shift = self.add_weight(
-            name="label_shift", shape=[features], initializer="zeros", trainable=False
+            name="label_shift", shape=[label_dim], initializer="zeros", trainable=False
         )
         self.label_scale = self.add_weight(
-            name="label_scale", shape=[features], initializer="ones", trainable=False
+            name="label_scale", shape=[label_dim], initializer="ones", trainable=False
         )
         self.adapted = self.add_weight(
             name="adapted", shape=[], initializer="zeros", trainable=False
@@ -247,7 +248,7 @@ class Flow(Density, keras.Model):
         log column (the message names the column), or a constant data column.
         """
         data_moments = _Moments(self.dim)
-        label_moments = _Moments(self.config.label_features)
+        label_moments = _Moments(self.label_dim)
         for u, v in self._adapt_rows(x, labels):
             data_moments.update(u)
             if v is not None:
@@ -269,8 +270,8 @@ class Flow(Density, keras.Model):
             c_mean, c_std = label_moments.mean_std()
             self.label_shift.assign(c_mean.astype(np.float32))
             self.label_scale.assign(np.where(c_std > 0, c_std, 1.0).astype(np.float32))
-            self.label_min.assign(label_moments.low[:self.label_dim].astype(np.float32))
-            self.label_max.assign(label_moments.high[:self.label_dim].astype(np.float32))
+            self.label_min.assign(label_moments.low.astype(np.float32))
+            self.label_max.assign(label_moments.high.astype(np.float32))
         if self.config.conditional_rescaling:
             self._fit_conditional_rescaling(x, labels)
         self.adapted.assign(1.0)
@@ -347,14 +348,14 @@ class Flow(Density, keras.Model):
         self.x_log_scale_slope.assign(slopes[1][1:].astype(np.float32))
 
     def _label_logs(self, c: np.ndarray, where: str) -> np.ndarray:
-        """The networks' label inputs v [N, C + len(label_asinh)] before standardisation: c with
-        log c_k in the label log columns, then asinh(c_k / s_k) per label_asinh pair; InputError
-        naming a log column with c <= 0.
+        """c [N, C] with log c_k in the label log columns and asinh(c_k / s_k) in the
+        ``label_asinh`` ones; InputError naming a log column with c <= 0.
         """
         if not self.config.label_log_columns and not self.config.label_asinh:
             return c
         c = np.array(c, dtype=np.float64)
-        softened = [np.arcsinh(c[:, k] / scale)[:, None] for k, scale in self.config.label_asinh]
+        for k, scale in self.config.label_asinh:
+            c[:, k] = np.arcsinh(c[:, k] / scale)
         for k in self.config.label_log_columns:
             bad = ~(c[:, k] > 0)
             if bad.any():
@@ -363,7 +364,7 @@ class Flow(Density, keras.Model):
                                  f"{int(np.argmax(bad))}); "
                                  f"label log columns must be > 0")
             c[:, k] = np.log(c[:, k])
-        return np.concatenate([c, *softened], axis=1)
+        return c
 
     def check_inputs(self, x: Any, labels: Any = None) -> tuple[tf.Tensor, tf.Tensor | None]:
         """The contract's checks, plus c_k > 0 in every label log column (for concrete labels)."""
@@ -437,17 +438,16 @@ class Flow(Density, keras.Model):
         return {name: {"conditional_input": c_std} for name in self._layer_names}
 
     def _standardised_labels(self, c: tf.Tensor) -> tf.Tensor:
-        """c̃ = (v - μ_c) / σ_c [N, C + len(label_asinh)]: v = c with log c in the label log
-        columns, then asinh(c_k / s_k) per ``FlowConfig.label_asinh`` pair.
+        """c̃ = (v - μ_c) / σ_c [N, C] (v = log c in the label log columns, asinh(c / s) in the
+        ``label_asinh`` ones).
         """
-        softened = [tf.asinh(c[:, k:k + 1] / scale) for k, scale in self.config.label_asinh]
+        if self.config.label_asinh:
+            c = tf.where(self._label_asinh_mask, tf.asinh(c / self._label_asinh_scale), c)
         if self.config.label_log_columns:
             # log c in the log columns (NaN/-inf for c <= 0, which check_inputs/adapt refuse);
             # the other columns take log 1 in the unused branch so their gradients stay finite.
             safe = tf.where(self._label_log_mask, c, tf.ones_like(c))
             c = tf.where(self._label_log_mask, tf.math.log(safe), c)
-        if softened:
-            c = tf.concat([c, *softened], axis=1)
         return (c - self.label_shift) / self.label_scale
 
     # -- pure tensor maths (traced by the graph functions, by train_step and by Ensemble) ---------
@@ -471,6 +471,9 @@ class Flow(Density, keras.Model):
             return None
         low = self.label_min.numpy().astype(np.float64)
         high = self.label_max.numpy().astype(np.float64)
+        # adapt records asinh(c_k / s_k) for the label_asinh columns: back to label units
+        for k, scale in self.config.label_asinh:
+            low[k], high[k] = scale * math.sinh(low[k]), scale * math.sinh(high[k])
         # adapt records log c_k for the label log columns: back to label units
         for k in self.config.label_log_columns:
             low[k], high[k] = math.exp(low[k]), math.exp(high[k])
@@ -688,8 +691,11 @@ class Flow(Density, keras.Model):
     def _jittered_labels(self, c: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
         """c [B, C] with N(0, σ²) added to its standardised values (set_label_noise)."""
         seed = tf.stack([tf.constant(self._label_noise_seed, tf.int64), tf.cast(step, tf.int64)])
-        scale = self.label_scale[:self.label_dim]       # the labels' own (not the asinh inputs')
-        shift = self.label_noise * scale * tf.random.stateless_normal(tf.shape(c), seed)
+        shift = self.label_noise * self.label_scale * tf.random.stateless_normal(tf.shape(c), seed)
+        if self.config.label_asinh:           # the jitter acts on asinh(c / s) there
+            s = self._label_asinh_scale
+            c = tf.where(self._label_asinh_mask, s * tf.sinh(tf.asinh(c / s) + shift), c)
+            shift = tf.where(self._label_asinh_mask, tf.zeros_like(shift), shift)
         if not self.config.label_log_columns:
             return c + shift
         return tf.where(self._label_log_mask, c * tf.exp(shift), c + shift)
@@ -712,10 +718,6 @@ class Flow(Density, keras.Model):
         strength = positive_number(strength, "label lasso strength", allow_zero=True)
         if strength > 0.0 and not self.label_dim:
             raise InputError("the label lasso needs a conditional flow (label_dim > 0)")
-        if strength > 0.0 and self.config.label_asinh:
-            raise InputError("the label lasso groups one network input per label column; a "
-                             "flow with label_asinh inputs has more (train it without one of "
-                             "the two)")
         self.label_lasso = strength
         self.train_function = None           # rebuilt with the new loss
         return self

@@ -58,8 +58,8 @@ class TrainConfig:
     )
     label_asinh: tuple = option(
         (),
-        "label columns k that the networks also receive as asinh(c_k / s_k) (a softened log "
-        "for labels that reach 0), as k:s pairs, e.g. 1:0.01",
+        "label columns k standardised as asinh(c_k / s_k) (a softened log, for labels that "
+        "reach 0), as k:s pairs, e.g. 1:0.01",
         "pairs?",
     )
     conditional_rescaling: bool = option(
@@ -207,10 +207,7 @@ class TrainConfig:
               and len({k for k, _ in self.label_asinh}) == len(self.label_asinh),
               "label_asinh", "k:s pairs of distinct label columns k >= 0 and scales s > 0, "
               "e.g. 1:0.01")
-        check(not self.label_asinh or self.label_lasso == 0, "label_asinh",
-              "() with label_lasso (the lasso groups one network input per label column)")
-        check(not self.label_asinh or not self.conditional_rescaling, "label_asinh",
-              "() with conditional_rescaling (the rescaler is linear in the labels themselves)")
+
         check(0.0 <= self.validation_split < 1.0, "validation_split", "a fraction in [0, 1)")
         check(self.seed + self.members - 1 < 2**31, "seed",
               f"seed + members - 1 < 2**31 ({self.members} members)")
