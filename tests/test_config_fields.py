@@ -17,8 +17,8 @@ def as_text(kind: str, value) -> str:
         return "none"
     if kind == "bool":
         return "true" if value else "false"
-    if kind == "pairs":
-        return ",".join(f"{g!r}:{k!r}" for g, k in value)
+    if kind in ("pairs", "pairs?"):
+        return ",".join(f"{g!r}:{k!r}" for g, k in value) or "none"
     if kind in ("ints", "floats"):
         return ",".join(repr(v) for v in value)
     return repr(value) if kind in ("float", "float?") else str(value)
@@ -62,6 +62,8 @@ class TestConfigFields:
     ("floats", "0.5,1", (0.5, 1.0)),
     ("pairs", "0.75:0.25,1.25:0.75", ((0.75, 0.25), (1.25, 0.75))),
     ("pairs", [[1, 0.5]], ((1.0, 0.5),)), ("str", "tanh", "tanh"),
+    ("pairs?", "none", ()), ("pairs?", "", ()), ("pairs?", (), ()),
+    ("pairs?", "1:0.01", ((1.0, 0.01),)),
 ])
 def test_coerce_parses(kind, value, expected):
     assert coerce("C", "f", kind, value) == expected
@@ -72,6 +74,7 @@ def test_coerce_parses(kind, value, expected):
     ("float", "inf", "a number"), ("float", False, "a number"), ("bool", "2", "true or false"),
     ("str", 3, "a string"), ("ints", "64,x", "an integer"), ("floats", "", "numbers like"),
     ("pairs", "1;0.5", "label pairs"), ("pairs", "1:2:3", "label pairs"),
+    ("pairs", "", "label pairs"), ("pairs?", "1", "pairs like 1:0.01"),
 ])
 def test_coerce_refuses(kind, value, expected):
     with pytest.raises(InputError, match=rf"^C\.f = .*: expected {expected}"):
