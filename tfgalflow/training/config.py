@@ -207,7 +207,6 @@ class TrainConfig:
               and len({k for k, _ in self.label_asinh}) == len(self.label_asinh),
               "label_asinh", "k:s pairs of distinct label columns k >= 0 and scales s > 0, "
               "e.g. 1:0.01")
-
         check(0.0 <= self.validation_split < 1.0, "validation_split", "a fraction in [0, 1)")
         check(self.seed + self.members - 1 < 2**31, "seed",
               f"seed + members - 1 < 2**31 ({self.members} members)")
