@@ -168,38 +168,33 @@ class FlowConfig:
                       f"distinct label column indices in [0, {self.label_dim - 1}] "
                       f"(label_dim = {self.label_dim})")
         object.__setattr__(self, "label_log_columns", tuple(sorted(int(j) for j in cols)))
-        softened = self.label_asinh
-        expected = ("pairs (label column, scale s > 0) of distinct label columns that are not "
-                    "label log columns, e.g. ((1, 0.01),)")
-        if not isinstance(softened, (tuple, list)) or not all(
-                isinstance(pair, (tuple, list)) and len(pair) == 2 and _is_int(pair[0])
-                and isinstance(pair[1], (int, float, np.floating))
-                and not isinstance(pair[1], bool) for pair in softened):
-            raise bad("label_asinh", softened, expected)
-        softened = tuple(sorted((int(k), float(b)) for k, b in softened))
-        columns = [k for k, _ in softened]
-        if (len(set(columns)) != len(columns)
-                or any(k < 0 or k >= self.label_dim or k in self.label_log_columns
-                       for k in columns)
-                or not all(math.isfinite(b) and b > 0 for _, b in softened)):
-            raise bad("label_asinh", self.label_asinh,
-                      expected + f" (label_dim = {self.label_dim})")
-        object.__setattr__(self, "label_asinh", softened)
-        bounds = self.upper_bounds
-        expected = ("pairs (column, bound) of distinct log columns and finite bounds > 0, e.g. "
-                    "((0, 100.0),)")
-        if not isinstance(bounds, (tuple, list)) or not all(
-                isinstance(pair, (tuple, list)) and len(pair) == 2 and _is_int(pair[0])
-                and isinstance(pair[1], (int, float, np.floating)) and not isinstance(
-                    pair[1], bool) for pair in bounds):
-            raise bad("upper_bounds", bounds, expected)
-        bounds = tuple(sorted((int(j), float(b)) for j, b in bounds))
-        columns = [j for j, _ in bounds]
-        if (len(set(columns)) != len(columns) or any(j not in self.log_columns for j in columns)
-                or not all(math.isfinite(b) and b > 0 for _, b in bounds)):
-            raise bad("upper_bounds", self.upper_bounds,
-                      expected + f" (log_columns = {self.log_columns})")
-        object.__setattr__(self, "upper_bounds", bounds)
+
+        def column_pairs(field: str, allowed: Any, expected: str, context: str) -> tuple:
+            """The field's ((column, number), ...) sorted, each column distinct and ``allowed``,
+            each number finite and > 0; InputError naming the field otherwise.
+            """
+            pairs = getattr(self, field)
+            if not isinstance(pairs, (tuple, list)) or not all(
+                    isinstance(pair, (tuple, list)) and len(pair) == 2 and _is_int(pair[0])
+                    and isinstance(pair[1], (int, float, np.floating))
+                    and not isinstance(pair[1], bool) for pair in pairs):
+                raise bad(field, pairs, expected)
+            out = tuple(sorted((int(j), float(b)) for j, b in pairs))
+            columns = [j for j, _ in out]
+            if (len(set(columns)) != len(columns) or not all(allowed(j) for j in columns)
+                    or not all(math.isfinite(b) and b > 0 for _, b in out)):
+                raise bad(field, pairs, expected + context)
+            return out
+
+        object.__setattr__(self, "label_asinh", column_pairs(
+            "label_asinh",
+            lambda k: 0 <= k < self.label_dim and k not in self.label_log_columns,
+            "pairs (label column, scale s > 0) of distinct label columns that are not label log "
+            "columns, e.g. ((1, 0.01),)", f" (label_dim = {self.label_dim})"))
+        object.__setattr__(self, "upper_bounds", column_pairs(
+            "upper_bounds", lambda j: j in self.log_columns,
+            "pairs (column, bound) of distinct log columns and finite bounds > 0, e.g. "
+            "((0, 100.0),)", f" (log_columns = {self.log_columns})"))
         if (
             isinstance(self.spline_range, bool)
             or not isinstance(self.spline_range, (int, float, np.floating))
