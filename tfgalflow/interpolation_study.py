@@ -251,6 +251,26 @@ def beta_profile(pos: np.ndarray, vel: np.ndarray, edges: np.ndarray
     return np.asarray(mid), np.asarray(beta), np.asarray(count)
 
 
+def evaluated_labels(config: InterpolationConfig) -> list[tuple[str, tuple[float, float]]]:
+    """[(group, label), ...] in the study's evaluation order: the nodes ("grid"), then the
+    held-out labels. A label's place in it seeds its exact stars (:func:`_kl_stars`).
+    """
+    return [("grid", lab) for lab in config.grid_labels] + [
+        ("held_out", lab) for lab in config.held_out]
+
+
+def _kl_stars(flow: Any, label: tuple[float, float], config: InterpolationConfig,
+              index: int) -> tuple[int, Any, np.ndarray]:
+    """(seed, exact stars, ln p - ln q [n_test]) of the KL estimate at the ``index``-th label of
+    :func:`evaluated_labels`: ``n_test`` stars of the truncated mock, seeded by the index.
+    """
+    from .mocks import sample_dehnen
+
+    seed = config.seed + 7919 * (index + 1)
+    test = sample_dehnen(config.n_test, *label, seed=seed, r_max=config.star_r_max)
+    return seed, test, log_density_gap(flow, label, test.pos, test.vel, config.star_r_max)
+
+
 def log_density_gap(density: Any, label: tuple[float, float], pos: np.ndarray, vel: np.ndarray,
                     r_max: float) -> np.ndarray:
     """log p - log q [N] at stars pos, vel [N, 3] of the Dehnen model ``label`` cut at r < r_max.
@@ -345,17 +365,15 @@ def kl_by_radius(flow: Any, label: tuple[float, float], config: InterpolationCon
         per shell), beta_flow, beta_exact_stars and beta_exact [J] (at r_median).
     """
     from .dehnen import Dehnen
-    from .mocks import sample_dehnen
 
-    seed = config.seed + 7919 * (index + 1)
-    test = sample_dehnen(config.n_test, *label, seed=seed, r_max=config.star_r_max)
-    delta = log_density_gap(flow, label, test.pos, test.vel, config.star_r_max)
+    edges = np.asarray(edges, np.float64)
+    seed, test, delta = _kl_stars(flow, label, config, index)
     sample = np.asarray(flow.sample(n_flow, np.asarray(label, np.float32), seed=seed + 2),
                         np.float64)
     out = kl_by_shell(delta, np.linalg.norm(test.pos, axis=1),
                       np.linalg.norm(sample[:, :3], axis=1), edges)
-    r_mid, beta_stars, _ = beta_profile(test.pos, test.vel, np.asarray(edges, np.float64))
-    _, beta_flow, _ = beta_profile(sample[:, :3], sample[:, 3:], np.asarray(edges, np.float64))
+    r_mid, beta_stars, _ = beta_profile(test.pos, test.vel, edges)
+    _, beta_flow, _ = beta_profile(sample[:, :3], sample[:, 3:], edges)
     return {"label": list(label), **out, "r_median": r_mid.tolist(),
             "beta_flow": beta_flow.tolist(), "beta_exact_stars": beta_stars.tolist(),
             "beta_exact": np.asarray(Dehnen(*label).beta(r_mid), np.float64).tolist()}
@@ -367,7 +385,6 @@ def evaluate_label(flow: Any, label: tuple[float, float], config: InterpolationC
     from .cbe import accelerations
     from .dehnen import Dehnen
     from .exact import DehnenFamilyDF
-    from .mocks import sample_dehnen
     from .study import fractional_error
 
     model = Dehnen(*label)
@@ -375,11 +392,9 @@ def evaluate_label(flow: Any, label: tuple[float, float], config: InterpolationC
     radii = np.linalg.norm(positions, axis=1)
     lo, hi = config.summary_range
     in_range = (radii >= lo) & (radii <= hi)
-    seed = config.seed + 7919 * (index + 1)
 
     # KL(p || q) over exact stars of the truncated mock
-    test = sample_dehnen(config.n_test, *label, seed=seed, r_max=config.star_r_max)
-    delta = log_density_gap(flow, label, test.pos, test.vel, config.star_r_max)
+    seed, test, delta = _kl_stars(flow, label, config, index)
     test_r = np.linalg.norm(test.pos, axis=1)
     test_in = (test_r >= lo) & (test_r <= hi)
 
@@ -538,8 +553,7 @@ def run_interpolation_study(config: InterpolationConfig, out_dir: str | os.PathL
     positions = evaluation_positions(config)
     sym = (SphericalAverage(flow, config.rotations, seed=config.seed) if config.rotations
            else None)
-    labels = [("grid", lab) for lab in config.grid_labels] + [
-        ("held_out", lab) for lab in config.held_out]
+    labels = evaluated_labels(config)
     results = {}
     for i, (group, label) in enumerate(labels):
         name = label_name(label)
@@ -683,9 +697,7 @@ def radial_kl_report(out_dir: str | os.PathLike, edges: Any = KL_SHELL_EDGES,
                          f"scripts/dehnen_interpolation_study.py --out {out} first")
     config = InterpolationConfig.from_dict(json.loads(config_path.read_text()))
     shells = [float(e) for e in edges if float(e) < config.star_r_max] + [config.star_r_max]
-    flow = load_run(run_dir)
-    labels = [("grid", lab) for lab in config.grid_labels] + [
-        ("held_out", lab) for lab in config.held_out] + [
+    labels = evaluated_labels(config) + [
         ("extra", tuple(float(v) for v in lab)) for lab in extra_labels]
     for group, (g, k) in labels:
         if group == "extra":
@@ -694,12 +706,13 @@ def radial_kl_report(out_dir: str | os.PathLike, edges: Any = KL_SHELL_EDGES,
     if len(set(names)) < len(names):
         raise InputError(f"extra labels {[list(lab) for lab in extra_labels]}: each must differ "
                          f"from the others and from the study's nodes and held-out labels")
+    flow = load_run(run_dir)
     rows = {}
-    for i, (group, label) in enumerate(labels):
+    for i, ((group, label), name) in enumerate(zip(labels, names)):
         r = kl_by_radius(flow, label, config, index=i, edges=shells, n_flow=n_flow)
         r["group"] = group
-        rows[label_name(label)] = r
-        log(f"[{label_name(label)}] ({group}) KL {r['kl']:.4f} = masses {r['kl_masses']:+.4f} "
+        rows[name] = r
+        log(f"[{name}] ({group}) KL {r['kl']:.4f} = masses {r['kl_masses']:+.4f} "
             + " ".join(f"{c:+.4f}" for c in r["contribution"]))
     report = {
         "definitions": {
