@@ -315,7 +315,7 @@ class Flow(Density, keras.Model):
                 u[:, j] = np.log(u[:, j] / (bounds[j] - u[:, j]))
             else:
                 u[:, j] = np.log(u[:, j])
-        v = None if c is None else self._label_logs(c.numpy().astype(np.float64), "adapt")
+        v = None if c is None else self._encoded_labels(c.numpy().astype(np.float64), "adapt")
         return u, v
 
     def _fit_conditional_rescaling(self, x: Any, labels: Any) -> None:
@@ -347,7 +347,7 @@ class Flow(Density, keras.Model):
         self.x_shift_slope.assign((slopes[0][1:] * np.exp(-slopes[1][0])).astype(np.float32))
         self.x_log_scale_slope.assign(slopes[1][1:].astype(np.float32))
 
-    def _label_logs(self, c: np.ndarray, where: str) -> np.ndarray:
+    def _encoded_labels(self, c: np.ndarray, where: str) -> np.ndarray:
         """c [N, C] with log c_k in the label log columns and asinh(c_k / s_k) in the
         ``label_asinh`` ones; InputError naming a log column with c <= 0.
         """
@@ -370,7 +370,7 @@ class Flow(Density, keras.Model):
         """The contract's checks, plus c_k > 0 in every label log column (for concrete labels)."""
         x, c = super().check_inputs(x, labels)
         if c is not None and self.config.label_log_columns and tf.executing_eagerly():
-            self._label_logs(c.numpy(), "labels")
+            self._encoded_labels(c.numpy(), "labels")
         return x, c
 
     def _location_scale(self, c: tf.Tensor | None) -> tuple[tf.Tensor, tf.Tensor]:
