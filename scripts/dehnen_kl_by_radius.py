@@ -10,6 +10,7 @@ Needs the study's trained flow (runs/flow; scripts/dehnen_interpolation_study.py
 import argparse
 import sys
 
+from tfgalflow.config_fields import coerce
 from tfgalflow.errors import InputError
 from tfgalflow.interpolation_study import KL_SHELL_EDGES, radial_kl_report
 
@@ -24,14 +25,12 @@ def main() -> None:
     p.add_argument("--labels", default="",
                    help="more labels never trained on, γ:a/r_a pairs, e.g. 0.66667:0.5,1:0.5")
     args = p.parse_args()
-    try:
-        edges = [float(e) for e in args.edges.split(",")]
-        extra = [tuple(float(v) for v in pair.split(":")) for pair in args.labels.split(",")
-                 if pair]
-        if any(len(pair) != 2 for pair in extra):
-            raise InputError(f"--labels {args.labels!r}: expected γ:a/r_a pairs")
+    try:        # the config fields' parsers: the same text as the study's own flags
+        edges = coerce("radial_kl_report", "edges", "floats", args.edges)
+        extra = coerce("radial_kl_report", "extra_labels", "pairs", args.labels) if args.labels \
+            else ()
         radial_kl_report(args.study, edges=edges, n_flow=args.n_flow, extra_labels=extra)
-    except (InputError, ValueError) as exc:
+    except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
 

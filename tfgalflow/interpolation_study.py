@@ -318,9 +318,7 @@ def kl_by_shell(delta: np.ndarray, r_p: np.ndarray, r_q: np.ndarray, edges: Any)
         more samples of q or wider shells.
     """
     delta, r_p, r_q = (np.asarray(a, np.float64) for a in (delta, r_p, r_q))
-    edges = np.asarray(edges, np.float64)
-    if edges.ndim != 1 or edges.size < 2 or np.any(np.diff(edges) <= 0):
-        raise InputError(f"edges {edges.tolist()}: expected at least two increasing radii")
+    edges = _shell_edges(edges)
     if delta.shape != r_p.shape:
         raise InputError(f"delta {list(delta.shape)} and r_p {list(r_p.shape)} differ in shape")
     which_p = np.digitize(r_p, edges) - 1
@@ -349,6 +347,14 @@ def kl_by_shell(delta: np.ndarray, r_p: np.ndarray, r_q: np.ndarray, edges: Any)
         "kl_within": within.tolist(), "kl_within_stderr": stderr.tolist(),
         "contribution": contribution.tolist(), "kl": float(delta.mean()),
     }
+
+
+def _shell_edges(edges: Any) -> np.ndarray:
+    """``edges`` as float64 [J + 1], or InputError unless at least two increasing radii."""
+    edges = np.asarray(edges, np.float64)
+    if edges.ndim != 1 or edges.size < 2 or np.any(np.diff(edges) <= 0):
+        raise InputError(f"edges {edges.tolist()}: expected at least two increasing radii")
+    return edges
 
 
 def kl_by_radius(flow: Any, label: tuple[float, float], config: InterpolationConfig,
@@ -696,7 +702,8 @@ def radial_kl_report(out_dir: str | os.PathLike, edges: Any = KL_SHELL_EDGES,
         raise InputError(f"{out}: no trained study (study_config.json and runs/flow); run "
                          f"scripts/dehnen_interpolation_study.py --out {out} first")
     config = InterpolationConfig.from_dict(json.loads(config_path.read_text()))
-    shells = [float(e) for e in edges if float(e) < config.star_r_max] + [config.star_r_max]
+    shells = _shell_edges([float(e) for e in edges if float(e) < config.star_r_max]
+                          + [config.star_r_max])
     labels = evaluated_labels(config) + [
         ("extra", tuple(float(v) for v in lab)) for lab in extra_labels]
     for group, (g, k) in labels:
