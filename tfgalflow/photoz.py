@@ -226,17 +226,41 @@ class PhotoZ:
     # -- exact posterior -------------------------------------------------------------------
     def log_likelihood(self, inputs: Any, z_grid: Any, nodes: int = 32) -> np.ndarray:
         """ln p(F | z, σ) [N, G] up to a constant per object (template and amplitude
-        marginalised).
+        marginalised), on a redshift grid [G] shared by all objects.
         """
+        x = self._checked(inputs)
+        return self._log_likelihood(x, self.colours(_grid(z_grid))[None], nodes)
+
+    def log_likelihood_at(self, inputs: Any, z: Any, nodes: int = 32) -> np.ndarray:
+        """ln p(F_n | z_n, σ_n) [N] at each object's own redshift z [N] in [0, 3] (the same
+        constant as :meth:`log_likelihood`, whose grid values it reproduces).
+        """
+        x = self._checked(inputs)
+        zz = np.asarray(z, np.float64).reshape(-1)
+        if zz.size != x.shape[0] or not np.all((zz >= 0) & (zz <= Z_MAX)):
+            raise InputError(f"z: expected {x.shape[0]} redshifts (one per row of inputs) in "
+                             f"[0, {Z_MAX:g}], got {zz.size}"
+                             + ("" if zz.size != x.shape[0] else " with some outside"))
+        return self._log_likelihood(x, self.colours(zz)[:, None], nodes)[:, 0]
+
+    def _checked(self, inputs: Any) -> np.ndarray:
         x = validation.finite_matrix(inputs, "inputs", N_INPUTS, "[N, 20] (10 fluxes, 10 errors)")
-        z = _grid(z_grid)
-        flux, sigma = x[:, :N_BANDS], x[:, N_BANDS:]
-        if (sigma <= 0).any():
+        if (x[:, N_BANDS:] <= 0).any():
             raise InputError("inputs: flux errors (columns 10..19) must be > 0")
-        m = self.colours(z)                                                # [G, T, B]
+        return x
+
+    def _log_likelihood(self, x: np.ndarray, m: np.ndarray, nodes: int) -> np.ndarray:
+        """[N, G] for inputs [N, 20] and colours m [1 or N, G, T, B] (one grid for all objects,
+        or one per object).
+        """
+        flux, sigma = x[:, :N_BANDS], x[:, N_BANDS:]
         w = 1.0 / sigma ** 2                                               # [N, B]
-        a = np.einsum("gtb,nb->ngt", m * m, w)
-        b = np.einsum("gtb,nb->ngt", m, flux * w)
+        if m.shape[0] == 1:
+            a = np.einsum("gtb,nb->ngt", m[0] * m[0], w)
+            b = np.einsum("gtb,nb->ngt", m[0], flux * w)
+        else:
+            a = np.einsum("ngtb,nb->ngt", m * m, w)
+            b = np.einsum("ngtb,nb->ngt", m, flux * w)
         c = np.einsum("nb,nb->n", flux * flux, w)[:, None, None]
         a_hat, width = b / a, 12.0 / np.sqrt(a)
         lo = np.clip(a_hat - width, self.a_min, self.a_max)
@@ -273,6 +297,35 @@ class PhotoZ:
             out[start:start + chunk] = p / np.trapezoid(p, z, axis=1)[:, None]
         return out
 
+    def log_posterior(self, inputs: Any, z: Any, z_grid: Any, chunk: int = 256) -> np.ndarray:
+        """ln p(z_n | F_n, σ_n) [N] at each object's own redshift z [N] (nats per unit z).
+
+            ln p(z | F, σ) = ln p(F | z, σ) + ln p(z) - ln ∫ p(F | z', σ) p(z') dz',
+
+        the evidence integral by the trapezoid rule on ``z_grid`` [G], as :meth:`exact_posterior`
+        normalises its rows, so that at grid points this is ln exact_posterior. The evidence is
+        computed once per distinct row of ``inputs`` (rows repeated for many z, as a grid of
+        (z, object) pairs has them, cost one), ``chunk`` rows at a time.
+        """
+        x = self._checked(inputs)
+        g = _grid(z_grid)
+        zz = np.asarray(z, np.float64).reshape(-1)
+        chunk = validation.integer(chunk, "chunk")
+        distinct, row_of = np.unique(x, axis=0, return_inverse=True)
+        log_prior = self.log_prior(g)
+        log_evidence = np.empty(distinct.shape[0])
+        for start in range(0, distinct.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            lp = self.log_likelihood(distinct[rows], g) + log_prior
+            peak = lp.max(axis=1)
+            log_evidence[rows] = peak + np.log(np.trapezoid(np.exp(lp - peak[:, None]), g,
+                                                            axis=1))
+        out = np.empty(x.shape[0])
+        for start in range(0, x.shape[0], 16 * chunk):
+            rows = slice(start, start + 16 * chunk)
+            out[rows] = self.log_likelihood_at(x[rows], zz[rows]) + self.log_prior(zz[rows])
+        return out - log_evidence[row_of.reshape(-1)]
+
     # -- model inputs --------------------------------------------------------------------------
     def features(self, inputs: Any) -> np.ndarray:
         """Conditioning features [N, 20] from inputs [N, 20]: asinh magnitudes and ln σ (a
@@ -283,6 +336,15 @@ class PhotoZ:
         of μ_b, which a network learns more easily than ratios of raw fluxes spanning 1.5 decades.
         """
         return features(inputs, self.softening)
+
+    def inputs(self, features: Any) -> np.ndarray:
+        """Inputs [N, 20] (fluxes, errors) of conditioning features [N, 20]: the inverse of
+        :meth:`features`, F_b = 2 b sinh(μ_b), σ_b = b e^{ν_b}.
+        """
+        f = validation.finite_matrix(features, "features", N_INPUTS,
+                                     "[N, 20] (10 asinh magnitudes, 10 ln errors)")
+        return np.concatenate([2.0 * self.softening * np.sinh(f[:, :N_BANDS]),
+                               self.softening * np.exp(f[:, N_BANDS:])], axis=1)
 
 
 def features(inputs: Any, softening: Sequence[float], xp: Any = np) -> Any:

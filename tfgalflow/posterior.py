@@ -429,6 +429,33 @@ def overall_metrics(summary: dict, truth: Any, edges: Sequence[float]) -> dict:
     }
 
 
+def compare(post: np.ndarray, exact: np.ndarray, grid: Any, truth: Any,
+            edges: Sequence[float]) -> dict:
+    """A model's posteriors [N, G] against the exact ones [N, G] (same grid [G]) at known truths
+    [N].
+
+    Returns {"flow": ..., "exact": ...} (:func:`overall_metrics` of each), the MAP differences
+    "sigma_nmad_rel_diff" = σ_NMAD(flow) / σ_NMAD(exact) - 1 and "eta_diff" = η(flow) - η(exact),
+    "bimodal_fraction" (:func:`is_bimodal` of the exact rows), and "kl" = {"mean", "median",
+    "bimodal_mean"}: KL(exact ‖ flow) per object (:func:`kl_divergence`, nats) over all objects
+    and its mean over the bimodal ones (NaN if there are none).
+    """
+    g = check_grid(grid)
+    m_flow = overall_metrics(summarize(post, g, truth), truth, edges)
+    m_exact = overall_metrics(summarize(exact, g, truth), truth, edges)
+    bimodal = is_bimodal(exact, g)
+    kl = kl_divergence(exact, post, g)
+    return {
+        "flow": m_flow,
+        "exact": m_exact,
+        "sigma_nmad_rel_diff": m_flow["map"]["sigma_nmad"] / m_exact["map"]["sigma_nmad"] - 1.0,
+        "eta_diff": m_flow["map"]["eta"] - m_exact["map"]["eta"],
+        "bimodal_fraction": float(bimodal.mean()),
+        "kl": {"mean": float(kl.mean()), "median": float(np.median(kl)),
+               "bimodal_mean": float(kl[bimodal].mean()) if bimodal.any() else math.nan},
+    }
+
+
 # ---- figures ------------------------------------------------------------------------------------
 
 def plot_map_vs_true(path: str | os.PathLike, z_true: Any, z_map: Any, z_max: float = 3.0,
