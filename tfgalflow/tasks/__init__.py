@@ -7,6 +7,8 @@ registry, :func:`run_task`); one module per task registers itself:
                     (the FEDHEX use: interpolating a sparse grid of event distributions)
 ``galaxy_population`` :mod:`.galaxy_population` - 8-D stars of toy galaxies conditioned on their
                     properties, whole galaxies held out (the GalacticFlow use)
+``photoz``          :mod:`.photoz` - 1-D redshift posteriors p(z | 10 fluxes + 10 errors),
+                    bimodal from break confusion; fresh galaxies held out (the photo-z use)
 
 Example::
 
@@ -35,6 +37,7 @@ from .base import (
 )
 from .galaxy_population import GalaxyPopulation, GalaxyPopulationConfig
 from .gaussian_field import GaussianField, GaussianFieldConfig
+from .photoz import PhotoZConfig, PhotoZTask
 
 __all__ = [
     "Task",
@@ -51,4 +54,6 @@ __all__ = [
     "GaussianFieldConfig",
     "GalaxyPopulation",
     "GalaxyPopulationConfig",
+    "PhotoZTask",
+    "PhotoZConfig",
 ]
