@@ -128,11 +128,8 @@ def main() -> None:
     t = time.time()
     post = posterior.posterior_grid(flow, sim.features(test["x"]), GRID)
     grid_seconds = time.time() - t
-    s_flow = posterior.summarize(post, GRID, test["z"])
-    s_exact = posterior.summarize(exact, GRID, test["z"])
     compared = posterior.compare(post, exact, GRID, test["z"], EDGES)
     m_flow, m_exact = compared["flow"], compared["exact"]
-    bimodal = posterior.is_bimodal(exact, GRID)
 
     # calibration of the simulated "real" set
     t = time.time()
@@ -202,16 +199,7 @@ def main() -> None:
     write_json(OUT / "report.json", report)
     print(json.dumps(report["targets"], indent=1))
 
-    posterior.plot_map_vs_true(OUT / "zmap_flow.png", test["z"], s_flow["map"], title="flow MAP")
-    posterior.plot_map_vs_true(
-        OUT / "zmap_exact.png", test["z"], s_exact["map"], title="exact MAP"
-    )
-    posterior.plot_pit(OUT / "pit.png", {"flow": s_flow["pit"], "exact": s_exact["pit"]})
-    pick = np.concatenate([np.nonzero(bimodal)[0][:6], np.nonzero(~bimodal)[0][:6]])
-    posterior.plot_posteriors(
-        OUT / "posteriors.png", GRID, {"exact": exact[pick], "flow": post[pick]}, test["z"][pick]
-    )
-
+    posterior.plot_comparison(OUT, GRID, post, exact, test["z"])
 
 if __name__ == "__main__":
     main()

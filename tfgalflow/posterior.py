@@ -458,6 +458,27 @@ def compare(post: np.ndarray, exact: np.ndarray, grid: Any, truth: Any,
 
 # ---- figures ------------------------------------------------------------------------------------
 
+def plot_comparison(out_dir: str | os.PathLike, grid: Any, post: np.ndarray, exact: np.ndarray,
+                    truth: Any, shown: int = 6) -> list[str]:
+    """The four figures of a model's posteriors [N, G] against the exact ones [N, G] at truths
+    [N], written into ``out_dir``: zmap_flow.png and zmap_exact.png (MAP against truth), pit.png
+    (both PIT histograms), posteriors.png (the first ``shown`` bimodal and ``shown`` unimodal
+    objects, :func:`is_bimodal` of the exact rows). Returns the file names.
+    """
+    from pathlib import Path
+
+    g, out = check_grid(grid), Path(out_dir)
+    truth = np.asarray(truth, np.float64)
+    plot_map_vs_true(out / "zmap_flow.png", truth, map_estimate(post, g), title="flow MAP")
+    plot_map_vs_true(out / "zmap_exact.png", truth, map_estimate(exact, g), title="exact MAP")
+    plot_pit(out / "pit.png", {"flow": pit(post, g, truth), "exact": pit(exact, g, truth)})
+    bimodal = is_bimodal(exact, g)
+    pick = np.concatenate([np.nonzero(bimodal)[0][:shown], np.nonzero(~bimodal)[0][:shown]])
+    plot_posteriors(out / "posteriors.png", g, {"exact": exact[pick], "flow": post[pick]},
+                    truth[pick])
+    return ["zmap_flow.png", "zmap_exact.png", "pit.png", "posteriors.png"]
+
+
 def plot_map_vs_true(path: str | os.PathLike, z_true: Any, z_map: Any, z_max: float = 3.0,
                      title: str = "") -> None:
     """Scatter/2-D histogram of z_MAP against z_true with the η boundaries |Δz| = 0.15 (1 + z)."""

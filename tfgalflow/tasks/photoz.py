@@ -133,10 +133,11 @@ class PhotoZTask(Task):
         posterior on the evaluation grid (linear between grid points, so exact to the grid's
         resolution).
         """
+        from ..posterior import cdf as cumulative
+
         grid = self.grid()
         post = self.sim.exact_posterior(self.sim.inputs(labels), grid)
-        cdf = np.concatenate([np.zeros((len(post), 1)), np.cumsum(
-            0.5 * (post[:, 1:] + post[:, :-1]) * np.diff(grid), axis=1)], axis=1)
+        cdf = cumulative(post, grid)
         cdf /= cdf[:, -1:]
         u = rng.uniform(size=len(post))
         i = np.clip(np.sum(cdf < u[:, None], axis=1) - 1, 0, grid.size - 2)
@@ -153,7 +154,7 @@ class PhotoZTask(Task):
 
     def training_labels(self) -> np.ndarray:
         """The training galaxies' features [N, 20] (one event, their z, per row)."""
-        return self.training_data()[1].astype(np.float64)
+        return self.sim.features(self.galaxies("train")[1])
 
     def heldout_labels(self) -> dict[str, np.ndarray]:
         """{'test': [N, 20]}: the features of the fresh test galaxies."""
@@ -189,7 +190,7 @@ class PhotoZTask(Task):
         post = posterior.posterior_grid(model, labels, grid)
         exact = self.sim.exact_posterior(x, grid)
         metrics = posterior.compare(post, exact, grid, z, EDGES)
-        gap = self.log_prob(z[:, None], labels) - np.asarray(
+        gap = self.sim.log_posterior(x, z, grid) - np.asarray(
             model.log_prob(z[:, None].astype(np.float32), labels.astype(np.float32)), np.float64)
         metrics["kl_at_truth"] = {"mean": float(gap.mean()),
                                   "stderr": float(gap.std(ddof=1) / math.sqrt(gap.size))}
@@ -251,22 +252,9 @@ class PhotoZTask(Task):
         """zmap_flow.png, zmap_exact.png (MAP against truth), pit.png (flow and exact PIT),
         posteriors.png (bimodal and unimodal test galaxies, flow against exact).
         """
-        from .. import posterior
+        from ..posterior import plot_comparison
 
         if self._evaluation is None:
             self.evaluate(model)
-        ev, grid, out = self._evaluation, self.grid(), Path(out_dir)
-        z, post, exact = ev["z"], ev["post"], ev["exact"]
-        names = []
-        for name, rows, title in (("zmap_flow.png", post, "flow MAP"),
-                                  ("zmap_exact.png", exact, "exact MAP")):
-            posterior.plot_map_vs_true(out / name, z, posterior.map_estimate(rows, grid),
-                                       title=title)
-            names.append(name)
-        posterior.plot_pit(out / "pit.png", {"flow": posterior.pit(post, grid, z),
-                                             "exact": posterior.pit(exact, grid, z)})
-        bimodal = posterior.is_bimodal(exact, grid)
-        pick = np.concatenate([np.nonzero(bimodal)[0][:SHOWN], np.nonzero(~bimodal)[0][:SHOWN]])
-        posterior.plot_posteriors(out / "posteriors.png", grid,
-                                  {"exact": exact[pick], "flow": post[pick]}, z[pick])
-        return names + ["pit.png", "posteriors.png"]
+        ev = self._evaluation
+        return plot_comparison(out_dir, self.grid(), ev["post"], ev["exact"], ev["z"], SHOWN)
