@@ -711,31 +711,35 @@ def _build_module(model: Any, metadata_json: str, accel: Any):
             [tf.concat([seed, tf.zeros([1], tf.int64)], 0)[0], tf.constant(0, tf.int64)]
         )
 
-    def same_rows(x, labels):
+    def after(check, *tensors):
+        # The tensors, passed through identities that wait for ``check``. A control dependency
+        # on the model call alone is not enough: once the graph optimiser inlines the model's
+        # functions, their ops may run before the check (a reshape then fails with an opaque
+        # error). Data that flows through these identities cannot.
+        with tf.control_dependencies([check]):
+            return [tf.identity(t) for t in tensors]
+
+    def same_rows(x, labels, names="x [N, D] and labels [N, C]", n="N"):
         # Without this check the model would broadcast a single label row over all of x.
-        return tf.debugging.assert_equal(
-            tf.shape(x)[0],
-            tf.shape(labels)[0],
-            message="x [N, D] and labels [N, C] must have the same number of rows N",
-        )
+        return after(tf.debugging.assert_equal(
+            tf.shape(x)[0], tf.shape(labels)[0],
+            message=f"{names} must have the same number of rows {n}"), x, labels)
 
     if label_dim:
         def log_prob(x, labels):
-            with tf.control_dependencies([same_rows(x, labels)]):
-                return {"log_prob": model.log_prob(x, labels)}
+            x, labels = same_rows(x, labels)
+            return {"log_prob": model.log_prob(x, labels)}
 
         def grad(x, labels):
-            with tf.control_dependencies([same_rows(x, labels)]):
-                return {"grad_log_prob": model.grad_log_prob(x, labels)}
+            x, labels = same_rows(x, labels)
+            return {"grad_log_prob": model.grad_log_prob(x, labels)}
         log_prob = tf.function(log_prob, input_signature=[x_spec, c_spec])
         grad = tf.function(grad, input_signature=[x_spec, c_spec])
 
         def sample(seed, labels):
-            check = tf.debugging.assert_greater(
-                tf.size(seed), 0, message="seed must have at least one element"
-            )
-            with tf.control_dependencies([check]):
-                return {"sample": model.sample_stateless(labels, first_seed(seed))}
+            seed, = after(tf.debugging.assert_greater(
+                tf.size(seed), 0, message="seed must have at least one element"), seed)
+            return {"sample": model.sample_stateless(labels, first_seed(seed))}
         sample = tf.function(sample, input_signature=[seed_spec, c_spec])
     else:
         log_prob = tf.function(lambda x: {"log_prob": model.log_prob(x)}, input_signature=[x_spec])
@@ -758,12 +762,9 @@ def _build_module(model: Any, metadata_json: str, accel: Any):
         p_spec = tf.TensorSpec([None, 3], tf.float32, name="positions")
         if label_dim:
             def accelerations(positions, seed, labels):
-                check = tf.debugging.assert_equal(
-                    tf.shape(positions)[0], tf.shape(labels)[0],
-                    message="positions [B, 3] and labels [B, C] must have the same number of "
-                            "rows B")
-                with tf.control_dependencies([check]):
-                    result = flagged_outputs(accel(positions, first_seed(seed), labels))
+                positions, labels = same_rows(positions, labels,
+                                              "positions [B, 3] and labels [B, C]", "B")
+                result = flagged_outputs(accel(positions, first_seed(seed), labels))
                 return {k: result[k] for k in ACCELERATION_OUTPUTS if k in result}
             specs = [p_spec, seed_spec, c_spec]
         else:
