@@ -810,6 +810,32 @@ def test_learning_rate_schedules_follow_their_formulas(schedule):
     np.testing.assert_allclose(got, closed_form, rtol=1e-5, atol=cfg.lr * 1e-6)
 
 
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_learning_rate_warm_up_is_linear_then_the_schedule(schedule):
+    from tfgalflow.training import learning_rate
+    cfg = TrainConfig(epochs=10, lr=2e-3, lr_schedule=schedule, lr_warmup=2)
+    steps = 7
+    total, warm = cfg.epochs * steps, 2 * steps
+    t = np.array([0, 1, 5, warm - 1, warm, warm + 3, (total + warm) // 2, total - 1, total])
+    rest = np.clip((t - warm) / (total - warm), 0.0, 1.0)
+    after = cfg.lr * (1.0 if schedule == "constant" else 0.5 * (1 + np.cos(np.pi * rest)))
+    closed_form = np.where(t < warm, cfg.lr * t / warm, after)
+    lr = learning_rate(cfg, steps)
+    got = np.array([float(lr(s)) for s in t])
+    # float32 as above (rtol 1e-5, atol η0 · 1e-6); a warm-up of the wrong length or a decay
+    # over T instead of T - W fails by ≥ η0 / 14
+    np.testing.assert_allclose(got, closed_form, rtol=1e-5, atol=cfg.lr * 1e-6)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(lr_warmup=-1), "lr_warmup"), (dict(lr_warmup=10, epochs=10), "below epochs = 10"),
+    (dict(lr_warmup=1, lr_schedule="exponential"), "exponential"),
+])
+def test_lr_warmup_is_validated(fields, message):
+    with pytest.raises(InputError, match=message):
+        TrainConfig(**fields)
+
+
 # ---- command line -------------------------------------------------------------------------------
 
 def test_cli_train_flags_mirror_train_config():

@@ -89,6 +89,10 @@ class TrainConfig:
     lr: float = option(1e-3, "initial (peak) learning rate of Adam", "float")
     lr_schedule: str = option("cosine", "learning-rate schedule: constant, cosine or exponential",
                               "str")
+    lr_warmup: float = option(
+        0.0, "epochs of linear learning-rate warm-up from 0 to lr before the schedule (0 = off; "
+        "with the cosine or constant schedule): keeps the first Adam steps at a high peak rate "
+        "from throwing a flow into a poor region it does not train out of", "float")
     clip_norm: float | None = option(
         None, "clip each step's gradient to this global norm (none: no clipping); guards an "
         "affine flow against the first steps' blow-ups on wide or many-label data", "float?")
@@ -185,6 +189,12 @@ class TrainConfig:
         if self.clip_norm is not None:
             validation.positive_number(self.clip_norm, "TrainConfig.clip_norm")
         validation.one_of(self.lr_schedule, "TrainConfig.lr_schedule", LR_SCHEDULES)
+        validation.positive_number(self.lr_warmup, "TrainConfig.lr_warmup", allow_zero=True)
+        if self.lr_warmup:
+            check(self.lr_warmup < self.epochs, "lr_warmup",
+                  f"a number of epochs below epochs = {self.epochs}")
+            check(self.lr_schedule != "exponential", "lr_warmup",
+                  "0 with lr_schedule = 'exponential' (warm-up is for cosine and constant)")
         validation.one_of(self.noise_proposal, "TrainConfig.noise_proposal", NOISE_PROPOSALS)
         if self.support_r_max is not None:
             validation.positive_number(self.support_r_max, "TrainConfig.support_r_max")

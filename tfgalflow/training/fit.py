@@ -48,9 +48,20 @@ def learning_rate(config: TrainConfig, steps_per_epoch: int) -> Any:
         constant      η(t) = η0
         cosine        η(t) = η0 (1 + cos(π t / T)) / 2     (Loshchilov & Hutter 2017, no restarts)
         exponential   η(t) = η0 · 0.01^(t / T)             (η falls 100× over the run)
+
+    With ``config.lr_warmup`` = w epochs (cosine or constant), W = round(w × steps_per_epoch)
+    steps of linear warm-up come first, η(t) = η0 t / W (Goyal et al. 2017), and the schedule
+    runs over the remaining T − W steps (cosine: η0 (1 + cos(π (t − W) / (T − W))) / 2).
     """
     import tf_keras as keras
     total = max(1, config.epochs * steps_per_epoch)
+    if config.lr_warmup:
+        warm = min(total - 1, max(1, round(config.lr_warmup * steps_per_epoch)))
+        # CosineDecay's warm-up: from 0 to warmup_target over warm steps, then the decay from
+        # it (alpha = 1: no decay, the constant schedule)
+        return keras.optimizers.schedules.CosineDecay(
+            0.0, decay_steps=total - warm, alpha=1.0 if config.lr_schedule == "constant" else 0.0,
+            warmup_target=config.lr, warmup_steps=warm)
     if config.lr_schedule == "cosine":
         return keras.optimizers.schedules.CosineDecay(config.lr, decay_steps=total, alpha=0.0)
     if config.lr_schedule == "exponential":
