@@ -828,12 +828,21 @@ def test_learning_rate_warm_up_is_linear_then_the_schedule(schedule):
 
 
 @pytest.mark.parametrize("fields, message", [
-    (dict(lr_warmup=-1), "lr_warmup"), (dict(lr_warmup=10, epochs=10), "below epochs = 10"),
+    (dict(lr_warmup=-1), "lr_warmup"),
     (dict(lr_warmup=1, lr_schedule="exponential"), "exponential"),
 ])
 def test_lr_warmup_is_validated(fields, message):
     with pytest.raises(InputError, match=message):
         TrainConfig(**fields)
+
+
+def test_a_warm_up_longer_than_the_run_ends_one_step_before_it():
+    from tfgalflow.training import learning_rate
+    cfg = TrainConfig(epochs=2, lr=1e-3, lr_warmup=3)
+    lr = learning_rate(cfg, 5)
+    # W = T - 1 = 9: η rises as η0 t / 9 and reaches η0 at the last step (float32: rtol 1e-6)
+    np.testing.assert_allclose([float(lr(t)) for t in (0, 3, 9)], [0.0, cfg.lr / 3, cfg.lr],
+                               rtol=1e-6)
 
 
 # ---- command line -------------------------------------------------------------------------------

@@ -91,8 +91,9 @@ class TrainConfig:
                               "str")
     lr_warmup: float = option(
         0.0, "epochs of linear learning-rate warm-up from 0 to lr before the schedule (0 = off; "
-        "with the cosine or constant schedule): keeps the first Adam steps at a high peak rate "
-        "from throwing a flow into a poor region it does not train out of", "float")
+        "with the cosine or constant schedule; at most the run's length less one step): keeps "
+        "the first Adam steps at a high peak rate from throwing a flow into a poor region it "
+        "does not train out of", "float")
     clip_norm: float | None = option(
         None, "clip each step's gradient to this global norm (none: no clipping); guards an "
         "affine flow against the first steps' blow-ups on wide or many-label data", "float?")
@@ -191,8 +192,6 @@ class TrainConfig:
         validation.one_of(self.lr_schedule, "TrainConfig.lr_schedule", LR_SCHEDULES)
         validation.positive_number(self.lr_warmup, "TrainConfig.lr_warmup", allow_zero=True)
         if self.lr_warmup:
-            check(self.lr_warmup < self.epochs, "lr_warmup",
-                  f"a number of epochs below epochs = {self.epochs}")
             check(self.lr_schedule != "exponential", "lr_warmup",
                   "0 with lr_schedule = 'exponential' (warm-up is for cosine and constant)")
         validation.one_of(self.noise_proposal, "TrainConfig.noise_proposal", NOISE_PROPOSALS)

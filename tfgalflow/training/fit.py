@@ -51,7 +51,9 @@ def learning_rate(config: TrainConfig, steps_per_epoch: int) -> Any:
 
     With ``config.lr_warmup`` = w epochs (cosine or constant), W = round(w × steps_per_epoch)
     steps of linear warm-up come first, η(t) = η0 t / W (Goyal et al. 2017), and the schedule
-    runs over the remaining T − W steps (cosine: η0 (1 + cos(π (t − W) / (T − W))) / 2).
+    runs over the remaining T − W steps (cosine: η0 (1 + cos(π (t − W) / (T − W))) / 2). A
+    warm-up as long as the run or longer is cut to T − 1 steps (a short trial run of a task whose
+    default has a warm-up still trains).
     """
     import tf_keras as keras
     total = max(1, config.epochs * steps_per_epoch)
