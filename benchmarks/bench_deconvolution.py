@@ -96,13 +96,13 @@ def measure(args: argparse.Namespace, **overrides) -> tuple[float, float, float]
     """
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'benchmarks'}",
            "TF_CPP_MIN_LOG_LEVEL": "2"}
+    r_max = args.selection_r_max
+    if r_max and args.coordinates == "spherical":
+        overrides["support_r_max"] = r_max
+    if r_max and overrides.get("deconvolve"):
+        overrides["selection_r_max"] = r_max
     spec = {"n": args.n, "epochs": args.epochs, "batch_size": args.batch_size,
-            "coordinates": args.coordinates, "selection_r_max": args.selection_r_max,
-            "overrides": overrides}
-    if args.selection_r_max and args.coordinates == "spherical":
-        spec["overrides"] = {**overrides, "support_r_max": args.selection_r_max}
-    if args.selection_r_max and overrides.get("deconvolve"):
-        spec["overrides"] = {**spec["overrides"], "selection_r_max": args.selection_r_max}
+            "coordinates": args.coordinates, "selection_r_max": r_max, "overrides": overrides}
     out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], env=env,
                          capture_output=True, text=True, check=True, timeout=7200)
     result = json.loads(out.stdout.strip().splitlines()[-1])

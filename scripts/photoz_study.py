@@ -201,5 +201,6 @@ def main() -> None:
 
     posterior.plot_comparison(OUT, GRID, post, exact, test["z"])
 
+
 if __name__ == "__main__":
     main()
