@@ -41,10 +41,6 @@ def test_config_parses_command_line_text_and_refuses_bad_labels():
         c.with_overrides(clip_norm=-1)
     assert c.train_config().label_asinh == ()                       # 0 (the default) is off
     assert c.with_overrides(ra_inverse_asinh="0.01").train_config().label_asinh == ((1, 0.01),)
-    both = c.with_overrides(ra_inverse_asinh="0.01", ra_inverse_both="true").train_config()
-    assert both.label_asinh == () and both.label_asinh_extra == ((1, 0.01),)
-    with pytest.raises(InputError, match="ra_inverse_both needs ra_inverse_asinh"):
-        c.with_overrides(ra_inverse_both=True)
     # a study_config.json written before a field existed reads with that field's default
     old = {k: v for k, v in c.to_dict().items() if k != "ra_inverse_asinh"}
     assert InterpolationConfig.from_dict(old) == c

@@ -1,5 +1,4 @@
-"""FlowConfig.label_asinh: a label that reaches 0 enters the networks as asinh(c / s);
-FlowConfig.label_asinh_extra: as c and, in an extra input column, as asinh(c / s)."""
+"""FlowConfig.label_asinh: a label that reaches 0 enters the networks as asinh(c / s)."""
 
 from __future__ import annotations
 
@@ -45,40 +44,6 @@ def test_asinh_column_equals_a_flow_fed_the_asinh_of_the_label():
     assert not softened.extrapolated(c).any()
 
 
-def _extra_pair():
-    """A flow with label_asinh_extra ((1, SCALE),) and a plain 3-label flow of the same seed fed
-    (c_0, c_1, asinh(c_1 / SCALE)) as its labels."""
-    x, c, _, _, _ = _pair()
-    cfg = dict(dim=2, layers=2, hidden=(8,), seed=3)
-    both = Flow(FlowConfig(**cfg, label_dim=2, label_asinh_extra=((1, SCALE),))).adapt(x, c)
-    fed = np.column_stack([c, np.arcsinh(c[:, 1] / SCALE)])
-    plain = Flow(FlowConfig(**cfg, label_dim=3)).adapt(x, fed)
-    return x, c, fed, both, plain
-
-
-def test_extra_asinh_column_equals_a_flow_fed_the_label_and_its_asinh():
-    x, c, fed, both, plain = _extra_pair()
-    assert both.config.conditioning_dim == 3 and both.label_dim == 2
-    # same seed and conditioning width -> same weights; the flow at c must equal the plain flow
-    # at (c_0, c_1, asinh(c_1 / s)) to float32 round-off (a missing column, a wrong scale or the
-    # extra column's moments taken from the raw label move log p by O(1) nats)
-    np.testing.assert_allclose(both.log_prob(x, c), plain.log_prob(x, fed), rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(both.label_shift.numpy(), fed.mean(axis=0), rtol=1e-5)
-    low, high = both.label_range()                  # two columns, in label units
-    np.testing.assert_allclose(low, c.min(axis=0), rtol=1e-6)
-    np.testing.assert_allclose(high, c.max(axis=0), rtol=1e-6)
-    assert FlowConfig.from_dict(both.config.to_dict()) == both.config
-
-
-def test_extra_column_joins_its_labels_lasso_group():
-    _, _, _, both, plain = _extra_pair()
-    # label 1 reaches the flow through rows 1 and 2 of every label kernel: one group, whose norm
-    # is the root of the two rows' squared norms (the identity of a Euclidean norm over a union)
-    p = plain.label_weight_norms()
-    np.testing.assert_allclose(both.label_weight_norms(), [p[0], np.hypot(p[1], p[2])],
-                               rtol=1e-6)
-
-
 def test_label_noise_jitters_the_asinh_of_the_label():
     _, c, fed, softened, _ = _pair()
     softened.set_label_noise(0.5, seed=1)
@@ -99,29 +64,24 @@ def test_bad_label_asinh_is_refused_naming_the_field():
         FlowConfig(dim=2, label_dim=2, label_log_columns=(1,), label_asinh=((1, 0.1),))
     with pytest.raises(InputError, match="label_asinh"):
         FlowConfig(dim=2, label_dim=2, label_asinh=((1, 0.1), (1, 0.2)))      # one scale each
-    with pytest.raises(InputError, match="label_asinh_extra"):            # replaced, or twice?
-        FlowConfig(dim=2, label_dim=2, label_asinh=((1, 0.1),), label_asinh_extra=((1, 0.1),))
-    with pytest.raises(InputError, match="label_asinh_extra"):
-        FlowConfig(dim=2, label_dim=2, label_asinh_extra=((2, 0.1),))     # no label column 2
 
 
-@pytest.mark.parametrize("field", ["label_asinh", "label_asinh_extra"])
-def test_train_config_flag_reaches_the_saved_run_and_the_export(tmp_path, field):
+def test_train_config_flag_reaches_the_saved_run_and_the_export(tmp_path):
     from tfgalflow.export import export_model, load_saved_model
     from tfgalflow.training import TrainConfig, load_run, train
 
     x, c, _, _, _ = _pair()
     config = TrainConfig(layers=2, hidden=(8,), epochs=1, batch_size=100, patience=0,
                          checkpoint_every=0, jit_compile=False, steps_per_call=1,
-                         **{field: "1:0.01"})
+                         label_asinh="1:0.01")
     flow = train(x, config, tmp_path / "run", labels=c, verbose=0)
     loaded = load_run(tmp_path / "run")
-    assert getattr(loaded.config, field) == ((1, 0.01),)
+    assert loaded.config.label_asinh == ((1, 0.01),)
     np.testing.assert_allclose(loaded.log_prob(x[:20], c[:20]), flow.log_prob(x[:20], c[:20]),
                                rtol=1e-6, atol=1e-6)
     # the asinh input is part of the graph: the SavedModel takes the 2 labels and agrees
     exported = load_saved_model(export_model(flow, tmp_path / "saved", accelerations=False))
     np.testing.assert_allclose(exported.log_prob(x[:20], c[:20]), flow.log_prob(x[:20], c[:20]),
                                rtol=1e-5, atol=1e-5)
-    with pytest.raises(InputError, match=field):
-        TrainConfig(**{field: "0.5:0.01"})
+    with pytest.raises(InputError, match="label_asinh"):
+        TrainConfig(label_asinh="0.5:0.01")

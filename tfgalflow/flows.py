@@ -98,13 +98,6 @@ class FlowConfig:
             (≈ c_k / s_k below s_k, ≈ ln(2 c_k / s_k) above; Lupton, Gunn & Szalay 1999, AJ 118,
             1406): for a label that reaches 0 but whose effect scales with its ratio to other
             scales (an anisotropy radius a/r_a acts through r/r_a at r ≫ a).
-        label_asinh_extra: ((k, s_k), ...): label columns k (not in ``label_asinh``) that the
-            networks see twice: as c_k (linear, or log c_k in a label log column) and as an extra
-            conditioning column asinh(c_k / s_k), appended after the C label columns in this
-            order. For a label whose effect is linear in one region of the data and logarithmic
-            in another (an OM model's β(r) = r²k²/(1 + r²k²), k = a/r_a: quadratic in k at
-            r ~ a, saturated at r ≫ 1/k), so the networks can follow each where it applies
-            instead of interpolating the whole density on one scale.
         seed: seed of the weight initialisation and of random permutations (>= 0).
         permutation: "reverse" or "random" (seeded) permutation between layers.
         spline_range: half-width B of the spline interval [-B, B] in rescaled units
@@ -130,7 +123,6 @@ class FlowConfig:
     conditional_rescaling: bool = False
     upper_bounds: tuple = ()
     label_asinh: tuple = ()
-    label_asinh_extra: tuple = ()
 
     def __post_init__(self) -> None:
         def bad(field: str, value: Any, expected: str) -> InputError:
@@ -199,12 +191,6 @@ class FlowConfig:
             lambda k: 0 <= k < self.label_dim and k not in self.label_log_columns,
             "pairs (label column, scale s > 0) of distinct label columns that are not label log "
             "columns, e.g. ((1, 0.01),)", f" (label_dim = {self.label_dim})"))
-        object.__setattr__(self, "label_asinh_extra", column_pairs(
-            "label_asinh_extra",
-            lambda k: 0 <= k < self.label_dim and k not in dict(self.label_asinh),
-            "pairs (label column, scale s > 0) of distinct label columns that are not "
-            "label_asinh columns, e.g. ((1, 0.01),)", f" (label_dim = {self.label_dim}, "
-            f"label_asinh = {self.label_asinh})"))
         object.__setattr__(self, "upper_bounds", column_pairs(
             "upper_bounds", lambda j: j in self.log_columns,
             "pairs (column, bound) of distinct log columns and finite bounds > 0, e.g. "
@@ -225,13 +211,6 @@ class FlowConfig:
                       "(label_dim = 0): there are no labels to rescale with")
 
     @property
-    def conditioning_dim(self) -> int:
-        """Width of the networks' conditioning input: the C labels plus one column per
-        ``label_asinh_extra`` pair.
-        """
-        return self.label_dim + len(self.label_asinh_extra)
-
-    @property
     def params_per_dim(self) -> int:
         """MADE outputs per data dimension: 2 (shift, log-scale) or 3K-1
         (K widths, K heights, K-1 slopes).
@@ -246,7 +225,6 @@ class FlowConfig:
         d["label_log_columns"] = list(self.label_log_columns)
         d["upper_bounds"] = [list(pair) for pair in self.upper_bounds]
         d["label_asinh"] = [list(pair) for pair in self.label_asinh]
-        d["label_asinh_extra"] = [list(pair) for pair in self.label_asinh_extra]
         return d
 
     @classmethod
@@ -268,7 +246,7 @@ class FlowConfig:
         for key in ("hidden", "log_columns", "label_log_columns"):
             if isinstance(kw.get(key), list):
                 kw[key] = tuple(kw[key])
-        for key in ("upper_bounds", "label_asinh", "label_asinh_extra"):
+        for key in ("upper_bounds", "label_asinh"):
             if isinstance(kw.get(key), list):
                 kw[key] = tuple(tuple(pair) if isinstance(pair, list) else pair
                                 for pair in kw[key])
@@ -541,8 +519,7 @@ def build_bijector(config: FlowConfig) -> tfb.Chain:
 
     Forward maps latent z ~ N(0, I_D) to rescaled data y; inverse is the one-pass density
     direction. Conditional flows take ``bijector_kwargs={name: {"conditional_input": c} for name in
-    layer_names(config)}`` with c: [N, conditioning_dim] (standardised labels, then the
-    ``label_asinh_extra`` columns). Weights are a
+    layer_names(config)}`` with c: [N, label_dim] (standardised labels). Weights are a
     deterministic function of ``config.seed``; the MADE variables are created on the first call
     (``tfgalflow.model.Flow`` builds them at once).
 
@@ -558,7 +535,7 @@ def build_bijector(config: FlowConfig) -> tfb.Chain:
     bijectors = []   # forward order; reversed into tfb.Chain below
     for i, name in enumerate(layer_names(config)):
         cond_kw = (
-            dict(conditional=True, conditional_event_shape=[config.conditioning_dim])
+            dict(conditional=True, conditional_event_shape=[config.label_dim])
             if conditional
             else {}
         )
@@ -718,8 +695,7 @@ def _made_blocks(model) -> list[_MadeBlock] | None:
 
 
 def label_kernels(chain: tfb.Chain) -> list[tf.Variable]:
-    """The kernels V [C', n_out] through which the labels enter a conditional chain's MADEs
-    (C' = ``FlowConfig.conditioning_dim``: the C labels, then the ``label_asinh_extra`` columns).
+    """The kernels V [C, n_out] through which the labels enter a conditional chain's MADEs.
 
     TFP feeds the (standardised) labels c [N, C] into every block of every conditional MADE,
     h_out = act(h_in W + b + c V), so row j of every V holds all the weights through which label

@@ -107,10 +107,6 @@ class InterpolationConfig:
         0.0, "the networks see a/r_a as asinh((a/r_a) / s) with this s (0: off, linear; "
         "TrainConfig.label_asinh 1:s): past r_a an OM model's β(r) depends on r a/r_a, so "
         "s = a / star_r_max spreads the a/r_a scales the stars can see", "float")
-    ra_inverse_both: bool = option(
-        False, "with ra_inverse_asinh s > 0, the networks see a/r_a both linearly and as "
-        "asinh((a/r_a) / s) (TrainConfig.label_asinh_extra 1:s): linear where β(r) is "
-        "quadratic in a/r_a (r ~ a), logarithmic where it saturates (r >> r_a)", "bool")
     coordinates: str = option("cartesian", "what the flow learns: 'cartesian' (x, v) or "
                               "'spherical' (r, v_r, v_t; TrainConfig.coordinates)", "str")
     n_radii: int = option(16, "radii log-spaced in [r_min, r_max]", "int")
@@ -163,9 +159,6 @@ class InterpolationConfig:
                                  f"[{min(self.ra_inverses)}, {max(self.ra_inverses)}]")
             if (g, k) in self.grid_labels:
                 raise InputError(f"held-out label ({g}, {k}) is a grid node")
-        if self.ra_inverse_both and not self.ra_inverse_asinh:
-            raise InputError("InterpolationConfig.ra_inverse_both needs ra_inverse_asinh = s > 0 "
-                             "(the scale of the extra asinh input)")
 
     @property
     def grid_labels(self) -> tuple:
@@ -182,10 +175,8 @@ class InterpolationConfig:
                            validation_split=0.1, seed=self.seed, coordinates=self.coordinates,
                            activation=self.activation, clip_norm=self.clip_norm or None,
                            label_noise=self.label_noise,
-                           label_asinh=((1, self.ra_inverse_asinh),)
-                           if self.ra_inverse_asinh and not self.ra_inverse_both else (),
-                           label_asinh_extra=((1, self.ra_inverse_asinh),)
-                           if self.ra_inverse_both else ())
+                           label_asinh=((1, self.ra_inverse_asinh),) if self.ra_inverse_asinh
+                           else ())
 
     @classmethod
     def tiny(cls) -> "InterpolationConfig":

@@ -7,7 +7,7 @@ For data x in physical units (e.g. kpc, km/s) and optional labels c, a :class:`F
     y   = (u - μ) / σ                                   (rescaler, fitted by ``adapt``)
     z   = T^{-1}(y; c̃),  c̃ = (v - μ_c) / σ_c  (MAF chain, :func:`tfgalflow.flows.build_bijector`)
     v_k = log c_k  (k in label_log_columns),   v_k = asinh(c_k / s_k)  ((k, s_k) in label_asinh),
-    v_k = c_k  (otherwise),   then v_{C+e} = asinh(c_k / s_k)  (e-th (k, s_k) in label_asinh_extra)
+    v_k = c_k  (otherwise)
 
     log p_x(x | c) = log N(z; 0, I) + log|det ∂z/∂y| - Σ_j log σ_j + Σ_j log |du_j/dx_j|,
 
@@ -99,8 +99,7 @@ class Flow(Density, keras.Model):
         flow.sample(1000, seed=1)                  # [1000, 6]
 
     The rescaler is a set of non-trainable variables (saved with the weights): ``x_shift``,
-    ``x_scale`` [D], ``label_shift``, ``label_scale`` [C'] (C' = C + the ``label_asinh_extra``
-    columns), ``adapted`` (1.0 once ``adapt`` ran),
+    ``x_scale`` [D], ``label_shift``, ``label_scale`` [C], ``adapted`` (1.0 once ``adapt`` ran),
     and the training label range ``label_min``, ``label_max`` [C]
     (:meth:`label_range`; labels outside it warn). All variables exist after construction
     (the network is called once on a dummy batch), so ``load_weights`` or
@@ -131,7 +130,7 @@ class Flow(Density, keras.Model):
         self._flow_config = config
         self.bijector = build_bijector(config)
         self._layer_names = layer_names(config)
-        dim, label_dim, width = config.dim, config.label_dim, config.conditioning_dim
+        dim, label_dim = config.dim, config.label_dim
         self._log_mask = tf.constant([j in config.log_columns for j in range(dim)], tf.bool)
         bounds = dict(config.upper_bounds)
         self._bound_mask = tf.constant([j in bounds for j in range(dim)], tf.bool)
@@ -142,8 +141,6 @@ class Flow(Density, keras.Model):
         self._label_asinh_mask = tf.constant([k in softening for k in range(label_dim)], tf.bool)
         self._label_asinh_scale = tf.constant(
             [softening.get(k, 1.0) for k in range(label_dim)], tf.float32)
-        self._extra_columns = [k for k, _ in config.label_asinh_extra]
-        self._extra_scales = tf.constant([s for _, s in config.label_asinh_extra], tf.float32)
         self.x_shift = self.add_weight(
             name="x_shift", shape=[dim], initializer="zeros", trainable=False
         )
@@ -151,10 +148,10 @@ class Flow(Density, keras.Model):
             name="x_scale", shape=[dim], initializer="ones", trainable=False
         )
         self.label_shift = self.add_weight(
-            name="label_shift", shape=[width], initializer="zeros", trainable=False
+            name="label_shift", shape=[label_dim], initializer="zeros", trainable=False
         )
         self.label_scale = self.add_weight(
-            name="label_scale", shape=[width], initializer="ones", trainable=False
+            name="label_scale", shape=[label_dim], initializer="ones", trainable=False
         )
         self.adapted = self.add_weight(
             name="adapted", shape=[], initializer="zeros", trainable=False
@@ -165,12 +162,12 @@ class Flow(Density, keras.Model):
         self.label_max = self.add_weight(name="label_max", shape=[label_dim], initializer="zeros",
                                          trainable=False)
         if config.conditional_rescaling:
-            # μ(c), log σ(c) slopes [C', D] in the standardised labels (set by adapt)
+            # μ(c), log σ(c) slopes [C, D] in the standardised labels (set by adapt)
             self.x_shift_slope = self.add_weight(
-                name="x_shift_slope", shape=[width, dim], initializer="zeros",
+                name="x_shift_slope", shape=[label_dim, dim], initializer="zeros",
                 trainable=False)
             self.x_log_scale_slope = self.add_weight(
-                name="x_log_scale_slope", shape=[width, dim], initializer="zeros",
+                name="x_log_scale_slope", shape=[label_dim, dim], initializer="zeros",
                 trainable=False)
         self._loss_tracker = keras.metrics.Mean(name="loss")
         self.noise_model = None
@@ -251,7 +248,7 @@ class Flow(Density, keras.Model):
         log column (the message names the column), or a constant data column.
         """
         data_moments = _Moments(self.dim)
-        label_moments = _Moments(self.config.conditioning_dim)
+        label_moments = _Moments(self.label_dim)
         for u, v in self._adapt_rows(x, labels):
             data_moments.update(u)
             if v is not None:
@@ -273,8 +270,8 @@ class Flow(Density, keras.Model):
             c_mean, c_std = label_moments.mean_std()
             self.label_shift.assign(c_mean.astype(np.float32))
             self.label_scale.assign(np.where(c_std > 0, c_std, 1.0).astype(np.float32))
-            self.label_min.assign(label_moments.low[:self.label_dim].astype(np.float32))
-            self.label_max.assign(label_moments.high[:self.label_dim].astype(np.float32))
+            self.label_min.assign(label_moments.low.astype(np.float32))
+            self.label_max.assign(label_moments.high.astype(np.float32))
         if self.config.conditional_rescaling:
             self._fit_conditional_rescaling(x, labels)
         self.adapted.assign(1.0)
@@ -330,9 +327,8 @@ class Flow(Density, keras.Model):
                                                                  self.label_scale))
         slopes = []
         for target in ("mean", "log_scale"):
-            width = self.config.conditioning_dim
-            gram = np.zeros((width + 1, width + 1))
-            moment = np.zeros((width + 1, self.dim))
+            gram = np.zeros((self.label_dim + 1, self.label_dim + 1))
+            moment = np.zeros((self.label_dim + 1, self.dim))
             for u, v in self._adapt_rows(x, labels):
                 y, c = (u - mu) / sigma, (v - c_mu) / c_sigma        # standardised
                 design = np.concatenate([np.ones((len(c), 1)), c], axis=1)
@@ -352,15 +348,12 @@ class Flow(Density, keras.Model):
         self.x_log_scale_slope.assign(slopes[1][1:].astype(np.float32))
 
     def _encoded_labels(self, c: np.ndarray, where: str) -> np.ndarray:
-        """v [N, C'] (module docstring): c with log c_k in the label log columns and
-        asinh(c_k / s_k) in the ``label_asinh`` ones, then the ``label_asinh_extra`` columns;
-        InputError naming a log column with c <= 0.
+        """c [N, C] with log c_k in the label log columns and asinh(c_k / s_k) in the
+        ``label_asinh`` ones; InputError naming a log column with c <= 0.
         """
-        config = self.config
-        if not (config.label_log_columns or config.label_asinh or config.label_asinh_extra):
+        if not self.config.label_log_columns and not self.config.label_asinh:
             return c
         c = np.array(c, dtype=np.float64)
-        extra = [np.arcsinh(c[:, k] / scale) for k, scale in config.label_asinh_extra]
         for k, scale in self.config.label_asinh:
             c[:, k] = np.arcsinh(c[:, k] / scale)
         for k in self.config.label_log_columns:
@@ -371,7 +364,7 @@ class Flow(Density, keras.Model):
                                  f"{int(np.argmax(bad))}); "
                                  f"label log columns must be > 0")
             c[:, k] = np.log(c[:, k])
-        return np.column_stack([c] + extra) if extra else c
+        return c
 
     def check_inputs(self, x: Any, labels: Any = None) -> tuple[tf.Tensor, tf.Tensor | None]:
         """The contract's checks, plus c_k > 0 in every label log column (for concrete labels)."""
@@ -445,12 +438,9 @@ class Flow(Density, keras.Model):
         return {name: {"conditional_input": c_std} for name in self._layer_names}
 
     def _standardised_labels(self, c: tf.Tensor) -> tf.Tensor:
-        """c̃ = (v - μ_c) / σ_c [N, C'] (v = log c in the label log columns, asinh(c / s) in the
-        ``label_asinh`` ones, then asinh(c_k / s_k) of the ``label_asinh_extra`` ones).
+        """c̃ = (v - μ_c) / σ_c [N, C] (v = log c in the label log columns, asinh(c / s) in the
+        ``label_asinh`` ones).
         """
-        extra = None
-        if self._extra_columns:
-            extra = tf.asinh(tf.gather(c, self._extra_columns, axis=1) / self._extra_scales)
         if self.config.label_asinh:
             c = tf.where(self._label_asinh_mask, tf.asinh(c / self._label_asinh_scale), c)
         if self.config.label_log_columns:
@@ -458,8 +448,6 @@ class Flow(Density, keras.Model):
             # the other columns take log 1 in the unused branch so their gradients stay finite.
             safe = tf.where(self._label_log_mask, c, tf.ones_like(c))
             c = tf.where(self._label_log_mask, tf.math.log(safe), c)
-        if extra is not None:
-            c = tf.concat([c, extra], axis=1)
         return (c - self.label_shift) / self.label_scale
 
     # -- pure tensor maths (traced by the graph functions, by train_step and by Ensemble) ---------
@@ -703,8 +691,7 @@ class Flow(Density, keras.Model):
     def _jittered_labels(self, c: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
         """c [B, C] with N(0, σ²) added to its standardised values (set_label_noise)."""
         seed = tf.stack([tf.constant(self._label_noise_seed, tf.int64), tf.cast(step, tf.int64)])
-        scale = self.label_scale[:self.label_dim]         # the extra columns follow their label
-        shift = self.label_noise * scale * tf.random.stateless_normal(tf.shape(c), seed)
+        shift = self.label_noise * self.label_scale * tf.random.stateless_normal(tf.shape(c), seed)
         if self.config.label_asinh:           # the jitter acts on asinh(c / s) there
             s = self._label_asinh_scale
             c = tf.where(self._label_asinh_mask, s * tf.sinh(tf.asinh(c / s) + shift), c)
@@ -718,8 +705,7 @@ class Flow(Density, keras.Model):
         """Train with the group-lasso penalty λ Σ_j ‖V_{j·}‖₂ added to the loss (nats per point).
 
         V_{j·} gathers every weight through which label column j reaches the flow: row j of each
-        MADE's label kernel (:func:`tfgalflow.flows.label_kernels`; and the row of its
-        ``label_asinh_extra`` column, if any), in the standardised labels,
+        MADE's label kernel (:func:`tfgalflow.flows.label_kernels`), in the standardised labels,
         so the columns are penalised on one scale. The penalty is a sum of unsquared group norms,
         so it drives whole groups to zero (Yuan & Lin 2006, J. R. Stat. Soc. B 68, 49): a label
         column whose weights buy less than λ of likelihood per unit norm is dropped and p(x | c)
@@ -738,8 +724,8 @@ class Flow(Density, keras.Model):
 
     def label_weight_norms(self) -> np.ndarray:
         """‖V_{j·}‖₂ [C]: the norm of all the weights through which label column j enters the
-        flow (standardised labels; with a ``label_asinh_extra`` column of c_j, its rows too; 0
-        exactly when p(x | c) does not depend on c_j). See :meth:`set_label_lasso`.
+        flow (standardised labels; 0 exactly when p(x | c) does not depend on c_j). See
+        :meth:`set_label_lasso`.
         """
         return self._label_group_norms().numpy()
 
@@ -747,11 +733,7 @@ class Flow(Density, keras.Model):
         kernels = label_kernels(self.bijector)
         if not kernels:
             return tf.zeros([self.label_dim])
-        squares = tf.add_n([tf.reduce_sum(tf.square(v), axis=1) for v in kernels])     # [C']
-        if self._extra_columns:       # an extra asinh column belongs to its label's group
-            squares = tf.tensor_scatter_nd_add(
-                squares[:self.label_dim], [[k] for k in self._extra_columns],
-                squares[self.label_dim:])
+        squares = tf.add_n([tf.reduce_sum(tf.square(v), axis=1) for v in kernels])
         # + tiny: a finite (zero) gradient at a dropped group; 1e-30 is far below float32's
         # resolution of any kept weight
         return tf.sqrt(squares + 1e-30)

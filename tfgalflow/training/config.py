@@ -62,13 +62,6 @@ class TrainConfig:
         "reach 0), as k:s pairs, e.g. 1:0.01",
         "pairs?",
     )
-    label_asinh_extra: tuple = option(
-        (),
-        "label columns k the networks see twice, as c_k and as an extra input asinh(c_k / s_k) "
-        "(for a label whose effect is linear in one region and logarithmic in another), as k:s "
-        "pairs, e.g. 1:0.01",
-        "pairs?",
-    )
     conditional_rescaling: bool = option(
         False,
         "rescale each data column by a mean and log-scale linear in the labels (least squares "
@@ -223,11 +216,6 @@ class TrainConfig:
               and len({k for k, _ in self.label_asinh}) == len(self.label_asinh),
               "label_asinh", "k:s pairs of distinct label columns k >= 0 and scales s > 0, "
               "e.g. 1:0.01")
-        check(all(float(k).is_integer() and k >= 0 and s > 0 for k, s in self.label_asinh_extra)
-              and len({k for k, _ in self.label_asinh_extra}) == len(self.label_asinh_extra)
-              and not {k for k, _ in self.label_asinh_extra} & {k for k, _ in self.label_asinh},
-              "label_asinh_extra", "k:s pairs of distinct label columns k >= 0, not label_asinh "
-              "columns, and scales s > 0, e.g. 1:0.01")
         check(0.0 <= self.validation_split < 1.0, "validation_split", "a fraction in [0, 1)")
         check(self.seed + self.members - 1 < 2**31, "seed",
               f"seed + members - 1 < 2**31 ({self.members} members)")
@@ -280,8 +268,6 @@ class TrainConfig:
                           activation=self.activation, kind=self.kind, bins=self.bins,
                           log_columns=log_columns, label_log_columns=self.label_log_columns,
                           label_asinh=tuple((int(k), float(s)) for k, s in self.label_asinh),
-                          label_asinh_extra=tuple((int(k), float(s))
-                                                  for k, s in self.label_asinh_extra),
                           conditional_rescaling=self.conditional_rescaling and label_dim > 0,
                           upper_bounds=() if self.support_r_max is None else (
                               (0, self.support_r_max),),          # r, column 0 of (r, v_r, v_t)
