@@ -101,6 +101,9 @@ def main() -> None:
     p.add_argument("--fit-epochs", type=int, default=100)
     p.add_argument("--fit-patience", type=int, default=30,
                    help="early-stopping patience of the potential fit (epochs)")
+    p.add_argument("--activation", default="relu",
+                   help="hidden activation of the flows' MADEs (TrainConfig.activation; a smooth "
+                        "one, e.g. gelu, gives a smooth ∇ log f)")
     p.add_argument("--clip-norm", type=float, default=None,
                    help="gradient-norm clip of the flows' training (TrainConfig.clip_norm)")
     p.add_argument("--radii", type=int, default=30)
@@ -136,7 +139,8 @@ def main() -> None:
                                         "batch_size": 1024, "lr": 2e-3, "lr_schedule": "cosine",
                                         "patience": 8, "members": args.members,
                                         "validation_split": 0.1, "seed": args.seed,
-                                        "clip_norm": args.clip_norm})
+                                        "clip_norm": args.clip_norm,
+                                        "activation": args.activation})
             flow = train(cat, tc, run_dir, verbose=2)
         print(f"[{name}] flow ready ({time.perf_counter() - t0:.0f} s)", flush=True)
         fit_idx = np.random.default_rng(args.seed).permutation(len(cat))[:args.fit_points]
