@@ -498,6 +498,39 @@ def test_ensemble_members_distinct_seeds_and_mixture_density(gauss, ensemble_run
     np.testing.assert_array_equal(reloaded.log_prob(x).numpy(), ensemble.log_prob(x).numpy())
 
 
+def test_a_member_far_above_the_others_is_reported_and_warned(gauss, tmp_path, caplog):
+    import logging
+    from tfgalflow.training import OUTLIER_MARGIN, outlying_members
+
+    run_dir = tmp_path / "run"
+    x = np.random.default_rng(1).multivariate_normal(MEAN, COV, 20_000)
+    train(x, ENSEMBLE.with_overrides(members=3, epochs=4), run_dir, verbose=0)
+    best = [json.loads((run_dir / f"member_{k:03d}/final/summary.json").read_text())["best"]
+            for k in range(3)]
+    # three seeds of the same small flow end near the Gaussian's entropy, 1 + ln 2π + ln det/2
+    # = 2.327 nats, each measured on its own 2000 validation points: log p of a 2-D Gaussian has
+    # a standard deviation of 1 nat, so each best carries ±0.022 of sampling noise, and the
+    # members agree to a few hundredths (the spread the margin is set above); none is reported
+    entropy = 1 + np.log(2 * np.pi) + 0.5 * np.log(np.linalg.det(COV))
+    np.testing.assert_allclose(best, entropy, atol=0.1)
+    assert max(best) - min(best) < OUTLIER_MARGIN
+    assert outlying_members(run_dir) == []
+    # a member that diverged: its best loss 2 nats above the others' (as photo-z seed 5 was)
+    path = run_dir / "member_002/final/summary.json"
+    summary = json.loads(path.read_text())
+    path.write_text(json.dumps({**summary, "best": best[2] + 2.0}))
+    median = float(np.median([best[0], best[1], best[2] + 2.0]))
+    assert outlying_members(run_dir) == [{"member": "member_002", "best": best[2] + 2.0,
+                                          "median": median, "excess": best[2] + 2.0 - median}]
+    assert outlying_members(run_dir, margin=3.0) == []
+    with caplog.at_level(logging.WARNING, logger="tfgalflow.training.fit"):
+        resume(run_dir, data=x, verbose=0)           # finished: reloads the members, then checks
+    assert any("member_002" in r.getMessage() and "median" in r.getMessage()
+               for r in caplog.records)
+    with pytest.raises(InputError, match="margin"):
+        outlying_members(run_dir, margin=0)
+
+
 @pytest.mark.slow          # spawns member processes, each loading TensorFlow (~15 s)
 def test_parallel_members_equal_sequential_members(gauss, ensemble_run, tmp_path):
     # Each member runs in its own spawned process with the same seeds, data, split and epoch

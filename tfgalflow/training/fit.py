@@ -26,8 +26,8 @@ from .data import (
 from .rundir import (
     BEST_DIR, CHECKPOINTS_DIR, CONFIG_FILE, DEFAULT_VERBOSE, FINAL_DIR, HISTORY_FILE, SUMMARY_FILE,
     WEIGHTS_PREFIX,
-    checkpoint_epoch, final_weights_prefix, member_finished, new_run, read_history,
-    read_run_config, truncate_history,
+    checkpoint_epoch, final_weights_prefix, member_finished, new_run, outlying_members,
+    read_history, read_run_config, truncate_history,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -484,6 +484,12 @@ def _fit_members(run_dir: Path, run: dict, data: Any, *, strategy: Any, verbose:
     flows = [_fit_member(run_dir, run, k, data, strategy=strategy, verbose=verbose,
                          callbacks=callbacks)
              if k in todo else load_member(run_dir, run, k) for k in range(config.members)]
+    for odd in outlying_members(run_dir):
+        _log.warning("%s: best validation loss %.3f nats/point is %.3f above the members' median "
+                     "(%.3f): it may have diverged or stalled, and the ensemble weights it like "
+                     "the others; see its history.csv, retrain it with another seed or leave it "
+                     "out (Ensemble of the other members)", odd["member"], odd["best"],
+                     odd["excess"], odd["median"])
     return _run_model(run, flows)
 
 

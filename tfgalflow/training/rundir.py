@@ -33,6 +33,7 @@ import numpy as np
 from .. import __version__
 from ..atomic import write_json, write_text
 from ..errors import FileError
+from ..validation import positive_number
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import TrainConfig
@@ -69,6 +70,52 @@ def final_weights_prefix(run_dir: str | os.PathLike, run: dict, k: int) -> Path:
 def member_finished(run_dir: str | os.PathLike, run: dict, k: int) -> bool:
     """True once member k's final weights exist (they are written atomically, last)."""
     return Path(f"{final_weights_prefix(run_dir, run, k)}.index").is_file()
+
+
+#: How far (nats per point) a member's best validation loss may lie above the members' median
+#: before :func:`outlying_members` reports it: well above the seed-to-seed spread of members
+#: that trained (a few hundredths of a nat in the package's studies), well below a diverged or
+#: stalled start (0.3 to 2 nats in the photo-z runs).
+OUTLIER_MARGIN = 0.1
+
+
+def outlying_members(run_dir: str | os.PathLike, margin: float = OUTLIER_MARGIN) -> list[dict]:
+    """Finished members whose best validation loss lies more than ``margin`` above the median.
+
+    An ensemble averages its members' densities with equal weights, so one member that diverged
+    or stalled early (best loss L_k ≫ the others') spoils the mixture where its density is
+    broad. With M ≥ 3 finished members and L̃ the median of their best losses (each member's
+    ``final/summary.json`` "best"), a member is reported when L_k − L̃ > margin. With fewer than
+    3 the median cannot tell which member is off, and none is reported.
+
+    Args:
+        run_dir: a run directory.
+        margin: nats per point (> 0); default :data:`OUTLIER_MARGIN`.
+
+    Returns:
+        [{"member": "member_005", "best": L_k, "median": L̃, "excess": L_k − L̃}, ...], in
+        member order (empty if none).
+
+    Raises:
+        FileError: not a run directory, or a corrupt summary.json.
+        InputError: margin not a finite number > 0.
+    """
+    margin = positive_number(margin, "outlying_members margin")
+    run = read_run_config(run_dir)
+    best = {}
+    for k, member in enumerate(run["members"]):
+        path = member_dir(run_dir, run, k) / FINAL_DIR / SUMMARY_FILE
+        if not member_finished(run_dir, run, k) or not path.is_file():
+            continue
+        try:
+            best[member["name"]] = float(json.loads(path.read_text())["best"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise FileError(f"{path}: corrupt member summary: {exc}") from None
+    if len(best) < 3:
+        return []
+    median = float(np.median(list(best.values())))
+    return [{"member": name, "best": value, "median": median, "excess": value - median}
+            for name, value in best.items() if value - median > margin]
 
 
 def checkpoint_epoch(path: str | None) -> int:
