@@ -159,6 +159,7 @@ def test_run_task_trains_resumes_and_reports(tmp_path):
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["targets"].keys() == {"kl", "mean_offset", "covariance", "chi2"}
     assert len(on_disk["metrics"]["per_label"]) == 4 and on_disk == report
+    assert on_disk["outlying_members"] == []          # one member: nothing to compare it with
     for name in ("labels.png", "samples.png", "pvalues.png", "loss.png"):
         assert (out / name).stat().st_size > 1000
     # checkpoints exactly at epochs 2 and 4; history has 4 epochs

@@ -314,9 +314,11 @@ def run_task(
 
     Returns:
         the report written to OUT/report.json: {"task", "config", "train", "metrics", "targets",
-        "all_targets_met", "figures"}.
+        "all_targets_met", "outlying_members", "figures"}; "outlying_members" lists the ensemble
+        members whose best validation loss lies far above the others'
+        (:func:`tfgalflow.training.outlying_members`: check them before trusting the targets).
     """
-    from ..training import TrainConfig, resume, train
+    from ..training import TrainConfig, outlying_members, resume, train
 
     task = get_task(name, **dict(overrides or {}))
     train_overrides = dict(train_overrides or {})
@@ -356,6 +358,7 @@ def run_task(
         "metrics": metrics,
         "targets": {k: t.to_dict() for k, t in targets.items()},
         "all_targets_met": all(t.met for t in targets.values()),
+        "outlying_members": outlying_members(run_dir),
     }
     report["figures"] = task.figures(report, model, out)
     report = _plain(report)
