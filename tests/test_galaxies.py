@@ -226,6 +226,31 @@ def test_task_protocol_and_exact_model():
     assert row["importance_ess_fraction"] > 1 - 1e-6
     # the perfect sampler agrees with the paired figure within its noise (a 4-sigma bound)
     assert metrics["summary"]["sampled_vs_paired_max_z"] < 4.0
+    # the exact density records no training range: nothing is called an extrapolation
+    assert row["outside_training_range"] == []
+    assert metrics["summary"]["extrapolated_galaxies"] == []
+
+
+def test_outside_training_range_names_the_columns_a_galaxy_extrapolates():
+    from tfgalflow.tasks.galaxy_population import outside_training_range
+
+    class Ranged:
+        def __init__(self, low, high):
+            self.span = (np.asarray(low), np.asarray(high))
+
+        def label_range(self):
+            return self.span
+
+    names = ["log_mstar", "r_disc", "bulge_fraction", "feh_gradient", "age_spread"]
+    low, high = [9.5, 1.0, 0.05, -0.0778, 0.15], [11.0, 6.0, 0.344, -0.0212, 0.45]
+    # galaxy 45 of the task's default draw: g = -0.0202 dex/kpc lies beyond the 55 training
+    # galaxies' largest, -0.0212 (README); its other labels lie inside
+    galaxy_45 = np.array([9.771, 2.759, 0.3392, -0.0202, 0.2517])
+    assert outside_training_range(Ranged(low, high), galaxy_45, names) == ["feh_gradient"]
+    # on the recorded edge (float32 rounding of the range) is inside; no range: nothing
+    edge = np.array(high)
+    assert outside_training_range(Ranged(low, np.float32(high)), edge, names) == []
+    assert outside_training_range(object(), galaxy_45, names) == []
 
 
 def test_paired_summaries_reweight_to_another_galaxy():

@@ -37,7 +37,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -357,6 +357,7 @@ class GalaxyPopulation(Task):
             rows.append({
                 "galaxy": int(gid),
                 "params": dict(zip(gal.PARAM_NAMES, theta)),
+                "outside_training_range": outside_training_range(model, lab, self.label_names),
                 "n_stars": len(stars),
                 "r_cut": r_c,
                 "logp_abs_error": float(np.mean(np.abs(delta))),
@@ -441,6 +442,22 @@ class GalaxyPopulation(Task):
         return galaxy_figures(self, report, model, Path(out_dir))
 
 
+def outside_training_range(model: Any, label: np.ndarray, names: Sequence[str]) -> list[str]:
+    """Names of the label columns in which one galaxy's ``label`` [C] lies outside the labels the
+    model was trained on (:meth:`~tfgalflow.density.Density.label_range`, with the tolerance of
+    :func:`~tfgalflow.density.extrapolated_labels`); [] when the model records no range. A
+    held-out galaxy listed here is an extrapolation, not an interpolation, in those columns.
+    """
+    from ..density import extrapolated_labels
+
+    span = getattr(model, "label_range", lambda: None)()
+    if span is None:
+        return []
+    low, high = span
+    return [name for j, name in enumerate(names)
+            if extrapolated_labels([[label[j]]], low[j:j + 1], high[j:j + 1])[0]]
+
+
 def _summary(rows: list[dict]) -> dict:
     """Means and worst cases over the evaluated held-out galaxies."""
     failed = [r for r in rows if r.get("failed")]
@@ -463,6 +480,7 @@ def _summary(rows: list[dict]) -> dict:
     out["sampled_vs_paired_max_z"] = max(abs(z) for r in rows
                                          for z in r["sampled_vs_paired_z"].values())
     out["importance_ess_fraction_min"] = min(r["importance_ess_fraction"] for r in rows)
+    out["extrapolated_galaxies"] = [r["galaxy"] for r in rows if r["outside_training_range"]]
     return out
 
 
