@@ -41,7 +41,7 @@ def main() -> int:
 
     from tfgalflow.model import Ensemble
     from tfgalflow.tasks import get_task
-    from tfgalflow.training import load_run, outlying_members
+    from tfgalflow.training import load_run, member_name, outlying_members
 
     try:
         odd = {o["member"] for o in outlying_members(out / "run")}
@@ -51,7 +51,7 @@ def main() -> int:
     except (FileError, InputError) as exc:
         print(exc, file=sys.stderr)
         return 2
-    keep = [m for k, m in enumerate(full.members) if f"member_{k:03d}" not in odd]
+    keep = [m for k, m in enumerate(full.members) if member_name(k) not in odd]
     task = get_task(task_file["task"], **task_file["config"])
     metrics = task.evaluate(Ensemble(keep))
     targets = {k: t.to_dict() for k, t in task.targets(metrics).items()}

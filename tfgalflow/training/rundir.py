@@ -74,8 +74,8 @@ def member_finished(run_dir: str | os.PathLike, run: dict, k: int) -> bool:
 
 #: How far (nats per point) a member's best validation loss may lie above the members' median
 #: before :func:`outlying_members` reports it: well above the seed-to-seed spread of members
-#: that trained (a few hundredths of a nat in the package's studies), well below a diverged or
-#: stalled start (0.3 to 2 nats in the photo-z runs).
+#: that trained (a few hundredths of a nat in the package's studies), below a diverged or
+#: stalled start (0.12 to 0.8 nat above the others in the photo-z runs).
 OUTLIER_MARGIN = 0.1
 
 
