@@ -170,13 +170,11 @@ def _parquet_training_data(args, stream: bool = False) -> tuple:
 
 
 def _print_run_summary(run_dir: str) -> None:
-    import json
-    from pathlib import Path
-    from .training import read_run_config
+    from .training import member_summary, read_run_config
 
     run = read_run_config(run_dir)
-    for member in run["members"]:
-        s = json.loads((Path(run_dir) / member["name"] / "final" / "summary.json").read_text())
+    for k, member in enumerate(run["members"]):
+        s = member_summary(run_dir, run, k)
         print(
             f"{run_dir}/{member['name']}: seed {s['seed']}, {s['epochs_run']} epochs, best "
             f"{s['monitor']} {s['best']:.6g} after epoch "

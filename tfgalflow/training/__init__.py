@@ -63,13 +63,14 @@ from .data import HDF5_SUFFIXES, STREAM_SHUFFLE_ROWS, split_indices
 from .fit import learning_rate, load_member, load_run, resume, train
 from .rundir import (
     CONFIG_FILE, HISTORY_FILE, OUTLIER_MARGIN, RUN_FORMAT, RUN_FORMAT_VERSION, WEIGHTS_PREFIX,
-    member_finished, member_name, outlying_members, read_history, read_run_config,
+    member_finished, member_name, member_summary, outlying_members, read_history,
+    read_run_config,
 )
 
 __all__ = [
     "CONFIG_FILE", "EXPONENTIAL_FINAL_FRACTION", "HDF5_SUFFIXES", "HISTORY_FILE", "LR_SCHEDULES",
     "RUN_FORMAT", "RUN_FORMAT_VERSION", "STREAM_SHUFFLE_ROWS", "TrainConfig", "WEIGHTS_PREFIX",
     "OUTLIER_MARGIN", "learning_rate", "load_member", "load_run", "member_finished", "member_name",
-    "outlying_members", "read_history",
+    "member_summary", "outlying_members", "read_history",
     "read_run_config", "resume", "split_indices", "train",
 ]

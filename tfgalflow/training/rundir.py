@@ -72,6 +72,20 @@ def member_finished(run_dir: str | os.PathLike, run: dict, k: int) -> bool:
     return Path(f"{final_weights_prefix(run_dir, run, k)}.index").is_file()
 
 
+def member_summary(run_dir: str | os.PathLike, run: dict, k: int) -> dict:
+    """Member k's ``final/summary.json`` (seed, epochs_run, monitor, best, best_epoch, ...);
+    FileError if it is missing or corrupt.
+    """
+    path = member_dir(run_dir, run, k) / FINAL_DIR / SUMMARY_FILE
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise FileError(f"{path}: missing or corrupt member summary: {exc}") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("best"), (int, float)):
+        raise FileError(f"{path}: corrupt member summary: no number under \"best\"")
+    return summary
+
+
 #: How far (nats per point) a member's best validation loss may lie above the members' median
 #: before :func:`outlying_members` reports it: well above the seed-to-seed spread of members
 #: that trained (a few hundredths of a nat in the package's studies), below a diverged or
@@ -102,15 +116,8 @@ def outlying_members(run_dir: str | os.PathLike, margin: float = OUTLIER_MARGIN)
     """
     margin = positive_number(margin, "outlying_members margin")
     run = read_run_config(run_dir)
-    best = {}
-    for k, member in enumerate(run["members"]):
-        path = member_dir(run_dir, run, k) / FINAL_DIR / SUMMARY_FILE
-        if not member_finished(run_dir, run, k) or not path.is_file():
-            continue
-        try:
-            best[member["name"]] = float(json.loads(path.read_text())["best"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise FileError(f"{path}: corrupt member summary: {exc}") from None
+    best = {member["name"]: float(member_summary(run_dir, run, k)["best"])
+            for k, member in enumerate(run["members"]) if member_finished(run_dir, run, k)}
     if len(best) < 3:
         return []
     median = float(np.median(list(best.values())))

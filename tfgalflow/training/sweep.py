@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 from ..atomic import write_json, write_text
 from ..errors import FileError, InputError
 from .config import TrainConfig
-from .rundir import CONFIG_FILE, FINAL_DIR, SUMMARY_FILE, member_finished, read_run_config
+from .rundir import CONFIG_FILE, member_finished, member_summary, read_run_config
 
 SWEEP_FILE = "sweep.json"
 SUMMARY_CSV = "summary.csv"
@@ -173,8 +173,7 @@ def summarize(out: str | os.PathLike) -> list[dict[str, Any]]:
             done = [member_finished(run_dir, run, k) for k in range(len(run["members"]))]
             row["status"] = "finished" if all(done) else "running"
             if all(done):
-                s = [json.loads((run_dir / m["name"] / FINAL_DIR / SUMMARY_FILE).read_text())
-                     for m in run["members"]]
+                s = [member_summary(run_dir, run, k) for k in range(len(run["members"]))]
                 row["monitor"] = s[0]["monitor"]
                 row["best"] = sum(x["best"] for x in s) / len(s)
                 row["best_epoch"] = max(x["best_epoch"] for x in s) + 1
