@@ -77,6 +77,28 @@ def test_bimodal_detection():
     assert posterior.is_bimodal(post, GRID).tolist() == [True, False, False]
 
 
+def test_mode_mass_kl_chain_rule():
+    def mixture(w):
+        return w * gaussian_rows([0.3], [0.1]) + (1 - w) * gaussian_rows([2.5], [0.15])
+
+    p = posterior.normalise(np.log(mixture(0.7) + 1e-300), GRID)
+    # q: the same two modes reweighted. The modes overlap by < 1e-40, so the shapes' term of the
+    # chain rule is 0 and all of KL(p ‖ q) is the masses' KL(0.7, 0.3 ‖ 0.4, 0.6)
+    reweighted = posterior.normalise(np.log(mixture(0.4) + 1e-300), GRID)
+    masses = 0.7 * math.log(0.7 / 0.4) + 0.3 * math.log(0.3 / 0.6)
+    assert abs(posterior.mode_mass_kl(p, reweighted, GRID)[0] - masses) < 1e-6
+    assert abs(posterior.kl_divergence(p, reweighted, GRID)[0] - masses) < 1e-6
+    # q: the right weights, one mode shifted by half its width: the masses' term is 0 (to the
+    # 1e-6 of the shifted tail that crosses the valley) while KL is the shift's 0.7 · 0.5²/2
+    shifted = posterior.normalise(np.log(
+        0.7 * gaussian_rows([0.35], [0.1]) + 0.3 * gaussian_rows([2.5], [0.15]) + 1e-300), GRID)
+    assert posterior.mode_mass_kl(p, shifted, GRID)[0] < 1e-6
+    assert abs(posterior.kl_divergence(p, shifted, GRID)[0] - 0.7 * 0.125) < 1e-4
+    # a unimodal row has no modes to weigh
+    one = posterior.normalise(np.log(gaussian_rows([1.0], [0.3])), GRID)
+    assert np.isnan(posterior.mode_mass_kl(one, one, GRID)[0])
+
+
 @pytest.fixture(scope="module")
 def flow():
     # The plain graph: the grid hook is compared with the generic contract path as the same

@@ -312,16 +312,12 @@ def pit_ks(pit_values: Any) -> float:
     return float(max(np.max(np.arange(1, n + 1) / n - u), np.max(u - np.arange(n) / n)))
 
 
-def is_bimodal(post: np.ndarray, grid: Any, separation: float = 0.3, min_mass: float = 0.1,
-               dip: float = 0.5) -> np.ndarray:
-    """[N] bool: a row has two peaks with |Δz|/(1+z_peak) >= ``separation``, the density between
-    them dipping below ``dip`` × the lower peak, and >= ``min_mass`` of probability on each side of
-    the dip.
-
-    Vectorised over rows: the main peak is the MAP; the second is the highest grid point at least
-    ``separation`` (1 + z_MAP) away that is a local maximum.
+def _two_modes(post: np.ndarray, g: np.ndarray, separation: float
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(i_map, j, has, valley) [N] each: the grid indices of a row's main peak (its MAP) and of
+    its second peak (the highest local maximum at least ``separation`` (1 + z_MAP) away), whether
+    such a second peak exists, and the index of the lowest density between the two.
     """
-    g = check_grid(grid)
     n = post.shape[0]
     rows = np.arange(n)
     i_map = np.argmax(post, axis=1)
@@ -337,6 +333,21 @@ def is_bimodal(post: np.ndarray, grid: Any, separation: float = 0.3, min_mass: f
         np.arange(g.size)[None, :] <= hi[:, None]
     )
     valley = np.argmin(np.where(between, post, np.inf), axis=1)
+    return i_map, j, has, valley
+
+
+def is_bimodal(post: np.ndarray, grid: Any, separation: float = 0.3, min_mass: float = 0.1,
+               dip: float = 0.5) -> np.ndarray:
+    """[N] bool: a row has two peaks with |Δz|/(1+z_peak) >= ``separation``, the density between
+    them dipping below ``dip`` × the lower peak, and >= ``min_mass`` of probability on each side of
+    the dip.
+
+    Vectorised over rows: the main peak is the MAP; the second is the highest grid point at least
+    ``separation`` (1 + z_MAP) away that is a local maximum.
+    """
+    g = check_grid(grid)
+    rows = np.arange(post.shape[0])
+    i_map, j, has, valley = _two_modes(post, g, separation)
     c = cdf(post, g)
     mass_below = c[rows, valley] / c[:, -1]
     second = np.minimum(post[rows, i_map], post[rows, j])
@@ -345,6 +356,42 @@ def is_bimodal(post: np.ndarray, grid: Any, separation: float = 0.3, min_mass: f
         & (post[rows, valley] < dip * second)
         & (np.minimum(mass_below, 1 - mass_below) >= min_mass)
     )
+
+
+def mode_mass_kl(p: np.ndarray, q: np.ndarray, grid: Any, separation: float = 0.3
+                 ) -> np.ndarray:
+    """KL(P ‖ Q) [N] (nats) of the two modes' masses: the part of KL(p ‖ q) that is the modes'
+    relative weights, not their shapes.
+
+    Each row of ``p`` [N, G] is cut at the valley between its two peaks (:func:`is_bimodal`'s,
+    with ``separation``); P = (P_1, P_2) and Q = (Q_1, Q_2) are the masses of p and q [N, G] on
+    either side of the cut (rows normalised on the grid). By the chain rule of relative entropy
+    (Cover & Thomas 2006, Theorem 2.5.3),
+
+        KL(p ‖ q) = KL(P ‖ Q) + Σ_i P_i KL(p_i ‖ q_i),
+
+    with p_i, q_i the densities restricted to side i and renormalised, so 0 <= KL(P ‖ Q) <=
+    KL(p ‖ q), and KL(p ‖ q) - KL(P ‖ Q) is the error in the modes' shapes. NaN for rows of p
+    without a second peak.
+    """
+    g = check_grid(grid)
+    rows = np.arange(p.shape[0])
+    _, _, has, valley = _two_modes(p, g, separation)
+
+    def masses(post: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        c = cdf(post, g)
+        below = c[rows, valley] / c[:, -1]
+        return below, 1.0 - below
+
+    p1, p2 = masses(p)
+    q1, q2 = masses(q)
+    tiny = 1e-300
+
+    def term(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.where(a > 0, a * (np.log(np.maximum(a, tiny)) - np.log(np.maximum(b, tiny))),
+                        0.0)
+
+    return np.where(has, term(p1, q1) + term(p2, q2), np.nan)
 
 
 # ---- files --------------------------------------------------------------------------------------
@@ -437,8 +484,10 @@ def compare(post: np.ndarray, exact: np.ndarray, grid: Any, truth: Any,
     Returns {"flow": ..., "exact": ...} (:func:`overall_metrics` of each), the MAP differences
     "sigma_nmad_rel_diff" = σ_NMAD(flow) / σ_NMAD(exact) - 1 and "eta_diff" = η(flow) - η(exact),
     "bimodal_fraction" (:func:`is_bimodal` of the exact rows), and "kl" = {"mean", "median",
-    "bimodal_mean"}: KL(exact ‖ flow) per object (:func:`kl_divergence`, nats) over all objects
-    and its mean over the bimodal ones (NaN if there are none).
+    "bimodal_mean", "bimodal_mode_masses"}: KL(exact ‖ flow) per object (:func:`kl_divergence`,
+    nats) over all objects, its mean over the bimodal ones, and the mean over those of its part
+    that is the two modes' weights (:func:`mode_mass_kl`; the rest is the modes' shapes); NaN if
+    there are no bimodal objects.
     """
     g = check_grid(grid)
     m_flow = overall_metrics(summarize(post, g, truth), truth, edges)
@@ -452,7 +501,9 @@ def compare(post: np.ndarray, exact: np.ndarray, grid: Any, truth: Any,
         "eta_diff": m_flow["map"]["eta"] - m_exact["map"]["eta"],
         "bimodal_fraction": float(bimodal.mean()),
         "kl": {"mean": float(kl.mean()), "median": float(np.median(kl)),
-               "bimodal_mean": float(kl[bimodal].mean()) if bimodal.any() else math.nan},
+               "bimodal_mean": float(kl[bimodal].mean()) if bimodal.any() else math.nan,
+               "bimodal_mode_masses": (float(mode_mass_kl(exact[bimodal], post[bimodal], g).mean())
+                                       if bimodal.any() else math.nan)},
     }
 
 
