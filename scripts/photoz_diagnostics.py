@@ -8,9 +8,20 @@ adds one entry (keyed by ``--tag``) to studies/photoz/diagnostics.json: mean KL 
 and over the exactly bimodal ones, median KL, MAP σ_NMAD and η (flow and exact), PIT KS, 68 % HPD
 coverage, epochs run, best validation loss and the training time. The mean KL over the galaxies is
 also the gap between the flow's and the exact posterior's expected -ln p(z_true | x), so it is the
-quantity maximum likelihood lowers. Usage:
+quantity maximum likelihood lowers. The bimodal KL is also split by the chain rule into the two
+modes' weights and their shapes (:func:`tfgalflow.posterior.mode_mass_kl`).
+
+``--model mdn`` trains the reference photo-z pipeline's other model instead of a flow: a mixture
+density network (Bishop 1994), p(z | x) = Σ_k w_k(x) N(z; μ_k(x), σ_k(x)) with ``--components``
+Gaussians whose weights, means and log-widths (clipped to [-7, 3] in standardised z) come from the
+same conditioner (``--hidden``, ``--activation``) on the standardised features, trained by Adam
+with the same batch, learning rate (cosine decay), clipping, validation split and epochs, keeping
+the best validation epoch. It is a baseline for the flows, not a package model. ``--rescore``
+scores an entry's saved flow again (new metrics on an old run) instead of training. Usage:
 
     PYTHONPATH=. python scripts/photoz_diagnostics.py --tag base --n-train 50000 --epochs 30
+    PYTHONPATH=. python scripts/photoz_diagnostics.py --tag mdn_k8 --model mdn --components 8 \
+        --n-train 200000 --epochs 60 --activation gelu --batch 256 --lr 3e-3 --clip-norm 5
 """
 from __future__ import annotations
 
@@ -55,6 +66,12 @@ def main() -> None:
     parser.add_argument("--validation-split", type=float, default=0.1)
     parser.add_argument("--clip-norm", type=float, default=None,
                         help="TrainConfig.clip_norm (global gradient norm)")
+    parser.add_argument("--model", choices=("flow", "mdn"), default="flow",
+                        help="a spline flow (the package's) or the mixture density network "
+                             "baseline")
+    parser.add_argument("--components", type=int, default=8, help="Gaussians of --model mdn")
+    parser.add_argument("--rescore", action="store_true",
+                        help="score the entry's saved flow again instead of training")
     args = parser.parse_args()
     CACHE.mkdir(parents=True, exist_ok=True)
     sim = photoz.PhotoZ()
@@ -68,16 +85,44 @@ def main() -> None:
         d = {k: f[k] for k in f.files}
     exact, zt = d["exact"][:args.n_eval], d["zt"][:args.n_eval]
 
-    from tfgalflow.training import TrainConfig, train
-    config = TrainConfig(
-        kind="spline", layers=args.layers, hidden=tuple(int(h) for h in args.hidden.split(",")),
-        activation=args.activation, bins=args.bins, epochs=args.epochs,
-        batch_size=args.batch, lr=args.lr, patience=args.patience, checkpoint_every=0,
-        seed=args.seed, members=args.members, weight_decay=args.weight_decay,
-        validation_split=args.validation_split, clip_norm=args.clip_norm,
-    )
     run_dir = CACHE / f"diag_{args.tag}"
-    shutil.rmtree(run_dir, ignore_errors=True)
+    report_path = OUT / "diagnostics.json"
+
+    def read_report() -> dict:          # read late: other diagnostics may finish meanwhile
+        return json.loads(report_path.read_text()) if report_path.exists() else {}
+
+    features_eval = sim.features(d["xt"][:args.n_eval]).astype(np.float32)
+    if args.rescore:
+        from tfgalflow.training import load_run
+        if args.tag not in read_report() or not (run_dir / "config.json").exists():
+            parser.error(f"--rescore: no entry {args.tag!r} with a saved flow in {run_dir}")
+        post = posterior.posterior_grid(load_run(run_dir), features_eval, GRID)
+        entry = {**read_report()[args.tag], **scores(post, exact, zt)}
+    else:
+        z_train, x_train = training_set(args, sim, d)
+        labels = sim.features(x_train).astype(np.float32)
+        t = time.time()
+        if args.model == "mdn":
+            log_density, trained = train_mdn(z_train.astype(np.float32), labels, args)
+            seconds = time.time() - t
+            post = posterior.normalise(log_density(features_eval, GRID), GRID)
+            settings = vars(args)
+        else:
+            flow, trained, config = train_flow(z_train, labels, args, run_dir)
+            seconds = time.time() - t
+            post = posterior.posterior_grid(flow, features_eval, GRID)
+            settings = {**vars(args), "train_config": config.to_dict()}
+        entry = {"settings": settings, "seconds": seconds, **trained, **scores(post, exact, zt)}
+    report = read_report()
+    report[args.tag] = entry
+    write_json(report_path, report)
+    print(json.dumps({k: v for k, v in entry.items() if k != "settings"}))
+
+
+def training_set(args: argparse.Namespace, sim: photoz.PhotoZ, d: dict
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(z [n], inputs [n, 20]): the first ``--n-train`` cached galaxies, or a new set of that size
+    (more than the cache holds, or ``--copies``: plus new noise realisations of each)."""
     n = args.n_train
     z_train, x_train = d["z"][:n], d["x"][:n]
     if n > d["z"].size or args.copies:
@@ -90,45 +135,136 @@ def main() -> None:
                                          {k: v[:n] for k, v in truth.items()}, args.copies,
                                          seed=101)
             z_train, x_train = np.concatenate([z_train, z_new]), np.concatenate([x_train, x_new])
-    t = time.time()
-    flow = train(z_train[:, None].astype(np.float32), config, run_dir,
-                 labels=sim.features(x_train).astype(np.float32), verbose=0)
-    seconds = time.time() - t
-    histories = sorted(run_dir.glob("**/history.csv"))
+    return z_train, x_train
+
+
+def train_flow(z: np.ndarray, labels: np.ndarray, args: argparse.Namespace, run_dir: Path):
+    """(flow, {epochs_run, best_val_loss, val_loss_every_tenth}, TrainConfig): the package's
+    training of a spline flow (ensemble) on z [n] given labels [n, 20]."""
+    from tfgalflow.training import TrainConfig, train
+
+    config = TrainConfig(
+        kind="spline", layers=args.layers, hidden=tuple(int(h) for h in args.hidden.split(",")),
+        activation=args.activation, bins=args.bins, epochs=args.epochs,
+        batch_size=args.batch, lr=args.lr, patience=args.patience, checkpoint_every=0,
+        seed=args.seed, members=args.members, weight_decay=args.weight_decay,
+        validation_split=args.validation_split, clip_norm=args.clip_norm,
+    )
+    shutil.rmtree(run_dir, ignore_errors=True)
+    flow = train(z[:, None].astype(np.float32), config, run_dir, labels=labels, verbose=0)
     epochs_run, best_val, val_curve = [], [], []
-    for h in histories:
+    for h in sorted(run_dir.glob("**/history.csv")):
         rows = np.genfromtxt(h, delimiter=",", names=True)
         val = np.atleast_1d(rows["val_loss"])
         epochs_run.append(int(np.atleast_1d(rows["epoch"]).max()))     # 1-based epochs
         best_val.append(float(np.nanmin(val)))
         val_curve.append([round(float(v), 4) for v in val[::max(1, val.size // 10)]])
+    return flow, {"epochs_run": epochs_run, "best_val_loss": best_val,
+                  "val_loss_every_tenth": val_curve}, config
 
-    post = posterior.posterior_grid(flow, sim.features(d["xt"][:args.n_eval]), GRID)
+
+def train_mdn(z: np.ndarray, labels: np.ndarray, args: argparse.Namespace):
+    """(log_density, {epochs_run, best_val_loss, val_loss_every_tenth}) of a mixture density
+    network trained on z [n] given labels [n, 20] (module docstring); ``log_density(labels [N,
+    20], grid [G])`` is ln p(z_g | labels) [N, G] per unit z, at the best validation epoch.
+
+    ln p(z | x) = logsumexp_k [ln w_k + ln N(u; μ_k, σ_k)] - ln s_z, u = (z - m_z) / s_z.
+    """
+    import os
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+    import tensorflow as tf
+    import tf_keras as keras
+
+    rng = np.random.default_rng(args.seed)
+    order = rng.permutation(z.size)
+    n_val = int(round(args.validation_split * z.size))
+    val, fit = order[:n_val], order[n_val:]
+    c_mean, c_std = labels[fit].mean(0), labels[fit].std(0)
+    z_mean, z_std = float(z[fit].mean()), float(z[fit].std())
+    c = ((labels - c_mean) / c_std).astype(np.float32)
+    u = ((z - z_mean) / z_std).astype(np.float32)
+    keras.utils.set_random_seed(args.seed)
+    inputs = keras.Input((labels.shape[1],))
+    h = inputs
+    for width in (int(w) for w in args.hidden.split(",")):
+        h = keras.layers.Dense(width, activation=args.activation)(h)
+    net = keras.Model(inputs, keras.layers.Dense(3 * args.components)(h))
+    log_2pi = float(np.log(2.0 * np.pi))
+
+    def log_prob(params, uu):          # ln p(u | x) [N] in standardised units
+        logits, mu, raw = tf.split(params, 3, axis=-1)
+        log_sigma = tf.clip_by_value(raw, -7.0, 3.0)
+        comp = (-0.5 * tf.square((uu[:, None] - mu) * tf.exp(-log_sigma)) - log_sigma
+                - 0.5 * log_2pi)
+        return tf.reduce_logsumexp(tf.nn.log_softmax(logits) + comp, axis=-1)
+
+    steps = args.epochs * int(np.ceil(fit.size / args.batch))
+    optimizer = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(args.lr, steps),
+                                      global_clipnorm=args.clip_norm)
+
+    @tf.function
+    def step(cb, ub):
+        with tf.GradientTape() as tape:
+            loss = -tf.reduce_mean(log_prob(net(cb), ub))
+        grads = tape.gradient(loss, net.trainable_variables)
+        optimizer.apply_gradients(zip(grads, net.trainable_variables))
+
+    @tf.function
+    def summed(cb, ub):
+        return -tf.reduce_sum(log_prob(net(cb), ub))
+
+    data = (tf.data.Dataset.from_tensor_slices((c[fit], u[fit]))
+            .shuffle(fit.size, seed=args.seed).batch(args.batch))
+    best, best_weights, curve, since = np.inf, None, [], 0
+    for _ in range(args.epochs):
+        for cb, ub in data:
+            step(cb, ub)
+        loss = sum(float(summed(c[val][i:i + 20_000], u[val][i:i + 20_000]))
+                   for i in range(0, n_val, 20_000)) / n_val + np.log(z_std)   # nat per unit z
+        curve.append(loss)
+        if loss < best:
+            best, best_weights, since = loss, net.get_weights(), 0
+        else:
+            since += 1
+            if since >= args.patience:
+                break
+    net.set_weights(best_weights)
+
+    def log_density(features: np.ndarray, grid: np.ndarray) -> np.ndarray:
+        cc = ((features - c_mean) / c_std).astype(np.float32)
+        g = ((grid - z_mean) / z_std).astype(np.float32)
+        rows = []
+        for i in range(0, len(cc), 200):
+            params = net(cc[i:i + 200])
+            k = int(params.shape[0])
+            lp = log_prob(tf.repeat(params, g.size, axis=0), tf.tile(g, [k]))
+            rows.append(tf.reshape(lp, (k, g.size)).numpy().astype(np.float64))
+        return np.concatenate(rows) - np.log(z_std)
+
+    return log_density, {"epochs_run": [len(curve)], "best_val_loss": [float(best)],
+                         "val_loss_every_tenth": [[round(float(v), 4)
+                                                   for v in curve[::max(1, len(curve) // 10)]]]}
+
+
+def scores(post: np.ndarray, exact: np.ndarray, zt: np.ndarray) -> dict:
+    """The entry's metrics of posteriors [N, G] against the exact ones [N, G] at truths [N]."""
     kl = posterior.kl_divergence(exact, post, GRID)
     bimodal = posterior.is_bimodal(exact, GRID)
     s_flow, s_exact = posterior.summarize(post, GRID, zt), posterior.summarize(exact, GRID, zt)
     m_flow = posterior.point_metrics(s_flow["map"], zt)
     m_exact = posterior.point_metrics(s_exact["map"], zt)
-    entry = {
-        "settings": {**vars(args), "train_config": config.to_dict()},
-        "seconds": seconds,
-        "epochs_run": epochs_run,
-        "best_val_loss": best_val,
-        "val_loss_every_tenth": val_curve,
+    return {
         "kl_all_mean": float(kl.mean()),
         "kl_all_median": float(np.median(kl)),
         "kl_bimodal_mean": float(kl[bimodal].mean()),
+        "kl_bimodal_mode_masses": float(
+            posterior.mode_mass_kl(exact[bimodal], post[bimodal], GRID).mean()),
         "kl_unimodal_mean": float(kl[~bimodal].mean()),
         "sigma_nmad": [m_flow["sigma_nmad"], m_exact["sigma_nmad"]],
         "eta": [m_flow["eta"], m_exact["eta"]],
         "pit_ks": posterior.pit_ks(s_flow["pit"]),
         "hpd68_coverage": float(np.mean(s_flow["hpd_level"] <= 0.68)),
     }
-    report_path = OUT / "diagnostics.json"
-    report = json.loads(report_path.read_text()) if report_path.exists() else {}
-    report[args.tag] = entry
-    write_json(report_path, report)
-    print(json.dumps({k: v for k, v in entry.items() if k != "settings"}))
 
 
 if __name__ == "__main__":
