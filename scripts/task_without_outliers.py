@@ -18,13 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-from tfgalflow.atomic import write_json
+from tfgalflow.atomic import json_ready, write_json
 from tfgalflow.errors import FileError, InputError
-
-
-def _plain(value):
-    """NumPy arrays and scalars as JSON values (lists, floats)."""
-    return value.tolist()
 
 
 def main() -> int:
@@ -57,7 +52,7 @@ def main() -> int:
     targets = {k: t.to_dict() for k, t in task.targets(metrics).items()}
     write_json(out / "without_outliers.json",
                {"left_out": sorted(odd), "members_kept": len(keep), "targets": targets,
-                "metrics": json.loads(json.dumps(metrics, default=_plain))})
+                "metrics": json_ready(metrics, nonfinite_as_null=False)})
     print(json.dumps({k: [v["measured"], v["met"]] for k, v in targets.items()}))
     return 0
 

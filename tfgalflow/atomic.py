@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Iterator
+
+import numpy as np
 
 
 @contextlib.contextmanager
@@ -66,6 +70,28 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def json_ready(value: Any, nonfinite_as_null: bool = True) -> Any:
+    """A JSON-able copy of ``value``: mappings to dicts with string keys, NumPy arrays, tuples and
+    lists to lists, NumPy scalars to Python bools, ints and floats; anything else as it is.
+
+    ``nonfinite_as_null``: NaN and ±inf become None (null), so the file is strict JSON (RFC 8259
+    has no NaN); False keeps them (Python's json writes them as NaN / Infinity).
+    """
+    if isinstance(value, Mapping):
+        return {str(k): json_ready(v, nonfinite_as_null) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return json_ready(value.tolist(), nonfinite_as_null)
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v, nonfinite_as_null) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) or not nonfinite_as_null else None
+    return value
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 from scipy import spatial, special, stats
 
+from .atomic import json_ready
 from .errors import InputError
 from .validation import finite_matrix, integer, one_of, positive_number
 from .validation import seed as check_seed
@@ -84,7 +85,7 @@ class TestResult:
         """Plain Python types only (NumPy scalars and arrays converted), for ``json.dump``."""
         return {"name": self.name, "statistic": float(self.statistic),
                 "p_value": float(self.p_value), "dof": None if self.dof is None else int(self.dof),
-                "extra": _plain(self.extra)}
+                "extra": json_ready(self.extra, nonfinite_as_null=False)}
 
 
 # ---- chi^2 on raw counts ------------------------------------------------------------------------
@@ -589,16 +590,3 @@ def _pair(a: Any, b: Any, minimum: int = 1) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
-def _plain(value: Any) -> Any:
-    """``value`` with NumPy scalars/arrays and tuples turned into Python floats, ints and lists."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [_plain(v) for v in value]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value)
-    return value

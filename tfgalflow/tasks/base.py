@@ -34,7 +34,7 @@ from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
-from ..atomic import write_json
+from ..atomic import json_ready, write_json
 from ..config_fields import check_keys, coerce_fields, evaluation_only_fields, field_help, option
 from ..errors import FileError, InputError
 
@@ -239,23 +239,6 @@ def get_task(
 # ---- running a task -----------------------------------------------------------------------------
 
 
-def _plain(value: Any) -> Any:
-    """JSON-able copy: NumPy scalars/arrays to Python, non-finite floats to None."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, np.ndarray):
-        return _plain(value.tolist())
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, (np.bool_, bool)):
-        return bool(value)
-    if isinstance(value, (np.integer, int)):
-        return int(value)
-    if isinstance(value, (np.floating, float)):
-        return float(value) if math.isfinite(value) else None
-    return value
-
-
 def _check_task_file(out: Path, settings: dict, evaluation_only: frozenset[str] = frozenset()
                      ) -> None:
     """Write OUT/task.json, or check that an existing one records the same settings.
@@ -361,6 +344,6 @@ def run_task(
         "outlying_members": outlying_members(run_dir),
     }
     report["figures"] = task.figures(report, model, out)
-    report = _plain(report)
+    report = json_ready(report)
     write_json(out / REPORT_FILE, report)
     return report

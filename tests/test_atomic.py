@@ -1,0 +1,35 @@
+"""Atomic writes leave the old file or the new one, never a partial one; JSON-ready copies."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from tfgalflow.atomic import atomic_file, json_ready, write_json
+
+
+def test_failed_write_keeps_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "report.json"
+    write_json(path, {"a": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_file(path) as tmp:
+            tmp.write_text('{"a": 2, "half')
+            raise RuntimeError("killed mid-write")
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_json_ready_round_trips_numpy_values():
+    value = {1: np.float32(0.5), "x": np.arange(3), "t": (np.int64(2), np.bool_(True)),
+             "nested": {"nan": np.nan, "inf": -np.inf, "s": "text"}}
+    strict = json_ready(value)
+    # strict JSON: NaN and ±inf become null, so allow_nan=False must not raise
+    text = json.dumps(strict, allow_nan=False)
+    assert json.loads(text) == {"1": 0.5, "x": [0, 1, 2], "t": [2, True],
+                                "nested": {"nan": None, "inf": None, "s": "text"}}
+    assert type(strict["t"][1]) is bool and type(strict["x"][0]) is int
+    kept = json_ready(value, nonfinite_as_null=False)["nested"]
+    assert math.isnan(kept["nan"]) and kept["inf"] == -math.inf
