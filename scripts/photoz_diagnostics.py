@@ -17,11 +17,14 @@ Gaussians whose weights, means and log-widths (clipped to [-7, 3] in standardise
 same conditioner (``--hidden``, ``--activation``) on the standardised features, trained by Adam
 with the same batch, learning rate (cosine decay), clipping, validation split and epochs, keeping
 the best validation epoch. It is a baseline for the flows, not a package model. ``--rescore``
-scores an entry's saved flow again (new metrics on an old run) instead of training. Usage:
+scores an entry's saved flow again (new metrics on an old run) instead of training. Every entry
+saves its posteriors in its cache directory, and ``--mix TAG,TAG,...`` scores the equal-weight
+mixture of several entries' posteriors (an ensemble, of flows, MDNs or both) as a new entry. Usage:
 
     PYTHONPATH=. python scripts/photoz_diagnostics.py --tag base --n-train 50000 --epochs 30
     PYTHONPATH=. python scripts/photoz_diagnostics.py --tag mdn_k8 --model mdn --components 8 \
         --n-train 200000 --epochs 60 --activation gelu --batch 256 --lr 3e-3 --clip-norm 5
+    PYTHONPATH=. python scripts/photoz_diagnostics.py --tag mix --mix c0_e60_clip5,mdn_k8_e60_clip5
 """
 from __future__ import annotations
 
@@ -34,11 +37,12 @@ from pathlib import Path
 import numpy as np
 
 from tfgalflow import photoz, posterior
-from tfgalflow.atomic import write_json
+from tfgalflow.atomic import atomic_file, write_json
 
 OUT = Path("studies/photoz")
 CACHE = OUT / "cache"
 GRID = posterior.parse_grid("0:3:0.005")
+POSTERIOR = "posterior.npy"         # each entry's [n_eval, G] posteriors, in its cache dir
 
 
 def main() -> None:
@@ -72,6 +76,9 @@ def main() -> None:
     parser.add_argument("--components", type=int, default=8, help="Gaussians of --model mdn")
     parser.add_argument("--rescore", action="store_true",
                         help="score the entry's saved flow again instead of training")
+    parser.add_argument("--mix", metavar="TAG,TAG,...",
+                        help="score the equal-weight mixture of these entries' saved posteriors "
+                             "(an ensemble of flows and MDNs) as entry --tag")
     args = parser.parse_args()
     CACHE.mkdir(parents=True, exist_ok=True)
     sim = photoz.PhotoZ()
@@ -92,7 +99,15 @@ def main() -> None:
         return json.loads(report_path.read_text()) if report_path.exists() else {}
 
     features_eval = sim.features(d["xt"][:args.n_eval]).astype(np.float32)
-    if args.rescore:
+    if args.mix:
+        tags = args.mix.split(",")
+        missing = [t for t in tags if not (CACHE / f"diag_{t}" / POSTERIOR).exists()]
+        if len(tags) < 2 or missing:
+            parser.error(f"--mix: needs two or more entries with saved posteriors "
+                         f"(missing: {missing})")
+        post = np.mean([np.load(CACHE / f"diag_{t}" / POSTERIOR) for t in tags], axis=0)
+        entry = {"settings": vars(args), "mixture_of": tags, **scores(post, exact, zt)}
+    elif args.rescore:
         from tfgalflow.training import load_run
         if args.tag not in read_report() or not (run_dir / "config.json").exists():
             parser.error(f"--rescore: no entry {args.tag!r} with a saved flow in {run_dir}")
@@ -113,6 +128,10 @@ def main() -> None:
             post = posterior.posterior_grid(flow, features_eval, GRID)
             settings = {**vars(args), "train_config": config.to_dict()}
         entry = {"settings": settings, "seconds": seconds, **trained, **scores(post, exact, zt)}
+    if not args.mix:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_file(run_dir / POSTERIOR, suffix=".npy") as tmp:
+            np.save(tmp, post.astype(np.float32))
     report = read_report()
     report[args.tag] = entry
     write_json(report_path, report)
