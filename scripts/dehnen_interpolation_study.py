@@ -14,7 +14,9 @@ and accelerations.png, beta.png, labels.png into --out; runs/ (the trained flow)
 """
 import argparse
 import json
+import sys
 
+from tfgalflow.errors import TfgalflowError
 from tfgalflow.interpolation_study import InterpolationConfig, run_interpolation_study
 
 
@@ -28,13 +30,17 @@ def main() -> None:
         p.add_argument("--" + name.replace("_", "-"), dest=name, help=f"{text} ({kind})")
     args = p.parse_args()
     base = InterpolationConfig()
-    if args.config:
-        with open(args.config) as fh:
-            base = InterpolationConfig.from_dict(json.load(fh))
-    overrides = {name: getattr(args, name) for name in InterpolationConfig.field_help()
-                 if getattr(args, name) is not None}
-    report = run_interpolation_study(base.with_overrides(**overrides), args.out,
-                                     verbose=args.verbose)
+    try:
+        if args.config:
+            with open(args.config) as fh:
+                base = InterpolationConfig.from_dict(json.load(fh))
+        overrides = {name: getattr(args, name) for name in InterpolationConfig.field_help()
+                     if getattr(args, name) is not None}
+        report = run_interpolation_study(base.with_overrides(**overrides), args.out,
+                                         verbose=args.verbose)
+    except (TfgalflowError, OSError, json.JSONDecodeError) as exc:
+        print(f"dehnen_interpolation_study.py: {exc}", file=sys.stderr)   # one line, no traceback
+        sys.exit(2)
     print(json.dumps({k: report[k] for k in ("targets", "measured", "verdict")}, indent=1))
 
 

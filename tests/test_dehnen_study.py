@@ -174,6 +174,19 @@ def test_tiny_pipeline_end_to_end(tmp_path):
                                    verbose=0)["measured"] == report["measured"]
     with pytest.raises(InputError, match="another config"):
         run_interpolation_study(config.with_overrides(seed=1), tmp_path, log=lines.append)
+    # only an evaluation setting changed: the trained flow is loaded (its weights untouched) and
+    # every label measured again, none from the old cache
+    weights = sorted((tmp_path / "runs").glob("**/final/*.index"))
+    stamps = [w.stat().st_mtime_ns for w in weights]
+    finer = config.with_overrides(n_directions=config.n_directions + 1)
+    lines.clear()
+    remeasured = run_interpolation_study(finer, tmp_path, log=lines.append, verbose=0)
+    assert weights and [w.stat().st_mtime_ns for w in weights] == stamps
+    assert not any("cached" in line for line in lines)
+    assert any("measured again" in line for line in lines)
+    assert remeasured["config"]["n_directions"] == config.n_directions + 1
+    assert json.loads((tmp_path / "study_config.json").read_text())["n_directions"] == (
+        config.n_directions + 1)
 
     # the KL split over shells uses the study's own exact stars: each total is the report's KL
     # (two wide shells and 2·10^4 flow samples, so even this barely trained flow fills both)

@@ -35,8 +35,10 @@ anisotropy, labels c = (γ, a/r_a), model units G = M = a = 1), so every number 
 
 Resumable: ``runs/flow/`` is continued with :func:`tfgalflow.training.resume` (finished members are
 loaded) and each label's evaluation is cached in ``cache/<label>.json``; re-running into the same
-directory with the same config only redoes what is missing. A directory holding another config is
-refused (InputError), so cached numbers never mix settings.
+directory with the same config only redoes what is missing. Changing only evaluation settings (the
+fields declared ``evaluation_only``: held-out labels, positions, velocities, rotations, sample
+sizes) measures the trained flow again (the cached evaluations are dropped); a directory trained
+with another config is refused (InputError), so cached numbers never mix settings.
 
 References: Dehnen 1993, MNRAS 265, 250; Osipkov 1979; Merritt 1985, AJ 90, 1027; An, Naik, Evans
 & Burrage 2021, MNRAS 506, 5721 (the CBE method).
@@ -47,6 +49,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +58,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from .atomic import atomic_file, write_json
-from .config_fields import check_keys, coerce_fields, field_help, option
+from .config_fields import (check_keys, coerce_fields, evaluation_only_fields, field_help,
+                            option)
 from .errors import InputError
 
 #: The issue's targets (report.json "targets"; compared with the measured numbers in "verdict").
@@ -84,9 +88,10 @@ class InterpolationConfig:
     gammas: tuple = option((0.5, 1.0, 1.5), "inner slopes γ of the training grid", "floats")
     ra_inverses: tuple = option((0.0, 0.5, 1.0), "a/r_a values of the training grid", "floats")
     held_out: tuple = option(((0.75, 0.25), (1.25, 0.75)),
-                             "held-out labels γ:a/r_a inside the grid, never trained on", "pairs")
+                             "held-out labels γ:a/r_a inside the grid, never trained on", "pairs",
+                             evaluation_only=True)
     far_label: tuple = option((2.5, 0.0), "a label far outside the grid, probed for the report "
-                                          "(γ,a/r_a)", "floats")
+                                          "(γ,a/r_a)", "floats", evaluation_only=True)
     n_per_node: int = option(40_000, "stars per grid node", "int")
     star_r_max: float = option(100.0, "stars beyond this radius are cut (units of a)", "float")
     layers: int = option(6, "autoregressive layers of the flow", "int")
@@ -109,17 +114,23 @@ class InterpolationConfig:
         "s = a / star_r_max spreads the a/r_a scales the stars can see", "float")
     coordinates: str = option("cartesian", "what the flow learns: 'cartesian' (x, v) or "
                               "'spherical' (r, v_r, v_t; TrainConfig.coordinates)", "str")
-    n_radii: int = option(16, "radii log-spaced in [r_min, r_max]", "int")
-    n_directions: int = option(2, "random directions per radius", "int")
-    r_min: float = option(0.1, "smallest evaluation radius (units of a)", "float")
-    r_max: float = option(10.0, "largest evaluation radius (units of a)", "float")
-    n_velocities: int = option(256, "velocities K per position of the CBE solve", "int")
-    rotations: int = option(32, "rotations M of the spherical average (0: off)", "int")
+    n_radii: int = option(16, "radii log-spaced in [r_min, r_max]", "int", evaluation_only=True)
+    n_directions: int = option(2, "random directions per radius", "int", evaluation_only=True)
+    r_min: float = option(0.1, "smallest evaluation radius (units of a)", "float",
+                          evaluation_only=True)
+    r_max: float = option(10.0, "largest evaluation radius (units of a)", "float",
+                          evaluation_only=True)
+    n_velocities: int = option(256, "velocities K per position of the CBE solve", "int",
+                               evaluation_only=True)
+    rotations: int = option(32, "rotations M of the spherical average (0: off)", "int",
+                            evaluation_only=True)
     summary_range: tuple = option((0.2, 5.0), "radius range of the medians (units of a)",
-                                  "floats")
-    n_test: int = option(20_000, "exact stars per label for the KL estimate", "int")
-    n_beta: int = option(20_000, "flow samples per label for β(r)", "int")
-    beta_bins: int = option(8, "radial bins of β(r), log-spaced in [r_min, r_max]", "int")
+                                  "floats", evaluation_only=True)
+    n_test: int = option(20_000, "exact stars per label for the KL estimate", "int",
+                         evaluation_only=True)
+    n_beta: int = option(20_000, "flow samples per label for β(r)", "int", evaluation_only=True)
+    beta_bins: int = option(8, "radial bins of β(r), log-spaced in [r_min, r_max]", "int",
+                            evaluation_only=True)
     seed: int = option(0, "seed of mocks, training, positions and rotations", "int")
 
     def __post_init__(self) -> None:
@@ -536,11 +547,19 @@ def run_interpolation_study(config: InterpolationConfig, out_dir: str | os.PathL
     if config_path.exists():
         # fields added since that study ran take their defaults (what it ran with)
         previous = InterpolationConfig.from_dict(json.loads(config_path.read_text())).to_dict()
-        if previous != config.to_dict():
-            changed = sorted(k for k in set(previous) | set(config.to_dict())
-                             if previous.get(k) != config.to_dict().get(k))
-            raise InputError(f"{out} holds a study with another config (fields {changed} "
-                             f"differ); use a new --out or the same settings")
+        changed = sorted(k for k in set(previous) | set(config.to_dict())
+                         if previous.get(k) != config.to_dict().get(k))
+        evaluation = evaluation_only_fields(InterpolationConfig)
+        training = [k for k in changed if k not in evaluation]
+        if training:
+            raise InputError(f"{out} holds a study with another config (fields {training} "
+                             f"differ); use a new --out or the same settings (only the "
+                             f"evaluation settings {sorted(evaluation)} may change)")
+        if changed:
+            # the cached evaluations were measured with the old settings: drop them before the
+            # new config is recorded, so a kill in between never pairs old numbers with it
+            log(f"evaluation settings {changed} changed: the trained flow is measured again")
+            shutil.rmtree(out / "cache", ignore_errors=True)
     write_json(config_path, config.to_dict())
     (out / ".gitignore").write_text("runs/\ncache/\n")
 
