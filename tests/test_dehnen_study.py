@@ -204,3 +204,22 @@ def test_tiny_pipeline_end_to_end(tmp_path):
         radial_kl_report(tmp_path, extra_labels=[config.held_out[0]], log=lines.append)
     with pytest.raises(InputError, match="no trained study"):
         radial_kl_report(tmp_path / "nothing", log=lines.append)
+
+
+def test_evaluation_only_settings_leave_the_training_untouched():
+    # a study re-measures its trained flows when only these fields change, so none of them may
+    # reach the training: not its TrainConfig, not its stars (grid and per-node count and cut)
+    from tfgalflow.config_fields import evaluation_only_fields
+
+    base = InterpolationConfig.tiny()
+    changed = {"held_out": ((0.9, 0.3),), "far_label": (2.0, 0.0), "n_radii": 5,
+               "n_directions": 3, "r_min": 0.2, "r_max": 8.0, "n_velocities": 64,
+               "rotations": 4, "summary_range": (0.3, 4.0), "n_test": 500, "n_beta": 700,
+               "beta_bins": 5}
+    assert set(changed) == evaluation_only_fields(InterpolationConfig)
+    for name, value in changed.items():
+        other = base.with_overrides(**{name: value})
+        assert getattr(other, name) != getattr(base, name)
+        assert other.train_config() == base.train_config(), name
+        assert (other.grid_labels, other.n_per_node, other.star_r_max, other.seed) == (
+            base.grid_labels, base.n_per_node, base.star_r_max, base.seed), name
