@@ -109,10 +109,11 @@ def main() -> None:
         entry = {"settings": vars(args), "mixture_of": tags, **scores(post, exact, zt)}
     elif args.rescore:
         from tfgalflow.training import load_run
-        if args.tag not in read_report() or not (run_dir / "config.json").exists():
+        old = read_report().get(args.tag)
+        if old is None or not (run_dir / "config.json").exists():
             parser.error(f"--rescore: no entry {args.tag!r} with a saved flow in {run_dir}")
         post = posterior.posterior_grid(load_run(run_dir), features_eval, GRID)
-        entry = {**read_report()[args.tag], **scores(post, exact, zt)}
+        entry = {**old, **scores(post, exact, zt)}
     else:
         z_train, x_train = training_set(args, sim, d)
         labels = sim.features(x_train).astype(np.float32)
@@ -177,7 +178,7 @@ def train_flow(z: np.ndarray, labels: np.ndarray, args: argparse.Namespace, run_
         val = np.atleast_1d(rows["val_loss"])
         epochs_run.append(int(np.atleast_1d(rows["epoch"]).max()))     # 1-based epochs
         best_val.append(float(np.nanmin(val)))
-        val_curve.append([round(float(v), 4) for v in val[::max(1, val.size // 10)]])
+        val_curve.append(every_tenth(val))
     return flow, {"epochs_run": epochs_run, "best_val_loss": best_val,
                   "val_loss_every_tenth": val_curve}, config
 
@@ -261,8 +262,12 @@ def train_mdn(z: np.ndarray, labels: np.ndarray, args: argparse.Namespace):
         return np.concatenate(rows) - np.log(z_std)
 
     return log_density, {"epochs_run": [len(curve)], "best_val_loss": [float(best)],
-                         "val_loss_every_tenth": [[round(float(v), 4)
-                                                   for v in curve[::max(1, len(curve) // 10)]]]}
+                         "val_loss_every_tenth": [every_tenth(curve)]}
+
+
+def every_tenth(losses) -> list[float]:
+    """About ten of a validation-loss curve's values, evenly spaced, rounded to 1e-4 nat."""
+    return [round(float(v), 4) for v in losses[::max(1, len(losses) // 10)]]
 
 
 def scores(post: np.ndarray, exact: np.ndarray, zt: np.ndarray) -> dict:

@@ -547,8 +547,9 @@ def run_interpolation_study(config: InterpolationConfig, out_dir: str | os.PathL
     if config_path.exists():
         # fields added since that study ran take their defaults (what it ran with)
         previous = InterpolationConfig.from_dict(json.loads(config_path.read_text())).to_dict()
-        changed = sorted(k for k in set(previous) | set(config.to_dict())
-                         if previous.get(k) != config.to_dict().get(k))
+        current = config.to_dict()
+        changed = sorted(k for k in set(previous) | set(current)
+                         if previous.get(k) != current.get(k))
         evaluation = evaluation_only_fields(InterpolationConfig)
         training = [k for k in changed if k not in evaluation]
         if training:
