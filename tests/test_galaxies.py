@@ -223,6 +223,10 @@ def test_task_protocol_and_exact_model():
     # stars and every summary agrees to the float32 rounding of the stars the model sees
     for key in ("half_mass_radius", "sigma_v", "feh_gradient"):
         assert row["relative_error"][key] < 1e-6
+        # the same agreement in the summary's own unit: |S_q - S_p| = |S_p| x relative error
+        assert abs(row["absolute_error"][key]) <= 1e-6 * abs(row["true_summaries"][key]) + 1e-12
+    summary = metrics["summary"]
+    assert summary["feh_gradient_absolute_max"] == abs(row["absolute_error"]["feh_gradient"])
     assert row["importance_ess_fraction"] > 1 - 1e-6
     # the perfect sampler agrees with the paired figure within its noise (a 4-sigma bound)
     assert metrics["summary"]["sampled_vs_paired_max_z"] < 4.0

@@ -374,6 +374,10 @@ class GalaxyPopulation(Task):
                 "relative_error": {key: abs(v) for key, v in signed.items()},
                 "relative_error_stderr": rel_se,
                 "relative_error_signed": signed,
+                # S_q - S_p in each summary's unit (kpc, km/s, dex/kpc): a relative error of a
+                # near-zero summary (a gradient diluted by a large bulge) says little alone
+                "absolute_error": {key: paired.summaries[key] - s_true[key]
+                                   for key in SUMMARY_KEYS},
                 "relative_error_sampled": {key: abs(v) for key, v in sampled.items()},
                 "relative_error_sampled_stderr": sampled_se,
                 "sampled_vs_paired_z": {key: (sampled[key] - signed[key]) / math.hypot(
@@ -475,6 +479,7 @@ def _summary(rows: list[dict]) -> dict:
         out[f"{key}_mean"], out[f"{key}_max"] = float(values.mean()), float(values.max())
         out[f"{key}_stderr_max"] = max(r["relative_error_stderr"][key] for r in rows)
         out[f"{key}_sampled_max"] = max(r["relative_error_sampled"][key] for r in rows)
+        out[f"{key}_absolute_max"] = max(abs(r["absolute_error"][key]) for r in rows)
     # the flow's sampler and its density describe one distribution: the sampled and the paired
     # relative errors must agree within their noise (|z| of a few at most)
     out["sampled_vs_paired_max_z"] = max(abs(z) for r in rows
