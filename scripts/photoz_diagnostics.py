@@ -25,6 +25,9 @@ mixture of several entries' posteriors (an ensemble, of flows, MDNs or both) as 
     PYTHONPATH=. python scripts/photoz_diagnostics.py --tag mdn_k8 --model mdn --components 8 \
         --n-train 200000 --epochs 60 --activation gelu --batch 256 --lr 3e-3 --clip-norm 5
     PYTHONPATH=. python scripts/photoz_diagnostics.py --tag mix --mix c0_e60_clip5,mdn_k8_e60_clip5
+    PYTHONPATH=. python scripts/photoz_diagnostics.py --tag res --model mdn --blocks 4 \
+        --hidden 256 --n-train 1000000 --epochs 30 --activation gelu --batch 256 --lr 3e-3 \
+        --clip-norm 5                   # a residual conditioner on 10^6 new galaxies
 """
 from __future__ import annotations
 
@@ -74,6 +77,13 @@ def main() -> None:
                         help="a spline flow (the package's) or the mixture density network "
                              "baseline")
     parser.add_argument("--components", type=int, default=8, help="Gaussians of --model mdn")
+    parser.add_argument("--blocks", type=int, default=0,
+                        help="--model mdn: a residual conditioner of this many pre-norm blocks "
+                             "(LayerNorm, Dense, activation, Dense, added back) of the first "
+                             "--hidden width, instead of the plain --hidden stack")
+    parser.add_argument("--snr-features", action="store_true",
+                        help="append the 10 signal-to-noise ratios F_b / σ_b to the 20 features "
+                             "(a redundant, derived input)")
     parser.add_argument("--rescore", action="store_true",
                         help="score the entry's saved flow again instead of training")
     parser.add_argument("--mix", metavar="TAG,TAG,...",
@@ -98,7 +108,7 @@ def main() -> None:
     def read_report() -> dict:          # read late: other diagnostics may finish meanwhile
         return json.loads(report_path.read_text()) if report_path.exists() else {}
 
-    features_eval = sim.features(d["xt"][:args.n_eval]).astype(np.float32)
+    features_eval = conditioning(sim, d["xt"][:args.n_eval], args)
     if args.mix:
         tags = args.mix.split(",")
         missing = [t for t in tags if not (CACHE / f"diag_{t}" / POSTERIOR).exists()]
@@ -116,7 +126,7 @@ def main() -> None:
         entry = {**old, **scores(post, exact, zt)}
     else:
         z_train, x_train = training_set(args, sim, d)
-        labels = sim.features(x_train).astype(np.float32)
+        labels = conditioning(sim, x_train, args)
         t = time.time()
         if args.model == "mdn":
             log_density, trained = train_mdn(z_train.astype(np.float32), labels, args)
@@ -137,6 +147,17 @@ def main() -> None:
     report[args.tag] = entry
     write_json(report_path, report)
     print(json.dumps({k: v for k, v in entry.items() if k != "settings"}))
+
+
+def conditioning(sim: photoz.PhotoZ, inputs: np.ndarray, args: argparse.Namespace
+                 ) -> np.ndarray:
+    """The models' conditioning features [N, 20] (asinh magnitudes, ln errors) of inputs [N, 20],
+    with ``--snr-features`` also the signal-to-noise ratios F_b / σ_b [N, 30]."""
+    features = sim.features(inputs)
+    if args.snr_features:
+        n = photoz.N_BANDS
+        features = np.concatenate([features, inputs[:, :n] / inputs[:, n:]], axis=1)
+    return features.astype(np.float32)
 
 
 def training_set(args: argparse.Namespace, sim: photoz.PhotoZ, d: dict
@@ -205,9 +226,18 @@ def train_mdn(z: np.ndarray, labels: np.ndarray, args: argparse.Namespace):
     u = ((z - z_mean) / z_std).astype(np.float32)
     keras.utils.set_random_seed(args.seed)
     inputs = keras.Input((labels.shape[1],))
-    h = inputs
-    for width in (int(w) for w in args.hidden.split(",")):
-        h = keras.layers.Dense(width, activation=args.activation)(h)
+    widths = [int(w) for w in args.hidden.split(",")]
+    if args.blocks:                     # pre-norm residual MLP (He et al. 2016; Xiong et al. 2020)
+        h = keras.layers.Dense(widths[0])(inputs)
+        for _ in range(args.blocks):
+            r = keras.layers.LayerNormalization()(h)
+            r = keras.layers.Dense(widths[0], activation=args.activation)(r)
+            h = keras.layers.Add()([h, keras.layers.Dense(widths[0])(r)])
+        h = keras.layers.Activation(args.activation)(keras.layers.LayerNormalization()(h))
+    else:
+        h = inputs
+        for width in widths:
+            h = keras.layers.Dense(width, activation=args.activation)(h)
     net = keras.Model(inputs, keras.layers.Dense(3 * args.components)(h))
     log_2pi = float(np.log(2.0 * np.pi))
 
