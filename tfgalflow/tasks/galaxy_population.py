@@ -296,9 +296,10 @@ class GalaxyPopulation(Task):
         global norm of 10 (without it, first-epoch blow-ups left some members tens of nats per
         star behind, most often with the latent label columns). With the latent columns
         (``noise_labels``) the group lasso on each label column's weights is on
-        (``label_lasso = 0.1``): without it the flow identifies each of the few training galaxies
-        by its latents and its held-out error grew several-fold; with the physical labels alone it
-        is off, as it costs their fidelity (README, "Star catalogues ...").
+        (``label_lasso = 0.03``): without it the flow identifies each of the few training galaxies
+        by its latents and its held-out error grew several-fold; 0.1 drops them as well but costs
+        the physical labels' fidelity (half-mass radius, [Fe/H] gradient), and with the physical
+        labels alone it is off (README, "Star catalogues ...").
         """
         from ..training import TrainConfig
 
@@ -306,7 +307,7 @@ class GalaxyPopulation(Task):
                            coordinates="cylindrical", log_columns=(7,), members=4, epochs=30,
                            batch_size=2048, lr=1e-3, lr_schedule="cosine", clip_norm=10.0,
                            validation_split=0.05, patience=0, checkpoint_every=5,
-                           label_lasso=0.1 if self.config.noise_labels else 0.0)
+                           label_lasso=0.03 if self.config.noise_labels else 0.0)
 
     # -- evaluation -------------------------------------------------------------------------------
     def evaluate(self, model: Any) -> dict:
