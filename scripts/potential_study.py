@@ -204,7 +204,8 @@ def member_groups(flow, args: argparse.Namespace, cfg: PotentialConfig, data: np
     fit of the acceleration rms over 0.4a-20a to rms(K)^2 = A^2 + B^2 / K (errors shared by all
     members, A, and independent ones, B/sqrt(K); least squares in rms^2 over every group).
 
-    Returns {"groups": {"<K>_<g>": summary}, "shared_A": A, "independent_B": B}.
+    Returns {"groups": {"<K>_<g>": summary}, "shared_A": A, "independent_B": B,
+    "power_law_alpha": alpha, "power_law_members_for_1pct": K at which c K^-alpha = 1 %}.
     """
     from tfgalflow.model import Ensemble
     members = list(getattr(flow, "members", None) or [flow])
