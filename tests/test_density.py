@@ -39,9 +39,10 @@ def _gaussian_data(n: int, dim: int, seed: int) -> np.ndarray:
     return rng.normal(size=(n, dim)) @ a.T + np.arange(dim)
 
 
-def _flow(dim: int, label_dim: int = 0, seed: int = 0, isotropic: bool = False) -> Flow:
+def _flow(dim: int, label_dim: int = 0, seed: int = 0, isotropic: bool = False,
+          context_blocks: int = 0) -> Flow:
     """A small flow adapted (not trained) to correlated Gaussian data (or N(0, I) data): any
-    density is a fair test case."""
+    density is a fair test case (``context_blocks`` > 0: the labels through a context network)."""
     x = (
         np.random.default_rng(seed).normal(size=(2000, dim))
         if isotropic
@@ -56,7 +57,8 @@ def _flow(dim: int, label_dim: int = 0, seed: int = 0, isotropic: bool = False) 
     # are not).
     return Flow(
         FlowConfig(
-            dim=dim, label_dim=label_dim, layers=2, hidden=(16, 16), activation="tanh", seed=seed
+            dim=dim, label_dim=label_dim, layers=2, hidden=(16, 16), activation="tanh", seed=seed,
+            context_blocks=context_blocks, context_width=16,
         )
     ).adapt(x + (labels[:, :1] if label_dim else 0), labels)
 
@@ -141,6 +143,11 @@ CASES = [
         "conditional flow",
         lambda: _flow(2, label_dim=1, seed=3),
         labels=np.array([0.4], np.float32),
+    ),
+    Case(
+        "flow with a context network",
+        lambda: _flow(2, label_dim=2, seed=11, context_blocks=2),
+        labels=np.array([0.4, -0.6], np.float32),
     ),
     Case(
         "conditionally rescaled flow",

@@ -106,6 +106,12 @@ class FlowConfig:
             standardised labels (fitted by least squares in ``Flow.adapt``), so the chain learns
             what is left once a label-dependent location and scale are removed (for conditional
             flows; see :class:`tfgalflow.model.Flow`).
+        context_blocks: K > 0 gives the flow a context network
+            (:class:`tfgalflow.context.ContextNetwork`): K pre-norm residual blocks that encode
+            the standardised labels into a context of width ``context_width``, which every MADE
+            takes as its conditional input instead of the labels (for many labels with a
+            complicated effect on p(x | c)); 0 (default): the labels enter the MADEs directly.
+        context_width: W, the width of the context network (used when ``context_blocks`` > 0).
     """
 
     dim: int
@@ -123,12 +129,15 @@ class FlowConfig:
     conditional_rescaling: bool = False
     upper_bounds: tuple = ()
     label_asinh: tuple = ()
+    context_blocks: int = 0
+    context_width: int = 256
 
     def __post_init__(self) -> None:
         def bad(field: str, value: Any, expected: str) -> InputError:
             return InputError(f"FlowConfig.{field} = {value!r}: expected {expected}")
 
-        for field, low in (("dim", 1), ("label_dim", 0), ("layers", 1), ("bins", 2), ("seed", 0)):
+        for field, low in (("dim", 1), ("label_dim", 0), ("layers", 1), ("bins", 2), ("seed", 0),
+                           ("context_blocks", 0), ("context_width", 1)):
             value = getattr(self, field)
             if not _is_int(value) or value < low:
                 raise bad(field, value, f"an integer >= {low}")
@@ -209,6 +218,16 @@ class FlowConfig:
         if self.conditional_rescaling and self.label_dim == 0:
             raise bad("conditional_rescaling", True, "False for an unconditional flow "
                       "(label_dim = 0): there are no labels to rescale with")
+        if self.context_blocks and self.label_dim == 0:
+            raise bad("context_blocks", self.context_blocks, "0 for an unconditional flow "
+                      "(label_dim = 0): there are no labels to encode")
+
+    @property
+    def context_dim(self) -> int:
+        """Width of the MADEs' conditional input: ``context_width`` with a context network,
+        else ``label_dim``.
+        """
+        return self.context_width if self.context_blocks else self.label_dim
 
     @property
     def params_per_dim(self) -> int:
@@ -519,7 +538,9 @@ def build_bijector(config: FlowConfig) -> tfb.Chain:
 
     Forward maps latent z ~ N(0, I_D) to rescaled data y; inverse is the one-pass density
     direction. Conditional flows take ``bijector_kwargs={name: {"conditional_input": c} for name in
-    layer_names(config)}`` with c: [N, label_dim] (standardised labels). Weights are a
+    layer_names(config)}`` with c: [N, config.context_dim] (the standardised labels, or their
+    context h from :class:`tfgalflow.context.ContextNetwork` when ``context_blocks`` > 0, which
+    ``tfgalflow.model.Flow`` owns and applies). Weights are a
     deterministic function of ``config.seed``; the MADE variables are created on the first call
     (``tfgalflow.model.Flow`` builds them at once).
 
@@ -535,7 +556,7 @@ def build_bijector(config: FlowConfig) -> tfb.Chain:
     bijectors = []   # forward order; reversed into tfb.Chain below
     for i, name in enumerate(layer_names(config)):
         cond_kw = (
-            dict(conditional=True, conditional_event_shape=[config.label_dim])
+            dict(conditional=True, conditional_event_shape=[config.context_dim])
             if conditional
             else {}
         )

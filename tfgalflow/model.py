@@ -42,6 +42,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
+from .context import ContextNetwork
 from .density import Density, as_float32, shape_of, validate_inputs
 from .errors import InputError
 from .flows import (
@@ -129,6 +130,10 @@ class Flow(Density, keras.Model):
         super().__init__(**kwargs)
         self._flow_config = config
         self.bijector = build_bijector(config)
+        # labels -> context h [N, W] that conditions every MADE (None: the labels themselves)
+        self.context = (ContextNetwork(config.label_dim, config.context_width,
+                                       config.context_blocks, config.activation, config.seed)
+                        if config.context_blocks else None)
         self._layer_names = layer_names(config)
         dim, label_dim = config.dim, config.label_dim
         self._log_mask = tf.constant([j in config.log_columns for j in range(dim)], tf.bool)
@@ -435,6 +440,8 @@ class Flow(Density, keras.Model):
         if not self.label_dim:
             return {}
         c_std = self._standardised_labels(c)
+        if self.context is not None:
+            c_std = self.context(c_std)
         return {name: {"conditional_input": c_std} for name in self._layer_names}
 
     def _standardised_labels(self, c: tf.Tensor) -> tf.Tensor:
@@ -705,8 +712,9 @@ class Flow(Density, keras.Model):
         """Train with the group-lasso penalty λ Σ_j ‖V_{j·}‖₂ added to the loss (nats per point).
 
         V_{j·} gathers every weight through which label column j reaches the flow: row j of each
-        MADE's label kernel (:func:`tfgalflow.flows.label_kernels`), in the standardised labels,
-        so the columns are penalised on one scale. The penalty is a sum of unsquared group norms,
+        MADE's label kernel (:func:`tfgalflow.flows.label_kernels`), or with a context network
+        row j of its input kernel (:attr:`tfgalflow.context.ContextNetwork.label_kernel`, the
+        only weights that read the labels), in the standardised labels, so the columns are penalised on one scale. The penalty is a sum of unsquared group norms,
         so it drives whole groups to zero (Yuan & Lin 2006, J. R. Stat. Soc. B 68, 49): a label
         column whose weights buy less than λ of likelihood per unit norm is dropped and p(x | c)
         stops depending on it. This is how a conditional flow trained on few objects with many
@@ -730,7 +738,8 @@ class Flow(Density, keras.Model):
         return self._label_group_norms().numpy()
 
     def _label_group_norms(self) -> tf.Tensor:
-        kernels = label_kernels(self.bijector)
+        kernels = ([self.context.label_kernel] if self.context is not None
+                   else label_kernels(self.bijector))
         if not kernels:
             return tf.zeros([self.label_dim])
         squares = tf.add_n([tf.reduce_sum(tf.square(v), axis=1) for v in kernels])

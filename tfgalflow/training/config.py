@@ -45,6 +45,11 @@ class TrainConfig:
     layers: int = option(8, "autoregressive layers L of the flow", "int")
     hidden: tuple = option((64, 64), "hidden widths of each MADE network, e.g. 64,64", "ints")
     activation: str = option("relu", "hidden activation of the MADE networks", "str")
+    context_blocks: int = option(
+        0, "residual blocks of a context network that encodes the labels for every MADE "
+        "(tfgalflow.context; 0: the labels enter the MADEs directly)", "int")
+    context_width: int = option(256, "width of the context network (with context_blocks > 0)",
+                                "int")
     kind: str = option("affine", "'affine' (MAF) or 'spline' (rational-quadratic spline MAF)",
                        "str")
     bins: int = option(8, "spline bins K (kind='spline')", "int")
@@ -173,7 +178,8 @@ class TrainConfig:
         for name, low in (("layers", 1), ("bins", 2), ("epochs", 1), ("batch_size", 1),
                           ("patience", 0), ("checkpoint_every", 0), ("keep_checkpoints", 0),
                           ("seed", 0), ("members", 1), ("adapt_samples", 2),
-                          ("steps_per_call", 1), ("noise_samples", 1), ("noise_per_pass", 0)):
+                          ("steps_per_call", 1), ("noise_samples", 1), ("noise_per_pass", 0),
+                          ("context_blocks", 0), ("context_width", 1)):
             validation.integer(getattr(self, name), f"TrainConfig.{name}", low=low)
         check(len(self.hidden) > 0 and all(h >= 1 for h in self.hidden), "hidden",
               "a non-empty list of positive widths, e.g. 64,64")
@@ -269,6 +275,8 @@ class TrainConfig:
                           log_columns=log_columns, label_log_columns=self.label_log_columns,
                           label_asinh=tuple((int(k), float(s)) for k, s in self.label_asinh),
                           conditional_rescaling=self.conditional_rescaling and label_dim > 0,
+                          context_blocks=self.context_blocks if label_dim > 0 else 0,
+                          context_width=self.context_width,
                           upper_bounds=() if self.support_r_max is None else (
                               (0, self.support_r_max),),          # r, column 0 of (r, v_r, v_t)
                           seed=self.seed if seed is None else seed)
