@@ -1,4 +1,4 @@
-"""The context network (tfgalflow.context): labels -> a residual encoding that conditions the MADEs.
+"""The context network (tfgalflow.context): a residual encoding of the labels for the MADEs.
 
 The density contract of a flow with a context network is checked in tests/test_density.py (case
 "flow with a context network"); here: what the context adds -- 1-D grids still normalised and
@@ -44,8 +44,8 @@ def test_a_one_dimensional_posterior_is_normalised_and_the_grid_is_the_pointwise
     mu, sigma = float(flow.x_shift.numpy()[0]), float(flow.x_scale.numpy()[0])
     grid = np.linspace(mu - 10 * sigma, mu + 10 * sigma, 40001).astype(np.float32)
     lp = flow.log_prob_grid_tensor(tf.constant(grid), tf.constant(c)).numpy()
-    np.testing.assert_allclose(np.trapezoid(np.exp(lp.astype(np.float64)), grid.astype(np.float64), axis=1), 1.0,
-                               atol=1e-4)
+    mass = np.trapezoid(np.exp(lp.astype(np.float64)), grid.astype(np.float64), axis=1)
+    np.testing.assert_allclose(mass, 1.0, atol=1e-4)
     pairs = flow.log_prob(np.tile(grid[::1000], 6)[:, None], np.repeat(c, grid[::1000].size, 0))
     np.testing.assert_allclose(np.asarray(pairs).reshape(6, -1), lp[:, ::1000], atol=1e-4)
 

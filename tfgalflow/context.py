@@ -72,6 +72,7 @@ class ContextNetwork(keras.layers.Layer):
         self.build(tf.TensorShape([None, self.label_dim]))
 
     def build(self, input_shape) -> None:
+        """Create every weight (called by the constructor, so they exist before any call)."""
         self.input_dense.build(input_shape)
         shape = tf.TensorShape([None, self.width])
         for norm, inner, outer in self.residuals:
