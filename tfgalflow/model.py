@@ -715,7 +715,8 @@ class Flow(Density, keras.Model):
         MADE's label kernel (:func:`tfgalflow.flows.label_kernels`), or with a context network
         row j of its input kernel (:attr:`tfgalflow.context.ContextNetwork.label_kernel`, the
         only weights that read the labels), in the standardised labels, so the columns are
-        penalised on one scale. The penalty is a sum of unsquared group norms, so it drives whole groups to zero (Yuan & Lin 2006, J. R. Stat. Soc. B 68, 49): a label
+        penalised on one scale. The penalty is a sum of unsquared group norms, so it drives
+        whole groups to zero (Yuan & Lin 2006, J. R. Stat. Soc. B 68, 49): a label
         column whose weights buy less than λ of likelihood per unit norm is dropped and p(x | c)
         stops depending on it. This is how a conditional flow trained on few objects with many
         labels (an image latent, a noise column) avoids memorising each object through the labels
