@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 
 import numpy as np
 import pytest
 
-from tfgalflow.atomic import atomic_file, json_ready, write_json
+from tfgalflow.atomic import atomic_dir, atomic_file, json_ready, write_json
 
 
 def test_failed_write_keeps_the_old_file_and_no_temporary(tmp_path):
@@ -33,3 +35,22 @@ def test_json_ready_round_trips_numpy_values():
     assert type(strict["t"][1]) is bool and type(strict["x"][0]) is int
     kept = json_ready(value, nonfinite_as_null=False)["nested"]
     assert math.isnan(kept["nan"]) and kept["inf"] == -math.inf
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_atomic_outputs_get_the_permissions_of_plain_ones(tmp_path, umask):
+    # the independent truth is the kernel's own: a file made by open() and a directory made by
+    # mkdir() under the same umask (mkstemp/mkdtemp alone would give 0600/0700 whatever the umask,
+    # leaving a SavedModel unreadable to a serving process running as another user)
+    old = os.umask(umask)
+    try:
+        write_json(tmp_path / "report.json", {"a": 1})
+        (tmp_path / "plain.json").write_text("{}")
+        with atomic_dir(tmp_path / "model") as tmp:
+            (tmp / "weights").write_text("w")
+        (tmp_path / "plain_dir").mkdir()
+    finally:
+        os.umask(old)
+    mode = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert mode["report.json"] == mode["plain.json"] == 0o666 & ~umask
+    assert mode["model"] == mode["plain_dir"] == 0o777 & ~umask

@@ -3,6 +3,11 @@
 Everything is first written to a temporary sibling (same filesystem, so ``os.replace`` is atomic on
 POSIX) and renamed into place only after it was written successfully. A crash or kill part-way
 leaves at most a ``.tmp-*`` sibling behind, never a half-written file under the real name.
+
+The temporary file and directory are created private (``mkstemp``: 0600, ``mkdtemp``: 0700); before
+the rename they get the permissions a plain ``open``/``mkdir`` would have given them under the
+process umask (0644 and 0755 under the usual 022), so a run, report or SavedModel is readable by
+the group and by a TensorFlow Serving process running as another user, as any other output is.
 """
 from __future__ import annotations
 
@@ -12,11 +17,30 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    """The process umask (read without changing it where Linux allows, else set and restored)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -35,6 +59,7 @@ def atomic_file(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as fh:      # make the bytes durable before the rename publishes them
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # what open(path, "w") would have created
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -56,6 +81,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}.", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # what mkdir(path) would have created
         if path.exists():
             if not overwrite:
                 raise FileExistsError(
