@@ -72,3 +72,38 @@ def test_only_for_conditional_flows():
         FlowConfig(dim=2, conditional_rescaling=True)
     with pytest.raises(InputError, match="conditional_rescaling"):
         FlowConfig(dim=2, label_dim=1, conditional_rescaling="yes")
+
+
+def test_rescaling_labels_leave_noise_columns_out_of_the_fit():
+    """Few objects (8 label values) with a pure-noise label column beside the true one (an
+    unregularised fit on all labels would give it slopes fitting the objects' own sampling
+    fluctuations); with ``rescaling_labels=(0,)`` its rows of A and B are exactly 0 and
+    the true column's slopes are still the analytic a and b (the noise column's standardisation
+    still happens: it is the networks' input)."""
+    rng = np.random.default_rng(3)
+    objects = 8
+    c0 = np.linspace(0.0, 2.0, objects)
+    c1 = rng.normal(size=objects)                       # a latent carrying nothing on x
+    which = rng.integers(objects, size=40000)
+    x = (A * c0[which] + np.exp(B * c0[which]) * rng.normal(size=40000))[:, None]
+    c = np.stack([c0[which], c1[which]], axis=1)
+    x, c = x.astype(np.float32), c.astype(np.float32)
+    flow = Flow(FlowConfig(dim=1, label_dim=2, layers=1, hidden=(4,),
+                           conditional_rescaling=True, rescaling_labels=(0,))).adapt(x, c)
+    s_x, s_c = float(flow.x_scale.numpy()[0]), flow.label_scale.numpy()
+    shift = flow.x_shift_slope.numpy()[:, 0] * s_x / s_c
+    log_scale = flow.x_log_scale_slope.numpy()[:, 0] / s_c
+    assert shift[1] == 0.0 and log_scale[1] == 0.0
+    # as in test_adapt_finds_the_linear_location_and_log_scale: ~0.01 standard errors; 5 errors
+    assert shift[0] == pytest.approx(A, abs=0.05)
+    assert log_scale[0] == pytest.approx(B, abs=0.05)
+
+
+def test_rescaling_labels_are_checked():
+    with pytest.raises(InputError, match="rescaling_labels"):
+        FlowConfig(dim=1, label_dim=2, conditional_rescaling=True, rescaling_labels=(2,))
+    with pytest.raises(InputError, match="rescaling_labels"):
+        FlowConfig(dim=1, label_dim=2, rescaling_labels=(0,))
+    cfg = FlowConfig(dim=1, label_dim=3, conditional_rescaling=True, rescaling_labels=[2, 0])
+    assert cfg.rescaling_labels == (0, 2)
+    assert FlowConfig.from_dict(cfg.to_dict()) == cfg

@@ -106,6 +106,11 @@ class FlowConfig:
             standardised labels (fitted by least squares in ``Flow.adapt``), so the chain learns
             what is left once a label-dependent location and scale are removed (for conditional
             flows; see :class:`tfgalflow.model.Flow`).
+        rescaling_labels: the label columns the conditional rescaler regresses on (default
+            (): all). The rescaler is an unregularised least-squares fit, so a label column that
+            carries nothing on the density (an image latent, a noise column) still gets slopes
+            that fit the few training objects' own means and scales; name the trusted labels
+            (a galaxy's mass and size) and leave the rest to the networks (and the group lasso).
         context_blocks: K > 0 gives the flow a context network
             (:class:`tfgalflow.context.ContextNetwork`): K pre-norm residual blocks that encode
             the standardised labels into a context of width ``context_width``, which every MADE
@@ -127,6 +132,7 @@ class FlowConfig:
     spline_range: float = 5.0
     label_log_columns: tuple = ()
     conditional_rescaling: bool = False
+    rescaling_labels: tuple = ()
     upper_bounds: tuple = ()
     label_asinh: tuple = ()
     context_blocks: int = 0
@@ -177,6 +183,14 @@ class FlowConfig:
                       f"distinct label column indices in [0, {self.label_dim - 1}] "
                       f"(label_dim = {self.label_dim})")
         object.__setattr__(self, "label_log_columns", tuple(sorted(int(j) for j in cols)))
+        cols = self.rescaling_labels
+        if not isinstance(cols, (tuple, list)) or not all(_is_int(j) for j in cols):
+            raise bad("rescaling_labels", cols, "a sequence of label column indices")
+        if any(j < 0 or j >= self.label_dim for j in cols) or len(set(cols)) != len(cols):
+            raise bad("rescaling_labels", cols,
+                      f"distinct label column indices in [0, {self.label_dim - 1}] "
+                      f"(label_dim = {self.label_dim})")
+        object.__setattr__(self, "rescaling_labels", tuple(sorted(int(j) for j in cols)))
 
         def column_pairs(field: str, allowed: Any, expected: str, context: str) -> tuple:
             """The field's ((column, number), ...) sorted, each column distinct and ``allowed``,
@@ -218,6 +232,9 @@ class FlowConfig:
         if self.conditional_rescaling and self.label_dim == 0:
             raise bad("conditional_rescaling", True, "False for an unconditional flow "
                       "(label_dim = 0): there are no labels to rescale with")
+        if self.rescaling_labels and not self.conditional_rescaling:
+            raise bad("rescaling_labels", self.rescaling_labels, "() without "
+                      "conditional_rescaling (they name the labels the rescaler regresses on)")
         if self.context_blocks and self.label_dim == 0:
             raise bad("context_blocks", self.context_blocks, "0 for an unconditional flow "
                       "(label_dim = 0): there are no labels to encode")
@@ -242,6 +259,7 @@ class FlowConfig:
         d["hidden"] = list(self.hidden)
         d["log_columns"] = list(self.log_columns)
         d["label_log_columns"] = list(self.label_log_columns)
+        d["rescaling_labels"] = list(self.rescaling_labels)
         d["upper_bounds"] = [list(pair) for pair in self.upper_bounds]
         d["label_asinh"] = [list(pair) for pair in self.label_asinh]
         return d

@@ -15,7 +15,8 @@ With ``FlowConfig.conditional_rescaling`` the rescaler depends on the labels,
 
     μ(c) = μ + σ ⊙ (c̃ A),   log σ(c) = log σ + c̃ B          (A, B [C, D], fitted by ``adapt``),
 
-(a, A) by least squares of (u - μ₀)/σ₀ on (1, c̃), (b, B) by least squares of
+(a, A) by least squares of (u - μ₀)/σ₀ on (1, c̃) (c̃: the ``rescaling_labels`` columns, all by
+default; the other rows of A and B are 0), (b, B) by least squares of
 log|(u - μ₀)/σ₀ - a - c̃ A| + (γ + log 2)/2 on (1, c̃) (for a Gaussian column E log|ε| = log of its
 scale - (γ + log 2)/2), μ₀, σ₀ the unconditional moments, μ = μ₀ + σ₀ a and σ = σ₀ e^b (the
 location and scale at the mean label; A is stored in units of σ).
@@ -330,12 +331,15 @@ class Flow(Density, keras.Model):
         mu, sigma = (v.numpy().astype(np.float64) for v in (self.x_shift, self.x_scale))
         c_mu, c_sigma = (v.numpy().astype(np.float64) for v in (self.label_shift,
                                                                  self.label_scale))
+        # the regressors: FlowConfig.rescaling_labels (all label columns when empty); the others
+        # keep slope 0
+        used = list(self.config.rescaling_labels) or list(range(self.label_dim))
         slopes = []
         for target in ("mean", "log_scale"):
-            gram = np.zeros((self.label_dim + 1, self.label_dim + 1))
-            moment = np.zeros((self.label_dim + 1, self.dim))
+            gram = np.zeros((len(used) + 1, len(used) + 1))
+            moment = np.zeros((len(used) + 1, self.dim))
             for u, v in self._adapt_rows(x, labels):
-                y, c = (u - mu) / sigma, (v - c_mu) / c_sigma        # standardised
+                y, c = (u - mu) / sigma, ((v - c_mu) / c_sigma)[:, used]        # standardised
                 design = np.concatenate([np.ones((len(c), 1)), c], axis=1)
                 if target == "log_scale":
                     residual = np.abs(y - design @ slopes[0])
@@ -344,13 +348,16 @@ class Flow(Density, keras.Model):
                 moment += design.T @ y
             # a label column constant in the data (σ_c = 1, c̃ = 0) gets slope 0 (lstsq min-norm)
             slopes.append(np.linalg.lstsq(gram, moment, rcond=None)[0])
+        full = [np.zeros((self.label_dim, self.dim)) for _ in slopes]
+        for f, fitted in zip(full, slopes):
+            f[used] = fitted[1:]
         # intercepts [D] into μ and σ (the conditional location and scale at c̃ = 0), slopes
         # [C, D] into A and B
         self.x_shift.assign((mu + sigma * slopes[0][0]).astype(np.float32))
         self.x_scale.assign((sigma * np.exp(slopes[1][0])).astype(np.float32))
         # A in units of the new σ: σ c̃ A = σ₀ c̃ A₀
-        self.x_shift_slope.assign((slopes[0][1:] * np.exp(-slopes[1][0])).astype(np.float32))
-        self.x_log_scale_slope.assign(slopes[1][1:].astype(np.float32))
+        self.x_shift_slope.assign((full[0] * np.exp(-slopes[1][0])).astype(np.float32))
+        self.x_log_scale_slope.assign(full[1].astype(np.float32))
 
     def _encoded_labels(self, c: np.ndarray, where: str) -> np.ndarray:
         """c [N, C] with log c_k in the label log columns and asinh(c_k / s_k) in the
