@@ -76,7 +76,8 @@ class TrainConfig:
     )
     rescaling_labels: tuple = option(
         (), "0-based label columns the conditional rescaler regresses on (default: all), e.g. "
-        "0,1: the trusted labels, not latents or noise columns (FlowConfig.rescaling_labels)",
+        "0,1: the trusted labels, not latents or noise columns (FlowConfig.rescaling_labels; "
+        "ignored without conditional_rescaling)",
         "ints")
     coordinates: str = option(
         "cartesian",
@@ -220,9 +221,6 @@ class TrainConfig:
         validation.positive_number(self.label_lasso, "TrainConfig.label_lasso", allow_zero=True)
         check(self.label_noise == 0 or self.label_dim != 0, "label_noise",
               "0 for an unconditional flow (label_dim = 0)")
-        check(not self.rescaling_labels or self.conditional_rescaling, "rescaling_labels",
-              "empty without conditional_rescaling (they name the labels the rescaler regresses "
-              "on)")
         check(self.label_lasso == 0 or self.label_dim != 0, "label_lasso",
               "0 for an unconditional flow (label_dim = 0)")
         check(all(float(k).is_integer() and k >= 0 and s > 0 for k, s in self.label_asinh)
@@ -282,7 +280,8 @@ class TrainConfig:
                           log_columns=log_columns, label_log_columns=self.label_log_columns,
                           label_asinh=tuple((int(k), float(s)) for k, s in self.label_asinh),
                           conditional_rescaling=self.conditional_rescaling and label_dim > 0,
-                          rescaling_labels=self.rescaling_labels if label_dim > 0 else (),
+                          rescaling_labels=(self.rescaling_labels if self.conditional_rescaling
+                                            and label_dim > 0 else ()),
                           context_blocks=self.context_blocks if label_dim > 0 else 0,
                           context_width=self.context_width,
                           upper_bounds=() if self.support_r_max is None else (
