@@ -175,22 +175,14 @@ class FlowConfig:
                 f"distinct column indices in [0, {self.dim - 1}] (dim = {self.dim})",
             )
         object.__setattr__(self, "log_columns", tuple(sorted(int(j) for j in cols)))
-        cols = self.label_log_columns
-        if not isinstance(cols, (tuple, list)) or not all(_is_int(j) for j in cols):
-            raise bad("label_log_columns", cols, "a sequence of label column indices")
-        if any(j < 0 or j >= self.label_dim for j in cols) or len(set(cols)) != len(cols):
-            raise bad("label_log_columns", cols,
-                      f"distinct label column indices in [0, {self.label_dim - 1}] "
-                      f"(label_dim = {self.label_dim})")
-        object.__setattr__(self, "label_log_columns", tuple(sorted(int(j) for j in cols)))
-        cols = self.rescaling_labels
-        if not isinstance(cols, (tuple, list)) or not all(_is_int(j) for j in cols):
-            raise bad("rescaling_labels", cols, "a sequence of label column indices")
-        if any(j < 0 or j >= self.label_dim for j in cols) or len(set(cols)) != len(cols):
-            raise bad("rescaling_labels", cols,
-                      f"distinct label column indices in [0, {self.label_dim - 1}] "
-                      f"(label_dim = {self.label_dim})")
-        object.__setattr__(self, "rescaling_labels", tuple(sorted(int(j) for j in cols)))
+        for field in ("label_log_columns", "rescaling_labels"):
+            cols = getattr(self, field)
+            if not isinstance(cols, (tuple, list)) or not all(_is_int(j) for j in cols):
+                raise bad(field, cols, "a sequence of label column indices")
+            if any(j < 0 or j >= self.label_dim for j in cols) or len(set(cols)) != len(cols):
+                raise bad(field, cols, f"distinct label column indices in [0, "
+                          f"{self.label_dim - 1}] (label_dim = {self.label_dim})")
+            object.__setattr__(self, field, tuple(sorted(int(j) for j in cols)))
 
         def column_pairs(field: str, allowed: Any, expected: str, context: str) -> tuple:
             """The field's ((column, number), ...) sorted, each column distinct and ``allowed``,
