@@ -203,8 +203,6 @@ def test_task_protocol_and_exact_model():
     assert physical_only.label_dim == 5
     # the group lasso is on exactly when latent columns may carry nothing (README's ablation)
     assert task.train_config().label_lasso > 0 and physical_only.train_config().label_lasso == 0
-    # the conditional rescaler (an unregularised fit) regresses on the physical labels only
-    assert task.train_config().rescaling_labels == (0, 1, 2, 3, 4)
     x, labels = task.training_data()
     assert x.shape[1] == 8 and labels.shape == (len(x), 13)
     held = task.all_labels[task.heldout_ids[0]]

@@ -300,25 +300,14 @@ class GalaxyPopulation(Task):
         by its latents and its held-out error grew several-fold; 0.1 drops them as well but costs
         the physical labels' fidelity (half-mass radius, [Fe/H] gradient), and with the physical
         labels alone it is off (README, "Star catalogues ...").
-
-        Each column is first rescaled by a location and log-scale linear in the five physical
-        labels (``conditional_rescaling``, R_d as log R_d: ``label_log_columns = (1,)``; the
-        latent columns are left out of that unregularised fit, ``rescaling_labels``), so a
-        galaxy's size and velocity scale reach the flow without passing through the lasso:
-        without it the members shared half-mass radius errors of 2-3 % rms on the galaxies they
-        were trained on, several times their stars' own sampling error
-        (scripts/galaxy_population_decomposition.py).
         """
         from ..training import TrainConfig
 
-        physical = tuple(range(len(gal.PARAM_NAMES)))
         return TrainConfig(layers=8, hidden=(128, 128), activation="tanh", kind="affine",
                            coordinates="cylindrical", log_columns=(7,), members=4, epochs=30,
                            batch_size=2048, lr=1e-3, lr_schedule="cosine", clip_norm=10.0,
                            validation_split=0.05, patience=0, checkpoint_every=5,
-                           label_lasso=0.03 if self.config.noise_labels else 0.0,
-                           conditional_rescaling=True, label_log_columns=(1,),
-                           rescaling_labels=physical if self.config.noise_labels else ())
+                           label_lasso=0.03 if self.config.noise_labels else 0.0)
 
     # -- evaluation -------------------------------------------------------------------------------
     def evaluate(self, model: Any) -> dict:
