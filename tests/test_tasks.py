@@ -180,6 +180,14 @@ def test_run_task_trains_resumes_and_reports(tmp_path):
     assert finer["config"]["exact_samples"] == 800
     assert json.loads((out / "task.json").read_text())["config"]["exact_samples"] == 800
     assert finer["metrics"]["summary"] != report["metrics"]["summary"]
+    # more members: member_000 is kept as it is, member_001 (seed + 1) trains; never fewer
+    grown = run_task("gaussian_field", out, SMALL, dict(train, members=2), verbose=0)
+    np.testing.assert_array_equal(read_history(out / "run")["loss"], first["loss"])
+    assert len(read_history(out / "run", 1)["loss"]) == 4
+    assert grown["train"]["members"] == 2
+    assert json.loads((out / "task.json").read_text())["train"]["members"] == 2
+    with pytest.raises(InputError, match="differing: train.members"):
+        run_task("gaussian_field", out, SMALL, train, verbose=0)
 
 
 def test_cli_task_list_and_run(tmp_path, capsys):

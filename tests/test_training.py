@@ -498,6 +498,39 @@ def test_ensemble_members_distinct_seeds_and_mixture_density(gauss, ensemble_run
     np.testing.assert_array_equal(reloaded.log_prob(x).numpy(), ensemble.log_prob(x).numpy())
 
 
+def test_a_grown_run_equals_one_trained_whole(gauss, ensemble_run, tmp_path, capsys):
+    # A one-member run grown to two: member 1 trains with seed + 1 on the same split and epoch
+    # order as in the two-member ENSEMBLE run, so its history and the mixture density equal that
+    # run's to float32 round-off (measured: identical); member 0 is not retrained.
+    from tfgalflow.cli import main
+
+    whole, whole_dir = ensemble_run
+    run_dir = tmp_path / "run"
+    train(gauss, ENSEMBLE.with_overrides(members=1), run_dir, verbose=0)
+    first = read_history(run_dir, 0)["loss"]
+    weights = run_dir / "member_000" / "final"
+    stamp = {p.name: p.stat().st_mtime_ns for p in weights.iterdir()}
+    grown = resume(run_dir, data=gauss, verbose=0, members=2)
+    assert {p.name: p.stat().st_mtime_ns for p in weights.iterdir()} == stamp
+    np.testing.assert_array_equal(read_history(run_dir, 0)["loss"], first)
+    for key in ("loss", "val_loss"):
+        np.testing.assert_allclose(read_history(run_dir, 1)[key], read_history(whole_dir, 1)[key],
+                                   rtol=1e-6)
+    x = gauss[:300]
+    np.testing.assert_allclose(grown.log_prob(x).numpy(), whole.log_prob(x).numpy(), atol=1e-5)
+    run = read_run_config(run_dir)
+    assert run["train"]["members"] == 2
+    assert [m["seed"] for m in run["members"]] == [ENSEMBLE.seed, ENSEMBLE.seed + 1]
+    assert len(load_run(run_dir)) == 2
+    with pytest.raises(InputError, match="already has 2 members; a run can grow, not shrink"):
+        resume(run_dir, data=gauss, verbose=0, members=1)
+    with pytest.raises(InputError, match="members"):
+        resume(run_dir, data=gauss, verbose=0, members=0)
+    # the command line: --members is the one flag --resume takes (growing by CLI: below)
+    assert main(["train", "--resume", str(run_dir), "--epochs", "5"]) == 2
+    assert "only --members may grow it" in capsys.readouterr().err
+
+
 def test_a_member_far_above_the_others_is_reported_and_warned(gauss, tmp_path, caplog):
     import logging
     from tfgalflow.training import OUTLIER_MARGIN, outlying_members
@@ -980,6 +1013,10 @@ def test_cli_resume_keeps_the_run_verbosity(tmp_path, capsys):
     assert main(["train", "--resume", str(run_dir)]) == 0      # no --verbose: the run's 0
     lines = capsys.readouterr().out.splitlines()       # only the summary, no progress bar
     assert len(lines) == 1 and "member_000: seed 3, 2 epochs" in lines[0]
+    # --members grows the finished run: member_001 (seed 4) trains its 2 epochs
+    assert main(["train", "--resume", str(run_dir), "--members", "2"]) == 0
+    assert [m["seed"] for m in read_run_config(run_dir)["members"]] == [3, 4]
+    assert list(read_history(run_dir, 1)["epoch"]) == [1, 2]
 
 
 def test_cli_train_restart_sample_logprob_with_a_conditional_catalogue(tmp_path, capsys):

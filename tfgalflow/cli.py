@@ -58,7 +58,8 @@ def _add_train(sub) -> None:
         description="Fit a normalizing flow to a catalogue by maximum likelihood and write a run "
         "directory (config.json, history.csv, checkpoints, final weights). Settings: TrainConfig "
         "defaults, then --config FILE, then the flags below (flags win). --resume RUN continues "
-        "an interrupted run exactly as configured.",
+        "an interrupted run exactly as configured; with --members K it also grows the "
+        "ensemble to K members (the new ones train with seeds seed + k).",
     )
     p.add_argument("catalogue", nargs="?", metavar="CATALOGUE",
                    help="catalogue file: .npz (loaded into memory), .h5/.hdf5 (streamed) or "
@@ -102,12 +103,14 @@ def _run_train(args) -> int:
     overrides = {name: getattr(args, f"config_{name}") for name in TrainConfig.field_help()
                  if getattr(args, f"config_{name}") is not None}
     if args.resume:
+        # --members K grows the ensemble (the new members train, the others are kept)
+        members = overrides.pop("members", None)
         extra = [flag for flag, value in (("--out", args.out), ("--config", args.config)) if value]
         extra += ["--" + name.replace("_", "-") for name in overrides]
         if extra:
             raise InputError(
-                "--resume RUN continues the run exactly as it was configured; drop "
-                f"{', '.join(extra)}"
+                "--resume RUN continues the run exactly as it was configured (only --members "
+                f"may grow it); drop {', '.join(extra)}"
             )
         if args.catalogue:
             # A run trained on data read in memory (--units, .parquet) resumes with the same data,
@@ -115,9 +118,9 @@ def _run_train(args) -> int:
             from .training import read_run_config
             streamed = read_run_config(args.resume)["data"].get("source") == "parquet"
             data, labels, _ = _parquet_training_data(args, stream=streamed)
-            resume(args.resume, data=data, labels=labels, verbose=args.verbose)
+            resume(args.resume, data=data, labels=labels, verbose=args.verbose, members=members)
         else:
-            resume(args.resume, verbose=args.verbose)
+            resume(args.resume, verbose=args.verbose, members=members)
         run_dir = args.resume
         from .training import read_run_config
         multi_worker = bool(read_run_config(run_dir)["train"].get("multi_worker"))
@@ -1313,7 +1316,8 @@ def _add_task(sub) -> None:
         help="validation tasks with exact answers: simulate, train, evaluate",
         description="Validation tasks: each simulates events at labels, trains a flow, "
         "evaluates it at held-out labels against the exact density and writes "
-        "OUT/report.json and figures. Rerunning into OUT resumes the training.",
+        "OUT/report.json and figures. Rerunning into OUT resumes the training; rerunning "
+        "with a larger --members trains just the new ensemble members.",
     )
     actions = p.add_subparsers(dest="task_action", required=True, metavar="ACTION")
     listing = actions.add_parser("list", help="list the tasks")

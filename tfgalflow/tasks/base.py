@@ -244,7 +244,8 @@ def _check_task_file(out: Path, settings: dict, evaluation_only: frozenset[str] 
     """Write OUT/task.json, or check that an existing one records the same settings.
 
     Config fields in ``evaluation_only`` may differ: the run is evaluated again with the new
-    values, which task.json then records.
+    values, which task.json then records. ``train.members`` may grow (the run's new members
+    train, the others are kept), never shrink.
     """
     path = out / TASK_FILE
     if not path.is_file():
@@ -262,7 +263,10 @@ def _check_task_file(out: Path, settings: dict, evaluation_only: frozenset[str] 
         for k in sorted(set(_as_dict(recorded.get(section))) & set(_as_dict(settings[section])))
         if _as_dict(recorded.get(section)).get(k) != _as_dict(settings[section]).get(k)
     ]
-    blocking = [d for d in differ if d.removeprefix("config.") not in evaluation_only]
+    grows = ("train.members" in differ
+             and settings["train"]["members"] > recorded["train"]["members"])
+    blocking = [d for d in differ if d.removeprefix("config.") not in evaluation_only
+                and not (d == "train.members" and grows)]
     if blocking:
         raise InputError(
             f"{out} holds a run of other settings (differing: {', '.join(blocking)}); use a new "
@@ -289,7 +293,8 @@ def run_task(
     Args:
         name: a registered task (:func:`task_names`).
         out_dir: the task directory (created; a rerun with the same settings resumes or reuses the
-            training run in OUT/run and evaluates again).
+            training run in OUT/run and evaluates again; one with more ``members`` trains just
+            the new members).
         overrides: TaskConfig fields to change (e.g. ``{"events_per_node": 200, "seed": 3}``).
         train_overrides: TrainConfig fields to change (e.g. ``{"epochs": 20}``); ``seed`` and
             ``label_dim`` are the task's own.
@@ -324,7 +329,7 @@ def run_task(
     x, labels = task.training_data()
     run_dir = out / RUN_DIR
     if (run_dir / "config.json").is_file():
-        model = resume(run_dir, data=x, labels=labels, verbose=verbose)
+        model = resume(run_dir, data=x, labels=labels, verbose=verbose, members=config.members)
     else:
         model = train(
             x, config, run_dir, labels=labels, label_names=list(task.label_names), verbose=verbose

@@ -26,7 +26,8 @@ from .data import (
 from .rundir import (
     BEST_DIR, CHECKPOINTS_DIR, CONFIG_FILE, DEFAULT_VERBOSE, FINAL_DIR, HISTORY_FILE, SUMMARY_FILE,
     WEIGHTS_PREFIX,
-    checkpoint_epoch, final_weights_prefix, member_finished, new_run, outlying_members,
+    checkpoint_epoch, final_weights_prefix, grow_members, member_finished, new_run,
+    outlying_members,
     read_history, read_run_config, truncate_history,
 )
 
@@ -377,10 +378,15 @@ def train(data: "Catalogue | np.ndarray | str | os.PathLike", config: TrainConfi
 
 def resume(run_dir: str | os.PathLike, data: Any = None, labels: Any = None,
            strategy: "tf.distribute.Strategy | None" = None, *, verbose: int | None = None,
-           callbacks: Sequence[Any] = ()) -> "Flow | Ensemble":
+           callbacks: Sequence[Any] = (), members: int | None = None) -> "Flow | Ensemble":
     """Continue an interrupted run: finished members are loaded, the others continue from their
     latest checkpoint (or start over if they have none). The history continues as if never
     interrupted.
+
+    ``members`` grows a run (finished or not) to that many ensemble members: the new member k
+    trains with seed ``seed + k``, so the grown run equals one started with ``members``
+    (command line: ``tfgalflow train --resume RUN --members K``). Fewer than recorded is an
+    InputError; None keeps the recorded number.
 
     ``data`` is needed only for runs trained on in-memory arrays or Catalogues (checked against
     the recorded sha256); runs trained from a file re-read that file. ``verbose`` None keeps the
@@ -398,14 +404,15 @@ def resume(run_dir: str | os.PathLike, data: Any = None, labels: Any = None,
         strategy = multi_worker_strategy()        # first: before TensorFlow runs anything
     run_dir, temporary = worker_run_dir(run_dir, strategy, copy=True)
     try:
-        return _resume(run_dir, run, data, labels, strategy, verbose, callbacks)
+        return _resume(run_dir, run, data, labels, strategy, verbose, callbacks, members)
     finally:
         if temporary:
             remove_worker_dir(run_dir)
 
 
 def _resume(run_dir: Path, run: dict, data: Any, labels: Any, strategy: Any,
-            verbose: int | None, callbacks: Sequence[Any]) -> "Flow | Ensemble":
+            verbose: int | None, callbacks: Sequence[Any], members: int | None
+            ) -> "Flow | Ensemble":
     if verbose is None:
         verbose = run.get("verbose", DEFAULT_VERBOSE)
     recorded = run["data"]
@@ -433,6 +440,9 @@ def _resume(run_dir: Path, run: dict, data: Any, labels: Any, strategy: Any,
                          f"N = {recorded['n']}, D = {recorded['dim']}, C = "
                          f"{recorded['label_dim']}; got N = {data.n}, D = {data.dim}, "
                          f"C = {data.label_dim}, or different values)")
+    if members is not None:
+        members = _run_train_config(run).with_overrides(members=members).members  # validated
+        run = grow_members(run_dir, run, members)
     return _fit_members(run_dir, run, data, strategy=strategy, verbose=verbose,
                         callbacks=callbacks)
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from .. import __version__
 from ..atomic import write_json, write_text
-from ..errors import FileError
+from ..errors import FileError, InputError
 from ..validation import positive_number
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -178,6 +178,32 @@ def new_run(run_dir: Path, config: "TrainConfig", flow_config: Any, data_descrip
                     for k in range(config.members)],
         "data": data_description,
         "verbose": verbose,
+    }
+    write_json(run_dir / CONFIG_FILE, run)
+    return run
+
+
+def grow_members(run_dir: Path, run: dict, members: int) -> dict:
+    """Grow a run's ensemble to ``members`` members; returns the updated parsed config.json.
+
+    The new members k = K_old, ..., members - 1 get the seeds ``seed + k`` they would have had
+    had the run been started with ``members`` (so a grown run equals one trained whole);
+    config.json records them (atomically) and the next resume trains them. Finished members are
+    never discarded: fewer members than recorded is an InputError (an ensemble of some members
+    is ``Ensemble([...])`` of their flows).
+    """
+    recorded = len(run["members"])
+    if members < recorded:
+        raise InputError(f"members = {members}: {run_dir} already has {recorded} members; a run "
+                         f"can grow, not shrink")
+    if members == recorded:
+        return run
+    seed = int(run["train"]["seed"])
+    run = {
+        **run,
+        "train": {**run["train"], "members": members},
+        "members": run["members"] + [{"name": member_name(k), "seed": seed + k}
+                                     for k in range(recorded, members)],
     }
     write_json(run_dir / CONFIG_FILE, run)
     return run
