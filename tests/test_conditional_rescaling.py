@@ -107,3 +107,44 @@ def test_rescaling_labels_are_checked():
     cfg = FlowConfig(dim=1, label_dim=3, conditional_rescaling=True, rescaling_labels=[2, 0])
     assert cfg.rescaling_labels == (0, 2)
     assert FlowConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_rescaling_columns_leave_the_other_columns_unconditional():
+    """Column 0 follows the family x = a c + e^{b c} ε, column 1 a metallicity-like
+    z = 2 c + 0.3 x₀ + ε that the rescaler must leave alone with ``rescaling_columns=(0,)``:
+    column 0's slopes are the analytic a and b and equal those of the all-column fit (the least
+    squares is column by column), column 1 keeps exactly the unconditional location and scale of
+    a flow without conditional rescaling and zero slopes."""
+    x0, c = _family(40000, np.linspace(0, 2, 21), seed=4)
+    rng = np.random.default_rng(5)
+    x = np.concatenate([x0, 2 * c + 0.3 * x0 + rng.normal(size=x0.shape)], axis=1)
+    x = x.astype(np.float32)
+
+    def adapted(**options):
+        return Flow(FlowConfig(dim=2, label_dim=1, layers=1, hidden=(4,), **options)).adapt(x, c)
+
+    plain = adapted()
+    every = adapted(conditional_rescaling=True)
+    first = adapted(conditional_rescaling=True, rescaling_columns=(0,))
+    for name in ("x_shift", "x_scale", "x_shift_slope", "x_log_scale_slope"):
+        np.testing.assert_allclose(getattr(first, name).numpy()[..., 0],
+                                   getattr(every, name).numpy()[..., 0], rtol=1e-6)
+    for name in ("x_shift", "x_scale"):
+        assert getattr(first, name).numpy()[1] == getattr(plain, name).numpy()[1]
+    assert first.x_shift_slope.numpy()[0, 1] == 0.0
+    assert first.x_log_scale_slope.numpy()[0, 1] == 0.0
+    assert every.x_shift_slope.numpy()[0, 1] != 0.0        # the all-column fit does move it
+    s_x, s_c = float(first.x_scale.numpy()[0]), float(first.label_scale.numpy()[0])
+    # as in test_adapt_finds_the_linear_location_and_log_scale: ~0.01 standard errors; 5 errors
+    assert float(first.x_shift_slope.numpy()[0, 0]) * s_x / s_c == pytest.approx(A, abs=0.05)
+    assert float(first.x_log_scale_slope.numpy()[0, 0]) / s_c == pytest.approx(B, abs=0.05)
+
+
+def test_rescaling_columns_are_checked():
+    with pytest.raises(InputError, match="rescaling_columns"):
+        FlowConfig(dim=2, label_dim=1, conditional_rescaling=True, rescaling_columns=(2,))
+    with pytest.raises(InputError, match="rescaling_columns"):
+        FlowConfig(dim=2, label_dim=1, rescaling_columns=(0,))
+    cfg = FlowConfig(dim=3, label_dim=1, conditional_rescaling=True, rescaling_columns=[2, 0])
+    assert cfg.rescaling_columns == (0, 2)
+    assert FlowConfig.from_dict(cfg.to_dict()) == cfg

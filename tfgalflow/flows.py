@@ -111,6 +111,12 @@ class FlowConfig:
             carries nothing on the density (an image latent, a noise column) still gets slopes
             that fit the few training objects' own means and scales; name the trusted labels
             (a galaxy's mass and size) and leave the rest to the networks (and the group lasso).
+        rescaling_columns: the data columns the conditional rescaler moves and scales (default
+            (): all); the others keep the unconditional location and scale, so their dependence
+            on the labels (and their correlation with the rescaled columns) is the networks'
+            alone. For columns whose label dependence is not a shift and scale (a metallicity
+            that follows a gradient in radius), a linear fit of their moments stands between
+            the networks and what they must learn.
         context_blocks: K > 0 gives the flow a context network
             (:class:`tfgalflow.context.ContextNetwork`): K pre-norm residual blocks that encode
             the standardised labels into a context of width ``context_width``, which every MADE
@@ -133,6 +139,7 @@ class FlowConfig:
     label_log_columns: tuple = ()
     conditional_rescaling: bool = False
     rescaling_labels: tuple = ()
+    rescaling_columns: tuple = ()
     upper_bounds: tuple = ()
     label_asinh: tuple = ()
     context_blocks: int = 0
@@ -175,13 +182,16 @@ class FlowConfig:
                 f"distinct column indices in [0, {self.dim - 1}] (dim = {self.dim})",
             )
         object.__setattr__(self, "log_columns", tuple(sorted(int(j) for j in cols)))
-        for field in ("label_log_columns", "rescaling_labels"):
+        for field, what, size, name in (
+                ("label_log_columns", "label column", self.label_dim, "label_dim"),
+                ("rescaling_labels", "label column", self.label_dim, "label_dim"),
+                ("rescaling_columns", "column", self.dim, "dim")):
             cols = getattr(self, field)
             if not isinstance(cols, (tuple, list)) or not all(_is_int(j) for j in cols):
-                raise bad(field, cols, "a sequence of label column indices")
-            if any(j < 0 or j >= self.label_dim for j in cols) or len(set(cols)) != len(cols):
-                raise bad(field, cols, f"distinct label column indices in [0, "
-                          f"{self.label_dim - 1}] (label_dim = {self.label_dim})")
+                raise bad(field, cols, f"a sequence of {what} indices")
+            if any(j < 0 or j >= size for j in cols) or len(set(cols)) != len(cols):
+                raise bad(field, cols, f"distinct {what} indices in [0, {size - 1}] "
+                          f"({name} = {size})")
             object.__setattr__(self, field, tuple(sorted(int(j) for j in cols)))
 
         def column_pairs(field: str, allowed: Any, expected: str, context: str) -> tuple:
@@ -224,9 +234,11 @@ class FlowConfig:
         if self.conditional_rescaling and self.label_dim == 0:
             raise bad("conditional_rescaling", True, "False for an unconditional flow "
                       "(label_dim = 0): there are no labels to rescale with")
-        if self.rescaling_labels and not self.conditional_rescaling:
-            raise bad("rescaling_labels", self.rescaling_labels, "() without "
-                      "conditional_rescaling (they name the labels the rescaler regresses on)")
+        for field, role in (("rescaling_labels", "the labels the rescaler regresses on"),
+                            ("rescaling_columns", "the columns the rescaler moves")):
+            if getattr(self, field) and not self.conditional_rescaling:
+                raise bad(field, getattr(self, field), f"() without conditional_rescaling "
+                          f"(they name {role})")
         if self.context_blocks and self.label_dim == 0:
             raise bad("context_blocks", self.context_blocks, "0 for an unconditional flow "
                       "(label_dim = 0): there are no labels to encode")
@@ -252,6 +264,7 @@ class FlowConfig:
         d["log_columns"] = list(self.log_columns)
         d["label_log_columns"] = list(self.label_log_columns)
         d["rescaling_labels"] = list(self.rescaling_labels)
+        d["rescaling_columns"] = list(self.rescaling_columns)
         d["upper_bounds"] = [list(pair) for pair in self.upper_bounds]
         d["label_asinh"] = [list(pair) for pair in self.label_asinh]
         return d

@@ -16,7 +16,8 @@ With ``FlowConfig.conditional_rescaling`` the rescaler depends on the labels,
     μ(c) = μ + σ ⊙ (c̃ A),   log σ(c) = log σ + c̃ B          (A, B [C, D], fitted by ``adapt``),
 
 (a, A) by least squares of (u - μ₀)/σ₀ on (1, c̃) (c̃: the ``rescaling_labels`` columns, all by
-default; the other rows of A and B are 0), (b, B) by least squares of
+default; the other rows of A and B are 0; data columns outside ``rescaling_columns``, if given,
+keep a = b = 0 and zero columns of A and B), (b, B) by least squares of
 log|(u - μ₀)/σ₀ - a - c̃ A| + (γ + log 2)/2 on (1, c̃) (for a Gaussian column E log|ε| = log of its
 scale - (γ + log 2)/2), μ₀, σ₀ the unconditional moments, μ = μ₀ + σ₀ a and σ = σ₀ e^b (the
 location and scale at the mean label; A is stored in units of σ).
@@ -347,7 +348,10 @@ class Flow(Density, keras.Model):
                 gram += design.T @ design
                 moment += design.T @ y
             # a label column constant in the data (σ_c = 1, c̃ = 0) gets slope 0 (lstsq min-norm)
-            slopes.append(np.linalg.lstsq(gram, moment, rcond=None)[0])
+            fit = np.linalg.lstsq(gram, moment, rcond=None)[0]
+            if self.config.rescaling_columns:        # the other columns: unconditional
+                fit[:, np.setdiff1d(np.arange(self.dim), self.config.rescaling_columns)] = 0.0
+            slopes.append(fit)
         full = [np.zeros((self.label_dim, self.dim)) for _ in slopes]
         for f, fitted in zip(full, slopes):
             f[used] = fitted[1:]

@@ -79,6 +79,12 @@ class TrainConfig:
         "0,1: the trusted labels, not latents or noise columns (FlowConfig.rescaling_labels; "
         "ignored without conditional_rescaling)",
         "ints")
+    rescaling_columns: tuple = option(
+        (), "0-based columns of the flow's data the conditional rescaler moves and scales "
+        "(default: all); in the learned coordinates: cylindrical (R, z, v_R, v_phi, v_z, then "
+        "the catalogue's columns after the sixth), spherical (r, v_r, v_t), else the catalogue's "
+        "(FlowConfig.rescaling_columns; ignored without conditional_rescaling)",
+        "ints")
     coordinates: str = option(
         "cartesian",
         "what the flow learns of the catalogue: 'cartesian' (its columns), 'spherical' "
@@ -188,7 +194,8 @@ class TrainConfig:
             validation.integer(getattr(self, name), f"TrainConfig.{name}", low=low)
         check(len(self.hidden) > 0 and all(h >= 1 for h in self.hidden), "hidden",
               "a non-empty list of positive widths, e.g. 64,64")
-        for name in ("log_columns", "label_log_columns", "rescaling_labels"):
+        for name in ("log_columns", "label_log_columns", "rescaling_labels",
+                     "rescaling_columns"):
             cols = getattr(self, name)
             check(all(j >= 0 for j in cols) and len(set(cols)) == len(cols), name,
                   "distinct column indices >= 0")
@@ -282,6 +289,9 @@ class TrainConfig:
                           conditional_rescaling=self.conditional_rescaling and label_dim > 0,
                           rescaling_labels=(self.rescaling_labels if self.conditional_rescaling
                                             and label_dim > 0 else ()),
+                          rescaling_columns=(self.rescaling_columns
+                                             if self.conditional_rescaling and label_dim > 0
+                                             else ()),
                           context_blocks=self.context_blocks if label_dim > 0 else 0,
                           context_width=self.context_width,
                           upper_bounds=() if self.support_r_max is None else (
