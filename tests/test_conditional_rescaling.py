@@ -99,13 +99,15 @@ def test_rescaling_labels_leave_noise_columns_out_of_the_fit():
     assert log_scale[0] == pytest.approx(B, abs=0.05)
 
 
-def test_rescaling_labels_are_checked():
-    with pytest.raises(InputError, match="rescaling_labels"):
-        FlowConfig(dim=1, label_dim=2, conditional_rescaling=True, rescaling_labels=(2,))
-    with pytest.raises(InputError, match="rescaling_labels"):
-        FlowConfig(dim=1, label_dim=2, rescaling_labels=(0,))
-    cfg = FlowConfig(dim=1, label_dim=3, conditional_rescaling=True, rescaling_labels=[2, 0])
-    assert cfg.rescaling_labels == (0, 2)
+@pytest.mark.parametrize("field", ["rescaling_labels", "rescaling_columns"])
+def test_rescaling_labels_and_columns_are_checked(field):
+    # dim = label_dim = 3: index 3 is out of range for either
+    with pytest.raises(InputError, match=field):
+        FlowConfig(dim=3, label_dim=3, conditional_rescaling=True, **{field: (3,)})
+    with pytest.raises(InputError, match=field):
+        FlowConfig(dim=3, label_dim=3, **{field: (0,)})
+    cfg = FlowConfig(dim=3, label_dim=3, conditional_rescaling=True, **{field: [2, 0]})
+    assert getattr(cfg, field) == (0, 2)
     assert FlowConfig.from_dict(cfg.to_dict()) == cfg
 
 
@@ -138,13 +140,3 @@ def test_rescaling_columns_leave_the_other_columns_unconditional():
     # as in test_adapt_finds_the_linear_location_and_log_scale: ~0.01 standard errors; 5 errors
     assert float(first.x_shift_slope.numpy()[0, 0]) * s_x / s_c == pytest.approx(A, abs=0.05)
     assert float(first.x_log_scale_slope.numpy()[0, 0]) / s_c == pytest.approx(B, abs=0.05)
-
-
-def test_rescaling_columns_are_checked():
-    with pytest.raises(InputError, match="rescaling_columns"):
-        FlowConfig(dim=2, label_dim=1, conditional_rescaling=True, rescaling_columns=(2,))
-    with pytest.raises(InputError, match="rescaling_columns"):
-        FlowConfig(dim=2, label_dim=1, rescaling_columns=(0,))
-    cfg = FlowConfig(dim=3, label_dim=1, conditional_rescaling=True, rescaling_columns=[2, 0])
-    assert cfg.rescaling_columns == (0, 2)
-    assert FlowConfig.from_dict(cfg.to_dict()) == cfg
