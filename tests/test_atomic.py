@@ -54,3 +54,9 @@ def test_atomic_outputs_get_the_permissions_of_plain_ones(tmp_path, umask):
     mode = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
     assert mode["report.json"] == mode["plain.json"] == 0o666 & ~umask
     assert mode["model"] == mode["plain_dir"] == 0o777 & ~umask
+    # rewriting an existing file keeps its mode, as open(path, "w") on it does
+    for name, writer in (("plain.json", lambda q: q.write_text("[]")),
+                         ("report.json", lambda q: write_json(q, {"a": 2}))):
+        os.chmod(tmp_path / name, 0o640)
+        writer(tmp_path / name)
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640

@@ -6,8 +6,9 @@ leaves at most a ``.tmp-*`` sibling behind, never a half-written file under the 
 
 The temporary file and directory are created private (``mkstemp``: 0600, ``mkdtemp``: 0700); before
 the rename they get the permissions a plain ``open``/``mkdir`` would have given them under the
-process umask (0644 and 0755 under the usual 022), so a run, report or SavedModel is readable by
-the group and by a TensorFlow Serving process running as another user, as any other output is.
+process umask (0644 and 0755 under the usual 022; a replaced file keeps its own), so a run, report
+or SavedModel is readable by the group and by a TensorFlow Serving process running as another
+user, as any other output is.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import tempfile
 import threading
 from collections.abc import Mapping
@@ -43,6 +45,16 @@ def _umask() -> int:
     return mask
 
 
+def _plain_file_mode(path: Path) -> int:
+    """The permissions ``open(path, "w")`` would leave: an existing file's own (a file rewritten
+    in place keeps its mode), else 0666 under the umask.
+    """
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success move it onto ``path``
@@ -59,7 +71,7 @@ def atomic_file(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as fh:      # make the bytes durable before the rename publishes them
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # what open(path, "w") would have created
+        os.chmod(tmp, _plain_file_mode(path))
         os.replace(tmp, path)
     finally:
         if tmp.exists():
