@@ -7,6 +7,7 @@
     python scripts/galaxy_population_study.py run --arm physical --members 1   # one flow
     python scripts/galaxy_population_study.py run --arm physical --stars-per-galaxy 20000
     python scripts/galaxy_population_study.py run --arm noise --label-lasso 0.1  # group lasso
+    python scripts/galaxy_population_study.py run --arm noise --label-lasso 0.03 --seed 1  # draw 1
     python scripts/galaxy_population_study.py diagnose --variant zeroed   # latents set to 0
     python scripts/galaxy_population_study.py summary             # studies/.../summary.json
 
@@ -34,20 +35,22 @@ MEMBERS = 4
 
 def arm_dir(arm: str, lr: float, galaxies: int, epochs: int, members: int = MEMBERS,
             stars: int = TASK["stars_per_galaxy"], label_noise: float = 0.0,
-            label_lasso: float = 0.0) -> str:
+            label_lasso: float = 0.0, seed: int = 0) -> str:
     name = arm if lr == TRAIN["lr"] else f"{arm}_lr{lr:g}"
     name = name if not label_noise else f"{name}_labelnoise{label_noise:g}"
     name = name if not label_lasso else f"{name}_lasso{label_lasso:g}"
     name = name if stars == TASK["stars_per_galaxy"] else f"{name}_{stars}stars"
     name = name if galaxies == 60 else f"{name}_{galaxies}gal"
     name = name if members == MEMBERS else f"{name}_{members}member"
+    name = name if seed == 0 else f"{name}_seed{seed}"
     return name if epochs == TRAIN["epochs"] else f"{name}_{epochs}ep"
 
 
 def run(arm: str, lr: float, galaxies: int = 60, epochs: int = TRAIN["epochs"],
         members: int = MEMBERS, stars: int = TASK["stars_per_galaxy"],
-        label_noise: float = 0.0, label_lasso: float = 0.0) -> dict:
-    """One arm; with ``galaxies`` != 60 the stars per galaxy shrink to keep the same total.
+        label_noise: float = 0.0, label_lasso: float = 0.0, seed: int = 0) -> dict:
+    """One arm; with ``galaxies`` != 60 the stars per galaxy shrink to keep the same total;
+    ``seed`` is the task's (a new draw of galaxies, held-out five and training).
 
     The report gains ``label_weight_norms``: per member and label column, the norm of the weights
     through which the column enters the flow (``Flow.label_weight_norms``; 0 = not used).
@@ -55,8 +58,9 @@ def run(arm: str, lr: float, galaxies: int = 60, epochs: int = TRAIN["epochs"],
     from tfgalflow.training import load_run
 
     overrides = dict(TASK, noise_labels=(arm == "noise"), galaxies=galaxies,
-                     stars_per_galaxy=stars * 60 // galaxies)
-    out = OUT / arm_dir(arm, lr, galaxies, epochs, members, stars, label_noise, label_lasso)
+                     stars_per_galaxy=stars * 60 // galaxies, seed=seed)
+    out = OUT / arm_dir(arm, lr, galaxies, epochs, members, stars, label_noise, label_lasso,
+                        seed)
     report = run_task("galaxy_population", out, overrides,
                       dict(TRAIN, lr=lr, epochs=epochs, members=members,
                            label_noise=label_noise, label_lasso=label_lasso),
@@ -153,12 +157,14 @@ if __name__ == "__main__":
                         help="TrainConfig.label_noise (σ in standardised label units)")
     parser.add_argument("--label-lasso", type=float, default=0.0,
                         help="TrainConfig.label_lasso (group lasso per label column)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the task's seed: another draw of the galaxies (default 0)")
     args = parser.parse_args()
     if args.what == "diagnose":
         result = diagnose(args.variant)
     else:
         result = (run(args.arm, args.lr, args.galaxies, args.epochs, args.members,
-                      args.stars_per_galaxy, args.label_noise, args.label_lasso)
+                      args.stars_per_galaxy, args.label_noise, args.label_lasso, args.seed)
                   if args.what == "run"
                   else summary())
     print(json.dumps(result.get("targets", result), indent=1, default=str)[:4000])
