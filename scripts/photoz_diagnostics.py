@@ -122,7 +122,11 @@ def main() -> None:
         old = read_report().get(args.tag)
         if old is None or not (run_dir / "config.json").exists():
             parser.error(f"--rescore: no entry {args.tag!r} with a saved flow in {run_dir}")
-        post = posterior.posterior_grid(load_run(run_dir), features_eval, GRID)
+        # the entry's own conditioning features, whatever flags this call was given
+        trained_with = argparse.Namespace(**{
+            **vars(args), "snr_features": bool(old["settings"].get("snr_features", False))})
+        post = posterior.posterior_grid(
+            load_run(run_dir), conditioning(sim, d["xt"][:args.n_eval], trained_with), GRID)
         entry = {**old, **scores(post, exact, zt)}
     else:
         z_train, x_train = training_set(args, sim, d)
