@@ -114,9 +114,8 @@ class FlowConfig:
         rescaling_columns: the data columns the conditional rescaler moves and scales (default
             (): all); the others keep the unconditional location and scale, so their dependence
             on the labels (and their correlation with the rescaled columns) is the networks'
-            alone. For columns whose label dependence is not a shift and scale (a metallicity
-            that follows a gradient in radius), a linear fit of their moments stands between
-            the networks and what they must learn.
+            alone (for columns whose label dependence is not a shift and scale, such as a
+            metallicity that follows a gradient in radius).
         context_blocks: K > 0 gives the flow a context network
             (:class:`tfgalflow.context.ContextNetwork`): K pre-norm residual blocks that encode
             the standardised labels into a context of width ``context_width``, which every MADE
