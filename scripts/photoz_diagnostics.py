@@ -108,6 +108,12 @@ def main() -> None:
     def read_report() -> dict:          # read late: other diagnostics may finish meanwhile
         return json.loads(report_path.read_text()) if report_path.exists() else {}
 
+    if args.rescore and not args.mix:
+        old = read_report().get(args.tag)
+        if old is None or not (run_dir / "config.json").exists():
+            parser.error(f"--rescore: no entry {args.tag!r} with a saved flow in {run_dir}")
+        # the entry's own conditioning features, whatever flags this call was given
+        args.snr_features = bool(old["settings"].get("snr_features", False))
     features_eval = conditioning(sim, d["xt"][:args.n_eval], args)
     if args.mix:
         tags = args.mix.split(",")
@@ -119,14 +125,7 @@ def main() -> None:
         entry = {"settings": vars(args), "mixture_of": tags, **scores(post, exact, zt)}
     elif args.rescore:
         from tfgalflow.training import load_run
-        old = read_report().get(args.tag)
-        if old is None or not (run_dir / "config.json").exists():
-            parser.error(f"--rescore: no entry {args.tag!r} with a saved flow in {run_dir}")
-        # the entry's own conditioning features, whatever flags this call was given
-        trained_with = argparse.Namespace(**{
-            **vars(args), "snr_features": bool(old["settings"].get("snr_features", False))})
-        post = posterior.posterior_grid(
-            load_run(run_dir), conditioning(sim, d["xt"][:args.n_eval], trained_with), GRID)
+        post = posterior.posterior_grid(load_run(run_dir), features_eval, GRID)
         entry = {**old, **scores(post, exact, zt)}
     else:
         z_train, x_train = training_set(args, sim, d)

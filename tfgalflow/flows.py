@@ -171,17 +171,8 @@ class FlowConfig:
             raise bad("kind", self.kind, f"one of {FLOW_KINDS}")
         if self.permutation not in PERMUTATIONS:
             raise bad("permutation", self.permutation, f"one of {PERMUTATIONS}")
-        cols = self.log_columns
-        if not isinstance(cols, (tuple, list)) or not all(_is_int(j) for j in cols):
-            raise bad("log_columns", cols, "a sequence of column indices")
-        if any(j < 0 or j >= self.dim for j in cols) or len(set(cols)) != len(cols):
-            raise bad(
-                "log_columns",
-                cols,
-                f"distinct column indices in [0, {self.dim - 1}] (dim = {self.dim})",
-            )
-        object.__setattr__(self, "log_columns", tuple(sorted(int(j) for j in cols)))
         for field, what, size, name in (
+                ("log_columns", "column", self.dim, "dim"),
                 ("label_log_columns", "label column", self.label_dim, "label_dim"),
                 ("rescaling_labels", "label column", self.label_dim, "label_dim"),
                 ("rescaling_columns", "column", self.dim, "dim")):

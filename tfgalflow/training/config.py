@@ -282,16 +282,14 @@ class TrainConfig:
         """
         from ..flows import FlowConfig
         log_columns = flow_log_columns(self.coordinates, self.log_columns)
+        rescaled = self.conditional_rescaling and label_dim > 0
         return FlowConfig(dim=dim, label_dim=label_dim, layers=self.layers, hidden=self.hidden,
                           activation=self.activation, kind=self.kind, bins=self.bins,
                           log_columns=log_columns, label_log_columns=self.label_log_columns,
                           label_asinh=tuple((int(k), float(s)) for k, s in self.label_asinh),
-                          conditional_rescaling=self.conditional_rescaling and label_dim > 0,
-                          rescaling_labels=(self.rescaling_labels if self.conditional_rescaling
-                                            and label_dim > 0 else ()),
-                          rescaling_columns=(self.rescaling_columns
-                                             if self.conditional_rescaling and label_dim > 0
-                                             else ()),
+                          conditional_rescaling=rescaled,
+                          rescaling_labels=self.rescaling_labels if rescaled else (),
+                          rescaling_columns=self.rescaling_columns if rescaled else (),
                           context_blocks=self.context_blocks if label_dim > 0 else 0,
                           context_width=self.context_width,
                           upper_bounds=() if self.support_r_max is None else (

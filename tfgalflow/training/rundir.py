@@ -174,13 +174,17 @@ def new_run(run_dir: Path, config: "TrainConfig", flow_config: Any, data_descrip
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "train": config.to_dict(),
         "flow": flow_config.to_dict(),
-        "members": [{"name": member_name(k), "seed": config.seed + k}
-                    for k in range(config.members)],
+        "members": _member_entries(config.seed, 0, config.members),
         "data": data_description,
         "verbose": verbose,
     }
     write_json(run_dir / CONFIG_FILE, run)
     return run
+
+
+def _member_entries(seed: int, start: int, stop: int) -> list[dict]:
+    """config.json's entries of members k = start, ..., stop - 1: name and seed ``seed + k``."""
+    return [{"name": member_name(k), "seed": seed + k} for k in range(start, stop)]
 
 
 def grow_members(run_dir: Path, run: dict, members: int) -> dict:
@@ -198,12 +202,10 @@ def grow_members(run_dir: Path, run: dict, members: int) -> dict:
                          f"can grow, not shrink")
     if members == recorded:
         return run
-    seed = int(run["train"]["seed"])
     run = {
         **run,
         "train": {**run["train"], "members": members},
-        "members": run["members"] + [{"name": member_name(k), "seed": seed + k}
-                                     for k in range(recorded, members)],
+        "members": run["members"] + _member_entries(int(run["train"]["seed"]), recorded, members),
     }
     write_json(run_dir / CONFIG_FILE, run)
     return run
