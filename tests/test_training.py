@@ -521,6 +521,8 @@ def test_a_grown_run_equals_one_trained_whole(gauss, ensemble_run, tmp_path, cap
     run = read_run_config(run_dir)
     assert run["train"]["members"] == 2
     assert [m["seed"] for m in run["members"]] == [ENSEMBLE.seed, ENSEMBLE.seed + 1]
+    assert [(g["from"], g["to"]) for g in run["grown"]] == [(1, 2)]
+    assert run["grown"][0]["time"] >= run["created"]
     assert len(load_run(run_dir)) == 2
     with pytest.raises(InputError, match="already has 2 members; a run can grow, not shrink"):
         resume(run_dir, data=gauss, verbose=0, members=1)

@@ -171,7 +171,7 @@ def new_run(run_dir: Path, config: "TrainConfig", flow_config: Any, data_descrip
         "format": RUN_FORMAT,
         "format_version": RUN_FORMAT_VERSION,
         "tfgalflow_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": _now(),
         "train": config.to_dict(),
         "flow": flow_config.to_dict(),
         "members": _member_entries(config.seed, 0, config.members),
@@ -180,6 +180,11 @@ def new_run(run_dir: Path, config: "TrainConfig", flow_config: Any, data_descrip
     }
     write_json(run_dir / CONFIG_FILE, run)
     return run
+
+
+def _now() -> str:
+    """The current UTC time, ISO 8601 to the second (config.json's timestamps)."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def _member_entries(seed: int, start: int, stop: int) -> list[dict]:
@@ -194,7 +199,8 @@ def grow_members(run_dir: Path, run: dict, members: int) -> dict:
     had the run been started with ``members`` (so a grown run equals one trained whole);
     config.json records them (atomically) and the next resume trains them. Finished members are
     never discarded: fewer members than recorded is an InputError (an ensemble of some members
-    is ``Ensemble([...])`` of their flows).
+    is ``Ensemble([...])`` of their flows). Each growth is appended to config.json's ``grown``
+    list as {"time", "from", "to"} (``created`` keeps the time the run began).
     """
     recorded = len(run["members"])
     if members < recorded:
@@ -206,6 +212,7 @@ def grow_members(run_dir: Path, run: dict, members: int) -> dict:
         **run,
         "train": {**run["train"], "members": members},
         "members": run["members"] + _member_entries(int(run["train"]["seed"]), recorded, members),
+        "grown": run.get("grown", []) + [{"time": _now(), "from": recorded, "to": members}],
     }
     write_json(run_dir / CONFIG_FILE, run)
     return run
