@@ -62,29 +62,6 @@ def paired(task, model, gid: int, n: int, rng: np.random.Generator) -> dict:
             "data_stars": len(pop.stars[k])}
 
 
-def score_members(task, run_dir: Path, run: dict, coords: str, ks: list[int], args,
-                  rng: np.random.Generator) -> None:
-    """``--members``: each named member's signed paired errors and KL on the held-out galaxies."""
-    held = {}
-    for k in ks:
-        model = wrap(coords, load_member(run_dir, run, k))
-        for gid in task.heldout_ids:
-            if gid not in task.population().ids:
-                continue
-            p = paired(task, model, int(gid), args.truth_samples, rng)
-            entry = held.setdefault(int(gid), {"members": ks, "kl": [], "error": {}, "stderr": {}})
-            entry["kl"].append(p["kl"])
-            for key in SUMMARY_KEYS:
-                entry["error"].setdefault(key, []).append(p["error"][key])
-                entry["stderr"].setdefault(key, []).append(p["stderr"][key])
-            print(f"member {k}, held-out galaxy {gid}: KL {p['kl']:.4f} nat; " + "; ".join(
-                f"{key} {100 * p['error'][key]:+.2f} ± {100 * p['stderr'][key]:.2f} %"
-                for key in SUMMARY_KEYS), flush=True)
-    if args.out:
-        write_json(args.out, {"task_dir": str(args.task_dir), "truth_samples": args.truth_samples,
-                              "heldout": held})
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("task_dir", type=Path, help="a finished task run (task.json, run/)")
@@ -102,34 +79,48 @@ def main() -> None:
     run_dir = args.task_dir / "run"
     run = read_run_config(run_dir)
     coords = run.get("train", {}).get("coordinates", "cartesian")
+    if args.members:            # named members of a run that may still be training: no ensemble
+        ensemble = None
+        members = [wrap(coords, load_member(run_dir, run, int(k)))
+                   for k in args.members.split(",")]
+    else:
+        ensemble = load_run(run_dir)
+        base = getattr(ensemble, "base", ensemble)
+        members = [wrap(coords, flow) for flow in getattr(base, "members", None) or [base]]
     rng = np.random.default_rng(2026)
-    if args.members:
-        score_members(task, run_dir, run, coords, [int(k) for k in args.members.split(",")],
-                      args, rng)
-        return
-    ensemble = load_run(run_dir)
-    base = getattr(ensemble, "base", ensemble)
-    members = [wrap(coords, flow) for flow in getattr(base, "members", None) or [base]]
 
     held = {}
     for gid in task.heldout_ids:
         if gid not in task.population().ids:
             continue
         per_member = [paired(task, m, int(gid), args.truth_samples, rng) for m in members]
-        ens = (per_member[0] if len(members) == 1
-               else paired(task, ensemble, int(gid), args.truth_samples, rng))
         e = {key: [m["error"][key] for m in per_member] for key in SUMMARY_KEYS}
         held[int(gid)] = {
             "members": e,
+            "members_stderr": {key: [m["stderr"][key] for m in per_member]
+                               for key in SUMMARY_KEYS},
             "members_kl": [m["kl"] for m in per_member],
-            "ensemble": ens["error"], "ensemble_stderr": ens["stderr"], "ensemble_kl": ens["kl"],
             "shared": {key: float(np.mean(v)) for key, v in e.items()},
             "member_spread": {key: float(np.std(v, ddof=1)) if len(v) > 1 else math.nan
                               for key, v in e.items()},
         }
-        print(f"held-out galaxy {gid}: " + "; ".join(
-            f"{key} members {' '.join(f'{100 * v:+.2f}' for v in e[key])} %, "
-            f"ensemble {100 * ens['error'][key]:+.2f} %" for key in SUMMARY_KEYS), flush=True)
+        line = {key: f"{key} members {' '.join(f'{100 * v:+.2f}' for v in e[key])} %"
+                for key in SUMMARY_KEYS}
+        if ensemble is not None:
+            ens = (per_member[0] if len(members) == 1
+                   else paired(task, ensemble, int(gid), args.truth_samples, rng))
+            held[int(gid)].update(ensemble=ens["error"], ensemble_stderr=ens["stderr"],
+                                  ensemble_kl=ens["kl"])
+            line = {key: f"{text}, ensemble {100 * ens['error'][key]:+.2f} %"
+                    for key, text in line.items()}
+        kl = " ".join(f"{m['kl']:.4f}" for m in per_member)
+        print(f"held-out galaxy {gid}: members' KL {kl} nat; " + "; ".join(line.values()),
+              flush=True)
+    if ensemble is None:
+        if args.out:
+            write_json(args.out, {"task_dir": str(args.task_dir), "members": args.members,
+                                  "truth_samples": args.truth_samples, "heldout": held})
+        return
 
     train_ids = np.sort(np.random.default_rng(7).choice(task.training_ids(), args.training,
                                                         replace=False))
